@@ -1,0 +1,132 @@
+"""The contracts: one JSON Schema per NATS subject, the single source of truth of the wire.
+
+Each file in ``subjects/`` names a subject (relative to ``<prefix>.v1.``), its request and
+reply schemas and examples. ``common.json`` holds shared definitions; references into it are
+inlined at load time so every compiled validator is self-contained.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import fastjsonschema
+
+API_VERSION = "v1"
+COMMON_REF = "common.json#/$defs/"
+_TOKEN = re.compile(r"\{([a-z_]+)\}")
+TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+Validator = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """One subject: its schemas, compiled validators and examples."""
+
+    name: str
+    version: int
+    service: str
+    summary: str
+    description: str
+    request: dict[str, Any]
+    reply: dict[str, Any] | None
+    examples: list[dict[str, Any]]
+    queue_group: str | None
+    validate_request: Validator = field(repr=False, compare=False)
+    validate_reply: Validator | None = field(repr=False, compare=False)
+
+    @property
+    def tokens(self) -> list[str]:
+        """Placeholders in the subject, such as ``host_id`` in ``peer.{host_id}.download``."""
+        return _TOKEN.findall(self.name)
+
+    def subject(self, prefix: str, **tokens: str) -> str:
+        """The concrete NATS subject; tokens must be valid single subject tokens."""
+        for key, value in tokens.items():
+            if not TOKEN_PATTERN.match(value):
+                raise ValueError(f"invalid subject token {key}={value!r}")
+        return f"{prefix}.{API_VERSION}." + self.name.format(**tokens)
+
+
+def _inline(node: Any, defs: Mapping[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith(COMMON_REF):
+            return _inline(copy.deepcopy(defs[ref.removeprefix(COMMON_REF)]), defs)
+        return {key: _inline(value, defs) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline(item, defs) for item in node]
+    return node
+
+
+def _load_json(name: str) -> dict[str, Any]:
+    text = resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def _schema(body: dict[str, Any]) -> dict[str, Any]:
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **body}
+
+
+@cache
+def common_defs() -> dict[str, Any]:
+    defs: dict[str, Any] = _load_json("common.json")["$defs"]
+    return defs
+
+
+@cache
+def error_schema() -> dict[str, Any]:
+    return _load_json("error.json")
+
+
+@cache
+def validate_error() -> Validator:
+    return fastjsonschema.compile(error_schema())
+
+
+@cache
+def registry() -> dict[str, Contract]:
+    """Every contract by subject name, loaded and compiled once per process."""
+    defs = common_defs()
+    contracts: dict[str, Contract] = {}
+    folder = resources.files(__package__).joinpath("subjects")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".json"):
+            continue
+        raw = json.loads(entry.read_text(encoding="utf-8"))
+        request = _schema(_inline(raw["request"], defs))
+        reply = _schema(_inline(raw["reply"], defs)) if raw.get("reply") else None
+        contract = Contract(
+            name=raw["subject"],
+            version=raw["version"],
+            service=raw["service"],
+            summary=raw["summary"],
+            description=raw.get("description", raw["summary"]),
+            request=request,
+            reply=reply,
+            examples=raw["examples"],
+            queue_group=raw.get("queue_group"),
+            validate_request=fastjsonschema.compile(request),
+            validate_reply=fastjsonschema.compile(reply) if reply else None,
+        )
+        contracts[contract.name] = contract
+    return contracts
+
+
+def get(name: str) -> Contract:
+    """The contract for a subject name; a name without one is a programming error."""
+    try:
+        return registry()[name]
+    except KeyError:
+        raise LookupError(f"no contract for subject {name!r}") from None
+
+
+__all__ = ["API_VERSION", "Contract", "get", "registry", "validate_error"]

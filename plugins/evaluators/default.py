@@ -1,0 +1,72 @@
+"""The default parent evaluator: Dragonfly's published weights, as a pure function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FINISHED_PIECE_WEIGHT = 0.2
+FREE_UPLOAD_WEIGHT = 0.2
+PIECE_COST_WEIGHT = 0.15
+HOST_TYPE_WEIGHT = 0.15
+IDC_WEIGHT = 0.15
+LOCATION_WEIGHT = 0.15
+MAX_LOCATION_ELEMENTS = 5
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What an evaluator may know of a peer, parent or child."""
+
+    peer_id: str
+    host_type: str
+    finished_pieces: int
+    upload_slots: int
+    uploads: int
+    idc: str
+    location: str
+    mean_cost_ms: float | None
+
+
+def _location_score(parent: str, child: str) -> float:
+    if not parent or not child:
+        return 0.0
+    a, b = parent.split("|")[:MAX_LOCATION_ELEMENTS], child.split("|")[:MAX_LOCATION_ELEMENTS]
+    matched = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        matched += 1
+    return matched / MAX_LOCATION_ELEMENTS
+
+
+def evaluate(
+    parent: Candidate, child: Candidate, total_pieces: int, median_cost_ms: float | None
+) -> float:
+    """Higher is better: pieces the child lacks, free upload, cheap pieces, closeness."""
+    if parent.host_type == "seed":
+        finished = 1.0
+    elif total_pieces > 0:
+        finished = max(0, parent.finished_pieces - child.finished_pieces) / total_pieces
+    else:
+        finished = 0.0
+    free = (
+        max(0, parent.upload_slots - parent.uploads) / parent.upload_slots
+        if parent.upload_slots > 0
+        else 0.0
+    )
+    if parent.mean_cost_ms is None or not median_cost_ms:
+        cost = 0.5
+    else:
+        cost = 1.0 / (1.0 + parent.mean_cost_ms / median_cost_ms)
+    # A seed serves everything but is the cluster's scarcest uplink: normal peers rank higher
+    # when they have as much to give.
+    host_type = 0.5 if parent.host_type == "seed" else 1.0
+    idc = 1.0 if parent.idc and parent.idc == child.idc else 0.0
+    return (
+        FINISHED_PIECE_WEIGHT * finished
+        + FREE_UPLOAD_WEIGHT * free
+        + PIECE_COST_WEIGHT * cost
+        + HOST_TYPE_WEIGHT * host_type
+        + IDC_WEIGHT * idc
+        + LOCATION_WEIGHT * _location_score(parent.location, child.location)
+    )

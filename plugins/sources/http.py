@@ -1,0 +1,139 @@
+"""The http/https source: ranged GETs, retries with backoff on 5xx and connection errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
+
+from swarmfly.errors import ErrorCode, SwarmflyError
+from swarmfly.plugins.sources.base import SourceStat
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port
+
+
+class HttpSource:
+    schemes: tuple[str, ...] = ("http", "https")
+
+    def __init__(self, *, retries: int = 3, backoff: float = 0.25, timeout: float = 30.0) -> None:
+        self.retries = retries
+        self.backoff = backoff
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=self.timeout, auto_decompress=False, raise_for_status=False
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _open(
+        self, method: str, url: str, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        """One request with retries; redirects followed by hand so that Authorization is
+        dropped when the origin changes."""
+        attempt = 0
+        while True:
+            try:
+                response = await self._follow(method, url, dict(headers))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if attempt >= self.retries:
+                    raise SwarmflyError(
+                        "source_error", f"{type(exc).__name__} from origin"
+                    ) from None
+            else:
+                if response.status < 500 or attempt >= self.retries:
+                    return response
+                response.release()
+            attempt += 1
+            await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+
+    async def _follow(
+        self, method: str, url: str, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        origin = _origin(url)
+        for _ in range(10):
+            response = await self._client().request(
+                method, url, headers=headers, allow_redirects=False
+            )
+            if response.status not in (301, 302, 303, 307, 308):
+                return response
+            location = response.headers.get("Location")
+            response.release()
+            if not location:
+                raise SwarmflyError("source_error", "redirect without Location")
+            url = str(response.url.join(URL(location)))
+            if _origin(url) != origin:
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                origin = _origin(url)
+        raise SwarmflyError("source_error", "too many redirects")
+
+    @staticmethod
+    def _check(response: aiohttp.ClientResponse) -> None:
+        if response.status >= 400:
+            code: ErrorCode = "not_found" if response.status == 404 else "source_error"
+            raise SwarmflyError(
+                code, f"origin answered {response.status} {response.reason or ''}".strip()
+            )
+
+    async def stat(self, url: str, headers: Mapping[str, str]) -> SourceStat:
+        response = await self._open("GET", url, {**headers, "Range": "bytes=0-0"})
+        try:
+            self._check(response)
+            etag = response.headers.get("ETag")
+            if response.status == 206:
+                match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+                if match and match.group(3) != "*":
+                    return SourceStat(int(match.group(3)), True, etag)
+            length = response.headers.get("Content-Length")
+            size = int(length) if length and length.isdigit() else None
+            return SourceStat(size, False, etag)
+        finally:
+            response.release()
+
+    async def fetch(
+        self, url: str, headers: Mapping[str, str], start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        request_headers = dict(headers)
+        ranged = start > 0 or end is not None
+        if ranged:
+            last = "" if end is None else str(end - 1)
+            request_headers["Range"] = f"bytes={start}-{last}"
+        response = await self._open("GET", url, request_headers)
+        try:
+            self._check(response)
+            if ranged and response.status != 206:
+                raise SwarmflyError("source_error", "origin ignored the Range request")
+            expected = None if end is None else end - start
+            received = 0
+            async for chunk in response.content.iter_chunked(CHUNK):
+                received += len(chunk)
+                if expected is not None and received > expected:
+                    raise SwarmflyError("source_error", "origin sent more bytes than asked")
+                yield chunk
+            if expected is not None and received != expected:
+                raise SwarmflyError("source_error", f"origin sent {received} of {expected} bytes")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SwarmflyError(
+                "source_error", f"{type(exc).__name__} while reading origin"
+            ) from None
+        finally:
+            response.release()

@@ -1,0 +1,1 @@
+"""swarmfly.services: scheduler, storage, peer and proxy."""

@@ -1,0 +1,560 @@
+"""One task's download: register, fetch pieces from parents (or the origin), verify, report.
+
+The conductor is the adapter around ``PieceBook``: it owns the sockets, timers and threads;
+the book decides which piece comes from which parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from swarmfly import metrics
+from swarmfly.errors import SwarmflyError
+from swarmfly.ids import check_digest, piece_count, piece_length_for
+from swarmfly.plugins.strategies.builtin import STRATEGIES
+from swarmfly.services.peer.pieces import PieceBook
+from swarmfly.services.peer.store import StoredTask, TaskContent
+
+if TYPE_CHECKING:
+    from swarmfly.services.peer.node import PeerNode
+
+log = logging.getLogger(__name__)
+
+POLL_WAIT = 10.0
+STALL_SECONDS = 3.0
+REPORT_INTERVAL = 0.1
+PARENT_FAILURES = 2
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    url: str
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    digest: str | None = None
+    piece_length: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"url": self.url}
+        if self.headers:
+            out["headers"] = self.headers
+        if self.digest:
+            out["digest"] = self.digest
+        if self.piece_length:
+            out["piece_length"] = self.piece_length
+        return out
+
+
+@dataclass
+class Parent:
+    peer_id: str
+    host_id: str
+    address: str
+    failures: int = 0
+    version: int = -1
+    complete: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+
+class Conductor:
+    def __init__(
+        self, node: PeerNode, task_id: str, source: SourceRequest, *, strategy: str, seed: bool
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise SwarmflyError(
+                "bad_request", f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}"
+            )
+        self.node = node
+        self.task_id = task_id
+        self.source = source
+        self.seed = seed
+        self.strategy = STRATEGIES[strategy]
+        self.peer_id = node.peer_id(task_id)
+        self.stored: StoredTask = node.store.open(task_id, source.url)
+        self.bytes_origin = 0
+        self.bytes_p2p = 0
+        self.parents: dict[str, Parent] = {}
+        self.blocklist: set[str] = set()
+        self.bad: list[dict[str, str]] = []
+        self._reports: list[dict[str, Any]] = []
+        self._report_content = False
+        self._wake = asyncio.Event()
+
+    # -- the whole download ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Leaves every piece verified in the store, or raises SwarmflyError."""
+        bus = self.node.bus
+        reporter = asyncio.create_task(self._report_loop()) if bus else None
+        try:
+            if self.stored.complete:
+                await self._announce_cached()
+            elif bus is None or self.seed:
+                await self._register_quietly()
+                await self._from_origin()
+            else:
+                await self._swarm()
+            await self._verify_whole()
+            await self._flush_reports()
+            await self._result(True)
+        except BaseException as exc:
+            await self._flush_reports()
+            await self._result(False, str(exc)[:200])
+            raise
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+            for parent in self.parents.values():
+                if parent.watcher is not None:
+                    parent.watcher.cancel()
+
+    async def _swarm(self) -> None:
+        """P2P as the scheduler directs; the origin only when it says so or is unreachable."""
+        try:
+            schedule = await self._request("scheduler.register", self._register_body())
+        except SwarmflyError as exc:
+            if exc.code not in ("unavailable", "timeout"):
+                raise
+            log.warning("no scheduler answers (%s): reading the origin", exc.code)
+            await self._from_origin()
+            return
+        while True:
+            action = schedule["action"]
+            if schedule.get("task"):
+                self.stored.set_content(TaskContent.from_dict(schedule["task"]))
+            if action == "back_to_source":
+                await self._from_origin()
+                return
+            if action == "wait":
+                await asyncio.sleep(schedule.get("retry_after_ms", 200) / 1000)
+                schedule = await self._reschedule_or_register()
+                continue
+            self._add_parents(schedule["parents"])
+            after = await self._p2p()
+            if after is None:
+                return
+            schedule = after
+
+    async def _reschedule_or_register(self) -> dict[str, Any]:
+        body = {
+            "task_id": self.task_id,
+            "peer_id": self.peer_id,
+            "blocklist": sorted(self.blocklist)[:1024],
+            "bad_parents": self.bad[-256:],
+        }
+        try:
+            return await self._request("scheduler.reschedule", body)
+        except SwarmflyError as exc:
+            if exc.code == "not_found":
+                return await self._request("scheduler.register", self._register_body())
+            if exc.code in ("unavailable", "timeout"):
+                return {"action": "back_to_source", "parents": []}
+            raise
+
+    # -- P2P -----------------------------------------------------------------------------
+
+    def _add_parents(self, parents: list[dict[str, Any]]) -> None:
+        for info in parents:
+            if info["peer_id"] in self.parents or info["peer_id"] in self.blocklist:
+                continue
+            parent = Parent(info["peer_id"], info["host_id"], info["address"].rstrip("/"))
+            self.parents[parent.peer_id] = parent
+            parent.watcher = asyncio.create_task(self._watch(parent))
+
+    def _drop_parent(self, book: PieceBook | None, parent_id: str, reason: str) -> None:
+        parent = self.parents.pop(parent_id, None)
+        if parent is None:
+            return
+        if parent.watcher is not None:
+            parent.watcher.cancel()
+        self.blocklist.add(parent_id)
+        self.bad.append({"peer_id": parent_id, "reason": reason})
+        if book is not None:
+            book.drop_parent(parent_id)
+        log.info("dropped parent %s of task %s: %s", parent_id, self.task_id[:12], reason)
+        self._wake.set()
+
+    async def _watch(self, parent: Parent) -> None:
+        """Long-poll what the parent holds; a parent that cannot answer is dropped."""
+        session = self.node.session
+        url = f"{parent.address}/v1/tasks/{self.task_id}/pieces"
+        misses = 0
+        while not parent.complete:
+            try:
+                async with session.get(
+                    url,
+                    params={"since": str(parent.version), "wait": str(POLL_WAIT)},
+                    timeout=aiohttp.ClientTimeout(total=POLL_WAIT + 10),
+                ) as response:
+                    if response.status == 404:
+                        misses += 1
+                        if misses > 100:
+                            raise SwarmflyError("not_found", "parent does not have the task")
+                        await asyncio.sleep(0.1)
+                        continue
+                    if response.status != 200:
+                        raise SwarmflyError("unavailable", f"parent answered {response.status}")
+                    data = await response.json()
+                version, pieces = int(data["version"]), data["pieces"]
+                if not isinstance(pieces, list):
+                    raise SwarmflyError("bad_request", "parent sent a malformed piece list")
+                parent.version = version
+                parent.complete = bool(data.get("complete"))
+                self._availability[parent.peer_id] = {int(n) for n in pieces}
+                self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, TimeoutError, SwarmflyError, ValueError, KeyError) as exc:
+                self._failed_parents.append((parent.peer_id, f"{type(exc).__name__}"))
+                self._wake.set()
+                return
+
+    async def _p2p(self) -> dict[str, Any] | None:
+        """Fetch pieces until complete (None) or until the scheduler answers otherwise."""
+        self._availability: dict[str, set[int]] = {}
+        self._failed_parents: list[tuple[str, str]] = []
+        book: PieceBook | None = None
+        fetches: dict[asyncio.Task[int], tuple[int, str]] = {}
+        last_progress = time.monotonic()
+        last_digests = 0.0
+        config = self.node.config
+        try:
+            while True:
+                self._wake.clear()
+                content = self.stored.content
+                if content is None or (book is not None and book.needs_digests()):
+                    if time.monotonic() - last_digests > 0.2:
+                        last_digests = time.monotonic()
+                        await self._refresh_task(book)
+                    content = self.stored.content
+                if content is not None and book is None:
+                    book = PieceBook(
+                        content.piece_count,
+                        done=set(self.stored.done),
+                        digests=list(self.stored.digests),
+                        strategy=self.strategy,
+                    )
+                if book is not None and book.complete:
+                    return None
+                for parent_id, _reason in self._failed_parents:
+                    self._drop_parent(book, parent_id, "failed")
+                self._failed_parents.clear()
+                if book is not None:
+                    for parent_id, pieces in self._availability.items():
+                        if parent_id in self.parents:
+                            book.update_parent(parent_id, pieces)
+                    self._availability.clear()
+                    busy: dict[str, int] = {}
+                    for _, parent_id in fetches.values():
+                        busy[parent_id] = busy.get(parent_id, 0) + 1
+                    room = config.concurrency - len(fetches)
+                    free = {p: min(config.per_parent - busy.get(p, 0), room) for p in self.parents}
+                    for number, parent_id in book.assign(free)[: max(0, room)]:
+                        task = asyncio.create_task(self._fetch_piece(number, parent_id))
+                        fetches[task] = (number, parent_id)
+                stalled = time.monotonic() - last_progress > STALL_SECONDS and not fetches
+                if not self.parents or stalled:
+                    schedule = await self._reschedule_or_register()
+                    last_progress = time.monotonic()
+                    if schedule.get("task"):
+                        self.stored.set_content(TaskContent.from_dict(schedule["task"]))
+                    if schedule["action"] == "parents":
+                        self._add_parents(schedule["parents"])
+                    elif schedule["action"] == "back_to_source":
+                        return schedule
+                    else:
+                        await asyncio.sleep(schedule.get("retry_after_ms", 200) / 1000)
+                    continue
+                waiter = asyncio.create_task(self._wake.wait())
+                done, _ = await asyncio.wait(
+                    [waiter, *fetches],
+                    timeout=0.5 if book is not None else 0.2,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waiter.cancel()
+                for task in done:
+                    if task is waiter or book is None:
+                        continue
+                    number, parent_id = fetches.pop(task)
+                    if self._settle(book, task, number, parent_id, fetches):
+                        last_progress = time.monotonic()
+        finally:
+            for task in fetches:
+                task.cancel()
+
+    def _settle(
+        self,
+        book: PieceBook,
+        task: asyncio.Task[int],
+        number: int,
+        parent_id: str,
+        fetches: dict[asyncio.Task[int], tuple[int, str]],
+    ) -> bool:
+        exc = task.exception() if not task.cancelled() else None
+        if task.cancelled():
+            book.failed(number, parent_id)
+            return False
+        if exc is None:
+            book.finished(number, parent_id)
+            for other, (n, _) in list(fetches.items()):
+                if n == number:  # the endgame copy lost the race
+                    other.cancel()
+            return True
+        book.failed(number, parent_id)
+        parent = self.parents.get(parent_id)
+        if isinstance(exc, SwarmflyError) and exc.code == "integrity":
+            metrics.PEER_PIECE_FAILURES.labels("corrupt").inc()
+            log.warning("parent %s served a corrupt piece %d", parent_id, number)
+            self._drop_parent(book, parent_id, "corrupt")
+        elif isinstance(exc, SwarmflyError) and exc.code == "timeout":
+            metrics.PEER_PIECE_FAILURES.labels("slow").inc()
+            self._drop_parent(book, parent_id, "slow")
+        elif parent is not None:
+            metrics.PEER_PIECE_FAILURES.labels("failed").inc()
+            parent.failures += 1
+            if parent.failures >= PARENT_FAILURES:
+                self._drop_parent(book, parent_id, "failed")
+        return False
+
+    async def _fetch_piece(self, number: int, parent_id: str) -> int:
+        parent = self.parents[parent_id]
+        content = self.stored.content
+        assert content is not None
+        offset, size = content.piece(number)
+        expected = self.stored.digests[number]
+        started = time.monotonic()
+        try:
+            async with self.node.session.get(
+                f"{parent.address}/v1/tasks/{self.task_id}/data",
+                headers={"Range": f"bytes={offset}-{offset + size - 1}"},
+                timeout=aiohttp.ClientTimeout(total=self.node.config.piece_timeout),
+            ) as response:
+                if response.status != 206:
+                    raise SwarmflyError("unavailable", f"parent answered {response.status}")
+                chunks: list[bytes] = []
+                received = 0
+                async for chunk in response.content.iter_chunked(256 * 1024):
+                    received += len(chunk)
+                    if received > size:
+                        raise SwarmflyError("integrity", "parent sent more than the piece")
+                    await self.node.download_bucket.take(len(chunk))
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise SwarmflyError("timeout", f"piece {number} took too long") from None
+        except aiohttp.ClientError as exc:
+            raise SwarmflyError("unavailable", type(exc).__name__) from None
+        if number in self.stored.done:
+            return number
+        data = b"".join(chunks)
+        digest = await asyncio.to_thread(self.stored.write_piece, number, data, expected)
+        if number not in self.stored.done:
+            self.stored.mark_done(number, digest)
+            self.bytes_p2p += size
+            metrics.PEER_DOWNLOAD_BYTES.labels("p2p").inc(size)
+            cost = time.monotonic() - started
+            metrics.PEER_PIECE_SECONDS.labels("p2p").observe(cost)
+            self._queue_report(
+                {"number": number, "parent_id": parent_id, "cost_ms": int(cost * 1000)}
+            )
+        return number
+
+    async def _refresh_task(self, book: PieceBook | None) -> None:
+        try:
+            reply = await self._request("scheduler.task", {"task_id": self.task_id})
+        except SwarmflyError as exc:
+            log.debug("task info: %s", exc)
+            return
+        if reply["task"]:
+            self.stored.set_content(TaskContent.from_dict(reply["task"]))
+            self.stored.set_digests(reply["digests"])
+            if book is not None:
+                for number, digest in enumerate(reply["digests"][: book.piece_count]):
+                    if digest and book.digests[number] is None:
+                        book.digests[number] = digest
+
+    # -- the origin ----------------------------------------------------------------------
+
+    async def _from_origin(self) -> None:
+        """Read the missing pieces from the origin: parallel ranges, or one stream."""
+        source = self.node.source_for(self.source.url)
+        stat = await source.stat(self.source.url, self.source.headers)
+        if stat.size is None:
+            raise SwarmflyError("source_error", "origin does not state the content length")
+        length = self.source.piece_length or piece_length_for(stat.size)
+        digest = self.source.digest or stat.digest
+        self.stored.set_content(
+            TaskContent(stat.size, length, piece_count(stat.size, length), digest)
+        )
+        self._report_content = True
+        self._queue_report(None)
+        content = self.stored.content
+        assert content is not None
+        missing = [n for n in range(content.piece_count) if n not in self.stored.done]
+        if not missing:
+            return
+        if stat.ranges:
+            queue: asyncio.Queue[int] = asyncio.Queue()
+            for number in missing:
+                queue.put_nowait(number)
+            workers = [
+                asyncio.create_task(self._origin_worker(queue))
+                for _ in range(min(self.node.origin_concurrency, len(missing)))
+            ]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for worker in workers:
+                    worker.cancel()
+        else:
+            await self._origin_stream(content)
+
+    async def _origin_worker(self, queue: asyncio.Queue[int]) -> None:
+        content = self.stored.content
+        assert content is not None
+        source = self.node.source_for(self.source.url)
+        while not queue.empty():
+            number = queue.get_nowait()
+            offset, size = content.piece(number)
+            started = time.monotonic()
+            chunks = [
+                c
+                async for c in source.fetch(
+                    self.source.url, self.source.headers, offset, offset + size
+                )
+            ]
+            await self._store_origin_piece(number, b"".join(chunks), started)
+
+    async def _origin_stream(self, content: TaskContent) -> None:
+        source = self.node.source_for(self.source.url)
+        buffer = bytearray()
+        number = 0
+        started = time.monotonic()
+        async for chunk in source.fetch(self.source.url, self.source.headers):
+            buffer += chunk
+            while number < content.piece_count and len(buffer) >= content.piece(number)[1]:
+                size = content.piece(number)[1]
+                piece, buffer = bytes(buffer[:size]), buffer[size:]
+                if number not in self.stored.done:
+                    await self._store_origin_piece(number, piece, started)
+                number += 1
+                started = time.monotonic()
+            if len(buffer) > content.piece_length:
+                raise SwarmflyError("source_error", "origin sent more bytes than it stated")
+        if number < content.piece_count or buffer:
+            raise SwarmflyError("source_error", "origin body length differs from what it stated")
+
+    async def _store_origin_piece(self, number: int, data: bytes, started: float) -> None:
+        expected = self.stored.digests[number]
+        digest = await asyncio.to_thread(self.stored.write_piece, number, data, expected)
+        if number in self.stored.done:
+            return
+        self.stored.mark_done(number, digest)
+        self.bytes_origin += len(data)
+        metrics.PEER_DOWNLOAD_BYTES.labels("origin").inc(len(data))
+        cost = time.monotonic() - started
+        metrics.PEER_PIECE_SECONDS.labels("origin").observe(cost)
+        self._queue_report({"number": number, "digest": digest, "cost_ms": int(cost * 1000)})
+
+    # -- end of download -----------------------------------------------------------------
+
+    async def _verify_whole(self) -> None:
+        content = self.stored.content
+        if content is None or not self.stored.complete:
+            raise SwarmflyError("internal", "download ended before every piece was verified")
+        if not content.digest:
+            return
+        expected = check_digest(content.digest)
+
+        def digest_file() -> str:
+            hasher = hashlib.sha256()
+            with open(self.stored.data_path, "rb") as handle:
+                while block := handle.read(4 * 1024 * 1024):
+                    hasher.update(block)
+            return hasher.hexdigest()
+
+        if await asyncio.to_thread(digest_file) != expected:
+            self.stored.reset()
+            raise SwarmflyError("integrity", "the whole file does not match its digest")
+
+    async def _announce_cached(self) -> None:
+        if self.node.bus is not None:
+            await self.node.announce(self.stored)
+
+    async def _register_quietly(self) -> None:
+        if self.node.bus is None:
+            return
+        try:
+            await self._request("scheduler.register", self._register_body())
+        except SwarmflyError as exc:
+            log.info("registering a back-to-source download: %s", exc)
+
+    async def _result(self, success: bool, message: str = "") -> None:
+        if self.node.bus is None:
+            return
+        body: dict[str, Any] = {
+            "task_id": self.task_id,
+            "peer_id": self.peer_id,
+            "success": success,
+        }
+        if message:
+            body["message"] = message
+        try:
+            await self._request("scheduler.result", body)
+        except SwarmflyError as exc:
+            log.info("result not recorded: %s", exc)
+
+    # -- control plane -------------------------------------------------------------------
+
+    def _register_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "task_id": self.task_id,
+            "peer_id": self.peer_id,
+            "host": self.node.host(),
+            "source": self.source.to_dict(),
+        }
+        if self.seed:
+            body["seed"] = True
+        if self.stored.done:
+            body["pieces"] = sorted(self.stored.done)
+        if self.stored.content is not None:
+            body["task"] = self.stored.content.to_dict()
+        return body
+
+    async def _request(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        bus = self.node.bus
+        if bus is None:
+            raise SwarmflyError("unavailable", "no control plane")
+        return await bus.request(name, body)
+
+    def _queue_report(self, piece: dict[str, Any] | None) -> None:
+        if piece is not None:
+            self._reports.append(piece)
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            await self._flush_reports()
+
+    async def _flush_reports(self) -> None:
+        if self.node.bus is None or not (self._reports or self._report_content):
+            return
+        batch, self._reports = self._reports[:4096], self._reports[4096:]
+        body: dict[str, Any] = {"task_id": self.task_id, "peer_id": self.peer_id, "pieces": batch}
+        if self._report_content and self.stored.content is not None:
+            body["task"] = self.stored.content.to_dict()
+        try:
+            await self._request("scheduler.pieces", body)
+            self._report_content = False
+        except SwarmflyError as exc:
+            if exc.code == "not_found":
+                # The scheduler lost us (a restart): rejoin with everything we hold.
+                await self.node.announce(self.stored, peer_id=self.peer_id, seed=self.seed)
+            else:
+                log.warning("piece report failed: %s", exc)
+                self._reports = batch + self._reports

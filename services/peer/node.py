@@ -1,0 +1,335 @@
+"""A host in the swarm: its task store, upload server, heartbeats and downloads.
+
+The peer service and the storage (seed) service are both a ``PeerNode``; storage differs
+only in host type and in fetching the tasks the scheduler hands it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from swarmfly.bus import Bus
+from swarmfly.errors import SwarmflyError
+from swarmfly.httpserver import serve_http
+from swarmfly.ids import task_id as make_task_id
+from swarmfly.plugins.sources.base import Source
+from swarmfly.plugins.sources.http import HttpSource
+from swarmfly.ratelimit import TokenBucket
+from swarmfly.services.peer.conductor import Conductor, SourceRequest
+from swarmfly.services.peer.store import StoredTask, TaskStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    host_id: str
+    host_type: str
+    state_dir: Path
+    listen: str
+    advertise_ip: str | None
+    upload_port: int
+    upload_rate: int
+    download_rate: int
+    upload_slots: int
+    concurrency: int
+    per_parent: int
+    piece_timeout: float
+    origin_concurrency: int
+    heartbeat_interval: float
+    idc: str = ""
+    location: str = ""
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    task_id: str
+    content_length: int
+    bytes_origin: int
+    bytes_p2p: int
+    seconds: float
+    digest: str
+
+
+def route_ip(servers: list[str]) -> str:
+    """The local address that reaches the control plane: what other hosts can reach too."""
+    for server in servers:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        if not parts.hostname:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.connect((parts.hostname, parts.port or 4222))
+                ip: str = sock.getsockname()[0]
+                return ip
+        except OSError:
+            continue
+    return "127.0.0.1"
+
+
+class PeerNode:
+    """Lifecycle: ``start`` loads the cache, serves uploads, heartbeats; ``stop`` leaves."""
+
+    def __init__(self, settings: NodeSettings, bus: Bus | None, servers: list[str]) -> None:
+        from swarmfly.services.peer.upload import UploadServer
+
+        self.settings = settings
+        self.config = settings
+        self.bus = bus
+        self.servers = servers
+        self.store = TaskStore(settings.state_dir / "tasks")
+        self.upload = UploadServer(
+            self.store, rate=settings.upload_rate, slots=settings.upload_slots
+        )
+        self.download_bucket = TokenBucket(settings.download_rate)
+        self.origin_concurrency = settings.origin_concurrency
+        self.ip = settings.advertise_ip or route_ip(servers)
+        self.port = 0
+        self.upload_url = ""
+        self._http_source = HttpSource()
+        self._session: aiohttp.ClientSession | None = None
+        self._downloads: dict[str, asyncio.Task[Conductor]] = {}
+        self._progress: dict[str, Conductor] = {}
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=32),
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        loaded = self.store.load()
+        stack.callback(self.store.close)
+        self.upload_url = await serve_http(
+            stack, self.upload.app, self.settings.listen, self.settings.upload_port
+        )
+        self.port = int(self.upload_url.rsplit(":", 1)[1])
+        stack.push_async_callback(self._close_clients)
+        if self.bus is not None:
+            stack.push_async_callback(self.leave)
+            for task in loaded:
+                await self._announce_safely(task)
+            beat = asyncio.create_task(self._heartbeat_loop())
+            stack.callback(beat.cancel)
+        log.info(
+            "%s %s serving uploads on %s (%d cached tasks)",
+            self.settings.host_type,
+            self.settings.host_id,
+            self.upload_url,
+            len(loaded),
+        )
+
+    async def _close_clients(self) -> None:
+        for task in self._downloads.values():
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+        await self._http_source.close()
+
+    def host(self) -> dict[str, Any]:
+        s = self.settings
+        host: dict[str, Any] = {
+            "id": s.host_id,
+            "ip": self.ip,
+            "port": self.port,
+            "type": s.host_type,
+            "upload_slots": s.upload_slots,
+        }
+        if s.idc:
+            host["idc"] = s.idc
+        if s.location:
+            host["location"] = s.location
+        return host
+
+    def peer_id(self, task_id: str) -> str:
+        """Stable per (host, task), so a re-registration is the same peer."""
+        return "p" + hashlib.sha256(f"{self.settings.host_id}/{task_id}".encode()).hexdigest()[:24]
+
+    def source_for(self, url: str) -> Source:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in self._http_source.schemes:
+            return self._http_source
+        raise SwarmflyError(
+            "bad_request", f"unsupported URL scheme {scheme!r}; installed: http, https"
+        )
+
+    # -- downloads -------------------------------------------------------------------------
+
+    async def download(
+        self,
+        source: SourceRequest,
+        *,
+        strategy: str = "rarest-first",
+        seed: bool = False,
+        task_id: str | None = None,
+        download_id: str | None = None,
+    ) -> DownloadResult:
+        """Bring a task into the store, verified; concurrent asks for one task share a run."""
+        self.source_for(source.url)
+        task_id = task_id or make_task_id(
+            source.url, digest=source.digest, piece_length=source.piece_length
+        )
+        started = time.monotonic()
+        running = self._downloads.get(task_id)
+        if running is None:
+            conductor = Conductor(self, task_id, source, strategy=strategy, seed=seed)
+            running = asyncio.create_task(self._run(conductor))
+            self._downloads[task_id] = running
+            running.add_done_callback(lambda _: self._downloads.pop(task_id, None))
+            if download_id:
+                self._progress[download_id] = conductor
+        elif download_id:
+            self._progress[download_id] = await asyncio.shield(self._conductor_of(running))
+        conductor = await asyncio.shield(running)
+        stored = conductor.stored
+        assert stored.content is not None
+        digest = (
+            stored.content.digest
+            or f"sha256:{await asyncio.to_thread(_file_digest, stored.data_path)}"
+        )
+        return DownloadResult(
+            task_id=task_id,
+            content_length=stored.content.content_length,
+            bytes_origin=conductor.bytes_origin,
+            bytes_p2p=conductor.bytes_p2p,
+            seconds=time.monotonic() - started,
+            digest=digest,
+        )
+
+    @staticmethod
+    async def _conductor_of(running: asyncio.Task[Conductor]) -> Conductor:
+        return await running
+
+    async def _run(self, conductor: Conductor) -> Conductor:
+        conductor.stored.active += 1
+        try:
+            await conductor.run()
+        finally:
+            conductor.stored.active -= 1
+        return conductor
+
+    def progress(self, download_id: str) -> Conductor | None:
+        return self._progress.get(download_id)
+
+    def forget(self, download_id: str) -> None:
+        self._progress.pop(download_id, None)
+
+    # -- control plane ---------------------------------------------------------------------
+
+    async def announce(
+        self, stored: StoredTask, *, peer_id: str | None = None, seed: bool = False
+    ) -> None:
+        """Tell the scheduler what this host holds of a task: how its state is rebuilt."""
+        if self.bus is None or stored.content is None:
+            return
+        peer_id = peer_id or self.peer_id(stored.id)
+        body: dict[str, Any] = {
+            "task_id": stored.id,
+            "peer_id": peer_id,
+            "host": self.host(),
+            "source": {"url": stored.url or "swarmfly:cached"},
+            "pieces": sorted(stored.done),
+            "task": stored.content.to_dict(),
+        }
+        if seed or (self.settings.host_type == "seed" and stored.complete):
+            body["seed"] = True
+        await self.bus.request("scheduler.register", body)
+        reports = [
+            {"number": n, "digest": stored.digests[n]}
+            for n in sorted(stored.done)
+            if stored.digests[n]
+        ]
+        for start in range(0, max(1, len(reports)), 4096):
+            await self.bus.request(
+                "scheduler.pieces",
+                {
+                    "task_id": stored.id,
+                    "peer_id": peer_id,
+                    "pieces": reports[start : start + 4096],
+                    "task": stored.content.to_dict(),
+                },
+            )
+        if stored.complete:
+            await self.bus.request(
+                "scheduler.result", {"task_id": stored.id, "peer_id": peer_id, "success": True}
+            )
+
+    async def _announce_safely(self, stored: StoredTask) -> None:
+        try:
+            await self.announce(stored)
+        except SwarmflyError as exc:
+            log.warning("could not announce task %s: %s", stored.id[:12], exc)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.bus is not None
+        interval = self.settings.heartbeat_interval
+        while True:
+            try:
+                reply = await self.bus.request(
+                    "scheduler.heartbeat",
+                    {
+                        "host": self.host(),
+                        "uploads": self.upload.uploads,
+                        "peers": len(self.store.tasks),
+                    },
+                )
+                interval = reply.get("interval_ms", interval * 1000) / 1000
+                if not reply["known"]:
+                    for stored in list(self.store.tasks.values()):
+                        if stored.complete:
+                            await self._announce_safely(stored)
+            except SwarmflyError as exc:
+                log.debug("heartbeat: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def leave(self) -> None:
+        if self.bus is None or not self.bus.nc.is_connected:
+            return
+        try:
+            await self.bus.request(
+                "scheduler.leave", {"host_id": self.settings.host_id}, timeout=2.0
+            )
+        except SwarmflyError as exc:
+            log.debug("leave: %s", exc)
+
+
+def _file_digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(4 * 1024 * 1024):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def deliver(stored: StoredTask, output: Path) -> None:
+    """Put the verified file at ``output`` atomically: a hard link when the filesystem
+    allows, else a copy; the path never holds a partial file."""
+    output = output.absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.swarmfly-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        try:
+            os.link(stored.data_path, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(stored.data_path, tmp)
+        os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,120 @@
+"""The peer's pure piece bookkeeping: which piece to fetch from which parent next.
+
+No IO: the conductor feeds it what parents hold and what finished, and asks for assignments.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from swarmfly.plugins.strategies.builtin import Strategy, rarest_first
+
+
+@dataclass
+class PieceBook:
+    piece_count: int
+    done: set[int] = field(default_factory=set)
+    digests: list[str | None] = field(default_factory=list)
+    available: dict[str, set[int]] = field(default_factory=dict)
+    """parent id -> pieces that parent has verified."""
+    in_flight: dict[int, set[str]] = field(default_factory=dict)
+    """piece -> parents it is being fetched from (more than one only in the endgame)."""
+    strategy: Strategy = rarest_first
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        if not self.digests:
+            self.digests = [None] * self.piece_count
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) >= self.piece_count
+
+    def missing(self) -> set[int]:
+        return set(range(self.piece_count)) - self.done
+
+    def update_parent(self, parent_id: str, pieces: set[int]) -> None:
+        self.available[parent_id] = {n for n in pieces if 0 <= n < self.piece_count}
+
+    def drop_parent(self, parent_id: str) -> list[int]:
+        """Forget a parent; returns the pieces that were in flight from it."""
+        self.available.pop(parent_id, None)
+        lost = []
+        for number, parents in list(self.in_flight.items()):
+            if parent_id in parents:
+                parents.discard(parent_id)
+                if not parents:
+                    del self.in_flight[number]
+                lost.append(number)
+        return lost
+
+    def needs_digests(self) -> bool:
+        """Some parent holds a piece we miss whose digest we do not know yet."""
+        return any(
+            self.digests[n] is None and n not in self.done
+            for pieces in self.available.values()
+            for n in pieces
+        )
+
+    def assign(self, free_slots: dict[str, int]) -> list[tuple[int, str]]:
+        """Pieces to start now, each with its parent, filling each parent's free slots.
+
+        Strategy order decides among pieces nobody fetches yet; when none is left (the
+        endgame), a piece in flight from one slow parent may also be asked of another.
+        """
+        holders: Counter[int] = Counter()
+        for pieces in self.available.values():
+            holders.update(pieces)
+        assignments: list[tuple[int, str]] = []
+        parents = [p for p, free in free_slots.items() if free > 0 and p in self.available]
+        self.rng.shuffle(parents)
+        remaining = dict(free_slots)
+        progress = True
+        while progress:
+            progress = False
+            for parent in parents:
+                if remaining[parent] <= 0:
+                    continue
+                piece = self._pick(parent, holders)
+                if piece is None:
+                    continue
+                self.in_flight.setdefault(piece, set()).add(parent)
+                assignments.append((piece, parent))
+                remaining[parent] -= 1
+                progress = True
+        return assignments
+
+    def _pick(self, parent: str, holders: Counter[int]) -> int | None:
+        offered = self.available[parent]
+        fresh = [
+            n
+            for n in offered
+            if n not in self.done and n not in self.in_flight and self.digests[n] is not None
+        ]
+        if fresh:
+            return self.strategy(fresh, holders, self.rng)[0]
+        endgame = [
+            n
+            for n in offered
+            if n not in self.done
+            and len(self.in_flight.get(n, ())) == 1
+            and parent not in self.in_flight[n]
+            and self.digests[n] is not None
+        ]
+        if endgame and len(self.missing()) <= max(4, len(self.available)):
+            choice: int = self.rng.choice(endgame)
+            return choice
+        return None
+
+    def finished(self, number: int, parent: str) -> None:
+        self.done.add(number)
+        self.in_flight.pop(number, None)
+
+    def failed(self, number: int, parent: str) -> None:
+        parents = self.in_flight.get(number)
+        if parents is not None:
+            parents.discard(parent)
+            if not parents:
+                del self.in_flight[number]

@@ -1,0 +1,121 @@
+"""The upload server: a peer serves its verified pieces to children over HTTP.
+
+``GET /v1/tasks/{id}/pieces?since=V&wait=S`` long-polls what this peer holds, so children learn
+availability from their parents, not from a swarm-wide broadcast. ``GET /v1/tasks/{id}/data``
+with a ``Range`` inside verified pieces serves bytes with sendfile (or paced, when an upload
+rate limit is set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from aiohttp import web
+
+from swarmfly import metrics
+from swarmfly.ids import TASK_ID
+from swarmfly.ratelimit import TokenBucket
+from swarmfly.services.peer.store import StoredTask, TaskStore
+
+_RANGE = re.compile(r"^bytes=(\d{1,15})-(\d{1,15})$")
+MAX_WAIT = 30.0
+CHUNK = 128 * 1024
+
+
+class UploadServer:
+    def __init__(self, store: TaskStore, *, rate: int = 0, slots: int = 64) -> None:
+        self.store = store
+        self.bucket = TokenBucket(rate)
+        self.slots = slots
+        self.uploads = 0
+        self.app = web.Application(client_max_size=1024)
+        self.app.router.add_get("/v1/tasks/{task_id}/pieces", self.pieces)
+        self.app.router.add_get("/v1/tasks/{task_id}/data", self.data)
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/metrics", metrics.handler)
+
+    def _task(self, request: web.Request) -> StoredTask:
+        task_id = request.match_info["task_id"]
+        if not TASK_ID.match(task_id):
+            raise web.HTTPBadRequest(text="invalid task id")
+        task = self.store.get(task_id)
+        if task is None or task.content is None:
+            raise web.HTTPNotFound(text="unknown task")
+        return task
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "uploads": self.uploads})
+
+    async def pieces(self, request: web.Request) -> web.Response:
+        task = self._task(request)
+        try:
+            since = int(request.query.get("since", "-1"))
+            wait = min(MAX_WAIT, max(0.0, float(request.query.get("wait", "0"))))
+        except ValueError:
+            raise web.HTTPBadRequest(text="since and wait must be numbers") from None
+        if wait:
+            await task.wait_change(since, wait)
+        assert task.content is not None
+        return web.json_response(
+            {
+                "version": task.version,
+                "piece_count": task.content.piece_count,
+                "complete": task.complete,
+                "pieces": sorted(task.done),
+            }
+        )
+
+    async def data(self, request: web.Request) -> web.StreamResponse:
+        task = self._task(request)
+        match = _RANGE.match(request.headers.get("Range", ""))
+        if not match:
+            raise web.HTTPBadRequest(text="a Range of verified pieces is required")
+        start, last = int(match.group(1)), int(match.group(2))
+        if not task.covers(start, last + 1):
+            raise web.HTTPRequestRangeNotSatisfiable(text="range not within verified pieces")
+        if self.uploads >= self.slots:
+            raise web.HTTPServiceUnavailable(
+                text="no free upload slot", headers={"Retry-After": "1"}
+            )
+        self.uploads += 1
+        task.active += 1
+        try:
+            return await self._send(request, task, start, last - start + 1)
+        finally:
+            self.uploads -= 1
+            task.active -= 1
+
+    async def _send(
+        self, request: web.Request, task: StoredTask, start: int, size: int
+    ) -> web.StreamResponse:
+        """sendfile when unpaced (the kernel copies); paced chunks under an upload limit."""
+        assert task.content is not None
+        response = web.StreamResponse(
+            status=206,
+            headers={
+                "Content-Range": f"bytes {start}-{start + size - 1}/{task.content.content_length}",
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        response.content_length = size
+        await response.prepare(request)
+        sent = 0
+        if self.bucket.unlimited and request.transport is not None:
+            with open(task.data_path, "rb") as handle:
+                try:
+                    loop = asyncio.get_running_loop()
+                    sent = await loop.sendfile(
+                        request.transport, handle, start, size, fallback=False
+                    )
+                except (NotImplementedError, asyncio.SendfileNotAvailableError):
+                    sent = 0  # uvloop has no sendfile: fall through to chunks
+        offset, end = start + sent, start + size
+        while offset < end:
+            count = min(CHUNK, end - offset)
+            await self.bucket.take(count)
+            await response.write(task.read(offset, count))
+            offset += count
+        await response.write_eof()
+        metrics.PEER_UPLOAD_BYTES.inc(size)
+        return response

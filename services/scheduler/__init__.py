@@ -1,0 +1,1 @@
+"""The scheduler: tasks, peers, piece counts; picks parents and decides back-to-source."""

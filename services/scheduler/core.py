@@ -1,0 +1,482 @@
+"""The scheduler's pure core: task, peer and piece bookkeeping and parent choice.
+
+No asyncio, NATS or clock here: every entry point takes ``now`` and returns decisions and
+effects, so unit tests and the simulator drive it directly. All state is soft: it can be
+rebuilt from what peers re-register.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from swarmfly.errors import SwarmflyError
+from swarmfly.plugins.evaluators.default import Candidate
+from swarmfly.plugins.evaluators.default import evaluate as default_evaluate
+
+Action = Literal["parents", "back_to_source", "wait"]
+PeerState = Literal["running", "succeeded", "failed"]
+Evaluator = Callable[[Candidate, Candidate, int, "float | None"], float]
+
+FILTER_LIMIT = 40
+"""Candidates examined per decision, as Dragonfly samples: bounds cost in large swarms."""
+COST_SAMPLES = 20
+WAIT_MS = 200
+
+
+@dataclass
+class Host:
+    id: str
+    ip: str
+    port: int
+    type: str
+    idc: str = ""
+    location: str = ""
+    upload_slots: int = 64
+    uploads: int = 0
+    last_seen: float = 0.0
+
+    @property
+    def address(self) -> str:
+        ip = f"[{self.ip}]" if ":" in self.ip and not self.ip.startswith("[") else self.ip
+        return f"http://{ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Content:
+    content_length: int
+    piece_length: int
+    piece_count: int
+    digest: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "content_length": self.content_length,
+            "piece_length": self.piece_length,
+            "piece_count": self.piece_count,
+        }
+        if self.digest:
+            out["digest"] = self.digest
+        return out
+
+
+@dataclass
+class Peer:
+    id: str
+    task_id: str
+    host_id: str
+    seed: bool = False
+    back_to_source: bool = False
+    state: PeerState = "running"
+    pieces: set[int] = field(default_factory=set)
+    parents: list[str] = field(default_factory=list)
+    blocklist: set[str] = field(default_factory=set)
+    costs: deque[int] = field(default_factory=lambda: deque(maxlen=COST_SAMPLES))
+    updated_at: float = 0.0
+
+    @property
+    def is_source(self) -> bool:
+        """Reads the origin, so it will hold every piece."""
+        return self.seed or self.back_to_source
+
+
+@dataclass
+class Task:
+    id: str
+    content: Content | None = None
+    digests: dict[int, str] = field(default_factory=dict)
+    peers: dict[str, Peer] = field(default_factory=dict)
+    bad_parents: set[str] = field(default_factory=set)
+    seed_requested_at: float | None = None
+    seed_failed: bool = False
+
+
+@dataclass(frozen=True)
+class ParentInfo:
+    peer_id: str
+    host_id: str
+    address: str
+    type: str
+
+
+@dataclass(frozen=True)
+class Schedule:
+    action: Action
+    parents: tuple[ParentInfo, ...] = ()
+    content: Content | None = None
+    retry_after_ms: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "action": self.action,
+            "parents": [
+                {"peer_id": p.peer_id, "host_id": p.host_id, "address": p.address, "type": p.type}
+                for p in self.parents
+            ],
+            "task": self.content.to_dict() if self.content else None,
+        }
+        if self.retry_after_ms is not None:
+            out["retry_after_ms"] = self.retry_after_ms
+        return out
+
+
+@dataclass(frozen=True)
+class TriggerSeed:
+    """Effect: ask a storage instance to fetch this task from the origin."""
+
+    task_id: str
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    id: str
+    ip: str
+    port: int
+    type: str
+    idc: str = ""
+    location: str = ""
+    upload_slots: int = 64
+
+
+@dataclass(frozen=True)
+class PieceReport:
+    number: int
+    digest: str | None = None
+    parent_id: str | None = None
+    cost_ms: int | None = None
+
+
+class Scheduler:
+    """Bookkeeping for every task and host this scheduler owns."""
+
+    def __init__(
+        self,
+        *,
+        candidate_parents: int = 4,
+        host_ttl: float = 15.0,
+        seed_timeout: float = 30.0,
+        evaluator: Evaluator = default_evaluate,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.candidate_parents = candidate_parents
+        self.host_ttl = host_ttl
+        self.seed_timeout = seed_timeout
+        self.evaluator = evaluator
+        self.rng = rng or random.Random(0)
+        self.hosts: dict[str, Host] = {}
+        self.tasks: dict[str, Task] = {}
+        self.peers: dict[str, Peer] = {}
+
+    # -- hosts ---------------------------------------------------------------------------
+
+    def heartbeat(self, spec: HostSpec, uploads: int, now: float) -> bool:
+        """Record a host as alive; False tells it the scheduler has no state for it."""
+        known = spec.id in self.hosts
+        host = self._upsert_host(spec, now)
+        host.uploads = uploads
+        return known
+
+    def expire(self, now: float) -> list[str]:
+        """Drop hosts whose heartbeats stopped, with all their peers; they are never offered."""
+        dead = [h.id for h in self.hosts.values() if now - h.last_seen > self.host_ttl]
+        for host_id in dead:
+            self.leave(host_id, None)
+        return dead
+
+    def leave(self, host_id: str, peer_ids: Iterable[str] | None) -> None:
+        """A host leaves (peer_ids None) or some of its peers leave their tasks."""
+        if peer_ids is None:
+            self.hosts.pop(host_id, None)
+            peer_ids = [p.id for p in self.peers.values() if p.host_id == host_id]
+        for peer_id in list(peer_ids):
+            peer = self.peers.get(peer_id)
+            if peer is None or peer.host_id != host_id:
+                continue
+            self._remove_peer(peer)
+
+    # -- tasks and peers -----------------------------------------------------------------
+
+    def register(
+        self,
+        *,
+        task_id: str,
+        peer_id: str,
+        host: HostSpec,
+        now: float,
+        pieces: Iterable[int] = (),
+        content: Content | None = None,
+        seed: bool = False,
+    ) -> tuple[Schedule, list[TriggerSeed]]:
+        """A peer joins a task (or rejoins with what it holds); answer where to download."""
+        self._upsert_host(host, now)
+        task = self.tasks.get(task_id)
+        if task is None:
+            task = self.tasks[task_id] = Task(task_id)
+        if content is not None:
+            self._set_content(task, content)
+        peer = self.peers.get(peer_id)
+        if peer is not None and (peer.task_id != task_id or peer.host_id != host.id):
+            raise SwarmflyError("conflict", f"peer {peer_id} belongs to another task or host")
+        if peer is None:
+            peer = self.peers[peer_id] = task.peers[peer_id] = Peer(peer_id, task_id, host.id)
+        peer.updated_at = now
+        peer.state = "running"
+        peer.seed = peer.seed or seed
+        peer.pieces.update(self._valid_pieces(task, pieces))
+        if peer.seed:
+            return Schedule("back_to_source", content=task.content), []
+        if self._complete(task, peer):
+            return Schedule("parents", content=task.content), []
+        effects: list[TriggerSeed] = []
+        if not self._has_source(task, now) and task.seed_requested_at is None:
+            task.seed_requested_at = now
+            effects.append(TriggerSeed(task_id))
+        return self._schedule(task, peer, now), effects
+
+    def seed_unavailable(self, task_id: str) -> None:
+        """No storage instance took the task: peers go back to source instead of waiting."""
+        task = self.tasks.get(task_id)
+        if task is not None:
+            task.seed_failed = True
+
+    def report_pieces(
+        self,
+        *,
+        task_id: str,
+        peer_id: str,
+        pieces: Iterable[PieceReport],
+        now: float,
+        content: Content | None = None,
+    ) -> None:
+        task, peer = self._lookup(task_id, peer_id)
+        if content is not None:
+            self._set_content(task, content)
+        peer.updated_at = now
+        for report in pieces:
+            if task.content is not None and report.number >= task.content.piece_count:
+                raise SwarmflyError(
+                    "bad_request",
+                    f"piece {report.number} out of range (task has {task.content.piece_count})",
+                    path="data.pieces",
+                )
+            if report.digest is not None:
+                known = task.digests.get(report.number)
+                if known is None:
+                    task.digests[report.number] = report.digest
+                elif known != report.digest:
+                    raise SwarmflyError(
+                        "conflict",
+                        f"piece {report.number} digest differs from the one already reported",
+                    )
+            elif report.number not in task.digests:
+                raise SwarmflyError(
+                    "conflict", f"piece {report.number} has no digest yet: cannot be finished"
+                )
+            peer.pieces.add(report.number)
+            if report.cost_ms is not None and report.parent_id is not None:
+                parent = self.peers.get(report.parent_id)
+                if parent is not None:
+                    parent.costs.append(report.cost_ms)
+
+    def reschedule(
+        self,
+        *,
+        task_id: str,
+        peer_id: str,
+        now: float,
+        blocklist: Iterable[str] = (),
+        bad_parents: Iterable[tuple[str, str]] = (),
+    ) -> tuple[Schedule, list[TriggerSeed]]:
+        """New parents for a child whose parents failed, were slow or served corrupt bytes."""
+        task, peer = self._lookup(task_id, peer_id)
+        peer.updated_at = now
+        peer.blocklist.update(blocklist)
+        for bad_id, reason in bad_parents:
+            peer.blocklist.add(bad_id)
+            if reason == "corrupt":
+                task.bad_parents.add(bad_id)
+        effects: list[TriggerSeed] = []
+        if not self._has_source(task, now) and task.seed_requested_at is None:
+            task.seed_requested_at = now
+            effects.append(TriggerSeed(task_id))
+        return self._schedule(task, peer, now), effects
+
+    def result(self, *, task_id: str, peer_id: str, success: bool, now: float) -> None:
+        task, peer = self._lookup(task_id, peer_id)
+        peer.updated_at = now
+        if success:
+            if task.content is not None and len(peer.pieces) < task.content.piece_count:
+                raise SwarmflyError(
+                    "conflict",
+                    f"peer reported {len(peer.pieces)} of {task.content.piece_count} pieces",
+                )
+            peer.state = "succeeded"
+            peer.parents.clear()
+        else:
+            peer.state = "failed"
+            peer.parents.clear()
+            if peer.is_source and not any(
+                p.is_source and p.state != "failed" for p in task.peers.values()
+            ):
+                # The origin read failed: let the next request trigger a seed again.
+                task.seed_requested_at = None
+
+    def task_info(self, task_id: str) -> tuple[Content | None, list[str | None]]:
+        task = self.tasks.get(task_id)
+        if task is None or task.content is None:
+            return None, []
+        return task.content, [task.digests.get(i) for i in range(task.content.piece_count)]
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _upsert_host(self, spec: HostSpec, now: float) -> Host:
+        host = self.hosts.get(spec.id)
+        if host is None:
+            host = self.hosts[spec.id] = Host(spec.id, spec.ip, spec.port, spec.type)
+        host.ip, host.port, host.type = spec.ip, spec.port, spec.type
+        host.idc, host.location, host.upload_slots = spec.idc, spec.location, spec.upload_slots
+        host.last_seen = now
+        return host
+
+    def _lookup(self, task_id: str, peer_id: str) -> tuple[Task, Peer]:
+        peer = self.peers.get(peer_id)
+        if peer is None or peer.task_id != task_id:
+            raise SwarmflyError("not_found", f"peer {peer_id} is not registered for this task")
+        return self.tasks[task_id], peer
+
+    def _set_content(self, task: Task, content: Content) -> None:
+        if task.content is None:
+            task.content = content
+        elif (task.content.content_length, task.content.piece_length) != (
+            content.content_length,
+            content.piece_length,
+        ):
+            raise SwarmflyError("conflict", "content length or piece length differs for the task")
+
+    def _valid_pieces(self, task: Task, pieces: Iterable[int]) -> set[int]:
+        limit = task.content.piece_count if task.content else None
+        return {n for n in pieces if limit is None or n < limit}
+
+    def _complete(self, task: Task, peer: Peer) -> bool:
+        return task.content is not None and len(peer.pieces) >= task.content.piece_count
+
+    def _remove_peer(self, peer: Peer) -> None:
+        self.peers.pop(peer.id, None)
+        task = self.tasks.get(peer.task_id)
+        if task is None:
+            return
+        task.peers.pop(peer.id, None)
+        if not task.peers:
+            del self.tasks[task.id]
+
+    def _alive(self, peer: Peer) -> bool:
+        return peer.host_id in self.hosts and peer.state != "failed"
+
+    def _has_source(self, task: Task, now: float) -> bool:
+        return any(p.is_source and self._alive(p) for p in task.peers.values())
+
+    def _schedule(self, task: Task, child: Peer, now: float) -> Schedule:
+        parents = self._choose_parents(task, child)
+        child.parents = [p.id for p in parents]
+        if parents:
+            hosts = self.hosts
+            return Schedule(
+                "parents",
+                tuple(
+                    ParentInfo(p.id, p.host_id, hosts[p.host_id].address, hosts[p.host_id].type)
+                    for p in parents
+                ),
+                task.content,
+            )
+        usable_source = any(
+            p.is_source and self._alive(p) and p.id not in child.blocklist
+            for p in task.peers.values()
+            if p.id != child.id
+        )
+        seed_pending = (
+            task.seed_requested_at is not None
+            and not task.seed_failed
+            and now - task.seed_requested_at < self.seed_timeout
+            and not any(p.seed for p in task.peers.values())
+        )
+        if usable_source or seed_pending:
+            return Schedule("wait", content=task.content, retry_after_ms=WAIT_MS)
+        child.back_to_source = True
+        return Schedule("back_to_source", content=task.content)
+
+    def _is_ancestor(self, ancestor: Peer, of: Peer) -> bool:
+        """Would making ``of`` a parent of ``ancestor`` close a cycle?"""
+        seen: set[str] = set()
+        stack = list(of.parents)
+        while stack:
+            peer_id = stack.pop()
+            if peer_id == ancestor.id:
+                return True
+            if peer_id in seen:
+                continue
+            seen.add(peer_id)
+            peer = self.peers.get(peer_id)
+            if peer is not None and peer.state == "running":
+                stack.extend(peer.parents)
+        return False
+
+    def _is_bad(self, peer: Peer) -> bool:
+        """Dragonfly's rule: the last piece cost far above the parent's own mean."""
+        costs = list(peer.costs)
+        if len(costs) < 2:
+            return False
+        *history, last = costs
+        mean = statistics.fmean(history)
+        if len(costs) <= 5:
+            return last > 20 * max(mean, 1.0)
+        return last > mean + 3 * statistics.pstdev(history) and last > 4 * max(mean, 1.0)
+
+    def _choose_parents(self, task: Task, child: Peer) -> list[Peer]:
+        pool = [p for p in task.peers.values() if p.id != child.id]
+        self.rng.shuffle(pool)
+        filtered: list[Peer] = []
+        for parent in pool:
+            host = self.hosts.get(parent.host_id)
+            if (
+                host is None
+                or parent.state == "failed"
+                or parent.id in child.blocklist
+                or parent.id in task.bad_parents
+                or parent.host_id == child.host_id
+                or host.uploads >= host.upload_slots
+                or self._is_bad(parent)
+                or self._is_ancestor(child, parent)
+            ):
+                continue
+            filtered.append(parent)
+            if len(filtered) >= FILTER_LIMIT:
+                break
+        if not filtered:
+            return []
+        total = task.content.piece_count if task.content else 0
+        costs = [c for p in filtered for c in p.costs]
+        median = statistics.median(costs) if costs else None
+        child_candidate = self._candidate(child)
+        scored = sorted(
+            filtered,
+            key=lambda p: self.evaluator(self._candidate(p), child_candidate, total, median),
+            reverse=True,
+        )
+        return scored[: self.candidate_parents]
+
+    def _candidate(self, peer: Peer) -> Candidate:
+        host = self.hosts.get(peer.host_id)
+        return Candidate(
+            peer_id=peer.id,
+            host_type="seed" if peer.is_source else (host.type if host else "normal"),
+            finished_pieces=len(peer.pieces),
+            upload_slots=host.upload_slots if host else 0,
+            uploads=host.uploads if host else 0,
+            idc=host.idc if host else "",
+            location=host.location if host else "",
+            mean_cost_ms=statistics.fmean(peer.costs) if peer.costs else None,
+        )

@@ -1,0 +1,1 @@
+"""The storage service: the cluster seed and cache (Dragonfly seed peer)."""

@@ -1,0 +1,66 @@
+"""The storage service: fetches what the scheduler hands it from the origin and seeds it.
+
+It is a PeerNode of host type ``seed`` whose store persists across restarts: cached tasks are
+announced again at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from typing import Any
+
+from swarmfly import __version__
+from swarmfly.bus import Bus
+from swarmfly.errors import SwarmflyError
+from swarmfly.services.peer.node import PeerNode
+from swarmfly.services.peer.service import source_from
+
+log = logging.getLogger(__name__)
+
+
+class StorageService:
+    def __init__(self, node: PeerNode, bus: Bus) -> None:
+        self.node = node
+        self.bus = bus
+        self._seeding: set[asyncio.Task[None]] = set()
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        await self.node.start(stack)
+        await self.bus.add_service(
+            "storage",
+            __version__,
+            "swarmfly storage: the cluster's seed and cache",
+            {"storage.seed": self.on_seed},
+            metadata={"host_id": self.node.settings.host_id, "upload": self.node.upload_url},
+        )
+        stack.callback(self._cancel)
+
+    def _cancel(self) -> None:
+        for task in self._seeding:
+            task.cancel()
+
+    async def on_seed(self, req: dict[str, Any]) -> dict[str, Any]:
+        source = source_from(req["source"])
+        self.node.source_for(source.url)
+        task = asyncio.create_task(self._seed(req["task_id"], source))
+        self._seeding.add(task)
+        task.add_done_callback(self._seeding.discard)
+        return {
+            "accepted": True,
+            "host_id": self.node.settings.host_id,
+            "peer_id": self.node.peer_id(req["task_id"]),
+        }
+
+    async def _seed(self, task_id: str, source: Any) -> None:
+        try:
+            result = await self.node.download(source, seed=True, task_id=task_id)
+            log.info(
+                "seeded task %s: %d bytes from the origin in %.2fs",
+                task_id[:12],
+                result.bytes_origin,
+                result.seconds,
+            )
+        except SwarmflyError as exc:
+            log.warning("seeding task %s failed: %s", task_id[:12], exc)

@@ -1,0 +1,5 @@
+import sys
+
+from swarmfly.cli import main
+
+sys.exit(main())

@@ -1,0 +1,228 @@
+"""The `swarmfly` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from swarmfly import __version__
+from swarmfly.config import Config, load, parse_size
+from swarmfly.errors import SwarmflyError
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML configuration file")
+    parser.add_argument("--state-dir", help="where caches and state live (SWARMFLY_STATE_DIR)")
+    parser.add_argument(
+        "--nats", action="append", help="NATS server URL (repeatable or comma-separated)"
+    )
+    parser.add_argument("--prefix", help="subject prefix, so clusters can share a NATS account")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def _node_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host-id", help="unique host id (default: hostname + state dir)")
+    parser.add_argument("--listen", help="upload server listen address")
+    parser.add_argument("--advertise-ip", help="address other hosts reach this one at")
+    parser.add_argument("--upload-port", type=int, help="upload server port (0: any free)")
+    parser.add_argument("--upload-rate", type=_size, help="upload limit in bytes/s, e.g. 8MiB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarmfly", description="Peer-to-peer file and image distribution"
+    )
+    parser.add_argument("--version", action="version", version=f"swarmfly {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="embedded NATS + scheduler, storage and peer on this machine")
+    _common(up)
+    up.add_argument("--nats-port", type=int, default=0, help="embedded NATS port (0: free)")
+
+    for name, text in (
+        ("scheduler", "run the scheduler against an existing NATS"),
+        ("storage", "run a storage (seed/cache) instance against an existing NATS"),
+        ("peer", "run a peer against an existing NATS"),
+    ):
+        service = sub.add_parser(name, help=text)
+        _common(service)
+        if name == "scheduler":
+            service.add_argument("--http-port", type=int, help="metrics/health port")
+            service.add_argument("--listen", help="HTTP listen address")
+        else:
+            _node_flags(service)
+        if name == "peer":
+            service.add_argument("--download-rate", type=_size, help="download limit, bytes/s")
+
+    get = sub.add_parser("get", help="download a URL through the swarm")
+    _common(get)
+    get.add_argument("url")
+    get.add_argument("-O", "--output", required=True, help="output path")
+    get.add_argument(
+        "-H", "--header", action="append", default=[], help="'Name: value' for the origin"
+    )
+    get.add_argument("--digest", help="expected sha256:HEX of the whole file")
+    get.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
+    get.add_argument("--strategy", help="rarest-first, sequential or random")
+    get.add_argument("--piece-length", type=_size, help="piece length (default from size)")
+    get.add_argument("--upload-rate", type=_size, help="upload limit of the in-process peer")
+    get.add_argument("--download-rate", type=_size, help="download limit, bytes/s")
+    get.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    contracts = sub.add_parser("contracts", help="the NATS contracts")
+    contracts_sub = contracts.add_subparsers(dest="contracts_command", required=True)
+    asyncapi = contracts_sub.add_parser("asyncapi", help="print the AsyncAPI 3 document")
+    asyncapi.add_argument("--prefix", default="swarmfly")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    get = getattr
+    servers: list[str] | None = None
+    if get(args, "nats", None):
+        servers = [s.strip() for value in args.nats for s in value.split(",") if s.strip()]
+    node = {
+        "host_id": get(args, "host_id", None),
+        "listen": get(args, "listen", None),
+        "advertise_ip": get(args, "advertise_ip", None),
+        "upload_port": get(args, "upload_port", None),
+        "upload_rate": get(args, "upload_rate", None),
+    }
+    flags: dict[str, Any] = {
+        "state_dir": get(args, "state_dir", None),
+        "log_level": get(args, "log_level", None),
+        "nats": {"servers": servers, "prefix": get(args, "prefix", None)},
+    }
+    if args.command == "scheduler":
+        flags["scheduler"] = {"http_port": args.http_port, "listen": args.listen}
+    elif args.command == "storage":
+        flags["storage"] = node
+    elif args.command in ("peer", "get"):
+        flags["peer"] = {**node, "download_rate": get(args, "download_rate", None)}
+    return load(flags, config_file=get(args, "config", None))
+
+
+def _run(coro: Coroutine[Any, Any, Any], *, fast_loop: bool = False) -> Any:
+    """uvloop where it helps; processes that serve pieces keep asyncio's loop, whose
+    ``sendfile`` uvloop lacks."""
+    if fast_loop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+class ProgressBar:
+    """A one-line bar with rate and ETA on a terminal's stderr."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.shown = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self.shown < 0.2:
+            return
+        self.shown = now
+        rate = done / max(now - self.started, 1e-6)
+        if total:
+            width = 30
+            filled = int(width * done / total) if total else 0
+            eta = (total - done) / rate if rate > 0 else float("inf")
+            eta_text = f"{eta:5.0f}s" if eta != float("inf") else "    ?"
+            line = (
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * done / total:5.1f}% "
+                f"{rate / 2**20:7.1f} MiB/s ETA {eta_text}"
+            )
+        else:
+            line = f"\r{done / 2**20:9.1f} MiB {rate / 2**20:7.1f} MiB/s"
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+def _get(args: argparse.Namespace, config: Config) -> int:
+    from swarmfly.client import GetRequest, get, parse_header
+
+    headers = dict(parse_header(h) for h in args.header)
+    request = GetRequest(
+        url=args.url,
+        output=Path(args.output),
+        headers=headers,
+        digest=args.digest,
+        timeout=args.timeout,
+        strategy=args.strategy,
+        piece_length=args.piece_length,
+    )
+    bar = ProgressBar() if sys.stderr.isatty() and not args.json else None
+    try:
+        summary = _run(get(config, request, bar))
+    except TimeoutError:
+        raise SwarmflyError("timeout", f"download did not finish in {args.timeout:g}s") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "contracts":
+            from swarmfly.contracts.asyncapi import document
+
+            sys.stdout.write(
+                orjson.dumps(document(args.prefix), option=orjson.OPT_INDENT_2).decode() + "\n"
+            )
+            return 0
+        config = config_from(args)
+        logging.basicConfig(
+            level=config.log_level.upper() if args.command != "get" else "WARNING",
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        if args.command == "get":
+            return _get(args, config)
+        from swarmfly import runtime
+
+        if args.command == "up":
+            _run(runtime.run_up(config, args.nats_port))
+        else:
+            _run(
+                runtime.run_service(args.command, config),
+                fast_loop=args.command == "scheduler",
+            )
+        return 0
+    except SwarmflyError as exc:
+        print(f"swarmfly: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"swarmfly: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""`swarmfly get`: through the host's peer service when one runs, else an in-process peer."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from swarmfly.bus import Bus
+from swarmfly.config import Config
+from swarmfly.errors import SwarmflyError
+from swarmfly.ids import check_digest, new_id
+from swarmfly.runtime import connect, peer_settings, servers_of
+from swarmfly.services.peer.conductor import SourceRequest
+from swarmfly.services.peer.node import PeerNode, deliver
+from swarmfly.services.peer.service import PEER_FILE
+from swarmfly.services.peer.store import redact_url
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class GetRequest:
+    url: str
+    output: Path
+    headers: dict[str, str]
+    digest: str | None = None
+    timeout: float = 3600.0
+    strategy: str | None = None
+    piece_length: int | None = None
+
+    def source(self) -> SourceRequest:
+        return SourceRequest(self.url, self.headers, self.digest, self.piece_length)
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip() or any(c in name for c in " \t\r\n"):
+        raise SwarmflyError("bad_request", f"header must look like 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def local_peer(state_dir: Path) -> str | None:
+    """The host id of a peer service running on this state dir, if its process lives."""
+    try:
+        data = orjson.loads((state_dir / PEER_FILE).read_bytes())
+        os.kill(int(data["pid"]), 0)
+        return str(data["host_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+async def get(
+    config: Config, request: GetRequest, progress: Progress | None = None
+) -> dict[str, Any]:
+    if request.digest:
+        try:
+            check_digest(request.digest)
+        except ValueError as exc:
+            raise SwarmflyError("bad_request", str(exc)) from None
+    output = request.output.absolute()
+    if output.is_dir():
+        raise SwarmflyError("bad_request", f"{output} is a directory")
+    async with AsyncExitStack() as stack:
+        bus: Bus | None = None
+        servers = servers_of(config)
+        if servers:
+            try:
+                bus = await asyncio.wait_for(connect(config, "swarmfly-get", servers), 5)
+                stack.push_async_callback(bus.close)
+            except (OSError, TimeoutError, SwarmflyError) as exc:
+                log.warning("control plane unreachable (%s): reading the origin", exc)
+                bus = None
+        host_id = local_peer(config.state_dir)
+        started = time.monotonic()
+        async with asyncio.timeout(request.timeout):
+            if bus is not None and host_id is not None:
+                try:
+                    reply = await _via_peer(bus, host_id, request, output, progress)
+                    return _summary(request, reply, "peer", started)
+                except SwarmflyError as exc:
+                    if exc.code != "unavailable":
+                        raise
+                    log.info("local peer does not answer: running one in process")
+            reply = await _in_process(stack, config, bus, servers, request, output, progress)
+            return _summary(request, reply, "in-process", started)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _summary(
+    request: GetRequest, reply: dict[str, Any], via: str, started: float
+) -> dict[str, Any]:
+    return {
+        "url": redact_url(request.url),
+        "output": reply["output"],
+        "task_id": reply["task_id"],
+        "content_length": reply["content_length"],
+        "bytes_origin": reply["bytes_origin"],
+        "bytes_p2p": reply["bytes_p2p"],
+        "seconds": round(time.monotonic() - started, 6),
+        "digest": reply["digest"],
+        "via": via,
+    }
+
+
+async def _via_peer(
+    bus: Bus, host_id: str, request: GetRequest, output: Path, progress: Progress | None
+) -> dict[str, Any]:
+    download_id = new_id("dl")
+    body: dict[str, Any] = {
+        "download_id": download_id,
+        "source": request.source().to_dict(),
+        "output": str(output),
+        "timeout_s": request.timeout,
+    }
+    if request.strategy:
+        body["strategy"] = request.strategy
+    call = asyncio.create_task(
+        bus.request("peer.{host_id}.download", body, timeout=request.timeout + 5, host_id=host_id)
+    )
+    while not call.done():
+        await asyncio.wait([call], timeout=0.25)
+        if progress is not None and not call.done():
+            try:
+                state = await bus.request(
+                    "peer.{host_id}.progress", {"download_id": download_id}, host_id=host_id
+                )
+                progress(state["completed_bytes"], state["content_length"])
+            except SwarmflyError:
+                pass
+    return call.result()
+
+
+def _cli_state_dir(stack: AsyncExitStack, config: Config) -> Path:
+    """One in-process peer at a time owns the CLI cache; a concurrent one uses a temp dir."""
+    folder = config.state_dir / "cli"
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a")  # noqa: SIM115 - held for the whole download
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        stack.callback(handle.close)
+        return folder
+    except OSError:
+        handle.close()
+        temp = tempfile.TemporaryDirectory(prefix="swarmfly-get-")
+        stack.callback(temp.cleanup)
+        return Path(temp.name)
+
+
+async def _in_process(
+    stack: AsyncExitStack,
+    config: Config,
+    bus: Bus | None,
+    servers: list[str],
+    request: GetRequest,
+    output: Path,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    state_dir = _cli_state_dir(stack, config)
+    node = PeerNode(peer_settings(config, state_dir), bus, servers)
+    await node.start(stack)
+    download_id = new_id("dl")
+    job = asyncio.create_task(
+        node.download(
+            request.source(),
+            strategy=request.strategy or config.peer.strategy,
+            download_id=download_id,
+        )
+    )
+    try:
+        while not job.done():
+            await asyncio.wait([job], timeout=0.25)
+            conductor = node.progress(download_id)
+            if progress is not None and conductor is not None:
+                content = conductor.stored.content
+                progress(
+                    conductor.stored.completed_bytes, content.content_length if content else None
+                )
+        result = job.result()
+    finally:
+        job.cancel()
+    await asyncio.to_thread(deliver, node.store.open(result.task_id), output)
+    return {
+        "task_id": result.task_id,
+        "output": str(output),
+        "content_length": result.content_length,
+        "bytes_origin": result.bytes_origin,
+        "bytes_p2p": result.bytes_p2p,
+        "digest": result.digest,
+    }

@@ -1,0 +1,197 @@
+"""One typed configuration, built once: defaults <- TOML file <- SWARMFLY_* environment <- flags.
+
+No other module reads the environment; the object is passed down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int | float) -> int:
+    """'8MiB', '8M', '512k', 1024 -> bytes; binary and decimal units both accepted."""
+    if isinstance(value, int | float):
+        return int(value)
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"not a size: {value!r}")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or unit == "" else 1000
+    power = " KMGT".index(unit.upper() or " ")
+    return int(float(number) * base**power)
+
+
+@dataclass
+class NatsConfig:
+    servers: list[str] = field(default_factory=list)
+    """Empty: use the cluster that `swarmfly up` recorded in the state dir."""
+    prefix: str = "swarmfly"
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    creds: str | None = None
+    nkeys_seed: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass
+class SchedulerConfig:
+    listen: str = "127.0.0.1"
+    http_port: int = 0
+    candidate_parents: int = 4
+    heartbeat_interval: float = 5.0
+    host_ttl: float = 15.0
+    seed_timeout: float = 30.0
+
+
+@dataclass
+class PeerConfig:
+    host_id: str | None = None
+    listen: str = "0.0.0.0"
+    advertise_ip: str | None = None
+    upload_port: int = 0
+    upload_rate: int = 0
+    download_rate: int = 0
+    upload_slots: int = 64
+    concurrency: int = 16
+    per_parent: int = 4
+    piece_timeout: float = 30.0
+    idc: str = ""
+    location: str = ""
+    strategy: str = "rarest-first"
+
+
+@dataclass
+class StorageConfig:
+    host_id: str | None = None
+    listen: str = "0.0.0.0"
+    advertise_ip: str | None = None
+    upload_port: int = 0
+    upload_rate: int = 0
+    upload_slots: int = 256
+    origin_concurrency: int = 4
+    idc: str = ""
+    location: str = ""
+
+
+@dataclass
+class Config:
+    state_dir: Path = field(default_factory=lambda: Path(platformdirs.user_state_dir("swarmfly")))
+    log_level: str = "INFO"
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def nats_options(self) -> dict[str, Any]:
+        """Auth and TLS options passed straight through to nats-py."""
+        n = self.nats
+        options: dict[str, Any] = {}
+        if n.user:
+            options["user"], options["password"] = n.user, n.password
+        if n.token:
+            options["token"] = n.token
+        if n.creds:
+            options["user_credentials"] = n.creds
+        if n.nkeys_seed:
+            options["nkeys_seed"] = n.nkeys_seed
+        if n.tls_ca or n.tls_cert:
+            import ssl
+
+            context = ssl.create_default_context(cafile=n.tls_ca)
+            if n.tls_cert:
+                context.load_cert_chain(n.tls_cert, n.tls_key)
+            options["tls"] = context
+        return options
+
+
+_SIZE_FIELDS = {"upload_rate", "download_rate"}
+
+
+def _coerce(kind: Any, value: Any, name: str) -> Any:
+    kind = str(kind)
+    if name in _SIZE_FIELDS:
+        return parse_size(value)
+    if isinstance(value, str):
+        if kind.startswith("list"):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            return value.lower() in ("1", "true", "yes", "on")
+        if kind == "Path":
+            return Path(value).expanduser()
+    if kind == "Path":
+        return Path(value).expanduser()
+    return value
+
+
+def _apply(target: Any, values: Mapping[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(target)}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown setting {key!r}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where}: [{key}] must be a table")
+            _apply(current, value, f"{where}.{key}")
+        elif value is not None:
+            setattr(target, key, _coerce(known[key].type, value, key))
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """SWARMFLY_STATE_DIR, SWARMFLY_NATS_SERVERS, SWARMFLY_PEER_UPLOAD_RATE, ..."""
+    out: dict[str, Any] = {}
+    sections = {
+        f.name for f in fields(Config) if f.name in ("nats", "scheduler", "peer", "storage")
+    }
+    for name, value in env.items():
+        if not name.startswith("SWARMFLY_") or name in ("SWARMFLY_CONFIG",):
+            continue
+        key = name.removeprefix("SWARMFLY_").lower()
+        section, _, rest = key.partition("_")
+        if section in sections and rest:
+            out.setdefault(section, {})[rest] = value
+        elif key in {f.name for f in fields(Config)} and key not in sections:
+            out[key] = value
+    return out
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration; ``flags`` is nested like the TOML file, None values ignored."""
+    env = os.environ if env is None else env
+    config = Config()
+    env_values = _from_env(env)
+    flag_values = dict(flags or {})
+    state_dir = flag_values.get("state_dir") or env_values.get("state_dir")
+    if state_dir:
+        config.state_dir = Path(state_dir).expanduser()
+    path = config_file or env.get("SWARMFLY_CONFIG")
+    candidate = Path(path) if path else config.state_dir / "swarmfly.toml"
+    if path or candidate.is_file():
+        with open(candidate, "rb") as handle:
+            _apply(config, tomllib.load(handle), str(candidate))
+    _apply(config, env_values, "environment")
+    _apply(config, flag_values, "flags")
+    return config

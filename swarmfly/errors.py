@@ -1,0 +1,60 @@
+"""The one error shape: errors are data with a stable code, mapped onto NATS micro headers."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+ErrorCode = Literal[
+    "bad_request",
+    "not_found",
+    "conflict",
+    "unavailable",
+    "timeout",
+    "source_error",
+    "integrity",
+    "internal",
+]
+
+STATUS: dict[str, int] = {
+    "bad_request": 400,
+    "not_found": 404,
+    "conflict": 409,
+    "unavailable": 503,
+    "timeout": 504,
+    "source_error": 502,
+    "integrity": 422,
+    "internal": 500,
+}
+
+
+class SwarmflyError(Exception):
+    """An expected failure that crosses a boundary as data (a reply, an exit message)."""
+
+    def __init__(self, code: ErrorCode, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        self.path = path
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "status": self.status, "message": self.message}
+        if self.path:
+            body["path"] = self.path
+        return {"error": body}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SwarmflyError:
+        body = data["error"]
+        return cls(body["code"], body["message"], path=body.get("path"))
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class BadRequest(SwarmflyError):
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__("bad_request", message, path=path)

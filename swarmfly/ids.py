@@ -1,0 +1,92 @@
+"""Task ids, piece lengths and the strict id patterns checked before an id touches a path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+TASK_ID = re.compile(r"^[0-9a-f]{64}$")
+NODE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+MIN_PIECE_LENGTH = 4 * 1024 * 1024
+MAX_PIECE_LENGTH = 64 * 1024 * 1024
+TARGET_PIECE_COUNT = 500
+
+VOLATILE_QUERY = frozenset(
+    {
+        # S3 SigV4 / SigV2 presigning, GCS signed URLs, Azure SAS
+        "x-amz-algorithm", "x-amz-credential", "x-amz-date", "x-amz-expires",
+        "x-amz-signedheaders", "x-amz-signature", "x-amz-security-token",
+        "awsaccesskeyid", "signature", "expires",
+        "x-goog-algorithm", "x-goog-credential", "x-goog-date", "x-goog-expires",
+        "x-goog-signedheaders", "x-goog-signature",
+        "se", "sig", "st", "sp", "sv", "sr", "skoid",
+        # containerd's mirror namespace
+        "ns",
+    }
+)  # fmt: skip
+
+
+def normalize_url(url: str) -> str:
+    """The URL without volatile query parameters, so a re-signed URL is the same task."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k.lower() not in VOLATILE_QUERY]  # fmt: skip
+    query.sort()
+    return urlunsplit(
+        (parts.scheme.lower(), parts.netloc.lower(), parts.path, urlencode(query), "")
+    )
+
+
+def task_id(
+    url: str,
+    *,
+    digest: str | None = None,
+    tag: str = "",
+    application: str = "",
+    piece_length: int | None = None,
+) -> str:
+    """Keyed by the content digest when known, else by the normalised URL and options."""
+    key = digest or "\x00".join([normalize_url(url), tag, application, str(piece_length or "")])
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def piece_length_for(content_length: int) -> int:
+    """next_power_of_two(length / 500), clamped to 4-64 MiB, as Dragonfly's client does."""
+    target = max(1, content_length // TARGET_PIECE_COUNT)
+    length = 1 << (target - 1).bit_length()
+    return min(MAX_PIECE_LENGTH, max(MIN_PIECE_LENGTH, length))
+
+
+def piece_count(content_length: int, piece_length: int) -> int:
+    return (content_length + piece_length - 1) // piece_length
+
+
+def piece_range(number: int, content_length: int, piece_length: int) -> tuple[int, int]:
+    """(offset, size) of a piece."""
+    start = number * piece_length
+    return start, max(0, min(piece_length, content_length - start))
+
+
+def new_id(prefix: str) -> str:
+    """A unique, NATS-token-safe id such as ``peer-3f9a…``."""
+    return f"{prefix}-{os.urandom(6).hex()}"
+
+
+def default_host_id(state_dir: str) -> str:
+    """Stable per (hostname, state dir): several peers on one machine get distinct ids."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"
+    suffix = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
+    return f"{name}-{suffix}"
+
+
+def check_digest(digest: str) -> str:
+    """The hex part of ``sha256:HEX``; ValueError otherwise."""
+    match = DIGEST.match(digest)
+    if not match:
+        raise ValueError(f"digest must be sha256:<64 hex>, got {digest[:80]!r}")
+    return match.group(1)

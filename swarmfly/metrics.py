@@ -1,0 +1,41 @@
+"""Prometheus metrics, names prefixed ``swarmfly_``, served on every service's /metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+SCHEDULER_REGISTRATIONS = Counter("swarmfly_scheduler_registrations", "Peer registrations")
+SCHEDULER_BACK_TO_SOURCE = Counter(
+    "swarmfly_scheduler_back_to_source", "Peers told to read the origin themselves"
+)
+SCHEDULER_SCHEDULE_SECONDS = Histogram(
+    "swarmfly_scheduler_schedule_duration_seconds",
+    "Time to answer register and reschedule",
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+)
+SCHEDULER_HOSTS = Gauge("swarmfly_scheduler_hosts", "Hosts with live heartbeats")
+SCHEDULER_TASKS = Gauge("swarmfly_scheduler_tasks", "Tasks with at least one peer")
+
+PEER_DOWNLOAD_BYTES = Counter(
+    "swarmfly_peer_download_bytes", "Verified bytes downloaded", ["source"]
+)
+PEER_UPLOAD_BYTES = Counter("swarmfly_peer_upload_bytes", "Bytes served to children")
+PEER_PIECE_SECONDS = Histogram(
+    "swarmfly_peer_piece_duration_seconds",
+    "Time to fetch and verify one piece",
+    ["source"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+PEER_PIECE_FAILURES = Counter(
+    "swarmfly_peer_piece_failures", "Pieces that failed, by reason", ["reason"]
+)
+CONTRACT_FAILURES = Counter(
+    "swarmfly_contract_validation_failures", "Requests refused by contract validation", ["subject"]
+)
+
+
+async def handler(request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest())
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return response

