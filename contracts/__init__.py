@@ -50,7 +50,7 @@ class Contract:
     def subject(self, prefix: str, **tokens: str) -> str:
         """The concrete NATS subject; tokens must be valid single subject tokens."""
         for key, value in tokens.items():
-            if not TOKEN_PATTERN.match(value):
+            if not TOKEN_PATTERN.fullmatch(value):
                 raise ValueError(f"invalid subject token {key}={value!r}")
         return f"{prefix}.{API_VERSION}." + self.name.format(**tokens)
 

@@ -29,6 +29,8 @@ from swarmfly.services.peer.store import redact_url
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int | None], None]
+PEER_SILENCE = 3.0
+"""Seconds without a progress answer after which the peer service counts as gone."""
 
 
 @dataclass(frozen=True)
@@ -130,16 +132,27 @@ async def _via_peer(
     call = asyncio.create_task(
         bus.request("peer.{host_id}.download", body, timeout=request.timeout + 5, host_id=host_id)
     )
-    while not call.done():
-        await asyncio.wait([call], timeout=0.25)
-        if progress is not None and not call.done():
+    silent_since: float | None = None
+    try:
+        while not call.done():
+            await asyncio.wait([call], timeout=0.25)
+            if call.done():
+                break
             try:
                 state = await bus.request(
                     "peer.{host_id}.progress", {"download_id": download_id}, host_id=host_id
                 )
-                progress(state["completed_bytes"], state["content_length"])
             except SwarmflyError:
-                pass
+                # A peer service that stops answering will never reply to the download.
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since > PEER_SILENCE:
+                    raise SwarmflyError("unavailable", "the local peer service went away") from None
+                continue
+            silent_since = None
+            if progress is not None:
+                progress(state["completed_bytes"], state["content_length"])
+    finally:
+        call.cancel()
     return call.result()
 
 

@@ -8,9 +8,9 @@ import re
 import socket
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-TASK_ID = re.compile(r"^[0-9a-f]{64}$")
-NODE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+TASK_ID = re.compile(r"^[0-9a-f]{64}\Z")
+NODE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+DIGEST = re.compile(r"^sha256:([0-9a-f]{64})\Z")
 
 MIN_PIECE_LENGTH = 4 * 1024 * 1024
 MAX_PIECE_LENGTH = 64 * 1024 * 1024
@@ -86,7 +86,7 @@ def default_host_id(state_dir: str) -> str:
 
 def check_digest(digest: str) -> str:
     """The hex part of ``sha256:HEX``; ValueError otherwise."""
-    match = DIGEST.match(digest)
+    match = DIGEST.fullmatch(digest)
     if not match:
         raise ValueError(f"digest must be sha256:<64 hex>, got {digest[:80]!r}")
     return match.group(1)

@@ -58,6 +58,8 @@ class Origin:
     files: dict[str, bytes] = field(default_factory=dict)
     rate: int = 0
     ranges: bool = True
+    required_headers: dict[str, str] = field(default_factory=dict)
+    """Headers a request must carry (as an authenticated origin would), else 401."""
     bytes_served: int = 0
     requests: int = 0
     url: str = ""
@@ -72,12 +74,15 @@ class Origin:
         data = self.files.get(name)
         if data is None:
             raise web.HTTPNotFound()
+        for key, value in self.required_headers.items():
+            if request.headers.get(key) != value:
+                raise web.HTTPUnauthorized()
         self.requests += 1
         start, end, status = 0, len(data), 200
         headers = {"Content-Type": "application/octet-stream", "ETag": f'"{len(data)}"'}
         if self.ranges:
             headers["Accept-Ranges"] = "bytes"
-            match = _RANGE.match(request.headers.get("Range", ""))
+            match = _RANGE.fullmatch(request.headers.get("Range", ""))
             if match:
                 start = int(match.group(1))
                 end = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)

@@ -100,7 +100,7 @@ class HttpSource:
             self._check(response)
             etag = response.headers.get("ETag")
             if response.status == 206:
-                match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+                match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
                 if match and match.group(3) != "*":
                     return SourceStat(int(match.group(3)), True, etag)
             length = response.headers.get("Content-Length")

@@ -85,6 +85,7 @@ class Conductor:
         self._reports: list[dict[str, Any]] = []
         self._report_content = False
         self._wake = asyncio.Event()
+        self._reschedule_due = False
 
     # -- the whole download ----------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class Conductor:
         self.bad.append({"peer_id": parent_id, "reason": reason})
         if book is not None:
             book.drop_parent(parent_id)
+        self._reschedule_due = True
         log.info("dropped parent %s of task %s: %s", parent_id, self.task_id[:12], reason)
         self._wake.set()
 
@@ -254,12 +256,14 @@ class Conductor:
                     for _, parent_id in fetches.values():
                         busy[parent_id] = busy.get(parent_id, 0) + 1
                     room = config.concurrency - len(fetches)
-                    free = {p: min(config.per_parent - busy.get(p, 0), room) for p in self.parents}
-                    for number, parent_id in book.assign(free)[: max(0, room)]:
+                    free = {p: config.per_parent - busy.get(p, 0) for p in self.parents}
+                    for number, parent_id in book.assign(free, room):
                         task = asyncio.create_task(self._fetch_piece(number, parent_id))
                         fetches[task] = (number, parent_id)
                 stalled = time.monotonic() - last_progress > STALL_SECONDS and not fetches
-                if not self.parents or stalled:
+                if not self.parents or stalled or self._reschedule_due:
+                    # A lost or bad parent is reported at once, and replaced.
+                    self._reschedule_due = False
                     schedule = await self._reschedule_or_register()
                     last_progress = time.monotonic()
                     if schedule.get("task"):
@@ -268,7 +272,7 @@ class Conductor:
                         self._add_parents(schedule["parents"])
                     elif schedule["action"] == "back_to_source":
                         return schedule
-                    else:
+                    elif not self.parents:
                         await asyncio.sleep(schedule.get("retry_after_ms", 200) / 1000)
                     continue
                 waiter = asyncio.create_task(self._wake.wait())

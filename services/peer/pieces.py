@@ -58,8 +58,9 @@ class PieceBook:
             for n in pieces
         )
 
-    def assign(self, free_slots: dict[str, int]) -> list[tuple[int, str]]:
-        """Pieces to start now, each with its parent, filling each parent's free slots.
+    def assign(self, free_slots: dict[str, int], limit: int | None = None) -> list[tuple[int, str]]:
+        """At most ``limit`` pieces to start now, each with its parent, within each parent's
+        free slots.
 
         Strategy order decides among pieces nobody fetches yet; when none is left (the
         endgame), a piece in flight from one slow parent may also be asked of another.
@@ -71,11 +72,12 @@ class PieceBook:
         parents = [p for p, free in free_slots.items() if free > 0 and p in self.available]
         self.rng.shuffle(parents)
         remaining = dict(free_slots)
+        limit = sum(free_slots.values()) if limit is None else limit
         progress = True
-        while progress:
+        while progress and len(assignments) < limit:
             progress = False
             for parent in parents:
-                if remaining[parent] <= 0:
+                if remaining[parent] <= 0 or len(assignments) >= limit:
                     continue
                 piece = self._pick(parent, holders)
                 if piece is None:

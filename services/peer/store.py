@@ -29,6 +29,8 @@ def redact_url(url: str) -> str:
     """The URL without userinfo and query: safe to store and log."""
     parts = urlsplit(url)
     netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
     if parts.port:
         netloc = f"{netloc}:{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
@@ -206,12 +208,12 @@ class TaskStore:
         self.tasks: dict[str, StoredTask] = {}
 
     def path_for(self, task_id: str) -> Path:
-        if not TASK_ID.match(task_id):
+        if not TASK_ID.fullmatch(task_id):
             raise SwarmflyError("bad_request", "invalid task id")
         return self.root / task_id[:2] / task_id
 
     def get(self, task_id: str) -> StoredTask | None:
-        if not TASK_ID.match(task_id):
+        if not TASK_ID.fullmatch(task_id):
             return None
         return self.tasks.get(task_id)
 
@@ -230,7 +232,7 @@ class TaskStore:
             return loaded
         for meta_path in self.root.glob("??/*/meta.json"):
             task_id = meta_path.parent.name
-            if not TASK_ID.match(task_id):
+            if not TASK_ID.fullmatch(task_id):
                 continue
             try:
                 meta = orjson.loads(meta_path.read_bytes())

@@ -37,7 +37,7 @@ class UploadServer:
 
     def _task(self, request: web.Request) -> StoredTask:
         task_id = request.match_info["task_id"]
-        if not TASK_ID.match(task_id):
+        if not TASK_ID.fullmatch(task_id):
             raise web.HTTPBadRequest(text="invalid task id")
         task = self.store.get(task_id)
         if task is None or task.content is None:
@@ -68,7 +68,7 @@ class UploadServer:
 
     async def data(self, request: web.Request) -> web.StreamResponse:
         task = self._task(request)
-        match = _RANGE.match(request.headers.get("Range", ""))
+        match = _RANGE.fullmatch(request.headers.get("Range", ""))
         if not match:
             raise web.HTTPBadRequest(text="a Range of verified pieces is required")
         start, last = int(match.group(1)), int(match.group(2))

@@ -256,7 +256,9 @@ class Scheduler:
         if content is not None:
             self._set_content(task, content)
         peer.updated_at = now
-        for report in pieces:
+        reports = list(pieces)
+        digests = dict(task.digests)
+        for report in reports:
             if task.content is not None and report.number >= task.content.piece_count:
                 raise SwarmflyError(
                     "bad_request",
@@ -264,18 +266,21 @@ class Scheduler:
                     path="data.pieces",
                 )
             if report.digest is not None:
-                known = task.digests.get(report.number)
+                known = digests.get(report.number)
                 if known is None:
-                    task.digests[report.number] = report.digest
+                    digests[report.number] = report.digest
                 elif known != report.digest:
                     raise SwarmflyError(
                         "conflict",
                         f"piece {report.number} digest differs from the one already reported",
                     )
-            elif report.number not in task.digests:
+            elif report.number not in digests:
                 raise SwarmflyError(
                     "conflict", f"piece {report.number} has no digest yet: cannot be finished"
                 )
+        # Checked whole before anything is applied: a bad batch changes nothing.
+        task.digests = digests
+        for report in reports:
             peer.pieces.add(report.number)
             if report.cost_ms is not None and report.parent_id is not None:
                 parent = self.peers.get(report.parent_id)
@@ -393,9 +398,7 @@ class Scheduler:
                 task.content,
             )
         usable_source = any(
-            p.is_source and self._alive(p) and p.id not in child.blocklist
-            for p in task.peers.values()
-            if p.id != child.id
+            p.is_source and self._eligible(task, child, p) for p in task.peers.values()
         )
         seed_pending = (
             task.seed_requested_at is not None
@@ -435,22 +438,28 @@ class Scheduler:
             return last > 20 * max(mean, 1.0)
         return last > mean + 3 * statistics.pstdev(history) and last > 4 * max(mean, 1.0)
 
+    def _eligible(self, task: Task, child: Peer, parent: Peer) -> bool:
+        """Could ``parent`` ever serve ``child``: alive, trusted, not blocked, not local."""
+        return (
+            parent.id != child.id
+            and parent.host_id in self.hosts
+            and parent.state != "failed"
+            and parent.id not in child.blocklist
+            and parent.id not in task.bad_parents
+            and parent.host_id != child.host_id
+            and not self._is_bad(parent)
+        )
+
     def _choose_parents(self, task: Task, child: Peer) -> list[Peer]:
-        pool = [p for p in task.peers.values() if p.id != child.id]
+        pool = list(task.peers.values())
         self.rng.shuffle(pool)
         filtered: list[Peer] = []
         for parent in pool:
-            host = self.hosts.get(parent.host_id)
-            if (
-                host is None
-                or parent.state == "failed"
-                or parent.id in child.blocklist
-                or parent.id in task.bad_parents
-                or parent.host_id == child.host_id
-                or host.uploads >= host.upload_slots
-                or self._is_bad(parent)
-                or self._is_ancestor(child, parent)
-            ):
+            if not self._eligible(task, child, parent):
+                continue
+            host = self.hosts[parent.host_id]
+            # Busy or upstream of the child: usable later, not now.
+            if host.uploads >= host.upload_slots or self._is_ancestor(child, parent):
                 continue
             filtered.append(parent)
             if len(filtered) >= FILTER_LIMIT:

@@ -1,0 +1,64 @@
+"""Fixtures shared by every test: a real nats-server per session, a unique subject prefix
+per test (so tests share the server without seeing each other), and a counting origin."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from swarmfly.bus import Bus
+from swarmfly.natsserver import NatsServer
+from swarmfly.testing import Origin, nats_server
+
+FAST_ENV = {
+    "SWARMFLY_SCHEDULER_HEARTBEAT_INTERVAL": "0.5",
+    "SWARMFLY_SCHEDULER_HOST_TTL": "3",
+    "SWARMFLY_LOG_LEVEL": "INFO",
+}
+"""Short heartbeats so that lost hosts are noticed within a test's patience."""
+
+
+def require_tool(name: str) -> str:
+    """The path of a Debian tool; skip without it, except under SWARMFLY_REQUIRE_E2E=1."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("SWARMFLY_REQUIRE_E2E") == "1":
+        pytest.fail(f"{name} is required (SWARMFLY_REQUIRE_E2E=1) but not installed")
+    pytest.skip(f"{name} is not installed")
+
+
+@pytest.fixture(scope="session")
+def nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    with nats_server(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def bus(nats: NatsServer, prefix: str) -> AsyncIterator[Bus]:
+    client = await Bus.connect([nats.url], prefix=prefix, name="test-client")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    async with Origin().serve() as served:
+        yield served
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path

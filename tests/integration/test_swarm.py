@@ -1,0 +1,207 @@
+"""Acceptance of the core: real nats-server, real services in their own processes, a real
+HTTP origin that counts what it serves, downloads started with `swarmfly get`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from swarmfly.bus import Bus
+from swarmfly.natsserver import NatsServer
+from swarmfly.testing import Origin, ServiceProcess, spawn_service
+from tests.conftest import FAST_ENV
+
+MiB = 1024 * 1024
+pytestmark = pytest.mark.slow
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def get(url: str, output: Path, state_dir: Path, *args: str) -> dict[str, Any]:
+    """`swarmfly get --json` through the peer service that owns ``state_dir``."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarmfly", "get", url, "-O", str(output), "--json",
+        "--state-dir", str(state_dir), *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **FAST_ENV},
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 180)
+    if process.returncode != 0:
+        return {"exit": process.returncode, "error": stderr.decode()}
+    summary: dict[str, Any] = orjson.loads(stdout)
+    summary["exit"] = 0
+    return summary
+
+
+class Cluster:
+    """Scheduler, storage and peers as separate processes on one nats-server."""
+
+    def __init__(self, nats: NatsServer, prefix: str, root: Path, stack: ExitStack) -> None:
+        self.nats, self.prefix, self.root, self.stack = nats, prefix, root, stack
+        self.peers: list[ServiceProcess] = []
+
+    def spawn(self, kind: str, name: str, *args: str) -> ServiceProcess:
+        service = spawn_service(
+            kind, self.nats.url, self.root / name, "--prefix", self.prefix, *args, env=FAST_ENV
+        )
+        self.stack.callback(service.stop)
+        return service
+
+    def start(self, peers: int, seed_rate: str | None = None) -> None:
+        self.scheduler = self.spawn("scheduler", "scheduler")
+        self.storage = self.spawn(
+            "storage", "storage", *(["--upload-rate", seed_rate] if seed_rate else [])
+        )
+        for i in range(peers):
+            self.peers.append(self.spawn("peer", f"peer{i}"))
+
+    def peer_dir(self, i: int) -> Path:
+        return self.root / f"peer{i}"
+
+    def get_args(self) -> tuple[str, ...]:
+        return ("--nats", self.nats.url, "--prefix", self.prefix)
+
+    async def metric(self, service: ServiceProcess, name: str) -> float:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{service.url}/metrics") as response,
+        ):
+            text = await response.text()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and not line.startswith("#")
+        )
+
+    async def state(self) -> dict[str, Any]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.scheduler.url}/api/state") as response,
+        ):
+            data: dict[str, Any] = await response.json()
+            return data
+
+
+@pytest.fixture
+def cluster(nats: NatsServer, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
+    with ExitStack() as stack:
+        yield Cluster(nats, prefix, tmp_path, stack)
+
+
+async def test_five_peers_share_a_64mib_file(cluster: Cluster, tmp_path: Path) -> None:
+    data = os.urandom(64 * MiB)
+    async with Origin().serve() as origin:
+        url = origin.add("big.bin", data)
+        cluster.start(peers=5, seed_rate="16MiB")
+        outputs = [tmp_path / f"out{i}.bin" for i in range(5)]
+        results = await asyncio.gather(
+            *(get(url, outputs[i], cluster.peer_dir(i), *cluster.get_args()) for i in range(5))
+        )
+        for result in results:
+            assert result["exit"] == 0, result
+            assert result["via"] == "peer"
+        for output in outputs:
+            assert sha256(output.read_bytes()) == sha256(data)
+        assert origin.bytes_served <= 1.05 * len(data)
+        received = sum(r["bytes_p2p"] + r["bytes_origin"] for r in results)
+        assert received == 5 * len(data)
+        from_seed = await cluster.metric(cluster.storage, "swarmfly_peer_upload_bytes_total")
+        from_peers = sum(r["bytes_p2p"] for r in results) - from_seed
+        assert from_peers >= 0.3 * received, (from_peers, from_seed, results)
+
+
+async def test_parent_killed_mid_transfer(cluster: Cluster, tmp_path: Path) -> None:
+    data = os.urandom(48 * MiB)
+    async with Origin().serve() as origin:
+        url = origin.add("f.bin", data)
+        cluster.start(peers=3, seed_rate="6MiB")
+        outputs = [tmp_path / f"out{i}.bin" for i in range(3)]
+        jobs = [
+            asyncio.create_task(get(url, outputs[i], cluster.peer_dir(i), *cluster.get_args()))
+            for i in range(3)
+        ]
+        victim = cluster.peers[0]
+
+        async def victim_serves_children() -> bool:
+            state = await cluster.state()
+            for task in state["tasks"]:
+                for peer in task["peers"]:
+                    if peer["host_id"] == victim.host_id and 2 <= peer["pieces"] < 12:
+                        return True
+            return False
+
+        for _ in range(400):
+            if await victim_serves_children():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the victim never held pieces mid-transfer")
+        victim.kill()
+        results = await asyncio.gather(*jobs)
+        # The victim's own `get` loses its peer service and finishes with an in-process peer.
+        assert results[0]["exit"] == 0, results[0]
+        assert results[0]["via"] == "in-process"
+        for i in (0, 1, 2):
+            assert results[i]["exit"] == 0, results[i]
+            assert sha256(outputs[i].read_bytes()) == sha256(data)
+
+
+async def test_corrupt_parent_is_caught_and_avoided(
+    cluster: Cluster, tmp_path: Path, bus: Bus, prefix: str
+) -> None:
+    data = os.urandom(40 * MiB)
+    async with Origin().serve() as origin:
+        url = origin.add("f.bin", data)
+        cluster.start(peers=2, seed_rate="4MiB")
+        first = await get(url, tmp_path / "a.bin", cluster.peer_dir(0), *cluster.get_args())
+        assert first["exit"] == 0, first
+        task_id = first["task_id"]
+        # Rot the bytes on the first peer's disk: it will serve them as they are.
+        stored = cluster.peer_dir(0) / "tasks" / task_id[:2] / task_id / "data"
+        rotten = bytearray(stored.read_bytes())
+        for offset in range(0, len(rotten), 4096):
+            rotten[offset] ^= 0xFF
+        stored.write_bytes(bytes(rotten))
+
+        second = await get(url, tmp_path / "b.bin", cluster.peer_dir(1), *cluster.get_args())
+        assert second["exit"] == 0, second
+        assert sha256((tmp_path / "b.bin").read_bytes()) == sha256(data)
+        corrupt_caught = await cluster.metric(
+            cluster.peers[1], 'swarmfly_peer_piece_failures_total{reason="corrupt"}'
+        )
+        assert corrupt_caught >= 1
+
+        # A newcomer is never offered the corrupt peer for this task.
+        bad_peer = (
+            "p" + hashlib.sha256(f"{cluster.peers[0].host_id}/{task_id}".encode()).hexdigest()[:24]
+        )
+        for n in range(5):
+            reply = await bus.request(
+                "scheduler.register",
+                {
+                    "task_id": task_id,
+                    "peer_id": f"newcomer-{n}",
+                    "host": {
+                        "id": f"elsewhere-{n}",
+                        "ip": "127.0.0.1",
+                        "port": 9,
+                        "type": "normal",
+                    },
+                    "source": {"url": url},
+                },
+            )
+            assert reply["action"] == "parents"
+            assert bad_peer not in {p["peer_id"] for p in reply["parents"]}

@@ -1,0 +1,88 @@
+"""The token bucket behind upload and download rate limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from swarmfly.ratelimit import TokenBucket
+from swarmfly.testing import FrozenClock
+
+
+async def timed(bucket: TokenBucket, *amounts: int) -> float:
+    started = time.monotonic()
+    for amount in amounts:
+        await bucket.take(amount)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("rate", [0, -1])
+async def test_rate_zero_is_unlimited(rate: float) -> None:
+    bucket = TokenBucket(rate)
+    assert bucket.unlimited
+    assert await timed(bucket, *[10**12] * 100) < 0.05
+
+
+async def test_a_burst_passes_at_once() -> None:
+    bucket = TokenBucket(1000, burst=5000, clock=FrozenClock())
+    assert not bucket.unlimited
+    assert await timed(bucket, 2000, 3000) < 0.02
+
+
+async def test_zero_bytes_never_wait() -> None:
+    bucket = TokenBucket(10, burst=1, clock=FrozenClock())
+    await bucket.take(1)
+    assert await timed(bucket, 0, 0, -5) < 0.02
+
+
+async def test_taking_beyond_the_burst_waits_for_the_deficit() -> None:
+    bucket = TokenBucket(1000, burst=100, clock=FrozenClock())
+    await bucket.take(100)
+    assert 0.09 <= await timed(bucket, 100) < 0.3  # 100 bytes at 1000 B/s
+
+
+async def test_tokens_refill_with_the_clock() -> None:
+    clock = FrozenClock()
+    bucket = TokenBucket(1000, burst=500, clock=clock)
+    await bucket.take(500)
+    clock.advance(0.5)
+    assert await timed(bucket, 500) < 0.02
+
+
+async def test_refill_is_capped_at_the_burst() -> None:
+    clock = FrozenClock()
+    bucket = TokenBucket(1000, burst=100, clock=clock)
+    clock.advance(3600)
+    await bucket.take(100)
+    assert 0.04 <= await timed(bucket, 50) < 0.3
+
+
+def test_the_default_burst_is_an_eighth_of_a_second_but_at_least_64_kib() -> None:
+    assert TokenBucket(8 * 1024 * 1024).burst == 1024 * 1024
+    assert TokenBucket(1000).burst == 64 * 1024
+
+
+async def test_the_rate_is_honoured_over_time() -> None:
+    rate = 1_000_000
+    bucket = TokenBucket(rate, burst=50_000)
+    total = 300_000
+    elapsed = await timed(bucket, *[10_000] * (total // 10_000))
+    expected = (total - 50_000) / rate  # 0.25 s once the burst is spent
+    assert expected * 0.9 <= elapsed <= expected + 0.3
+
+
+async def test_concurrent_takers_share_the_rate() -> None:
+    rate = 1_000_000
+    bucket = TokenBucket(rate, burst=20_000)
+
+    async def taker() -> None:
+        for _ in range(5):
+            await bucket.take(10_000)
+
+    started = time.monotonic()
+    await asyncio.gather(*(taker() for _ in range(4)))
+    elapsed = time.monotonic() - started
+    expected = (4 * 5 * 10_000 - 20_000) / rate  # 0.18 s
+    assert expected * 0.9 <= elapsed <= expected + 0.3

@@ -1,0 +1,677 @@
+"""The scheduler's pure core, driven with explicit ``now`` values and no IO."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarmfly.errors import SwarmflyError
+from swarmfly.plugins.evaluators.default import Candidate
+from swarmfly.services.scheduler.core import (
+    Content,
+    Evaluator,
+    HostSpec,
+    PieceReport,
+    Schedule,
+    Scheduler,
+    TriggerSeed,
+)
+
+T = "1" * 64
+T2 = "2" * 64
+MiB = 1024 * 1024
+CONTENT = Content(content_length=4 * 4 * MiB, piece_length=4 * MiB, piece_count=4)
+
+
+def digest(number: int) -> str:
+    return hashlib.sha256(f"piece {number}".encode()).hexdigest()
+
+
+def host(name: str, *, kind: str = "normal", upload_slots: int = 64) -> HostSpec:
+    octet = int(hashlib.sha256(name.encode()).hexdigest()[:2], 16)
+    return HostSpec(name, f"10.0.0.{octet}", 4000, kind, upload_slots=upload_slots)
+
+
+def join(s: Scheduler, peer: str, host_id: str, now: float = 0.0, task: str = T) -> Schedule:
+    schedule, _ = s.register(task_id=task, peer_id=peer, host=host(host_id), now=now)
+    return schedule
+
+
+def add_seed(s: Scheduler, now: float = 0.0, *, peer: str = "seed", task: str = T) -> None:
+    schedule, effects = s.register(
+        task_id=task,
+        peer_id=peer,
+        host=host("storage-" + peer, kind="seed"),
+        now=now,
+        content=CONTENT,
+        seed=True,
+    )
+    assert schedule.action == "back_to_source"
+    assert effects == []
+    s.report_pieces(
+        task_id=task,
+        peer_id=peer,
+        pieces=[PieceReport(n, digest(n)) for n in range(CONTENT.piece_count)],
+        now=now,
+    )
+
+
+def ids(schedule: Schedule) -> set[str]:
+    return {p.peer_id for p in schedule.parents}
+
+
+def ranked(*order: str) -> Evaluator:
+    """An evaluator that prefers peers in the given order (earlier is better)."""
+    rank = {peer: len(order) - i for i, peer in enumerate(order)}
+
+    def evaluate(parent: Candidate, child: Candidate, total: int, median: float | None) -> float:
+        return float(rank.get(parent.peer_id, 0))
+
+    return evaluate
+
+
+# -- seeds, waiting and back to source -----------------------------------------------------
+
+
+def test_first_register_of_a_new_task_waits_and_triggers_one_seed() -> None:
+    s = Scheduler()
+    schedule, effects = s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
+    assert schedule.action == "wait"
+    assert schedule.parents == ()
+    assert schedule.retry_after_ms is not None and schedule.retry_after_ms > 0
+    assert effects == [TriggerSeed(T)]
+
+    _, again = s.register(task_id=T, peer_id="a", host=host("h1"), now=0.1)
+    _, other = s.register(task_id=T, peer_id="b", host=host("h2"), now=0.2)
+    _, resched = s.reschedule(task_id=T, peer_id="a", now=0.3)
+    assert again == other == resched == []
+
+
+def test_each_new_task_triggers_its_own_seed() -> None:
+    s = Scheduler()
+    _, first = s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
+    _, second = s.register(task_id=T2, peer_id="b", host=host("h1"), now=0.0)
+    assert first == [TriggerSeed(T)]
+    assert second == [TriggerSeed(T2)]
+
+
+def test_normal_peers_get_the_seed_as_parent_once_it_registers() -> None:
+    s = Scheduler()
+    assert join(s, "a", "h1").action == "wait"
+    add_seed(s, now=1.0)
+
+    schedule, effects = s.reschedule(task_id=T, peer_id="a", now=1.5)
+    assert schedule.action == "parents"
+    assert "seed" in ids(schedule)
+    assert effects == []
+    seed_info = next(p for p in schedule.parents if p.peer_id == "seed")
+    assert seed_info.host_id == "storage-seed"
+    assert seed_info.type == "seed"
+    assert seed_info.address == f"http://{host('storage-seed', kind='seed').ip}:4000"
+    assert schedule.content == CONTENT
+
+    later = join(s, "b", "h2", now=2.0)
+    assert later.action == "parents"
+    assert "seed" in ids(later)
+
+
+def test_seed_unavailable_sends_the_next_peer_to_the_source() -> None:
+    s = Scheduler()
+    assert join(s, "a", "h1").action == "wait"
+    s.seed_unavailable(T)
+
+    schedule, effects = s.reschedule(task_id=T, peer_id="a", now=0.5)
+    assert schedule.action == "back_to_source"
+    assert effects == []
+
+    for n, peer in enumerate(["b", "c", "d"]):
+        later = join(s, peer, f"h{n + 2}", now=1.0)
+        assert later.action == "parents"
+        assert "a" in ids(later)
+
+
+def test_seed_unavailable_for_an_unknown_task_is_harmless() -> None:
+    s = Scheduler()
+    s.seed_unavailable(T)
+    assert join(s, "a", "h1").action == "wait"
+
+
+def test_a_seed_that_never_comes_times_out_to_back_to_source() -> None:
+    s = Scheduler(seed_timeout=30.0)
+    assert join(s, "a", "h1", now=0.0).action == "wait"
+    assert s.reschedule(task_id=T, peer_id="a", now=29.0)[0].action == "wait"
+    assert s.reschedule(task_id=T, peer_id="a", now=30.5)[0].action == "back_to_source"
+
+
+def test_a_failed_seed_lets_the_next_request_trigger_a_seed_again() -> None:
+    s = Scheduler()
+    join(s, "a", "h1")
+    add_seed(s, now=1.0)
+    s.result(task_id=T, peer_id="seed", success=False, now=2.0)
+    _, effects = s.reschedule(task_id=T, peer_id="a", now=3.0)
+    assert effects == [TriggerSeed(T)]
+
+
+def test_a_complete_peer_rejoining_gets_no_parents_and_no_seed() -> None:
+    s = Scheduler()
+    schedule, effects = s.register(
+        task_id=T, peer_id="a", host=host("h1"), now=0.0, pieces=range(4), content=CONTENT
+    )
+    assert schedule.action == "parents"
+    assert schedule.parents == ()
+    assert effects == []
+    assert "a" in ids(join(s, "b", "h2", now=1.0))
+
+
+def test_register_ignores_pieces_beyond_the_task() -> None:
+    s = Scheduler()
+    s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0, pieces=[0, 9, 99], content=CONTENT)
+    with pytest.raises(SwarmflyError, match="reported 1 of 4"):
+        s.result(task_id=T, peer_id="a", success=True, now=1.0)
+
+
+def test_register_with_different_content_is_a_conflict() -> None:
+    s = Scheduler()
+    add_seed(s)
+    other = Content(CONTENT.content_length + 1, CONTENT.piece_length, CONTENT.piece_count)
+    with pytest.raises(SwarmflyError, match="content length") as caught:
+        s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0, content=other)
+    assert caught.value.code == "conflict"
+
+
+def test_a_peer_id_cannot_move_to_another_task_or_host() -> None:
+    s = Scheduler()
+    join(s, "a", "h1")
+    with pytest.raises(SwarmflyError, match="another task or host") as caught:
+        join(s, "a", "h1", task=T2)
+    assert caught.value.code == "conflict"
+    with pytest.raises(SwarmflyError, match="another task or host"):
+        join(s, "a", "h2")
+
+
+# -- parent choice -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 2, 4])
+def test_at_most_candidate_parents_are_offered(limit: int) -> None:
+    s = Scheduler(candidate_parents=limit)
+    add_seed(s)
+    for n in range(8):
+        join(s, f"p{n}", f"h{n}")
+    schedule = join(s, "late", "h-late", now=1.0)
+    assert schedule.action == "parents"
+    assert len(schedule.parents) == limit
+    assert len(ids(schedule)) == limit
+
+
+def test_a_peer_is_never_offered_itself() -> None:
+    s = Scheduler()
+    add_seed(s)
+    for n in range(5):
+        assert f"p{n}" not in ids(join(s, f"p{n}", f"h{n}"))
+
+
+def test_a_parent_on_the_same_host_is_not_offered() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    schedule = join(s, "b", "h1")
+    assert "a" not in ids(schedule)
+    assert "seed" in ids(schedule)
+
+
+def test_a_host_at_upload_capacity_is_not_offered() -> None:
+    s = Scheduler()
+    storage = host("storage-seed", kind="seed", upload_slots=2)
+    s.register(task_id=T, peer_id="seed", host=storage, now=0.0, content=CONTENT, seed=True)
+    assert s.heartbeat(storage, uploads=2, now=0.5)
+
+    busy = join(s, "a", "h1", now=1.0)
+    assert "seed" not in ids(busy)
+    assert busy.action == "wait"
+
+    s.heartbeat(storage, uploads=1, now=1.5)
+    schedule, _ = s.reschedule(task_id=T, peer_id="a", now=2.0)
+    assert ids(schedule) == {"seed"}
+
+
+def test_a_host_with_no_upload_slots_is_never_offered() -> None:
+    s = Scheduler()
+    s.register(
+        task_id=T,
+        peer_id="seed",
+        host=host("storage-seed", kind="seed", upload_slots=0),
+        now=0.0,
+        seed=True,
+    )
+    assert "seed" not in ids(join(s, "a", "h1"))
+
+
+def test_blocklisted_parents_are_not_offered_to_that_child() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    join(s, "b", "h2")
+    schedule, _ = s.reschedule(task_id=T, peer_id="b", now=1.0, blocklist=["seed"])
+    assert "seed" not in ids(schedule)
+    assert ids(schedule) == {"a"}
+    # The blocklist sticks to the child.
+    schedule, _ = s.reschedule(task_id=T, peer_id="b", now=2.0)
+    assert "seed" not in ids(schedule)
+    # Other children still get it.
+    assert "seed" in ids(join(s, "c", "h3", now=3.0))
+
+
+def test_a_corrupt_parent_is_excluded_for_every_child_of_the_task() -> None:
+    s = Scheduler()
+    add_seed(s)
+    for n in range(4):
+        join(s, f"p{n}", f"h{n}")
+    s.reschedule(task_id=T, peer_id="p0", now=1.0, bad_parents=[("seed", "corrupt")])
+
+    for n in range(1, 4):
+        schedule, _ = s.reschedule(task_id=T, peer_id=f"p{n}", now=2.0)
+        assert "seed" not in ids(schedule)
+    for n in range(4, 8):
+        assert "seed" not in ids(join(s, f"p{n}", f"h{n}", now=3.0))
+
+
+def test_a_corrupt_parent_still_serves_other_tasks() -> None:
+    s = Scheduler()
+    add_seed(s, task=T)
+    add_seed(s, task=T2, peer="seed2")
+    join(s, "a", "h1")
+    s.reschedule(task_id=T, peer_id="a", now=1.0, bad_parents=[("seed", "corrupt")])
+    assert "seed2" in ids(join(s, "b", "h2", task=T2))
+
+
+def test_a_slow_parent_is_only_blocked_for_the_child_that_reported_it() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    join(s, "b", "h2")
+    schedule, _ = s.reschedule(task_id=T, peer_id="b", now=1.0, bad_parents=[("seed", "slow")])
+    assert "seed" not in ids(schedule)
+    assert "seed" in ids(join(s, "c", "h3", now=2.0))
+
+
+def test_failed_peers_are_not_offered() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    s.result(task_id=T, peer_id="a", success=False, now=1.0)
+    assert "a" not in ids(join(s, "b", "h2", now=2.0))
+
+
+def test_a_succeeded_peer_is_offered() -> None:
+    s = Scheduler()
+    add_seed(s)
+    s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(n) for n in range(4)], now=1.0)
+    s.result(task_id=T, peer_id="a", success=True, now=1.0)
+    assert "a" in ids(join(s, "b", "h2", now=2.0))
+
+
+def test_a_parent_is_not_offered_its_own_child() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    assert "a" in ids(join(s, "b", "h2"))  # a is b's parent
+    schedule, _ = s.reschedule(task_id=T, peer_id="a", now=1.0)
+    assert "b" not in ids(schedule)
+
+
+def test_no_peer_is_offered_a_descendant_along_a_chain() -> None:
+    chain = ["p0", "p1", "p2", "p3", "p4"]
+    # Prefer the newest peer, so every peer picks the previous one: seed <- p0 <- p1 <- ...
+    s = Scheduler(candidate_parents=1, evaluator=ranked(*reversed(chain), "seed"))
+    add_seed(s)
+    previous = "seed"
+    for n, peer in enumerate(chain):
+        assert ids(join(s, peer, f"h{n}")) == {previous}
+        previous = peer
+
+    for n, peer in enumerate(chain):
+        schedule, _ = s.reschedule(task_id=T, peer_id=peer, now=1.0 + n)
+        assert not ids(schedule) & set(chain[n:]), (peer, ids(schedule))
+        assert ids(schedule)  # an ancestor (or the seed) is still there
+
+
+def test_a_finished_descendant_may_serve_again() -> None:
+    s = Scheduler(candidate_parents=1, evaluator=ranked("b", "a", "seed"))
+    add_seed(s)
+    assert ids(join(s, "a", "h1")) == {"seed"}
+    assert ids(join(s, "b", "h2")) == {"a"}
+    s.report_pieces(task_id=T, peer_id="b", pieces=[PieceReport(n) for n in range(4)], now=1.0)
+    s.result(task_id=T, peer_id="b", success=True, now=1.0)
+    schedule, _ = s.reschedule(task_id=T, peer_id="a", now=2.0)
+    assert ids(schedule) == {"b"}
+
+
+def _assert_acyclic(s: Scheduler) -> None:
+    running = {pid: p for pid, p in s.peers.items() if p.state == "running"}
+    done: set[str] = set()
+
+    def visit(pid: str, path: list[str]) -> None:
+        assert pid not in path, f"cycle: {[*path, pid]}"
+        if pid in done:
+            return
+        for parent in running[pid].parents:
+            if parent in running:
+                visit(parent, [*path, pid])
+        done.add(pid)
+
+    for pid in running:
+        visit(pid, [])
+
+
+PEERS = [f"p{n}" for n in range(6)]
+KINDS = ["register", "register", "reschedule", "reschedule", "fail", "succeed", "leave", "seed"]
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from([*KINDS, "seed_unavailable"]),
+        st.sampled_from(PEERS),
+        st.sets(st.sampled_from(PEERS), max_size=2),
+    ),
+    min_size=5,
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=OPS, candidates=st.integers(min_value=1, max_value=4), seed=st.integers(0, 2**16))
+def test_random_histories_never_make_a_cycle(
+    ops: list[tuple[str, str, set[str]]], candidates: int, seed: int
+) -> None:
+    s = Scheduler(candidate_parents=candidates, rng=random.Random(seed))
+    for now, (op, peer, blocklist) in enumerate(ops):
+        host_id = f"h{PEERS.index(peer) % 4}"  # some peers share a host
+        if op == "register":
+            assert peer not in ids(join(s, peer, host_id, now=now))
+        elif op == "seed":
+            s.register(
+                task_id=T, peer_id="seed", host=host("storage", kind="seed"), now=now, seed=True
+            )
+        elif op == "seed_unavailable":
+            s.seed_unavailable(T)
+        elif peer not in s.peers:
+            continue
+        elif op == "reschedule":
+            schedule, _ = s.reschedule(task_id=T, peer_id=peer, now=now, blocklist=blocklist)
+            assert not ids(schedule) & (blocklist | {peer})
+        elif op in ("fail", "succeed"):
+            s.result(task_id=T, peer_id=peer, success=op == "succeed", now=now)
+        elif op == "leave":
+            s.leave(host_id, [peer])
+        _assert_acyclic(s)
+
+
+# -- hosts: heartbeats, expiry, leave -------------------------------------------------------
+
+
+def test_heartbeat_of_an_unknown_host_says_so() -> None:
+    s = Scheduler()
+    assert s.heartbeat(host("h1"), uploads=0, now=0.0) is False
+    assert s.heartbeat(host("h1"), uploads=0, now=1.0) is True
+
+
+def test_heartbeat_after_a_scheduler_restart_is_unknown() -> None:
+    before = Scheduler()
+    join(before, "a", "h1")
+    assert before.heartbeat(host("h1"), uploads=0, now=1.0) is True
+    assert Scheduler().heartbeat(host("h1"), uploads=0, now=1.0) is False
+
+
+def test_a_host_whose_heartbeats_stop_is_dropped_with_its_peers() -> None:
+    s = Scheduler(host_ttl=15.0)
+    add_seed(s, now=0.0)
+    join(s, "a", "h1", now=0.0)
+    storage = host("storage-seed", kind="seed")
+    for now in (5.0, 10.0, 15.0):
+        s.heartbeat(storage, uploads=0, now=now)
+
+    assert s.expire(now=15.0) == []  # exactly ttl since h1 was seen: still alive
+    assert s.expire(now=16.0) == ["h1"]
+    assert "a" not in s.peers
+
+    for n in range(2, 6):
+        schedule = join(s, f"p{n}", f"h{n}", now=16.0)
+        assert "a" not in ids(schedule)
+        assert "seed" in ids(schedule)
+
+
+def test_an_expired_host_is_not_offered_even_after_it_heartbeats_again() -> None:
+    s = Scheduler(host_ttl=15.0)
+    add_seed(s, now=0.0)
+    join(s, "a", "h1", now=0.0)
+    s.heartbeat(host("h1"), uploads=0, now=20.0)
+    assert s.expire(now=20.0) == ["storage-seed"]
+    assert "seed" not in s.peers
+
+    assert s.heartbeat(host("storage-seed", kind="seed"), uploads=0, now=21.0) is False
+    schedule, _ = s.reschedule(task_id=T, peer_id="a", now=21.0)
+    assert "seed" not in ids(schedule)
+    assert ids(join(s, "b", "h2", now=22.0)) == {"a"}
+
+
+def test_expire_of_the_last_peer_forgets_the_task() -> None:
+    s = Scheduler(host_ttl=1.0)
+    add_seed(s)
+    assert s.expire(now=5.0) == ["storage-seed"]
+    assert s.task_info(T) == (None, [])
+    _, effects = s.register(task_id=T, peer_id="a", host=host("h1"), now=5.0)
+    assert effects == [TriggerSeed(T)]
+
+
+def test_leave_of_a_whole_host_removes_all_its_peers() -> None:
+    s = Scheduler()
+    add_seed(s, task=T)
+    add_seed(s, task=T2, peer="seed2")
+    join(s, "a", "h1", task=T)
+    join(s, "a2", "h1", task=T2)
+    join(s, "b", "h2", task=T)
+
+    s.leave("h1", None)
+    assert "a" not in s.peers
+    assert "a2" not in s.peers
+    assert s.heartbeat(host("h1"), uploads=0, now=1.0) is False
+    assert "a" not in ids(join(s, "c", "h3", task=T))
+    assert "a2" not in ids(join(s, "c2", "h3", task=T2))
+    assert "b" in s.peers
+
+
+def test_leave_of_some_peers_keeps_the_host() -> None:
+    s = Scheduler()
+    add_seed(s, task=T)
+    join(s, "a", "h1", task=T)
+    join(s, "a2", "h1", task=T2)
+    s.leave("h1", ["a"])
+    assert "a" not in s.peers
+    assert "a2" in s.peers
+    assert s.heartbeat(host("h1"), uploads=0, now=1.0) is True
+
+
+def test_leave_cannot_remove_a_peer_of_another_host() -> None:
+    s = Scheduler()
+    join(s, "a", "h1")
+    s.leave("h2", ["a"])
+    assert "a" in s.peers
+
+
+# -- piece reports, results, task info -----------------------------------------------------
+
+
+def test_a_piece_out_of_range_is_a_bad_request() -> None:
+    s = Scheduler()
+    add_seed(s)
+    with pytest.raises(SwarmflyError, match="piece 4 out of range") as caught:
+        s.report_pieces(task_id=T, peer_id="seed", pieces=[PieceReport(4, digest(4))], now=1.0)
+    assert caught.value.code == "bad_request"
+    assert caught.value.path == "data.pieces"
+
+
+def test_a_conflicting_digest_is_a_conflict() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    with pytest.raises(SwarmflyError, match="digest differs") as caught:
+        s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0, digest(99))], now=1.0)
+    assert caught.value.code == "conflict"
+    assert s.task_info(T)[1][0] == digest(0)
+
+
+def test_the_same_digest_may_be_reported_again() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0, digest(0))], now=1.0)
+
+
+def test_a_piece_without_any_known_digest_is_a_conflict() -> None:
+    s = Scheduler()
+    s.register(task_id=T, peer_id="src", host=host("s"), now=0, content=CONTENT)
+    join(s, "a", "h1")
+    with pytest.raises(SwarmflyError, match="no digest yet") as caught:
+        s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(2)], now=1.0)
+    assert caught.value.code == "conflict"
+
+
+def test_a_child_may_report_pieces_without_digest_once_known() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    s.report_pieces(
+        task_id=T, peer_id="a", pieces=[PieceReport(n, parent_id="seed") for n in range(4)], now=1
+    )
+    s.result(task_id=T, peer_id="a", success=True, now=2.0)
+
+
+def test_pieces_of_an_unregistered_peer_are_not_found() -> None:
+    s = Scheduler()
+    add_seed(s)
+    with pytest.raises(SwarmflyError, match="not registered") as caught:
+        s.report_pieces(task_id=T, peer_id="ghost", pieces=[PieceReport(0)], now=1.0)
+    assert caught.value.code == "not_found"
+    with pytest.raises(SwarmflyError, match="not registered"):
+        s.report_pieces(task_id=T2, peer_id="seed", pieces=[PieceReport(0)], now=1.0)
+
+
+def test_success_with_too_few_pieces_is_a_conflict() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0), PieceReport(1)], now=1.0)
+    with pytest.raises(SwarmflyError, match="reported 2 of 4 pieces") as caught:
+        s.result(task_id=T, peer_id="a", success=True, now=2.0)
+    assert caught.value.code == "conflict"
+    s.result(task_id=T, peer_id="a", success=False, now=3.0)
+
+
+def test_task_info_lists_digests_with_none_for_unknown() -> None:
+    s = Scheduler()
+    s.register(task_id=T, peer_id="src", host=host("s"), now=0, content=CONTENT)
+    s.report_pieces(
+        task_id=T,
+        peer_id="src",
+        pieces=[PieceReport(0, digest(0)), PieceReport(2, digest(2))],
+        now=1,
+    )
+    content, digests = s.task_info(T)
+    assert content == CONTENT
+    assert digests == [digest(0), None, digest(2), None]
+
+
+def test_task_info_of_an_unknown_or_contentless_task_is_empty() -> None:
+    s = Scheduler()
+    assert s.task_info(T) == (None, [])
+    join(s, "a", "h1")
+    assert s.task_info(T) == (None, [])
+
+
+def test_content_can_arrive_with_a_piece_report() -> None:
+    s = Scheduler()
+    join(s, "a", "h1")
+    s.seed_unavailable(T)
+    s.reschedule(task_id=T, peer_id="a", now=1.0)
+    s.report_pieces(
+        task_id=T, peer_id="a", pieces=[PieceReport(0, digest(0))], now=2.0, content=CONTENT
+    )
+    assert s.task_info(T) == (CONTENT, [digest(0), None, None, None])
+
+
+def test_schedule_to_dict_shape() -> None:
+    s = Scheduler()
+    add_seed(s)
+    body = join(s, "a", "h1").to_dict()
+    assert body["action"] == "parents"
+    assert body["task"] == {
+        "content_length": CONTENT.content_length,
+        "piece_length": CONTENT.piece_length,
+        "piece_count": CONTENT.piece_count,
+    }
+    assert [p["peer_id"] for p in body["parents"]] == ["seed"]
+    assert "retry_after_ms" not in body
+
+
+def test_an_ipv6_host_address_is_bracketed() -> None:
+    s = Scheduler()
+    s.register(
+        task_id=T, peer_id="seed", host=HostSpec("s", "fd00::1", 80, "seed"), now=0, seed=True
+    )
+    (parent,) = join(s, "a", "h1").parents
+    assert parent.address == "http://[fd00::1]:80"
+
+
+# -- bad nodes: piece cost far above the parent's mean -------------------------------------
+
+
+def _report_costs(s: Scheduler, child: str, parent: str, costs: list[int]) -> None:
+    s.report_pieces(
+        task_id=T,
+        peer_id=child,
+        pieces=[PieceReport(n % 4, parent_id=parent, cost_ms=c) for n, c in enumerate(costs)],
+        now=1.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("costs", "bad"),
+    [
+        ([10, 10, 10, 500], True),  # 500 > 20 x 10
+        ([10, 10, 10, 201], True),
+        ([10, 10, 10, 150], False),
+        ([10, 10, 10, 200], False),
+        ([500], False),  # one sample says nothing
+        ([10, 10, 10, 500, 10], False),  # a later normal piece clears it
+    ],
+)
+def test_a_parent_whose_last_piece_cost_is_far_above_its_mean_is_not_offered(
+    costs: list[int], bad: bool
+) -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    _report_costs(s, "a", "seed", costs)
+    offered = "seed" in ids(join(s, "b", "h2", now=2.0))
+    assert offered is not bad
+
+
+# -- found bugs ------------------------------------------------------------------------------
+
+
+def test_a_child_does_not_wait_forever_for_a_corrupt_only_source() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    join(s, "b", "h2")
+    # a reports the seed corrupt: a goes to the origin itself, then finishes and leaves.
+    schedule, _ = s.reschedule(task_id=T, peer_id="a", now=1.0, bad_parents=[("seed", "corrupt")])
+    assert schedule.action == "back_to_source"
+    s.leave("h1", None)
+
+    actions = {s.reschedule(task_id=T, peer_id="b", now=2.0 + i)[0].action for i in range(100)}
+    assert actions != {"wait"}

@@ -1,0 +1,339 @@
+"""The peer's on-disk task store: verified piece writes, reload after restart, no secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from swarmfly.errors import SwarmflyError
+from swarmfly.services.peer.store import StoredTask, TaskContent, TaskStore, redact_url
+
+ID = hashlib.sha256(b"task").hexdigest()
+OTHER = hashlib.sha256(b"other").hexdigest()
+DATA = b"0123456789"  # pieces of 4: "0123", "4567", "89"
+CONTENT = TaskContent(content_length=10, piece_length=4, piece_count=3)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def piece(number: int) -> bytes:
+    return DATA[number * 4 : number * 4 + 4]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> TaskStore:
+    return TaskStore(tmp_path / "tasks")
+
+
+@pytest.fixture
+def task(store: TaskStore) -> StoredTask:
+    opened = store.open(ID, "https://origin.example/file")
+    opened.set_content(CONTENT)
+    return opened
+
+
+def fill(task: StoredTask, numbers: range | list[int]) -> None:
+    for number in numbers:
+        task.mark_done(number, task.write_piece(number, piece(number), sha(piece(number))))
+
+
+# -- writes --------------------------------------------------------------------------------
+
+
+def test_set_content_makes_a_sparse_file_of_the_full_length(task: StoredTask) -> None:
+    assert task.data_path.stat().st_size == len(DATA)
+    assert task.digests == [None, None, None]
+    assert not task.complete
+
+
+def test_a_verified_piece_is_written_at_its_offset(task: StoredTask) -> None:
+    assert task.write_piece(1, b"4567", sha(b"4567")) == sha(b"4567")
+    assert task.data_path.read_bytes() == b"\0\0\0\x004567\0\0"
+    assert task.read(4, 4) == b"4567"
+
+
+def test_the_short_last_piece_is_written(task: StoredTask) -> None:
+    task.write_piece(2, b"89", sha(b"89"))
+    assert task.data_path.read_bytes()[8:] == b"89"
+
+
+def test_a_wrong_digest_is_refused_and_nothing_is_written(task: StoredTask) -> None:
+    with pytest.raises(SwarmflyError, match="piece 0: sha256 mismatch") as caught:
+        task.write_piece(0, b"XXXX", sha(b"0123"))
+    assert caught.value.code == "integrity"
+    assert task.data_path.read_bytes() == b"\0" * len(DATA)
+    assert task.done == set()
+
+
+@pytest.mark.parametrize("data", [b"012", b"01234", b""])
+def test_a_wrong_size_is_refused_and_nothing_is_written(task: StoredTask, data: bytes) -> None:
+    with pytest.raises(SwarmflyError, match="piece 0: got") as caught:
+        task.write_piece(0, data, sha(data))
+    assert caught.value.code == "integrity"
+    assert task.data_path.read_bytes() == b"\0" * len(DATA)
+
+
+def test_a_wrong_size_is_refused_even_without_a_digest(task: StoredTask) -> None:
+    with pytest.raises(SwarmflyError, match="piece 2: got 4 of 2 bytes"):
+        task.write_piece(2, b"8901", None)
+    assert task.data_path.read_bytes() == b"\0" * len(DATA)
+
+
+def test_mark_done_completes_the_task(task: StoredTask) -> None:
+    fill(task, range(3))
+    assert task.complete
+    assert task.completed_bytes == len(DATA)
+    assert task.digests == [sha(piece(n)) for n in range(3)]
+    assert task.data_path.read_bytes() == DATA
+
+
+def test_mark_done_twice_counts_once(task: StoredTask) -> None:
+    fill(task, [0])
+    version = task.version
+    task.mark_done(0, sha(piece(0)))
+    assert task.version == version
+    assert task.completed_bytes == 4
+
+
+def test_a_piece_count_that_does_not_match_the_length_is_refused(store: TaskStore) -> None:
+    task = store.open(ID)
+    with pytest.raises(SwarmflyError, match="piece count") as caught:
+        task.set_content(TaskContent(content_length=10, piece_length=4, piece_count=2))
+    assert caught.value.code == "bad_request"
+
+
+def test_changed_content_is_a_conflict(task: StoredTask) -> None:
+    with pytest.raises(SwarmflyError, match="task content changed") as caught:
+        task.set_content(TaskContent(content_length=12, piece_length=4, piece_count=3))
+    assert caught.value.code == "conflict"
+
+
+def test_content_may_gain_its_digest(task: StoredTask) -> None:
+    digest = "sha256:" + sha(DATA)
+    task.set_content(TaskContent(10, 4, 3, digest))
+    assert task.content is not None and task.content.digest == digest
+
+
+def test_set_digests_fills_only_unknown_digests(task: StoredTask) -> None:
+    fill(task, [0])
+    task.set_digests(["f" * 64, sha(piece(1)), None])
+    assert task.digests == [sha(piece(0)), sha(piece(1)), None]
+    task.set_digests(["0" * 64])  # the wrong length is ignored
+    assert task.digests == [sha(piece(0)), sha(piece(1)), None]
+
+
+def test_reset_forgets_every_piece(task: StoredTask) -> None:
+    fill(task, range(3))
+    task.reset()
+    assert task.done == set()
+    assert task.digests == [None, None, None]
+    assert not task.covers(0, 10)
+
+
+# -- covers --------------------------------------------------------------------------------
+
+
+def test_covers_only_verified_pieces(task: StoredTask) -> None:
+    task.write_piece(0, piece(0), sha(piece(0)))
+    assert not task.covers(0, 4)  # written, not yet marked done
+    task.mark_done(0, sha(piece(0)))
+    assert task.covers(0, 4)
+    assert task.covers(1, 3)
+    assert not task.covers(0, 5)
+    assert not task.covers(3, 6)
+
+
+@pytest.mark.parametrize(("start", "end"), [(-1, 4), (0, 11), (5, 5), (6, 2), (0, 0)])
+def test_covers_rejects_ranges_outside_the_content(task: StoredTask, start: int, end: int) -> None:
+    fill(task, range(3))
+    assert not task.covers(start, end)
+
+
+def test_covers_the_whole_file_once_complete(task: StoredTask) -> None:
+    fill(task, [2, 0])
+    assert task.covers(8, 10)
+    assert not task.covers(0, 10)
+    fill(task, [1])
+    assert task.covers(0, 10)
+
+
+def test_covers_nothing_without_content(store: TaskStore) -> None:
+    assert not store.open(ID).covers(0, 1)
+
+
+# -- ids and paths -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["../../etc", "..", "", "/etc/passwd", ID[:-1], ID.upper(), ID + "/..", "../" + ID[3:]],
+)
+def test_invalid_task_ids_never_become_paths(store: TaskStore, bad: str) -> None:
+    with pytest.raises(SwarmflyError, match="invalid task id") as caught:
+        store.path_for(bad)
+    assert caught.value.code == "bad_request"
+    with pytest.raises(SwarmflyError, match="invalid task id"):
+        store.open(bad)
+    assert store.get(bad) is None
+
+
+def test_a_task_lives_under_the_store_root(store: TaskStore) -> None:
+    path = store.path_for(ID)
+    assert path == store.root / ID[:2] / ID
+    assert path.resolve().is_relative_to(store.root.resolve())
+
+
+def test_a_task_id_with_a_trailing_newline_is_refused(store: TaskStore) -> None:
+    with pytest.raises(SwarmflyError, match="invalid task id"):
+        store.path_for(ID + "\n")
+
+
+def test_open_returns_the_same_task(store: TaskStore) -> None:
+    assert store.open(ID) is store.open(ID)
+    assert store.get(ID) is store.open(ID)
+    assert store.get(OTHER) is None
+
+
+# -- metadata and restart ------------------------------------------------------------------
+
+
+def test_load_reloads_only_complete_tasks(store: TaskStore, task: StoredTask) -> None:
+    fill(task, range(3))
+    partial = store.open(OTHER, "https://origin.example/other")
+    partial.set_content(CONTENT)
+    fill(partial, [0, 1])
+    store.close()
+
+    restarted = TaskStore(store.root)
+    loaded = restarted.load()
+    assert [t.id for t in loaded] == [ID]
+    assert restarted.get(OTHER) is None
+    again = restarted.get(ID)
+    assert again is not None
+    assert again.complete
+    assert again.content == CONTENT
+    assert again.digests == [sha(piece(n)) for n in range(3)]
+    assert again.url == "https://origin.example/file"
+    assert again.read(0, 10) == DATA
+    assert again.covers(0, 10)
+    restarted.close()
+
+
+def test_load_of_an_empty_root(tmp_path: Path) -> None:
+    assert TaskStore(tmp_path / "missing").load() == []
+
+
+def test_load_skips_a_task_whose_data_file_is_gone(store: TaskStore, task: StoredTask) -> None:
+    fill(task, range(3))
+    store.close()
+    task.data_path.unlink()
+    assert TaskStore(store.root).load() == []
+
+
+def test_load_skips_unreadable_metadata(store: TaskStore, task: StoredTask) -> None:
+    fill(task, range(3))
+    store.close()
+    (task.dir / "meta.json").write_text("{not json")
+    assert TaskStore(store.root).load() == []
+
+
+def test_load_skips_directories_that_are_not_task_ids(store: TaskStore, task: StoredTask) -> None:
+    fill(task, range(3))
+    store.close()
+    stray = store.root / "ab" / "not-a-task"
+    stray.mkdir(parents=True)
+    (stray / "meta.json").write_bytes((task.dir / "meta.json").read_bytes())
+    assert [t.id for t in TaskStore(store.root).load()] == [ID]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:s3cret@origin.example:8443/bucket/file?X-Amz-Signature=abcdef&token=t0k",
+        "https://origin.example:8443/bucket/file?X-Amz-Signature=abcdef#frag",
+    ],
+)
+def test_metadata_on_disk_holds_no_query_or_userinfo(tmp_path: Path, url: str) -> None:
+    store = TaskStore(tmp_path)
+    task = store.open(ID, url)
+    task.set_content(CONTENT)
+    fill(task, range(3))
+    raw = (task.dir / "meta.json").read_bytes()
+    for secret in (b"s3cret", b"user", b"abcdef", b"t0k", b"Signature", b"?", b"frag"):
+        assert secret not in raw
+    assert orjson.loads(raw)["url"] == "https://origin.example:8443/bucket/file"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://u:p@example.com/a/b?sig=1#x", "https://example.com/a/b"),
+        ("https://token@example.com:8443/a", "https://example.com:8443/a"),
+        ("http://example.com", "http://example.com"),
+        ("http://EXAMPLE.com/Path", "http://example.com/Path"),
+        ("", ""),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://[::1]:8080/x?sig=1", "http://[::1]:8080/x"),
+        ("https://u:p@[2001:db8::1]/blob", "https://[2001:db8::1]/blob"),
+    ],
+)
+def test_redact_url_keeps_ipv6_brackets(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_open_keeps_the_first_url(store: TaskStore) -> None:
+    task = store.open(ID, "https://a.example/f?sig=1")
+    store.open(ID, "https://b.example/f")
+    assert task.url == "https://a.example/f"
+
+
+# -- waiting for changes -------------------------------------------------------------------
+
+
+async def test_wait_change_returns_on_mark_done(task: StoredTask) -> None:
+    waiter = asyncio.create_task(task.wait_change(task.version, timeout=5.0))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    started = time.monotonic()
+    task.mark_done(0, task.write_piece(0, piece(0), sha(piece(0))))
+    await asyncio.wait_for(waiter, 1.0)
+    assert time.monotonic() - started < 0.5
+
+
+async def test_wait_change_wakes_every_waiter(task: StoredTask) -> None:
+    waiters = [asyncio.create_task(task.wait_change(task.version, timeout=5.0)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    task.mark_done(1, sha(piece(1)))
+    await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
+
+
+async def test_wait_change_returns_at_once_when_already_changed(task: StoredTask) -> None:
+    since = task.version
+    task.mark_done(0, sha(piece(0)))
+    await asyncio.wait_for(task.wait_change(since, timeout=5.0), 0.1)
+
+
+async def test_wait_change_returns_at_once_when_complete(task: StoredTask) -> None:
+    fill(task, range(3))
+    await asyncio.wait_for(task.wait_change(task.version, timeout=5.0), 0.1)
+
+
+async def test_wait_change_gives_up_after_its_timeout(task: StoredTask) -> None:
+    started = time.monotonic()
+    await task.wait_change(task.version, timeout=0.05)
+    assert 0.04 <= time.monotonic() - started < 0.5
