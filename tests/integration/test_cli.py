@@ -1,0 +1,209 @@
+"""`swarmfly get` and `swarmfly up` as a user runs them: exit codes, outputs, summaries."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+import pytest
+
+from swarmfly.natsserver import NatsServer
+from swarmfly.testing import Origin, spawn_service
+from tests.conftest import FAST_ENV
+
+MiB = 1024 * 1024
+
+
+async def swarmfly(*args: str, timeout: float = 120) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarmfly", *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **FAST_ENV},
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+async def test_get_without_control_plane_reads_the_origin(origin: Origin, tmp_path: Path) -> None:
+    data = os.urandom(9 * MiB + 123)
+    url = origin.add("f.bin", data)
+    out = tmp_path / "out" / "f.bin"
+    code, stdout, stderr = await swarmfly(
+        "get", url, "-O", str(out), "--json", "--state-dir", str(tmp_path / "state")
+    )
+    assert code == 0, stderr
+    summary: dict[str, Any] = orjson.loads(stdout)
+    assert summary["bytes_origin"] == len(data)
+    assert summary["bytes_p2p"] == 0
+    assert summary["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert out.read_bytes() == data
+    assert leftovers(out.parent) == ["f.bin"]
+
+
+async def test_get_verifies_the_whole_file_digest(origin: Origin, tmp_path: Path) -> None:
+    url = origin.add("f.bin", os.urandom(MiB))
+    out = tmp_path / "f.bin"
+    wrong = "sha256:" + "0" * 64
+    code, stdout, stderr = await swarmfly(
+        "get", url, "-O", str(out), "--digest", wrong, "--state-dir", str(tmp_path / "s")
+    )
+    assert code == 1
+    assert stdout == ""
+    assert stderr.strip().count("\n") == 0, "one line"
+    assert "integrity" in stderr
+    assert not out.exists()
+    assert leftovers(tmp_path) == ["s"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--digest", "md5:abc"], "sha256"),
+        (["--header", "no colon"], "Name: value"),
+    ],
+)
+async def test_get_refuses_bad_arguments(
+    origin: Origin, tmp_path: Path, args: list[str], message: str
+) -> None:
+    url = origin.add("f.bin", b"x")
+    code, _, stderr = await swarmfly(
+        "get", url, "-O", str(tmp_path / "o"), *args, "--state-dir", str(tmp_path / "s")
+    )
+    assert code == 1
+    assert message in stderr
+    assert not (tmp_path / "o").exists()
+
+
+async def test_get_fails_cleanly_on_origin_errors(origin: Origin, tmp_path: Path) -> None:
+    out = tmp_path / "missing.bin"
+    code, _, stderr = await swarmfly(
+        "get", f"{origin.url}/missing.bin", "-O", str(out), "--state-dir", str(tmp_path / "s")
+    )
+    assert code == 1
+    assert "404" in stderr
+    assert not out.exists()
+
+
+async def test_get_unknown_scheme_names_the_known_ones(tmp_path: Path) -> None:
+    code, _, stderr = await swarmfly(
+        "get", "gopher://x/y", "-O", str(tmp_path / "o"), "--state-dir", str(tmp_path / "s")
+    )
+    assert code == 1
+    assert "gopher" in stderr and "http" in stderr
+
+
+async def test_headers_reach_the_origin_and_are_never_stored(
+    origin: Origin, tmp_path: Path
+) -> None:
+    secret = "Bearer s3cr3t-t0ken-value"
+    origin.required_headers = {"Authorization": secret}
+    url = origin.add("private.bin", os.urandom(2 * MiB)) + "?X-Amz-Signature=sig-s3cr3t"
+    state = tmp_path / "state"
+    code, _, stderr = await swarmfly(
+        "get", url, "-O", str(tmp_path / "p.bin"), "--header", f"Authorization: {secret}",
+        "--state-dir", str(state), "--log-level", "DEBUG",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "s3cr3t" not in stderr
+    for path in state.rglob("*"):
+        if path.is_file() and path.name != "data":
+            assert b"s3cr3t" not in path.read_bytes(), path
+
+
+async def test_get_times_out_with_a_clear_error(tmp_path: Path) -> None:
+    async with Origin(rate=256 * 1024).serve() as slow:
+        url = slow.add("slow.bin", os.urandom(8 * MiB))
+        out = tmp_path / "slow.bin"
+        code, _, stderr = await swarmfly(
+            "get", url, "-O", str(out), "--timeout", "1", "--state-dir", str(tmp_path / "s")
+        )
+    assert code == 1
+    assert "timeout" in stderr
+    assert not out.exists()
+
+
+async def test_get_through_a_peer_service(
+    origin: Origin, nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    data = os.urandom(5 * MiB)
+    url = origin.add("f.bin", data)
+    services = [
+        spawn_service(kind, nats.url, tmp_path / kind, "--prefix", prefix, env=FAST_ENV)
+        for kind in ("scheduler", "storage", "peer")
+    ]
+    try:
+        out = tmp_path / "f.bin"
+        code, stdout, stderr = await swarmfly(
+            "get", url, "-O", str(out), "--json", "--state-dir", str(tmp_path / "peer"),
+            "--nats", nats.url, "--prefix", prefix,
+        )  # fmt: skip
+        assert code == 0, stderr
+        summary = orjson.loads(stdout)
+        assert summary["via"] == "peer"
+        assert summary["bytes_p2p"] == len(data), "the seed read the origin, the peer the seed"
+        assert out.read_bytes() == data
+        assert len(data) <= origin.bytes_served <= len(data) + 1, "+1: the ranged stat"
+    finally:
+        for service in services:
+            assert service.stop() == 0, service.log()
+
+
+async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    up = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarmfly", "up", "--state-dir", str(state),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **FAST_ENV},
+    )  # fmt: skip
+    assert up.stdout is not None and up.stderr is not None
+    try:
+        banner = (await asyncio.wait_for(up.stdout.readline(), 30)).decode()
+        assert banner.strip() == "swarmfly is up"
+        lines = [(await up.stdout.readline()).decode() for _ in range(5)]
+        nats_url = lines[0].split()[1]
+        assert nats_url.startswith("nats://127.0.0.1:")
+        assert "metrics" in lines[1]
+
+        client = await nats.connect(nats_url)
+        try:
+            inbox = client.new_inbox()
+            sub = await client.subscribe(inbox)
+            await client.publish("$SRV.PING", b"", reply=inbox)
+            names = set()
+            try:
+                while True:
+                    msg = await sub.next_msg(timeout=0.5)
+                    names.add(orjson.loads(msg.data)["name"])
+            except TimeoutError:
+                pass
+            assert {"scheduler", "storage", "peer"} <= names
+        finally:
+            await client.close()
+
+        data = os.urandom(3 * MiB)
+        url = origin.add("up.bin", data)
+        code, stdout, stderr = await swarmfly(
+            "get", url, "-O", str(tmp_path / "up.bin"), "--json", "--state-dir", str(state)
+        )
+        assert code == 0, stderr
+        assert orjson.loads(stdout)["via"] == "peer"
+        assert (tmp_path / "up.bin").read_bytes() == data
+    finally:
+        up.send_signal(signal.SIGINT)
+        _, errors = await asyncio.wait_for(up.communicate(), 20)
+    assert up.returncode == 0, errors.decode()
+    assert not (state / "cluster.json").exists()
