@@ -426,12 +426,12 @@ class Conductor:
             number = queue.get_nowait()
             offset, size = content.piece(number)
             started = time.monotonic()
-            chunks = [
-                c
-                async for c in source.fetch(
-                    self.source.url, self.source.headers, offset, offset + size
-                )
-            ]
+            chunks = []
+            async for chunk in source.fetch(
+                self.source.url, self.source.headers, offset, offset + size
+            ):
+                await self.node.download_bucket.take(len(chunk))
+                chunks.append(chunk)
             await self._store_origin_piece(number, b"".join(chunks), started)
 
     async def _origin_stream(self, content: TaskContent) -> None:
@@ -440,6 +440,7 @@ class Conductor:
         number = 0
         started = time.monotonic()
         async for chunk in source.fetch(self.source.url, self.source.headers):
+            await self.node.download_bucket.take(len(chunk))
             buffer += chunk
             while number < content.piece_count and len(buffer) >= content.piece(number)[1]:
                 size = content.piece(number)[1]
