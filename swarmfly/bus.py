@@ -18,7 +18,7 @@ from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service
 
-from swarmfly import contracts
+from swarmfly import contracts, metrics
 from swarmfly.errors import BadRequest, SwarmflyError
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,11 @@ class Bus:
         async def serve(request: Request) -> None:
             try:
                 payload = decode_request(contract, request.data)
+            except BadRequest as exc:
+                metrics.CONTRACT_FAILURES.labels(contract.name).inc()
+                await _respond_error(request, exc)
+                return
+            try:
                 reply = await handler(payload)
             except SwarmflyError as exc:
                 await _respond_error(request, exc)
