@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--download-rate", type=_size, help="download limit, bytes/s")
     get.add_argument("--json", action="store_true", help="print a JSON summary")
 
+    plugins = sub.add_parser("plugins", help="list the loaded plugins")
+    _common(plugins)
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+
     contracts = sub.add_parser("contracts", help="the NATS contracts")
     contracts_sub = contracts.add_subparsers(dest="contracts_command", required=True)
     asyncapi = contracts_sub.add_parser("asyncapi", help="print the AsyncAPI 3 document")
@@ -187,6 +191,31 @@ def _get(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _plugins(args: argparse.Namespace, config: Config) -> int:
+    from swarmfly.pluginhost import Plugins
+
+    loaded = Plugins.load(config.disable_plugins)
+    rows = [
+        {
+            "name": info.name,
+            "version": info.version,
+            "kinds": info.kinds,
+            "provides": info.provides,
+            "error": info.error,
+        }
+        for info in loaded.infos
+    ]
+    if args.json:
+        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
+        return 0
+    print(f"{'NAME':<16} {'VERSION':<10} {'KIND':<20} PROVIDES")
+    for info in loaded.infos:
+        kinds = ",".join(info.kinds) or "-"
+        provides = ", ".join(info.provides) or f"FAILED: {info.error}"
+        print(f"{info.name:<16} {info.version:<10} {kinds:<20} {provides}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -204,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.command == "get":
             return _get(args, config)
+        if args.command == "plugins":
+            return _plugins(args, config)
         from swarmfly import runtime
 
         if args.command == "up":

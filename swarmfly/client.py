@@ -20,7 +20,7 @@ from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, new_id
-from swarmfly.runtime import connect, peer_settings, servers_of
+from swarmfly.runtime import connect, load_plugins, peer_settings, servers_of
 from swarmfly.services.peer.conductor import SourceRequest
 from swarmfly.services.peer.node import PeerNode, deliver
 from swarmfly.services.peer.service import PEER_FILE
@@ -182,7 +182,9 @@ async def _in_process(
     progress: Progress | None,
 ) -> dict[str, Any]:
     state_dir = _cli_state_dir(stack, config)
-    node = PeerNode(peer_settings(config, state_dir), bus, servers)
+    plugins = load_plugins(config)
+    stack.push_async_callback(plugins.close)
+    node = PeerNode(peer_settings(config, state_dir), bus, servers, plugins)
     await node.start(stack)
     download_id = new_id("dl")
     job = asyncio.create_task(

@@ -55,6 +55,7 @@ class SchedulerConfig:
     heartbeat_interval: float = 5.0
     host_ttl: float = 15.0
     seed_timeout: float = 30.0
+    evaluator: str = "default"
 
 
 @dataclass
@@ -91,6 +92,8 @@ class StorageConfig:
 class Config:
     state_dir: Path = field(default_factory=lambda: Path(platformdirs.user_state_dir("swarmfly")))
     log_level: str = "INFO"
+    disable_plugins: list[str] = field(default_factory=list)
+    """Plugins (entry-point names) not to load: SWARMFLY_DISABLE_PLUGINS=name,..."""
     nats: NatsConfig = field(default_factory=NatsConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)

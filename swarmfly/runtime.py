@@ -16,6 +16,7 @@ from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import default_host_id
 from swarmfly.natsserver import NatsServer
+from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.node import NodeSettings, PeerNode
 from swarmfly.services.peer.service import PeerService
 from swarmfly.services.scheduler.service import SchedulerService
@@ -93,29 +94,56 @@ def storage_settings(config: Config, state_dir: Path) -> NodeSettings:
     )
 
 
-async def start_scheduler(stack: AsyncExitStack, config: Config, bus: Bus) -> SchedulerService:
-    service = SchedulerService(config, bus)
+def load_plugins(config: Config) -> Plugins:
+    """Once per process: every service in it shares the loaded plugins."""
+    return Plugins.load(config.disable_plugins)
+
+
+async def start_scheduler(
+    stack: AsyncExitStack, config: Config, bus: Bus, plugins: Plugins | None = None
+) -> SchedulerService:
+    plugins = plugins or load_plugins(config)
+    service = SchedulerService(config, bus, plugins.evaluator(config.scheduler.evaluator))
     await service.start(stack)
     return service
 
 
 async def start_storage(
-    stack: AsyncExitStack, config: Config, bus: Bus, state_dir: Path, servers: list[str]
+    stack: AsyncExitStack,
+    config: Config,
+    bus: Bus,
+    state_dir: Path,
+    servers: list[str],
+    plugins: Plugins | None = None,
 ) -> StorageService:
     state_dir.mkdir(parents=True, exist_ok=True)
-    service = StorageService(PeerNode(storage_settings(config, state_dir), bus, servers), bus)
+    plugins = plugins or _owned_plugins(stack, config)
+    node = PeerNode(storage_settings(config, state_dir), bus, servers, plugins)
+    service = StorageService(node, bus)
     await service.start(stack)
     return service
 
 
 async def start_peer(
-    stack: AsyncExitStack, config: Config, bus: Bus, state_dir: Path, servers: list[str]
+    stack: AsyncExitStack,
+    config: Config,
+    bus: Bus,
+    state_dir: Path,
+    servers: list[str],
+    plugins: Plugins | None = None,
 ) -> PeerService:
     state_dir.mkdir(parents=True, exist_ok=True)
-    node = PeerNode(peer_settings(config, state_dir), bus, servers)
+    plugins = plugins or _owned_plugins(stack, config)
+    node = PeerNode(peer_settings(config, state_dir), bus, servers, plugins)
     service = PeerService(node, bus, default_strategy=config.peer.strategy)
     await service.start(stack)
     return service
+
+
+def _owned_plugins(stack: AsyncExitStack, config: Config) -> Plugins:
+    plugins = load_plugins(config)
+    stack.push_async_callback(plugins.close)
+    return plugins
 
 
 async def wait_for_signal() -> None:
@@ -162,9 +190,10 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
             bus = await connect(config, f"swarmfly-{name}", servers)
             stack.push_async_callback(bus.close)
             buses.append(bus)
-        scheduler = await start_scheduler(stack, config, buses[0])
-        storage = await start_storage(stack, config, buses[1], state / "storage", servers)
-        peer = await start_peer(stack, config, buses[2], state, servers)
+        plugins = _owned_plugins(stack, config)
+        scheduler = await start_scheduler(stack, config, buses[0], plugins)
+        storage = await start_storage(stack, config, buses[1], state / "storage", servers, plugins)
+        peer = await start_peer(stack, config, buses[2], state, servers, plugins)
         print(
             "\n".join(
                 [

@@ -1,8 +1,8 @@
-"""The default parent evaluator: Dragonfly's published weights, as a pure function."""
+"""Built-in parent evaluators: Dragonfly's weights (``default``) and ``least-loaded``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from swarmfly.plugins.hookspecs import Candidate, EvaluatorRegistry, hookimpl
 
 FINISHED_PIECE_WEIGHT = 0.2
 FREE_UPLOAD_WEIGHT = 0.2
@@ -11,20 +11,6 @@ HOST_TYPE_WEIGHT = 0.15
 IDC_WEIGHT = 0.15
 LOCATION_WEIGHT = 0.15
 MAX_LOCATION_ELEMENTS = 5
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """What an evaluator may know of a peer, parent or child."""
-
-    peer_id: str
-    host_type: str
-    finished_pieces: int
-    upload_slots: int
-    uploads: int
-    idc: str
-    location: str
-    mean_cost_ms: float | None
 
 
 def _location_score(parent: str, child: str) -> float:
@@ -70,3 +56,17 @@ def evaluate(
         + IDC_WEIGHT * idc
         + LOCATION_WEIGHT * _location_score(parent.location, child.location)
     )
+
+
+def least_loaded(
+    parent: Candidate, child: Candidate, total_pieces: int, median_cost_ms: float | None
+) -> float:
+    """Free upload slots first, then pieces to give: spreads load, ignores topology."""
+    free = max(0, parent.upload_slots - parent.uploads)
+    return free + (parent.finished_pieces / total_pieces if total_pieces else 0.0)
+
+
+@hookimpl
+def swarmfly_register_evaluators(register: EvaluatorRegistry) -> None:
+    register.add("default", evaluate)
+    register.add("least-loaded", least_loaded)

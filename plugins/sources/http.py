@@ -12,7 +12,7 @@ import aiohttp
 from yarl import URL
 
 from swarmfly.errors import ErrorCode, SwarmflyError
-from swarmfly.plugins.sources.base import SourceStat
+from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat, hookimpl
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +137,8 @@ class HttpSource:
             ) from None
         finally:
             response.release()
+
+
+@hookimpl
+def swarmfly_register_sources(register: SourceRegistry) -> None:
+    register.add(HttpSource())

@@ -1,43 +1,37 @@
-"""Built-in piece-selection strategies: pure functions ordering the pieces a peer may fetch.
-
-A strategy receives the candidate piece numbers, how many known holders each has, and a
-random source, and returns the candidates in the order to fetch them.
-"""
+"""Built-in piece-selection strategies: pure functions over a ``PieceView``."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
 
-Strategy = Callable[[Sequence[int], Mapping[int, int], random.Random], list[int]]
+from swarmfly.plugins.hookspecs import PieceView, StrategyRegistry, hookimpl
+
+SEQUENTIAL_WINDOW = 16
+"""Pieces ahead of the first missing one that ``sequential`` may fetch: enough to keep every
+parent busy, few enough that a stream consumer is never starved."""
 
 
-def rarest_first(
-    candidates: Sequence[int], holders: Mapping[int, int], rng: random.Random
-) -> list[int]:
+def rarest_first(view: PieceView, rng: random.Random) -> list[int]:
     """Fewest holders first, ties broken at random so children spread over pieces."""
-    keyed = [(holders.get(n, 0), rng.random(), n) for n in candidates]
+    keyed = [(view.holders.get(n, 0), rng.random(), n) for n in view.candidates]
     keyed.sort()
     return [n for _, _, n in keyed]
 
 
-def sequential(
-    candidates: Sequence[int], holders: Mapping[int, int], rng: random.Random
-) -> list[int]:
-    """Lowest piece first: a stream can be handed on while the download runs."""
-    return sorted(candidates)
+def sequential(view: PieceView, rng: random.Random) -> list[int]:
+    """Lowest piece first within a bounded window: a stream can be handed on as it grows."""
+    limit = view.first_missing + SEQUENTIAL_WINDOW
+    return sorted(n for n in view.candidates if n < limit)
 
 
-def random_order(
-    candidates: Sequence[int], holders: Mapping[int, int], rng: random.Random
-) -> list[int]:
-    out = list(candidates)
+def random_order(view: PieceView, rng: random.Random) -> list[int]:
+    out = list(view.candidates)
     rng.shuffle(out)
     return out
 
 
-STRATEGIES: dict[str, Strategy] = {
-    "rarest-first": rarest_first,
-    "sequential": sequential,
-    "random": random_order,
-}
+@hookimpl
+def swarmfly_register_strategies(register: StrategyRegistry) -> None:
+    register.add("rarest-first", rarest_first)
+    register.add("sequential", sequential)
+    register.add("random", random_order)

@@ -18,7 +18,6 @@ import aiohttp
 from swarmfly import metrics
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, piece_count, piece_length_for
-from swarmfly.plugins.strategies.builtin import STRATEGIES
 from swarmfly.services.peer.pieces import PieceBook
 from swarmfly.services.peer.store import StoredTask, TaskContent
 
@@ -66,15 +65,11 @@ class Conductor:
     def __init__(
         self, node: PeerNode, task_id: str, source: SourceRequest, *, strategy: str, seed: bool
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise SwarmflyError(
-                "bad_request", f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}"
-            )
         self.node = node
         self.task_id = task_id
         self.source = source
         self.seed = seed
-        self.strategy = STRATEGIES[strategy]
+        self.strategy = node.plugins.strategy(strategy)
         self.peer_id = node.peer_id(task_id)
         self.stored: StoredTask = node.store.open(task_id, source.url)
         self.bytes_origin = 0

@@ -24,8 +24,8 @@ from swarmfly.bus import Bus
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import task_id as make_task_id
-from swarmfly.plugins.sources.base import Source
-from swarmfly.plugins.sources.http import HttpSource
+from swarmfly.pluginhost import Plugins
+from swarmfly.plugins.hookspecs import Source
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.conductor import Conductor, SourceRequest
 from swarmfly.services.peer.store import StoredTask, TaskStore
@@ -82,7 +82,9 @@ def route_ip(servers: list[str]) -> str:
 class PeerNode:
     """Lifecycle: ``start`` loads the cache, serves uploads, heartbeats; ``stop`` leaves."""
 
-    def __init__(self, settings: NodeSettings, bus: Bus | None, servers: list[str]) -> None:
+    def __init__(
+        self, settings: NodeSettings, bus: Bus | None, servers: list[str], plugins: Plugins
+    ) -> None:
         from swarmfly.services.peer.upload import UploadServer
 
         self.settings = settings
@@ -98,7 +100,7 @@ class PeerNode:
         self.ip = settings.advertise_ip or route_ip(servers)
         self.port = 0
         self.upload_url = ""
-        self._http_source = HttpSource()
+        self.plugins = plugins
         self._session: aiohttp.ClientSession | None = None
         self._downloads: dict[str, asyncio.Task[Conductor]] = {}
         self._progress: dict[str, Conductor] = {}
@@ -139,7 +141,6 @@ class PeerNode:
             task.cancel()
         if self._session is not None:
             await self._session.close()
-        await self._http_source.close()
 
     def host(self) -> dict[str, Any]:
         s = self.settings
@@ -161,12 +162,7 @@ class PeerNode:
         return "p" + hashlib.sha256(f"{self.settings.host_id}/{task_id}".encode()).hexdigest()[:24]
 
     def source_for(self, url: str) -> Source:
-        scheme = urlsplit(url).scheme.lower()
-        if scheme in self._http_source.schemes:
-            return self._http_source
-        raise SwarmflyError(
-            "bad_request", f"unsupported URL scheme {scheme!r}; installed: http, https"
-        )
+        return self.plugins.source_for(url)
 
     # -- downloads -------------------------------------------------------------------------
 
@@ -181,6 +177,7 @@ class PeerNode:
     ) -> DownloadResult:
         """Bring a task into the store, verified; concurrent asks for one task share a run."""
         self.source_for(source.url)
+        self.plugins.strategy(strategy)
         task_id = task_id or make_task_id(
             source.url, digest=source.digest, piece_length=source.piece_length
         )

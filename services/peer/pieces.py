@@ -9,7 +9,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from swarmfly.plugins.strategies.builtin import Strategy, rarest_first
+from swarmfly.plugins.hookspecs import PieceView, Strategy
+from swarmfly.plugins.strategies.builtin import rarest_first
 
 
 @dataclass
@@ -31,6 +32,9 @@ class PieceBook:
     @property
     def complete(self) -> bool:
         return len(self.done) >= self.piece_count
+
+    def first_missing(self) -> int:
+        return next((n for n in range(self.piece_count) if n not in self.done), self.piece_count)
 
     def missing(self) -> set[int]:
         return set(range(self.piece_count)) - self.done
@@ -96,7 +100,10 @@ class PieceBook:
             if n not in self.done and n not in self.in_flight and self.digests[n] is not None
         ]
         if fresh:
-            return self.strategy(fresh, holders, self.rng)[0]
+            view = PieceView(fresh, holders, self.first_missing(), self.piece_count)
+            ordered = self.strategy(view, self.rng)
+            if ordered:
+                return ordered[0]
         endgame = [
             n
             for n in offered

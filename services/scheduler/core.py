@@ -10,17 +10,16 @@ from __future__ import annotations
 import random
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from swarmfly.errors import SwarmflyError
-from swarmfly.plugins.evaluators.default import Candidate
 from swarmfly.plugins.evaluators.default import evaluate as default_evaluate
+from swarmfly.plugins.hookspecs import Candidate, Evaluator
 
 Action = Literal["parents", "back_to_source", "wait"]
 PeerState = Literal["running", "succeeded", "failed"]
-Evaluator = Callable[[Candidate, Candidate, int, "float | None"], float]
 
 FILTER_LIMIT = 40
 """Candidates examined per decision, as Dragonfly samples: bounds cost in large swarms."""

@@ -15,6 +15,7 @@ from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
+from swarmfly.plugins.hookspecs import Evaluator
 from swarmfly.services.scheduler.core import Content, HostSpec, PieceReport, Scheduler, TriggerSeed
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ def content(data: dict[str, Any] | None) -> Content | None:
 class SchedulerService:
     """Lifecycle: ``start`` subscribes and serves; ``stop`` unsubscribes; state is soft."""
 
-    def __init__(self, config: Config, bus: Bus, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, config: Config, bus: Bus, evaluator: Evaluator, clock: Any = time.monotonic
+    ) -> None:
         self.config = config
         self.bus = bus
         self.clock = clock
@@ -52,6 +55,7 @@ class SchedulerService:
             candidate_parents=sc.candidate_parents,
             host_ttl=sc.host_ttl,
             seed_timeout=sc.seed_timeout,
+            evaluator=evaluator,
         )
         self.http_url = ""
         self._sources: dict[str, dict[str, Any]] = {}

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from swarmfly.plugins.evaluators.default import Candidate, evaluate
+from swarmfly.plugins.evaluators.default import evaluate
+from swarmfly.plugins.hookspecs import Candidate
 
 CHILD = Candidate(
     peer_id="child",

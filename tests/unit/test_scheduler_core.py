@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmfly.errors import SwarmflyError
-from swarmfly.plugins.evaluators.default import Candidate
+from swarmfly.plugins.hookspecs import Candidate
 from swarmfly.services.scheduler.core import (
     Content,
     Evaluator,

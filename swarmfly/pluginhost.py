@@ -1,0 +1,186 @@
+"""The typed host around pluggy: loads plugins from the ``swarmfly`` entry-point group (the
+built-ins too), calls each plugin's hooks once, and keeps what they registered.
+
+A plugin that fails to import or raises while registering is reported by name and skipped;
+the service starts without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+from urllib.parse import urlsplit
+
+import pluggy
+
+from swarmfly.errors import SwarmflyError
+from swarmfly.plugins import hookspecs
+from swarmfly.plugins.hookspecs import Evaluator, Source, Strategy
+
+log = logging.getLogger(__name__)
+GROUP = "swarmfly"
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    version: str
+    kinds: list[str] = field(default_factory=list)
+    provides: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class _Staging:
+    """Collects one plugin's registrations so that a plugin that raises adds nothing."""
+
+    def __init__(self) -> None:
+        self.sources: list[Source] = []
+        self.strategies: dict[str, Strategy] = {}
+        self.evaluators: dict[str, Evaluator] = {}
+
+
+class _SourceRegister:
+    def __init__(self, staging: _Staging) -> None:
+        self._staging = staging
+
+    def add(self, source: Source) -> None:
+        if not isinstance(source, hookspecs.Source):
+            raise TypeError(f"{source!r} is not a Source (stat, fetch, close, schemes)")
+        self._staging.sources.append(source)
+
+
+class _NamedRegister:
+    def __init__(self, target: dict[str, Any], kind: str) -> None:
+        self._target, self._kind = target, kind
+
+    def add(self, name: str, item: Callable[..., Any]) -> None:
+        if not callable(item):
+            raise TypeError(f"{self._kind} {name!r} is not callable")
+        self._target[name] = item
+
+
+class Plugins:
+    """Sources by scheme, strategies and evaluators by name, and what was loaded."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, Source] = {}
+        self.strategies: dict[str, Strategy] = {}
+        self.evaluators: dict[str, Evaluator] = {}
+        self.infos: list[PluginInfo] = []
+        self.manager = pluggy.PluginManager(hookspecs.PROJECT)
+        self.manager.add_hookspecs(hookspecs)
+
+    @classmethod
+    def load(
+        cls, disabled: Iterable[str] = (), extra: Iterable[tuple[str, object]] = ()
+    ) -> Plugins:
+        """Every entry point of the group, less ``disabled``, plus ``extra`` (name, module)
+        objects registered the same way (for tests and embedding)."""
+        plugins = cls()
+        blocked = {name.strip() for name in disabled if name.strip()}
+        candidates: list[tuple[str, str, Callable[[], object]]] = []
+        for point in sorted(entry_points(group=GROUP), key=lambda p: p.name):
+            candidates.append((point.name, _version(point), point.load))
+        for name, module in extra:
+            candidates.append((name, "", lambda module=module: module))  # type: ignore[misc]
+        for name, version, load in candidates:
+            if name in blocked:
+                plugins.manager.set_blocked(name)
+                log.info("plugin %s disabled", name)
+                continue
+            info = PluginInfo(name, version)
+            plugins.infos.append(info)
+            try:
+                plugins._register(name, load(), info)
+            except Exception as exc:
+                info.error = f"{type(exc).__name__}: {exc}"[:300]
+                log.error("plugin %s skipped: %s", name, info.error)
+        return plugins
+
+    def _register(self, name: str, plugin: object, info: PluginInfo) -> None:
+        staging = _Staging()
+        self.manager.register(plugin, name=name)
+        try:
+            for hook, register, kind in (
+                ("swarmfly_register_sources", _SourceRegister(staging), "source"),
+                (
+                    "swarmfly_register_strategies",
+                    _NamedRegister(staging.strategies, "strategy"),
+                    "strategy",
+                ),
+                (
+                    "swarmfly_register_evaluators",
+                    _NamedRegister(staging.evaluators, "evaluator"),
+                    "evaluator",
+                ),
+            ):
+                caller = getattr(self.manager.hook, hook)
+                for impl in caller.get_hookimpls():
+                    if impl.plugin_name == name:
+                        impl.function(register=register)
+                        if kind not in info.kinds:
+                            info.kinds.append(kind)
+            for source in staging.sources:
+                for scheme in source.schemes:
+                    if scheme in self.sources:
+                        raise ValueError(f"scheme {scheme!r} is already served by another plugin")
+            for kind, target, new in (
+                ("strategy", self.strategies, staging.strategies),
+                ("evaluator", self.evaluators, staging.evaluators),
+            ):
+                for key in new:
+                    if key in target:
+                        raise ValueError(f"{kind} {key!r} is already registered")
+        except Exception:
+            self.manager.unregister(name=name)
+            raise
+        for source in staging.sources:
+            for scheme in source.schemes:
+                self.sources[scheme.lower()] = source
+            info.provides += list(source.schemes)
+        self.strategies.update(staging.strategies)
+        self.evaluators.update(staging.evaluators)
+        info.provides += list(staging.strategies) + list(staging.evaluators)
+
+    def source_for(self, url: str) -> Source:
+        scheme = urlsplit(url).scheme.lower()
+        source = self.sources.get(scheme)
+        if source is None:
+            known = ", ".join(sorted(self.sources)) or "none"
+            raise SwarmflyError(
+                "bad_request", f"no source for scheme {scheme or '(none)'!r}; installed: {known}"
+            )
+        return source
+
+    def strategy(self, name: str) -> Strategy:
+        try:
+            return self.strategies[name]
+        except KeyError:
+            known = ", ".join(sorted(self.strategies))
+            raise SwarmflyError(
+                "bad_request", f"unknown strategy {name!r}; installed: {known}"
+            ) from None
+
+    def evaluator(self, name: str) -> Evaluator:
+        try:
+            return self.evaluators[name]
+        except KeyError:
+            known = ", ".join(sorted(self.evaluators))
+            raise SwarmflyError(
+                "bad_request", f"unknown evaluator {name!r}; installed: {known}"
+            ) from None
+
+    async def close(self) -> None:
+        for source in {id(s): s for s in self.sources.values()}.values():
+            try:
+                await source.close()
+            except Exception as exc:  # a failing close must not block shutdown
+                log.warning("closing a source failed: %s", exc)
+
+
+def _version(point: EntryPoint) -> str:
+    dist = point.dist
+    return dist.version if dist is not None else ""
