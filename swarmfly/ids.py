@@ -84,6 +84,16 @@ def default_host_id(state_dir: str) -> str:
     return f"{name}-{suffix}"
 
 
+_URL_DIGEST = re.compile(r"(?:@|/blobs/)(sha256:[0-9a-f]{64})$")
+
+
+def url_digest(url: str) -> str | None:
+    """The content digest a URL names: an OCI blob (``oci://host/repo@sha256:…`` or a
+    registry's ``/v2/<name>/blobs/sha256:…``), so the same blob is one task everywhere."""
+    match = _URL_DIGEST.search(url.split("?", 1)[0].split("#", 1)[0])
+    return match.group(1) if match else None
+
+
 def check_digest(digest: str) -> str:
     """The hex part of ``sha256:HEX``; ValueError otherwise."""
     match = DIGEST.fullmatch(digest)

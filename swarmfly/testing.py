@@ -10,14 +10,16 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
+from swarmfly.errors import SwarmflyError
 from swarmfly.natsserver import NatsServer
+from swarmfly.plugins.hookspecs import Source
 from swarmfly.ratelimit import TokenBucket
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
@@ -229,3 +231,49 @@ def swarmfly_get(
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+async def check_source(
+    source: Source,
+    url: str,
+    content: bytes,
+    *,
+    missing_url: str,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """The conformance check for source backends: run it against your backend and a URL whose
+    bytes you know. Raises AssertionError naming the first rule broken.
+
+    It checks ``stat`` (size, a boolean range flag), whole and ranged ``fetch`` (exactly the
+    bytes asked, including the first and last byte), a clear ``SwarmflyError`` for a missing
+    object, and that abandoning a fetch half-way releases what it held.
+    """
+    headers = dict(headers or {})
+    assert source.schemes and all(s == s.lower() for s in source.schemes), "schemes lower case"
+    stat = await source.stat(url, headers)
+    assert stat.size == len(content), f"stat size {stat.size} != {len(content)}"
+    assert isinstance(stat.ranges, bool), "stat.ranges must be a bool"
+
+    async def read(start: int = 0, end: int | None = None) -> bytes:
+        return b"".join([chunk async for chunk in source.fetch(url, headers, start, end)])
+
+    whole = await read()
+    assert whole == content, f"whole fetch returned {len(whole)} bytes, not the content"
+    if stat.ranges and content:
+        size = len(content)
+        for start, end in {(0, 1), (size - 1, size), (size // 3, 2 * size // 3), (1, size)}:
+            if start < end:
+                got = await read(start, end)
+                assert got == content[start:end], f"range [{start}, {end}) returned wrong bytes"
+    try:
+        await source.stat(missing_url, headers)
+    except SwarmflyError as exc:
+        assert exc.code in ("not_found", "source_error"), f"missing object gave {exc.code}"
+    else:
+        raise AssertionError("stat of a missing object must raise SwarmflyError")
+    for _ in range(3):  # abandoned streams must not leak connections or block later reads
+        stream = source.fetch(url, headers)
+        async for _chunk in stream:
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert await read() == content, "a fetch after abandoned ones returned wrong bytes"

@@ -13,6 +13,7 @@ from yarl import URL
 
 from swarmfly.errors import ErrorCode, SwarmflyError
 from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat, hookimpl
+from swarmfly.plugins.sources.bearer import TokenCache, parse_challenge
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class HttpSource:
         self.backoff = backoff
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self.tokens = TokenCache()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -49,11 +51,22 @@ class HttpSource:
         self, method: str, url: str, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
         """One request with retries; redirects followed by hand so that Authorization is
-        dropped when the origin changes."""
+        dropped when the origin changes; a Bearer challenge answered with a token."""
         attempt = 0
         while True:
             try:
                 response = await self._follow(method, url, dict(headers))
+                challenge = (
+                    parse_challenge(response.headers.get("WWW-Authenticate", ""))
+                    if response.status == 401
+                    else None
+                )
+                if challenge is not None:
+                    response.release()
+                    token = await self.tokens.token(self._client(), challenge, headers)
+                    bearer = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                    bearer["Authorization"] = f"Bearer {token}"
+                    response = await self._follow(method, url, bearer)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if attempt >= self.retries:
                     raise SwarmflyError(

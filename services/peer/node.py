@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +24,7 @@ from swarmfly.bus import Bus
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import task_id as make_task_id
+from swarmfly.ids import url_digest
 from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source
 from swarmfly.ratelimit import TokenBucket
@@ -178,6 +179,8 @@ class PeerNode:
         """Bring a task into the store, verified; concurrent asks for one task share a run."""
         self.source_for(source.url)
         self.plugins.strategy(strategy)
+        if source.digest is None and (named := url_digest(source.url)):
+            source = replace(source, digest=named)
         task_id = task_id or make_task_id(
             source.url, digest=source.digest, piece_length=source.piece_length
         )
