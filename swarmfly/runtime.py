@@ -146,16 +146,19 @@ def _owned_plugins(stack: AsyncExitStack, config: Config) -> Plugins:
     return plugins
 
 
-async def wait_for_signal() -> None:
+def stop_on_signals() -> asyncio.Event:
+    """Set on SIGINT/SIGTERM; installed before a service announces itself, so a signal
+    right after the banner still means a clean stop."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def run_service(kind: str, config: Config) -> None:
     """`swarmfly scheduler|storage|peer`: one service against an existing NATS."""
+    stop = stop_on_signals()
     async with AsyncExitStack() as stack:
         servers = servers_of(config)
         bus = await connect(config, f"swarmfly-{kind}", servers)
@@ -171,13 +174,14 @@ async def run_service(kind: str, config: Config) -> None:
         else:
             info = await start_peer(stack, config, bus, config.state_dir, servers)
             print(f"peer {info.node.settings.host_id}: {info.node.upload_url}", flush=True)
-        await wait_for_signal()
+        await stop.wait()
 
 
 async def run_up(config: Config, nats_port: int = 0) -> None:
     """`swarmfly up`: an embedded nats-server with JetStream and every service in one process."""
     state = config.state_dir
     state.mkdir(parents=True, exist_ok=True)
+    stop = stop_on_signals()
     async with AsyncExitStack() as stack:
         server = NatsServer(state / "nats", port=nats_port).start()
         stack.push_async_callback(server.astop)
@@ -212,4 +216,4 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
             ),
             flush=True,
         )
-        await wait_for_signal()
+        await stop.wait()
