@@ -87,8 +87,8 @@ def test_every_strategy_is_deterministic_for_a_seeded_random(
 
 
 def test_strategies_are_registered_by_their_documented_names() -> None:
-    assert STRATEGIES == {
+    assert {
         "rarest-first": rarest_first,
         "sequential": sequential,
         "random": random_order,
-    }
+    } == STRATEGIES
