@@ -31,7 +31,7 @@ MAX_REQUEST_BYTES = 256 * 1024
 def _validation_error(exc: Exception) -> BadRequest:
     path = getattr(exc, "name", None)
     message = getattr(exc, "message", str(exc))
-    return BadRequest(str(message)[:1024], path=str(path) if path else None)
+    return BadRequest(str(message)[:1024], path=str(path)[:1024] if path else None)
 
 
 def decode_request(contract: contracts.Contract, data: bytes) -> dict[str, Any]:
@@ -155,6 +155,10 @@ class Bus:
                 queue_group=contract.queue_group or name,
                 metadata={"contract": contract_name, "version": str(contract.version)},
             )
+        # nats-py may write its PING ahead of queued SUBs: two round trips make sure every
+        # endpoint is subscribed at the server before the service counts as started.
+        await self.nc.flush()
+        await self.nc.flush()
         return service
 
     def _endpoint(
@@ -176,7 +180,11 @@ class Bus:
                 log.exception("handler for %s failed", contract.name)
                 await _respond_error(request, SwarmflyError("internal", type(exc).__name__))
                 return
-            await request.respond(orjson.dumps(reply))
+            try:
+                await request.respond(orjson.dumps(reply))
+            except Exception as exc:  # e.g. larger than the server's max_payload
+                log.error("reply on %s not sent: %s", contract.name, exc)
+                await _respond_error(request, SwarmflyError("internal", "reply could not be sent"))
 
         return serve
 

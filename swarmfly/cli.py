@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             level=config.log_level.upper() if args.command != "get" else "WARNING",
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        for noisy in ("botocore", "aiobotocore", "urllib3"):
+            # their DEBUG lines carry request signatures and access key ids
+            logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))
         if args.command == "get":
             return _get(args, config)
         if args.command == "plugins":

@@ -49,9 +49,13 @@ def task_id(
     tag: str = "",
     application: str = "",
     piece_length: int | None = None,
+    etag: str | None = None,
 ) -> str:
-    """Keyed by the content digest when known, else by the normalised URL and options."""
-    key = digest or "\x00".join([normalize_url(url), tag, application, str(piece_length or "")])
+    """Keyed by the content digest when known, else by the normalised URL, the options and
+    the origin's ETag (so content that changed at the origin is a new task, swarm-wide)."""
+    key = digest or "\x00".join(
+        [normalize_url(url), tag, application, str(piece_length or ""), etag or ""]
+    )
     return hashlib.sha256(key.encode()).hexdigest()
 
 

@@ -18,6 +18,7 @@ import aiohttp
 from swarmfly import metrics
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, piece_count, piece_length_for
+from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.services.peer.pieces import PieceBook
 from swarmfly.services.peer.store import StoredTask, TaskContent
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 POLL_WAIT = 10.0
 STALL_SECONDS = 3.0
 REPORT_INTERVAL = 0.1
+REPORT_BATCH = 2048
+"""Piece reports per request: with digests, 2048 stay well inside the request size limit."""
 PARENT_FAILURES = 2
 
 
@@ -63,12 +66,20 @@ class Parent:
 
 class Conductor:
     def __init__(
-        self, node: PeerNode, task_id: str, source: SourceRequest, *, strategy: str, seed: bool
+        self,
+        node: PeerNode,
+        task_id: str,
+        source: SourceRequest,
+        *,
+        strategy: str,
+        seed: bool,
+        stat: SourceStat,
     ) -> None:
         self.node = node
         self.task_id = task_id
         self.source = source
         self.seed = seed
+        self.stat = stat
         self.strategy = node.plugins.strategy(strategy)
         self.peer_id = node.peer_id(task_id)
         self.stored: StoredTask = node.store.open(task_id, source.url)
@@ -364,25 +375,35 @@ class Conductor:
         return number
 
     async def _refresh_task(self, book: PieceBook | None) -> None:
-        try:
-            reply = await self._request("scheduler.task", {"task_id": self.task_id})
-        except SwarmflyError as exc:
-            log.debug("task info: %s", exc)
-            return
-        if reply["task"]:
+        """Task size and the per-piece digests the scheduler knows, page by page."""
+        offset = 0
+        while True:
+            try:
+                reply = await self._request(
+                    "scheduler.task", {"task_id": self.task_id, "offset": offset}
+                )
+            except SwarmflyError as exc:
+                log.debug("task info: %s", exc)
+                return
+            if not reply["task"]:
+                return
             self.stored.set_content(TaskContent.from_dict(reply["task"]))
-            self.stored.set_digests(reply["digests"])
+            digests: list[str | None] = reply["digests"]
+            start = reply.get("offset", offset)
+            self.stored.set_digests(digests, start)
             if book is not None:
-                for number, digest in enumerate(reply["digests"][: book.piece_count]):
-                    if digest and book.digests[number] is None:
+                for number, digest in enumerate(digests, start):
+                    if digest and number < book.piece_count and book.digests[number] is None:
                         book.digests[number] = digest
+            offset = start + len(digests)
+            if not digests or offset >= reply["task"]["piece_count"]:
+                return
 
     # -- the origin ----------------------------------------------------------------------
 
     async def _from_origin(self) -> None:
         """Read the missing pieces from the origin: parallel ranges, or one stream."""
-        source = self.node.source_for(self.source.url)
-        stat = await source.stat(self.source.url, self.source.headers)
+        stat = self.stat
         if stat.size is None:
             raise SwarmflyError("source_error", "origin does not state the content length")
         length = self.source.piece_length or piece_length_for(stat.size)
@@ -544,7 +565,7 @@ class Conductor:
     async def _flush_reports(self) -> None:
         if self.node.bus is None or not (self._reports or self._report_content):
             return
-        batch, self._reports = self._reports[:4096], self._reports[4096:]
+        batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
         body: dict[str, Any] = {"task_id": self.task_id, "peer_id": self.peer_id, "pieces": batch}
         if self._report_content and self.stored.content is not None:
             body["task"] = self.stored.content.to_dict()

@@ -28,7 +28,7 @@ from swarmfly.ids import url_digest
 from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source
 from swarmfly.ratelimit import TokenBucket
-from swarmfly.services.peer.conductor import Conductor, SourceRequest
+from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor, SourceRequest
 from swarmfly.services.peer.store import StoredTask, TaskStore
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class PeerNode:
         self.upload_url = ""
         self.plugins = plugins
         self._session: aiohttp.ClientSession | None = None
-        self._downloads: dict[str, asyncio.Task[Conductor]] = {}
+        self._downloads: dict[str, tuple[Conductor, asyncio.Task[Conductor]]] = {}
         self._progress: dict[str, Conductor] = {}
 
     @property
@@ -138,7 +138,7 @@ class PeerNode:
         )
 
     async def _close_clients(self) -> None:
-        for task in self._downloads.values():
+        for _, task in self._downloads.values():
             task.cancel()
         if self._session is not None:
             await self._session.close()
@@ -176,26 +176,30 @@ class PeerNode:
         task_id: str | None = None,
         download_id: str | None = None,
     ) -> DownloadResult:
-        """Bring a task into the store, verified; concurrent asks for one task share a run."""
-        self.source_for(source.url)
+        """Bring a task into the store, verified; concurrent asks for one task share a run.
+
+        Every request is first checked against the origin with its own credentials: content
+        of a private repository reaches only a client the origin accepts, whether it comes
+        from the cache, a running download or the swarm.
+        """
+        backend = self.source_for(source.url)
         self.plugins.strategy(strategy)
-        if source.digest is None and (named := url_digest(source.url)):
+        started = time.monotonic()
+        stat = await backend.stat(source.url, source.headers)
+        if source.digest is None and (named := url_digest(source.url) or stat.digest):
             source = replace(source, digest=named)
         task_id = task_id or make_task_id(
-            source.url, digest=source.digest, piece_length=source.piece_length
+            source.url, digest=source.digest, piece_length=source.piece_length, etag=stat.etag
         )
-        started = time.monotonic()
-        running = self._downloads.get(task_id)
-        if running is None:
-            conductor = Conductor(self, task_id, source, strategy=strategy, seed=seed)
+        entry = self._downloads.get(task_id)
+        if entry is None:
+            conductor = Conductor(self, task_id, source, strategy=strategy, seed=seed, stat=stat)
             running = asyncio.create_task(self._run(conductor))
-            self._downloads[task_id] = running
+            entry = self._downloads[task_id] = (conductor, running)
             running.add_done_callback(lambda _: self._downloads.pop(task_id, None))
-            if download_id:
-                self._progress[download_id] = conductor
-        elif download_id:
-            self._progress[download_id] = await asyncio.shield(self._conductor_of(running))
-        conductor = await asyncio.shield(running)
+        if download_id:
+            self._progress[download_id] = entry[0]
+        conductor = await asyncio.shield(entry[1])
         stored = conductor.stored
         assert stored.content is not None
         digest = (
@@ -210,10 +214,6 @@ class PeerNode:
             seconds=time.monotonic() - started,
             digest=digest,
         )
-
-    @staticmethod
-    async def _conductor_of(running: asyncio.Task[Conductor]) -> Conductor:
-        return await running
 
     async def _run(self, conductor: Conductor) -> Conductor:
         conductor.stored.active += 1
@@ -254,13 +254,13 @@ class PeerNode:
             for n in sorted(stored.done)
             if stored.digests[n]
         ]
-        for start in range(0, max(1, len(reports)), 4096):
+        for start in range(0, max(1, len(reports)), REPORT_BATCH):
             await self.bus.request(
                 "scheduler.pieces",
                 {
                     "task_id": stored.id,
                     "peer_id": peer_id,
-                    "pieces": reports[start : start + 4096],
+                    "pieces": reports[start : start + REPORT_BATCH],
                     "task": stored.content.to_dict(),
                 },
             )

@@ -113,11 +113,12 @@ class StoredTask:
             handle.truncate(content.content_length)
         self.save()
 
-    def set_digests(self, digests: list[str | None]) -> None:
-        if self.content is None or len(digests) != self.content.piece_count:
+    def set_digests(self, digests: list[str | None], offset: int = 0) -> None:
+        """Learn digests for pieces ``offset…``; ones already known are kept."""
+        if self.content is None:
             return
-        for number, digest in enumerate(digests):
-            if digest and self.digests[number] is None:
+        for number, digest in enumerate(digests, offset):
+            if digest and number < self.content.piece_count and self.digests[number] is None:
                 self.digests[number] = digest
 
     def _file(self) -> int:
@@ -149,11 +150,15 @@ class StoredTask:
         self.done.add(number)
         self.version += 1
         self.last_access = time.time()
+        self._wake()
+        if self.complete:
+            self.save()
+
+    def _wake(self) -> None:
+        """Answer every long-poll waiting on this task."""
         if self._changed is not None:
             self._changed.set()
             self._changed = None
-        if self.complete:
-            self.save()
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self._file(), size, offset)
@@ -197,6 +202,7 @@ class StoredTask:
         self.done.clear()
         self.digests = [None] * (self.content.piece_count if self.content else 0)
         self.version += 1
+        self._wake()
         self.save()
 
 

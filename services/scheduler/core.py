@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from swarmfly.errors import SwarmflyError
+from swarmfly.ids import piece_count
 from swarmfly.plugins.evaluators.default import evaluate as default_evaluate
 from swarmfly.plugins.hookspecs import Candidate, Evaluator
 
@@ -353,6 +354,10 @@ class Scheduler:
         return self.tasks[task_id], peer
 
     def _set_content(self, task: Task, content: Content) -> None:
+        if content.piece_count != piece_count(content.content_length, content.piece_length):
+            raise SwarmflyError(
+                "bad_request", "piece_count does not fit content_length", path="data.task"
+            )
         if task.content is None:
             task.content = content
         elif (task.content.content_length, task.content.piece_length) != (

@@ -19,6 +19,8 @@ from swarmfly.plugins.hookspecs import Evaluator
 from swarmfly.services.scheduler.core import Content, HostSpec, PieceReport, Scheduler, TriggerSeed
 
 log = logging.getLogger(__name__)
+DIGEST_PAGE = 8192
+"""Digests per scheduler.task reply: a page stays far below NATS's 1 MiB payload limit."""
 
 
 def host_spec(data: dict[str, Any]) -> HostSpec:
@@ -137,7 +139,12 @@ class SchedulerService:
 
     async def on_task(self, req: dict[str, Any]) -> dict[str, Any]:
         task, digests = self.core.task_info(req["task_id"])
-        return {"task": task.to_dict() if task else None, "digests": digests}
+        offset = req.get("offset", 0)
+        return {
+            "task": task.to_dict() if task else None,
+            "offset": offset,
+            "digests": digests[offset : offset + DIGEST_PAGE],
+        }
 
     async def on_result(self, req: dict[str, Any]) -> dict[str, Any]:
         self.core.result(

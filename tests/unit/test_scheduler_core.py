@@ -177,7 +177,7 @@ def test_register_ignores_pieces_beyond_the_task() -> None:
 def test_register_with_different_content_is_a_conflict() -> None:
     s = Scheduler()
     add_seed(s)
-    other = Content(CONTENT.content_length + 1, CONTENT.piece_length, CONTENT.piece_count)
+    other = Content(CONTENT.content_length - 1, CONTENT.piece_length, CONTENT.piece_count)
     with pytest.raises(SwarmflyError, match="content length") as caught:
         s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0, content=other)
     assert caught.value.code == "conflict"
