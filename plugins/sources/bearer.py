@@ -45,6 +45,17 @@ class TokenCache:
     def __init__(self) -> None:
         self._tokens: dict[tuple[str, str, str, str], tuple[str, float]] = {}
 
+    @staticmethod
+    def _key(challenge: Challenge, headers: Mapping[str, str]) -> tuple[str, str, str, str, str]:
+        credential = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
+        basic = credential if credential.lower().startswith("basic ") else ""
+        digest = hashlib.sha256(basic.encode()).hexdigest()
+        return challenge.realm, challenge.service, challenge.scope, digest, basic
+
+    def forget(self, challenge: Challenge, headers: Mapping[str, str]) -> None:
+        """Drop a token the origin refused (rotated or revoked)."""
+        self._tokens.pop(self._key(challenge, headers)[:4], None)
+
     async def token(
         self,
         session: aiohttp.ClientSession,
@@ -52,14 +63,8 @@ class TokenCache:
         headers: Mapping[str, str],
     ) -> str:
         """A bearer token for the challenge, fetched with the caller's Basic credentials."""
-        credential = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
-        basic = credential if credential.lower().startswith("basic ") else ""
-        key = (
-            challenge.realm,
-            challenge.service,
-            challenge.scope,
-            hashlib.sha256(basic.encode()).hexdigest(),
-        )
+        *key_parts, basic = self._key(challenge, headers)
+        key = (key_parts[0], key_parts[1], key_parts[2], key_parts[3])
         cached = self._tokens.get(key)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]

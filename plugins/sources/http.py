@@ -13,7 +13,7 @@ from yarl import URL
 
 from swarmfly.errors import ErrorCode, SwarmflyError
 from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat, hookimpl
-from swarmfly.plugins.sources.bearer import TokenCache, parse_challenge
+from swarmfly.plugins.sources.bearer import Challenge, TokenCache, parse_challenge
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,19 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, parts.hostname or "", parts.port
 
 
+def _scope_key(url: str) -> str:
+    """An origin plus the repository part of a registry path (what a token's scope covers)."""
+    parts = urlsplit(url)
+    path = re.split(r"/(?:blobs|manifests)/", parts.path, maxsplit=1)[0]
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _with_bearer(headers: Mapping[str, str], token: str) -> dict[str, str]:
+    out = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+    out["Authorization"] = f"Bearer {token}"
+    return out
+
+
 class HttpSource:
     schemes: tuple[str, ...] = ("http", "https")
 
@@ -35,6 +48,8 @@ class HttpSource:
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
         self.tokens = TokenCache()
+        self._challenges: dict[str, Challenge] = {}
+        """Bearer challenge last seen per origin and repository path."""
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -55,18 +70,7 @@ class HttpSource:
         attempt = 0
         while True:
             try:
-                response = await self._follow(method, url, dict(headers))
-                challenge = (
-                    parse_challenge(response.headers.get("WWW-Authenticate", ""))
-                    if response.status == 401
-                    else None
-                )
-                if challenge is not None:
-                    response.release()
-                    token = await self.tokens.token(self._client(), challenge, headers)
-                    bearer = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-                    bearer["Authorization"] = f"Bearer {token}"
-                    response = await self._follow(method, url, bearer)
+                response = await self._authorized(method, url, headers)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if attempt >= self.retries:
                     raise SwarmflyError(
@@ -78,6 +82,33 @@ class HttpSource:
                 response.release()
             attempt += 1
             await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+
+    async def _authorized(
+        self, method: str, url: str, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Send with the token an earlier challenge of this repository led to, so a piece
+        costs one round trip; on 401 answer the (new) challenge once."""
+        scope = _scope_key(url)
+        known = self._challenges.get(scope)
+        if known is not None:
+            token = await self.tokens.token(self._client(), known, headers)
+            response = await self._follow(method, url, _with_bearer(headers, token))
+            if response.status != 401:
+                return response
+            self.tokens.forget(known, headers)
+        else:
+            response = await self._follow(method, url, dict(headers))
+        challenge = (
+            parse_challenge(response.headers.get("WWW-Authenticate", ""))
+            if response.status == 401
+            else None
+        )
+        if challenge is None:
+            return response
+        response.release()
+        self._challenges[scope] = challenge
+        token = await self.tokens.token(self._client(), challenge, headers)
+        return await self._follow(method, url, _with_bearer(headers, token))
 
     async def _follow(
         self, method: str, url: str, headers: dict[str, str]

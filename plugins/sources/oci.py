@@ -3,8 +3,8 @@
 ``oci://host[:port]/name@sha256:…`` is a blob (verified against its digest), and
 ``oci://host[:port]/name:tag`` a manifest by tag; ``oci+http://`` talks plain HTTP to a
 registry without TLS. Registries' own ``/v2/<name>/blobs/<digest>`` URLs go through the
-http source, which shares the Bearer token flow. Anonymous, Basic (an ``Authorization``
-header) and Bearer (exchanged from Basic, or anonymous) auth all work.
+http source; both use the Bearer token flow of ``bearer.py``. Anonymous, Basic (an
+``Authorization`` header) and Bearer (exchanged from Basic, or anonymous) auth all work.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat, hookimpl
 from swarmfly.plugins.sources.http import HttpSource
 
 _REFERENCE = re.compile(
-    r"^(?P<scheme>oci|oci\+http)://(?P<host>[A-Za-z0-9.-]+(?::\d{1,5})?)/"
+    r"^(?P<scheme>oci|oci\+http)://(?P<host>(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?)/"
     r"(?P<name>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
     r"(?:@(?P<digest>sha256:[0-9a-f]{64})|:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))$"
 )

@@ -155,7 +155,8 @@ async def test_get_through_a_peer_service(
         assert summary["via"] == "peer"
         assert summary["bytes_p2p"] == len(data), "the seed read the origin, the peer the seed"
         assert out.read_bytes() == data
-        assert len(data) <= origin.bytes_served <= len(data) + 1, "+1: the ranged stat"
+        # Beyond the content: one byte per ranged stat (the access check of each host).
+        assert len(data) <= origin.bytes_served <= len(data) + 4
     finally:
         for service in services:
             assert service.stop() == 0, service.log()

@@ -205,7 +205,7 @@ async def test_disabled_plugins_are_not_loaded(tmp_path: Path, origin: Origin) -
         "get", url, "-O", str(tmp_path / "f"), "--state-dir", str(tmp_path / "s"), env=env
     )
     assert code == 1
-    assert "no source for scheme 'http'; installed: oci, oci+http" in err
+    assert "no source for scheme 'http'; installed: oci, oci+http, s3" in err
     assert not (tmp_path / "f").exists()
 
 
