@@ -9,7 +9,8 @@ from aiohttp import web
 
 async def serve_http(stack: AsyncExitStack, app: web.Application, host: str, port: int) -> str:
     """Start ``app`` and return its base URL (port 0 picks a free one)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Long-polls would hold a graceful shutdown for their whole wait: give them a second.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, host, port, reuse_address=True)

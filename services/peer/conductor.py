@@ -29,10 +29,14 @@ log = logging.getLogger(__name__)
 
 POLL_WAIT = 10.0
 STALL_SECONDS = 3.0
+RESCHEDULE_INTERVAL = 2.0
+"""Seconds between asks for fresher parents while pieces are missing."""
 REPORT_INTERVAL = 0.1
 REPORT_BATCH = 2048
 """Piece reports per request: with digests, 2048 stay well inside the request size limit."""
 PARENT_FAILURES = 2
+BUSY_BACKOFF = 0.25
+"""Seconds before asking a parent that had no free upload slot again."""
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,21 @@ class SourceRequest:
         return out
 
 
+class ParentBusy(SwarmflyError):
+    """The parent has no free upload slot: ask another, come back shortly."""
+
+    def __init__(self) -> None:
+        super().__init__("unavailable", "parent busy")
+
+
 @dataclass
 class Parent:
     peer_id: str
     host_id: str
     address: str
+    type: str = "normal"
     failures: int = 0
+    busy_until: float = 0.0
     version: int = -1
     complete: bool = False
     watcher: asyncio.Task[None] | None = None
@@ -166,11 +179,25 @@ class Conductor:
 
     # -- P2P -----------------------------------------------------------------------------
 
+    def _set_parents(self, parents: list[dict[str, Any]], book: PieceBook | None) -> None:
+        """Use exactly the parents the scheduler assigned (its DAG has no cycles); pieces in
+        flight from a released parent still finish."""
+        assigned = {info["peer_id"] for info in parents}
+        for parent_id in [p for p in self.parents if p not in assigned]:
+            parent = self.parents.pop(parent_id)
+            if parent.watcher is not None:
+                parent.watcher.cancel()
+            if book is not None:
+                book.release_parent(parent_id)
+        self._add_parents(parents)
+
     def _add_parents(self, parents: list[dict[str, Any]]) -> None:
         for info in parents:
             if info["peer_id"] in self.parents or info["peer_id"] in self.blocklist:
                 continue
-            parent = Parent(info["peer_id"], info["host_id"], info["address"].rstrip("/"))
+            parent = Parent(
+                info["peer_id"], info["host_id"], info["address"].rstrip("/"), info["type"]
+            )
             self.parents[parent.peer_id] = parent
             parent.watcher = asyncio.create_task(self._watch(parent))
 
@@ -229,7 +256,7 @@ class Conductor:
         self._failed_parents: list[tuple[str, str]] = []
         book: PieceBook | None = None
         fetches: dict[asyncio.Task[int], tuple[int, str]] = {}
-        last_progress = time.monotonic()
+        last_progress = last_schedule = time.monotonic()
         last_digests = 0.0
         config = self.node.config
         try:
@@ -254,6 +281,7 @@ class Conductor:
                     self._drop_parent(book, parent_id, "failed")
                 self._failed_parents.clear()
                 if book is not None:
+                    book.seeds = {p for p, parent in self.parents.items() if parent.type == "seed"}
                     for parent_id, pieces in self._availability.items():
                         if parent_id in self.parents:
                             book.update_parent(parent_id, pieces)
@@ -262,20 +290,28 @@ class Conductor:
                     for _, parent_id in fetches.values():
                         busy[parent_id] = busy.get(parent_id, 0) + 1
                     room = config.concurrency - len(fetches)
-                    free = {p: config.per_parent - busy.get(p, 0) for p in self.parents}
+                    now = time.monotonic()
+                    free = {
+                        p: config.per_parent - busy.get(p, 0)
+                        for p, parent in self.parents.items()
+                        if parent.busy_until <= now
+                    }
                     for number, parent_id in book.assign(free, room):
                         task = asyncio.create_task(self._fetch_piece(number, parent_id))
                         fetches[task] = (number, parent_id)
-                stalled = time.monotonic() - last_progress > STALL_SECONDS and not fetches
-                if not self.parents or stalled or self._reschedule_due:
-                    # A lost or bad parent is reported at once, and replaced.
+                now = time.monotonic()
+                stalled = now - last_progress > STALL_SECONDS and not fetches
+                periodic = now - last_schedule > RESCHEDULE_INTERVAL
+                if not self.parents or stalled or periodic or self._reschedule_due:
+                    # A lost or bad parent is reported at once; and as the swarm moves on,
+                    # the scheduler is asked again for the parents that are ahead now.
                     self._reschedule_due = False
                     schedule = await self._reschedule_or_register()
-                    last_progress = time.monotonic()
+                    last_progress = last_schedule = time.monotonic()
                     if schedule.get("task"):
                         self.stored.set_content(TaskContent.from_dict(schedule["task"]))
                     if schedule["action"] == "parents":
-                        self._add_parents(schedule["parents"])
+                        self._set_parents(schedule["parents"], book)
                     elif schedule["action"] == "back_to_source":
                         return schedule
                     elif not self.parents:
@@ -284,7 +320,7 @@ class Conductor:
                 waiter = asyncio.create_task(self._wake.wait())
                 done, _ = await asyncio.wait(
                     [waiter, *fetches],
-                    timeout=0.5 if book is not None else 0.2,
+                    timeout=0.25 if book is not None else 0.2,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 waiter.cancel()
@@ -318,13 +354,19 @@ class Conductor:
             return True
         book.failed(number, parent_id)
         parent = self.parents.get(parent_id)
+        if isinstance(exc, ParentBusy):
+            if parent is not None:
+                parent.busy_until = time.monotonic() + BUSY_BACKOFF
+            return False
         if isinstance(exc, SwarmflyError) and exc.code == "integrity":
             metrics.PEER_PIECE_FAILURES.labels("corrupt").inc()
             log.warning("parent %s served a corrupt piece %d", parent_id, number)
             self._drop_parent(book, parent_id, "corrupt")
         elif isinstance(exc, SwarmflyError) and exc.code == "timeout":
             metrics.PEER_PIECE_FAILURES.labels("slow").inc()
-            self._drop_parent(book, parent_id, "slow")
+            if parent is not None and parent.type != "seed":
+                # A stalled seed is slow, not gone: it is where the pieces are.
+                self._drop_parent(book, parent_id, "slow")
         elif parent is not None:
             metrics.PEER_PIECE_FAILURES.labels("failed").inc()
             parent.failures += 1
@@ -343,8 +385,12 @@ class Conductor:
             async with self.node.session.get(
                 f"{parent.address}/v1/tasks/{self.task_id}/data",
                 headers={"Range": f"bytes={offset}-{offset + size - 1}"},
-                timeout=aiohttp.ClientTimeout(total=self.node.config.piece_timeout),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=5, sock_read=self.node.config.piece_timeout
+                ),
             ) as response:
+                if response.status == 503:
+                    raise ParentBusy()
                 if response.status != 206:
                     raise SwarmflyError("unavailable", f"parent answered {response.status}")
                 chunks: list[bytes] = []
@@ -356,7 +402,7 @@ class Conductor:
                     await self.node.download_bucket.take(len(chunk))
                     chunks.append(chunk)
         except TimeoutError:
-            raise SwarmflyError("timeout", f"piece {number} took too long") from None
+            raise SwarmflyError("timeout", f"piece {number} stalled") from None
         except aiohttp.ClientError as exc:
             raise SwarmflyError("unavailable", type(exc).__name__) from None
         if number in self.stored.done:

@@ -94,7 +94,10 @@ class PeerNode:
         self.servers = servers
         self.store = TaskStore(settings.state_dir / "tasks")
         self.upload = UploadServer(
-            self.store, rate=settings.upload_rate, slots=settings.upload_slots
+            self.store,
+            rate=settings.upload_rate,
+            slots=settings.upload_slots,
+            superseed=settings.host_type == "seed",
         )
         self.download_bucket = TokenBucket(settings.download_rate)
         self.origin_concurrency = settings.origin_concurrency

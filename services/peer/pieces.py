@@ -22,6 +22,9 @@ class PieceBook:
     """parent id -> pieces that parent has verified."""
     in_flight: dict[int, set[str]] = field(default_factory=dict)
     """piece -> parents it is being fetched from (more than one only in the endgame)."""
+    seeds: set[str] = field(default_factory=set)
+    """Parents that read the origin: the scarcest uplinks, asked only for what no other
+    parent offers."""
     strategy: Strategy = rarest_first
     rng: random.Random = field(default_factory=random.Random)
 
@@ -41,6 +44,10 @@ class PieceBook:
 
     def update_parent(self, parent_id: str, pieces: set[int]) -> None:
         self.available[parent_id] = {n for n in pieces if 0 <= n < self.piece_count}
+
+    def release_parent(self, parent_id: str) -> None:
+        """Stop offering a parent's pieces; what is in flight from it may still finish."""
+        self.available.pop(parent_id, None)
 
     def drop_parent(self, parent_id: str) -> list[int]:
         """Forget a parent; returns the pieces that were in flight from it."""
@@ -99,6 +106,11 @@ class PieceBook:
             for n in offered
             if n not in self.done and n not in self.in_flight and self.digests[n] is not None
         ]
+        if parent in self.seeds:
+            elsewhere = set().union(
+                *(pieces for p, pieces in self.available.items() if p not in self.seeds)
+            )
+            fresh = [n for n in fresh if n not in elsewhere]
         if fresh:
             view = PieceView(fresh, holders, self.first_missing(), self.piece_count)
             ordered = self.strategy(view, self.rng)

@@ -9,6 +9,7 @@ rate limit is set).
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 
 from aiohttp import web
@@ -21,13 +22,23 @@ from swarmfly.services.peer.store import StoredTask, TaskStore
 _RANGE = re.compile(r"^bytes=(\d{1,15})-(\d{1,15})$")
 MAX_WAIT = 30.0
 CHUNK = 128 * 1024
+REVEAL = 4
+"""Pieces a super-seeding parent offers per answer."""
+PACED_SLOT_RATE = 2 * 1024 * 1024
+"""Bytes/s each concurrent upload should get when an upload rate cap is set."""
 
 
 class UploadServer:
-    def __init__(self, store: TaskStore, *, rate: int = 0, slots: int = 64) -> None:
+    def __init__(
+        self, store: TaskStore, *, rate: int = 0, slots: int = 64, superseed: bool = False
+    ) -> None:
         self.store = store
+        self.superseed = superseed
+        self.rng = random.Random()
         self.bucket = TokenBucket(rate)
-        self.slots = slots
+        # Under a rate cap, few uploads at full speed beat many crawling ones: pieces finish
+        # and spread sooner, and children turned away (503) ask another parent.
+        self.slots = min(slots, max(2, -(-rate // PACED_SLOT_RATE))) if rate > 0 else slots
         self.uploads = 0
         self.app = web.Application(client_max_size=1024)
         self.app.router.add_get("/v1/tasks/{task_id}/pieces", self.pieces)
@@ -54,17 +65,27 @@ class UploadServer:
             wait = min(MAX_WAIT, max(0.0, float(request.query.get("wait", "0"))))
         except ValueError:
             raise web.HTTPBadRequest(text="since and wait must be numbers") from None
-        if wait:
-            await task.wait_change(since, wait)
+        superseed = self.superseed and task.complete
+        current = task.version + task.upload_events if superseed else task.version
+        if wait and (superseed or not task.complete):  # a complete task has no news
+            await task.wait_change(since, wait, current)
+            current = task.version + task.upload_events if superseed else task.version
         assert task.content is not None
         return web.json_response(
             {
-                "version": task.version,
+                "version": current,
                 "piece_count": task.content.piece_count,
-                "complete": task.complete,
-                "pieces": sorted(task.done),
+                "complete": task.complete and not superseed,
+                "pieces": self._reveal(task) if superseed else sorted(task.done),
             }
         )
+
+    def _reveal(self, task: StoredTask) -> list[int]:
+        """Super-seeding: offer each child a few of the least-uploaded pieces, in random
+        order, so the scarce seed uplink sends each piece about once and the children trade
+        the rest among themselves."""
+        keyed = sorted(task.done, key=lambda n: (task.served.get(n, 0), self.rng.random()))
+        return sorted(keyed[:REVEAL])
 
     async def data(self, request: web.Request) -> web.StreamResponse:
         task = self._task(request)
@@ -80,8 +101,14 @@ class UploadServer:
             )
         self.uploads += 1
         task.active += 1
+        assert task.content is not None
+        number = start // task.content.piece_length
+        task.upload_event(number, 1)
         try:
             return await self._send(request, task, start, last - start + 1)
+        except BaseException:
+            task.upload_event(number, -1)  # not delivered: it does not count as served
+            raise
         finally:
             self.uploads -= 1
             task.active -= 1

@@ -1,0 +1,619 @@
+"""The contracts hold: examples validate, code speaks only through them, the AsyncAPI document
+is current, and the running services answer `$SRV` discovery under them."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+from nats import connect as connect_nats
+from nats.aio.client import Client as NatsClient
+from nats.errors import TimeoutError as NatsTimeoutError
+from referencing import Registry, Resource
+
+from swarmfly import contracts
+from swarmfly.bus import Bus
+from swarmfly.config import Config, NatsConfig
+from swarmfly.contracts.asyncapi import document
+from swarmfly.natsserver import NatsServer
+from swarmfly.runtime import start_peer, start_scheduler
+from swarmfly.testing import Origin, in_process_cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTRACTS_DIR = ROOT / "contracts"
+ASYNCAPI_FILE = ROOT / "docs" / "asyncapi.json"
+SERVICES = {"scheduler", "storage", "peer", "proxy"}
+REGENERATE = "regenerate with `swarmfly contracts asyncapi > docs/asyncapi.json`"
+
+CONTRACTS = contracts.registry()
+NAMES = sorted(CONTRACTS)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def load(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def common_registry() -> Registry:
+    """common.json under both names a raw subject file can reach it by."""
+    common = load(CONTRACTS_DIR / "common.json")
+    resource = Resource.from_contents(common)
+    return Registry().with_resources([("common.json", resource), (common["$id"], resource)])
+
+
+def raw_subjects() -> dict[str, dict[str, Any]]:
+    files = sorted((CONTRACTS_DIR / "subjects").glob("*.json"))
+    return {load(path)["subject"]: load(path) for path in files}
+
+
+def validator(schema: dict[str, Any], registry: Registry | None = None) -> Draft202012Validator:
+    if registry is None:
+        return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return Draft202012Validator(
+        schema, registry=registry, format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+def errors_of(check: Draft202012Validator, instance: Any) -> list[str]:
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in check.iter_errors(instance)
+    ]
+
+
+def source_files() -> Iterator[Path]:
+    for folder in ("swarmfly", "services", "plugins"):
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def receiver_name(node: ast.expr) -> str:
+    """``nc`` for ``nc.x``, ``self.nc.x`` or ``bus.nc.x``."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return ""
+
+
+def resolve_pointer(doc: Any, ref: str) -> Any:
+    node = doc
+    for part in ref.removeprefix("#/").split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node[part]
+    return node
+
+
+def refs_in(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            yield ref
+        for value in node.values():
+            yield from refs_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from refs_in(item)
+
+
+# -- the contract files ----------------------------------------------------------------------
+
+
+def test_registry_has_every_subject_file() -> None:
+    assert sorted(raw_subjects()) == NAMES
+    assert len(NAMES) >= 10
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_contract_metadata(name: str) -> None:
+    contract = CONTRACTS[name]
+    assert contract.service in SERVICES
+    assert contract.version >= 1
+    assert contract.summary.strip()
+    assert contract.examples, f"{name} has no example"
+    assert name.split(".")[0] == contract.service, "a subject is namespaced by its service"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_schemas_are_valid_2020_12(name: str) -> None:
+    contract = CONTRACTS[name]
+    Draft202012Validator.check_schema(contract.request)
+    if contract.reply is not None:
+        Draft202012Validator.check_schema(contract.reply)
+    raw = raw_subjects()[name]
+    Draft202012Validator.check_schema(raw["request"])
+    if raw.get("reply"):
+        Draft202012Validator.check_schema(raw["reply"])
+
+
+def test_common_and_error_schemas_are_valid_2020_12() -> None:
+    Draft202012Validator.check_schema(load(CONTRACTS_DIR / "common.json"))
+    Draft202012Validator.check_schema(load(CONTRACTS_DIR / "error.json"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_examples_validate_with_jsonschema(name: str) -> None:
+    """The compiled (inlined) schemas the code uses accept every example."""
+    contract = CONTRACTS[name]
+    request_check = validator(contract.request)
+    reply_check = validator(contract.reply) if contract.reply is not None else None
+    for number, example in enumerate(contract.examples):
+        assert errors_of(request_check, example["request"]) == [], f"example {number} request"
+        if reply_check is not None:
+            assert "reply" in example, f"example {number} of a request/reply subject has no reply"
+            assert errors_of(reply_check, example["reply"]) == [], f"example {number} reply"
+        else:
+            assert "reply" not in example
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_examples_validate_against_the_raw_files(name: str) -> None:
+    """What a Go or Rust peer reads (the files, `$ref`s into common.json) agrees too."""
+    raw = raw_subjects()[name]
+    registry = common_registry()
+    request_check = validator(raw["request"], registry)
+    reply_check = validator(raw["reply"], registry) if raw.get("reply") else None
+    for number, example in enumerate(raw["examples"]):
+        assert errors_of(request_check, example["request"]) == [], f"example {number} request"
+        if reply_check is not None:
+            assert errors_of(reply_check, example["reply"]) == [], f"example {number} reply"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_examples_pass_the_compiled_validators(name: str) -> None:
+    contract = CONTRACTS[name]
+    for example in contract.examples:
+        contract.validate_request(example["request"])
+        if contract.validate_reply is not None:
+            contract.validate_reply(example["reply"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_tokens_make_a_subject(name: str) -> None:
+    contract = CONTRACTS[name]
+    for example in contract.examples:
+        tokens = example.get("tokens", {})
+        assert sorted(tokens) == sorted(contract.tokens)
+        subject = contract.subject("swarmfly", **tokens)
+        assert subject.startswith("swarmfly.v1.")
+        assert "{" not in subject and " " not in subject
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if CONTRACTS[n].tokens])
+def test_subject_tokens_refuse_dots_and_wildcards(name: str) -> None:
+    contract = CONTRACTS[name]
+    for bad in ("host.a", "*", ">", "a b", ""):
+        with pytest.raises(ValueError, match="invalid subject token"):
+            contract.subject("swarmfly", **dict.fromkeys(contract.tokens, bad))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inlined_schemas_are_self_contained(name: str) -> None:
+    contract = CONTRACTS[name]
+    assert list(refs_in(contract.request)) == []
+    assert contract.reply is None or list(refs_in(contract.reply)) == []
+
+
+def test_error_example_validates() -> None:
+    schema = load(CONTRACTS_DIR / "error.json")
+    check = validator(schema)
+    assert schema["examples"]
+    for example in schema["examples"]:
+        assert errors_of(check, example) == []
+        contracts.validate_error()(example)
+    assert errors_of(check, {"error": {"code": "nope", "status": 400, "message": "x"}}) != []
+
+
+# -- the code speaks only through the contracts ----------------------------------------------
+
+
+def direct_nats_calls(source: str, filename: str) -> list[str]:
+    """Calls of ``nc.publish/request/subscribe`` and ``.add_endpoint`` in one module."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        attr, receiver = node.func.attr, receiver_name(node.func.value)
+        if attr in ("publish", "request", "subscribe") and receiver in ("nc", "_nc"):
+            found.append(f"{filename}:{node.lineno} nc.{attr}(")
+        if attr == "add_endpoint":
+            found.append(f"{filename}:{node.lineno} .add_endpoint(")
+    return found
+
+
+def test_the_scan_sees_direct_nats_calls() -> None:
+    source = (
+        "async def f(self, bus, service):\n"
+        "    await self.nc.publish('x', b'')\n"
+        "    await bus.nc.request('x', b'')\n"
+        "    await nc.subscribe('x')\n"
+        "    await service.add_endpoint(name='x')\n"
+        "    await bus.request('scheduler.task', {})\n"
+    )
+    assert len(direct_nats_calls(source, "example.py")) == 4
+
+
+def test_only_the_bus_touches_nats_directly() -> None:
+    offenders: list[str] = []
+    scanned = 0
+    for path in source_files():
+        relative = path.relative_to(ROOT).as_posix()
+        scanned += 1
+        if relative != "swarmfly/bus.py":
+            offenders += direct_nats_calls(path.read_text(encoding="utf-8"), relative)
+    assert scanned > 10
+    assert offenders == []
+
+
+def literal_subjects() -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Subject names in code: first args of ``request``/``subject``/``contracts.get`` calls,
+    and the handler keys of ``add_service`` calls (with the service that serves them)."""
+    used: dict[str, list[str]] = {}
+    served: dict[str, str] = {}
+    for path in source_files():
+        relative = path.relative_to(ROOT).as_posix()
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=relative)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            first = node.args[0] if node.args else None
+            if (
+                name in ("request", "subject", "get")
+                and isinstance(first, ast.Constant)
+                and isinstance(first.value, str)
+                and "." in first.value
+                and " " not in first.value
+                and "/" not in first.value
+                and (name != "get" or receiver_name(getattr(func, "value", func)) == "contracts")
+            ):
+                used.setdefault(first.value, []).append(f"{relative}:{node.lineno}")
+            if name == "add_service" and isinstance(func, ast.Attribute):  # Bus.add_service
+                service = first.value if isinstance(first, ast.Constant) else ""
+                handlers = [k.value for k in node.keywords if k.arg == "handlers"]
+                handlers += node.args[3:4]  # add_service(name, version, description, handlers)
+                assert handlers and isinstance(handlers[0], ast.Dict), f"{relative}:{node.lineno}"
+                for key in handlers[0].keys:
+                    assert isinstance(key, ast.Constant), f"{relative}:{node.lineno}"
+                    served[str(key.value)] = str(service)
+    return used, served
+
+
+def test_every_subject_named_in_code_has_a_contract() -> None:
+    used, served = literal_subjects()
+    missing = {name: where for name, where in used.items() if name not in CONTRACTS}
+    assert missing == {}
+    assert {"scheduler.register", "scheduler.heartbeat", "storage.seed"} <= set(used)
+    assert sorted(n for n in served if n not in CONTRACTS) == []
+
+
+def test_every_contract_is_served_by_its_service() -> None:
+    _, served = literal_subjects()
+    proxy = {n for n in NAMES if CONTRACTS[n].service == "proxy"}
+    assert sorted(served) == sorted(set(NAMES) - proxy)
+    for name, service in served.items():
+        assert CONTRACTS[name].service == service, name
+
+
+# -- the AsyncAPI document -------------------------------------------------------------------
+
+
+def test_asyncapi_document_is_up_to_date() -> None:
+    assert ASYNCAPI_FILE.is_file(), REGENERATE
+    assert load(ASYNCAPI_FILE) == document(), REGENERATE
+
+
+def test_asyncapi_file_is_exactly_the_cli_output() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "swarmfly", "contracts", "asyncapi"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+        cwd=ROOT,
+    )
+    assert result.stdout == ASYNCAPI_FILE.read_bytes(), REGENERATE
+
+
+def test_asyncapi_has_one_channel_and_operation_per_contract() -> None:
+    doc = load(ASYNCAPI_FILE)
+    assert doc["asyncapi"] == "3.0.0"
+    channels, operations = doc["channels"], doc["operations"]
+    assert len(channels) == len(CONTRACTS) == len(operations)
+    addresses = {channel["address"] for channel in channels.values()}
+    assert addresses == {f"swarmfly.v1.{name}" for name in NAMES}
+    for key, channel in channels.items():
+        contract = CONTRACTS[channel["address"].removeprefix("swarmfly.v1.")]
+        assert sorted(channel.get("parameters", {})) == sorted(contract.tokens)
+        operation = operations[key]
+        assert operation["action"] == "receive"
+        assert operation["channel"] == {"$ref": f"#/channels/{key}"}
+        assert operation["x-swarmfly-service"] == contract.service
+        assert ("reply" in operation) == (contract.reply is not None)
+
+
+def test_asyncapi_refs_resolve_inside_the_document() -> None:
+    doc = load(ASYNCAPI_FILE)
+    refs = list(refs_in(doc))
+    assert len(refs) >= 3 * len(CONTRACTS)
+    for ref in refs:
+        assert ref.startswith("#/"), f"{ref} points outside the document"
+        target = resolve_pointer(doc, ref)
+        assert isinstance(target, dict), ref
+        target = resolve_pointer(doc, target["$ref"]) if "$ref" in target else target
+        assert target, ref
+
+
+def test_asyncapi_message_examples_match_their_payloads() -> None:
+    doc = load(ASYNCAPI_FILE)
+    for key, message in doc["components"]["messages"].items():
+        Draft202012Validator.check_schema(message["payload"])
+        check = validator(message["payload"])
+        for example in message.get("examples", []):
+            assert errors_of(check, example["payload"]) == [], key
+
+
+# -- the running services --------------------------------------------------------------------
+
+
+async def nats_connect(url: str) -> NatsClient:
+    return await connect_nats(servers=[url], connect_timeout=3, max_reconnect_attempts=0)
+
+
+async def collect(
+    nc: NatsClient, subject: str, payload: bytes = b"", wait: float = 0.75
+) -> list[Any]:
+    """Every reply to one request within ``wait`` seconds (many services answer $SRV)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subject, payload, reply=inbox)
+    await nc.flush()
+    replies: list[Any] = []
+    deadline = asyncio.get_running_loop().time() + wait
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        try:
+            replies.append(await sub.next_msg(timeout=left))
+        except NatsTimeoutError:
+            break
+    await sub.unsubscribe()
+    return replies
+
+
+@pytest.mark.timeout(60)
+async def test_srv_ping_and_info_find_every_service(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    async with in_process_cluster(nats.url, prefix, tmp_path) as cluster:
+        nc = await nats_connect(nats.url)
+        try:
+            pings = [json.loads(m.data) for m in await collect(nc, "$SRV.PING")]
+            ours: dict[str, dict[str, Any]] = {}
+            for ping in pings:
+                assert ping["type"] == "io.nats.micro.v1.ping_response"
+                reply = await nc.request(f"$SRV.INFO.{ping['name']}.{ping['id']}", b"", timeout=2)
+                info = json.loads(reply.data)
+                if all(e["subject"].startswith(f"{prefix}.") for e in info["endpoints"]):
+                    ours[info["name"]] = info
+        finally:
+            await nc.close()
+    assert sorted(ours) == ["peer", "scheduler", "storage"]
+    host_id = cluster.peer.node.settings.host_id
+    assert ours["peer"]["metadata"]["host_id"] == host_id
+    for service, info in ours.items():
+        assert info["endpoints"], service
+        for endpoint in info["endpoints"]:
+            contract = CONTRACTS[endpoint["metadata"]["contract"]]
+            assert contract.service == service
+            assert endpoint["subject"] == contract.subject(
+                prefix, **{t: host_id for t in contract.tokens}
+            )
+    served = {e["metadata"]["contract"] for info in ours.values() for e in info["endpoints"]}
+    assert served == {n for n in NAMES if CONTRACTS[n].service != "proxy"}
+
+
+class WireClient:
+    """A NATS client on a blocking socket. While it waits, this process's event loop is frozen,
+    so nothing queued by the services here (such as their SUBs) can reach the server."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("nats://").rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.buffer = b""
+        assert self._line().startswith(b"INFO ")
+        options = {"verbose": False, "headers": True, "no_responders": True, "protocol": 1}
+        self.sock.sendall(b"CONNECT " + json.dumps(options).encode() + b"\r\n")
+        self.sock.sendall(b"SUB _INBOX.wire 1\r\n")
+        assert self.until_pong() == []
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            self._fill()
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("nats-server closed the connection")
+        self.buffer += data
+
+    def _frame(self) -> tuple[bytes, bytes] | None:
+        """The next (headers, payload) on the inbox, or None for a PONG."""
+        while True:
+            kind, *fields = self._line().split()
+            if kind == b"PONG":
+                return None
+            if kind == b"PING":
+                self.sock.sendall(b"PONG\r\n")
+            elif kind in (b"MSG", b"HMSG"):
+                total = int(fields[-1])
+                header_size = int(fields[-2]) if kind == b"HMSG" else 0
+                while len(self.buffer) < total + 2:
+                    self._fill()
+                body, self.buffer = self.buffer[:total], self.buffer[total + 2 :]
+                return body[:header_size], body[header_size:]
+            else:
+                assert kind == b"INFO", kind  # the server's news about itself
+
+    def until_pong(self) -> list[tuple[bytes, bytes]]:
+        """PING, then every message the server sends before its PONG."""
+        self.sock.sendall(b"PING\r\n")
+        messages = []
+        while (frame := self._frame()) is not None:
+            messages.append(frame)
+        return messages
+
+    def request(self, subject: str, payload: bytes) -> list[tuple[bytes, bytes]]:
+        """Publish a request and return what the server answered before it took the next
+        command: a `no responders` status if nothing listened when the request arrived."""
+        self.sock.sendall(f"PUB {subject} _INBOX.wire {len(payload)}\r\n".encode())
+        self.sock.sendall(payload + b"\r\n")
+        return self.until_pong()
+
+    async def reply(self) -> tuple[bytes, bytes]:
+        frame = await asyncio.to_thread(self._frame)
+        assert frame is not None
+        return frame
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_started_service_answers_at_once(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """What `swarmfly up` promises when it prints its banner: the services are serving."""
+    config = Config(state_dir=tmp_path, nats=NatsConfig(servers=[nats.url], prefix=prefix))
+    config.peer.listen = "127.0.0.1"
+    client = WireClient(nats.url)
+    try:
+        async with AsyncExitStack() as stack:
+            bus = await Bus.connect([nats.url], prefix=prefix, name="test-peer")
+            stack.push_async_callback(bus.close)
+            peer = await start_peer(stack, config, bus, tmp_path / "peer", [nats.url])
+            contract = CONTRACTS["peer.{host_id}.progress"]
+            subject = contract.subject(prefix, host_id=peer.node.settings.host_id)
+            early = client.request(subject, b'{"download_id": "dl-1"}')
+            assert [h for h, _ in early if h.startswith(b"NATS/1.0 503")] == [], "no responders"
+            _, payload = await client.reply()
+    finally:
+        client.close()
+    assert json.loads(payload)["state"] == "unknown"
+
+
+@pytest.mark.timeout(120)
+async def test_every_subject_used_in_a_download_has_a_contract(
+    nats: NatsServer, prefix: str, bus: Bus, origin: Origin, tmp_path: Path
+) -> None:
+    data = bytes(range(256)) * 4096 * 3  # 3 MiB: one piece
+    url = origin.add("blob.bin", data)
+    output = tmp_path / "out" / "blob.bin"
+    async with in_process_cluster(nats.url, prefix, tmp_path / "cluster") as cluster:
+        reply = await bus.request(
+            "peer.{host_id}.download",
+            {"download_id": "dl-contracts", "source": {"url": url}, "output": str(output)},
+            timeout=60,
+            host_id=cluster.peer.node.settings.host_id,
+        )
+        used = {name: set(b.used) for name, b in cluster.buses.items()}
+    assert output.read_bytes() == data
+    assert reply["digest"] == f"sha256:{hashlib.sha256(data).hexdigest()}"
+    used["client"] = set(bus.used)
+    for who, names in used.items():
+        assert names, f"{who} used no subject"
+        assert sorted(n for n in names if n not in CONTRACTS) == [], who
+    everything = set().union(*used.values())
+    assert {"peer.{host_id}.download", "scheduler.register", "scheduler.heartbeat"} <= everything
+
+
+# -- the contracts' limits fit the transport -------------------------------------------------
+
+
+@asynccontextmanager
+async def running_scheduler(nats_url: str, prefix: str, state: Path) -> AsyncIterator[Bus]:
+    """A scheduler alone, and a client bus to talk to it."""
+    config = Config(state_dir=state, nats=NatsConfig(servers=[nats_url], prefix=prefix))
+    async with AsyncExitStack() as stack:
+        for name in ("scheduler", "client"):
+            bus = await Bus.connect([nats_url], prefix=prefix, name=f"test-{name}")
+            stack.push_async_callback(bus.close)
+            if name == "scheduler":
+                await start_scheduler(stack, config, bus)
+        yield bus
+
+
+async def register_seed(bus: Bus, task_id: str, content: dict[str, int]) -> None:
+    reply = await bus.request(
+        "scheduler.register",
+        {
+            "task_id": task_id,
+            "peer_id": "seed-limits",
+            "host": {"id": "storage-limits", "ip": "127.0.0.1", "port": 9, "type": "seed"},
+            "source": {"url": "http://127.0.0.1:9/big.iso"},
+            "task": content,
+            "seed": True,
+        },
+    )
+    assert reply["action"] == "back_to_source"
+
+
+def digest_of(number: int) -> str:
+    return hashlib.sha256(number.to_bytes(4, "big")).hexdigest()
+
+
+@pytest.mark.timeout(60)
+async def test_a_full_batch_of_piece_reports_is_accepted(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    batch = CONTRACTS["scheduler.pieces"].request["properties"]["pieces"]["maxItems"]
+    length = 4 * 1024 * 1024
+    content = {"content_length": batch * length, "piece_length": length, "piece_count": batch}
+    task_id = hashlib.sha256(b"a full batch").hexdigest()
+    pieces = [{"number": n, "digest": digest_of(n)} for n in range(batch)]  # as announce sends
+    async with running_scheduler(nats.url, prefix, tmp_path) as bus:
+        await register_seed(bus, task_id, content)
+        reply = await bus.request(
+            "scheduler.pieces", {"task_id": task_id, "peer_id": "seed-limits", "pieces": pieces}
+        )
+    assert reply == {"ok": True}
+
+
+@pytest.mark.timeout(60)
+async def test_task_info_of_the_largest_task_is_answered(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    length, count = 64 * 1024 * 1024, 16384
+    content = {"content_length": length * count, "piece_length": length, "piece_count": count}
+    common = contracts.common_defs()
+    assert content["content_length"] == common["task"]["properties"]["content_length"]["maximum"]
+    task_id = hashlib.sha256(b"the largest task").hexdigest()
+    async with running_scheduler(nats.url, prefix, tmp_path) as bus:
+        await register_seed(bus, task_id, content)
+        for start in range(0, count, 1024):
+            pieces = [{"number": n, "digest": digest_of(n)} for n in range(start, start + 1024)]
+            await bus.request(
+                "scheduler.pieces", {"task_id": task_id, "peer_id": "seed-limits", "pieces": pieces}
+            )
+        digests: list[str | None] = []
+        while len(digests) < count:  # paged, as a peer reads them
+            reply = await bus.request(
+                "scheduler.task", {"task_id": task_id, "offset": len(digests)}
+            )
+            assert reply["task"] == content
+            assert reply["offset"] == len(digests)
+            assert reply["digests"], "a page is never empty before the end"
+            digests += reply["digests"]
+    assert digests == [digest_of(n) for n in range(count)]

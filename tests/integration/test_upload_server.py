@@ -1,0 +1,434 @@
+"""A peer's upload server, as a child sees it over real HTTP: it serves exactly the verified
+bytes asked for, long-polls piece availability, refuses everything else, and paces uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from swarmfly.httpserver import serve_http
+from swarmfly.ids import piece_count
+from swarmfly.services.peer.store import StoredTask, TaskContent, TaskStore
+from swarmfly.services.peer.upload import UploadServer
+from swarmfly.testing import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1024 * 1024
+PIECE = 1 * MiB
+SECRET = b"TOP-SECRET-NOT-A-PIECE"
+
+
+def content_of(size: int, seed: bytes) -> bytes:
+    block = hashlib.sha256(seed).digest()
+    return (block * (size // len(block) + 1))[:size]
+
+
+@dataclass
+class Upload:
+    url: str
+    store: TaskStore
+    server: UploadServer
+    session: aiohttp.ClientSession
+    root: Path
+
+    def put(self, data: bytes, done: set[int], piece_length: int = PIECE) -> StoredTask:
+        """A task whose ``done`` pieces are written, verified and marked."""
+        task_id = hashlib.sha256(data).hexdigest()
+        task = self.store.open(task_id, "https://origin.example/blob?X-Amz-Signature=s3cr3t")
+        count = piece_count(len(data), piece_length)
+        task.set_content(TaskContent(len(data), piece_length, count, f"sha256:{task_id}"))
+        for number in sorted(done):
+            finish(task, data, number)
+        return task
+
+    async def get(
+        self, path: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        async with self.session.get(self.url + path, headers=headers) as response:
+            return response.status, await response.read(), response.headers
+
+
+def finish(task: StoredTask, data: bytes, number: int) -> None:
+    assert task.content is not None
+    offset, size = task.content.piece(number)
+    piece = data[offset : offset + size]
+    digest = task.write_piece(number, piece, hashlib.sha256(piece).hexdigest())
+    task.mark_done(number, digest)
+
+
+@asynccontextmanager
+async def serve(tmp_path: Path, rate: int = 0, slots: int = 64) -> AsyncIterator[Upload]:
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    store = TaskStore(tmp_path / "state" / "tasks")
+    server = UploadServer(store, rate=rate, slots=slots)
+    async with AsyncExitStack() as stack:
+        url = await serve_http(stack, server.app, "127.0.0.1", 0)
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        stack.push_async_callback(session.close)
+        stack.callback(store.close)
+        yield Upload(url, store, server, session, tmp_path)
+
+
+@pytest.fixture
+async def upload(tmp_path: Path) -> AsyncIterator[Upload]:
+    async with serve(tmp_path) as served:
+        yield served
+
+
+async def raw_get(url: str, target: str, headers: str = "") -> tuple[int, bytes]:
+    """One HTTP/1.1 request with the target sent byte for byte (no client normalisation)."""
+    match = re.match(r"^http://([0-9.]+):(\d+)$", url)
+    assert match
+    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+    try:
+        request = f"GET {target} HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n{headers}\r\n"
+        writer.write(request.encode("latin-1"))
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status_line, _, _ = answer.partition(b"\r\n")
+    _, _, body = answer.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), body
+
+
+# -- ids and paths ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resource", ["pieces", "data"])
+@pytest.mark.parametrize(
+    "task_id",
+    [
+        "xyz",
+        "A" * 64,
+        "0" * 63,
+        "0" * 65,
+        "g" * 64,
+        "sha256:" + "0" * 64,
+        "%20" + "0" * 61,
+        "0" * 64 + "%0A",
+    ],
+)
+async def test_invalid_task_id_is_400(upload: Upload, resource: str, task_id: str) -> None:
+    status, body, _ = await upload.get(f"/v1/tasks/{task_id}/{resource}", {"Range": "bytes=0-0"})
+    assert status == 400
+    assert b"invalid task id" in body
+
+
+@pytest.mark.parametrize("resource", ["pieces", "data"])
+async def test_unknown_task_is_404(upload: Upload, resource: str) -> None:
+    upload.put(content_of(PIECE, b"known"), {0})
+    unknown = hashlib.sha256(b"never stored").hexdigest()
+    status, _, _ = await upload.get(f"/v1/tasks/{unknown}/{resource}", {"Range": "bytes=0-0"})
+    assert status == 404
+
+
+async def test_a_task_opened_but_without_content_is_404(upload: Upload) -> None:
+    task = upload.store.open(hashlib.sha256(b"no content yet").hexdigest())
+    status, _, _ = await upload.get(f"/v1/tasks/{task.id}/pieces")
+    assert status == 404
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/tasks/..%2F..%2Fetc/data",
+        "/v1/tasks/../../etc/passwd",
+        "/v1/tasks/..%2F..%2F..%2Fsecret.txt/data",
+        "/v1/tasks/%2e%2e%2f%2e%2e%2f%2e%2e%2fsecret.txt/data",
+        "/v1/tasks/{task}/../../../../secret.txt",
+        "/v1/tasks/{task}%2F..%2F..%2F..%2F..%2Fsecret.txt/data",
+        "/v1/tasks/{task}/..%2F..%2Fsecret.txt",
+        "/../../../../etc/passwd",
+        "//etc/passwd",
+    ],
+)
+async def test_path_traversal_never_serves_a_file(upload: Upload, target: str) -> None:
+    data = content_of(PIECE, b"traversal")
+    task = upload.put(data, {0})
+    path = target.replace("{task}", task.id)
+    status, body = await raw_get(upload.url, path, "Range: bytes=0-1023\r\n")
+    assert 400 <= status < 500
+    assert SECRET not in body
+    assert b"root:" not in body
+    assert data[:1024] not in body
+
+
+# -- ranges ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "last"),
+    [
+        (0, 0),
+        (0, PIECE - 1),
+        (12345, 54321),
+        (PIECE, 2 * PIECE - 1),
+        (PIECE - 10, PIECE + 10),
+        (3 * PIECE, 3 * PIECE + PIECE // 2 - 1),
+    ],
+)
+async def test_a_valid_range_is_206_with_exactly_the_bytes(
+    upload: Upload, first: int, last: int
+) -> None:
+    data = content_of(3 * PIECE + PIECE // 2, b"ranges")  # pieces 0-3, the last a half
+    task = upload.put(data, {0, 1, 3})
+    status, body, headers = await upload.get(
+        f"/v1/tasks/{task.id}/data", {"Range": f"bytes={first}-{last}"}
+    )
+    assert status == 206
+    assert body == data[first : last + 1]
+    assert headers["Content-Range"] == f"bytes {first}-{last}/{len(data)}"
+    assert int(headers["Content-Length"]) == last - first + 1
+
+
+@pytest.mark.parametrize(
+    ("first", "last"),
+    [
+        (2 * PIECE, 2 * PIECE),  # inside the piece not yet verified
+        (2 * PIECE - 1, 2 * PIECE),  # straddles into it
+        (0, 4 * PIECE - 1),  # the whole file, over the hole
+        (3 * PIECE, 3 * PIECE + PIECE // 2),  # one byte past the end
+        (4 * PIECE, 4 * PIECE + 10),  # wholly past the end
+        (10, 5),  # last before first
+        (999_999_999_999_999, 999_999_999_999_999),
+    ],
+)
+async def test_a_range_outside_verified_pieces_is_416(
+    upload: Upload, first: int, last: int
+) -> None:
+    data = content_of(3 * PIECE + PIECE // 2, b"holes")
+    task = upload.put(data, {0, 1, 3})
+    status, body, _ = await upload.get(
+        f"/v1/tasks/{task.id}/data", {"Range": f"bytes={first}-{last}"}
+    )
+    assert status == 416
+    assert data[:64] not in body
+
+
+async def test_a_piece_is_served_once_verified(upload: Upload) -> None:
+    data = content_of(2 * PIECE, b"two pieces")
+    task = upload.put(data, {0})
+    second = {"Range": f"bytes={PIECE}-{2 * PIECE - 1}"}
+    status, _, _ = await upload.get(f"/v1/tasks/{task.id}/data", second)
+    assert status == 416
+    finish(task, data, 1)
+    status, body, _ = await upload.get(f"/v1/tasks/{task.id}/data", second)
+    assert status == 206
+    assert body == data[PIECE:]
+
+
+@pytest.mark.parametrize(
+    "range_header",
+    [
+        None,
+        "",
+        "bytes=abc",
+        "bytes=0-1,4-5",
+        "items=0-1",
+        "bytes=0-",  # children always ask for explicit ranges of verified pieces
+        "bytes=-5",
+        "bytes= 0-1",
+        "bytes=0-1\x00",
+        "bytes=1234567890123456-1234567890123457",
+    ],
+)
+async def test_a_missing_or_malformed_range_is_400(
+    upload: Upload, range_header: str | None
+) -> None:
+    data = content_of(PIECE, b"malformed")
+    task = upload.put(data, {0})
+    extra = "" if range_header is None else f"Range: {range_header}\r\n"
+    status, body = await raw_get(upload.url, f"/v1/tasks/{task.id}/data", extra)
+    assert status == 400
+    assert data[:64] not in body
+
+
+# -- piece availability: the long-poll -------------------------------------------------------
+
+
+async def test_pieces_lists_what_is_verified(upload: Upload) -> None:
+    task = upload.put(content_of(3 * PIECE, b"list"), {2, 0})
+    status, body, _ = await upload.get(f"/v1/tasks/{task.id}/pieces")
+    assert status == 200
+    state = json.loads(body)
+    assert state == {"version": 2, "piece_count": 3, "complete": False, "pieces": [0, 2]}
+
+
+async def test_long_poll_returns_promptly_when_a_piece_completes(upload: Upload) -> None:
+    data = content_of(3 * PIECE, b"long-poll")
+    task = upload.put(data, {0})
+    version = task.version
+
+    async def finish_later() -> None:
+        await asyncio.sleep(0.3)
+        finish(task, data, 1)
+
+    started = time.monotonic()
+    finisher = asyncio.create_task(finish_later())
+    status, body, _ = await upload.get(f"/v1/tasks/{task.id}/pieces?since={version}&wait=2")
+    elapsed = time.monotonic() - started
+    await finisher
+    assert status == 200
+    state = json.loads(body)
+    assert state["version"] == version + 1
+    assert state["pieces"] == [0, 1]
+    assert 0.25 <= elapsed < 1.5
+
+
+async def test_long_poll_returns_after_wait_when_nothing_changes(upload: Upload) -> None:
+    task = upload.put(content_of(2 * PIECE, b"quiet"), {0})
+    started = time.monotonic()
+    status, body, _ = await upload.get(f"/v1/tasks/{task.id}/pieces?since={task.version}&wait=2")
+    elapsed = time.monotonic() - started
+    assert status == 200
+    assert json.loads(body)["version"] == task.version
+    assert 1.8 <= elapsed < 4
+
+
+@pytest.mark.parametrize("complete", [False, True])
+async def test_long_poll_answers_at_once_when_news_exist(upload: Upload, complete: bool) -> None:
+    """A stale ``since``, or a complete task, has nothing to wait for."""
+    data = content_of(2 * PIECE, b"news")
+    task = upload.put(data, {0, 1} if complete else {0})
+    since = task.version if complete else task.version - 1
+    started = time.monotonic()
+    status, body, _ = await upload.get(f"/v1/tasks/{task.id}/pieces?since={since}&wait=10")
+    assert status == 200
+    assert time.monotonic() - started < 1
+    assert json.loads(body)["complete"] is complete
+
+
+async def test_several_long_polls_all_wake(upload: Upload) -> None:
+    data = content_of(2 * PIECE, b"many children")
+    task = upload.put(data, {0})
+    path = f"/v1/tasks/{task.id}/pieces?since={task.version}&wait=5"
+    polls = [asyncio.create_task(upload.get(path)) for _ in range(5)]
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    finish(task, data, 1)
+    answers = await asyncio.gather(*polls)
+    assert time.monotonic() - started < 1.5
+    for status, body, _ in answers:
+        assert status == 200
+        assert json.loads(body)["pieces"] == [0, 1]
+
+
+async def test_long_poll_returns_promptly_when_pieces_are_withdrawn(upload: Upload) -> None:
+    data = content_of(2 * PIECE, b"withdrawn")
+    task = upload.put(data, {0})
+    version = task.version
+
+    async def reset_later() -> None:
+        await asyncio.sleep(0.3)
+        task.reset()  # what a peer does when the whole file fails its digest
+
+    started = time.monotonic()
+    resetter = asyncio.create_task(reset_later())
+    status, body, _ = await upload.get(f"/v1/tasks/{task.id}/pieces?since={version}&wait=3")
+    elapsed = time.monotonic() - started
+    await resetter
+    assert status == 200
+    assert json.loads(body)["pieces"] == []
+    assert elapsed < 1.5
+
+
+@pytest.mark.parametrize(
+    "query", ["since=abc", "wait=abc", "since=1.5", "since=0&wait=soon", "since=&wait=1"]
+)
+async def test_non_numeric_since_or_wait_is_400(upload: Upload, query: str) -> None:
+    task = upload.put(content_of(PIECE, b"query"), {0})
+    status, body, _ = await upload.get(f"/v1/tasks/{task.id}/pieces?{query}")
+    assert status == 400
+    assert b"must be numbers" in body
+
+
+# -- pacing, slots, health -------------------------------------------------------------------
+
+
+async def test_upload_rate_limit_paces_a_range(tmp_path: Path) -> None:
+    rate = 2 * MiB
+    async with serve(tmp_path, rate=rate) as upload:
+        data = content_of(4 * PIECE, b"paced")
+        task = upload.put(data, {0, 1, 2, 3})
+        started = time.monotonic()
+        status, body, _ = await upload.get(
+            f"/v1/tasks/{task.id}/data", {"Range": f"bytes={PIECE}-{3 * PIECE - 1}"}
+        )
+        elapsed = time.monotonic() - started
+        assert status == 206
+        assert body == data[PIECE : 3 * PIECE]
+        expected = len(body) / rate  # 1 s; the first burst (rate/8) passes at once
+        assert 0.5 * expected <= elapsed < 3 * expected + 1
+
+
+async def test_a_full_upload_server_answers_503_then_serves_again(tmp_path: Path) -> None:
+    async with serve(tmp_path, rate=MiB, slots=1) as upload:
+        data = content_of(2 * PIECE, b"slots")
+        task = upload.put(data, {0, 1})
+        whole = {"Range": f"bytes=0-{len(data) - 1}"}
+        slow = asyncio.create_task(upload.get(f"/v1/tasks/{task.id}/data", whole))
+        await wait_until(lambda: upload.server.uploads == 1, timeout=5)
+        status, _, headers = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
+        assert status == 503
+        assert headers["Retry-After"] == "1"
+        status, body, _ = await slow
+        assert (status, body) == (206, data)
+        status, body, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
+        assert (status, body) == (206, data[:10])
+
+
+async def test_a_child_that_hangs_up_frees_its_slot(tmp_path: Path) -> None:
+    async with serve(tmp_path, rate=MiB, slots=1) as upload:
+        data = content_of(4 * PIECE, b"hang up")
+        task = upload.put(data, {0, 1, 2, 3})
+        async with upload.session.get(
+            f"{upload.url}/v1/tasks/{task.id}/data", headers={"Range": f"bytes=0-{len(data) - 1}"}
+        ) as response:
+            assert response.status == 206
+            assert len(await response.content.readexactly(64 * 1024)) == 64 * 1024
+            response.close()
+
+        async def health() -> int:
+            status, body, _ = await upload.get("/healthz")
+            assert status == 200
+            uploads: int = json.loads(body)["uploads"]
+            return uploads
+
+        deadline = time.monotonic() + 10
+        while await health() != 0:
+            assert time.monotonic() < deadline, "the slot of a gone child was never freed"
+            await asyncio.sleep(0.1)
+        status, body, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
+        assert (status, body) == (206, data[:10])
+
+
+async def test_healthz_and_metrics_answer(upload: Upload) -> None:
+    task = upload.put(content_of(PIECE, b"metrics"), {0})
+    status, _, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-99"})
+    assert status == 206
+    status, body, _ = await upload.get("/healthz")
+    assert status == 200
+    assert json.loads(body) == {"ok": True, "uploads": 0}
+    status, body, headers = await upload.get("/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    assert b"swarmfly_peer_upload_bytes_total" in body
+
+
+async def test_the_signed_url_query_never_reaches_disk(upload: Upload) -> None:
+    task = upload.put(content_of(PIECE, b"secret query"), {0})
+    meta = (task.dir / "meta.json").read_bytes()
+    assert b"s3cr3t" not in meta
+    assert b"https://origin.example/blob" in meta
