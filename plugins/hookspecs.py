@@ -125,6 +125,8 @@ class Candidate:
     """``country|region|zone``, most general first."""
     mean_cost_ms: float | None
     """Mean time this peer took to serve a piece lately; None before any."""
+    useful_pieces: int | None = None
+    """For a parent: pieces it holds (or, a seed, will hold) that the child lacks."""
 
 
 Evaluator = Callable[[Candidate, Candidate, int, "float | None"], float]

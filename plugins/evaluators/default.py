@@ -29,7 +29,9 @@ def evaluate(
     parent: Candidate, child: Candidate, total_pieces: int, median_cost_ms: float | None
 ) -> float:
     """Higher is better: pieces the child lacks, free upload, cheap pieces, closeness."""
-    if parent.host_type == "seed":
+    if parent.useful_pieces is not None and total_pieces > 0:
+        finished = parent.useful_pieces / total_pieces
+    elif parent.host_type == "seed":
         finished = 1.0
     elif total_pieces > 0:
         finished = max(0, parent.finished_pieces - child.finished_pieces) / total_pieces

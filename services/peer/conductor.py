@@ -308,6 +308,13 @@ class Conductor:
                     self._reschedule_due = False
                     schedule = await self._reschedule_or_register()
                     last_progress = last_schedule = time.monotonic()
+                    log.debug(
+                        "schedule %s: %s, %d pieces, fetching %d",
+                        self.task_id[:8],
+                        schedule["action"],
+                        len(self.stored.done),
+                        len(fetches),
+                    )
                     if schedule.get("task"):
                         self.stored.set_content(TaskContent.from_dict(schedule["task"]))
                     if schedule["action"] == "parents":
@@ -357,6 +364,7 @@ class Conductor:
         if isinstance(exc, ParentBusy):
             if parent is not None:
                 parent.busy_until = time.monotonic() + BUSY_BACKOFF
+            log.debug("parent %s busy", parent_id)
             return False
         if isinstance(exc, SwarmflyError) and exc.code == "integrity":
             metrics.PEER_PIECE_FAILURES.labels("corrupt").inc()
@@ -415,6 +423,7 @@ class Conductor:
             metrics.PEER_DOWNLOAD_BYTES.labels("p2p").inc(size)
             cost = time.monotonic() - started
             metrics.PEER_PIECE_SECONDS.labels("p2p").observe(cost)
+            log.debug("piece %d from %s in %.3fs", number, parent_id, cost)
             self._queue_report(
                 {"number": number, "parent_id": parent_id, "cost_ms": int(cost * 1000)}
             )

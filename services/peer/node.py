@@ -153,7 +153,7 @@ class PeerNode:
             "ip": self.ip,
             "port": self.port,
             "type": s.host_type,
-            "upload_slots": s.upload_slots,
+            "upload_slots": self.upload.slots,
         }
         if s.idc:
             host["idc"] = s.idc

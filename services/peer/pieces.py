@@ -124,7 +124,9 @@ class PieceBook:
             and parent not in self.in_flight[n]
             and self.digests[n] is not None
         ]
-        if endgame and len(self.missing()) <= max(4, len(self.available)):
+        # The endgame: only once every missing piece is being fetched, a slow one may be
+        # asked of a second parent too.
+        if endgame and self.missing() <= self.in_flight.keys():
             choice: int = self.rng.choice(endgame)
             return choice
         return None

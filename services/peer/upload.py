@@ -24,7 +24,7 @@ MAX_WAIT = 30.0
 CHUNK = 128 * 1024
 REVEAL = 4
 """Pieces a super-seeding parent offers per answer."""
-PACED_SLOT_RATE = 2 * 1024 * 1024
+PACED_SLOT_RATE = 8 * 1024 * 1024
 """Bytes/s each concurrent upload should get when an upload rate cap is set."""
 
 
@@ -38,8 +38,10 @@ class UploadServer:
         self.bucket = TokenBucket(rate)
         # Under a rate cap, few uploads at full speed beat many crawling ones: pieces finish
         # and spread sooner, and children turned away (503) ask another parent.
-        self.slots = min(slots, max(2, -(-rate // PACED_SLOT_RATE))) if rate > 0 else slots
+        self.slots = min(slots, max(1, -(-rate // PACED_SLOT_RATE))) if rate > 0 else slots
         self.uploads = 0
+        self._waiting = 0
+        self._free = asyncio.Semaphore(self.slots)
         self.app = web.Application(client_max_size=1024)
         self.app.router.add_get("/v1/tasks/{task_id}/pieces", self.pieces)
         self.app.router.add_get("/v1/tasks/{task_id}/data", self.data)
@@ -95,10 +97,17 @@ class UploadServer:
         start, last = int(match.group(1)), int(match.group(2))
         if not task.covers(start, last + 1):
             raise web.HTTPRequestRangeNotSatisfiable(text="range not within verified pieces")
-        if self.uploads >= self.slots:
+        # One request may wait per slot, so a slot never idles between two uploads; more
+        # than that are turned away (503) to ask another parent.
+        if self.uploads + self._waiting >= 2 * self.slots:
             raise web.HTTPServiceUnavailable(
                 text="no free upload slot", headers={"Retry-After": "1"}
             )
+        self._waiting += 1
+        try:
+            await self._free.acquire()
+        finally:
+            self._waiting -= 1
         self.uploads += 1
         task.active += 1
         assert task.content is not None
@@ -112,6 +121,7 @@ class UploadServer:
         finally:
             self.uploads -= 1
             task.active -= 1
+            self._free.release()
 
     async def _send(
         self, request: web.Request, task: StoredTask, start: int, size: int

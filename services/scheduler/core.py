@@ -473,23 +473,44 @@ class Scheduler:
         total = task.content.piece_count if task.content else 0
         costs = [c for p in filtered for c in p.costs]
         median = statistics.median(costs) if costs else None
+        # Children already sent to a parent count as its load at once, not only when the
+        # next heartbeat says so: otherwise every child picks the same best few parents.
+        assigned: dict[str, int] = {}
+        for peer in task.peers.values():
+            if peer.state == "running" and peer.id != child.id:
+                for parent_id in peer.parents:
+                    assigned[parent_id] = assigned.get(parent_id, 0) + 1
         child_candidate = self._candidate(child)
         scored = sorted(
             filtered,
-            key=lambda p: self.evaluator(self._candidate(p), child_candidate, total, median),
+            key=lambda p: self.evaluator(
+                self._candidate(p, child, total, assigned.get(p.id, 0)),
+                child_candidate,
+                total,
+                median,
+            ),
             reverse=True,
         )
         return scored[: self.candidate_parents]
 
-    def _candidate(self, peer: Peer) -> Candidate:
+    def _candidate(
+        self, peer: Peer, child: Peer | None = None, total: int = 0, assigned: int = 0
+    ) -> Candidate:
         host = self.hosts.get(peer.host_id)
         return Candidate(
             peer_id=peer.id,
             host_type="seed" if peer.is_source else (host.type if host else "normal"),
             finished_pieces=len(peer.pieces),
             upload_slots=host.upload_slots if host else 0,
-            uploads=host.uploads if host else 0,
+            uploads=max(host.uploads, assigned) if host else assigned,
             idc=host.idc if host else "",
             location=host.location if host else "",
             mean_cost_ms=statistics.fmean(peer.costs) if peer.costs else None,
+            useful_pieces=None
+            if child is None
+            else (
+                max(0, total - len(child.pieces))
+                if peer.is_source
+                else len(peer.pieces - child.pieces)
+            ),
         )

@@ -59,7 +59,8 @@ async def test_storage_cache_survives_a_restart(
         assert code == 0, stderr
         assert orjson.loads(stdout)["bytes_p2p"] == len(data)
         assert (tmp_path / "b").read_bytes() == data
-        assert origin.bytes_served == served, "the restarted storage served from its cache"
+        # Only the access check of the second download (a 1-byte ranged stat) reached the origin.
+        assert origin.bytes_served <= served + 1, "the restarted storage served from its cache"
     finally:
         storage.stop()
         scheduler.stop()

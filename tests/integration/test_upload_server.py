@@ -380,11 +380,19 @@ async def test_a_full_upload_server_answers_503_then_serves_again(tmp_path: Path
         whole = {"Range": f"bytes=0-{len(data) - 1}"}
         slow = asyncio.create_task(upload.get(f"/v1/tasks/{task.id}/data", whole))
         await wait_until(lambda: upload.server.uploads == 1, timeout=5)
+        # One request may queue behind each busy slot (the slot never idles); the next is
+        # turned away to ask another parent.
+        queued = asyncio.create_task(
+            upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=10-19"})
+        )
+        await wait_until(lambda: upload.server._waiting == 1, timeout=5)
         status, _, headers = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
         assert status == 503
         assert headers["Retry-After"] == "1"
         status, body, _ = await slow
         assert (status, body) == (206, data)
+        status, body, _ = await queued
+        assert (status, body) == (206, data[10:20])
         status, body, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
         assert (status, body) == (206, data[:10])
 

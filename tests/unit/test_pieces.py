@@ -186,17 +186,16 @@ def test_no_duplicate_fetch_far_from_the_end() -> None:
     assert book.assign({"b": 1}) == []
 
 
-def test_endgame_starts_once_few_pieces_are_missing() -> None:
+def test_endgame_starts_once_every_missing_piece_is_in_flight() -> None:
     book = make_book(12, done=set(range(6)))
     for parent in "ab":
         book.update_parent(parent, set(range(12)))
-    assert len(book.assign({"a": 6})) == 6
-    assert book.assign({"b": 1}) == []  # 6 missing, more than max(4, 2 parents)
-
-    book.finished(6, "a")
-    book.finished(7, "a")
-    assert len(book.missing()) == 4
-    assert len(book.assign({"b": 4})) == 4
+    assert len(book.assign({"a": 5})) == 5
+    fresh = book.assign({"b": 1})
+    assert len(fresh) == 1 and book.in_flight[fresh[0][0]] == {"b"}, "a fresh piece first"
+    assert book.missing() <= book.in_flight.keys()
+    duplicate = book.assign({"b": 1})
+    assert len(duplicate) == 1 and book.in_flight[duplicate[0][0]] == {"a", "b"}
 
 
 # -- failures and completion -----------------------------------------------------------------
@@ -309,4 +308,4 @@ def test_assignments_always_respect_the_rules(count: int, data: st.DataObject, s
         for parents_now in book.in_flight.values():
             assert 1 <= len(parents_now) <= 2
             if len(parents_now) == 2:
-                assert len(book.missing()) <= max(4, len(book.available))
+                assert book.missing() <= book.in_flight.keys()
