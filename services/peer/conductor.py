@@ -7,7 +7,6 @@ the book decides which piece comes from which parent.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from swarmfly import metrics
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, piece_count, piece_length_for
 from swarmfly.plugins.hookspecs import SourceStat
+from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.pieces import PieceBook
 from swarmfly.services.peer.store import StoredTask, TaskContent
 
@@ -96,6 +96,9 @@ class Conductor:
         self.strategy = node.plugins.strategy(strategy)
         self.peer_id = node.peer_id(task_id)
         self.stored: StoredTask = node.store.open(task_id, source.url)
+        self.digest = PrefixDigest(self.stored)
+        self.file_digest = ""
+        """``sha256:HEX`` of the whole file once the download has completed."""
         self.bytes_origin = 0
         self.bytes_p2p = 0
         self.parents: dict[str, Parent] = {}
@@ -130,6 +133,7 @@ class Conductor:
         finally:
             if reporter is not None:
                 reporter.cancel()
+            self.digest.cancel()
             for parent in self.parents.values():
                 if parent.watcher is not None:
                     parent.watcher.cancel()
@@ -419,6 +423,7 @@ class Conductor:
         digest = await asyncio.to_thread(self.stored.write_piece, number, data, expected)
         if number not in self.stored.done:
             self.stored.mark_done(number, digest)
+            self.digest.kick()
             self.bytes_p2p += size
             metrics.PEER_DOWNLOAD_BYTES.labels("p2p").inc(size)
             cost = time.monotonic() - started
@@ -531,6 +536,7 @@ class Conductor:
         if number in self.stored.done:
             return
         self.stored.mark_done(number, digest)
+        self.digest.kick()
         self.bytes_origin += len(data)
         metrics.PEER_DOWNLOAD_BYTES.labels("origin").inc(len(data))
         cost = time.monotonic() - started
@@ -543,18 +549,8 @@ class Conductor:
         content = self.stored.content
         if content is None or not self.stored.complete:
             raise SwarmflyError("internal", "download ended before every piece was verified")
-        if not content.digest:
-            return
-        expected = check_digest(content.digest)
-
-        def digest_file() -> str:
-            hasher = hashlib.sha256()
-            with open(self.stored.data_path, "rb") as handle:
-                while block := handle.read(4 * 1024 * 1024):
-                    hasher.update(block)
-            return hasher.hexdigest()
-
-        if await asyncio.to_thread(digest_file) != expected:
+        self.file_digest = await self.digest.finish()
+        if content.digest and check_digest(content.digest) != self.file_digest[7:]:
             self.stored.reset()
             raise SwarmflyError("integrity", "the whole file does not match its digest")
 

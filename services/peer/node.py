@@ -205,10 +205,7 @@ class PeerNode:
         conductor = await asyncio.shield(entry[1])
         stored = conductor.stored
         assert stored.content is not None
-        digest = (
-            stored.content.digest
-            or f"sha256:{await asyncio.to_thread(_file_digest, stored.data_path)}"
-        )
+        digest = conductor.file_digest
         return DownloadResult(
             task_id=task_id,
             content_length=stored.content.content_length,
@@ -309,14 +306,6 @@ class PeerNode:
             )
         except SwarmflyError as exc:
             log.debug("leave: %s", exc)
-
-
-def _file_digest(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(4 * 1024 * 1024):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 def deliver(stored: StoredTask, output: Path) -> None:
