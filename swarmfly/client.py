@@ -112,7 +112,7 @@ def _summary(
         "bytes_origin": reply["bytes_origin"],
         "bytes_p2p": reply["bytes_p2p"],
         "seconds": round(time.monotonic() - started, 6),
-        "digest": reply["digest"],
+        "digest": reply.get("digest"),
         "via": via,
     }
 
@@ -213,5 +213,5 @@ async def _in_process(
         "content_length": result.content_length,
         "bytes_origin": result.bytes_origin,
         "bytes_p2p": result.bytes_p2p,
-        "digest": result.digest,
+        **({"digest": result.digest} if result.digest else {}),
     }

@@ -97,8 +97,8 @@ class Conductor:
         self.peer_id = node.peer_id(task_id)
         self.stored: StoredTask = node.store.open(task_id, source.url)
         self.digest = PrefixDigest(self.stored)
-        self.file_digest = ""
-        """``sha256:HEX`` of the whole file once the download has completed."""
+        self.file_digest: str | None = None
+        """``sha256:HEX`` of the whole file, once verified against the known digest."""
         self.bytes_origin = 0
         self.bytes_p2p = 0
         self.parents: dict[str, Parent] = {}
@@ -423,7 +423,7 @@ class Conductor:
         digest = await asyncio.to_thread(self.stored.write_piece, number, data, expected)
         if number not in self.stored.done:
             self.stored.mark_done(number, digest)
-            self.digest.kick()
+            self._kick_digest()
             self.bytes_p2p += size
             metrics.PEER_DOWNLOAD_BYTES.labels("p2p").inc(size)
             cost = time.monotonic() - started
@@ -536,7 +536,7 @@ class Conductor:
         if number in self.stored.done:
             return
         self.stored.mark_done(number, digest)
-        self.digest.kick()
+        self._kick_digest()
         self.bytes_origin += len(data)
         metrics.PEER_DOWNLOAD_BYTES.labels("origin").inc(len(data))
         cost = time.monotonic() - started
@@ -545,14 +545,23 @@ class Conductor:
 
     # -- end of download -----------------------------------------------------------------
 
+    def _kick_digest(self) -> None:
+        """Hash the whole file as it grows, only when there is a digest to verify against:
+        otherwise it would be a second pass over every byte for nothing."""
+        content = self.stored.content
+        if content is not None and content.digest:
+            self.digest.kick()
+
     async def _verify_whole(self) -> None:
         content = self.stored.content
         if content is None or not self.stored.complete:
             raise SwarmflyError("internal", "download ended before every piece was verified")
-        self.file_digest = await self.digest.finish()
-        if content.digest and check_digest(content.digest) != self.file_digest[7:]:
+        if not content.digest:
+            return
+        if await self.digest.finish() != f"sha256:{check_digest(content.digest)}":
             self.stored.reset()
             raise SwarmflyError("integrity", "the whole file does not match its digest")
+        self.file_digest = content.digest
 
     async def _announce_cached(self) -> None:
         if self.node.bus is not None:

@@ -61,7 +61,7 @@ class DownloadResult:
     bytes_origin: int
     bytes_p2p: int
     seconds: float
-    digest: str
+    digest: str | None
 
 
 def route_ip(servers: list[str]) -> str:

@@ -79,7 +79,7 @@ class PeerService:
             "bytes_origin": result.bytes_origin,
             "bytes_p2p": result.bytes_p2p,
             "seconds": round(result.seconds, 6),
-            "digest": result.digest,
+            **({"digest": result.digest} if result.digest else {}),
         }
 
     async def on_progress(self, req: dict[str, Any]) -> dict[str, Any]:

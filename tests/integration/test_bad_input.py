@@ -364,7 +364,8 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], float]:
         return {"download_id": "dl-unknown"}, 5
     if name == "peer.{host_id}.download":
         output = env.tmp / "outputs" / f"{uuid.uuid4().hex}.bin"
-        body = {"download_id": f"dl-{uuid.uuid4().hex[:8]}", "source": {"url": env.url}}
+        source = {"url": env.url, "digest": f"sha256:{hashlib.sha256(FILE_DATA).hexdigest()}"}
+        body = {"download_id": f"dl-{uuid.uuid4().hex[:8]}", "source": source}
         return {**body, "output": str(output), "timeout_s": 60}, 65
     await register_source(env, task_id, peer_id)
     if name == "scheduler.reschedule":

@@ -41,14 +41,16 @@ async def test_get_without_control_plane_reads_the_origin(origin: Origin, tmp_pa
     data = os.urandom(9 * MiB + 123)
     url = origin.add("f.bin", data)
     out = tmp_path / "out" / "f.bin"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
     code, stdout, stderr = await swarmfly(
-        "get", url, "-O", str(out), "--json", "--state-dir", str(tmp_path / "state")
-    )
+        "get", url, "-O", str(out), "--json", "--digest", digest,
+        "--state-dir", str(tmp_path / "state"),
+    )  # fmt: skip
     assert code == 0, stderr
     summary: dict[str, Any] = orjson.loads(stdout)
     assert summary["bytes_origin"] == len(data)
     assert summary["bytes_p2p"] == 0
-    assert summary["digest"] == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert summary["digest"] == digest, "verified against the digest given"
     assert out.read_bytes() == data
     assert leftovers(out.parent) == ["f.bin"]
 

@@ -524,7 +524,11 @@ async def test_every_subject_used_in_a_download_has_a_contract(
     async with in_process_cluster(nats.url, prefix, tmp_path / "cluster") as cluster:
         reply = await bus.request(
             "peer.{host_id}.download",
-            {"download_id": "dl-contracts", "source": {"url": url}, "output": str(output)},
+            {
+                "download_id": "dl-contracts",
+                "source": {"url": url, "digest": f"sha256:{hashlib.sha256(data).hexdigest()}"},
+                "output": str(output),
+            },
             timeout=60,
             host_id=cluster.peer.node.settings.host_id,
         )
