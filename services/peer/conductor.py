@@ -177,11 +177,22 @@ class Conductor:
         except SwarmflyError as exc:
             if exc.code == "not_found":
                 return await self._request("scheduler.register", self._register_body())
-            if exc.code in ("unavailable", "timeout"):
+            if exc.code in ("unavailable", "timeout") and not self.parents:
+                log.warning("no scheduler answers (%s): reading the origin", exc.code)
                 return {"action": "back_to_source", "parents": []}
+            if exc.code in ("unavailable", "timeout"):
+                # Keep the parents we have: a scheduler restart must not send everyone to
+                # the origin.
+                return {"action": "parents", "parents": list(self._current_parents())}
             raise
 
     # -- P2P -----------------------------------------------------------------------------
+
+    def _current_parents(self) -> list[dict[str, Any]]:
+        return [
+            {"peer_id": p.peer_id, "host_id": p.host_id, "address": p.address, "type": p.type}
+            for p in self.parents.values()
+        ]
 
     def _set_parents(self, parents: list[dict[str, Any]], book: PieceBook | None) -> None:
         """Use exactly the parents the scheduler assigned (its DAG has no cycles); pieces in
