@@ -37,11 +37,9 @@ def evaluate(
         finished = max(0, parent.finished_pieces - child.finished_pieces) / total_pieces
     else:
         finished = 0.0
-    free = (
-        max(0, parent.upload_slots - parent.uploads) / parent.upload_slots
-        if parent.upload_slots > 0
-        else 0.0
-    )
+    # Smooth, not a cliff at full: with one paced slot per parent, "full" is every parent
+    # that has a child, and children would crowd onto the same few again.
+    free = 1.0 / (1.0 + parent.uploads / max(1, parent.upload_slots))
     if parent.mean_cost_ms is None or not median_cost_ms:
         cost = 0.5
     else:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 POLL_WAIT = 10.0
 STALL_SECONDS = 3.0
-RESCHEDULE_INTERVAL = 2.0
+RESCHEDULE_INTERVAL = 1.0
 """Seconds between asks for fresher parents while pieces are missing."""
 REPORT_INTERVAL = 0.1
 REPORT_BATCH = 2048

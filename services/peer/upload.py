@@ -86,8 +86,10 @@ class UploadServer:
         """Super-seeding: offer each child a few of the least-uploaded pieces, in random
         order, so the scarce seed uplink sends each piece about once and the children trade
         the rest among themselves."""
-        keyed = sorted(task.done, key=lambda n: (task.served.get(n, 0), self.rng.random()))
-        return sorted(keyed[:REVEAL])
+        least = min(task.served.get(n, 0) for n in task.done)
+        tier = [n for n in task.done if task.served.get(n, 0) == least]
+        self.rng.shuffle(tier)
+        return sorted(tier[:REVEAL])
 
     async def data(self, request: web.Request) -> web.StreamResponse:
         task = self._task(request)
@@ -103,22 +105,27 @@ class UploadServer:
             raise web.HTTPServiceUnavailable(
                 text="no free upload slot", headers={"Retry-After": "1"}
             )
+        assert task.content is not None
+        number = start // task.content.piece_length
+        task.upload_event(number, 1)  # asked for: a super-seeding reveal moves on at once
+        delivered = False
         self._waiting += 1
         try:
             await self._free.acquire()
+        except BaseException:
+            task.upload_event(number, -1)
+            raise
         finally:
             self._waiting -= 1
         self.uploads += 1
         task.active += 1
-        assert task.content is not None
-        number = start // task.content.piece_length
-        task.upload_event(number, 1)
         try:
-            return await self._send(request, task, start, last - start + 1)
-        except BaseException:
-            task.upload_event(number, -1)  # not delivered: it does not count as served
-            raise
+            response = await self._send(request, task, start, last - start + 1)
+            delivered = True
+            return response
         finally:
+            if not delivered:
+                task.upload_event(number, -1)  # not delivered: it does not count as served
             self.uploads -= 1
             task.active -= 1
             self._free.release()

@@ -93,6 +93,8 @@ class Task:
     bad_parents: set[str] = field(default_factory=set)
     seed_requested_at: float | None = None
     seed_failed: bool = False
+    holders: dict[int, int] = field(default_factory=dict)
+    """Peers (sources included) holding each piece."""
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ class Scheduler:
         peer.updated_at = now
         peer.state = "running"
         peer.seed = peer.seed or seed
-        peer.pieces.update(self._valid_pieces(task, pieces))
+        self._add_pieces(task, peer, self._valid_pieces(task, pieces))
         if peer.seed:
             return Schedule("back_to_source", content=task.content), []
         if self._complete(task, peer):
@@ -280,8 +282,8 @@ class Scheduler:
                 )
         # Checked whole before anything is applied: a bad batch changes nothing.
         task.digests = digests
+        self._add_pieces(task, peer, {report.number for report in reports})
         for report in reports:
-            peer.pieces.add(report.number)
             if report.cost_ms is not None and report.parent_id is not None:
                 parent = self.peers.get(report.parent_id)
                 if parent is not None:
@@ -373,11 +375,18 @@ class Scheduler:
     def _complete(self, task: Task, peer: Peer) -> bool:
         return task.content is not None and len(peer.pieces) >= task.content.piece_count
 
+    def _add_pieces(self, task: Task, peer: Peer, pieces: set[int]) -> None:
+        for number in pieces - peer.pieces:
+            task.holders[number] = task.holders.get(number, 0) + 1
+        peer.pieces |= pieces
+
     def _remove_peer(self, peer: Peer) -> None:
         self.peers.pop(peer.id, None)
         task = self.tasks.get(peer.task_id)
         if task is None:
             return
+        for number in peer.pieces:
+            task.holders[number] -= 1
         task.peers.pop(peer.id, None)
         if not task.peers:
             del self.tasks[task.id]
@@ -481,7 +490,7 @@ class Scheduler:
                 for parent_id in peer.parents:
                     assigned[parent_id] = assigned.get(parent_id, 0) + 1
         child_candidate = self._candidate(child)
-        scored = sorted(
+        ranked = sorted(
             filtered,
             key=lambda p: self.evaluator(
                 self._candidate(p, child, total, assigned.get(p.id, 0)),
@@ -491,7 +500,33 @@ class Scheduler:
             ),
             reverse=True,
         )
-        return scored[: self.candidate_parents]
+        return self._spare_sources(task, child, ranked)
+
+    def _spare_sources(self, task: Task, child: Peer, ranked: list[Peer]) -> list[Peer]:
+        """The best parents, with a seed among them only while the child needs a piece that
+        no normal peer holds yet: the seed's uplink is the scarcest, so what the swarm
+        already has is traded among peers (Dragonfly's seed peers work the same way)."""
+        if self.candidate_parents < 2:
+            return ranked[: self.candidate_parents]  # no room to balance: trust the ranking
+        normals = [p for p in ranked if not p.is_source]
+        sources = [p for p in ranked if p.is_source]
+        chosen = normals[: self.candidate_parents]
+        if not sources:
+            return chosen
+        if task.content is None or not chosen:
+            return [*chosen[: self.candidate_parents - 1], sources[0]]
+        held_by_sources: dict[int, int] = {}
+        for source in (p for p in task.peers.values() if p.is_source):
+            for number in source.pieces:
+                held_by_sources[number] = held_by_sources.get(number, 0) + 1
+        seed_only = any(
+            task.holders.get(n, 0) - held_by_sources.get(n, 0) <= 0
+            for n in range(task.content.piece_count)
+            if n not in child.pieces
+        )
+        if seed_only:
+            return [*chosen[: self.candidate_parents - 1], sources[0]]
+        return chosen
 
     def _candidate(
         self, peer: Peer, child: Peer | None = None, total: int = 0, assigned: int = 0

@@ -106,10 +106,10 @@ def test_free_upload_slots_order_parents() -> None:
     assert len(set(scores)) == len(scores)
 
 
-def test_an_overloaded_or_slotless_parent_scores_as_full() -> None:
-    full = score(with_(PARENT, uploads=64))
-    assert score(with_(PARENT, uploads=80)) == full
-    assert score(with_(PARENT, upload_slots=0, uploads=0)) == full
+def test_load_lowers_the_score_smoothly() -> None:
+    idle, busy, overloaded = (score(with_(PARENT, uploads=n)) for n in (0, 64, 80))
+    assert idle > busy > overloaded, "no cliff: the least loaded of full parents still wins"
+    assert score(with_(PARENT, upload_slots=0, uploads=0)) == idle
 
 
 def test_cheaper_pieces_score_higher() -> None:

@@ -655,8 +655,9 @@ def test_a_parent_whose_last_piece_cost_is_far_above_its_mean_is_not_offered(
     s = Scheduler()
     add_seed(s)
     join(s, "a", "h1")
-    _report_costs(s, "a", "seed", costs)
-    offered = "seed" in ids(join(s, "b", "h2", now=2.0))
+    join(s, "c", "h3")
+    _report_costs(s, "c", "a", costs)  # c fetched pieces from a at these costs
+    offered = "a" in ids(join(s, "b", "h2", now=2.0))
     assert offered is not bad
 
 
@@ -675,3 +676,21 @@ def test_a_child_does_not_wait_forever_for_a_corrupt_only_source() -> None:
 
     actions = {s.reschedule(task_id=T, peer_id="b", now=2.0 + i)[0].action for i in range(100)}
     assert actions != {"wait"}
+
+
+def test_the_seed_is_offered_only_while_a_needed_piece_is_nowhere_else() -> None:
+    s = Scheduler()
+    add_seed(s)
+    assert "seed" in ids(join(s, "a", "h1"))
+    held = [PieceReport(n, parent_id="seed") for n in range(CONTENT.piece_count - 1)]
+    s.report_pieces(task_id=T, peer_id="a", pieces=held, now=1.0)
+    # b needs the last piece, which only the seed has: the seed stays among its parents.
+    assert ids(join(s, "b", "h2", now=1.0)) == {"a", "seed"}
+    last = [PieceReport(CONTENT.piece_count - 1, parent_id="seed")]
+    s.report_pieces(task_id=T, peer_id="a", pieces=last, now=2.0)
+    # Now a normal peer holds every piece: the seed's scarce uplink is spared.
+    schedule, _ = s.reschedule(task_id=T, peer_id="b", now=2.0)
+    assert ids(schedule) == {"a"}
+    s.leave("h1", None)
+    schedule, _ = s.reschedule(task_id=T, peer_id="b", now=3.0)
+    assert ids(schedule) == {"seed"}, "with the holder gone, the seed is back"
