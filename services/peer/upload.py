@@ -22,7 +22,7 @@ from swarmfly.services.peer.store import StoredTask, TaskStore
 _RANGE = re.compile(r"^bytes=(\d{1,15})-(\d{1,15})$")
 MAX_WAIT = 30.0
 CHUNK = 128 * 1024
-REVEAL = 4
+REVEAL = 1
 """Pieces a super-seeding parent offers per answer."""
 PACED_SLOT_RATE = 8 * 1024 * 1024
 """Bytes/s each concurrent upload should get when an upload rate cap is set."""
