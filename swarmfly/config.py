@@ -73,6 +73,14 @@ class PeerConfig:
     idc: str = ""
     location: str = ""
     strategy: str = "rarest-first"
+    cache_quota: int = 0
+    """Bytes of cached tasks; 0: no quota. Above cache_high of it, least recently used
+    tasks are evicted down to cache_low."""
+    cache_high: float = 0.9
+    cache_low: float = 0.7
+    cache_ttl: float = 6 * 3600.0
+    """Seconds a cached task may go unused (Dragonfly's default task expiry)."""
+    gc_interval: float = 60.0
 
 
 @dataclass
@@ -86,6 +94,12 @@ class StorageConfig:
     origin_concurrency: int = 4
     idc: str = ""
     location: str = ""
+    cache_quota: int = 0
+    cache_high: float = 0.9
+    cache_low: float = 0.7
+    cache_ttl: float = 7 * 24 * 3600.0
+    """The cluster's cache keeps tasks longer than a peer does."""
+    gc_interval: float = 60.0
 
 
 @dataclass
@@ -121,7 +135,7 @@ class Config:
         return options
 
 
-_SIZE_FIELDS = {"upload_rate", "download_rate"}
+_SIZE_FIELDS = {"upload_rate", "download_rate", "cache_quota"}
 
 
 def _coerce(kind: Any, value: Any, name: str) -> Any:

@@ -30,6 +30,9 @@ PEER_PIECE_SECONDS = Histogram(
 PEER_PIECE_FAILURES = Counter(
     "swarmfly_peer_piece_failures", "Pieces that failed, by reason", ["reason"]
 )
+PEER_GC_EVICTIONS = Counter("swarmfly_peer_gc_evictions", "Cached tasks evicted")
+PEER_CACHE_BYTES = Gauge("swarmfly_peer_cache_bytes", "Bytes of cached tasks")
+PEER_CACHE_TASKS = Gauge("swarmfly_peer_cache_tasks", "Cached tasks")
 CONTRACT_FAILURES = Counter(
     "swarmfly_contract_validation_failures", "Requests refused by contract validation", ["subject"]
 )

@@ -17,6 +17,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.ids import default_host_id
 from swarmfly.natsserver import NatsServer
 from swarmfly.pluginhost import Plugins
+from swarmfly.services.peer.gc import GcPolicy
 from swarmfly.services.peer.node import NodeSettings, PeerNode
 from swarmfly.services.peer.service import PeerService
 from swarmfly.services.scheduler.service import SchedulerService
@@ -69,6 +70,8 @@ def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
         heartbeat_interval=config.scheduler.heartbeat_interval,
         idc=p.idc,
         location=p.location,
+        gc=GcPolicy(p.cache_quota, p.cache_high, p.cache_low, p.cache_ttl),
+        gc_interval=p.gc_interval,
     )
 
 
@@ -91,6 +94,8 @@ def storage_settings(config: Config, state_dir: Path) -> NodeSettings:
         heartbeat_interval=config.scheduler.heartbeat_interval,
         idc=s.idc,
         location=s.location,
+        gc=GcPolicy(s.cache_quota, s.cache_high, s.cache_low, s.cache_ttl),
+        gc_interval=s.gc_interval,
     )
 
 

@@ -117,6 +117,7 @@ class Conductor:
         reporter = asyncio.create_task(self._report_loop()) if bus else None
         try:
             if self.stored.complete:
+                self.stored.touch()
                 await self._announce_cached()
             elif bus is None or self.seed:
                 await self._register_quietly()

@@ -13,13 +13,14 @@ import os
 import socket
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from swarmfly import metrics
 from swarmfly.bus import Bus
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
@@ -29,6 +30,7 @@ from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor, SourceRequest
+from swarmfly.services.peer.gc import CachedTask, GcPolicy, plan
 from swarmfly.services.peer.store import StoredTask, TaskStore
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ class NodeSettings:
     heartbeat_interval: float
     idc: str = ""
     location: str = ""
+    gc: GcPolicy = field(default_factory=GcPolicy)
+    gc_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -125,13 +129,15 @@ class PeerNode:
             stack, self.upload.app, self.settings.listen, self.settings.upload_port
         )
         self.port = int(self.upload_url.rsplit(":", 1)[1])
-        stack.push_async_callback(self._close_clients)
+        stack.push_async_callback(self.close)
         if self.bus is not None:
             stack.push_async_callback(self.leave)
             for task in loaded:
                 await self._announce_safely(task)
             beat = asyncio.create_task(self._heartbeat_loop())
             stack.callback(beat.cancel)
+        collector = asyncio.create_task(self._gc_loop())
+        stack.callback(collector.cancel)
         log.info(
             "%s %s serving uploads on %s (%d cached tasks)",
             self.settings.host_type,
@@ -140,7 +146,8 @@ class PeerNode:
             len(loaded),
         )
 
-    async def _close_clients(self) -> None:
+    async def close(self) -> None:
+        """Stop downloads and close connection pools (done by ``start``'s exit stack)."""
         for _, task in self._downloads.values():
             task.cancel()
         if self._session is not None:
@@ -296,6 +303,41 @@ class PeerNode:
             except SwarmflyError as exc:
                 log.debug("heartbeat: %s", exc)
             await asyncio.sleep(interval)
+
+    async def collect(self, now: float | None = None) -> list[str]:
+        """Evict what the cache policy says; tell the scheduler these pieces are gone."""
+        cached = [
+            CachedTask(t.id, t.content.content_length if t.content else 0, t.last_access,
+                       t.active > 0 or t.id in self._downloads)
+            for t in self.store.tasks.values()
+        ]  # fmt: skip
+        evicted = plan(cached, self.settings.gc, time.time() if now is None else now)
+        for task_id in evicted:
+            freed = self.store.evict(task_id)
+            metrics.PEER_GC_EVICTIONS.inc()
+            log.info("evicted task %s (%d bytes)", task_id[:12], freed)
+        if evicted and self.bus is not None:
+            peer_ids = [self.peer_id(task_id) for task_id in evicted]
+            try:
+                await self.bus.request(
+                    "scheduler.leave",
+                    {"host_id": self.settings.host_id, "peer_ids": peer_ids[:4096]},
+                )
+            except SwarmflyError as exc:
+                log.info("eviction not reported: %s", exc)
+        metrics.PEER_CACHE_TASKS.set(len(self.store.tasks))
+        metrics.PEER_CACHE_BYTES.set(
+            sum(t.content.content_length for t in self.store.tasks.values() if t.content)
+        )
+        return evicted
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.gc_interval)
+            try:
+                await self.collect()
+            except OSError as exc:
+                log.warning("cache collection failed: %s", exc)
 
     async def leave(self) -> None:
         if self.bus is None or not self.bus.nc.is_connected:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,10 @@ class StoredTask:
         if self.complete:
             self.save()
 
+    def touch(self) -> None:
+        """Used now: least-recently-used eviction goes by this."""
+        self.last_access = time.time()
+
     def upload_event(self, number: int, delta: int) -> None:
         self.served[number] = self.served.get(number, 0) + delta
         self.upload_events += 1
@@ -267,6 +272,17 @@ class TaskStore:
             self.tasks[task_id] = task
             loaded.append(task)
         return loaded
+
+    def evict(self, task_id: str) -> int:
+        """Delete a task's files; returns the bytes freed (outputs hard-linked from it keep
+        their data)."""
+        task = self.tasks.pop(task_id, None)
+        if task is None:
+            return 0
+        task.close()
+        size = task.content.content_length if task.content else 0
+        shutil.rmtree(task.dir, ignore_errors=True)
+        return size
 
     def close(self) -> None:
         for task in self.tasks.values():

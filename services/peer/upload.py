@@ -108,6 +108,7 @@ class UploadServer:
         assert task.content is not None
         number = start // task.content.piece_length
         task.upload_event(number, 1)  # asked for: a super-seeding reveal moves on at once
+        task.touch()
         delivered = False
         self._waiting += 1
         try:

@@ -295,6 +295,7 @@ async def test_a_source_with_the_wrong_byte_count_fails_the_piece_not_the_proces
     assert data.stat().st_size == MiB, "nothing is written past the piece"
     stored = node.store.tasks
     assert all(not task.done for task in stored.values())
+    await node.close()
     await plugins.close()
 
 

@@ -1,0 +1,59 @@
+"""Cache GC decisions: TTL first, then least recently used down to the low watermark, never a
+task in use."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from swarmfly.services.peer.gc import CachedTask, GcPolicy, plan
+
+MiB = 1024 * 1024
+
+
+def task(name: str, size_mib: int, last_access: float, active: bool = False) -> CachedTask:
+    return CachedTask(name, size_mib * MiB, last_access, active)
+
+
+def test_nothing_is_evicted_under_the_high_watermark() -> None:
+    tasks = [task("a", 40, 1), task("b", 40, 2)]
+    assert plan(tasks, GcPolicy(quota=100 * MiB), now=10) == []
+
+
+def test_least_recently_used_go_first_down_to_the_low_watermark() -> None:
+    tasks = [task("new", 30, 9), task("old", 30, 1), task("mid", 30, 5), task("x", 5, 8)]
+    # 95 MiB > 90% of 100: evict oldest until <= 70 MiB
+    assert plan(tasks, GcPolicy(quota=100 * MiB), now=10) == ["old"]
+    assert plan(tasks, GcPolicy(quota=100 * MiB, low=0.5), now=10) == ["old", "mid"]
+
+
+def test_tasks_in_use_are_never_evicted() -> None:
+    tasks = [task("busy", 90, 1, active=True), task("idle", 10, 5)]
+    assert plan(tasks, GcPolicy(quota=50 * MiB), now=10) == ["idle"]
+    assert plan(tasks, GcPolicy(ttl=1.0), now=10) == ["idle"]
+
+
+def test_expired_tasks_go_regardless_of_quota() -> None:
+    tasks = [task("stale", 1, 0), task("fresh", 1, 99)]
+    assert plan(tasks, GcPolicy(ttl=60), now=100) == ["stale"]
+    assert plan(tasks, GcPolicy(ttl=0), now=100) == [], "ttl 0 keeps tasks forever"
+
+
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 50), st.floats(0, 100), st.booleans()), max_size=30),
+    quota=st.integers(1, 500),
+)
+def test_after_eviction_the_cache_is_under_the_low_watermark_or_only_busy_tasks_remain(
+    sizes: list[tuple[int, float, bool]], quota: int
+) -> None:
+    tasks = [task(f"t{i}", s, a, busy) for i, (s, a, busy) in enumerate(sizes)]
+    policy = GcPolicy(quota=quota * MiB)
+    evicted = set(plan(tasks, policy, now=100))
+    kept = [t for t in tasks if t.id not in evicted]
+    assert not any(t.active for t in tasks if t.id in evicted), "a task in use was evicted"
+    before = sum(t.size for t in tasks)
+    after = sum(t.size for t in kept)
+    if before > policy.high * policy.quota:
+        assert after <= policy.low * policy.quota or all(t.active for t in kept)
+    else:
+        assert not evicted, "under the high watermark nothing goes (no TTL here)"
