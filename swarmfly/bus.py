@@ -6,6 +6,7 @@ travel as the one error shape with the NATS micro error headers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -187,6 +188,31 @@ class Bus:
                 await _respond_error(request, SwarmflyError("internal", "reply could not be sent"))
 
         return serve
+
+    async def discover(self, wait: float = 0.5) -> list[dict[str, Any]]:
+        """``$SRV.INFO`` of every nats.micro service using this bus's prefix (the standard
+        discovery protocol, not a swarmfly contract)."""
+        inbox = self.nc.new_inbox()
+        subscription = await self.nc.subscribe(inbox)
+        found: list[dict[str, Any]] = []
+        try:
+            await self.nc.publish("$SRV.INFO", b"", reply=inbox)
+            deadline = asyncio.get_running_loop().time() + wait
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                try:
+                    msg = await subscription.next_msg(timeout=left)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    break
+                try:
+                    info = orjson.loads(msg.data)
+                except orjson.JSONDecodeError:
+                    continue
+                endpoints = info.get("endpoints") or []
+                if any(str(e.get("subject", "")).startswith(self.prefix + ".") for e in endpoints):
+                    found.append(info)
+        finally:
+            await subscription.unsubscribe()
+        return found
 
     async def close(self) -> None:
         for service in self._services:

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--download-rate", type=_size, help="download limit, bytes/s")
     get.add_argument("--json", action="store_true", help="print a JSON summary")
 
+    status = sub.add_parser("status", help="services, hosts and tasks of the cluster")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+
     plugins = sub.add_parser("plugins", help="list the loaded plugins")
     _common(plugins)
     plugins.add_argument("--json", action="store_true", help="print JSON")
@@ -238,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             return _get(args, config)
         if args.command == "plugins":
             return _plugins(args, config)
+        if args.command == "status":
+            from swarmfly.status import show
+
+            return int(_run(show(config, as_json=args.json)))
         from swarmfly import runtime
 
         if args.command == "up":

@@ -6,8 +6,10 @@ import asyncio
 import logging
 import time
 from contextlib import AsyncExitStack
+from importlib import resources
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from swarmfly import __version__, metrics
@@ -19,6 +21,9 @@ from swarmfly.plugins.hookspecs import Evaluator
 from swarmfly.services.scheduler.core import Content, HostSpec, PieceReport, Scheduler, TriggerSeed
 
 log = logging.getLogger(__name__)
+EVENT_INTERVAL = 0.5
+DASHBOARD_CSP = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+"""The page loads nothing from elsewhere (no CDN): it must work on machines with no internet."""
 DIGEST_PAGE = 8192
 """Digests per scheduler.task reply: a page stays far below NATS's 1 MiB payload limit."""
 
@@ -77,6 +82,7 @@ class SchedulerService:
                 "scheduler.result": self.on_result,
                 "scheduler.leave": self.on_leave,
                 "scheduler.heartbeat": self.on_heartbeat,
+                "scheduler.state": self.on_state,
             },
         )
         expiry = asyncio.create_task(self._expire_loop())
@@ -85,6 +91,8 @@ class SchedulerService:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", metrics.handler)
         app.router.add_get("/api/state", self._state)
+        app.router.add_get("/api/events", self._events)
+        app.router.add_get("/", self._dashboard)
         sc = self.config.scheduler
         self.http_url = await serve_http(stack, app, sc.listen, sc.http_port)
 
@@ -205,30 +213,86 @@ class SchedulerService:
         ok = self.bus.nc.is_connected
         return web.json_response({"ok": ok}, status=200 if ok else 503)
 
-    async def _state(self, request: web.Request) -> web.Response:
-        core = self.core
-        return web.json_response(
-            {
-                "hosts": [
-                    {"id": h.id, "type": h.type, "address": h.address, "uploads": h.uploads}
-                    for h in core.hosts.values()
-                ],
-                "tasks": [
-                    {
-                        "id": t.id,
-                        "content": t.content.to_dict() if t.content else None,
-                        "peers": [
-                            {
-                                "id": p.id,
-                                "host_id": p.host_id,
-                                "state": p.state,
-                                "pieces": len(p.pieces),
-                                "source": p.is_source,
-                            }
-                            for p in t.peers.values()
-                        ],
-                    }
-                    for t in core.tasks.values()
-                ],
-            }
+    def snapshot(
+        self, *, bitmaps: bool = False, task_id: str | None = None, limit: int = 1000
+    ) -> dict[str, Any]:
+        """The scheduler's soft state, as ``scheduler.state`` replies and the dashboard shows."""
+        core, now = self.core, self.clock()
+        tasks = [t for t in core.tasks.values() if task_id is None or t.id == task_id]
+        tasks.sort(key=lambda t: max((p.updated_at for p in t.peers.values()), default=0.0))
+        return {
+            "hosts": [
+                {
+                    "id": h.id,
+                    "type": h.type,
+                    "address": h.address,
+                    "uploads": h.uploads,
+                    "upload_slots": h.upload_slots,
+                    "seen_s": round(max(0.0, now - h.last_seen), 3),
+                }
+                for h in core.hosts.values()
+            ],
+            "tasks": [
+                {
+                    "id": t.id,
+                    "task": t.content.to_dict() if t.content else None,
+                    "peers": [
+                        {
+                            "id": p.id,
+                            "host_id": p.host_id,
+                            "state": p.state,
+                            "pieces": len(p.pieces),
+                            "source": p.is_source,
+                            **({"bitmap": bitmap(p.pieces)} if bitmaps else {}),
+                        }
+                        for p in t.peers.values()
+                    ],
+                }
+                for t in reversed(tasks[-limit:])
+            ],
+        }
+
+    async def on_state(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self.snapshot(
+            bitmaps=req.get("bitmaps", False),
+            task_id=req.get("task_id"),
+            limit=req.get("limit", 1000),
         )
+
+    async def _state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot(bitmaps=request.query.get("bitmaps") == "1"))
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the state with piece bitmaps, whenever it changes."""
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        last = b""
+        try:
+            while True:
+                body = orjson.dumps(self.snapshot(bitmaps=True))
+                if body != last:
+                    await response.write(b"data: " + body + b"\n\n")
+                    last = body
+                await asyncio.sleep(EVENT_INTERVAL)
+        except (ConnectionResetError, asyncio.CancelledError):
+            return response
+
+    async def _dashboard(self, request: web.Request) -> web.Response:
+        page = resources.files(__package__).joinpath("dashboard.html").read_text("utf-8")
+        return web.Response(
+            text=page,
+            content_type="text/html",
+            headers={"Content-Security-Policy": DASHBOARD_CSP},
+        )
+
+
+def bitmap(pieces: set[int]) -> str:
+    """Hex bitmap: piece n is bit n (least significant bit of the first byte first)."""
+    if not pieces:
+        return ""
+    out = bytearray(max(pieces) // 8 + 1)
+    for number in pieces:
+        out[number // 8] |= 1 << (number % 8)
+    return out.hex()

@@ -145,7 +145,7 @@ def wrong_types(name: str) -> list[Case]:
 
 def missing(name: str) -> list[Case]:
     cases = []
-    for field in CONTRACTS[name].request["required"]:
+    for field in CONTRACTS[name].request.get("required", []):
         request = first_request(name)
         del request[field]
         cases.append(Case(f"without {field}", orjson.dumps(request), names=field))
@@ -358,6 +358,8 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], float]:
         return {"host_id": "host-leaving", "peer_ids": ["peer-x"]}, 5
     if name == "scheduler.task":
         return {"task_id": task_id}, 5
+    if name == "scheduler.state":
+        return {"bitmaps": True, "limit": 5}, 5
     if name == "storage.seed":
         return {"task_id": task_id, "source": {"url": env.url}}, 5
     if name == "peer.{host_id}.progress":
@@ -410,7 +412,7 @@ async def test_service_keeps_serving_after_bad_input(env: Env, name: str) -> Non
 # -- what a hostile field name can do to the error reply -------------------------------------
 
 
-SOURCE_SUBJECTS = [n for n in SUBJECTS if "source" in CONTRACTS[n].request["required"]]
+SOURCE_SUBJECTS = [n for n in SUBJECTS if "source" in CONTRACTS[n].request.get("required", [])]
 
 
 def with_headers(name: str, headers: dict[str, Any]) -> bytes:

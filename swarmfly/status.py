@@ -1,0 +1,104 @@
+"""`swarmfly status`: the cluster as an operator wants it at a glance."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+
+from swarmfly.config import Config
+from swarmfly.errors import SwarmflyError
+from swarmfly.runtime import connect
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    if not rows:
+        lines.append("(none)")
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+async def gather(config: Config) -> dict[str, Any]:
+    bus = await connect(config, "swarmfly-status")
+    try:
+        services = await bus.discover()
+        try:
+            state = await bus.request("scheduler.state", {"limit": 50}, timeout=3.0)
+        except SwarmflyError as exc:
+            state = {"hosts": [], "tasks": [], "error": str(exc)}
+    finally:
+        await bus.close()
+    return {
+        "services": [
+            {
+                "name": s.get("name"),
+                "id": s.get("id"),
+                "version": s.get("version"),
+                "metadata": s.get("metadata") or {},
+            }
+            for s in services
+        ],
+        **state,
+    }
+
+
+async def show(config: Config, *, as_json: bool) -> int:
+    status = await gather(config)
+    if as_json:
+        sys.stdout.write(orjson.dumps(status).decode() + "\n")
+        return 0
+    services = [
+        [s["name"] or "", s["id"] or "", s["version"] or "", s["metadata"].get("host_id", "")]
+        for s in sorted(status["services"], key=lambda s: (s["name"] or "", s["id"] or ""))
+    ]
+    hosts = [
+        [
+            h["id"],
+            h["type"],
+            h["address"],
+            f"{h['uploads']}/{h['upload_slots']}",
+            f"{h['seen_s']:.1f}s",
+        ]
+        for h in status["hosts"]
+    ]
+    tasks = []
+    for task in status["tasks"]:
+        content = task["task"] or {}
+        count = content.get("piece_count", 0)
+        peers = task["peers"]
+        normal = [p for p in peers if not p["source"]]
+        done = sum(p["state"] == "succeeded" for p in normal)
+        held = sum(p["pieces"] for p in normal)
+        progress = f"{100 * held / (count * len(normal)):.0f}%" if count and normal else "-"
+        tasks.append(
+            [
+                task["id"][:12],
+                _size(content.get("content_length", 0)),
+                str(count),
+                f"{done}/{len(normal)}",
+                str(len(peers) - len(normal)),
+                progress,
+            ]
+        )
+    print(_table("SERVICES", ["NAME", "ID", "VERSION", "HOST"], services))
+    print()
+    print(_table("HOSTS", ["HOST", "TYPE", "ADDRESS", "UPLOADS", "SEEN"], hosts))
+    print()
+    print(_table("TASKS", ["TASK", "SIZE", "PIECES", "DONE", "SEEDS", "PROGRESS"], tasks))
+    if "error" in status:
+        print(f"\nscheduler: {status['error']}", file=sys.stderr)
+        return 1
+    return 0
