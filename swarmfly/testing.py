@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,7 +299,11 @@ class InProcessCluster:
 
 @asynccontextmanager
 async def in_process_cluster(
-    nats_url: str, prefix: str, root: Path, plugins: Plugins | None = None
+    nats_url: str,
+    prefix: str,
+    root: Path,
+    plugins: Plugins | None = None,
+    configure: Callable[[Config], None] | None = None,
 ) -> AsyncIterator[InProcessCluster]:
     """Start the three services against a running nats-server, state under ``root``
     (``root/storage``, ``root/peer``), uploads on loopback; stop them on exit."""
@@ -307,6 +311,8 @@ async def in_process_cluster(
 
     config = Config(state_dir=root, nats=NatsConfig(servers=[nats_url], prefix=prefix))
     config.peer.listen = config.storage.listen = "127.0.0.1"
+    if configure is not None:
+        configure(config)
     async with AsyncExitStack() as stack:
         if plugins is None:
             plugins = load_plugins(config)

@@ -1,0 +1,78 @@
+"""The dashboard in a real headless browser (Debian's chromium, driven by Playwright): a piece
+map with partial progress mid-download, updates without reload, untrusted data as text."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from swarmfly.bus import Bus
+from swarmfly.config import Config
+from swarmfly.natsserver import NatsServer
+from swarmfly.services.peer.conductor import SourceRequest
+from swarmfly.testing import Origin, in_process_cluster
+from tests.conftest import require_tool
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+MiB = 1024 * 1024
+PAYLOAD = '"><img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+
+
+def slow_seed(config: Config) -> None:
+    config.storage.upload_rate = 2 * MiB  # the download takes a few seconds to watch
+    config.scheduler.heartbeat_interval = 0.5
+
+
+async def test_live_piece_map_in_a_browser(
+    nats: NatsServer, prefix: str, origin: Origin, tmp_path: Path, bus: Bus
+) -> None:
+    chromium = require_tool("chromium")
+    from playwright.async_api import async_playwright
+
+    url = origin.add("watch.bin", os.urandom(16 * MiB))
+    async with in_process_cluster(nats.url, prefix, tmp_path, configure=slow_seed) as cluster:
+        # An attacker-chosen URL reaches the scheduler: it must never become markup.
+        await bus.request(
+            "scheduler.register",
+            {
+                "task_id": "ee" * 32,
+                "peer_id": "xss-peer",
+                "host": {"id": "xss-host", "ip": "127.0.0.1", "port": 9, "type": "normal"},
+                "source": {"url": f"http://example.invalid/{PAYLOAD}"},
+            },
+        )
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=chromium,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"],
+            )  # fmt: skip
+            page = await browser.new_page()
+            await page.goto(cluster.scheduler.http_url + "/")
+            await page.evaluate("window.loadedOnce = 'yes'")
+            download = asyncio.create_task(cluster.peer.node.download(SourceRequest(url)))
+
+            partial = (
+                "() => { const have = document.querySelectorAll('.cell.have:not(.seed)').length;"
+                " const all = document.querySelectorAll('.task .cell').length;"
+                " return have > 0 && have < all / 2; }"
+            )
+            await page.wait_for_function(partial, timeout=30_000, polling=100)
+            shot = Path(os.environ.get("SWARMFLY_SCREENSHOT_DIR", tmp_path)) / "dashboard.png"
+            await page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            first = await page.locator(".cell.have:not(.seed)").count()
+
+            await download
+            await page.wait_for_function(
+                f"() => document.querySelectorAll('.cell.have:not(.seed)').length > {first}",
+                timeout=15_000,
+            )
+            assert await page.evaluate("window.loadedOnce") == "yes", "updated without reload"
+            assert await page.evaluate("window.pwned") is None
+            assert await page.locator("img").count() == 0
+            assert await page.locator("text=live").count() == 1
+            await browser.close()
