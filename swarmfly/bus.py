@@ -18,8 +18,9 @@ from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service
+from opentelemetry.trace import SpanKind
 
-from swarmfly import contracts, metrics
+from swarmfly import contracts, metrics, telemetry
 from swarmfly.errors import BadRequest, SwarmflyError
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,27 @@ class Bus:
         contract = contracts.get(name)
         subject = self.subject(name, **tokens)
         contract.validate_request(payload)
+        with telemetry.span(
+            f"send {contract.name}",
+            kind=SpanKind.CLIENT,
+            attributes=_messaging(subject, "send") if telemetry.enabled() else None,
+        ):
+            headers: dict[str, str] = {}
+            telemetry.inject(headers)
+            return await self._request(contract, subject, payload, timeout, headers or None)
+
+    async def _request(
+        self,
+        contract: contracts.Contract,
+        subject: str,
+        payload: dict[str, Any],
+        timeout: float,
+        headers: dict[str, str] | None,
+    ) -> dict[str, Any]:
         try:
-            msg = await self.nc.request(subject, orjson.dumps(payload), timeout=timeout)
+            msg = await self.nc.request(
+                subject, orjson.dumps(payload), timeout=timeout, headers=headers
+            )
         except nats.errors.NoRespondersError:
             raise SwarmflyError("unavailable", f"no service answers {subject}") from None
         except (TimeoutError, nats.errors.TimeoutError):
@@ -173,7 +193,15 @@ class Bus:
                 await _respond_error(request, exc)
                 return
             try:
-                reply = await handler(payload)
+                with telemetry.span(
+                    f"process {contract.name}",
+                    kind=SpanKind.SERVER,
+                    attributes=(
+                        _messaging(request.subject, "process") if telemetry.enabled() else None
+                    ),
+                    carrier=request.headers,
+                ):
+                    reply = await handler(payload)
             except SwarmflyError as exc:
                 await _respond_error(request, exc)
                 return
@@ -223,6 +251,14 @@ class Bus:
         self._services.clear()
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+def _messaging(subject: str, operation: str) -> dict[str, str]:
+    return {
+        "messaging.system": "nats",
+        "messaging.destination.name": subject,
+        "messaging.operation.type": operation,
+    }
 
 
 async def _respond_error(request: Request, exc: SwarmflyError) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from swarmfly import telemetry
 from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError
@@ -76,6 +77,11 @@ async def get(
     if output.is_dir():
         raise SwarmflyError("bad_request", f"{output} is a directory")
     async with AsyncExitStack() as stack:
+        if shutdown := telemetry.setup("cli", config.tracing):
+            stack.callback(shutdown)
+        stack.enter_context(
+            telemetry.span("swarmfly get", attributes={"url.full": redact_url(request.url)})
+        )
         bus: Bus | None = None
         servers = servers_of(config)
         if servers:

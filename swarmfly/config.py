@@ -73,6 +73,8 @@ class PeerConfig:
     idc: str = ""
     location: str = ""
     strategy: str = "rarest-first"
+    piece_spans: bool = False
+    """One trace span per piece transfer; off: one span per download phase."""
     cache_quota: int = 0
     """Bytes of cached tasks; 0: no quota. Above cache_high of it, least recently used
     tasks are evicted down to cache_low."""
@@ -106,6 +108,8 @@ class StorageConfig:
 class Config:
     state_dir: Path = field(default_factory=lambda: Path(platformdirs.user_state_dir("swarmfly")))
     log_level: str = "INFO"
+    tracing: bool = False
+    """On when the standard OTEL_* variables ask for an exporter (OTLP)."""
     disable_plugins: list[str] = field(default_factory=list)
     """Plugins (entry-point names) not to load: SWARMFLY_DISABLE_PLUGINS=name,..."""
     nats: NatsConfig = field(default_factory=NatsConfig)
@@ -210,5 +214,11 @@ def load(
         with open(candidate, "rb") as handle:
             _apply(config, tomllib.load(handle), str(candidate))
     _apply(config, env_values, "environment")
+    config.tracing = env.get("OTEL_SDK_DISABLED", "").lower() != "true" and (
+        env.get("OTEL_TRACES_EXPORTER", "none").lower() not in ("", "none")
+        or bool(
+            env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        )
+    )
     _apply(config, flag_values, "flags")
     return config

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from swarmfly import telemetry
 from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError
@@ -68,6 +69,7 @@ def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
         piece_timeout=p.piece_timeout,
         origin_concurrency=config.storage.origin_concurrency,
         heartbeat_interval=config.scheduler.heartbeat_interval,
+        piece_spans=p.piece_spans,
         idc=p.idc,
         location=p.location,
         gc=GcPolicy(p.cache_quota, p.cache_high, p.cache_low, p.cache_ttl),
@@ -165,6 +167,8 @@ async def run_service(kind: str, config: Config) -> None:
     """`swarmfly scheduler|storage|peer`: one service against an existing NATS."""
     stop = stop_on_signals()
     async with AsyncExitStack() as stack:
+        if shutdown := telemetry.setup(kind, config.tracing):
+            stack.callback(shutdown)
         servers = servers_of(config)
         bus = await connect(config, f"swarmfly-{kind}", servers)
         stack.push_async_callback(bus.close)
@@ -188,6 +192,8 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
     state.mkdir(parents=True, exist_ok=True)
     stop = stop_on_signals()
     async with AsyncExitStack() as stack:
+        if shutdown := telemetry.setup("up", config.tracing):
+            stack.callback(shutdown)
         server = NatsServer(state / "nats", port=nats_port).start()
         stack.push_async_callback(server.astop)
         servers = [server.url]

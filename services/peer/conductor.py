@@ -9,18 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from opentelemetry.trace import SpanKind
 
-from swarmfly import metrics
+from swarmfly import metrics, telemetry
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, piece_count, piece_length_for
 from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.pieces import PieceBook
-from swarmfly.services.peer.store import StoredTask, TaskContent
+from swarmfly.services.peer.store import StoredTask, TaskContent, redact_url
 
 if TYPE_CHECKING:
     from swarmfly.services.peer.node import PeerNode
@@ -113,6 +115,18 @@ class Conductor:
 
     async def run(self) -> None:
         """Leaves every piece verified in the store, or raises SwarmflyError."""
+        attributes = {"swarmfly.task_id": self.task_id, "swarmfly.seed": self.seed}
+        with telemetry.span("download", attributes=attributes) as current:
+            await self._run()
+            telemetry.set_attributes(
+                current,
+                **{
+                    "swarmfly.bytes_origin": self.bytes_origin,
+                    "swarmfly.bytes_p2p": self.bytes_p2p,
+                },
+            )
+
+    async def _run(self) -> None:
         bus = self.node.bus
         reporter = asyncio.create_task(self._report_loop()) if bus else None
         try:
@@ -268,6 +282,17 @@ class Conductor:
 
     async def _p2p(self) -> dict[str, Any] | None:
         """Fetch pieces until complete (None) or until the scheduler answers otherwise."""
+        with telemetry.span("p2p") as current:
+            before = len(self.stored.done)
+            try:
+                return await self._p2p_loop()
+            finally:
+                telemetry.set_attributes(
+                    current, **{"swarmfly.pieces": len(self.stored.done) - before,
+                                "swarmfly.parents_dropped": len(self.bad)}
+                )  # fmt: skip
+
+    async def _p2p_loop(self) -> dict[str, Any] | None:
         self._availability: dict[str, set[int]] = {}
         self._failed_parents: list[tuple[str, str]] = []
         book: PieceBook | None = None
@@ -405,10 +430,38 @@ class Conductor:
         offset, size = content.piece(number)
         expected = self.stored.digests[number]
         started = time.monotonic()
+        headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
+        piece_span = (
+            telemetry.span(
+                "GET piece",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "http.request.method": "GET",
+                    "server.address": parent.address,
+                    "swarmfly.piece": number,
+                },
+            )
+            if self.node.settings.piece_spans
+            else nullcontext()
+        )
+        with piece_span:
+            telemetry.inject(headers)
+            return await self._transfer(number, parent_id, parent, headers, size, expected, started)
+
+    async def _transfer(
+        self,
+        number: int,
+        parent_id: str,
+        parent: Parent,
+        headers: dict[str, str],
+        size: int,
+        expected: str | None,
+        started: float,
+    ) -> int:
         try:
             async with self.node.session.get(
                 f"{parent.address}/v1/tasks/{self.task_id}/data",
-                headers={"Range": f"bytes={offset}-{offset + size - 1}"},
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=5, sock_read=self.node.config.piece_timeout
                 ),
@@ -475,6 +528,10 @@ class Conductor:
 
     async def _from_origin(self) -> None:
         """Read the missing pieces from the origin: parallel ranges, or one stream."""
+        with telemetry.span("back_to_source", attributes={"url.full": redact_url(self.source.url)}):
+            await self._read_origin()
+
+    async def _read_origin(self) -> None:
         stat = self.stat
         if stat.size is None:
             raise SwarmflyError("source_error", "origin does not state the content length")

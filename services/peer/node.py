@@ -52,6 +52,7 @@ class NodeSettings:
     piece_timeout: float
     origin_concurrency: int
     heartbeat_interval: float
+    piece_spans: bool = False
     idc: str = ""
     location: str = ""
     gc: GcPolicy = field(default_factory=GcPolicy)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from contextlib import nullcontext
 
 from aiohttp import web
+from opentelemetry.trace import SpanKind
 
-from swarmfly import metrics
+from swarmfly import metrics, telemetry
 from swarmfly.ids import TASK_ID
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.store import StoredTask, TaskStore
@@ -120,8 +122,23 @@ class UploadServer:
             self._waiting -= 1
         self.uploads += 1
         task.active += 1
+        carrier = (
+            {"traceparent": request.headers["traceparent"]}
+            if "traceparent" in request.headers
+            else None
+        )
         try:
-            response = await self._send(request, task, start, last - start + 1)
+            with (
+                telemetry.span(
+                    "serve piece",
+                    kind=SpanKind.SERVER,
+                    attributes={"http.request.method": "GET", "swarmfly.piece": number},
+                    carrier=carrier,
+                )
+                if carrier
+                else nullcontext()
+            ):
+                response = await self._send(request, task, start, last - start + 1)
             delivered = True
             return response
         finally:

@@ -7,6 +7,7 @@ rebuilt from what peers re-register.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections import deque
@@ -446,10 +447,13 @@ class Scheduler:
         if len(costs) < 2:
             return False
         *history, last = costs
-        mean = statistics.fmean(history)
+        mean = sum(history) / len(history)
         if len(costs) <= 5:
             return last > 20 * max(mean, 1.0)
-        return last > mean + 3 * statistics.pstdev(history) and last > 4 * max(mean, 1.0)
+        # Plain floats: statistics.pstdev computes with exact fractions, and this runs for
+        # every candidate of every decision.
+        deviation = math.sqrt(sum((c - mean) ** 2 for c in history) / len(history))
+        return last > mean + 3 * deviation and last > 4 * max(mean, 1.0)
 
     def _eligible(self, task: Task, child: Peer, parent: Peer) -> bool:
         """Could ``parent`` ever serve ``child``: alive, trusted, not blocked, not local."""

@@ -1,0 +1,888 @@
+"""Scheduler benchmark: schedule decisions per second and their latency, from a simulated swarm.
+
+One nats-server and ONE `swarmfly scheduler` process; a separate load-generator process (this
+script re-run with ``--generator``) simulates N peers over T tasks on a few NATS connections,
+with a fixed number of requests in flight. One peer per task is the seed: it registers with
+"seed": true and reports every piece with its digest before the clock starts. Then each other
+peer registers, and loops: report a batch of pieces (parent_id, cost_ms), reschedule, and now and
+then a heartbeat. A peer that holds every piece reports its result, leaves, and registers again
+under a new peer id, so the swarm keeps its size and registrations go on all through the run.
+
+decisions = register + reschedule replies; each one's latency is timed in the generator, from
+the request to its reply. The scheduler's CPU seconds (from /proc) show whether it or the
+generator is the bottleneck. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import queue
+import random
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import orjson
+from _common import (
+    PY,
+    Out,
+    Reaper,
+    cleanup,
+    cpu_seconds,
+    machine_cpu,
+    median,
+    percentile,
+    table,
+)
+
+from swarmfly import contracts
+from swarmfly.natsserver import NatsServer
+from swarmfly.testing import spawn_service
+
+TARGET_DECISIONS_PER_S = 5000
+TARGET_P99_MS = 10.0
+PIECE_LENGTH = 4 * 1024 * 1024
+SUBJECTS = (
+    "scheduler.register",
+    "scheduler.reschedule",
+    "scheduler.pieces",
+    "scheduler.heartbeat",
+    "scheduler.result",
+    "scheduler.leave",
+)
+DECISIONS = ("scheduler.register", "scheduler.reschedule")
+SETUP_TIMEOUT = 60.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peers", type=int, default=1000, help="simulated peers (default 1000)")
+    parser.add_argument("--tasks", type=int, default=100, help="tasks (default 100)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (10)")
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="requests in flight (default 64)"
+    )
+    parser.add_argument("--connections", type=int, default=4, help="NATS connections (4)")
+    parser.add_argument("--pieces", type=int, default=64, help="pieces per task (default 64)")
+    parser.add_argument("--batch", type=int, default=4, help="pieces per report (default 4)")
+    parser.add_argument(
+        "--reports-per-reschedule",
+        type=int,
+        default=1,
+        help="piece reports a peer sends between two reschedules (default 1)",
+    )
+    parser.add_argument(
+        "--bad-rate",
+        type=float,
+        default=0.05,
+        help="share of reschedules that name a failed or slow parent (default 0.05)",
+    )
+    parser.add_argument(
+        "--heartbeat-interval", type=float, default=2.0, help="per simulated host, s (2)"
+    )
+    parser.add_argument("--request-timeout", type=float, default=5.0, help="per request, s (5)")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="after the measured runs, one extra run with py-spy on the scheduler; writes "
+        "DIR/scheduler.txt (collapsed stacks, for speedscope or flamegraph.pl) and prints "
+        "where the scheduler's time goes",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the scheduler, e.g. SWARMFLY_SCHEDULER_CANDIDATE_PARENTS=8",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="random seed of the generator")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (and logs)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--generator", help=argparse.SUPPRESS)  # internal: run as the load
+    args = parser.parse_args(argv)
+    if args.generator:
+        return args
+    if min(args.peers, args.tasks, args.concurrency, args.connections, args.runs) < 1:
+        parser.error("--peers, --tasks, --concurrency, --connections and --runs must be >= 1")
+    if args.peers < 2 * args.tasks:
+        parser.error("--peers must be at least 2 x --tasks (a seed and a peer per task)")
+    if args.pieces < 1 or args.batch < 1 or args.duration <= 0:
+        parser.error("--pieces, --batch and --duration must be positive")
+    try:
+        args.env = dict(item.split("=", 1) for item in args.env)
+    except ValueError:
+        parser.error("--env takes KEY=VALUE")
+    return args
+
+
+# -- the load generator (its own process) ------------------------------------------------
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class SimPeer:
+    """One simulated peer: its host, its task and what it holds in this generation."""
+
+    __slots__ = (
+        "conn",
+        "gen",
+        "host",
+        "index",
+        "missing",
+        "next_heartbeat",
+        "parents",
+        "peer_id",
+        "registered",
+        "reports_due",
+        "source",
+        "task",
+    )
+
+    def __init__(self, index: int, task: int, host: dict[str, Any], conn: Any) -> None:
+        self.index, self.task, self.host, self.conn = index, task, host, conn
+        self.gen = 0
+        self.peer_id = ""
+        self.missing: list[int] = []
+        self.parents: list[str] = []
+        self.registered = False
+        self.source = False
+        self.reports_due = 0
+        self.next_heartbeat = 0.0
+
+
+class Load:
+    """The generator: the swarm's state, the counters and the request helper."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.p = params
+        self.rng = random.Random(params["seed"])
+        self.subject = {n: contracts.get(n).subject(params["prefix"]) for n in SUBJECTS}
+        self.contracts = {n: contracts.get(n) for n in SUBJECTS}
+        self.checked: set[str] = set()
+        tag = params["prefix"]
+        self.task_ids = [
+            hashlib.sha256(f"bench-task-{tag}-{t}".encode()).hexdigest()
+            for t in range(params["tasks"])
+        ]
+        pieces = params["pieces"]
+        self.digests = [
+            [hashlib.sha256(f"{tid}:{n}".encode()).hexdigest() for n in range(pieces)]
+            for tid in self.task_ids
+        ]
+        self.content = {
+            "content_length": pieces * PIECE_LENGTH,
+            "piece_length": PIECE_LENGTH,
+            "piece_count": pieces,
+        }
+        self.latency: list[float] = []  # decisions, seconds
+        self.other_latency: list[float] = []
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.errors_by_subject: Counter[str] = Counter()
+        self.actions: Counter[str] = Counter()
+        self.parents_offered = 0
+        self.generations = 0
+        self.timing = False
+
+    async def call(self, conn: Any, name: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """One request; None on an error reply, a timeout or no responders (counted)."""
+        if name not in self.checked:  # the first request of each kind against its contract
+            self.contracts[name].validate_request(payload)
+        data = orjson.dumps(payload)
+        code = None
+        started = time.perf_counter()
+        try:
+            msg = await conn.request(self.subject[name], data, timeout=self.p["request_timeout"])
+        except nats.errors.NoRespondersError:
+            code = "no_responders"
+        except (TimeoutError, nats.errors.TimeoutError):
+            code = "timeout"
+        elapsed = time.perf_counter() - started
+        body: dict[str, Any] | None = None
+        if code is None:
+            if msg.headers and "Nats-Service-Error-Code" in msg.headers:
+                try:
+                    code = orjson.loads(msg.data)["error"]["code"]
+                except (ValueError, KeyError, TypeError):
+                    code = "error_" + msg.headers.get("Nats-Service-Error-Code", "?")
+            else:
+                body = orjson.loads(msg.data)
+                if name not in self.checked:
+                    validate = self.contracts[name].validate_reply
+                    if validate is not None:
+                        validate(body)
+                    self.checked.add(name)
+        if self.timing:
+            self.requests[name] += 1
+            if code is not None:
+                self.errors[code] += 1
+                self.errors_by_subject[f"{name}:{code}"] += 1
+            elif name in DECISIONS:  # a decision is a schedule reply, not an error reply
+                self.latency.append(elapsed)
+            else:
+                self.other_latency.append(elapsed)
+        return body
+
+    # -- one peer's life -----------------------------------------------------------------
+
+    def new_generation(self, peer: SimPeer) -> None:
+        peer.gen += 1
+        peer.peer_id = f"{peer.host['id']}-g{peer.gen}"
+        peer.missing = list(range(self.p["pieces"]))
+        self.rng.shuffle(peer.missing)
+        peer.parents = []
+        peer.registered = False
+        peer.source = False
+        peer.reports_due = 0
+
+    def on_schedule(self, peer: SimPeer, reply: dict[str, Any]) -> None:
+        action = reply["action"]
+        if self.timing:
+            self.actions[action] += 1
+            self.parents_offered += len(reply["parents"])
+        if action == "parents" and reply["parents"]:
+            peer.parents = [p["peer_id"] for p in reply["parents"]]
+        elif action == "back_to_source":
+            peer.source = True
+            peer.parents = []
+        peer.reports_due = self.p["reports_per_reschedule"]
+
+    async def register(self, peer: SimPeer, seed: bool = False) -> dict[str, Any] | None:
+        payload: dict[str, Any] = {
+            "task_id": self.task_ids[peer.task],
+            "peer_id": peer.peer_id,
+            "host": peer.host,
+            "source": {"url": f"https://origin.invalid/blob/{peer.task}"},
+        }
+        if seed:
+            payload["seed"] = True
+            payload["task"] = self.content
+        reply = await self.call(peer.conn, "scheduler.register", payload)
+        if reply is not None:
+            peer.registered = True
+            self.on_schedule(peer, reply)
+        return reply
+
+    async def report(self, peer: SimPeer, numbers: list[int], *, whole: bool = False) -> bool:
+        digests = self.digests[peer.task]
+        pieces: list[dict[str, Any]] = []
+        for n in numbers:
+            if peer.source:
+                pieces.append({"number": n, "digest": digests[n], "cost_ms": 40})
+            elif peer.parents:
+                parent = self.rng.choice(peer.parents)
+                cost = self.rng.randint(20, 200)
+                pieces.append({"number": n, "parent_id": parent, "cost_ms": cost})
+            else:
+                pieces.append({"number": n})
+        payload: dict[str, Any] = {
+            "task_id": self.task_ids[peer.task],
+            "peer_id": peer.peer_id,
+            "pieces": pieces,
+        }
+        if whole:
+            payload["task"] = self.content
+        return await self.call(peer.conn, "scheduler.pieces", payload) is not None
+
+    async def step(self, peer: SimPeer, now: float) -> None:
+        """One request (two or three when a generation ends) of one peer."""
+        if not peer.registered:
+            await self.register(peer)
+            return
+        if now >= peer.next_heartbeat:
+            peer.next_heartbeat = now + self.p["heartbeat_interval"]
+            beat = {"host": peer.host, "uploads": 1, "peers": 1}
+            await self.call(peer.conn, "scheduler.heartbeat", beat)
+            return
+        if peer.reports_due > 0 and peer.missing:
+            batch, peer.missing = peer.missing[: self.p["batch"]], peer.missing[self.p["batch"] :]
+            peer.reports_due -= 1
+            if not await self.report(peer, batch):
+                peer.missing.extend(batch)
+                peer.registered = False  # e.g. not_found after the host expired: start over
+                return
+            if not peer.missing:
+                done = {"task_id": self.task_ids[peer.task], "peer_id": peer.peer_id}
+                await self.call(peer.conn, "scheduler.result", {**done, "success": True})
+                gone = {"host_id": peer.host["id"], "peer_ids": [peer.peer_id]}
+                await self.call(peer.conn, "scheduler.leave", gone)
+                self.new_generation(peer)
+                if self.timing:
+                    self.generations += 1
+            return
+        payload: dict[str, Any] = {"task_id": self.task_ids[peer.task], "peer_id": peer.peer_id}
+        if peer.parents and self.rng.random() < self.p["bad_rate"]:
+            bad = self.rng.choice(peer.parents)
+            reason = self.rng.choice(("failed", "slow"))
+            payload["blocklist"] = [bad]
+            payload["bad_parents"] = [{"peer_id": bad, "reason": reason}]
+        reply = await self.call(peer.conn, "scheduler.reschedule", payload)
+        if reply is None:
+            peer.reports_due = self.p["reports_per_reschedule"]
+        else:
+            self.on_schedule(peer, reply)
+
+
+def host_of(index: int, seed: bool) -> dict[str, Any]:
+    host_id = f"{'seed-' if seed else ''}h{index:05d}"
+    return {
+        "id": host_id,
+        "ip": f"10.{index // 65536 % 256}.{index // 256 % 256}.{index % 256}",
+        "port": 40001,
+        "type": "seed" if seed else "normal",
+        "idc": f"dc{index % 3}",
+        "location": f"eu|west|{'abc'[index % 3]}",
+    }
+
+
+def _say(text: str) -> None:
+    print(f"# generator: {text}", file=sys.stderr, flush=True)
+
+
+async def generate(params: dict[str, Any]) -> dict[str, Any]:
+    load = Load(params)
+    conns = [
+        await nats.connect(
+            params["nats"],
+            name=f"bench-scheduler-load-{i}",
+            max_reconnect_attempts=3,
+            connect_timeout=5,
+        )
+        for i in range(params["connections"])
+    ]
+    try:
+        peers: list[SimPeer] = []
+        for i in range(params["peers"]):
+            task = i % params["tasks"]
+            seed = i < params["tasks"]
+            peer = SimPeer(i, task, host_of(i, seed), conns[i % len(conns)])
+            load.new_generation(peer)
+            peers.append(peer)
+        seeds, normals = peers[: params["tasks"]], peers[params["tasks"] :]
+        loop = asyncio.get_running_loop()
+
+        # Set-up, not timed: every task gets its seed, which reports all pieces with digests.
+        setup_start = time.perf_counter()
+        gate = asyncio.Semaphore(params["concurrency"])
+
+        async def seed_up(peer: SimPeer) -> None:
+            async with gate:
+                reply = await load.register(peer, seed=True)
+                if reply is None or reply["action"] != "back_to_source":
+                    raise RuntimeError(f"seed register answered {reply}")
+                if not await load.report(peer, peer.missing, whole=True):
+                    raise RuntimeError("seed piece report refused")
+                peer.missing = []
+
+        await asyncio.wait_for(asyncio.gather(*(seed_up(s) for s in seeds)), SETUP_TIMEOUT)
+        setup_s = time.perf_counter() - setup_start
+        _say(f"{len(seeds)} seeds registered with {params['pieces']} pieces each in {setup_s:.2f}s")
+
+        # The timed phase.
+        sched_pid, nats_pid = params["scheduler_pid"], params["nats_pid"]
+        print(json.dumps({"event": "timed"}), flush=True)
+        cpu0 = (cpu_seconds(sched_pid), cpu_seconds(nats_pid), _self_cpu(), machine_cpu())
+        t0 = loop.time()
+        deadline = t0 + params["duration"]
+        for peer in normals:
+            peer.next_heartbeat = t0 + load.rng.uniform(0, params["heartbeat_interval"])
+        load.timing = True
+        ready: deque[SimPeer] = deque(normals)
+
+        async def worker() -> None:
+            while True:
+                now = loop.time()
+                if now >= deadline:
+                    return
+                peer = ready.popleft()
+                try:
+                    await load.step(peer, now)
+                finally:
+                    ready.append(peer)
+
+        async def seed_heartbeats() -> None:
+            while True:
+                for peer in seeds:
+                    body = {"host": peer.host, "uploads": 4, "peers": 1}
+                    await load.call(peer.conn, "scheduler.heartbeat", body)
+                await asyncio.sleep(params["heartbeat_interval"])
+
+        workers = [asyncio.create_task(worker()) for _ in range(params["concurrency"])]
+        beats = asyncio.create_task(seed_heartbeats())
+        grace = params["duration"] + 2 * params["request_timeout"] + 10
+        try:
+            await asyncio.wait_for(asyncio.gather(*workers), grace)
+        finally:
+            elapsed = loop.time() - t0
+            load.timing = False
+            cpu1 = (cpu_seconds(sched_pid), cpu_seconds(nats_pid), _self_cpu(), machine_cpu())
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+    finally:
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    decisions = len(load.latency)
+    ms = [v * 1000 for v in load.latency]
+    other_ms = [v * 1000 for v in load.other_latency]
+    total = cpu1[3][1] - cpu0[3][1]
+    sched_cpu = cpu1[0] - cpu0[0]
+    return {
+        "event": "result",
+        "decisions": decisions,
+        "elapsed_s": round(elapsed, 3),
+        "decisions_per_s": round(decisions / elapsed, 1),
+        "requests": dict(load.requests),
+        "requests_per_s": round(sum(load.requests.values()) / elapsed, 1),
+        "p50_ms": round(percentile(ms, 50), 3) if ms else None,
+        "p90_ms": round(percentile(ms, 90), 3) if ms else None,
+        "p99_ms": round(percentile(ms, 99), 3) if ms else None,
+        "max_ms": round(max(ms), 3) if ms else None,
+        "other_p50_ms": round(percentile(other_ms, 50), 3) if other_ms else None,
+        "other_p99_ms": round(percentile(other_ms, 99), 3) if other_ms else None,
+        "errors": dict(load.errors),
+        "errors_by_subject": dict(load.errors_by_subject),
+        "actions": dict(load.actions),
+        "parents_per_decision": round(load.parents_offered / decisions, 2) if decisions else None,
+        "generations": load.generations,
+        "setup_s": round(setup_s, 3),
+        "cpu_seconds": {
+            "scheduler": round(sched_cpu, 2),
+            "nats_server": round(cpu1[1] - cpu0[1], 2),
+            "generator": round(cpu1[2] - cpu0[2], 2),
+        },
+        "cpu_busy": round((cpu1[3][0] - cpu0[3][0]) / total, 3) if total else None,
+        "scheduler_cpu_us_per_decision": round(sched_cpu / decisions * 1e6, 1)
+        if decisions
+        else None,
+        "decisions_per_scheduler_cpu_s": round(decisions / sched_cpu) if sched_cpu else None,
+    }
+
+
+def generator_main(spec: str) -> int:
+    params = json.loads(spec)
+    try:
+        import uvloop
+
+        result = uvloop.run(generate(params))
+    except ImportError:
+        result = asyncio.run(generate(params))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# -- the driver --------------------------------------------------------------------------
+
+
+class Lines(threading.Thread):
+    """Reads a child's stdout into a queue, so the driver can wait with a deadline."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.lines: queue.Queue[str] = queue.Queue()
+
+    def run(self) -> None:
+        for line in self.stream:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def next_event(self, deadline: float) -> dict[str, Any] | None:
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if not line:
+                return None  # the child closed its stdout
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and "event" in event:
+                    return event
+            if time.monotonic() > deadline:
+                return None
+
+
+def one_run(
+    run: int, args: argparse.Namespace, root: Path, nats: NatsServer, reaper: Reaper, out: Out,
+    profile: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    prefix = f"bench{uuid.uuid4().hex[:10]}"
+    run_dir = root / (f"run{run}" if profile is None else "profile")
+    out.progress(f"run {run}: starting the scheduler (prefix {prefix})")
+    scheduler = spawn_service(
+        "scheduler", nats.url, run_dir / "scheduler", "--prefix", prefix, env=args.env, timeout=60
+    )
+    reaper.add(scheduler.process)
+    assert nats.process is not None
+    params = {
+        "nats": nats.url, "prefix": prefix, "peers": args.peers, "tasks": args.tasks,
+        "duration": args.duration, "concurrency": args.concurrency,
+        "connections": args.connections, "pieces": args.pieces, "batch": args.batch,
+        "reports_per_reschedule": args.reports_per_reschedule, "bad_rate": args.bad_rate,
+        "heartbeat_interval": args.heartbeat_interval, "request_timeout": args.request_timeout,
+        "seed": args.seed + run, "scheduler_pid": scheduler.process.pid,
+        "nats_pid": nats.process.pid,
+    }  # fmt: skip
+    spy: subprocess.Popen[bytes] | None = None
+    generator: subprocess.Popen[str] | None = None
+    result: dict[str, Any] = {"run": run, "ok": False}
+    try:
+        generator = reaper.add(
+            subprocess.Popen(
+                [PY, str(Path(__file__).resolve()), "--generator", json.dumps(params)],
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
+        lines = Lines(generator.stdout)
+        lines.start()
+        limit = time.monotonic() + SETUP_TIMEOUT + 30
+        event = lines.next_event(limit)
+        if event is None or event["event"] != "timed":
+            result["error"] = "the generator did not finish its set-up"
+            return result
+        out.progress(f"run {run}: {args.peers} peers, {args.duration:g}s of load")
+        if profile is not None:
+            spy = start_profiler(reaper, scheduler.process.pid, profile, args.duration)
+        limit = time.monotonic() + args.duration + 2 * args.request_timeout + 30
+        event = lines.next_event(limit)
+        if event is None or event["event"] != "result":
+            result["error"] = "the generator did not report (see stderr)"
+            return result
+        generator.wait(timeout=10)
+        result.update(event)
+        del result["event"]
+        alive = scheduler.process.poll() is None
+        bad = sum(result["errors"].get(code, 0) for code in ("bad_request", "internal"))
+        result["ok"] = alive and bad == 0 and generator.returncode == 0
+        if not alive:
+            result["error"] = f"the scheduler exited with {scheduler.process.returncode}"
+        elif bad:
+            result["error"] = f"{bad} bad_request/internal replies: a benchmark or scheduler bug"
+        log = scheduler.log()
+        result["scheduler_log"] = {
+            "warnings": len(re.findall(r" WARNING ", log)),
+            "errors": len(re.findall(r" ERROR ", log)),
+        }
+        if spy is not None:
+            spy.wait(timeout=args.duration + 30)
+    finally:
+        for proc in (spy, generator, scheduler.process):
+            if proc is not None:
+                reaper.stop(proc)
+    return result
+
+
+# -- profiling ---------------------------------------------------------------------------
+
+
+def start_profiler(reaper: Reaper, pid: int, folder: Path, duration: float) -> Any:
+    """py-spy on the scheduler for the timed phase (less a second at each end)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    seconds = max(1, int(duration) - 2)
+    command = [
+        spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "250",
+        "--format", "raw", "--full-filenames", "-o", str(folder / "scheduler.txt"),
+    ]  # fmt: skip
+    time.sleep(1.0)
+    return reaper.add(
+        subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+    )
+
+
+FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+CHOICE = "Scheduler._schedule"
+"""Core samples under this method are parent choice; the rest is bookkeeping."""
+
+
+def category(file: str, func: str, src: str) -> str | None:
+    """What one frame is part of, or None to look at its caller."""
+    if file == "<string>" or "/fastjsonschema/" in file:
+        return "JSON Schema validation (fastjsonschema)"
+    if "/prometheus_client/" in file:
+        return "metrics (prometheus_client)"
+    if file.endswith(("/statistics.py", "/fractions.py")):
+        return "statistics/fractions (exact math: pstdev, median)"
+    if "/plugins/evaluators/" in file:
+        return "parent evaluator (plugins/evaluators)"
+    if "orjson." in src:
+        return "orjson loads/dumps"
+    if file.endswith("/scheduler/core.py"):
+        return "core"
+    if file.endswith("/scheduler/service.py"):
+        return "adapter (scheduler/service.py)"
+    if file.endswith("/swarmfly/bus.py"):
+        return "bus glue (swarmfly/bus.py)"
+    if file.endswith("/asyncio/streams.py"):
+        return "socket writes (asyncio streams, from nats-py's flusher)"
+    if "/nats/micro/" in file:
+        return "nats.micro"
+    if "/nats/" in file:
+        return "nats-py client (parse, publish, dispatch)"
+    if "/asyncio/" in file or "/uvloop/" in file:
+        return "event loop (asyncio/uvloop)"
+    return None
+
+
+def _source_line(path: str, line: str | None) -> str:
+    import linecache
+
+    return linecache.getline(path, int(line)) if line else ""
+
+
+def summarize_profile(path: Path) -> dict[str, Any]:
+    """Collapsed stacks -> the share of busy samples in each category (the deepest frame that
+    matches a category claims the sample), the core's functions, and the hottest leaves."""
+    categories: Counter[str] = Counter()
+    core_funcs: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    total = 0
+    for raw in path.read_text().splitlines():
+        stack, _, count_text = raw.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = []
+        for text in stack.split(";"):
+            match = FRAME.match(text)
+            if match:
+                frames.append((match["func"], match["file"], match["line"]))
+        if not frames:
+            continue
+        func, file, line = frames[-1]
+        leaves[f"{func} ({'/'.join(file.rsplit('/', 2)[-2:])}:{line})"] += count
+        chosen = "other"
+        for func, file, line in reversed(frames):
+            src = _source_line(file, line) if file.endswith(".py") else ""
+            name = category(file, func, src)
+            if name == "core":
+                under = any(fn == CHOICE for fn, _, _ in frames)
+                name = "core: parent choice (_schedule)" if under else "core: bookkeeping"
+            if name:
+                chosen = name
+                break
+        categories[chosen] += count
+        core = [fn for fn, f, _ in frames if f.endswith("/scheduler/core.py")]
+        if core:  # the deepest named method of the core (comprehensions count for theirs)
+            core_funcs[core[-1].split(".<locals>")[0]] += count
+
+    def share(counts: Counter[str]) -> dict[str, float]:
+        return {k: round(v / max(1, total), 3) for k, v in counts.most_common(15)}
+
+    return {
+        "samples": total,
+        "categories": share(categories),
+        "core_functions": share(core_funcs),
+        "leaves": share(leaves),
+    }
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def summary_of(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [r for r in runs if r["ok"]]
+
+    def med(key: str) -> float | None:
+        values = [r[key] for r in good if r.get(key) is not None]
+        return round(v, 3) if (v := median(values)) is not None else None
+
+    errors: Counter[str] = Counter()
+    for r in runs:
+        errors.update(r.get("errors", {}))
+    dps, p99 = med("decisions_per_s"), med("p99_ms")
+    util = median([r["cpu_seconds"]["scheduler"] / r["elapsed_s"] for r in good])
+    gen_util = median([r["cpu_seconds"]["generator"] / r["elapsed_s"] for r in good])
+    busy = median([r["cpu_busy"] for r in good if r["cpu_busy"] is not None])
+    if util is None:
+        bottleneck = None
+    elif util >= 0.85:
+        bottleneck = "scheduler (one core saturated)"
+    elif gen_util is not None and gen_util >= 0.85:
+        bottleneck = "generator (one core saturated)"
+    elif busy is not None and busy >= 0.9:
+        bottleneck = "machine (both cores busy: scheduler, generator and nats-server share them)"
+    else:
+        bottleneck = "neither saturated: latency-bound at this concurrency"
+    return {
+        "benchmark": "scheduler",
+        "ok": len(good) == len(runs),
+        "peers": args.peers,
+        "tasks": args.tasks,
+        "duration_s": args.duration,
+        "concurrency": args.concurrency,
+        "connections": args.connections,
+        "pieces": args.pieces,
+        "batch": args.batch,
+        "reports_per_reschedule": args.reports_per_reschedule,
+        "bad_rate": args.bad_rate,
+        "heartbeat_interval_s": args.heartbeat_interval,
+        "runs_requested": args.runs,
+        "env": args.env,
+        "decisions_per_s": dps,
+        "requests_per_s": med("requests_per_s"),
+        "p50_ms": med("p50_ms"),
+        "p99_ms": p99,
+        "max_ms": med("max_ms"),
+        "errors": dict(errors),
+        "scheduler_cpu_per_wall_s": round(util, 3) if util is not None else None,
+        "generator_cpu_per_wall_s": round(gen_util, 3) if gen_util is not None else None,
+        "scheduler_cpu_us_per_decision": med("scheduler_cpu_us_per_decision"),
+        "decisions_per_scheduler_cpu_s": med("decisions_per_scheduler_cpu_s"),
+        "bottleneck": bottleneck,
+        "target": {"decisions_per_s": TARGET_DECISIONS_PER_S, "p99_ms": TARGET_P99_MS},
+        "meets_target": bool(
+            dps and p99 and dps >= TARGET_DECISIONS_PER_S and p99 <= TARGET_P99_MS
+        ),
+        "runs": runs,
+    }
+
+
+def report(summary: dict[str, Any], out: Out) -> None:
+    runs = summary["runs"]
+    out.say()
+    out.say(
+        f"scheduler: {summary['peers']} peers over {summary['tasks']} tasks "
+        f"({summary['pieces']} pieces each, batches of {summary['batch']}), "
+        f"{summary['concurrency']} requests in flight on {summary['connections']} connections, "
+        f"{summary['duration_s']:g}s per run"
+    )
+    if summary["env"]:
+        out.say(f"scheduler environment: {summary['env']}")
+    rows = []
+    for r in runs:
+        if "decisions" not in r:
+            rows.append([r["run"], "NO", *["-"] * 10])
+            continue
+        cpu, wall = r["cpu_seconds"], r["elapsed_s"]
+        rows.append([
+            r["run"], "yes" if r["ok"] else "NO", r["decisions"], r["elapsed_s"],
+            r["decisions_per_s"], r["requests_per_s"], r["p50_ms"], r["p99_ms"], r["max_ms"],
+            sum(r["errors"].values()), round(cpu["scheduler"] / wall, 2),
+            round(cpu["generator"] / wall, 2), round(cpu["nats_server"] / wall, 2),
+            r["cpu_busy"],
+        ])  # fmt: skip
+    out.say(
+        table(
+            ["run", "ok", "decisions", "seconds", "decisions/s", "requests/s", "p50_ms",
+             "p99_ms", "max_ms", "errors", "sched_cpu", "gen_cpu", "nats_cpu", "cpu_busy"],
+            rows,
+        )
+    )  # fmt: skip
+    out.say(
+        "sched_cpu, gen_cpu, nats_cpu: CPU seconds per wall second (1.0 = one core saturated);"
+        " cpu_busy: the whole machine (2 cores)"
+    )
+    errors = ", ".join(f"{k}={v}" for k, v in sorted(summary["errors"].items())) or "none"
+    out.say(f"errors by code (all runs): {errors}")
+    for r in runs:
+        if r.get("error"):
+            out.say(f"run {r['run']}: {r['error']}")
+    verdict = "meets" if summary["meets_target"] else "misses"
+    out.say(
+        f"median: {summary['decisions_per_s']} decisions/s, p50 {summary['p50_ms']} ms, "
+        f"p99 {summary['p99_ms']} ms: {verdict} the target (>= {TARGET_DECISIONS_PER_S}/s, "
+        f"p99 <= {TARGET_P99_MS:g} ms)"
+    )
+    out.say(
+        f"scheduler CPU per decision {summary['scheduler_cpu_us_per_decision']} us (with the "
+        f"piece reports and heartbeats around it): {summary['decisions_per_scheduler_cpu_s']} "
+        f"decisions per CPU-second of the scheduler; bottleneck: {summary['bottleneck']}"
+    )
+    profile = summary.get("profile")
+    if profile and profile.get("summary"):
+        prof = profile["summary"]
+        out.say()
+        out.say(
+            f"profile of the scheduler (extra run, py-spy, {prof['samples']} busy samples; "
+            f"{profile['decisions_per_s']} decisions/s while profiled): {profile['stacks']}"
+        )
+        out.say(
+            table(["where the scheduler's CPU goes", "share"], list(prof["categories"].items()))
+        )
+        out.say(table(["core function (deepest)", "share"], list(prof["core_functions"].items())))
+        out.say(table(["hottest leaf frames", "share"], list(prof["leaves"].items())[:10]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.generator:
+        return generator_main(args.generator)
+    out = Out(args.json)
+    reaper = Reaper()
+    root = Path(tempfile.mkdtemp(prefix="swarmfly-bench-scheduler-"))
+    runs: list[dict[str, Any]] = []
+    profile: dict[str, Any] | None = None
+    try:
+        with cleanup(reaper):
+            nats = NatsServer(root / "nats").start()
+            assert nats.process is not None
+            reaper.add(nats.process)
+            for run in range(1, args.runs + 1):
+                result = one_run(run, args, root, nats, reaper, out)
+                runs.append(result)
+                out.progress(
+                    f"run {run}: ok={result['ok']} decisions/s={result.get('decisions_per_s')}"
+                    f" p50={result.get('p50_ms')}ms p99={result.get('p99_ms')}ms"
+                    f" errors={result.get('errors')}"
+                )
+            if args.profile:
+                folder = args.profile.resolve()
+                out.progress(f"profile run: py-spy on the scheduler, stacks in {folder}")
+                extra = one_run(0, args, root, nats, reaper, out, profile=folder)
+                stacks = folder / "scheduler.txt"
+                profile = {
+                    "decisions_per_s": extra.get("decisions_per_s"),
+                    "p99_ms": extra.get("p99_ms"),
+                    "stacks": str(stacks),
+                    "summary": summarize_profile(stacks) if stacks.exists() else None,
+                }
+            nats.stop()
+    except KeyboardInterrupt:
+        out.progress("interrupted")
+        return 130
+    finally:
+        if args.keep:
+            out.progress(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    summary = summary_of(args, runs)
+    if profile is not None:
+        summary["profile"] = profile
+    if args.keep:
+        summary["dir"] = str(root)
+    report(summary, out)
+    out.result(summary)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

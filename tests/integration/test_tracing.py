@@ -1,0 +1,118 @@
+"""One `swarmfly get` is one trace across processes: CLI, peer, scheduler, storage, collected
+by an OTLP/HTTP receiver the test runs, with every span's parent inside the trace."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from swarmfly.httpserver import serve_http
+from swarmfly.natsserver import NatsServer
+from swarmfly.testing import Origin, spawn_service
+from tests.conftest import FAST_ENV
+
+pytestmark = pytest.mark.slow
+MiB = 1024 * 1024
+SECRET = "Bearer tr4ce-s3cret"
+
+
+@dataclass
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    attributes: dict[str, str]
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+
+    async def traces(self, request: web.Request) -> web.Response:
+        export = ExportTraceServiceRequest()
+        export.ParseFromString(await request.read())
+        for resource_spans in export.resource_spans:
+            service = next(
+                (a.value.string_value for a in resource_spans.resource.attributes
+                 if a.key == "service.name"), "",
+            )  # fmt: skip
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    self.spans.append(
+                        Span(service, span.name, span.trace_id.hex(), span.span_id.hex(),
+                             span.parent_span_id.hex(),
+                             {a.key: str(a.value) for a in span.attributes})
+                    )  # fmt: skip
+        return web.Response(
+            body=ExportTraceServiceResponse().SerializeToString(),
+            content_type="application/x-protobuf",
+        )
+
+
+async def test_one_get_is_one_trace_across_processes(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    receiver = Receiver()
+    app = web.Application(client_max_size=64 * MiB)
+    app.router.add_post("/v1/traces", receiver.traces)
+    data = os.urandom(6 * MiB)
+    async with AsyncExitStack() as stack:
+        endpoint = await serve_http(stack, app, "127.0.0.1", 0)
+        origin = await stack.enter_async_context(
+            Origin(required_headers={"Authorization": SECRET}).serve()
+        )
+        url = origin.add("traced.bin", data)
+        env = {
+            **FAST_ENV,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+        services = [
+            spawn_service(kind, nats.url, tmp_path / name, "--prefix", prefix, env=env)
+            for kind, name in (("scheduler", "scheduler"), ("storage", "storage"),
+                               ("peer", "peer0"), ("peer", "peer1"), ("peer", "peer2"))
+        ]  # fmt: skip
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "swarmfly", "get", url, "-O", str(tmp_path / "out"),
+                "--header", f"Authorization: {SECRET}", "--state-dir", str(tmp_path / "peer0"),
+                "--nats", nats.url, "--prefix", prefix,
+                stderr=asyncio.subprocess.PIPE, env={**os.environ, **env},
+            )  # fmt: skip
+            _, err = await asyncio.wait_for(process.communicate(), 120)
+            assert process.returncode == 0, err
+        finally:
+            # Stopped off the loop: the receiver on this loop must take their last spans.
+            await asyncio.gather(*(asyncio.to_thread(service.stop) for service in services))
+
+    assert [service.process.returncode for service in services] == [0] * 5, "clean exits"
+    assert (tmp_path / "out").read_bytes() == data
+    root = next(s for s in receiver.spans if s.name == "swarmfly get")
+    assert root.parent_id == "" and root.service == "swarmfly-cli"
+    trace = [s for s in receiver.spans if s.trace_id == root.trace_id]
+    services = {s.service for s in trace}
+    assert {"swarmfly-cli", "swarmfly-peer", "swarmfly-scheduler", "swarmfly-storage"} <= services
+    ids = {s.span_id for s in trace}
+    for span in trace:
+        assert span.parent_id == "" or span.parent_id in ids, f"orphan span {span.name}"
+    names = {s.name for s in trace}
+    assert {"process peer.{host_id}.download", "process scheduler.register",
+            "process storage.seed", "back_to_source", "p2p", "download"} <= names  # fmt: skip
+    process_spans = [s for s in trace if s.name.startswith("process ")]
+    assert all('string_value: "nats"' in s.attributes["messaging.system"] for s in process_spans)
+    for span in receiver.spans:
+        for value in span.attributes.values():
+            assert "tr4ce-s3cret" not in value, f"a secret in span {span.name}"
