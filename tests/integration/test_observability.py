@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 
 from swarmfly.bus import Bus
+from swarmfly.config import Config
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer.conductor import SourceRequest
 from swarmfly.testing import Origin, in_process_cluster
@@ -92,13 +93,27 @@ async def test_dashboard_and_live_events(
     nats: NatsServer, prefix: str, origin: Origin, tmp_path: Path, bus: Bus
 ) -> None:
     url = origin.add("d.bin", os.urandom(2 * MiB))
-    async with in_process_cluster(nats.url, prefix, tmp_path) as cluster:
+
+    def slow_seed(config: Config) -> None:
+        config.storage.upload_rate = MiB
+
+    async with in_process_cluster(nats.url, prefix, tmp_path, configure=slow_seed) as cluster:
         base = cluster.scheduler.http_url
         status, page, headers = await text(f"{base}/")
         assert status == 200 and "<title>swarmfly</title>" in page
         assert "default-src 'self'" in headers["Content-Security-Policy"]
         assert "http://" not in page.split("<script>")[1] and "https://" not in page
-        result = await cluster.peer.node.download(SourceRequest(url))
+        download = asyncio.create_task(cluster.peer.node.download(SourceRequest(url)))
+        rounds = 0
+        while not download.done():  # everything answers while a download runs
+            rounds += 1
+            for address in (base, cluster.peer.node.upload_url, cluster.storage.node.upload_url):
+                for path in ("/healthz", "/metrics"):
+                    assert (await text(address + path))[0] == 200
+            assert (await text(base + "/"))[0] == 200
+            await asyncio.sleep(0.05)
+        result = await download
+        assert rounds >= 3
         async with aiohttp.ClientSession() as session, session.get(f"{base}/api/events") as events:
             line = await asyncio.wait_for(events.content.readline(), 10)
         assert line.startswith(b"data: ")
