@@ -4,6 +4,7 @@ port, a counting HTTP origin, and a frozen clock for driving the pure cores."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import signal
@@ -69,6 +70,10 @@ class Origin:
     ranges: bool = True
     required_headers: dict[str, str] = field(default_factory=dict)
     """Headers a request must carry (as an authenticated origin would), else 401."""
+    fail_status: int | None = None
+    """Answer every content request with this status (a broken origin)."""
+    truncate_after: int | None = None
+    """Hang up after sending this many bytes of a response (a truncated body)."""
     bytes_served: int = 0
     requests: int = 0
     url: str = ""
@@ -87,8 +92,14 @@ class Origin:
             if request.headers.get(key) != value:
                 raise web.HTTPUnauthorized()
         self.requests += 1
+        if self.fail_status is not None:
+            return web.Response(status=self.fail_status, text="broken on purpose")
         start, end, status = 0, len(data), 200
-        headers = {"Content-Type": "application/octet-stream", "ETag": f'"{len(data)}"'}
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+        headers = {"Content-Type": "application/octet-stream", "ETag": etag}
+        if_match = request.headers.get("If-Match")
+        if if_match is not None and if_match != etag:
+            raise web.HTTPPreconditionFailed()
         if self.ranges:
             headers["Accept-Ranges"] = "bytes"
             match = _RANGE.fullmatch(request.headers.get("Range", ""))
@@ -115,6 +126,10 @@ class Origin:
             await response.write(chunk)
             self.bytes_served += len(chunk)
             offset += len(chunk)
+            if self.truncate_after is not None and offset - start >= self.truncate_after:
+                if request.transport is not None:
+                    request.transport.close()
+                return response
         await response.write_eof()
         return response
 

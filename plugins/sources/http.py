@@ -132,6 +132,8 @@ class HttpSource:
 
     @staticmethod
     def _check(response: aiohttp.ClientResponse) -> None:
+        if response.status == 412:
+            raise SwarmflyError("source_error", "origin content changed during the download")
         if response.status >= 400:
             code: ErrorCode = "not_found" if response.status == 404 else "source_error"
             raise SwarmflyError(

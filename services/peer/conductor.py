@@ -573,7 +573,7 @@ class Conductor:
             started = time.monotonic()
             chunks = []
             async for chunk in source.fetch(
-                self.source.url, self.source.headers, offset, offset + size
+                self.source.url, self._origin_headers(), offset, offset + size
             ):
                 await self.node.download_bucket.take(len(chunk))
                 chunks.append(chunk)
@@ -584,7 +584,7 @@ class Conductor:
         buffer = bytearray()
         number = 0
         started = time.monotonic()
-        async for chunk in source.fetch(self.source.url, self.source.headers):
+        async for chunk in source.fetch(self.source.url, self._origin_headers()):
             await self.node.download_bucket.take(len(chunk))
             buffer += chunk
             while number < content.piece_count and len(buffer) >= content.piece(number)[1]:
@@ -598,6 +598,13 @@ class Conductor:
                 raise SwarmflyError("source_error", "origin sent more bytes than it stated")
         if number < content.piece_count or buffer:
             raise SwarmflyError("source_error", "origin body length differs from what it stated")
+
+    def _origin_headers(self) -> dict[str, str]:
+        """Every read of the origin is pinned to the content first seen: pieces of two
+        versions of a file never end up in one download."""
+        if self.stat.etag and not any(k.lower() == "if-match" for k in self.source.headers):
+            return {**self.source.headers, "If-Match": self.stat.etag}
+        return self.source.headers
 
     async def _store_origin_piece(self, number: int, data: bytes, started: float) -> None:
         expected = self.stored.digests[number]
