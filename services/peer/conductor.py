@@ -59,6 +59,13 @@ class SourceRequest:
         return out
 
 
+class LocalDiskError(SwarmflyError):
+    """This host cannot store the piece (disk full, I/O error): no parent can help."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("internal", f"cannot store the download here: {reason}")
+
+
 class ParentBusy(SwarmflyError):
     """The parent has no free upload slot: ask another, come back shortly."""
 
@@ -117,7 +124,10 @@ class Conductor:
         """Leaves every piece verified in the store, or raises SwarmflyError."""
         attributes = {"swarmfly.task_id": self.task_id, "swarmfly.seed": self.seed}
         with telemetry.span("download", attributes=attributes) as current:
-            await self._run()
+            try:
+                await self._run()
+            except OSError as exc:  # the store's own files: metadata, the data file
+                raise LocalDiskError(exc.strerror or type(exc).__name__) from None
             telemetry.set_attributes(
                 current,
                 **{
@@ -401,6 +411,8 @@ class Conductor:
                     other.cancel()
             return True
         book.failed(number, parent_id)
+        if isinstance(exc, LocalDiskError):
+            raise exc
         parent = self.parents.get(parent_id)
         if isinstance(exc, ParentBusy):
             if parent is not None:
@@ -485,7 +497,7 @@ class Conductor:
         if number in self.stored.done:
             return number
         data = b"".join(chunks)
-        digest = await asyncio.to_thread(self.stored.write_piece, number, data, expected)
+        digest = await self._write(number, data, expected)
         if number not in self.stored.done:
             self.stored.mark_done(number, digest)
             self._kick_digest()
@@ -599,6 +611,12 @@ class Conductor:
         if number < content.piece_count or buffer:
             raise SwarmflyError("source_error", "origin body length differs from what it stated")
 
+    async def _write(self, number: int, data: bytes, expected: str | None) -> str:
+        try:
+            return await asyncio.to_thread(self.stored.write_piece, number, data, expected)
+        except OSError as exc:
+            raise LocalDiskError(exc.strerror or type(exc).__name__) from None
+
     def _origin_headers(self) -> dict[str, str]:
         """Every read of the origin is pinned to the content first seen: pieces of two
         versions of a file never end up in one download."""
@@ -608,7 +626,7 @@ class Conductor:
 
     async def _store_origin_piece(self, number: int, data: bytes, started: float) -> None:
         expected = self.stored.digests[number]
-        digest = await asyncio.to_thread(self.stored.write_piece, number, data, expected)
+        digest = await self._write(number, data, expected)
         if number in self.stored.done:
             return
         self.stored.mark_done(number, digest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,4 +90,96 @@ async def test_a_scheduler_restart_does_not_fail_a_download(
             assert origin.bytes_served <= len(data) + 16, "nobody fell back to the origin"
         finally:
             for service in (peer, storage, scheduler):
+                service.stop()
+
+
+def small_filesystem(path: Path, size: str) -> bool:
+    path.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    return done.returncode == 0
+
+
+async def test_a_full_disk_fails_that_download_only(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    if not small_filesystem(small, "3m"):
+        if os.environ.get("SWARMFLY_REQUIRE_E2E") == "1":
+            pytest.fail("cannot mount a small tmpfs for the disk-full test")
+        pytest.skip("mounting a tmpfs is not permitted here")
+    data = os.urandom(8 * MiB)
+    services = []
+    try:
+        async with Origin().serve() as origin:
+            url = origin.add("big.bin", data)
+            layout = [
+                ("scheduler", tmp_path / "scheduler"),
+                ("storage", tmp_path / "storage"),
+                ("peer", small / "peer"),
+                ("peer", tmp_path / "roomy"),
+            ]
+            for kind, folder in layout:
+                services.append(
+                    spawn_service(kind, nats.url, folder, "--prefix", prefix, env=FAST_ENV)
+                )
+            args = ("--nats", nats.url, "--prefix", prefix)
+            out_full, out_ok = tmp_path / "full.bin", tmp_path / "ok.bin"
+            (full, _, err), (ok, _, err_ok) = await asyncio.gather(
+                get(url, out_full, "--state-dir", str(small / "peer"), *args),
+                get(url, out_ok, "--state-dir", str(tmp_path / "roomy"), *args),
+            )
+            assert full == 1 and "No space left on device" in err, err
+            assert not out_full.exists()
+            assert ok == 0, err_ok
+            assert out_ok.read_bytes() == data
+            assert services[2].process.poll() is None, "the full peer keeps running"
+    finally:
+        for service in services:
+            service.stop()
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(small)], check=False)
+
+
+@pytest.mark.parametrize("victim", ["storage", "peer-sigterm"])
+async def test_losing_the_seed_or_a_parent_does_not_fail_downloads(
+    nats: NatsServer, prefix: str, tmp_path: Path, victim: str
+) -> None:
+    data = os.urandom(24 * MiB)
+    async with Origin().serve() as origin:
+        url = origin.add("f.bin", data)
+
+        def start(kind: str, name: str, *args: str) -> Any:
+            return spawn_service(
+                kind, nats.url, tmp_path / name, "--prefix", prefix, *args, env=FAST_ENV
+            )
+
+        services = [
+            start("scheduler", "scheduler"),
+            start("storage", "storage", "--upload-rate", "6MiB"),
+        ]
+        services += [start("peer", f"peer{i}", "--upload-rate", "12MiB") for i in range(3)]
+        try:
+            args = ("--nats", nats.url, "--prefix", prefix)
+            jobs = [
+                asyncio.create_task(
+                    get(url, tmp_path / f"out{i}", "--state-dir", str(tmp_path / f"peer{i}"), *args)
+                )
+                for i in range(3)
+            ]
+            await asyncio.sleep(2.0)
+            if victim == "storage":
+                services[1].kill()
+                survivors = range(3)
+            else:
+                assert services[2].stop() == 0, "a peer leaves gracefully on SIGTERM"
+                survivors = range(1, 3)
+            results = await asyncio.gather(*jobs)
+            for i in survivors:
+                code, _, err = results[i]
+                assert code == 0, err
+                assert (tmp_path / f"out{i}").read_bytes() == data
+        finally:
+            for service in services:
                 service.stop()
