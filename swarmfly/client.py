@@ -213,11 +213,4 @@ async def _in_process(
     finally:
         job.cancel()
     await asyncio.to_thread(deliver, node.store.open(result.task_id), output)
-    return {
-        "task_id": result.task_id,
-        "output": str(output),
-        "content_length": result.content_length,
-        "bytes_origin": result.bytes_origin,
-        "bytes_p2p": result.bytes_p2p,
-        **({"digest": result.digest} if result.digest else {}),
-    }
+    return result.reply(output)

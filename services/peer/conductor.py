@@ -17,12 +17,13 @@ import aiohttp
 from opentelemetry.trace import SpanKind
 
 from swarmfly import metrics, telemetry
+from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, piece_count, piece_length_for
 from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.pieces import PieceBook
-from swarmfly.services.peer.store import StoredTask, TaskContent, redact_url
+from swarmfly.services.peer.store import StoredTask, redact_url
 
 if TYPE_CHECKING:
     from swarmfly.services.peer.node import PeerNode

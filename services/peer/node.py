@@ -68,6 +68,20 @@ class DownloadResult:
     seconds: float
     digest: str | None
 
+    def reply(self, output: Path) -> dict[str, Any]:
+        """The ``peer.<host>.download`` reply for this result delivered at ``output``."""
+        out: dict[str, Any] = {
+            "task_id": self.task_id,
+            "output": str(output),
+            "content_length": self.content_length,
+            "bytes_origin": self.bytes_origin,
+            "bytes_p2p": self.bytes_p2p,
+            "seconds": round(self.seconds, 6),
+        }
+        if self.digest:
+            out["digest"] = self.digest
+        return out
+
 
 def route_ip(servers: list[str]) -> str:
     """The local address that reaches the control plane: what other hosts can reach too."""

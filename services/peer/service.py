@@ -72,15 +72,7 @@ class PeerService:
             raise SwarmflyError("timeout", "download did not finish in time") from None
         finally:
             self.node.forget(download_id)
-        return {
-            "task_id": result.task_id,
-            "output": str(output),
-            "content_length": result.content_length,
-            "bytes_origin": result.bytes_origin,
-            "bytes_p2p": result.bytes_p2p,
-            "seconds": round(result.seconds, 6),
-            **({"digest": result.digest} if result.digest else {}),
-        }
+        return result.reply(output)
 
     async def on_progress(self, req: dict[str, Any]) -> dict[str, Any]:
         conductor = self.node.progress(req["download_id"])

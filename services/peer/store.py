@@ -15,13 +15,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
-from swarmfly.ids import TASK_ID, piece_count, piece_range
+from swarmfly.ids import TASK_ID, piece_count
 
 log = logging.getLogger(__name__)
 
@@ -35,33 +35,6 @@ def redact_url(url: str) -> str:
     if parts.port:
         netloc = f"{netloc}:{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-@dataclass(frozen=True)
-class TaskContent:
-    content_length: int
-    piece_length: int
-    piece_count: int
-    digest: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TaskContent:
-        return cls(
-            data["content_length"], data["piece_length"], data["piece_count"], data.get("digest")
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "content_length": self.content_length,
-            "piece_length": self.piece_length,
-            "piece_count": self.piece_count,
-        }
-        if self.digest:
-            out["digest"] = self.digest
-        return out
-
-    def piece(self, number: int) -> tuple[int, int]:
-        return piece_range(number, self.content_length, self.piece_length)
 
 
 @dataclass

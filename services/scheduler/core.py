@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import piece_count
 from swarmfly.plugins.evaluators.default import evaluate as default_evaluate
@@ -47,24 +48,6 @@ class Host:
         return f"http://{ip}:{self.port}"
 
 
-@dataclass(frozen=True)
-class Content:
-    content_length: int
-    piece_length: int
-    piece_count: int
-    digest: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "content_length": self.content_length,
-            "piece_length": self.piece_length,
-            "piece_count": self.piece_count,
-        }
-        if self.digest:
-            out["digest"] = self.digest
-        return out
-
-
 @dataclass
 class Peer:
     id: str
@@ -88,7 +71,7 @@ class Peer:
 @dataclass
 class Task:
     id: str
-    content: Content | None = None
+    content: TaskContent | None = None
     digests: dict[int, str] = field(default_factory=dict)
     peers: dict[str, Peer] = field(default_factory=dict)
     bad_parents: set[str] = field(default_factory=set)
@@ -110,7 +93,7 @@ class ParentInfo:
 class Schedule:
     action: Action
     parents: tuple[ParentInfo, ...] = ()
-    content: Content | None = None
+    content: TaskContent | None = None
     retry_after_ms: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,7 +194,7 @@ class Scheduler:
         host: HostSpec,
         now: float,
         pieces: Iterable[int] = (),
-        content: Content | None = None,
+        content: TaskContent | None = None,
         seed: bool = False,
     ) -> tuple[Schedule, list[TriggerSeed]]:
         """A peer joins a task (or rejoins with what it holds); answer where to download."""
@@ -253,7 +236,7 @@ class Scheduler:
         peer_id: str,
         pieces: Iterable[PieceReport],
         now: float,
-        content: Content | None = None,
+        content: TaskContent | None = None,
     ) -> None:
         task, peer = self._lookup(task_id, peer_id)
         if content is not None:
@@ -333,7 +316,7 @@ class Scheduler:
                 # The origin read failed: let the next request trigger a seed again.
                 task.seed_requested_at = None
 
-    def task_info(self, task_id: str) -> tuple[Content | None, list[str | None]]:
+    def task_info(self, task_id: str) -> tuple[TaskContent | None, list[str | None]]:
         task = self.tasks.get(task_id)
         if task is None or task.content is None:
             return None, []
@@ -356,7 +339,7 @@ class Scheduler:
             raise SwarmflyError("not_found", f"peer {peer_id} is not registered for this task")
         return self.tasks[task_id], peer
 
-    def _set_content(self, task: Task, content: Content) -> None:
+    def _set_content(self, task: Task, content: TaskContent) -> None:
         if content.piece_count != piece_count(content.content_length, content.piece_length):
             raise SwarmflyError(
                 "bad_request", "piece_count does not fit content_length", path="data.task"

@@ -15,10 +15,11 @@ from aiohttp import web
 from swarmfly import __version__, metrics
 from swarmfly.bus import Bus
 from swarmfly.config import Config
+from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
 from swarmfly.plugins.hookspecs import Evaluator
-from swarmfly.services.scheduler.core import Content, HostSpec, PieceReport, Scheduler, TriggerSeed
+from swarmfly.services.scheduler.core import HostSpec, PieceReport, Scheduler, TriggerSeed
 
 log = logging.getLogger(__name__)
 EVENT_INTERVAL = 0.5
@@ -40,12 +41,8 @@ def host_spec(data: dict[str, Any]) -> HostSpec:
     )
 
 
-def content(data: dict[str, Any] | None) -> Content | None:
-    if data is None:
-        return None
-    return Content(
-        data["content_length"], data["piece_length"], data["piece_count"], data.get("digest")
-    )
+def content(data: dict[str, Any] | None) -> TaskContent | None:
+    return None if data is None else TaskContent.from_dict(data)
 
 
 class SchedulerService:

@@ -16,9 +16,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from swarmfly.content import TaskContent
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import piece_count
-from swarmfly.services.peer.store import StoredTask, TaskContent, TaskStore
+from swarmfly.services.peer.store import StoredTask, TaskStore
 from swarmfly.services.peer.upload import UploadServer
 from swarmfly.testing import wait_until
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.plugins.hookspecs import Candidate
 from swarmfly.services.scheduler.core import (
-    Content,
     Evaluator,
     HostSpec,
     PieceReport,
@@ -24,7 +24,7 @@ from swarmfly.services.scheduler.core import (
 T = "1" * 64
 T2 = "2" * 64
 MiB = 1024 * 1024
-CONTENT = Content(content_length=4 * 4 * MiB, piece_length=4 * MiB, piece_count=4)
+CONTENT = TaskContent(content_length=4 * 4 * MiB, piece_length=4 * MiB, piece_count=4)
 
 
 def digest(number: int) -> str:
@@ -177,7 +177,7 @@ def test_register_ignores_pieces_beyond_the_task() -> None:
 def test_register_with_different_content_is_a_conflict() -> None:
     s = Scheduler()
     add_seed(s)
-    other = Content(CONTENT.content_length - 1, CONTENT.piece_length, CONTENT.piece_count)
+    other = TaskContent(CONTENT.content_length - 1, CONTENT.piece_length, CONTENT.piece_count)
     with pytest.raises(SwarmflyError, match="content length") as caught:
         s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0, content=other)
     assert caught.value.code == "conflict"

@@ -10,8 +10,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
-from swarmfly.services.peer.store import StoredTask, TaskContent, TaskStore, redact_url
+from swarmfly.services.peer.store import StoredTask, TaskStore, redact_url
 
 ID = hashlib.sha256(b"task").hexdigest()
 OTHER = hashlib.sha256(b"other").hexdigest()
