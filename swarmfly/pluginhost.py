@@ -146,7 +146,10 @@ class Plugins:
         info.provides += list(staging.strategies) + list(staging.evaluators)
 
     def source_for(self, url: str) -> Source:
-        scheme = urlsplit(url).scheme.lower()
+        try:
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError:
+            raise SwarmflyError("bad_request", "the URL cannot be parsed") from None
         source = self.sources.get(scheme)
         if source is None:
             known = ", ".join(sorted(self.sources)) or "none"

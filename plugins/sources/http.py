@@ -21,9 +21,22 @@ CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
+HOP_BY_HOP = frozenset(
+    {"connection", "content-length", "keep-alive", "te", "trailer", "transfer-encoding",
+     "upgrade", "host", "proxy-authorization", "proxy-connection"}
+)  # fmt: skip
+"""Headers that belong to one connection: a caller's values would break the request."""
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.hostname or "", parts.port
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise SwarmflyError("bad_request", "the URL cannot be parsed") from None
+    if not parts.hostname:
+        raise SwarmflyError("bad_request", "the URL names no host")
+    return parts.scheme, parts.hostname, port
 
 
 def _scope_key(url: str) -> str:
@@ -67,10 +80,13 @@ class HttpSource:
     ) -> aiohttp.ClientResponse:
         """One request with retries; redirects followed by hand so that Authorization is
         dropped when the origin changes; a Bearer challenge answered with a token."""
+        _origin(url)  # a URL that cannot be requested is the caller's error, not the origin's
         attempt = 0
         while True:
             try:
                 response = await self._authorized(method, url, headers)
+            except ValueError:  # aiohttp refuses e.g. control characters in a header value
+                raise SwarmflyError("bad_request", "a request header is not valid HTTP") from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if attempt >= self.retries:
                     raise SwarmflyError(
@@ -114,6 +130,7 @@ class HttpSource:
         self, method: str, url: str, headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
         origin = _origin(url)
+        headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
         for _ in range(10):
             response = await self._client().request(
                 method, url, headers=headers, allow_redirects=False

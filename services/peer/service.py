@@ -28,6 +28,27 @@ def source_from(data: dict[str, Any]) -> SourceRequest:
     )
 
 
+def checked_output(text: str) -> Path:
+    """An output path this host can create, checked before any byte is fetched."""
+    if "\x00" in text:
+        raise SwarmflyError("bad_request", "output contains a NUL byte", path="data.output")
+    output = Path(text)
+    if any(len(part.encode()) > 255 for part in output.parts):
+        raise SwarmflyError(
+            "bad_request", "an output path component is too long", path="data.output"
+        )
+    if output.is_dir():
+        raise SwarmflyError("bad_request", "output is a directory", path="data.output")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SwarmflyError(
+                    "bad_request", f"{parent} is not a directory", path="data.output"
+                )
+            break
+    return output
+
+
 class PeerService:
     def __init__(self, node: PeerNode, bus: Bus, *, default_strategy: str) -> None:
         self.node = node
@@ -55,9 +76,7 @@ class PeerService:
         stack.callback(lambda: marker.unlink(missing_ok=True))
 
     async def on_download(self, req: dict[str, Any]) -> dict[str, Any]:
-        output = Path(req["output"])
-        if output.is_dir():
-            raise SwarmflyError("bad_request", "output is a directory", path="data.output")
+        output = checked_output(req["output"])
         download_id = req["download_id"]
         try:
             async with asyncio.timeout(req.get("timeout_s", 3600)):
@@ -67,7 +86,14 @@ class PeerService:
                     download_id=download_id,
                 )
                 stored = self.node.store.open(result.task_id)
-                await asyncio.to_thread(deliver, stored, output)
+                try:
+                    await asyncio.to_thread(deliver, stored, output)
+                except OSError as exc:
+                    raise SwarmflyError(
+                        "bad_request",
+                        f"cannot write the output: {exc.strerror}",
+                        path="data.output",
+                    ) from None
         except TimeoutError:
             raise SwarmflyError("timeout", "download did not finish in time") from None
         finally:

@@ -1,0 +1,664 @@
+"""Fuzzing what the services face from the network: every served subject gets mutated contract
+examples and random bytes, and the upload server gets hostile paths, queries and ranges. Each
+answer is a valid reply or the one error shape, promptly; nothing leaks from outside the store;
+and the services still serve a valid request afterwards (DESIGN §3, §9).
+
+Hypothesis drives plain (sync) tests; the cluster, the origin and the NATS client live on an
+event loop in a background thread, and each example runs there with a bounded wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import hashlib
+import json
+import os
+import re
+import threading
+import uuid
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import nats.errors
+import orjson
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
+from nats import connect as connect_nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from swarmfly import contracts
+from swarmfly.bus import MAX_REQUEST_BYTES
+from swarmfly.natsserver import NatsServer
+from swarmfly.services.peer.service import PeerService
+from swarmfly.testing import Origin, in_process_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+T = TypeVar("T")
+
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+ERROR_HEADER = "Nats-Service-Error"
+ROOT = Path(__file__).resolve().parents[2]
+ERROR_VALIDATOR = Draft202012Validator(
+    json.loads((ROOT / "contracts" / "error.json").read_text(encoding="utf-8"))
+)
+CONTRACTS = contracts.registry()
+SUBJECTS = sorted(n for n, c in CONTRACTS.items() if c.service in ("scheduler", "storage", "peer"))
+REPLY_VALIDATORS = {
+    name: Draft202012Validator(c.reply) for name, c in CONTRACTS.items() if c.reply is not None
+}
+
+FILE_DATA = hashlib.sha256(b"fuzz").digest() * 4096  # 128 KiB: one piece, fetched in a blink
+SECRET = b"TOP-SECRET-OUTSIDE-THE-STORE"
+REQUEST_TIMEOUT = 5.0
+"""What a request may take: more is a hang."""
+EXAMPLE_TIMEOUT = REQUEST_TIMEOUT + 5
+"""What one example may take on the loop thread, request and checks together."""
+
+FUZZ = settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+BYTES = settings(FUZZ, max_examples=40)
+HTTP = settings(FUZZ, max_examples=300)
+
+
+# -- the services, on a loop thread, once per module -----------------------------------------
+
+
+@dataclass(repr=False)
+class Env:
+    """What the fuzzing talks to; ``run`` executes a coroutine on the services' loop."""
+
+    loop: asyncio.AbstractEventLoop
+    nc: NatsClient
+    session: aiohttp.ClientSession
+    prefix: str
+    peer: PeerService
+    origin: Origin
+    url: str
+    outputs: Path
+    task_id: str
+    """A task the peer holds complete: FILE_DATA, fetched once at start-up."""
+
+    def __repr__(self) -> str:
+        return f"Env(prefix={self.prefix!r})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """Hypothesis prints the fixture with each failing example: keep that one line."""
+        printer.text(repr(self))
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = EXAMPLE_TIMEOUT) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise AssertionError(f"no answer within {timeout:g}s (a hang)") from None
+
+    def subject(self, name: str) -> str:
+        contract = CONTRACTS[name]
+        host_id = self.peer.node.settings.host_id
+        subject: str = contract.subject(self.prefix, **{t: host_id for t in contract.tokens})
+        return subject
+
+    @property
+    def upload_url(self) -> str:
+        url: str = self.peer.node.upload_url
+        return url
+
+
+async def _own(
+    nats_url: str, tmp: Path, ready: concurrent.futures.Future[Env], stop: asyncio.Event
+) -> None:
+    """Enter the origin and cluster, hand them out, and leave them in this same task."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    try:
+        async with (
+            Origin().serve() as origin,
+            in_process_cluster(nats_url, prefix, tmp) as cluster,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as http,
+        ):
+            url = origin.add("small.bin", FILE_DATA)
+            nc = await connect_nats(servers=[nats_url], connect_timeout=3)
+            try:
+                env = Env(
+                    asyncio.get_running_loop(),
+                    nc,
+                    http,
+                    prefix,
+                    cluster.peer,
+                    origin,
+                    url,
+                    tmp / "outputs",
+                    "",
+                )
+                env.outputs.mkdir()
+                for secret in (tmp / "secret.txt", tmp / "peer" / "secret.txt"):
+                    secret.write_bytes(SECRET)
+                env.task_id = (await download(env, env.outputs / "first.bin"))["task_id"]
+                ready.set_result(env)
+                await stop.wait()
+            finally:
+                await nc.close()
+    except BaseException as exc:
+        if not ready.done():
+            ready.set_exception(exc)
+        raise
+
+
+async def _cancel_leftovers() -> None:
+    """Background work the fuzzing started (seeds of junk tasks) must not outlive the loop."""
+    current = asyncio.current_task()
+    leftovers = [t for t in asyncio.all_tasks() if t is not current]
+    for task in leftovers:
+        task.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def env(nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="fuzz-loop", daemon=True)
+    thread.start()
+    ready: concurrent.futures.Future[Env] = concurrent.futures.Future()
+    stop = asyncio.Event()
+    owner = asyncio.run_coroutine_threadsafe(
+        _own(nats.url, tmp_path_factory.mktemp("fuzz"), ready, stop), loop
+    )
+    try:
+        yield ready.result(timeout=60)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        try:
+            owner.result(timeout=30)
+        finally:
+            asyncio.run_coroutine_threadsafe(_cancel_leftovers(), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            assert not thread.is_alive(), "the fuzz loop thread did not stop"
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+# -- what a client sees ----------------------------------------------------------------------
+
+
+def check_answer(name: str, msg: Msg) -> dict[str, Any]:
+    """A valid reply under the contract, or the one error shape with the micro headers; an
+    ``internal`` error means the service did not understand its own failure."""
+    headers = msg.headers or {}
+    body: dict[str, Any] = orjson.loads(msg.data)
+    if ERROR_CODE_HEADER in headers:
+        assert headers.get(ERROR_HEADER), headers
+        errors = [e.message for e in ERROR_VALIDATOR.iter_errors(body)]
+        assert errors == [], body
+        assert headers[ERROR_CODE_HEADER] == str(body["error"]["status"]), (headers, body)
+        assert body["error"]["code"] != "internal", body
+    else:
+        errors = [e.message for e in REPLY_VALIDATORS[name].iter_errors(body)]
+        assert errors == [], body
+    return body
+
+
+async def ask(env: Env, name: str, data: bytes) -> dict[str, Any]:
+    try:
+        msg = await env.nc.request(env.subject(name), data, timeout=REQUEST_TIMEOUT)
+    except nats.errors.TimeoutError:
+        raise AssertionError(f"{name} did not answer in {REQUEST_TIMEOUT:g}s (a hang)") from None
+    return check_answer(name, msg)
+
+
+async def download(env: Env, output: Path) -> dict[str, Any]:
+    request = {"download_id": f"dl-{uuid.uuid4().hex[:8]}", "source": {"url": env.url}}
+    data = orjson.dumps({**request, "output": str(output), "timeout_s": 30})
+    msg = await env.nc.request(env.subject("peer.{host_id}.download"), data, timeout=30)
+    reply = check_answer("peer.{host_id}.download", msg)
+    assert ERROR_CODE_HEADER not in (msg.headers or {}), reply
+    assert output.read_bytes() == FILE_DATA
+    return reply
+
+
+# -- requests: contract examples and schema-valid values, then mutated -----------------------
+
+
+def long_text() -> st.SearchStrategy[str]:
+    return st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=3), st.integers(256, 8192))
+
+
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**63 - 2, max_value=2**80),
+    st.integers(min_value=-(2**80), max_value=-1),
+    st.floats(),
+    st.text(max_size=24),
+    st.text(st.characters(min_codepoint=0x80), max_size=24),
+    st.sampled_from(["", "..", "../../etc/passwd", "%2e%2e", "\x00", "a.b", "0" * 64, "-1"]),
+    long_text(),
+)
+"""Other JSON types, huge and negative numbers (beyond 64 bits, NaN and infinities too),
+unicode (lone surrogates too), long strings and path-like junk."""
+
+JUNK = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=12,
+)
+KEYS = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(sorted({k for c in CONTRACTS.values() for k in c.request["properties"]})),
+)
+"""New keys: random text, or the name of a field some other contract knows."""
+
+HEADER_NAMES = ["Authorization", "Accept", "Range", "Host", "If-None-Match", "Connection"]
+
+SAFE_URL_PATHS = ["/missing.bin", "/small.bin?x=1"]
+BAD_URLS = [
+    "http://127.0.0.1:9/unreachable",
+    "http://[::1",
+    "http://",
+    "http:///x",
+    "http://127.0.0.1:99999/x",
+    "http://user@/x",
+    "ftp://example.com/x",
+    "HTTP://127.0.0.1:9/x",
+    "not a url",
+]
+"""Invalid, unsupported or unreachable values: none reaches past this machine."""
+
+
+def from_schema(
+    schema: dict[str, Any], fields: dict[str, st.SearchStrategy[Any]]
+) -> st.SearchStrategy[Any]:
+    """Values valid under the part of JSON Schema the contracts use, arrays kept short;
+    ``fields`` draws the named properties from values the services know (more of the
+    requests then get past the first lookup)."""
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    if kind == "object" and "propertyNames" in schema:  # source.headers
+        names = st.one_of(
+            st.sampled_from(HEADER_NAMES),
+            st.from_regex(schema["propertyNames"]["pattern"], fullmatch=True),
+        )
+        values = from_schema(schema["additionalProperties"], fields)
+        return st.dictionaries(names, values, max_size=3)
+    if kind == "object":
+        properties, required = schema.get("properties", {}), schema.get("required", [])
+        draws = {k: fields.get(k, from_schema(v, fields)) for k, v in properties.items()}
+        return st.fixed_dictionaries(
+            {k: draws[k] for k in required},
+            optional={k: v for k, v in draws.items() if k not in required},
+        )
+    if kind == "array":
+        items = from_schema(schema["items"], fields)
+        return st.lists(items, max_size=min(5, schema.get("maxItems", 5)))
+    if kind == "string":
+        low, high = schema.get("minLength", 0), schema.get("maxLength", 8192)
+        if "pattern" not in schema:
+            return st.text(min_size=low, max_size=min(high, 64))
+        return st.from_regex(schema["pattern"], fullmatch=True).filter(
+            lambda s: low <= len(s) <= high
+        )
+    if kind == "integer":
+        return st.integers(schema.get("minimum"), schema.get("maximum"))
+    if kind == "number":
+        return st.floats(
+            min_value=schema.get("exclusiveMinimum", schema.get("minimum")),
+            max_value=schema.get("maximum"),
+            exclude_min="exclusiveMinimum" in schema,
+            allow_nan=False,
+        )
+    if kind == "boolean":
+        return st.booleans()
+    raise AssertionError(f"no strategy for the schema {schema}")
+
+
+def url_values(env: Env) -> st.SearchStrategy[Any]:
+    safe = [env.url] + [env.origin.url + p for p in SAFE_URL_PATHS]
+    return st.one_of(st.sampled_from(safe + BAD_URLS), JUNK)
+
+
+def output_values(env: Env) -> st.SearchStrategy[Any]:
+    name = st.text(max_size=300).map(lambda s: s.replace("/", "_"))
+    odd = [str(env.outputs), str(env.outputs) + "/", str(env.outputs / "first.bin" / "x")]
+    return st.one_of(
+        name.map(lambda s: str(env.outputs / s)),
+        st.sampled_from([*odd, "relative/out.bin"]),
+        JUNK,
+    )
+
+
+def sanitise(env: Env, node: Any) -> Any:
+    """Keep junk from reaching the world: a ``url`` naming a scheme that is not our origin's
+    or one of the bad ones, or an absolute ``output`` outside our folder, is replaced."""
+
+    def ours(url: str) -> bool:  # our origin, or a bad URL that reaches nothing
+        return url.startswith(env.origin.url + "/") or url in BAD_URLS
+
+    if isinstance(node, list):
+        return [sanitise(env, item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "url" and isinstance(value, str) and ":" in value and not ours(value):
+            value = env.url
+        if key == "output" and isinstance(value, str) and value.startswith("/"):
+            inside = os.path.normpath(value).startswith(f"{env.outputs}{os.sep}")
+            value = value if inside else str(env.outputs / "o.bin")
+        out[key] = sanitise(env, value)
+    return out
+
+
+def bases(env: Env, name: str) -> list[dict[str, Any]]:
+    """The contract's example requests, pointed at our origin and our output folder."""
+    found = []
+    for example in CONTRACTS[name].examples:
+        request = copy.deepcopy(example["request"])
+        if isinstance(request.get("source"), dict):
+            request["source"]["url"] = env.url
+        if "output" in request:
+            request["output"] = str(env.outputs / "example.bin")
+            request["timeout_s"] = 4
+        found.append(request)
+    return found
+
+
+def slots(node: Any) -> list[tuple[Any, Any]]:
+    """Every (container, key) in a JSON tree, so any value at any depth can be mutated."""
+    found: list[tuple[Any, Any]] = []
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in items:
+        found.append((node, key))
+        if isinstance(value, dict | list):
+            found.extend(slots(value))
+    return found
+
+
+def values_for(env: Env, key: Any) -> st.SearchStrategy[Any]:
+    if key == "url":
+        return url_values(env)
+    if key == "output":
+        return output_values(env)
+    return JUNK
+
+
+@st.composite
+def mutated(draw: st.DrawFn, env: Env, name: str) -> bytes:
+    """A contract example or a schema-valid request, with up to four values dropped, added
+    or replaced anywhere in it, serialised with or without escapes."""
+    known = {
+        "url": st.sampled_from([env.url, *(env.origin.url + p for p in SAFE_URL_PATHS)]),
+        "strategy": st.sampled_from(sorted(env.peer.node.plugins.strategies)),
+        "host_id": st.just(env.peer.node.settings.host_id),
+    }
+    valid = from_schema(CONTRACTS[name].request, known)
+    root: list[Any] = [sanitise(env, draw(st.sampled_from(bases(env, name)) | valid))]
+    for _ in range(draw(st.sampled_from([0, 0, 1, 1, 2, 3, 4]))):
+        container, key = draw(st.sampled_from(slots(root)))
+        operation = draw(st.sampled_from(["drop", "add", "replace", "replace"]))
+        if operation == "drop" and container is not root:
+            del container[key]
+        elif operation == "add":
+            dicts = [c for c, _ in slots(root) if isinstance(c, dict)]
+            target = draw(st.sampled_from(dicts)) if dicts else {}
+            new_key = draw(KEYS)
+            target[new_key] = draw(values_for(env, new_key))
+        else:
+            container[key] = draw(values_for(env, key))
+    request = sanitise(env, root[0])
+    text = json.dumps(request, ensure_ascii=draw(st.booleans()))
+    return text.encode("utf-8", "surrogatepass")
+
+
+RANDOM_BYTES = st.one_of(
+    st.binary(max_size=4096),
+    JUNK.map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass")),
+    st.integers(MAX_REQUEST_BYTES - 8, MAX_REQUEST_BYTES + 8).map(lambda n: b"{" + b" " * n),
+)
+"""Random bytes, random JSON documents, and payloads right around the size limit."""
+
+
+# -- the subjects ----------------------------------------------------------------------------
+
+
+def test_every_served_subject_is_fuzzed() -> None:
+    assert len(SUBJECTS) == len(CONTRACTS) - sum(c.service == "proxy" for c in CONTRACTS.values())
+    assert {"scheduler.heartbeat", "storage.seed", "peer.{host_id}.download"} <= set(SUBJECTS)
+
+
+@pytest.mark.parametrize("name", SUBJECTS)
+@FUZZ
+@given(data=st.data())
+def test_mutated_requests_get_a_valid_answer(env: Env, name: str, data: st.DataObject) -> None:
+    payload = data.draw(mutated(env, name), label="payload")
+    body = env.run(ask(env, name, payload))
+    event(body["error"]["code"] if "error" in body else "reply")
+
+
+@pytest.mark.parametrize("name", SUBJECTS)
+@BYTES
+@given(payload=RANDOM_BYTES)
+def test_random_bytes_get_the_error_shape(env: Env, name: str, payload: bytes) -> None:
+    body = env.run(ask(env, name, payload))
+    event(body["error"]["code"] if "error" in body else "reply")
+    if "error" in body:
+        assert body["error"]["code"] == "bad_request", body
+
+
+def test_services_still_answer_after_fuzzing(env: Env) -> None:
+    async def check() -> None:
+        heartbeat = {"host": env.peer.node.host(), "uploads": 0, "peers": 0}
+        reply = await ask(env, "scheduler.heartbeat", orjson.dumps(heartbeat))
+        assert reply["ok"] is True
+        task = {"task_id": os.urandom(32).hex()}
+        reply = await ask(env, "scheduler.task", orjson.dumps(task))
+        assert reply == {"task": None, "offset": 0, "digests": []}
+        reply = await ask(env, "peer.{host_id}.progress", b'{"download_id": "dl-none"}')
+        assert reply["state"] == "unknown"
+        seed = {"task_id": os.urandom(32).hex(), "source": {"url": env.url}}
+        assert (await ask(env, "storage.seed", orjson.dumps(seed)))["accepted"] is True
+        reply = await download(env, env.outputs / "after.bin")
+        assert reply["task_id"] == env.task_id
+
+    env.run(check(), timeout=40)
+
+
+# -- the upload server -----------------------------------------------------------------------
+
+
+async def raw_get(url: str, target: bytes, headers: bytes = b"") -> tuple[int, bytes]:
+    """One HTTP/1.1 request sent byte for byte: no client normalises ``..`` or escapes."""
+    match = re.match(r"^http://([0-9.]+):(\d+)$", url)
+    assert match
+    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+    try:
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n")
+        writer.write(headers + b"\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), REQUEST_TIMEOUT)
+    finally:
+        writer.close()
+    status_line, _, _ = answer.partition(b"\r\n")
+    _, _, body = answer.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), body
+
+
+def no_crlf(text: str) -> str:
+    """CR and LF would end the request line: that tests our framing, not the server."""
+    return text.replace("\r", "").replace("\n", "")
+
+
+def printable(text: str | None) -> str | None:
+    """What an HTTP client library agrees to send as a header value."""
+    return None if text is None else "".join(c for c in text if " " <= c <= "~")
+
+
+def task_ids(env: Env) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.just(env.task_id),
+        st.sampled_from(["..", "%2e%2e", "%2E%2e%2f", "..%2F..%2F", "%2F", "", ".", "%00"]),
+        st.just(env.task_id.upper()),
+        st.builds(lambda a, b: a + b, st.just(env.task_id), st.text(max_size=8)),
+        st.text(max_size=40),
+        st.text(st.characters(min_codepoint=0x80), max_size=20),
+        long_text(),
+    ).map(no_crlf)
+
+
+NUMBERS = st.one_of(
+    st.integers().map(str),
+    st.integers(16, 5000).map(lambda n: "9" * n),
+    st.floats().map(repr),
+    st.sampled_from(["", "nan", "inf", "-inf", "1e309", "0x10", " 1", "1_000", "٣"]),
+    st.text(max_size=12),
+)
+
+
+def targets(env: Env) -> st.SearchStrategy[bytes]:
+    segments = st.lists(task_ids(env), min_size=1, max_size=3).map("/".join)
+    resource = st.one_of(st.sampled_from(["pieces", "data", "", "..", "data/.."]), st.text())
+    query = st.one_of(
+        st.just(""),
+        st.builds(
+            lambda since, wait: f"?since={since}&wait={wait}",
+            NUMBERS.map(lambda s: quote(s, safe="")),
+            NUMBERS.map(lambda s: quote(s, safe="")),
+        ),
+        st.text().map(lambda s: "?" + s),
+    )
+    path = st.builds(lambda s, r, q: f"/v1/tasks/{s}/{r}{q}", segments, resource, query)
+    odd = st.sampled_from(["/../../../../secret.txt", "//etc/passwd", "/v1/tasks", "*", "/"])
+    return st.one_of(path, odd, st.text().map(lambda s: "/" + s)).map(
+        lambda s: no_crlf(s).replace(" ", "%20").encode("utf-8", "surrogatepass")
+    )
+
+
+def ranges(size: int) -> st.SearchStrategy[str | None]:
+    positions = st.one_of(
+        st.integers(0, size + 1), st.integers(0, 10**16), st.integers(max_value=-1)
+    )
+    return st.one_of(
+        st.none(),
+        st.builds(lambda a, b: f"bytes={a}-{b}", positions, positions),
+        st.builds(lambda a, b: f"bytes={max(a, b)}-{min(a, b)}", positions, positions),
+        st.builds(lambda a: f"bytes={a}-", positions),
+        st.builds(lambda a: f"bytes=-{a}", positions),
+        st.text(max_size=40).map(no_crlf),
+        st.text(max_size=20).map(lambda s: "bytes=" + no_crlf(s)),
+    )
+
+
+def check_http(env: Env, status: int, body: bytes, range_header: str | None) -> None:
+    assert status < 500 or status == 503, (status, body[:200])
+    assert SECRET not in body
+    assert b"root:" not in body
+    if status == 206:
+        assert range_header is not None
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", range_header)
+        assert match, range_header
+        first, last = int(match.group(1)), int(match.group(2))
+        assert body == FILE_DATA[first : last + 1], (range_header, len(body))
+    elif status != 200:
+        assert FILE_DATA[:64] not in body
+
+
+@HTTP
+@given(data=st.data())
+def test_hostile_paths_never_leave_the_store(env: Env, data: st.DataObject) -> None:
+    target = data.draw(targets(env), label="target")
+    range_header = data.draw(ranges(len(FILE_DATA)), label="range")
+    extra = b"" if range_header is None else f"Range: {range_header}\r\n".encode()
+    status, body = env.run(raw_get(env.upload_url, target, extra))
+    event(str(status))
+    check_http(env, status, body, range_header)
+
+
+@HTTP
+@given(data=st.data())
+def test_hostile_queries_and_ranges_get_a_clean_answer(env: Env, data: st.DataObject) -> None:
+    resource = data.draw(st.sampled_from(["pieces", "data"]), label="resource")
+    query = data.draw(st.dictionaries(st.sampled_from(["since", "wait", "x"]), NUMBERS))
+    range_header = data.draw(ranges(len(FILE_DATA)).map(printable), label="range")
+
+    async def get() -> tuple[int, bytes]:
+        url = f"{env.upload_url}/v1/tasks/{env.task_id}/{resource}"
+        headers = {} if range_header is None else {"Range": range_header}
+        async with env.session.get(url, params=query, headers=headers) as response:
+            return response.status, await response.read()
+
+    status, body = env.run(get())
+    event(str(status))
+    check_http(env, status, body, range_header)
+    if resource == "pieces" and status == 200:
+        state = orjson.loads(body)
+        assert (state["piece_count"], state["complete"], state["pieces"]) == (1, True, [0])
+
+
+def test_upload_server_still_serves_after_fuzzing(env: Env) -> None:
+    target = f"/v1/tasks/{env.task_id}/data".encode()
+    status, body = env.run(raw_get(env.upload_url, target, b"Range: bytes=100-4195\r\n"))
+    assert (status, body) == (206, FILE_DATA[100:4196])
+
+
+# -- what the fuzzing found once, kept as regression tests ------------------------------------
+
+DOWNLOAD = "peer.{host_id}.download"
+
+
+def download_body(source: dict[str, Any], output: Path | str) -> bytes:
+    request = {"download_id": f"dl-{uuid.uuid4().hex[:8]}", "source": source}
+    return orjson.dumps({**request, "output": str(output), "timeout_s": 4})
+
+
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("storage.seed", "http://[::1"),
+        (DOWNLOAD, "http://[::1"),
+        (DOWNLOAD, "http://127.0.0.1:99999/x"),
+    ],
+)
+def test_an_unparseable_url_is_a_bad_request(env: Env, name: str, url: str) -> None:
+    if name == DOWNLOAD:
+        data = download_body({"url": url}, env.outputs / "never.bin")
+    else:
+        data = orjson.dumps({"task_id": os.urandom(32).hex(), "source": {"url": url}})
+    body = env.run(ask(env, name, data))
+    assert body["error"]["code"] == "bad_request", body
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "\x00", "\x1f"])
+def test_a_control_character_in_a_header_is_a_bad_request(env: Env, value: str) -> None:
+    source = {"url": env.url, "headers": {"Authorization": value}}
+    body = env.run(ask(env, DOWNLOAD, download_body(source, env.outputs / "never.bin")))
+    assert body["error"]["code"] == "bad_request", body
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "x" * 256, "first.bin/x"])
+def test_an_unusable_output_is_a_bad_request(env: Env, name: str) -> None:
+    data = download_body({"url": env.url}, f"{env.outputs}/{name}")
+    body = env.run(ask(env, DOWNLOAD, data))
+    assert body["error"]["code"] == "bad_request", body
+
+
+@pytest.mark.parametrize("header", [("Content-Length", "5"), ("Transfer-Encoding", "chunked")])
+def test_a_framing_header_does_not_stall_the_download(env: Env, header: tuple[str, str]) -> None:
+    url = env.origin.add(f"framing-{header[0]}.bin", FILE_DATA[:1000])
+    source = {"url": url, "headers": dict([header])}
+    request = orjson.loads(download_body(source, env.outputs / f"{header[0]}.bin"))
+    body = env.run(ask(env, DOWNLOAD, orjson.dumps({**request, "timeout_s": 2})))
+    assert "error" not in body or body["error"]["code"] == "bad_request", body
