@@ -310,7 +310,7 @@ class Conductor:
         fetches: dict[asyncio.Task[int], tuple[int, str]] = {}
         last_progress = last_schedule = time.monotonic()
         last_digests = 0.0
-        config = self.node.config
+        config = self.node.settings
         try:
             while True:
                 self._wake.clear()
@@ -476,7 +476,7 @@ class Conductor:
                 f"{parent.address}/v1/tasks/{self.task_id}/data",
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=5, sock_read=self.node.config.piece_timeout
+                    total=None, sock_connect=5, sock_read=self.node.settings.piece_timeout
                 ),
             ) as response:
                 if response.status == 503:

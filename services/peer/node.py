@@ -32,6 +32,7 @@ from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor, SourceRequest
 from swarmfly.services.peer.gc import CachedTask, GcPolicy, plan
 from swarmfly.services.peer.store import StoredTask, TaskStore
+from swarmfly.services.peer.upload import UploadServer
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +101,13 @@ def route_ip(servers: list[str]) -> str:
 
 
 class PeerNode:
-    """Lifecycle: ``start`` loads the cache, serves uploads, heartbeats; ``stop`` leaves."""
+    """Lifecycle: ``start`` loads the cache, serves uploads and heartbeats; leaving the exit
+    stack it was started with leaves the scheduler and closes connections."""
 
     def __init__(
         self, settings: NodeSettings, bus: Bus | None, servers: list[str], plugins: Plugins
     ) -> None:
-        from swarmfly.services.peer.upload import UploadServer
-
         self.settings = settings
-        self.config = settings
         self.bus = bus
         self.servers = servers
         self.store = TaskStore(settings.state_dir / "tasks")
