@@ -38,6 +38,8 @@ REPORT_INTERVAL = 0.1
 REPORT_BATCH = 2048
 """Piece reports per request: with digests, 2048 stay well inside the request size limit."""
 PARENT_FAILURES = 2
+BLOCK_SECONDS = 30.0
+"""A dropped parent is not used again for this long (a corrupt one never: the scheduler)."""
 BUSY_BACKOFF = 0.25
 """Seconds before asking a parent that had no free upload slot again."""
 
@@ -112,7 +114,8 @@ class Conductor:
         self.bytes_origin = 0
         self.bytes_p2p = 0
         self.parents: dict[str, Parent] = {}
-        self.blocklist: set[str] = set()
+        self.blocklist: dict[str, float] = {}
+        """Parents dropped, until when (monotonic): a failed parent may come back later."""
         self.bad: list[dict[str, str]] = []
         self._reports: list[dict[str, Any]] = []
         self._report_content = False
@@ -195,7 +198,7 @@ class Conductor:
         body = {
             "task_id": self.task_id,
             "peer_id": self.peer_id,
-            "blocklist": sorted(self.blocklist)[:1024],
+            "blocklist": sorted(self._blocked())[:1024],
             "bad_parents": self.bad[-256:],
         }
         try:
@@ -213,6 +216,10 @@ class Conductor:
             raise
 
     # -- P2P -----------------------------------------------------------------------------
+
+    def _blocked(self) -> set[str]:
+        now = time.monotonic()
+        return {peer_id for peer_id, until in self.blocklist.items() if until > now}
 
     def _current_parents(self) -> list[dict[str, Any]]:
         return [
@@ -234,7 +241,7 @@ class Conductor:
 
     def _add_parents(self, parents: list[dict[str, Any]]) -> None:
         for info in parents:
-            if info["peer_id"] in self.parents or info["peer_id"] in self.blocklist:
+            if info["peer_id"] in self.parents or info["peer_id"] in self._blocked():
                 continue
             parent = Parent(
                 info["peer_id"], info["host_id"], info["address"].rstrip("/"), info["type"]
@@ -248,7 +255,7 @@ class Conductor:
             return
         if parent.watcher is not None:
             parent.watcher.cancel()
-        self.blocklist.add(parent_id)
+        self.blocklist[parent_id] = time.monotonic() + BLOCK_SECONDS
         self.bad.append({"peer_id": parent_id, "reason": reason})
         if book is not None:
             book.drop_parent(parent_id)

@@ -28,6 +28,8 @@ FILTER_LIMIT = 40
 """Candidates examined per decision, as Dragonfly samples: bounds cost in large swarms."""
 COST_SAMPLES = 20
 WAIT_MS = 200
+BLOCK_SECONDS = 30.0
+"""How long a parent a child reported failed or slow stays out of that child's parents."""
 
 
 @dataclass
@@ -58,7 +60,9 @@ class Peer:
     state: PeerState = "running"
     pieces: set[int] = field(default_factory=set)
     parents: list[str] = field(default_factory=list)
-    blocklist: set[str] = field(default_factory=set)
+    blocklist: dict[str, float] = field(default_factory=dict)
+    """Parents this child will not use, until when: a parent that failed may recover, one
+    that served corrupt bytes is out for good (``Task.bad_parents``)."""
     costs: deque[int] = field(default_factory=lambda: deque(maxlen=COST_SAMPLES))
     updated_at: float = 0.0
 
@@ -285,9 +289,11 @@ class Scheduler:
         """New parents for a child whose parents failed, were slow or served corrupt bytes."""
         task, peer = self._lookup(task_id, peer_id)
         peer.updated_at = now
-        peer.blocklist.update(blocklist)
+        until = now + BLOCK_SECONDS
+        for blocked in blocklist:
+            peer.blocklist[blocked] = max(peer.blocklist.get(blocked, 0.0), until)
         for bad_id, reason in bad_parents:
-            peer.blocklist.add(bad_id)
+            peer.blocklist[bad_id] = max(peer.blocklist.get(bad_id, 0.0), until)
             if reason == "corrupt":
                 task.bad_parents.add(bad_id)
         effects: list[TriggerSeed] = []
@@ -382,7 +388,7 @@ class Scheduler:
         return any(p.is_source and self._alive(p) for p in task.peers.values())
 
     def _schedule(self, task: Task, child: Peer, now: float) -> Schedule:
-        parents = self._choose_parents(task, child)
+        parents = self._choose_parents(task, child, now)
         child.parents = [p.id for p in parents]
         if parents:
             hosts = self.hosts
@@ -395,7 +401,7 @@ class Scheduler:
                 task.content,
             )
         usable_source = any(
-            p.is_source and self._eligible(task, child, p) for p in task.peers.values()
+            p.is_source and self._eligible(task, child, p, now) for p in task.peers.values()
         )
         seed_pending = (
             task.seed_requested_at is not None
@@ -438,24 +444,24 @@ class Scheduler:
         deviation = math.sqrt(sum((c - mean) ** 2 for c in history) / len(history))
         return last > mean + 3 * deviation and last > 4 * max(mean, 1.0)
 
-    def _eligible(self, task: Task, child: Peer, parent: Peer) -> bool:
+    def _eligible(self, task: Task, child: Peer, parent: Peer, now: float) -> bool:
         """Could ``parent`` ever serve ``child``: alive, trusted, not blocked, not local."""
         return (
             parent.id != child.id
             and parent.host_id in self.hosts
             and parent.state != "failed"
-            and parent.id not in child.blocklist
+            and child.blocklist.get(parent.id, 0.0) <= now
             and parent.id not in task.bad_parents
             and parent.host_id != child.host_id
             and not self._is_bad(parent)
         )
 
-    def _choose_parents(self, task: Task, child: Peer) -> list[Peer]:
+    def _choose_parents(self, task: Task, child: Peer, now: float) -> list[Peer]:
         pool = list(task.peers.values())
         self.rng.shuffle(pool)
         filtered: list[Peer] = []
         for parent in pool:
-            if not self._eligible(task, child, parent):
+            if not self._eligible(task, child, parent, now):
                 continue
             host = self.hosts[parent.host_id]
             # Busy or upstream of the child: usable later, not now.

@@ -13,6 +13,7 @@ from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.plugins.hookspecs import Candidate
 from swarmfly.services.scheduler.core import (
+    BLOCK_SECONDS,
     Evaluator,
     HostSpec,
     PieceReport,
@@ -264,6 +265,9 @@ def test_blocklisted_parents_are_not_offered_to_that_child() -> None:
     assert "seed" not in ids(schedule)
     # Other children still get it.
     assert "seed" in ids(join(s, "c", "h3", now=3.0))
+    # A failed parent may recover: after a while the child may be offered it again.
+    schedule, _ = s.reschedule(task_id=T, peer_id="b", now=1.0 + BLOCK_SECONDS + 1)
+    assert "seed" in ids(schedule)
 
 
 def test_a_corrupt_parent_is_excluded_for_every_child_of_the_task() -> None:
