@@ -14,10 +14,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -57,6 +59,19 @@ class Out:
         if self.json_mode:
             sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
             sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def workspace(name: str, keep: bool, out: Out) -> Iterator[Path]:
+    """A temp folder for one benchmark run, removed at the end unless --keep."""
+    root = Path(tempfile.mkdtemp(prefix=f"swarmfly-bench-{name}-"))
+    try:
+        yield root
+    finally:
+        if keep:
+            out.progress(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -27,7 +27,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -48,6 +47,7 @@ from _common import (
     median,
     percentile,
     table,
+    workspace,
 )
 
 from swarmfly import contracts
@@ -838,11 +838,10 @@ def main(argv: list[str] | None = None) -> int:
         return generator_main(args.generator)
     out = Out(args.json)
     reaper = Reaper()
-    root = Path(tempfile.mkdtemp(prefix="swarmfly-bench-scheduler-"))
     runs: list[dict[str, Any]] = []
     profile: dict[str, Any] | None = None
     try:
-        with cleanup(reaper):
+        with workspace("scheduler", args.keep, out) as root, cleanup(reaper):
             nats = NatsServer(root / "nats").start()
             assert nats.process is not None
             reaper.add(nats.process)
@@ -869,11 +868,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out.progress("interrupted")
         return 130
-    finally:
-        if args.keep:
-            out.progress(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     summary = summary_of(args, runs)
     if profile is not None:
         summary["profile"] = profile

@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +38,7 @@ from _common import (
     start_cluster,
     stop_cluster,
     table,
+    workspace,
     write_random_file,
 )
 
@@ -201,11 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         print("single.py: sha256sum is not installed (coreutils)", file=sys.stderr)
         return 2
     reaper = Reaper()
-    root = Path(tempfile.mkdtemp(prefix="swarmfly-bench-single-"))
     runs: list[dict[str, Any]] = []
     cluster: Cluster | None = None
     try:
-        with cleanup(reaper):
+        with workspace("single", args.keep, out) as root, cleanup(reaper):
             serve_dir = root / "origin"
             serve_dir.mkdir()
             source = serve_dir / "blob.bin"
@@ -231,11 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out.progress("interrupted")
         return 130
-    finally:
-        if args.keep:
-            out.progress(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     good = [r for r in runs if r["ok"]]
     summary: dict[str, Any] = {
         "benchmark": "single",

@@ -18,10 +18,8 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -46,6 +44,7 @@ from _common import (
     start_cluster,
     stop_cluster,
     table,
+    workspace,
     write_random_file,
 )
 
@@ -434,10 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         n, f, args.origin_rate, args.seed_upload_rate, args.peer_upload_rate, args.download_rate
     )
     reaper = Reaper()
-    root = Path(tempfile.mkdtemp(prefix="swarmfly-bench-swarm-"))
     runs: list[dict[str, Any]] = []
     try:
-        with cleanup(reaper):
+        with workspace("swarm", args.keep, out) as root, cleanup(reaper):
             source = root / "blob.bin"
             out.progress(f"writing {human(f)} of random bytes to {source}")
             digest = write_random_file(source, f)
@@ -455,11 +453,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out.progress("interrupted")
         return 130
-    finally:
-        if args.keep:
-            out.progress(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     summary = report(args, bound, runs, out)
     if args.keep:
         summary["dir"] = str(root)

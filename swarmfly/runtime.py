@@ -123,9 +123,7 @@ async def start_storage(
     servers: list[str],
     plugins: Plugins | None = None,
 ) -> StorageService:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    plugins = plugins or _owned_plugins(stack, config)
-    node = PeerNode(storage_settings(config, state_dir), bus, servers, plugins)
+    node = _node(stack, config, bus, storage_settings(config, state_dir), servers, plugins)
     service = StorageService(node, bus)
     await service.start(stack)
     return service
@@ -139,12 +137,23 @@ async def start_peer(
     servers: list[str],
     plugins: Plugins | None = None,
 ) -> PeerService:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    plugins = plugins or _owned_plugins(stack, config)
-    node = PeerNode(peer_settings(config, state_dir), bus, servers, plugins)
+    node = _node(stack, config, bus, peer_settings(config, state_dir), servers, plugins)
     service = PeerService(node, bus, default_strategy=config.peer.strategy)
     await service.start(stack)
     return service
+
+
+def _node(
+    stack: AsyncExitStack,
+    config: Config,
+    bus: Bus,
+    settings: NodeSettings,
+    servers: list[str],
+    plugins: Plugins | None,
+) -> PeerNode:
+    """A peer or storage node on its state dir, with the process's plugins (or its own)."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return PeerNode(settings, bus, servers, plugins or _owned_plugins(stack, config))
 
 
 def _owned_plugins(stack: AsyncExitStack, config: Config) -> Plugins:
