@@ -1,0 +1,298 @@
+"""Partition leases, decided without IO: which to take, renew or give up, and which are lost.
+
+The ownership adapter feeds this book what the key-value bucket holds (each key's latest
+revision, as it watches them) and the time; the book answers with writes to try. Safety does
+not rest on the book's view: every write names the revision it replaces, so of two schedulers
+that both think a partition free, only one can take it. Expiry needs no shared clock: a lease
+whose revision has not moved for its length, counted by a scheduler's own clock from when it
+first saw that revision, is free; its holder counts from when it sent that renewal, so it has
+stopped serving the partition by then (``margin`` earlier).
+
+Keys: ``partition.<n>`` holds partition n's lease; ``member.<scheduler id>`` says a scheduler
+is alive. Each partition's home is the first live scheduler in rendezvous order for its key:
+so a new scheduler gets a fair share, and a dead one's partitions spread over the others.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from swarmfly.placement import rendezvous
+
+MEMBER_PREFIX = "member."
+PARTITION_PREFIX = "partition."
+CONFIG_KEY = "config"
+"""Holds the partition count, written once: schedulers that disagree refuse to start."""
+
+
+def partition_key(partition: int) -> str:
+    return f"{PARTITION_PREFIX}{partition}"
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A lease's value (a member key's too, with epoch 0)."""
+
+    owner: str
+    """The scheduler's id: stable across its restarts."""
+    instance: str
+    """This run of it: a restarted scheduler has lost its state."""
+    epoch: int
+    """The revision this lease replaced when it was taken: new with every acquisition."""
+    lease: float
+    """Seconds its holder may go without renewing; observers count it themselves."""
+
+    @property
+    def token(self) -> str:
+        """What heartbeat replies show per partition: a new one means a holder without state."""
+        return f"{self.instance}.{self.epoch}"
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(
+            {"owner": self.owner, "instance": self.instance, "epoch": self.epoch,
+             "lease_ms": int(self.lease * 1000)}
+        )  # fmt: skip
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Holder | None:
+        """None for a value this version cannot read: it counts as nobody's."""
+        try:
+            raw: Any = orjson.loads(data)
+            holder = cls(
+                str(raw["owner"]), str(raw["instance"]), int(raw["epoch"]), raw["lease_ms"] / 1000
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        return holder if 0 < holder.lease < 3600 else None
+
+
+@dataclass
+class _Seen:
+    revision: int
+    holder: Holder | None
+    """None: deleted, or unreadable."""
+    since: float
+    """When this scheduler first saw this revision."""
+
+
+@dataclass
+class _Owned:
+    revision: int
+    holder: Holder
+    renewed: float
+    """When the write that this revision is was sent: the lease runs from there."""
+
+
+@dataclass(frozen=True)
+class Take:
+    partition: int
+    last: int
+    """The revision to replace (0: the key must not exist)."""
+    holder: Holder
+
+
+@dataclass(frozen=True)
+class Renew:
+    partition: int
+    last: int
+    holder: Holder
+
+
+@dataclass(frozen=True)
+class Release:
+    """Give a partition to its home: stop serving it, then delete the lease."""
+
+    partition: int
+    last: int
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Stop serving a partition now: its lease could not be renewed in time, or was taken."""
+
+    partition: int
+
+
+Action = Take | Renew | Release | Lost
+
+
+class LeaseBook:
+    """One scheduler's view of the bucket and the leases it holds."""
+
+    def __init__(
+        self,
+        *,
+        me: str,
+        instance: str,
+        partitions: int,
+        now: float,
+        lease: float = 6.0,
+        renew: float = 2.0,
+    ) -> None:
+        if not 0 < renew <= lease / 2:
+            raise ValueError("a lease must be renewed at least twice within its length")
+        self.me = me
+        self.instance = instance
+        self.partitions = partitions
+        self.lease = lease
+        self.renew = renew
+        self.margin = lease / 4
+        """A holder stops this much before observers may count its lease as expired: room
+        for a late tick and the unsubscribe."""
+        self.grace = lease / 2
+        """How long a free partition waits for its home before any scheduler takes it."""
+        self.started = now
+        self.seen: dict[str, _Seen] = {}
+        self.owned: dict[int, _Owned] = {}
+        self.member_renewed = -math.inf
+        self._reclaim = True
+        self._abandoned: dict[int, int] = {}
+        """Partition -> the revision of ours we gave up: not to be mistaken for a lost answer."""
+
+    @property
+    def member_key(self) -> str:
+        return f"{MEMBER_PREFIX}{self.me}"
+
+    def member_value(self) -> Holder:
+        return Holder(self.me, self.instance, 0, self.lease)
+
+    # -- what the bucket holds -------------------------------------------------------------
+
+    def observe(self, key: str, revision: int, value: bytes | None, now: float) -> None:
+        """A key's revision, as watched or read back (``value`` None: deleted)."""
+        seen = self.seen.get(key)
+        if seen is not None and revision <= seen.revision:
+            return
+        holder = Holder.from_bytes(value) if value is not None else None
+        self.seen[key] = _Seen(revision, holder, now)
+
+    def _stale(self, seen: _Seen, now: float) -> bool:
+        return seen.holder is None or now - seen.since >= seen.holder.lease
+
+    def members(self, now: float) -> list[str]:
+        """Ids of the schedulers alive as far as this one can tell, itself included."""
+        live = {self.me}
+        for key, seen in self.seen.items():
+            fresh = seen.holder is not None and not self._stale(seen, now)
+            if key.startswith(MEMBER_PREFIX) and seen.holder is not None and fresh:
+                live.add(seen.holder.owner)
+        return sorted(live)
+
+    def home(self, partition: int, live: list[str]) -> str:
+        return rendezvous(partition_key(partition), live)[0]
+
+    def owners(self, now: float) -> list[str]:
+        """Per partition, the token of its live holder ("" when none)."""
+        tokens: list[str] = []
+        for partition in range(self.partitions):
+            owned = self.owned.get(partition)
+            seen = self.seen.get(partition_key(partition))
+            if owned is not None:
+                tokens.append(owned.holder.token)
+            elif seen is not None and seen.holder is not None and not self._stale(seen, now):
+                tokens.append(seen.holder.token)
+            else:
+                tokens.append("")
+        return tokens
+
+    # -- what to do ------------------------------------------------------------------------
+
+    def member_due(self, now: float) -> bool:
+        return now - self.member_renewed >= self.renew
+
+    def plan(self, now: float) -> list[Action]:
+        """The writes to try now. Lost and Release are already applied to the book: the
+        caller stops serving those partitions before anything else."""
+        live = self.members(now)
+        actions: list[Action] = []
+        for partition in range(self.partitions):
+            seen = self.seen.get(partition_key(partition))
+            home = self.home(partition, live)
+            owned = self.owned.get(partition)
+            if owned is not None:
+                actions += self._held(partition, owned, seen, home, now)
+                continue
+            free_since = self._free_since(partition, seen, now)
+            if free_since is None or (home != self.me and now - free_since < self.grace):
+                continue
+            last = seen.revision if seen is not None else 0
+            actions.append(Take(partition, last, Holder(self.me, self.instance, last, self.lease)))
+        self._reclaim = False
+        return actions
+
+    def _held(
+        self, partition: int, owned: _Owned, seen: _Seen | None, home: str, now: float
+    ) -> list[Action]:
+        if seen is not None and seen.revision > owned.revision:
+            if seen.holder is not None and seen.holder.instance == self.instance:
+                owned.revision = seen.revision  # a renewal whose answer was lost still counts
+            else:
+                self._give_up(partition)
+                return [Lost(partition)]
+        if now >= owned.renewed + owned.holder.lease - self.margin:
+            self._give_up(partition)
+            return [Lost(partition)]
+        if home != self.me:
+            return [Release(partition, self._give_up(partition))]
+        if now - owned.renewed >= self.renew:
+            return [Renew(partition, owned.revision, owned.holder)]
+        return []
+
+    def _give_up(self, partition: int) -> int:
+        revision = self.owned.pop(partition).revision
+        self._abandoned[partition] = revision
+        return revision
+
+    def _free_since(self, partition: int, seen: _Seen | None, now: float) -> float | None:
+        """Since when a partition this scheduler does not hold has been free; None: held."""
+        if seen is None:
+            return self.started
+        if seen.holder is None:
+            return seen.since
+        mine = seen.holder.instance == self.instance
+        if mine and self._abandoned.get(partition) != seen.revision:
+            return -math.inf  # ours, from a take whose answer was lost
+        if self._reclaim and seen.holder.owner == self.me:
+            return -math.inf  # held by this scheduler's previous run, which is gone
+        if now - seen.since >= seen.holder.lease:
+            return seen.since + seen.holder.lease
+        return None
+
+    # -- what the writes did ---------------------------------------------------------------
+
+    def taken(self, partition: int, revision: int, holder: Holder, sent: float, now: float) -> None:
+        self.owned[partition] = _Owned(revision, holder, sent)
+        self.observe(partition_key(partition), revision, holder.to_bytes(), now)
+
+    def renewed(self, partition: int, revision: int, sent: float, now: float) -> None:
+        owned = self.owned.get(partition)
+        if owned is None:
+            return
+        owned.revision, owned.renewed = revision, sent
+        self.observe(partition_key(partition), revision, owned.holder.to_bytes(), now)
+
+    def refused(self, partition: int) -> bool:
+        """A renewal was refused because the revision moved on (observe the key first): True
+        if the partition is lost and the caller must stop serving it."""
+        owned = self.owned.get(partition)
+        if owned is None:
+            return False
+        seen = self.seen.get(partition_key(partition))
+        newer = seen is not None and seen.revision > owned.revision
+        if newer and seen is not None and seen.holder and seen.holder.instance == self.instance:
+            owned.revision = seen.revision  # our own earlier renewal landed after all
+            return False
+        self._give_up(partition)
+        return True
+
+    def member_written(self, revision: int, sent: float, now: float) -> None:
+        self.member_renewed = sent
+        self.observe(self.member_key, revision, self.member_value().to_bytes(), now)
+
+    def release_all(self) -> list[Release]:
+        """On a clean stop: every partition goes, so others need not wait for expiry."""
+        return [Release(p, self._give_up(p)) for p in sorted(self.owned)]

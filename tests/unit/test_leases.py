@@ -1,0 +1,304 @@
+"""Partition leases, decided by the pure ``LeaseBook`` against an in-memory bucket that checks
+revisions as JetStream KV does, on virtual time."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarmfly.services.scheduler.leases import (
+    Holder,
+    LeaseBook,
+    Lost,
+    Release,
+    Renew,
+    Take,
+    partition_key,
+)
+
+P = 16
+LEASE, RENEW = 6.0, 2.0
+TICK = RENEW / 4
+
+
+@dataclass
+class Bucket:
+    """Revision-checked writes; every write is appended to a log that books watch."""
+
+    revision: int = 0
+    keys: dict[str, tuple[int, bytes | None]] = field(default_factory=dict)
+    log: list[tuple[float, str, int, bytes | None]] = field(default_factory=list)
+
+    def _write(self, now: float, key: str, value: bytes | None) -> int:
+        self.revision += 1
+        self.keys[key] = (self.revision, value)
+        self.log.append((now, key, self.revision, value))
+        return self.revision
+
+    def update(self, now: float, key: str, value: bytes, last: int) -> int | None:
+        current = self.keys.get(key, (0, None))[0]
+        return self._write(now, key, value) if current == last else None
+
+    def delete(self, now: float, key: str, last: int) -> None:
+        if self.keys.get(key, (0, None))[0] == last:
+            self._write(now, key, None)
+
+    def put(self, now: float, key: str, value: bytes) -> int:
+        return self._write(now, key, value)
+
+
+@dataclass
+class Scheduler:
+    """A book plus what its adapter does: apply the plan to the bucket, watch the log."""
+
+    book: LeaseBook
+    bucket: Bucket
+    lag: float = 0.0
+    read: int = 0
+    alive: bool = True
+    cut_until: float = 0.0
+    """Until then it cannot reach the bucket, yet serves what it holds."""
+
+    @property
+    def held(self) -> set[int]:
+        return set(self.book.owned)
+
+    def watch(self, now: float) -> None:
+        while self.read < len(self.bucket.log):
+            at, key, revision, value = self.bucket.log[self.read]
+            if at > now - self.lag:
+                break
+            self.book.observe(key, revision, value, now)
+            self.read += 1
+
+    def tick(self, now: float) -> list[object]:
+        if now < self.cut_until:
+            return list(self.book.plan(now))  # every write fails; the book still decides
+        self.watch(now)
+        if self.book.member_due(now):
+            revision = self.bucket.put(
+                now, self.book.member_key, self.book.member_value().to_bytes()
+            )
+            self.book.member_written(revision, now, now)
+        actions = self.book.plan(now)
+        for action in actions:
+            if isinstance(action, Release):
+                self.bucket.delete(now, partition_key(action.partition), action.last)
+            elif isinstance(action, Take | Renew):
+                key = partition_key(action.partition)
+                revision = self.bucket.update(now, key, action.holder.to_bytes(), action.last)
+                if revision is None:
+                    if isinstance(action, Renew):
+                        self.watch(now + self.lag)  # the adapter reads the key back
+                        self.book.refused(action.partition)
+                elif isinstance(action, Take):
+                    self.book.taken(action.partition, revision, action.holder, now, now)
+                else:
+                    self.book.renewed(action.partition, revision, now, now)
+        return list(actions)
+
+
+def scheduler(bucket: Bucket, name: str, now: float = 0.0, lag: float = 0.0) -> Scheduler:
+    book = LeaseBook(me=name, instance=f"{name}-run", partitions=P, now=now, lease=LEASE)
+    return Scheduler(book, bucket, lag)
+
+
+def run(schedulers: list[Scheduler], start: float, end: float) -> Iterator[float]:
+    now = start
+    while now < end:
+        for s in schedulers:
+            if s.alive:
+                s.tick(now)
+        yield now
+        now = round(now + TICK, 6)
+
+
+def homes(names: list[str]) -> dict[str, set[int]]:
+    book = LeaseBook(me=names[0], instance="x", partitions=P, now=0.0)
+    out: dict[str, set[int]] = {n: set() for n in names}
+    for p in range(P):
+        out[book.home(p, sorted(names))].add(p)
+    return out
+
+
+# -- one scheduler -----------------------------------------------------------------------
+
+
+def test_a_lone_scheduler_takes_every_partition_at_once() -> None:
+    bucket = Bucket()
+    a = scheduler(bucket, "a")
+    actions = a.tick(0.0)
+    assert {x.partition for x in actions if isinstance(x, Take)} == set(range(P))
+    assert all(x.last == 0 for x in actions if isinstance(x, Take))
+    assert a.held == set(range(P))
+
+
+def test_leases_are_renewed_every_interval_and_keep_their_token() -> None:
+    bucket = Bucket()
+    a = scheduler(bucket, "a")
+    a.tick(0.0)
+    tokens = a.book.owners(0.0)
+    assert all(t.startswith("a-run.") for t in tokens)
+    assert a.tick(1.0) == []
+    renewals = a.tick(2.0)
+    assert {x.partition for x in renewals if isinstance(x, Renew)} == set(range(P))
+    assert a.book.owners(2.0) == tokens
+
+
+def test_a_holder_that_cannot_renew_stops_serving_before_anyone_may_take_over() -> None:
+    bucket = Bucket()
+    a = scheduler(bucket, "a")
+    a.tick(0.0)
+    cut = LEASE - a.book.margin
+    assert a.book.plan(cut - 0.01) != [] and a.held == set(range(P))  # renewals it cannot send
+    lost = a.book.plan(cut)
+    assert {x.partition for x in lost if isinstance(x, Lost)} == set(range(P))
+    assert a.held == set()
+
+
+def test_a_refused_renewal_loses_the_partition() -> None:
+    bucket = Bucket()
+    a = scheduler(bucket, "a")
+    a.tick(0.0)
+    key = partition_key(3)
+    bucket.update(0.5, key, Holder("b", "b-run", 1, LEASE).to_bytes(), bucket.keys[key][0])
+    a.tick(2.0)
+    assert 3 not in a.held and len(a.held) == P - 1
+
+
+def test_a_renewal_whose_answer_was_lost_still_counts() -> None:
+    bucket = Bucket()
+    a = scheduler(bucket, "a")
+    a.tick(0.0)
+    owned = a.book.owned[5]
+    bucket.update(1.0, partition_key(5), owned.holder.to_bytes(), owned.revision)  # no answer
+    a.tick(2.0)
+    assert 5 in a.held
+
+
+def test_a_restarted_scheduler_takes_its_own_leases_back_at_once() -> None:
+    bucket = Bucket()
+    scheduler(bucket, "a").tick(0.0)
+    again = Scheduler(LeaseBook(me="a", instance="a-run2", partitions=P, now=1.0), bucket)
+    again.tick(1.0)
+    assert again.held == set(range(P))
+    tokens = again.book.owners(1.0)
+    assert all(t.startswith("a-run2.") for t in tokens)
+
+
+def test_another_schedulers_fresh_leases_are_left_alone() -> None:
+    bucket = Bucket()
+    scheduler(bucket, "a").tick(0.0)
+    b = scheduler(bucket, "b", now=1.0)
+    b.tick(1.0)
+    assert b.held == set()
+
+
+def test_unreadable_values_count_as_nobodys() -> None:
+    assert Holder.from_bytes(b"not json") is None
+    assert Holder.from_bytes(b'{"owner": "a"}') is None
+    assert Holder.from_bytes(b'{"owner":"a","instance":"i","epoch":1,"lease_ms":0}') is None
+    holder = Holder("a", "i", 7, 6.0)
+    assert Holder.from_bytes(holder.to_bytes()) == holder
+
+
+def test_renewing_more_rarely_than_twice_a_lease_is_refused() -> None:
+    with pytest.raises(ValueError, match="renewed at least twice"):
+        LeaseBook(me="a", instance="i", partitions=1, now=0.0, lease=6.0, renew=4.0)
+
+
+# -- several schedulers ------------------------------------------------------------------
+
+
+def test_a_second_scheduler_gets_its_home_partitions() -> None:
+    bucket = Bucket()
+    a, b = scheduler(bucket, "a"), scheduler(bucket, "b", now=0.0)
+    a.tick(0.0)
+    for _ in run([a, b], 0.5, 3.0):
+        pass
+    expected = homes(["a", "b"])
+    assert a.held == expected["a"] and b.held == expected["b"]
+    assert expected["a"] and expected["b"], "both get some of the 16"
+
+
+def test_a_dead_schedulers_partitions_move_within_ten_seconds() -> None:
+    bucket = Bucket()
+    group = [scheduler(bucket, n) for n in ("a", "b", "c")]
+    for _ in run(group, 0.0, 5.0):
+        pass
+    assert set().union(*(s.held for s in group)) == set(range(P))
+    victim = group[0]
+    orphans = set(victim.held)
+    assert orphans
+    victim.alive = False
+    moved_at = None
+    for now in run(group, 5.0, 20.0):
+        survivors = group[1].held | group[2].held
+        if moved_at is None and orphans <= survivors:
+            moved_at = now
+    assert moved_at is not None and moved_at - 5.0 <= 10.0
+    assert group[1].held | group[2].held == set(range(P))
+    assert group[1].held == homes(["b", "c"])["b"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lags=st.lists(st.sampled_from([0.0, 0.1, 0.3, 0.9]), min_size=3, max_size=3),
+    offsets=st.lists(st.sampled_from([0.0, 0.1, 0.2, 0.3, 0.4]), min_size=3, max_size=3),
+    crashes=st.lists(st.tuples(st.integers(0, 2), st.floats(1.0, 30.0)), max_size=3),
+    rejoins=st.lists(st.tuples(st.integers(0, 2), st.floats(5.0, 40.0)), max_size=2),
+    cuts=st.lists(
+        st.tuples(st.integers(0, 2), st.floats(1.0, 30.0), st.floats(0.5, 12.0)), max_size=2
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_no_partition_is_ever_served_twice(
+    lags: list[float],
+    offsets: list[float],
+    crashes: list[tuple[int, float]],
+    rejoins: list[tuple[int, float]],
+    cuts: list[tuple[int, float, float]],
+    seed: int,
+) -> None:
+    """Three schedulers with watch lag, unaligned ticks, crashes, restarts and spells
+    without the bucket: at every moment each partition is served by at most one of them (a
+    holder serves a partition from its take until it gives it up at a tick)."""
+    rng = random.Random(seed)
+    bucket = Bucket()
+    names = ["a", "b", "c"]
+    group = [scheduler(bucket, n, lag=lags[i]) for i, n in enumerate(names)]
+    events = sorted([(t, i, "crash") for i, t in crashes] + [(t, i, "rejoin") for i, t in rejoins])
+    cut_at = sorted((t, i, length) for i, t, length in cuts)
+    now, end, run_number = 0.0, 45.0, 0
+    next_tick = list(offsets)
+    while now < end:
+        while cut_at and cut_at[0][0] <= now:
+            _, i, length = cut_at.pop(0)
+            group[i].cut_until = now + length
+        while events and events[0][0] <= now:
+            _, i, kind = events.pop(0)
+            if kind == "crash":
+                group[i].alive = False
+            elif not group[i].alive:
+                run_number += 1
+                book = LeaseBook(
+                    me=names[i], instance=f"{names[i]}-{run_number}", partitions=P, now=now
+                )
+                group[i] = Scheduler(book, bucket, lags[i])
+        for i, s in enumerate(group):
+            if s.alive and now >= next_tick[i]:
+                s.tick(now)
+                next_tick[i] = now + TICK + rng.choice([0.0, 0.05, 0.1])
+        serving = [s.held for s in group if s.alive]
+        for p in range(P):
+            assert sum(p in held for held in serving) <= 1, (now, p)
+        now = round(now + 0.05, 6)
+    living = [s for s in group if s.alive]
+    if living and not events and not cut_at:
+        settled = set().union(*(s.held for s in living))
+        assert settled == set(range(P)), "every partition has a holder in the end"
