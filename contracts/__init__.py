@@ -39,6 +39,9 @@ class Contract:
     reply: dict[str, Any] | None
     examples: list[dict[str, Any]]
     queue_group: str | None
+    fanout: bool
+    """Every instance of the service receives each request (each in its own queue group);
+    the requester takes the first reply."""
     validate_request: Validator = field(repr=False, compare=False)
     validate_reply: Validator | None = field(repr=False, compare=False)
 
@@ -114,6 +117,7 @@ def registry() -> dict[str, Contract]:
             reply=reply,
             examples=raw["examples"],
             queue_group=raw.get("queue_group"),
+            fanout=bool(raw.get("fanout", False)),
             validate_request=fastjsonschema.compile(request),
             validate_reply=fastjsonschema.compile(reply) if reply else None,
         )

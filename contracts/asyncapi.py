@@ -61,6 +61,8 @@ def document(prefix: str = "swarmfly", version: str = "0.1.0") -> dict[str, Any]
             "x-swarmfly-service": contract.service,
             "x-swarmfly-version": contract.version,
         }
+        if contract.fanout:
+            operation["x-swarmfly-fanout"] = True
         if contract.reply is not None:
             operation["reply"] = {
                 "channel": {"$ref": f"#/channels/{key}"},

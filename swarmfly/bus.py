@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 import orjson
 from nats.aio.client import Client
+from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
-from nats.micro.service import Service
+from nats.micro.service import Endpoint, Service
 from opentelemetry.trace import SpanKind
 
 from swarmfly import contracts, metrics, telemetry
@@ -51,6 +54,17 @@ def decode_request(contract: contracts.Contract, data: bytes) -> dict[str, Any]:
     except Exception as exc:  # fastjsonschema raises JsonSchemaValueException
         raise _validation_error(exc) from None
     return payload
+
+
+@dataclass
+class Served:
+    """A running nats.micro service. Endpoints whose subjects need tokens the service did not
+    have at start (a scheduler's partitions) open and close while it runs."""
+
+    service: Service
+    name: str
+    deferred: dict[str, Handler]
+    opened: dict[tuple[tuple[str, str], ...], list[Endpoint]] = field(default_factory=dict)
 
 
 class Bus:
@@ -160,27 +174,73 @@ class Bus:
         *,
         metadata: dict[str, str] | None = None,
         **tokens: str,
-    ) -> Service:
-        """A nats.micro service with one endpoint per contract, so $SRV discovery works."""
+    ) -> Served:
+        """A nats.micro service with one endpoint per contract, so $SRV discovery works.
+
+        Endpoints whose subject tokens are all in ``tokens`` subscribe now; the others wait
+        for ``open_endpoints`` with the missing tokens.
+        """
         service = await add_service(
             self.nc, name=name, version=version, description=description, metadata=metadata
         )
         self._services.append(service)
+        served = Served(service, name, {})
+        now: dict[str, Handler] = {}
+        for contract_name, handler in handlers.items():
+            self.used.add(contract_name)
+            if set(contracts.get(contract_name).tokens) <= set(tokens):
+                now[contract_name] = handler
+            else:
+                served.deferred[contract_name] = handler
+        await self._add_endpoints(served, now, tokens)
+        return served
+
+    async def open_endpoints(self, served: Served, **tokens: str) -> None:
+        """Subscribe the deferred endpoints under these tokens (a partition a scheduler took)."""
+        key = tuple(sorted(tokens.items()))
+        if key not in served.opened:
+            served.opened[key] = await self._add_endpoints(served, served.deferred, tokens)
+
+    async def close_endpoints(self, served: Served, **tokens: str) -> None:
+        """Unsubscribe what ``open_endpoints`` subscribed under these tokens."""
+        for endpoint in served.opened.pop(tuple(sorted(tokens.items())), []):
+            # nats.micro (nats-py 2.16) removes endpoints only all at once, in Service.stop:
+            # do for one what it does for each there.
+            served.service._endpoints.remove(endpoint)
+            try:
+                await endpoint._stop()
+            except nats.errors.Error as exc:  # the connection is gone: so is the interest
+                log.debug("unsubscribing %s: %s", endpoint._subject, exc)
+        if self.nc.is_connected:
+            try:
+                await self.nc.flush(timeout=2)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("flush after closing endpoints: %s", exc)
+
+    async def _add_endpoints(
+        self, served: Served, handlers: dict[str, Handler], tokens: dict[str, str]
+    ) -> list[Endpoint]:
+        added: list[Endpoint] = []
         for contract_name, handler in handlers.items():
             contract = contracts.get(contract_name)
             subject = self.subject(contract_name, **{t: tokens[t] for t in contract.tokens})
-            await service.add_endpoint(
-                name=contract_name.replace(".", "-").replace("{", "").replace("}", ""),
+            if contract.fanout:  # every instance hears it: a queue group of its own
+                queue_group = f"{served.name}-{served.service.id}"
+            else:
+                queue_group = contract.queue_group or served.name
+            await served.service.add_endpoint(
+                name=_endpoint_name(contract_name, tokens),
                 subject=subject,
                 handler=self._endpoint(contract, handler),
-                queue_group=contract.queue_group or name,
+                queue_group=queue_group,
                 metadata={"contract": contract_name, "version": str(contract.version)},
             )
+            added.append(served.service._endpoints[-1])
         # nats-py may write its PING ahead of queued SUBs: two round trips make sure every
         # endpoint is subscribed at the server before the service counts as started.
         await self.nc.flush()
         await self.nc.flush()
-        return service
+        return added
 
     def _endpoint(
         self, contract: contracts.Contract, handler: Handler
@@ -217,6 +277,61 @@ class Bus:
 
         return serve
 
+    async def gather(
+        self,
+        name: str,
+        payload: dict[str, Any],
+        *,
+        wait: float = 0.5,
+        expect: int | None = None,
+        **tokens: str,
+    ) -> list[dict[str, Any]]:
+        """Every reply to a fanout request that arrives within ``wait`` seconds (one per
+        instance of the service), or until ``expect`` of them came; error replies and
+        replies that break the contract are left out."""
+        contract = contracts.get(name)
+        subject = self.subject(name, **tokens)
+        contract.validate_request(payload)
+        inbox = self.nc.new_inbox()
+        subscription = await self.nc.subscribe(inbox)
+        replies: list[dict[str, Any]] = []
+        try:
+            await self.nc.publish(subject, orjson.dumps(payload), reply=inbox)
+            deadline = asyncio.get_running_loop().time() + wait
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                if expect is not None and len(replies) >= expect:
+                    break
+                try:
+                    msg = await subscription.next_msg(timeout=left)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    break
+                if msg.headers and ERROR_CODE_HEADER in msg.headers:
+                    continue
+                try:
+                    body = orjson.loads(msg.data)
+                    if contract.validate_reply is not None:
+                        contract.validate_reply(body)
+                except Exception as exc:  # orjson or fastjsonschema: a broken reply
+                    log.warning("dropped a reply on %s: %s", subject, exc)
+                    continue
+                replies.append(body)
+        finally:
+            await subscription.unsubscribe()
+        return replies
+
+    async def key_value(self, bucket: str, *, timeout: float = 1.0) -> KeyValue:
+        """The JetStream key-value bucket, created on first use (one revision per key)."""
+        js = self.nc.jetstream(timeout=timeout)
+        try:
+            try:
+                return await js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                return await js.create_key_value(bucket=bucket, history=1)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise SwarmflyError(
+                "unavailable", f"JetStream key-value store unavailable: {type(exc).__name__}"
+            ) from None
+
     async def discover(self, wait: float = 0.5) -> list[dict[str, Any]]:
         """``$SRV.INFO`` of every nats.micro service using this bus's prefix (the standard
         discovery protocol, not a swarmfly contract)."""
@@ -251,6 +366,15 @@ class Bus:
         self._services.clear()
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+def _endpoint_name(contract_name: str, tokens: dict[str, str]) -> str:
+    """The micro endpoint name: the contract's, with a partition filled in, since one service
+    serves the same contract once per partition."""
+    name = contract_name
+    if "partition" in tokens:
+        name = name.replace("{partition}", tokens["partition"])
+    return name.replace(".", "-").replace("{", "").replace("}", "")
 
 
 def _messaging(subject: str, operation: str) -> dict[str, str]:
