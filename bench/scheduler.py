@@ -52,20 +52,21 @@ from _common import (
 
 from swarmfly import contracts
 from swarmfly.natsserver import NatsServer
+from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.testing import spawn_service
 
 TARGET_DECISIONS_PER_S = 5000
 TARGET_P99_MS = 10.0
 PIECE_LENGTH = 4 * 1024 * 1024
 SUBJECTS = (
-    "scheduler.register",
-    "scheduler.reschedule",
-    "scheduler.pieces",
+    "scheduler.{partition}.register",
+    "scheduler.{partition}.reschedule",
+    "scheduler.{partition}.pieces",
     "scheduler.heartbeat",
-    "scheduler.result",
+    "scheduler.{partition}.result",
     "scheduler.leave",
 )
-DECISIONS = ("scheduler.register", "scheduler.reschedule")
+DECISIONS = ("scheduler.{partition}.register", "scheduler.{partition}.reschedule")
 SETUP_TIMEOUT = 60.0
 
 
@@ -176,7 +177,6 @@ class Load:
     def __init__(self, params: dict[str, Any]) -> None:
         self.p = params
         self.rng = random.Random(params["seed"])
-        self.subject = {n: contracts.get(n).subject(params["prefix"]) for n in SUBJECTS}
         self.contracts = {n: contracts.get(n) for n in SUBJECTS}
         self.checked: set[str] = set()
         tag = params["prefix"]
@@ -184,6 +184,12 @@ class Load:
             hashlib.sha256(f"bench-task-{tag}-{t}".encode()).hexdigest()
             for t in range(params["tasks"])
         ]
+        # A task's subjects go to its partition, as a peer routes them.
+        self.subject: dict[tuple[str, str], str] = {}
+        for name, contract in self.contracts.items():
+            for tid in self.task_ids if contract.tokens else [""]:
+                tokens = {"partition": str(partition_of(tid, params["partitions"]))} if tid else {}
+                self.subject[name, tid] = contract.subject(params["prefix"], **tokens)
         pieces = params["pieces"]
         self.digests = [
             [hashlib.sha256(f"{tid}:{n}".encode()).hexdigest() for n in range(pieces)]
@@ -210,9 +216,10 @@ class Load:
             self.contracts[name].validate_request(payload)
         data = orjson.dumps(payload)
         code = None
+        subject = self.subject[name, payload["task_id"] if self.contracts[name].tokens else ""]
         started = time.perf_counter()
         try:
-            msg = await conn.request(self.subject[name], data, timeout=self.p["request_timeout"])
+            msg = await conn.request(subject, data, timeout=self.p["request_timeout"])
         except nats.errors.NoRespondersError:
             code = "no_responders"
         except (TimeoutError, nats.errors.TimeoutError):
@@ -277,7 +284,7 @@ class Load:
         if seed:
             payload["seed"] = True
             payload["task"] = self.content
-        reply = await self.call(peer.conn, "scheduler.register", payload)
+        reply = await self.call(peer.conn, "scheduler.{partition}.register", payload)
         if reply is not None:
             peer.registered = True
             self.on_schedule(peer, reply)
@@ -302,7 +309,7 @@ class Load:
         }
         if whole:
             payload["task"] = self.content
-        return await self.call(peer.conn, "scheduler.pieces", payload) is not None
+        return await self.call(peer.conn, "scheduler.{partition}.pieces", payload) is not None
 
     async def step(self, peer: SimPeer, now: float) -> None:
         """One request (two or three when a generation ends) of one peer."""
@@ -323,7 +330,8 @@ class Load:
                 return
             if not peer.missing:
                 done = {"task_id": self.task_ids[peer.task], "peer_id": peer.peer_id}
-                await self.call(peer.conn, "scheduler.result", {**done, "success": True})
+                result = {**done, "success": True}
+                await self.call(peer.conn, "scheduler.{partition}.result", result)
                 gone = {"host_id": peer.host["id"], "peer_ids": [peer.peer_id]}
                 await self.call(peer.conn, "scheduler.leave", gone)
                 self.new_generation(peer)
@@ -336,7 +344,7 @@ class Load:
             reason = self.rng.choice(("failed", "slow"))
             payload["blocklist"] = [bad]
             payload["bad_parents"] = [{"peer_id": bad, "reason": reason}]
-        reply = await self.call(peer.conn, "scheduler.reschedule", payload)
+        reply = await self.call(peer.conn, "scheduler.{partition}.reschedule", payload)
         if reply is None:
             peer.reports_due = self.p["reports_per_reschedule"]
         else:
@@ -359,8 +367,15 @@ def _say(text: str) -> None:
     print(f"# generator: {text}", file=sys.stderr, flush=True)
 
 
+async def partitions_of(conn: Any, prefix: str) -> int:
+    """How many partitions the scheduler uses: a peer learns it from a heartbeat reply."""
+    beat = {"host": host_of(0, True), "uploads": 0, "peers": 0}
+    subject = contracts.get("scheduler.heartbeat").subject(prefix)
+    msg = await conn.request(subject, orjson.dumps(beat), timeout=10)
+    return int(orjson.loads(msg.data).get("partitions", DEFAULT_PARTITIONS))
+
+
 async def generate(params: dict[str, Any]) -> dict[str, Any]:
-    load = Load(params)
     conns = [
         await nats.connect(
             params["nats"],
@@ -371,6 +386,7 @@ async def generate(params: dict[str, Any]) -> dict[str, Any]:
         for i in range(params["connections"])
     ]
     try:
+        load = Load({**params, "partitions": await partitions_of(conns[0], params["prefix"])})
         peers: list[SimPeer] = []
         for i in range(params["peers"]):
             task = i % params["tasks"]

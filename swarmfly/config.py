@@ -51,6 +51,17 @@ class NatsConfig:
 class SchedulerConfig:
     listen: str = "127.0.0.1"
     http_port: int = 0
+    id: str | None = None
+    """Stable across restarts (default: hostname + state dir): a restarted scheduler takes
+    back its own partition leases at once instead of waiting for them to expire."""
+    partitions: int = 16
+    """Task partitions, each held by one scheduler through a lease in JetStream KV. Every
+    scheduler of a cluster must use the same count (the bucket keeps it); peers learn it
+    from heartbeat replies."""
+    lease: float = 6.0
+    """Seconds a partition's lease lasts unrenewed: a dead scheduler's partitions move
+    within about this long."""
+    renew_interval: float = 2.0
     candidate_parents: int = 4
     heartbeat_interval: float = 5.0
     host_ttl: float = 15.0

@@ -74,6 +74,7 @@ def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
         location=p.location,
         gc=GcPolicy(p.cache_quota, p.cache_high, p.cache_low, p.cache_ttl),
         gc_interval=p.gc_interval,
+        partitions=config.scheduler.partitions,
     )
 
 
@@ -98,6 +99,7 @@ def storage_settings(config: Config, state_dir: Path) -> NodeSettings:
         location=s.location,
         gc=GcPolicy(s.cache_quota, s.cache_high, s.cache_low, s.cache_ttl),
         gc_interval=s.gc_interval,
+        partitions=config.scheduler.partitions,
     )
 
 

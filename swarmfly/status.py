@@ -8,7 +8,6 @@ from typing import Any
 import orjson
 
 from swarmfly.config import Config
-from swarmfly.errors import SwarmflyError
 from swarmfly.runtime import connect
 
 
@@ -31,16 +30,35 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def merge(states: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """One view of several schedulers: each knows every host (heartbeats reach them all)
+    and the tasks of the partitions it holds."""
+    hosts: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, dict[str, Any]] = {}
+    for state in states:
+        for host in state["hosts"]:
+            known = hosts.get(host["id"])
+            if known is None or host["seen_s"] < known["seen_s"]:
+                hosts[host["id"]] = host
+        for task in state["tasks"]:
+            tasks.setdefault(task["id"], task)
+    return {"hosts": list(hosts.values()), "tasks": list(tasks.values())[:limit]}
+
+
 async def gather(config: Config) -> dict[str, Any]:
     bus = await connect(config, "swarmfly-status")
     try:
         services = await bus.discover()
-        try:
-            state = await bus.request("scheduler.state", {"limit": 50}, timeout=3.0)
-        except SwarmflyError as exc:
-            state = {"hosts": [], "tasks": [], "error": str(exc)}
+        schedulers = sum(s.get("name") == "scheduler" for s in services)
+        states = await bus.gather(
+            "scheduler.state", {"limit": 50}, wait=2.0, expect=schedulers or None
+        )
     finally:
         await bus.close()
+    if states:
+        state = merge(states, 50)
+    else:
+        state = {"hosts": [], "tasks": [], "error": "no scheduler answers scheduler.state"}
     return {
         "services": [
             {

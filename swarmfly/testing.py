@@ -19,10 +19,12 @@ from typing import cast
 
 from aiohttp import web
 
+from swarmfly import contracts
 from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig
 from swarmfly.errors import SwarmflyError
 from swarmfly.natsserver import NatsServer
+from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source
 from swarmfly.ratelimit import TokenBucket
@@ -301,6 +303,25 @@ async def check_source(
     assert await read() == content, "a fetch after abandoned ones returned wrong bytes"
 
 
+def subject_tokens(
+    name: str,
+    hosts: Mapping[str, str],
+    task_id: str | None = None,
+    partitions: int = DEFAULT_PARTITIONS,
+) -> dict[str, str]:
+    """The tokens of contract ``name``'s subject: ``host_id`` is the host of the service
+    that serves it (``hosts["peer"]``, ``hosts["storage"]``); ``partition`` the task's, or 0
+    (a lone scheduler holds every partition and answers any task on any of them)."""
+    contract = contracts.get(name)
+    tokens: dict[str, str] = {}
+    for token in contract.tokens:
+        if token == "partition":
+            tokens[token] = str(partition_of(task_id, partitions) if task_id else 0)
+        else:
+            tokens[token] = hosts[contract.service]
+    return tokens
+
+
 @dataclass
 class InProcessCluster:
     """Scheduler, storage and peer in the caller's event loop, each on its own connection."""
@@ -310,6 +331,14 @@ class InProcessCluster:
     storage: StorageService
     peer: PeerService
     buses: dict[str, Bus]
+
+    @property
+    def hosts(self) -> dict[str, str]:
+        """Host ids by service, as ``subject_tokens`` takes them."""
+        return {
+            "peer": self.peer.node.settings.host_id,
+            "storage": self.storage.node.settings.host_id,
+        }
 
 
 @asynccontextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,11 @@ BLOCK_SECONDS = 30.0
 """A dropped parent is not used again for this long (a corrupt one never: the scheduler)."""
 BUSY_BACKOFF = 0.25
 """Seconds before asking a parent that had no free upload slot again."""
+SCHEDULER_PATIENCE = 10.0
+"""Seconds a download with no parents waits for its scheduler to come back (a partition
+moves to another scheduler within 10 s) before it reads the origin."""
+TAKEOVER_ATTEMPTS = 8
+"""Tries per piece (busy parents included) before a taking-over seed reads it from the origin."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,8 @@ class Conductor:
         self._report_content = False
         self._wake = asyncio.Event()
         self._reschedule_due = False
+        self._scheduler_lost: float | None = None
+        """Since when (monotonic) the task's scheduler has not answered."""
 
     # -- the whole download ----------------------------------------------------------------
 
@@ -148,8 +156,11 @@ class Conductor:
                 self.stored.touch()
                 await self._announce_cached()
             elif bus is None or self.seed:
-                await self._register_quietly()
-                await self._from_origin()
+                holders = await self._register_quietly()
+                if holders and self.stat.ranges:
+                    await self._take_over(holders)
+                else:
+                    await self._from_origin()
             else:
                 await self._swarm()
             await self._verify_whole()
@@ -170,13 +181,11 @@ class Conductor:
     async def _swarm(self) -> None:
         """P2P as the scheduler directs; the origin only when it says so or is unreachable."""
         try:
-            schedule = await self._request("scheduler.register", self._register_body())
+            schedule = await self._request("scheduler.{partition}.register", self._register_body())
         except SwarmflyError as exc:
             if exc.code not in ("unavailable", "timeout"):
                 raise
-            log.warning("no scheduler answers (%s): reading the origin", exc.code)
-            await self._from_origin()
-            return
+            schedule = self._without_scheduler(exc)
         while True:
             action = schedule["action"]
             if schedule.get("task"):
@@ -202,18 +211,29 @@ class Conductor:
             "bad_parents": self.bad[-256:],
         }
         try:
-            return await self._request("scheduler.reschedule", body)
+            reply = await self._request("scheduler.{partition}.reschedule", body)
         except SwarmflyError as exc:
             if exc.code == "not_found":
-                return await self._request("scheduler.register", self._register_body())
-            if exc.code in ("unavailable", "timeout") and not self.parents:
-                log.warning("no scheduler answers (%s): reading the origin", exc.code)
-                return {"action": "back_to_source", "parents": []}
-            if exc.code in ("unavailable", "timeout"):
-                # Keep the parents we have: a scheduler restart must not send everyone to
-                # the origin.
-                return {"action": "parents", "parents": list(self._current_parents())}
-            raise
+                reply = await self._request("scheduler.{partition}.register", self._register_body())
+            elif exc.code not in ("unavailable", "timeout"):
+                raise
+            else:
+                return self._without_scheduler(exc)
+        self._scheduler_lost = None
+        return reply
+
+    def _without_scheduler(self, exc: SwarmflyError) -> dict[str, Any]:
+        """What to do while the task's scheduler does not answer: keep the parents we have
+        (a scheduler restart must not send everyone to the origin); with none, wait while
+        its partition moves to another scheduler; read the origin when there is none."""
+        if self.parents:
+            return {"action": "parents", "parents": list(self._current_parents())}
+        now = time.monotonic()
+        self._scheduler_lost = self._scheduler_lost or now
+        if self.node.schedulers_answer() and now - self._scheduler_lost < SCHEDULER_PATIENCE:
+            return {"action": "wait", "parents": [], "retry_after_ms": 500}
+        log.warning("no scheduler answers (%s): reading the origin", exc.code)
+        return {"action": "back_to_source", "parents": []}
 
     # -- P2P -----------------------------------------------------------------------------
 
@@ -525,7 +545,7 @@ class Conductor:
         while True:
             try:
                 reply = await self._request(
-                    "scheduler.task", {"task_id": self.task_id, "offset": offset}
+                    "scheduler.{partition}.task", {"task_id": self.task_id, "offset": offset}
                 )
             except SwarmflyError as exc:
                 log.debug("task info: %s", exc)
@@ -551,7 +571,8 @@ class Conductor:
         with telemetry.span("back_to_source", attributes={"url.full": redact_url(self.source.url)}):
             await self._read_origin()
 
-    async def _read_origin(self) -> None:
+    def _origin_content(self) -> TaskContent:
+        """The task's size and piece layout as the origin states them (reported once)."""
         stat = self.stat
         if stat.size is None:
             raise SwarmflyError("source_error", "origin does not state the content length")
@@ -564,24 +585,118 @@ class Conductor:
         self._queue_report(None)
         content = self.stored.content
         assert content is not None
+        return content
+
+    async def _read_origin(self) -> None:
+        content = self._origin_content()
         missing = [n for n in range(content.piece_count) if n not in self.stored.done]
         if not missing:
             return
-        if stat.ranges:
-            queue: asyncio.Queue[int] = asyncio.Queue()
-            for number in missing:
-                queue.put_nowait(number)
-            workers = [
-                asyncio.create_task(self._origin_worker(queue))
-                for _ in range(min(self.node.origin_concurrency, len(missing)))
-            ]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for worker in workers:
-                    worker.cancel()
+        if self.stat.ranges:
+            await self._origin_ranges(missing)
         else:
             await self._origin_stream(content)
+
+    async def _origin_ranges(self, numbers: list[int]) -> None:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for number in numbers:
+            queue.put_nowait(number)
+        workers = [
+            asyncio.create_task(self._origin_worker(queue))
+            for _ in range(min(self.node.origin_concurrency, len(numbers)))
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+
+    # -- a seed taking over --------------------------------------------------------------
+
+    async def _take_over(self, holders: list[dict[str, Any]]) -> None:
+        """A seed continuing a task whose seed was lost: what the swarm already holds comes
+        from its holders, only the rest from the origin, so the origin is read about once in
+        all. Both run at once; a piece no holder delivers falls back to the origin."""
+        with telemetry.span("take_over", attributes={"swarmfly.holders": len(holders)}):
+            content = self._origin_content()
+            await self._refresh_task(None)  # the digests the swarm's pieces are checked against
+            for info in holders:
+                address = info["address"].rstrip("/")
+                parent = Parent(info["peer_id"], info["host_id"], address, "normal")
+                self.parents.setdefault(parent.peer_id, parent)
+            answers = await asyncio.gather(*(self._holdings(p) for p in self.parents.values()))
+            held = dict(zip(self.parents, answers, strict=True))
+            missing = [n for n in range(content.piece_count) if n not in self.stored.done]
+            swarm: deque[tuple[int, list[str]]] = deque()
+            origin: list[int] = []
+            for number in missing:
+                where = [p for p, pieces in held.items() if number in pieces]
+                if where and self.stored.digests[number]:
+                    swarm.append((number, where))
+                else:
+                    origin.append(number)
+            log.info(
+                "taking over task %s: %d pieces from %d holders, %d from the origin",
+                self.task_id[:12], len(swarm), len(held), len(origin),
+            )  # fmt: skip
+            failed: list[int] = []
+            load: dict[str, int] = dict.fromkeys(self.parents, 0)
+            workers = min(self.node.settings.concurrency, len(swarm))
+            await asyncio.gather(
+                self._origin_ranges(origin) if origin else asyncio.sleep(0),
+                *(self._from_holders(swarm, load, failed) for _ in range(workers)),
+            )
+            rest = sorted(n for n in failed if n not in self.stored.done)
+            if rest:
+                await self._origin_ranges(rest)
+
+    async def _holdings(self, parent: Parent) -> set[int]:
+        """What a holder has now (no long-poll); nothing when it cannot answer."""
+        try:
+            async with self.node.session.get(
+                f"{parent.address}/v1/tasks/{self.task_id}/pieces",
+                params={"since": "-1", "wait": "0"},
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as response:
+                if response.status != 200:
+                    return set()
+                data = await response.json()
+            return {int(n) for n in data["pieces"]}
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            log.info("holder %s did not say what it has: %s", parent.peer_id, exc)
+            return set()
+
+    async def _from_holders(
+        self, queue: deque[tuple[int, list[str]]], load: dict[str, int], failed: list[int]
+    ) -> None:
+        while queue:
+            number, where = queue.popleft()
+            if not await self._from_any(number, where, load):
+                failed.append(number)
+
+    async def _from_any(self, number: int, where: list[str], load: dict[str, int]) -> bool:
+        """One piece from the least loaded holder that delivers it."""
+        attempts = 0
+        for parent_id in sorted(where, key=lambda p: load.get(p, 0)):
+            while attempts < TAKEOVER_ATTEMPTS and (parent := self.parents.get(parent_id)):
+                attempts += 1
+                load[parent_id] += 1
+                try:
+                    await self._fetch_piece(number, parent_id)
+                    return True
+                except ParentBusy:
+                    await asyncio.sleep(BUSY_BACKOFF)
+                except LocalDiskError:
+                    raise
+                except SwarmflyError as exc:
+                    log.info("piece %d from holder %s: %s", number, parent_id, exc)
+                    parent.failures += 1
+                    if parent.failures >= PARENT_FAILURES:
+                        self.parents.pop(parent_id, None)
+                    break
+                finally:
+                    load[parent_id] -= 1
+        return False
 
     async def _origin_worker(self, queue: asyncio.Queue[int]) -> None:
         content = self.stored.content
@@ -669,13 +784,18 @@ class Conductor:
         if self.node.bus is not None:
             await self.node.announce(self.stored)
 
-    async def _register_quietly(self) -> None:
+    async def _register_quietly(self) -> list[dict[str, Any]]:
+        """Register a download that reads the origin; for a seed, the peers that already
+        hold pieces of the task (a seed taking over from a lost one)."""
         if self.node.bus is None:
-            return
+            return []
         try:
-            await self._request("scheduler.register", self._register_body())
+            reply = await self._request("scheduler.{partition}.register", self._register_body())
         except SwarmflyError as exc:
             log.info("registering a back-to-source download: %s", exc)
+            return []
+        parents: list[dict[str, Any]] = reply["parents"] if self.seed else []
+        return parents
 
     async def _result(self, success: bool, message: str = "") -> None:
         if self.node.bus is None:
@@ -688,7 +808,7 @@ class Conductor:
         if message:
             body["message"] = message
         try:
-            await self._request("scheduler.result", body)
+            await self._request("scheduler.{partition}.result", body)
         except SwarmflyError as exc:
             log.info("result not recorded: %s", exc)
 
@@ -710,10 +830,7 @@ class Conductor:
         return body
 
     async def _request(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        bus = self.node.bus
-        if bus is None:
-            raise SwarmflyError("unavailable", "no control plane")
-        return await bus.request(name, body)
+        return await self.node.request(name, body)
 
     def _queue_report(self, piece: dict[str, Any] | None) -> None:
         if piece is not None:
@@ -732,7 +849,7 @@ class Conductor:
         if self._report_content and self.stored.content is not None:
             body["task"] = self.stored.content.to_dict()
         try:
-            await self._request("scheduler.pieces", body)
+            await self._request("scheduler.{partition}.pieces", body)
             self._report_content = False
         except SwarmflyError as exc:
             if exc.code == "not_found":

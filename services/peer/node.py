@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import socket
 import time
@@ -26,6 +27,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import task_id as make_task_id
 from swarmfly.ids import url_digest
+from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source
 from swarmfly.ratelimit import TokenBucket
@@ -58,6 +60,8 @@ class NodeSettings:
     location: str = ""
     gc: GcPolicy = field(default_factory=GcPolicy)
     gc_interval: float = 60.0
+    partitions: int = DEFAULT_PARTITIONS
+    """Until a heartbeat reply says how many the schedulers use."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,11 @@ class PeerNode:
         self._session: aiohttp.ClientSession | None = None
         self._downloads: dict[str, tuple[Conductor, asyncio.Task[Conductor]]] = {}
         self._progress: dict[str, Conductor] = {}
+        self.partitions = settings.partitions
+        self._owners: list[str] = []
+        self._answered = -math.inf
+        self._interval = settings.heartbeat_interval
+        """Per partition, the last holder token this host registered its tasks with."""
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -146,6 +155,7 @@ class PeerNode:
         stack.push_async_callback(self.close)
         if self.bus is not None:
             stack.push_async_callback(self.leave)
+            await self._heartbeat(first=True)  # learns how tasks are partitioned
             for task in loaded:
                 await self._announce_safely(task)
             beat = asyncio.create_task(self._heartbeat_loop())
@@ -252,6 +262,17 @@ class PeerNode:
 
     # -- control plane ---------------------------------------------------------------------
 
+    async def request(
+        self, name: str, body: dict[str, Any], *, timeout: float = 5.0
+    ) -> dict[str, Any]:
+        """A request to the schedulers; a task's subjects go to the task's partition."""
+        if self.bus is None:
+            raise SwarmflyError("unavailable", "no control plane")
+        if "{partition}" in name:
+            partition = str(partition_of(body["task_id"], self.partitions))
+            return await self.bus.request(name, body, timeout=timeout, partition=partition)
+        return await self.bus.request(name, body, timeout=timeout)
+
     async def announce(
         self, stored: StoredTask, *, peer_id: str | None = None, seed: bool = False
     ) -> None:
@@ -269,15 +290,15 @@ class PeerNode:
         }
         if seed or (self.settings.host_type == "seed" and stored.complete):
             body["seed"] = True
-        await self.bus.request("scheduler.register", body)
+        await self.request("scheduler.{partition}.register", body)
         reports = [
             {"number": n, "digest": stored.digests[n]}
             for n in sorted(stored.done)
             if stored.digests[n]
         ]
         for start in range(0, max(1, len(reports)), REPORT_BATCH):
-            await self.bus.request(
-                "scheduler.pieces",
+            await self.request(
+                "scheduler.{partition}.pieces",
                 {
                     "task_id": stored.id,
                     "peer_id": peer_id,
@@ -286,37 +307,71 @@ class PeerNode:
                 },
             )
         if stored.complete:
-            await self.bus.request(
-                "scheduler.result", {"task_id": stored.id, "peer_id": peer_id, "success": True}
+            await self.request(
+                "scheduler.{partition}.result",
+                {"task_id": stored.id, "peer_id": peer_id, "success": True},
             )
 
-    async def _announce_safely(self, stored: StoredTask) -> None:
+    async def _announce_safely(self, stored: StoredTask) -> bool:
         try:
             await self.announce(stored)
         except SwarmflyError as exc:
             log.warning("could not announce task %s: %s", stored.id[:12], exc)
+            return False
+        return True
 
     async def _heartbeat_loop(self) -> None:
-        assert self.bus is not None
         interval = self.settings.heartbeat_interval
         while True:
-            try:
-                reply = await self.bus.request(
-                    "scheduler.heartbeat",
-                    {
-                        "host": self.host(),
-                        "uploads": self.upload.uploads,
-                        "peers": len(self.store.tasks),
-                    },
-                )
-                interval = reply.get("interval_ms", interval * 1000) / 1000
-                if not reply["known"]:
-                    for stored in list(self.store.tasks.values()):
-                        if stored.complete:
-                            await self._announce_safely(stored)
-            except SwarmflyError as exc:
-                log.debug("heartbeat: %s", exc)
             await asyncio.sleep(interval)
+            interval = await self._heartbeat() or interval
+
+    async def _heartbeat(self, *, first: bool = False) -> float | None:
+        """One heartbeat; the seconds to the next one, None when no scheduler answered.
+
+        Whoever lost this host's state (a restarted scheduler, the new holder of a partition)
+        gets its complete tasks again: the scheduler's state is soft, rebuilt from hosts.
+        """
+        assert self.bus is not None
+        try:
+            beat = {"host": self.host(), "uploads": self.upload.uploads}
+            beat["peers"] = len(self.store.tasks)
+            reply = await self.bus.request("scheduler.heartbeat", beat)
+        except SwarmflyError as exc:
+            log.debug("heartbeat: %s", exc)
+            return None
+        self._answered = time.monotonic()
+        partitions = int(reply.get("partitions", self.partitions))
+        owners: list[str] = list(reply.get("owners", []))
+        if len(owners) != partitions:  # a scheduler that does not tell holders
+            owners = [""] * partitions
+        if partitions != self.partitions or len(self._owners) != partitions:
+            self.partitions, self._owners = partitions, [""] * partitions
+        every = not first and not reply["known"]
+        moved = {
+            p
+            for p, token in enumerate(owners)
+            if every or (token and token != self._owners[p] and not first)
+        }
+        complete: dict[int, list[StoredTask]] = {}
+        if moved:
+            for stored in list(self.store.tasks.values()):
+                if stored.complete:
+                    complete.setdefault(partition_of(stored.id, partitions), []).append(stored)
+        for p, token in enumerate(owners):
+            ok = True
+            for stored in complete.get(p, []) if p in moved else []:
+                ok = await self._announce_safely(stored) and ok
+            if token and ok:
+                self._owners[p] = token
+        interval: float = reply.get("interval_ms", self.settings.heartbeat_interval * 1000) / 1000
+        self._interval = interval
+        return interval
+
+    def schedulers_answer(self) -> bool:
+        """Some scheduler answered a recent heartbeat: a task subject nobody answers then
+        means its partition is moving to another scheduler, not that there is none."""
+        return time.monotonic() - self._answered < 3 * self._interval
 
     async def collect(self, now: float | None = None) -> list[str]:
         """Evict what the cache policy says; tell the scheduler these pieces are gone."""
@@ -333,7 +388,7 @@ class PeerNode:
         if evicted and self.bus is not None:
             peer_ids = [self.peer_id(task_id) for task_id in evicted]
             try:
-                await self.bus.request(
+                await self.request(
                     "scheduler.leave",
                     {"host_id": self.settings.host_id, "peer_ids": peer_ids[:4096]},
                 )

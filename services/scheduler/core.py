@@ -18,6 +18,7 @@ from typing import Any, Literal
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import piece_count
+from swarmfly.placement import rendezvous
 from swarmfly.plugins.evaluators.default import evaluate as default_evaluate
 from swarmfly.plugins.hookspecs import Candidate, Evaluator
 
@@ -30,6 +31,8 @@ COST_SAMPLES = 20
 WAIT_MS = 200
 BLOCK_SECONDS = 30.0
 """How long a parent a child reported failed or slow stays out of that child's parents."""
+SEED_PARENTS = 8
+"""Holders offered to a seed that takes over a task: enough to cover what the swarm has."""
 
 
 @dataclass
@@ -80,6 +83,10 @@ class Task:
     peers: dict[str, Peer] = field(default_factory=dict)
     bad_parents: set[str] = field(default_factory=set)
     seed_requested_at: float | None = None
+    seed_host: str | None = None
+    """The storage instance last asked to seed the task (None: none known when asked)."""
+    failed_seeds: set[str] = field(default_factory=set)
+    """Storage hosts that failed this task or went away while seeding it."""
     seed_failed: bool = False
     holders: dict[int, int] = field(default_factory=dict)
     """Peers (sources included) holding each piece."""
@@ -116,9 +123,12 @@ class Schedule:
 
 @dataclass(frozen=True)
 class TriggerSeed:
-    """Effect: ask a storage instance to fetch this task from the origin."""
+    """Effect: ask a storage instance to fetch this task from the origin; ``host_id`` None
+    when no storage host is known (the adapter may wait for one to say hello, then reports
+    ``seed_unavailable``)."""
 
     task_id: str
+    host_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -218,20 +228,39 @@ class Scheduler:
         peer.seed = peer.seed or seed
         self._add_pieces(task, peer, self._valid_pieces(task, pieces))
         if peer.seed:
-            return Schedule("back_to_source", content=task.content), []
+            return self._seed_schedule(task, peer, now), []
         if self._complete(task, peer):
             return Schedule("parents", content=task.content), []
-        effects: list[TriggerSeed] = []
-        if not self._has_source(task, now) and task.seed_requested_at is None:
-            task.seed_requested_at = now
-            effects.append(TriggerSeed(task_id))
+        effects = self._seed_effects(task, now)
         return self._schedule(task, peer, now), effects
 
-    def seed_unavailable(self, task_id: str) -> None:
-        """No storage instance took the task: peers go back to source instead of waiting."""
+    def seed_unavailable(
+        self, task_id: str, host_id: str | None = None, now: float = 0.0
+    ) -> list[TriggerSeed]:
+        """The storage instance asked (if any) did not take the task: ask the next one in
+        rendezvous order; with none left, peers go back to source instead of waiting."""
         task = self.tasks.get(task_id)
-        if task is not None:
+        if task is None:
+            return []
+        if host_id is not None:
+            task.failed_seeds.add(host_id)
+        task.seed_requested_at = task.seed_host = None
+        if self._next_seed_host(task) is None:
             task.seed_failed = True
+            return []
+        return self._seed_effects(task, now)
+
+    def seed_hosts(self) -> list[str]:
+        """Storage instances alive as far as heartbeats tell."""
+        return [h.id for h in self.hosts.values() if h.type == "seed"]
+
+    def drop_tasks(self, task_ids: Iterable[str]) -> None:
+        """Forget tasks (their partition moved to another scheduler); hosts stay."""
+        for task_id in list(task_ids):
+            task = self.tasks.pop(task_id, None)
+            if task is not None:
+                for peer_id in task.peers:
+                    self.peers.pop(peer_id, None)
 
     def report_pieces(
         self,
@@ -296,10 +325,15 @@ class Scheduler:
             peer.blocklist[bad_id] = max(peer.blocklist.get(bad_id, 0.0), until)
             if reason == "corrupt":
                 task.bad_parents.add(bad_id)
-        effects: list[TriggerSeed] = []
-        if not self._has_source(task, now) and task.seed_requested_at is None:
-            task.seed_requested_at = now
-            effects.append(TriggerSeed(task_id))
+            bad = task.peers.get(bad_id)
+            if reason == "failed" and bad is not None and bad.seed:
+                # A seed its children cannot reach has died (or soon will be known to): the
+                # next storage instance takes over now, not when its heartbeats run out.
+                bad.state = "failed"
+                task.failed_seeds.add(bad.host_id)
+        if peer.seed:
+            return self._seed_schedule(task, peer, now), []
+        effects = self._seed_effects(task, now)
         return self._schedule(task, peer, now), effects
 
     def result(self, *, task_id: str, peer_id: str, success: bool, now: float) -> None:
@@ -316,11 +350,13 @@ class Scheduler:
         else:
             peer.state = "failed"
             peer.parents.clear()
+            if peer.seed:
+                task.failed_seeds.add(peer.host_id)
             if peer.is_source and not any(
                 p.is_source and p.state != "failed" for p in task.peers.values()
             ):
                 # The origin read failed: let the next request trigger a seed again.
-                task.seed_requested_at = None
+                task.seed_requested_at = task.seed_host = None
 
     def task_info(self, task_id: str) -> tuple[TaskContent | None, list[str | None]]:
         task = self.tasks.get(task_id)
@@ -387,6 +423,52 @@ class Scheduler:
     def _has_source(self, task: Task, now: float) -> bool:
         return any(p.is_source and self._alive(p) for p in task.peers.values())
 
+    def _next_seed_host(self, task: Task) -> str | None:
+        """The task's home among the live storage hosts that have not failed it: rendezvous
+        hashing, so each task has one home and a lost instance moves only its own tasks."""
+        order = rendezvous(task.id, (h for h in self.seed_hosts() if h not in task.failed_seeds))
+        return order[0] if order else None
+
+    def _seed_effects(self, task: Task, now: float) -> list[TriggerSeed]:
+        """Ask a storage instance to seed the task when nothing serves it from the origin."""
+        if self._has_source(task, now) or task.seed_failed:
+            return []
+        asked = task.seed_host
+        if task.seed_requested_at is not None:
+            if asked is None or (asked in self.hosts and asked not in task.failed_seeds):
+                return []  # on its way (seed_timeout bounds the wait) or being looked for
+            task.failed_seeds.add(asked)  # it went away before it served
+        host = self._next_seed_host(task)
+        task.seed_host, task.seed_requested_at = host, now
+        return [TriggerSeed(task.id, host)]
+
+    def _seed_schedule(self, task: Task, seed: Peer, now: float) -> Schedule:
+        """A seed reads the origin; the peers that already hold pieces it lacks are listed,
+        so a seed taking over from a lost one reads only what the swarm does not have."""
+        holders = [
+            p
+            for p in task.peers.values()
+            if not p.is_source and p.pieces - seed.pieces and self._eligible(task, seed, p, now)
+        ]
+        holders.sort(key=lambda p: len(p.pieces - seed.pieces), reverse=True)
+        chosen: list[Peer] = []
+        covered = set(seed.pieces)
+        for holder in holders:  # greedy cover: each adds pieces the others do not
+            if holder.pieces - covered:
+                chosen.append(holder)
+                covered |= holder.pieces
+            if len(chosen) >= SEED_PARENTS:
+                break
+        hosts = self.hosts
+        return Schedule(
+            "back_to_source",
+            tuple(
+                ParentInfo(p.id, p.host_id, hosts[p.host_id].address, hosts[p.host_id].type)
+                for p in chosen
+            ),
+            task.content,
+        )
+
     def _schedule(self, task: Task, child: Peer, now: float) -> Schedule:
         parents = self._choose_parents(task, child, now)
         child.parents = [p.id for p in parents]
@@ -407,7 +489,7 @@ class Scheduler:
             task.seed_requested_at is not None
             and not task.seed_failed
             and now - task.seed_requested_at < self.seed_timeout
-            and not any(p.seed for p in task.peers.values())
+            and not any(p.seed and self._alive(p) for p in task.peers.values())
         )
         if usable_source or seed_pending:
             return Schedule("wait", content=task.content, retry_after_ms=WAIT_MS)

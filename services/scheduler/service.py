@@ -1,8 +1,14 @@
-"""The scheduler adapter: feeds NATS requests to the pure core and sends its answers back."""
+"""The scheduler adapter: feeds NATS requests to the pure core and sends its answers back.
+
+Task subjects are partitioned (``scheduler.<n>.*``): this scheduler subscribes to a partition
+only while it holds the partition's lease (``ownership.py``) and forgets its tasks when it
+lets go. Host-level subjects (heartbeat, leave, state) reach every scheduler.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -13,13 +19,16 @@ import orjson
 from aiohttp import web
 
 from swarmfly import __version__, metrics
-from swarmfly.bus import Bus
+from swarmfly.bus import Bus, Served
 from swarmfly.config import Config
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
+from swarmfly.ids import default_host_id
+from swarmfly.placement import partition_of
 from swarmfly.plugins.hookspecs import Evaluator
 from swarmfly.services.scheduler.core import HostSpec, PieceReport, Scheduler, TriggerSeed
+from swarmfly.services.scheduler.ownership import Ownership
 
 log = logging.getLogger(__name__)
 EVENT_INTERVAL = 0.5
@@ -27,6 +36,8 @@ DASHBOARD_CSP = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsa
 """The page loads nothing from elsewhere (no CDN): it must work on machines with no internet."""
 DIGEST_PAGE = 8192
 """Digests per scheduler.task reply: a page stays far below NATS's 1 MiB payload limit."""
+PLACEHOLDER_URL = "swarmfly:cached"
+"""The source a host announces for a cached task whose URL it did not keep."""
 
 
 def host_spec(data: dict[str, Any]) -> HostSpec:
@@ -65,23 +76,39 @@ class SchedulerService:
         self._sources: dict[str, dict[str, Any]] = {}
         """task id -> source (with headers) kept in memory only, to hand to a seed."""
         self._background: set[asyncio.Task[None]] = set()
+        self.partitions = sc.partitions
+        self.ownership = Ownership(
+            bus,
+            scheduler_id=sc.id or "scheduler-" + default_host_id(str(config.state_dir))[:54],
+            partitions=sc.partitions,
+            lease=sc.lease,
+            renew=sc.renew_interval,
+            on_gain=self._gain,
+            on_loss=self._lose,
+        )
+        self._served: Served | None = None
+        self._warm_until = 0.0
+        """Until then, storage hosts may be unknown only for not having sent a heartbeat."""
+        self._seed_known = asyncio.Event()
 
     async def start(self, stack: AsyncExitStack) -> None:
-        await self.bus.add_service(
+        self._warm_until = self.clock() + 2 * self.config.scheduler.heartbeat_interval
+        self._served = await self.bus.add_service(
             "scheduler",
             __version__,
             "swarmfly scheduler: tasks, peers and parent choice",
             {
-                "scheduler.register": self.on_register,
-                "scheduler.reschedule": self.on_reschedule,
-                "scheduler.pieces": self.on_pieces,
-                "scheduler.task": self.on_task,
-                "scheduler.result": self.on_result,
+                "scheduler.{partition}.register": self.on_register,
+                "scheduler.{partition}.reschedule": self.on_reschedule,
+                "scheduler.{partition}.pieces": self.on_pieces,
+                "scheduler.{partition}.task": self.on_task,
+                "scheduler.{partition}.result": self.on_result,
                 "scheduler.leave": self.on_leave,
                 "scheduler.heartbeat": self.on_heartbeat,
                 "scheduler.state": self.on_state,
             },
         )
+        await self.ownership.start(stack)
         expiry = asyncio.create_task(self._expire_loop())
         stack.callback(expiry.cancel)
         app = web.Application()
@@ -95,9 +122,35 @@ class SchedulerService:
 
     # -- handlers ------------------------------------------------------------------------
 
+    async def _gain(self, partition: int) -> None:
+        assert self._served is not None
+        await self.bus.open_endpoints(self._served, partition=str(partition))
+
+    async def _lose(self, partition: int) -> None:
+        """Unsubscribe first, then forget: nothing can bring a forgotten task back."""
+        assert self._served is not None
+        await self.bus.close_endpoints(self._served, partition=str(partition))
+        self.core.drop_tasks(
+            [t for t in self.core.tasks if partition_of(t, self.partitions) == partition]
+        )
+        self._forget_sources()
+
+    def _check_partition(self, task_id: str) -> None:
+        """A request can arrive after its partition moved (or from a peer that counts
+        partitions differently): only the partition's holder may answer it."""
+        partition = partition_of(task_id, self.partitions)
+        if partition not in self.ownership.held:
+            raise SwarmflyError(
+                "unavailable",
+                f"partition {partition} (of {self.partitions}) is not held by this scheduler",
+            )
+
     async def on_register(self, req: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
-        self._sources.setdefault(req["task_id"], req["source"])
+        self._check_partition(req["task_id"])
+        known = self._sources.get(req["task_id"])
+        if known is None or known["url"] == PLACEHOLDER_URL:
+            self._sources[req["task_id"]] = req["source"]
         schedule, effects = self.core.register(
             task_id=req["task_id"],
             peer_id=req["peer_id"],
@@ -116,6 +169,7 @@ class SchedulerService:
 
     async def on_reschedule(self, req: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
+        self._check_partition(req["task_id"])
         schedule, effects = self.core.reschedule(
             task_id=req["task_id"],
             peer_id=req["peer_id"],
@@ -130,6 +184,7 @@ class SchedulerService:
         return schedule.to_dict()
 
     async def on_pieces(self, req: dict[str, Any]) -> dict[str, Any]:
+        self._check_partition(req["task_id"])
         self.core.report_pieces(
             task_id=req["task_id"],
             peer_id=req["peer_id"],
@@ -143,6 +198,7 @@ class SchedulerService:
         return {"ok": True}
 
     async def on_task(self, req: dict[str, Any]) -> dict[str, Any]:
+        self._check_partition(req["task_id"])
         task, digests = self.core.task_info(req["task_id"])
         offset = req.get("offset", 0)
         return {
@@ -152,6 +208,7 @@ class SchedulerService:
         }
 
     async def on_result(self, req: dict[str, Any]) -> dict[str, Any]:
+        self._check_partition(req["task_id"])
         self.core.result(
             task_id=req["task_id"], peer_id=req["peer_id"], success=req["success"], now=self.clock()
         )
@@ -164,31 +221,56 @@ class SchedulerService:
 
     async def on_heartbeat(self, req: dict[str, Any]) -> dict[str, Any]:
         known = self.core.heartbeat(host_spec(req["host"]), req.get("uploads", 0), self.clock())
+        if req["host"]["type"] == "seed":
+            self._seed_known.set()
         interval_ms = int(self.config.scheduler.heartbeat_interval * 1000)
-        return {"ok": True, "known": known, "interval_ms": interval_ms}
+        return {
+            "ok": True,
+            "known": known,
+            "interval_ms": interval_ms,
+            "partitions": self.partitions,
+            "owners": self.ownership.owners(),
+        }
 
     # -- effects and housekeeping --------------------------------------------------------
 
     def _run(self, effects: list[TriggerSeed]) -> None:
         for effect in effects:
-            task = asyncio.create_task(self._trigger_seed(effect.task_id))
+            task = asyncio.create_task(self._trigger_seed(effect))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _trigger_seed(self, task_id: str) -> None:
+    async def _trigger_seed(self, effect: TriggerSeed) -> None:
+        task_id, host_id = effect.task_id, effect.host_id
+        if host_id is None:
+            # Just after a start, storage instances may not have said hello yet.
+            wait = self._warm_until - self.clock()
+            if not self.core.seed_hosts() and wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._seed_known.wait(), wait)
+            self._seed_unavailable(task_id, None)
+            return
         source = self._sources.get(task_id)
-        if source is None:
-            self.core.seed_unavailable(task_id)
+        if source is None or source["url"] == PLACEHOLDER_URL:
+            self._seed_unavailable(task_id, host_id)
             return
         try:
             reply = await self.bus.request(
-                "storage.seed", {"task_id": task_id, "source": source}, timeout=5.0
+                "storage.{host_id}.seed",
+                {"task_id": task_id, "source": source},
+                timeout=5.0,
+                host_id=host_id,
             )
-            if not reply["accepted"]:
-                self.core.seed_unavailable(task_id)
+            accepted = bool(reply["accepted"])
         except SwarmflyError as exc:
-            log.info("no seed for task %s: %s", task_id[:12], exc.code)
-            self.core.seed_unavailable(task_id)
+            log.info("storage %s did not take task %s: %s", host_id, task_id[:12], exc.code)
+            accepted = False
+        if not accepted:
+            self._seed_unavailable(task_id, host_id)
+
+    def _seed_unavailable(self, task_id: str, host_id: str | None) -> None:
+        if partition_of(task_id, self.partitions) in self.ownership.held:
+            self._run(self.core.seed_unavailable(task_id, host_id, self.clock()))
 
     def _forget_sources(self) -> None:
         for task_id in list(self._sources):

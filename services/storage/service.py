@@ -1,7 +1,8 @@
 """The storage service: fetches what the scheduler hands it from the origin and seeds it.
 
 It is a PeerNode of host type ``seed`` whose store persists across restarts: cached tasks are
-announced again at start-up.
+announced again at start-up. Each instance has its own seed subject: the scheduler picks the
+instance for a task by rendezvous hashing, so a fleet shares the tasks and the cache.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class StorageService:
             "storage",
             __version__,
             "swarmfly storage: the cluster's seed and cache",
-            {"storage.seed": self.on_seed},
+            {"storage.{host_id}.seed": self.on_seed},
             metadata={"host_id": self.node.settings.host_id, "upload": self.node.upload_url},
+            host_id=self.node.settings.host_id,
         )
         stack.callback(self._cancel)
 

@@ -12,6 +12,7 @@ import pytest
 from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.natsserver import NatsServer
+from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.services.peer.conductor import SourceRequest
 from swarmfly.testing import Origin, in_process_cluster
 from tests.conftest import require_tool
@@ -36,13 +37,14 @@ async def test_live_piece_map_in_a_browser(
     async with in_process_cluster(nats.url, prefix, tmp_path, configure=slow_seed) as cluster:
         # An attacker-chosen URL reaches the scheduler: it must never become markup.
         await bus.request(
-            "scheduler.register",
+            "scheduler.{partition}.register",
             {
                 "task_id": "ee" * 32,
                 "peer_id": "xss-peer",
                 "host": {"id": "xss-host", "ip": "127.0.0.1", "port": 9, "type": "normal"},
                 "source": {"url": f"http://example.invalid/{PAYLOAD}"},
             },
+            partition=str(partition_of("ee" * 32, DEFAULT_PARTITIONS)),
         )
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(

@@ -27,7 +27,7 @@ from swarmfly import contracts
 from swarmfly.bus import MAX_REQUEST_BYTES
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer.service import PeerService
-from swarmfly.testing import Origin, in_process_cluster
+from swarmfly.testing import Origin, in_process_cluster, subject_tokens
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,11 +59,10 @@ class Env:
     peer: PeerService
     url: str
     tmp: Path
+    hosts: dict[str, str]
 
     def subject(self, name: str) -> str:
-        contract = CONTRACTS[name]
-        host_id = self.peer.node.settings.host_id
-        return contract.subject(self.prefix, **{t: host_id for t in contract.tokens})
+        return CONTRACTS[name].subject(self.prefix, **subject_tokens(name, self.hosts))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -74,7 +73,7 @@ async def env(nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Asy
         url = origin.add("small.bin", FILE_DATA)
         nc = await connect_nats(servers=[nats.url], connect_timeout=3, max_reconnect_attempts=0)
         try:
-            yield Env(nc, prefix, cluster.peer, url, tmp)
+            yield Env(nc, prefix, cluster.peer, url, tmp, cluster.hosts)
         finally:
             await nc.close()
 
@@ -244,7 +243,8 @@ def reply_of(name: str, msg: Msg) -> dict[str, Any]:
 
 def test_every_served_subject_is_covered() -> None:
     assert len(SUBJECTS) == len(CONTRACTS) - sum(c.service == "proxy" for c in CONTRACTS.values())
-    assert {"scheduler.register", "storage.seed", "peer.{host_id}.download"} <= set(SUBJECTS)
+    expected = {"scheduler.{partition}.register", "storage.{host_id}.seed"}
+    assert expected | {"peer.{host_id}.download"} <= set(SUBJECTS)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -256,7 +256,7 @@ async def test_bad_input_is_refused(env: Env, name: str, kind: str) -> None:
         check_refused(case, msg)
 
 
-@pytest.mark.parametrize("name", ["storage.seed", "peer.{host_id}.download"])
+@pytest.mark.parametrize("name", ["storage.{host_id}.seed", "peer.{host_id}.download"])
 async def test_unsupported_url_scheme_is_refused(env: Env, name: str) -> None:
     for url in ("file:///etc/passwd", "gopher://example.com/x", "/etc/passwd"):
         request = first_request(name)
@@ -300,17 +300,18 @@ async def test_pieces_out_of_range_are_refused(env: Env) -> None:
     await register_source(env, task_id, peer_id, content)
     piece = {"number": 1, "digest": hashlib.sha256(b"x").hexdigest()}
     request = {"task_id": task_id, "peer_id": peer_id, "pieces": [piece]}
-    msg = await env.nc.request(env.subject("scheduler.pieces"), orjson.dumps(request), timeout=2)
+    subject = env.subject("scheduler.{partition}.pieces")
+    msg = await env.nc.request(subject, orjson.dumps(request), timeout=2)
     error = error_of(msg)
     assert error["code"] == "bad_request"
     assert error.get("path") == "data.pieces"
 
 
-@pytest.mark.parametrize("name", ["scheduler.register", "scheduler.pieces"])
+@pytest.mark.parametrize("name", ["scheduler.{partition}.register", "scheduler.{partition}.pieces"])
 async def test_inconsistent_task_content_is_refused(env: Env, name: str) -> None:
     task_id, peer_id = os.urandom(32).hex(), f"peer-{os.urandom(4).hex()}"
     bogus = {"content_length": 5, "piece_length": 16384, "piece_count": 7}
-    if name == "scheduler.register":
+    if name == "scheduler.{partition}.register":
         request = register_body(env, task_id, peer_id, seed=True)
         request["task"] = bogus
     else:
@@ -341,8 +342,9 @@ async def register_source(
     body = register_body(env, task_id, peer_id, seed=True)
     if content is not None:
         body["task"] = content
-    msg = await env.nc.request(env.subject("scheduler.register"), orjson.dumps(body), timeout=5)
-    assert reply_of("scheduler.register", msg)["action"] == "back_to_source"
+    subject = env.subject("scheduler.{partition}.register")
+    msg = await env.nc.request(subject, orjson.dumps(body), timeout=5)
+    assert reply_of("scheduler.{partition}.register", msg)["action"] == "back_to_source"
 
 
 async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], float]:
@@ -352,15 +354,15 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], float]:
     content = {"content_length": 5, "piece_length": 16384, "piece_count": 1}
     if name == "scheduler.heartbeat":
         return {"host": env.peer.node.host(), "uploads": 0, "peers": 0}, 5
-    if name == "scheduler.register":
+    if name == "scheduler.{partition}.register":
         return register_body(env, task_id, peer_id), 5
     if name == "scheduler.leave":
         return {"host_id": "host-leaving", "peer_ids": ["peer-x"]}, 5
-    if name == "scheduler.task":
+    if name == "scheduler.{partition}.task":
         return {"task_id": task_id}, 5
     if name == "scheduler.state":
         return {"bitmaps": True, "limit": 5}, 5
-    if name == "storage.seed":
+    if name == "storage.{host_id}.seed":
         return {"task_id": task_id, "source": {"url": env.url}}, 5
     if name == "peer.{host_id}.progress":
         return {"download_id": "dl-unknown"}, 5
@@ -370,7 +372,7 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], float]:
         body = {"download_id": f"dl-{uuid.uuid4().hex[:8]}", "source": source}
         return {**body, "output": str(output), "timeout_s": 60}, 65
     await register_source(env, task_id, peer_id)
-    if name == "scheduler.reschedule":
+    if name == "scheduler.{partition}.reschedule":
         return {"task_id": task_id, "peer_id": peer_id, "blocklist": ["peer-c1"]}, 5
     pieces = {
         "task_id": task_id,
@@ -378,11 +380,12 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], float]:
         "task": content,
         "pieces": [{"number": 0, "digest": digest, "cost_ms": 3}],
     }
-    if name == "scheduler.pieces":
+    if name == "scheduler.{partition}.pieces":
         return pieces, 5
-    assert name == "scheduler.result", name
-    msg = await env.nc.request(env.subject("scheduler.pieces"), orjson.dumps(pieces), timeout=5)
-    reply_of("scheduler.pieces", msg)
+    assert name == "scheduler.{partition}.result", name
+    subject = env.subject("scheduler.{partition}.pieces")
+    msg = await env.nc.request(subject, orjson.dumps(pieces), timeout=5)
+    reply_of("scheduler.{partition}.pieces", msg)
     return {"task_id": task_id, "peer_id": peer_id, "success": True}, 5
 
 
@@ -399,11 +402,11 @@ async def test_service_keeps_serving_after_bad_input(env: Env, name: str) -> Non
     if name == "peer.{host_id}.download":
         assert Path(request["output"]).read_bytes() == FILE_DATA
         assert reply["digest"] == f"sha256:{hashlib.sha256(FILE_DATA).hexdigest()}"
-    elif name == "storage.seed":
+    elif name == "storage.{host_id}.seed":
         assert reply["accepted"] is True
     elif name == "scheduler.heartbeat":
         assert reply["ok"] is True
-    elif name == "scheduler.task":
+    elif name == "scheduler.{partition}.task":
         assert reply == {"task": None, "offset": 0, "digests": []}
     elif name == "peer.{host_id}.progress":
         assert reply["state"] == "unknown"

@@ -27,8 +27,9 @@ from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig
 from swarmfly.contracts.asyncapi import document
 from swarmfly.natsserver import NatsServer
+from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.runtime import start_peer, start_scheduler
-from swarmfly.testing import Origin, in_process_cluster
+from swarmfly.testing import Origin, in_process_cluster, subject_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACTS_DIR = ROOT / "contracts"
@@ -240,7 +241,7 @@ def test_the_scan_sees_direct_nats_calls() -> None:
         "    await bus.nc.request('x', b'')\n"
         "    await nc.subscribe('x')\n"
         "    await service.add_endpoint(name='x')\n"
-        "    await bus.request('scheduler.task', {})\n"
+        "    await bus.request('scheduler.{partition}.task', {})\n"
     )
     assert len(direct_nats_calls(source, "example.py")) == 4
 
@@ -296,7 +297,8 @@ def test_every_subject_named_in_code_has_a_contract() -> None:
     used, served = literal_subjects()
     missing = {name: where for name, where in used.items() if name not in CONTRACTS}
     assert missing == {}
-    assert {"scheduler.register", "scheduler.heartbeat", "storage.seed"} <= set(used)
+    expected = {"scheduler.{partition}.register", "scheduler.heartbeat", "storage.{host_id}.seed"}
+    assert expected <= set(used)
     assert sorted(n for n in served if n not in CONTRACTS) == []
 
 
@@ -409,16 +411,26 @@ async def test_srv_ping_and_info_find_every_service(
         finally:
             await nc.close()
     assert sorted(ours) == ["peer", "scheduler", "storage"]
-    host_id = cluster.peer.node.settings.host_id
-    assert ours["peer"]["metadata"]["host_id"] == host_id
+    hosts = cluster.hosts
+    assert ours["peer"]["metadata"]["host_id"] == hosts["peer"]
+    partitions = cluster.config.scheduler.partitions
     for service, info in ours.items():
         assert info["endpoints"], service
+        subjects: dict[str, set[str]] = {}
         for endpoint in info["endpoints"]:
             contract = CONTRACTS[endpoint["metadata"]["contract"]]
             assert contract.service == service
-            assert endpoint["subject"] == contract.subject(
-                prefix, **{t: host_id for t in contract.tokens}
-            )
+            subjects.setdefault(contract.name, set()).add(endpoint["subject"])
+        for name, found in subjects.items():
+            tokens = subject_tokens(name, hosts)
+            # A lone scheduler holds every partition: each task subject once per partition.
+            expected = {
+                CONTRACTS[name].subject(prefix, **{**tokens, "partition": str(p)})
+                if "partition" in tokens
+                else CONTRACTS[name].subject(prefix, **tokens)
+                for p in range(partitions)
+            }
+            assert found == expected, name
     served = {e["metadata"]["contract"] for info in ours.values() for e in info["endpoints"]}
     assert served == {n for n in NAMES if CONTRACTS[n].service != "proxy"}
 
@@ -540,7 +552,8 @@ async def test_every_subject_used_in_a_download_has_a_contract(
         assert names, f"{who} used no subject"
         assert sorted(n for n in names if n not in CONTRACTS) == [], who
     everything = set().union(*used.values())
-    assert {"peer.{host_id}.download", "scheduler.register", "scheduler.heartbeat"} <= everything
+    expected = {"peer.{host_id}.download", "scheduler.{partition}.register", "scheduler.heartbeat"}
+    assert expected <= everything
 
 
 # -- the contracts' limits fit the transport -------------------------------------------------
@@ -561,7 +574,7 @@ async def running_scheduler(nats_url: str, prefix: str, state: Path) -> AsyncIte
 
 async def register_seed(bus: Bus, task_id: str, content: dict[str, int]) -> None:
     reply = await bus.request(
-        "scheduler.register",
+        "scheduler.{partition}.register",
         {
             "task_id": task_id,
             "peer_id": "seed-limits",
@@ -570,8 +583,13 @@ async def register_seed(bus: Bus, task_id: str, content: dict[str, int]) -> None
             "task": content,
             "seed": True,
         },
+        partition=task_partition(task_id),
     )
     assert reply["action"] == "back_to_source"
+
+
+def task_partition(task_id: str) -> str:
+    return str(partition_of(task_id, DEFAULT_PARTITIONS))
 
 
 def digest_of(number: int) -> str:
@@ -582,7 +600,7 @@ def digest_of(number: int) -> str:
 async def test_a_full_batch_of_piece_reports_is_accepted(
     nats: NatsServer, prefix: str, tmp_path: Path
 ) -> None:
-    batch = CONTRACTS["scheduler.pieces"].request["properties"]["pieces"]["maxItems"]
+    batch = CONTRACTS["scheduler.{partition}.pieces"].request["properties"]["pieces"]["maxItems"]
     length = 4 * 1024 * 1024
     content = {"content_length": batch * length, "piece_length": length, "piece_count": batch}
     task_id = hashlib.sha256(b"a full batch").hexdigest()
@@ -590,7 +608,9 @@ async def test_a_full_batch_of_piece_reports_is_accepted(
     async with running_scheduler(nats.url, prefix, tmp_path) as bus:
         await register_seed(bus, task_id, content)
         reply = await bus.request(
-            "scheduler.pieces", {"task_id": task_id, "peer_id": "seed-limits", "pieces": pieces}
+            "scheduler.{partition}.pieces",
+            {"task_id": task_id, "peer_id": "seed-limits", "pieces": pieces},
+            partition=task_partition(task_id),
         )
     assert reply == {"ok": True}
 
@@ -609,12 +629,16 @@ async def test_task_info_of_the_largest_task_is_answered(
         for start in range(0, count, 1024):
             pieces = [{"number": n, "digest": digest_of(n)} for n in range(start, start + 1024)]
             await bus.request(
-                "scheduler.pieces", {"task_id": task_id, "peer_id": "seed-limits", "pieces": pieces}
+                "scheduler.{partition}.pieces",
+                {"task_id": task_id, "peer_id": "seed-limits", "pieces": pieces},
+                partition=task_partition(task_id),
             )
         digests: list[str | None] = []
         while len(digests) < count:  # paged, as a peer reads them
             reply = await bus.request(
-                "scheduler.task", {"task_id": task_id, "offset": len(digests)}
+                "scheduler.{partition}.task",
+                {"task_id": task_id, "offset": len(digests)},
+                partition=task_partition(task_id),
             )
             assert reply["task"] == content
             assert reply["offset"] == len(digests)

@@ -39,7 +39,7 @@ from swarmfly import contracts
 from swarmfly.bus import MAX_REQUEST_BYTES
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer.service import PeerService
-from swarmfly.testing import Origin, in_process_cluster
+from swarmfly.testing import Origin, in_process_cluster, subject_tokens
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -90,6 +90,7 @@ class Env:
     outputs: Path
     task_id: str
     """A task the peer holds complete: FILE_DATA, fetched once at start-up."""
+    hosts: dict[str, str]
 
     def __repr__(self) -> str:
         return f"Env(prefix={self.prefix!r})"
@@ -107,9 +108,7 @@ class Env:
             raise AssertionError(f"no answer within {timeout:g}s (a hang)") from None
 
     def subject(self, name: str) -> str:
-        contract = CONTRACTS[name]
-        host_id = self.peer.node.settings.host_id
-        subject: str = contract.subject(self.prefix, **{t: host_id for t in contract.tokens})
+        subject: str = CONTRACTS[name].subject(self.prefix, **subject_tokens(name, self.hosts))
         return subject
 
     @property
@@ -142,6 +141,7 @@ async def _own(
                     url,
                     tmp / "outputs",
                     "",
+                    cluster.hosts,
                 )
                 env.outputs.mkdir()
                 for secret in (tmp / "secret.txt", tmp / "peer" / "secret.txt"):
@@ -437,7 +437,8 @@ RANDOM_BYTES = st.one_of(
 
 def test_every_served_subject_is_fuzzed() -> None:
     assert len(SUBJECTS) == len(CONTRACTS) - sum(c.service == "proxy" for c in CONTRACTS.values())
-    assert {"scheduler.heartbeat", "storage.seed", "peer.{host_id}.download"} <= set(SUBJECTS)
+    expected = {"scheduler.heartbeat", "storage.{host_id}.seed", "peer.{host_id}.download"}
+    assert expected <= set(SUBJECTS)
 
 
 @pytest.mark.parametrize("name", SUBJECTS)
@@ -465,12 +466,12 @@ def test_services_still_answer_after_fuzzing(env: Env) -> None:
         reply = await ask(env, "scheduler.heartbeat", orjson.dumps(heartbeat))
         assert reply["ok"] is True
         task = {"task_id": os.urandom(32).hex()}
-        reply = await ask(env, "scheduler.task", orjson.dumps(task))
+        reply = await ask(env, "scheduler.{partition}.task", orjson.dumps(task))
         assert reply == {"task": None, "offset": 0, "digests": []}
         reply = await ask(env, "peer.{host_id}.progress", b'{"download_id": "dl-none"}')
         assert reply["state"] == "unknown"
         seed = {"task_id": os.urandom(32).hex(), "source": {"url": env.url}}
-        assert (await ask(env, "storage.seed", orjson.dumps(seed)))["accepted"] is True
+        assert (await ask(env, "storage.{host_id}.seed", orjson.dumps(seed)))["accepted"] is True
         reply = await download(env, env.outputs / "after.bin")
         assert reply["task_id"] == env.task_id
 
@@ -627,7 +628,7 @@ def download_body(source: dict[str, Any], output: Path | str) -> bytes:
 @pytest.mark.parametrize(
     ("name", "url"),
     [
-        ("storage.seed", "http://[::1"),
+        ("storage.{host_id}.seed", "http://[::1"),
         (DOWNLOAD, "http://[::1"),
         (DOWNLOAD, "http://127.0.0.1:99999/x"),
     ],

@@ -18,6 +18,7 @@ import pytest
 
 from swarmfly.bus import Bus
 from swarmfly.natsserver import NatsServer
+from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.testing import Origin, ServiceProcess, spawn_service
 from tests.conftest import FAST_ENV
 
@@ -190,7 +191,7 @@ async def test_corrupt_parent_is_caught_and_avoided(
         )
         for n in range(5):
             reply = await bus.request(
-                "scheduler.register",
+                "scheduler.{partition}.register",
                 {
                     "task_id": task_id,
                     "peer_id": f"newcomer-{n}",
@@ -202,6 +203,7 @@ async def test_corrupt_parent_is_caught_and_avoided(
                     },
                     "source": {"url": url},
                 },
+                partition=str(partition_of(task_id, DEFAULT_PARTITIONS)),
             )
             assert reply["action"] == "parents"
             assert bad_peer not in {p["peer_id"] for p in reply["parents"]}

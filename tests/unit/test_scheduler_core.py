@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
+from swarmfly.placement import rendezvous
 from swarmfly.plugins.hookspecs import Candidate
 from swarmfly.services.scheduler.core import (
     BLOCK_SECONDS,
@@ -698,3 +699,104 @@ def test_the_seed_is_offered_only_while_a_needed_piece_is_nowhere_else() -> None
     s.leave("h1", None)
     schedule, _ = s.reschedule(task_id=T, peer_id="b", now=3.0)
     assert ids(schedule) == {"seed"}, "with the holder gone, the seed is back"
+
+
+# -- a storage fleet: rendezvous homes, the next seed, taking over -------------------------
+
+STORAGES = ["storage-a", "storage-b", "storage-c"]
+
+
+def fleet(now: float = 0.0) -> Scheduler:
+    s = Scheduler()
+    for name in STORAGES:
+        s.heartbeat(host(name, kind="seed"), uploads=0, now=now)
+    return s
+
+
+def test_the_seed_of_a_task_is_its_rendezvous_home_among_live_storages() -> None:
+    s = fleet()
+    tasks = [hashlib.sha256(f"t{n}".encode()).hexdigest() for n in range(30)]
+    chosen = {}
+    for n, task in enumerate(tasks):
+        _, effects = s.register(task_id=task, peer_id=f"p{n}", host=host("h1"), now=0.0)
+        assert effects == [TriggerSeed(task, rendezvous(task, STORAGES)[0])]
+        chosen[task] = effects[0].host_id
+    assert set(chosen.values()) == set(STORAGES), "every instance seeds some tasks"
+
+
+def test_a_storage_that_refuses_passes_the_task_to_the_next_in_order() -> None:
+    s = fleet()
+    order = rendezvous(T, STORAGES)
+    _, effects = s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
+    assert effects == [TriggerSeed(T, order[0])]
+    assert s.seed_unavailable(T, order[0], now=0.1) == [TriggerSeed(T, order[1])]
+    assert s.seed_unavailable(T, order[1], now=0.2) == [TriggerSeed(T, order[2])]
+    assert s.seed_unavailable(T, order[2], now=0.3) == []
+    assert s.reschedule(task_id=T, peer_id="a", now=0.4)[0].action == "back_to_source"
+
+
+def seed_on(s: Scheduler, storage: str, now: float, pieces: range) -> None:
+    s.register(
+        task_id=T, peer_id=f"seed-{storage}", host=host(storage, kind="seed"), now=now,
+        content=CONTENT, seed=True,
+    )  # fmt: skip
+    s.report_pieces(
+        task_id=T, peer_id=f"seed-{storage}",
+        pieces=[PieceReport(n, digest(n)) for n in pieces], now=now,
+    )  # fmt: skip
+
+
+def test_a_seed_its_children_cannot_reach_is_replaced_by_the_next_storage() -> None:
+    s = fleet()
+    order = rendezvous(T, STORAGES)
+    s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
+    seed_on(s, order[0], 0.5, range(2))
+    parents = ids(s.reschedule(task_id=T, peer_id="a", now=1.0)[0])
+    assert parents == {f"seed-{order[0]}"}
+    schedule, effects = s.reschedule(
+        task_id=T, peer_id="a", now=2.0, bad_parents=[(f"seed-{order[0]}", "failed")]
+    )
+    assert effects == [TriggerSeed(T, order[1])]
+    assert schedule.action == "wait", "it waits for the next seed, not the origin"
+
+
+def test_a_seed_whose_heartbeats_stop_is_replaced_by_the_next_storage() -> None:
+    s = Scheduler(host_ttl=3.0)
+    order = rendezvous(T, STORAGES)
+    for name in STORAGES:
+        s.heartbeat(host(name, kind="seed"), uploads=0, now=0.0)
+    s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
+    seed_on(s, order[0], 0.5, range(1))
+    for name in order[1:]:
+        s.heartbeat(host(name, kind="seed"), uploads=0, now=4.0)
+    s.heartbeat(host("h1"), uploads=0, now=4.0)
+    assert s.expire(now=4.0) == [order[0]]
+    _, effects = s.reschedule(task_id=T, peer_id="a", now=4.1)
+    assert effects == [TriggerSeed(T, order[1])]
+
+
+def test_a_seed_taking_over_is_told_who_holds_what_the_swarm_has() -> None:
+    s = fleet()
+    order = rendezvous(T, STORAGES)
+    s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
+    s.register(task_id=T, peer_id="b", host=host("h2"), now=0.0)
+    seed_on(s, order[0], 0.1, range(4))
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0), PieceReport(1)], now=0.2)
+    s.report_pieces(task_id=T, peer_id="b", pieces=[PieceReport(0)], now=0.2)
+    s.reschedule(task_id=T, peer_id="a", now=0.3, bad_parents=[(f"seed-{order[0]}", "failed")])
+    schedule, effects = s.register(
+        task_id=T, peer_id="next", host=host(order[1], kind="seed"), now=0.4, seed=True
+    )
+    assert schedule.action == "back_to_source"
+    assert ids(schedule) == {"a"}, "b holds nothing a does not: one holder covers the swarm"
+    assert effects == []
+
+
+def test_dropping_a_partitions_tasks_keeps_the_hosts() -> None:
+    s = fleet()
+    join(s, "a", "h1", task=T)
+    join(s, "b", "h1", task=T2)
+    s.drop_tasks([T])
+    assert set(s.tasks) == {T2} and set(s.peers) == {"b"}
+    assert {"h1", *STORAGES} <= set(s.hosts)
+    assert s.heartbeat(host("h1"), uploads=0, now=1.0) is True

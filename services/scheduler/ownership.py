@@ -1,0 +1,297 @@
+"""The scheduler's partition leases in JetStream KV: the IO around the pure ``LeaseBook``.
+
+One bucket per subject prefix (``<prefix>_scheduler``, history 1): ``config`` holds the
+partition count, ``partition.<n>`` a lease, ``member.<scheduler id>`` a scheduler's presence.
+A watcher keeps the book's view current; every ``renew / 4`` seconds the book is asked what
+to write, and each write names the revision it replaces. A partition is served (its subjects
+subscribed) only between a successful take and the moment the book gives it up.
+
+Without JetStream the scheduler serves every partition with no lease, as a lone scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from swarmfly.bus import Bus
+from swarmfly.errors import SwarmflyError
+from swarmfly.placement import MAX_PARTITIONS
+from swarmfly.services.scheduler.leases import (
+    CONFIG_KEY,
+    Action,
+    Holder,
+    LeaseBook,
+    Lost,
+    Release,
+    Renew,
+    Take,
+    partition_key,
+)
+
+log = logging.getLogger(__name__)
+
+PartitionCallback = Callable[[int], Awaitable[None]]
+KV_TIMEOUT = 0.75
+"""Seconds a lease write may take: a tick must not outlast the book's safety margin."""
+CATCH_UP_TIMEOUT = 5.0
+KvErrors = (nats.errors.Error, TimeoutError)
+
+
+def bucket_name(prefix: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", prefix) + "_scheduler"
+
+
+class Ownership:
+    """Lifecycle: ``start`` takes this scheduler's share of the partitions before returning,
+    then keeps the leases; leaving the exit stack gives them all back."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        scheduler_id: str,
+        partitions: int,
+        lease: float,
+        renew: float,
+        on_gain: PartitionCallback,
+        on_loss: PartitionCallback,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise ValueError(f"scheduler.partitions must be within 1..{MAX_PARTITIONS}")
+        self.bus = bus
+        self.partitions = partitions
+        self.instance = secrets.token_hex(4)
+        self.clock = clock
+        self.book = LeaseBook(
+            me=scheduler_id,
+            instance=self.instance,
+            partitions=partitions,
+            now=clock(),
+            lease=lease,
+            renew=renew,
+        )
+        self.bucket = bucket_name(bus.prefix)
+        self.kv: KeyValue | None = None
+        self.held: set[int] = set()
+        """Partitions whose subjects this scheduler serves now."""
+        self._on_gain = on_gain
+        self._on_loss = on_loss
+        self._owners = [""] * partitions
+        self._lock = asyncio.Lock()
+        self._twin = False
+
+    def owners(self) -> list[str]:
+        """Per partition, the token of its holder, as heartbeat replies carry it."""
+        return self._owners
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        try:
+            self.kv = await self.bus.key_value(self.bucket, timeout=KV_TIMEOUT)
+        except SwarmflyError as exc:
+            log.warning(
+                "%s: serving all %d partitions without leases; run only one scheduler",
+                exc.message,
+                self.partitions,
+            )
+            for partition in range(self.partitions):
+                await self._gain(partition)
+            self._owners = [f"{self.instance}.0"] * self.partitions
+            return
+        try:
+            await self._agree_on_partitions(self.kv)
+            watcher = await self.kv.watchall()
+        except KvErrors as exc:
+            raise SwarmflyError(
+                "unavailable", f"lease bucket {self.bucket}: {type(exc).__name__}"
+            ) from None
+        stack.push_async_callback(watcher.stop)
+        await self._catch_up(watcher)
+        reader = asyncio.create_task(self._read(watcher))
+        stack.callback(reader.cancel)
+        log.info(
+            "scheduler %s, run %s, joins lease bucket %s", self.book.me, self.instance, self.bucket
+        )
+        await self._tick()
+        ticker = asyncio.create_task(self._loop())
+        stack.push_async_callback(self._stop, ticker)
+
+    # -- the bucket ----------------------------------------------------------------------
+
+    async def _agree_on_partitions(self, kv: KeyValue) -> None:
+        mine = orjson.dumps({"partitions": self.partitions})
+        try:
+            await kv.create(CONFIG_KEY, mine)
+            return
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        entry = await kv.get(CONFIG_KEY)
+        try:
+            theirs = int(orjson.loads(entry.value or b"{}")["partitions"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            theirs = -1
+        if theirs != self.partitions:
+            raise SwarmflyError(
+                "conflict",
+                f"the cluster's schedulers use {theirs} partitions (KV bucket {self.bucket}),"
+                f" this one is configured with {self.partitions}: set scheduler.partitions to"
+                f" {theirs}, or stop every scheduler and delete the bucket to change it",
+            )
+
+    async def _catch_up(self, watcher: KeyValue.KeyWatcher) -> None:
+        """Read what the bucket holds before deciding anything (the watcher's None marks the
+        end of the initial values)."""
+        deadline = self.clock() + CATCH_UP_TIMEOUT
+        while (left := deadline - self.clock()) > 0:
+            try:
+                entry = await watcher.updates(timeout=left)  # type: ignore[no-untyped-call]
+            except nats.errors.TimeoutError:
+                break
+            if entry is None:
+                return
+            self._observe(entry)
+        log.warning("lease bucket %s: initial values not read in time", self.bucket)
+
+    async def _read(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
+            if entry is not None:
+                self._observe(entry)
+
+    def _observe(self, entry: KeyValue.Entry) -> None:
+        if entry.revision is None:
+            return
+        deleted = entry.operation in (KV_DEL, KV_PURGE)
+        value = None if deleted else (entry.value or b"")
+        self.book.observe(entry.key, entry.revision, value, self.clock())
+        written = self.book.member_renewed > -math.inf  # an earlier run's key is no twin
+        if entry.key == self.book.member_key and value and written and not self._twin:
+            holder = Holder.from_bytes(value)
+            if holder is not None and holder.instance != self.instance:
+                self._twin = True
+                log.error(
+                    "another scheduler runs with the id %s: give each its own scheduler.id",
+                    self.book.me,
+                )
+
+    # -- the ticks -----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.book.renew / 4)
+            try:
+                await self._tick()
+            except Exception:  # a lease bug must not end the loop that keeps the others
+                log.exception("lease tick failed")
+
+    async def _tick(self) -> None:
+        async with self._lock:
+            before = set(self.held)
+            if self.book.member_due(self.clock()):
+                await self._write_member()
+            await self._apply(self.book.plan(self.clock()))
+            self._owners = self.book.owners(self.clock())
+            if gained := sorted(self.held - before):
+                log.info(
+                    "took partitions %s; holds %d of %d", gained, len(self.held), self.partitions
+                )
+            if gone := sorted(before - self.held):
+                log.info("gave up partitions %s; holds %d", gone, len(self.held))
+
+    async def _write_member(self) -> None:
+        assert self.kv is not None
+        sent = self.clock()
+        try:
+            revision = await self.kv.put(self.book.member_key, self.book.member_value().to_bytes())
+        except KvErrors as exc:
+            log.info("could not renew membership: %s", type(exc).__name__)
+            return
+        self.book.member_written(revision, sent, self.clock())
+
+    async def _apply(self, actions: list[Action]) -> None:
+        """Give up first (Lost, Release), then write the rest concurrently."""
+        for action in actions:
+            if isinstance(action, Lost):
+                log.warning("partition %d: lease lost, no longer served", action.partition)
+                await self._lose(action.partition)
+            elif isinstance(action, Release):
+                await self._release(action)
+        writes = [a for a in actions if isinstance(a, Take | Renew)]
+        await asyncio.gather(*(self._write(action) for action in writes))
+
+    async def _write(self, action: Take | Renew) -> None:
+        assert self.kv is not None
+        key = partition_key(action.partition)
+        sent = self.clock()
+        try:
+            revision = await self.kv.update(key, action.holder.to_bytes(), last=action.last)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            await self._refresh(key)
+            if isinstance(action, Renew) and self.book.refused(action.partition):
+                log.warning("partition %d: lease taken over, no longer served", action.partition)
+                await self._lose(action.partition)
+            return
+        except KvErrors as exc:
+            log.info("partition %d: lease write failed: %s", action.partition, type(exc).__name__)
+            return
+        if isinstance(action, Take):
+            self.book.taken(action.partition, revision, action.holder, sent, self.clock())
+            await self._gain(action.partition)
+        else:
+            self.book.renewed(action.partition, revision, sent, self.clock())
+
+    async def _refresh(self, key: str) -> None:
+        """Read a key back after a refused write: the watcher may be behind."""
+        assert self.kv is not None
+        try:
+            entry = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError as exc:
+            gone = getattr(exc, "entry", None)
+            if gone is not None and gone.revision:
+                self.book.observe(key, gone.revision, None, self.clock())
+            return
+        except KvErrors as exc:
+            log.debug("reading %s back: %s", key, type(exc).__name__)
+            return
+        if entry.revision is not None:
+            self.book.observe(key, entry.revision, entry.value or b"", self.clock())
+
+    async def _release(self, action: Release) -> None:
+        assert self.kv is not None
+        await self._lose(action.partition)
+        try:
+            await self.kv.delete(partition_key(action.partition), last=action.last)
+        except KvErrors as exc:  # it expires instead
+            log.info("partition %d: release failed: %s", action.partition, type(exc).__name__)
+
+    async def _gain(self, partition: int) -> None:
+        self.held.add(partition)
+        await self._on_gain(partition)
+
+    async def _lose(self, partition: int) -> None:
+        if partition in self.held:
+            self.held.discard(partition)
+            await self._on_loss(partition)
+
+    async def _stop(self, ticker: asyncio.Task[None]) -> None:
+        """A clean stop hands every partition on at once, and says this scheduler is gone."""
+        ticker.cancel()
+        async with self._lock:
+            for release in self.book.release_all():
+                await self._release(release)
+            if self.kv is not None:
+                try:
+                    await self.kv.delete(self.book.member_key)
+                except KvErrors as exc:
+                    log.debug("membership not withdrawn: %s", type(exc).__name__)
