@@ -1,0 +1,277 @@
+"""Scale-out: several schedulers share the task partitions through leases in JetStream KV and
+take over a dead one's; several storage instances share the seeding by rendezvous hashing,
+and one takes over a task whose seed died, from what the swarm already holds.
+
+Every service is its own process (SIGKILL is a real crash), against the session's real
+nats-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import nats.js.errors
+import orjson
+import pytest
+
+from swarmfly.ids import task_id as make_task_id
+from swarmfly.natsserver import NatsServer
+from swarmfly.placement import DEFAULT_PARTITIONS, partition_of, rendezvous
+from swarmfly.services.scheduler.ownership import bucket_name
+from swarmfly.testing import Origin, ServiceProcess, spawn_service
+from tests.conftest import FAST_ENV
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+MiB = 1024 * 1024
+TAKEOVER_LIMIT = 10.0
+"""Seconds within which a dead scheduler's partitions must have a new holder."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest_of(data: bytes) -> str:
+    return f"sha256:{sha256(data)}"
+
+
+async def get(url: str, data: bytes, output: Path, peer: Path, *args: str) -> tuple[int, str]:
+    """`swarmfly get --digest` through the peer service running on ``peer``."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarmfly", "get", url, "-O", str(output), "--json",
+        "--digest", digest_of(data), "--state-dir", str(peer), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **FAST_ENV},
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+@dataclass
+class Fleet:
+    nats_url: str
+    prefix: str
+    root: Path
+    started: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def start(self, kind: str, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.started[name] = spawn_service(
+            kind, self.nats_url, self.root / name, "--prefix", self.prefix, *args,
+            env={**FAST_ENV, **(env or {})},
+        )  # fmt: skip
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """What `swarmfly get` needs to reach this cluster."""
+        return ("--nats", self.nats_url, "--prefix", self.prefix)
+
+
+@asynccontextmanager
+async def fleet(nats_url: str, prefix: str, root: Path) -> AsyncIterator[Fleet]:
+    running = Fleet(nats_url, prefix, root)
+    try:
+        yield running
+    finally:
+        for service in reversed(running.started.values()):
+            service.stop()
+
+
+async def lease_holders(nats_url: str, prefix: str) -> dict[int, str]:
+    """Partition -> the id of the scheduler holding its lease, read from the KV bucket."""
+    nc = await nats.connect(nats_url, connect_timeout=3, max_reconnect_attempts=0)
+    try:
+        kv = await nc.jetstream().key_value(bucket_name(prefix))
+        holders: dict[int, str] = {}
+        for partition in range(DEFAULT_PARTITIONS):
+            try:
+                entry = await kv.get(f"partition.{partition}")
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            holders[partition] = orjson.loads(entry.value or b"{}")["owner"]
+        return holders
+    finally:
+        await nc.close()
+
+
+async def wait_for_holders(
+    fleet: Fleet, done: Callable[[dict[int, str]], bool], timeout: float
+) -> dict[int, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        holders = await lease_holders(fleet.nats_url, fleet.prefix)
+        if done(holders) or time.monotonic() > deadline:
+            return holders
+        await asyncio.sleep(0.2)
+
+
+async def test_schedulers_share_the_partitions_and_take_over_a_dead_ones(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    names = ["sched-a", "sched-b", "sched-c"]
+    files = {f"f{n}.bin": os.urandom(12 * MiB) for n in range(4)}
+    async with (
+        fleet(nats.url, prefix, tmp_path) as cluster,
+        Origin(rate=12 * MiB).serve() as origin,
+    ):
+        for name in names:
+            cluster.start("scheduler", name, env={"SWARMFLY_SCHEDULER_ID": name})
+        holders = await wait_for_holders(
+            cluster, lambda h: len(h) == DEFAULT_PARTITIONS and set(h.values()) == set(names), 10
+        )
+        assert len(holders) == DEFAULT_PARTITIONS, holders
+        assert set(holders.values()) == set(names), "each scheduler holds some partitions"
+
+        cluster.start("storage", "storage", "--upload-rate", "8MiB")
+        peers = ["peer0", "peer1"]
+        for peer in peers:
+            cluster.start("peer", peer)
+        urls = {name: origin.add(name, data) for name, data in files.items()}
+        first = make_task_id(urls["f0.bin"], digest=digest_of(files["f0.bin"]))
+        # The victim holds the first file's partition: a download it schedules is cut.
+        victim = holders[partition_of(first, DEFAULT_PARTITIONS)]
+        orphans = {p for p, holder in holders.items() if holder == victim}
+
+        jobs = {
+            (peer, name): asyncio.create_task(
+                get(
+                    urls[name], data, tmp_path / "out" / peer / name, tmp_path / peer, *cluster.args
+                )
+            )
+            for peer in peers
+            for name, data in files.items()
+        }
+        while origin.bytes_served < 8 * MiB:
+            assert not any(job.done() for job in jobs.values()), "downloads ended too soon"
+            await asyncio.sleep(0.05)
+        cluster.started[victim].kill()
+        killed = time.monotonic()
+
+        after = await wait_for_holders(
+            cluster,
+            lambda h: all(h.get(p) not in (None, victim) for p in orphans),
+            TAKEOVER_LIMIT + 5,
+        )
+        took = time.monotonic() - killed
+        assert all(after.get(p) not in (None, victim) for p in orphans), after
+        assert took <= TAKEOVER_LIMIT, f"the partitions moved after {took:.1f}s"
+        assert set(after.values()) == set(names) - {victim}
+
+        for (peer, name), job in jobs.items():
+            code, err = await job
+            assert code == 0, err
+            output = tmp_path / "out" / peer / name
+            assert sha256(output.read_bytes()) == sha256(files[name]), (peer, name)
+
+
+def homes_of(tasks: dict[str, str], storages: list[str]) -> dict[str, str]:
+    """File name -> the storage instance rendezvous hashing makes its seed."""
+    return {name: rendezvous(task, storages)[0] for name, task in tasks.items()}
+
+
+def seeded_by(root: Path, storage: str, task: str) -> bool:
+    return (root / storage / "tasks" / task[:2] / task).is_dir()
+
+
+async def test_storages_share_the_tasks_and_one_takes_over_a_dead_seed(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    storages = ["storage-a", "storage-b"]
+    small = {f"s{n}.bin": os.urandom(MiB + n) for n in range(6)}
+    big = os.urandom(24 * MiB)
+    piece = MiB
+    async with (
+        fleet(nats.url, prefix, tmp_path) as cluster,
+        Origin(rate=8 * MiB).serve() as origin,
+    ):
+        cluster.start("scheduler", "scheduler")
+        for name in storages:
+            cluster.start("storage", name, "--host-id", name)
+        peers = ["peer0", "peer1"]
+        for peer in peers:
+            cluster.start("peer", peer)
+
+        # Several tasks: each is seeded by its rendezvous home, and both instances are used.
+        urls = {name: origin.add(name, data) for name, data in small.items()}
+        tasks = {n: make_task_id(urls[n], digest=digest_of(d)) for n, d in small.items()}
+        homes = homes_of(tasks, storages)
+        assert set(homes.values()) == set(storages), "these files happen to use one storage"
+        results = await asyncio.gather(
+            *(get(urls[n], d, tmp_path / "out" / n, tmp_path / "peer0", *cluster.args)
+              for n, d in small.items())
+        )  # fmt: skip
+        for (code, err), name in zip(results, small, strict=True):
+            assert code == 0, err
+            assert (tmp_path / "out" / name).read_bytes() == small[name]
+            home = homes[name]
+            other = next(s for s in storages if s != home)
+            assert seeded_by(tmp_path, home, tasks[name]), name
+            assert not seeded_by(tmp_path, other, tasks[name]), name
+
+        # A big task: its seed dies mid-fetch; the other instance takes over from the swarm.
+        origin.bytes_served = 0
+        url = origin.add("big.bin", big)
+        home = rendezvous(make_task_id(url, digest=digest_of(big)), storages)[0]
+        other = next(s for s in storages if s != home)
+        jobs = [
+            asyncio.create_task(
+                get(
+                    url,
+                    big,
+                    tmp_path / "out" / f"big-{peer}",
+                    tmp_path / peer,
+                    *cluster.args,
+                    "--piece-length",
+                    str(piece),
+                )
+            )
+            for peer in peers
+        ]
+        while origin.bytes_served < 12 * MiB:
+            assert not any(job.done() for job in jobs), "downloads ended before the crash"
+            await asyncio.sleep(0.02)
+        cluster.started[home].kill()
+        for peer, job in zip(peers, jobs, strict=True):
+            code, err = await job
+            assert code == 0, err
+            assert sha256((tmp_path / "out" / f"big-{peer}").read_bytes()) == sha256(big)
+        task = make_task_id(url, digest=digest_of(big))
+        assert seeded_by(tmp_path, other, task), "the other storage took the task over"
+        # Read twice at most: what the dead seed had in flight from the origin (its origin
+        # concurrency, 4 pieces) and a few pieces it had read but not yet handed on.
+        bound = len(big) + 8 * piece
+        assert origin.bytes_served <= bound, f"origin served {origin.bytes_served / MiB:.1f} MiB"
+
+
+async def test_peers_learn_the_partition_count_and_a_scheduler_that_disagrees_stays_out(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    four = {"SWARMFLY_SCHEDULER_PARTITIONS": "4"}
+    files = {f"p{n}.bin": os.urandom(MiB + n) for n in range(4)}
+    async with fleet(nats.url, prefix, tmp_path) as cluster, Origin().serve() as origin:
+        cluster.start("scheduler", "scheduler", env=four)
+        with pytest.raises(RuntimeError, match="4 partitions"):
+            cluster.start("scheduler", "other")  # the default 16
+        cluster.start("storage", "storage")
+        cluster.start("peer", "peer")  # configured with the default 16 too
+        urls = {name: origin.add(name, data) for name, data in files.items()}
+        tasks = {n: make_task_id(urls[n], digest=digest_of(d)) for n, d in files.items()}
+        assert len({partition_of(t, DEFAULT_PARTITIONS) for t in tasks.values()}) > 1
+        results = await asyncio.gather(
+            *(get(urls[n], d, tmp_path / "out" / n, tmp_path / "peer", *cluster.args)
+              for n, d in files.items())
+        )  # fmt: skip
+        for (code, err), name in zip(results, files, strict=True):
+            assert code == 0, err
+            assert (tmp_path / "out" / name).read_bytes() == files[name]
+        # Each file read once, by a seed; plus the one-byte checks each reader makes first.
+        assert origin.bytes_served <= sum(map(len, files.values())) + 4 * len(files)
