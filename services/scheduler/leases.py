@@ -143,8 +143,9 @@ class LeaseBook:
         self.margin = lease / 4
         """A holder stops this much before observers may count its lease as expired: room
         for a late tick and the unsubscribe."""
-        self.grace = lease / 2
-        """How long a free partition waits for its home before any scheduler takes it."""
+        self.grace = lease * 3 / 4
+        """How long a free partition waits for its home before any scheduler takes it: longer
+        than a newcomer may take to see that a member it read at start is dead."""
         self.started = now
         self.seen: dict[str, _Seen] = {}
         self.owned: dict[int, _Owned] = {}
@@ -162,13 +163,23 @@ class LeaseBook:
 
     # -- what the bucket holds -------------------------------------------------------------
 
-    def observe(self, key: str, revision: int, value: bytes | None, now: float) -> None:
-        """A key's revision, as watched or read back (``value`` None: deleted)."""
+    def observe(
+        self, key: str, revision: int, value: bytes | None, now: float, *, initial: bool = False
+    ) -> None:
+        """A key's revision, as watched or read back (``value`` None: deleted).
+
+        ``initial``: read when this scheduler joined, so possibly written long ago. A lease
+        still counts in full from now (safety); a member only until its next renewal is due,
+        so a newcomer does not count a dead scheduler as alive for a whole lease.
+        """
         seen = self.seen.get(key)
         if seen is not None and revision <= seen.revision:
             return
         holder = Holder.from_bytes(value) if value is not None else None
-        self.seen[key] = _Seen(revision, holder, now)
+        since = now
+        if initial and holder is not None and key.startswith(MEMBER_PREFIX):
+            since = now - max(0.0, holder.lease - 1.5 * self.renew)
+        self.seen[key] = _Seen(revision, holder, since)
 
     def _stale(self, seen: _Seen, now: float) -> bool:
         return seen.holder is None or now - seen.since >= seen.holder.lease

@@ -161,7 +161,7 @@ class Ownership:
                 break
             if entry is None:
                 return
-            self._observe(entry)
+            self._observe(entry, initial=True)
         log.warning("lease bucket %s: initial values not read in time", self.bucket)
 
     async def _read(self, watcher: KeyValue.KeyWatcher) -> None:
@@ -169,12 +169,12 @@ class Ownership:
             if entry is not None:
                 self._observe(entry)
 
-    def _observe(self, entry: KeyValue.Entry) -> None:
+    def _observe(self, entry: KeyValue.Entry, *, initial: bool = False) -> None:
         if entry.revision is None:
             return
         deleted = entry.operation in (KV_DEL, KV_PURGE)
         value = None if deleted else (entry.value or b"")
-        self.book.observe(entry.key, entry.revision, value, self.clock())
+        self.book.observe(entry.key, entry.revision, value, self.clock(), initial=initial)
         written = self.book.member_renewed > -math.inf  # an earlier run's key is no twin
         if entry.key == self.book.member_key and value and written and not self._twin:
             holder = Holder.from_bytes(value)

@@ -69,11 +69,12 @@ class Scheduler:
         return set(self.book.owned)
 
     def watch(self, now: float) -> None:
+        initial = self.read == 0  # what the bucket held when this scheduler joined
         while self.read < len(self.bucket.log):
             at, key, revision, value = self.bucket.log[self.read]
             if at > now - self.lag:
                 break
-            self.book.observe(key, revision, value, now)
+            self.book.observe(key, revision, value, now, initial=initial)
             self.read += 1
 
     def tick(self, now: float) -> list[object]:
@@ -274,7 +275,7 @@ def test_no_partition_is_ever_served_twice(
     group = [scheduler(bucket, n, lag=lags[i]) for i, n in enumerate(names)]
     events = sorted([(t, i, "crash") for i, t in crashes] + [(t, i, "rejoin") for i, t in rejoins])
     cut_at = sorted((t, i, length) for i, t, length in cuts)
-    now, end, run_number = 0.0, 45.0, 0
+    now, end, run_number = 0.0, 50.0, 0
     next_tick = list(offsets)
     while now < end:
         while cut_at and cut_at[0][0] <= now:
@@ -302,3 +303,21 @@ def test_no_partition_is_ever_served_twice(
     if living and not events and not cut_at:
         settled = set().union(*(s.held for s in living))
         assert settled == set(range(P)), "every partition has a holder in the end"
+
+
+def test_a_newcomer_soon_stops_counting_a_member_that_died_before_it_came() -> None:
+    bucket = Bucket()
+    group = [scheduler(bucket, n) for n in ("a", "b", "c")]
+    for _ in run(group, 0.0, 1.0):
+        pass
+    group[0].alive = group[1].alive = False
+    for _ in run(group, 1.0, 20.0):
+        pass
+    assert group[2].held == set(range(P))
+    group[0] = Scheduler(LeaseBook(me="a", instance="a-2", partitions=P, now=20.0), bucket)
+    settled_at = None
+    for now in run(group, 20.0, 30.0):
+        if settled_at is None and group[0].held == homes(["a", "c"])["a"]:
+            settled_at = now
+    assert settled_at is not None and settled_at - 20.0 < 1.5 * RENEW + 1.0
+    assert group[2].held == homes(["a", "c"])["c"]
