@@ -305,6 +305,8 @@ class Bus:
                     msg = await subscription.next_msg(timeout=left)
                 except (TimeoutError, nats.errors.TimeoutError):
                     break
+                if msg.headers and msg.headers.get("Status") == "503":
+                    break  # no responders: nobody serves the subject
                 if msg.headers and ERROR_CODE_HEADER in msg.headers:
                     continue
                 try:

@@ -327,32 +327,50 @@ class PeerNode:
             interval = await self._heartbeat() or interval
 
     async def _heartbeat(self, *, first: bool = False) -> float | None:
-        """One heartbeat; the seconds to the next one, None when no scheduler answered.
+        """One heartbeat to every scheduler; the seconds to the next one, None when no
+        scheduler answered.
 
-        Whoever lost this host's state (a restarted scheduler, the new holder of a partition)
-        gets its complete tasks again: the scheduler's state is soft, rebuilt from hosts.
+        Whoever lost this host's state (a restarted scheduler, one that expired the host, the
+        new holder of a partition) gets its complete tasks again: the schedulers' state is
+        soft, rebuilt from hosts. Hence every reply counts, not just the first.
         """
         assert self.bus is not None
+        beat = {"host": self.host(), "uploads": self.upload.uploads}
+        beat["peers"] = len(self.store.tasks)
+        schedulers = {token.split(".")[0] for token in self._owners if token}
         try:
-            beat = {"host": self.host(), "uploads": self.upload.uploads}
-            beat["peers"] = len(self.store.tasks)
-            reply = await self.bus.request("scheduler.heartbeat", beat)
+            replies = await self.bus.gather(
+                "scheduler.heartbeat",
+                beat,
+                wait=max(0.2, min(2.0, self._interval / 2)),
+                expect=1 if first else len(schedulers) or None,
+            )
         except SwarmflyError as exc:
             log.debug("heartbeat: %s", exc)
             return None
+        if not replies:
+            log.debug("heartbeat: no scheduler answered")
+            return None
         self._answered = time.monotonic()
-        partitions = int(reply.get("partitions", self.partitions))
-        owners: list[str] = list(reply.get("owners", []))
-        if len(owners) != partitions:  # a scheduler that does not tell holders
-            owners = [""] * partitions
+        partitions = int(replies[0].get("partitions", self.partitions))
+        owners = [""] * partitions
+        for reply in replies:  # any scheduler's view of the bucket; they agree but for lag
+            theirs = reply.get("owners", [])
+            if len(theirs) == partitions:
+                owners = [mine or other for mine, other in zip(owners, theirs, strict=True)]
         if partitions != self.partitions or len(self._owners) != partitions:
             self.partitions, self._owners = partitions, [""] * partitions
-        every = not first and not reply["known"]
-        moved = {
-            p
-            for p, token in enumerate(owners)
-            if every or (token and token != self._owners[p] and not first)
-        }
+        moved: set[int] = set()
+        if not first:
+            moved = {p for p, token in enumerate(owners) if token and token != self._owners[p]}
+            for reply in replies:
+                if not reply["known"]:
+                    run = reply.get("scheduler")
+                    moved |= {
+                        p
+                        for p, token in enumerate(owners)
+                        if run is None or token.split(".")[0] == run
+                    }
         complete: dict[int, list[StoredTask]] = {}
         if moved:
             for stored in list(self.store.tasks.values()):
@@ -364,7 +382,7 @@ class PeerNode:
                 ok = await self._announce_safely(stored) and ok
             if token and ok:
                 self._owners[p] = token
-        interval: float = reply.get("interval_ms", self.settings.heartbeat_interval * 1000) / 1000
+        interval: float = replies[0].get("interval_ms", self._interval * 1000) / 1000
         self._interval = interval
         return interval
 

@@ -229,6 +229,7 @@ class SchedulerService:
             "known": known,
             "interval_ms": interval_ms,
             "partitions": self.partitions,
+            "scheduler": self.ownership.instance,
             "owners": self.ownership.owners(),
         }
 

@@ -259,8 +259,8 @@ def test_only_the_bus_touches_nats_directly() -> None:
 
 
 def literal_subjects() -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Subject names in code: first args of ``request``/``subject``/``contracts.get`` calls,
-    and the handler keys of ``add_service`` calls (with the service that serves them)."""
+    """Subject names in code: first args of ``request``/``gather``/``subject``/``contracts.get``
+    calls, and the handler keys of ``add_service`` calls (with the service that serves them)."""
     used: dict[str, list[str]] = {}
     served: dict[str, str] = {}
     for path in source_files():
@@ -273,7 +273,7 @@ def literal_subjects() -> tuple[dict[str, list[str]], dict[str, str]]:
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             first = node.args[0] if node.args else None
             if (
-                name in ("request", "subject", "get")
+                name in ("request", "gather", "subject", "get")
                 and isinstance(first, ast.Constant)
                 and isinstance(first.value, str)
                 and "." in first.value
