@@ -27,6 +27,7 @@ from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.service import PeerService
+from swarmfly.services.proxy.service import ProxyService
 from swarmfly.services.scheduler.service import SchedulerService
 from swarmfly.services.storage.service import StorageService
 
@@ -137,7 +138,7 @@ class Origin:
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Origin]:
         self._bucket = TokenBucket(self.rate) if self.rate else None
         app = web.Application()
-        app.router.add_route("GET", "/{name}", self._handle)
+        app.router.add_get("/{name:.+}", self._handle)  # HEAD too; names may hold slashes
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -172,6 +173,12 @@ class ServiceProcess:
         """The HTTP address the service printed (upload server or scheduler HTTP)."""
         match = re.search(r"http://[0-9.]+:\d+", self.banner)
         return match.group(0) if match else ""
+
+    @property
+    def proxy_url(self) -> str:
+        """The proxy address a peer printed (``…; proxy http://…``)."""
+        match = re.search(r"proxy (http://[0-9.]+:\d+)", self.banner)
+        return match.group(1) if match else ""
 
     @property
     def host_id(self) -> str:
@@ -310,6 +317,7 @@ class InProcessCluster:
     storage: StorageService
     peer: PeerService
     buses: dict[str, Bus]
+    proxy: ProxyService
 
 
 @asynccontextmanager
@@ -322,10 +330,17 @@ async def in_process_cluster(
 ) -> AsyncIterator[InProcessCluster]:
     """Start the three services against a running nats-server, state under ``root``
     (``root/storage``, ``root/peer``), uploads on loopback; stop them on exit."""
-    from swarmfly.runtime import load_plugins, start_peer, start_scheduler, start_storage
+    from swarmfly.runtime import (
+        load_plugins,
+        start_peer,
+        start_proxy,
+        start_scheduler,
+        start_storage,
+    )
 
     config = Config(state_dir=root, nats=NatsConfig(servers=[nats_url], prefix=prefix))
     config.peer.listen = config.storage.listen = "127.0.0.1"
+    config.proxy.port = 0
     if configure is not None:
         configure(config)
     async with AsyncExitStack() as stack:
@@ -342,4 +357,5 @@ async def in_process_cluster(
             stack, config, buses["storage"], root / "storage", [nats_url], plugins
         )
         peer = await start_peer(stack, config, buses["peer"], root / "peer", [nats_url], plugins)
-        yield InProcessCluster(config, scheduler, storage, peer, buses)
+        proxy = await start_proxy(stack, config, peer.node)
+        yield InProcessCluster(config, scheduler, storage, peer, buses, proxy)

@@ -17,13 +17,13 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from swarmfly import metrics, telemetry
+from swarmfly.httpserver import send_span
 from swarmfly.ids import TASK_ID
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.store import StoredTask, TaskStore
 
 _RANGE = re.compile(r"^bytes=(\d{1,15})-(\d{1,15})$")
 MAX_WAIT = 30.0
-CHUNK = 128 * 1024
 REVEAL = 1
 """Pieces a super-seeding parent offers per answer."""
 PACED_SLOT_RATE = 8 * 1024 * 1024
@@ -162,22 +162,7 @@ class UploadServer:
         )
         response.content_length = size
         await response.prepare(request)
-        sent = 0
-        if self.bucket.unlimited and request.transport is not None:
-            with open(task.data_path, "rb") as handle:
-                try:
-                    loop = asyncio.get_running_loop()
-                    sent = await loop.sendfile(
-                        request.transport, handle, start, size, fallback=False
-                    )
-                except (NotImplementedError, asyncio.SendfileNotAvailableError):
-                    sent = 0  # uvloop has no sendfile: fall through to chunks
-        offset, end = start + sent, start + size
-        while offset < end:
-            count = min(CHUNK, end - offset)
-            await self.bucket.take(count)
-            await response.write(task.read(offset, count))
-            offset += count
+        await send_span(request, response, task.data_path, start, size, self.bucket)
         await response.write_eof()
         metrics.PEER_UPLOAD_BYTES.inc(size)
         return response
