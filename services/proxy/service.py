@@ -250,20 +250,20 @@ class ProxyService:
         if not whole:
             response.headers["Content-Range"] = f"bytes {span.start}-{span.end - 1}/{length}"
         response.content_length = span.size
-        if request.method == "HEAD" or span.size == 0:
-            await response.prepare(request)
-            return response
         await response.prepare(request)
+        if span.size == 0:
+            return response
         try:
             await stream.send(request, response, run, span)
+            await response.write_eof()
+        except ConnectionError:
+            log.debug("proxy: client went away during %s", run.task_id[:12])
         except SwarmflyError as exc:
             # Headers are gone: cutting the connection is how the client learns of it.
             log.warning("proxy: %s failed mid-stream: %s", run.task_id[:12], exc)
-            metrics.PROXY_REQUESTS.labels(kind="failed").inc()
+            _count("failed")
             if request.transport is not None:
                 request.transport.abort()
-            return response
-        await response.write_eof()
         return response
 
     async def _forward(self, request: web.Request, url: str) -> web.StreamResponse:
