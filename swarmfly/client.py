@@ -149,6 +149,10 @@ async def _via_peer(
                     "peer.{host_id}.progress", {"download_id": download_id}, host_id=host_id
                 )
             except SwarmflyError:
+                if not bus.nc.is_connected:
+                    # NATS is down, not the peer: it keeps downloading, and both reconnect.
+                    silent_since = None
+                    continue
                 # A peer service that stops answering will never reply to the download.
                 silent_since = silent_since or time.monotonic()
                 if time.monotonic() - silent_since > PEER_SILENCE:

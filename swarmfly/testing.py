@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,11 +212,13 @@ def spawn_service(
     *args: str,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    wrapper: Sequence[str] = (),
 ) -> ServiceProcess:
-    """Start ``swarmfly KIND --nats URL --state-dir DIR ARGS`` and wait for its banner line."""
+    """Start ``swarmfly KIND --nats URL --state-dir DIR ARGS`` and wait for its banner line;
+    ``wrapper`` runs it under another command, e.g. ``ip netns exec HOST``."""
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / f"{kind}.log"
-    command = [sys.executable, "-m", "swarmfly", kind, "--nats", nats_url]
+    command = [*wrapper, sys.executable, "-m", "swarmfly", kind, "--nats", nats_url]
     command += ["--state-dir", str(state_dir), *args]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(

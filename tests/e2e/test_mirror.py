@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,6 +115,21 @@ def skopeo(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+async def run(
+    command: list[str], *, stdin: str | None = None, text: bool = True
+) -> subprocess.CompletedProcess[Any]:
+    """A client command, off the event loop (the swarm's own processes are elsewhere)."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        command,
+        input=stdin,
+        capture_output=True,
+        text=text,
+        timeout=120,
+        check=False,
+    )
+
+
 def blob_gets(registry: Registry) -> dict[str, list[int]]:
     """Bytes sent by each successful blob GET in the registry's access log."""
     sent: dict[str, list[int]] = defaultdict(list)
@@ -167,13 +183,8 @@ def swarm(
     try:
         start("scheduler", "scheduler")
         start("storage", "storage", "--listen", "127.0.0.1")
-        peers = [
-            start(
-                "peer", f"host{n}", "--listen", "127.0.0.1",
-                "--proxy-port", "0", "--registry", pushed.url,
-            )  # fmt: skip
-            for n in range(HOSTS)
-        ]
+        mirror = ("--listen", "127.0.0.1", "--proxy-port", "0", "--registry", pushed.url)
+        peers = [start("peer", f"host{n}", *mirror) for n in range(HOSTS)]
         assert all(p.proxy_url for p in peers), [p.banner for p in peers]
         yield peers
     finally:
@@ -238,15 +249,14 @@ async def test_three_hosts_pull_through_their_mirrors_and_the_registry_serves_ea
         if user:
             command += ["-u", user]
         command.append(f"{swarm[0].proxy_url}/v2/{NAME}/blobs/{layer}")
-        answer = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        answer = await run(command)
         assert answer.stdout == "401", answer
         result = await pull(pushed, swarm[1].proxy_url, tmp_path / f"denied-{user}", user)
         assert result.returncode != 0
     # ...while alice, with hers, still gets it from the mirror.
     command = [curl, "-s", "-u", f"{ALICE}:{ALICE_PASSWORD}", "--max-time", "30"]
     command += [f"{swarm[2].proxy_url}/v2/{NAME}/blobs/{layer}"]
-    answer = subprocess.run(command, capture_output=True, timeout=60, check=False)
-    assert answer.stdout == layout.blobs[layer]
+    assert (await run(command, text=False)).stdout == layout.blobs[layer]
     assert sum(blob_gets(pushed).get(layer, [])) <= len(layout.blobs[layer]) + 1
     for peer in swarm:
         assert ALICE_PASSWORD not in peer.log() and WRONG_PASSWORD not in peer.log()
@@ -260,18 +270,14 @@ async def test_after_a_preheat_the_pulls_read_no_blob_from_the_registry(
     swarm: list[ServiceProcess],
     tmp_path: Path,
 ) -> None:
-    preheat = subprocess.run(
+    preheat = await run(
         [
             sys.executable, "-m", "swarmfly", "preheat", "image", "--json",
             "--nats", nats.url, "--prefix", prefix, "--platform", "linux/amd64",
             "--plain-http", "--username", ALICE, "--password-stdin",
             f"{pushed.host}/{NAME}:{TAG}",
         ],
-        input=ALICE_PASSWORD + "\n",
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        stdin=ALICE_PASSWORD + "\n",
     )  # fmt: skip
     assert preheat.returncode == 0, preheat.stderr
     summary = json.loads(preheat.stdout)
