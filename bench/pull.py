@@ -52,14 +52,17 @@ from _common import (
     MiB,
     Out,
     Reaper,
+    add_env_flag,
     children_cpu,
     cleanup,
     cpu_seconds,
+    env_pairs,
     human,
     machine_cpu,
     median,
     sha256_file,
     size_arg,
+    start_peers,
     stop_cluster,
     table,
     workspace,
@@ -102,12 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-auth", action="store_true", help="an anonymous registry (default: htpasswd)"
     )
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra environment for every swarm service, e.g. SWARMFLY_PEER_PER_PARENT=1",
+    add_env_flag(
+        parser, "extra environment for every swarm service, e.g. SWARMFLY_PEER_PER_PARENT=1"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (and logs)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -119,10 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--hosts, --runs, --layers and --timeout must be positive")
     if args.image_mib * MiB < args.layers:
         parser.error("--image-mib is too small for that many --layers")
-    try:
-        args.env = dict(item.split("=", 1) for item in args.env)
-    except ValueError:
-        parser.error("--env takes KEY=VALUE")
+    args.env = env_pairs(parser, args.env)
     return args
 
 
@@ -519,17 +515,11 @@ def start_swarm(
     dirs = [root / f"host{i}" for i in range(hosts)]
     cluster = Cluster(nats.url, prefix, root, scheduler, storage, peer_dirs=dirs)
     peer_args = ["--listen", "127.0.0.1", "--proxy-port", "0", "--registry", registry_url]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(spawn, "peer", d, *peer_args) for d in dirs]
-        errors = []
-        for future in futures:
-            try:
-                cluster.peers.append(future.result())
-            except Exception as exc:  # collect all, so every started peer is reaped
-                errors.append(exc)
-    if errors:
+    try:
+        cluster.peers = start_peers(spawn, dirs, peer_args)
+    except Exception:
         stop_cluster(reaper, cluster)
-        raise errors[0]
+        raise
     missing = [p.banner for p in cluster.peers if not p.proxy_url]
     if missing:
         stop_cluster(reaper, cluster)

@@ -159,6 +159,19 @@ class Config:
         return options
 
 
+def setting_names() -> set[str]:
+    """Every ``SWARMFLY_*`` variable the configuration reads (deployment files are checked
+    against it)."""
+    names = set()
+    for section in fields(Config):
+        default = getattr(Config(), section.name)
+        if dataclasses.is_dataclass(default):
+            names |= {f"SWARMFLY_{section.name}_{f.name}".upper() for f in fields(default)}
+        else:
+            names.add(f"SWARMFLY_{section.name}".upper())
+    return names
+
+
 _SIZE_FIELDS = {"upload_rate", "download_rate", "cache_quota"}
 
 

@@ -492,20 +492,9 @@ def test_services_still_answer_after_fuzzing(env: Env) -> None:
 
 
 async def raw_get(url: str, target: bytes, headers: bytes = b"") -> tuple[int, bytes]:
-    """One HTTP/1.1 request sent byte for byte: no client normalises ``..`` or escapes."""
-    match = re.match(r"^http://([0-9.]+):(\d+)$", url)
-    assert match
-    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
-    try:
-        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n")
-        writer.write(headers + b"\r\n")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), REQUEST_TIMEOUT)
-    finally:
-        writer.close()
-    status_line, _, _ = answer.partition(b"\r\n")
-    _, _, body = answer.partition(b"\r\n\r\n")
-    return int(status_line.split()[1]), body
+    """One GET sent byte for byte: no client normalises ``..`` or escapes."""
+    status, answer = await raw_request(url, b"GET", target, headers)
+    return status, answer.partition(b"\r\n\r\n")[2]
 
 
 def no_crlf(text: str) -> str:

@@ -15,7 +15,6 @@ import re
 import shlex
 import tomllib
 from collections.abc import Iterator
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -25,7 +24,7 @@ import pytest
 import yaml
 
 from swarmfly.cli import build_parser, config_from
-from swarmfly.config import Config
+from swarmfly.config import Config, setting_names
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -291,19 +290,8 @@ def test_scheduler_dashboard_is_published(services: dict[str, dict[str, Any]]) -
     assert ("127.0.0.1", port, port) in set(_published(scheduler))
 
 
-def _setting_names(config: Config) -> set[str]:
-    names = set()
-    for section in fields(config):
-        value = getattr(config, section.name)
-        if is_dataclass(value):
-            names |= {f"SWARMFLY_{section.name}_{f.name}".upper() for f in fields(value)}
-        else:
-            names.add(f"SWARMFLY_{section.name}".upper())
-    return names
-
-
 def test_environment_names_real_settings(services: dict[str, dict[str, Any]]) -> None:
-    known = _setting_names(Config())
+    known = setting_names()
     has_proxy = "SWARMFLY_PROXY_PORT" in known
     for name, service in _swarmfly_services(services).items():
         for variable in _environment(service):

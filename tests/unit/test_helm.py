@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from swarmfly.config import Config
+from swarmfly.config import setting_names
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "swarmfly"
@@ -432,20 +431,8 @@ def test_servicemonitor_scrapes_every_service(manifests: list[dict[str, Any]]) -
     }
 
 
-def _setting_names() -> set[str]:
-    names = set()
-    config = Config()
-    for section in fields(config):
-        value = getattr(config, section.name)
-        if is_dataclass(value):
-            names |= {f"SWARMFLY_{section.name}_{f.name}".upper() for f in fields(value)}
-        else:
-            names.add(f"SWARMFLY_{section.name}".upper())
-    return names
-
-
 def test_environment_names_real_settings() -> None:
-    known = _setting_names()
+    known = setting_names()
     used = {
         name
         for path in TEMPLATES.iterdir()
