@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,6 +377,36 @@ class Cluster:
         return counts
 
 
+def add_env_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def env_pairs(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """--env KEY=VALUE flags as a mapping; anything else is a usage error."""
+    try:
+        return dict(item.split("=", 1) for item in items)
+    except ValueError:
+        parser.error("--env takes KEY=VALUE")
+
+
+def start_peers(
+    spawn: Callable[..., ServiceProcess], dirs: list[Path], args: list[str]
+) -> list[ServiceProcess]:
+    """Peers started a few at a time; the first failure is raised once all have been tried
+    (``spawn`` hands each process to a reaper, which stops the ones that did start)."""
+    started: list[ServiceProcess] = []
+    errors: list[Exception] = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for future in [pool.submit(spawn, "peer", d, *args) for d in dirs]:
+            try:
+                started.append(future.result())
+            except Exception as exc:  # collect all, so every started peer is reaped
+                errors.append(exc)
+    if errors:
+        raise errors[0]
+    return started
+
+
 def start_cluster(
     reaper: Reaper,
     nats: NatsServer,
@@ -405,16 +435,7 @@ def start_cluster(
         peer_args += ["--download-rate", str(download_rate)]
     dirs = [root / f"peer{i:02d}" for i in range(peers)]
     cluster = Cluster(nats.url, prefix, root, scheduler, storage, peer_dirs=dirs)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(spawn, "peer", d, *peer_args) for d in dirs]
-        errors = []
-        for future in futures:
-            try:
-                cluster.peers.append(future.result())
-            except Exception as exc:  # collect all, so every started peer is reaped
-                errors.append(exc)
-    if errors:
-        raise errors[0]
+    cluster.peers = start_peers(spawn, dirs, peer_args)
     return cluster
 
 

@@ -41,8 +41,10 @@ from _common import (
     PY,
     Out,
     Reaper,
+    add_env_flag,
     cleanup,
     cpu_seconds,
+    env_pairs,
     machine_cpu,
     median,
     percentile,
@@ -106,12 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "DIR/scheduler.txt (collapsed stacks, for speedscope or flamegraph.pl) and prints "
         "where the scheduler's time goes",
     )
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra environment for the scheduler, e.g. SWARMFLY_SCHEDULER_CANDIDATE_PARENTS=8",
+    add_env_flag(
+        parser, "extra environment for the scheduler, e.g. SWARMFLY_SCHEDULER_CANDIDATE_PARENTS=8"
     )
     parser.add_argument("--seed", type=int, default=1, help="random seed of the generator")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (and logs)")
@@ -126,10 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--peers must be at least 2 x --tasks (a seed and a peer per task)")
     if args.pieces < 1 or args.batch < 1 or args.duration <= 0:
         parser.error("--pieces, --batch and --duration must be positive")
-    try:
-        args.env = dict(item.split("=", 1) for item in args.env)
-    except ValueError:
-        parser.error("--env takes KEY=VALUE")
+    args.env = env_pairs(parser, args.env)
     return args
 
 

@@ -29,9 +29,11 @@ from _common import (
     OriginProcess,
     Out,
     Reaper,
+    add_env_flag,
     children_cpu,
     cleanup,
     cpu_seconds,
+    env_pairs,
     human,
     median,
     size_arg,
@@ -52,22 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="per measurement, seconds (default 600)"
     )
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra environment for the services and the get, e.g. SWARMFLY_PEER_CONCURRENCY=8",
+    add_env_flag(
+        parser, "extra environment for the services and the get, e.g. SWARMFLY_PEER_CONCURRENCY=8"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (and logs)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.file_size < 1:
         parser.error("--runs and --file-size must be positive")
-    try:
-        args.env = dict(item.split("=", 1) for item in args.env)
-    except ValueError:
-        parser.error("--env takes KEY=VALUE")
+    args.env = env_pairs(parser, args.env)
     return args
 
 

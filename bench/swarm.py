@@ -33,8 +33,10 @@ from _common import (
     OriginProcess,
     Out,
     Reaper,
+    add_env_flag,
     children_cpu,
     cleanup,
+    env_pairs,
     human,
     machine_cpu,
     median,
@@ -78,12 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="abort a run after this many s (default: 10x bound, at least 120, at most 300)",
     )
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra environment for every service and get, e.g. SWARMFLY_PEER_PER_PARENT=1",
+    add_env_flag(
+        parser, "extra environment for every service and get, e.g. SWARMFLY_PEER_PER_PARENT=1"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs (and logs)")
     parser.add_argument("--detail", action="store_true", help="print a per-peer table per run")
@@ -91,10 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.peers < 1 or args.runs < 1 or args.file_size < 1:
         parser.error("--peers, --runs and --file-size must be positive")
-    try:
-        args.env = dict(item.split("=", 1) for item in args.env)
-    except ValueError:
-        parser.error("--env takes KEY=VALUE")
+    args.env = env_pairs(parser, args.env)
     return args
 
 

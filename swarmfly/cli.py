@@ -43,6 +43,23 @@ def _node_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upload-rate", type=_size, help="upload limit in bytes/s, e.g. 8MiB")
 
 
+def _proxy_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--proxy-listen", help="registry mirror / HTTP proxy address (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--proxy-port", type=int, help="proxy port (default 65001 when free; 0: any free)"
+    )
+    parser.add_argument(
+        "--registry",
+        action="append",
+        help="upstream registry URL the mirror may forward to (repeatable; first is default)",
+    )
+    parser.add_argument(
+        "--no-proxy", action="store_true", default=None, help="run no registry mirror / proxy"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarmfly", description="Peer-to-peer file and image distribution"
@@ -53,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="embedded NATS + scheduler, storage and peer on this machine")
     _common(up)
     up.add_argument("--nats-port", type=int, default=0, help="embedded NATS port (0: free)")
+    _proxy_flags(up)
 
     for name, text in (
         ("scheduler", "run the scheduler against an existing NATS"),
@@ -68,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
             _node_flags(service)
         if name == "peer":
             service.add_argument("--download-rate", type=_size, help="download limit, bytes/s")
+            _proxy_flags(service)
 
     get = sub.add_parser("get", help="download a URL through the swarm")
     _common(get)
@@ -83,6 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--upload-rate", type=_size, help="upload limit of the in-process peer")
     get.add_argument("--download-rate", type=_size, help="download limit, bytes/s")
     get.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    preheat = sub.add_parser("preheat", help="seed an image or a URL into storage")
+    preheat_sub = preheat.add_subparsers(dest="what", required=True)
+    image = preheat_sub.add_parser("image", help="every blob of an image, for one platform")
+    url = preheat_sub.add_parser("url", help="one URL")
+    for what in (image, url):
+        _common(what)
+        what.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
+        what.add_argument("--json", action="store_true", help="print a JSON summary")
+    image.add_argument("ref", help="registry.example.com/name:tag or name@sha256:…")
+    image.add_argument("--platform", help="os/arch[/variant] (default: this host's)")
+    image.add_argument("--username", help="registry user (the password comes from stdin)")
+    image.add_argument(
+        "--password-stdin", action="store_true", help="read the registry password from stdin"
+    )
+    image.add_argument("--auth-file", help="Docker config.json or containers auth.json")
+    image.add_argument("--plain-http", action="store_true", help="the registry speaks http")
+    url.add_argument("url")
+    url.add_argument("--header", action="append", default=[], help="'Name: value' request header")
+    url.add_argument("--digest", help="expected sha256:HEX of the content")
 
     status = sub.add_parser("status", help="services, hosts and tasks of the cluster")
     _common(status)
@@ -122,6 +161,13 @@ def config_from(args: argparse.Namespace) -> Config:
         flags["storage"] = node
     elif args.command in ("peer", "get"):
         flags["peer"] = {**node, "download_rate": get(args, "download_rate", None)}
+    if args.command in ("peer", "up"):
+        flags["proxy"] = {
+            "listen": args.proxy_listen,
+            "port": args.proxy_port,
+            "registries": args.registry,
+            "enabled": False if args.no_proxy else None,
+        }
     return load(flags, config_file=get(args, "config", None))
 
 
@@ -195,6 +241,49 @@ def _get(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _preheat(args: argparse.Namespace, config: Config) -> int:
+    from swarmfly import preheat
+    from swarmfly.client import parse_header
+
+    urls: list[tuple[str, str | None]]
+    if args.what == "url":
+        headers = dict(parse_header(h) for h in args.header)
+        urls = [(args.url, args.digest)]
+    else:
+        ref = preheat.parse_image(args.ref, plain_http=args.plain_http)
+        headers = {}
+        if args.username:
+            if not args.password_stdin:
+                raise SwarmflyError("bad_request", "--username needs --password-stdin")
+            password = sys.stdin.readline().rstrip("\r\n")
+            headers = preheat.basic_auth(args.username, password)
+        elif args.auth_file:
+            headers = preheat.auth_from_file(Path(args.auth_file), ref.base.split("://")[1])
+        wanted = args.platform or preheat.host_platform()
+        blobs = _run(preheat.resolve(ref, headers, wanted, config))
+        urls = [(ref.url("blobs", digest), digest) for digest, _ in blobs]
+    tty = sys.stderr.isatty() and not args.json
+
+    def report(reply: dict[str, Any]) -> None:
+        if tty:
+            sys.stderr.write(
+                f"[{reply['done']}/{reply['total']}] {reply['task_id'][:12]} "
+                f"{reply['content_length'] / 2**20:8.1f} MiB in {reply['seconds']:.1f}s"
+                f" ({reply['bytes_origin'] / 2**20:.1f} MiB from the origin)\n"
+            )
+
+    summary = _run(preheat.preheat(config, urls, headers, timeout=args.timeout, report=report))
+    if args.json:
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+    else:
+        print(
+            f"preheated {summary['tasks']} task(s), {summary['bytes'] / 2**20:.1f} MiB"
+            f" ({summary['bytes_origin'] / 2**20:.1f} MiB from the origin)"
+            f" in {summary['seconds']:.1f}s"
+        )
+    return 0
+
+
 def _plugins(args: argparse.Namespace, config: Config) -> int:
     from swarmfly.pluginhost import Plugins
 
@@ -242,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             return _get(args, config)
         if args.command == "plugins":
             return _plugins(args, config)
+        if args.command == "preheat":
+            return _preheat(args, config)
         if args.command == "status":
             from swarmfly.status import show
 

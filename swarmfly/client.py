@@ -30,6 +30,8 @@ from swarmfly.services.peer.store import redact_url
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int | None], None]
+REPLY_GRACE = 2.0
+"""Seconds a finished download's reply may lag its progress before it is asked for again."""
 PEER_SILENCE = 3.0
 """Seconds without a progress answer after which the peer service counts as gone."""
 
@@ -135,10 +137,18 @@ async def _via_peer(
     }
     if request.strategy:
         body["strategy"] = request.strategy
-    call = asyncio.create_task(
-        bus.request("peer.{host_id}.download", body, timeout=request.timeout + 5, host_id=host_id)
-    )
+
+    def ask() -> asyncio.Task[dict[str, Any]]:
+        return asyncio.create_task(
+            bus.request(
+                "peer.{host_id}.download", body, timeout=request.timeout + 5, host_id=host_id
+            )
+        )
+
+    call = ask()
     silent_since: float | None = None
+    seen = False
+    forgotten_since: float | None = None
     try:
         while not call.done():
             await asyncio.wait([call], timeout=0.25)
@@ -149,12 +159,25 @@ async def _via_peer(
                     "peer.{host_id}.progress", {"download_id": download_id}, host_id=host_id
                 )
             except SwarmflyError:
+                if not bus.nc.is_connected:
+                    # NATS is down, not the peer: it keeps downloading, and both reconnect.
+                    silent_since = None
+                    continue
                 # A peer service that stops answering will never reply to the download.
                 silent_since = silent_since or time.monotonic()
                 if time.monotonic() - silent_since > PEER_SILENCE:
                     raise SwarmflyError("unavailable", "the local peer service went away") from None
                 continue
             silent_since = None
+            if state["state"] != "unknown":
+                seen, forgotten_since = True, None
+            elif seen:
+                # The peer finished and forgot this download, yet no reply came: it was lost
+                # in a NATS reconnect. Ask again; the file is in the peer's cache by now.
+                forgotten_since = forgotten_since or time.monotonic()
+                if time.monotonic() - forgotten_since > REPLY_GRACE:
+                    call.cancel()
+                    call, seen, forgotten_since = ask(), False, None
             if progress is not None:
                 progress(state["completed_bytes"], state["content_length"])
     finally:

@@ -116,6 +116,25 @@ class StorageConfig:
 
 
 @dataclass
+class ProxyConfig:
+    enabled: bool = True
+    """Run the registry mirror and HTTP proxy with the peer (as dfdaemon does)."""
+    listen: str = "127.0.0.1"
+    """Loopback unless told otherwise: the proxy speaks for this host's clients only."""
+    port: int | None = None
+    """None: 65001 (Dragonfly's proxy port) when free, else any free port, so several peers
+    on one machine start side by side; 0: any free port."""
+    registries: list[str] = field(default_factory=lambda: ["https://registry-1.docker.io"])
+    """Upstream registries the mirror forwards to (no others); the first is the default."""
+    rules: list[str] = field(default_factory=list)
+    """HTTP proxy mode: URLs matching one of these regexes go through the swarm."""
+    hosts: list[str] = field(default_factory=list)
+    """HTTP proxy mode: hosts (fnmatch patterns, e.g. ``*.example.com``) that requests and
+    CONNECT tunnels may go to besides the registries' hosts; ``*`` makes an open forward
+    proxy, sensible on loopback only."""
+
+
+@dataclass
 class Config:
     state_dir: Path = field(default_factory=lambda: Path(platformdirs.user_state_dir("swarmfly")))
     log_level: str = "INFO"
@@ -127,6 +146,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
     def nats_options(self) -> dict[str, Any]:
         """Auth and TLS options passed straight through to nats-py."""
@@ -150,6 +170,19 @@ class Config:
         return options
 
 
+def setting_names() -> set[str]:
+    """Every ``SWARMFLY_*`` variable the configuration reads (deployment files are checked
+    against it)."""
+    names = set()
+    for section in fields(Config):
+        default = getattr(Config(), section.name)
+        if dataclasses.is_dataclass(default):
+            names |= {f"SWARMFLY_{section.name}_{f.name}".upper() for f in fields(default)}
+        else:
+            names.add(f"SWARMFLY_{section.name}".upper())
+    return names
+
+
 _SIZE_FIELDS = {"upload_rate", "download_rate", "cache_quota"}
 
 
@@ -160,7 +193,7 @@ def _coerce(kind: Any, value: Any, name: str) -> Any:
     if isinstance(value, str):
         if kind.startswith("list"):
             return [v.strip() for v in value.split(",") if v.strip()]
-        if kind == "int":
+        if kind in ("int", "int | None"):
             return int(value)
         if kind == "float":
             return float(value)
@@ -191,7 +224,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     """SWARMFLY_STATE_DIR, SWARMFLY_NATS_SERVERS, SWARMFLY_PEER_UPLOAD_RATE, ..."""
     out: dict[str, Any] = {}
     sections = {
-        f.name for f in fields(Config) if f.name in ("nats", "scheduler", "peer", "storage")
+        f.name
+        for f in fields(Config)
+        if f.name in ("nats", "scheduler", "peer", "storage", "proxy")
     }
     for name, value in env.items():
         if not name.startswith("SWARMFLY_") or name in ("SWARMFLY_CONFIG",):

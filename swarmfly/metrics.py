@@ -33,6 +33,12 @@ PEER_PIECE_FAILURES = Counter(
 PEER_GC_EVICTIONS = Counter("swarmfly_peer_gc_evictions", "Cached tasks evicted")
 PEER_CACHE_BYTES = Gauge("swarmfly_peer_cache_bytes", "Bytes of cached tasks")
 PEER_CACHE_TASKS = Gauge("swarmfly_peer_cache_tasks", "Cached tasks")
+PROXY_REQUESTS = Counter(
+    "swarmfly_proxy_requests",
+    "Proxy requests by kind: blob (through the swarm), passthrough (registry API to the"
+    " upstream), http_swarm, http_passthrough, connect, refused, failed (cut mid-stream)",
+    ["kind"],
+)
 CONTRACT_FAILURES = Counter(
     "swarmfly_contract_validation_failures", "Requests refused by contract validation", ["subject"]
 )

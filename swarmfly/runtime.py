@@ -21,6 +21,7 @@ from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.gc import GcPolicy
 from swarmfly.services.peer.node import NodeSettings, PeerNode
 from swarmfly.services.peer.service import PeerService
+from swarmfly.services.proxy.service import ProxyService
 from swarmfly.services.scheduler.service import SchedulerService
 from swarmfly.services.storage.service import StorageService
 
@@ -145,6 +146,14 @@ async def start_peer(
     return service
 
 
+async def start_proxy(stack: AsyncExitStack, config: Config, node: PeerNode) -> ProxyService:
+    """The registry mirror and HTTP proxy in front of ``node`` (in its process, as
+    Dragonfly's dfdaemon runs its proxy: blobs stream straight from the node's store)."""
+    proxy = ProxyService(node, config.proxy)
+    await proxy.start(stack)
+    return proxy
+
+
 def _node(
     stack: AsyncExitStack,
     config: Config,
@@ -193,8 +202,22 @@ async def run_service(kind: str, config: Config) -> None:
             print(f"storage {info.node.settings.host_id}: {info.node.upload_url}", flush=True)
         else:
             info = await start_peer(stack, config, bus, config.state_dir, servers)
-            print(f"peer {info.node.settings.host_id}: {info.node.upload_url}", flush=True)
+            line = f"peer {info.node.settings.host_id}: {info.node.upload_url}"
+            if config.proxy.enabled:
+                proxy = await start_proxy(stack, config, info.node)
+                line += f"; proxy {proxy.url}"
+            print(line, flush=True)
         await stop.wait()
+
+
+def containerd_hint(proxy_url: str) -> list[str]:
+    """How to point containerd at this proxy (docs/runtimes.md has the other runtimes)."""
+    return [
+        "pull images through the swarm with containerd: in"
+        ' /etc/containerd/certs.d/_default/hosts.toml (config_path = "/etc/containerd/certs.d")',
+        f'  [host."{proxy_url}"]',
+        '    capabilities = ["pull", "resolve"]',
+    ]
 
 
 async def run_up(config: Config, nats_port: int = 0) -> None:
@@ -220,6 +243,7 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
         scheduler = await start_scheduler(stack, config, buses[0], plugins)
         storage = await start_storage(stack, config, buses[1], state / "storage", servers, plugins)
         peer = await start_peer(stack, config, buses[2], state, servers, plugins)
+        proxy = await start_proxy(stack, config, peer.node) if config.proxy.enabled else None
         print(
             "\n".join(
                 [
@@ -230,9 +254,15 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
                     f"  storage    {storage.node.upload_url}  ({storage.node.settings.host_id})",
                     f"  peer       {peer.node.upload_url}  ({peer.node.settings.host_id},"
                     f" metrics {peer.node.upload_url}/metrics)",
+                    *(
+                        [f"  proxy      {proxy.url}  (registry mirror and HTTP proxy)"]
+                        if proxy
+                        else []
+                    ),
                     f"  state dir  {state}",
                     "",
                     "download through the swarm:  swarmfly get URL -O PATH",
+                    *(containerd_hint(proxy.url) if proxy else []),
                     "stop with Ctrl-C",
                 ]
             ),

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.service import PeerService
+from swarmfly.services.proxy.service import ProxyService
 from swarmfly.services.scheduler.service import SchedulerService
 from swarmfly.services.storage.service import StorageService
 
@@ -139,7 +140,7 @@ class Origin:
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Origin]:
         self._bucket = TokenBucket(self.rate) if self.rate else None
         app = web.Application()
-        app.router.add_route("GET", "/{name}", self._handle)
+        app.router.add_get("/{name:.+}", self._handle)  # HEAD too; names may hold slashes
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
@@ -176,6 +177,12 @@ class ServiceProcess:
         return match.group(0) if match else ""
 
     @property
+    def proxy_url(self) -> str:
+        """The proxy address a peer printed (``…; proxy http://…``)."""
+        match = re.search(r"proxy (http://[0-9.]+:\d+)", self.banner)
+        return match.group(1) if match else ""
+
+    @property
     def host_id(self) -> str:
         match = re.match(r"^(?:peer|storage) (\S+):", self.banner)
         return match.group(1) if match else ""
@@ -207,11 +214,13 @@ def spawn_service(
     *args: str,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    wrapper: Sequence[str] = (),
 ) -> ServiceProcess:
-    """Start ``swarmfly KIND --nats URL --state-dir DIR ARGS`` and wait for its banner line."""
+    """Start ``swarmfly KIND --nats URL --state-dir DIR ARGS`` and wait for its banner line;
+    ``wrapper`` runs it under another command, e.g. ``ip netns exec HOST``."""
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / f"{kind}.log"
-    command = [sys.executable, "-m", "swarmfly", kind, "--nats", nats_url]
+    command = [*wrapper, sys.executable, "-m", "swarmfly", kind, "--nats", nats_url]
     command += ["--state-dir", str(state_dir), *args]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -331,6 +340,7 @@ class InProcessCluster:
     storage: StorageService
     peer: PeerService
     buses: dict[str, Bus]
+    proxy: ProxyService
 
     @property
     def hosts(self) -> dict[str, str]:
@@ -351,10 +361,17 @@ async def in_process_cluster(
 ) -> AsyncIterator[InProcessCluster]:
     """Start the three services against a running nats-server, state under ``root``
     (``root/storage``, ``root/peer``), uploads on loopback; stop them on exit."""
-    from swarmfly.runtime import load_plugins, start_peer, start_scheduler, start_storage
+    from swarmfly.runtime import (
+        load_plugins,
+        start_peer,
+        start_proxy,
+        start_scheduler,
+        start_storage,
+    )
 
     config = Config(state_dir=root, nats=NatsConfig(servers=[nats_url], prefix=prefix))
     config.peer.listen = config.storage.listen = "127.0.0.1"
+    config.proxy.port = 0
     if configure is not None:
         configure(config)
     async with AsyncExitStack() as stack:
@@ -371,4 +388,5 @@ async def in_process_cluster(
             stack, config, buses["storage"], root / "storage", [nats_url], plugins
         )
         peer = await start_peer(stack, config, buses["peer"], root / "peer", [nats_url], plugins)
-        yield InProcessCluster(config, scheduler, storage, peer, buses)
+        proxy = await start_proxy(stack, config, peer.node)
+        yield InProcessCluster(config, scheduler, storage, peer, buses, proxy)

@@ -46,6 +46,12 @@ def _scope_key(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{path}"
 
 
+def _bearer_of(headers: Mapping[str, str]) -> bool:
+    return any(
+        k.lower() == "authorization" and v[:7].lower() == "bearer " for k, v in headers.items()
+    )
+
+
 def _with_bearer(headers: Mapping[str, str], token: str) -> dict[str, str]:
     out = {k: v for k, v in headers.items() if k.lower() != "authorization"}
     out["Authorization"] = f"Bearer {token}"
@@ -104,6 +110,8 @@ class HttpSource:
     ) -> aiohttp.ClientResponse:
         """Send with the token an earlier challenge of this repository led to, so a piece
         costs one round trip; on 401 answer the (new) challenge once."""
+        if _bearer_of(headers):  # the caller holds its own token (a client behind the proxy)
+            return await self._follow(method, url, dict(headers))
         scope = _scope_key(url)
         known = self._challenges.get(scope)
         if known is not None:

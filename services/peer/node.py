@@ -29,7 +29,7 @@ from swarmfly.ids import task_id as make_task_id
 from swarmfly.ids import url_digest
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
-from swarmfly.plugins.hookspecs import Source
+from swarmfly.plugins.hookspecs import Source, SourceStat
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor, SourceRequest
 from swarmfly.services.peer.gc import CachedTask, GcPolicy, plan
@@ -75,9 +75,11 @@ class DownloadResult:
 
     def reply(self, output: Path) -> dict[str, Any]:
         """The ``peer.<host>.download`` reply for this result delivered at ``output``."""
+        return {**self.summary(), "output": str(output)}
+
+    def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "task_id": self.task_id,
-            "output": str(output),
             "content_length": self.content_length,
             "bytes_origin": self.bytes_origin,
             "bytes_p2p": self.bytes_p2p,
@@ -86,6 +88,30 @@ class DownloadResult:
         if self.digest:
             out["digest"] = self.digest
         return out
+
+
+@dataclass(frozen=True)
+class Download:
+    """One ask for a task: the run it joined, which may be shared with other asks."""
+
+    task_id: str
+    conductor: Conductor
+    running: asyncio.Task[Conductor]
+    started: float
+
+    async def result(self) -> DownloadResult:
+        """Wait for the run (cancelling this wait leaves it going for the others)."""
+        conductor = await asyncio.shield(self.running)
+        stored = conductor.stored
+        assert stored.content is not None
+        return DownloadResult(
+            task_id=self.task_id,
+            content_length=stored.content.content_length,
+            bytes_origin=conductor.bytes_origin,
+            bytes_p2p=conductor.bytes_p2p,
+            seconds=time.monotonic() - self.started,
+            digest=conductor.file_digest,
+        )
 
 
 def route_ip(servers: list[str]) -> str:
@@ -201,7 +227,7 @@ class PeerNode:
 
     # -- downloads -------------------------------------------------------------------------
 
-    async def download(
+    async def begin(
         self,
         source: SourceRequest,
         *,
@@ -209,17 +235,20 @@ class PeerNode:
         seed: bool = False,
         task_id: str | None = None,
         download_id: str | None = None,
-    ) -> DownloadResult:
-        """Bring a task into the store, verified; concurrent asks for one task share a run.
+        stat: SourceStat | None = None,
+    ) -> Download:
+        """Join the task's run, or start one; concurrent asks for one task share a run.
 
         Every request is first checked against the origin with its own credentials: content
         of a private repository reaches only a client the origin accepts, whether it comes
-        from the cache, a running download or the swarm.
+        from the cache, a running download or the swarm. A caller that has just made that
+        check itself (the proxy's authenticated HEAD) passes what it learned as ``stat``.
         """
         backend = self.source_for(source.url)
         self.plugins.strategy(strategy)
         started = time.monotonic()
-        stat = await backend.stat(source.url, source.headers)
+        if stat is None:
+            stat = await backend.stat(source.url, source.headers)
         if source.digest is None and (named := url_digest(source.url) or stat.digest):
             source = replace(source, digest=named)
         task_id = task_id or make_task_id(
@@ -233,18 +262,22 @@ class PeerNode:
             running.add_done_callback(lambda _: self._downloads.pop(task_id, None))
         if download_id:
             self._progress[download_id] = entry[0]
-        conductor = await asyncio.shield(entry[1])
-        stored = conductor.stored
-        assert stored.content is not None
-        digest = conductor.file_digest
-        return DownloadResult(
-            task_id=task_id,
-            content_length=stored.content.content_length,
-            bytes_origin=conductor.bytes_origin,
-            bytes_p2p=conductor.bytes_p2p,
-            seconds=time.monotonic() - started,
-            digest=digest,
+        return Download(task_id, entry[0], entry[1], started)
+
+    async def download(
+        self,
+        source: SourceRequest,
+        *,
+        strategy: str = "rarest-first",
+        seed: bool = False,
+        task_id: str | None = None,
+        download_id: str | None = None,
+    ) -> DownloadResult:
+        """Bring a task into the store, verified."""
+        run = await self.begin(
+            source, strategy=strategy, seed=seed, task_id=task_id, download_id=download_id
         )
+        return await run.result()
 
     async def _run(self, conductor: Conductor) -> Conductor:
         conductor.stored.active += 1

@@ -90,6 +90,7 @@ class StoredTask:
         with open(self.data_path, "ab") as handle:
             handle.truncate(content.content_length)
         self.save()
+        self._wake()
 
     def set_digests(self, digests: list[str | None], offset: int = 0) -> None:
         """Learn digests for pieces ``offset…``; ones already known are kept."""

@@ -9,6 +9,7 @@ rate limit is set).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 from contextlib import nullcontext
@@ -17,13 +18,14 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from swarmfly import metrics, telemetry
+from swarmfly.httpserver import send_span
 from swarmfly.ids import TASK_ID
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.store import StoredTask, TaskStore
 
+log = logging.getLogger(__name__)
 _RANGE = re.compile(r"^bytes=(\d{1,15})-(\d{1,15})$")
 MAX_WAIT = 30.0
-CHUNK = 128 * 1024
 REVEAL = 1
 """Pieces a super-seeding parent offers per answer."""
 PACED_SLOT_RATE = 8 * 1024 * 1024
@@ -127,6 +129,13 @@ class UploadServer:
             if "traceparent" in request.headers
             else None
         )
+        response = web.StreamResponse(
+            status=206,
+            headers={
+                "Content-Range": f"bytes {start}-{last}/{task.content.content_length}",
+                "Content-Type": "application/octet-stream",
+            },
+        )
         try:
             with (
                 telemetry.span(
@@ -138,8 +147,7 @@ class UploadServer:
                 if carrier
                 else nullcontext()
             ):
-                response = await self._send(request, task, start, last - start + 1)
-            delivered = True
+                delivered = await self._send(request, response, task, start, last - start + 1)
             return response
         finally:
             if not delivered:
@@ -149,35 +157,22 @@ class UploadServer:
             self._free.release()
 
     async def _send(
-        self, request: web.Request, task: StoredTask, start: int, size: int
-    ) -> web.StreamResponse:
-        """sendfile when unpaced (the kernel copies); paced chunks under an upload limit."""
-        assert task.content is not None
-        response = web.StreamResponse(
-            status=206,
-            headers={
-                "Content-Range": f"bytes {start}-{start + size - 1}/{task.content.content_length}",
-                "Content-Type": "application/octet-stream",
-            },
-        )
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        task: StoredTask,
+        start: int,
+        size: int,
+    ) -> bool:
+        """Send the span; False when the child hung up first (it asked another parent, or
+        gave up): routine in a swarm, not an error."""
         response.content_length = size
-        await response.prepare(request)
-        sent = 0
-        if self.bucket.unlimited and request.transport is not None:
-            with open(task.data_path, "rb") as handle:
-                try:
-                    loop = asyncio.get_running_loop()
-                    sent = await loop.sendfile(
-                        request.transport, handle, start, size, fallback=False
-                    )
-                except (NotImplementedError, asyncio.SendfileNotAvailableError):
-                    sent = 0  # uvloop has no sendfile: fall through to chunks
-        offset, end = start + sent, start + size
-        while offset < end:
-            count = min(CHUNK, end - offset)
-            await self.bucket.take(count)
-            await response.write(task.read(offset, count))
-            offset += count
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            await send_span(request, response, task.data_path, start, size, self.bucket)
+            await response.write_eof()
+        except ConnectionError:
+            log.debug("child went away during piece %d of %s", start, task.id[:12])
+            return False
         metrics.PEER_UPLOAD_BYTES.inc(size)
-        return response
+        return True

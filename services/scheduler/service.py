@@ -35,7 +35,7 @@ EVENT_INTERVAL = 0.5
 DASHBOARD_CSP = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 """The page loads nothing from elsewhere (no CDN): it must work on machines with no internet."""
 DIGEST_PAGE = 8192
-"""Digests per scheduler.task reply: a page stays far below NATS's 1 MiB payload limit."""
+"""Digests per scheduler.<n>.task reply: a page stays far below NATS's 1 MiB payload limit."""
 PLACEHOLDER_URL = "swarmfly:cached"
 """The source a host announces for a cached task whose URL it did not keep."""
 

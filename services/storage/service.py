@@ -33,7 +33,7 @@ class StorageService:
             "storage",
             __version__,
             "swarmfly storage: the cluster's seed and cache",
-            {"storage.{host_id}.seed": self.on_seed},
+            {"storage.{host_id}.seed": self.on_seed, "storage.preheat": self.on_preheat},
             metadata={"host_id": self.node.settings.host_id, "upload": self.node.upload_url},
             host_id=self.node.settings.host_id,
         )
@@ -54,6 +54,15 @@ class StorageService:
             "host_id": self.node.settings.host_id,
             "peer_id": self.node.peer_id(req["task_id"]),
         }
+
+    async def on_preheat(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Seed a URL now and answer once it is verified in the cache."""
+        try:
+            async with asyncio.timeout(req.get("timeout_s", 3600)):
+                result = await self.node.download(source_from(req["source"]), seed=True)
+        except TimeoutError:
+            raise SwarmflyError("timeout", "preheat did not finish in time") from None
+        return {**result.summary(), "host_id": self.node.settings.host_id}
 
     async def _seed(self, task_id: str, source: Any) -> None:
         try:

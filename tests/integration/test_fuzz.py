@@ -59,6 +59,8 @@ REPLY_VALIDATORS = {
 
 FILE_DATA = hashlib.sha256(b"fuzz").digest() * 4096  # 128 KiB: one piece, fetched in a blink
 SECRET = b"TOP-SECRET-OUTSIDE-THE-STORE"
+BLOB_NAME = "team/app"
+BLOB_DIGEST = f"sha256:{hashlib.sha256(FILE_DATA).hexdigest()}"
 REQUEST_TIMEOUT = 5.0
 """What a request may take: more is a hang."""
 EXAMPLE_TIMEOUT = REQUEST_TIMEOUT + 5
@@ -91,6 +93,8 @@ class Env:
     task_id: str
     """A task the peer holds complete: FILE_DATA, fetched once at start-up."""
     hosts: dict[str, str]
+    proxy_url: str = ""
+    """The peer's registry mirror, whose upstream is ``origin`` (FILE_DATA is a blob there)."""
 
     def __repr__(self) -> str:
         return f"Env(prefix={self.prefix!r})"
@@ -125,7 +129,12 @@ async def _own(
     try:
         async with (
             Origin().serve() as origin,
-            in_process_cluster(nats_url, prefix, tmp) as cluster,
+            in_process_cluster(
+                nats_url,
+                prefix,
+                tmp,
+                configure=lambda c: setattr(c.proxy, "registries", [origin.url]),
+            ) as cluster,
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as http,
         ):
             url = origin.add("small.bin", FILE_DATA)
@@ -144,6 +153,8 @@ async def _own(
                     cluster.hosts,
                 )
                 env.outputs.mkdir()
+                origin.add(f"v2/{BLOB_NAME}/blobs/{BLOB_DIGEST}", FILE_DATA)
+                env.proxy_url = cluster.proxy.url
                 for secret in (tmp / "secret.txt", tmp / "peer" / "secret.txt"):
                     secret.write_bytes(SECRET)
                 env.task_id = (await download(env, env.outputs / "first.bin"))["task_id"]
@@ -482,20 +493,9 @@ def test_services_still_answer_after_fuzzing(env: Env) -> None:
 
 
 async def raw_get(url: str, target: bytes, headers: bytes = b"") -> tuple[int, bytes]:
-    """One HTTP/1.1 request sent byte for byte: no client normalises ``..`` or escapes."""
-    match = re.match(r"^http://([0-9.]+):(\d+)$", url)
-    assert match
-    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
-    try:
-        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n")
-        writer.write(headers + b"\r\n")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), REQUEST_TIMEOUT)
-    finally:
-        writer.close()
-    status_line, _, _ = answer.partition(b"\r\n")
-    _, _, body = answer.partition(b"\r\n\r\n")
-    return int(status_line.split()[1]), body
+    """One GET sent byte for byte: no client normalises ``..`` or escapes."""
+    status, answer = await raw_request(url, b"GET", target, headers)
+    return status, answer.partition(b"\r\n\r\n")[2]
 
 
 def no_crlf(text: str) -> str:
@@ -613,6 +613,99 @@ def test_upload_server_still_serves_after_fuzzing(env: Env) -> None:
     target = f"/v1/tasks/{env.task_id}/data".encode()
     status, body = env.run(raw_get(env.upload_url, target, b"Range: bytes=100-4195\r\n"))
     assert (status, body) == (206, FILE_DATA[100:4196])
+
+
+# -- the proxy ---------------------------------------------------------------------------------
+
+
+def proxy_targets() -> st.SearchStrategy[bytes]:
+    names = st.one_of(
+        st.just(BLOB_NAME),
+        st.sampled_from(
+            ["..", "%2e%2e", "team/../..", "Team/App", "a//b", "a/./b", "_", "a" * 300]
+        ),
+        st.text(max_size=30),
+    )
+    references = st.one_of(
+        st.just(BLOB_DIGEST),
+        st.just("sha256:" + "0" * 64),
+        st.sampled_from(["sha256:", "sha256:zz", "sha512:" + "a" * 128, "latest", "../x", "%00"]),
+        st.text(max_size=80),
+    )
+    kinds = st.sampled_from(["blobs", "manifests", "tags", "referrers", "blobs/uploads", "x"])
+    query = st.one_of(
+        st.just(""),
+        st.sampled_from(["?ns=evil.example.com", "?ns=", "?ns=%00", "?n=1&ns=a&ns=b"]),
+        st.text(max_size=20).map(lambda s: "?" + quote(s, safe="=&")),
+    )
+    registry_path = st.builds(
+        lambda n, k, r, q: f"/v2/{n}/{k}/{r}{q}", names, kinds, references, query
+    )
+    odd = st.sampled_from(
+        ["/v2/", "/v2", "/v2/_catalog", "/healthz", "/", "*", "/../../secret.txt",
+         "http://evil.example.com/x", "http://127.0.0.1:1/", "//v2/x"]
+    )  # fmt: skip
+    return st.one_of(registry_path, odd, st.text().map(lambda s: "/" + s)).map(
+        lambda s: no_crlf(s).replace(" ", "%20").encode("utf-8", "surrogatepass")
+    )
+
+
+def proxy_headers() -> st.SearchStrategy[bytes]:
+    values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
+    header = st.one_of(
+        st.builds(lambda v: f"Range: {v}", ranges(len(FILE_DATA)).map(lambda r: r or "")),
+        st.builds(lambda v: f"X-Swarmfly-Registry: {v}", values),
+        st.builds(lambda v: f"Authorization: {v}", values),
+        st.builds(lambda v: f"Accept: {v}", values),
+        st.just("X-Big: " + "a" * 20_000),
+    )
+    return st.lists(header, max_size=3).map(lambda hs: "".join(h + "\r\n" for h in hs).encode())
+
+
+async def raw_request(url: str, method: bytes, target: bytes, headers: bytes) -> tuple[int, bytes]:
+    match = re.match(r"^http://([0-9.]+):(\d+)$", url)
+    assert match
+    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+    try:
+        writer.write(method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n")
+        writer.write(headers + b"\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), REQUEST_TIMEOUT)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    head, _, body = rest.partition(b"\r\n\r\n")
+    if not status_line:  # a blob cut because it failed verification: nothing else may do that
+        raise AssertionError(f"connection closed without an answer to {target[:80]!r}")
+    return int(status_line.split()[1]), head + b"\r\n\r\n" + body
+
+
+@HTTP
+@given(
+    method=st.sampled_from([b"GET", b"HEAD", b"POST", b"DELETE", b"PUT"]),
+    target=proxy_targets(),
+    headers=proxy_headers(),
+)
+def test_the_proxy_answers_hostile_requests_cleanly(
+    env: Env, method: bytes, target: bytes, headers: bytes
+) -> None:
+    status, answer = env.run(raw_request(env.proxy_url, method, target, headers))
+    event(str(status))
+    assert status < 500 or status in (502, 503, 504), answer[:300]
+    assert SECRET not in answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if b"application/json" in head.lower() and status >= 400 and body:
+        errors = orjson.loads(body)
+        assert "errors" in errors or "status" in errors, body[:200]
+    if status in (200, 206) and method == b"GET" and BLOB_DIGEST.encode() in target:
+        assert body in FILE_DATA or FILE_DATA in body or not body
+
+
+def test_the_proxy_still_serves_after_fuzzing(env: Env) -> None:
+    target = f"/v2/{BLOB_NAME}/blobs/{BLOB_DIGEST}".encode()
+    status, answer = env.run(raw_request(env.proxy_url, b"GET", target, b""))
+    assert status == 200
+    assert answer.endswith(FILE_DATA)
 
 
 # -- what the fuzzing found once, kept as regression tests ------------------------------------

@@ -4,12 +4,14 @@ by an OTLP/HTTP receiver the test runs, with every span's parent inside the trac
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -25,6 +27,9 @@ from tests.conftest import FAST_ENV
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
 SECRET = "Bearer tr4ce-s3cret"
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+CLIENT_TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
 
 
 @dataclass
@@ -80,10 +85,15 @@ async def test_one_get_is_one_trace_across_processes(
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "100",
         }
+        blob = os.urandom(5 * MiB)
+        blob_digest = f"sha256:{hashlib.sha256(blob).hexdigest()}"
+        origin.add(f"v2/team/app/blobs/{blob_digest}", blob)
+        mirror = ("--proxy-port", "0", "--registry", origin.url)
         services = [
-            spawn_service(kind, nats.url, tmp_path / name, "--prefix", prefix, env=env)
-            for kind, name in (("scheduler", "scheduler"), ("storage", "storage"),
-                               ("peer", "peer0"), ("peer", "peer1"), ("peer", "peer2"))
+            spawn_service(kind, nats.url, tmp_path / name, "--prefix", prefix, *args, env=env)
+            for kind, name, args in (
+                ("scheduler", "scheduler", ()), ("storage", "storage", ()),
+                ("peer", "peer0", mirror), ("peer", "peer1", mirror), ("peer", "peer2", mirror))
         ]  # fmt: skip
         try:
             process = await asyncio.create_subprocess_exec(
@@ -94,6 +104,16 @@ async def test_one_get_is_one_trace_across_processes(
             )  # fmt: skip
             _, err = await asyncio.wait_for(process.communicate(), 120)
             assert process.returncode == 0, err
+            # One proxied blob pull, joining a trace the client started.
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(
+                    f"{services[3].proxy_url}/v2/team/app/blobs/{blob_digest}",
+                    headers={"Authorization": SECRET, "traceparent": CLIENT_TRACEPARENT},
+                ) as response,
+            ):
+                assert response.status == 200
+                assert await response.read() == blob
         finally:
             # Stopped off the loop: the receiver on this loop must take their last spans.
             await asyncio.gather(*(asyncio.to_thread(service.stop) for service in services))
@@ -114,6 +134,17 @@ async def test_one_get_is_one_trace_across_processes(
             "download"} <= names  # fmt: skip
     process_spans = [s for s in trace if s.name.startswith("process ")]
     assert all('string_value: "nats"' in s.attributes["messaging.system"] for s in process_spans)
+    pull = [s for s in receiver.spans if s.trace_id == CLIENT_TRACE]
+    proxy = next(s for s in pull if s.name == "proxy blob")
+    assert proxy.parent_id == CLIENT_SPAN and proxy.service == "swarmfly-peer"
+    assert {"swarmfly-peer", "swarmfly-scheduler", "swarmfly-storage"} <= {s.service for s in pull}
+    assert {
+        "download",
+        "process scheduler.{partition}.register",
+        "process storage.{host_id}.seed",
+    } <= {s.name for s in pull}
+    ids = {s.span_id for s in pull} | {CLIENT_SPAN}
+    assert all(s.parent_id in ids for s in pull if s is not proxy), "orphans in the pull"
     for span in receiver.spans:
         for value in span.attributes.values():
             assert "tr4ce-s3cret" not in value, f"a secret in span {span.name}"

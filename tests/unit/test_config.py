@@ -233,3 +233,15 @@ def test_parse_size(value: str | int | float, expected: int) -> None:
 def test_parse_size_rejects_non_sizes(value: str) -> None:
     with pytest.raises(ValueError, match="not a size"):
         parse_size(value)
+
+
+def test_the_documented_configuration_is_a_valid_file(tmp_path: Path) -> None:
+    """docs/configuration.md shows every section: its example must load as it stands."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "swarmfly.toml"
+    path.write_text(block)
+    config = load(config_file=str(path), env={})
+    assert config.proxy.port == 65001
+    assert config.proxy.registries == ["https://registry-1.docker.io"]
+    assert config.peer.strategy == "rarest-first"

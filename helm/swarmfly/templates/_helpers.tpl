@@ -1,0 +1,180 @@
+{{/*
+Names, labels and the pieces every swarmfly pod shares. Helpers that take a component are
+called with (dict "context" $ "component" "scheduler"); the others with the root context.
+*/}}
+
+{{/* The chart's name, or nameOverride. */}}
+{{- define "swarmfly.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Prefix of every resource name: <release>-<chart>, or the release name alone when it
+already contains the chart's name. */}}
+{{- define "swarmfly.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := include "swarmfly.name" . }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of one component's resources, e.g. <release>-swarmfly-scheduler. */}}
+{{- define "swarmfly.componentName" -}}
+{{- printf "%s-%s" (include "swarmfly.fullname" .context) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* chart-version, for the helm.sh/chart label. */}}
+{{- define "swarmfly.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels shared by every component of this release (the ServiceMonitor selects on them). */}}
+{{- define "swarmfly.instanceLabels" -}}
+app.kubernetes.io/name: {{ include "swarmfly.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels that pick one component's pods: its workload's selector and its Service's. */}}
+{{- define "swarmfly.selectorLabels" -}}
+{{ include "swarmfly.instanceLabels" .context }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Every label of one component's objects and pods: the selector labels plus the rest. */}}
+{{- define "swarmfly.labels" -}}
+{{ include "swarmfly.selectorLabels" . }}
+app.kubernetes.io/part-of: swarmfly
+app.kubernetes.io/version: {{ .context.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .context.Release.Service }}
+helm.sh/chart: {{ include "swarmfly.chart" .context }}
+{{- end }}
+
+{{/* The one image of every container. */}}
+{{- define "swarmfly.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* NATS URL(s): nats.url, else the client Service of the bundled NATS chart (which names
+it <release>-nats, or <release> when the release name contains "nats"). */}}
+{{- define "swarmfly.natsUrl" -}}
+{{- if .Values.nats.url }}
+{{- .Values.nats.url }}
+{{- else if .Values.nats.enabled }}
+{{- $service := ternary .Release.Name (printf "%s-nats" .Release.Name) (contains "nats" .Release.Name) | trunc 63 | trimSuffix "-" }}
+{{- printf "nats://%s.%s.svc:4222" $service .Release.Namespace }}
+{{- else }}
+{{- fail "NATS: set nats.url to an existing cluster, or nats.enabled=true to install one" }}
+{{- end }}
+{{- end }}
+
+{{/* Where the natsClient Secret is mounted. */}}
+{{- define "swarmfly.natsSecretDir" -}}
+/etc/swarmfly/nats
+{{- end }}
+
+{{/* Pod annotations: a change to the shared configuration rolls every pod. */}}
+{{- define "swarmfly.podAnnotations" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- with .Values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Pod security: the image's unprivileged user, the runtime's default seccomp profile. */}}
+{{- define "swarmfly.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+fsGroup: {{ .Values.securityContext.runAsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Container security: no privilege, no capability, a read-only root file system. */}}
+{{- define "swarmfly.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end }}
+
+{{/* Environment every swarmfly container shares, after the ConfigMap: NATS secrets. */}}
+{{- define "swarmfly.env" -}}
+{{- if and .Values.natsClient.secretName .Values.natsClient.userKey }}
+- name: SWARMFLY_NATS_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.natsClient.secretName }}
+      key: {{ .Values.natsClient.userKey }}
+{{- end }}
+{{- if and .Values.natsClient.secretName .Values.natsClient.passwordKey }}
+- name: SWARMFLY_NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.natsClient.secretName }}
+      key: {{ .Values.natsClient.passwordKey }}
+{{- end }}
+{{- if and .Values.natsClient.secretName .Values.natsClient.tokenKey }}
+- name: SWARMFLY_NATS_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.natsClient.secretName }}
+      key: {{ .Values.natsClient.tokenKey }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes every swarmfly pod has: a writable /tmp, and the natsClient Secret if any. */}}
+{{- define "swarmfly.volumes" -}}
+- name: tmp
+  emptyDir: {}
+{{- if .Values.natsClient.secretName }}
+- name: nats-secret
+  secret:
+    secretName: {{ .Values.natsClient.secretName }}
+{{- end }}
+{{- end }}
+
+{{/* Mounts of the volumes above. */}}
+{{- define "swarmfly.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if .Values.natsClient.secretName }}
+- name: nats-secret
+  mountPath: {{ include "swarmfly.natsSecretDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Probes of a container whose HTTP port (pieces or dashboard, and /healthz) is named http. */}}
+{{- define "swarmfly.probes" -}}
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: http
+  initialDelaySeconds: {{ .Values.probes.liveness.initialDelaySeconds }}
+  periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
+readinessProbe:
+  httpGet:
+    path: /healthz
+    port: http
+  initialDelaySeconds: {{ .Values.probes.readiness.initialDelaySeconds }}
+  periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
+{{- end }}
+
+{{/* SWARMFLY_PROXY_REGISTRIES: the servers of peer.proxy.registries, default first. */}}
+{{- define "swarmfly.proxyRegistries" -}}
+{{- $servers := list }}
+{{- range .Values.peer.proxy.registries }}
+{{- $servers = append $servers .server }}
+{{- end }}
+{{- join "," $servers }}
+{{- end }}

@@ -1,0 +1,116 @@
+"""What the mirror makes of a request, without I/O: the route, the upstream, the error body.
+
+Registry paths are matched on the raw (still percent-encoded) path against the distribution
+spec's grammar, so ``..``, ``%2e`` or an empty segment never reaches an upstream URL.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+import orjson
+
+_NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+_ROUTE = re.compile(
+    rf"^/v2/(?P<name>{_NAME})/(?P<kind>blobs|manifests|tags|referrers)/(?P<rest>[^?#]*)\Z"
+)
+_REFERENCE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=-]{0,254}\Z")
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+\Z")
+_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_UPLOAD = re.compile(r"^uploads/[A-Za-z0-9_.=-]{0,256}\Z")
+MAX_NAME = 255
+"""Characters of a repository name (distribution's limit)."""
+
+DOCKER_HUB = "registry-1.docker.io"
+_ALIASES = {"docker.io": DOCKER_HUB, "index.docker.io": DOCKER_HUB}
+"""What containerd's ``ns=`` says for Docker Hub, and where its API lives."""
+
+
+@dataclass(frozen=True)
+class RegistryError(Exception):
+    """A refusal shaped as the registry API's error body."""
+
+    status: int
+    code: str
+    message: str
+
+    def body(self) -> bytes:
+        return orjson.dumps({"errors": [{"code": self.code, "message": self.message}]})
+
+
+Kind = Literal["blob", "passthrough", "base"]
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: Kind
+    name: str = ""
+    digest: str = ""
+    """``sha256:…`` of a blob the swarm can carry (kind ``blob``)."""
+
+
+def route(raw_path: str, method: str) -> Route:
+    """Classify a /v2 request; everything but a sha256 blob GET passes through."""
+    path = raw_path.split("?", 1)[0]
+    if path in ("/v2", "/v2/", "/v2/_catalog"):
+        return Route("base")
+    if not path.startswith("/v2/"):
+        raise RegistryError(404, "NOT_FOUND", "the mirror serves the registry API under /v2/")
+    match = _ROUTE.match(path)
+    if match is None:
+        raise RegistryError(400, "NAME_INVALID", "invalid repository name or registry path")
+    name, kind, rest = match["name"], match["kind"], match["rest"]
+    if len(name) > MAX_NAME:
+        raise RegistryError(400, "NAME_INVALID", "repository name too long")
+    if kind == "blobs":
+        if _UPLOAD.match(rest):
+            return Route("passthrough", name)
+        if not _DIGEST.match(rest) or (rest.startswith("sha256:") and not _SHA256.match(rest)):
+            raise RegistryError(400, "DIGEST_INVALID", "invalid blob digest")
+        if method == "GET" and rest.startswith("sha256:"):
+            return Route("blob", name, rest)
+        return Route("passthrough", name)
+    if kind == "manifests" and not _REFERENCE.match(rest):
+        raise RegistryError(400, "MANIFEST_INVALID", "invalid tag or digest")
+    if kind in ("tags", "referrers") and not (rest == "list" or _DIGEST.match(rest)):
+        raise RegistryError(404, "NOT_FOUND", "unknown registry path")
+    return Route("passthrough", name)
+
+
+def _authority(text: str) -> tuple[str | None, str]:
+    """(scheme or None, host[:port] lowercased) of a URL or a bare host."""
+    parts = urlsplit(text if "://" in text else f"//{text}")
+    scheme = parts.scheme.lower() or None
+    netloc = parts.netloc.lower().rsplit("@", 1)[-1]
+    return scheme, _ALIASES.get(netloc, netloc)
+
+
+class Upstreams:
+    """The configured registries, and which one a request means."""
+
+    def __init__(self, registries: list[str]) -> None:
+        self.bases: list[str] = []
+        self._by_host: dict[str, list[str]] = {}
+        for entry in registries:
+            scheme, host = _authority(entry)
+            if scheme not in ("http", "https") or not host:
+                raise ValueError(f"proxy registry must be an http(s) URL: {entry!r}")
+            base = f"{scheme}://{host}"
+            self.bases.append(base)
+            self._by_host.setdefault(host, []).append(base)
+
+    def pick(self, header: str | None, ns: str | None) -> str:
+        """The upstream base URL: ``X-Swarmfly-Registry``, then ``ns=``, then the default."""
+        wanted = header or ns
+        if not wanted:
+            if not self.bases:
+                raise RegistryError(403, "DENIED", "no upstream registry is configured")
+            return self.bases[0]
+        scheme, host = _authority(wanted.strip())
+        for base in self._by_host.get(host, []):
+            if scheme is None or base.startswith(f"{scheme}://"):
+                return base
+        raise RegistryError(403, "DENIED", "that upstream registry is not configured here")

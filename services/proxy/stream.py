@@ -1,0 +1,103 @@
+"""Stream a task to an HTTP client while the swarm is still bringing it in.
+
+Pieces go out in order as each is verified, so a container engine starts on a layer before
+it is whole. The range's last piece goes out only once the whole download has passed its
+digest check: a download that fails leaves the client with a short body (which it rejects),
+never with a complete-looking, unverified one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from swarmfly.errors import SwarmflyError
+from swarmfly.httpserver import send_span
+from swarmfly.services.peer.node import Download
+
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})\Z")
+POLL = 0.5
+"""Seconds between looks at a download's state while no piece arrives."""
+
+
+class Unsatisfiable(Exception):
+    """A Range that lies outside the content (416)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    """Exclusive."""
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def byte_range(header: str | None, length: int) -> Span | None:
+    """The one range a ``Range`` header asks for; None for the whole content (no header, a
+    multi-range or one that does not parse: RFC 9110 lets a server ignore those)."""
+    if not header:
+        return None
+    match = _RANGE.match(header.strip())
+    if match is None or not (match[1] or match[2]):
+        return None
+    if not match[1]:  # suffix: the last N bytes
+        suffix = int(match[2])
+        if suffix == 0:
+            raise Unsatisfiable
+        return Span(max(0, length - suffix), length)
+    start = int(match[1])
+    last = int(match[2]) if match[2] else length - 1
+    if start >= length:
+        raise Unsatisfiable
+    if last < start:
+        return None
+    return Span(start, min(last, length - 1) + 1)
+
+
+async def content_of(run: Download) -> tuple[int, int]:
+    """(content length, piece length) once the run has learned them."""
+    stored = run.conductor.stored
+    while stored.content is None:
+        if run.running.done():
+            run.running.result()  # raises the download's error
+            if stored.content is None:
+                raise SwarmflyError("internal", "download ended without content")
+        await stored.wait_change(stored.version, POLL)
+    return stored.content.content_length, stored.content.piece_length
+
+
+async def send(
+    request: web.Request, response: web.StreamResponse, run: Download, span: Span
+) -> None:
+    """Write ``span`` of the task to a prepared response as its pieces are verified."""
+    stored = run.conductor.stored
+    assert stored.content is not None
+    length = stored.content.piece_length
+    last = (span.end - 1) // length
+    offset = span.start
+    stored.active += 1  # never evicted while a client reads it
+    try:
+        while offset < span.end:
+            number = offset // length
+            if number == last:
+                await asyncio.shield(run.running)
+            while number not in stored.done:
+                if run.running.done():
+                    run.running.result()
+                    if number not in stored.done:
+                        raise SwarmflyError("integrity", "the download was reset")
+                await stored.wait_change(stored.version, POLL)
+            ready = number + 1
+            while ready < last and ready in stored.done:
+                ready += 1
+            end = span.end if ready > last else min(span.end, ready * length)
+            await send_span(request, response, stored.data_path, offset, end - offset)
+            offset = end
+    finally:
+        stored.active -= 1

@@ -1,0 +1,214 @@
+"""A swarm across hosts: network namespaces on one machine, each host with its own address.
+
+Three NATS servers in a cluster (routes, JetStream) on three hosts, the scheduler and the
+storage on theirs, four peers on four more, and the origin on its own host behind a `tc`
+token bucket. Every peer downloads the file with `swarmfly get`; mid-download the NATS server
+most services use is killed with SIGKILL. The services reconnect to the others and every
+peer finishes with the right bytes, read from the origin about once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+import pytest
+
+from swarmfly.natsserver import find_binary
+from swarmfly.testing import ServiceProcess, spawn_service
+from tests.conftest import FAST_ENV
+from tests.e2e.netns import Host, NamespacesUnavailable, Network, start_origin, start_process
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(120)]
+MiB = 1024 * 1024
+SIZE = 24 * MiB
+ORIGIN_RATE = "20mbit"
+"""About ten seconds for the seed to read the file: the kill falls inside every download."""
+NATS_PORT, ROUTE_PORT, MONITOR_PORT = 4222, 6222, 8222
+SERVICE_NAMES = ("swarmfly-scheduler", "swarmfly-storage", "swarmfly-peer")
+"""Connection names of the services (``swarmfly get`` connects as swarmfly-get)."""
+DEADLINE = 60.0
+"""Seconds every download has, from its start."""
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip, except in CI, where the multi-host test must run."""
+    if os.environ.get("CI") == "true" or os.environ.get("SWARMFLY_REQUIRE_E2E") == "1":
+        pytest.fail(f"{reason} (required in CI)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} is not installed (Debian package iproute2)")
+    net = Network()
+    try:
+        try:
+            net.start()
+        except NamespacesUnavailable as exc:
+            unavailable(f"network namespaces are not permitted here: {exc}")
+        yield net
+    finally:
+        net.close()
+
+
+def nats_config(host: Host, cluster: list[Host], store: Path) -> dict[str, Any]:
+    return {
+        "server_name": host.name,
+        "listen": f"{host.ip}:{NATS_PORT}",
+        "http": f"{host.ip}:{MONITOR_PORT}",
+        "jetstream": {"store_dir": str(store), "max_memory_store": 64 * MiB},
+        "cluster": {
+            "name": "swarmfly",
+            "listen": f"{host.ip}:{ROUTE_PORT}",
+            "routes": [f"nats://{other.ip}:{ROUTE_PORT}" for other in cluster if other != host],
+        },
+    }
+
+
+def monitor(host: Host, endpoint: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(host.fetch(f"http://{host.ip}:{MONITOR_PORT}/{endpoint}"))
+    return data
+
+
+def routed(host: Host) -> set[str]:
+    """The servers one NATS server has routes to (routes come pooled: count names)."""
+    return {route["remote_name"] for route in monitor(host, "routez")["routes"]}
+
+
+def clients(host: Host) -> Counter[str]:
+    """Client connections of one NATS server, by connection name."""
+    return Counter(c.get("name", "") for c in monitor(host, "connz?limit=1024")["connections"])
+
+
+def only_services(connections: Counter[str]) -> Counter[str]:
+    return Counter({name: n for name, n in connections.items() if name in SERVICE_NAMES})
+
+
+async def get(
+    host: Host, url: str, output: Path, state_dir: Path, servers: list[str]
+) -> tuple[int, dict[str, Any] | None, str]:
+    """`swarmfly get` on ``host``: it finds the host's peer service through its state dir."""
+    command = host.wrap(
+        sys.executable, "-m", "swarmfly", "get", url, "-O", str(output), "--json",
+        "--state-dir", str(state_dir), "--nats", ",".join(servers),
+    )  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **FAST_ENV},
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), DEADLINE)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, orjson.loads(out) if out else None, err.decode()
+
+
+async def test_a_swarm_across_hosts_survives_losing_a_nats_server(
+    network: Network, tmp_path: Path
+) -> None:
+    data = os.urandom(SIZE)
+    digest = hashlib.sha256(data).hexdigest()
+    (tmp_path / "origin").mkdir()
+    (tmp_path / "origin" / "f.bin").write_bytes(data)
+
+    nats_hosts = [network.add(f"n{i}", 10 + i) for i in (1, 2, 3)]
+    scheduler_host, storage_host = network.add("sched", 20), network.add("stor", 21)
+    peer_hosts = [network.add(f"p{i}", 30 + i) for i in (1, 2, 3, 4)]
+    origin_host = network.add("origin", 40)
+    network.shape(origin_host, ORIGIN_RATE)
+
+    nats: dict[Host, subprocess.Popen[bytes]] = {}
+    for host in nats_hosts:
+        folder = tmp_path / host.name
+        folder.mkdir()
+        config = folder / "nats.conf"
+        config.write_text(json.dumps(nats_config(host, nats_hosts, folder / "js")))  # JSON is NATS
+        command = host.wrap(find_binary(), "-c", str(config))
+        nats[host] = start_process(command, folder / "nats.log", "Server is ready")
+    deadline = time.monotonic() + 20
+    while any(len(routed(h)) < len(nats_hosts) - 1 for h in nats_hosts):
+        assert time.monotonic() < deadline, "the NATS servers did not form a cluster"
+        await asyncio.sleep(0.2)
+    servers = [f"nats://{h.ip}:{NATS_PORT}" for h in nats_hosts]
+
+    origin = start_origin(origin_host, tmp_path / "origin" / "f.bin")
+    services: list[ServiceProcess] = []
+    jobs: list[asyncio.Task[tuple[int, dict[str, Any] | None, str]]] = []
+    try:
+
+        def start(kind: str, host: Host) -> ServiceProcess:
+            # Each service gets every URL, given the repeatable way (`get` uses a comma list).
+            return spawn_service(
+                kind, servers[0], tmp_path / host.name, "--nats", servers[1], "--nats",
+                servers[2], *([] if kind == "scheduler" else ["--advertise-ip", host.ip]),
+                env=FAST_ENV, wrapper=host.wrap(),
+            )  # fmt: skip
+
+        layout = [("scheduler", scheduler_host), ("storage", storage_host)]
+        layout += [("peer", host) for host in peer_hosts]
+        services += await asyncio.gather(
+            *(asyncio.to_thread(start, kind, host) for kind, host in layout)
+        )
+        jobs += [
+            asyncio.create_task(
+                get(host, origin.url, tmp_path / f"out-{host.name}", tmp_path / host.name, servers)
+            )
+            for host in peer_hosts
+        ]
+        deadline = time.monotonic() + 20
+        while network.sent(origin_host) < 4 * MiB:
+            assert time.monotonic() < deadline, "the seed never read the origin"
+            assert not any(job.done() for job in jobs), "a download ended early"
+            await asyncio.sleep(0.1)
+
+        load = {host: clients(host) for host in nats_hosts}
+        victim = max(nats_hosts, key=lambda h: (only_services(load[h]).total(), load[h].total()))
+        nats[victim].kill()
+        nats[victim].wait(timeout=10)
+        assert not any(job.done() for job in jobs), "the kill came after a download ended"
+
+        results = await asyncio.gather(*jobs)
+        for host, (code, summary, err) in zip(peer_hosts, results, strict=True):
+            assert code == 0, f"{host.name}: {err}"
+            assert summary is not None and summary["via"] == "peer", f"{host.name}: {summary}"
+            output = tmp_path / f"out-{host.name}"
+            assert hashlib.sha256(output.read_bytes()).hexdigest() == digest, host.name
+
+        # Every service reconnected to a surviving server by itself.
+        survivors = [h for h in nats_hosts if h != victim]
+        expected = Counter(dict(zip(SERVICE_NAMES, (1, 1, len(peer_hosts)), strict=True)))
+        deadline = time.monotonic() + 10
+        while (
+            connected := sum((only_services(clients(h)) for h in survivors), Counter[str]())
+        ) != expected:
+            assert time.monotonic() < deadline, f"connected: {connected}; victim {victim.name}"
+            await asyncio.sleep(0.2)
+        for service in services:
+            assert service.process.poll() is None, f"{service.kind} died: {service.log()}"
+    finally:
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        served = origin.stop()
+        for service in services:
+            service.stop()
+    assert served["bytes_served"] <= SIZE * 5 // 4, f"peers fell back to the origin: {served}"

@@ -1,0 +1,443 @@
+"""What can be checked of helm/swarmfly without helm or a cluster.
+
+The templates are reduced to a YAML skeleton: control lines (if/with/range/end) go, the
+`else` branches are left out, a whole-line `include ... | nindent N` becomes a marker key
+`__include_<n>: helper/component` at indentation N, a `toYaml .Values.x | nindent N` a marker
+`__values_<n>: x`, and an inline action the scalar `TPL/include/helper/component`,
+`TPL/values/x` or `TPL`. That skeleton must parse, and names, labels, selectors, ports,
+probes and resources are checked on it; the values, their comments and the README are checked
+against each other and against the templates' `.Values` references.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from swarmfly.config import setting_names
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "swarmfly"
+TEMPLATES = CHART / "templates"
+HELPERS = TEMPLATES / "_helpers.tpl"
+VALUES_FILE = CHART / "values.yaml"
+README = CHART / "README.md"
+DOCKERFILE = ROOT / "compose" / "Dockerfile"
+NATS_REPOSITORY = "https://nats-io.github.io/k8s/helm/charts/"
+
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
+MANIFESTS = sorted(p for p in TEMPLATES.glob("*.yaml"))
+COMMENT = re.compile(r"\{\{-?\s*/\*.*?\*/\s*-?\}\}", re.DOTALL)
+ACTION = re.compile(r"\{\{-?\s*(.*?)\s*-?\}\}", re.DOTALL)
+VALUES_REF = re.compile(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+INCLUDE = re.compile(r'include "([\w.]+)"')
+COMPONENT = re.compile(r'"component" "([\w-]+)"')
+DEFINE = re.compile(r'\{\{-?\s*define "([\w.]+)"')
+BLOCK_WORDS = {"if", "with", "range", "define"}
+
+
+# --- the skeleton -----------------------------------------------------------------------
+
+
+def _inline(action: str) -> str:
+    include = INCLUDE.match(action)
+    if include:
+        component = COMPONENT.search(action)
+        return f"TPL/include/{include.group(1)}" + (f"/{component.group(1)}" if component else "")
+    ref = VALUES_REF.match(action)
+    if ref and ref.end() == len(action.split("|")[0].strip()):
+        return f"TPL/values/{ref.group(1)[1:]}"
+    return "TPL"
+
+
+def _in_list(out: list[str], marker: re.Match[str]) -> bool:
+    """Whether the lines a marker stands for continue a YAML list: the closest line above
+    at its indentation or less is a list item at exactly its indentation."""
+    indent = int(marker.group(3))
+    for line in reversed(out):
+        stripped = line.lstrip()
+        if not stripped or len(line) - len(stripped) > indent:
+            continue
+        return len(line) - len(stripped) == indent and stripped.startswith("- ")
+    return False
+
+
+def skeleton(text: str) -> str:
+    """The template as YAML, following the rules in the module docstring."""
+    out: list[str] = []
+    skipping: list[bool] = []  # one entry per open block: True while in its else branch
+    markers = 0
+    for line in COMMENT.sub("", text).splitlines():
+        whole = re.fullmatch(r"\s*\{\{-?\s*(.*?)\s*-?\}\}\s*", line)
+        if whole:
+            action = whole.group(1)
+            word = action.split()[0]
+            if word in BLOCK_WORDS:
+                skipping.append(False)
+            elif word == "else":
+                skipping[-1] = True
+            elif word == "end":
+                skipping.pop()
+            elif any(skipping) or word == "fail":
+                pass
+            elif marker := re.fullmatch(r"(include .*|toYaml (\S+)) \| nindent (\d+)", action):
+                markers += 1
+                indent = " " * int(marker.group(3)) + ("- " if _in_list(out, marker) else "")
+                if marker.group(2):
+                    path = marker.group(2).removeprefix(".Values.")
+                    out.append(f"{indent}__values_{markers}: {path}")
+                else:
+                    target = _inline(marker.group(1)).removeprefix("TPL/include/")
+                    out.append(f"{indent}__include_{markers}: {target}")
+            else:
+                raise AssertionError(f"a line with only {{{{ {action} }}}} has no skeleton")
+            continue
+        if not any(skipping):
+            out.append(ACTION.sub(lambda m: _inline(m.group(1)), line))
+    assert not skipping, "unbalanced {{ end }}"
+    return "\n".join(out) + "\n"
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(skeleton(path.read_text())) if doc]
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[dict[str, Any]]:
+    return [doc for path in MANIFESTS for doc in _documents(path)]
+
+
+def _markers(mapping: dict[str, Any] | None, kind: str) -> list[str]:
+    return [v for k, v in (mapping or {}).items() if k.startswith(f"__{kind}_")]
+
+
+def _component(labels: dict[str, Any], helper: str) -> str:
+    found = [m.split("/")[1] for m in _markers(labels, "include") if m.split("/")[0] == helper]
+    assert len(found) == 1, f"labels come from {helper}: {labels}"
+    return found[0]
+
+
+def _plain(items: list[Any] | dict[str, Any]) -> list[dict[str, Any]]:
+    """The items a template writes out itself, without the markers of included ones."""
+    if isinstance(items, dict):  # only included items: the skeleton saw no list
+        return []
+    return [item for item in items if not any(str(key).startswith("__") for key in item)]
+
+
+def _containers(workload: dict[str, Any], *, init: bool = True) -> Iterator[dict[str, Any]]:
+    spec = workload["spec"]["template"]["spec"]
+    yield from spec["containers"]
+    if init:
+        yield from spec.get("initContainers") or []
+
+
+def _helper_bodies() -> dict[str, str]:
+    text = HELPERS.read_text()
+    bodies = {}
+    for match in DEFINE.finditer(text):
+        rest = text[match.end() :]
+        end = re.search(r"\{\{-?\s*end\s*-?\}\}\s*(?=\{\{/\*|\{\{-?\s*define|\Z)", rest)
+        assert end, f"define {match.group(1)} has no end"
+        bodies[match.group(1)] = rest[rest.index("}}") + 2 : end.start()]
+    return bodies
+
+
+# --- values -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def values() -> dict[str, Any]:
+    loaded = yaml.safe_load(VALUES_FILE.read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def _keys(node: yaml.Node, prefix: str = "") -> Iterator[tuple[str, int, bool]]:
+    """(dotted path, line, is a leaf) of every key reached through mappings only."""
+    assert isinstance(node, yaml.MappingNode)
+    for key, value in node.value:
+        path = f"{prefix}{key.value}"
+        nested = isinstance(value, yaml.MappingNode) and bool(value.value)
+        yield path, key.start_mark.line, not nested
+        if nested:
+            yield from _keys(value, path + ".")
+
+
+def _value_keys() -> list[tuple[str, int, bool]]:
+    return list(_keys(yaml.compose(VALUES_FILE.read_text())))
+
+
+def _lookup(values: dict[str, Any], path: str) -> Any:
+    node: Any = values
+    for part in path.split("."):
+        assert isinstance(node, dict) and part in node, f".Values.{path} is not in values.yaml"
+        node = node[part]
+    return node
+
+
+def _template_value_refs() -> dict[str, set[str]]:
+    refs: dict[str, set[str]] = {}
+    for path in sorted(TEMPLATES.iterdir()):
+        for match in VALUES_REF.finditer(path.read_text()):
+            refs.setdefault(match.group(1)[1:], set()).add(path.name)
+    return refs
+
+
+def test_chart_yaml_declares_the_optional_nats_dependency(values: dict[str, Any]) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "swarmfly"
+    assert chart["type"] == "application" and chart["version"] and chart["appVersion"]
+    (nats,) = chart["dependencies"]
+    assert nats["name"] == "nats" and nats["repository"] == NATS_REPOSITORY
+    assert nats["condition"] == "nats.enabled"
+    assert isinstance(_lookup(values, "nats.enabled"), bool)
+
+
+def test_every_value_the_templates_use_exists(values: dict[str, Any]) -> None:
+    refs = _template_value_refs()
+    assert refs, "the templates use values"
+    for path, files in refs.items():
+        try:
+            _lookup(values, path)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} (used in {', '.join(sorted(files))})") from None
+
+
+def test_every_value_is_used_by_a_template() -> None:
+    """Values the chart does not read are dead, except nats.config, which the NATS chart reads."""
+    used = set(_template_value_refs())
+    for path, _, leaf in _value_keys():
+        if not leaf or path.startswith("nats.config"):
+            continue
+        parts = path.split(".")
+        prefixes = {".".join(parts[: n + 1]) for n in range(len(parts))}
+        assert prefixes & used, f"{path} is in values.yaml but no template reads it"
+
+
+def test_every_value_has_a_comment() -> None:
+    lines = VALUES_FILE.read_text().splitlines()
+    for path, line, _ in _value_keys():
+        indent = len(lines[line]) - len(lines[line].lstrip())
+        above = lines[line - 1] if line else ""
+        assert above.startswith(" " * indent + "#"), f"{path} has no comment above it"
+
+
+def test_readme_lists_every_value_and_no_other() -> None:
+    rows = re.findall(r"^\|\s*`([^`]+)`\s*\|", README.read_text(), re.MULTILINE)
+    leaves = [path for path, _, leaf in _value_keys() if leaf]
+    assert sorted(set(leaves) - set(rows)) == [], "values missing from README.md"
+    assert sorted(set(rows) - set(leaves)) == [], "README.md lists values that do not exist"
+    assert len(rows) == len(set(rows)), "a value listed twice in README.md"
+
+
+# --- templates --------------------------------------------------------------------------
+
+
+def test_every_manifest_has_a_skeleton(manifests: list[dict[str, Any]]) -> None:
+    kinds = sorted(doc["kind"] for doc in manifests)
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "DaemonSet",
+            "Deployment",
+            "Service",
+            "Service",
+            "Service",
+            "ServiceMonitor",
+            "StatefulSet",
+        ]
+    )
+    for doc in manifests:
+        assert doc["apiVersion"] and doc["metadata"]["name"].startswith("TPL/include/swarmfly.")
+        _component(doc["metadata"]["labels"], "swarmfly.labels")
+
+
+def test_the_skeleton_keeps_what_it_cannot_check_out_of_the_way() -> None:
+    text = (
+        "a:\n"
+        '  {{- include "swarmfly.labels" (dict "context" $ "component" "x") | nindent 2 }}\n'
+        "{{- if .Values.b }}\nb: {{ .Values.b.c | quote }}\n{{- else }}\nb: 2\n{{- end }}\n"
+    )
+    assert yaml.safe_load(skeleton(text)) == {
+        "a": {"__include_1": "swarmfly.labels/x"},
+        "b": "TPL/values/b.c",
+    }
+
+
+def test_every_include_names_a_helper_and_every_helper_is_used() -> None:
+    defined = set(_helper_bodies())
+    included = {name for path in TEMPLATES.iterdir() for name in INCLUDE.findall(path.read_text())}
+    assert included - defined == set(), "include of an undefined helper"
+    assert defined - included == set(), "helpers nothing includes"
+
+
+def test_labels_follow_kubernetes_conventions() -> None:
+    bodies = _helper_bodies()
+    assert "app.kubernetes.io/name:" in bodies["swarmfly.instanceLabels"]
+    assert "app.kubernetes.io/instance:" in bodies["swarmfly.instanceLabels"]
+    assert 'include "swarmfly.instanceLabels"' in bodies["swarmfly.selectorLabels"]
+    assert "app.kubernetes.io/component:" in bodies["swarmfly.selectorLabels"]
+    # The pod labels contain the selector labels, so a selector always matches its pods.
+    assert 'include "swarmfly.selectorLabels"' in bodies["swarmfly.labels"]
+    for label in ("part-of", "version", "managed-by"):
+        assert f"app.kubernetes.io/{label}:" in bodies["swarmfly.labels"]
+    assert "helm.sh/chart:" in bodies["swarmfly.labels"]
+
+
+def test_workload_selectors_match_their_pods(manifests: list[dict[str, Any]]) -> None:
+    workloads = [doc for doc in manifests if doc["kind"] in WORKLOADS]
+    assert sorted(doc["kind"] for doc in workloads) == sorted(WORKLOADS)
+    components = set()
+    for doc in workloads:
+        component = _component(doc["metadata"]["labels"], "swarmfly.labels")
+        components.add(component)
+        assert doc["metadata"]["name"] == f"TPL/include/swarmfly.componentName/{component}"
+        selector = doc["spec"]["selector"]["matchLabels"]
+        assert _component(selector, "swarmfly.selectorLabels") == component
+        pod_labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert _component(pod_labels, "swarmfly.labels") == component
+    assert components == {"scheduler", "storage", "peer"}
+
+
+def _workload(manifests: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    (found,) = [
+        doc
+        for doc in manifests
+        if doc["kind"] in WORKLOADS
+        and _component(doc["metadata"]["labels"], "swarmfly.labels") == component
+    ]
+    return found
+
+
+def test_services_select_a_workload_and_its_ports(manifests: list[dict[str, Any]]) -> None:
+    services = [doc for doc in manifests if doc["kind"] == "Service"]
+    for service in services:
+        component = _component(service["spec"]["selector"], "swarmfly.selectorLabels")
+        assert component == _component(service["metadata"]["labels"], "swarmfly.labels")
+        assert service["metadata"]["name"] == f"TPL/include/swarmfly.componentName/{component}"
+        workload = _workload(manifests, component)
+        port_names = {
+            port["name"] for c in _containers(workload, init=False) for port in c["ports"]
+        }
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in port_names, f"{component}: {port}"
+            assert port["name"] == "http", "the ServiceMonitor scrapes the port named http"
+    assert {_component(s["spec"]["selector"], "swarmfly.selectorLabels") for s in services} == {
+        "scheduler",
+        "storage",
+        "peer",
+    }
+
+
+def test_storage_statefulset_has_its_headless_service_and_claim(
+    manifests: list[dict[str, Any]],
+) -> None:
+    storage = _workload(manifests, "storage")
+    assert storage["kind"] == "StatefulSet"
+    (service,) = [
+        doc
+        for doc in manifests
+        if doc["kind"] == "Service"
+        and _component(doc["spec"]["selector"], "swarmfly.selectorLabels") == "storage"
+    ]
+    assert service["spec"]["clusterIP"] == "None"
+    assert storage["spec"]["serviceName"] == service["metadata"]["name"]
+    (claim,) = storage["spec"]["volumeClaimTemplates"]
+    (container,) = list(_containers(storage))
+    assert claim["metadata"]["name"] in {m["name"] for m in _plain(container["volumeMounts"])}
+    storage_size = claim["spec"]["resources"]["requests"]["storage"]
+    assert storage_size == "TPL/values/storage.persistence.size"
+
+
+def test_containers_have_resources_probes_and_no_privilege(
+    manifests: list[dict[str, Any]], values: dict[str, Any]
+) -> None:
+    for workload in (doc for doc in manifests if doc["kind"] in WORKLOADS):
+        main = {id(c) for c in _containers(workload, init=False)}
+        for container in _containers(workload):
+            name = container["name"]
+            assert container["image"] == "TPL/include/swarmfly.image", name
+            (resources,) = _markers(container["resources"], "values")
+            limits = _lookup(values, resources)
+            for kind in ("requests", "limits"):
+                assert set(limits[kind]) == {"cpu", "memory"}, f"{name}: {resources}.{kind}"
+            security = container["securityContext"]
+            if id(container) in main:
+                assert "swarmfly.containerSecurityContext" in _markers(security, "include")
+                assert "swarmfly.probes" in _markers(container, "include"), name
+                assert "http" in {port["name"] for port in container["ports"]}, name
+            else:
+                assert security["allowPrivilegeEscalation"] is False, name
+                assert security["capabilities"]["drop"] == ["ALL"], name
+
+
+def test_probes_are_http_gets_of_healthz() -> None:
+    probes = yaml.safe_load(skeleton(_helper_bodies()["swarmfly.probes"]))
+    assert set(probes) == {"livenessProbe", "readinessProbe"}
+    for probe in probes.values():
+        assert probe["httpGet"] == {"path": "/healthz", "port": "http"}
+    security = yaml.safe_load(skeleton(_helper_bodies()["swarmfly.containerSecurityContext"]))
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    pod = yaml.safe_load(skeleton(_helper_bodies()["swarmfly.podSecurityContext"]))
+    assert pod["runAsNonRoot"] is True
+
+
+def test_state_lives_where_the_image_keeps_it(manifests: list[dict[str, Any]]) -> None:
+    state_dir = re.search(r"SWARMFLY_STATE_DIR=(\S+)", DOCKERFILE.read_text())
+    assert state_dir
+    for workload in (doc for doc in manifests if doc["kind"] in WORKLOADS):
+        for container in _containers(workload, init=False):
+            mounts = {m["mountPath"] for m in _plain(container["volumeMounts"])}
+            assert state_dir.group(1) in mounts, container["name"]
+
+
+def test_peer_daemonset_uses_the_node(manifests: list[dict[str, Any]]) -> None:
+    peer = _workload(manifests, "peer")
+    assert peer["kind"] == "DaemonSet"
+    spec = peer["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] == "TPL/values/peer.hostNetwork"
+    volumes = {v["name"]: v for v in _plain(spec["volumes"])}
+    assert volumes["data"]["hostPath"]["path"] == "TPL/values/peer.dataDir"
+    assert volumes["containerd-certs"]["hostPath"]["path"] == "TPL/values/peer.containerd.certsDir"
+    init = {c["name"]: c for c in spec["initContainers"]}
+    certs = {m["name"]: m["mountPath"] for m in _plain(init["containerd-hosts"]["volumeMounts"])}
+    script = (TEMPLATES / "containerd-configmap.yaml").read_text()
+    assert f"{certs['containerd-certs']}/$1" in script, "the script writes into the mount"
+    assert '[host."http://127.0.0.1:{{ .Values.peer.proxy.port }}"]' in script
+    assert 'capabilities = ["pull", "resolve"]' in script
+    assert "range .Values.peer.proxy.registries" in script
+    (container,) = spec["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": "TPL/values/peer.port", "proxy": "TPL/values/peer.proxy.port"}
+
+
+def test_servicemonitor_scrapes_every_service(manifests: list[dict[str, Any]]) -> None:
+    (monitor,) = [doc for doc in manifests if doc["kind"] == "ServiceMonitor"]
+    assert "swarmfly.instanceLabels" in _markers(
+        monitor["spec"]["selector"]["matchLabels"], "include"
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {
+        "port": "http",
+        "path": "/metrics",
+        "interval": "TPL/values/serviceMonitor.interval",
+    }
+
+
+def test_environment_names_real_settings() -> None:
+    known = setting_names()
+    used = {
+        name
+        for path in TEMPLATES.iterdir()
+        for name in re.findall(r"\bSWARMFLY_[A-Z0-9_]+", path.read_text())
+    }
+    if "SWARMFLY_PROXY_PORT" not in known:
+        used = {name for name in used if not name.startswith("SWARMFLY_PROXY_")}
+    assert used - known == set(), "not swarmfly settings"
