@@ -321,14 +321,26 @@ class Bus:
             await subscription.unsubscribe()
         return replies
 
-    async def key_value(self, bucket: str, *, timeout: float = 1.0) -> KeyValue:
-        """The JetStream key-value bucket, created on first use (one revision per key)."""
-        js = self.nc.jetstream(timeout=timeout)
+    async def key_value(self, bucket: str, *, timeout: float = 1.0, replicas: int = 1) -> KeyValue:
+        """The JetStream key-value bucket (one revision per key), created on first use with
+        ``replicas`` copies where the cluster has room for them, else one; ``timeout`` bounds
+        each later read or write."""
         try:
+            js = self.nc.jetstream(timeout=timeout)
             try:
                 return await js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
-                return await js.create_key_value(bucket=bucket, history=1)
+                pass
+            creator = self.nc.jetstream(timeout=max(timeout, 10.0))  # a raft group takes time
+            for count in sorted({replicas, 1}, reverse=True):
+                try:
+                    await creator.create_key_value(bucket=bucket, history=1, replicas=count)
+                    break
+                except nats.js.errors.APIError as exc:
+                    if count == 1:
+                        raise
+                    log.info("bucket %s with %d replicas: %s", bucket, count, exc.description)
+            return await js.key_value(bucket)
         except (nats.errors.Error, TimeoutError) as exc:
             raise SwarmflyError(
                 "unavailable", f"JetStream key-value store unavailable: {type(exc).__name__}"

@@ -46,6 +46,9 @@ PartitionCallback = Callable[[int], Awaitable[None]]
 KV_TIMEOUT = 0.75
 """Seconds a lease write may take: a tick must not outlast the book's safety margin."""
 CATCH_UP_TIMEOUT = 5.0
+BUCKET_REPLICAS = 3
+"""Copies of the lease bucket in a NATS cluster (one on a lone server): losing the server
+that held a single copy would leave every partition without a lease."""
 KvErrors = (nats.errors.Error, TimeoutError)
 
 
@@ -99,7 +102,9 @@ class Ownership:
 
     async def start(self, stack: AsyncExitStack) -> None:
         try:
-            self.kv = await self.bus.key_value(self.bucket, timeout=KV_TIMEOUT)
+            self.kv = await self.bus.key_value(
+                self.bucket, timeout=KV_TIMEOUT, replicas=BUCKET_REPLICAS
+            )
         except SwarmflyError as exc:
             log.warning(
                 "%s: serving all %d partitions without leases; run only one scheduler",
