@@ -50,12 +50,13 @@ class Contract:
         """Placeholders in the subject, such as ``host_id`` in ``peer.{host_id}.download``."""
         return _TOKEN.findall(self.name)
 
-    def subject(self, prefix: str, **tokens: str) -> str:
-        """The concrete NATS subject; tokens must be valid single subject tokens."""
+    def subject(self, prefix: str, *, every: tuple[str, ...] = (), **tokens: str) -> str:
+        """The concrete NATS subject; tokens must be valid single subject tokens. A token
+        named in ``every`` becomes ``*``: a subscription to all its values."""
         for key, value in tokens.items():
             if not TOKEN_PATTERN.fullmatch(value):
                 raise ValueError(f"invalid subject token {key}={value!r}")
-        return f"{prefix}.{API_VERSION}." + self.name.format(**tokens)
+        return f"{prefix}.{API_VERSION}." + self.name.format(**tokens, **dict.fromkeys(every, "*"))
 
 
 def _inline(node: Any, defs: Mapping[str, Any]) -> Any:

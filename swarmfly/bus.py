@@ -109,8 +109,11 @@ class Bus:
         return cls(nc, prefix)
 
     def subject(self, name: str, **tokens: str) -> str:
+        return self._subject(name, tokens)
+
+    def _subject(self, name: str, tokens: dict[str, str], every: tuple[str, ...] = ()) -> str:
         self.used.add(name)
-        subject: str = contracts.get(name).subject(self.prefix, **tokens)
+        subject: str = contracts.get(name).subject(self.prefix, every=every, **tokens)
         return subject
 
     async def request(
@@ -195,15 +198,21 @@ class Bus:
         await self._add_endpoints(served, now, tokens)
         return served
 
-    async def open_endpoints(self, served: Served, **tokens: str) -> None:
-        """Subscribe the deferred endpoints under these tokens (a partition a scheduler took)."""
-        key = tuple(sorted(tokens.items()))
+    async def open_endpoints(
+        self, served: Served, *, every: tuple[str, ...] = (), **tokens: str
+    ) -> None:
+        """Subscribe the deferred endpoints under these tokens (a partition a scheduler
+        took); a token named in ``every`` is a wildcard: one subscription for all its values
+        (a scheduler that holds every partition)."""
+        key = _endpoints_key(every, tokens)
         if key not in served.opened:
-            served.opened[key] = await self._add_endpoints(served, served.deferred, tokens)
+            served.opened[key] = await self._add_endpoints(served, served.deferred, tokens, every)
 
-    async def close_endpoints(self, served: Served, **tokens: str) -> None:
-        """Unsubscribe what ``open_endpoints`` subscribed under these tokens."""
-        for endpoint in served.opened.pop(tuple(sorted(tokens.items())), []):
+    async def close_endpoints(
+        self, served: Served, *, every: tuple[str, ...] = (), **tokens: str
+    ) -> None:
+        """Unsubscribe what ``open_endpoints`` subscribed under the same arguments."""
+        for endpoint in served.opened.pop(_endpoints_key(every, tokens), []):
             # nats.micro (nats-py 2.16) removes endpoints only all at once, in Service.stop:
             # do for one what it does for each there.
             served.service._endpoints.remove(endpoint)
@@ -218,18 +227,23 @@ class Bus:
                 log.debug("flush after closing endpoints: %s", exc)
 
     async def _add_endpoints(
-        self, served: Served, handlers: dict[str, Handler], tokens: dict[str, str]
+        self,
+        served: Served,
+        handlers: dict[str, Handler],
+        tokens: dict[str, str],
+        every: tuple[str, ...] = (),
     ) -> list[Endpoint]:
         added: list[Endpoint] = []
         for contract_name, handler in handlers.items():
             contract = contracts.get(contract_name)
-            subject = self.subject(contract_name, **{t: tokens[t] for t in contract.tokens})
+            given = {t: tokens[t] for t in contract.tokens if t not in every}
+            subject = self._subject(contract_name, given, every)
             if contract.fanout:  # every instance hears it: a queue group of its own
                 queue_group = f"{served.name}-{served.service.id}"
             else:
                 queue_group = contract.queue_group or served.name
             await served.service.add_endpoint(
-                name=_endpoint_name(contract_name, tokens),
+                name=_endpoint_name(contract_name, {**tokens, **dict.fromkeys(every, "all")}),
                 subject=subject,
                 handler=self._endpoint(contract, handler),
                 queue_group=queue_group,
@@ -380,6 +394,10 @@ class Bus:
         self._services.clear()
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+def _endpoints_key(every: tuple[str, ...], tokens: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted({**tokens, **dict.fromkeys(every, "*")}.items()))
 
 
 def _endpoint_name(contract_name: str, tokens: dict[str, str]) -> str:

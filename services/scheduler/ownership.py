@@ -42,7 +42,7 @@ from swarmfly.services.scheduler.leases import (
 
 log = logging.getLogger(__name__)
 
-PartitionCallback = Callable[[int], Awaitable[None]]
+HeldCallback = Callable[[frozenset[int]], Awaitable[None]]
 KV_TIMEOUT = 0.75
 """Seconds a lease write may take: a tick must not outlast the book's safety margin."""
 CATCH_UP_TIMEOUT = 5.0
@@ -68,8 +68,7 @@ class Ownership:
         partitions: int,
         lease: float,
         renew: float,
-        on_gain: PartitionCallback,
-        on_loss: PartitionCallback,
+        on_change: HeldCallback,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= partitions <= MAX_PARTITIONS:
@@ -89,9 +88,9 @@ class Ownership:
         self.bucket = bucket_name(bus.prefix)
         self.kv: KeyValue | None = None
         self.held: set[int] = set()
-        """Partitions whose subjects this scheduler serves now."""
-        self._on_gain = on_gain
-        self._on_loss = on_loss
+        """Partitions this scheduler serves now."""
+        self._on_change = on_change
+        self._told: frozenset[int] = frozenset()
         self._owners = [""] * partitions
         self._lock = asyncio.Lock()
         self._twin = False
@@ -111,8 +110,8 @@ class Ownership:
                 exc.message,
                 self.partitions,
             )
-            for partition in range(self.partitions):
-                await self._gain(partition)
+            self.held = set(range(self.partitions))
+            await self._changed()
             self._owners = [f"{self.instance}.0"] * self.partitions
             return
         try:
@@ -225,15 +224,20 @@ class Ownership:
         self.book.member_written(revision, sent, self.clock())
 
     async def _apply(self, actions: list[Action]) -> None:
-        """Give up first (Lost, Release), then write the rest concurrently."""
+        """Stop serving what goes (Lost, Release) before anything else, then write the rest
+        concurrently, then serve what was taken."""
         for action in actions:
             if isinstance(action, Lost):
                 log.warning("partition %d: lease lost, no longer served", action.partition)
-                await self._lose(action.partition)
-            elif isinstance(action, Release):
-                await self._release(action)
+            if isinstance(action, Lost | Release):
+                self.held.discard(action.partition)
+        await self._changed()
+        releases = [a for a in actions if isinstance(a, Release)]
         writes = [a for a in actions if isinstance(a, Take | Renew)]
-        await asyncio.gather(*(self._write(action) for action in writes))
+        await asyncio.gather(
+            *(self._release(a) for a in releases), *(self._write(a) for a in writes)
+        )
+        await self._changed()
 
     async def _write(self, action: Take | Renew) -> None:
         assert self.kv is not None
@@ -245,14 +249,15 @@ class Ownership:
             await self._refresh(key)
             if isinstance(action, Renew) and self.book.refused(action.partition):
                 log.warning("partition %d: lease taken over, no longer served", action.partition)
-                await self._lose(action.partition)
+                self.held.discard(action.partition)
+                await self._changed()
             return
         except KvErrors as exc:
             log.info("partition %d: lease write failed: %s", action.partition, type(exc).__name__)
             return
         if isinstance(action, Take):
             self.book.taken(action.partition, revision, action.holder, sent, self.clock())
-            await self._gain(action.partition)
+            self.held.add(action.partition)
         else:
             self.book.renewed(action.partition, revision, sent, self.clock())
 
@@ -273,28 +278,28 @@ class Ownership:
             self.book.observe(key, entry.revision, entry.value or b"", self.clock())
 
     async def _release(self, action: Release) -> None:
+        """Delete a lease this scheduler no longer serves, so its home need not wait."""
         assert self.kv is not None
-        await self._lose(action.partition)
         try:
             await self.kv.delete(partition_key(action.partition), last=action.last)
         except KvErrors as exc:  # it expires instead
             log.info("partition %d: release failed: %s", action.partition, type(exc).__name__)
 
-    async def _gain(self, partition: int) -> None:
-        self.held.add(partition)
-        await self._on_gain(partition)
-
-    async def _lose(self, partition: int) -> None:
-        if partition in self.held:
-            self.held.discard(partition)
-            await self._on_loss(partition)
+    async def _changed(self) -> None:
+        """Tell the service what it serves now, when that changed."""
+        held = frozenset(self.held)
+        if held != self._told:
+            self._told = held
+            await self._on_change(held)
 
     async def _stop(self, ticker: asyncio.Task[None]) -> None:
         """A clean stop hands every partition on at once, and says this scheduler is gone."""
         ticker.cancel()
         async with self._lock:
-            for release in self.book.release_all():
-                await self._release(release)
+            releases = self.book.release_all()
+            self.held.clear()
+            await self._changed()
+            await asyncio.gather(*(self._release(release) for release in releases))
             if self.kv is not None:
                 try:
                     await self.kv.delete(self.book.member_key)

@@ -38,6 +38,8 @@ DIGEST_PAGE = 8192
 """Digests per scheduler.<n>.task reply: a page stays far below NATS's 1 MiB payload limit."""
 PLACEHOLDER_URL = "swarmfly:cached"
 """The source a host announces for a cached task whose URL it did not keep."""
+ALL = "*"
+"""The subscription layout of a scheduler that holds every partition: one wildcard each."""
 
 
 def host_spec(data: dict[str, Any]) -> HostSpec:
@@ -83,10 +85,12 @@ class SchedulerService:
             partitions=sc.partitions,
             lease=sc.lease,
             renew=sc.renew_interval,
-            on_gain=self._gain,
-            on_loss=self._lose,
+            on_change=self._serve,
         )
         self._served: Served | None = None
+        self._layout: set[str] = set()
+        """What task subjects are subscribed under: partition numbers, or ALL."""
+        self._serving = asyncio.Lock()
         self._warm_until = 0.0
         """Until then, storage hosts may be unknown only for not having sent a heartbeat."""
         self._seed_known = asyncio.Event()
@@ -122,16 +126,24 @@ class SchedulerService:
 
     # -- handlers ------------------------------------------------------------------------
 
-    async def _gain(self, partition: int) -> None:
-        assert self._served is not None
-        await self.bus.open_endpoints(self._served, partition=str(partition))
+    async def _serve(self, held: frozenset[int]) -> None:
+        """Subscribe the task subjects of exactly the held partitions, and forget the tasks
+        of the others (``held`` already says so to the handlers, so none comes back).
 
-    async def _lose(self, partition: int) -> None:
-        """Unsubscribe first, then forget: nothing can bring a forgotten task back."""
+        Holding every partition, as a lone scheduler does, each subject is one wildcard
+        subscription: one subscription per partition would spread the requests over many
+        of nats-py's dispatch tasks, a measurable cost per request.
+        """
         assert self._served is not None
-        await self.bus.close_endpoints(self._served, partition=str(partition))
+        layout = {ALL} if len(held) == self.partitions else {str(p) for p in held}
+        async with self._serving:
+            for token in sorted(layout - self._layout):
+                await self.bus.open_endpoints(self._served, **_partition_tokens(token))
+            for token in sorted(self._layout - layout):
+                await self.bus.close_endpoints(self._served, **_partition_tokens(token))
+            self._layout = layout
         self.core.drop_tasks(
-            [t for t in self.core.tasks if partition_of(t, self.partitions) == partition]
+            [t for t in self.core.tasks if partition_of(t, self.partitions) not in held]
         )
         self._forget_sources()
 
@@ -366,6 +378,10 @@ class SchedulerService:
             content_type="text/html",
             headers={"Content-Security-Policy": DASHBOARD_CSP},
         )
+
+
+def _partition_tokens(token: str) -> dict[str, Any]:
+    return {"every": ("partition",)} if token == ALL else {"partition": token}
 
 
 def bitmap(pieces: set[int]) -> str:

@@ -413,7 +413,6 @@ async def test_srv_ping_and_info_find_every_service(
     assert sorted(ours) == ["peer", "scheduler", "storage"]
     hosts = cluster.hosts
     assert ours["peer"]["metadata"]["host_id"] == hosts["peer"]
-    partitions = cluster.config.scheduler.partitions
     for service, info in ours.items():
         assert info["endpoints"], service
         subjects: dict[str, set[str]] = {}
@@ -422,15 +421,11 @@ async def test_srv_ping_and_info_find_every_service(
             assert contract.service == service
             subjects.setdefault(contract.name, set()).add(endpoint["subject"])
         for name, found in subjects.items():
-            tokens = subject_tokens(name, hosts)
-            # A lone scheduler holds every partition: each task subject once per partition.
-            expected = {
-                CONTRACTS[name].subject(prefix, **{**tokens, "partition": str(p)})
-                if "partition" in tokens
-                else CONTRACTS[name].subject(prefix, **tokens)
-                for p in range(partitions)
-            }
-            assert found == expected, name
+            contract, tokens = CONTRACTS[name], subject_tokens(name, hosts)
+            # A lone scheduler holds every partition: one subscription for all of them.
+            every = tuple(t for t in tokens if t == "partition")
+            mine = {t: v for t, v in tokens.items() if t not in every}
+            assert found == {contract.subject(prefix, every=every, **mine)}, name
     served = {e["metadata"]["contract"] for info in ours.values() for e in info["endpoints"]}
     assert served == {n for n in NAMES if CONTRACTS[n].service != "proxy"}
 
