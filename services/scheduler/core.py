@@ -76,6 +76,14 @@ class Peer:
 
 
 @dataclass
+class Suspicion:
+    """Children could not reach a seed: it may have died."""
+
+    since: float
+    reporters: set[str] = field(default_factory=set)
+
+
+@dataclass
 class Task:
     id: str
     content: TaskContent | None = None
@@ -87,6 +95,8 @@ class Task:
     """The storage instance last asked to seed the task (None: none known when asked)."""
     failed_seeds: set[str] = field(default_factory=set)
     """Storage hosts that failed this task or went away while seeding it."""
+    suspects: dict[str, Suspicion] = field(default_factory=dict)
+    """Seed peers children reported failed since they last delivered a piece."""
     seed_failed: bool = False
     holders: dict[int, int] = field(default_factory=dict)
     """Peers (sources included) holding each piece."""
@@ -159,12 +169,17 @@ class Scheduler:
         candidate_parents: int = 4,
         host_ttl: float = 15.0,
         seed_timeout: float = 30.0,
+        seed_silence: float = 5.0,
         evaluator: Evaluator = default_evaluate,
         rng: random.Random | None = None,
     ) -> None:
         self.candidate_parents = candidate_parents
         self.host_ttl = host_ttl
         self.seed_timeout = seed_timeout
+        self.seed_silence = seed_silence
+        """A seed its children cannot reach counts as dead once its host has also been
+        silent this long (about one heartbeat): sooner than host_ttl, and a seed that only
+        one child cannot reach, or that is merely busy, keeps heartbeating."""
         self.evaluator = evaluator
         self.rng = rng or random.Random(0)
         self.hosts: dict[str, Host] = {}
@@ -301,6 +316,8 @@ class Scheduler:
         task.digests = digests
         self._add_pieces(task, peer, {report.number for report in reports})
         for report in reports:
+            if report.parent_id is not None:
+                task.suspects.pop(report.parent_id, None)  # it delivers: alive
             if report.cost_ms is not None and report.parent_id is not None:
                 parent = self.peers.get(report.parent_id)
                 if parent is not None:
@@ -326,11 +343,8 @@ class Scheduler:
             if reason == "corrupt":
                 task.bad_parents.add(bad_id)
             bad = task.peers.get(bad_id)
-            if reason == "failed" and bad is not None and bad.seed:
-                # A seed its children cannot reach has died (or soon will be known to): the
-                # next storage instance takes over now, not when its heartbeats run out.
-                bad.state = "failed"
-                task.failed_seeds.add(bad.host_id)
+            if reason == "failed" and bad is not None and bad.seed and bad.state != "failed":
+                task.suspects.setdefault(bad_id, Suspicion(now)).reporters.add(peer.id)
         if peer.seed:
             return self._seed_schedule(task, peer, now), []
         effects = self._seed_effects(task, now)
@@ -429,8 +443,33 @@ class Scheduler:
         order = rendezvous(task.id, (h for h in self.seed_hosts() if h not in task.failed_seeds))
         return order[0] if order else None
 
+    def _judge_suspects(self, task: Task, now: float) -> None:
+        """A seed its children cannot reach has died when two of them say so (or the only
+        one using it), it delivered no piece since, and its host has gone silent: the next
+        storage instance takes over then, not when the host's heartbeats run out (host_ttl).
+        One child alone may have trouble of its own, and the seed stays for the others."""
+        for seed_id, doubt in list(task.suspects.items()):
+            seed = task.peers.get(seed_id)
+            if seed is None or seed.state == "failed" or now - doubt.since >= self.host_ttl:
+                del task.suspects[seed_id]  # gone, judged, or it outlived a host's ttl: alive
+                continue
+            host = self.hosts.get(seed.host_id)
+            if host is not None and now - host.last_seen < self.seed_silence:
+                continue
+            others = any(
+                seed_id in p.parents
+                for p in task.peers.values()
+                if p.state == "running" and p.id not in doubt.reporters
+            )
+            if len(doubt.reporters) >= 2 or not others:
+                seed.state = "failed"
+                task.failed_seeds.add(seed.host_id)
+                del task.suspects[seed_id]
+
     def _seed_effects(self, task: Task, now: float) -> list[TriggerSeed]:
         """Ask a storage instance to seed the task when nothing serves it from the origin."""
+        if task.suspects:
+            self._judge_suspects(task, now)
         if self._has_source(task, now) or task.seed_failed:
             return []
         asked = task.seed_host
@@ -491,7 +530,8 @@ class Scheduler:
             and now - task.seed_requested_at < self.seed_timeout
             and not any(p.seed and self._alive(p) for p in task.peers.values())
         )
-        if usable_source or seed_pending:
+        # While a seed is in doubt, its replacement may be coming: wait for it, not the origin.
+        if usable_source or seed_pending or task.suspects:
             return Schedule("wait", content=task.content, retry_after_ms=WAIT_MS)
         child.back_to_source = True
         return Schedule("back_to_source", content=task.content)

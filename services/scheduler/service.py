@@ -72,6 +72,7 @@ class SchedulerService:
             candidate_parents=sc.candidate_parents,
             host_ttl=sc.host_ttl,
             seed_timeout=sc.seed_timeout,
+            seed_silence=sc.heartbeat_interval,
             evaluator=evaluator,
         )
         self.http_url = ""

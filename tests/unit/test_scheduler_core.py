@@ -754,9 +754,9 @@ def test_a_seed_its_children_cannot_reach_is_replaced_by_the_next_storage() -> N
     parents = ids(s.reschedule(task_id=T, peer_id="a", now=1.0)[0])
     assert parents == {f"seed-{order[0]}"}
     schedule, effects = s.reschedule(
-        task_id=T, peer_id="a", now=2.0, bad_parents=[(f"seed-{order[0]}", "failed")]
+        task_id=T, peer_id="a", now=6.0, bad_parents=[(f"seed-{order[0]}", "failed")]
     )
-    assert effects == [TriggerSeed(T, order[1])]
+    assert effects == [TriggerSeed(T, order[1])], "unreachable and silent for a heartbeat"
     assert schedule.action == "wait", "it waits for the next seed, not the origin"
 
 
@@ -783,9 +783,9 @@ def test_a_seed_taking_over_is_told_who_holds_what_the_swarm_has() -> None:
     seed_on(s, order[0], 0.1, range(4))
     s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0), PieceReport(1)], now=0.2)
     s.report_pieces(task_id=T, peer_id="b", pieces=[PieceReport(0)], now=0.2)
-    s.reschedule(task_id=T, peer_id="a", now=0.3, bad_parents=[(f"seed-{order[0]}", "failed")])
+    s.reschedule(task_id=T, peer_id="a", now=6.0, bad_parents=[(f"seed-{order[0]}", "failed")])
     schedule, effects = s.register(
-        task_id=T, peer_id="next", host=host(order[1], kind="seed"), now=0.4, seed=True
+        task_id=T, peer_id="next", host=host(order[1], kind="seed"), now=6.1, seed=True
     )
     assert schedule.action == "back_to_source"
     assert ids(schedule) == {"a"}, "b holds nothing a does not: one holder covers the swarm"
@@ -800,3 +800,46 @@ def test_dropping_a_partitions_tasks_keeps_the_hosts() -> None:
     assert set(s.tasks) == {T2} and set(s.peers) == {"b"}
     assert {"h1", *STORAGES} <= set(s.hosts)
     assert s.heartbeat(host("h1"), uploads=0, now=1.0) is True
+
+
+def swarm_with_seed(children: str) -> tuple[Scheduler, list[str], str]:
+    """A seed with every piece, a normal peer "z" with half of them, and children using both."""
+    s = fleet()
+    order = rendezvous(T, STORAGES)
+    seed_on(s, order[0], 0.0, range(4))
+    s.register(task_id=T, peer_id="z", host=host("hz"), now=0.0, pieces=range(2))
+    for child in children:
+        schedule = join(s, child, f"h{child}", now=0.1)
+        assert {f"seed-{order[0]}", "z"} <= ids(schedule)
+    return s, order, f"seed-{order[0]}"
+
+
+def test_one_child_that_cannot_reach_the_seed_does_not_replace_it_for_the_others() -> None:
+    s, order, seed = swarm_with_seed("ab")
+    _, effects = s.reschedule(task_id=T, peer_id="a", now=6.3, bad_parents=[(seed, "failed")])
+    assert effects == []
+    assert seed in ids(s.reschedule(task_id=T, peer_id="b", now=6.4)[0])
+    _, effects = s.reschedule(task_id=T, peer_id="b", now=6.5, bad_parents=[(seed, "failed")])
+    assert effects == [TriggerSeed(T, order[1])]
+
+
+def test_a_piece_the_seed_delivers_clears_the_doubt() -> None:
+    s, order, seed = swarm_with_seed("abc")
+    s.reschedule(task_id=T, peer_id="a", now=6.3, bad_parents=[(seed, "failed")])
+    s.report_pieces(task_id=T, peer_id="b", pieces=[PieceReport(2, parent_id=seed)], now=6.4)
+    _, effects = s.reschedule(task_id=T, peer_id="b", now=6.5, bad_parents=[(seed, "failed")])
+    assert effects == [], "one report since the seed last delivered"
+    _, effects = s.reschedule(task_id=T, peer_id="c", now=6.6, bad_parents=[(seed, "failed")])
+    assert effects == [TriggerSeed(T, order[1])]
+
+
+def test_a_seed_that_still_heartbeats_is_kept_whatever_its_children_say() -> None:
+    s, order, seed = swarm_with_seed("ab")
+    s.heartbeat(host(order[0], kind="seed"), uploads=0, now=6.0)
+    for n, child in enumerate("ab"):
+        now = 6.1 + n / 10
+        _, effects = s.reschedule(task_id=T, peer_id=child, now=now, bad_parents=[(seed, "failed")])
+        assert effects == []
+    assert seed in ids(join(s, "c", "hc", now=6.5))
+    _, effects = s.reschedule(task_id=T, peer_id="c", now=11.5)
+    assert effects == [TriggerSeed(T, order[1])], "silent for a heartbeat since: it died"
