@@ -791,7 +791,7 @@ def report(summary: dict[str, Any], out: Out) -> None:
     rows = []
     for r in runs:
         if "decisions" not in r:
-            rows.append([r["run"], "NO", *["-"] * 10])
+            rows.append([r["run"], "NO", *["-"] * 12])  # as many cells as the header
             continue
         cpu, wall = r["cpu_seconds"], r["elapsed_s"]
         rows.append([
