@@ -10,14 +10,14 @@ import asyncio
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from opentelemetry.trace import SpanKind
 
 from swarmfly import metrics, telemetry
-from swarmfly.content import TaskContent
+from swarmfly.content import SourceRequest, TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, piece_count, piece_length_for
 from swarmfly.plugins.hookspecs import SourceStat
@@ -42,24 +42,6 @@ BLOCK_SECONDS = 30.0
 """A dropped parent is not used again for this long (a corrupt one never: the scheduler)."""
 BUSY_BACKOFF = 0.25
 """Seconds before asking a parent that had no free upload slot again."""
-
-
-@dataclass(frozen=True)
-class SourceRequest:
-    url: str
-    headers: dict[str, str] = field(default_factory=dict, repr=False)
-    digest: str | None = None
-    piece_length: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"url": self.url}
-        if self.headers:
-            out["headers"] = self.headers
-        if self.digest:
-            out["digest"] = self.digest
-        if self.piece_length:
-            out["piece_length"] = self.piece_length
-        return out
 
 
 class LocalDiskError(SwarmflyError):
