@@ -131,12 +131,14 @@ async def _via_peer(
         )
 
     call = ask()
+    # A bar wants fresh numbers; otherwise the polls only watch that the peer is alive.
+    interval = 0.25 if progress is not None else 1.0
     silent_since: float | None = None
     seen = False
     forgotten_since: float | None = None
     try:
         while not call.done():
-            await asyncio.wait([call], timeout=0.25)
+            await asyncio.wait([call], timeout=interval)
             if call.done():
                 break
             try:
