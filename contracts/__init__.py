@@ -96,6 +96,20 @@ def validate_error() -> Validator:
     return fastjsonschema.compile(error_schema())
 
 
+def _compiled_on_use(schema: dict[str, Any]) -> Validator:
+    """A validator compiled at its first use: a process uses a few contracts (the CLI two),
+    and compiling all of them costs a short-lived one more than its work."""
+    compiled: Validator | None = None
+
+    def validate(data: Any) -> Any:
+        nonlocal compiled
+        if compiled is None:
+            compiled = fastjsonschema.compile(schema)
+        return compiled(data)
+
+    return validate
+
+
 @cache
 def registry() -> dict[str, Contract]:
     """Every contract by subject name, loaded and compiled once per process."""
@@ -119,8 +133,8 @@ def registry() -> dict[str, Contract]:
             examples=raw["examples"],
             queue_group=raw.get("queue_group"),
             fanout=bool(raw.get("fanout", False)),
-            validate_request=fastjsonschema.compile(request),
-            validate_reply=fastjsonschema.compile(reply) if reply else None,
+            validate_request=_compiled_on_use(request),
+            validate_reply=_compiled_on_use(reply) if reply else None,
         )
         contracts[contract.name] = contract
     return contracts

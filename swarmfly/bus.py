@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_REQUEST_BYTES = 256 * 1024
+MAX_HANDLING = 256
+"""Requests one endpoint handles at once."""
 """Requests above this are refused before decoding; replies may be larger (digest lists)."""
 
 
@@ -76,6 +78,7 @@ class Bus:
         self.used: set[str] = set()
         """Contract names this bus has used; tests check each has a contract."""
         self._services: list[Service] = []
+        self._handling: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(
@@ -259,6 +262,18 @@ class Bus:
     def _endpoint(
         self, contract: contracts.Contract, handler: Handler
     ) -> Callable[[Request], Awaitable[None]]:
+        """nats-py hands a subscription's messages over one at a time: each request is
+        handled in its own task, so a long one (a download, a preheat) does not hold up the
+        next; past MAX_HANDLING at once, the subscription waits (its queue is bounded)."""
+        gate = asyncio.Semaphore(MAX_HANDLING)
+
+        async def dispatch(request: Request) -> None:
+            await gate.acquire()
+            task = asyncio.create_task(serve(request))
+            self._handling.add(task)
+            task.add_done_callback(self._handling.discard)
+            task.add_done_callback(lambda _: gate.release())
+
         async def serve(request: Request) -> None:
             try:
                 payload = decode_request(contract, request.data)
@@ -289,7 +304,7 @@ class Bus:
                 log.error("reply on %s not sent: %s", contract.name, exc)
                 await _respond_error(request, SwarmflyError("internal", "reply could not be sent"))
 
-        return serve
+        return dispatch
 
     async def gather(
         self,
@@ -386,6 +401,8 @@ class Bus:
         return found
 
     async def close(self) -> None:
+        for task in list(self._handling):
+            task.cancel()
         for service in self._services:
             try:
                 await service.stop()

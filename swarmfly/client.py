@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -14,17 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from swarmfly import telemetry
 from swarmfly.bus import Bus
+from swarmfly.cluster import connect, local_peer, servers_of
 from swarmfly.config import Config
+from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, new_id
-from swarmfly.runtime import connect, load_plugins, peer_settings, servers_of
-from swarmfly.services.peer.conductor import SourceRequest
-from swarmfly.services.peer.node import PeerNode, deliver
-from swarmfly.services.peer.service import PEER_FILE
 from swarmfly.services.peer.store import redact_url
 
 log = logging.getLogger(__name__)
@@ -55,16 +50,6 @@ def parse_header(text: str) -> tuple[str, str]:
     if not sep or not name.strip() or any(c in name for c in " \t\r\n"):
         raise SwarmflyError("bad_request", f"header must look like 'Name: value', got {text!r}")
     return name.strip(), value.strip()
-
-
-def local_peer(state_dir: Path) -> str | None:
-    """The host id of a peer service running on this state dir, if its process lives."""
-    try:
-        data = orjson.loads((state_dir / PEER_FILE).read_bytes())
-        os.kill(int(data["pid"]), 0)
-        return str(data["host_id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 async def get(
@@ -146,12 +131,14 @@ async def _via_peer(
         )
 
     call = ask()
+    # A bar wants fresh numbers; otherwise the polls only watch that the peer is alive.
+    interval = 0.25 if progress is not None else 1.0
     silent_since: float | None = None
     seen = False
     forgotten_since: float | None = None
     try:
         while not call.done():
-            await asyncio.wait([call], timeout=0.25)
+            await asyncio.wait([call], timeout=interval)
             if call.done():
                 break
             try:
@@ -210,6 +197,10 @@ async def _in_process(
     output: Path,
     progress: Progress | None,
 ) -> dict[str, Any]:
+    # Only here: a get through the host's peer service never loads the node and its plugins.
+    from swarmfly.runtime import load_plugins, peer_settings
+    from swarmfly.services.peer.node import PeerNode, deliver
+
     state_dir = _cli_state_dir(stack, config)
     plugins = load_plugins(config)
     stack.push_async_callback(plugins.close)

@@ -1,9 +1,10 @@
-"""What a task's content is: its length, piece length, piece count and digest (the contract's
-``task`` object), shared by the scheduler and every peer."""
+"""What a task is made of: where its bytes come from (the contract's ``source``) and what its
+content is (the ``task`` object: length, piece length, piece count, digest), shared by the
+scheduler, every peer and the CLI."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from swarmfly.ids import piece_range
@@ -34,3 +35,21 @@ class TaskContent:
 
     def piece(self, number: int) -> tuple[int, int]:
         return piece_range(number, self.content_length, self.piece_length)
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    url: str
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    digest: str | None = None
+    piece_length: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"url": self.url}
+        if self.headers:
+            out["headers"] = self.headers
+        if self.digest:
+            out["digest"] = self.digest
+        if self.piece_length:
+            out["piece_length"] = self.piece_length
+        return out

@@ -22,10 +22,11 @@ from typing import Any
 import orjson
 
 from swarmfly.bus import Bus
+from swarmfly.cluster import connect
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError
 from swarmfly.plugins.sources.oci import MANIFEST_TYPES
-from swarmfly.runtime import connect, load_plugins
+from swarmfly.runtime import load_plugins
 
 MAX_MANIFEST = 4 * 1024 * 1024
 PARALLEL = 4

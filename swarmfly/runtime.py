@@ -13,8 +13,8 @@ import orjson
 
 from swarmfly import telemetry
 from swarmfly.bus import Bus
+from swarmfly.cluster import CLUSTER_FILE, connect, servers_of
 from swarmfly.config import Config
-from swarmfly.errors import SwarmflyError
 from swarmfly.ids import default_host_id
 from swarmfly.natsserver import NatsServer
 from swarmfly.pluginhost import Plugins
@@ -26,31 +26,6 @@ from swarmfly.services.scheduler.service import SchedulerService
 from swarmfly.services.storage.service import StorageService
 
 log = logging.getLogger(__name__)
-CLUSTER_FILE = "cluster.json"
-
-
-def recorded_servers(state_dir: Path) -> list[str]:
-    """The NATS that `swarmfly up` started for this state dir, if any."""
-    try:
-        data = orjson.loads((state_dir / CLUSTER_FILE).read_bytes())
-        return [str(s) for s in data["nats"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
-def servers_of(config: Config) -> list[str]:
-    return config.nats.servers or recorded_servers(config.state_dir)
-
-
-async def connect(config: Config, name: str, servers: list[str] | None = None) -> Bus:
-    servers = servers or servers_of(config)
-    if not servers:
-        raise SwarmflyError(
-            "unavailable", "no NATS server: pass --nats URL, or start one with `swarmfly up`"
-        )
-    return await Bus.connect(
-        servers, prefix=config.nats.prefix, name=name, options=config.nats_options()
-    )
 
 
 def peer_settings(config: Config, state_dir: Path) -> NodeSettings:

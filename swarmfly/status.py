@@ -7,8 +7,8 @@ from typing import Any
 
 import orjson
 
+from swarmfly.cluster import connect
 from swarmfly.config import Config
-from swarmfly.runtime import connect
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> str:

@@ -11,14 +11,14 @@ import logging
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from opentelemetry.trace import SpanKind
 
 from swarmfly import metrics, telemetry
-from swarmfly.content import TaskContent
+from swarmfly.content import SourceRequest, TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, piece_count, piece_length_for
 from swarmfly.plugins.hookspecs import SourceStat
@@ -48,24 +48,6 @@ SCHEDULER_PATIENCE = 10.0
 moves to another scheduler within 10 s) before it reads the origin."""
 TAKEOVER_ATTEMPTS = 8
 """Tries per piece (busy parents included) before a taking-over seed reads it from the origin."""
-
-
-@dataclass(frozen=True)
-class SourceRequest:
-    url: str
-    headers: dict[str, str] = field(default_factory=dict, repr=False)
-    digest: str | None = None
-    piece_length: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"url": self.url}
-        if self.headers:
-            out["headers"] = self.headers
-        if self.digest:
-            out["digest"] = self.digest
-        if self.piece_length:
-            out["piece_length"] = self.piece_length
-        return out
 
 
 class LocalDiskError(SwarmflyError):

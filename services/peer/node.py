@@ -23,6 +23,7 @@ import aiohttp
 
 from swarmfly import metrics
 from swarmfly.bus import Bus
+from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import task_id as make_task_id
@@ -31,7 +32,7 @@ from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source, SourceStat
 from swarmfly.ratelimit import TokenBucket
-from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor, SourceRequest
+from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor
 from swarmfly.services.peer.gc import CachedTask, GcPolicy, plan
 from swarmfly.services.peer.store import StoredTask, TaskStore
 from swarmfly.services.peer.upload import UploadServer

@@ -12,11 +12,10 @@ import orjson
 
 from swarmfly import __version__
 from swarmfly.bus import Bus
+from swarmfly.cluster import PEER_FILE
+from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError
-from swarmfly.services.peer.conductor import SourceRequest
 from swarmfly.services.peer.node import PeerNode, deliver
-
-PEER_FILE = "peer.json"
 
 
 def source_from(data: dict[str, Any]) -> SourceRequest:

@@ -109,7 +109,12 @@ class Upstreams:
             if not self.bases:
                 raise RegistryError(403, "DENIED", "no upstream registry is configured")
             return self.bases[0]
-        scheme, host = _authority(wanted.strip())
+        try:
+            scheme, host = _authority(wanted.strip())
+        except ValueError:  # e.g. an unbalanced "[" of an IPv6 literal
+            raise RegistryError(
+                400, "UNSUPPORTED", "the upstream registry cannot be parsed"
+            ) from None
         for base in self._by_host.get(host, []):
             if scheme is None or base.startswith(f"{scheme}://"):
                 return base

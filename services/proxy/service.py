@@ -29,10 +29,10 @@ from opentelemetry.trace import SpanKind
 
 from swarmfly import metrics, telemetry
 from swarmfly.config import ProxyConfig
+from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError
 from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.plugins.sources.http import HOP_BY_HOP
-from swarmfly.services.peer.conductor import SourceRequest
 from swarmfly.services.peer.node import Download, PeerNode
 from swarmfly.services.proxy import stream
 from swarmfly.services.proxy.registry import RegistryError, Route, Upstreams, route

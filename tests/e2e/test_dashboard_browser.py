@@ -11,9 +11,9 @@ import pytest
 
 from swarmfly.bus import Bus
 from swarmfly.config import Config
+from swarmfly.content import SourceRequest
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
-from swarmfly.services.peer.conductor import SourceRequest
 from swarmfly.testing import Origin, in_process_cluster
 from tests.conftest import require_tool
 

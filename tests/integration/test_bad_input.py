@@ -171,6 +171,12 @@ def invalid_ids(name: str) -> list[Case]:
             request = first_request(name)
             request["host"] = {**value, "id": "host.a"}
             cases.append(Case("bad host.id", orjson.dumps(request), path="data.host.id"))
+        if field == "source" and isinstance(value, dict):
+            request = first_request(name)
+            request["source"] = {**value, "digest": "sha256:" + "g" * 64}
+            cases.append(
+                Case("bad source.digest", orjson.dumps(request), path="data.source.digest")
+            )
     assert cases, f"{name} has no id field to spoil"
     return cases
 
@@ -256,7 +262,9 @@ async def test_bad_input_is_refused(env: Env, name: str, kind: str) -> None:
         check_refused(case, msg)
 
 
-@pytest.mark.parametrize("name", ["storage.{host_id}.seed", "peer.{host_id}.download"])
+@pytest.mark.parametrize(
+    "name", ["storage.{host_id}.seed", "storage.preheat", "peer.{host_id}.download"]
+)
 async def test_unsupported_url_scheme_is_refused(env: Env, name: str) -> None:
     for url in ("file:///etc/passwd", "gopher://example.com/x", "/etc/passwd"):
         request = first_request(name)
@@ -364,6 +372,8 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], float]:
         return {"bitmaps": True, "limit": 5}, 5
     if name == "storage.{host_id}.seed":
         return {"task_id": task_id, "source": {"url": env.url}}, 5
+    if name == "storage.preheat":
+        return {"source": {"url": env.url}, "timeout_s": 30}, 35
     if name == "peer.{host_id}.progress":
         return {"download_id": "dl-unknown"}, 5
     if name == "peer.{host_id}.download":
@@ -404,6 +414,8 @@ async def test_service_keeps_serving_after_bad_input(env: Env, name: str) -> Non
         assert reply["digest"] == f"sha256:{hashlib.sha256(FILE_DATA).hexdigest()}"
     elif name == "storage.{host_id}.seed":
         assert reply["accepted"] is True
+    elif name == "storage.preheat":
+        assert reply["content_length"] == len(FILE_DATA)
     elif name == "scheduler.heartbeat":
         assert reply["ok"] is True
     elif name == "scheduler.{partition}.task":

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from swarmfly.config import Config
+from swarmfly.content import SourceRequest
 from swarmfly.pluginhost import Plugins
 from swarmfly.runtime import peer_settings
-from swarmfly.services.peer.conductor import SourceRequest
 from swarmfly.services.peer.gc import GcPolicy
 from swarmfly.services.peer.node import PeerNode
 from swarmfly.testing import Origin

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from swarmfly.bus import Bus
+from swarmfly.content import SourceRequest
 from swarmfly.natsserver import NatsServer
 from swarmfly.runtime import peer_settings
-from swarmfly.services.peer.conductor import SourceRequest
 from swarmfly.services.peer.node import PeerNode
 from swarmfly.testing import Origin, in_process_cluster
 

@@ -14,8 +14,8 @@ import orjson
 
 from swarmfly.bus import Bus
 from swarmfly.config import Config
+from swarmfly.content import SourceRequest
 from swarmfly.natsserver import NatsServer
-from swarmfly.services.peer.conductor import SourceRequest
 from swarmfly.testing import Origin, in_process_cluster
 
 MiB = 1024 * 1024

@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 
 import swarmfly.plugins.sources.s3 as s3_plugin
+from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError
 from swarmfly.natsserver import NatsServer, free_port
 from swarmfly.pluginhost import GROUP, Plugins
 from swarmfly.plugins.sources.s3 import S3Source
-from swarmfly.services.peer.conductor import SourceRequest
 from swarmfly.services.peer.node import deliver
 from swarmfly.testing import check_source, in_process_cluster
 

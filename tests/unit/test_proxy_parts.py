@@ -71,6 +71,10 @@ def test_upstream_choice() -> None:
         assert (caught.value.status, caught.value.code) == (403, "DENIED")
     with pytest.raises(RegistryError):
         Upstreams([]).pick(None, None)
+    for unparsable in ("[", "http://[::1", "]x["):  # found by the fuzzer: it was a 500
+        with pytest.raises(RegistryError) as caught:
+            upstreams.pick(unparsable, None)
+        assert caught.value.status == 400
     with pytest.raises(ValueError, match="http"):
         Upstreams(["ftp://example.com"])
 
