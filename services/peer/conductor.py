@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 POLL_WAIT = 10.0
 STALL_SECONDS = 3.0
 RESCHEDULE_INTERVAL = 1.0
+IDLE_RESCHEDULE = 0.25
 """Seconds between asks for fresher parents while pieces are missing."""
 REPORT_INTERVAL = 0.1
 REPORT_BATCH = 2048
@@ -363,7 +364,10 @@ class Conductor:
                 now = time.monotonic()
                 stalled = now - last_progress > STALL_SECONDS and not fetches
                 periodic = now - last_schedule > RESCHEDULE_INTERVAL
-                if not self.parents or stalled or periodic or self._reschedule_due:
+                # Nothing in flight: these parents have nothing to give now; ask for others
+                # at once rather than idle until the periodic reschedule.
+                idle = book is not None and not fetches and now - last_schedule > IDLE_RESCHEDULE
+                if not self.parents or stalled or periodic or idle or self._reschedule_due:
                     # A lost or bad parent is reported at once; and as the swarm moves on,
                     # the scheduler is asked again for the parents that are ahead now.
                     self._reschedule_due = False

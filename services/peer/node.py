@@ -211,7 +211,9 @@ class PeerNode:
             "ip": self.ip,
             "port": self.port,
             "type": s.host_type,
-            "upload_slots": self.upload.slots,
+            # What the scheduler compares with the heartbeat's load: a host is full when it
+            # turns children away, not while one upload runs in its only paced slot.
+            "upload_slots": self.upload.capacity,
         }
         if s.idc:
             host["idc"] = s.idc
@@ -369,7 +371,7 @@ class PeerNode:
         soft, rebuilt from hosts. Hence every reply counts, not just the first.
         """
         assert self.bus is not None
-        beat = {"host": self.host(), "uploads": self.upload.uploads}
+        beat = {"host": self.host(), "uploads": self.upload.load}
         beat["peers"] = len(self.store.tasks)
         schedulers = {token.split(".")[0] for token in self._owners if token}
         try:

@@ -45,12 +45,20 @@ class UploadServer:
         self.slots = min(slots, max(1, -(-rate // PACED_SLOT_RATE))) if rate > 0 else slots
         self.uploads = 0
         self._waiting = 0
+        self.capacity = 2 * self.slots
+        """Requests accepted at once: one may wait per slot, so a slot never idles between
+        two uploads; more are turned away (503) to ask another parent."""
         self._free = asyncio.Semaphore(self.slots)
         self.app = web.Application(client_max_size=1024)
         self.app.router.add_get("/v1/tasks/{task_id}/pieces", self.pieces)
         self.app.router.add_get("/v1/tasks/{task_id}/data", self.data)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", metrics.handler)
+
+    @property
+    def load(self) -> int:
+        """Requests being served or waiting for a slot."""
+        return self.uploads + self._waiting
 
     def _task(self, request: web.Request) -> StoredTask:
         task_id = request.match_info["task_id"]
@@ -103,9 +111,7 @@ class UploadServer:
         start, last = int(match.group(1)), int(match.group(2))
         if not task.covers(start, last + 1):
             raise web.HTTPRequestRangeNotSatisfiable(text="range not within verified pieces")
-        # One request may wait per slot, so a slot never idles between two uploads; more
-        # than that are turned away (503) to ask another parent.
-        if self.uploads + self._waiting >= 2 * self.slots:
+        if self.load >= self.capacity:
             raise web.HTTPServiceUnavailable(
                 text="no free upload slot", headers={"Retry-After": "1"}
             )

@@ -605,17 +605,16 @@ class Scheduler:
                 for parent_id in peer.parents:
                     assigned[parent_id] = assigned.get(parent_id, 0) + 1
         child_candidate = self._candidate(child)
-        ranked = sorted(
-            filtered,
-            key=lambda p: self.evaluator(
-                self._candidate(p, child, total, assigned.get(p.id, 0)),
-                child_candidate,
-                total,
-                median,
-            ),
-            reverse=True,
-        )
-        return self._spare_sources(task, child, ranked)
+        scored: list[tuple[bool, float, Peer]] = []
+        for parent in filtered:
+            candidate = self._candidate(parent, child, total, assigned.get(parent.id, 0))
+            score = self.evaluator(candidate, child_candidate, total, median)
+            # A parent holding nothing the child lacks goes last whatever its score: the
+            # child could only wait on it while parents with pieces to give are busy.
+            useful = not total or bool(candidate.useful_pieces)
+            scored.append((useful, score, parent))
+        scored.sort(key=lambda entry: entry[:2], reverse=True)
+        return self._spare_sources(task, child, [parent for *_, parent in scored])
 
     def _spare_sources(self, task: Task, child: Peer, ranked: list[Peer]) -> list[Peer]:
         """The best parents, with a seed among them only while the child needs a piece that

@@ -338,6 +338,8 @@ def test_no_peer_is_offered_a_descendant_along_a_chain() -> None:
     previous = "seed"
     for n, peer in enumerate(chain):
         assert ids(join(s, peer, f"h{n}")) == {previous}
+        # Each holds a piece the next lacks: a parent with nothing to give is ranked last.
+        s.report_pieces(task_id=T, peer_id=peer, pieces=[PieceReport(n % 4)], now=0.5)
         previous = peer
 
     for n, peer in enumerate(chain):
@@ -350,11 +352,22 @@ def test_a_finished_descendant_may_serve_again() -> None:
     s = Scheduler(candidate_parents=1, evaluator=ranked("b", "a", "seed"))
     add_seed(s)
     assert ids(join(s, "a", "h1")) == {"seed"}
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0)], now=0.5)
     assert ids(join(s, "b", "h2")) == {"a"}
     s.report_pieces(task_id=T, peer_id="b", pieces=[PieceReport(n) for n in range(4)], now=1.0)
     s.result(task_id=T, peer_id="b", success=True, now=1.0)
     schedule, _ = s.reschedule(task_id=T, peer_id="a", now=2.0)
     assert ids(schedule) == {"b"}
+
+
+def test_parents_with_something_to_give_come_first() -> None:
+    # The evaluator prefers c, then b, then a; only a holds a piece the child lacks.
+    s = Scheduler(candidate_parents=1, evaluator=ranked("c", "b", "a", "seed"))
+    add_seed(s)
+    for n, peer in enumerate("abc"):
+        join(s, peer, f"h{n}")
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(2)], now=0.5)
+    assert ids(join(s, "child", "h9")) == {"a"}
 
 
 def _assert_acyclic(s: Scheduler) -> None:
