@@ -498,29 +498,21 @@ class Scheduler:
                 covered |= holder.pieces
             if len(chosen) >= SEED_PARENTS:
                 break
+        return Schedule("back_to_source", self._parent_infos(chosen), task.content)
+
+    def _parent_infos(self, peers: list[Peer]) -> tuple[ParentInfo, ...]:
+        """What a child needs to reach each parent."""
         hosts = self.hosts
-        return Schedule(
-            "back_to_source",
-            tuple(
-                ParentInfo(p.id, p.host_id, hosts[p.host_id].address, hosts[p.host_id].type)
-                for p in chosen
-            ),
-            task.content,
+        return tuple(
+            ParentInfo(p.id, p.host_id, hosts[p.host_id].address, hosts[p.host_id].type)
+            for p in peers
         )
 
     def _schedule(self, task: Task, child: Peer, now: float) -> Schedule:
         parents = self._choose_parents(task, child, now)
         child.parents = [p.id for p in parents]
         if parents:
-            hosts = self.hosts
-            return Schedule(
-                "parents",
-                tuple(
-                    ParentInfo(p.id, p.host_id, hosts[p.host_id].address, hosts[p.host_id].type)
-                    for p in parents
-                ),
-                task.content,
-            )
+            return Schedule("parents", self._parent_infos(parents), task.content)
         usable_source = any(
             p.is_source and self._eligible(task, child, p, now) for p in task.peers.values()
         )
