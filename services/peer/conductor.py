@@ -578,6 +578,10 @@ class Conductor:
         missing = [n for n in range(content.piece_count) if n not in self.stored.done]
         if not missing:
             return
+        log.info(
+            "task %s: reading %d of %d pieces from the origin%s",
+            self.task_id[:12], len(missing), content.piece_count, " as its seed" * self.seed,
+        )  # fmt: skip
         if self.stat.ranges:
             await self._origin_ranges(missing)
         else:

@@ -545,9 +545,11 @@ class Scheduler:
         return False
 
     def _is_bad(self, peer: Peer) -> bool:
-        """Dragonfly's rule: the last piece cost far above the parent's own mean."""
+        """Dragonfly's rule: the last piece cost far above the parent's own mean. Never a
+        source: a seed is slow because every child needs it at once, and judging it bad would
+        send children to the origin; a dead seed is judged by its children's reports."""
         costs = list(peer.costs)
-        if len(costs) < 2:
+        if len(costs) < 2 or peer.is_source:
             return False
         *history, last = costs
         mean = sum(history) / len(history)

@@ -238,7 +238,8 @@ async def test_three_hosts_pull_through_their_mirrors_and_the_registry_serves_ea
         # The seed's one-byte probe aside, the registry sent each blob once: no more bytes
         # than the blob has, and at least its bytes (someone had to read it).
         total = sum(served.get(name, []))
-        assert len(data) <= total <= len(data) + 1, (name[:19], served.get(name))
+        readers = [line for p in swarm for line in p.log().splitlines() if "origin" in line]
+        assert len(data) <= total <= len(data) + 1, (name[:19], served.get(name), readers)
 
     # A client without credentials, or with wrong ones, is refused through the mirror even
     # though the blobs now sit in the swarm.

@@ -679,6 +679,24 @@ def test_a_parent_whose_last_piece_cost_is_far_above_its_mean_is_not_offered(
     assert offered is not bad
 
 
+def test_a_slow_piece_from_the_seed_never_sends_a_child_to_the_origin() -> None:
+    # CI saw a mirror pull read one piece twice from the registry: the seed's cost on a
+    # loaded machine rose far above its mean, and the only source was "bad".
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    costs = [10, 10, 10, 3000]  # pieces 0 and 1 over and over: the seed alone holds 2 and 3
+    s.report_pieces(
+        task_id=T,
+        peer_id="a",
+        pieces=[PieceReport(n % 2, parent_id="seed", cost_ms=c) for n, c in enumerate(costs)],
+        now=1.0,
+    )
+    schedule = join(s, "b", "h2", now=2.0)
+    assert schedule.action == "parents"
+    assert "seed" in ids(schedule)
+
+
 # -- found bugs ------------------------------------------------------------------------------
 
 
