@@ -22,6 +22,7 @@ from swarmfly.content import SourceRequest, TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, piece_count, piece_length_for
 from swarmfly.plugins.hookspecs import SourceStat
+from swarmfly.services.peer import grants
 from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.pieces import PieceBook
 from swarmfly.services.peer.store import StoredTask, redact_url
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_WAIT = 10.0
+SEED_POLL_WAIT = 2.0
+"""A seed's grant follows the pieces the child said it wants; they go stale sooner."""
 STALL_SECONDS = 3.0
 RESCHEDULE_INTERVAL = 1.0
 IDLE_RESCHEDULE = 0.25
@@ -103,6 +106,7 @@ class Conductor:
         self.bytes_origin = 0
         self.bytes_p2p = 0
         self.parents: dict[str, Parent] = {}
+        self._book: PieceBook | None = None
         self.blocklist: dict[str, float] = {}
         """Parents dropped, until when (monotonic): a failed parent may come back later."""
         self.bad: list[dict[str, str]] = []
@@ -272,11 +276,14 @@ class Conductor:
         url = f"{parent.address}/v1/tasks/{self.task_id}/pieces"
         misses = 0
         while not parent.complete:
+            wait = SEED_POLL_WAIT if parent.type == "seed" else POLL_WAIT
+            params = {"since": str(parent.version), "wait": str(wait)}
+            book = self._book
+            if parent.type == "seed" and book is not None:
+                params["wants"] = grants.encode(book.wanted_from_seeds(), book.piece_count)
             try:
                 async with session.get(
-                    url,
-                    params={"since": str(parent.version), "wait": str(POLL_WAIT)},
-                    timeout=aiohttp.ClientTimeout(total=POLL_WAIT + 10),
+                    url, params=params, timeout=aiohttp.ClientTimeout(total=wait + 10)
                 ) as response:
                     if response.status == 404:
                         misses += 1
@@ -331,7 +338,7 @@ class Conductor:
                         await self._refresh_task(book)
                     content = self.stored.content
                 if content is not None and book is None:
-                    book = PieceBook(
+                    book = self._book = PieceBook(
                         content.piece_count,
                         done=set(self.stored.done),
                         digests=list(self.stored.digests),

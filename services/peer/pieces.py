@@ -61,6 +61,15 @@ class PieceBook:
                 lost.append(number)
         return lost
 
+    def _elsewhere(self) -> set[int]:
+        """Pieces some parent other than a seed offers."""
+        return set().union(*(pieces for p, pieces in self.available.items() if p not in self.seeds))
+
+    def wanted_from_seeds(self) -> set[int]:
+        """What only a seed can give now: missing, not in flight, offered by no other parent
+        (a seed grants among these)."""
+        return self.missing() - self.in_flight.keys() - self._elsewhere()
+
     def needs_digests(self) -> bool:
         """Some parent holds a piece we miss whose digest we do not know yet."""
         return any(
@@ -107,9 +116,7 @@ class PieceBook:
             if n not in self.done and n not in self.in_flight and self.digests[n] is not None
         ]
         if parent in self.seeds:
-            elsewhere = set().union(
-                *(pieces for p, pieces in self.available.items() if p not in self.seeds)
-            )
+            elsewhere = self._elsewhere()
             fresh = [n for n in fresh if n not in elsewhere]
         if fresh:
             view = PieceView(fresh, holders, self.first_missing(), self.piece_count)

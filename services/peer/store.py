@@ -51,8 +51,6 @@ class StoredTask:
     version: int = 0
     active: int = 0
     """Downloads and uploads in progress; a task in use is never evicted."""
-    upload_events: int = 0
-    """Uploads started or finished: a super-seeding parent reveals new pieces on each."""
     served: dict[int, int] = field(default_factory=dict)
     """Uploads per piece, finished or under way."""
     _changed: asyncio.Event | None = None
@@ -139,8 +137,6 @@ class StoredTask:
 
     def upload_event(self, number: int, delta: int) -> None:
         self.served[number] = self.served.get(number, 0) + delta
-        self.upload_events += 1
-        self._wake()
 
     def _wake(self) -> None:
         """Answer every long-poll waiting on this task."""
@@ -158,10 +154,9 @@ class StoredTask:
         length = self.content.piece_length
         return all(n in self.done for n in range(start // length, (end - 1) // length + 1))
 
-    async def wait_change(self, since: int, timeout: float, current: int | None = None) -> None:
-        """Return when the task's state moves past ``since`` (``current`` defaults to the
-        piece version), or after ``timeout``."""
-        if (self.version if current is None else current) != since:
+    async def wait_change(self, since: int, timeout: float) -> None:
+        """Return when the task's piece version moves past ``since``, or after ``timeout``."""
+        if self.version != since:
             return
         if self._changed is None:
             self._changed = asyncio.Event()

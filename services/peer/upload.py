@@ -1,44 +1,71 @@
 """The upload server: a peer serves its verified pieces to children over HTTP.
 
 ``GET /v1/tasks/{id}/pieces?since=V&wait=S`` long-polls what this peer holds, so children learn
-availability from their parents, not from a swarm-wide broadcast. ``GET /v1/tasks/{id}/data``
-with a ``Range`` inside verified pieces serves bytes with sendfile (or paced, when an upload
-rate limit is set).
+availability from their parents, not from a swarm-wide broadcast; a seed answers with one
+granted piece instead (``grants``), optionally among the ``wants`` bitmap the child sends.
+``GET /v1/tasks/{id}/data`` with a ``Range`` inside verified pieces serves bytes with sendfile
+(or paced, when an upload rate limit is set).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 
 from swarmfly import metrics, telemetry
+from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import send_span
 from swarmfly.ids import TASK_ID
 from swarmfly.ratelimit import TokenBucket
+from swarmfly.services.peer import grants
 from swarmfly.services.peer.store import StoredTask, TaskStore
 
 log = logging.getLogger(__name__)
 _RANGE = re.compile(r"^bytes=(\d{1,15})-(\d{1,15})$")
 MAX_WAIT = 30.0
-REVEAL = 1
-"""Pieces a super-seeding parent offers per answer."""
+GRANT_TICK = 0.05
+"""Seconds between looks for newly verified pieces while children wait for a grant."""
 PACED_SLOT_RATE = 8 * 1024 * 1024
 """Bytes/s each concurrent upload should get when an upload rate cap is set."""
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A child's poll waiting for a grant."""
+
+    task: StoredTask
+    wanted: set[int] | None
+    answer: asyncio.Future[int] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
 class UploadServer:
     def __init__(
-        self, store: TaskStore, *, rate: int = 0, slots: int = 64, superseed: bool = False
+        self,
+        store: TaskStore,
+        *,
+        rate: int = 0,
+        slots: int = 64,
+        superseed: bool = False,
+        grant_seconds: float = grants.GRANT_SECONDS,
     ) -> None:
         self.store = store
         self.superseed = superseed
-        self.rng = random.Random()
+        """Answer polls with grants (a seed): see ``grants``."""
+        self.grant_seconds = grant_seconds
+        self._grants: dict[str, grants.GrantBook] = {}
+        self._waiters: list[_Waiter] = []
+        """Polls waiting for a grant, oldest first: each child gets its turn."""
+        self._ticker: asyncio.Task[None] | None = None
+        self._serial = 0
         self.bucket = TokenBucket(rate)
         # Under a rate cap, few uploads at full speed beat many crawling ones: pieces finish
         # and spread sooner, and children turned away (503) ask another parent.
@@ -60,6 +87,10 @@ class UploadServer:
         """Requests being served or waiting for a slot."""
         return self.uploads + self._waiting
 
+    def _reserved(self, now: float) -> int:
+        """Slots promised: requests under way plus grants not yet taken."""
+        return self.load + sum(book.outstanding(now) for book in self._grants.values())
+
     def _task(self, request: web.Request) -> StoredTask:
         task_id = request.match_info["task_id"]
         if not TASK_ID.fullmatch(task_id):
@@ -79,29 +110,83 @@ class UploadServer:
             wait = min(MAX_WAIT, max(0.0, float(request.query.get("wait", "0"))))
         except ValueError:
             raise web.HTTPBadRequest(text="since and wait must be numbers") from None
-        superseed = self.superseed and task.complete
-        current = task.version + task.upload_events if superseed else task.version
-        if wait and (superseed or not task.complete):  # a complete task has no news
-            await task.wait_change(since, wait, current)
-            current = task.version + task.upload_events if superseed else task.version
         assert task.content is not None
+        if self.superseed:
+            return await self._grant_poll(request, task, wait)
+        if wait and not task.complete:  # a complete task has no news
+            await task.wait_change(since, wait)
         return web.json_response(
             {
-                "version": current,
+                "version": task.version,
                 "piece_count": task.content.piece_count,
-                "complete": task.complete and not superseed,
-                "pieces": self._reveal(task) if superseed else sorted(task.done),
+                "complete": task.complete,
+                "pieces": sorted(task.done),
             }
         )
 
-    def _reveal(self, task: StoredTask) -> list[int]:
-        """Super-seeding: offer each child a few of the least-uploaded pieces, in random
-        order, so the scarce seed uplink sends each piece about once and the children trade
-        the rest among themselves."""
-        least = min(task.served.get(n, 0) for n in task.done)
-        tier = [n for n in task.done if task.served.get(n, 0) == least]
-        self.rng.shuffle(tier)
-        return sorted(tier[:REVEAL])
+    # -- grants (a seed) -----------------------------------------------------------------
+
+    async def _grant_poll(
+        self, request: web.Request, task: StoredTask, wait: float
+    ) -> web.Response:
+        """One granted piece when this child's turn comes and a slot is free for it; none
+        after ``wait``. Never ``complete``: a child keeps asking while it lacks pieces."""
+        assert task.content is not None
+        wants = request.query.get("wants")
+        try:
+            wanted = None if wants is None else grants.decode(wants, task.content.piece_count)
+        except SwarmflyError as exc:
+            raise web.HTTPBadRequest(text=exc.message) from None
+        waiter = _Waiter(task, wanted)
+        self._waiters.append(waiter)
+        self._dispatch()
+        try:
+            pieces = [await asyncio.wait_for(asyncio.shield(waiter.answer), wait)]
+        except TimeoutError:
+            pieces = []
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if not pieces and waiter.answer.done():  # granted just as the wait ran out
+            pieces = [waiter.answer.result()]
+        self._serial += 1
+        return web.json_response(
+            {
+                "version": self._serial,
+                "piece_count": task.content.piece_count,
+                "complete": False,
+                "pieces": pieces,
+            }
+        )
+
+    def _dispatch(self) -> None:
+        """Grant pieces to waiting children, oldest first, while slots are free; a child
+        that wants nothing available now lets the next one go ahead."""
+        now = time.monotonic()
+        for waiter in list(self._waiters):
+            if self._reserved(now) >= self.capacity:
+                break
+            if waiter.answer.done():
+                continue
+            book = self._grants.setdefault(waiter.task.id, grants.GrantBook(self.grant_seconds))
+            number = book.grant(waiter.task.done, waiter.task.served, now, waiter.wanted)
+            if number is None:
+                continue
+            waiter.answer.set_result(number)
+            self._waiters.remove(waiter)
+            asyncio.get_running_loop().call_later(book.lease, self._dispatch)  # if it lapses
+        if any(not w.answer.done() for w in self._waiters) and self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Pieces verified while children wait (a seed still reading the origin) are
+        granted within a tick; the ticker ends when no child waits."""
+        try:
+            while self._waiters:
+                await asyncio.sleep(GRANT_TICK)
+                self._dispatch()
+        finally:
+            self._ticker = None
 
     async def data(self, request: web.Request) -> web.StreamResponse:
         task = self._task(request)
@@ -111,13 +196,16 @@ class UploadServer:
         start, last = int(match.group(1)), int(match.group(2))
         if not task.covers(start, last + 1):
             raise web.HTTPRequestRangeNotSatisfiable(text="range not within verified pieces")
-        if self.load >= self.capacity:
+        assert task.content is not None
+        number = start // task.content.piece_length
+        book = self._grants.get(task.id)
+        if book is not None:
+            book.taken(number)  # a granted request holds its slot already
+        if self._reserved(time.monotonic()) >= self.capacity:
             raise web.HTTPServiceUnavailable(
                 text="no free upload slot", headers={"Retry-After": "1"}
             )
-        assert task.content is not None
-        number = start // task.content.piece_length
-        task.upload_event(number, 1)  # asked for: a super-seeding reveal moves on at once
+        task.upload_event(number, 1)  # counted at once: the next grant prefers another piece
         task.touch()
         delivered = False
         self._waiting += 1
@@ -161,6 +249,8 @@ class UploadServer:
             self.uploads -= 1
             task.active -= 1
             self._free.release()
+            if self.superseed:
+                self._dispatch()
 
     async def _send(
         self,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from swarmfly.content import TaskContent
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import piece_count
+from swarmfly.services.peer import grants
 from swarmfly.services.peer.store import StoredTask, TaskStore
 from swarmfly.services.peer.upload import UploadServer
 from swarmfly.testing import wait_until
@@ -69,10 +71,12 @@ def finish(task: StoredTask, data: bytes, number: int) -> None:
 
 
 @asynccontextmanager
-async def serve(tmp_path: Path, rate: int = 0, slots: int = 64) -> AsyncIterator[Upload]:
+async def serve(
+    tmp_path: Path, rate: int = 0, slots: int = 64, superseed: bool = False, lease: float = 30.0
+) -> AsyncIterator[Upload]:
     (tmp_path / "secret.txt").write_bytes(SECRET)
     store = TaskStore(tmp_path / "state" / "tasks")
-    server = UploadServer(store, rate=rate, slots=slots)
+    server = UploadServer(store, rate=rate, slots=slots, superseed=superseed, grant_seconds=lease)
     async with AsyncExitStack() as stack:
         url = await serve_http(stack, server.app, "127.0.0.1", 0)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
@@ -441,3 +445,82 @@ async def test_the_signed_url_query_never_reaches_disk(upload: Upload) -> None:
     meta = (task.dir / "meta.json").read_bytes()
     assert b"s3cr3t" not in meta
     assert b"https://origin.example/blob" in meta
+
+
+# -- a seed grants pieces -------------------------------------------------------------------
+
+
+async def poll(upload: Upload, task: StoredTask, wait: float, wants: str | None = None) -> Any:
+    query = f"?since=-1&wait={wait}" + (f"&wants={wants}" if wants is not None else "")
+    status, body, _ = await upload.get(f"/v1/tasks/{task.id}/pieces{query}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+async def test_a_seed_grants_each_waiting_child_a_different_piece_and_no_more_than_it_can_send(
+    tmp_path: Path,
+) -> None:
+    # One slot: one upload under way plus one granted at most (capacity 2).
+    async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
+        data = content_of(4 * PIECE, b"grants")
+        task = seed.put(data, {0, 1, 2, 3})
+        answers = await asyncio.gather(*(poll(seed, task, 1.0) for _ in range(3)))
+        granted = [a["pieces"] for a in answers]
+        assert sorted(granted, key=len) == [[], [0], [1]], granted  # lowest first, no repeats
+        assert not any(a["complete"] for a in answers)  # children keep asking
+
+        # Taking a grant moves the next child up: piece 0 is sent, and piece 2 comes next
+        # (1 is still reserved), while the upload and the grant hold both places.
+        status, body, _ = await seed.get(
+            f"/v1/tasks/{task.id}/data", {"Range": f"bytes=0-{PIECE - 1}"}
+        )
+        assert (status, body) == (206, data[:PIECE])
+        assert (await poll(seed, task, 1.0))["pieces"] == [2]
+
+
+async def test_a_grant_not_taken_lapses_and_goes_to_the_next_child(tmp_path: Path) -> None:
+    async with serve(tmp_path, rate=8 * MiB, superseed=True, lease=0.5) as seed:
+        task = seed.put(content_of(2 * PIECE, b"lapse"), {0, 1})
+        first = await asyncio.gather(poll(seed, task, 0.2), poll(seed, task, 0.2))
+        assert sorted(a["pieces"][0] for a in first) == [0, 1]
+        started = time.monotonic()
+        later = await poll(seed, task, 5.0)  # both reserved until they lapse
+        assert later["pieces"] in ([0], [1])
+        assert 0.2 < time.monotonic() - started < 3.0
+
+
+async def test_a_seed_grants_only_what_the_child_wants(tmp_path: Path) -> None:
+    async with serve(tmp_path, superseed=True) as seed:
+        task = seed.put(content_of(10 * PIECE, b"wants"), set(range(10)))
+        assert (await poll(seed, task, 1.0, grants.encode({7, 9}, 10)))["pieces"] == [7]
+        assert (await poll(seed, task, 0.2, grants.encode(set(), 10)))["pieces"] == []
+
+
+async def test_a_piece_verified_while_a_child_waits_is_granted_at_once(tmp_path: Path) -> None:
+    async with serve(tmp_path, superseed=True) as seed:
+        data = content_of(2 * PIECE, b"late")
+        task = seed.put(data, set())
+        waiting = asyncio.create_task(poll(seed, task, 5.0))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        finish(task, data, 1)
+        assert (await waiting)["pieces"] == [1]
+        assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    "wants",
+    ["%21%21%21", "AAAAAAAA", "A", "__8", "AA%3D%3D", "AA%20"],
+    ids=["not-base64url", "too-long", "too-short", "pieces-beyond-the-task", "padded", "space"],
+)
+async def test_a_malformed_wants_bitmap_is_a_400_and_the_seed_keeps_serving(
+    tmp_path: Path, wants: str
+) -> None:
+    async with serve(tmp_path, superseed=True) as seed:
+        task = seed.put(content_of(10 * PIECE, b"bad wants"), set(range(10)))
+        status, body, _ = await seed.get(f"/v1/tasks/{task.id}/pieces?wait=1&wants={wants}")
+        if wants == "__8":  # 16 bits set: 10 pieces, and 6 bits past the end, ignored
+            assert status == 200 and json.loads(body)["pieces"] == [0]
+        else:
+            assert status == 400, body
+        assert (await poll(seed, task, 1.0))["pieces"] in ([0], [1])

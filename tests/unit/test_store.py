@@ -335,16 +335,6 @@ async def test_wait_change_returns_at_once_for_a_stale_version(task: StoredTask)
     await asyncio.wait_for(task.wait_change(before, timeout=5.0), 0.1)
 
 
-async def test_wait_change_wakes_on_upload_events(task: StoredTask) -> None:
-    fill(task, range(3))
-    current = task.version + task.upload_events
-    waiter = asyncio.create_task(task.wait_change(current, 5.0, current))
-    await asyncio.sleep(0.01)
-    task.upload_event(1, 1)
-    await asyncio.wait_for(waiter, 0.5)
-    assert task.served == {1: 1}
-
-
 async def test_wait_change_gives_up_after_its_timeout(task: StoredTask) -> None:
     started = time.monotonic()
     await task.wait_change(task.version, timeout=0.05)

@@ -1,0 +1,65 @@
+"""Super-seeding grants: each piece leaves the seed about once, and the wanted-pieces
+bitmap a child sends survives the trip."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from swarmfly.errors import SwarmflyError
+from swarmfly.services.peer.grants import GrantBook, decode, encode
+
+
+def test_grants_go_to_the_least_sent_piece_then_the_lowest_number() -> None:
+    book = GrantBook(lease=1.0)
+    served = {0: 2, 1: 1, 2: 1, 3: 0}
+    assert book.grant(range(4), served, now=0.0) == 3
+    assert book.grant(range(4), served, now=0.0) == 1  # 3 is reserved; 1 and 2 tie
+    assert book.grant(range(4), served, now=0.0) == 2
+    assert book.grant(range(4), served, now=0.0) == 0
+    assert book.grant(range(4), served, now=0.0) is None  # all reserved
+    assert book.outstanding(0.5) == 4
+
+
+def test_a_grant_lapses_after_its_lease_and_a_taken_one_is_released() -> None:
+    book = GrantBook(lease=1.0)
+    assert book.grant([5, 6], {}, now=0.0) == 5
+    assert book.grant([5, 6], {}, now=0.5) == 6
+    book.taken(6)
+    assert book.outstanding(0.9) == 1
+    assert book.outstanding(1.0) == 0  # 5 lapsed
+    assert book.grant([5, 6], {6: 1}, now=1.0) == 5
+
+
+def test_only_wanted_pieces_are_granted() -> None:
+    book = GrantBook()
+    assert book.grant(range(10), {}, now=0.0, wanted={8, 9}) == 8
+    assert book.grant(range(10), {}, now=0.0, wanted={8}) is None
+    assert book.grant(range(10), {}, now=0.0, wanted=set()) is None
+
+
+@given(count=st.integers(1, 3000), data=st.data())
+def test_a_bitmap_round_trips(count: int, data: st.DataObject) -> None:
+    pieces = data.draw(st.sets(st.integers(0, count - 1), max_size=64))
+    text = encode(pieces, count)
+    assert len(text) <= 4 * ((count + 7) // 8 + 2) // 3
+    assert decode(text, count) == pieces
+
+
+@given(text=st.text(max_size=40), count=st.integers(1, 200))
+def test_decode_accepts_only_a_bitmap_of_the_task(text: str, count: int) -> None:
+    try:
+        pieces = decode(text, count)
+    except SwarmflyError as exc:
+        assert exc.code == "bad_request"
+    else:
+        assert all(0 <= n < count for n in pieces)
+        assert encode(pieces, count) == text or len(text) == len(encode(pieces, count))
+
+
+@pytest.mark.parametrize("text", ["", "A", "AAAA", "AA==", "A+A", "AA A", "ÄÄ"])
+def test_bitmaps_of_the_wrong_shape_are_bad_requests(text: str) -> None:
+    with pytest.raises(SwarmflyError) as caught:
+        decode(text, 10)  # 10 pieces: 2 bytes, 3 characters
+    assert caught.value.code == "bad_request"
