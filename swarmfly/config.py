@@ -63,6 +63,9 @@ class SchedulerConfig:
     within about this long."""
     renew_interval: float = 2.0
     candidate_parents: int = 4
+    acyclic: bool = False
+    """Parents form a DAG, as in Dragonfly: no peer is offered its own descendant. Off by
+    default: peers trade pieces both ways, which finishes swarms about twice as fast."""
     heartbeat_interval: float = 5.0
     host_ttl: float = 15.0
     seed_timeout: float = 30.0

@@ -170,6 +170,7 @@ class Scheduler:
         host_ttl: float = 15.0,
         seed_timeout: float = 30.0,
         seed_silence: float = 5.0,
+        acyclic: bool = False,
         evaluator: Evaluator = default_evaluate,
         rng: random.Random | None = None,
     ) -> None:
@@ -180,6 +181,11 @@ class Scheduler:
         """A seed its children cannot reach counts as dead once its host has also been
         silent this long (about one heartbeat): sooner than host_ttl, and a seed that only
         one child cannot reach, or that is merely busy, keeps heartbeating."""
+        self.acyclic = acyclic
+        """Never offer a descendant as a parent (Dragonfly's DAG). Off by default: pieces
+        then flow one way only, and the peers that joined first can get the pieces their
+        descendants hold from nothing but the seed, whose uplink is the scarcest (measured
+        with bench/swarm.py: 56 extra seed uploads to one root peer, twice the time)."""
         self.evaluator = evaluator
         self.rng = rng or random.Random(0)
         self.hosts: dict[str, Host] = {}
@@ -510,12 +516,18 @@ class Scheduler:
 
     def _schedule(self, task: Task, child: Peer, now: float) -> Schedule:
         parents = self._choose_parents(task, child, now)
-        child.parents = [p.id for p in parents]
-        if parents:
-            return Schedule("parents", self._parent_infos(parents), task.content)
+        fed = any(
+            p.is_source and self._alive(p) and p.id not in task.bad_parents
+            for p in task.peers.values()
+        )
+        if not fed and not any(p.pieces - child.pieces for p in parents):
+            parents = []  # peers with nothing to give, and no source to get it from
         usable_source = any(
             p.is_source and self._eligible(task, child, p, now) for p in task.peers.values()
         )
+        child.parents = [p.id for p in parents]
+        if parents:
+            return Schedule("parents", self._parent_infos(parents), task.content)
         seed_pending = (
             task.seed_requested_at is not None
             and not task.seed_failed
@@ -579,9 +591,12 @@ class Scheduler:
         for parent in pool:
             if not self._eligible(task, child, parent, now):
                 continue
-            host = self.hosts[parent.host_id]
-            # Busy or upstream of the child: usable later, not now.
-            if host.uploads >= host.upload_slots or self._is_ancestor(child, parent):
+            # A host's load is as old as its last heartbeat, while a piece takes a fraction
+            # of a second: a busy parent ranks lower (the evaluator), and turns away what
+            # it cannot serve at the moment it is asked.
+            if self.hosts[parent.host_id].upload_slots <= 0:
+                continue
+            if self.acyclic and self._is_ancestor(child, parent):
                 continue
             filtered.append(parent)
             if len(filtered) >= FILTER_LIMIT:

@@ -73,6 +73,7 @@ class SchedulerService:
             host_ttl=sc.host_ttl,
             seed_timeout=sc.seed_timeout,
             seed_silence=sc.heartbeat_interval,
+            acyclic=sc.acyclic,
             evaluator=evaluator,
         )
         self.http_url = ""

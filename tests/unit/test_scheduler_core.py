@@ -226,19 +226,21 @@ def test_a_parent_on_the_same_host_is_not_offered() -> None:
     assert "seed" in ids(schedule)
 
 
-def test_a_host_at_upload_capacity_is_not_offered() -> None:
-    s = Scheduler()
+def test_a_host_at_upload_capacity_ranks_after_an_idle_one() -> None:
+    # Its load is as old as its heartbeat: still offered (the seed, the only source, above
+    # all), but an idle parent with as much to give comes first.
+    s = Scheduler(candidate_parents=1)
     storage = host("storage-seed", kind="seed", upload_slots=2)
     s.register(task_id=T, peer_id="seed", host=storage, now=0.0, content=CONTENT, seed=True)
+    s.report_pieces(task_id=T, peer_id="seed", pieces=[PieceReport(0, digest(0))], now=0.0)
     assert s.heartbeat(storage, uploads=2, now=0.5)
+    assert ids(join(s, "a", "h1", now=1.0)) == {"seed"}
 
-    busy = join(s, "a", "h1", now=1.0)
-    assert "seed" not in ids(busy)
-    assert busy.action == "wait"
-
-    s.heartbeat(storage, uploads=1, now=1.5)
-    schedule, _ = s.reschedule(task_id=T, peer_id="a", now=2.0)
-    assert ids(schedule) == {"seed"}
+    for name, uploads in (("busy", 2), ("idle", 0)):
+        join(s, name, name, now=1.0)
+        s.report_pieces(task_id=T, peer_id=name, pieces=[PieceReport(0)], now=1.0)
+        s.heartbeat(host(name), uploads=uploads, now=1.5)
+    assert ids(join(s, "child", "h9", now=2.0)) == {"idle"}
 
 
 def test_a_host_with_no_upload_slots_is_never_offered() -> None:
@@ -321,19 +323,32 @@ def test_a_succeeded_peer_is_offered() -> None:
     assert "a" in ids(join(s, "b", "h2", now=2.0))
 
 
-def test_a_parent_is_not_offered_its_own_child() -> None:
-    s = Scheduler()
+def test_acyclic_a_parent_is_not_offered_its_own_child() -> None:
+    s = Scheduler(acyclic=True)
     add_seed(s)
     join(s, "a", "h1")
     assert "a" in ids(join(s, "b", "h2"))  # a is b's parent
+    s.report_pieces(task_id=T, peer_id="b", pieces=[PieceReport(0)], now=0.5)
     schedule, _ = s.reschedule(task_id=T, peer_id="a", now=1.0)
     assert "b" not in ids(schedule)
+
+
+def test_by_default_two_peers_trade_both_ways() -> None:
+    # a is b's parent; b got piece 0 (from the seed), which a lacks: b may serve a.
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(1)], now=0.2)
+    assert "a" in ids(join(s, "b", "h2"))
+    s.report_pieces(task_id=T, peer_id="b", pieces=[PieceReport(0)], now=0.5)
+    schedule, _ = s.reschedule(task_id=T, peer_id="a", now=1.0)
+    assert "b" in ids(schedule)
 
 
 def test_no_peer_is_offered_a_descendant_along_a_chain() -> None:
     chain = ["p0", "p1", "p2", "p3", "p4"]
     # Prefer the newest peer, so every peer picks the previous one: seed <- p0 <- p1 <- ...
-    s = Scheduler(candidate_parents=1, evaluator=ranked(*reversed(chain), "seed"))
+    s = Scheduler(candidate_parents=1, evaluator=ranked(*reversed(chain), "seed"), acyclic=True)
     add_seed(s)
     previous = "seed"
     for n, peer in enumerate(chain):
@@ -349,7 +364,7 @@ def test_no_peer_is_offered_a_descendant_along_a_chain() -> None:
 
 
 def test_a_finished_descendant_may_serve_again() -> None:
-    s = Scheduler(candidate_parents=1, evaluator=ranked("b", "a", "seed"))
+    s = Scheduler(candidate_parents=1, evaluator=ranked("b", "a", "seed"), acyclic=True)
     add_seed(s)
     assert ids(join(s, "a", "h1")) == {"seed"}
     s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0)], now=0.5)
@@ -405,7 +420,7 @@ OPS = st.lists(
 def test_random_histories_never_make_a_cycle(
     ops: list[tuple[str, str, set[str]]], candidates: int, seed: int
 ) -> None:
-    s = Scheduler(candidate_parents=candidates, rng=random.Random(seed))
+    s = Scheduler(candidate_parents=candidates, rng=random.Random(seed), acyclic=True)
     for now, (op, peer, blocklist) in enumerate(ops):
         host_id = f"h{PEERS.index(peer) % 4}"  # some peers share a host
         if op == "register":
@@ -466,6 +481,7 @@ def test_an_expired_host_is_not_offered_even_after_it_heartbeats_again() -> None
     s = Scheduler(host_ttl=15.0)
     add_seed(s, now=0.0)
     join(s, "a", "h1", now=0.0)
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0)], now=0.0)
     s.heartbeat(host("h1"), uploads=0, now=20.0)
     assert s.expire(now=20.0) == ["storage-seed"]
     assert "seed" not in s.peers
