@@ -215,7 +215,22 @@ class ProgressBar:
         sys.stderr.write("\n")
 
 
+def _lean_nats(config: Config) -> None:
+    """Load nats-py without its WebSocket transport (aiohttp) unless a ws:// server is
+    configured: through the host's peer, ``get`` needs nothing else of aiohttp, and that
+    import was a third of its start-up, which a swarm of simultaneous gets pays on a busy
+    host. (``swarmfly up`` records only nats:// addresses.)"""
+    if "aiohttp" in sys.modules or any(s.startswith("ws") for s in config.nats.servers):
+        return
+    sys.modules["aiohttp"] = None  # type: ignore[assignment]  # makes the import fail
+    try:
+        import nats.aio.transport  # noqa: F401
+    finally:
+        del sys.modules["aiohttp"]  # a later in-process peer imports it as usual
+
+
 def _get(args: argparse.Namespace, config: Config) -> int:
+    _lean_nats(config)
     from swarmfly.client import GetRequest, get, parse_header
 
     headers = dict(parse_header(h) for h in args.header)

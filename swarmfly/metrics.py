@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import TYPE_CHECKING
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:  # the services that serve /metrics load aiohttp; `swarmfly get` need not
+    from aiohttp import web
 
 SCHEDULER_REGISTRATIONS = Counter("swarmfly_scheduler_registrations", "Peer registrations")
 SCHEDULER_BACK_TO_SOURCE = Counter(
@@ -45,6 +49,8 @@ CONTRACT_FAILURES = Counter(
 
 
 async def handler(request: web.Request) -> web.Response:
+    from aiohttp import web
+
     response = web.Response(body=generate_latest())
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
