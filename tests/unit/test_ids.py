@@ -26,9 +26,9 @@ HEX = "0123456789abcdef" * 4
 # -- piece length --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("length", [0, 1, 4 * MiB, 100 * MiB, 500 * 4 * MiB])
-def test_piece_length_has_a_4_mib_floor(length: int) -> None:
-    assert piece_length_for(length) == MIN_PIECE_LENGTH == 4 * MiB
+@pytest.mark.parametrize("length", [0, 1, 4 * MiB, 100 * MiB, 500 * MiB])
+def test_piece_length_has_a_1_mib_floor(length: int) -> None:
+    assert piece_length_for(length) == MIN_PIECE_LENGTH == MiB
 
 
 @pytest.mark.parametrize("length", [500 * 64 * MiB, 100 * GiB, 1024 * GiB])
@@ -41,6 +41,8 @@ def test_piece_length_has_a_64_mib_cap(length: int) -> None:
     [
         (10 * GiB, 32 * MiB),  # 10 GiB / 500 = 20.5 MiB -> 32 MiB
         (2 * GiB, 8 * MiB),  # 4.1 MiB -> 8 MiB
+        (1 * GiB, 4 * MiB),  # 2.05 MiB -> 4 MiB
+        (600 * MiB, 2 * MiB),  # 1.2 MiB -> 2 MiB
         (500 * 8 * MiB, 8 * MiB),  # an exact power of two stays itself
         (500 * 16 * MiB + 499, 16 * MiB),  # length // 500 rounds down to 16 MiB
         (500 * 16 * MiB + 500 * 1024, 32 * MiB),
