@@ -28,7 +28,7 @@ PeerState = Literal["running", "succeeded", "failed"]
 FILTER_LIMIT = 40
 """Candidates examined per decision, as Dragonfly samples: bounds cost in large swarms."""
 COST_SAMPLES = 20
-WAIT_MS = 200
+WAIT_MS = 50
 BLOCK_SECONDS = 30.0
 """How long a parent a child reported failed or slow stays out of that child's parents."""
 SEED_PARENTS = 8
@@ -623,33 +623,17 @@ class Scheduler:
             useful = not total or bool(candidate.useful_pieces)
             scored.append((useful, score, parent))
         scored.sort(key=lambda entry: entry[:2], reverse=True)
-        return self._spare_sources(task, child, [parent for *_, parent in scored])
+        return self._with_source([parent for *_, parent in scored])
 
-    def _spare_sources(self, task: Task, child: Peer, ranked: list[Peer]) -> list[Peer]:
-        """The best parents, with a seed among them only while the child needs a piece that
-        no normal peer holds yet: the seed's uplink is the scarcest, so what the swarm
-        already has is traded among peers (Dragonfly's seed peers work the same way)."""
+    def _with_source(self, ranked: list[Peer]) -> list[Peer]:
+        """The best normal parents, and the best source as the last of them: a seed grants
+        each child the pieces it sent least (``grants``), so it never sends what the swarm
+        trades anyway ahead of what only it has, and its uplink adds to the swarm's."""
         if self.candidate_parents < 2:
             return ranked[: self.candidate_parents]  # no room to balance: trust the ranking
         normals = [p for p in ranked if not p.is_source]
         sources = [p for p in ranked if p.is_source]
-        chosen = normals[: self.candidate_parents]
-        if not sources:
-            return chosen
-        if task.content is None or not chosen:
-            return [*chosen[: self.candidate_parents - 1], sources[0]]
-        held_by_sources: dict[int, int] = {}
-        for source in (p for p in task.peers.values() if p.is_source):
-            for number in source.pieces:
-                held_by_sources[number] = held_by_sources.get(number, 0) + 1
-        seed_only = any(
-            task.holders.get(n, 0) - held_by_sources.get(n, 0) <= 0
-            for n in range(task.content.piece_count)
-            if n not in child.pieces
-        )
-        if seed_only:
-            return [*chosen[: self.candidate_parents - 1], sources[0]]
-        return chosen
+        return [*normals[: self.candidate_parents - len(sources[:1])], *sources[:1]]
 
     def _candidate(
         self, peer: Peer, child: Peer | None = None, total: int = 0, assigned: int = 0

@@ -730,22 +730,20 @@ def test_a_child_does_not_wait_forever_for_a_corrupt_only_source() -> None:
     assert actions != {"wait"}
 
 
-def test_the_seed_is_offered_only_while_a_needed_piece_is_nowhere_else() -> None:
-    s = Scheduler()
+def test_a_seed_is_the_last_of_a_childs_parents_while_normal_peers_have_pieces() -> None:
+    s = Scheduler(candidate_parents=3, evaluator=ranked("seed", "a", "b", "c"))
     add_seed(s)
-    assert "seed" in ids(join(s, "a", "h1"))
-    held = [PieceReport(n, parent_id="seed") for n in range(CONTENT.piece_count - 1)]
-    s.report_pieces(task_id=T, peer_id="a", pieces=held, now=1.0)
-    # b needs the last piece, which only the seed has: the seed stays among its parents.
-    assert ids(join(s, "b", "h2", now=1.0)) == {"a", "seed"}
-    last = [PieceReport(CONTENT.piece_count - 1, parent_id="seed")]
-    s.report_pieces(task_id=T, peer_id="a", pieces=last, now=2.0)
-    # Now a normal peer holds every piece: the seed's scarce uplink is spared.
-    schedule, _ = s.reschedule(task_id=T, peer_id="b", now=2.0)
-    assert ids(schedule) == {"a"}
+    for n, peer in enumerate("abc"):
+        join(s, peer, f"h{n}")
+        s.report_pieces(task_id=T, peer_id=peer, pieces=[PieceReport(n)], now=1.0)
+    # The evaluator prefers the seed; still, two normal peers, and the seed last.
+    schedule = join(s, "child", "h9", now=2.0)
+    assert [p.peer_id for p in schedule.parents] == ["a", "b", "seed"]
+    s.leave("h0", None)
     s.leave("h1", None)
-    schedule, _ = s.reschedule(task_id=T, peer_id="b", now=3.0)
-    assert ids(schedule) == {"seed"}, "with the holder gone, the seed is back"
+    s.leave("h2", None)
+    schedule, _ = s.reschedule(task_id=T, peer_id="child", now=3.0)
+    assert ids(schedule) == {"seed"}, "with the holders gone, the seed alone"
 
 
 # -- a storage fleet: rendezvous homes, the next seed, taking over -------------------------
