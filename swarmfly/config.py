@@ -108,6 +108,9 @@ class StorageConfig:
     upload_rate: int = 0
     upload_slots: int = 256
     origin_concurrency: int = 4
+    lend_pieces: bool = True
+    """While its uplink is full, let waiting peers read pieces of a new task from the origin
+    themselves (each piece is still read once), and take them from the swarm afterwards."""
     idc: str = ""
     location: str = ""
     cache_quota: int = 0

@@ -70,6 +70,7 @@ def storage_settings(config: Config, state_dir: Path) -> NodeSettings:
         per_parent=p.per_parent,
         piece_timeout=p.piece_timeout,
         origin_concurrency=s.origin_concurrency,
+        lend_pieces=s.lend_pieces,
         heartbeat_interval=config.scheduler.heartbeat_interval,
         idc=s.idc,
         location=s.location,

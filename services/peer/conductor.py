@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,7 @@ STALL_SECONDS = 3.0
 RESCHEDULE_INTERVAL = 1.0
 IDLE_RESCHEDULE = 0.25
 """Seconds between asks for fresher parents while pieces are missing."""
-REPORT_INTERVAL = 0.1
+REPORT_INTERVAL = 0.05
 REPORT_BATCH = 2048
 """Piece reports per request: with digests, 2048 stay well inside the request size limit."""
 PARENT_FAILURES = 2
@@ -50,8 +51,34 @@ BUSY_BACKOFF = 0.25
 SCHEDULER_PATIENCE = 10.0
 """Seconds a download with no parents waits for its scheduler to come back (a partition
 moves to another scheduler within 10 s) before it reads the origin."""
+LEND_RATE = 512 * 1024
+"""Bytes/s a child lent a piece is expected to read at least: its piece's time (or
+``grants.DELEGATION_SECONDS``, whichever is longer)."""
+HOLD_BACK = 1.0
+"""Seconds at most a lending seed waits before reading its next piece."""
+LEND_POLL = 0.25
+COLLECT_PATIENCE = 30.0
+"""Seconds at most a lending seed leaves the swarm's uplinks to children before it takes
+the lent pieces back for its cache."""
+"""Seconds between a lending seed's looks for the pieces it lent."""
 TAKEOVER_ATTEMPTS = 8
 """Tries per piece (busy parents included) before a taking-over seed reads it from the origin."""
+
+
+ORIGIN = "@origin"
+"""Where a lent piece comes from, in place of a parent id."""
+
+
+def _lent_pieces(answer: dict[str, Any]) -> list[tuple[int, str | None]]:
+    """The pieces a seed's answer lends, checked: it is untrusted input."""
+    numbers, etag = answer["origin"], answer.get("etag")
+    if not isinstance(numbers, list) or not all(
+        isinstance(n, int) and 0 <= n < 1 << 31 for n in numbers
+    ):
+        raise SwarmflyError("bad_request", "seed lent a malformed piece list")
+    if etag is not None and not (isinstance(etag, str) and len(etag) <= 512 and etag.isprintable()):
+        raise SwarmflyError("bad_request", "seed lent pieces with a malformed ETag")
+    return [(n, etag) for n in numbers[:8]]
 
 
 class LocalDiskError(SwarmflyError):
@@ -107,6 +134,8 @@ class Conductor:
         self.bytes_p2p = 0
         self.parents: dict[str, Parent] = {}
         self._book: PieceBook | None = None
+        self._lent: list[tuple[int, str | None]] = []
+        """Pieces a seed lent us to read from the origin, with the ETag it pinned."""
         self.blocklist: dict[str, float] = {}
         """Parents dropped, until when (monotonic): a failed parent may come back later."""
         self.bad: list[dict[str, str]] = []
@@ -275,12 +304,15 @@ class Conductor:
         session = self.node.session
         url = f"{parent.address}/v1/tasks/{self.task_id}/pieces"
         misses = 0
+        declined: int | None = None
         while not parent.complete:
             wait = SEED_POLL_WAIT if parent.type == "seed" else POLL_WAIT
             params = {"since": str(parent.version), "wait": str(wait)}
             book = self._book
             if parent.type == "seed" and book is not None:
-                params["wants"] = grants.encode(book.wanted_from_seeds(), book.piece_count)
+                params["wants"] = grants.encode(book.wanted(), book.piece_count)
+                if declined is not None:
+                    params["decline"] = str(declined)
             try:
                 async with session.get(
                     url, params=params, timeout=aiohttp.ClientTimeout(total=wait + 10)
@@ -297,9 +329,18 @@ class Conductor:
                 version, pieces = int(data["version"]), data["pieces"]
                 if not isinstance(pieces, list):
                     raise SwarmflyError("bad_request", "parent sent a malformed piece list")
+                if parent.type == "seed" and "origin" in data:
+                    self._lent.extend(_lent_pieces(data))
                 parent.version = version
                 parent.complete = bool(data.get("complete"))
-                self._availability[parent.peer_id] = {int(n) for n in pieces}
+                offered = {int(n) for n in pieces}
+                self._availability[parent.peer_id] = offered
+                # A grant of a piece we have or fetch already is handed back at once: the
+                # seed keeps a slot for it otherwise.
+                if parent.type == "seed" and book is not None:
+                    declined = next(
+                        (n for n in offered if n in book.done or n in book.in_flight), None
+                    )
                 self._wake.set()
             except asyncio.CancelledError:
                 raise
@@ -333,7 +374,7 @@ class Conductor:
                 self._wake.clear()
                 content = self.stored.content
                 if content is None or (book is not None and book.needs_digests()):
-                    if time.monotonic() - last_digests > 0.2:
+                    if time.monotonic() - last_digests > 0.1:
                         last_digests = time.monotonic()
                         await self._refresh_task(book)
                     content = self.stored.content
@@ -350,7 +391,7 @@ class Conductor:
                     self._drop_parent(book, parent_id, "failed")
                 self._failed_parents.clear()
                 if book is not None:
-                    book.seeds = {p for p, parent in self.parents.items() if parent.type == "seed"}
+                    self._start_lent(book, fetches)
                     for parent_id, pieces in self._availability.items():
                         if parent_id in self.parents:
                             book.update_parent(parent_id, pieces)
@@ -434,6 +475,9 @@ class Conductor:
         book.failed(number, parent_id)
         if isinstance(exc, LocalDiskError):
             raise exc
+        if parent_id == ORIGIN:  # the seed reads it when we do not deliver
+            log.info("lent piece %d from the origin: %s", number, exc)
+            return False
         parent = self.parents.get(parent_id)
         if isinstance(exc, ParentBusy):
             if parent is not None:
@@ -532,6 +576,21 @@ class Conductor:
             )
         return number
 
+    def _start_lent(
+        self, book: PieceBook, fetches: dict[asyncio.Task[int], tuple[int, str]]
+    ) -> None:
+        for number, etag in self._lent:
+            wanted = number < book.piece_count and number not in book.done
+            if wanted and number not in book.in_flight:
+                book.in_flight[number] = {ORIGIN}
+                fetches[asyncio.create_task(self._lent_piece(number, etag))] = (number, ORIGIN)
+        self._lent.clear()
+
+    async def _lent_piece(self, number: int, etag: str | None) -> int:
+        """A piece the seed lent us: read from the origin, pinned to the version it saw."""
+        with telemetry.span("lent piece", attributes={"swarmfly.piece": number}):
+            return await self._origin_piece(number, self._origin_headers(etag))
+
     async def _refresh_task(self, book: PieceBook | None) -> None:
         """Task size and the per-piece digests the scheduler knows, page by page."""
         offset = 0
@@ -589,10 +648,96 @@ class Conductor:
             "task %s: reading %d of %d pieces from the origin%s",
             self.task_id[:12], len(missing), content.piece_count, " as its seed" * self.seed,
         )  # fmt: skip
-        if self.stat.ranges:
+        if self.stat.ranges and self.seed and self.node.lend_pieces:
+            await self._origin_lending(content)
+        elif self.stat.ranges:
             await self._origin_ranges(missing)
         else:
             await self._origin_stream(content)
+
+    async def _origin_lending(self, content: TaskContent) -> None:
+        """Read the origin as a seed that lends pieces (``grants.Delegation``): the seed's
+        workers read from the first piece up, waiting children are lent pieces from the last
+        one down, and the lent pieces come back from the swarm."""
+        lending = grants.Delegation(
+            content.piece_count,
+            etag=self.stat.etag,
+            limit=2 * self.node.origin_concurrency,
+            lease=max(grants.DELEGATION_SECONDS, content.piece_length / LEND_RATE),
+        )
+        self.stored.delegation = lending
+        watcher = asyncio.create_task(self._watch_lent(lending))
+        try:
+            workers = [
+                asyncio.create_task(self._claiming_worker(lending))
+                for _ in range(min(self.node.origin_concurrency, content.piece_count))
+            ]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for worker in workers:
+                    worker.cancel()
+            lending.open = False
+            # The lent pieces come back once children stop asking: until then the swarm's
+            # uplinks are theirs (never longer than COLLECT_PATIENCE).
+            started = time.monotonic()
+            while time.monotonic() - lending.polled_at < 1.0:
+                if time.monotonic() - started > COLLECT_PATIENCE:
+                    break
+                await asyncio.sleep(LEND_POLL)
+            while not self.stored.complete:
+                if lending.delivered - self.stored.done:
+                    holders = await self._register_quietly()
+                    if holders:
+                        held_off = lending.held_off(time.monotonic())
+                        await self._gather(holders, hold_off=held_off)
+                if self.stored.complete:
+                    break
+                if not lending.waiting(self.stored.done, time.monotonic()):
+                    await self._claiming_worker(lending)  # what no child delivered in time
+                else:
+                    await asyncio.sleep(LEND_POLL)
+            lent = len(lending.pending)
+            log.info("task %s: %d of %d pieces were lent to children", self.task_id[:12],
+                     lent, content.piece_count)  # fmt: skip
+        finally:
+            watcher.cancel()
+            self.stored.delegation = None
+
+    async def _watch_lent(self, lending: grants.Delegation) -> None:
+        """Learn which lent pieces children delivered: their digests reach the scheduler."""
+        while True:
+            await asyncio.sleep(LEND_POLL)
+            if set(lending.pending) - lending.delivered:
+                await self._refresh_task(None)
+                digests = self.stored.digests
+                lending.delivered.update(n for n in lending.pending if digests[n])
+
+    async def _claiming_worker(self, lending: grants.Delegation) -> None:
+        while True:
+            await self._hold_back(lending)
+            number = lending.claim(self.stored.done, time.monotonic())
+            if number is None:
+                return
+            try:
+                await self._origin_piece(number, self._origin_headers())
+            finally:
+                lending.reading.discard(number)
+
+    async def _hold_back(self, lending: grants.Delegation) -> None:
+        """While children ask and the seed's reading runs ahead of its uplink, the origin's
+        capacity is better lent: wait (a while at most: never stall on children that want
+        none of what the seed holds)."""
+        started = now = time.monotonic()
+        window = self.node.origin_concurrency
+        while (
+            lending.open
+            and now - started < HOLD_BACK
+            and now - lending.polled_at < 1.0
+            and lending.ahead(self.stored.done, self.stored.served) >= window
+        ):
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
 
     async def _origin_ranges(self, numbers: list[int]) -> None:
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -613,39 +758,47 @@ class Conductor:
     async def _take_over(self, holders: list[dict[str, Any]]) -> None:
         """A seed continuing a task whose seed was lost: what the swarm already holds comes
         from its holders, only the rest from the origin, so the origin is read about once in
-        all. Both run at once; a piece no holder delivers falls back to the origin."""
+        all."""
         with telemetry.span("take_over", attributes={"swarmfly.holders": len(holders)}):
-            content = self._origin_content()
-            await self._refresh_task(None)  # the digests the swarm's pieces are checked against
-            for info in holders:
-                address = info["address"].rstrip("/")
-                parent = Parent(info["peer_id"], info["host_id"], address, "normal")
-                self.parents.setdefault(parent.peer_id, parent)
-            answers = await asyncio.gather(*(self._holdings(p) for p in self.parents.values()))
-            held = dict(zip(self.parents, answers, strict=True))
-            missing = [n for n in range(content.piece_count) if n not in self.stored.done]
-            swarm: deque[tuple[int, list[str]]] = deque()
-            origin: list[int] = []
-            for number in missing:
-                where = [p for p, pieces in held.items() if number in pieces]
-                if where and self.stored.digests[number]:
-                    swarm.append((number, where))
-                else:
-                    origin.append(number)
-            log.info(
-                "taking over task %s: %d pieces from %d holders, %d from the origin",
-                self.task_id[:12], len(swarm), len(held), len(origin),
-            )  # fmt: skip
-            failed: list[int] = []
-            load: dict[str, int] = dict.fromkeys(self.parents, 0)
-            workers = min(self.node.settings.concurrency, len(swarm))
-            await asyncio.gather(
-                self._origin_ranges(origin) if origin else asyncio.sleep(0),
-                *(self._from_holders(swarm, load, failed) for _ in range(workers)),
-            )
-            rest = sorted(n for n in failed if n not in self.stored.done)
-            if rest:
-                await self._origin_ranges(rest)
+            self._origin_content()
+            await self._gather(holders)
+
+    async def _gather(self, holders: list[dict[str, Any]], hold_off: Collection[int] = ()) -> None:
+        """What the holders have comes from them, the rest from the origin, both at once; a
+        piece no holder delivers falls back to the origin. ``hold_off``: pieces children are
+        reading from the origin, taken from holders only."""
+        content = self.stored.content
+        assert content is not None
+        await self._refresh_task(None)  # the digests the swarm's pieces are checked against
+        for info in holders:
+            address = info["address"].rstrip("/")
+            parent = Parent(info["peer_id"], info["host_id"], address, "normal")
+            self.parents.setdefault(parent.peer_id, parent)
+        answers = await asyncio.gather(*(self._holdings(p) for p in self.parents.values()))
+        held = dict(zip(self.parents, answers, strict=True))
+        missing = [n for n in range(content.piece_count) if n not in self.stored.done]
+        swarm: deque[tuple[int, list[str]]] = deque()
+        origin: list[int] = []
+        for number in missing:
+            where = [p for p, pieces in held.items() if number in pieces]
+            if where and self.stored.digests[number]:
+                swarm.append((number, where))
+            elif number not in hold_off:
+                origin.append(number)
+        log.info(
+            "task %s: %d pieces from %d holders, %d from the origin",
+            self.task_id[:12], len(swarm), len(held), len(origin),
+        )  # fmt: skip
+        failed: list[int] = []
+        load: dict[str, int] = dict.fromkeys(self.parents, 0)
+        workers = min(self.node.settings.concurrency, len(swarm))
+        await asyncio.gather(
+            self._origin_ranges(origin) if origin else asyncio.sleep(0),
+            *(self._from_holders(swarm, load, failed) for _ in range(workers)),
+        )
+        rest = sorted(n for n in failed if n not in self.stored.done and n not in hold_off)
+        if rest:
+            await self._origin_ranges(rest)
 
     async def _holdings(self, parent: Parent) -> set[int]:
         """What a holder has now (no long-poll); nothing when it cannot answer."""
@@ -696,20 +849,26 @@ class Conductor:
         return False
 
     async def _origin_worker(self, queue: asyncio.Queue[int]) -> None:
+        while not queue.empty():
+            await self._origin_piece(queue.get_nowait(), self._origin_headers())
+
+    async def _origin_piece(self, number: int, headers: dict[str, str]) -> int:
+        """One piece read from the origin by range, written, reported with its digest."""
         content = self.stored.content
         assert content is not None
         source = self.node.source_for(self.source.url)
-        while not queue.empty():
-            number = queue.get_nowait()
-            offset, size = content.piece(number)
-            started = time.monotonic()
-            chunks = []
-            async for chunk in source.fetch(
-                self.source.url, self._origin_headers(), offset, offset + size
-            ):
-                await self.node.download_bucket.take(len(chunk))
-                chunks.append(chunk)
-            await self._store_origin_piece(number, b"".join(chunks), started)
+        offset, size = content.piece(number)
+        started = time.monotonic()
+        chunks = []
+        received = 0
+        async for chunk in source.fetch(self.source.url, headers, offset, offset + size):
+            received += len(chunk)
+            if received > size:
+                raise SwarmflyError("source_error", "origin sent more than the range asked")
+            await self.node.download_bucket.take(len(chunk))
+            chunks.append(chunk)
+        await self._store_origin_piece(number, b"".join(chunks), started)
+        return number
 
     async def _origin_stream(self, content: TaskContent) -> None:
         source = self.node.source_for(self.source.url)
@@ -737,11 +896,12 @@ class Conductor:
         except OSError as exc:
             raise LocalDiskError(exc.strerror or type(exc).__name__) from None
 
-    def _origin_headers(self) -> dict[str, str]:
-        """Every read of the origin is pinned to the content first seen: pieces of two
-        versions of a file never end up in one download."""
-        if self.stat.etag and not any(k.lower() == "if-match" for k in self.source.headers):
-            return {**self.source.headers, "If-Match": self.stat.etag}
+    def _origin_headers(self, etag: str | None = None) -> dict[str, str]:
+        """Every read of the origin is pinned to the content first seen (``etag``: as the
+        seed saw it): pieces of two versions of a file never end up in one download."""
+        etag = etag or self.stat.etag
+        if etag and not any(k.lower() == "if-match" for k in self.source.headers):
+            return {**self.source.headers, "If-Match": etag}
         return self.source.headers
 
     async def _store_origin_piece(self, number: int, data: bytes, started: float) -> None:

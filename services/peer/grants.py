@@ -58,8 +58,9 @@ class GrantBook:
         self.pending[number] = now + self.lease
         return number
 
-    def taken(self, number: int) -> None:
-        """The child asked for the piece's bytes: its reservation is used."""
+    def release(self, number: int) -> None:
+        """The child asked for the piece's bytes (its reservation is used), or declined it
+        (it has the piece by now)."""
         self.pending.pop(number, None)
 
 
@@ -91,3 +92,98 @@ def decode(text: str, piece_count: int) -> set[int]:
         for bit in range(8)
         if byte & (0x80 >> bit) and index * 8 + bit < piece_count
     }
+
+
+DELEGATION_SECONDS = 5.0
+"""At least this long a delegated piece waits for its child before the seed reads it."""
+
+
+@dataclass
+class Delegation:
+    """A seed reading a task from the origin, lending the origin's spare capacity.
+
+    The seed's uplink is slower than most origins: while it has no slot free, a waiting child
+    is told to read one piece nobody has read yet from the origin itself (the highest-numbered
+    one: the seed reads from the start). Every piece is still read from the origin once; the
+    seed takes the delegated ones from the swarm afterwards, and reads a piece itself when
+    its child did not deliver it in time.
+    """
+
+    piece_count: int
+    etag: str | None = None
+    limit: int = 8
+    """Delegated pieces being read at once."""
+    lease: float = DELEGATION_SECONDS
+    open: bool = True
+    """Still lending: closed once the seed has read everything it did not lend."""
+    reading: set[int] = field(default_factory=set)
+    """Pieces the seed itself is reading."""
+    polled_at: float = float("-inf")
+    """When a child last asked the seed for a piece (monotonic)."""
+    pending: dict[int, float] = field(default_factory=dict)
+    """Lent piece -> until when (monotonic) its child has to deliver it. A piece is lent
+    once at most."""
+    delivered: set[int] = field(default_factory=set)
+    """Lent pieces the swarm has (their digest is known): taken from their holders."""
+    grace: float = 30.0
+    """Seconds after its time a delivered piece may still come from holders before the
+    seed reads it from the origin after all (its holders went away)."""
+    _next: int = 0
+    """Every piece below is done, being read by the seed, or lent."""
+    _top: int = -1
+    """Every piece above is done, being read by the seed, or lent."""
+
+    def __post_init__(self) -> None:
+        self._top = self.piece_count - 1
+
+    def reading_elsewhere(self, now: float) -> set[int]:
+        """Lent pieces children are reading now (not delivered, within their time)."""
+        return {n for n, until in self.pending.items() if until > now and n not in self.delivered}
+
+    def held_off(self, now: float) -> set[int]:
+        """Lent pieces the seed must not read from the origin: being read by a child, or
+        delivered to the swarm (unless their holders stayed silent too long)."""
+        return {
+            n
+            for n, until in self.pending.items()
+            if until > now or (n in self.delivered and until + self.grace > now)
+        }
+
+    def _taken(self, number: int, done: set[int]) -> bool:
+        return number in done or number in self.reading or number in self.pending
+
+    def lend(self, done: set[int], wanted: set[int], now: float) -> int | None:
+        """A piece for a waiting child to read from the origin, or None."""
+        if not self.open or len(self.reading_elsewhere(now)) >= self.limit:
+            return None
+        while self._top >= self._next and self._taken(self._top, done):
+            self._top -= 1
+        for number in range(self._top, self._next - 1, -1):
+            if number in wanted and not self._taken(number, done):
+                self.pending[number] = now + self.lease
+                return number
+        return None
+
+    def claim(self, done: set[int], now: float) -> int | None:
+        """The next piece for the seed to read: a lent piece whose child did not deliver in
+        time, else the lowest one nobody has or reads."""
+        held_off = self.held_off(now)
+        for number in self.pending:
+            if number not in held_off and number not in done and number not in self.reading:
+                self.reading.add(number)
+                return number
+        while self._next <= self._top and self._taken(self._next, done):
+            self._next += 1
+        if self._next > self._top:
+            return None
+        self.reading.add(self._next)
+        return self._next
+
+    def ahead(self, done: set[int], served: Mapping[int, int]) -> int:
+        """Pieces the seed read (or reads) and has not sent yet: how far its reading runs
+        ahead of its uplink. While children ask, what runs further ahead is better lent."""
+        return len(self.reading) + sum(1 for n in done if not served.get(n))
+
+    def waiting(self, done: set[int], now: float) -> bool:
+        """Some lent piece the seed lacks is still to come from a child or from holders."""
+        return any(n not in done for n in self.held_off(now))

@@ -56,6 +56,8 @@ class NodeSettings:
     piece_timeout: float
     origin_concurrency: int
     heartbeat_interval: float
+    lend_pieces: bool = False
+    """A seed lends pieces to read from the origin (``grants.Delegation``)."""
     piece_spans: bool = False
     idc: str = ""
     location: str = ""
@@ -150,6 +152,7 @@ class PeerNode:
         )
         self.download_bucket = TokenBucket(settings.download_rate)
         self.origin_concurrency = settings.origin_concurrency
+        self.lend_pieces = settings.lend_pieces
         self.ip = settings.advertise_ip or route_ip(servers)
         self.port = 0
         self.upload_url = ""

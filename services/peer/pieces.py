@@ -22,9 +22,6 @@ class PieceBook:
     """parent id -> pieces that parent has verified."""
     in_flight: dict[int, set[str]] = field(default_factory=dict)
     """piece -> parents it is being fetched from (more than one only in the endgame)."""
-    seeds: set[str] = field(default_factory=set)
-    """Parents that read the origin: the scarcest uplinks, asked only for what no other
-    parent offers."""
     strategy: Strategy = rarest_first
     rng: random.Random = field(default_factory=random.Random)
 
@@ -61,14 +58,9 @@ class PieceBook:
                 lost.append(number)
         return lost
 
-    def _elsewhere(self) -> set[int]:
-        """Pieces some parent other than a seed offers."""
-        return set().union(*(pieces for p, pieces in self.available.items() if p not in self.seeds))
-
-    def wanted_from_seeds(self) -> set[int]:
-        """What only a seed can give now: missing, not in flight, offered by no other parent
-        (a seed grants among these)."""
-        return self.missing() - self.in_flight.keys() - self._elsewhere()
+    def wanted(self) -> set[int]:
+        """Missing and not in flight: a seed grants among these."""
+        return self.missing() - self.in_flight.keys()
 
     def needs_digests(self) -> bool:
         """Some parent holds a piece we miss whose digest we do not know yet."""
@@ -115,9 +107,6 @@ class PieceBook:
             for n in offered
             if n not in self.done and n not in self.in_flight and self.digests[n] is not None
         ]
-        if parent in self.seeds:
-            elsewhere = self._elsewhere()
-            fresh = [n for n in fresh if n not in elsewhere]
         if fresh:
             view = PieceView(fresh, holders, self.first_missing(), self.piece_count)
             ordered = self.strategy(view, self.rng)

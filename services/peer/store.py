@@ -22,6 +22,7 @@ import orjson
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import TASK_ID, piece_count
+from swarmfly.services.peer.grants import Delegation
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class StoredTask:
     active: int = 0
     """Downloads and uploads in progress; a task in use is never evicted."""
     served: dict[int, int] = field(default_factory=dict)
+    delegation: Delegation | None = None
+    """Set while this host seeds the task from the origin and lends pieces of it."""
     """Uploads per piece, finished or under way."""
     _changed: asyncio.Event | None = None
     _fd: int | None = None

@@ -10,11 +10,13 @@ granted piece instead (``grants``), optionally among the ``wants`` bitmap the ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from opentelemetry.trace import SpanKind
@@ -42,7 +44,7 @@ class _Waiter:
 
     task: StoredTask
     wanted: set[int] | None
-    answer: asyncio.Future[int] = field(
+    answer: asyncio.Future[tuple[str, int]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -129,52 +131,67 @@ class UploadServer:
     async def _grant_poll(
         self, request: web.Request, task: StoredTask, wait: float
     ) -> web.Response:
-        """One granted piece when this child's turn comes and a slot is free for it; none
-        after ``wait``. Never ``complete``: a child keeps asking while it lacks pieces."""
+        """One granted piece when this child's turn comes and a slot is free for it, or one
+        to read from the origin itself (``grants.Delegation``); none after ``wait``. Never
+        ``complete``: a child keeps asking while it lacks pieces."""
         assert task.content is not None
         wants = request.query.get("wants")
         try:
             wanted = None if wants is None else grants.decode(wants, task.content.piece_count)
+            declined = int(request.query.get("decline", "-1"))
         except SwarmflyError as exc:
             raise web.HTTPBadRequest(text=exc.message) from None
+        except ValueError:
+            raise web.HTTPBadRequest(text="decline must be a piece number") from None
+        book = self._grants.get(task.id)
+        if book is not None and 0 <= declined < task.content.piece_count:
+            book.release(declined)  # the child got it elsewhere: the slot is free again
         waiter = _Waiter(task, wanted)
         self._waiters.append(waiter)
+        if task.delegation is not None:
+            task.delegation.polled_at = time.monotonic()
         self._dispatch()
-        try:
-            pieces = [await asyncio.wait_for(asyncio.shield(waiter.answer), wait)]
-        except TimeoutError:
-            pieces = []
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-        if not pieces and waiter.answer.done():  # granted just as the wait ran out
-            pieces = [waiter.answer.result()]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter.answer), wait)
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        kind, number = waiter.answer.result() if waiter.answer.done() else ("", -1)
         self._serial += 1
-        return web.json_response(
-            {
-                "version": self._serial,
-                "piece_count": task.content.piece_count,
-                "complete": False,
-                "pieces": pieces,
-            }
-        )
+        answer: dict[str, Any] = {
+            "version": self._serial,
+            "piece_count": task.content.piece_count,
+            "complete": False,
+            "pieces": [number] if kind == "piece" else [],
+        }
+        if kind == "origin":
+            answer["origin"] = [number]
+            if task.delegation is not None and task.delegation.etag:
+                answer["etag"] = task.delegation.etag
+        return web.json_response(answer)
 
     def _dispatch(self) -> None:
         """Grant pieces to waiting children, oldest first, while slots are free; a child
-        that wants nothing available now lets the next one go ahead."""
+        that wants nothing available now lets the next one go ahead. A child that cannot
+        have a slot may be lent a piece to read from the origin."""
         now = time.monotonic()
         for waiter in list(self._waiters):
-            if self._reserved(now) >= self.capacity:
-                break
             if waiter.answer.done():
                 continue
-            book = self._grants.setdefault(waiter.task.id, grants.GrantBook(self.grant_seconds))
-            number = book.grant(waiter.task.done, waiter.task.served, now, waiter.wanted)
-            if number is None:
-                continue
-            waiter.answer.set_result(number)
-            self._waiters.remove(waiter)
-            asyncio.get_running_loop().call_later(book.lease, self._dispatch)  # if it lapses
+            task = waiter.task
+            if self._reserved(now) < self.capacity:
+                book = self._grants.setdefault(task.id, grants.GrantBook(self.grant_seconds))
+                number = book.grant(task.done, task.served, now, waiter.wanted)
+                if number is not None:
+                    waiter.answer.set_result(("piece", number))
+                    self._waiters.remove(waiter)
+                    asyncio.get_running_loop().call_later(book.lease, self._dispatch)  # lapse
+                    continue
+            # Only a child that said what it wants knows the task's pieces: it can take one.
+            if task.delegation is not None and waiter.wanted is not None:
+                number = task.delegation.lend(task.done, waiter.wanted, now)
+                if number is not None:
+                    waiter.answer.set_result(("origin", number))
+                    self._waiters.remove(waiter)
         if any(not w.answer.done() for w in self._waiters) and self._ticker is None:
             self._ticker = asyncio.create_task(self._tick())
 
@@ -200,7 +217,7 @@ class UploadServer:
         number = start // task.content.piece_length
         book = self._grants.get(task.id)
         if book is not None:
-            book.taken(number)  # a granted request holds its slot already
+            book.release(number)  # a granted request holds its slot already
         if self._reserved(time.monotonic()) >= self.capacity:
             raise web.HTTPServiceUnavailable(
                 text="no free upload slot", headers={"Retry-After": "1"}

@@ -524,3 +524,24 @@ async def test_a_malformed_wants_bitmap_is_a_400_and_the_seed_keeps_serving(
         else:
             assert status == 400, body
         assert (await poll(seed, task, 1.0))["pieces"] in ([0], [1])
+
+
+async def test_a_seed_with_no_slot_free_lends_a_piece_to_read_from_the_origin(
+    tmp_path: Path,
+) -> None:
+    async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
+        task = seed.put(content_of(8 * PIECE, b"lend"), {0, 1})
+        task.delegation = grants.Delegation(8, etag='"v1"', limit=1)
+        every = grants.encode(set(range(8)), 8)
+        # Two grants fill the one slot and its one waiting place; the third child is lent
+        # the last piece, pinned to the ETag the seed read, and the fourth gets nothing.
+        answers = await asyncio.gather(*(poll(seed, task, 0.5, every) for _ in range(4)))
+        granted = sorted(a["pieces"] for a in answers if a["pieces"])
+        assert granted == [[0], [1]]
+        lent = [a for a in answers if a.get("origin")]
+        assert [(a["origin"], a["etag"]) for a in lent] == [([7], '"v1"')]
+        # Once the lent piece is delivered another may be lent, but only to a child that
+        # said what it wants (so it knows the task's pieces).
+        task.delegation.delivered.add(7)
+        assert "origin" not in await poll(seed, task, 0.3)
+        assert (await poll(seed, task, 0.3, every))["origin"] == [6]

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from swarmfly.errors import SwarmflyError
-from swarmfly.services.peer.grants import GrantBook, decode, encode
+from swarmfly.services.peer.grants import Delegation, GrantBook, decode, encode
 
 
 def test_grants_go_to_the_least_sent_piece_then_the_lowest_number() -> None:
@@ -26,7 +26,7 @@ def test_a_grant_lapses_after_its_lease_and_a_taken_one_is_released() -> None:
     book = GrantBook(lease=1.0)
     assert book.grant([5, 6], {}, now=0.0) == 5
     assert book.grant([5, 6], {}, now=0.5) == 6
-    book.taken(6)
+    book.release(6)
     assert book.outstanding(0.9) == 1
     assert book.outstanding(1.0) == 0  # 5 lapsed
     assert book.grant([5, 6], {6: 1}, now=1.0) == 5
@@ -63,3 +63,52 @@ def test_bitmaps_of_the_wrong_shape_are_bad_requests(text: str) -> None:
     with pytest.raises(SwarmflyError) as caught:
         decode(text, 10)  # 10 pieces: 2 bytes, 3 characters
     assert caught.value.code == "bad_request"
+
+
+# -- lending: children read pieces from the origin while the seed's uplink is full --------
+
+
+def test_pieces_are_lent_from_the_last_down_and_claimed_from_the_first_up() -> None:
+    lending = Delegation(8, limit=8, lease=5.0)
+    everything = set(range(8))
+    assert lending.claim(set(), now=0.0) == 0
+    assert lending.lend(set(), everything, now=0.0) == 7
+    assert lending.lend(set(), {5, 6}, now=0.0) == 6  # what this child wants
+    assert lending.claim(set(), now=0.0) == 1
+    assert lending.lend({5}, everything, now=0.0) == 4  # 5 is done meanwhile
+    assert lending.claim({5}, now=0.0) == 2
+    assert lending.claim({5}, now=0.0) == 3
+    assert lending.claim({5}, now=0.0) is None  # 4, 6, 7 are with children
+    assert lending.lend({5}, everything, now=0.0) is None
+    assert lending.waiting({5}, now=1.0)
+
+
+def test_lending_stops_at_its_limit_and_once_closed() -> None:
+    lending = Delegation(10, limit=2)
+    assert lending.lend(set(), set(range(10)), now=0.0) == 9
+    assert lending.lend(set(), set(range(10)), now=0.0) == 8
+    assert lending.lend(set(), set(range(10)), now=0.0) is None
+    lending.delivered.add(9)  # its child delivered: one more may be lent
+    assert lending.lend(set(), set(range(10)), now=0.0) == 7
+    lending.open = False
+    assert lending.lend(set(), set(range(10)), now=0.0) is None
+
+
+def test_a_lent_piece_not_delivered_in_time_is_read_by_the_seed() -> None:
+    lending = Delegation(3, lease=2.0, grace=10.0)
+    assert lending.lend(set(), {0, 1, 2}, now=0.0) == 2
+    assert lending.lend(set(), {0, 1, 2}, now=0.0) == 1
+    lending.reading.update({0})
+    assert lending.claim(set(), now=1.0) is None  # both still with their children
+    lending.delivered.add(1)
+    assert lending.claim(set(), now=2.5) == 2  # late: the seed reads it itself
+    assert lending.claim(set(), now=2.5) is None  # 1 is in the swarm: taken from holders
+    assert lending.waiting(set(), now=2.5)
+    assert lending.claim(set(), now=12.5) == 1  # its holders stayed silent too long
+    assert lending.lend(set(), {0, 1, 2}, now=20.0) is None  # a piece is lent once
+
+
+def test_how_far_the_seed_reads_ahead_of_its_uplink() -> None:
+    lending = Delegation(6)
+    lending.reading.add(5)
+    assert lending.ahead({0, 1, 2}, {0: 1}) == 3  # 1 and 2 unsent, 5 being read
