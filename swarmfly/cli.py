@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import time
@@ -181,6 +180,8 @@ def _run(coro: Coroutine[Any, Any, Any], *, fast_loop: bool = False) -> Any:
             pass
         else:
             return uvloop.run(coro)
+    import asyncio  # here: `swarmfly get` through the local socket needs none of it
+
     return asyncio.run(coro)
 
 
@@ -215,26 +216,11 @@ class ProgressBar:
         sys.stderr.write("\n")
 
 
-def _lean_nats(config: Config) -> None:
-    """Load nats-py without its WebSocket transport (aiohttp) unless a ws:// server is
-    configured: through the host's peer, ``get`` needs nothing else of aiohttp, and that
-    import was a third of its start-up, which a swarm of simultaneous gets pays on a busy
-    host. (``swarmfly up`` records only nats:// addresses.)"""
-    if "aiohttp" in sys.modules or any(s.startswith("ws") for s in config.nats.servers):
-        return
-    sys.modules["aiohttp"] = None  # type: ignore[assignment]  # makes the import fail
-    try:
-        import nats.aio.transport  # noqa: F401
-    finally:
-        del sys.modules["aiohttp"]  # a later in-process peer imports it as usual
-
-
 def _get(args: argparse.Namespace, config: Config) -> int:
-    _lean_nats(config)
-    from swarmfly.client import GetRequest, get, parse_header
+    from swarmfly import localpeer
 
-    headers = dict(parse_header(h) for h in args.header)
-    request = GetRequest(
+    headers = dict(localpeer.parse_header(h) for h in args.header)
+    request = localpeer.GetRequest(
         url=args.url,
         output=Path(args.output),
         headers=headers,
@@ -245,7 +231,18 @@ def _get(args: argparse.Namespace, config: Config) -> int:
     )
     bar = ProgressBar() if sys.stderr.isatty() and not args.json else None
     try:
-        summary = _run(get(config, request, bar))
+        # The host's peer over its local socket; through NATS when tracing (the trace goes
+        # with the request) or when no peer answers there.
+        summary = None
+        if not config.tracing:
+            try:
+                summary = localpeer.get(config.state_dir, request, bar)
+            except localpeer.PeerGone:  # it died: an in-process peer takes over (below)
+                summary = None
+        if summary is None:
+            from swarmfly.client import get
+
+            summary = _run(get(config, request, bar))
     except TimeoutError:
         raise SwarmflyError("timeout", f"download did not finish in {args.timeout:g}s") from None
     finally:
@@ -258,7 +255,7 @@ def _get(args: argparse.Namespace, config: Config) -> int:
 
 def _preheat(args: argparse.Namespace, config: Config) -> int:
     from swarmfly import preheat
-    from swarmfly.client import parse_header
+    from swarmfly.localpeer import parse_header
 
     urls: list[tuple[str, str | None]]
     if args.what == "url":

@@ -1,4 +1,5 @@
-"""`swarmfly get`: through the host's peer service when one runs, else an in-process peer."""
+"""`swarmfly get`: through the host's peer service when one runs (over NATS here; its local
+socket is ``swarmfly.localpeer``), else an in-process peer."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ import fcntl
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,39 +16,16 @@ from swarmfly import telemetry
 from swarmfly.bus import Bus
 from swarmfly.cluster import connect, local_peer, servers_of
 from swarmfly.config import Config
-from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError
-from swarmfly.ids import check_digest, new_id
-from swarmfly.services.peer.store import redact_url
+from swarmfly.ids import check_digest, new_id, redact_url
+from swarmfly.localpeer import GetRequest, Progress, summary
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int | None], None]
 REPLY_GRACE = 2.0
 """Seconds a finished download's reply may lag its progress before it is asked for again."""
 PEER_SILENCE = 3.0
 """Seconds without a progress answer after which the peer service counts as gone."""
-
-
-@dataclass(frozen=True)
-class GetRequest:
-    url: str
-    output: Path
-    headers: dict[str, str]
-    digest: str | None = None
-    timeout: float = 3600.0
-    strategy: str | None = None
-    piece_length: int | None = None
-
-    def source(self) -> SourceRequest:
-        return SourceRequest(self.url, self.headers, self.digest, self.piece_length)
-
-
-def parse_header(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition(":")
-    if not sep or not name.strip() or any(c in name for c in " \t\r\n"):
-        raise SwarmflyError("bad_request", f"header must look like 'Name: value', got {text!r}")
-    return name.strip(), value.strip()
 
 
 async def get(
@@ -84,44 +60,21 @@ async def get(
             if bus is not None and host_id is not None:
                 try:
                     reply = await _via_peer(bus, host_id, request, output, progress)
-                    return _summary(request, reply, "peer", started)
+                    return summary(request, reply, "peer", started)
                 except SwarmflyError as exc:
                     if exc.code != "unavailable":
                         raise
                     log.info("local peer does not answer: running one in process")
             reply = await _in_process(stack, config, bus, servers, request, output, progress)
-            return _summary(request, reply, "in-process", started)
+            return summary(request, reply, "in-process", started)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _summary(
-    request: GetRequest, reply: dict[str, Any], via: str, started: float
-) -> dict[str, Any]:
-    return {
-        "url": redact_url(request.url),
-        "output": reply["output"],
-        "task_id": reply["task_id"],
-        "content_length": reply["content_length"],
-        "bytes_origin": reply["bytes_origin"],
-        "bytes_p2p": reply["bytes_p2p"],
-        "seconds": round(time.monotonic() - started, 6),
-        "digest": reply.get("digest"),
-        "via": via,
-    }
 
 
 async def _via_peer(
     bus: Bus, host_id: str, request: GetRequest, output: Path, progress: Progress | None
 ) -> dict[str, Any]:
-    download_id = new_id("dl")
-    body: dict[str, Any] = {
-        "download_id": download_id,
-        "source": request.source().to_dict(),
-        "output": str(output),
-        "timeout_s": request.timeout,
-    }
-    if request.strategy:
-        body["strategy"] = request.strategy
+    body = request.body(output)
+    download_id = body["download_id"]
 
     def ask() -> asyncio.Task[dict[str, Any]]:
         return asyncio.create_task(

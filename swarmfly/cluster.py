@@ -6,7 +6,6 @@ Kept light (no service imports): `swarmfly get` loads it on every run.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import orjson
@@ -14,9 +13,8 @@ import orjson
 from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError
+from swarmfly.localpeer import peer_record
 
-PEER_FILE = "peer.json"
-"""Written by a peer service into its state dir: its host id, pid and upload address."""
 CLUSTER_FILE = "cluster.json"
 
 
@@ -46,9 +44,5 @@ async def connect(config: Config, name: str, servers: list[str] | None = None) -
 
 def local_peer(state_dir: Path) -> str | None:
     """The host id of a peer service running on this state dir, if its process lives."""
-    try:
-        data = orjson.loads((state_dir / PEER_FILE).read_bytes())
-        os.kill(int(data["pid"]), 0)
-        return str(data["host_id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    record = peer_record(state_dir)
+    return str(record["host_id"]) if record and "host_id" in record else None

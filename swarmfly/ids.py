@@ -108,3 +108,14 @@ def check_digest(digest: str) -> str:
     if not match:
         raise ValueError(f"digest must be sha256:<64 hex>, got {digest[:80]!r}")
     return match.group(1)
+
+
+def redact_url(url: str) -> str:
+    """The URL without userinfo and query: safe to store and log."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

@@ -21,12 +21,12 @@ from opentelemetry.trace import SpanKind
 from swarmfly import metrics, telemetry
 from swarmfly.content import SourceRequest, TaskContent
 from swarmfly.errors import SwarmflyError
-from swarmfly.ids import check_digest, piece_count, piece_length_for
+from swarmfly.ids import check_digest, piece_count, piece_length_for, redact_url
 from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.pieces import PieceBook
-from swarmfly.services.peer.store import StoredTask, redact_url
+from swarmfly.services.peer.store import StoredTask
 
 if TYPE_CHECKING:
     from swarmfly.services.peer.node import PeerNode
@@ -54,6 +54,8 @@ moves to another scheduler within 10 s) before it reads the origin."""
 LEND_RATE = 512 * 1024
 """Bytes/s a child lent a piece is expected to read at least: its piece's time (or
 ``grants.DELEGATION_SECONDS``, whichever is longer)."""
+LEASE_FACTOR = 4.0
+"""A lent piece's time: at least this many times what the seed's last piece took it."""
 HOLD_BACK = 1.0
 """Seconds at most a lending seed waits before reading its next piece."""
 LEND_POLL = 0.25
@@ -136,6 +138,8 @@ class Conductor:
         self._book: PieceBook | None = None
         self._lent: list[tuple[int, str | None]] = []
         """Pieces a seed lent us to read from the origin, with the ETag it pinned."""
+        self._delivered: list[int] = []
+        """Lent pieces we read, to tell the seed."""
         self.blocklist: dict[str, float] = {}
         """Parents dropped, until when (monotonic): a failed parent may come back later."""
         self.bad: list[dict[str, str]] = []
@@ -313,6 +317,11 @@ class Conductor:
                 params["wants"] = grants.encode(book.wanted(), book.piece_count)
                 if declined is not None:
                     params["decline"] = str(declined)
+                if parent.type == "seed" and self._delivered:
+                    # Told over HTTP, not only through the scheduler: with NATS down, the
+                    # seed would read them from the origin again once their time is up.
+                    params["lent"] = ",".join(map(str, self._delivered[:64]))
+                    del self._delivered[:64]
             try:
                 async with session.get(
                     url, params=params, timeout=aiohttp.ClientTimeout(total=wait + 10)
@@ -589,7 +598,9 @@ class Conductor:
     async def _lent_piece(self, number: int, etag: str | None) -> int:
         """A piece the seed lent us: read from the origin, pinned to the version it saw."""
         with telemetry.span("lent piece", attributes={"swarmfly.piece": number}):
-            return await self._origin_piece(number, self._origin_headers(etag))
+            await self._origin_piece(number, self._origin_headers(etag))
+        self._delivered.append(number)
+        return number
 
     async def _refresh_task(self, book: PieceBook | None) -> None:
         """Task size and the per-piece digests the scheduler knows, page by page."""
@@ -663,6 +674,7 @@ class Conductor:
             content.piece_count,
             etag=self.stat.etag,
             limit=2 * self.node.origin_concurrency,
+            window=self.node.origin_concurrency,
             lease=max(grants.DELEGATION_SECONDS, content.piece_length / LEND_RATE),
         )
         self.stored.delegation = lending
@@ -719,22 +731,23 @@ class Conductor:
             number = lending.claim(self.stored.done, time.monotonic())
             if number is None:
                 return
+            started = time.monotonic()
             try:
                 await self._origin_piece(number, self._origin_headers())
             finally:
                 lending.reading.discard(number)
+            lending.lease = max(lending.lease, LEASE_FACTOR * (time.monotonic() - started))
 
     async def _hold_back(self, lending: grants.Delegation) -> None:
         """While children ask and the seed's reading runs ahead of its uplink, the origin's
         capacity is better lent: wait (a while at most: never stall on children that want
         none of what the seed holds)."""
         started = now = time.monotonic()
-        window = self.node.origin_concurrency
         while (
             lending.open
             and now - started < HOLD_BACK
             and now - lending.polled_at < 1.0
-            and lending.ahead(self.stored.done, self.stored.served) >= window
+            and lending.ahead(self.stored.done, self.stored.served) >= lending.window
         ):
             await asyncio.sleep(0.02)
             now = time.monotonic()

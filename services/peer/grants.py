@@ -94,7 +94,7 @@ def decode(text: str, piece_count: int) -> set[int]:
     }
 
 
-DELEGATION_SECONDS = 5.0
+DELEGATION_SECONDS = 15.0
 """At least this long a delegated piece waits for its child before the seed reads it."""
 
 
@@ -113,7 +113,12 @@ class Delegation:
     etag: str | None = None
     limit: int = 8
     """Delegated pieces being read at once."""
+    window: int = 4
+    """Lend only while the seed's reading runs this far ahead of its uplink (``ahead``):
+    when the origin is the slower side, a lent piece would only share its bandwidth."""
     lease: float = DELEGATION_SECONDS
+    """Raised by the seed to a few times what a piece takes it to read: on a slow origin a
+    child reading a lent piece must not be taken for a child that failed."""
     open: bool = True
     """Still lending: closed once the seed has read everything it did not lend."""
     reading: set[int] = field(default_factory=set)
@@ -152,9 +157,13 @@ class Delegation:
     def _taken(self, number: int, done: set[int]) -> bool:
         return number in done or number in self.reading or number in self.pending
 
-    def lend(self, done: set[int], wanted: set[int], now: float) -> int | None:
+    def lend(
+        self, done: set[int], served: Mapping[int, int], wanted: set[int], now: float
+    ) -> int | None:
         """A piece for a waiting child to read from the origin, or None."""
         if not self.open or len(self.reading_elsewhere(now)) >= self.limit:
+            return None
+        if self.ahead(done, served) < self.window:
             return None
         while self._top >= self._next and self._taken(self._top, done):
             self._top -= 1

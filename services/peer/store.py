@@ -15,27 +15,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
-from swarmfly.ids import TASK_ID, piece_count
+from swarmfly.ids import TASK_ID, piece_count, redact_url
 from swarmfly.services.peer.grants import Delegation
 
 log = logging.getLogger(__name__)
-
-
-def redact_url(url: str) -> str:
-    """The URL without userinfo and query: safe to store and log."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @dataclass

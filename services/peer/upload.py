@@ -146,6 +146,8 @@ class UploadServer:
         book = self._grants.get(task.id)
         if book is not None and 0 <= declined < task.content.piece_count:
             book.release(declined)  # the child got it elsewhere: the slot is free again
+        if task.delegation is not None and "lent" in request.query:
+            task.delegation.delivered.update(_delivered(request.query["lent"], task.delegation))
         waiter = _Waiter(task, wanted)
         self._waiters.append(waiter)
         if task.delegation is not None:
@@ -171,8 +173,8 @@ class UploadServer:
 
     def _dispatch(self) -> None:
         """Grant pieces to waiting children, oldest first, while slots are free; a child
-        that wants nothing available now lets the next one go ahead. A child that cannot
-        have a slot may be lent a piece to read from the origin."""
+        that wants nothing available now lets the next one go ahead. Once no slot is free,
+        a waiting child may be lent a piece to read from the origin."""
         now = time.monotonic()
         for waiter in list(self._waiters):
             if waiter.answer.done():
@@ -185,10 +187,10 @@ class UploadServer:
                     waiter.answer.set_result(("piece", number))
                     self._waiters.remove(waiter)
                     asyncio.get_running_loop().call_later(book.lease, self._dispatch)  # lapse
-                    continue
-            # Only a child that said what it wants knows the task's pieces: it can take one.
-            if task.delegation is not None and waiter.wanted is not None:
-                number = task.delegation.lend(task.done, waiter.wanted, now)
+            # The uplink is full: lend. (Only to a child that said what it wants: it knows the
+            # task's pieces, it can take one.)
+            elif task.delegation is not None and waiter.wanted is not None:
+                number = task.delegation.lend(task.done, task.served, waiter.wanted, now)
                 if number is not None:
                     waiter.answer.set_result(("origin", number))
                     self._waiters.remove(waiter)
@@ -289,3 +291,11 @@ class UploadServer:
             return False
         metrics.PEER_UPLOAD_BYTES.inc(size)
         return True
+
+
+def _delivered(text: str, lending: grants.Delegation) -> set[int]:
+    """The lent pieces a child says it read (``lent=3,7``): only pieces lent at all."""
+    numbers = text.split(",")
+    if len(numbers) > 64 or not all(n.isdigit() and len(n) <= 9 for n in numbers):
+        raise web.HTTPBadRequest(text="lent must be up to 64 piece numbers")
+    return {int(n) for n in numbers} & lending.pending.keys()

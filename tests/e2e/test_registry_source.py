@@ -15,10 +15,10 @@ import aiohttp
 import pytest
 
 from swarmfly import client
-from swarmfly.client import GetRequest
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import url_digest
+from swarmfly.localpeer import GetRequest
 from swarmfly.natsserver import NatsServer
 from swarmfly.plugins.sources.http import HttpSource
 from swarmfly.plugins.sources.oci import OciSource, resolve

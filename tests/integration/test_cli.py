@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import orjson
 import pytest
@@ -210,3 +211,56 @@ async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> Non
         _, errors = await asyncio.wait_for(up.communicate(), 20)
     assert up.returncode == 0, errors.decode()
     assert not (state / "cluster.json").exists()
+
+
+async def test_get_asks_its_hosts_peer_over_a_private_local_socket(
+    origin: Origin, nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * MiB)
+    url = origin.add("local.bin", data)
+    deep = tmp_path / ("d" * 60) / ("e" * 60)  # too long a path for a Unix socket
+    services = [
+        spawn_service(kind, nats.url, folder, "--prefix", prefix, env=FAST_ENV)
+        for kind, folder in (
+            ("scheduler", tmp_path / "scheduler"),
+            ("storage", tmp_path / "storage"),
+            ("peer", tmp_path / "peer"),
+            ("peer", deep),
+        )
+    ]
+    try:
+        record = orjson.loads((tmp_path / "peer" / "peer.json").read_bytes())
+        socket_file = Path(record["socket"])
+        assert socket_file.stat().st_mode & 0o777 == 0o600, "only this user may ask"
+
+        # Bad requests on the socket get an error, and the peer keeps serving.
+        connector = aiohttp.UnixConnector(path=str(socket_file))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for body in (b"{not json", b"[]", orjson.dumps({"download_id": "dl-x"})):
+                async with session.post("http://peer/v1/download", data=body) as response:
+                    assert response.status == 400
+                    assert (await response.json())["error"]["code"] == "bad_request"
+            missing = {
+                "download_id": "dl-missing",
+                "source": {"url": f"{origin.url}/missing.bin"},
+                "output": str(tmp_path / "never.bin"),
+            }
+            async with session.post("http://peer/v1/download", json=missing) as response:
+                assert response.status == 200
+                lines = [orjson.loads(line) for line in (await response.read()).splitlines()]
+            assert lines[-1]["error"]["code"] == "not_found"
+            assert not (tmp_path / "never.bin").exists()
+
+        for state, out in ((tmp_path / "peer", tmp_path / "a.bin"), (deep, tmp_path / "b.bin")):
+            code, stdout, stderr = await swarmfly(
+                "get", url, "-O", str(out), "--json", "--state-dir", str(state),
+                "--nats", nats.url, "--prefix", prefix,
+            )  # fmt: skip
+            assert code == 0, stderr
+            assert orjson.loads(stdout)["via"] == "peer"  # the socket, then NATS
+            assert out.read_bytes() == data
+        assert orjson.loads((deep / "peer.json").read_bytes())["socket"] is None
+    finally:
+        for service in services:
+            assert service.stop() == 0, service.log()
+    assert not socket_file.exists()

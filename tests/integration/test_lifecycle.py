@@ -106,7 +106,11 @@ async def test_upload_rate_limit_paces_children(
     data = os.urandom(8 * MiB)
     url = origin.add("paced.bin", data)
     scheduler = start("scheduler", nats, prefix, tmp_path / "scheduler")
-    storage = start("storage", nats, prefix, tmp_path / "storage", "--upload-rate", "4MiB")
+    # A seed that lends pieces would let the child read them from the origin, unpaced.
+    storage = spawn_service(
+        "storage", nats.url, tmp_path / "storage", "--prefix", prefix, "--upload-rate", "4MiB",
+        env={**FAST_ENV, "SWARMFLY_STORAGE_LEND_PIECES": "false"},
+    )  # fmt: skip
     try:
         started = time.monotonic()
         code, stdout, stderr = await swarmfly("get", url, "-O", str(tmp_path / "p"), "--json",

@@ -96,6 +96,7 @@ async def test_dashboard_and_live_events(
 
     def slow_seed(config: Config) -> None:
         config.storage.upload_rate = MiB
+        config.storage.lend_pieces = False  # every piece through the slow seed
 
     async with in_process_cluster(nats.url, prefix, tmp_path, configure=slow_seed) as cluster:
         base = cluster.scheduler.http_url

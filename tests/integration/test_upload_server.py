@@ -531,7 +531,7 @@ async def test_a_seed_with_no_slot_free_lends_a_piece_to_read_from_the_origin(
 ) -> None:
     async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
         task = seed.put(content_of(8 * PIECE, b"lend"), {0, 1})
-        task.delegation = grants.Delegation(8, etag='"v1"', limit=1)
+        task.delegation = grants.Delegation(8, etag='"v1"', limit=1, window=1)
         every = grants.encode(set(range(8)), 8)
         # Two grants fill the one slot and its one waiting place; the third child is lent
         # the last piece, pinned to the ETag the seed read, and the fourth gets nothing.
@@ -540,8 +540,14 @@ async def test_a_seed_with_no_slot_free_lends_a_piece_to_read_from_the_origin(
         assert granted == [[0], [1]]
         lent = [a for a in answers if a.get("origin")]
         assert [(a["origin"], a["etag"]) for a in lent] == [([7], '"v1"')]
-        # Once the lent piece is delivered another may be lent, but only to a child that
-        # said what it wants (so it knows the task's pieces).
-        task.delegation.delivered.add(7)
-        assert "origin" not in await poll(seed, task, 0.3)
+        # The child says it read the piece (numbers never lent are ignored, a malformed
+        # list is refused); then another may be lent, but only to a child that said what
+        # it wants (so it knows the task's pieces).
+        for bad in ("x", ",", "1" * 10, ",".join(["1"] * 65)):
+            status, _, _ = await seed.get(f"/v1/tasks/{task.id}/pieces?wait=0&lent={bad}")
+            assert status == 400, bad
+        assert "origin" not in await poll(seed, task, 0.3, every)  # 7 is still out
+        status, body, _ = await seed.get(f"/v1/tasks/{task.id}/pieces?wait=0.3&lent=7,3")
+        assert status == 200 and "origin" not in json.loads(body)
+        assert task.delegation.delivered == {7}
         assert (await poll(seed, task, 0.3, every))["origin"] == [6]

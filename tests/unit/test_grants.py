@@ -69,35 +69,35 @@ def test_bitmaps_of_the_wrong_shape_are_bad_requests(text: str) -> None:
 
 
 def test_pieces_are_lent_from_the_last_down_and_claimed_from_the_first_up() -> None:
-    lending = Delegation(8, limit=8, lease=5.0)
+    lending = Delegation(8, limit=8, lease=5.0, window=0)
     everything = set(range(8))
     assert lending.claim(set(), now=0.0) == 0
-    assert lending.lend(set(), everything, now=0.0) == 7
-    assert lending.lend(set(), {5, 6}, now=0.0) == 6  # what this child wants
+    assert lending.lend(set(), {}, everything, now=0.0) == 7
+    assert lending.lend(set(), {}, {5, 6}, now=0.0) == 6  # what this child wants
     assert lending.claim(set(), now=0.0) == 1
-    assert lending.lend({5}, everything, now=0.0) == 4  # 5 is done meanwhile
+    assert lending.lend({5}, {}, everything, now=0.0) == 4  # 5 is done meanwhile
     assert lending.claim({5}, now=0.0) == 2
     assert lending.claim({5}, now=0.0) == 3
     assert lending.claim({5}, now=0.0) is None  # 4, 6, 7 are with children
-    assert lending.lend({5}, everything, now=0.0) is None
+    assert lending.lend({5}, {}, everything, now=0.0) is None
     assert lending.waiting({5}, now=1.0)
 
 
 def test_lending_stops_at_its_limit_and_once_closed() -> None:
-    lending = Delegation(10, limit=2)
-    assert lending.lend(set(), set(range(10)), now=0.0) == 9
-    assert lending.lend(set(), set(range(10)), now=0.0) == 8
-    assert lending.lend(set(), set(range(10)), now=0.0) is None
+    lending = Delegation(10, limit=2, window=0)
+    assert lending.lend(set(), {}, set(range(10)), now=0.0) == 9
+    assert lending.lend(set(), {}, set(range(10)), now=0.0) == 8
+    assert lending.lend(set(), {}, set(range(10)), now=0.0) is None
     lending.delivered.add(9)  # its child delivered: one more may be lent
-    assert lending.lend(set(), set(range(10)), now=0.0) == 7
+    assert lending.lend(set(), {}, set(range(10)), now=0.0) == 7
     lending.open = False
-    assert lending.lend(set(), set(range(10)), now=0.0) is None
+    assert lending.lend(set(), {}, set(range(10)), now=0.0) is None
 
 
 def test_a_lent_piece_not_delivered_in_time_is_read_by_the_seed() -> None:
-    lending = Delegation(3, lease=2.0, grace=10.0)
-    assert lending.lend(set(), {0, 1, 2}, now=0.0) == 2
-    assert lending.lend(set(), {0, 1, 2}, now=0.0) == 1
+    lending = Delegation(3, lease=2.0, grace=10.0, window=0)
+    assert lending.lend(set(), {}, {0, 1, 2}, now=0.0) == 2
+    assert lending.lend(set(), {}, {0, 1, 2}, now=0.0) == 1
     lending.reading.update({0})
     assert lending.claim(set(), now=1.0) is None  # both still with their children
     lending.delivered.add(1)
@@ -105,10 +105,17 @@ def test_a_lent_piece_not_delivered_in_time_is_read_by_the_seed() -> None:
     assert lending.claim(set(), now=2.5) is None  # 1 is in the swarm: taken from holders
     assert lending.waiting(set(), now=2.5)
     assert lending.claim(set(), now=12.5) == 1  # its holders stayed silent too long
-    assert lending.lend(set(), {0, 1, 2}, now=20.0) is None  # a piece is lent once
+    assert lending.lend(set(), {}, {0, 1, 2}, now=20.0) is None  # a piece is lent once
 
 
 def test_how_far_the_seed_reads_ahead_of_its_uplink() -> None:
     lending = Delegation(6)
     lending.reading.add(5)
     assert lending.ahead({0, 1, 2}, {0: 1}) == 3  # 1 and 2 unsent, 5 being read
+
+
+def test_pieces_are_lent_only_while_the_seed_reads_faster_than_it_sends() -> None:
+    lending = Delegation(10, window=2)
+    assert lending.lend({0}, {}, set(range(10)), now=0.0) is None  # one unsent piece
+    assert lending.lend({0, 1}, {0: 1}, set(range(10)), now=0.0) is None
+    assert lending.lend({0, 1, 2}, {0: 1}, set(range(10)), now=0.0) == 9

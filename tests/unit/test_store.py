@@ -12,7 +12,8 @@ import pytest
 
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
-from swarmfly.services.peer.store import StoredTask, TaskStore, redact_url
+from swarmfly.ids import redact_url
+from swarmfly.services.peer.store import StoredTask, TaskStore
 
 ID = hashlib.sha256(b"task").hexdigest()
 OTHER = hashlib.sha256(b"other").hexdigest()

@@ -1,0 +1,180 @@
+"""`swarmfly get` through the peer service of this host, over its local socket.
+
+dfget asks dfdaemon over a Unix socket; so does `get` here: one POST of the
+``peer.{host_id}.download`` request, answered by a JSON line of progress every
+``PROGRESS_INTERVAL`` and a last line with the reply or the error. This path loads nothing but
+the standard library: many hosts' gets start at once when a job fans out, and on a busy host
+every one of them pays for what it imports. The socket is the user's own (mode 0600 in the
+state dir): only this user can make the peer write files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException
+from pathlib import Path
+from typing import Any
+
+from swarmfly.content import SourceRequest
+from swarmfly.errors import SwarmflyError
+from swarmfly.ids import new_id, redact_url
+
+PEER_FILE = "peer.json"
+"""Written by a peer service into its state dir: its host id, pid, upload address and socket."""
+SOCKET = "peer.sock"
+MAX_SOCKET_PATH = 107
+"""Bytes in a Unix socket's path (sun_path, less its NUL)."""
+PROGRESS_INTERVAL = 0.5
+SILENCE = 10.0
+"""Seconds without a line from the peer after which it counts as gone."""
+
+Progress = Callable[[int, int | None], None]
+
+
+class PeerGone(SwarmflyError):
+    """The local peer stopped answering mid-download: the caller may go on without it."""
+
+    def __init__(self) -> None:
+        super().__init__("unavailable", "the local peer service went away")
+
+
+@dataclass(frozen=True)
+class GetRequest:
+    url: str
+    output: Path
+    headers: dict[str, str]
+    digest: str | None = None
+    timeout: float = 3600.0
+    strategy: str | None = None
+    piece_length: int | None = None
+
+    def source(self) -> SourceRequest:
+        return SourceRequest(self.url, self.headers, self.digest, self.piece_length)
+
+    def body(self, output: Path) -> dict[str, Any]:
+        """The ``peer.{host_id}.download`` request."""
+        body: dict[str, Any] = {
+            "download_id": new_id("dl"),
+            "source": self.source().to_dict(),
+            "output": str(output),
+            "timeout_s": self.timeout,
+        }
+        if self.strategy:
+            body["strategy"] = self.strategy
+        return body
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip() or any(c in name for c in " \t\r\n"):
+        raise SwarmflyError("bad_request", f"header must look like 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def summary(request: GetRequest, reply: dict[str, Any], via: str, started: float) -> dict[str, Any]:
+    return {
+        "url": redact_url(request.url),
+        "output": reply["output"],
+        "task_id": reply["task_id"],
+        "content_length": reply["content_length"],
+        "bytes_origin": reply["bytes_origin"],
+        "bytes_p2p": reply["bytes_p2p"],
+        "seconds": round(time.monotonic() - started, 6),
+        "digest": reply.get("digest"),
+        "via": via,
+    }
+
+
+def peer_record(state_dir: Path) -> dict[str, Any] | None:
+    """What the peer service running on this state dir wrote about itself, if it lives."""
+    try:
+        data = json.loads((state_dir / PEER_FILE).read_bytes())
+        os.kill(int(data["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def socket_path(state_dir: Path) -> Path | None:
+    """Where a peer on this state dir listens locally; None when the path is too long for
+    a Unix socket (then `get` goes through NATS)."""
+    path = state_dir.absolute() / SOCKET
+    return path if len(os.fsencode(path)) <= MAX_SOCKET_PATH else None
+
+
+class _UnixConnection(HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def get(
+    state_dir: Path, request: GetRequest, progress: Progress | None = None
+) -> dict[str, Any] | None:
+    """The download's summary; None when no peer answers on this host's socket (the caller
+    goes through NATS, or runs a peer of its own)."""
+    record = peer_record(state_dir)
+    if record is None or not record.get("socket"):
+        return None
+    output = request.output.absolute()
+    if output.is_dir():
+        raise SwarmflyError("bad_request", f"{output} is a directory")
+    started = time.monotonic()
+    connection = _UnixConnection(str(record["socket"]), timeout=SILENCE)
+    try:
+        try:
+            connection.request(
+                "POST",
+                "/v1/download",
+                body=json.dumps(request.body(output)).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            response = connection.getresponse()
+        except OSError:
+            return None  # nobody listens: the peer went away since it wrote its record
+        return summary(
+            request, _answer(response, progress, started + request.timeout), "peer", started
+        )
+    finally:
+        connection.close()
+
+
+def _answer(response: Any, progress: Progress | None, deadline: float) -> dict[str, Any]:
+    """The reply in the peer's last line; progress lines on the way."""
+    if response.status != 200:
+        raise _error(response.read())
+    try:
+        while time.monotonic() < deadline + SILENCE:
+            line = response.readline(1 << 20)
+            if not line:
+                break
+            data = json.loads(line)
+            if "progress" in data:
+                if progress is not None:
+                    state = data["progress"]
+                    progress(state["completed_bytes"], state["content_length"])
+            elif "reply" in data:
+                reply: dict[str, Any] = data["reply"]
+                return reply
+            else:
+                raise SwarmflyError.from_dict(data)
+    except (OSError, HTTPException, ValueError, KeyError, TypeError):
+        pass
+    raise PeerGone()
+
+
+def _error(body: bytes) -> SwarmflyError:
+    try:
+        return SwarmflyError.from_dict(json.loads(body))
+    except (ValueError, KeyError, TypeError):
+        return SwarmflyError("internal", "the local peer answered something unreadable")
