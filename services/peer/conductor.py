@@ -345,10 +345,16 @@ class Conductor:
                 offered = {int(n) for n in pieces}
                 self._availability[parent.peer_id] = offered
                 # A grant of a piece we have or fetch already is handed back at once: the
-                # seed keeps a slot for it otherwise.
+                # seed keeps a slot for it otherwise. (In the endgame it races the transfer.)
                 if parent.type == "seed" and book is not None:
+                    racing = book.endgame
                     declined = next(
-                        (n for n in offered if n in book.done or n in book.in_flight), None
+                        (
+                            n
+                            for n in offered
+                            if n in book.done or (n in book.in_flight and not racing)
+                        ),
+                        None,
                     )
                 self._wake.set()
             except asyncio.CancelledError:

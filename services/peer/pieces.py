@@ -58,9 +58,16 @@ class PieceBook:
                 lost.append(number)
         return lost
 
+    @property
+    def endgame(self) -> bool:
+        """Every missing piece is being fetched: a slow one may be asked of a second parent."""
+        return self.missing() <= self.in_flight.keys()
+
     def wanted(self) -> set[int]:
-        """Missing and not in flight: a seed grants among these."""
-        return self.missing() - self.in_flight.keys()
+        """What a parent may grant: missing and not in flight; in the endgame, any missing
+        piece (the seed's spare uplink races the slowest transfers)."""
+        missing = self.missing()
+        return missing if missing <= self.in_flight.keys() else missing - self.in_flight.keys()
 
     def needs_digests(self) -> bool:
         """Some parent holds a piece we miss whose digest we do not know yet."""
@@ -122,7 +129,7 @@ class PieceBook:
         ]
         # The endgame: only once every missing piece is being fetched, a slow one may be
         # asked of a second parent too.
-        if endgame and self.missing() <= self.in_flight.keys():
+        if endgame and self.endgame:
             choice: int = self.rng.choice(endgame)
             return choice
         return None

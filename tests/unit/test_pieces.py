@@ -309,3 +309,16 @@ def test_assignments_always_respect_the_rules(count: int, data: st.DataObject, s
             assert 1 <= len(parents_now) <= 2
             if len(parents_now) == 2:
                 assert book.missing() <= book.in_flight.keys()
+
+
+def test_a_seed_is_asked_for_what_is_missing_and_not_in_flight_until_the_endgame() -> None:
+    book = PieceBook(4, done={0}, digests=["d"] * 4)
+    book.update_parent("a", {1, 2, 3})
+    assert book.wanted() == {1, 2, 3}
+    book.assign({"a": 2})  # two of the three in flight
+    assert book.wanted() == {1, 2, 3} - book.in_flight.keys()
+    assert not book.endgame
+    book.assign({"a": 1})
+    # Every missing piece is on its way: any of them may be granted, to race the slowest.
+    assert book.endgame
+    assert book.wanted() == {1, 2, 3}
