@@ -59,7 +59,7 @@ LEASE_FACTOR = 4.0
 HOLD_BACK = 1.0
 """Seconds at most a lending seed waits before reading its next piece."""
 LEND_POLL = 0.25
-COLLECT_PATIENCE = 30.0
+COLLECT_PATIENCE = 10.0
 """Seconds at most a lending seed leaves the swarm's uplinks to children before it takes
 the lent pieces back for its cache."""
 """Seconds between a lending seed's looks for the pieces it lent."""
@@ -317,7 +317,7 @@ class Conductor:
                 params["wants"] = grants.encode(book.wanted(), book.piece_count)
                 if declined is not None:
                     params["decline"] = str(declined)
-                if parent.type == "seed" and self._delivered:
+                if self._delivered:
                     # Told over HTTP, not only through the scheduler: with NATS down, the
                     # seed would read them from the origin again once their time is up.
                     params["lent"] = ",".join(map(str, self._delivered[:64]))
@@ -697,11 +697,13 @@ class Conductor:
                     worker.cancel()
             lending.open = False
             # The lent pieces come back once children stop asking: until then the swarm's
-            # uplinks are theirs (never longer than COLLECT_PATIENCE).
+            # uplinks are theirs (COLLECT_PATIENCE at most). A lent piece its child did not
+            # deliver in time is read meanwhile: children may be waiting for it.
             started = time.monotonic()
             while time.monotonic() - lending.polled_at < 1.0:
                 if time.monotonic() - started > COLLECT_PATIENCE:
                     break
+                await self._claiming_worker(lending)
                 await asyncio.sleep(LEND_POLL)
             while not self.stored.complete:
                 if lending.delivered - self.stored.done:

@@ -352,8 +352,15 @@ class PeerNode:
             )
 
     async def _announce_safely(self, stored: StoredTask) -> bool:
+        """Announce a complete task, or a running download as its conductor (a seed that
+        only waits, reporting nothing, would stay unknown to a restarted scheduler)."""
+        running = self._downloads.get(stored.id)
         try:
-            await self.announce(stored)
+            if running is not None and not stored.complete:
+                conductor = running[0]
+                await self.announce(stored, peer_id=conductor.peer_id, seed=conductor.seed)
+            else:
+                await self.announce(stored)
         except SwarmflyError as exc:
             log.warning("could not announce task %s: %s", stored.id[:12], exc)
             return False
@@ -410,14 +417,14 @@ class PeerNode:
                         for p, token in enumerate(owners)
                         if run is None or token.split(".")[0] == run
                     }
-        complete: dict[int, list[StoredTask]] = {}
+        held: dict[int, list[StoredTask]] = {}
         if moved:
             for stored in list(self.store.tasks.values()):
-                if stored.complete:
-                    complete.setdefault(partition_of(stored.id, partitions), []).append(stored)
+                if stored.complete or stored.id in self._downloads:
+                    held.setdefault(partition_of(stored.id, partitions), []).append(stored)
         for p, token in enumerate(owners):
             ok = True
-            for stored in complete.get(p, []) if p in moved else []:
+            for stored in held.get(p, []) if p in moved else []:
                 ok = await self._announce_safely(stored) and ok
             if token and ok:
                 self._owners[p] = token
