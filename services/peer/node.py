@@ -148,7 +148,9 @@ class PeerNode:
             self.store,
             rate=settings.upload_rate,
             slots=settings.upload_slots,
-            superseed=settings.host_type == "seed",
+            # Grants ration a seed's uplink when it is capped: one round trip per piece,
+            # which an uncapped seed need not pay (its children take what it lists).
+            superseed=settings.host_type == "seed" and settings.upload_rate > 0,
         )
         self.download_bucket = TokenBucket(settings.download_rate)
         self.origin_concurrency = settings.origin_concurrency
