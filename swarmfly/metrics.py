@@ -32,7 +32,10 @@ PEER_PIECE_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 PEER_PIECE_FAILURES = Counter(
-    "swarmfly_peer_piece_failures", "Pieces that failed, by reason", ["reason"]
+    "swarmfly_peer_piece_failures",
+    "Pieces that failed, by reason: corrupt, slow, failed (a parent), origin (a read of the"
+    " origin)",
+    ["reason"],
 )
 PEER_GC_EVICTIONS = Counter("swarmfly_peer_gc_evictions", "Cached tasks evicted")
 PEER_CACHE_BYTES = Gauge("swarmfly_peer_cache_bytes", "Bytes of cached tasks")

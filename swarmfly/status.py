@@ -109,13 +109,22 @@ async def show(config: Config, *, as_json: bool) -> int:
                 f"{done}/{len(normal)}",
                 str(len(peers) - len(normal)),
                 progress,
+                _size(sum(p.get("origin_bytes", 0) for p in peers)),
+                _size(sum(p.get("p2p_bytes", 0) for p in peers)),
+                task.get("url") or "-",
             ]
         )
     print(_table("SERVICES", ["NAME", "ID", "VERSION", "HOST"], services))
     print()
     print(_table("HOSTS", ["HOST", "TYPE", "ADDRESS", "UPLOADS", "SEEN"], hosts))
     print()
-    print(_table("TASKS", ["TASK", "SIZE", "PIECES", "DONE", "SEEDS", "PROGRESS"], tasks))
+    print(
+        _table(
+            "TASKS",
+            ["TASK", "SIZE", "PIECES", "DONE", "SEEDS", "PROGRESS", "ORIGIN", "P2P", "URL"],
+            tasks,
+        )
+    )
     if "error" in status:
         print(f"\nscheduler: {status['error']}", file=sys.stderr)
         return 1

@@ -8,12 +8,18 @@ and HTTP conventions and never carry header values or credentials.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry import context, propagate, trace
 
+from swarmfly.ids import redact_url
+
+log = logging.getLogger(__name__)
 _enabled = False
 TRACER = "swarmfly"
 
@@ -23,21 +29,49 @@ def enabled() -> bool:
 
 
 def setup(service: str, tracing: bool) -> Any:
-    """Install an OTLP exporting provider for this process; returns its shutdown (which
-    flushes), or None when tracing is off."""
+    """Install an exporting provider for this process; returns its shutdown (which flushes),
+    or None when tracing is off.
+
+    ``OTEL_TRACES_EXPORTER`` picks ``otlp`` (the default, OTLP over HTTP) or ``console``;
+    ``OTEL_SERVICE_NAME`` wins over the default ``swarmfly-<service>``. The other ``OTEL_*``
+    variables (endpoint, headers, sampler, batch sizes) are read by the SDK itself.
+    """
     global _enabled
     if not tracing or _enabled:
         return None
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-    provider = TracerProvider(resource=Resource.create({"service.name": f"swarmfly-{service}"}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    exporters: list[SpanExporter] = []
+    for name in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(","):
+        name = name.strip()
+        if name == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            exporters.append(ConsoleSpanExporter())
+        elif name in ("otlp", ""):
+            exporters.append(_otlp_exporter())
+        elif name != "none":
+            log.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console)", name)
+    service_name = os.environ.get("OTEL_SERVICE_NAME") or f"swarmfly-{service}"
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _enabled = True
     return provider.shutdown
+
+
+def _otlp_exporter() -> Any:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    protocol = os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+    )
+    if protocol and protocol != "http/protobuf":
+        log.warning("OTLP protocol %s is not installed; exporting http/protobuf", protocol)
+    return OTLPSpanExporter()
 
 
 def inject(headers: MutableMapping[str, str]) -> None:
@@ -69,6 +103,22 @@ def _span(
         name, context=parent, kind=kind, attributes=attributes
     ) as current:
         yield current
+
+
+def url_attributes(url: str) -> dict[str, Any]:
+    """HTTP client attributes of a request to ``url`` (semantic conventions), with any
+    credentials in it redacted: a span must never carry a secret."""
+    parts = urlsplit(url)
+    attributes: dict[str, Any] = {"url.full": redact_url(url)}
+    if parts.hostname:
+        attributes["server.address"] = parts.hostname
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        port = None
+    if port:
+        attributes["server.port"] = port
+    return attributes
 
 
 def set_attributes(current: Any, **attributes: Any) -> None:

@@ -79,6 +79,8 @@ class Origin:
     """Hang up after sending this many bytes of a response (a truncated body)."""
     bytes_served: int = 0
     requests: int = 0
+    probes: int = 0
+    """One-byte ranged GETs (``bytes=0-0``): the access check every download makes."""
     url: str = ""
     _bucket: TokenBucket | None = None
     _etags: dict[str, tuple[bytes, str]] = field(default_factory=dict)
@@ -109,6 +111,8 @@ class Origin:
         if self.ranges:
             headers["Accept-Ranges"] = "bytes"
             match = _RANGE.fullmatch(request.headers.get("Range", ""))
+            if match and match.group(1) == match.group(2) == "0":
+                self.probes += 1
             if match:
                 start = int(match.group(1))
                 end = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)

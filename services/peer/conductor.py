@@ -11,7 +11,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Collection
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -491,6 +490,7 @@ class Conductor:
         if isinstance(exc, LocalDiskError):
             raise exc
         if parent_id == ORIGIN:  # the seed reads it when we do not deliver
+            metrics.PEER_PIECE_FAILURES.labels("origin").inc()
             log.info("lent piece %d from the origin: %s", number, exc)
             return False
         parent = self.parents.get(parent_id)
@@ -523,22 +523,26 @@ class Conductor:
         expected = self.stored.digests[number]
         started = time.monotonic()
         headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
-        piece_span = (
-            telemetry.span(
-                "GET piece",
-                kind=SpanKind.CLIENT,
-                attributes={
-                    "http.request.method": "GET",
-                    "server.address": parent.address,
-                    "swarmfly.piece": number,
-                },
-            )
-            if self.node.settings.piece_spans
-            else nullcontext()
-        )
-        with piece_span:
-            telemetry.inject(headers)
+        if not self.node.settings.piece_spans:
+            # Aggregated under the download's "p2p" span: no traceparent, so the parent
+            # opens no span either (a 1,000-piece download is not 2,000 spans).
             return await self._transfer(number, parent_id, parent, headers, size, expected, started)
+        attributes = {
+            "http.request.method": "GET",
+            **telemetry.url_attributes(f"{parent.address}/v1/tasks/{self.task_id}/data"),
+            "swarmfly.piece": number,
+        }
+        with telemetry.span("GET piece", kind=SpanKind.CLIENT, attributes=attributes) as current:
+            telemetry.inject(headers)
+            try:
+                got = await self._transfer(
+                    number, parent_id, parent, headers, size, expected, started
+                )
+            except ParentBusy:
+                telemetry.set_attributes(current, **{"http.response.status_code": 503})
+                raise
+            telemetry.set_attributes(current, **{"http.response.status_code": 206})
+            return got
 
     async def _transfer(
         self,
@@ -638,7 +642,12 @@ class Conductor:
     async def _from_origin(self) -> None:
         """Read the missing pieces from the origin: parallel ranges, or one stream."""
         with telemetry.span("back_to_source", attributes={"url.full": redact_url(self.source.url)}):
-            await self._read_origin()
+            try:
+                await self._read_origin()
+            except SwarmflyError as exc:
+                if exc.code == "source_error":
+                    metrics.PEER_PIECE_FAILURES.labels("origin").inc()
+                raise
 
     def _origin_content(self) -> TaskContent:
         """The task's size and piece layout as the origin states them (reported once)."""

@@ -179,6 +179,7 @@ class PeerNode:
 
     async def start(self, stack: AsyncExitStack) -> None:
         loaded = self.store.load()
+        self._count_cache()
         stack.callback(self.store.close)
         self.upload_url = await serve_http(
             stack, self.upload.app, self.settings.listen, self.settings.upload_port
@@ -293,7 +294,14 @@ class PeerNode:
             await conductor.run()
         finally:
             conductor.stored.active -= 1
+            self._count_cache()
         return conductor
+
+    def _count_cache(self) -> None:
+        metrics.PEER_CACHE_TASKS.set(len(self.store.tasks))
+        metrics.PEER_CACHE_BYTES.set(
+            sum(t.content.content_length for t in self.store.tasks.values() if t.content)
+        )
 
     def progress(self, download_id: str) -> Conductor | None:
         return self._progress.get(download_id)
@@ -460,10 +468,7 @@ class PeerNode:
                 )
             except SwarmflyError as exc:
                 log.info("eviction not reported: %s", exc)
-        metrics.PEER_CACHE_TASKS.set(len(self.store.tasks))
-        metrics.PEER_CACHE_BYTES.set(
-            sum(t.content.content_length for t in self.store.tasks.values() if t.content)
-        )
+        self._count_cache()
         return evicted
 
     async def _gc_loop(self) -> None:

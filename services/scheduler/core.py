@@ -68,6 +68,10 @@ class Peer:
     that served corrupt bytes is out for good (``Task.bad_parents``)."""
     costs: deque[int] = field(default_factory=lambda: deque(maxlen=COST_SAMPLES))
     updated_at: float = 0.0
+    origin_bytes: int = 0
+    p2p_bytes: int = 0
+    """Bytes of the pieces this peer reported, by where it got them (a report without a
+    parent is an origin read); pieces it only announced from its cache are in neither."""
 
     @property
     def is_source(self) -> bool:
@@ -320,6 +324,17 @@ class Scheduler:
                 )
         # Checked whole before anything is applied: a bad batch changes nothing.
         task.digests = digests
+        if task.content is not None:
+            counted: set[int] = set()
+            for report in reports:
+                if report.number in peer.pieces or report.number in counted:
+                    continue
+                counted.add(report.number)
+                size = task.content.piece(report.number)[1]
+                if report.parent_id is None:
+                    peer.origin_bytes += size
+                else:
+                    peer.p2p_bytes += size
         self._add_pieces(task, peer, {report.number for report in reports})
         for report in reports:
             if report.parent_id is not None:

@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 from importlib import resources
 from typing import Any
 
+import nats.errors
 import orjson
 from aiohttp import web
 
@@ -24,14 +25,17 @@ from swarmfly.config import Config
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
-from swarmfly.ids import default_host_id
+from swarmfly.ids import default_host_id, redact_url
 from swarmfly.placement import partition_of
 from swarmfly.plugins.hookspecs import Evaluator
 from swarmfly.services.scheduler.core import HostSpec, PieceReport, Scheduler, TriggerSeed
 from swarmfly.services.scheduler.ownership import Ownership
+from swarmfly.status import merge
 
 log = logging.getLogger(__name__)
 EVENT_INTERVAL = 0.5
+VIEW_TASKS = 200
+"""Tasks the dashboard shows, the most recently active first."""
 DASHBOARD_CSP = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 """The page loads nothing from elsewhere (no CDN): it must work on machines with no internet."""
 DIGEST_PAGE = 8192
@@ -330,6 +334,7 @@ class SchedulerService:
                 {
                     "id": t.id,
                     "task": t.content.to_dict() if t.content else None,
+                    "url": self._shown_url(t.id),
                     "peers": [
                         {
                             "id": p.id,
@@ -337,6 +342,8 @@ class SchedulerService:
                             "state": p.state,
                             "pieces": len(p.pieces),
                             "source": p.is_source,
+                            "origin_bytes": p.origin_bytes,
+                            "p2p_bytes": p.p2p_bytes,
                             **({"bitmap": bitmap(p.pieces)} if bitmaps else {}),
                         }
                         for p in t.peers.values()
@@ -346,6 +353,14 @@ class SchedulerService:
             ],
         }
 
+    def _shown_url(self, task_id: str) -> str | None:
+        """The task's URL without credentials, for people; None when this scheduler only
+        knows the task from a host's announcement of its cache."""
+        source = self._sources.get(task_id)
+        if source is None or source["url"] == PLACEHOLDER_URL:
+            return None
+        return redact_url(source["url"])[:2048]
+
     async def on_state(self, req: dict[str, Any]) -> dict[str, Any]:
         return self.snapshot(
             bitmaps=req.get("bitmaps", False),
@@ -354,7 +369,25 @@ class SchedulerService:
         )
 
     async def _state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.snapshot(bitmaps=request.query.get("bitmaps") == "1"))
+        return web.json_response(await self._view(bitmaps=request.query.get("bitmaps") == "1"))
+
+    async def _view(self, *, bitmaps: bool) -> dict[str, Any]:
+        """The cluster as the dashboard shows it: this scheduler's state when it holds every
+        partition, else every scheduler's merged (each knows its partitions' tasks only)."""
+        if len(self.ownership.held) >= self.partitions:
+            return self.snapshot(bitmaps=bitmaps)
+        holders = {token for token in self.ownership.owners() if token}
+        try:
+            states = await self.bus.gather(
+                "scheduler.state",
+                {"bitmaps": bitmaps, "limit": VIEW_TASKS},
+                wait=1.0,
+                expect=len(holders) or None,
+            )
+        except (SwarmflyError, nats.errors.Error) as exc:
+            log.debug("state of the other schedulers: %s", exc)
+            states = []
+        return merge(states or [self.snapshot(bitmaps=bitmaps, limit=VIEW_TASKS)], VIEW_TASKS)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: the state with piece bitmaps, whenever it changes."""
@@ -365,7 +398,7 @@ class SchedulerService:
         last = b""
         try:
             while True:
-                body = orjson.dumps(self.snapshot(bitmaps=True))
+                body = orjson.dumps(await self._view(bitmaps=True))
                 if body != last:
                     await response.write(b"data: " + body + b"\n\n")
                     last = body

@@ -7,6 +7,7 @@ import asyncio
 import os
 from pathlib import Path
 
+import orjson
 import pytest
 
 from swarmfly.bus import Bus
@@ -46,6 +47,19 @@ async def test_live_piece_map_in_a_browser(
             },
             partition=str(partition_of("ee" * 32, DEFAULT_PARTITIONS)),
         )
+        # Host and peer names are refused by the contract before they could reach the page.
+        register = bus.subject(
+            "scheduler.{partition}.register",
+            partition=str(partition_of("ee" * 32, DEFAULT_PARTITIONS)),
+        )
+        body = {
+            "task_id": "ee" * 32,
+            "peer_id": "xss-peer-2",
+            "host": {"id": PAYLOAD, "ip": "127.0.0.1", "port": 9, "type": "normal"},
+            "source": {"url": "http://example.invalid/x"},
+        }
+        reply = await bus.nc.request(register, orjson.dumps(body), timeout=5)
+        assert orjson.loads(reply.data)["error"]["code"] == "bad_request"
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(
                 executable_path=chromium,
@@ -76,5 +90,9 @@ async def test_live_piece_map_in_a_browser(
             assert await page.evaluate("window.loadedOnce") == "yes", "updated without reload"
             assert await page.evaluate("window.pwned") is None
             assert await page.locator("img").count() == 0
+            assert await page.locator("script").count() == 1  # the page's own
+            shown = page.locator(".task .url", has_text="window.pwned=2")
+            assert await shown.count() == 1, "the URL is shown, as text"
+            assert "<script>window.pwned=2</script>" in await shown.inner_text()
             assert await page.locator("text=live").count() == 1
             await browser.close()

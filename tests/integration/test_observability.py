@@ -4,19 +4,33 @@ that agree with what moved, and /healthz everywhere."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
+import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.content import SourceRequest
+from swarmfly.errors import SwarmflyError
+from swarmfly.ids import task_id as make_task_id
 from swarmfly.natsserver import NatsServer
-from swarmfly.testing import Origin, in_process_cluster
+from swarmfly.placement import partition_of
+from swarmfly.testing import (
+    Origin,
+    in_process_cluster,
+    spawn_service,
+    swarmfly_get,
+    wait_until,
+)
+from tests.conftest import FAST_ENV
 
 MiB = 1024 * 1024
 
@@ -61,7 +75,7 @@ async def test_status_lists_services_hosts_and_tasks(
         out, _ = await asyncio.wait_for(process.communicate(), 60)
         table = out.decode()
         assert "SERVICES" in table and "HOSTS" in table and "TASKS" in table
-        assert result.task_id[:12] in table and "100%" in table
+        assert result.task_id[:12] in table and "100%" in table and url in table
 
 
 async def test_byte_counters_agree_with_what_moved(
@@ -87,6 +101,121 @@ async def test_byte_counters_agree_with_what_moved(
             status, body, _ = await text(f"{service_url}/healthz")
             assert status == 200 and orjson.loads(body)["ok"] is True
         assert "swarmfly_scheduler_schedule_duration_seconds_bucket" in after
+
+
+@pytest.mark.slow
+async def test_byte_counters_of_a_swarm_agree_with_the_origin(
+    nats: NatsServer, prefix: str, origin: Origin, tmp_path: Path
+) -> None:
+    """Three peers and a lending seed in their own processes: every byte the origin sent is
+    counted as an origin byte somewhere, and each peer's p2p bytes are the rest of its file."""
+    size = 12 * MiB
+    data = os.urandom(size)
+    url = origin.add("swarm.bin", data)
+    with ExitStack() as stack:
+        services = [
+            spawn_service(kind, nats.url, tmp_path / name, "--prefix", prefix, *args, env=FAST_ENV)
+            for kind, name, args in (
+                ("scheduler", "scheduler", ()),
+                ("storage", "storage", ("--upload-rate", "4MiB")),  # full uplink: it lends
+                ("peer", "peer0", ()), ("peer", "peer1", ()), ("peer", "peer2", ()))
+        ]  # fmt: skip
+        for service in services:
+            stack.callback(service.stop)
+        gets = [
+            asyncio.to_thread(
+                swarmfly_get, url, tmp_path / f"out{i}", tmp_path / f"peer{i}",
+                "--nats", nats.url, "--prefix", prefix, env=FAST_ENV, timeout=120,
+            )
+            for i in range(3)
+        ]  # fmt: skip
+        for done in await asyncio.gather(*gets):
+            assert done.returncode == 0, done.stderr
+        for i in range(3):
+            assert (tmp_path / f"out{i}").read_bytes() == data
+
+        def by_source(exposition: str, source: str) -> float:
+            return metric(exposition, f'swarmfly_peer_download_bytes_total{{source="{source}"}}')
+
+        expositions = [(await text(f"{s.url}/metrics"))[1] for s in services[1:]]
+        origin_bytes = sum(by_source(e, "origin") for e in expositions)
+        assert origin_bytes == origin.bytes_served - origin.probes, "every origin byte counted"
+        assert origin.probes >= 4  # the storage's and each peer's access check, one byte each
+        for exposition in expositions[1:]:  # each peer holds the whole file: p2p is the rest
+            assert by_source(exposition, "origin") + by_source(exposition, "p2p") == size
+        assert sum(by_source(e, "p2p") for e in expositions[1:]) > 0
+        uploaded = sum(metric(e, "swarmfly_peer_upload_bytes_total") for e in expositions)
+        # A piece can cross twice when an endgame copy races the slowest transfer.
+        assert uploaded >= sum(by_source(e, "p2p") for e in expositions)
+
+
+async def test_every_counter_moves_with_what_it_counts(
+    nats: NatsServer, prefix: str, origin: Origin, tmp_path: Path, bus: Bus
+) -> None:
+    """Registrations, back-to-source, cache size, evictions, origin failures and refused
+    requests, each read from /metrics as an operator would (one process: one registry)."""
+    size = 3 * MiB
+    url = origin.add("c.bin", os.urandom(size))
+    async with (
+        Origin(truncate_after=256 * 1024).serve() as cut,
+        in_process_cluster(nats.url, prefix, tmp_path) as cluster,
+    ):
+        endpoint = f"{cluster.scheduler.http_url}/metrics"
+        before = (await text(endpoint))[1]
+
+        def moved(name: str) -> float:
+            return metric(after, name) - metric(before, name)
+
+        node = cluster.peer.node
+        result = await node.download(SourceRequest(url))
+        broken = cut.add("cut.bin", os.urandom(size))
+        with pytest.raises(SwarmflyError):
+            await node.download(SourceRequest(broken))
+        bad = orjson.dumps({"task_id": "not a task id"})
+        reply = await bus.nc.request(bus.subject("scheduler.state"), bad, timeout=5)
+        assert orjson.loads(reply.data)["error"]["code"] == "bad_request"
+        after = (await text(endpoint))[1]
+        assert moved("swarmfly_scheduler_registrations_total") >= 4  # peer + seed, twice
+        # Seeds read the origin by role; the peer was sent there once the cut file's seed failed.
+        assert moved("swarmfly_scheduler_back_to_source_total") >= 1
+        assert moved('swarmfly_peer_piece_failures_total{reason="origin"}') >= 1
+        failures = 'swarmfly_contract_validation_failures_total{subject="scheduler.state"}'
+        assert moved(failures) == 1
+        # Peer and storage share this process's gauges; the peer's collection sets them last.
+        evicted = await node.collect(now=time.time() + 10 * 365 * 86400)  # past every TTL
+        assert result.task_id in evicted
+        after = (await text(endpoint))[1]
+        assert moved("swarmfly_peer_gc_evictions_total") == len(evicted)
+        assert metric(after, "swarmfly_peer_cache_tasks") == len(node.store.tasks)
+        assert result.task_id not in node.store.tasks
+
+
+@pytest.mark.slow
+async def test_the_dashboard_shows_the_tasks_of_every_scheduler(
+    nats: NatsServer, prefix: str, origin: Origin, tmp_path: Path
+) -> None:
+    """Each scheduler holds some partitions; the page of either shows the whole cluster."""
+    async with in_process_cluster(nats.url, prefix, tmp_path) as cluster:
+        other = spawn_service(
+            "scheduler", nats.url, tmp_path / "other", "--prefix", prefix, env=FAST_ENV
+        )
+        try:
+            own = cluster.scheduler.ownership
+            await wait_until(lambda: 0 < len(own.held) < own.partitions, timeout=30)
+            for _ in range(100):  # content whose task the other scheduler holds
+                data = os.urandom(MiB)
+                digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+                if partition_of(make_task_id("", digest=digest), own.partitions) not in own.held:
+                    break
+            url = origin.add("elsewhere.bin", data)
+            result = await cluster.peer.node.download(SourceRequest(url, digest=digest))
+            assert result.task_id == make_task_id("", digest=digest)
+            for base in (cluster.scheduler.http_url, other.url):
+                status, body, _ = await text(f"{base}/api/state")
+                assert status == 200
+                assert result.task_id in {t["id"] for t in orjson.loads(body)["tasks"]}, base
+        finally:
+            other.stop()
 
 
 async def test_dashboard_and_live_events(
@@ -121,5 +250,10 @@ async def test_dashboard_and_live_events(
         state = orjson.loads(line[6:])
         task = next(t for t in state["tasks"] if t["id"] == result.task_id)
         assert all(p["bitmap"] for p in task["peers"])
+        assert task["url"] == url  # no credentials or query in it to redact here
+        (seed,) = (p for p in task["peers"] if p["source"])
+        (child,) = (p for p in task["peers"] if not p["source"])
+        assert (seed["origin_bytes"], seed["p2p_bytes"]) == (2 * MiB, 0)
+        assert (child["origin_bytes"], child["p2p_bytes"]) == (0, 2 * MiB)
         reply = await bus.request("scheduler.state", {"task_id": result.task_id, "bitmaps": True})
         assert [t["id"] for t in reply["tasks"]] == [result.task_id]

@@ -59,7 +59,8 @@ class Receiver:
                     self.spans.append(
                         Span(service, span.name, span.trace_id.hex(), span.span_id.hex(),
                              span.parent_span_id.hex(),
-                             {a.key: str(a.value) for a in span.attributes})
+                             {a.key: str(getattr(a.value, a.value.WhichOneof("value")))
+                              for a in span.attributes})
                     )  # fmt: skip
         return web.Response(
             body=ExportTraceServiceResponse().SerializeToString(),
@@ -82,18 +83,22 @@ async def test_one_get_is_one_trace_across_processes(
         url = origin.add("traced.bin", data)
         env = {
             **FAST_ENV,
+            "SWARMFLY_LOG_LEVEL": "DEBUG",  # the most talkative logs must not leak it either
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "100",
         }
+        # peer0 (the get's) makes a span per piece; peer1 (the proxied pull's) aggregates.
+        piece_spans = {**env, "SWARMFLY_PEER_PIECE_SPANS": "1"}
         blob = os.urandom(5 * MiB)
         blob_digest = f"sha256:{hashlib.sha256(blob).hexdigest()}"
         origin.add(f"v2/team/app/blobs/{blob_digest}", blob)
         mirror = ("--proxy-port", "0", "--registry", origin.url)
         services = [
-            spawn_service(kind, nats.url, tmp_path / name, "--prefix", prefix, *args, env=env)
-            for kind, name, args in (
-                ("scheduler", "scheduler", ()), ("storage", "storage", ()),
-                ("peer", "peer0", mirror), ("peer", "peer1", mirror), ("peer", "peer2", mirror))
+            spawn_service(kind, nats.url, tmp_path / name, "--prefix", prefix, *args, env=environ)
+            for kind, name, args, environ in (
+                ("scheduler", "scheduler", (), env), ("storage", "storage", (), env),
+                ("peer", "peer0", mirror, piece_spans), ("peer", "peer1", mirror, env),
+                ("peer", "peer2", mirror, env))
         ]  # fmt: skip
         try:
             process = await asyncio.create_subprocess_exec(
@@ -133,7 +138,7 @@ async def test_one_get_is_one_trace_across_processes(
             "process storage.{host_id}.seed", "back_to_source", "p2p",
             "download"} <= names  # fmt: skip
     process_spans = [s for s in trace if s.name.startswith("process ")]
-    assert all('string_value: "nats"' in s.attributes["messaging.system"] for s in process_spans)
+    assert all(s.attributes["messaging.system"] == "nats" for s in process_spans)
     pull = [s for s in receiver.spans if s.trace_id == CLIENT_TRACE]
     proxy = next(s for s in pull if s.name == "proxy blob")
     assert proxy.parent_id == CLIENT_SPAN and proxy.service == "swarmfly-peer"
@@ -145,6 +150,22 @@ async def test_one_get_is_one_trace_across_processes(
     } <= {s.name for s in pull}
     ids = {s.span_id for s in pull} | {CLIENT_SPAN}
     assert all(s.parent_id in ids for s in pull if s is not proxy), "orphans in the pull"
+    # Per-piece spans on both ends only where asked for; HTTP conventions on them.
+    get_piece = [s for s in trace if s.name == "GET piece"]
+    assert get_piece and all(s.service == "swarmfly-peer" for s in get_piece)
+    assert all(
+        s.attributes["server.address"] == "127.0.0.1"
+        and s.attributes["server.port"].isdigit()
+        and s.attributes["http.response.status_code"] == "206"
+        for s in get_piece
+    )
+    served = {s.parent_id for s in trace if s.name == "serve piece"}
+    assert served and served <= {s.span_id for s in get_piece}
+    assert not {"GET piece", "serve piece"} & {s.name for s in pull}, "aggregated by default"
     for span in receiver.spans:
         for value in span.attributes.values():
             assert "tr4ce-s3cret" not in value, f"a secret in span {span.name}"
+    assert "tr4ce-s3cret" not in err.decode(errors="replace")
+    for path in tmp_path.rglob("*"):  # logs, metadata, anything a service wrote
+        if path.is_file() and path.stat().st_size < 4 * MiB:
+            assert b"tr4ce-s3cret" not in path.read_bytes(), f"the secret in {path}"
