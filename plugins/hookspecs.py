@@ -132,7 +132,8 @@ class Candidate:
 Evaluator = Callable[[Candidate, Candidate, int, "float | None"], float]
 """``evaluate(parent, child, total_pieces, median_cost_ms) -> score``: higher is better. A
 pure function; the scheduler filters unusable parents (dead, blocklisted, corrupt, cycles)
-before it asks."""
+before it asks. ``median_cost_ms`` is the median of the candidates' mean piece costs (None
+before any piece was timed)."""
 
 
 class EvaluatorRegistry(Protocol):

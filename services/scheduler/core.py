@@ -67,6 +67,10 @@ class Peer:
     """Parents this child will not use, until when: a parent that failed may recover, one
     that served corrupt bytes is out for good (``Task.bad_parents``)."""
     costs: deque[int] = field(default_factory=lambda: deque(maxlen=COST_SAMPLES))
+    mean_cost_ms: float | None = None
+    slow: bool = False
+    """Its last piece cost far above its own mean (Dragonfly's bad-parent rule), judged when
+    a cost arrives rather than for every candidate of every decision."""
     updated_at: float = 0.0
     origin_bytes: int = 0
     p2p_bytes: int = 0
@@ -336,6 +340,7 @@ class Scheduler:
                 else:
                     peer.p2p_bytes += size
         self._add_pieces(task, peer, {report.number for report in reports})
+        timed: dict[str, Peer] = {}
         for report in reports:
             if report.parent_id is not None:
                 task.suspects.pop(report.parent_id, None)  # it delivers: alive
@@ -343,6 +348,10 @@ class Scheduler:
                 parent = self.peers.get(report.parent_id)
                 if parent is not None:
                     parent.costs.append(report.cost_ms)
+                    timed[parent.id] = parent
+        for parent in timed.values():
+            parent.mean_cost_ms = math.fsum(parent.costs) / len(parent.costs)
+            parent.slow = _slow(parent.costs)
 
     def reschedule(
         self,
@@ -572,20 +581,10 @@ class Scheduler:
         return False
 
     def _is_bad(self, peer: Peer) -> bool:
-        """Dragonfly's rule: the last piece cost far above the parent's own mean. Never a
-        source: a seed is slow because every child needs it at once, and judging it bad would
-        send children to the origin; a dead seed is judged by its children's reports."""
-        costs = list(peer.costs)
-        if len(costs) < 2 or peer.is_source:
-            return False
-        *history, last = costs
-        mean = sum(history) / len(history)
-        if len(costs) <= 5:
-            return last > 20 * max(mean, 1.0)
-        # Plain floats: statistics.pstdev computes with exact fractions, and this runs for
-        # every candidate of every decision.
-        deviation = math.sqrt(sum((c - mean) ** 2 for c in history) / len(history))
-        return last > mean + 3 * deviation and last > 4 * max(mean, 1.0)
+        """Never a source: a seed is slow because every child needs it at once, and judging
+        it bad would send children to the origin; a dead seed is judged by its children's
+        reports."""
+        return peer.slow and not peer.is_source
 
     def _eligible(self, task: Task, child: Peer, parent: Peer, now: float) -> bool:
         """Could ``parent`` ever serve ``child``: alive, trusted, not blocked, not local."""
@@ -619,8 +618,8 @@ class Scheduler:
         if not filtered:
             return []
         total = task.content.piece_count if task.content else 0
-        costs = [c for p in filtered for c in p.costs]
-        median = statistics.median(costs) if costs else None
+        means = [p.mean_cost_ms for p in filtered if p.mean_cost_ms is not None]
+        median = statistics.median(means) if means else None
         # Children already sent to a parent count as its load at once, not only when the
         # next heartbeat says so: otherwise every child picks the same best few parents.
         assigned: dict[str, int] = {}
@@ -662,7 +661,7 @@ class Scheduler:
             uploads=max(host.uploads, assigned) if host else assigned,
             idc=host.idc if host else "",
             location=host.location if host else "",
-            mean_cost_ms=statistics.fmean(peer.costs) if peer.costs else None,
+            mean_cost_ms=peer.mean_cost_ms,
             useful_pieces=None
             if child is None
             else (
@@ -671,3 +670,16 @@ class Scheduler:
                 else len(peer.pieces - child.pieces)
             ),
         )
+
+
+def _slow(costs: deque[int]) -> bool:
+    """Dragonfly's bad-parent rule: the last piece cost far above the parent's own mean."""
+    if len(costs) < 2:
+        return False
+    *history, last = costs
+    mean = sum(history) / len(history)
+    if len(costs) <= 5:
+        return last > 20 * max(mean, 1.0)
+    # Plain floats: statistics.pstdev computes with exact fractions.
+    deviation = math.sqrt(sum((c - mean) ** 2 for c in history) / len(history))
+    return last > mean + 3 * deviation and last > 4 * max(mean, 1.0)
