@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import nats.errors
@@ -33,6 +35,8 @@ MAX_REQUEST_BYTES = 256 * 1024
 MAX_HANDLING = 256
 """Requests one endpoint handles at once."""
 """Requests above this are refused before decoding; replies may be larger (digest lists)."""
+CLOSE_TIMEOUT = 1.0
+"""Seconds to close a connection the server refused."""
 
 
 def _validation_error(exc: Exception) -> BadRequest:
@@ -89,8 +93,24 @@ class Bus:
         name: str,
         options: dict[str, Any] | None = None,
     ) -> Bus:
+        """Connect, retrying servers that are down for as long as it takes; but after as many
+        refusals of the credentials or of TLS as there are servers, raise SwarmflyError:
+        that is a setting to fix, not a server to wait for."""
+        options = dict(options or {})
+        servers = list(servers)
+        nc = _Client()
+        nc.require_tls = "tls" in options or any(s.startswith("tls://") for s in servers)
+        refusals = 0
+        connected = False
+
         async def on_error(exc: Exception) -> None:
+            nonlocal refusals
             log.warning("nats: %s", exc)
+            if connected or not _refused(exc):
+                return
+            refusals += 1
+            if refusals >= len(servers):
+                raise _refusal(exc, servers, options)
 
         async def on_disconnect() -> None:
             log.info("nats: disconnected")
@@ -98,17 +118,24 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("nats: reconnected")
 
-        nc = await nats.connect(
-            servers=list(servers),
-            name=name,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=3,
-            **(options or {}),
-        )
+        try:
+            await nc.connect(
+                servers=servers,
+                name=name,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                max_reconnect_attempts=-1,
+                connect_timeout=3,
+                **{"reconnect_time_wait": 0.5, **options},  # typed int, takes seconds
+            )
+        except SwarmflyError:
+            try:  # after a failed TLS handshake the stream may never report itself closed
+                await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT)
+            except TimeoutError:
+                log.debug("nats: the refused connection did not close in %gs", CLOSE_TIMEOUT)
+            raise
+        connected = True
         return cls(nc, prefix)
 
     def subject(self, name: str, **tokens: str) -> str:
@@ -394,7 +421,10 @@ class Bus:
                 except orjson.JSONDecodeError:
                     continue
                 endpoints = info.get("endpoints") or []
-                if any(str(e.get("subject", "")).startswith(self.prefix + ".") for e in endpoints):
+                metadata = info.get("metadata") or {}
+                if metadata.get("prefix") == self.prefix or any(  # no endpoints: the proxy
+                    str(e.get("subject", "")).startswith(self.prefix + ".") for e in endpoints
+                ):
                     found.append(info)
         finally:
             await subscription.unsubscribe()
@@ -411,6 +441,77 @@ class Bus:
         self._services.clear()
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+class _TlsNotOffered(nats.errors.Error):
+    def __str__(self) -> str:
+        return "nats: the server does not require TLS, and swarmfly is set to use it"
+
+
+class _Client(Client):
+    """nats-py's client, refusing a server that offers no TLS when TLS is configured: nats-py
+    (2.16) would go on in plain text and send a password or token to whoever answered."""
+
+    require_tls = False
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        server = self._current_server
+        websocket = server is not None and server.uri.scheme in ("ws", "wss")
+        if (
+            initial_connection
+            and self.require_tls
+            and not websocket
+            and not info.get("tls_required")
+        ):
+            raise _TlsNotOffered()
+        await super()._process_info(info, initial_connection)
+
+
+def _refused(exc: Exception) -> bool:
+    """Whether a server turned the connection down for its credentials or its TLS: no
+    retry will change that (a timeout or a connection cut mid-handshake might)."""
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return False
+    if isinstance(exc, ssl.SSLError | _TlsNotOffered | nats.errors.AuthorizationError):
+        return True
+    text = str(exc).lower()
+    return (
+        isinstance(exc, nats.errors.Error)
+        and ("authoriz" in text or "authenticat" in text)
+        and "timeout" not in text
+    )
+
+
+def _refusal(exc: Exception, servers: list[str], options: dict[str, Any]) -> SwarmflyError:
+    """The error a user reads: what was refused and which settings to check, with the URLs'
+    userinfo left out and no secret."""
+    where = ", ".join(_without_userinfo(s) for s in servers)
+    if isinstance(exc, ssl.SSLError | _TlsNotOffered):
+        hint = "check [nats] tls_ca, tls_cert, tls_key and tls_hostname"
+        return SwarmflyError("unavailable", f"TLS with NATS ({where}) failed: {exc}; {hint}")
+    method = next(
+        (
+            label
+            for key, label in (
+                ("user_credentials", "the creds file"),
+                ("nkeys_seed", "the NKey seed"),
+                ("token", "the token"),
+                ("user", "user and password"),
+            )
+            if options.get(key)
+        ),
+        "the URL's credentials" if any("@" in s for s in servers) else "no credentials",
+    )
+    return SwarmflyError(
+        "unavailable", f"NATS ({where}) refused {method}: {exc}; check the [nats] settings"
+    )
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _endpoints_key(every: tuple[str, ...], tokens: dict[str, str]) -> tuple[tuple[str, str], ...]:

@@ -12,9 +12,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
+
+if TYPE_CHECKING:
+    import ssl
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -41,10 +44,17 @@ class NatsConfig:
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
     creds: str | None = None
+    """Path of a .creds file: a user JWT and its NKey seed (operator mode)."""
     nkeys_seed: str | None = None
+    """Path of a file holding an NKey user seed (``SU…``)."""
     tls_ca: str | None = None
+    """CA the servers' certificates are checked with; any TLS setting makes TLS required."""
     tls_cert: str | None = None
     tls_key: str | None = None
+    """The client certificate's key, when ``tls_cert`` does not hold it too."""
+    tls_hostname: str | None = None
+    """Name the servers' certificates must carry, when the URLs name them otherwise (by
+    address, or through a load balancer)."""
 
 
 @dataclass
@@ -155,25 +165,97 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
     def nats_options(self) -> dict[str, Any]:
-        """Auth and TLS options passed straight through to nats-py."""
-        n = self.nats
-        options: dict[str, Any] = {}
-        if n.user:
-            options["user"], options["password"] = n.user, n.password
-        if n.token:
-            options["token"] = n.token
-        if n.creds:
-            options["user_credentials"] = n.creds
-        if n.nkeys_seed:
-            options["nkeys_seed"] = n.nkeys_seed
-        if n.tls_ca or n.tls_cert:
-            import ssl
+        """Auth and TLS options for nats-py, checked here: a mistake is a ValueError naming the
+        setting, not a client that retries forever (or hangs, on a creds file without a JWT)."""
+        return nats_client_options(self.nats)
 
-            context = ssl.create_default_context(cafile=n.tls_ca)
-            if n.tls_cert:
-                context.load_cert_chain(n.tls_cert, n.tls_key)
-            options["tls"] = context
-        return options
+
+def nats_client_options(n: NatsConfig) -> dict[str, Any]:
+    """The nats-py options of ``[nats]``; raises ValueError on a setting that cannot work.
+    Messages name settings and paths, never a secret or a file's content."""
+    methods = [
+        name
+        for name, value in (
+            ("user", n.user),
+            ("token", n.token),
+            ("creds", n.creds),
+            ("nkeys_seed", n.nkeys_seed),
+        )
+        if value
+    ]
+    if len(methods) > 1:
+        raise ValueError(f"[nats]: one way to authenticate, not {' and '.join(methods)}")
+    if n.password and not n.user:
+        raise ValueError("[nats] password needs a user")
+    if n.tls_key and not n.tls_cert:
+        raise ValueError("[nats] tls_key needs tls_cert (the client certificate it belongs to)")
+    options: dict[str, Any] = {}
+    if n.user:
+        options["user"], options["password"] = n.user, n.password
+    if n.token:
+        options["token"] = n.token
+    if n.creds:
+        text = _read_setting("creds", n.creds)
+        if "BEGIN NATS USER JWT" not in text or "BEGIN USER NKEY SEED" not in text:
+            raise ValueError(
+                f"[nats] creds: {n.creds} is not a NATS .creds file (user JWT and seed)"
+            )
+        options["user_credentials"] = str(Path(n.creds).expanduser())
+    if n.nkeys_seed:
+        _check_user_seed(n.nkeys_seed, _read_setting("nkeys_seed", n.nkeys_seed))
+        options["nkeys_seed"] = str(Path(n.nkeys_seed).expanduser())
+    if n.tls_ca or n.tls_cert or n.tls_hostname:
+        options["tls"] = _tls_context(n)
+    if n.tls_hostname:
+        options["tls_hostname"] = n.tls_hostname
+    return options
+
+
+def _read_setting(name: str, path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(errors="replace")
+    except OSError as exc:
+        raise ValueError(f"[nats] {name}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _check_user_seed(path: str, text: str) -> None:
+    import nkeys  # nats-py's own dependency for NKeys (the nats-py[nkeys] extra)
+
+    seed = text.strip()
+    try:
+        nkeys.from_seed(bytearray(seed.encode()))
+        valid = seed.startswith("SU")
+    except Exception:  # nkeys raises its own errors and binascii's: all mean "not a seed"
+        valid = False
+    if not valid:
+        raise ValueError(f"[nats] nkeys_seed: {path} does not hold an NKey user seed (SU…)")
+
+
+def _tls_context(n: NatsConfig) -> ssl.SSLContext:
+    import ssl  # here: `swarmfly get` loads this module on a path that never needs it
+
+    def no_passphrase() -> str:
+        raise ValueError(
+            f"[nats] tls_key: {n.tls_key or n.tls_cert} is encrypted; give an unencrypted key"
+        )
+
+    try:
+        context = ssl.create_default_context(cafile=_expand(n.tls_ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"[nats] tls_ca: cannot load {n.tls_ca}: {exc}") from None
+    if n.tls_cert:
+        try:
+            context.load_cert_chain(
+                str(Path(n.tls_cert).expanduser()), _expand(n.tls_key), no_passphrase
+            )
+        except (OSError, ssl.SSLError) as exc:
+            which = f"{n.tls_cert} and {n.tls_key}" if n.tls_key else n.tls_cert
+            raise ValueError(f"[nats] tls_cert: cannot load {which}: {exc}") from None
+    return context
+
+
+def _expand(path: str | None) -> str | None:
+    return str(Path(path).expanduser()) if path else None
 
 
 def setting_names() -> set[str]:

@@ -11,6 +11,7 @@ inside a host with ``ip netns exec``); on SIGTERM it prints what it served as JS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -36,7 +37,8 @@ FETCH = (
 
 
 class NamespacesUnavailable(Exception):
-    """This machine does not let the test make network namespaces."""
+    """This machine does not let the test build its hosts: network namespaces, veth pairs, a
+    bridge or a `tc` shaper (a missing kernel module, a sandbox without CAP_NET_ADMIN)."""
 
 
 def run(*args: str, check: bool = True) -> str:
@@ -46,6 +48,14 @@ def run(*args: str, check: bool = True) -> str:
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()}")
     return done.stdout
+
+
+def build(*args: str) -> None:
+    """A step that builds the network: its failure says this machine cannot host the test."""
+    try:
+        run(*args)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        raise NamespacesUnavailable(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -75,12 +85,7 @@ class Network:
     namespaces: list[str] = field(default_factory=list)
 
     def _add_namespace(self, ns: str) -> None:
-        done = subprocess.run(
-            ["ip", "netns", "add", ns],
-            capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise NamespacesUnavailable(f"`ip netns add` failed: {done.stderr.strip()}")
+        build("ip", "netns", "add", ns)  # on failure, ip removes what it had made
         self.namespaces.append(ns)
 
     @property
@@ -89,8 +94,8 @@ class Network:
 
     def start(self) -> Network:
         self._add_namespace(self.switch)
-        run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
-        run("ip", "-n", self.switch, "link", "set", "br0", "up")
+        build("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+        build("ip", "-n", self.switch, "link", "set", "br0", "up")
         return self
 
     def add(self, name: str, number: int) -> Host:
@@ -98,18 +103,18 @@ class Network:
         host = Host(name, f"{self.tag}-{name}", f"{SUBNET}.{number}")
         self._add_namespace(host.ns)
         port = f"v{number}"
-        run("ip", "-n", self.switch, "link", "add", port, "type", "veth",
-            "peer", "name", "eth0", "netns", host.ns)  # fmt: skip
-        run("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
-        run("ip", "-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
-        run("ip", "-n", host.ns, "link", "set", "eth0", "up")
-        run("ip", "-n", host.ns, "link", "set", "lo", "up")
+        build("ip", "-n", self.switch, "link", "add", port, "type", "veth",
+              "peer", "name", "eth0", "netns", host.ns)  # fmt: skip
+        build("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
+        build("ip", "-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
+        build("ip", "-n", host.ns, "link", "set", "eth0", "up")
+        build("ip", "-n", host.ns, "link", "set", "lo", "up")
         return host
 
     def shape(self, host: Host, rate: str) -> None:
         """Cap what ``host`` sends (a token bucket on its egress)."""
-        run("tc", "-n", host.ns, "qdisc", "add", "dev", "eth0", "root", "tbf",
-            "rate", rate, "burst", "64kb", "latency", "50ms")  # fmt: skip
+        build("tc", "-n", host.ns, "qdisc", "add", "dev", "eth0", "root", "tbf",
+              "rate", rate, "burst", "64kb", "latency", "50ms")  # fmt: skip
 
     def sent(self, host: Host) -> int:
         """Bytes ``host`` has sent through its shaper."""
@@ -118,21 +123,32 @@ class Network:
         return int(match.group(1)) if match else 0
 
     def close(self) -> None:
-        """Kill every process still in our namespaces (by pid), then delete them."""
+        """Kill every process still in our namespaces (by pid), then delete them all, each
+        one even when another fails; raise at the end naming those left behind."""
         for ns in self.namespaces:
-            for pid in run("ip", "netns", "pids", ns, check=False).split():
+            for pid in self._pids(ns):
                 try:
                     os.kill(int(pid), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     continue
         for ns in reversed(self.namespaces):
             deadline = time.monotonic() + 5
-            while run("ip", "netns", "pids", ns, check=False).split():
-                if time.monotonic() > deadline:
-                    break
+            while self._pids(ns) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            run("ip", "netns", "del", ns, check=False)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # reported below if left
+                run("ip", "netns", "del", ns, check=False)
+        listed = run("ip", "netns", "list", check=False).split()
+        left = [ns for ns in self.namespaces if ns in listed]
         self.namespaces.clear()
+        if left:
+            raise RuntimeError(f"network namespaces left behind: {', '.join(left)}")
+
+    @staticmethod
+    def _pids(ns: str) -> list[str]:
+        try:
+            return run("ip", "netns", "pids", ns, check=False).split()
+        except subprocess.TimeoutExpired:
+            return []
 
 
 def start_process(

@@ -3,8 +3,8 @@
 Three NATS servers in a cluster (routes, JetStream) on three hosts, the scheduler and the
 storage on theirs, four peers on four more, and the origin on its own host behind a `tc`
 token bucket. Every peer downloads the file with `swarmfly get`; mid-download the NATS server
-most services use is killed with SIGKILL. The services reconnect to the others and every
-peer finishes with the right bytes, read from the origin about once.
+that most downloading peers use is killed with SIGKILL. The services reconnect to the others
+and every peer finishes with the right bytes, read from the origin about once.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -49,8 +50,23 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+@dataclass(frozen=True)
+class Hosts:
+    """The machines of the test, each a network namespace on one bridge."""
+
+    network: Network
+    nats: list[Host]
+    scheduler: Host
+    storage: Host
+    peers: list[Host]
+    origin: Host
+
+
 @pytest.fixture
-def network() -> Iterator[Network]:
+def hosts() -> Iterator[Hosts]:
+    """Every host built before the test starts: a step this machine refuses (namespaces,
+    veth pairs, the bridge, the shaper) skips with its reason, and whatever was made is
+    removed in any case."""
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             unavailable(f"{tool} is not installed (Debian package iproute2)")
@@ -58,9 +74,18 @@ def network() -> Iterator[Network]:
     try:
         try:
             net.start()
+            built = Hosts(
+                net,
+                nats=[net.add(f"n{i}", 10 + i) for i in (1, 2, 3)],
+                scheduler=net.add("sched", 20),
+                storage=net.add("stor", 21),
+                peers=[net.add(f"p{i}", 30 + i) for i in (1, 2, 3, 4)],
+                origin=net.add("origin", 40),
+            )
+            net.shape(built.origin, ORIGIN_RATE)
         except NamespacesUnavailable as exc:
-            unavailable(f"network namespaces are not permitted here: {exc}")
-        yield net
+            unavailable(f"this machine cannot build the test's hosts: {exc}")
+        yield built
     finally:
         net.close()
 
@@ -89,9 +114,21 @@ def routed(host: Host) -> set[str]:
     return {route["remote_name"] for route in monitor(host, "routez")["routes"]}
 
 
+def connections(host: Host) -> list[dict[str, Any]]:
+    """Client connections of one NATS server (``name``, ``ip``, ...)."""
+    found: list[dict[str, Any]] = monitor(host, "connz?limit=1024")["connections"]
+    return found
+
+
 def clients(host: Host) -> Counter[str]:
     """Client connections of one NATS server, by connection name."""
-    return Counter(c.get("name", "") for c in monitor(host, "connz?limit=1024")["connections"])
+    return Counter(c.get("name", "") for c in connections(host))
+
+
+def peers_on(found: list[dict[str, Any]], peers: list[Host]) -> list[Host]:
+    """The peer hosts whose peer service is among these connections (by its address)."""
+    addresses = {c.get("ip") for c in found if c.get("name") == "swarmfly-peer"}
+    return [peer for peer in peers if peer.ip in addresses]
 
 
 def only_services(connections: Counter[str]) -> Counter[str]:
@@ -123,18 +160,14 @@ async def get(
 
 
 async def test_a_swarm_across_hosts_survives_losing_a_nats_server(
-    network: Network, tmp_path: Path
+    hosts: Hosts, tmp_path: Path
 ) -> None:
     data = os.urandom(SIZE)
     digest = hashlib.sha256(data).hexdigest()
     (tmp_path / "origin").mkdir()
     (tmp_path / "origin" / "f.bin").write_bytes(data)
-
-    nats_hosts = [network.add(f"n{i}", 10 + i) for i in (1, 2, 3)]
-    scheduler_host, storage_host = network.add("sched", 20), network.add("stor", 21)
-    peer_hosts = [network.add(f"p{i}", 30 + i) for i in (1, 2, 3, 4)]
-    origin_host = network.add("origin", 40)
-    network.shape(origin_host, ORIGIN_RATE)
+    network, nats_hosts, peer_hosts = hosts.network, hosts.nats, hosts.peers
+    scheduler_host, storage_host, origin_host = hosts.scheduler, hosts.storage, hosts.origin
 
     nats: dict[Host, subprocess.Popen[bytes]] = {}
     for host in nats_hosts:
@@ -180,8 +213,16 @@ async def test_a_swarm_across_hosts_survives_losing_a_nats_server(
             assert not any(job.done() for job in jobs), "a download ended early"
             await asyncio.sleep(0.1)
 
-        load = {host: clients(host) for host in nats_hosts}
-        victim = max(nats_hosts, key=lambda h: (only_services(load[h]).total(), load[h].total()))
+        # The victim carries downloads: the server with the most downloading peers (4 peers
+        # on 3 servers: at least 2), then the most services.
+        found = {host: connections(host) for host in nats_hosts}
+        load = {host: Counter(c.get("name", "") for c in found[host]) for host in nats_hosts}
+        victim = max(
+            nats_hosts,
+            key=lambda h: (len(peers_on(found[h], peer_hosts)), only_services(load[h]).total()),
+        )
+        cut_off = peers_on(found[victim], peer_hosts)
+        assert cut_off, f"no peer is connected to {victim.name}: {load}"
         nats[victim].kill()
         nats[victim].wait(timeout=10)
         assert not any(job.done() for job in jobs), "the kill came after a download ended"
@@ -202,6 +243,8 @@ async def test_a_swarm_across_hosts_survives_losing_a_nats_server(
         ) != expected:
             assert time.monotonic() < deadline, f"connected: {connected}; victim {victim.name}"
             await asyncio.sleep(0.2)
+        moved = [c for h in survivors for c in connections(h)]
+        assert peers_on(moved, peer_hosts) == peer_hosts, "cut-off peers reconnected elsewhere"
         for service in services:
             assert service.process.poll() is None, f"{service.kind} died: {service.log()}"
     finally:

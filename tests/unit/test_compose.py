@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shlex
 import tomllib
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yaml"
 DOCKERFILE = COMPOSE_DIR / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+"""Read from the build context's root: the repository (compose sets it, as does the README)."""
 PROMETHEUS_FILE = COMPOSE_DIR / "prometheus.yml"
 GRAFANA_DIR = COMPOSE_DIR / "grafana"
 SCHEMA_FILE = ROOT / "tests" / "data" / "compose-spec.json"
@@ -204,13 +207,100 @@ def test_dockerfile_is_slim_non_root_and_runs_swarmfly() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     sources = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     sources |= {"pyproject.toml", pyproject["project"]["readme"]}
-    copied = {
+    copied = set(_copied_sources())
+    assert sources <= copied, f"not copied into the image: {sources - copied}"
+    assert "pip install ." in joined
+
+
+def _copied_sources() -> list[str]:
+    """What the Dockerfile's COPY lines take from the build context (the repository)."""
+    joined = DOCKERFILE.read_text().replace("\\\n", " ")
+    return [
         source
         for line in re.findall(r"^COPY (?!--from)(.+)$", joined, re.MULTILINE)
         for source in line.split()[:-1]
-    }
-    assert sources <= copied, f"not copied into the image: {sources - copied}"
-    assert "pip install ." in joined
+    ]
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker matches it: Go's filepath.Match plus ``**``."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out, i = out + "[" + pattern[i + 1 : end].replace("!", "^", 1) + "]", end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def _ignore_rules(text: str) -> list[tuple[bool, re.Pattern[str]]]:
+    """(an exception ``!``, the pattern) per line, in order."""
+    rules = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            pattern = posixpath.normpath(line.removeprefix("!").strip().lstrip("/"))
+            rules.append((line.startswith("!"), _glob(pattern)))
+    return rules
+
+
+def _ignored(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parent
+    directories decides."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for exception, rule in rules:
+        if any(rule.fullmatch(prefix) for prefix in prefixes):
+            ignored = not exception
+    return ignored
+
+
+def test_the_dockerignore_reading_follows_docker() -> None:
+    rules = _ignore_rules("*\n!src\n**/__pycache__\n*.py[co]\n")
+    assert _ignored(".git/HEAD", rules) and _ignored("docs", rules)
+    assert not _ignored("src/a/b.py", rules)
+    assert _ignored("src/a/__pycache__/b.cpython-311.pyc", rules)
+    assert _ignored("__pycache__/x", rules)
+    assert _ignored("x.pyc", rules) and not _ignored("src/x.pyc", rules), "* stops at a /"
+
+
+def test_dockerignore_keeps_private_files_out_and_copied_ones_in() -> None:
+    rules = _ignore_rules(DOCKERIGNORE.read_text())
+    for private in (
+        ".git/config",
+        ".venv/bin/python",
+        "venv/lib/python3.11/site-packages/x.py",
+        ".env",
+        "nats.creds",
+        "tests/unit/test_compose.py",
+        "bench/results/swarm.json",
+        "swarmfly/__pycache__/bus.cpython-311.pyc",
+        "swarmfly.egg-info/PKG-INFO",
+        ".mypy_cache/3.11/x.json",
+    ):
+        assert _ignored(private, rules), f"{private} would be sent to docker build"
+    needed = []
+    for source in _copied_sources():
+        path = ROOT / source
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        assert files, f"COPY {source}: nothing there"
+        needed += [
+            p.relative_to(ROOT).as_posix()
+            for p in files
+            if "__pycache__" not in p.parts and p.suffix != ".pyc"
+        ]
+    excluded = [path for path in needed if _ignored(path, rules)]
+    assert not excluded, f".dockerignore leaves out what the Dockerfile copies: {excluded}"
 
 
 def test_swarmfly_services_keep_state_in_a_volume(services: dict[str, dict[str, Any]]) -> None:

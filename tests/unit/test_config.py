@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+from dataclasses import fields
 from pathlib import Path
 
+import nkeys
 import pytest
 
 from swarmfly.config import (
@@ -193,15 +197,81 @@ def test_nats_options_pass_auth_through(tmp_path: Path) -> None:
         "SWARMFLY_STATE_DIR": str(tmp_path),
         "SWARMFLY_NATS_USER": "u",
         "SWARMFLY_NATS_PASSWORD": "p",
-        "SWARMFLY_NATS_CREDS": "/creds",
     }
-    options = load(env=env).nats_options()
-    assert options == {"user": "u", "password": "p", "user_credentials": "/creds"}
+    assert load(env=env).nats_options() == {"user": "u", "password": "p"}
+    creds = write(tmp_path / "nats.creds", CREDS)
+    env = {"SWARMFLY_STATE_DIR": str(tmp_path), "SWARMFLY_NATS_CREDS": str(creds)}
+    assert load(env=env).nats_options() == {"user_credentials": str(creds)}
+    seed = write(tmp_path / "user.nk", user_seed() + "\n")
+    env = {"SWARMFLY_STATE_DIR": str(tmp_path), "SWARMFLY_NATS_NKEYS_SEED": str(seed)}
+    assert load(env=env).nats_options() == {"nkeys_seed": str(seed)}
 
 
 def test_the_password_is_not_in_the_repr(tmp_path: Path) -> None:
-    env = {"SWARMFLY_STATE_DIR": str(tmp_path), "SWARMFLY_NATS_PASSWORD": "hunter2"}
-    assert "hunter2" not in repr(load(env=env))
+    env = {
+        "SWARMFLY_STATE_DIR": str(tmp_path),
+        "SWARMFLY_NATS_PASSWORD": "hunter2",
+        "SWARMFLY_NATS_TOKEN": "tok3n",
+    }
+    text = repr(load(env=env))
+    assert "hunter2" not in text and "tok3n" not in text
+
+
+def user_seed() -> str:
+    encoded: bytes = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    return encoded.decode()
+
+
+CREDS = (
+    "-----BEGIN NATS USER JWT-----\neyJ0.e30.sig\n------END NATS USER JWT------\n\n"
+    "-----BEGIN USER NKEY SEED-----\nSUAM\n------END USER NKEY SEED------\n"
+)
+"""The shape of a .creds file (its content is the server's to check)."""
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"tls_key": "/k.pem"}, r"tls_key needs tls_cert"),
+        ({"password": "p"}, r"password needs a user"),
+        ({"user": "u", "token": "t"}, r"one way to authenticate, not user and token"),
+        ({"token": "t", "creds": "/c"}, r"not token and creds"),
+        ({"creds": "/nowhere/nats.creds"}, r"creds: cannot read /nowhere/nats.creds"),
+        ({"nkeys_seed": "/nowhere/u.nk"}, r"nkeys_seed: cannot read /nowhere/u.nk"),
+        ({"tls_ca": "/nowhere/ca.pem"}, r"tls_ca: cannot load /nowhere/ca.pem"),
+        ({"tls_cert": "/nowhere/c.pem"}, r"tls_cert: cannot load /nowhere/c.pem"),
+    ],
+)
+def test_nats_settings_that_cannot_work_are_errors(
+    tmp_path: Path, settings: dict[str, str], message: str
+) -> None:
+    config = load({"state_dir": tmp_path, "nats": settings}, env={})
+    with pytest.raises(ValueError, match=message):
+        config.nats_options()
+
+
+def test_nats_files_must_hold_what_they_are_for(tmp_path: Path) -> None:
+    """nats-py would loop for ever reading a creds file without a JWT, and go to the server
+    with a seed it cannot use; the error names the file, never its content."""
+    secret = user_seed()
+    not_creds = write(tmp_path / "nats.creds", secret + "\n")
+    with pytest.raises(ValueError, match=r"is not a NATS \.creds file") as raised:
+        load({"state_dir": tmp_path, "nats": {"creds": str(not_creds)}}, env={}).nats_options()
+    assert secret not in str(raised.value)
+    account_seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT).decode()
+    for text in (account_seed, "not a seed", CREDS):
+        seed = write(tmp_path / "user.nk", text)
+        config = load({"state_dir": tmp_path, "nats": {"nkeys_seed": str(seed)}}, env={})
+        with pytest.raises(ValueError, match="does not hold an NKey user seed") as raised:
+            config.nats_options()
+        assert text not in str(raised.value)
+
+
+def test_tls_hostname_turns_tls_on(tmp_path: Path) -> None:
+    config = load({"state_dir": tmp_path, "nats": {"tls_hostname": "nats.example"}}, env={})
+    options = config.nats_options()
+    assert options["tls_hostname"] == "nats.example"
+    assert options["tls"].check_hostname, "certificates are checked, against that name"
 
 
 @pytest.mark.parametrize(
@@ -245,3 +315,11 @@ def test_the_documented_configuration_is_a_valid_file(tmp_path: Path) -> None:
     assert config.proxy.port == 65001
     assert config.proxy.registries == ["https://registry-1.docker.io"]
     assert config.peer.strategy == "rarest-first"
+
+
+def test_the_documented_configuration_shows_every_nats_setting() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    section = block.split("[nats]\n", 1)[1].split("\n[", 1)[0]
+    shown = set(re.findall(r"^#? ?(\w+) = ", section, re.MULTILINE))
+    assert shown == {f.name for f in fields(NatsConfig)}

@@ -441,3 +441,39 @@ def test_environment_names_real_settings() -> None:
     if "SWARMFLY_PROXY_PORT" not in known:
         used = {name for name in used if not name.startswith("SWARMFLY_PROXY_")}
     assert used - known == set(), "not swarmfly settings"
+
+
+def test_scheduler_and_storage_replicas_are_values(
+    manifests: list[dict[str, Any]], values: dict[str, Any]
+) -> None:
+    for component in ("scheduler", "storage"):
+        workload = _workload(manifests, component)
+        assert workload["spec"]["replicas"] == f"TPL/values/{component}.replicas"
+        replicas = _lookup(values, f"{component}.replicas")
+        assert isinstance(replicas, int) and replicas >= 1, component
+
+
+def test_several_schedulers_run_only_with_jetstream(values: dict[str, Any]) -> None:
+    """Schedulers share the tasks through leases in JetStream KV; without it each would take
+    every task. The defaults give the bundled NATS JetStream whenever they run several, the
+    template refuses several with a bundled NATS without it, and one scheduler is replaced
+    with Recreate (never two at once) while several roll."""
+    if _lookup(values, "scheduler.replicas") > 1:
+        assert _lookup(values, "nats.enabled") is True
+        assert _lookup(values, "nats.config.jetstream.enabled") is True
+        assert _lookup(values, "nats.config.cluster.replicas") >= 3, "the KV bucket has 3 copies"
+    text = (TEMPLATES / "scheduler-deployment.yaml").read_text()
+    guard = re.search(r'\{\{-? if (.+?) -?\}\}\n\{\{-? fail "([^"]+)" -?\}\}\n', text)
+    assert guard, "a guard that fails the install"
+    for condition in (
+        "(gt (int .Values.scheduler.replicas) 1)",
+        "(not .Values.nats.url)",
+        ".Values.nats.enabled",
+        "(not .Values.nats.config.jetstream.enabled)",
+    ):
+        assert condition in guard.group(1)
+    assert "scheduler.replicas" in guard.group(2) and "jetstream" in guard.group(2)
+    strategy = (
+        'type: {{ ternary "RollingUpdate" "Recreate" (gt (int .Values.scheduler.replicas) 1) }}'
+    )
+    assert strategy in text
