@@ -255,45 +255,78 @@ def _get(args: argparse.Namespace, config: Config) -> int:
 
 def _preheat(args: argparse.Namespace, config: Config) -> int:
     from swarmfly import preheat
+    from swarmfly.ids import redact_url
     from swarmfly.localpeer import parse_header
 
-    urls: list[tuple[str, str | None]]
+    blobs: list[preheat.Blob]
     if args.what == "url":
         headers = dict(parse_header(h) for h in args.header)
-        urls = [(args.url, args.digest)]
+        blobs = [preheat.Blob(args.url, args.digest)]
     else:
+        headers = _registry_auth(args)
         ref = preheat.parse_image(args.ref, plain_http=args.plain_http)
-        headers = {}
-        if args.username:
-            if not args.password_stdin:
-                raise SwarmflyError("bad_request", "--username needs --password-stdin")
-            password = sys.stdin.readline().rstrip("\r\n")
-            headers = preheat.basic_auth(args.username, password)
-        elif args.auth_file:
+        if args.auth_file:
             headers = preheat.auth_from_file(Path(args.auth_file), ref.base.split("://")[1])
         wanted = args.platform or preheat.host_platform()
         blobs = _run(preheat.resolve(ref, headers, wanted, config))
-        urls = [(ref.url("blobs", digest), digest) for digest, _ in blobs]
-    tty = sys.stderr.isatty() and not args.json
+    bar = ProgressBar() if sys.stderr.isatty() and not args.json else None
 
-    def report(reply: dict[str, Any]) -> None:
-        if tty:
-            sys.stderr.write(
-                f"[{reply['done']}/{reply['total']}] {reply['task_id'][:12]} "
-                f"{reply['content_length'] / 2**20:8.1f} MiB in {reply['seconds']:.1f}s"
-                f" ({reply['bytes_origin'] / 2**20:.1f} MiB from the origin)\n"
+    def on_blob(
+        blob: preheat.Blob, outcome: dict[str, Any] | SwarmflyError, summary: preheat.Summary
+    ) -> None:
+        if args.json:
+            return
+        count = f"[{len(summary.replies) + len(summary.errors)}/{summary.total}]"
+        name = blob.digest[:19] if blob.digest else redact_url(blob.url)
+        if isinstance(outcome, SwarmflyError):
+            line = f"{count} {name} failed: {outcome.code}: {outcome.message}"
+        else:
+            size = outcome["content_length"] / 2**20
+            origin = outcome["bytes_origin"] / 2**20
+            where = (
+                "already cached"
+                if outcome["bytes_origin"] == 0 and outcome["bytes_p2p"] == 0
+                else f"{origin:.1f} MiB from the origin"
             )
+            line = f"{count} {name} {size:8.1f} MiB in {outcome['seconds']:.1f}s ({where})"
+        sys.stderr.write(("\r\x1b[K" if bar else "") + line + "\n")
+        sys.stderr.flush()
 
-    summary = _run(preheat.preheat(config, urls, headers, timeout=args.timeout, report=report))
-    if args.json:
-        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
-    else:
-        print(
-            f"preheated {summary['tasks']} task(s), {summary['bytes'] / 2**20:.1f} MiB"
-            f" ({summary['bytes_origin'] / 2**20:.1f} MiB from the origin)"
-            f" in {summary['seconds']:.1f}s"
+    try:
+        summary = _run(
+            preheat.preheat(
+                config, blobs, headers, timeout=args.timeout, on_blob=on_blob, on_bytes=bar
+            )
         )
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(summary.to_dict()).decode() + "\n")
+    else:
+        print(summary.line("file" if args.what == "url" else "blob"), flush=True)
+    if summary.errors:
+        raise summary.errors[0]
     return 0
+
+
+def _registry_auth(args: argparse.Namespace) -> dict[str, str]:
+    """The Authorization header from ``--username`` and a password on stdin; the flags'
+    combinations checked before anything is read."""
+    if args.password_stdin and not args.username:
+        raise SwarmflyError("bad_request", "--password-stdin needs --username")
+    if args.username and not args.password_stdin:
+        raise SwarmflyError("bad_request", "--username needs --password-stdin")
+    if args.username and args.auth_file:
+        raise SwarmflyError("bad_request", "give --username or --auth-file, not both")
+    if not args.username:
+        return {}
+    from swarmfly.preheat import basic_auth
+
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise SwarmflyError("bad_request", "--password-stdin read no password")
+    return basic_auth(args.username, password)
 
 
 def _plugins(args: argparse.Namespace, config: Config) -> int:

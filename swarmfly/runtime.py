@@ -184,13 +184,16 @@ async def run_service(kind: str, config: Config) -> None:
                 line += f"; proxy {proxy.url}"
             print(line, flush=True)
         await stop.wait()
+        if kind != "scheduler":  # before anything winds down: children get other parents now
+            await info.node.leave()
 
 
 def containerd_hint(proxy_url: str) -> list[str]:
     """How to point containerd at this proxy (docs/runtimes.md has the other runtimes)."""
     return [
         "pull images through the swarm with containerd: in"
-        ' /etc/containerd/certs.d/_default/hosts.toml (config_path = "/etc/containerd/certs.d")',
+        ' /etc/containerd/certs.d/_default/hosts.toml (config_path = "/etc/containerd/certs.d";'
+        " docs/runtimes.md has CRI-O, Docker and k3s)",
         f'  [host."{proxy_url}"]',
         '    capabilities = ["pull", "resolve"]',
     ]
@@ -231,7 +234,10 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
                     f"  peer       {peer.node.upload_url}  ({peer.node.settings.host_id},"
                     f" metrics {peer.node.upload_url}/metrics)",
                     *(
-                        [f"  proxy      {proxy.url}  (registry mirror and HTTP proxy)"]
+                        [
+                            f"  proxy      {proxy.url}  (registry mirror and HTTP proxy,"
+                            f" metrics {proxy.url}/metrics)"
+                        ]
                         if proxy
                         else []
                     ),
@@ -245,3 +251,5 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
             flush=True,
         )
         await stop.wait()
+        for node in (peer.node, storage.node):  # first, as run_service does
+            await node.leave()

@@ -1,7 +1,8 @@
 """What the mirror makes of a request, without I/O: the route, the upstream, the error body.
 
-Registry paths are matched on the raw (still percent-encoded) path against the distribution
-spec's grammar, so ``..``, ``%2e`` or an empty segment never reaches an upstream URL.
+Paths are checked raw (still percent-encoded) and decoded: a ``.`` or ``..`` segment, however
+spelled, never reaches an upstream URL, and registry API paths follow the distribution spec's
+grammar (a repository name with an empty segment or capitals is refused).
 """
 
 from __future__ import annotations
@@ -9,20 +10,25 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
 
 _NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-_ROUTE = re.compile(
-    rf"^/v2/(?P<name>{_NAME})/(?P<kind>blobs|manifests|tags|referrers)/(?P<rest>[^?#]*)\Z"
-)
+_NAME_RE = re.compile(rf"^{_NAME}\Z")
+_API = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>blobs|manifests|tags|referrers)/(?P<rest>.*)\Z")
+"""A registry API path, loosely: what it names is then checked against the spec's grammar
+(greedy, so a repository with ``blobs`` in its name still ends at the last keyword)."""
+_TARGET = re.compile(r"^/[\x21-\x7e]*\Z")
+"""An origin-form request target: printable ASCII, no space (RFC 9112 §3.2)."""
 _REFERENCE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+=-]{0,254}\Z")
 _DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+\Z")
 _SHA256 = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _UPLOAD = re.compile(r"^uploads/[A-Za-z0-9_.=-]{0,256}\Z")
 MAX_NAME = 255
 """Characters of a repository name (distribution's limit)."""
+OWN_PATHS = ("/healthz", "/metrics")
+"""Answered by the proxy itself; every other path belongs to the upstream."""
 
 DOCKER_HUB = "registry-1.docker.io"
 _ALIASES = {"docker.io": DOCKER_HUB, "index.docker.io": DOCKER_HUB}
@@ -41,7 +47,7 @@ class RegistryError(Exception):
         return orjson.dumps({"errors": [{"code": self.code, "message": self.message}]})
 
 
-Kind = Literal["blob", "passthrough", "base"]
+Kind = Literal["blob", "passthrough"]
 
 
 @dataclass(frozen=True)
@@ -53,18 +59,22 @@ class Route:
 
 
 def route(raw_path: str, method: str) -> Route:
-    """Classify a /v2 request; everything but a sha256 blob GET passes through."""
+    """Classify a request: a sha256 blob GET goes through the swarm, anything else passes
+    through to the upstream untouched, once it is known not to climb out of the path it
+    names (``..``, ``%2e%2e``, ``%2f``, ``\\``) and, on the registry API, to follow its grammar."""
     path = raw_path.split("?", 1)[0]
-    if path in ("/v2", "/v2/", "/v2/_catalog"):
-        return Route("base")
-    if not path.startswith("/v2/"):
-        raise RegistryError(404, "NOT_FOUND", "the mirror serves the registry API under /v2/")
-    match = _ROUTE.match(path)
+    api = path.startswith("/v2/")
+    if not _TARGET.match(raw_path):
+        raise RegistryError(400, "UNSUPPORTED", "the request target must be a printable path")
+    if any(part in (".", "..") for part in re.split(r"[/\\]", _decoded(path))):
+        code = "NAME_INVALID" if api else "UNSUPPORTED"
+        raise RegistryError(400, code, "the path must not hold . or .. segments")
+    match = _API.match(path)
     if match is None:
-        raise RegistryError(400, "NAME_INVALID", "invalid repository name or registry path")
+        return Route("passthrough")
     name, kind, rest = match["name"], match["kind"], match["rest"]
-    if len(name) > MAX_NAME:
-        raise RegistryError(400, "NAME_INVALID", "repository name too long")
+    if len(name) > MAX_NAME or not _NAME_RE.match(name):
+        raise RegistryError(400, "NAME_INVALID", "invalid repository name")
     if kind == "blobs":
         if _UPLOAD.match(rest):
             return Route("passthrough", name)
@@ -72,12 +82,20 @@ def route(raw_path: str, method: str) -> Route:
             raise RegistryError(400, "DIGEST_INVALID", "invalid blob digest")
         if method == "GET" and rest.startswith("sha256:"):
             return Route("blob", name, rest)
-        return Route("passthrough", name)
-    if kind == "manifests" and not _REFERENCE.match(rest):
+    elif kind == "manifests" and not _REFERENCE.match(rest):
         raise RegistryError(400, "MANIFEST_INVALID", "invalid tag or digest")
-    if kind in ("tags", "referrers") and not (rest == "list" or _DIGEST.match(rest)):
-        raise RegistryError(404, "NOT_FOUND", "unknown registry path")
     return Route("passthrough", name)
+
+
+def _decoded(path: str) -> str:
+    """``path`` percent-decoded until it stops changing (a server that decodes twice must
+    not find a ``..`` in ``%252e%252e`` either), a few rounds at most."""
+    for _ in range(4):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    return path
 
 
 def _authority(text: str) -> tuple[str | None, str]:

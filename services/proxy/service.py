@@ -9,6 +9,9 @@ through the swarm, passes other allowed requests through, and tunnels ``CONNECT`
 A blob reaches a client only after the upstream has accepted that client's own credentials
 for it (an authenticated HEAD); the client's ``Authorization`` goes to whichever node reads
 the origin, and never into a task id, a log line, a span or the store.
+
+Every refusal, aiohttp's own HTTP parser's included, is the registry API's JSON error body,
+and the proxy answers ``/healthz`` and ``/metrics`` on its own port.
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ import contextlib
 import fnmatch
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
+from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from opentelemetry.trace import SpanKind
+from yarl import URL
 
-from swarmfly import metrics, telemetry
+from swarmfly import __version__, metrics, telemetry
 from swarmfly.config import ProxyConfig
 from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError
@@ -35,16 +41,19 @@ from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.plugins.sources.http import HOP_BY_HOP
 from swarmfly.services.peer.node import Download, PeerNode
 from swarmfly.services.proxy import stream
-from swarmfly.services.proxy.registry import RegistryError, Route, Upstreams, route
+from swarmfly.services.proxy.registry import OWN_PATHS, RegistryError, Route, Upstreams, route
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 65001
 MAX_HEADERS = 16 * 1024
-"""Bytes of request headers the proxy accepts; more is refused with a registry error."""
-_PARSER_LIMIT = 64 * 1024
-"""What the HTTP parser lets through, so the refusal above can be a proper answer."""
+"""Bytes of request headers the proxy accepts, and of a request line or header line the HTTP
+parser buffers (so a connection's parser holds at most aiohttp's 128 such lines); more is
+refused with a registry error."""
 CONNECT_TIMEOUT = 10.0
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
+"""How long, and how much, the proxy reads and drops of a request it refused half-read."""
 HEAD_TIMEOUT = 30.0
 PRIVATE = frozenset({"x-swarmfly-registry", "traceparent", "tracestate"})
 SOURCE_SKIP = frozenset(
@@ -85,6 +94,31 @@ def _count(kind: str) -> None:
     metrics.PROXY_REQUESTS.labels(kind=kind).inc()
 
 
+def _path_of(request: web.BaseRequest) -> str:
+    """The path as the client sent it, without the query (which may hold a signature)."""
+    return request.raw_path.split("?", 1)[0]
+
+
+def _carrier(headers: Any) -> dict[str, str] | None:
+    """The W3C trace context a client sent, to parent the proxy's span on its own."""
+    carrier = {
+        k.lower(): v for k, v in headers.items() if k.lower() in ("traceparent", "tracestate")
+    }
+    return carrier or None
+
+
+def _attributes(method: str, target: str, path: str | None = None) -> dict[str, Any]:
+    """OTel HTTP attributes of a request to ``target`` (a URL or ``host:port``): its host and
+    port only (telemetry's, less ``url.full``: a server span names the path it was asked for),
+    never userinfo, a query or a header value."""
+    found = telemetry.url_attributes(target if "://" in target else f"//{target}")
+    attributes = {k: v for k, v in found.items() if k != "url.full"}
+    attributes["http.request.method"] = method
+    if path is not None:
+        attributes["url.path"] = path
+    return attributes
+
+
 class ProxyService:
     def __init__(self, node: PeerNode, config: ProxyConfig) -> None:
         self.node = node
@@ -112,37 +146,55 @@ class ProxyService:
         return app
 
     async def start(self, stack: AsyncExitStack) -> str:
-        """Serve on ``listen:port``; CONNECT is split off before aiohttp sees the request."""
+        """Serve on ``listen:port``; CONNECT is split off before aiohttp sees the request.
+        The proxy joins the peer's ``$SRV`` discovery, so `swarmfly status` lists it."""
         runner = web.AppRunner(
-            self.app(),
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=1.0,
-            max_line_size=_PARSER_LIMIT,
-            max_field_size=_PARSER_LIMIT,
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         http = runner.server
         assert http is not None
         loop = asyncio.get_running_loop()
+
+        def connection() -> _Sniffer:
+            return _Sniffer(
+                lambda: _RegistryErrors(
+                    http,
+                    loop=loop,
+                    access_log=None,  # its request lines may hold secrets
+                    max_line_size=MAX_HEADERS,
+                    max_field_size=MAX_HEADERS,
+                ),
+                self._on_connect,
+            )
+
         port = DEFAULT_PORT if self.config.port is None else self.config.port
         try:
-            server = await loop.create_server(
-                lambda: _Sniffer(http, self._on_connect), self.config.listen, port
-            )
+            server = await loop.create_server(connection, self.config.listen, port)
         except OSError:
             if self.config.port is not None:
                 raise
             log.warning("proxy: port %d is taken, using a free one", port)
-            server = await loop.create_server(
-                lambda: _Sniffer(http, self._on_connect), self.config.listen, 0
-            )
+            server = await loop.create_server(connection, self.config.listen, 0)
         stack.push_async_callback(self._close, server)
         port = server.sockets[0].getsockname()[1]
         shown = "127.0.0.1" if self.config.listen in ("0.0.0.0", "") else self.config.listen
         self.url = f"http://{shown}:{port}"
         log.info("proxy on %s for %s", self.url, ", ".join(self.upstreams.bases) or "nothing")
+        if self.node.bus is not None:
+            await self.node.bus.add_service(
+                "proxy",
+                __version__,
+                "swarmfly proxy: registry mirror and HTTP proxy in front of a peer",
+                {},
+                # No endpoints to carry the subject prefix: discovery matches on this.
+                metadata={
+                    "host_id": self.node.settings.host_id,
+                    "url": self.url,
+                    "prefix": self.node.bus.prefix,
+                },
+            )
         return self.url
 
     async def _close(self, server: asyncio.Server) -> None:
@@ -174,8 +226,8 @@ class ProxyService:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.raw_path.startswith(("http://", "https://")):
             return await self._http_proxy(request)
-        if request.raw_path == "/healthz":
-            return web.json_response({"status": "ok"})
+        if request.raw_path.split("?", 1)[0] in OWN_PATHS:
+            return await self._own(request)
         target = route(request.raw_path, request.method)
         upstream = self.upstreams.pick(
             request.headers.get("X-Swarmfly-Registry"), request.query.get("ns")
@@ -183,18 +235,33 @@ class ProxyService:
         if target.kind == "blob":
             return await self._blob(request, upstream, target)
         _count("passthrough")
-        return await self._forward(request, upstream + _without_ns(request.raw_path))
+        url = upstream + _without_ns(request.raw_path)
+        attributes = _attributes(request.method, upstream, _path_of(request))
+        with telemetry.span(
+            "proxy passthrough", kind=SpanKind.SERVER, attributes=attributes,
+            carrier=_carrier(request.headers),
+        ) as current:  # fmt: skip
+            response = await self._forward(request, url)
+            telemetry.set_attributes(current, **{"http.response.status_code": response.status})
+            return response
+
+    async def _own(self, request: web.Request) -> web.StreamResponse:
+        """``/healthz`` and ``/metrics``: the proxy's own, on its own port."""
+        if request.method not in ("GET", "HEAD"):
+            raise RegistryError(405, "UNSUPPORTED", "only GET and HEAD")
+        if request.path == "/metrics":
+            return await metrics.handler(request)
+        return web.json_response({"status": "ok"})
 
     async def _blob(self, request: web.Request, upstream: str, target: Route) -> web.StreamResponse:
         url = f"{upstream}/v2/{target.name}/blobs/{target.digest}"
         token = request.headers.get("Authorization")
         auth = {"Authorization": token} if token else {}
-        attributes = {"http.request.method": "GET", "url.path": request.path,
-                      "server.address": urlsplit(upstream).netloc}  # fmt: skip
-        carrier = {k: v for k, v in request.headers.items() if k.lower() == "traceparent"}
+        attributes = _attributes("GET", upstream, _path_of(request))
         with telemetry.span(
-            "proxy blob", kind=SpanKind.SERVER, attributes=attributes, carrier=carrier or None
-        ) as current:
+            "proxy blob", kind=SpanKind.SERVER, attributes=attributes,
+            carrier=_carrier(request.headers),
+        ) as current:  # fmt: skip
             stat = await self._authorize(url, auth)
             if stat is None:  # refused (or odd): the client gets the upstream's own answer
                 _count("passthrough")
@@ -272,7 +339,7 @@ class ProxyService:
         try:
             upstream = await self.session.request(
                 request.method,
-                url,
+                URL(url, encoded=True),  # as the client spelled it: no requoting
                 headers=_end_to_end(request.headers),
                 data=body,
                 allow_redirects=False,
@@ -312,32 +379,44 @@ class ProxyService:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise RegistryError(400, "UNSUPPORTED", "only http:// URLs are proxied; use CONNECT")
+        try:
+            parts.port  # noqa: B018 (read for its check: a port out of range raises)
+        except ValueError:
+            raise RegistryError(400, "UNSUPPORTED", "the URL's port is invalid") from None
         swarm = request.method == "GET" and any(rule.search(url) for rule in self.rules)
         if not swarm and not self._host_allowed(parts.hostname):
             raise RegistryError(403, "DENIED", "this proxy does not forward to that host")
-        if swarm:
-            headers: dict[str, str] = {}
-            for key, value in _end_to_end(request.headers):
-                if key.lower() not in SOURCE_SKIP:  # repeated ones folded, as RFC 9110 allows
-                    headers[key] = f"{headers[key]}, {value}" if key in headers else value
-            with telemetry.span(
-                "proxy http", kind=SpanKind.SERVER,
-                attributes={"http.request.method": "GET", "server.address": parts.netloc},
-            ):  # fmt: skip
-                try:
-                    run = await self.node.begin(
-                        SourceRequest(url=url, headers=headers), strategy="sequential"
-                    )
-                    length, _ = await stream.content_of(run)
-                except SwarmflyError as exc:
-                    # The origin refused or cannot be carried: it answers for itself.
-                    log.info("proxy: passing %s through: %s", parts.netloc, exc.code)
-                else:
-                    _count("http_swarm")
-                    etag = run.conductor.stat.etag
-                    return await self._stream(request, run, length, {"ETag": etag} if etag else {})
-        _count("http_passthrough")
-        return await self._forward(request, url)
+        with telemetry.span(
+            "proxy http", kind=SpanKind.SERVER,
+            attributes=_attributes(request.method, url, parts.path or "/"),
+            carrier=_carrier(request.headers),
+        ) as current:  # fmt: skip
+            response = await self._http_swarm(request) if swarm else None
+            if response is None:
+                _count("http_passthrough")
+                response = await self._forward(request, url)
+            telemetry.set_attributes(current, **{"http.response.status_code": response.status})
+            return response
+
+    async def _http_swarm(self, request: web.Request) -> web.StreamResponse | None:
+        """A plain-http URL through the swarm; None when the origin refuses it or it cannot
+        be carried (it then answers for itself)."""
+        headers: dict[str, str] = {}
+        for key, value in _end_to_end(request.headers):
+            if key.lower() not in SOURCE_SKIP:  # repeated ones folded, as RFC 9110 allows
+                headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        try:
+            run = await self.node.begin(
+                SourceRequest(url=request.raw_path, headers=headers), strategy="sequential"
+            )
+            length, _ = await stream.content_of(run)
+        except SwarmflyError as exc:
+            host = urlsplit(request.raw_path).hostname
+            log.info("proxy: passing %s through: %s", host, exc.code)
+            return None
+        _count("http_swarm")
+        etag = run.conductor.stat.etag
+        return await self._stream(request, run, length, {"ETag": etag} if etag else {})
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tunnel = asyncio.create_task(self._tunnel_safely(reader, writer))
@@ -359,38 +438,65 @@ class ProxyService:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CONNECT_TIMEOUT)
         except asyncio.LimitOverrunError:
-            writer.write(_status_line(431, "Request Header Fields Too Large"))
+            _count("refused")
+            writer.write(
+                _refusal(RegistryError(431, "UNSUPPORTED", "request headers are too large"))
+            )
             return
-        line = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+        lines = head.decode("latin-1").split("\r\n")
+        line = lines[0].split(" ")
         target = urlsplit(f"//{line[1]}") if len(line) == 3 else None
         try:
             host, port = (target.hostname, target.port) if target else (None, None)
         except ValueError:
             host, port = None, None
         if not host or not port:
-            writer.write(_status_line(400, "Bad Request"))
+            _count("refused")
+            writer.write(_refusal(RegistryError(400, "UNSUPPORTED", "CONNECT needs host:port")))
             return
+        fields = dict(field.split(":", 1) for field in lines[1:] if ":" in field)
+        attributes = _attributes("CONNECT", f"{host}:{port}")
+        with telemetry.span(
+            "proxy connect", kind=SpanKind.SERVER, attributes=attributes,
+            carrier=_carrier({k.strip(): v.strip() for k, v in fields.items()}),
+        ) as current:  # fmt: skip
+            status = await self._connect(reader, writer, host, port)
+            telemetry.set_attributes(current, **{"http.response.status_code": status})
+
+    async def _connect(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+    ) -> int:
+        """The tunnel to an allowed ``host:port``; the status the client was answered."""
         if not self._host_allowed(host):
             _count("refused")
-            writer.write(_status_line(403, "Forbidden"))
-            return
+            writer.write(_refusal(RegistryError(403, "DENIED", "this proxy does not tunnel there")))
+            return 403
         try:
             up_reader, up_writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port), CONNECT_TIMEOUT
             )
         except (OSError, TimeoutError):
-            writer.write(_status_line(502, "Bad Gateway"))
-            return
+            writer.write(_refusal(RegistryError(502, "UNAVAILABLE", "the host cannot be reached")))
+            return 502
         _count("connect")
         writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         try:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         finally:
             up_writer.close()
+        return 200
 
 
-def _status_line(status: int, reason: str) -> bytes:
-    return f"HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+def _refusal(error: RegistryError) -> bytes:
+    """A whole answer to a CONNECT that is not tunnelled, with the same JSON body as every
+    other refusal of the proxy."""
+    body = error.body()
+    reason = HTTPStatus(error.status).phrase
+    head = (
+        f"HTTP/1.1 {error.status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -405,10 +511,117 @@ async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
 
 
 def _without_ns(raw_path: str) -> str:
-    """The path and query for the upstream: containerd's ``ns=`` is for us only."""
+    """The path and query for the upstream as the client spelled them, but for containerd's
+    ``ns=``, which is for us only."""
     path, _, query = raw_path.partition("?")
-    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "ns"]
-    return f"{path}?{urlencode(kept)}" if kept else path
+    kept = [item for item in query.split("&") if item and item.split("=", 1)[0] != "ns"]
+    return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+class _RegistryErrors(web.RequestHandler):
+    """aiohttp's request handler, answering what its HTTP parser refuses (a request or header
+    line over ``MAX_HEADERS``, too many headers, a malformed request line) with the registry
+    API's JSON error, as every other refusal of the proxy is, instead of text/plain; and
+    closing such a connection with a linger, so the client reads the answer."""
+
+    __slots__ = ("_lingering",)
+
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._lingering: _Lingering | None = None
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp does: the answer has begun
+            raise ConnectionError("the response has begun: no error can follow")
+        if status >= 500:
+            log.error("proxy: internal error", exc_info=exc)
+            error = RegistryError(500, "UNKNOWN", "internal error")
+        else:
+            # Never the parser's message: it quotes the request, credentials included.
+            log.info("proxy: refused a malformed request: %s", type(exc).__name__)
+            _count("refused")
+            error = (
+                RegistryError(431, "UNSUPPORTED", "request headers are too large")
+                if isinstance(exc, LineTooLong)
+                else RegistryError(400, "UNSUPPORTED", "malformed HTTP request")
+            )
+            if self.transport is not None and self._lingering is None:
+                self._lingering = self.transport = _Lingering(self.transport)
+        response = registry_error(error)
+        response.force_close()
+        return response
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:  # the rest of a refused request: dropped unparsed
+            self._lingering.drop(len(data))
+            return
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
+        super().connection_lost(exc)
+
+
+class _Lingering(asyncio.Transport):
+    """A connection whose request was refused before it was read whole, closed as web
+    servers close one (nginx's lingering close): the answer, then our end shut, then what the
+    client still sends read and dropped, up to ``LINGER_BYTES`` for ``LINGER_SECONDS`` at
+    most. Closing at once, with the request unread, would reset the connection, and the
+    client would lose the answer."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self.transport = transport
+        self.dropped = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.transport.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.transport.writelines(list_of_data)
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Shut our end once the answer is out; close when the client closes (end of file
+        closes a socket transport), at the deadline, or past the byte budget."""
+        if self._timer is not None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
+
+    def abort(self) -> None:
+        self.cancel()
+        self.transport.abort()
+
+    def drop(self, size: int) -> None:
+        self.dropped += size
+        if self.dropped > LINGER_BYTES:
+            self.transport.close()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class _Sniffer(asyncio.Protocol):

@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 
+from swarmfly.config import Config
 from swarmfly.natsserver import NatsServer
-from swarmfly.testing import ServiceProcess, spawn_service
+from swarmfly.testing import ServiceProcess, in_process_cluster, spawn_service
 from tests.conftest import FAST_ENV, require_tool
 from tests.e2e.conftest import (
     ALICE,
@@ -39,6 +40,8 @@ from tests.e2e.conftest import (
     OCI_MANIFEST,
     WRONG_PASSWORD,
     Registry,
+    basic_auth,
+    push_blob,
 )
 
 MiB = 1024 * 1024
@@ -298,3 +301,50 @@ async def test_after_a_preheat_the_pulls_read_no_blob_from_the_registry(
         assert result.returncode == 0, result.stderr
         assert_identical(out, layout)
     assert blob_gets(pushed) == before, "a pull after the preheat read a blob from the registry"
+
+
+async def test_bad_requests_get_registry_errors_and_the_mirror_keeps_serving(
+    nats: NatsServer, prefix: str, tmp_path: Path, htpasswd_registry: Registry
+) -> None:
+    """Each refusal as curl sees it: a 4xx with the registry API's JSON error body; then the
+    registry's own answers pass through, and a good pull still works."""
+    data = os.urandom(3 * MiB)
+    layer = await push_blob(htpasswd_registry, NAME, data, basic_auth(ALICE, ALICE_PASSWORD))
+    big = tmp_path / "big-header"
+    big.write_text(f"X-Big: {'a' * 100 * 1024}\n")
+    curl = require_tool("curl")
+
+    def configure(config: Config) -> None:
+        config.proxy.registries = [htpasswd_registry.url]
+
+    blob = f"/v2/{NAME}/blobs/{layer}"
+    async with in_process_cluster(nats.url, prefix, tmp_path, configure=configure) as cluster:
+
+        async def ask(path: str, *args: str) -> tuple[str, str, bytes]:
+            body = tmp_path / "body"
+            answer = await run(
+                [curl, "-s", "--path-as-is", "-o", str(body), "-w", "%{http_code} %{content_type}",
+                 "--max-time", "30", *args, f"{cluster.proxy.url}{path}"]
+            )  # fmt: skip
+            status, _, content_type = answer.stdout.partition(" ")
+            return status, content_type, body.read_bytes()
+
+        for path, args, status, code in [
+            (blob, ["-H", "X-Swarmfly-Registry: http://127.0.0.1:1"], "403", "DENIED"),
+            (f"{blob}?ns=registry.example.com", [], "403", "DENIED"),
+            (f"/v2/{NAME}/blobs/sha256:{'0' * 63}", [], "400", "DIGEST_INVALID"),
+            (f"/v2/{NAME}/../../../v2/other/blobs/{layer}", [], "400", "NAME_INVALID"),
+            (f"/v2/team/%2e%2e/app/blobs/{layer}", [], "400", "NAME_INVALID"),
+            (blob, ["-H", f"@{big}"], "431", "UNSUPPORTED"),
+        ]:
+            got, content_type, body = await ask(path, *args)
+            assert (got, content_type) == (status, "application/json"), (path, body[:200])
+            assert [e["code"] for e in json.loads(body)["errors"]] == [code], path
+        # The registry's own answers come back as it gave them...
+        got, _, body = await ask("/v2/")
+        assert got == "401" and json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+        got, _, body = await ask("/v2/_catalog", "-u", f"{ALICE}:{ALICE_PASSWORD}")
+        assert (got, json.loads(body)) == ("200", {"repositories": [NAME]})
+        # ...and a good pull still works.
+        got, _, body = await ask(blob, "-u", f"{ALICE}:{ALICE_PASSWORD}")
+        assert (got, body) == ("200", data)

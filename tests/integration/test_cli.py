@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ import nats
 import orjson
 import pytest
 
+from swarmfly import preheat
+from swarmfly.config import Config, NatsConfig
 from swarmfly.natsserver import NatsServer
-from swarmfly.testing import Origin, spawn_service
+from swarmfly.testing import Origin, in_process_cluster, spawn_service
 from tests.conftest import FAST_ENV
 
 MiB = 1024 * 1024
@@ -177,10 +180,25 @@ async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> Non
     try:
         banner = (await asyncio.wait_for(up.stdout.readline(), 30)).decode()
         assert banner.strip() == "swarmfly is up"
-        lines = [(await up.stdout.readline()).decode() for _ in range(5)]
+        lines: list[str] = []
+        while not lines or lines[-1] != "stop with Ctrl-C":
+            line = await asyncio.wait_for(up.stdout.readline(), 10)
+            assert line, f"the banner ended early: {lines}"
+            lines.append(line.decode().rstrip("\n"))
         nats_url = lines[0].split()[1]
         assert nats_url.startswith("nats://127.0.0.1:")
         assert "metrics" in lines[1]
+        # The proxy, on loopback only, and the containerd snippet for its own address.
+        proxy_url = next(line.split()[1] for line in lines if line.startswith("  proxy "))
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", proxy_url), lines
+        hint = lines.index(f'  [host."{proxy_url}"]')
+        assert "/etc/containerd/certs.d/_default/hosts.toml" in lines[hint - 1]
+        assert lines[hint + 1] == '    capabilities = ["pull", "resolve"]'
+        port = int(proxy_url.rsplit(":", 1)[1])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        with pytest.raises(OSError):  # bound to 127.0.0.1, not to every address
+            await asyncio.open_connection("127.0.0.2", port)
 
         client = await nats.connect(nats_url)
         try:
@@ -194,7 +212,7 @@ async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> Non
                     names.add(orjson.loads(msg.data)["name"])
             except TimeoutError:
                 pass
-            assert {"scheduler", "storage", "peer"} <= names
+            assert {"scheduler", "storage", "peer", "proxy"} <= names
         finally:
             await client.close()
 
@@ -264,3 +282,84 @@ async def test_get_asks_its_hosts_peer_over_a_private_local_socket(
         for service in services:
             assert service.stop() == 0, service.log()
     assert not socket_file.exists()
+
+
+async def test_preheat_url_seeds_storage_so_a_get_reads_nothing_from_the_origin(
+    origin: Origin, nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    data = os.urandom(6 * MiB)
+    url = origin.add("pre.bin", data)
+    cli = ("--nats", nats.url, "--prefix", prefix, "--state-dir", str(tmp_path / "cli"))
+    async with in_process_cluster(nats.url, prefix, tmp_path):
+        code, stdout, stderr = await swarmfly("preheat", "url", url, *cli)
+        assert code == 0, stderr
+        assert re.fullmatch(
+            r"preheated 1 of 1 file\(s\), 6\.0 MiB \(0 already cached, 6\.0 MiB from the origin\)"
+            r" in \d+\.\ds\n",
+            stdout,
+        )
+        assert re.search(rf"^\[1/1\] {url}\s+6\.0 MiB in", stderr, re.M), stderr
+        served = origin.bytes_served
+        code, stdout, stderr = await swarmfly("preheat", "url", url, "--json", *cli)
+        assert code == 0, stderr
+        summary = orjson.loads(stdout)
+        assert (summary["tasks"], summary["cached"], summary["bytes"]) == (1, 1, len(data))
+        assert summary["bytes_origin"] == 0 and summary["seconds"] >= 0
+        # A host's peer gets it from storage: no byte of it from the origin.
+        code, stdout, stderr = await swarmfly(
+            "get", url, "-O", str(tmp_path / "got.bin"), "--json",
+            "--state-dir", str(tmp_path / "peer"), "--nats", nats.url, "--prefix", prefix,
+        )  # fmt: skip
+        assert code == 0, stderr
+        got = orjson.loads(stdout)
+        assert (got["via"], got["bytes_origin"], got["bytes_p2p"]) == ("peer", 0, len(data))
+        assert (tmp_path / "got.bin").read_bytes() == data
+        assert origin.bytes_served - served <= 2, "the access checks' one-byte reads at most"
+        # A URL the origin refuses: the error, and the summary all the same.
+        code, stdout, stderr = await swarmfly("preheat", "url", f"{origin.url}/missing", *cli)
+        assert code == 1
+        assert stdout.startswith("preheated 0 of 1 file(s), 1 failed, 0.0 MiB")
+        assert "failed: not_found" in stderr and "swarmfly: not_found" in stderr
+
+
+async def test_preheat_reports_progress_within_a_blob(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    data = os.urandom(8 * MiB)  # 1 MiB pieces at 4 MiB/s: 2 s
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    seen: list[tuple[int, int | None]] = []
+    config = Config(state_dir=tmp_path / "cli", nats=NatsConfig(servers=[nats.url], prefix=prefix))
+    async with (
+        Origin(rate=4 * MiB).serve() as slow,
+        in_process_cluster(nats.url, prefix, tmp_path),
+    ):
+        blob = preheat.Blob(slow.add("layer", data), digest, len(data))
+        summary = await preheat.preheat(
+            config, [blob], {}, timeout=60, on_bytes=lambda done, total: seen.append((done, total))
+        )
+    assert summary.to_dict()["tasks"] == 1 and not summary.errors
+    assert seen[-1] == (len(data), len(data))
+    assert any(0 < done < len(data) for done, _ in seen), f"only whole blobs: {seen}"
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--password-stdin"], "--password-stdin needs --username"),
+        (["--username", "alice"], "--username needs --password-stdin"),
+        (
+            ["--username", "a", "--password-stdin", "--auth-file", "x"],
+            "give --username or --auth-file, not both",
+        ),
+    ],
+)
+async def test_preheat_image_refuses_half_given_credentials(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    code, stdout, stderr = await swarmfly(
+        "preheat", "image", "registry.example.invalid/team/app:v1", *args,
+        "--state-dir", str(tmp_path),
+    )  # fmt: skip
+    assert (code, stdout) == (1, "")
+    assert stderr.strip() == f"swarmfly: bad_request: {message}"

@@ -406,13 +406,17 @@ async def test_srv_ping_and_info_find_every_service(
                 assert ping["type"] == "io.nats.micro.v1.ping_response"
                 reply = await nc.request(f"$SRV.INFO.{ping['name']}.{ping['id']}", b"", timeout=2)
                 info = json.loads(reply.data)
-                if all(e["subject"].startswith(f"{prefix}.") for e in info["endpoints"]):
+                endpoints = info["endpoints"]
+                if (
+                    endpoints and all(e["subject"].startswith(f"{prefix}.") for e in endpoints)
+                ) or info["metadata"].get("prefix") == prefix:  # the proxy has no endpoint
                     ours[info["name"]] = info
         finally:
             await nc.close()
-    assert sorted(ours) == ["peer", "scheduler", "storage"]
+    assert sorted(ours) == ["peer", "proxy", "scheduler", "storage"]
     hosts = cluster.hosts
     assert ours["peer"]["metadata"]["host_id"] == hosts["peer"]
+    assert ours.pop("proxy")["metadata"]["url"] == cluster.proxy.url
     for service, info in ours.items():
         assert info["endpoints"], service
         subjects: dict[str, set[str]] = {}

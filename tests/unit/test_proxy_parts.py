@@ -11,6 +11,7 @@ import pytest
 from swarmfly.errors import SwarmflyError
 from swarmfly.preheat import _pick_platform, auth_from_file, parse_image
 from swarmfly.services.proxy.registry import RegistryError, Route, Upstreams, route
+from swarmfly.services.proxy.service import _attributes
 from swarmfly.services.proxy.stream import Span, Unsatisfiable, byte_range
 
 DIGEST = "sha256:" + "ab" * 32
@@ -19,8 +20,16 @@ DIGEST = "sha256:" + "ab" * 32
 @pytest.mark.parametrize(
     ("path", "method", "expected"),
     [
-        ("/v2/", "GET", Route("base")),
-        ("/v2", "GET", Route("base")),
+        ("/v2/", "GET", Route("passthrough")),
+        ("/v2", "GET", Route("passthrough")),
+        ("/v2/_catalog?n=1", "GET", Route("passthrough")),
+        ("/token?service=x&scope=repository:a/b:pull", "GET", Route("passthrough")),
+        ("/", "GET", Route("passthrough")),
+        ("//v2/x", "GET", Route("passthrough")),
+        ("/v2/a/b/c", "GET", Route("passthrough")),
+        (f"/v2/team/blobs/app/blobs/{DIGEST}", "GET", Route("blob", "team/blobs/app", DIGEST)),
+        ("/v2/a/tags/anything", "GET", Route("passthrough", "a")),
+        ("/v2/a/manifests/x?ns=..", "GET", Route("passthrough", "a")),
         (f"/v2/team/app/blobs/{DIGEST}", "GET", Route("blob", "team/app", DIGEST)),
         (f"/v2/team/app/blobs/{DIGEST}?ns=docker.io", "GET", Route("blob", "team/app", DIGEST)),
         (f"/v2/team/app/blobs/{DIGEST}", "HEAD", Route("passthrough", "team/app")),
@@ -46,9 +55,17 @@ def test_routes(path: str, method: str, expected: Route) -> None:
         ("/v2/A/manifests/x", "NAME_INVALID"),
         ("/v2/a//b/manifests/x", "NAME_INVALID"),
         ("/v2/" + "a" * 256 + "/manifests/x", "NAME_INVALID"),
-        ("/v2/a/manifests/..%2f", "MANIFEST_INVALID"),
-        ("/v2/a/tags/../x", "NOT_FOUND"),
-        ("/etc/passwd", "NOT_FOUND"),
+        ("/v2/a/manifests/..%2f", "NAME_INVALID"),
+        ("/v2/a/manifests/-x", "MANIFEST_INVALID"),
+        ("/v2/a/tags/../x", "NAME_INVALID"),
+        ("/v2/a/%252e%252e/manifests/x", "NAME_INVALID"),
+        ("/v2/a\\..\\b/manifests/x", "NAME_INVALID"),
+        ("/etc/../passwd", "UNSUPPORTED"),
+        ("/x/%2E%2e/y", "UNSUPPORTED"),
+        ("/x/./y", "UNSUPPORTED"),
+        ("*", "UNSUPPORTED"),
+        ("/a b", "UNSUPPORTED"),
+        ("/caf\u00e9", "UNSUPPORTED"),
     ],
 )
 def test_bad_paths(path: str, code: str) -> None:
@@ -147,3 +164,19 @@ def test_platform_choice() -> None:
     assert _pick_platform(index, "linux/arm/v7") == "sha256:v7"
     with pytest.raises(SwarmflyError, match="no manifest"):
         _pick_platform(index, "windows/amd64")
+
+
+def test_span_attributes_name_host_and_port_never_userinfo() -> None:
+    url = "http://alice:s3cret@registry.example:8080/v2/x/blobs/y?X-Amz-Signature=sig"
+    assert _attributes("GET", url, "/v2/x/blobs/y") == {
+        "http.request.method": "GET",
+        "url.path": "/v2/x/blobs/y",
+        "server.address": "registry.example",
+        "server.port": 8080,
+    }
+    assert _attributes("CONNECT", "alice:s3cret@registry.example:443") == {
+        "http.request.method": "CONNECT",
+        "server.address": "registry.example",
+        "server.port": 443,
+    }
+    assert _attributes("GET", "https://registry.example")["server.port"] == 443

@@ -280,6 +280,7 @@ def test_metadata_on_disk_holds_no_query_or_userinfo(tmp_path: Path, url: str) -
         ("https://token@example.com:8443/a", "https://example.com:8443/a"),
         ("http://example.com", "http://example.com"),
         ("http://EXAMPLE.com/Path", "http://example.com/Path"),
+        ("http://u:p@example.com:99999/x", "http://example.com/x"),  # no port, no raise
         ("", ""),
     ],
 )

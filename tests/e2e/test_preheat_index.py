@@ -1,0 +1,150 @@
+"""`swarmfly preheat image` of a multi-platform image, as a user runs it: an OCI index pushed
+with skopeo to Debian's docker-registry (htpasswd), credentials from a Docker ``config.json``,
+``--platform linux/arm64``; only that platform's blobs are read from the registry, per its
+own access log."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import os
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from swarmfly.natsserver import NatsServer
+from swarmfly.testing import in_process_cluster
+from tests.e2e.conftest import (
+    ALICE,
+    ALICE_PASSWORD,
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    WRONG_PASSWORD,
+    Registry,
+)
+from tests.e2e.test_mirror import blob_gets, digest, run, skopeo
+
+MiB = 1024 * 1024
+NAME = "team/multi"
+TAG = "v2"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+PLATFORMS = {"amd64": (MiB + 3, 300_001), "arm64": (2 * MiB + 5, 200_003)}
+"""Layer sizes per architecture: distinct random bytes, so no blob is shared."""
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+@dataclass(frozen=True)
+class Platform:
+    manifest_digest: str
+    blobs: dict[str, int]
+    """Digest -> size of the config and the layers."""
+
+
+def _layer(size: int) -> bytes:
+    """A gzipped tar of random bytes (stored: random data does not shrink)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("data.bin")
+        info.size = size
+        tar.addfile(info, io.BytesIO(os.urandom(size)))
+    return gzip.compress(raw.getvalue(), compresslevel=0, mtime=0)
+
+
+def build_index_layout(path: Path) -> dict[str, Platform]:
+    """An OCI layout whose tag names an index of one image per platform."""
+    blobs: dict[str, bytes] = {}
+    platforms: dict[str, Platform] = {}
+    entries = []
+    for arch, sizes in PLATFORMS.items():
+        layers = [_layer(size) for size in sizes]
+        config = json.dumps(
+            {
+                "architecture": arch,
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [digest(x) for x in layers]},
+            }
+        ).encode()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": digest(config), "size": len(config)},
+                "layers": [
+                    {"mediaType": OCI_LAYER, "digest": digest(x), "size": len(x)} for x in layers
+                ],
+            }
+        ).encode()
+        for blob in (config, *layers, manifest):
+            blobs[digest(blob)] = blob
+        platforms[arch] = Platform(digest(manifest), {digest(b): len(b) for b in (config, *layers)})
+        entries.append(
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": digest(manifest),
+                "size": len(manifest),
+                "platform": {"os": "linux", "architecture": arch},
+            }
+        )
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    blobs[digest(index)] = index
+    for name, data in blobs.items():
+        target = path / "blobs" / "sha256" / name.removeprefix("sha256:")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    top = {
+        "mediaType": OCI_INDEX,
+        "digest": digest(index),
+        "size": len(index),
+        "annotations": {"org.opencontainers.image.ref.name": TAG},
+    }
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    return platforms
+
+
+def docker_config(path: Path, registry: Registry, password: str) -> Path:
+    """A Docker ``config.json``, as `docker login` writes it."""
+    auth = base64.b64encode(f"{ALICE}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+    return path
+
+
+async def test_preheat_of_an_index_seeds_only_the_platforms_blobs(
+    nats: NatsServer, prefix: str, tmp_path: Path, htpasswd_registry: Registry
+) -> None:
+    platforms = build_index_layout(tmp_path / "layout")
+    pushed = skopeo(
+        "copy", "--all", "--dest-tls-verify=false", "--dest-creds", f"{ALICE}:{ALICE_PASSWORD}",
+        f"oci:{tmp_path / 'layout'}:{TAG}", f"docker://{htpasswd_registry.host}/{NAME}:{TAG}",
+    )  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    assert not blob_gets(htpasswd_registry), "the push read blobs back"
+    command = [
+        sys.executable, "-m", "swarmfly", "preheat", "image", "--plain-http",
+        "--platform", "linux/arm64", "--nats", nats.url, "--prefix", prefix,
+        "--state-dir", str(tmp_path / "cli"), f"{htpasswd_registry.host}/{NAME}:{TAG}",
+    ]  # fmt: skip
+    wrong = docker_config(tmp_path / "wrong.json", htpasswd_registry, WRONG_PASSWORD)
+    right = docker_config(tmp_path / "config.json", htpasswd_registry, ALICE_PASSWORD)
+    async with in_process_cluster(nats.url, prefix, tmp_path):
+        refused = await run([*command, "--auth-file", str(wrong)])
+        assert refused.returncode == 1
+        assert "401" in refused.stderr and WRONG_PASSWORD not in refused.stderr
+        done = await run([*command, "--auth-file", str(right), "--json"])
+        assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    arm64, amd64 = platforms["arm64"].blobs, platforms["amd64"].blobs
+    assert (summary["tasks"], summary["failed"], summary["cached"]) == (len(arm64), 0, 0)
+    assert summary["bytes"] == summary["bytes_origin"] == sum(arm64.values())
+    served = blob_gets(htpasswd_registry)
+    assert set(served) == set(arm64), "only the arm64 image's config and layers were read"
+    for name, size in arm64.items():
+        assert size <= sum(served[name]) <= size + 1, "once each (and the seed's 1-byte probe)"
+    assert not set(served) & set(amd64)
