@@ -12,7 +12,6 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import nats.errors
@@ -27,14 +26,15 @@ from opentelemetry.trace import SpanKind
 
 from swarmfly import contracts, metrics, telemetry
 from swarmfly.errors import BadRequest, SwarmflyError
+from swarmfly.ids import redact_url
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_REQUEST_BYTES = 256 * 1024
+"""Requests above this are refused before decoding; replies may be larger (digest lists)."""
 MAX_HANDLING = 256
 """Requests one endpoint handles at once."""
-"""Requests above this are refused before decoding; replies may be larger (digest lists)."""
 CLOSE_TIMEOUT = 1.0
 """Seconds to close a connection the server refused."""
 
@@ -485,7 +485,7 @@ def _refused(exc: Exception) -> bool:
 def _refusal(exc: Exception, servers: list[str], options: dict[str, Any]) -> SwarmflyError:
     """The error a user reads: what was refused and which settings to check, with the URLs'
     userinfo left out and no secret."""
-    where = ", ".join(_without_userinfo(s) for s in servers)
+    where = ", ".join(redact_url(s) for s in servers)
     if isinstance(exc, ssl.SSLError | _TlsNotOffered):
         hint = "check [nats] tls_ca, tls_cert, tls_key and tls_hostname"
         return SwarmflyError("unavailable", f"TLS with NATS ({where}) failed: {exc}; {hint}")
@@ -505,13 +505,6 @@ def _refusal(exc: Exception, servers: list[str], options: dict[str, Any]) -> Swa
     return SwarmflyError(
         "unavailable", f"NATS ({where}) refused {method}: {exc}; check the [nats] settings"
     )
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _endpoints_key(every: tuple[str, ...], tokens: dict[str, str]) -> tuple[tuple[str, str], ...]:
