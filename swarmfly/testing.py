@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from aiohttp import web
+from aiohttp import ClientSession, ClientTimeout, web
 
 from swarmfly import contracts
 from swarmfly.bus import Bus
@@ -174,6 +174,21 @@ async def wait_until(predicate: object, timeout: float = 10.0, interval: float =
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+async def metric_value(url: str, name: str) -> float:
+    """A metric's value on a service's ``/metrics`` at ``url``: the sum over its label sets
+    (``name{source="p2p"}`` for one of them)."""
+    async with (
+        ClientSession(timeout=ClientTimeout(total=10)) as session,
+        session.get(f"{url}/metrics") as response,
+    ):
+        text = await response.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
 
 
 @dataclass

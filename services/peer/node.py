@@ -38,6 +38,8 @@ from swarmfly.services.peer.store import StoredTask, TaskStore
 from swarmfly.services.peer.upload import UploadServer
 
 log = logging.getLogger(__name__)
+LEAVE_PATIENCE = 2.0
+"""Seconds a leaving host waits for its cancelled downloads' last reports."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,9 @@ class PeerNode:
         self._answered = -math.inf
         self._interval = settings.heartbeat_interval
         """Per partition, the last holder token this host registered its tasks with."""
+        self._beat: asyncio.Task[None] | None = None
+        self._left = False
+        """This host left the swarm: nothing of it registers again (``leave``)."""
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -191,8 +196,8 @@ class PeerNode:
             await self._heartbeat(first=True)  # learns how tasks are partitioned
             for task in loaded:
                 await self._announce_safely(task)
-            beat = asyncio.create_task(self._heartbeat_loop())
-            stack.callback(beat.cancel)
+            self._beat = asyncio.create_task(self._heartbeat_loop())
+            stack.callback(self._beat.cancel)
         collector = asyncio.create_task(self._gc_loop())
         stack.callback(collector.cancel)
         log.info(
@@ -317,6 +322,8 @@ class PeerNode:
         """A request to the schedulers; a task's subjects go to the task's partition."""
         if self.bus is None:
             raise SwarmflyError("unavailable", "no control plane")
+        if self._left:
+            raise SwarmflyError("unavailable", "this host has left the swarm")
         if "{partition}" in name:
             partition = str(partition_of(body["task_id"], self.partitions))
             return await self.bus.request(name, body, timeout=timeout, partition=partition)
@@ -480,6 +487,23 @@ class PeerNode:
                 log.warning("cache collection failed: %s", exc)
 
     async def leave(self) -> None:
+        """Leave the swarm, once: the schedulers drop this host's peers and offer them to no
+        child any more. A stopping service does this first, not after its servers have wound
+        down (seconds, with connections open).
+
+        Its downloads stop first and report what they hold (pieces read for a lending seed
+        must be known to the swarm, which copies them while this host still serves); then
+        nothing of this host registers again (a heartbeat or a report would)."""
+        if self._left:
+            return
+        if self._beat is not None:
+            self._beat.cancel()
+        running = [task for _, task in self._downloads.values()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=LEAVE_PATIENCE)
+        self._left = True
         if self.bus is None or not self.bus.nc.is_connected:
             return
         try:

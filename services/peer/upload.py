@@ -227,16 +227,17 @@ class UploadServer:
         task.upload_event(number, 1)  # counted at once: the next grant prefers another piece
         task.touch()
         delivered = False
+        task.active += 1  # from now, not from its slot: GC must not evict a queued upload
         self._waiting += 1
         try:
             await self._free.acquire()
         except BaseException:
             task.upload_event(number, -1)
+            task.active -= 1
             raise
         finally:
             self._waiting -= 1
         self.uploads += 1
-        task.active += 1
         carrier = (
             {"traceparent": request.headers["traceparent"]}
             if "traceparent" in request.headers
@@ -254,7 +255,12 @@ class UploadServer:
                 telemetry.span(
                     "serve piece",
                     kind=SpanKind.SERVER,
-                    attributes={"http.request.method": "GET", "swarmfly.piece": number},
+                    attributes={
+                        "http.request.method": "GET",
+                        "url.path": request.path,
+                        "http.response.status_code": 206,
+                        "swarmfly.piece": number,
+                    },
                     carrier=carrier,
                 )
                 if carrier
@@ -296,6 +302,7 @@ class UploadServer:
 def _delivered(text: str, lending: grants.Delegation) -> set[int]:
     """The lent pieces a child says it read (``lent=3,7``): only pieces lent at all."""
     numbers = text.split(",")
-    if len(numbers) > 64 or not all(n.isdigit() and len(n) <= 9 for n in numbers):
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses (a 500).
+    if len(numbers) > 64 or not all(n.isascii() and n.isdigit() and len(n) <= 9 for n in numbers):
         raise web.HTTPBadRequest(text="lent must be up to 64 piece numbers")
     return {int(n) for n in numbers} & lending.pending.keys()

@@ -1,5 +1,6 @@
 """Fuzzing what the services face from the network: every served subject gets mutated contract
-examples and random bytes, and the upload server gets hostile paths, queries and ranges. Each
+examples and random bytes, the upload server gets hostile paths, queries and ranges, and a
+capped, lending seed gets mutated grant polls (``wants``, ``decline``, ``lent``). Each
 answer is a valid reply or the one error shape, promptly; nothing leaks from outside the store;
 and the services still serve a valid request afterwards (DESIGN §3, §9).
 
@@ -10,6 +11,7 @@ event loop in a background thread, and each example runs there with a bounded wa
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import copy
 import hashlib
@@ -19,10 +21,11 @@ import re
 import threading
 import uuid
 from collections.abc import Coroutine, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, quote_from_bytes
 
 import aiohttp
 import nats.errors
@@ -37,8 +40,14 @@ from nats.aio.msg import Msg
 
 from swarmfly import contracts
 from swarmfly.bus import MAX_REQUEST_BYTES
+from swarmfly.content import TaskContent
+from swarmfly.httpserver import serve_http
+from swarmfly.ids import piece_count
 from swarmfly.natsserver import NatsServer
+from swarmfly.services.peer import grants
 from swarmfly.services.peer.service import PeerService
+from swarmfly.services.peer.store import StoredTask, TaskStore
+from swarmfly.services.peer.upload import UploadServer
 from swarmfly.testing import Origin, in_process_cluster, subject_tokens
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -613,6 +622,233 @@ def test_upload_server_still_serves_after_fuzzing(env: Env) -> None:
     target = f"/v1/tasks/{env.task_id}/data".encode()
     status, body = env.run(raw_get(env.upload_url, target, b"Range: bytes=100-4195\r\n"))
     assert (status, body) == (206, FILE_DATA[100:4196])
+
+
+# -- a capped seed: grants, lending and the parameters children send it ------------------------
+
+SEED_PIECE = 4096
+SEED_PIECES = 203
+"""Not a multiple of 8: the wanted bitmap's last byte has spare bits."""
+SEED_DONE = 120
+"""The seed has read pieces 0-119 so far (it reads from the first up, and lends from the
+last down): it grants those, and lends the others while its uplink is full."""
+SEED_DATA = hashlib.sha256(b"seed").digest() * ((SEED_PIECES * SEED_PIECE - 3000) // 32)
+SEED_ETAG = '"fuzz-etag"'
+SEED_WAITS = st.sampled_from(["0", "0.02", "0.05", "-1", "nan"])
+"""Valid waits (what a child sends), kept short: a poll with no grant to give waits them out."""
+GRANT_REPLY = {"version", "piece_count", "complete", "pieces", "origin", "etag"}
+
+
+@dataclass(repr=False)
+class Seed:
+    """A seed mid-fetch: its upload rate capped (grants), lending on (a ``Delegation``)."""
+
+    url: str
+    server: UploadServer
+    task: StoredTask
+
+    def __repr__(self) -> str:
+        return "Seed()"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
+
+    @property
+    def pieces_url(self) -> str:
+        return f"{self.url}/v1/tasks/{self.task.id}/pieces"
+
+
+async def _start_seed(stack: AsyncExitStack, root: Path) -> Seed:
+    store = TaskStore(root / "tasks")
+    stack.callback(store.close)
+    task = store.open(hashlib.sha256(b"fuzz-seed").hexdigest(), "http://origin.invalid/s.bin")
+    count = piece_count(len(SEED_DATA), SEED_PIECE)
+    assert count == SEED_PIECES
+    task.set_content(TaskContent(len(SEED_DATA), SEED_PIECE, count, digest_of(SEED_DATA)))
+    assert task.content is not None
+    for number in range(SEED_DONE):
+        offset, size = task.content.piece(number)
+        task.mark_done(number, task.write_piece(number, SEED_DATA[offset : offset + size], None))
+    # A short lease: lent pieces come back into play during the run, so lending goes on.
+    task.delegation = grants.Delegation(count, etag=SEED_ETAG, lease=1.0)
+    server = UploadServer(store, rate=1024 * 1024, superseed=True)
+    assert server.superseed and server.capacity == 2
+    url = await serve_http(stack, server.app, "127.0.0.1", 0)
+    return Seed(url, server, task)
+
+
+@pytest.fixture(scope="module")
+def seed(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seed]:
+    stack = AsyncExitStack()
+    started = env.run(_start_seed(stack, tmp_path_factory.mktemp("seed")))
+    try:
+        yield started
+    finally:
+        env.run(stack.aclose())
+
+
+def digest_of(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+@st.composite
+def wants_values(draw: st.DrawFn, broken: bool) -> tuple[str | None, set[int] | None]:
+    """The ``wants`` bitmap and the set it says: absent or valid, or (``broken``) mutated
+    with the set unknown (None)."""
+    numbers = st.sets(st.integers(0, SEED_PIECES - 1))
+    wanted = draw(numbers)
+    text = grants.encode(wanted, SEED_PIECES)
+    if not broken:
+        kind = draw(st.sampled_from(["absent", "valid", "valid", "spare"]))
+        if kind == "absent":
+            return None, None
+        if kind == "spare":  # the bits past the last piece set: ignored, not an error
+            raw = bytearray(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            raw[-1] |= 0xFF >> (SEED_PIECES % 8)
+            text = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+        return text, wanted
+    operation = draw(
+        st.sampled_from(
+            ["replace", "insert", "delete", "truncate", "extend", "pad", "standard",
+             "other-size", "random", "bytes"]
+        )
+    )  # fmt: skip
+    where = draw(st.integers(0, max(0, len(text) - 1)))
+    char = draw(st.one_of(st.sampled_from("+/=.%~ \t-_A"), st.characters()))
+    if operation == "replace":
+        text = text[:where] + char + text[where + 1 :]
+    elif operation == "insert":
+        text = text[:where] + char + text[where:]
+    elif operation == "delete":
+        text = text[:where] + text[where + 1 :]
+    elif operation == "truncate":
+        text = text[:where]
+    elif operation == "extend":
+        text += draw(st.text("ABCDEFabcdef0123456789-_", min_size=1, max_size=40))
+    elif operation == "pad":
+        text += draw(st.sampled_from(["=", "==", "===", "%3D"]))
+    elif operation == "standard":
+        decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        text = base64.b64encode(bytes(b | 0xFB for b in decoded)).decode()  # "+" and "/"
+    elif operation == "other-size":
+        size = draw(st.sampled_from([0, 1, 7, 8, 195, 200, 202, 204, 208, 216, 4096]))
+        text = grants.encode(wanted, size)
+    elif operation == "random":
+        text = draw(st.one_of(st.text(max_size=60), long_text()))
+    else:
+        text = base64.urlsafe_b64encode(draw(st.binary(max_size=64))).decode()
+    return text, None
+
+
+ABSENT: st.SearchStrategy[str | None] = st.none()
+LENT_NUMBERS = st.integers(0, SEED_PIECES + 8).map(str)
+QUERY_VALUES: dict[str, tuple[st.SearchStrategy[str | None], st.SearchStrategy[str | None]]] = {
+    "decline": (ABSENT | st.integers(-1, SEED_PIECES + 8).map(str), NUMBERS),
+    "lent": (
+        ABSENT | st.lists(LENT_NUMBERS, min_size=1, max_size=64).map(",".join),
+        st.one_of(
+            st.lists(LENT_NUMBERS, min_size=65, max_size=80).map(",".join),
+            st.lists(NUMBERS, min_size=1, max_size=4).map(",".join),
+            st.sampled_from(["", ",", "1,,2", "-1", "1,-2", "9" * 10, "²", "٣", "1²", "0x1"]),
+            st.text(max_size=40),
+            long_text(),
+        ),
+    ),
+    "since": (ABSENT | st.integers(-1, 10**6).map(str), NUMBERS),
+}
+"""Per parameter: values a child sends (or none), and values no child would send."""
+
+
+def check_grant(status: int, body: bytes, wanted: set[int] | None, valid: bool) -> None:
+    """A valid grant poll reply, or a 400 that says which parameter is wrong."""
+    assert status in (200, 400), (status, body[:300])
+    if valid:
+        assert status == 200, body[:300]
+    if status == 400:
+        text = body.decode("utf-8", "replace").lower()
+        assert any(w in text for w in ("bitmap", "decline", "lent", "since", "wait")), text
+        return
+    answer = orjson.loads(body)
+    assert set(answer) <= GRANT_REPLY and isinstance(answer["version"], int), answer
+    assert (answer["piece_count"], answer["complete"]) == (SEED_PIECES, False), answer
+    granted, lent = answer["pieces"], answer.get("origin", [])
+    assert len(granted) + len(lent) <= 1, answer
+    assert set(granted) <= set(range(SEED_DONE)), "only verified pieces are granted"
+    assert set(lent) <= set(range(SEED_DONE, SEED_PIECES)), "only unread pieces are lent"
+    if lent:
+        assert answer["etag"] == SEED_ETAG, answer
+    if wanted is not None:
+        assert set(granted) | set(lent) <= wanted, (answer, "not among the wanted")
+    event("granted" if granted else "lent" if lent else "nothing")
+
+
+@HTTP
+@given(data=st.data())
+def test_a_capped_seed_answers_hostile_grant_polls_cleanly(
+    env: Env, seed: Seed, data: st.DataObject
+) -> None:
+    # Up to two parameters drawn from what no child sends (or mutated), the others as a child
+    # sends them: a grant reply or a 400 naming a parameter; with none broken, a grant reply.
+    broken = data.draw(st.sets(st.sampled_from(["wants", *QUERY_VALUES]), max_size=2))
+    wants, wanted = data.draw(wants_values("wants" in broken), label="wants")
+    query = {"wait": data.draw(SEED_WAITS, label="wait")}
+    if wants is not None:
+        query["wants"] = wants
+    for name, (good, bad) in QUERY_VALUES.items():
+        value = data.draw(bad if name in broken else good, label=name)
+        if value is not None:
+            query[name] = value
+    valid = not broken
+
+    async def poll() -> tuple[int, bytes]:
+        async with env.session.get(seed.pieces_url, params=query) as response:
+            return response.status, await response.read()
+
+    status, body = env.run(poll())
+    check_grant(status, body, wanted, valid)
+
+
+@BYTES
+@given(
+    values=st.lists(
+        st.tuples(st.sampled_from(["wants", "decline", "lent", "since", "x"]), st.binary()),
+        max_size=5,
+    ),
+    raw=st.binary(max_size=200),
+)
+def test_a_capped_seed_answers_random_query_bytes_cleanly(
+    env: Env, seed: Seed, values: list[tuple[str, bytes]], raw: bytes
+) -> None:
+    """Random bytes as the parameters (percent-encoded: any byte), and as the whole query
+    (sent as they are, but for what would end the request line)."""
+    encoded = "&".join(f"{k}={quote_from_bytes(v, safe='')}" for k, v in values)
+    for query in (encoded, no_crlf(raw.decode("latin-1")).replace(" ", "%20").replace("#", "")):
+        target = f"/v1/tasks/{seed.task.id}/pieces?wait=0&{query}".encode("latin-1")
+        status, body = env.run(raw_get(seed.url, target))
+        assert status in (200, 400), (status, body[:300])
+        if status == 200:
+            check_grant(status, body, None, False)
+
+
+def test_a_capped_seed_still_grants_and_serves_after_fuzzing(env: Env, seed: Seed) -> None:
+    async def check() -> None:
+        await asyncio.sleep(grants.GRANT_SECONDS + 0.1)  # the fuzzing's grants lapse
+        wanted = set(range(SEED_PIECES))
+        params = {"wants": grants.encode(wanted, SEED_PIECES), "wait": "2"}
+        async with env.session.get(seed.pieces_url, params=params) as response:
+            assert response.status == 200
+            answer = await response.json()
+        assert len(answer["pieces"]) == 1, answer
+        for number in answer["pieces"]:  # take the grant: the bytes are the seed's
+            offset, size = number * SEED_PIECE, SEED_PIECE
+            url = f"{seed.url}/v1/tasks/{seed.task.id}/data"
+            headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
+            async with env.session.get(url, headers=headers) as response:
+                assert response.status == 206, await response.text()
+                assert await response.read() == SEED_DATA[offset : offset + size]
+        assert seed.server.load == 0
+
+    env.run(check(), timeout=EXAMPLE_TIMEOUT + 5)
 
 
 # -- the proxy ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 
 from swarmfly.bus import Bus
 from swarmfly.content import SourceRequest
+from swarmfly.ids import piece_count, piece_length_for
 from swarmfly.natsserver import NatsServer
 from swarmfly.runtime import peer_settings
 from swarmfly.services.peer.node import PeerNode
@@ -20,12 +21,17 @@ from swarmfly.testing import Origin, in_process_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 KiB = 1024
+MiB = 1024 * KiB
 
 
 async def test_200_concurrent_downloads(
     nats: NatsServer, prefix: str, origin: Origin, tmp_path: Path
 ) -> None:
-    files = {f"t{i}.bin": os.urandom(300 * KiB + i) for i in range(20)}
+    # Two or three 1 MiB pieces each, the last one ragged: the scheduler has pieces to
+    # place and parents that hold some of a task, not just whole single-piece files.
+    files = {f"t{i}.bin": os.urandom((2 + i % 2) * MiB - (i + 1) * 4 * KiB) for i in range(20)}
+    pieces = {name: piece_count(len(d), piece_length_for(len(d))) for name, d in files.items()}
+    assert set(pieces.values()) == {2, 3}, pieces
     urls = {name: origin.add(name, data) for name, data in files.items()}
     digests = {name: "sha256:" + hashlib.sha256(data).hexdigest() for name, data in files.items()}
     async with in_process_cluster(nats.url, prefix, tmp_path) as cluster, AsyncExitStack() as stack:
@@ -55,8 +61,13 @@ async def test_200_concurrent_downloads(
             ),
             240,
         )
-    for (_, name), result in zip(jobs, results, strict=True):
-        assert result.digest == digests[name], "every download verified against its digest"
-        assert result.content_length == len(files[name])
+        for (node, name), result in zip(jobs, results, strict=True):
+            assert result.digest == digests[name], "every download verified against its digest"
+            assert result.content_length == len(files[name])
+            assert result.bytes_p2p + result.bytes_origin == len(files[name]), (name, result)
+            stored = node.store.tasks[result.task_id]
+            assert stored.complete and stored.content is not None
+            assert stored.content.piece_count == pieces[name]
+            assert hashlib.sha256(stored.data_path.read_bytes()).hexdigest() == digests[name][7:]
     # Each task read from the origin about once (plus one-byte access checks per download).
     assert origin.bytes_served <= 1.05 * sum(len(d) for d in files.values()) + 200

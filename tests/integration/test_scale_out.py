@@ -23,6 +23,7 @@ import nats.js.errors
 import orjson
 import pytest
 
+from swarmfly.bus import Bus
 from swarmfly.ids import task_id as make_task_id
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of, rendezvous
@@ -114,8 +115,19 @@ async def wait_for_holders(
         await asyncio.sleep(0.2)
 
 
+async def task_states(bus: Bus, schedulers: int) -> dict[str, dict[str, int]]:
+    """Task id -> {peer id: pieces held}, as the schedulers' ``scheduler.state`` tells it
+    (what `swarmfly status --json` reads): each scheduler lists its partitions' tasks."""
+    replies = await bus.gather("scheduler.state", {"limit": 100}, wait=2.0, expect=schedulers)
+    return {
+        task["id"]: {peer["id"]: peer["pieces"] for peer in task["peers"]}
+        for reply in replies
+        for task in reply["tasks"]
+    }
+
+
 async def test_schedulers_share_the_partitions_and_take_over_a_dead_ones(
-    nats: NatsServer, prefix: str, tmp_path: Path
+    nats: NatsServer, prefix: str, bus: Bus, tmp_path: Path
 ) -> None:
     names = ["sched-a", "sched-b", "sched-c"]
     files = {f"f{n}.bin": os.urandom(12 * MiB) for n in range(4)}
@@ -136,9 +148,7 @@ async def test_schedulers_share_the_partitions_and_take_over_a_dead_ones(
         for peer in peers:
             cluster.start("peer", peer)
         urls = {name: origin.add(name, data) for name, data in files.items()}
-        first = make_task_id(urls["f0.bin"], digest=digest_of(files["f0.bin"]))
-        # The victim holds the first file's partition: a download it schedules is cut.
-        victim = holders[partition_of(first, DEFAULT_PARTITIONS)]
+        tasks = {n: make_task_id(urls[n], digest=digest_of(d)) for n, d in files.items()}
 
         jobs = {
             (peer, name): asyncio.create_task(
@@ -149,15 +159,28 @@ async def test_schedulers_share_the_partitions_and_take_over_a_dead_ones(
             for peer in peers
             for name, data in files.items()
         }
-        while origin.bytes_served < 8 * MiB:
+        # The victim dies mid-transfer: the first file's peers hold some of its 12 pieces.
+        for _ in range(300):
             assert not any(job.done() for job in jobs.values()), "downloads ended too soon"
+            known = await task_states(bus, len(names))
+            if sum(known.get(tasks["f0.bin"], {}).values()) >= 4:
+                break
             await asyncio.sleep(0.05)
-        # What the victim holds when it dies: partitions still settle on their homes after
-        # the first snapshot, so it may hold more than it did then.
+        # The victim holds the first file's partition when it dies (partitions still settle
+        # on their homes after the first snapshot): downloads it schedules are cut.
         at_kill = await lease_holders(cluster.nats_url, cluster.prefix)
-        orphans = {p for p, holder in at_kill.items() if holder == victim}
+        victim = at_kill[partition_of(tasks["f0.bin"], DEFAULT_PARTITIONS)]
         cluster.started[victim].kill()
         killed = time.monotonic()
+        orphans = {p for p, holder in at_kill.items() if holder == victim}
+        routed = {n for n, t in tasks.items() if partition_of(t, DEFAULT_PARTITIONS) in orphans}
+        assert "f0.bin" in routed, (orphans, victim)
+        # Those downloads were under way through the victim: it knew their peers, some of
+        # which held pieces, and none had finished.
+        assert not any(jobs[peer, name].done() for peer in peers for name in routed)
+        held = {tasks[n]: known.get(tasks[n], {}) for n in routed}
+        assert all(len(peers_of) >= 2 for peers_of in held.values()), held
+        assert sum(held[tasks["f0.bin"]].values()) >= 4, held
 
         after = await wait_for_holders(
             cluster,
@@ -169,11 +192,33 @@ async def test_schedulers_share_the_partitions_and_take_over_a_dead_ones(
         assert took <= TAKEOVER_LIMIT, f"the partitions moved after {took:.1f}s"
         assert set(after.values()) == set(names) - {victim}
 
+        # The new holders rebuilt the victim's soft state from the peers: every peer it knew
+        # of these tasks re-registered, with at least the pieces it held then.
+        def rebuilt(now: dict[str, dict[str, int]]) -> bool:
+            return all(
+                all(now.get(task, {}).get(peer, -1) >= count for peer, count in peers_of.items())
+                for task, peers_of in held.items()
+            )
+
+        for _ in range(100):
+            now = await task_states(bus, len(names) - 1)
+            if rebuilt(now):
+                break
+            await asyncio.sleep(0.1)
+        assert rebuilt(now), (held, {task: now.get(task) for task in held})
+
         for (peer, name), job in jobs.items():
             code, err = await job
             assert code == 0, err
             output = tmp_path / "out" / peer / name
             assert sha256(output.read_bytes()) == sha256(files[name]), (peer, name)
+        # Each file read from the origin once, by the seed or the peers it lent pieces to:
+        # nobody restarted from scratch or went back to the origin for what the swarm held.
+        # Slack: a piece (1 MiB) per file, read twice if one was in flight from the origin
+        # while its scheduler changed.
+        total = sum(map(len, files.values()))
+        served = origin.bytes_served - origin.probes
+        assert served <= total + len(files) * MiB, f"the origin served {served / MiB:.1f} MiB"
 
 
 def homes_of(tasks: dict[str, str], storages: list[str]) -> dict[str, str]:

@@ -19,7 +19,7 @@ import pytest
 from swarmfly.bus import Bus
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
-from swarmfly.testing import Origin, ServiceProcess, spawn_service
+from swarmfly.testing import Origin, ServiceProcess, metric_value, spawn_service
 from tests.conftest import FAST_ENV
 
 MiB = 1024 * 1024
@@ -54,18 +54,22 @@ class Cluster:
         self.nats, self.prefix, self.root, self.stack = nats, prefix, root, stack
         self.peers: list[ServiceProcess] = []
 
-    def spawn(self, kind: str, name: str, *args: str) -> ServiceProcess:
+    def spawn(
+        self, kind: str, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> ServiceProcess:
         service = spawn_service(
-            kind, self.nats.url, self.root / name, "--prefix", self.prefix, *args, env=FAST_ENV
-        )
+            kind, self.nats.url, self.root / name, "--prefix", self.prefix, *args,
+            env={**FAST_ENV, **(env or {})},
+        )  # fmt: skip
         self.stack.callback(service.stop)
         return service
 
-    def start(self, peers: int, seed_rate: str | None = None) -> None:
+    def start(self, peers: int, seed_rate: str | None = None, *, lend: bool = True) -> None:
         self.scheduler = self.spawn("scheduler", "scheduler")
         self.storage = self.spawn(
-            "storage", "storage", *(["--upload-rate", seed_rate] if seed_rate else [])
-        )
+            "storage", "storage", *(["--upload-rate", seed_rate] if seed_rate else []),
+            env=None if lend else {"SWARMFLY_STORAGE_LEND_PIECES": "0"},
+        )  # fmt: skip
         for i in range(peers):
             self.peers.append(self.spawn("peer", f"peer{i}"))
 
@@ -76,16 +80,7 @@ class Cluster:
         return ("--nats", self.nats.url, "--prefix", self.prefix)
 
     async def metric(self, service: ServiceProcess, name: str) -> float:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{service.url}/metrics") as response,
-        ):
-            text = await response.text()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name) and not line.startswith("#")
-        )
+        return await metric_value(service.url, name)
 
     async def state(self) -> dict[str, Any]:
         async with (
@@ -128,7 +123,9 @@ async def test_parent_killed_mid_transfer(cluster: Cluster, tmp_path: Path) -> N
     data = os.urandom(48 * MiB)
     async with Origin().serve() as origin:
         url = origin.add("f.bin", data)
-        cluster.start(peers=3, seed_rate="6MiB")
+        # The seed lends no pieces: a child killed with lent pieces in flight stalls the
+        # others for the lent pieces' time (15 s), and more when it had delivered some.
+        cluster.start(peers=3, seed_rate="6MiB", lend=False)
         outputs = [tmp_path / f"out{i}.bin" for i in range(3)]
         jobs = [
             asyncio.create_task(get(url, outputs[i], cluster.peer_dir(i), *cluster.get_args()))
@@ -137,12 +134,14 @@ async def test_parent_killed_mid_transfer(cluster: Cluster, tmp_path: Path) -> N
         victim = cluster.peers[0]
 
         async def victim_serves_children() -> bool:
+            """Mid-transfer, and a parent: it holds some pieces and has sent children some."""
             state = await cluster.state()
+            sent = await metric_value(victim.url, "swarmfly_peer_upload_bytes_total")
             for task in state["tasks"]:
                 total = task["task"]["piece_count"] if task.get("task") else 0
                 for peer in task["peers"]:
                     if peer["host_id"] == victim.host_id and 2 <= peer["pieces"] < total // 2:
-                        return True
+                        return sent >= MiB
             return False
 
         for _ in range(400):
@@ -150,7 +149,7 @@ async def test_parent_killed_mid_transfer(cluster: Cluster, tmp_path: Path) -> N
                 break
             await asyncio.sleep(0.05)
         else:
-            pytest.fail("the victim never held pieces mid-transfer")
+            pytest.fail("the victim never served children mid-transfer")
         victim.kill()
         results = await asyncio.gather(*jobs)
         # The victim's own `get` loses its peer service and finishes with an in-process peer.
@@ -159,6 +158,10 @@ async def test_parent_killed_mid_transfer(cluster: Cluster, tmp_path: Path) -> N
         for i in (0, 1, 2):
             assert results[i]["exit"] == 0, results[i]
             assert sha256(outputs[i].read_bytes()) == sha256(data)
+        # Every piece read from the origin once, by the seed: the children took what the
+        # victim held from the swarm, and nobody started again from the origin.
+        assert [r["bytes_origin"] for r in results] == [0, 0, 0], results
+        assert origin.bytes_served - origin.probes <= len(data), origin.bytes_served
 
 
 async def test_corrupt_parent_is_caught_and_avoided(
