@@ -314,6 +314,7 @@ class Conductor:
             book = self._book
             if parent.type == "seed" and book is not None:
                 params["wants"] = grants.encode(book.wanted(), book.piece_count)
+                params["peer"] = self.peer_id  # what it lends us follows our liveness
                 if declined is not None:
                     params["decline"] = str(declined)
                 if self._delivered:
@@ -717,9 +718,11 @@ class Conductor:
             while not self.stored.complete:
                 if lending.delivered - self.stored.done:
                     holders = await self._register_quietly()
+                    found: set[int] = set()
                     if holders:
                         held_off = lending.held_off(time.monotonic())
-                        await self._gather(holders, hold_off=held_off)
+                        found = await self._gather(holders, hold_off=held_off)
+                    lending.unheld(found, time.monotonic())
                 if self.stored.complete:
                     break
                 if not lending.waiting(self.stored.done, time.monotonic()):
@@ -793,10 +796,12 @@ class Conductor:
             self._origin_content()
             await self._gather(holders)
 
-    async def _gather(self, holders: list[dict[str, Any]], hold_off: Collection[int] = ()) -> None:
+    async def _gather(
+        self, holders: list[dict[str, Any]], hold_off: Collection[int] = ()
+    ) -> set[int]:
         """What the holders have comes from them, the rest from the origin, both at once; a
         piece no holder delivers falls back to the origin. ``hold_off``: pieces children are
-        reading from the origin, taken from holders only."""
+        reading from the origin, taken from holders only. Returns what the holders had."""
         content = self.stored.content
         assert content is not None
         await self._refresh_task(None)  # the digests the swarm's pieces are checked against
@@ -829,6 +834,7 @@ class Conductor:
         rest = sorted(n for n in failed if n not in self.stored.done and n not in hold_off)
         if rest:
             await self._origin_ranges(rest)
+        return {n for pieces in held.values() for n in pieces}
 
     async def _holdings(self, parent: Parent) -> set[int]:
         """What a holder has now (no long-poll); nothing when it cannot answer."""

@@ -96,6 +96,10 @@ def decode(text: str, piece_count: int) -> set[int]:
 
 DELEGATION_SECONDS = 15.0
 """At least this long a delegated piece waits for its child before the seed reads it."""
+ABANDON_SECONDS = 5.0
+"""A child that names itself and has not asked the seed for this long is gone (a live one
+asks again at least every ``SEED_POLL_WAIT``, 2 s): what it was lent is read or gathered
+without waiting for its time to run out."""
 
 
 @dataclass
@@ -113,6 +117,9 @@ class Delegation:
     etag: str | None = None
     limit: int = 8
     """Delegated pieces being read at once."""
+    per_child: int = 4
+    """Of those, at most this many by one child (that named itself): a child that dies or
+    leaves takes few unread pieces with it, each read again."""
     window: int = 4
     """Lend only while the seed's reading runs this far ahead of its uplink (``ahead``):
     when the origin is the slower side, a lent piece would only share its bandwidth."""
@@ -133,6 +140,12 @@ class Delegation:
     grace: float = 30.0
     """Seconds after its time a delivered piece may still come from holders before the
     seed reads it from the origin after all (its holders went away)."""
+    lent_to: dict[int, str] = field(default_factory=dict)
+    """Lent piece -> the child it went to, when the child named itself."""
+    seen: dict[str, float] = field(default_factory=dict)
+    """Child -> when it last asked (or its ask ended)."""
+    lost: set[int] = field(default_factory=set)
+    """Delivered pieces the swarm no longer holds (``unheld``)."""
     _next: int = 0
     """Every piece below is done, being read by the seed, or lent."""
     _top: int = -1
@@ -143,25 +156,55 @@ class Delegation:
 
     def reading_elsewhere(self, now: float) -> set[int]:
         """Lent pieces children are reading now (not delivered, within their time)."""
-        return {n for n, until in self.pending.items() if until > now and n not in self.delivered}
+        return {n for n in self.pending if n not in self.delivered and self._reading(n, now)}
 
     def held_off(self, now: float) -> set[int]:
         """Lent pieces the seed must not read from the origin: being read by a child, or
-        delivered to the swarm (unless their holders stayed silent too long)."""
+        delivered to the swarm (unless their holders stayed silent too long, or no holder
+        has them and their child went away)."""
         return {
             n
             for n, until in self.pending.items()
-            if until > now or (n in self.delivered and until + self.grace > now)
+            if self._reading(n, now)
+            or (n in self.delivered and until + self.grace > now and n not in self.lost)
         }
+
+    def _reading(self, number: int, now: float) -> bool:
+        return self.pending[number] > now and not self.gone(number, now)
+
+    def gone(self, number: int, now: float) -> bool:
+        """The child a piece was lent to stopped asking the seed: it died or left, or it is
+        done (then it delivered the piece, and holds it)."""
+        child = self.lent_to.get(number)
+        return child is not None and now - self.seen.get(child, now) > ABANDON_SECONDS
+
+    def unheld(self, found: set[int], now: float) -> None:
+        """``found``: the pieces the swarm's holders have now. A delivered piece none of them
+        has, from a child that went away, is lost to the swarm: the seed reads it."""
+        self.lost.update(
+            n for n in self.delivered - found if n in self.pending and self.gone(n, now)
+        )
 
     def _taken(self, number: int, done: set[int]) -> bool:
         return number in done or number in self.reading or number in self.pending
 
     def lend(
-        self, done: set[int], served: Mapping[int, int], wanted: set[int], now: float
+        self,
+        done: set[int],
+        served: Mapping[int, int],
+        wanted: set[int],
+        now: float,
+        child: str | None = None,
     ) -> int | None:
         """A piece for a waiting child to read from the origin, or None."""
-        if not self.open or len(self.reading_elsewhere(now)) >= self.limit:
+        if not self.open:
+            return None
+        elsewhere = self.reading_elsewhere(now)
+        if len(elsewhere) >= self.limit:
+            return None
+        if child is not None and (
+            sum(self.lent_to.get(n) == child for n in elsewhere) >= self.per_child
+        ):
             return None
         if self.ahead(done, served) < self.window:
             return None
@@ -170,6 +213,9 @@ class Delegation:
         for number in range(self._top, self._next - 1, -1):
             if number in wanted and not self._taken(number, done):
                 self.pending[number] = now + self.lease
+                if child is not None:
+                    self.lent_to[number] = child
+                    self.seen.setdefault(child, now)
                 return number
         return None
 

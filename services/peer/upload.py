@@ -24,7 +24,7 @@ from opentelemetry.trace import SpanKind
 from swarmfly import metrics, telemetry
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import send_span
-from swarmfly.ids import TASK_ID
+from swarmfly.ids import NODE_ID, TASK_ID
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.store import StoredTask, TaskStore
@@ -44,6 +44,8 @@ class _Waiter:
 
     task: StoredTask
     wanted: set[int] | None
+    child: str | None = None
+    """The peer id the child gave: whose liveness a piece lent to it follows."""
     answer: asyncio.Future[tuple[str, int]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -143,18 +145,28 @@ class UploadServer:
             raise web.HTTPBadRequest(text=exc.message) from None
         except ValueError:
             raise web.HTTPBadRequest(text="decline must be a piece number") from None
+        child = request.query.get("peer")
+        if child is not None and not NODE_ID.match(child):
+            raise web.HTTPBadRequest(text="peer must be a peer id")
         book = self._grants.get(task.id)
         if book is not None and 0 <= declined < task.content.piece_count:
             book.release(declined)  # the child got it elsewhere: the slot is free again
-        if task.delegation is not None and "lent" in request.query:
-            task.delegation.delivered.update(_delivered(request.query["lent"], task.delegation))
-        waiter = _Waiter(task, wanted)
+        lending = task.delegation
+        if lending is not None and "lent" in request.query:
+            lending.delivered.update(_delivered(request.query["lent"], lending))
+        waiter = _Waiter(task, wanted, child)
         self._waiters.append(waiter)
-        if task.delegation is not None:
-            task.delegation.polled_at = time.monotonic()
+        if lending is not None:
+            lending.polled_at = time.monotonic()
+            if child is not None:
+                lending.seen[child] = lending.polled_at
         self._dispatch()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(waiter.answer), wait)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiter.answer), wait)
+        finally:
+            if lending is not None and child is not None:
+                lending.seen[child] = time.monotonic()  # it waited here all along
         if waiter in self._waiters:
             self._waiters.remove(waiter)
         kind, number = waiter.answer.result() if waiter.answer.done() else ("", -1)
@@ -190,7 +202,9 @@ class UploadServer:
             # The uplink is full: lend. (Only to a child that said what it wants: it knows the
             # task's pieces, it can take one.)
             elif task.delegation is not None and waiter.wanted is not None:
-                number = task.delegation.lend(task.done, task.served, waiter.wanted, now)
+                number = task.delegation.lend(
+                    task.done, task.served, waiter.wanted, now, waiter.child
+                )
                 if number is not None:
                     waiter.answer.set_result(("origin", number))
                     self._waiters.remove(waiter)

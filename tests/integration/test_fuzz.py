@@ -42,7 +42,7 @@ from swarmfly import contracts
 from swarmfly.bus import MAX_REQUEST_BYTES
 from swarmfly.content import TaskContent
 from swarmfly.httpserver import serve_http
-from swarmfly.ids import piece_count
+from swarmfly.ids import NODE_ID, piece_count
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.service import PeerService
@@ -755,6 +755,13 @@ QUERY_VALUES: dict[str, tuple[st.SearchStrategy[str | None], st.SearchStrategy[s
         ),
     ),
     "since": (ABSENT | st.integers(-1, 10**6).map(str), NUMBERS),
+    "peer": (
+        ABSENT | st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z"),
+        st.one_of(
+            st.sampled_from(["", "a b", "a.b", "x" * 65, "../x", "p\n"]),
+            st.text(max_size=80).filter(lambda s: not NODE_ID.match(s)),
+        ),
+    ),
 }
 """Per parameter: values a child sends (or none), and values no child would send."""
 
@@ -766,7 +773,7 @@ def check_grant(status: int, body: bytes, wanted: set[int] | None, valid: bool) 
         assert status == 200, body[:300]
     if status == 400:
         text = body.decode("utf-8", "replace").lower()
-        assert any(w in text for w in ("bitmap", "decline", "lent", "since", "wait")), text
+        assert any(w in text for w in ("bitmap", "decline", "lent", "since", "wait", "peer")), text
         return
     answer = orjson.loads(body)
     assert set(answer) <= GRANT_REPLY and isinstance(answer["version"], int), answer
@@ -811,7 +818,7 @@ def test_a_capped_seed_answers_hostile_grant_polls_cleanly(
 @BYTES
 @given(
     values=st.lists(
-        st.tuples(st.sampled_from(["wants", "decline", "lent", "since", "x"]), st.binary()),
+        st.tuples(st.sampled_from(["wants", "decline", "lent", "since", "peer", "x"]), st.binary()),
         max_size=5,
     ),
     raw=st.binary(max_size=200),

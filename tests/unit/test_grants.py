@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from swarmfly.errors import SwarmflyError
-from swarmfly.services.peer.grants import Delegation, GrantBook, decode, encode
+from swarmfly.services.peer.grants import ABANDON_SECONDS, Delegation, GrantBook, decode, encode
 
 
 def test_grants_go_to_the_least_sent_piece_then_the_lowest_number() -> None:
@@ -106,6 +106,34 @@ def test_a_lent_piece_not_delivered_in_time_is_read_by_the_seed() -> None:
     assert lending.waiting(set(), now=2.5)
     assert lending.claim(set(), now=12.5) == 1  # its holders stayed silent too long
     assert lending.lend(set(), {}, {0, 1, 2}, now=20.0) is None  # a piece is lent once
+
+
+def test_what_a_child_that_went_away_was_lent_is_read_without_waiting_out_its_time() -> None:
+    lending = Delegation(4, lease=60.0, grace=60.0, window=0)
+    all_pieces = {0, 1, 2, 3}
+    lending.seen["alive"] = lending.seen["dead"] = 0.0
+    assert lending.lend(set(), {}, all_pieces, now=0.0, child="dead") == 3
+    assert lending.lend(set(), {}, all_pieces, now=0.0, child="dead") == 2
+    assert lending.lend(set(), {}, all_pieces, now=0.0, child="alive") == 1
+    lending.delivered.add(2)  # "dead" read 2, then died while reading 3
+    lending.reading.add(0)
+    lending.seen["alive"] = ABANDON_SECONDS + 1  # asked again; "dead" never did
+    now = ABANDON_SECONDS + 1.5
+    assert lending.gone(3, now) and lending.gone(2, now) and not lending.gone(1, now)
+    assert lending.claim(set(), now) == 3  # long before its 60 s
+    assert lending.claim(set(), now) is None  # 2 may still be in the swarm; 1 is being read
+    lending.unheld(found={0}, now=now)  # the holders have 0 only: 2 went with its child
+    assert lending.claim(set(), now) == 2
+    assert lending.claim(set(), now) is None
+
+
+def test_one_child_is_lent_a_few_pieces_at_once() -> None:
+    lending = Delegation(20, limit=8, per_child=2, window=0)
+    wanted = set(range(20))
+    assert [lending.lend(set(), {}, wanted, 0.0, child="a") for _ in range(3)] == [19, 18, None]
+    assert lending.lend(set(), {}, wanted, 0.0, child="b") == 17
+    lending.delivered.add(19)  # delivered: no longer being read by "a"
+    assert lending.lend(set(), {}, wanted, 0.0, child="a") == 16
 
 
 def test_how_far_the_seed_reads_ahead_of_its_uplink() -> None:
