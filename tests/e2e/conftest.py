@@ -17,7 +17,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +28,11 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from yarl import URL
 
+from tests.certs import self_signed_ca
 from tests.conftest import require_tool
 
 ALICE = "alice"
@@ -179,35 +179,9 @@ def _now_rfc3339() -> str:
 
 
 def self_signed_certificate() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    """The issuer's RSA key (for RS256) and the certificate the registry trusts as its root."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return key, certificate
+    return key, self_signed_ca(key, ISSUER)
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -452,3 +426,23 @@ async def push_image(
     ).encode()
     digest = await push_manifest(registry, name, tag, manifest, media_type, auth)
     return Image(manifest, media_type, digest, config_digest, layer_digest)
+
+
+def write_oci_layout(
+    path: Path, tag: str, top: bytes, media_type: str, blobs: Iterable[bytes]
+) -> None:
+    """An OCI image layout at ``path``, as skopeo reads ``oci:PATH:TAG``: ``blobs`` and ``top``
+    (a manifest or an index, of ``media_type``; among ``blobs`` or not) under ``blobs/sha256``,
+    and ``tag`` naming ``top`` in ``index.json``."""
+    for name, data in {sha256_digest(blob): blob for blob in (*blobs, top)}.items():
+        target = path / "blobs" / "sha256" / name.removeprefix("sha256:")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    entry = {
+        "mediaType": media_type,
+        "digest": sha256_digest(top),
+        "size": len(top),
+        "annotations": {"org.opencontainers.image.ref.name": tag},
+    }
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))

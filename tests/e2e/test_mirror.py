@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -42,6 +41,8 @@ from tests.e2e.conftest import (
     Registry,
     basic_auth,
     push_blob,
+    sha256_digest,
+    write_oci_layout,
 )
 
 MiB = 1024 * 1024
@@ -64,10 +65,6 @@ class Layout:
     manifest_digest: str
 
 
-def digest(data: bytes) -> str:
-    return f"sha256:{hashlib.sha256(data).hexdigest()}"
-
-
 def build_layout(path: Path) -> Layout:
     """An image of three gzipped tar layers of random bytes (stored, not compressed: random
     data does not shrink, and level 0 keeps building it fast)."""
@@ -81,35 +78,28 @@ def build_layout(path: Path) -> Layout:
             tar.addfile(info, io.BytesIO(os.urandom(size)))
         raw = tar_bytes.getvalue()
         layer = gzip.compress(raw, compresslevel=0, mtime=0)
-        blobs[digest(layer)] = layer
-        layers.append({"mediaType": OCI_LAYER, "digest": digest(layer), "size": len(layer)})
-        diff_ids.append(digest(raw))
+        blobs[sha256_digest(layer)] = layer
+        layers.append({"mediaType": OCI_LAYER, "digest": sha256_digest(layer), "size": len(layer)})
+        diff_ids.append(sha256_digest(raw))
     config = json.dumps(
         {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}
     ).encode()
-    blobs[digest(config)] = config
+    blobs[sha256_digest(config)] = config
     manifest = json.dumps(
         {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": digest(config), "size": len(config)},
+            "config": {
+                "mediaType": OCI_CONFIG,
+                "digest": sha256_digest(config),
+                "size": len(config),
+            },
             "layers": layers,
         }
     ).encode()
-    blobs[digest(manifest)] = manifest
-    for name, data in blobs.items():
-        target = path / "blobs" / "sha256" / name.removeprefix("sha256:")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    entry = {
-        "mediaType": OCI_MANIFEST,
-        "digest": digest(manifest),
-        "size": len(manifest),
-        "annotations": {"org.opencontainers.image.ref.name": TAG},
-    }
-    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
-    return Layout(path, blobs, digest(manifest))
+    blobs[sha256_digest(manifest)] = manifest
+    write_oci_layout(path, TAG, manifest, OCI_MANIFEST, blobs.values())
+    return Layout(path, blobs, sha256_digest(manifest))
 
 
 def skopeo(*args: str) -> subprocess.CompletedProcess[str]:
@@ -215,7 +205,7 @@ async def pull(
 def assert_identical(out: Path, layout: Layout) -> None:
     """Every blob skopeo wrote is byte-identical to the pushed one, the manifest included."""
     manifest = (out / "manifest.json").read_bytes()
-    assert digest(manifest) == layout.manifest_digest
+    assert sha256_digest(manifest) == layout.manifest_digest
     wanted = json.loads(manifest)
     for blob in [wanted["config"], *wanted["layers"]]:
         got = (out / blob["digest"].removeprefix("sha256:")).read_bytes()

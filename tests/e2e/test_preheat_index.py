@@ -27,8 +27,10 @@ from tests.e2e.conftest import (
     OCI_MANIFEST,
     WRONG_PASSWORD,
     Registry,
+    sha256_digest,
+    write_oci_layout,
 )
-from tests.e2e.test_mirror import blob_gets, digest, run, skopeo
+from tests.e2e.test_mirror import blob_gets, run, skopeo
 
 MiB = 1024 * 1024
 NAME = "team/multi"
@@ -68,44 +70,39 @@ def build_index_layout(path: Path) -> dict[str, Platform]:
             {
                 "architecture": arch,
                 "os": "linux",
-                "rootfs": {"type": "layers", "diff_ids": [digest(x) for x in layers]},
+                "rootfs": {"type": "layers", "diff_ids": [sha256_digest(x) for x in layers]},
             }
         ).encode()
         manifest = json.dumps(
             {
                 "schemaVersion": 2,
                 "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": OCI_CONFIG, "digest": digest(config), "size": len(config)},
+                "config": {
+                    "mediaType": OCI_CONFIG,
+                    "digest": sha256_digest(config),
+                    "size": len(config),
+                },
                 "layers": [
-                    {"mediaType": OCI_LAYER, "digest": digest(x), "size": len(x)} for x in layers
+                    {"mediaType": OCI_LAYER, "digest": sha256_digest(x), "size": len(x)}
+                    for x in layers
                 ],
             }
         ).encode()
         for blob in (config, *layers, manifest):
-            blobs[digest(blob)] = blob
-        platforms[arch] = Platform(digest(manifest), {digest(b): len(b) for b in (config, *layers)})
+            blobs[sha256_digest(blob)] = blob
+        platforms[arch] = Platform(
+            sha256_digest(manifest), {sha256_digest(b): len(b) for b in (config, *layers)}
+        )
         entries.append(
             {
                 "mediaType": OCI_MANIFEST,
-                "digest": digest(manifest),
+                "digest": sha256_digest(manifest),
                 "size": len(manifest),
                 "platform": {"os": "linux", "architecture": arch},
             }
         )
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
-    blobs[digest(index)] = index
-    for name, data in blobs.items():
-        target = path / "blobs" / "sha256" / name.removeprefix("sha256:")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    top = {
-        "mediaType": OCI_INDEX,
-        "digest": digest(index),
-        "size": len(index),
-        "annotations": {"org.opencontainers.image.ref.name": TAG},
-    }
-    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    write_oci_layout(path, TAG, index, OCI_INDEX, blobs.values())
     return platforms
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import hashlib
 import ipaddress
 import json
@@ -31,7 +30,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from swarmfly.bus import Bus
 from swarmfly.cluster import connect
@@ -40,6 +39,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.natsserver import NatsServer
 from swarmfly.status import gather
 from swarmfly.testing import nats_server, spawn_service
+from tests.certs import certificate_builder, common_name, self_signed_ca
 from tests.conftest import FAST_ENV
 
 PASSWORD = "pw-" + uuid.uuid4().hex
@@ -132,10 +132,6 @@ class Operator:
         return path, seed(user)
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
 @dataclass
 class Authority:
     """A certificate authority that issues server and client certificates into a folder."""
@@ -148,41 +144,10 @@ class Authority:
     def new(cls, folder: Path, name: str = "swarmfly test CA") -> Authority:
         folder.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
-        certificate = (
-            cls._builder(_name(name), key.public_key())
-            .issuer_name(_name(name))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
+        certificate = self_signed_ca(key, name)
         authority = cls(folder, key, certificate)
         authority.ca_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         return authority
-
-    @staticmethod
-    def _builder(subject: x509.Name, key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
-        now = datetime.datetime.now(datetime.UTC)
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .public_key(key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-        )
 
     @property
     def ca_file(self) -> Path:
@@ -203,7 +168,7 @@ class Authority:
         names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip]
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
         builder = (
-            self._builder(_name(name), key.public_key())
+            certificate_builder(common_name(name), key.public_key())
             .issuer_name(self.certificate.subject)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
