@@ -428,6 +428,23 @@ async def push_image(
     return Image(manifest, media_type, digest, config_digest, layer_digest)
 
 
+def descriptor(media_type: str, data: bytes) -> dict[str, object]:
+    """An OCI content descriptor of ``data``."""
+    return {"mediaType": media_type, "digest": sha256_digest(data), "size": len(data)}
+
+
+def oci_manifest(config: bytes, layers: list[bytes]) -> bytes:
+    """An OCI image manifest of a config and gzip layers, as skopeo pushes it."""
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor(OCI_CONFIG, config),
+            "layers": [descriptor(OCI_LAYER, layer) for layer in layers],
+        }
+    ).encode()
+
+
 def write_oci_layout(
     path: Path, tag: str, top: bytes, media_type: str, blobs: Iterable[bytes]
 ) -> None:

@@ -34,12 +34,11 @@ from tests.conftest import FAST_ENV, require_tool
 from tests.e2e.conftest import (
     ALICE,
     ALICE_PASSWORD,
-    OCI_CONFIG,
-    OCI_LAYER,
     OCI_MANIFEST,
     WRONG_PASSWORD,
     Registry,
     basic_auth,
+    oci_manifest,
     push_blob,
     sha256_digest,
     write_oci_layout,
@@ -69,7 +68,8 @@ def build_layout(path: Path) -> Layout:
     """An image of three gzipped tar layers of random bytes (stored, not compressed: random
     data does not shrink, and level 0 keeps building it fast)."""
     blobs: dict[str, bytes] = {}
-    layers, diff_ids = [], []
+    layers: list[bytes] = []
+    diff_ids: list[str] = []
     for number, size in enumerate(LAYER_SIZES):
         tar_bytes = io.BytesIO()
         with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
@@ -79,24 +79,13 @@ def build_layout(path: Path) -> Layout:
         raw = tar_bytes.getvalue()
         layer = gzip.compress(raw, compresslevel=0, mtime=0)
         blobs[sha256_digest(layer)] = layer
-        layers.append({"mediaType": OCI_LAYER, "digest": sha256_digest(layer), "size": len(layer)})
+        layers.append(layer)
         diff_ids.append(sha256_digest(raw))
     config = json.dumps(
         {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}
     ).encode()
     blobs[sha256_digest(config)] = config
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": OCI_CONFIG,
-                "digest": sha256_digest(config),
-                "size": len(config),
-            },
-            "layers": layers,
-        }
-    ).encode()
+    manifest = oci_manifest(config, layers)
     blobs[sha256_digest(manifest)] = manifest
     write_oci_layout(path, TAG, manifest, OCI_MANIFEST, blobs.values())
     return Layout(path, blobs, sha256_digest(manifest))

@@ -22,11 +22,10 @@ from swarmfly.testing import in_process_cluster
 from tests.e2e.conftest import (
     ALICE,
     ALICE_PASSWORD,
-    OCI_CONFIG,
-    OCI_LAYER,
     OCI_MANIFEST,
     WRONG_PASSWORD,
     Registry,
+    oci_manifest,
     sha256_digest,
     write_oci_layout,
 )
@@ -73,21 +72,7 @@ def build_index_layout(path: Path) -> dict[str, Platform]:
                 "rootfs": {"type": "layers", "diff_ids": [sha256_digest(x) for x in layers]},
             }
         ).encode()
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {
-                    "mediaType": OCI_CONFIG,
-                    "digest": sha256_digest(config),
-                    "size": len(config),
-                },
-                "layers": [
-                    {"mediaType": OCI_LAYER, "digest": sha256_digest(x), "size": len(x)}
-                    for x in layers
-                ],
-            }
-        ).encode()
+        manifest = oci_manifest(config, layers)
         for blob in (config, *layers, manifest):
             blobs[sha256_digest(blob)] = blob
         platforms[arch] = Platform(
