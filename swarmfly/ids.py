@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import socket
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 TASK_ID = re.compile(r"^[0-9a-f]{64}\Z")
@@ -18,32 +19,94 @@ store-and-forward hops of one piece each, so a swarm's tail grows with the piece
 with bench/swarm.py (16 peers, 64 MiB at 8 MiB/s each), 1 MiB pieces finish in 0.87 of
 the time 4 MiB ones take."""
 MAX_PIECE_LENGTH = 64 * 1024 * 1024
+"""Also the contracts' ``piece_length`` maximum (a test holds the two equal)."""
 TARGET_PIECE_COUNT = 500
 
-VOLATILE_QUERY = frozenset(
-    {
-        # S3 SigV4 / SigV2 presigning, GCS signed URLs, Azure SAS
-        "x-amz-algorithm", "x-amz-credential", "x-amz-date", "x-amz-expires",
-        "x-amz-signedheaders", "x-amz-signature", "x-amz-security-token",
-        "awsaccesskeyid", "signature", "expires",
-        "x-goog-algorithm", "x-goog-credential", "x-goog-date", "x-goog-expires",
-        "x-goog-signedheaders", "x-goog-signature",
-        "se", "sig", "st", "sp", "sv", "sr", "skoid",
-        # containerd's mirror namespace
-        "ns",
-    }
-)  # fmt: skip
+
+@dataclass(frozen=True)
+class SignedUrl:
+    """A URL format that adds query parameters naming who signed it and until when: they
+    differ each time the same object's URL is made, so they are not part of the task."""
+
+    name: str
+    markers: tuple[frozenset[str], ...]
+    """The format is in use when the query holds every name of one of these sets: a plain
+    server may use ``sig`` or ``expires`` for content, so a name alone proves nothing."""
+    volatile: frozenset[str]
+    path: re.Pattern[str] | None = None
+    """When set, only URLs whose path matches use the format."""
+
+
+def _names(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+SIGNED_URLS = (
+    SignedUrl(
+        "S3 SigV4",
+        (_names("x-amz-signature"), _names("x-amz-credential"), _names("x-amz-algorithm")),
+        _names(
+            "x-amz-algorithm x-amz-credential x-amz-date x-amz-expires x-amz-signedheaders"
+            " x-amz-signature x-amz-security-token"
+        ),
+    ),
+    SignedUrl(
+        "S3 SigV2",
+        (_names("awsaccesskeyid signature"),),
+        _names("awsaccesskeyid signature expires x-amz-security-token"),
+    ),
+    SignedUrl(
+        "GCS V4",
+        (_names("x-goog-signature"),),
+        _names(
+            "x-goog-algorithm x-goog-credential x-goog-date x-goog-expires x-goog-signedheaders"
+            " x-goog-signature"
+        ),
+    ),
+    SignedUrl(
+        "GCS V2",
+        (_names("googleaccessid signature"),),
+        _names("googleaccessid signature expires"),
+    ),
+    SignedUrl(
+        "Azure SAS",
+        (_names("sig sv"),),
+        _names(
+            "sv ss srt sp se st spr sip sr si sdd sig skoid sktid skt ske sks skv saoid suoid"
+            " scid ses"
+        ),
+    ),
+    SignedUrl(
+        "containerd mirror",
+        (frozenset(),),
+        _names("ns"),
+        path=re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}\Z"),
+    ),
+)
+"""Query names dropped from a task's URL, per format; names compare case-insensitively.
+Response overrides (S3 ``response-*``, Azure ``rsc*``) stay: a caller chose them."""
+
+
+def _volatile(names: frozenset[str], path: str) -> frozenset[str]:
+    """The (lower-case) query names of ``names`` that a signing format in use adds."""
+    dropped: set[str] = set()
+    for signed in SIGNED_URLS:
+        if signed.path is not None and not signed.path.match(path):
+            continue
+        if any(marker <= names for marker in signed.markers):
+            dropped |= signed.volatile
+    return frozenset(dropped)
 
 
 def normalize_url(url: str) -> str:
-    """The URL without volatile query parameters, so a re-signed URL is the same task."""
+    """The URL as a task key: scheme and host lower-cased, fragment gone, query sorted, and
+    without the parameters a signing format adds (``SIGNED_URLS``), so a re-signed URL is
+    the same task while two objects a plain server tells apart by ``?sig=`` are not."""
     parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-             if k.lower() not in VOLATILE_QUERY]  # fmt: skip
-    query.sort()
-    return urlunsplit(
-        (parts.scheme.lower(), parts.netloc.lower(), parts.path, urlencode(query), "")
-    )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    dropped = _volatile(frozenset(k.lower() for k, _ in query), parts.path)
+    kept = sorted((k, v) for k, v in query if k.lower() not in dropped)
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, urlencode(kept), ""))
 
 
 def task_id(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,7 +12,9 @@ from swarmfly.ids import (
     MAX_PIECE_LENGTH,
     MIN_PIECE_LENGTH,
     NODE_ID,
+    SIGNED_URLS,
     TASK_ID,
+    SignedUrl,
     check_digest,
     piece_count,
     piece_length_for,
@@ -85,6 +89,10 @@ def test_piece_range_past_the_end_is_empty() -> None:
 # -- task ids ------------------------------------------------------------------------------
 
 S3 = "https://bucket.s3.amazonaws.com/layers/blob.tar"
+GCS = "https://storage.googleapis.com/bucket/layers/blob.tar"
+AZURE = "https://acct.blob.core.windows.net/layers/blob.tar"
+BLOB = "https://registry.example/v2/team/app/blobs/sha256:" + HEX
+PLAIN = "https://files.example/blob.tar"
 
 
 @pytest.mark.parametrize(
@@ -92,26 +100,49 @@ S3 = "https://bucket.s3.amazonaws.com/layers/blob.tar"
     [
         (
             S3 + "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20240101T000000Z"
-            "&X-Amz-Expires=3600&X-Amz-Signature=aaaa&X-Amz-Credential=AK%2F1",
+            "&X-Amz-Expires=3600&X-Amz-Signature=aaaa&X-Amz-Credential=AK%2F1"
+            "&X-Amz-SignedHeaders=host&X-Amz-Security-Token=t1",
             S3 + "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20240202T120000Z"
-            "&X-Amz-Expires=600&X-Amz-Signature=bbbb&X-Amz-Credential=AK%2F2",
+            "&X-Amz-Expires=600&X-Amz-Signature=bbbb&X-Amz-Credential=AK%2F2"
+            "&X-Amz-SignedHeaders=host&X-Amz-Security-Token=t2",
         ),
         (S3 + "?X-Amz-Signature=aaaa", S3),
         (S3 + "?x-amz-signature=aaaa", S3 + "?X-AMZ-SIGNATURE=bbbb"),
         (
-            "https://storage.googleapis.com/b/o?X-Goog-Signature=1&X-Goog-Date=20240101",
-            "https://storage.googleapis.com/b/o?X-Goog-Signature=2&X-Goog-Date=20250101",
+            S3 + "?X-Amz-Credential=AK%2F1&X-Amz-Date=1",
+            S3 + "?X-Amz-Credential=AK%2F2&X-Amz-Date=2",
         ),
         (
-            "https://registry.example/v2/lib/blobs/x?ns=docker.io",
-            "https://registry.example/v2/lib/blobs/x?ns=quay.io",
+            S3 + "?AWSAccessKeyId=AK1&Signature=aaaa&Expires=1700000000",
+            S3 + "?AWSAccessKeyId=AK2&Signature=bbbb&Expires=1800000000",
         ),
-        ("https://example.com/f?b=2&a=1", "https://example.com/f?a=1&b=2"),
+        (
+            GCS + "?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=sa%2F1"
+            "&X-Goog-Date=20240101T000000Z&X-Goog-Expires=900&X-Goog-SignedHeaders=host"
+            "&X-Goog-Signature=1",
+            GCS + "?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=sa%2F2"
+            "&X-Goog-Date=20250101T000000Z&X-Goog-Expires=60&X-Goog-SignedHeaders=host"
+            "&X-Goog-Signature=2",
+        ),
+        (
+            GCS + "?GoogleAccessId=sa1&Expires=1700000000&Signature=aaaa",
+            GCS + "?GoogleAccessId=sa2&Expires=1800000000&Signature=bbbb",
+        ),
+        (
+            AZURE + "?sv=2022-11-02&st=2024-01-01T00%3A00Z&se=2024-01-02T00%3A00Z&sr=b&sp=r"
+            "&spr=https&sig=aaaa",
+            AZURE + "?sv=2023-01-03&st=2025-01-01T00%3A00Z&se=2025-01-02T00%3A00Z&sr=b&sp=rl"
+            "&sip=10.0.0.1&skoid=o&sktid=t&skt=1&ske=2&sks=b&skv=2022-11-02&sig=bbbb",
+        ),
+        (AZURE + "?sv=2022-11-02&sig=aaaa&ss=b&srt=o", AZURE),
+        (BLOB + "?ns=docker.io", BLOB + "?ns=quay.io"),
+        (BLOB + "?ns=docker.io", BLOB),
+        (PLAIN + "?b=2&a=1", PLAIN + "?a=1&b=2"),
         ("https://EXAMPLE.com/f", "https://example.com/f"),
         ("https://example.com/f#part", "https://example.com/f"),
     ],
 )
-def test_task_id_ignores_volatile_query_parameters(first: str, second: str) -> None:
+def test_a_re_signed_url_is_the_same_task(first: str, second: str) -> None:
     assert task_id(first) == task_id(second)
 
 
@@ -122,12 +153,82 @@ def test_task_id_ignores_volatile_query_parameters(first: str, second: str) -> N
         ("https://example.com/F", "https://example.com/f"),
         (S3 + "?versionId=1&X-Amz-Signature=a", S3 + "?versionId=2&X-Amz-Signature=a"),
         (S3 + "?versionId=1", S3),
+        (AZURE + "?sv=1&sig=a&snapshot=1", AZURE + "?sv=1&sig=a&snapshot=2"),
+        (GCS + "?X-Goog-Signature=a&generation=1", GCS + "?X-Goog-Signature=a&generation=2"),
         ("https://a.example/f", "https://b.example/f"),
         ("http://example.com/f", "https://example.com/f"),
     ],
 )
 def test_task_id_differs_for_different_content(first: str, second: str) -> None:
     assert task_id(first) != task_id(second)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (PLAIN + "?sig=1", PLAIN + "?sig=2"),
+        (PLAIN + "?expires=1", PLAIN + "?expires=2"),
+        (PLAIN + "?ns=a", PLAIN + "?ns=b"),
+        (PLAIN + "?st=1", PLAIN + "?st=2"),
+        (PLAIN + "?signature=1", PLAIN + "?signature=2"),
+        (PLAIN + "?sp=r&se=1", PLAIN + "?sp=r&se=2"),
+        (PLAIN + "?X-Amz-Date=1", PLAIN + "?X-Amz-Date=2"),
+        (PLAIN + "?X-Goog-Expires=1", PLAIN + "?X-Goog-Expires=2"),
+        (PLAIN + "?sig=1", PLAIN),
+        # One marker of a pair is not the format: Azure needs sig and sv, V2 both names.
+        (AZURE + "?sig=a&se=1", AZURE + "?sig=a&se=2"),
+        (AZURE + "?sv=1&se=1", AZURE + "?sv=1&se=2"),
+        (S3 + "?Signature=a&Expires=1", S3 + "?Signature=a&Expires=2"),
+        (S3 + "?AWSAccessKeyId=a&Expires=1", S3 + "?AWSAccessKeyId=a&Expires=2"),
+        (GCS + "?GoogleAccessId=a&Expires=1", GCS + "?GoogleAccessId=a&Expires=2"),
+        # A format's marker drops only that format's names.
+        (S3 + "?X-Amz-Signature=a&sig=1", S3 + "?X-Amz-Signature=a&sig=2"),
+        (AZURE + "?sv=1&sig=a&X-Amz-Date=1", AZURE + "?sv=1&sig=a&X-Amz-Date=2"),
+        # containerd's ns= is dropped only on a registry blob.
+        (
+            "https://registry.example/v2/team/app/manifests/latest?ns=docker.io",
+            "https://registry.example/v2/team/app/manifests/latest?ns=quay.io",
+        ),
+        (BLOB.removesuffix(HEX) + "?ns=a", BLOB.removesuffix(HEX) + "?ns=b"),
+    ],
+)
+def test_a_parameter_is_kept_where_no_signing_format_uses_it(first: str, second: str) -> None:
+    assert task_id(first) != task_id(second)
+
+
+QUERY_NAMES = st.sampled_from(
+    ["sig", "expires", "ns", "st", "se", "sp", "sr", "signature", "x-amz-date", "X-Goog-Date",
+     "skoid", "id", "a"]
+)  # fmt: skip
+"""Volatile in some format, but none of them completes a format's marker."""
+VALUES = st.text("abcXYZ019-_.%/=&", max_size=8)
+
+
+@given(st.dictionaries(QUERY_NAMES, VALUES, min_size=1, max_size=6), st.data())
+def test_every_parameter_of_a_plain_url_is_part_of_the_task(
+    query: dict[str, str], data: st.DataObject
+) -> None:
+    name = data.draw(st.sampled_from(sorted(query)))
+    other = data.draw(VALUES.filter(lambda v: v != query[name]))
+    changed = {**query, name: other}
+    assert task_id(f"{PLAIN}?{urlencode(query)}") != task_id(f"{PLAIN}?{urlencode(changed)}")
+
+
+@pytest.mark.parametrize("signed", SIGNED_URLS, ids=lambda s: s.name)
+@given(data=st.data())
+def test_any_signature_of_a_format_is_the_same_task(signed: SignedUrl, data: st.DataObject) -> None:
+    """Whatever values a signer puts in its names, the task is the object's; what the URL
+    says besides them still counts."""
+    url = BLOB if signed.path is not None else S3
+    marker = data.draw(st.sampled_from(signed.markers))
+    names = sorted(marker | data.draw(st.frozensets(st.sampled_from(sorted(signed.volatile)))))
+    first = {n: data.draw(VALUES) for n in names}
+    second = {n: data.draw(VALUES) for n in names}
+    keep = {"versionId": data.draw(VALUES)}
+    one = task_id(f"{url}?{urlencode({**keep, **first})}")
+    assert one == task_id(f"{url}?{urlencode({**second, **keep})}")
+    assert one == task_id(f"{url}?{urlencode(keep)}")
+    assert one != task_id(f"{url}?{urlencode({**first, 'versionId': keep['versionId'] + 'x'})}")
 
 
 def test_task_id_depends_on_tag_application_and_piece_length() -> None:
