@@ -7,6 +7,7 @@ from typing import Any, Literal
 ErrorCode = Literal[
     "bad_request",
     "not_found",
+    "forbidden",
     "conflict",
     "unavailable",
     "timeout",
@@ -18,6 +19,7 @@ ErrorCode = Literal[
 STATUS: dict[str, int] = {
     "bad_request": 400,
     "not_found": 404,
+    "forbidden": 403,
     "conflict": 409,
     "unavailable": 503,
     "timeout": 504,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import copy
 import hashlib
 import json
 import socket
@@ -19,6 +20,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from nats import connect as connect_nats
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from referencing import Registry, Resource
 
@@ -26,6 +28,7 @@ from swarmfly import contracts
 from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig
 from swarmfly.contracts.asyncapi import document
+from swarmfly.ids import MAX_PIECE_LENGTH
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.runtime import start_peer, start_scheduler
@@ -644,3 +647,145 @@ async def test_task_info_of_the_largest_task_is_answered(
             assert reply["digests"], "a page is never empty before the end"
             digests += reply["digests"]
     assert digests == [digest_of(n) for n in range(count)]
+
+
+# -- sizes the code cannot handle are refused by the running services ------------------------
+
+BAD_PIECE_LENGTHS = [MAX_PIECE_LENGTH + 1, 1024 * 1024 * 1024]
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+
+
+def refusal(msg: Msg) -> dict[str, Any]:
+    """The error a client sees, after checking it has the one error shape."""
+    assert (msg.headers or {}).get(ERROR_CODE_HEADER) == "400", (msg.headers, msg.data[:300])
+    body = json.loads(msg.data)
+    contracts.validate_error()(body)
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+def piece_length_requests(piece_length: int, output: Path) -> Iterator[tuple[str, Any, str]]:
+    """(subject name, request, field) for every request that carries a piece length: each a
+    contract's example, but for that piece length."""
+    for name in NAMES:
+        properties = CONTRACTS[name].request["properties"]
+        if "source" in properties:
+            request = copy.deepcopy(CONTRACTS[name].examples[0]["request"])
+            request["source"]["piece_length"] = piece_length
+            if "output" in properties:
+                request["output"] = str(output)
+            yield name, request, "data.source.piece_length"
+        if "task" in properties:
+            request = copy.deepcopy(CONTRACTS[name].examples[0]["request"])
+            request["task"] = {"content_length": 1, "piece_length": piece_length, "piece_count": 1}
+            yield name, request, "data.task.piece_length"
+
+
+@pytest.mark.timeout(60)
+async def test_a_piece_length_beyond_the_codes_maximum_is_refused(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """Every service that takes a piece length refuses one the code cannot handle before it
+    does anything: no origin read, no output."""
+    output = tmp_path / "out" / "never.bin"
+    async with in_process_cluster(nats.url, prefix, tmp_path / "cluster") as cluster:
+        nc = await nats_connect(nats.url)
+        try:
+            sent = []
+            for piece_length in BAD_PIECE_LENGTHS:
+                for name, request, field in piece_length_requests(piece_length, output):
+                    subject = CONTRACTS[name].subject(prefix, **subject_tokens(name, cluster.hosts))
+                    msg = await nc.request(subject, json.dumps(request).encode(), timeout=5)
+                    error = refusal(msg)
+                    assert (error["code"], error.get("path")) == ("bad_request", field), name
+                    sent.append(name)
+        finally:
+            await nc.close()
+    assert {
+        "scheduler.{partition}.register", "scheduler.{partition}.pieces",
+        "storage.{host_id}.seed", "storage.preheat", "peer.{host_id}.download",
+    } <= set(sent)  # fmt: skip
+    assert not output.exists()
+
+
+def seed_register(content: dict[str, int], pieces: list[int]) -> dict[str, Any]:
+    """A seed's re-registration with every piece it holds, and the longest URL there is."""
+    task_id = hashlib.sha256(json.dumps([content, len(pieces)]).encode()).hexdigest()
+    url_length = common_source()["properties"]["url"]["maxLength"]
+    return {
+        "task_id": task_id,
+        "peer_id": f"seed-{task_id[:8]}",
+        "host": {"id": "storage-limits", "ip": "127.0.0.1", "port": 9, "type": "seed"},
+        "source": {"url": "http://127.0.0.1:9/".ljust(url_length, "a")},
+        "pieces": pieces,
+        "task": content,
+        "seed": True,
+    }
+
+
+@pytest.mark.timeout(60)
+async def test_the_largest_piece_length_and_piece_count_are_accepted(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """Up to the bounds the scheduler takes a task: a seed's content in 64 MiB pieces, and a
+    re-registration listing every piece of the largest piece count; one more is refused."""
+    count = common_task()["properties"]["piece_count"]["maximum"]
+    small = contracts.common_defs()["piece_length"]["minimum"]
+    one = {"content_length": MAX_PIECE_LENGTH, "piece_length": MAX_PIECE_LENGTH, "piece_count": 1}
+    many = {"content_length": count * small, "piece_length": small, "piece_count": count}
+    more = {"content_length": (count + 1) * small, "piece_length": small, "piece_count": count + 1}
+    cases = [
+        (seed_register(one, [0]), None),
+        (seed_register(many, list(range(count))), None),
+        (seed_register(many, list(range(count + 1))), "data.pieces"),
+        (seed_register(more, []), "data.task.piece_count"),
+    ]
+    register = CONTRACTS["scheduler.{partition}.register"]
+    async with running_scheduler(nats.url, prefix, tmp_path):
+        nc = await nats_connect(nats.url)
+        try:
+            for body, refused in cases:
+                subject = register.subject(prefix, partition=task_partition(body["task_id"]))
+                msg = await nc.request(subject, json.dumps(body).encode(), timeout=5)
+                if refused is None:
+                    assert not (msg.headers and ERROR_CODE_HEADER in msg.headers), msg.data[:300]
+                    assert json.loads(msg.data)["action"] == "back_to_source"
+                else:
+                    error = refusal(msg)
+                    assert (error["code"], error.get("path")) == ("bad_request", refused)
+        finally:
+            await nc.close()
+
+
+def common_task() -> dict[str, Any]:
+    schema: dict[str, Any] = contracts.common_defs()["task"]
+    return schema
+
+
+def common_source() -> dict[str, Any]:
+    schema: dict[str, Any] = contracts.common_defs()["source"]
+    return schema
+
+
+def test_piece_length_in_the_files_is_bounded_by_the_codes_maximum() -> None:
+    """What a Go or Rust peer reads names the code's maximum, once: every piece length in the
+    files refers to common.json's, so the two can never drift apart again."""
+    common = load(CONTRACTS_DIR / "common.json")["$defs"]
+    assert common["piece_length"]["maximum"] == MAX_PIECE_LENGTH
+    places = [
+        node["properties"]["piece_length"]
+        for node in walk([common, *raw_subjects().values()])
+        if isinstance(node, dict) and "piece_length" in node.get("properties", {})
+    ]
+    assert len(places) >= 2  # a source's and a task's
+    assert all(place == {"$ref": "common.json#/$defs/piece_length"} for place in places)
+
+
+def walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk(item)
