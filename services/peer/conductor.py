@@ -7,6 +7,7 @@ the book decides which piece comes from which parent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -89,6 +90,13 @@ class LocalDiskError(SwarmflyError):
         super().__init__("internal", f"cannot store the download here: {reason}")
 
 
+class SwarmContradicts(SwarmflyError):
+    """What the swarm says of the content differs from this host's own stat of the origin."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("conflict", reason)
+
+
 class ParentBusy(SwarmflyError):
     """The parent has no free upload slot: ask another, come back shortly."""
 
@@ -139,6 +147,20 @@ class Conductor:
         """Pieces a seed lent us to read from the origin, with the ETag it pinned."""
         self._delivered: list[int] = []
         """Lent pieces we read, to tell the seed."""
+        self._lendings_told: set[int] = set()
+        """A lending seed: lent pieces the scheduler knows the child of."""
+        self._lent_out: set[int] = set()
+        """A lending seed: every piece it lent (their digests are the lent children's word)."""
+        self._came_from: dict[int, str] = {}
+        """Piece -> the parent that served it: whom a piece that proves false accuses."""
+        self._provisional: set[int] = set()
+        """Pieces whose digest only the child they were lent to vouches for (the scheduler)."""
+        self.repaired: set[int] = set()
+        """Pieces the whole file's check found false and read again: whoever streamed them
+        before (the mirror) sent false bytes."""
+        self._refuted: dict[int, str] = {}
+        """Pieces we hold whose digest the scheduler now states otherwise (the digest): we
+        took them on a lent child's word, and the seed has since read them."""
         self.blocklist: dict[str, float] = {}
         """Parents dropped, until when (monotonic): a failed parent may come back later."""
         self.bad: list[dict[str, str]] = []
@@ -146,6 +168,8 @@ class Conductor:
         self._report_content = False
         self._wake = asyncio.Event()
         self._reschedule_due = False
+        self._token: str | None = None
+        """The capability of the last schedule: parents serve the task only against it."""
         self._scheduler_lost: float | None = None
         """Since when (monotonic) the task's scheduler has not answered."""
 
@@ -198,7 +222,18 @@ class Conductor:
                     parent.watcher.cancel()
 
     async def _swarm(self) -> None:
-        """P2P as the scheduler directs; the origin only when it says so or is unreachable."""
+        """P2P as the scheduler directs; the origin only when it says so, when it is
+        unreachable, or when the swarm's word on the content contradicts our own stat."""
+        if self.stat.size is not None:
+            self.stored.set_content(self._stat_content(self.stat.size))
+        try:
+            await self._swarm_or_refuse()
+        except SwarmContradicts as exc:
+            metrics.PEER_PIECE_FAILURES.labels("contradicted").inc()
+            log.warning("task %s: %s; reading the origin", self.task_id[:12], exc.message)
+            await self._from_origin()
+
+    async def _swarm_or_refuse(self) -> None:
         try:
             schedule = await self._request("scheduler.{partition}.register", self._register_body())
         except SwarmflyError as exc:
@@ -207,8 +242,7 @@ class Conductor:
             schedule = self._without_scheduler(exc)
         while True:
             action = schedule["action"]
-            if schedule.get("task"):
-                self.stored.set_content(TaskContent.from_dict(schedule["task"]))
+            self._adopt(schedule.get("task"))
             if action == "back_to_source":
                 await self._from_origin()
                 return
@@ -324,7 +358,11 @@ class Conductor:
                     del self._delivered[:64]
             try:
                 async with session.get(
-                    url, params=params, timeout=aiohttp.ClientTimeout(total=wait + 10)
+                    url,
+                    params=params,
+                    headers=self._auth(),
+                    timeout=aiohttp.ClientTimeout(total=wait + 10),
+                    allow_redirects=False,
                 ) as response:
                     if response.status == 404:
                         misses += 1
@@ -443,8 +481,7 @@ class Conductor:
                         len(self.stored.done),
                         len(fetches),
                     )
-                    if schedule.get("task"):
-                        self.stored.set_content(TaskContent.from_dict(schedule["task"]))
+                    self._adopt(schedule.get("task"))
                     if schedule["action"] == "parents":
                         self._set_parents(schedule["parents"], book)
                     elif schedule["action"] == "back_to_source":
@@ -523,7 +560,7 @@ class Conductor:
         offset, size = content.piece(number)
         expected = self.stored.digests[number]
         started = time.monotonic()
-        headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
+        headers = {"Range": f"bytes={offset}-{offset + size - 1}", **self._auth()}
         if not self.node.settings.piece_spans:
             # Aggregated under the download's "p2p" span: no traceparent, so the parent
             # opens no span either (a 1,000-piece download is not 2,000 spans).
@@ -562,6 +599,7 @@ class Conductor:
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=5, sock_read=self.node.settings.piece_timeout
                 ),
+                allow_redirects=False,  # a parent serves, it does not send us elsewhere
             ) as response:
                 if response.status == 503:
                     raise ParentBusy()
@@ -585,6 +623,7 @@ class Conductor:
         digest = await self._write(number, data, expected)
         if number not in self.stored.done:
             self.stored.mark_done(number, digest)
+            self._came_from[number] = parent_id
             self._kick_digest()
             self.bytes_p2p += size
             metrics.PEER_DOWNLOAD_BYTES.labels("p2p").inc(size)
@@ -626,10 +665,18 @@ class Conductor:
                 return
             if not reply["task"]:
                 return
-            self.stored.set_content(TaskContent.from_dict(reply["task"]))
+            self._adopt(reply["task"])
             digests: list[str | None] = reply["digests"]
             start = reply.get("offset", offset)
             self.stored.set_digests(digests, start)
+            page = range(start, start + len(digests))
+            held = self.stored.digests
+            self._refuted.update(
+                (n, d) for n, d in zip(page, digests, strict=True)
+                if d and n in self.stored.done and held[n] != d
+            )  # fmt: skip
+            self._provisional = {n for n in self._provisional if n not in page}
+            self._provisional.update(n for n in reply.get("provisional", ()) if n in page)
             if book is not None:
                 for number, digest in enumerate(digests, start):
                     if digest and number < book.piece_count and book.digests[number] is None:
@@ -650,16 +697,41 @@ class Conductor:
                     metrics.PEER_PIECE_FAILURES.labels("origin").inc()
                 raise
 
+    def _stat_content(self, size: int) -> TaskContent:
+        """The content as this host's own stat of the origin (and its request) states it."""
+        length = self.source.piece_length or piece_length_for(size)
+        digest = self.source.digest or self.stat.digest
+        return TaskContent(size, length, piece_count(size, length), digest)
+
+    def _adopt(self, data: dict[str, Any] | None) -> None:
+        """Take the swarm's word on the content only where it agrees with what this host
+        knows itself (its stat of the origin, the digest it was given); it may add the
+        whole-file digest, which then proves every byte delivered."""
+        if not data:
+            return
+        theirs = TaskContent.from_dict(data)
+        own = self.stored.content
+        if own is not None:
+            if (own.content_length, own.piece_length) != (
+                theirs.content_length,
+                theirs.piece_length,
+            ):
+                raise SwarmContradicts(
+                    f"the swarm says {theirs.content_length} bytes in pieces of "
+                    f"{theirs.piece_length}, the origin {own.content_length} in {own.piece_length}"
+                )
+            if own.digest and theirs.digest and own.digest != theirs.digest:
+                raise SwarmContradicts(
+                    f"the swarm says {theirs.digest[:19]}…, not {own.digest[:19]}…"
+                )
+        self.stored.set_content(theirs)
+
     def _origin_content(self) -> TaskContent:
         """The task's size and piece layout as the origin states them (reported once)."""
         stat = self.stat
         if stat.size is None:
             raise SwarmflyError("source_error", "origin does not state the content length")
-        length = self.source.piece_length or piece_length_for(stat.size)
-        digest = self.source.digest or stat.digest
-        self.stored.set_content(
-            TaskContent(stat.size, length, piece_count(stat.size, length), digest)
-        )
+        self.stored.set_content(self._stat_content(stat.size))
         self._report_content = True
         self._queue_report(None)
         content = self.stored.content
@@ -675,7 +747,9 @@ class Conductor:
             "task %s: reading %d of %d pieces from the origin%s",
             self.task_id[:12], len(missing), content.piece_count, " as its seed" * self.seed,
         )  # fmt: skip
-        if self.stat.ranges and self.seed and self.node.lend_pieces:
+        # A lent child's digest is its word: lend only where the whole file's digest will
+        # still prove every byte.
+        if self.stat.ranges and self.seed and self.node.lend_pieces and content.digest:
             await self._origin_lending(content)
         elif self.stat.ranges:
             await self._origin_ranges(missing)
@@ -734,6 +808,7 @@ class Conductor:
                      lent, content.piece_count)  # fmt: skip
         finally:
             watcher.cancel()
+            self._lent_out = set(lending.pending)
             self.stored.delegation = None
 
     async def _watch_lent(self, lending: grants.Delegation) -> None:
@@ -772,12 +847,12 @@ class Conductor:
             await asyncio.sleep(0.02)
             now = time.monotonic()
 
-    async def _origin_ranges(self, numbers: list[int]) -> None:
+    async def _origin_ranges(self, numbers: list[int], *, report: bool = True) -> None:
         queue: asyncio.Queue[int] = asyncio.Queue()
         for number in numbers:
             queue.put_nowait(number)
         workers = [
-            asyncio.create_task(self._origin_worker(queue))
+            asyncio.create_task(self._origin_worker(queue, report=report))
             for _ in range(min(self.node.origin_concurrency, len(numbers)))
         ]
         try:
@@ -842,7 +917,9 @@ class Conductor:
             async with self.node.session.get(
                 f"{parent.address}/v1/tasks/{self.task_id}/pieces",
                 params={"since": "-1", "wait": "0"},
+                headers=self._auth(),
                 timeout=aiohttp.ClientTimeout(total=10),
+                allow_redirects=False,
             ) as response:
                 if response.status != 200:
                     return set()
@@ -884,11 +961,13 @@ class Conductor:
                     load[parent_id] -= 1
         return False
 
-    async def _origin_worker(self, queue: asyncio.Queue[int]) -> None:
+    async def _origin_worker(self, queue: asyncio.Queue[int], *, report: bool = True) -> None:
         while not queue.empty():
-            await self._origin_piece(queue.get_nowait(), self._origin_headers())
+            await self._origin_piece(queue.get_nowait(), self._origin_headers(), report=report)
 
-    async def _origin_piece(self, number: int, headers: dict[str, str]) -> int:
+    async def _origin_piece(
+        self, number: int, headers: dict[str, str], *, report: bool = True
+    ) -> int:
         """One piece read from the origin by range, written, reported with its digest."""
         content = self.stored.content
         assert content is not None
@@ -903,7 +982,7 @@ class Conductor:
                 raise SwarmflyError("source_error", "origin sent more than the range asked")
             await self.node.download_bucket.take(len(chunk))
             chunks.append(chunk)
-        await self._store_origin_piece(number, b"".join(chunks), started)
+        await self._store_origin_piece(number, b"".join(chunks), started, report=report)
         return number
 
     async def _origin_stream(self, content: TaskContent) -> None:
@@ -940,8 +1019,13 @@ class Conductor:
             return {**self.source.headers, "If-Match": etag}
         return self.source.headers
 
-    async def _store_origin_piece(self, number: int, data: bytes, started: float) -> None:
-        expected = self.stored.digests[number]
+    async def _store_origin_piece(
+        self, number: int, data: bytes, started: float, *, report: bool = True
+    ) -> None:
+        # Read from the origin ourselves, the bytes are the truth: a digest only a lent child
+        # vouches for is no test of them (they refute it), and saying so is the seed's job.
+        vouched = number in self._provisional
+        expected = None if vouched else self.stored.digests[number]
         digest = await self._write(number, data, expected)
         if number in self.stored.done:
             return
@@ -951,7 +1035,8 @@ class Conductor:
         metrics.PEER_DOWNLOAD_BYTES.labels("origin").inc(len(data))
         cost = time.monotonic() - started
         metrics.PEER_PIECE_SECONDS.labels("origin").observe(cost)
-        self._queue_report({"number": number, "digest": digest, "cost_ms": int(cost * 1000)})
+        if report and not (vouched and not self.seed):
+            self._queue_report({"number": number, "digest": digest, "cost_ms": int(cost * 1000)})
 
     # -- end of download -----------------------------------------------------------------
 
@@ -968,10 +1053,45 @@ class Conductor:
             raise SwarmflyError("internal", "download ended before every piece was verified")
         if not content.digest:
             return
-        if await self.digest.finish() != f"sha256:{check_digest(content.digest)}":
+        want = f"sha256:{check_digest(content.digest)}"
+        if await self.digest.finish() != want and not await self._repair(want):
             self.stored.reset()
-            raise SwarmflyError("integrity", "the whole file does not match its digest")
+            raise SwarmflyError(
+                "integrity", f"the origin's content does not match its digest {want}"
+            )
         self.file_digest = content.digest
+
+    async def _repair(self, want: str) -> bool:
+        """The whole file failed its digest: read again from the origin every piece whose
+        digest was only someone's word (lent, or changed since we took it); the parents that
+        served pieces that prove false are reported corrupt. True once the file matches."""
+        await self._refresh_task(None)
+        suspects = sorted(self._refuted.keys() | self._provisional | self._lent_out)
+        if not suspects:
+            return False
+        log.warning(
+            "task %s: the whole file failed its digest; reading %d pieces again from the origin",
+            self.task_id[:12], len(suspects),
+        )  # fmt: skip
+        before = {n: self.stored.digests[n] for n in suspects}
+        for number in suspects:
+            self.stored.done.discard(number)
+            self.stored.digests[number] = self._refuted.get(number)  # the seed's, if it read it
+        # A child's word is not the origin's: it does not report what it read here.
+        await self._origin_ranges(suspects, report=self.seed)
+        for number, digest in before.items():
+            if digest == self.stored.digests[number]:
+                continue
+            self.repaired.add(number)
+            if (parent := self._came_from.get(number)) is not None:
+                log.warning("parent %s served a false piece %d", parent, number)
+                self.bad.append({"peer_id": parent, "reason": "corrupt"})
+        if self.bad:
+            with contextlib.suppress(SwarmflyError):
+                await self._reschedule_or_register()
+        self.digest.cancel()
+        self.digest = PrefixDigest(self.stored)
+        return await self.digest.finish() == want
 
     async def _announce_cached(self) -> None:
         if self.node.bus is not None:
@@ -1018,12 +1138,19 @@ class Conductor:
             body["seed"] = True
         if self.stored.done:
             body["pieces"] = sorted(self.stored.done)
-        if self.stored.content is not None:
-            body["task"] = self.stored.content.to_dict()
+        if self.stored.content is not None and self.seed:
+            body["task"] = self.stored.content.to_dict()  # heard from the task's seed only
         return body
 
     async def _request(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.node.request(name, body)
+        reply = await self.node.request(name, body)
+        if token := reply.get("token"):
+            self._token = token  # every schedule carries a fresh one
+        return reply
+
+    def _auth(self) -> dict[str, str]:
+        """What shows a parent this peer was scheduled for the task."""
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     def _queue_report(self, piece: dict[str, Any] | None) -> None:
         if piece is not None:
@@ -1034,20 +1161,41 @@ class Conductor:
             await asyncio.sleep(REPORT_INTERVAL)
             await self._flush_reports()
 
+    def rejoined(self) -> None:
+        """A scheduler that did not know this download has just heard of it: it knows none
+        of the pieces a lending seed lent either, so it is told them all again."""
+        self._lendings_told.clear()
+
+    def _new_lendings(self) -> list[dict[str, Any]]:
+        """Pieces this seed lent since it last said: the scheduler hears a lent child's
+        digest of such a piece, provisionally, and nobody else's."""
+        lending = self.stored.delegation
+        if lending is None:
+            return []
+        fresh = [(n, child) for n, child in lending.lent_to.items() if n not in self._lendings_told]
+        return [{"number": n, "peer_id": child} for n, child in fresh[:REPORT_BATCH]]
+
     async def _flush_reports(self) -> None:
-        if self.node.bus is None or not (self._reports or self._report_content):
+        lent = self._new_lendings()
+        if self.node.bus is None or not (self._reports or self._report_content or lent):
             return
         batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
         body: dict[str, Any] = {"task_id": self.task_id, "peer_id": self.peer_id, "pieces": batch}
         if self._report_content and self.stored.content is not None:
             body["task"] = self.stored.content.to_dict()
+        if lent:
+            body["lent"] = lent
         try:
             await self._request("scheduler.{partition}.pieces", body)
             self._report_content = False
+            self._lendings_told.update(item["number"] for item in lent)
         except SwarmflyError as exc:
             if exc.code == "not_found":
                 # The scheduler lost us (a restart): rejoin with everything we hold.
                 await self.node.announce(self.stored, peer_id=self.peer_id, seed=self.seed)
-            else:
+                self.rejoined()
+            elif exc.code in ("unavailable", "timeout"):
                 log.warning("piece report failed: %s", exc)
                 self._reports = batch + self._reports
+            else:  # refused for good (a digest known otherwise): it would be refused again
+                log.warning("piece report refused: %s", exc)

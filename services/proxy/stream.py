@@ -87,6 +87,10 @@ async def send(
             number = offset // length
             if number == last:
                 await asyncio.shield(run.running)
+                if any(span.start // length <= n < last for n in run.conductor.repaired):
+                    # Sent before the whole file's check found them false: the client has
+                    # them; a short body makes it ask again, and the cache is right by then.
+                    raise SwarmflyError("integrity", "pieces already sent were read again")
             while number not in stored.done:
                 if run.running.done():
                     run.running.result()

@@ -95,7 +95,18 @@ class Suspicion:
 class Task:
     id: str
     content: TaskContent | None = None
+    """As the task's trusted reader stated it; nobody else's word sets it."""
     digests: dict[int, str] = field(default_factory=dict)
+    """Per piece, the sha256 its trusted reader computed, or (``provisional``) the one the
+    child a seed lent the piece to reported."""
+    provisional: dict[int, str] = field(default_factory=dict)
+    """Piece -> the lent child whose digest stands until a trusted reader confirms it. Only
+    where the whole file has a known digest, so every child still proves what it delivers."""
+    lent: dict[int, str] = field(default_factory=dict)
+    """Piece -> the child its seed said it lent the piece to: the only other peer whose
+    digest of that piece is heard."""
+    claims: dict[int, dict[str, str]] = field(default_factory=dict)
+    """Digests children reported for origin reads before their seed said it lent them."""
     peers: dict[str, Peer] = field(default_factory=dict)
     bad_parents: set[str] = field(default_factory=set)
     seed_requested_at: float | None = None
@@ -166,6 +177,14 @@ class PieceReport:
     digest: str | None = None
     parent_id: str | None = None
     cost_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Lending:
+    """A seed lent ``number`` to ``peer_id``, a child, to read from the origin."""
+
+    number: int
+    peer_id: str
 
 
 class Scheduler:
@@ -242,23 +261,34 @@ class Scheduler:
     ) -> tuple[Schedule, list[TriggerSeed]]:
         """A peer joins a task (or rejoins with what it holds); answer where to download."""
         self._upsert_host(host, now)
-        task = self.tasks.get(task_id)
-        if task is None:
-            task = self.tasks[task_id] = Task(task_id)
-        if content is not None:
-            self._set_content(task, content)
         peer = self.peers.get(peer_id)
         if peer is not None and (peer.task_id != task_id or peer.host_id != host.id):
             raise SwarmflyError("conflict", f"peer {peer_id} belongs to another task or host")
+        task = self.tasks.get(task_id)
+        if content is not None:
+            _check_layout(content)
+            if task is not None and task.content is not None:
+                _check_same_layout(task.content, content)
+        if task is None:
+            task = self.tasks[task_id] = Task(task_id)
         if peer is None:
             peer = self.peers[peer_id] = task.peers[peer_id] = Peer(peer_id, task_id, host.id)
         peer.updated_at = now
         peer.state = "running"
-        peer.seed = peer.seed or seed
-        self._add_pieces(task, peer, self._valid_pieces(task, pieces))
+        # Only a storage host seeds; anyone else asking to is an ordinary child.
+        peer.seed = peer.seed or (seed and host.type == "seed")
+        held = self._valid_pieces(task, pieces)
+        if peer.seed:
+            self._claim_seat(task, peer, held)
+        if content is not None and self._trusted(task, peer):
+            self._set_content(task, content)
+        self._add_pieces(task, peer, held)
         if peer.seed:
             return self._seed_schedule(task, peer, now), []
-        if self._complete(task, peer):
+        # A peer that holds all of what it says the task is needs nothing: it only announces.
+        if self._complete(task, peer) or (
+            task.content is None and content is not None and len(held) >= content.piece_count
+        ):
             return Schedule("parents", content=task.content), []
         effects = self._seed_effects(task, now)
         return self._schedule(task, peer, now), effects
@@ -299,13 +329,25 @@ class Scheduler:
         pieces: Iterable[PieceReport],
         now: float,
         content: TaskContent | None = None,
+        lent: Iterable[Lending] = (),
     ) -> None:
+        """Record verified pieces. A digest counts only from the task's trusted reader, or,
+        provisionally, from the child its seed lent that piece to; from anyone else it must
+        match what is known. A bad batch changes nothing."""
         task, peer = self._lookup(task_id, peer_id)
+        trusted = self._trusted(task, peer)
         if content is not None:
-            self._set_content(task, content)
+            _check_layout(content)
+            if trusted:
+                self._set_content(task, content)
+            elif task.content is not None:
+                _check_same_layout(task.content, content)
         peer.updated_at = now
         reports = list(pieces)
+        lendings = list(lent) if trusted and peer.seed else []
         digests = dict(task.digests)
+        provisional = dict(task.provisional)
+        claims: dict[int, str] = {}
         for report in reports:
             if task.content is not None and report.number >= task.content.piece_count:
                 raise SwarmflyError(
@@ -313,33 +355,46 @@ class Scheduler:
                     f"piece {report.number} out of range (task has {task.content.piece_count})",
                     path="data.pieces",
                 )
-            if report.digest is not None:
-                known = digests.get(report.number)
+            known = digests.get(report.number)
+            if report.digest is None:
                 if known is None:
-                    digests[report.number] = report.digest
-                elif known != report.digest:
                     raise SwarmflyError(
-                        "conflict",
-                        f"piece {report.number} digest differs from the one already reported",
+                        "conflict", f"piece {report.number} has no digest yet: cannot be finished"
                     )
-            elif report.number not in digests:
+            elif trusted and report.number in provisional:
+                del provisional[report.number]  # confirmed, or the lent child lied
+                digests[report.number] = report.digest
+            elif known is None and trusted:
+                digests[report.number] = report.digest
+            elif known is None:
+                claims[report.number] = report.digest
+            elif known != report.digest:
                 raise SwarmflyError(
-                    "conflict", f"piece {report.number} has no digest yet: cannot be finished"
+                    "conflict",
+                    f"piece {report.number} digest differs from the one already reported",
                 )
-        # Checked whole before anything is applied: a bad batch changes nothing.
-        task.digests = digests
+        # Checked whole: from here on the batch is applied.
+        for number in task.provisional:
+            if number not in provisional and digests[number] != task.digests[number]:
+                self._refute(task, number)
+        task.digests, task.provisional = digests, provisional
+        for lending in lendings:
+            self._lend(task, lending)
+        held = {r.number for r in reports if r.number not in claims}
+        for number, digest in claims.items():
+            task.claims.setdefault(number, {})[peer.id] = digest
+            if self._confirm_claim(task, number, peer.id):
+                held.add(number)
         if task.content is not None:
-            counted: set[int] = set()
             for report in reports:
-                if report.number in peer.pieces or report.number in counted:
+                if report.number not in held or report.number in peer.pieces:
                     continue
-                counted.add(report.number)
                 size = task.content.piece(report.number)[1]
                 if report.parent_id is None:
                     peer.origin_bytes += size
                 else:
                     peer.p2p_bytes += size
-        self._add_pieces(task, peer, {report.number for report in reports})
+        self._add_pieces(task, peer, held)
         timed: dict[str, Peer] = {}
         for report in reports:
             if report.parent_id is not None:
@@ -408,6 +463,11 @@ class Scheduler:
             return None, []
         return task.content, [task.digests.get(i) for i in range(task.content.piece_count)]
 
+    def provisional(self, task_id: str) -> list[int]:
+        """Pieces whose digest only a lent child vouches for so far."""
+        task = self.tasks.get(task_id)
+        return sorted(task.provisional) if task is not None else []
+
     # -- internals -----------------------------------------------------------------------
 
     def _upsert_host(self, spec: HostSpec, now: float) -> Host:
@@ -425,18 +485,79 @@ class Scheduler:
             raise SwarmflyError("not_found", f"peer {peer_id} is not registered for this task")
         return self.tasks[task_id], peer
 
+    def _trusted(self, task: Task, peer: Peer) -> bool:
+        """The task's trusted reader: the peer the scheduler sent back to source, or the seed
+        on the storage host that holds the task's seat (``_claim_seat``). Only its word sets
+        the content and the digests."""
+        if peer.back_to_source:
+            return True
+        return peer.seed and task.seed_host == peer.host_id and peer.state != "failed"
+
+    def _claim_seat(self, task: Task, seed: Peer, pieces: set[int]) -> None:
+        """A storage host seeding the task takes its seat when the seat is free: nobody was
+        asked; or the host asked has no live seed in the task and is gone, failed it, or this
+        one already holds pieces (a cache announced again after a restart). A host asked to
+        seed keeps its seat while it serves."""
+        holder = task.seed_host
+        if holder == seed.host_id:
+            return
+        seated = any(p.seed and p.host_id == holder and self._alive(p) for p in task.peers.values())
+        vacant = holder not in self.hosts or holder in task.failed_seeds or bool(pieces)
+        if holder is None or (not seated and vacant):
+            task.seed_host = seed.host_id
+
     def _set_content(self, task: Task, content: TaskContent) -> None:
-        if content.piece_count != piece_count(content.content_length, content.piece_length):
-            raise SwarmflyError(
-                "bad_request", "piece_count does not fit content_length", path="data.task"
-            )
         if task.content is None:
             task.content = content
-        elif (task.content.content_length, task.content.piece_length) != (
-            content.content_length,
-            content.piece_length,
-        ):
-            raise SwarmflyError("conflict", "content length or piece length differs for the task")
+            self._drop_out_of_range(task)
+        else:
+            _check_same_layout(task.content, content)
+
+    def _drop_out_of_range(self, task: Task) -> None:
+        """Pieces registered before the size was known that the task does not have."""
+        assert task.content is not None
+        limit = task.content.piece_count
+        for peer in task.peers.values():
+            extra = {n for n in peer.pieces if n >= limit}
+            for number in extra:
+                task.holders[number] -= 1
+            peer.pieces -= extra
+
+    def _lend(self, task: Task, lending: Lending) -> None:
+        child = task.peers.get(lending.peer_id)
+        if child is None or child.is_source or lending.number in task.digests:
+            return
+        if task.content is None or not task.content.digest:
+            return  # nothing could prove a lent reader's digest: its word is not taken
+        if task.content is not None and lending.number >= task.content.piece_count:
+            return
+        task.lent[lending.number] = child.id
+        self._confirm_claim(task, lending.number, child.id)
+
+    def _confirm_claim(self, task: Task, number: int, peer_id: str) -> bool:
+        """A lent child's digest of its lent piece stands, provisionally, once both its report
+        and its seed's word that it lent the piece have arrived."""
+        digest = task.claims.get(number, {}).get(peer_id)
+        if digest is None or task.lent.get(number) != peer_id or number in task.digests:
+            return False
+        task.digests[number] = digest
+        task.provisional[number] = peer_id
+        del task.claims[number]
+        peer = task.peers.get(peer_id)
+        if peer is not None:
+            self._add_pieces(task, peer, {number})
+        return True
+
+    def _refute(self, task: Task, number: int) -> None:
+        """The trusted reader read a lent piece and got other bytes: its lent child lied. It
+        is never offered again, and nobody who took the piece on its word holds it."""
+        liar = task.provisional.get(number) or task.lent.get(number)
+        if liar is not None:
+            task.bad_parents.add(liar)
+        for peer in task.peers.values():
+            if number in peer.pieces and not self._trusted(task, peer):
+                peer.pieces.discard(number)
+                task.holders[number] -= 1
 
     def _valid_pieces(self, task: Task, pieces: Iterable[int]) -> set[int]:
         limit = task.content.piece_count if task.content else None
@@ -457,6 +578,10 @@ class Scheduler:
             return
         for number in peer.pieces:
             task.holders[number] -= 1
+        for number, claimants in list(task.claims.items()):
+            claimants.pop(peer.id, None)
+            if not claimants:
+                del task.claims[number]
         task.peers.pop(peer.id, None)
         if not task.peers:
             del self.tasks[task.id]
@@ -670,6 +795,18 @@ class Scheduler:
                 else len(peer.pieces - child.pieces)
             ),
         )
+
+
+def _check_layout(content: TaskContent) -> None:
+    if content.piece_count != piece_count(content.content_length, content.piece_length):
+        raise SwarmflyError(
+            "bad_request", "piece_count does not fit content_length", path="data.task"
+        )
+
+
+def _check_same_layout(known: TaskContent, content: TaskContent) -> None:
+    if (known.content_length, known.piece_length) != (content.content_length, content.piece_length):
+        raise SwarmflyError("conflict", "content length or piece length differs for the task")
 
 
 def _slow(costs: deque[int]) -> bool:

@@ -340,7 +340,10 @@ def register_body(env: Env, task_id: str, peer_id: str, *, seed: bool = False) -
         "source": {"url": env.url},
     }
     if seed:
-        body["seed"] = True  # a source itself: the scheduler triggers no storage seed
+        # A source itself, so the scheduler triggers no storage seed: only a storage host
+        # seeds (an ordinary host asking to is a child).
+        body["seed"] = True
+        body["host"] = {**body["host"], "id": "storage-bad-input", "type": "seed"}
     return body
 
 

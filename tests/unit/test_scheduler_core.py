@@ -171,6 +171,7 @@ def test_a_complete_peer_rejoining_gets_no_parents_and_no_seed() -> None:
 
 def test_register_ignores_pieces_beyond_the_task() -> None:
     s = Scheduler()
+    add_seed(s)
     s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0, pieces=[0, 9, 99], content=CONTENT)
     with pytest.raises(SwarmflyError, match="reported 1 of 4"):
         s.result(task_id=T, peer_id="a", success=True, now=1.0)
@@ -607,7 +608,9 @@ def test_success_with_too_few_pieces_is_a_conflict() -> None:
 
 def test_task_info_lists_digests_with_none_for_unknown() -> None:
     s = Scheduler()
-    s.register(task_id=T, peer_id="src", host=host("s"), now=0, content=CONTENT)
+    s.register(
+        task_id=T, peer_id="src", host=host("s", kind="seed"), now=0, content=CONTENT, seed=True
+    )
     s.report_pieces(
         task_id=T,
         peer_id="src",
@@ -888,3 +891,194 @@ def test_a_seed_that_still_heartbeats_is_kept_whatever_its_children_say() -> Non
     assert seed in ids(join(s, "c", "hc", now=6.5))
     _, effects = s.reschedule(task_id=T, peer_id="c", now=11.5)
     assert effects == [TriggerSeed(T, order[1])], "silent for a heartbeat since: it died"
+
+
+# -- trust: only the task's trusted reader sets content and digests ------------------------
+
+WHOLE = TaskContent(CONTENT.content_length, CONTENT.piece_length, CONTENT.piece_count,
+                    digest="sha256:" + "ab" * 32)  # fmt: skip
+FORGED = TaskContent(5 * MiB, 4 * MiB, 2)
+
+
+def seat_seed(s: Scheduler, content: TaskContent = CONTENT, pieces: range = range(0)) -> None:
+    """The storage host the scheduler asks seeds the task and reports ``pieces``."""
+    _, effects = s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
+    assert effects == [TriggerSeed(T, None)]
+    s.register(
+        task_id=T, peer_id="seed", host=host("st", kind="seed"), now=0.1, content=content, seed=True
+    )
+    s.report_pieces(
+        task_id=T, peer_id="seed", pieces=[PieceReport(n, digest(n)) for n in pieces], now=0.2
+    )
+
+
+def test_a_forger_registering_first_sets_neither_content_nor_digests() -> None:
+    s = Scheduler()
+    s.register(task_id=T, peer_id="forger", host=host("evil"), now=0.0, content=FORGED, seed=True)
+    s.report_pieces(task_id=T, peer_id="forger", pieces=[PieceReport(0, digest(99))], now=0.1)
+    assert s.task_info(T) == (None, [])
+    s.register(
+        task_id=T, peer_id="seed", host=host("st", kind="seed"), now=0.2, content=CONTENT, seed=True
+    )
+    s.report_pieces(task_id=T, peer_id="seed", pieces=[PieceReport(0, digest(0))], now=0.3)
+    assert s.task_info(T) == (CONTENT, [digest(0), None, None, None])
+    assert s.peers["forger"].pieces == set()  # nothing it holds can be verified
+
+
+def test_a_second_storage_host_does_not_take_a_live_seeds_seat() -> None:
+    s = Scheduler()
+    seat_seed(s, pieces=range(1))
+    s.register(
+        task_id=T, peer_id="rogue", host=host("st2", kind="seed"), now=1.0, content=CONTENT,
+        seed=True, pieces=[1, 2, 3],
+    )  # fmt: skip
+    s.report_pieces(task_id=T, peer_id="rogue", pieces=[PieceReport(1, digest(91))], now=1.1)
+    assert s.task_info(T)[1] == [digest(0), None, None, None]
+
+
+def test_a_restarted_schedulers_first_storage_announce_takes_the_free_seat() -> None:
+    s = Scheduler()
+    join(s, "a", "h1")  # asks a seed nobody is
+    s.register(
+        task_id=T, peer_id="seed", host=host("st", kind="seed"), now=1.0, content=CONTENT,
+        seed=True, pieces=range(4),
+    )  # fmt: skip
+    s.report_pieces(
+        task_id=T, peer_id="seed", pieces=[PieceReport(n, digest(n)) for n in range(4)], now=1.1
+    )
+    assert s.task_info(T)[1] == [digest(n) for n in range(4)]
+
+
+def test_a_peer_sent_back_to_source_is_trusted() -> None:
+    s = Scheduler()
+    join(s, "a", "h1")
+    s.seed_unavailable(T)
+    assert s.reschedule(task_id=T, peer_id="a", now=1.0)[0].action == "back_to_source"
+    s.report_pieces(
+        task_id=T, peer_id="a", pieces=[PieceReport(0, digest(0))], now=2.0, content=CONTENT
+    )
+    assert s.task_info(T) == (CONTENT, [digest(0), None, None, None])
+
+
+def lend(s: Scheduler, number: int, child: str, now: float = 1.0) -> None:
+    from swarmfly.services.scheduler.core import Lending
+
+    s.report_pieces(task_id=T, peer_id="seed", pieces=[], now=now, lent=[Lending(number, child)])
+
+
+def test_a_lent_childs_digest_is_provisional_until_the_seed_reads_the_piece() -> None:
+    s = Scheduler()
+    seat_seed(s, WHOLE, range(2))
+    join(s, "b", "h2")
+    lend(s, 3, "a")
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(3, digest(3))], now=1.1)
+    assert s.task_info(T)[1][3] == digest(3)
+    assert s.provisional(T) == [3]
+    s.report_pieces(task_id=T, peer_id="seed", pieces=[PieceReport(3, digest(3))], now=2.0)
+    assert s.provisional(T) == []
+    assert "a" in ids(s.reschedule(task_id=T, peer_id="b", now=2.1)[0])
+
+
+def test_a_lent_child_that_lied_is_refuted_and_never_offered_again() -> None:
+    s = Scheduler()
+    seat_seed(s, WHOLE, range(2))
+    join(s, "b", "h2")
+    lend(s, 3, "a")
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(3, digest(93))], now=1.1)
+    s.report_pieces(task_id=T, peer_id="b", pieces=[PieceReport(3, parent_id="a")], now=1.2)
+    s.report_pieces(task_id=T, peer_id="seed", pieces=[PieceReport(3, digest(3))], now=2.0)
+    assert s.task_info(T)[1][3] == digest(3)
+    assert s.provisional(T) == []
+    assert "a" not in ids(s.reschedule(task_id=T, peer_id="b", now=2.1)[0])
+    assert 3 not in s.peers["b"].pieces  # it took the piece on the liar's word
+
+
+def test_a_childs_digest_for_a_piece_not_lent_to_it_is_not_heard() -> None:
+    s = Scheduler()
+    seat_seed(s, WHOLE, range(1))
+    lend(s, 3, "b")
+    join(s, "b", "h2")
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(3, digest(93))], now=1.1)
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(2, digest(92))], now=1.1)
+    assert s.task_info(T)[1][1:] == [None, None, None]
+    assert s.peers["a"].pieces == set()
+
+
+def test_without_a_whole_file_digest_a_lent_childs_word_is_not_taken() -> None:
+    s = Scheduler()
+    seat_seed(s, CONTENT, range(1))
+    lend(s, 3, "a")
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(3, digest(3))], now=1.1)
+    assert s.task_info(T)[1][3] is None
+
+
+def test_a_lent_childs_report_may_arrive_before_its_seeds_word() -> None:
+    s = Scheduler()
+    seat_seed(s, WHOLE, range(1))
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(3, digest(3))], now=1.0)
+    assert s.task_info(T)[1][3] is None
+    lend(s, 3, "a", now=1.1)
+    assert s.task_info(T)[1][3] == digest(3)
+    assert 3 in s.peers["a"].pieces
+
+
+def test_only_the_seed_says_what_it_lent() -> None:
+    s = Scheduler()
+    seat_seed(s, WHOLE, range(1))
+    from swarmfly.services.scheduler.core import Lending
+
+    s.report_pieces(task_id=T, peer_id="a", pieces=[], now=1.0, lent=[Lending(3, "a")])
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(3, digest(93))], now=1.1)
+    assert s.task_info(T)[1][3] is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["register", "pieces", "result", "lend", "seat"]),
+            st.integers(0, 5),
+            st.sampled_from([None, CONTENT, WHOLE, FORGED]),
+            st.booleans(),
+        ),
+        max_size=30,
+    )
+)
+def test_a_forging_host_never_changes_a_trusted_digest(
+    moves: list[tuple[str, int, TaskContent | None, bool]],
+) -> None:
+    """Whatever an ordinary member sends under its own ids, the digests and the content are
+    the trusted reader's, and any other digest stands only provisionally, for a piece the
+    seed lent, where a whole-file digest will still catch it."""
+    s = Scheduler(rng=random.Random(0))
+    seat_seed(s, WHOLE, range(2))
+    forger = "forger"
+    for step, (move, number, content, flag) in enumerate(moves):
+        now = 1.0 + step
+        try:
+            if move == "register":
+                s.register(task_id=T, peer_id=forger, host=host("evil"), now=now,
+                           content=content, seed=flag, pieces=[number])  # fmt: skip
+            elif move == "pieces":
+                s.report_pieces(
+                    task_id=T, peer_id=forger, now=now, content=content,
+                    pieces=[PieceReport(number, digest(90 + number) if flag else None,
+                                        parent_id="seed" if flag else None)],
+                )  # fmt: skip
+            elif move == "result":
+                s.result(task_id=T, peer_id=forger, success=flag, now=now)
+            elif move == "lend":
+                from swarmfly.services.scheduler.core import Lending
+
+                s.report_pieces(task_id=T, peer_id=forger, pieces=[], now=now,
+                                lent=[Lending(number, forger)])  # fmt: skip
+            else:  # a second storage host, run by the forger, asks for the seat
+                s.register(task_id=T, peer_id=forger + "-st", host=host("evil-st", kind="seed"),
+                           now=now, content=content, seed=True, pieces=[number])  # fmt: skip
+        except SwarmflyError:
+            pass
+        content_now, digests = s.task_info(T)
+        assert content_now == WHOLE
+        assert digests[:2] == [digest(0), digest(1)]
+        assert all(d is None for d in digests[2:])
+        assert s.provisional(T) == []

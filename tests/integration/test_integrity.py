@@ -1,0 +1,342 @@
+"""Integrity against cluster members: a host with the access any member has tries to make
+others deliver, cache or serve bytes the origin did not send (issue 12's attacks 1-4).
+
+Real nats-server, scheduler, storage and peer in their own processes, a real HTTP origin, and
+a forger made of a NATS client plus a small HTTP server that serves its own bytes as pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from swarmfly.bus import Bus
+from swarmfly.ids import piece_count, piece_length_for, task_id
+from swarmfly.natsserver import NatsServer
+from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
+from swarmfly.services.peer import grants
+from tests.integration.test_swarm import Cluster, get, sha256
+
+MiB = 1024 * 1024
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(nats: NatsServer, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
+    with ExitStack() as stack:
+        yield Cluster(nats, prefix, tmp_path, stack)
+
+
+class Forger:
+    """A cluster member that claims a task: it registers first, states its own content and
+    piece digests, serves its own bytes to anyone who asks and says it succeeded."""
+
+    def __init__(self, bus: Bus, task: str, forged: bytes, port: int) -> None:
+        self.bus, self.task, self.forged, self.port = bus, task, forged, port
+        self.length = piece_length_for(len(forged))
+        self.count = piece_count(len(forged), self.length)
+        self.peer_id = "pforger000000000000000000"
+        self.served = 0
+        self.lent: list[int] = []
+
+    @property
+    def host(self) -> dict[str, Any]:
+        return {"id": "forger-host", "ip": "127.0.0.1", "port": self.port, "type": "normal"}
+
+    def content(self) -> dict[str, Any]:
+        return {
+            "content_length": len(self.forged),
+            "piece_length": self.length,
+            "piece_count": self.count,
+        }
+
+    def piece(self, number: int) -> bytes:
+        return self.forged[number * self.length : (number + 1) * self.length]
+
+    async def request(self, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        partition = str(partition_of(self.task, DEFAULT_PARTITIONS))
+        try:
+            return await self.bus.request(name, body, partition=partition)
+        except Exception:  # refused: what we want the scheduler to do; the forger goes on
+            return None
+
+    async def claim(self, url: str, *, seed: bool = True) -> None:
+        await self.bus.request("scheduler.heartbeat", {"host": self.host, "uploads": 0})
+        await self.request(
+            "scheduler.{partition}.register",
+            {
+                "task_id": self.task,
+                "peer_id": self.peer_id,
+                "host": self.host,
+                "source": {"url": url},
+                "pieces": list(range(self.count)),
+                "task": self.content(),
+                "seed": seed,
+            },
+        )
+        await self.report(range(self.count))
+        done = {"task_id": self.task, "peer_id": self.peer_id, "success": True}
+        await self.request("scheduler.{partition}.result", done)
+
+    async def report(self, numbers: range | list[int]) -> None:
+        pieces = [{"number": n, "digest": sha256(self.piece(n))} for n in numbers]
+        await self.request(
+            "scheduler.{partition}.pieces",
+            {
+                "task_id": self.task,
+                "peer_id": self.peer_id,
+                "pieces": pieces,
+                "task": self.content(),
+            },
+        )
+
+    async def pieces(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "version": 1,
+                "piece_count": self.count,
+                "complete": True,
+                "pieces": list(range(self.count)),
+            }
+        )
+
+    async def data(self, request: web.Request) -> web.Response:
+        first, last = request.headers["Range"].removeprefix("bytes=").split("-")
+        body = self.forged[int(first) : int(last) + 1]
+        self.served += len(body)
+        return web.Response(
+            status=206,
+            body=body,
+            headers={"Content-Range": f"bytes {first}-{last}/{len(self.forged)}"},
+        )
+
+
+@asynccontextmanager
+async def forger(bus: Bus, task: str, forged: bytes) -> AsyncIterator[Forger]:
+    app = web.Application()
+    holder: list[Forger] = []
+    app.router.add_get("/v1/tasks/{task_id}/pieces", lambda r: holder[0].pieces(r))
+    app.router.add_get("/v1/tasks/{task_id}/data", lambda r: holder[0].data(r))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    holder.append(Forger(bus, task, forged, runner.addresses[-1][1]))
+    try:
+        yield holder[0]
+    finally:
+        await runner.cleanup()
+
+
+def cached(root: Path, task: str) -> bytes | None:
+    """What a host's cache holds of a task, once its metadata says it is complete."""
+    folder = root / "tasks" / task[:2] / task
+    try:
+        meta = orjson.loads((folder / "meta.json").read_bytes())
+        if len(meta["done"]) < meta["content"]["piece_count"]:
+            return None
+        return (folder / "data").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+async def settled(root: Path, task: str, data: bytes) -> bytes | None:
+    """What the cache holds once it says it is complete (within 30 s), or None."""
+    for _ in range(300):
+        if (held := cached(root, task)) is not None:
+            return held
+        await asyncio.sleep(0.1)
+    return None
+
+
+def flip(data: bytes) -> bytes:
+    return bytes(b ^ 0x5A for b in data)
+
+
+@pytest.mark.parametrize("forged_size", [3 * MiB, 5 * MiB], ids=["same-size", "larger"])
+async def test_a_member_that_claims_a_task_first_cannot_feed_it(
+    cluster: Cluster, bus: Bus, tmp_path: Path, forged_size: int
+) -> None:
+    """Attacks 1 and 4: the forger's content and digests count for nothing; the child gets
+    the origin's bytes, and so does the storage's cache."""
+    data = os.urandom(3 * MiB)
+    from swarmfly.testing import Origin
+
+    async with Origin().serve() as origin:
+        url = origin.add("f.bin", data)
+        etag = origin._etag("f.bin", data)
+        task = task_id(url, etag=etag)
+        cluster.start(peers=1)
+        async with forger(bus, task, flip(os.urandom(forged_size))[:forged_size]) as evil:
+            await evil.claim(url)
+            out = tmp_path / "out.bin"
+            result = await get(url, out, cluster.peer_dir(0), *cluster.get_args())
+            assert result["exit"] == 0, result
+            assert result["task_id"] == task
+            assert sha256(out.read_bytes()) == sha256(data)
+            assert await settled(cluster.peer_dir(0), task, data) == data
+            storage_copy = cached(cluster.root / "storage", task)
+            assert storage_copy is None or storage_copy == data
+
+
+async def test_a_known_digest_is_enforced_whatever_the_swarm_says(
+    cluster: Cluster, bus: Bus, tmp_path: Path
+) -> None:
+    """Attack 2: with `--digest`, the digest-keyed task a forger claimed still yields the
+    origin's bytes; a wrong `--digest` fails and leaves nothing at the output path."""
+    data = os.urandom(3 * MiB)
+    digest = f"sha256:{sha256(data)}"
+    from swarmfly.testing import Origin
+
+    async with Origin().serve() as origin:
+        url = origin.add("f.bin", data)
+        task = task_id(url, digest=digest)
+        cluster.start(peers=1)
+        async with forger(bus, task, flip(data)) as evil:
+            await evil.claim(url)
+            out = tmp_path / "out.bin"
+            result = await get(
+                url, out, cluster.peer_dir(0), *cluster.get_args(), "--digest", digest
+            )
+            assert result["exit"] == 0, result
+            assert result["digest"] == digest
+            assert out.read_bytes() == data
+
+            wrong = tmp_path / "wrong.bin"
+            other = f"sha256:{'0' * 64}"
+            failed = await get(
+                url, wrong, cluster.peer_dir(0), *cluster.get_args(), "--digest", other
+            )
+            assert failed["exit"] != 0
+            assert "digest" in failed["error"]
+            assert not wrong.exists()
+            assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".wrong")] == []
+
+
+async def test_a_lent_child_that_lies_is_caught_and_nobody_keeps_its_bytes(
+    cluster: Cluster, bus: Bus, tmp_path: Path
+) -> None:
+    """Attack 3: a registered child the capped seed lends pieces to reports false digests
+    for them and serves false bytes. The honest child, which knows the whole file's digest,
+    delivers the origin's bytes; the seed caches the origin's bytes; the liar is not offered
+    again."""
+    data = os.urandom(24 * MiB)
+    digest = f"sha256:{sha256(data)}"
+    from swarmfly.testing import Origin
+
+    # The origin is faster than the seed's uplink, but not so fast that the seed has read
+    # everything before the liar asks: the seed lends while its reading runs ahead.
+    async with Origin(rate=4 * MiB).serve() as origin:
+        url = origin.add("f.bin", data)
+        task = task_id(url, digest=digest)
+        cluster.start(peers=1, seed_rate="2MiB")
+        async with forger(bus, task, flip(data)) as evil:
+            # An ordinary child: registers without any claim of its own.
+            await bus.request("scheduler.heartbeat", {"host": evil.host, "uploads": 0})
+            honest = asyncio.create_task(
+                get(
+                    url,
+                    tmp_path / "out.bin",
+                    cluster.peer_dir(0),
+                    *cluster.get_args(),
+                    "--digest",
+                    digest,
+                )
+            )
+            for _ in range(300):  # the honest child asked first: its seed is reading
+                known = await evil.request("scheduler.{partition}.task", {"task_id": task})
+                if known is not None and known["task"] is not None:
+                    break
+                await asyncio.sleep(0.05)
+            seed: dict[str, Any] | None = None
+            for _ in range(200):
+                reply = await evil.request(
+                    "scheduler.{partition}.register",
+                    {
+                        "task_id": task,
+                        "peer_id": evil.peer_id,
+                        "host": evil.host,
+                        "source": {"url": url},
+                    },
+                )
+                parents = (reply or {}).get("parents", [])
+                seed = next((p for p in parents if p["type"] == "seed"), None)
+                if seed is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert seed is not None, "the seed never came"
+            await lie_while_lent(evil, seed["address"], digest_task=task)
+            result = await asyncio.wait_for(honest, 120)
+            assert result["exit"] == 0, (result, cluster.peers[0].log()[-8000:])
+            assert (tmp_path / "out.bin").read_bytes() == data
+            assert evil.lent, "the seed lent the liar nothing: the attack did not run"
+            # The seed finishes its cache after the child.
+            held = await settled(cluster.root / "storage", task, data)
+            assert held == data, cluster.storage.log()[-3000:]
+            reply = await evil.request(
+                "scheduler.{partition}.register",
+                {
+                    "task_id": task,
+                    "peer_id": "pnewcomer0000000000000000",
+                    "host": {**evil.host, "id": "newcomer"},
+                    "source": {"url": url},
+                },
+            )
+            assert reply is not None
+            assert evil.peer_id not in {p["peer_id"] for p in reply["parents"]}
+
+
+async def lie_while_lent(evil: Forger, seed: str, *, digest_task: str) -> None:
+    """Poll the seed as a child that wants every piece; report a false digest for each
+    piece it lends (within a bounded number of polls)."""
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 40
+    async with aiohttp.ClientSession() as session:
+        info = None
+        while loop.time() < deadline:
+            params = {"since": "-1", "wait": "1", "peer": evil.peer_id}
+            if info is not None:
+                params["wants"] = grants.encode(range(info), info)
+            async with session.get(f"{seed}/v1/tasks/{digest_task}/pieces", params=params) as r:
+                if r.status != 200:
+                    await asyncio.sleep(0.1)
+                    continue
+                body = await r.json()
+            info = body["piece_count"]
+            lent = [n for n in body.get("origin", []) if n not in evil.lent]
+            if lent:
+                evil.lent.extend(lent)
+                await evil.report(lent)
+            if len(evil.lent) >= 4:
+                return
+
+
+async def test_a_cached_copy_that_disagrees_with_the_origin_now_is_not_delivered(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Attack 8's second half: an origin without ETags changes a file; the URL is the same
+    task, but the cached copy no longer fits what the origin says, so it is read again."""
+    from swarmfly.testing import Origin
+
+    async with Origin(etags=False).serve() as origin:
+        old, new = os.urandom(3 * MiB), os.urandom(3 * MiB + 4096)
+        url = origin.add("f.bin", old)
+        cluster.start(peers=1)
+        first = await get(url, tmp_path / "a.bin", cluster.peer_dir(0), *cluster.get_args())
+        assert first["exit"] == 0, first
+        origin.add("f.bin", new)
+        second = await get(url, tmp_path / "b.bin", cluster.peer_dir(0), *cluster.get_args())
+        assert second["exit"] == 0, second
+        assert second["task_id"] == first["task_id"]
+        assert (tmp_path / "b.bin").read_bytes() == new
+        assert (tmp_path / "a.bin").read_bytes() == old
