@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--piece-length", type=_size, help="piece length (default from size)")
     get.add_argument("--upload-rate", type=_size, help="upload limit of the in-process peer")
     get.add_argument("--download-rate", type=_size, help="download limit, bytes/s")
+    get.add_argument(
+        "--force-hard-link",
+        action="store_true",
+        help="hard-link the output to the cache file (made read-only) instead of copying it",
+    )
     get.add_argument("--json", action="store_true", help="print a JSON summary")
 
     preheat = sub.add_parser("preheat", help="seed an image or a URL into storage")
@@ -228,6 +233,7 @@ def _get(args: argparse.Namespace, config: Config) -> int:
         timeout=args.timeout,
         strategy=args.strategy,
         piece_length=args.piece_length,
+        hard_link=args.force_hard_link,
     )
     bar = ProgressBar() if sys.stderr.isatty() and not args.json else None
     try:

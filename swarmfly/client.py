@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import shutil
 import tempfile
 import time
 from contextlib import AsyncExitStack
@@ -125,20 +126,48 @@ async def _via_peer(
     return call.result()
 
 
+STALE_RUN = 60.0
+"""Seconds after which an unlocked run dir of the in-process peer counts as left behind."""
+
+
 def _cli_state_dir(stack: AsyncExitStack, config: Config) -> Path:
-    """One in-process peer at a time owns the CLI cache; a concurrent one uses a temp dir."""
+    """A store of this in-process peer's own, removed when it ends.
+
+    The host's cache belongs to its peer service; a second, lasting copy of every file under
+    ``<state>/cli`` doubled the disk used, and two processes must not share one store (it has
+    no cross-process locking). The file is moved, not copied, to the output (``deliver``'s
+    ``take``). Run dirs left by a killed get are removed by the next one: a live run holds
+    an flock on its own."""
+    from swarmfly.services.peer.store import private_dir
+
     folder = config.state_dir / "cli"
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "a")  # noqa: SIM115 - held for the whole download
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        stack.callback(handle.close)
-        return folder
-    except OSError:
-        handle.close()
-        temp = tempfile.TemporaryDirectory(prefix="swarmfly-get-")
-        stack.callback(temp.cleanup)
-        return Path(temp.name)
+    private_dir(config.state_dir)
+    private_dir(folder)
+    _sweep(folder)
+    run = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
+    handle = open(run / ".lock", "a")  # noqa: SIM115 - held for the whole download
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    stack.callback(shutil.rmtree, run, ignore_errors=True)
+    stack.callback(handle.close)
+    return run
+
+
+def _sweep(folder: Path) -> None:
+    """Remove what killed in-process peers left under ``folder`` (and the lasting cache
+    older versions kept there)."""
+    now = time.time()
+    for entry in folder.iterdir():
+        try:
+            if not entry.is_dir() or now - entry.stat().st_mtime < STALE_RUN:
+                continue  # a run being set up has no lock yet
+            with open(entry / ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(entry, ignore_errors=True)
+        except BlockingIOError:
+            continue  # a live run holds its lock
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", entry, exc)
+    (folder / ".lock").unlink(missing_ok=True)
 
 
 async def _in_process(
@@ -179,5 +208,12 @@ async def _in_process(
         result = job.result()
     finally:
         job.cancel()
-    await asyncio.to_thread(deliver, node.store.open(result.task_id), output)
+    await asyncio.to_thread(
+        deliver,
+        node.store.open(result.task_id),
+        output,
+        umask=request.umask,
+        hard_link=request.hard_link,
+        take=True,
+    )
     return result.reply(output)

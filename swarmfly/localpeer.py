@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,21 @@ SILENCE = 10.0
 Progress = Callable[[int, int | None], None]
 
 
+def current_umask() -> int:
+    """This process's umask, which outputs are created with (read without changing it where
+    /proc tells it: other threads may be creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class PeerGone(SwarmflyError):
     """The local peer stopped answering mid-download: the caller may go on without it."""
 
@@ -52,6 +67,10 @@ class GetRequest:
     timeout: float = 3600.0
     strategy: str | None = None
     piece_length: int | None = None
+    hard_link: bool = False
+    """Hard-link the output to the (then read-only) cache file instead of copying it."""
+    umask: int = field(default_factory=current_umask)
+    """The requester's: the peer creates the output with mode ``0o666 & ~umask``."""
 
     def source(self) -> SourceRequest:
         return SourceRequest(self.url, self.headers, self.digest, self.piece_length)
@@ -63,9 +82,12 @@ class GetRequest:
             "source": self.source().to_dict(),
             "output": str(output),
             "timeout_s": self.timeout,
+            "umask": self.umask,
         }
         if self.strategy:
             body["strategy"] = self.strategy
+        if self.hard_link:
+            body["hard_link"] = True
         return body
 
 

@@ -1,8 +1,10 @@
 """Cache garbage collection, as a pure decision: which tasks to evict now.
 
-Expired tasks (unused longer than the TTL) go first; then, while the cache is above its high
-watermark, the least recently used go until it is below the low watermark. A task that is
-being downloaded or uploaded is never chosen.
+Orphans (task dirs a restart could not load) go first; then expired tasks (unused longer
+than the TTL); then, while the cache is above its quota's high watermark, the least recently
+used until it is below the low one; then the same by the disk: while the state dir's
+filesystem is fuller than its high watermark (whatever filled it), until it is below its low
+one. A task that is being downloaded or uploaded is never chosen.
 """
 
 from __future__ import annotations
@@ -16,6 +18,16 @@ class CachedTask:
     size: int
     last_access: float
     active: bool
+    orphan: bool = False
+    """Left by an interrupted run and never loaded: nothing can use it."""
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """The state dir's filesystem, in bytes (``used`` counts what is not free for us)."""
+
+    total: int
+    used: int
 
 
 @dataclass(frozen=True)
@@ -26,22 +38,42 @@ class GcPolicy:
     low: float = 0.7
     ttl: float = 0.0
     """Seconds a task may go unused; 0: forever."""
+    disk_high: float = 0.95
+    """Share of the filesystem in use above which cached tasks are evicted; 0: never."""
+    disk_low: float = 0.85
 
 
-def plan(tasks: list[CachedTask], policy: GcPolicy, now: float) -> list[str]:
-    """Task ids to evict, oldest first."""
-    idle = sorted((t for t in tasks if not t.active), key=lambda t: t.last_access)
-    evict: list[str] = []
-    used = sum(t.size for t in tasks)
+def plan(
+    tasks: list[CachedTask], policy: GcPolicy, now: float, disk: DiskUsage | None = None
+) -> list[str]:
+    """Task ids to evict: orphans, then oldest first. ``disk``: the state dir's filesystem
+    now (None: no disk watermarks)."""
+    evict = [t.id for t in tasks if t.orphan and not t.active]
+    freed = sum(t.size for t in tasks if t.orphan and not t.active)
+    cached = sum(t.size for t in tasks if not t.orphan)
+    idle = sorted((t for t in tasks if not (t.active or t.orphan)), key=lambda t: t.last_access)
+    chosen: set[str] = set()
+
+    def take(task: CachedTask) -> None:
+        nonlocal freed, cached
+        evict.append(task.id)
+        chosen.add(task.id)
+        freed += task.size
+        cached -= task.size
+
     for task in idle:
         if policy.ttl > 0 and now - task.last_access > policy.ttl:
-            evict.append(task.id)
-            used -= task.size
-    if policy.quota > 0 and used > policy.high * policy.quota:
+            take(task)
+    if policy.quota > 0 and cached > policy.high * policy.quota:
         for task in idle:
-            if used <= policy.low * policy.quota:
+            if cached <= policy.low * policy.quota:
                 break
-            if task.id not in evict:
-                evict.append(task.id)
-                used -= task.size
+            if task.id not in chosen:
+                take(task)
+    if disk is not None and policy.disk_high > 0 and disk.used > policy.disk_high * disk.total:
+        for task in idle:
+            if disk.used - freed <= policy.disk_low * disk.total:
+                break
+            if task.id not in chosen:
+                take(task)
     return evict

@@ -7,10 +7,13 @@ only in host type and in fetching the tasks the scheduler hands it.
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from contextlib import AsyncExitStack
@@ -32,14 +35,19 @@ from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source, SourceStat
 from swarmfly.ratelimit import TokenBucket
-from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor
-from swarmfly.services.peer.gc import CachedTask, GcPolicy, plan
-from swarmfly.services.peer.store import StoredTask, TaskStore
+from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor, LocalDiskError
+from swarmfly.services.peer.gc import CachedTask, DiskUsage, GcPolicy, plan
+from swarmfly.services.peer.store import FILE_MODE, StoredTask, TaskStore, private_dir
 from swarmfly.services.peer.upload import UploadServer
 
 log = logging.getLogger(__name__)
 LEAVE_PATIENCE = 2.0
 """Seconds a leaving host waits for its cancelled downloads' last reports."""
+CHECKPOINT_INTERVAL = 1.0
+"""Seconds between saves of a changing task's metadata: what a kill -9 can cost a resumed
+download is the pieces of about this long."""
+FICLONE = getattr(fcntl, "FICLONE", 0x40049409)
+"""ioctl that makes ``dst`` share ``src``'s blocks copy-on-write (btrfs, XFS, bcachefs)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,8 @@ class NodeSettings:
     heartbeat_interval: float
     lend_pieces: bool = False
     """A seed lends pieces to read from the origin (``grants.Delegation``)."""
+    capabilities: bool = True
+    """The upload server serves only against a capability the schedulers signed."""
     piece_spans: bool = False
     idc: str = ""
     location: str = ""
@@ -153,6 +163,7 @@ class PeerNode:
             # Grants ration a seed's uplink when it is capped: one round trip per piece,
             # which an uncapped seed need not pay (its children take what it lists).
             superseed=settings.host_type == "seed" and settings.upload_rate > 0,
+            capabilities=settings.capabilities,
         )
         self.download_bucket = TokenBucket(settings.download_rate)
         self.origin_concurrency = settings.origin_concurrency
@@ -172,6 +183,9 @@ class PeerNode:
         self._beat: asyncio.Task[None] | None = None
         self._left = False
         """This host left the swarm: nothing of it registers again (``leave``)."""
+        self._verifying: dict[str, asyncio.Task[None]] = {}
+        """Re-verification of a restarted host's pieces, by task."""
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -183,9 +197,12 @@ class PeerNode:
         return self._session
 
     async def start(self, stack: AsyncExitStack) -> None:
+        private_dir(self.settings.state_dir)
+        private_dir(self.store.root)
         loaded = self.store.load()
         self._count_cache()
         stack.callback(self.store.close)
+        stack.push_async_callback(self._checkpoint)  # the last changes, once downloads stop
         self.upload_url = await serve_http(
             stack, self.upload.app, self.settings.listen, self.settings.upload_port
         )
@@ -194,12 +211,14 @@ class PeerNode:
         if self.bus is not None:
             stack.push_async_callback(self.leave)
             await self._heartbeat(first=True)  # learns how tasks are partitioned
-            for task in loaded:
-                await self._announce_safely(task)
             self._beat = asyncio.create_task(self._heartbeat_loop())
             stack.callback(self._beat.cancel)
+        verifier = asyncio.create_task(self._verify_loaded(loaded))
+        stack.callback(verifier.cancel)
         collector = asyncio.create_task(self._gc_loop())
         stack.callback(collector.cancel)
+        saver = asyncio.create_task(self._checkpoint_loop())
+        stack.callback(saver.cancel)
         log.info(
             "%s %s serving uploads on %s (%d cached tasks)",
             self.settings.host_type,
@@ -212,6 +231,8 @@ class PeerNode:
         """Stop downloads and close connection pools (done by ``start``'s exit stack)."""
         for _, task in self._downloads.values():
             task.cancel()
+        for job in self._background:
+            job.cancel()
         if self._session is not None:
             await self._session.close()
 
@@ -270,6 +291,7 @@ class PeerNode:
         )
         entry = self._downloads.get(task_id)
         if entry is None:
+            self._drop_if_stale(task_id, source, stat)
             conductor = Conductor(self, task_id, source, strategy=strategy, seed=seed, stat=stat)
             running = asyncio.create_task(self._run(conductor))
             entry = self._downloads[task_id] = (conductor, running)
@@ -277,6 +299,23 @@ class PeerNode:
         if download_id:
             self._progress[download_id] = entry[0]
         return Download(task_id, entry[0], entry[1], started)
+
+    def _drop_if_stale(self, task_id: str, source: SourceRequest, stat: SourceStat) -> None:
+        """A cached copy is this requester's only if it agrees with what the origin tells
+        the requester now (its length, the digest asked for): an origin with no ETag keeps
+        the task id when its content changes."""
+        cached = self.store.get(task_id)
+        content = cached.content if cached is not None else None
+        if content is None:
+            return
+        digest = source.digest
+        if (stat.size is None or stat.size == content.content_length) and (
+            not digest or not content.digest or digest == content.digest
+        ):
+            return
+        log.warning("cached task %s disagrees with the origin now: reading it again", task_id[:12])
+        self.store.evict(task_id)
+        self._count_cache()
 
     async def download(
         self,
@@ -294,18 +333,105 @@ class PeerNode:
         return await run.result()
 
     async def _run(self, conductor: Conductor) -> Conductor:
-        conductor.stored.active += 1
+        stored = conductor.stored
+        stored.active += 1
         try:
+            try:
+                await self._verified(stored)
+            except OSError as exc:  # reading back what this host held
+                raise LocalDiskError(exc.strerror or type(exc).__name__) from None
             await conductor.run()
+        except BaseException as exc:
+            stored.active -= 1
+            self._discard_failed(stored, exc)
+            raise
+        else:
+            stored.active -= 1
         finally:
-            conductor.stored.active -= 1
             self._count_cache()
         return conductor
 
+    def _discard_failed(self, stored: StoredTask, exc: BaseException) -> None:
+        """Free a failed download's space at once when it cannot be resumed: after a local
+        disk error (its blocks are what the disk lacks), or when it holds no verified piece.
+        Otherwise its pieces stay for the next ask to resume from (GC takes them in time)."""
+        if not (isinstance(exc, LocalDiskError) or not (stored.done or stored.unverified)):
+            return
+        if stored.active > 0 or self.store.get(stored.id) is not stored:
+            log.info("failed task %s is in use: GC removes it later", stored.id[:12])
+            return
+        freed = self.store.evict(stored.id)
+        if freed:
+            log.info("removed failed task %s (%d bytes)", stored.id[:12], freed)
+        if stored.content is not None and self.bus is not None:
+            self._spawn(self._report_gone([stored.id]))
+
+    def _spawn(self, coro: Any) -> None:
+        job = asyncio.create_task(coro)
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
+
+    async def _verified(self, stored: StoredTask) -> None:
+        """Re-hash what a restarted host held of this task before any of it is used; shared
+        by every caller (the loader's pass and downloads asking for it)."""
+        if not stored.unverified:
+            return
+        job = self._verifying.get(stored.id)
+        if job is None:
+            job = self._verifying[stored.id] = asyncio.create_task(self._reverify(stored))
+            job.add_done_callback(lambda _: self._verifying.pop(stored.id, None))
+        await asyncio.shield(job)
+
+    async def _reverify(self, stored: StoredTask) -> None:
+        stored.active += 1  # the file stays open and in place meanwhile
+        try:
+            while batch := stored.verify_batch():
+                good = await asyncio.to_thread(stored.check_pieces, batch)
+                stored.accept(batch, good)
+        finally:
+            stored.active -= 1
+
+    async def _verify_loaded(self, loaded: list[StoredTask]) -> None:
+        """Re-verify the tasks found at start, most recently used first, and announce each
+        complete one once it is: nothing unverified is offered to the swarm."""
+        for stored in sorted(loaded, key=lambda t: -t.last_access):
+            if self.store.get(stored.id) is not stored:
+                continue  # evicted meanwhile
+            try:
+                await self._verified(stored)
+            except OSError as exc:
+                log.warning("cannot re-verify task %s: %s", stored.id[:12], exc)
+                continue
+            if stored.complete and self.bus is not None and stored.id not in self._downloads:
+                await self._announce_safely(stored)
+        self._count_cache()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """Save the metadata of every task that changed, off the event loop: at most once a
+        ``CHECKPOINT_INTERVAL`` per task, however fast its pieces arrive."""
+        for stored in list(self.store.tasks.values()):
+            save = stored.checkpoint()
+            if save is None:
+                continue
+            stored.active += 1
+            try:
+                await asyncio.to_thread(save)
+            except OSError as exc:
+                log.warning("cannot save task %s: %s", stored.id[:12], exc)
+            finally:
+                stored.active -= 1
+
     def _count_cache(self) -> None:
-        metrics.PEER_CACHE_TASKS.set(len(self.store.tasks))
+        """Everything the store holds on disk: complete, partial and orphaned tasks."""
+        tasks, orphans = self.store.tasks.values(), self.store.orphans
+        metrics.PEER_CACHE_TASKS.set(len(tasks) + len(orphans))
         metrics.PEER_CACHE_BYTES.set(
-            sum(t.content.content_length for t in self.store.tasks.values() if t.content)
+            sum(t.content.content_length for t in tasks if t.content) + sum(orphans.values())
         )
 
     def progress(self, download_id: str) -> Conductor | None:
@@ -376,6 +502,7 @@ class PeerNode:
             if running is not None and not stored.complete:
                 conductor = running[0]
                 await self.announce(stored, peer_id=conductor.peer_id, seed=conductor.seed)
+                conductor.rejoined()
             else:
                 await self.announce(stored)
         except SwarmflyError as exc:
@@ -415,6 +542,8 @@ class PeerNode:
             log.debug("heartbeat: no scheduler answered")
             return None
         self._answered = time.monotonic()
+        for reply in replies:
+            self.upload.trust(reply.get("verify_keys", ()))
         partitions = int(replies[0].get("partitions", self.partitions))
         owners = [""] * partitions
         for reply in replies:  # any scheduler's view of the bucket; they agree but for lag
@@ -458,25 +587,45 @@ class PeerNode:
         """Evict what the cache policy says; tell the scheduler these pieces are gone."""
         cached = [
             CachedTask(t.id, t.content.content_length if t.content else 0, t.last_access,
-                       t.active > 0 or t.id in self._downloads)
+                       t.active > 0 or t.id in self._downloads or t.id in self._verifying)
             for t in self.store.tasks.values()
+        ] + [
+            CachedTask(task_id, size, 0.0, active=False, orphan=True)
+            for task_id, size in self.store.orphans.items()
         ]  # fmt: skip
-        evicted = plan(cached, self.settings.gc, time.time() if now is None else now)
+        now = time.time() if now is None else now
+        evicted = plan(cached, self.settings.gc, now, self._disk_usage())
+        announced = [task_id for task_id in evicted if task_id not in self.store.orphans]
         for task_id in evicted:
             freed = self.store.evict(task_id)
             metrics.PEER_GC_EVICTIONS.inc()
             log.info("evicted task %s (%d bytes)", task_id[:12], freed)
-        if evicted and self.bus is not None:
-            peer_ids = [self.peer_id(task_id) for task_id in evicted]
-            try:
-                await self.request(
-                    "scheduler.leave",
-                    {"host_id": self.settings.host_id, "peer_ids": peer_ids[:4096]},
-                )
-            except SwarmflyError as exc:
-                log.info("eviction not reported: %s", exc)
+        if announced:
+            await self._report_gone(announced)
         self._count_cache()
         return evicted
+
+    def _disk_usage(self) -> DiskUsage | None:
+        """The state dir's filesystem now, for the disk watermarks."""
+        try:
+            stat = os.statvfs(self.settings.state_dir)
+        except OSError as exc:
+            log.warning("cannot read the disk usage of %s: %s", self.settings.state_dir, exc)
+            return None
+        total = stat.f_blocks * stat.f_frsize
+        return DiskUsage(total, total - stat.f_bavail * stat.f_frsize)
+
+    async def _report_gone(self, task_ids: list[str]) -> None:
+        """Tell the schedulers this host no longer holds these tasks."""
+        if self.bus is None:
+            return
+        peer_ids = [self.peer_id(task_id) for task_id in task_ids]
+        try:
+            await self.request(
+                "scheduler.leave", {"host_id": self.settings.host_id, "peer_ids": peer_ids[:4096]}
+            )
+        except SwarmflyError as exc:
+            log.info("eviction not reported: %s", exc)
 
     async def _gc_loop(self) -> None:
         while True:
@@ -514,20 +663,67 @@ class PeerNode:
             log.debug("leave: %s", exc)
 
 
-def deliver(stored: StoredTask, output: Path) -> None:
-    """Put the verified file at ``output`` atomically: a hard link when the filesystem
-    allows, else a copy; the path never holds a partial file."""
+def deliver(
+    stored: StoredTask, output: Path, *, umask: int, hard_link: bool = False, take: bool = False
+) -> None:
+    """Put the verified file at ``output`` atomically (the path never holds a partial
+    file), as a file of its own, mode ``0o666 & ~umask`` (the requester's): a reflink where
+    the filesystem has them, else a copy, so nothing done to the output reaches the cache.
+
+    ``hard_link`` (an explicit opt-in, like dfget's --force-hard-link) shares the cache's
+    inode instead, made read-only first. ``take`` moves the file out of a store that is about
+    to be discarded (the CLI's own peer), copying only across filesystems.
+    """
     output = output.absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.swarmfly-{os.getpid()}-{os.urandom(4).hex()}"
+    mode = 0o666 & ~umask
     try:
-        try:
+        if take and _moved(stored.data_path, tmp):
+            os.chmod(tmp, mode)
+        elif hard_link:
+            stored.make_read_only()
             os.link(stored.data_path, tmp)
-        except OSError:
-            import shutil
-
-            shutil.copyfile(stored.data_path, tmp)
+        else:
+            copy_file(stored.data_path, tmp, mode)
         os.replace(tmp, output)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def _moved(source: Path, target: Path) -> bool:
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            return False
+        raise
+    return True
+
+
+def copy_file(source: Path, target: Path, mode: int) -> None:
+    """A new file ``target`` (mode ``mode``) with ``source``'s bytes: a reflink where the
+    filesystem can, else ``copy_file_range`` (in the kernel), else a plain copy."""
+    with open(source, "rb") as src:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with open(fd, "wb") as dst:
+            os.fchmod(fd, mode)
+            try:
+                fcntl.ioctl(fd, FICLONE, src.fileno())
+                return
+            except OSError:
+                pass  # no reflinks here (ext4, tmpfs, another filesystem): copy
+            size = os.fstat(src.fileno()).st_size
+            copied = 0
+            try:
+                while copied < size:
+                    sent = os.copy_file_range(src.fileno(), fd, size - copied)
+                    if sent == 0:
+                        raise OSError(errno.EIO, f"{source} shrank while it was copied")
+                    copied += sent
+                return
+            except OSError as exc:
+                if copied or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                               errno.EOPNOTSUPP):  # fmt: skip
+                    raise
+            shutil.copyfileobj(src, dst, 1024 * 1024)

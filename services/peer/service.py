@@ -17,7 +17,7 @@ from swarmfly import __version__, contracts
 from swarmfly.bus import MAX_REQUEST_BYTES, Bus, decode_request
 from swarmfly.content import SourceRequest
 from swarmfly.errors import BadRequest, SwarmflyError
-from swarmfly.localpeer import PEER_FILE, PROGRESS_INTERVAL, socket_path
+from swarmfly.localpeer import PEER_FILE, PROGRESS_INTERVAL, current_umask, socket_path
 from swarmfly.services.peer.node import PeerNode, deliver
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class PeerService:
         self.node = node
         self.bus = bus
         self.default_strategy = default_strategy
+        self.umask = current_umask()
+        """For outputs a request gives no umask for."""
 
     async def start(self, stack: AsyncExitStack) -> None:
         await self.node.start(stack)
@@ -140,7 +142,13 @@ class PeerService:
                 )
                 stored = self.node.store.open(result.task_id)
                 try:
-                    await asyncio.to_thread(deliver, stored, output)
+                    await asyncio.to_thread(
+                        deliver,
+                        stored,
+                        output,
+                        umask=int(req.get("umask", self.umask)) & 0o777,
+                        hard_link=bool(req.get("hard_link", False)),
+                    )
                 except OSError as exc:
                     raise SwarmflyError(
                         "bad_request",

@@ -1,20 +1,25 @@
 """The on-disk task store: one data file per task written at piece offsets, and its metadata.
 
 Metadata never holds secrets: the URL is kept without its query (signatures live there) and
-headers are never written.
+headers are never written. It is written atomically and only after the data it describes is
+on disk; what it lists is trusted again after a restart only once re-hashed (``verify_batch``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -24,6 +29,45 @@ from swarmfly.ids import TASK_ID, piece_count, redact_url
 from swarmfly.services.peer.grants import Delegation
 
 log = logging.getLogger(__name__)
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+"""Modes of the state dir, task dirs and cache files, set here only: a group operators need
+would be allowed in this one place."""
+LINKED_MODE = 0o444
+"""A data file hard-linked to an output (opt-in): nobody changes the cache through it."""
+VERIFY_BYTES = 64 * 1024 * 1024
+"""Bytes re-hashed per batch after a restart: pieces become usable as they pass."""
+BLOCK = 4 * 1024 * 1024
+USE_PATIENCE = 30.0
+"""Seconds ``close`` waits for piece reads and writes still running in worker threads."""
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV}
+"""What ``posix_fallocate`` says where it cannot reserve (then free space is checked)."""
+
+
+def private_dir(path: Path) -> None:
+    """Make ``path`` (and missing parents) and leave it DIR_MODE: the state dir holds the
+    cache, credentials and the local socket. A shared sticky directory such as /tmp is
+    left as it is (only its owner could loosen it back anyway)."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    mode = path.stat().st_mode
+    if mode & 0o077 and not mode & 0o1000:
+        log.info("tightening %s to mode %o", path, DIR_MODE)
+        os.chmod(path, DIR_MODE)
+
+
+def mebibytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def disk_size(folder: Path) -> int:
+    """Bytes a task dir takes on disk (blocks, not lengths: data files may be sparse)."""
+    total = 0
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
 
 
 @dataclass
@@ -36,20 +80,36 @@ class StoredTask:
     content: TaskContent | None = None
     digests: list[str | None] = field(default_factory=list)
     done: set[int] = field(default_factory=set)
+    unverified: set[int] = field(default_factory=set)
+    """Pieces the metadata listed as done before a restart, not re-hashed yet: never served,
+    delivered or counted until they pass (a byte may have changed while nobody watched)."""
     last_access: float = field(default_factory=time.time)
     version: int = 0
     active: int = 0
-    """Downloads and uploads in progress; a task in use is never evicted."""
+    """Downloads, uploads and saves in progress; a task in use is never evicted."""
     served: dict[int, int] = field(default_factory=dict)
+    """Uploads per piece, finished or under way."""
     delegation: Delegation | None = None
     """Set while this host seeds the task from the origin and lends pieces of it."""
-    """Uploads per piece, finished or under way."""
     _changed: asyncio.Event | None = None
     _fd: int | None = None
+    _reserved: bool = False
+    _users: int = 0
+    """Worker threads using ``_fd`` now: it is closed only when none is."""
+    _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _save_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _edits: int = 0
+    """Changes worth saving (content, pieces); ``_saved`` is the count last on disk."""
+    _saved: int = 0
 
     @property
     def data_path(self) -> Path:
         return self.dir / "data"
+
+    @property
+    def root(self) -> Path:
+        """The store's directory: what a full disk error names."""
+        return self.dir.parent.parent
 
     @property
     def complete(self) -> bool:
@@ -70,15 +130,19 @@ class StoredTask:
                 raise SwarmflyError("conflict", "task content changed (length or piece length)")
             if content.digest and not self.content.digest:
                 self.content = content
+                self._edits += 1
             return
         if content.piece_count != piece_count(content.content_length, content.piece_length):
             raise SwarmflyError("bad_request", "piece count does not match the content length")
         self.content = content
         self.digests = [None] * content.piece_count
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_path, "ab") as handle:
-            handle.truncate(content.content_length)
-        self.save()
+        self.dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        fd = os.open(self.data_path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+        try:
+            os.ftruncate(fd, content.content_length)  # sparse: space is claimed at first write
+        finally:
+            os.close(fd)
+        self._edits += 1
         self._wake()
 
     def set_digests(self, digests: list[str | None], offset: int = 0) -> None:
@@ -89,15 +153,65 @@ class StoredTask:
             if digest and number < self.content.piece_count and self.digests[number] is None:
                 self.digests[number] = digest
 
-    def _file(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
-        return self._fd
+    @contextlib.contextmanager
+    def _using(self, *, write: bool = False) -> Iterator[int]:
+        """The data file's descriptor, held for one read or write (in a worker thread)."""
+        with self._lock:
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+                except PermissionError:
+                    if write:  # read-only: hard-linked to an output, never written again
+                        raise
+                    self._fd = os.open(self.data_path, os.O_RDONLY)
+            if write and not self._reserved:
+                self._reserve(self._fd)
+            self._users += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._users -= 1
+                self._lock.notify_all()
+
+    def _reserve(self, fd: int) -> None:
+        """Claim the whole file's blocks before its first byte is written: a full disk fails
+        the download here, clearly and at once, not as a short write half-way."""
+        assert self.content is not None
+        length = self.content.content_length
+        try:
+            if length:
+                os.posix_fallocate(fd, 0, length)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise self._no_space(fd, length) from None
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            free = self._free()
+            need = max(0, length - os.fstat(fd).st_blocks * 512)
+            if need > free:
+                raise self._no_space(fd, length) from None
+        self._reserved = True
+
+    def _free(self) -> int:
+        stat = os.statvfs(self.dir)
+        return stat.f_bavail * stat.f_frsize
+
+    def _no_space(self, fd: int, length: int) -> OSError:
+        need = max(0, length - os.fstat(fd).st_blocks * 512)
+        return OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)} in {self.root}: "
+            f"need {mebibytes(need)}, {mebibytes(self._free())} free",
+        )
 
     def write_piece(self, number: int, data: bytes, expected: str | None) -> str:
         """Verify and write one piece (runs in a worker thread); returns its sha256 hex.
 
-        Never writes unverified bytes when a digest is known, nor past the piece.
+        Never writes unverified bytes when a digest is known, nor past the piece. The disk
+        failing (full, a short write, I/O) is an OSError naming the store: a local fault,
+        which no other parent would fix.
         """
         assert self.content is not None
         offset, size = self.content.piece(number)
@@ -106,9 +220,16 @@ class StoredTask:
         actual = hashlib.sha256(data).hexdigest()
         if expected is not None and actual != expected:
             raise SwarmflyError("integrity", f"piece {number}: sha256 mismatch")
-        written = os.pwrite(self._file(), data, offset)
+        with self._using(write=True) as fd:
+            try:
+                written = os.pwrite(fd, data, offset)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{exc.strerror} in {self.root}") from None
         if written != size:
-            raise SwarmflyError("internal", f"short write of piece {number}")
+            raise OSError(
+                errno.ENOSPC,
+                f"short write of piece {number} in {self.root}: {written} of {size} bytes",
+            )
         return actual
 
     def mark_done(self, number: int, digest: str) -> None:
@@ -116,11 +237,11 @@ class StoredTask:
             return
         self.digests[number] = digest
         self.done.add(number)
+        self.unverified.discard(number)
         self.version += 1
+        self._edits += 1
         self.last_access = time.time()
         self._wake()
-        if self.complete:
-            self.save()
 
     def touch(self) -> None:
         """Used now: least-recently-used eviction goes by this."""
@@ -136,7 +257,8 @@ class StoredTask:
             self._changed = None
 
     def read(self, offset: int, size: int) -> bytes:
-        return os.pread(self._file(), size, offset)
+        with self._using() as fd:
+            return os.pread(fd, size, offset)
 
     def covers(self, start: int, end: int) -> bool:
         """True when bytes [start, end) lie in verified pieces only."""
@@ -154,32 +276,166 @@ class StoredTask:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 
-    def save(self) -> None:
-        meta = {
+    # -- re-verifying after a restart ----------------------------------------------------
+
+    def verify_batch(self) -> list[int]:
+        """The next unverified pieces to re-hash. All at once when the data file is also an
+        output (hard-linked): its user may have changed it, and then none of it is used."""
+        if self.content is None:
+            return []
+        pending = sorted(self.unverified)
+        if self.shared():
+            return pending
+        return pending[: max(1, VERIFY_BYTES // self.content.piece_length)]
+
+    def shared(self) -> bool:
+        try:
+            return self.data_path.stat().st_nlink > 1
+        except OSError:
+            return False
+
+    def check_pieces(self, numbers: list[int]) -> set[int]:
+        """The pieces of ``numbers`` whose bytes match their digests (a worker thread)."""
+        assert self.content is not None
+        good: set[int] = set()
+        for number in numbers:
+            expected = self.digests[number] if number < len(self.digests) else None
+            if expected is None:
+                continue
+            offset, size = self.content.piece(number)
+            hasher = hashlib.sha256()
+            try:
+                with self._using() as fd:
+                    position, end = offset, offset + size
+                    while position < end:
+                        block = os.pread(fd, min(BLOCK, end - position), position)
+                        if not block:
+                            break
+                        hasher.update(block)
+                        position += len(block)
+            except OSError as exc:
+                log.warning("task %s piece %d unreadable: %s", self.id[:12], number, exc)
+                continue
+            if position == end and hasher.hexdigest() == expected:
+                good.add(number)
+        return good
+
+    def accept(self, numbers: list[int], good: set[int]) -> None:
+        """Apply a batch's re-verification: good pieces are usable again, the others are
+        read again by the next download. A shared data file that failed is replaced by a
+        private one, so that rewriting pieces never touches the output linked to it."""
+        bad = [n for n in numbers if n not in good]
+        self.unverified.difference_update(numbers)
+        if bad:
+            log.warning(
+                "task %s: %d pieces failed re-verification and are dropped", self.id[:12], len(bad)
+            )
+            for number in bad:
+                self.digests[number] = None
+            if self.shared():
+                self._replace_data()
+                good = set()
+            self._edits += 1
+        self.done.update(good)
+        self.version += 1
+        self._wake()
+
+    def _replace_data(self) -> None:
+        assert self.content is not None
+        with self._lock:
+            self._close_fd()
+            self.data_path.unlink(missing_ok=True)
+        self.done.clear()
+        self.unverified.clear()
+        self.digests = [None] * self.content.piece_count
+        fd = os.open(self.data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            os.ftruncate(fd, self.content.content_length)
+        finally:
+            os.close(fd)
+        self._reserved = False
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        """What ``save`` writes, taken on the event loop (the sets change there)."""
+        return {
             "id": self.id,
             "url": self.url,
             "content": self.content.to_dict() if self.content else None,
-            "digests": self.digests,
-            "done": sorted(self.done),
+            "digests": list(self.digests),
+            "done": sorted(self.done | self.unverified),
             "last_access": self.last_access,
         }
-        tmp = self.dir / "meta.json.tmp"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(orjson.dumps(meta))
-        os.replace(tmp, self.dir / "meta.json")
 
-    def close(self) -> None:
+    def checkpoint(self) -> Callable[[], None] | None:
+        """A save of what changed since the last one, to run in a worker thread; None when
+        nothing did (or there is nothing to resume yet)."""
+        if self._edits == self._saved or self.content is None:
+            return None
+        edits, meta = self._edits, self.metadata()
+
+        def save() -> None:
+            self.write_metadata(meta)
+            self._saved = max(self._saved, edits)
+
+        return save
+
+    def save(self) -> None:
+        """Save now, from the calling thread."""
+        save = self.checkpoint()
+        if save is not None:
+            save()
+
+    def write_metadata(self, meta: dict[str, Any]) -> None:
+        """Write ``meta`` atomically (tmp, fsync, rename, fsync of the dir); when it says the
+        task is complete, the data is synced first, so it never says more than the disk
+        holds."""
+        with self._save_lock:
+            content = meta["content"]
+            if content and len(meta["done"]) >= content["piece_count"]:
+                with self._using() as fd:
+                    os.fdatasync(fd)
+            tmp = self.dir / "meta.json.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            with open(fd, "wb") as handle:
+                handle.write(orjson.dumps(meta))
+                handle.flush()
+                os.fsync(fd)
+            os.replace(tmp, self.dir / "meta.json")
+            folder = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+
+    def make_read_only(self) -> None:
+        """Before the data file is hard-linked to an output: neither side may change it."""
+        os.chmod(self.data_path, LINKED_MODE)
+        with self._lock:
+            if self._users == 0:
+                self._close_fd()  # reopened read-only: the file is no one's to write now
+
+    def _close_fd(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
+    def close(self) -> None:
+        """Close the data file once no worker thread uses it (bounded: ``USE_PATIENCE``)."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: self._users == 0, USE_PATIENCE):
+                log.warning("task %s: closing its file under %d users", self.id[:12], self._users)
+            self._close_fd()
+
     def reset(self) -> None:
         """Forget every piece: the whole file failed its digest."""
         self.done.clear()
+        self.unverified.clear()
         self.digests = [None] * (self.content.piece_count if self.content else 0)
         self.version += 1
+        self._edits += 1
         self._wake()
-        self.save()
 
 
 class TaskStore:
@@ -188,6 +444,9 @@ class TaskStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tasks: dict[str, StoredTask] = {}
+        self.orphans: dict[str, int] = {}
+        """Task dirs a restart could not load (no or unreadable metadata, a missing data
+        file), with the bytes they take: GC removes them, the gauges count them until then."""
 
     def path_for(self, task_id: str) -> Path:
         if not TASK_ID.fullmatch(task_id):
@@ -203,39 +462,63 @@ class TaskStore:
         task = self.tasks.get(task_id)
         if task is None:
             task = self.tasks[task_id] = StoredTask(task_id, self.path_for(task_id))
+            self.orphans.pop(task_id, None)  # its dir is this task's again
         if url and not task.url:
             task.url = redact_url(url)
         return task
 
     def load(self) -> list[StoredTask]:
-        """Reload complete tasks after a restart; incomplete ones restart from scratch."""
+        """Reload every task after a restart, complete or not, so that an interrupted
+        download resumes; what each held comes back unverified (``StoredTask.unverified``)
+        until re-hashed. Task dirs that cannot be loaded become ``orphans``."""
         loaded: list[StoredTask] = []
         if not self.root.is_dir():
             return loaded
-        for meta_path in self.root.glob("??/*/meta.json"):
-            task_id = meta_path.parent.name
-            if not TASK_ID.fullmatch(task_id):
+        for folder in self.root.glob("??/*"):
+            task_id = folder.name
+            if not TASK_ID.fullmatch(task_id) or folder.parent.name != task_id[:2]:
+                continue  # not ours: left alone
+            if not folder.is_dir() or task_id in self.tasks:
                 continue
-            try:
-                meta = orjson.loads(meta_path.read_bytes())
-                task = StoredTask(task_id, meta_path.parent, url=meta.get("url", ""))
-                if meta.get("content"):
-                    task.content = TaskContent.from_dict(meta["content"])
-                    task.digests = list(meta["digests"])
-                    task.done = {int(n) for n in meta["done"]}
-                    task.last_access = float(meta.get("last_access", time.time()))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("skipping unreadable task metadata %s: %s", meta_path, exc)
-                continue
-            if not task.complete or not task.data_path.is_file():
+            task = self._load(folder)
+            if task is None:
+                self.orphans[task_id] = disk_size(folder)
                 continue
             self.tasks[task_id] = task
             loaded.append(task)
         return loaded
 
+    def _load(self, folder: Path) -> StoredTask | None:
+        meta_path = folder / "meta.json"
+        try:
+            meta = orjson.loads(meta_path.read_bytes())
+            task = StoredTask(folder.name, folder, url=str(meta.get("url", "")))
+            if not meta.get("content"):
+                return None
+            task.content = TaskContent.from_dict(meta["content"])
+            digests = [d if isinstance(d, str) else None for d in meta["digests"]]
+            count = task.content.piece_count
+            if len(digests) != count:
+                raise ValueError("digests do not match the piece count")
+            task.digests = digests
+            task.unverified = {int(n) for n in meta["done"] if 0 <= int(n) < count}
+            task.unverified = {n for n in task.unverified if digests[n]}
+            task.last_access = float(meta.get("last_access", time.time()))
+            if task.data_path.stat().st_size != task.content.content_length:
+                raise ValueError("the data file is not the content's length")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("task dir %s cannot be loaded (GC removes it): %s", folder, exc)
+            return None
+        task._edits = task._saved = 1
+        return task
+
     def evict(self, task_id: str) -> int:
-        """Delete a task's files; returns the bytes freed (outputs hard-linked from it keep
-        their data)."""
+        """Delete a task's files (or an orphan's); returns the bytes freed (an output
+        hard-linked from it keeps its data)."""
+        if task_id in self.orphans:
+            size = self.orphans.pop(task_id)
+            shutil.rmtree(self.path_for(task_id), ignore_errors=True)
+            return size
         task = self.tasks.pop(task_id, None)
         if task is None:
             return 0

@@ -16,13 +16,14 @@ from typing import Any
 import aiohttp
 import pytest
 
+from swarmfly.capability import Signer
 from swarmfly.config import Config
 from swarmfly.content import SourceRequest
 from swarmfly.pluginhost import Plugins
 from swarmfly.runtime import peer_settings
 from swarmfly.services.peer.gc import GcPolicy
 from swarmfly.services.peer.node import PeerNode
-from swarmfly.testing import Origin, wait_until
+from swarmfly.testing import Origin, metric_value, wait_until
 
 MiB = 1024 * 1024
 
@@ -116,13 +117,17 @@ async def test_a_task_being_uploaded_is_never_evicted(origin: Origin, tmp_path: 
             for name, data in files.items()
         }
         assert node.upload.slots == 1
+        signer = Signer.generate()  # no scheduler here: the test signs as one would
+        node.upload.trust([signer.verify_key])
 
         async def read_piece(
             session: aiohttp.ClientSession, name: str, started: asyncio.Event
         ) -> bytes:
             """A child reading piece 0, as a slow reader would see it."""
             url = f"{node.upload_url}/v1/tasks/{tasks[name]}/data"
-            async with session.get(url, headers={"Range": f"bytes=0-{MiB - 1}"}) as response:
+            token = signer.mint(tasks[name], "child", time.time())
+            headers = {"Range": f"bytes=0-{MiB - 1}", "Authorization": f"Bearer {token}"}
+            async with session.get(url, headers=headers) as response:
                 assert response.status == 206, await response.text()
                 body = await response.content.read(64 * 1024)
                 started.set()
@@ -152,3 +157,24 @@ async def test_a_task_being_uploaded_is_never_evicted(origin: Origin, tmp_path: 
         await wait_until(lambda: node.upload.load == 0, timeout=5)
         assert sorted(await node.collect(time.time())) == sorted([tasks["served"], tasks["queued"]])
         assert node.store.tasks == {}
+
+
+async def test_a_task_dir_left_without_metadata_is_counted_until_collected(
+    origin: Origin, tmp_path: Path
+) -> None:
+    urls = [origin.add(name, os.urandom(size)) for name, size in (("kept", MiB), ("lost", 2 * MiB))]
+    async with peer_node(tmp_path, GcPolicy()) as node:
+        kept, lost = [(await node.download(SourceRequest(url))).task_id for url in urls]
+    lost_dir = tmp_path / "tasks" / lost[:2] / lost
+    (lost_dir / "meta.json").unlink()  # as a kill -9 before its first save leaves it
+
+    async with peer_node(tmp_path, GcPolicy()) as node:
+        gauge = await metric_value(node.upload_url, "swarmfly_peer_cache_bytes")
+        assert 3 * MiB <= gauge < 3 * MiB + 64 * 1024, "the orphan's blocks are counted"
+        assert await metric_value(node.upload_url, "swarmfly_peer_cache_tasks") == 2
+        assert await node.collect(time.time()) == [lost], "orphans go whatever the policy"
+        assert not lost_dir.exists()
+        assert await metric_value(node.upload_url, "swarmfly_peer_cache_bytes") == MiB
+        again = await node.download(SourceRequest(urls[0]))
+        assert again.task_id == kept and again.bytes_origin == 0, "the loaded task is kept"
+        assert origin.bytes_served < 3 * MiB + 64 * 1024

@@ -1,12 +1,12 @@
-"""Cache GC decisions: TTL first, then least recently used down to the low watermark, never a
-task in use."""
+"""Cache GC decisions: orphans and TTL first, then least recently used down to the low
+watermark (of the quota, then of the disk), never a task in use."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarmfly.services.peer.gc import CachedTask, GcPolicy, plan
+from swarmfly.services.peer.gc import CachedTask, DiskUsage, GcPolicy, plan
 
 MiB = 1024 * 1024
 
@@ -57,3 +57,46 @@ def test_after_eviction_the_cache_is_under_the_low_watermark_or_only_busy_tasks_
         assert after <= policy.low * policy.quota or all(t.active for t in kept)
     else:
         assert not evicted, "under the high watermark nothing goes (no TTL here)"
+
+
+def test_orphans_always_go_first() -> None:
+    tasks = [task("old", 1, 1), CachedTask("orphan", 5 * MiB, 0.0, False, orphan=True)]
+    assert plan(tasks, GcPolicy(), now=10) == ["orphan"]
+    assert plan(tasks, GcPolicy(ttl=1), now=10) == ["orphan", "old"]
+
+
+def test_a_full_disk_evicts_least_recently_used_down_to_its_low_watermark() -> None:
+    tasks = [task("new", 10, 9), task("old", 10, 1), task("mid", 10, 5), task("busy", 10, 0, True)]
+    # 96 of 100 MiB used (by anything), over 95%: down to 85% takes the two oldest idle tasks.
+    full = DiskUsage(total=100 * MiB, used=96 * MiB)
+    assert plan(tasks, GcPolicy(), now=10, disk=full) == ["old", "mid"]
+    assert plan(tasks, GcPolicy(), now=10, disk=DiskUsage(100 * MiB, 94 * MiB)) == []
+    assert plan(tasks, GcPolicy(disk_high=0), now=10, disk=full) == [], "0 turns it off"
+
+
+def test_what_expiry_frees_counts_towards_the_disk() -> None:
+    tasks = [task("stale", 8, 0), task("old", 10, 1), task("new", 10, 9)]
+    disk = DiskUsage(total=100 * MiB, used=96 * MiB)
+    assert plan(tasks, GcPolicy(ttl=9.5), now=10, disk=disk) == ["stale", "old"]
+    assert plan(tasks, GcPolicy(ttl=9.5), now=10, disk=DiskUsage(100 * MiB, 92 * MiB)) == ["stale"]
+
+
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 50), st.floats(0, 100), st.booleans()), max_size=30),
+    other=st.integers(0, 400),
+)
+def test_after_eviction_the_disk_is_under_its_low_watermark_or_only_busy_tasks_remain(
+    sizes: list[tuple[int, float, bool]], other: int
+) -> None:
+    tasks = [task(f"t{i}", s, a, busy) for i, (s, a, busy) in enumerate(sizes)]
+    total = 1000 * MiB
+    disk = DiskUsage(total, other * MiB + sum(t.size for t in tasks))
+    policy = GcPolicy()
+    evicted = set(plan(tasks, policy, now=100, disk=disk))
+    assert not any(t.active for t in tasks if t.id in evicted), "a task in use was evicted"
+    after = disk.used - sum(t.size for t in tasks if t.id in evicted)
+    if disk.used > policy.disk_high * total:
+        idle_left = [t for t in tasks if t.id not in evicted and not t.active]
+        assert after <= policy.disk_low * total or not idle_left
+    else:
+        assert not evicted

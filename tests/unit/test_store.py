@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -206,53 +208,163 @@ def test_open_returns_the_same_task(store: TaskStore) -> None:
 # -- metadata and restart ------------------------------------------------------------------
 
 
-def test_load_reloads_only_complete_tasks(store: TaskStore, task: StoredTask) -> None:
+def restart(store: TaskStore) -> TaskStore:
+    """The store as a restarted host finds it: loaded, every task re-verified."""
+    store.close()
+    again = TaskStore(store.root)
+    for task in again.load():
+        while batch := task.verify_batch():
+            task.accept(batch, task.check_pieces(batch))
+    return again
+
+
+def test_nothing_is_written_until_saved_and_an_unchanged_task_is_not_saved_again(
+    task: StoredTask,
+) -> None:
+    fill(task, [0])
+    assert not (task.dir / "meta.json").exists(), "saves are the node's, off the hot path"
+    task.save()
+    assert orjson.loads((task.dir / "meta.json").read_bytes())["done"] == [0]
+    assert task.checkpoint() is None
+    fill(task, [1])
+    assert task.checkpoint() is not None
+
+
+def test_files_are_private_and_metadata_replaced_atomically(task: StoredTask) -> None:
     fill(task, range(3))
+    task.save()
+    assert task.data_path.stat().st_mode & 0o777 == 0o600
+    assert (task.dir / "meta.json").stat().st_mode & 0o777 == 0o600
+    assert task.dir.stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in task.dir.iterdir()) == ["data", "meta.json"]
+
+
+def test_data_is_synced_before_metadata_says_complete(
+    task: StoredTask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real_sync, real_replace = os.fdatasync, os.replace
+
+    def fdatasync(fd: int) -> None:
+        calls.append("sync data" if os.fstat(fd).st_ino == task.data_path.stat().st_ino else "?")
+        real_sync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        calls.append(f"rename {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "replace", replace)
+    fill(task, [0])
+    task.save()
+    assert calls == ["rename meta.json"], "a partial task's pieces are re-hashed anyway"
+    fill(task, [1, 2])
+    task.save()
+    assert calls[1:] == ["sync data", "rename meta.json"]
+
+
+def test_load_brings_back_complete_and_partial_tasks_unverified(
+    store: TaskStore, task: StoredTask
+) -> None:
+    fill(task, range(3))
+    task.save()
     partial = store.open(OTHER, "https://origin.example/other")
     partial.set_content(CONTENT)
-    fill(partial, [0, 1])
+    fill(partial, [0, 2])
+    partial.save()
     store.close()
 
     restarted = TaskStore(store.root)
-    loaded = restarted.load()
-    assert [t.id for t in loaded] == [ID]
-    assert restarted.get(OTHER) is None
-    again = restarted.get(ID)
+    loaded = {t.id: t for t in restarted.load()}
+    assert set(loaded) == {ID, OTHER}
+    for again in loaded.values():
+        assert again.done == set() and not again.complete, "trusted only once re-hashed"
+        assert not again.covers(0, 4)
+    assert loaded[ID].unverified == {0, 1, 2} and loaded[OTHER].unverified == {0, 2}
+
+    verified = restart(restarted)
+    again, resumed = verified.get(ID), verified.get(OTHER)
+    assert again is not None and resumed is not None
+    assert again.complete and again.covers(0, 10) and again.read(0, 10) == DATA
+    assert again.content == CONTENT and again.url == "https://origin.example/file"
+    assert resumed.done == {0, 2} and not resumed.complete
+    fill(resumed, [1])  # the download resumes with the missing piece only
+    assert resumed.complete and resumed.read(0, 10) == DATA
+    verified.close()
+
+
+def test_a_piece_changed_on_disk_is_dropped_and_read_again(
+    store: TaskStore, task: StoredTask
+) -> None:
+    fill(task, range(3))
+    task.save()
+    store.close()
+    with open(task.data_path, "r+b") as handle:
+        handle.seek(5)
+        handle.write(b"X")
+    again = restart(store).get(ID)
     assert again is not None
-    assert again.complete
-    assert again.content == CONTENT
-    assert again.digests == [sha(piece(n)) for n in range(3)]
-    assert again.url == "https://origin.example/file"
-    assert again.read(0, 10) == DATA
-    assert again.covers(0, 10)
-    restarted.close()
+    assert again.done == {0, 2} and not again.complete
+    assert not again.covers(4, 8), "the changed piece is never served"
+    assert again.digests[1] is None
+    fill(again, [1])
+    assert again.complete and again.read(0, 10) == DATA
+
+
+def test_a_task_whose_data_file_is_gone_is_an_orphan(store: TaskStore, task: StoredTask) -> None:
+    fill(task, range(3))
+    task.save()
+    store.close()
+    task.data_path.unlink()
+    restarted = TaskStore(store.root)
+    assert restarted.load() == []
+    assert set(restarted.orphans) == {ID}
+    restarted.evict(ID)
+    assert not task.dir.exists() and restarted.orphans == {}
+
+
+@pytest.mark.parametrize("meta", [b"{not json", None, b'{"id": "x", "content": null}'])
+def test_a_task_dir_without_readable_metadata_is_an_orphan(
+    store: TaskStore, task: StoredTask, meta: bytes | None
+) -> None:
+    fill(task, range(3))
+    store.close()
+    if meta is not None:
+        (task.dir / "meta.json").write_bytes(meta)
+    restarted = TaskStore(store.root)
+    assert restarted.load() == []
+    assert set(restarted.orphans) == {ID}
+    assert restarted.orphans[ID] > 0, "what it takes on disk is counted"
 
 
 def test_load_of_an_empty_root(tmp_path: Path) -> None:
     assert TaskStore(tmp_path / "missing").load() == []
 
 
-def test_load_skips_a_task_whose_data_file_is_gone(store: TaskStore, task: StoredTask) -> None:
+def test_load_leaves_directories_that_are_not_task_ids_alone(
+    store: TaskStore, task: StoredTask
+) -> None:
     fill(task, range(3))
-    store.close()
-    task.data_path.unlink()
-    assert TaskStore(store.root).load() == []
-
-
-def test_load_skips_unreadable_metadata(store: TaskStore, task: StoredTask) -> None:
-    fill(task, range(3))
-    store.close()
-    (task.dir / "meta.json").write_text("{not json")
-    assert TaskStore(store.root).load() == []
-
-
-def test_load_skips_directories_that_are_not_task_ids(store: TaskStore, task: StoredTask) -> None:
-    fill(task, range(3))
+    task.save()
     store.close()
     stray = store.root / "ab" / "not-a-task"
     stray.mkdir(parents=True)
     (stray / "meta.json").write_bytes((task.dir / "meta.json").read_bytes())
-    assert [t.id for t in TaskStore(store.root).load()] == [ID]
+    restarted = TaskStore(store.root)
+    assert [t.id for t in restarted.load()] == [ID]
+    assert restarted.orphans == {} and stray.is_dir()
+
+
+# -- disk faults ---------------------------------------------------------------------------
+
+
+def test_a_write_the_disk_refuses_is_an_oserror_naming_the_store(task: StoredTask) -> None:
+    task.data_path.unlink()
+    task.data_path.symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(OSError, match=f"No space left on device in {task.root}") as caught:
+        task.write_piece(0, piece(0), sha(piece(0)))
+    assert caught.value.errno == errno.ENOSPC
+    assert task.done == set()
 
 
 @pytest.mark.parametrize(
@@ -267,6 +379,7 @@ def test_metadata_on_disk_holds_no_query_or_userinfo(tmp_path: Path, url: str) -
     task = store.open(ID, url)
     task.set_content(CONTENT)
     fill(task, range(3))
+    task.save()
     raw = (task.dir / "meta.json").read_bytes()
     for secret in (b"s3cret", b"user", b"abcdef", b"t0k", b"Signature", b"?", b"frag"):
         assert secret not in raw
