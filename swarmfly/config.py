@@ -106,6 +106,10 @@ class PeerConfig:
     cache_low: float = 0.7
     cache_ttl: float = 6 * 3600.0
     """Seconds a cached task may go unused (Dragonfly's default task expiry)."""
+    disk_high: float = 0.95
+    """Share of the state dir's filesystem in use (by anything) above which cached tasks
+    are evicted, least recently used first, down to disk_low; 0: off."""
+    disk_low: float = 0.85
     gc_interval: float = 60.0
 
 
@@ -128,6 +132,8 @@ class StorageConfig:
     cache_low: float = 0.7
     cache_ttl: float = 7 * 24 * 3600.0
     """The cluster's cache keeps tasks longer than a peer does."""
+    disk_high: float = 0.95
+    disk_low: float = 0.85
     gc_interval: float = 60.0
 
 
@@ -145,9 +151,27 @@ class ProxyConfig:
     rules: list[str] = field(default_factory=list)
     """HTTP proxy mode: URLs matching one of these regexes go through the swarm."""
     hosts: list[str] = field(default_factory=list)
-    """HTTP proxy mode: hosts (fnmatch patterns, e.g. ``*.example.com``) that requests and
-    CONNECT tunnels may go to besides the registries' hosts; ``*`` makes an open forward
-    proxy, sensible on loopback only."""
+    """HTTP proxy mode: ``[http[s]://]host[:port]`` entries (the host an fnmatch pattern, e.g.
+    ``*.example.com``) that requests and CONNECT tunnels may go to besides the registries'
+    own host and port; no port means 80 for http and 443 for https and CONNECT, ``:*`` any
+    port; ``*:*`` makes an open forward proxy, sensible on loopback only."""
+
+
+@dataclass
+class HttpConfig:
+    """Bounds of every HTTP server a process runs (scheduler, upload servers, proxy)."""
+
+    header_timeout: float = 10.0
+    """Seconds a new connection has to send a whole request head."""
+    idle_timeout: float = 20.0
+    """Seconds a keep-alive connection may wait for its next request."""
+    max_connections: int = 4096
+    """Connections per server, at most a quarter of the process's file descriptors."""
+    max_per_address: int = 256
+    """Connections per server from one client address."""
+    capabilities: bool = True
+    """Upload servers serve a task's pieces only to a holder of a capability the schedulers
+    signed for it (docs/security.md); false opens the data plane to whoever reaches it."""
 
 
 @dataclass
@@ -163,6 +187,7 @@ class Config:
     peer: PeerConfig = field(default_factory=PeerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def nats_options(self) -> dict[str, Any]:
         """Auth and TLS options for nats-py, checked here: a mistake is a ValueError naming the
@@ -314,7 +339,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     sections = {
         f.name
         for f in fields(Config)
-        if f.name in ("nats", "scheduler", "peer", "storage", "proxy")
+        if f.name in ("nats", "scheduler", "peer", "storage", "proxy", "http")
     }
     for name, value in env.items():
         if not name.startswith("SWARMFLY_") or name in ("SWARMFLY_CONFIG",):

@@ -1,30 +1,259 @@
-"""Run an aiohttp application on a listen address, and send file spans to its clients."""
+"""Run an aiohttp application on a listen address, and send file spans to its clients.
+
+Every server runs under the bounds mature servers set (nginx's ``client_header_timeout``,
+``keepalive_timeout`` and ``limit_conn``): a connection must send a whole request head within
+``header_timeout``, may sit idle between requests for ``idle_timeout``, and is admitted only
+within a per-address and a total connection cap; an excess connection is closed at once. At the
+total cap, the oldest connection that has not sent a request head yet makes room (nginx reuses
+idle connections the same way), so idle and slowloris connections cannot lock clients out.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
+import resource
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from aiohttp import web
 
 from swarmfly.ratelimit import TokenBucket
 
 CHUNK = 128 * 1024
+HEAD_LIMIT = 64 * 1024
+"""Bytes buffered while waiting for a request head; past them the HTTP parser is handed what
+came (and refuses it)."""
+_REQUEST_START = re.compile(rb"^[A-Z]{0,15}(?: |\Z)")
+"""What the first bytes of an HTTP request look like (a method, then a space): anything else
+goes to the parser at once, to be refused."""
+FD_SHARE = 4
+"""A server admits at most a quarter of the process's file descriptors: the rest stay free
+for the store, the origin, NATS and the process's other servers."""
 
 
-async def serve_http(stack: AsyncExitStack, app: web.Application, host: str, port: int) -> str:
-    """Start ``app`` and return its base URL (port 0 picks a free one)."""
+@dataclass(frozen=True)
+class Limits:
+    header_timeout: float = 10.0
+    """Seconds from accept to a whole first request head."""
+    idle_timeout: float = 20.0
+    """Seconds a keep-alive connection may wait for its next request: above clients' own
+    15 s (aiohttp's), so a client, not the server, closes a connection it keeps."""
+    max_connections: int = 4096
+    max_per_address: int = 256
+
+    def total(self) -> int:
+        """The total cap, within this process's share of file descriptors."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return self.max_connections
+        return max(16, min(self.max_connections, soft // FD_SHARE))
+
+
+_default = Limits()
+
+
+def use_limits(limits: Limits) -> Callable[[], None]:
+    """Make ``limits`` the process's default (the configuration's ``[http]``); returns what
+    puts the previous one back."""
+    global _default
+    previous, _default = _default, limits
+    return lambda: _restore(previous)
+
+
+def _restore(limits: Limits) -> None:
+    global _default
+    _default = limits
+
+
+def default_limits() -> Limits:
+    return _default
+
+
+def raise_open_files() -> tuple[int, int]:
+    """Raise ``RLIMIT_NOFILE``'s soft limit to the hard one, as servers do at start (the
+    usual 1024 is a few hundred clients); returns (soft, hard) as they are now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):  # e.g. macOS caps below "infinity"
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    result: tuple[int, int] = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return result
+
+
+class Connections:
+    """The live connections of one server, counted by client address."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.cap = limits.total()
+        self.total = 0
+        self.by_address: Counter[str] = Counter()
+        self.waiting: dict[Admitted, None] = {}
+        """Connections without a request head yet, oldest first: what makes room at the cap."""
+        self.refused = 0
+
+    def admit(self, address: str) -> bool:
+        if self.by_address[address] >= self.limits.max_per_address:
+            return False
+        if self.total >= self.cap:
+            if not self.waiting:
+                return False
+            next(iter(self.waiting)).evict()
+        self.total += 1
+        self.by_address[address] += 1
+        return True
+
+    def release(self, address: str) -> None:
+        self.total -= 1
+        self.by_address[address] -= 1
+        if self.by_address[address] <= 0:
+            del self.by_address[address]
+
+
+class Admitted(asyncio.Protocol):
+    """One connection under a server's bounds: admitted within its caps, closed unless a whole
+    request head arrives within ``header_timeout``, then handed, with the bytes read so far,
+    to the protocol ``choose`` picks for them (aiohttp's handler, or another); every event
+    after that goes to it, and the connection's place is given back when it closes."""
+
+    def __init__(
+        self,
+        connections: Connections,
+        choose: Callable[[bytes], asyncio.Protocol],
+    ) -> None:
+        self.connections = connections
+        self.choose = choose
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.address = ""
+        self.inner: asyncio.Protocol | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        if not self.connections.admit(self.address):
+            self.connections.refused += 1
+            transport.abort()
+            return
+        self._counted = True
+        self.connections.waiting[self] = None
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.connections.limits.header_timeout, self.close)
+
+    def close(self) -> None:
+        """Give up on a connection that never sent a request head."""
+        self.connections.waiting.pop(self, None)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def evict(self) -> None:
+        """Close, and give the place back now: a new connection takes it."""
+        if self._counted:
+            self._counted = False
+            self.connections.release(self.address)
+        self.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+            return
+        seen = max(0, len(self.buffer) - 3)
+        self.buffer += data
+        whole = self.buffer.find(b"\r\n\r\n", seen) >= 0 or len(self.buffer) > HEAD_LIMIT
+        if not whole and _REQUEST_START.match(self.buffer[:16]):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self.connections.waiting.pop(self, None)
+        assert self.transport is not None
+        buffered, self.buffer = bytes(self.buffer), bytearray()
+        self.inner = self.choose(buffered)
+        self.inner.connection_made(self.transport)
+        self.inner.data_received(buffered)
+
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            return self.inner.eof_received()
+        return None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.connections.waiting.pop(self, None)
+        if self._counted:
+            self._counted = False
+            self.connections.release(self.address)
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+
+async def listen(
+    stack: AsyncExitStack,
+    choose: Callable[[bytes], asyncio.Protocol],
+    host: str,
+    port: int,
+    limits: Limits,
+) -> tuple[asyncio.Server, Connections]:
+    """A listening socket whose connections run under ``limits``; closed with ``stack``."""
+    connections = Connections(limits)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: Admitted(connections, choose), host, port, reuse_address=True
+    )
+    stack.callback(server.close)
+    return server, connections
+
+
+async def serve_http(
+    stack: AsyncExitStack,
+    app: web.Application,
+    host: str,
+    port: int,
+    limits: Limits | None = None,
+) -> str:
+    """Start ``app`` under ``limits`` (the process's default when None) and return its base
+    URL (port 0 picks a free one)."""
+    limits = limits or _default
     # Long-polls would hold a graceful shutdown for their whole wait: give them a second.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
+        keepalive_timeout=limits.idle_timeout,
+    )
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    bound = runner.addresses[-1][1]
+    http = runner.server
+    assert http is not None
+    server, _ = await listen(stack, lambda _: http(), host, port, limits)
+    bound = server.sockets[0].getsockname()[1]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     return f"http://{shown}:{bound}"
+
+
+class SlowReader(ConnectionError):
+    """The client read more slowly than the send deadline allows: it was cut off."""
 
 
 async def send_span(
@@ -34,22 +263,52 @@ async def send_span(
     start: int,
     size: int,
     bucket: TokenBucket | None = None,
+    min_rate: int = 0,
+    window: float = 4.0,
 ) -> None:
     """Write bytes [start, start+size) of a file to a prepared response: sendfile when
     unpaced (the kernel copies), chunks paced by ``bucket`` otherwise or where the loop
-    has no sendfile (uvloop)."""
-    sent = 0
+    has no sendfile (uvloop).
+
+    With ``min_rate``, each ``min_rate * window`` bytes must go out within ``window``
+    seconds (time spent waiting for our own pacing aside), or the client is cut off
+    (``SlowReader``): a reader that barely reads must not hold an upload slot for ever.
+    """
+    step = max(CHUNK, int(min_rate * window)) if min_rate > 0 else size
+    offset, end = start, start + size
     with open(path, "rb") as handle:
-        if (bucket is None or bucket.unlimited) and request.transport is not None:
+        sendfile = (bucket is None or bucket.unlimited) and request.transport is not None
+        while offset < end and sendfile:
+            count = min(step, end - offset)
             try:
-                loop = asyncio.get_running_loop()
-                sent = await loop.sendfile(request.transport, handle, start, size, fallback=False)
+                async with _deadline(request, min_rate, window):
+                    assert request.transport is not None
+                    loop = asyncio.get_running_loop()
+                    sent = await loop.sendfile(
+                        request.transport, handle, offset, count, fallback=False
+                    )
             except (NotImplementedError, asyncio.SendfileNotAvailableError):
-                sent = 0
-        offset, end = start + sent, start + size
+                break
+            offset += sent
         while offset < end:
             count = min(CHUNK, end - offset)
             if bucket is not None:
                 await bucket.take(count)
-            await response.write(os.pread(handle.fileno(), count, offset))
+            async with _deadline(request, min_rate, window):
+                await response.write(os.pread(handle.fileno(), count, offset))
             offset += count
+
+
+@contextlib.asynccontextmanager
+async def _deadline(request: web.Request, min_rate: int, window: float) -> AsyncIterator[None]:
+    """Cut the client off when the block inside takes longer than ``window``."""
+    if min_rate <= 0:
+        yield
+        return
+    try:
+        async with asyncio.timeout(window):
+            yield
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise SlowReader(f"the client read under {min_rate} bytes/s") from None

@@ -11,10 +11,11 @@ from typing import Any
 
 import orjson
 
-from swarmfly import telemetry
+from swarmfly import httpserver, telemetry
 from swarmfly.bus import Bus
 from swarmfly.cluster import CLUSTER_FILE, connect, servers_of
 from swarmfly.config import Config
+from swarmfly.httpserver import Limits
 from swarmfly.ids import default_host_id
 from swarmfly.natsserver import NatsServer
 from swarmfly.pluginhost import Plugins
@@ -48,9 +49,10 @@ def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
         piece_spans=p.piece_spans,
         idc=p.idc,
         location=p.location,
-        gc=GcPolicy(p.cache_quota, p.cache_high, p.cache_low, p.cache_ttl),
+        gc=GcPolicy(p.cache_quota, p.cache_high, p.cache_low, p.cache_ttl, p.disk_high, p.disk_low),
         gc_interval=p.gc_interval,
         partitions=config.scheduler.partitions,
+        capabilities=config.http.capabilities,
     )
 
 
@@ -74,10 +76,21 @@ def storage_settings(config: Config, state_dir: Path) -> NodeSettings:
         heartbeat_interval=config.scheduler.heartbeat_interval,
         idc=s.idc,
         location=s.location,
-        gc=GcPolicy(s.cache_quota, s.cache_high, s.cache_low, s.cache_ttl),
+        gc=GcPolicy(s.cache_quota, s.cache_high, s.cache_low, s.cache_ttl, s.disk_high, s.disk_low),
         gc_interval=s.gc_interval,
         partitions=config.scheduler.partitions,
+        capabilities=config.http.capabilities,
     )
+
+
+def http_limits(config: Config) -> Limits:
+    h = config.http
+    return Limits(h.header_timeout, h.idle_timeout, h.max_connections, h.max_per_address)
+
+
+def _bound(stack: AsyncExitStack, config: Config) -> None:
+    """The ``[http]`` bounds for every server this process starts, until ``stack`` closes."""
+    stack.callback(httpserver.use_limits(http_limits(config)))
 
 
 def load_plugins(config: Config) -> Plugins:
@@ -88,6 +101,7 @@ def load_plugins(config: Config) -> Plugins:
 async def start_scheduler(
     stack: AsyncExitStack, config: Config, bus: Bus, plugins: Plugins | None = None
 ) -> SchedulerService:
+    _bound(stack, config)
     plugins = plugins or load_plugins(config)
     service = SchedulerService(config, bus, plugins.evaluator(config.scheduler.evaluator))
     await service.start(stack)
@@ -102,6 +116,7 @@ async def start_storage(
     servers: list[str],
     plugins: Plugins | None = None,
 ) -> StorageService:
+    _bound(stack, config)
     node = _node(stack, config, bus, storage_settings(config, state_dir), servers, plugins)
     service = StorageService(node, bus)
     await service.start(stack)
@@ -116,6 +131,7 @@ async def start_peer(
     servers: list[str],
     plugins: Plugins | None = None,
 ) -> PeerService:
+    _bound(stack, config)
     node = _node(stack, config, bus, peer_settings(config, state_dir), servers, plugins)
     service = PeerService(node, bus, default_strategy=config.peer.strategy)
     await service.start(stack)
@@ -125,7 +141,7 @@ async def start_peer(
 async def start_proxy(stack: AsyncExitStack, config: Config, node: PeerNode) -> ProxyService:
     """The registry mirror and HTTP proxy in front of ``node`` (in its process, as
     Dragonfly's dfdaemon runs its proxy: blobs stream straight from the node's store)."""
-    proxy = ProxyService(node, config.proxy)
+    proxy = ProxyService(node, config.proxy, http_limits(config))
     await proxy.start(stack)
     return proxy
 
@@ -149,6 +165,12 @@ def _owned_plugins(stack: AsyncExitStack, config: Config) -> Plugins:
     return plugins
 
 
+def _open_files() -> None:
+    """Raise the open-file limit, as servers do at start: a connection is a file."""
+    soft, hard = httpserver.raise_open_files()
+    log.debug("open files: %s of %s", soft, hard)
+
+
 def stop_on_signals() -> asyncio.Event:
     """Set on SIGINT/SIGTERM; installed before a service announces itself, so a signal
     right after the banner still means a clean stop."""
@@ -161,6 +183,7 @@ def stop_on_signals() -> asyncio.Event:
 
 async def run_service(kind: str, config: Config) -> None:
     """`swarmfly scheduler|storage|peer`: one service against an existing NATS."""
+    _open_files()
     stop = stop_on_signals()
     async with AsyncExitStack() as stack:
         if shutdown := telemetry.setup(kind, config.tracing):
@@ -203,6 +226,7 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
     """`swarmfly up`: an embedded nats-server with JetStream and every service in one process."""
     state = config.state_dir
     state.mkdir(parents=True, exist_ok=True)
+    _open_files()
     stop = stop_on_signals()
     async with AsyncExitStack() as stack:
         if shutdown := telemetry.setup("up", config.tracing):

@@ -26,9 +26,21 @@ HOP_BY_HOP = frozenset(
      "upgrade", "host", "proxy-authorization", "proxy-connection"}
 )  # fmt: skip
 """Headers that belong to one connection: a caller's values would break the request."""
+CROSS_ORIGIN_HEADERS = frozenset(
+    {"accept", "accept-encoding", "accept-language", "user-agent", "range", "if-range",
+     "if-match", "if-none-match", "if-modified-since", "if-unmodified-since"}
+)  # fmt: skip
+"""The caller's headers that follow a redirect to another origin: they say what is asked for,
+not who asks. Every other one (Authorization, Cookie, PRIVATE-TOKEN, X-Api-Key, any header not
+known here) stays with the origin the caller named, as browsers and curl keep cookies and
+credentials to their own origin."""
+MAX_REDIRECTS = 10
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: ``https://h`` and
+    ``https://h:443`` are one origin."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -36,7 +48,8 @@ def _origin(url: str) -> tuple[str, str, int | None]:
         raise SwarmflyError("bad_request", "the URL cannot be parsed") from None
     if not parts.hostname:
         raise SwarmflyError("bad_request", "the URL names no host")
-    return parts.scheme, parts.hostname, port
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, port if port is not None else DEFAULT_PORTS.get(scheme)
 
 
 def _scope_key(url: str) -> str:
@@ -84,8 +97,8 @@ class HttpSource:
     async def _open(
         self, method: str, url: str, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
-        """One request with retries; redirects followed by hand so that Authorization is
-        dropped when the origin changes; a Bearer challenge answered with a token."""
+        """One request with retries; redirects followed by hand so that only
+        ``CROSS_ORIGIN_HEADERS`` reach another origin; a Bearer challenge answered with a token."""
         _origin(url)  # a URL that cannot be requested is the caller's error, not the origin's
         attempt = 0
         while True:
@@ -122,9 +135,11 @@ class HttpSource:
             self.tokens.forget(known, headers)
         else:
             response = await self._follow(method, url, dict(headers))
+        # Only the origin the caller named picks where its credentials go for a token: a
+        # challenge from where a redirect led is that origin's answer, not ours to act on.
         challenge = (
             parse_challenge(response.headers.get("WWW-Authenticate", ""))
-            if response.status == 401
+            if response.status == 401 and _origin(str(response.url)) == _origin(url)
             else None
         )
         if challenge is None:
@@ -139,7 +154,7 @@ class HttpSource:
     ) -> aiohttp.ClientResponse:
         origin = _origin(url)
         headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
-        for _ in range(10):
+        for _ in range(MAX_REDIRECTS):
             response = await self._client().request(
                 method, url, headers=headers, allow_redirects=False
             )
@@ -150,8 +165,8 @@ class HttpSource:
             if not location:
                 raise SwarmflyError("source_error", "redirect without Location")
             url = str(response.url.join(URL(location)))
-            if _origin(url) != origin:
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            if _origin(url) != origin:  # once dropped, never sent again (curl does the same)
+                headers = {k: v for k, v in headers.items() if k.lower() in CROSS_ORIGIN_HEADERS}
                 origin = _origin(url)
         raise SwarmflyError("source_error", "too many redirects")
 

@@ -7,7 +7,9 @@ grammar (a repository name with an empty segment or capitals is refused).
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -137,3 +139,78 @@ class Upstreams:
             if scheme is None or base.startswith(f"{scheme}://"):
                 return base
         raise RegistryError(403, "DENIED", "that upstream registry is not configured here")
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+ANY_PORT = -1
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One entry of the proxy's allow-list: ``[scheme://]host[:port]``, the host an fnmatch
+    pattern; no scheme means ``http`` on 80 and ``https`` on 443; port ``*`` any port."""
+
+    scheme: str | None
+    host: str
+    port: int | None
+    """None: the default port of the scheme asked for; ``ANY_PORT``: any."""
+
+    @classmethod
+    def parse(cls, entry: str) -> Destination:
+        text = entry.strip().lower()
+        scheme, _, rest = text.rpartition("://")
+        if scheme not in ("", "http", "https"):
+            raise ValueError(f"proxy host must be [http[s]://]host[:port]: {entry!r}")
+        rest = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        host, port_text = rest, ""
+        if rest.startswith("["):  # an IPv6 literal
+            host, _, after = rest[1:].partition("]")
+            port_text = after.removeprefix(":")
+        elif rest.count(":") == 1:
+            host, port_text = rest.split(":")
+        port: int | None = None
+        if port_text == "*":
+            port = ANY_PORT
+        elif port_text:
+            if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ValueError(f"proxy host has an invalid port: {entry!r}")
+            port = int(port_text)
+        if not host:
+            raise ValueError(f"proxy host names no host: {entry!r}")
+        return cls(scheme or None, _ALIASES.get(host, host), port)
+
+    def _port_allows(self, scheme: str, port: int) -> bool:
+        if self.port == ANY_PORT:
+            return True
+        return port == (self.port if self.port is not None else DEFAULT_PORTS[scheme])
+
+    def allows(self, scheme: str, host: str, port: int) -> bool:
+        """A request for ``scheme://host:port`` (the port filled in by the caller)."""
+        if self.scheme not in (None, scheme):
+            return False
+        return fnmatch.fnmatchcase(host, self.host) and self._port_allows(scheme, port)
+
+    def allows_tunnel(self, host: str, port: int) -> bool:
+        """``CONNECT host:port``: the very socket an entry names, whatever it speaks on it
+        (a bare host: its https port)."""
+        scheme = self.scheme or "https"
+        return fnmatch.fnmatchcase(host, self.host) and self._port_allows(scheme, port)
+
+
+class AllowList:
+    """Where the proxy may forward to or tunnel: host *and* port, never a host alone (a
+    registry on 127.0.0.1 must not open every port of 127.0.0.1)."""
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.entries = [Destination.parse(entry) for entry in entries]
+
+    def allows(self, scheme: str, host: str, port: int | None) -> bool:
+        scheme, host = scheme.lower(), host.lower()
+        if scheme not in DEFAULT_PORTS:
+            return False
+        filled = DEFAULT_PORTS[scheme] if port is None else port
+        return any(entry.allows(scheme, host, filled) for entry in self.entries)
+
+    def allows_tunnel(self, host: str, port: int) -> bool:
+        host = host.lower()
+        return any(entry.allows_tunnel(host, port) for entry in self.entries)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -37,11 +36,20 @@ from swarmfly import __version__, metrics, telemetry
 from swarmfly.config import ProxyConfig
 from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError
+from swarmfly.httpserver import Limits, default_limits, listen
 from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.plugins.sources.http import HOP_BY_HOP
 from swarmfly.services.peer.node import Download, PeerNode
 from swarmfly.services.proxy import stream
-from swarmfly.services.proxy.registry import OWN_PATHS, RegistryError, Route, Upstreams, route
+from swarmfly.services.proxy.registry import (
+    DEFAULT_PORTS,
+    OWN_PATHS,
+    AllowList,
+    RegistryError,
+    Route,
+    Upstreams,
+    route,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,9 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
 """How long, and how much, the proxy reads and drops of a request it refused half-read."""
 HEAD_TIMEOUT = 30.0
+ACCESS_HOPS = 5
+"""Same-origin redirects the access check follows (with the client's credentials)."""
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 PRIVATE = frozenset({"x-swarmfly-registry", "traceparent", "tracestate"})
 SOURCE_SKIP = frozenset(
     {"range", "if-range", "if-match", "if-none-match", "if-modified-since",
@@ -120,12 +131,13 @@ def _attributes(method: str, target: str, path: str | None = None) -> dict[str, 
 
 
 class ProxyService:
-    def __init__(self, node: PeerNode, config: ProxyConfig) -> None:
+    def __init__(self, node: PeerNode, config: ProxyConfig, limits: Limits | None = None) -> None:
         self.node = node
         self.config = config
+        self.limits = limits or default_limits()
         self.upstreams = Upstreams(config.registries)
         self.rules = [re.compile(rule) for rule in config.rules]
-        self.allowed = [*config.hosts, *(urlsplit(b).hostname or "" for b in self.upstreams.bases)]
+        self.allowed = AllowList([*config.hosts, *self.upstreams.bases])
         self.url = ""
         self._session: aiohttp.ClientSession | None = None
         self._tunnels: set[asyncio.Task[None]] = set()
@@ -146,7 +158,8 @@ class ProxyService:
         return app
 
     async def start(self, stack: AsyncExitStack) -> str:
-        """Serve on ``listen:port``; CONNECT is split off before aiohttp sees the request.
+        """Serve on ``listen:port`` under the server bounds (``httpserver.Limits``); CONNECT
+        is split off before aiohttp sees the request.
         The proxy joins the peer's ``$SRV`` discovery, so `swarmfly status` lists it."""
         runner = web.AppRunner(
             self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
@@ -157,26 +170,28 @@ class ProxyService:
         assert http is not None
         loop = asyncio.get_running_loop()
 
-        def connection() -> _Sniffer:
-            return _Sniffer(
-                lambda: _RegistryErrors(
-                    http,
-                    loop=loop,
-                    access_log=None,  # its request lines may hold secrets
-                    max_line_size=MAX_HEADERS,
-                    max_field_size=MAX_HEADERS,
-                ),
-                self._on_connect,
+        def choose(head: bytes) -> asyncio.Protocol:
+            """A tunnel for CONNECT; aiohttp's handler, answering in registry errors, else."""
+            if head.startswith(b"CONNECT "):
+                reader = asyncio.StreamReader(limit=MAX_HEADERS)
+                return asyncio.StreamReaderProtocol(reader, self._on_connect)
+            return _RegistryErrors(
+                http,
+                loop=loop,
+                access_log=None,  # its request lines may hold secrets
+                max_line_size=MAX_HEADERS,
+                max_field_size=MAX_HEADERS,
+                keepalive_timeout=self.limits.idle_timeout,
             )
 
         port = DEFAULT_PORT if self.config.port is None else self.config.port
         try:
-            server = await loop.create_server(connection, self.config.listen, port)
+            server, _ = await listen(stack, choose, self.config.listen, port, self.limits)
         except OSError:
             if self.config.port is not None:
                 raise
             log.warning("proxy: port %d is taken, using a free one", port)
-            server = await loop.create_server(connection, self.config.listen, 0)
+            server, _ = await listen(stack, choose, self.config.listen, 0, self.limits)
         stack.push_async_callback(self._close, server)
         port = server.sockets[0].getsockname()[1]
         shown = "127.0.0.1" if self.config.listen in ("0.0.0.0", "") else self.config.listen
@@ -262,7 +277,7 @@ class ProxyService:
             "proxy blob", kind=SpanKind.SERVER, attributes=attributes,
             carrier=_carrier(request.headers),
         ) as current:  # fmt: skip
-            stat = await self._authorize(url, auth)
+            stat = await self._authorize(url, auth, target.digest)
             if stat is None:  # refused (or odd): the client gets the upstream's own answer
                 _count("passthrough")
                 return await self._forward(request, url)
@@ -278,28 +293,49 @@ class ProxyService:
             telemetry.set_attributes(current, **{"http.response.status_code": response.status})
             return response
 
-    async def _authorize(self, url: str, auth: dict[str, str]) -> SourceStat | None:
-        """HEAD the blob with the client's credentials: what we learn if the upstream says
-        yes, None if it says anything else."""
-        try:
-            async with self.session.head(
-                url,
-                headers=auth,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=HEAD_TIMEOUT),
-            ) as response:
-                if response.status in (301, 302, 303, 307, 308):  # accepted; bytes elsewhere
-                    return SourceStat(None, True, None)
-                if response.status != 200:
+    async def _authorize(self, url: str, auth: dict[str, str], digest: str) -> SourceStat | None:
+        """HEAD the blob with the client's credentials: what we learn if the registry says
+        yes (200, and the blob's digest when it names one); None to hand the client the
+        upstream's own answer. A redirect is no yes: one within the origin is followed with
+        the same credentials; one to elsewhere proves nothing about this client (an SSO front
+        sends everyone to its login page), so it is refused, or, when the registry API itself
+        sent it (a registry redirects a blob to its storage), passed through for the client
+        to follow without the swarm."""
+        origin = _origin_of(url)
+        for hop in range(ACCESS_HOPS + 1):
+            try:
+                async with self.session.head(
+                    URL(url, encoded=True),
+                    headers=auth,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=HEAD_TIMEOUT),
+                ) as response:
+                    status, headers = response.status, response.headers
+                    location = response.headers.get("Location")
+                    next_url = str(response.url.join(URL(location))) if location else None
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise RegistryError(502, "UNAVAILABLE", f"upstream: {type(exc).__name__}") from None
+            if status in REDIRECTS:
+                if next_url is not None and _origin_of(next_url) == origin:
+                    url = next_url
+                    continue
+                if "Docker-Distribution-API-Version" in headers:
                     return None
-                length = response.headers.get("Content-Length", "")
-                return SourceStat(
-                    int(length) if length.isdigit() else None,
-                    "bytes" in response.headers.get("Accept-Ranges", "bytes"),
-                    response.headers.get("ETag"),
-                )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RegistryError(502, "UNAVAILABLE", f"upstream: {type(exc).__name__}") from None
+                raise _unconfirmed(auth)
+            if status != 200:
+                return None
+            named = headers.get("Docker-Content-Digest")
+            # After a redirect only the digest says the answer is about this blob (a login
+            # page answers 200 too).
+            if (named is not None and named != digest) or (hop and named is None):
+                raise _unconfirmed(auth)
+            length = headers.get("Content-Length", "")
+            return SourceStat(
+                int(length) if length.isdigit() else None,
+                "bytes" in headers.get("Accept-Ranges", "bytes"),
+                headers.get("ETag"),
+            )
+        raise _unconfirmed(auth)
 
     async def _stream(
         self, request: web.Request, run: Download, length: int, headers: dict[str, str]
@@ -370,10 +406,6 @@ class ProxyService:
 
     # -- HTTP proxy mode -------------------------------------------------------------------
 
-    def _host_allowed(self, host: str) -> bool:
-        host = host.lower()
-        return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.allowed)
-
     async def _http_proxy(self, request: web.Request) -> web.StreamResponse:
         url = request.raw_path
         parts = urlsplit(url)
@@ -384,7 +416,7 @@ class ProxyService:
         except ValueError:
             raise RegistryError(400, "UNSUPPORTED", "the URL's port is invalid") from None
         swarm = request.method == "GET" and any(rule.search(url) for rule in self.rules)
-        if not swarm and not self._host_allowed(parts.hostname):
+        if not swarm and not self.allowed.allows(parts.scheme, parts.hostname, parts.port):
             raise RegistryError(403, "DENIED", "this proxy does not forward to that host")
         with telemetry.span(
             "proxy http", kind=SpanKind.SERVER,
@@ -467,7 +499,7 @@ class ProxyService:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
     ) -> int:
         """The tunnel to an allowed ``host:port``; the status the client was answered."""
-        if not self._host_allowed(host):
+        if not self.allowed.allows_tunnel(host, port):
             _count("refused")
             writer.write(_refusal(RegistryError(403, "DENIED", "this proxy does not tunnel there")))
             return 403
@@ -485,6 +517,25 @@ class ProxyService:
         finally:
             up_writer.close()
         return 200
+
+
+def _origin_of(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port), the default port filled in; an unparsable port names no origin."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port if parts.port is not None else DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return "", "", None
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _unconfirmed(auth: dict[str, str]) -> RegistryError:
+    """The registry did not confirm this client's access: it must authenticate, or is not
+    allowed."""
+    if not auth:
+        return RegistryError(401, "UNAUTHORIZED", "authentication required")
+    return RegistryError(403, "DENIED", "the registry did not confirm access to this blob")
 
 
 def _refusal(error: RegistryError) -> bytes:
@@ -620,55 +671,5 @@ class _Lingering(asyncio.Transport):
             self.transport.close()
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-
-class _Sniffer(asyncio.Protocol):
-    """Looks at a connection's first bytes: CONNECT becomes a tunnel, anything else is
-    handed to aiohttp with the bytes read so far."""
-
-    MAX_WAIT = 30.0
-
-    def __init__(
-        self,
-        http: Callable[[], asyncio.Protocol],
-        on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter], None],
-    ) -> None:
-        self.http = http
-        self.on_connect = on_connect
-        self.buffer = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self._timer = asyncio.get_running_loop().call_later(self.MAX_WAIT, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.buffer += data
-        if len(self.buffer) < len(b"CONNECT ") and b"\n" not in self.buffer:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        buffered = bytes(self.buffer)
-        if buffered.startswith(b"CONNECT "):
-            loop = asyncio.get_running_loop()
-            reader = asyncio.StreamReader(limit=MAX_HEADERS)
-            protocol = asyncio.StreamReaderProtocol(reader)
-            self.transport.set_protocol(protocol)
-            protocol.connection_made(self.transport)
-            reader.feed_data(buffered)
-            writer = asyncio.StreamWriter(self.transport, protocol, reader, loop)
-            self.on_connect(reader, writer)
-            return
-        handler = self.http()
-        self.transport.set_protocol(handler)
-        handler.connection_made(self.transport)
-        handler.data_received(buffered)
-
-    def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()

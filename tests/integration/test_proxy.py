@@ -430,6 +430,39 @@ async def test_connect_tunnels_to_allowed_hosts_only(
         assert_registry_error(status, headers, body, code)
 
 
+async def test_an_allowed_host_opens_only_its_allowed_ports(
+    cluster: InProcessCluster, upstream: Origin, nats: NatsServer
+) -> None:
+    """Registries and ``hosts`` on 127.0.0.1: the real nats-server on 127.0.0.1 stays out of
+    reach, by CONNECT and by HTTP proxy mode; the registry's own host:port still tunnels."""
+    nats_port = int(nats.url.rsplit(":", 1)[1])
+    for target in (f"127.0.0.1:{nats_port}", f"localhost:{nats_port}", "127.0.0.1:4222"):
+        status, headers, body = await raw_exchange(
+            cluster.proxy.url, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+        )
+        assert status == 403, target
+        assert_registry_error(status, headers, body, "DENIED")
+        assert b"INFO" not in body and b"server_id" not in body, "NATS answered through it"
+    status, headers, body = await raw_exchange(
+        cluster.proxy.url,
+        f"GET http://127.0.0.1:{nats_port}/ HTTP/1.1\r\nHost: 127.0.0.1:{nats_port}\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    assert_registry_error(status, headers, body, "DENIED")
+    # The registry's own host and port: tunnelled, and answering.
+    upstream.add("hello", b"still tunnelled")
+    target = upstream.url.removeprefix("http://")
+    host, port = cluster.proxy.url[7:].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        writer.write(f"GET /hello HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.read(), 10)).endswith(b"still tunnelled")
+    finally:
+        writer.close()
+
+
 async def test_proxy_spans_name_host_and_port_and_never_userinfo(
     nats: NatsServer, prefix: str, tmp_path: Path
 ) -> None:

@@ -21,11 +21,14 @@ class Recorder:
 
     def __init__(self) -> None:
         self.seen: list[str | None] = []
+        self.headers: list[dict[str, str]] = []
+        """Every header of each request, names lower-cased."""
         self.failures_left = 0
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(request.headers.get("Authorization"))
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
         if self.failures_left > 0:
             self.failures_left -= 1
             raise web.HTTPServiceUnavailable()
@@ -60,6 +63,71 @@ async def test_authorization_is_dropped_when_a_redirect_changes_origin() -> None
         other = f"{first.url}/hop?to={second.url}/blob"
         assert await read(source, other, headers) == DATA
         assert second.seen == [None], "another origin never sees the credential"
+    await source.close()
+
+
+SECRETS = {
+    "Authorization": "Basic c2VjcmV0LXVzZXI6czNjcjN0",
+    "Cookie": "session=c00kie-s3cret",
+    "PRIVATE-TOKEN": "glpat-s3cret",
+    "X-Api-Key": "k3y-s3cret",
+    "X-Unknown-To-Swarmfly": "unkn0wn-s3cret",
+}
+"""Caller headers that say who asks: another origin must never see one of them."""
+DESCRIPTIVE = {
+    "Accept": "application/octet-stream",
+    "User-Agent": "swarmfly-test/1",
+    "If-None-Match": '"some-etag"',
+}
+"""Caller headers that say what is asked for: they follow the redirect."""
+
+
+async def test_only_descriptive_headers_follow_a_redirect_to_another_origin() -> None:
+    source = HttpSource()
+    headers = {**SECRETS, **DESCRIPTIVE}
+    async with recorder() as first, recorder() as second:
+        # Different ports: different origins, though both are 127.0.0.1.
+        assert await read(source, f"{first.url}/hop?to={second.url}/blob", headers) == DATA
+        [seen] = second.headers
+        for name, value in SECRETS.items():
+            assert name.lower() not in seen, f"{name} crossed to another origin"
+            assert all(value not in v for v in seen.values())
+        for name, value in DESCRIPTIVE.items():
+            assert seen[name.lower()] == value
+        # A redirect within the origin keeps every header, secrets included.
+        assert await read(source, f"{first.url}/hop?to={first.url}/blob", headers) == DATA
+        for name, value in SECRETS.items():
+            assert first.headers[-1][name.lower()] == value
+        # Another name for the same address is another origin: secrets stay behind.
+        alias = first.url.replace("127.0.0.1", "localhost")
+        assert await read(source, f"{first.url}/hop?to={alias}/blob", headers) == DATA
+        assert "cookie" not in first.headers[-1] and "x-api-key" not in first.headers[-1]
+    await source.close()
+
+
+async def test_a_challenge_from_where_a_redirect_led_gets_no_credentials() -> None:
+    """A Bearer challenge answered by the origin a redirect went to must not make the source
+    send the caller's Basic credentials to that origin's token realm."""
+    source = HttpSource()
+    realm_hits: list[dict[str, str]] = []
+
+    async def challenge(request: web.Request) -> web.Response:
+        return web.Response(
+            status=401, headers={"WWW-Authenticate": f'Bearer realm="{realm}/token"'}
+        )
+
+    async def token(request: web.Request) -> web.Response:
+        realm_hits.append(dict(request.headers))
+        return web.json_response({"token": "t"})
+
+    app = web.Application()
+    app.router.add_get("/blob", challenge)
+    app.router.add_get("/token", token)
+    async with AsyncExitStack() as stack, recorder() as first:
+        realm = await serve_http(stack, app, "127.0.0.1", 0)
+        with pytest.raises(SwarmflyError, match="origin answered 401"):
+            await source.stat(f"{first.url}/hop?to={realm}/blob", SECRETS)
+    assert realm_hits == []
     await source.close()
 
 
