@@ -37,6 +37,12 @@ PEER_PIECE_FAILURES = Counter(
     " origin)",
     ["reason"],
 )
+PEER_UPLOAD_REFUSED = Counter(
+    "swarmfly_peer_upload_refused",
+    "Piece and availability requests refused, by reason: capability (none, or not valid for"
+    " the task)",
+    ["reason"],
+)
 PEER_GC_EVICTIONS = Counter("swarmfly_peer_gc_evictions", "Cached tasks evicted")
 PEER_CACHE_BYTES = Gauge("swarmfly_peer_cache_bytes", "Bytes of cached tasks")
 PEER_CACHE_TASKS = Gauge("swarmfly_peer_cache_tasks", "Cached tasks")

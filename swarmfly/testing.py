@@ -77,6 +77,9 @@ class Origin:
     """Answer every content request with this status (a broken origin)."""
     truncate_after: int | None = None
     """Hang up after sending this many bytes of a response (a truncated body)."""
+    etags: bool = True
+    """Send an ETag (a plain static server may not: then nothing tells two versions apart
+    but their length)."""
     bytes_served: int = 0
     requests: int = 0
     probes: int = 0
@@ -104,7 +107,9 @@ class Origin:
             return web.Response(status=self.fail_status, text="broken on purpose")
         start, end, status = 0, len(data), 200
         etag = self._etag(name, data)
-        headers = {"Content-Type": "application/octet-stream", "ETag": etag}
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.etags:
+            headers["ETag"] = etag
         if_match = request.headers.get("If-Match")
         if if_match is not None and if_match != etag:
             raise web.HTTPPreconditionFailed()
@@ -359,6 +364,21 @@ def subject_tokens(
         else:
             tokens[token] = hosts[contract.service]
     return tokens
+
+
+async def capability(bus: Bus, task_id: str, host_id: str = "test-child") -> dict[str, str]:
+    """The ``Authorization`` header a child the task's scheduler scheduled shows parents: it
+    registers as one, on a host of its own, and takes the capability of its schedule."""
+    peer_id = "p" + hashlib.sha256(f"{host_id}/{task_id}".encode()).hexdigest()[:24]
+    body = {
+        "task_id": task_id,
+        "peer_id": peer_id,
+        "host": {"id": host_id, "ip": "127.0.0.1", "port": 9, "type": "normal"},
+        "source": {"url": "swarmfly:cached"},  # what it names nothing can be read from
+    }
+    partition = str(partition_of(task_id, DEFAULT_PARTITIONS))
+    reply = await bus.request("scheduler.{partition}.register", body, partition=partition)
+    return {"Authorization": f"Bearer {reply['token']}"}
 
 
 @dataclass

@@ -14,16 +14,18 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from nacl.signing import VerifyKey
 from opentelemetry.trace import SpanKind
 
-from swarmfly import metrics, telemetry
+from swarmfly import capability, metrics, telemetry
 from swarmfly.errors import SwarmflyError
-from swarmfly.httpserver import send_span
+from swarmfly.httpserver import SlowReader, send_span
 from swarmfly.ids import NODE_ID, TASK_ID
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer import grants
@@ -36,6 +38,13 @@ GRANT_TICK = 0.05
 """Seconds between looks for newly verified pieces while children wait for a grant."""
 PACED_SLOT_RATE = 8 * 1024 * 1024
 """Bytes/s each concurrent upload should get when an upload rate cap is set."""
+MAX_KEYS = 4
+CHILD: web.RequestKey[capability.Grant | None] = web.RequestKey("child")
+"""The capability a request came with (None where capabilities are off)."""
+MIN_SEND_RATE = 64 * 1024
+SEND_WINDOW = 4.0
+"""A child must read at least MIN_SEND_RATE bytes/s, over every SEND_WINDOW seconds, or it
+is cut off: a reader that barely reads would hold an upload slot as long as it liked."""
 
 
 @dataclass(eq=False)
@@ -60,8 +69,13 @@ class UploadServer:
         slots: int = 64,
         superseed: bool = False,
         grant_seconds: float = grants.GRANT_SECONDS,
+        capabilities: bool = True,
     ) -> None:
         self.store = store
+        self.capabilities = capabilities
+        """Serve a task only against a capability for it (``swarmfly.capability``)."""
+        self.verify_keys: dict[str, VerifyKey] = {}
+        """The schedulers' public keys, as heartbeat replies name them, newest last."""
         self.superseed = superseed
         """Answer polls with grants (a seed): see ``grants``."""
         self.grant_seconds = grant_seconds
@@ -95,10 +109,37 @@ class UploadServer:
         """Slots promised: requests under way plus grants not yet taken."""
         return self.load + sum(book.outstanding(now) for book in self._grants.values())
 
+    def trust(self, keys: Iterable[str]) -> None:
+        """Check capabilities with these keys too (the newest few: a rotation overlaps)."""
+        for text in keys:
+            try:
+                key = capability.verify_key(text)
+            except ValueError:
+                log.warning("a scheduler named a malformed capability key")
+                continue
+            self.verify_keys.pop(text, None)
+            self.verify_keys[text] = key
+        while len(self.verify_keys) > MAX_KEYS:
+            del self.verify_keys[next(iter(self.verify_keys))]
+
+    def _grant(self, request: web.Request, task_id: str) -> capability.Grant | None:
+        """What the request's capability allows; 403 without a valid one for the task. Checked
+        before the task is looked up: nobody learns what this host holds without one."""
+        if not self.capabilities:
+            return None
+        header = request.headers.get("Authorization", "")
+        token = header[7:] if header[:7].lower() == "bearer " else None
+        try:
+            return capability.check(token, self.verify_keys.values(), task_id, time.time())
+        except capability.CapabilityError as exc:
+            metrics.PEER_UPLOAD_REFUSED.labels("capability").inc()
+            raise web.HTTPForbidden(text=exc.message) from None
+
     def _task(self, request: web.Request) -> StoredTask:
         task_id = request.match_info["task_id"]
         if not TASK_ID.fullmatch(task_id):
             raise web.HTTPBadRequest(text="invalid task id")
+        request[CHILD] = self._grant(request, task_id)
         task = self.store.get(task_id)
         if task is None or task.content is None:
             raise web.HTTPNotFound(text="unknown task")
@@ -148,6 +189,9 @@ class UploadServer:
         child = request.query.get("peer")
         if child is not None and not NODE_ID.match(child):
             raise web.HTTPBadRequest(text="peer must be a peer id")
+        grant: capability.Grant | None = request[CHILD]
+        if grant is not None:
+            child = grant.peer_id  # who the capability says, whatever the query says
         book = self._grants.get(task.id)
         if book is not None and 0 <= declined < task.content.piece_count:
             book.release(declined)  # the child got it elsewhere: the slot is free again
@@ -199,9 +243,13 @@ class UploadServer:
                     waiter.answer.set_result(("piece", number))
                     self._waiters.remove(waiter)
                     asyncio.get_running_loop().call_later(book.lease, self._dispatch)  # lapse
-            # The uplink is full: lend. (Only to a child that said what it wants: it knows the
-            # task's pieces, it can take one.)
-            elif task.delegation is not None and waiter.wanted is not None:
+            # The uplink is full: lend. (Only to a child that said what it wants, so it can
+            # take one, and who it is: only the child named may vouch for the piece.)
+            elif (
+                task.delegation is not None
+                and waiter.wanted is not None
+                and waiter.child is not None
+            ):
                 number = task.delegation.lend(
                     task.done, task.served, waiter.wanted, now, waiter.child
                 )
@@ -227,10 +275,12 @@ class UploadServer:
         if not match:
             raise web.HTTPBadRequest(text="a Range of verified pieces is required")
         start, last = int(match.group(1)), int(match.group(2))
-        if not task.covers(start, last + 1):
-            raise web.HTTPRequestRangeNotSatisfiable(text="range not within verified pieces")
         assert task.content is not None
         number = start // task.content.piece_length
+        if last // task.content.piece_length != number:  # what children ask: one piece
+            raise web.HTTPRequestRangeNotSatisfiable(text="a range must lie within one piece")
+        if not task.covers(start, last + 1):
+            raise web.HTTPRequestRangeNotSatisfiable(text="range not within verified pieces")
         book = self._grants.get(task.id)
         if book is not None:
             book.release(number)  # a granted request holds its slot already
@@ -304,8 +354,14 @@ class UploadServer:
         response.content_length = size
         try:
             await response.prepare(request)
-            await send_span(request, response, task.data_path, start, size, self.bucket)
+            await send_span(
+                request, response, task.data_path, start, size, self.bucket,
+                min_rate=MIN_SEND_RATE, window=SEND_WINDOW,
+            )  # fmt: skip
             await response.write_eof()
+        except SlowReader:
+            log.info("cut off a child reading %s at byte %d too slowly", task.id[:12], start)
+            return False
         except ConnectionError:
             log.debug("child went away during piece %d of %s", start, task.id[:12])
             return False

@@ -134,6 +134,17 @@ class Ownership:
 
     # -- the bucket ----------------------------------------------------------------------
 
+    async def shared(self, key: str, value: bytes) -> bytes:
+        """What every scheduler of the cluster holds under ``key``: ``value`` when this one
+        is the first to ask (created atomically), else what the first one put there."""
+        assert self.kv is not None
+        try:
+            await self.kv.create(key, value)
+            return value
+        except nats.js.errors.KeyWrongLastSequenceError:
+            entry = await self.kv.get(key)
+            return entry.value or b""
+
     async def _agree_on_partitions(self, kv: KeyValue) -> None:
         mine = orjson.dumps({"partitions": self.partitions})
         try:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from importlib import resources
 from typing import Any
@@ -21,6 +23,7 @@ from aiohttp import web
 
 from swarmfly import __version__, metrics
 from swarmfly.bus import Bus, Served
+from swarmfly.capability import Signer
 from swarmfly.config import Config
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
@@ -28,7 +31,14 @@ from swarmfly.httpserver import serve_http
 from swarmfly.ids import default_host_id, redact_url
 from swarmfly.placement import partition_of
 from swarmfly.plugins.hookspecs import Evaluator
-from swarmfly.services.scheduler.core import HostSpec, PieceReport, Scheduler, TriggerSeed
+from swarmfly.services.scheduler.core import (
+    HostSpec,
+    Lending,
+    PieceReport,
+    Schedule,
+    Scheduler,
+    TriggerSeed,
+)
 from swarmfly.services.scheduler.ownership import Ownership
 from swarmfly.status import merge
 
@@ -39,6 +49,8 @@ VIEW_TASKS = 200
 DASHBOARD_CSP = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 """The page loads nothing from elsewhere (no CDN): it must work on machines with no internet."""
 DIGEST_PAGE = 8192
+CAPABILITY_KEY = "capability-key"
+"""Where the schedulers' shared signing key lives in their lease bucket."""
 """Digests per scheduler.<n>.task reply: a page stays far below NATS's 1 MiB payload limit."""
 PLACEHOLDER_URL = "swarmfly:cached"
 """The source a host announces for a cached task whose URL it did not keep."""
@@ -100,6 +112,10 @@ class SchedulerService:
         self._warm_until = 0.0
         """Until then, storage hosts may be unknown only for not having sent a heartbeat."""
         self._seed_known = asyncio.Event()
+        self.signer: Signer | None = None
+        """Signs the capabilities children show parents; one key for all schedulers."""
+        self._feed = EventFeed(self._event_body, EVENT_INTERVAL)
+        """The dashboard's snapshots, taken once per tick while anyone listens."""
 
     async def start(self, stack: AsyncExitStack) -> None:
         self._warm_until = self.clock() + 2 * self.config.scheduler.heartbeat_interval
@@ -119,6 +135,7 @@ class SchedulerService:
             },
         )
         await self.ownership.start(stack)
+        self.signer = Signer(await self.ownership.shared(CAPABILITY_KEY, Signer.generate().seed))
         expiry = asyncio.create_task(self._expire_loop())
         stack.callback(expiry.cancel)
         app = web.Application()
@@ -167,7 +184,7 @@ class SchedulerService:
         started = time.perf_counter()
         self._check_partition(req["task_id"])
         known = self._sources.get(req["task_id"])
-        if known is None or known["url"] == PLACEHOLDER_URL:
+        if known is None or known["url"] == PLACEHOLDER_URL or _names_digest(req, known):
             self._sources[req["task_id"]] = req["source"]
         schedule, effects = self.core.register(
             task_id=req["task_id"],
@@ -183,7 +200,7 @@ class SchedulerService:
         if schedule.action == "back_to_source" and not req.get("seed"):
             metrics.SCHEDULER_BACK_TO_SOURCE.inc()
         metrics.SCHEDULER_SCHEDULE_SECONDS.observe(time.perf_counter() - started)
-        return schedule.to_dict()
+        return self._reply(schedule, req)
 
     async def on_reschedule(self, req: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -199,7 +216,14 @@ class SchedulerService:
         if schedule.action == "back_to_source":
             metrics.SCHEDULER_BACK_TO_SOURCE.inc()
         metrics.SCHEDULER_SCHEDULE_SECONDS.observe(time.perf_counter() - started)
-        return schedule.to_dict()
+        return self._reply(schedule, req)
+
+    def _reply(self, schedule: Schedule, req: dict[str, Any]) -> dict[str, Any]:
+        """The schedule, and the capability that lets this peer read the task's pieces."""
+        reply = schedule.to_dict()
+        if self.signer is not None:
+            reply["token"] = self.signer.mint(req["task_id"], req["peer_id"], time.time())
+        return reply
 
     async def on_pieces(self, req: dict[str, Any]) -> dict[str, Any]:
         self._check_partition(req["task_id"])
@@ -212,6 +236,7 @@ class SchedulerService:
             ],
             now=self.clock(),
             content=content(req.get("task")),
+            lent=[Lending(lent["number"], lent["peer_id"]) for lent in req.get("lent", ())],
         )
         return {"ok": True}
 
@@ -219,11 +244,15 @@ class SchedulerService:
         self._check_partition(req["task_id"])
         task, digests = self.core.task_info(req["task_id"])
         offset = req.get("offset", 0)
-        return {
+        end = offset + DIGEST_PAGE
+        reply: dict[str, Any] = {
             "task": task.to_dict() if task else None,
             "offset": offset,
-            "digests": digests[offset : offset + DIGEST_PAGE],
+            "digests": digests[offset:end],
         }
+        if provisional := [n for n in self.core.provisional(req["task_id"]) if offset <= n < end]:
+            reply["provisional"] = provisional
+        return reply
 
     async def on_result(self, req: dict[str, Any]) -> dict[str, Any]:
         self._check_partition(req["task_id"])
@@ -246,6 +275,7 @@ class SchedulerService:
             "ok": True,
             "known": known,
             "interval_ms": interval_ms,
+            **({"verify_keys": [self.signer.verify_key]} if self.signer else {}),
             "partitions": self.partitions,
             "scheduler": self.ownership.instance,
             "owners": self.ownership.owners(),
@@ -390,21 +420,21 @@ class SchedulerService:
         return merge(states or [self.snapshot(bitmaps=bitmaps, limit=VIEW_TASKS)], VIEW_TASKS)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: the state with piece bitmaps, whenever it changes."""
+        """Server-sent events: the state with piece bitmaps, whenever it changes. Every
+        client reads the one snapshot the feed takes per tick."""
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        last = b""
         try:
-            while True:
-                body = orjson.dumps(await self._view(bitmaps=True))
-                if body != last:
-                    await response.write(b"data: " + body + b"\n\n")
-                    last = body
-                await asyncio.sleep(EVENT_INTERVAL)
+            async for body in self._feed.bodies():
+                await response.write(b"data: " + body + b"\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
-            return response
+            pass
+        return response
+
+    async def _event_body(self) -> bytes:
+        return orjson.dumps(await self._view(bitmaps=True))
 
     async def _dashboard(self, request: web.Request) -> web.Response:
         page = resources.files(__package__).joinpath("dashboard.html").read_text("utf-8")
@@ -413,6 +443,68 @@ class SchedulerService:
             content_type="text/html",
             headers={"Content-Security-Policy": DASHBOARD_CSP},
         )
+
+
+def _names_digest(req: dict[str, Any], known: dict[str, Any]) -> bool:
+    """The request names the digest its task is keyed by, and the source the seed would get
+    does not: the seed then knows the whole file's digest (and lends, since it proves).
+    Checked against the task id, so nobody hands the seed a wrong one."""
+    digest = req["source"].get("digest")
+    return (
+        not known.get("digest")
+        and digest is not None
+        and hashlib.sha256(digest.encode()).hexdigest() == req["task_id"]
+    )
+
+
+class EventFeed:
+    """One snapshot per tick for every event-stream client: the state is computed once per
+    ``interval`` while at least one client listens (and not at all while none does), not
+    once per client."""
+
+    def __init__(self, take: Callable[[], Awaitable[bytes]], interval: float) -> None:
+        self.take = take
+        self.interval = interval
+        self.body = b""
+        self.taken = 0
+        """Snapshots taken so far."""
+        self._listeners = 0
+        self._changed = asyncio.Event()
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def bodies(self) -> AsyncIterator[bytes]:
+        """Each new snapshot, the current one first; ends when the caller stops reading."""
+        self._listeners += 1
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.create_task(self._tick())
+        last = b""
+        try:
+            while True:
+                if self.body and self.body != last:
+                    last = self.body
+                    yield last
+                changed = self._changed
+                await changed.wait()
+        finally:
+            self._listeners -= 1
+            if self._listeners == 0 and self._ticker is not None:
+                self._ticker.cancel()
+                self._ticker = None
+                self.body = b""  # stale by the time anyone listens again
+
+    async def _tick(self) -> None:
+        while self._listeners:
+            try:
+                body = await self.take()
+            except Exception:  # one failed snapshot must not end every client's stream
+                log.exception("dashboard snapshot failed")
+            else:
+                self.taken += 1
+                if body != self.body:
+                    self.body = body
+                    self._changed.set()
+                    self._changed = asyncio.Event()
+            await asyncio.sleep(self.interval)
 
 
 def _partition_tokens(token: str) -> dict[str, Any]:

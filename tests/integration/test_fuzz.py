@@ -19,10 +19,11 @@ import json
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Coroutine, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, quote_from_bytes
@@ -40,6 +41,7 @@ from nats.aio.msg import Msg
 
 from swarmfly import contracts
 from swarmfly.bus import MAX_REQUEST_BYTES
+from swarmfly.capability import Signer
 from swarmfly.content import TaskContent
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import NODE_ID, piece_count
@@ -48,7 +50,7 @@ from swarmfly.services.peer import grants
 from swarmfly.services.peer.service import PeerService
 from swarmfly.services.peer.store import StoredTask, TaskStore
 from swarmfly.services.peer.upload import UploadServer
-from swarmfly.testing import Origin, in_process_cluster, subject_tokens
+from swarmfly.testing import Origin, capability, in_process_cluster, subject_tokens
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -104,6 +106,12 @@ class Env:
     hosts: dict[str, str]
     proxy_url: str = ""
     """The peer's registry mirror, whose upstream is ``origin`` (FILE_DATA is a blob there)."""
+    auth: dict[str, str] = field(default_factory=dict)
+    """A scheduled child's capability for ``task_id``: the fuzzing gets past the door."""
+
+    @property
+    def auth_line(self) -> bytes:
+        return b"".join(f"{k}: {v}\r\n".encode() for k, v in self.auth.items())
 
     def __repr__(self) -> str:
         return f"Env(prefix={self.prefix!r})"
@@ -167,6 +175,7 @@ async def _own(
                 for secret in (tmp / "secret.txt", tmp / "peer" / "secret.txt"):
                     secret.write_bytes(SECRET)
                 env.task_id = (await download(env, env.outputs / "first.bin"))["task_id"]
+                env.auth = await capability(cluster.buses["peer"], env.task_id)
                 ready.set_result(env)
                 await stop.wait()
             finally:
@@ -592,7 +601,7 @@ def test_hostile_paths_never_leave_the_store(env: Env, data: st.DataObject) -> N
     target = data.draw(targets(env), label="target")
     range_header = data.draw(ranges(len(FILE_DATA)), label="range")
     extra = b"" if range_header is None else f"Range: {range_header}\r\n".encode()
-    status, body = env.run(raw_get(env.upload_url, target, extra))
+    status, body = env.run(raw_get(env.upload_url, target, extra + env.auth_line))
     event(str(status))
     check_http(env, status, body, range_header)
 
@@ -607,7 +616,7 @@ def test_hostile_queries_and_ranges_get_a_clean_answer(env: Env, data: st.DataOb
     async def get() -> tuple[int, bytes]:
         url = f"{env.upload_url}/v1/tasks/{env.task_id}/{resource}"
         headers = {} if range_header is None else {"Range": range_header}
-        async with env.session.get(url, params=query, headers=headers) as response:
+        async with env.session.get(url, params=query, headers=headers | env.auth) as response:
             return response.status, await response.read()
 
     status, body = env.run(get())
@@ -620,7 +629,9 @@ def test_hostile_queries_and_ranges_get_a_clean_answer(env: Env, data: st.DataOb
 
 def test_upload_server_still_serves_after_fuzzing(env: Env) -> None:
     target = f"/v1/tasks/{env.task_id}/data".encode()
-    status, body = env.run(raw_get(env.upload_url, target, b"Range: bytes=100-4195\r\n"))
+    status, body = env.run(
+        raw_get(env.upload_url, target, b"Range: bytes=100-4195\r\n" + env.auth_line)
+    )
     assert (status, body) == (206, FILE_DATA[100:4196])
 
 
@@ -646,6 +657,8 @@ class Seed:
     url: str
     server: UploadServer
     task: StoredTask
+    auth: dict[str, str]
+    """A scheduled child's capability for ``task``."""
 
     def __repr__(self) -> str:
         return "Seed()"
@@ -673,8 +686,11 @@ async def _start_seed(stack: AsyncExitStack, root: Path) -> Seed:
     task.delegation = grants.Delegation(count, etag=SEED_ETAG, lease=1.0)
     server = UploadServer(store, rate=1024 * 1024, superseed=True)
     assert server.superseed and server.capacity == 2
+    signer = Signer.generate()
+    server.trust([signer.verify_key])
+    auth = {"Authorization": f"Bearer {signer.mint(task.id, 'fuzz-child', time.time())}"}
     url = await serve_http(stack, server.app, "127.0.0.1", 0)
-    return Seed(url, server, task)
+    return Seed(url, server, task, auth)
 
 
 @pytest.fixture(scope="module")
@@ -808,7 +824,7 @@ def test_a_capped_seed_answers_hostile_grant_polls_cleanly(
     valid = not broken
 
     async def poll() -> tuple[int, bytes]:
-        async with env.session.get(seed.pieces_url, params=query) as response:
+        async with env.session.get(seed.pieces_url, params=query, headers=seed.auth) as response:
             return response.status, await response.read()
 
     status, body = env.run(poll())
@@ -831,7 +847,8 @@ def test_a_capped_seed_answers_random_query_bytes_cleanly(
     encoded = "&".join(f"{k}={quote_from_bytes(v, safe='')}" for k, v in values)
     for query in (encoded, no_crlf(raw.decode("latin-1")).replace(" ", "%20").replace("#", "")):
         target = f"/v1/tasks/{seed.task.id}/pieces?wait=0&{query}".encode("latin-1")
-        status, body = env.run(raw_get(seed.url, target))
+        auth = "".join(f"{k}: {v}\r\n" for k, v in seed.auth.items()).encode()
+        status, body = env.run(raw_get(seed.url, target, auth))
         assert status in (200, 400), (status, body[:300])
         if status == 200:
             check_grant(status, body, None, False)
@@ -842,14 +859,14 @@ def test_a_capped_seed_still_grants_and_serves_after_fuzzing(env: Env, seed: See
         await asyncio.sleep(grants.GRANT_SECONDS + 0.1)  # the fuzzing's grants lapse
         wanted = set(range(SEED_PIECES))
         params = {"wants": grants.encode(wanted, SEED_PIECES), "wait": "2"}
-        async with env.session.get(seed.pieces_url, params=params) as response:
+        async with env.session.get(seed.pieces_url, params=params, headers=seed.auth) as response:
             assert response.status == 200
             answer = await response.json()
         assert len(answer["pieces"]) == 1, answer
         for number in answer["pieces"]:  # take the grant: the bytes are the seed's
             offset, size = number * SEED_PIECE, SEED_PIECE
             url = f"{seed.url}/v1/tasks/{seed.task.id}/data"
-            headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
+            headers = {"Range": f"bytes={offset}-{offset + size - 1}", **seed.auth}
             async with env.session.get(url, headers=headers) as response:
                 assert response.status == 206, await response.text()
                 assert await response.read() == SEED_DATA[offset : offset + size]

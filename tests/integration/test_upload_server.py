@@ -4,23 +4,28 @@ bytes asked for, long-polls piece availability, refuses everything else, and pac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import pytest
 
+from swarmfly.capability import Signer
 from swarmfly.content import TaskContent
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import piece_count
 from swarmfly.services.peer import grants
+from swarmfly.services.peer import upload as upload_module
 from swarmfly.services.peer.store import StoredTask, TaskStore
 from swarmfly.services.peer.upload import UploadServer
 from swarmfly.testing import wait_until
@@ -44,6 +49,7 @@ class Upload:
     server: UploadServer
     session: aiohttp.ClientSession
     root: Path
+    signer: Signer
 
     def put(self, data: bytes, done: set[int], piece_length: int = PIECE) -> StoredTask:
         """A task whose ``done`` pieces are written, verified and marked."""
@@ -55,9 +61,19 @@ class Upload:
             finish(task, data, number)
         return task
 
+    def token(self, task_id: str, peer_id: str = "child-1") -> dict[str, str]:
+        """What a child the scheduler sent here shows: a capability for the task."""
+        return {"Authorization": f"Bearer {self.signer.mint(task_id, peer_id, time.time())}"}
+
     async def get(
         self, path: str, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes, Mapping[str, str]]:
+        """GET as a scheduled child would: with a capability for the task the path names
+        (unless ``headers`` brings its own Authorization)."""
+        match = re.match(r"^/v1/tasks/([0-9a-f]{64})/", path)
+        if match and "Authorization" not in (headers or {}):
+            query = dict(parse_qsl(urlsplit(path).query))
+            headers = {**(headers or {}), **self.token(match[1], query.get("peer", "child-1"))}
         async with self.session.get(self.url + path, headers=headers) as response:
             return response.status, await response.read(), response.headers
 
@@ -77,12 +93,14 @@ async def serve(
     (tmp_path / "secret.txt").write_bytes(SECRET)
     store = TaskStore(tmp_path / "state" / "tasks")
     server = UploadServer(store, rate=rate, slots=slots, superseed=superseed, grant_seconds=lease)
+    signer = Signer.generate()
+    server.trust([signer.verify_key])
     async with AsyncExitStack() as stack:
         url = await serve_http(stack, server.app, "127.0.0.1", 0)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         stack.push_async_callback(session.close)
         stack.callback(store.close)
-        yield Upload(url, store, server, session, tmp_path)
+        yield Upload(url, store, server, session, tmp_path, signer)
 
 
 @pytest.fixture
@@ -163,7 +181,11 @@ async def test_path_traversal_never_serves_a_file(upload: Upload, target: str) -
     data = content_of(PIECE, b"traversal")
     task = upload.put(data, {0})
     path = target.replace("{task}", task.id)
-    status, body = await raw_get(upload.url, path, "Range: bytes=0-1023\r\n")
+    # With a capability for the task: what is tested is the path, not the missing token.
+    auth = upload.token(task.id)["Authorization"]
+    status, body = await raw_get(
+        upload.url, path, f"Range: bytes=0-1023\r\nAuthorization: {auth}\r\n"
+    )
     assert 400 <= status < 500
     assert SECRET not in body
     assert b"root:" not in body
@@ -180,7 +202,6 @@ async def test_path_traversal_never_serves_a_file(upload: Upload, target: str) -
         (0, PIECE - 1),
         (12345, 54321),
         (PIECE, 2 * PIECE - 1),
-        (PIECE - 10, PIECE + 10),
         (3 * PIECE, 3 * PIECE + PIECE // 2 - 1),
     ],
 )
@@ -222,6 +243,34 @@ async def test_a_range_outside_verified_pieces_is_416(
     assert data[:64] not in body
 
 
+@pytest.mark.parametrize(
+    ("first", "last"),
+    [
+        (PIECE - 10, PIECE + 10),  # straddles two verified pieces
+        (0, 2 * PIECE - 1),  # two whole pieces
+        (0, 3 * PIECE + PIECE // 2 - 1),  # the whole file, every piece verified
+        (PIECE, 3 * PIECE),  # one piece and a byte of the next
+    ],
+)
+async def test_a_range_beyond_one_piece_is_416_though_every_byte_is_verified(
+    tmp_path: Path, first: int, last: int
+) -> None:
+    """One piece per request, as children ask: a whole-file range would let one slow reader
+    hold an upload slot for the whole file."""
+    async with serve(tmp_path) as upload:
+        data = content_of(3 * PIECE + PIECE // 2, b"one piece")
+        task = upload.put(data, {0, 1, 2, 3})
+        status, body, _ = await upload.get(
+            f"/v1/tasks/{task.id}/data", {"Range": f"bytes={first}-{last}"}
+        )
+        assert status == 416
+        assert data[:64] not in body and data[first : first + 64] not in body
+        status, body, _ = await upload.get(
+            f"/v1/tasks/{task.id}/data", {"Range": f"bytes={PIECE}-{2 * PIECE - 1}"}
+        )
+        assert (status, body) == (206, data[PIECE : 2 * PIECE])
+
+
 async def test_a_piece_is_served_once_verified(upload: Upload) -> None:
     data = content_of(2 * PIECE, b"two pieces")
     task = upload.put(data, {0})
@@ -254,7 +303,8 @@ async def test_a_missing_or_malformed_range_is_400(
 ) -> None:
     data = content_of(PIECE, b"malformed")
     task = upload.put(data, {0})
-    extra = "" if range_header is None else f"Range: {range_header}\r\n"
+    extra = f"Authorization: {upload.token(task.id)['Authorization']}\r\n"
+    extra += "" if range_header is None else f"Range: {range_header}\r\n"
     status, body = await raw_get(upload.url, f"/v1/tasks/{task.id}/data", extra)
     assert status == 400
     assert data[:64] not in body
@@ -366,14 +416,14 @@ async def test_upload_rate_limit_paces_a_range(tmp_path: Path) -> None:
     rate = 2 * MiB
     async with serve(tmp_path, rate=rate) as upload:
         data = content_of(4 * PIECE, b"paced")
-        task = upload.put(data, {0, 1, 2, 3})
+        task = upload.put(data, {0, 1}, piece_length=2 * PIECE)
         started = time.monotonic()
         status, body, _ = await upload.get(
-            f"/v1/tasks/{task.id}/data", {"Range": f"bytes={PIECE}-{3 * PIECE - 1}"}
+            f"/v1/tasks/{task.id}/data", {"Range": f"bytes={2 * PIECE}-{4 * PIECE - 1}"}
         )
         elapsed = time.monotonic() - started
         assert status == 206
-        assert body == data[PIECE : 3 * PIECE]
+        assert body == data[2 * PIECE :]
         expected = len(body) / rate  # 1 s; the first burst (rate/8) passes at once
         assert 0.5 * expected <= elapsed < 3 * expected + 1
 
@@ -381,7 +431,7 @@ async def test_upload_rate_limit_paces_a_range(tmp_path: Path) -> None:
 async def test_a_full_upload_server_answers_503_then_serves_again(tmp_path: Path) -> None:
     async with serve(tmp_path, rate=MiB, slots=1) as upload:
         data = content_of(2 * PIECE, b"slots")
-        task = upload.put(data, {0, 1})
+        task = upload.put(data, {0}, piece_length=2 * PIECE)
         whole = {"Range": f"bytes=0-{len(data) - 1}"}
         slow = asyncio.create_task(upload.get(f"/v1/tasks/{task.id}/data", whole))
         await wait_until(lambda: upload.server.uploads == 1, timeout=5)
@@ -405,9 +455,10 @@ async def test_a_full_upload_server_answers_503_then_serves_again(tmp_path: Path
 async def test_a_child_that_hangs_up_frees_its_slot(tmp_path: Path) -> None:
     async with serve(tmp_path, rate=MiB, slots=1) as upload:
         data = content_of(4 * PIECE, b"hang up")
-        task = upload.put(data, {0, 1, 2, 3})
+        task = upload.put(data, {0}, piece_length=4 * PIECE)
         async with upload.session.get(
-            f"{upload.url}/v1/tasks/{task.id}/data", headers={"Range": f"bytes=0-{len(data) - 1}"}
+            f"{upload.url}/v1/tasks/{task.id}/data",
+            headers={"Range": f"bytes=0-{len(data) - 1}", **upload.token(task.id)},
         ) as response:
             assert response.status == 206
             assert len(await response.content.readexactly(64 * 1024)) == 64 * 1024
@@ -423,6 +474,49 @@ async def test_a_child_that_hangs_up_frees_its_slot(tmp_path: Path) -> None:
         while await health() != 0:
             assert time.monotonic() < deadline, "the slot of a gone child was never freed"
             await asyncio.sleep(0.1)
+        status, body, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
+        assert (status, body) == (206, data[:10])
+
+
+async def test_a_slow_reader_is_cut_off_and_its_slot_goes_to_the_next_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    window = 1.0
+    monkeypatch.setattr(upload_module, "SEND_WINDOW", window)
+    async with serve(tmp_path, slots=1) as upload:
+        piece = 16 * MiB  # far more than the socket buffers hold
+        data = content_of(piece, b"slow reader")
+        task = upload.put(data, {0}, piece_length=piece)
+        host, port = upload.url.removeprefix("http://").split(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(
+            f"GET /v1/tasks/{task.id}/data HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: {upload.token(task.id)['Authorization']}\r\n"
+            f"Range: bytes=0-{piece - 1}\r\n\r\n".encode()
+        )
+        started = time.monotonic()
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 206")
+        await wait_until(lambda: upload.server.uploads == 1, timeout=5)
+        # The slot is held: one child may queue behind it, the next is turned away.
+        queued = asyncio.create_task(
+            upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
+        )
+        await wait_until(lambda: upload.server._waiting == 1, timeout=5)
+        status, _, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
+        assert status == 503
+        # The slow reader reads nothing more: cut off within a few windows.
+        assert (await queued)[:2] == (206, data[:10])
+        assert time.monotonic() - started < 6 * window + 2
+        received = 0
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(MiB), 10):
+                received += len(chunk)
+        writer.close()
+        assert received < piece, "the slow reader got the whole piece"
         status, body, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
         assert (status, body) == (206, data[:10])
 
@@ -450,8 +544,11 @@ async def test_the_signed_url_query_never_reaches_disk(upload: Upload) -> None:
 # -- a seed grants pieces -------------------------------------------------------------------
 
 
-async def poll(upload: Upload, task: StoredTask, wait: float, wants: str | None = None) -> Any:
+async def poll(
+    upload: Upload, task: StoredTask, wait: float, wants: str | None = None, child: str = ""
+) -> Any:
     query = f"?since=-1&wait={wait}" + (f"&wants={wants}" if wants is not None else "")
+    query += f"&peer={child}" if child else ""
     status, body, _ = await upload.get(f"/v1/tasks/{task.id}/pieces{query}")
     assert status == 200, body
     return json.loads(body)
@@ -535,7 +632,9 @@ async def test_a_seed_with_no_slot_free_lends_a_piece_to_read_from_the_origin(
         every = grants.encode(set(range(8)), 8)
         # Two grants fill the one slot and its one waiting place; the third child is lent
         # the last piece, pinned to the ETag the seed read, and the fourth gets nothing.
-        answers = await asyncio.gather(*(poll(seed, task, 0.5, every) for _ in range(4)))
+        answers = await asyncio.gather(
+            *(poll(seed, task, 0.5, every, child=f"child-{n}") for n in range(4))
+        )
         granted = sorted(a["pieces"] for a in answers if a["pieces"])
         assert granted == [[0], [1]]
         lent = [a for a in answers if a.get("origin")]
@@ -546,8 +645,60 @@ async def test_a_seed_with_no_slot_free_lends_a_piece_to_read_from_the_origin(
         for bad in ("x", ",", "1" * 10, ",".join(["1"] * 65)):
             status, _, _ = await seed.get(f"/v1/tasks/{task.id}/pieces?wait=0&lent={bad}")
             assert status == 400, bad
-        assert "origin" not in await poll(seed, task, 0.3, every)  # 7 is still out
+        assert "origin" not in await poll(seed, task, 0.3, every, child="c")  # 7 is still out
         status, body, _ = await seed.get(f"/v1/tasks/{task.id}/pieces?wait=0.3&lent=7,3")
         assert status == 200 and "origin" not in json.loads(body)
         assert task.delegation.delivered == {7}
-        assert (await poll(seed, task, 0.3, every))["origin"] == [6]
+        # Only a child that names itself is lent a piece: only it may vouch for it.
+        assert "origin" not in await poll(seed, task, 0.3, every)
+        assert (await poll(seed, task, 0.3, every, child="c"))["origin"] == [6]
+
+
+# -- capabilities: only a child the scheduler sent reads a task ---------------------------
+
+
+@pytest.mark.parametrize("resource", ["data", "pieces"])
+async def test_a_task_is_served_only_against_a_capability_for_it(
+    upload: Upload, resource: str
+) -> None:
+    data = content_of(PIECE, b"private")
+    task = upload.put(data, {0})
+    other = upload.put(content_of(PIECE, b"other"), {0})
+    path = f"/v1/tasks/{task.id}/{resource}"
+    ranged = {"Range": "bytes=0-1023"}
+    forger = Signer.generate()  # a member's own key: not the schedulers'
+    refused = {
+        "none": {"Authorization": ""},
+        "garbage": {"Authorization": "Bearer v1.abc.def"},
+        "another task": upload.token(other.id),
+        "expired": {"Authorization": f"Bearer {upload.signer.mint(task.id, 'c', 0, 60)}"},
+        "unknown key": {"Authorization": f"Bearer {forger.mint(task.id, 'c', time.time())}"},
+    }
+    for reason, auth in refused.items():
+        status, body, _ = await upload.get(path, {**ranged, **auth})
+        assert status == 403, reason
+        assert data[:64] not in body
+    # Nobody learns what is held without one: an unknown task is refused the same way.
+    status, _, _ = await upload.get(f"/v1/tasks/{'ab' * 32}/{resource}", {"Authorization": ""})
+    assert status == 403
+    status, body, _ = await upload.get(path, ranged)
+    assert status in (200, 206)
+    if resource == "data":
+        assert body == data[:1024]
+
+
+async def test_a_seed_lends_to_the_child_its_capability_names(tmp_path: Path) -> None:
+    """What a child calls itself (``peer=``) does not count: only whom the scheduler
+    scheduled may vouch for a lent piece."""
+    async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
+        task = seed.put(content_of(8 * PIECE, b"named"), {0, 1})
+        task.delegation = grants.Delegation(8, limit=1, window=1)
+        every = grants.encode(set(range(8)), 8)
+        query = f"?since=-1&wait=0.5&wants={every}&peer=child-b"
+        answers = await asyncio.gather(*(
+            seed.get(f"/v1/tasks/{task.id}/pieces{query}", seed.token(task.id, "child-a"))
+            for _ in range(3)
+        ))  # fmt: skip
+        lent = [json.loads(body)["origin"] for _, body, _ in answers if b"origin" in body]
+        assert lent == [[7]]
+        assert task.delegation.lent_to == {7: "child-a"}

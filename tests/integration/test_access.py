@@ -1,0 +1,75 @@
+"""Access: who may read what (issue 13). Real nats-server, scheduler, storage and peer in their
+own processes, a real HTTP origin; the attacker is whoever reaches a port."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from swarmfly.bus import Bus
+from swarmfly.capability import Signer
+from swarmfly.natsserver import NatsServer
+from swarmfly.testing import Origin, capability
+from tests.integration.test_swarm import Cluster, get
+
+MiB = 1024 * 1024
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(nats: NatsServer, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
+    with ExitStack() as stack:
+        yield Cluster(nats, prefix, tmp_path, stack)
+
+
+async def test_the_data_plane_serves_only_a_child_the_scheduler_sent(
+    cluster: Cluster, bus: Bus, tmp_path: Path
+) -> None:
+    """Attack 3: after a private download, a plain ranged GET of the task's data (or of what
+    a host holds) from the peer's and the storage's upload servers gets nothing; a child the
+    scheduler scheduled for the task does."""
+    data = os.urandom(3 * MiB)
+    async with Origin(required_headers={"Authorization": "Bearer s3cr3t"}).serve() as origin:
+        url = origin.add("private.bin", data)
+        cluster.start(peers=1)
+        out = tmp_path / "out.bin"
+        result = await get(
+            url,
+            out,
+            cluster.peer_dir(0),
+            *cluster.get_args(),
+            "--header",
+            "Authorization: Bearer s3cr3t",
+        )
+        assert result["exit"] == 0, result
+        task = result["task_id"]
+        other = hashlib.sha256(b"another task").hexdigest()
+        forged = Signer.generate().mint(task, "pattacker", 2e9)
+        attempts = {
+            "no capability": {},
+            "a member's own key": {"Authorization": f"Bearer {forged}"},
+            "another task's": await capability(bus, other, host_id="attacker"),
+        }
+        async with aiohttp.ClientSession() as session:
+            for server in (cluster.peers[0], cluster.storage):
+                for resource in ("data", "pieces"):
+                    target = f"{server.url}/v1/tasks/{task}/{resource}"
+                    for name, auth in attempts.items():
+                        headers = {"Range": "bytes=0-1048575", **auth}
+                        async with session.get(target, headers=headers) as response:
+                            body = await response.read()
+                        assert response.status == 403, (server.kind, resource, name)
+                        assert data[:64] not in body
+            # A child the scheduler schedules for the task shows its capability and reads.
+            scheduled = await capability(bus, task, host_id="newcomer")
+            target = f"{cluster.storage.url}/v1/tasks/{task}/data"
+            headers = {"Range": "bytes=0-1048575", **scheduled}
+            async with session.get(target, headers=headers) as response:
+                assert response.status == 206
+                assert await response.read() == data[:MiB]
