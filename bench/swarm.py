@@ -9,7 +9,9 @@ to N peers:
     bound_s = max(F / u_s, F / d, N * F / (u_s + u_seed + N * u))
 
 ratio = max_s / bound_s (1.0 is perfect); origin_ratio = origin bytes / F (1.0: the origin was
-read exactly once). See bench/README.md.
+read exactly once). --mode digest passes every get `--digest sha256:<hex>`, no-digest does not,
+and both (the default) does each run in both modes, each on a fresh cluster: a capped seed lends
+pieces to its children only when the whole file's digest is known. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ LOG_PATTERNS = {
     "errors": r" ERROR ",
     "upload_resets": r"Cannot write to closing transport",
 }
+MODES = ("digest", "no-digest")  # --mode both runs them in this order, then alternates
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--download-rate", type=size_arg, default="0", help="d, bytes/s (0: unlimited)"
     )
     parser.add_argument("--runs", type=int, default=1, help="repetitions (default 1)")
+    parser.add_argument(
+        "--mode",
+        choices=[*MODES, "both"],
+        default="both",
+        help="digest: every get has --digest sha256:<hex> (the seed may lend pieces); "
+        "no-digest: it has none; both (default): each run in both modes, each on a fresh cluster",
+    )
     parser.add_argument("--piece-length", type=size_arg, help="piece length (default: from F)")
     parser.add_argument(
         "--timeout",
@@ -90,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.peers < 1 or args.runs < 1 or args.file_size < 1:
         parser.error("--peers, --runs and --file-size must be positive")
     args.env = env_pairs(parser, args.env)
+    args.modes = list(MODES) if args.mode == "both" else [args.mode]
     return args
 
 
@@ -186,13 +197,15 @@ def one_get(
 
 
 def one_run(
-    run: int, args: argparse.Namespace, root: Path, nats: NatsServer, origin: OriginProcess,
-    digest: str, bound: float, reaper: Reaper, out: Out,
+    run: int, mode: str, args: argparse.Namespace, root: Path, nats: NatsServer,
+    origin: OriginProcess, digest: str, bound: float, reaper: Reaper, out: Out,
 ) -> dict[str, Any]:  # fmt: skip
+    """One run in one mode (digest: every get is told the file's sha256) on a fresh cluster."""
     n, f = args.peers, args.file_size
     prefix = f"bench{uuid.uuid4().hex[:10]}"
-    run_dir = root / f"run{run}"
-    out.progress(f"run {run}: starting scheduler, storage and {n} peers (prefix {prefix})")
+    run_dir = root / f"run{run}-{mode}"
+    name = f"run {run} ({mode})"
+    out.progress(f"{name}: starting scheduler, storage and {n} peers (prefix {prefix})")
     cluster = start_cluster(
         reaper,
         nats,
@@ -206,14 +219,16 @@ def one_run(
     )
     try:
         time.sleep(1.0)  # let start-up CPU (imports, first heartbeats) settle before timing
-        url = f"{origin.file_url}?run={run}&nonce={uuid.uuid4().hex[:8]}"
+        url = f"{origin.file_url}?run={run}&mode={mode}&nonce={uuid.uuid4().hex[:8]}"
         extra = ["--piece-length", str(args.piece_length)] if args.piece_length else []
+        if mode == "digest":
+            extra += ["--digest", f"sha256:{digest}"]
         outputs = [run_dir / "out" / f"peer{i:02d}.bin" for i in range(n)]
         outputs[0].parent.mkdir(parents=True, exist_ok=True)
         timeout = args.timeout or min(300.0, max(120.0, 10 * bound))
         before = origin.stats()
         cpu0, busy0, child0 = cluster.cpu(), machine_cpu(), children_cpu()
-        out.progress(f"run {run}: {n} downloads of {human(f)} start now (timeout {timeout:.0f}s)")
+        out.progress(f"{name}: {n} downloads of {human(f)} start now (timeout {timeout:.0f}s)")
         t0 = time.monotonic()
         timeline = Timeline(cluster, t0)
         timeline.start()
@@ -261,6 +276,7 @@ def one_run(
     cpu_total = busy1[1] - busy0[1]
     result: dict[str, Any] = {
         "run": run,
+        "mode": mode,
         "ok": len(ok) == n,
         "failed": [{"peer": r["peer"], "error": r.get("error")} for r in peers if not r["ok"]],
         "p50_s": round(percentile(times, 50), 3) if times else None,
@@ -327,20 +343,52 @@ def seed_seconds(log: str) -> float | None:
     return None
 
 
-def report(args: argparse.Namespace, bound: float, runs: list[dict[str, Any]], out: Out) -> dict:
-    n, f = args.peers, args.file_size
+def medians(runs: list[dict[str, Any]], bound_seed: float) -> dict[str, Any]:
+    """The medians of some runs (one mode's): times over the good runs, origin bytes over all."""
     good = [r for r in runs if r["ok"]]
 
     def med(key: str) -> float | None:
         values = [r[key] for r in good if r[key] is not None]
         return round(v, 4) if (v := median(values)) is not None else None
 
+    max_s = med("max_s")
+    return {
+        "p50_s": med("p50_s"),
+        "max_s": max_s,
+        "ratio": med("ratio"),
+        "ratio_seed_only": round(max_s / bound_seed, 4) if max_s and bound_seed else None,
+        "origin_bytes": int(median([r["origin_bytes"] for r in runs]) or 0),
+        "origin_ratio": med("origin_ratio"),
+    }
+
+
+def report(
+    args: argparse.Namespace, bound: float, runs: list[dict[str, Any]], out: Out
+) -> dict[str, Any]:
+    n, f = args.peers, args.file_size
     bound_seed = seed_bound(
         n, f, args.origin_rate, args.seed_upload_rate, args.peer_upload_rate, args.download_rate
     )
+    by_mode = {mode: [r for r in runs if r["mode"] == mode] for mode in args.modes}
+    modes: dict[str, Any] = {
+        mode: {
+            "ok": all(r["ok"] for r in mode_runs),
+            **{f"{key}_median": value for key, value in medians(mode_runs, bound_seed).items()},
+            "runs": [
+                {key: r[key] for key in ("run", "ok", "p50_s", "max_s", "ratio", "origin_ratio")}
+                for r in mode_runs
+            ],
+        }
+        for mode, mode_runs in by_mode.items()
+    }
+    # The top-level figures are today's keys, for the first mode (digest, unless --mode says
+    # otherwise); "modes" has each mode's, and "runs" every run of every mode.
+    summary_mode = args.modes[0]
     summary: dict[str, Any] = {
         "benchmark": "swarm",
-        "ok": len(good) == len(runs),
+        "ok": all(r["ok"] for r in runs),
+        "mode": args.mode,
+        "summary_mode": summary_mode,
         "n": n,
         "file_bytes": f,
         "origin_rate": args.origin_rate,
@@ -351,15 +399,9 @@ def report(args: argparse.Namespace, bound: float, runs: list[dict[str, Any]], o
         "runs_requested": args.runs,
         "bound_s": round(bound, 4),
         "bound_seed_only_s": round(bound_seed, 4),
-        "ratio_seed_only": round(summary_max / bound_seed, 4)
-        if (summary_max := med("max_s")) and bound_seed
-        else None,
         "env": args.env,
-        "p50_s": med("p50_s"),
-        "max_s": med("max_s"),
-        "ratio": med("ratio"),
-        "origin_bytes": int(median([r["origin_bytes"] for r in runs]) or 0),
-        "origin_ratio": med("origin_ratio"),
+        **medians(by_mode[summary_mode], bound_seed),
+        "modes": modes,
         "runs": runs,
     }
     out.say()
@@ -376,7 +418,7 @@ def report(args: argparse.Namespace, bound: float, runs: list[dict[str, Any]], o
         out.say(f"service environment: {args.env}")
     rows = [
         [
-            r["run"], "yes" if r["ok"] else f"NO ({len(r['failed'])} failed)",
+            r["run"], r["mode"], "yes" if r["ok"] else f"NO ({len(r['failed'])} failed)",
             r["p50_s"], r["max_s"], r["ratio"], r["origin_ratio"], r["seed_seconds"],
             round(r["seed_upload_bytes"] / f, 2), round(r["peer_upload_bytes"] / f, 2),
             r["get_startup_s"] and round(r["get_startup_s"], 2), r["cpu_busy"],
@@ -385,20 +427,22 @@ def report(args: argparse.Namespace, bound: float, runs: list[dict[str, Any]], o
     ]  # fmt: skip
     out.say(
         table(
-            ["run", "ok", "p50_s", "max_s", "ratio", "origin/F", "seed_s", "seed_up/F",
+            ["run", "mode", "ok", "p50_s", "max_s", "ratio", "origin/F", "seed_s", "seed_up/F",
              "peers_up/F", "get_start_s", "cpu_busy"],
             rows,
         )
     )  # fmt: skip
-    out.say(
-        f"median: p50_s {summary['p50_s']}, max_s {summary['max_s']}, ratio {summary['ratio']} "
-        f"(target <= 1.5), origin_ratio {summary['origin_ratio']} (target <= 1.05)"
-    )
+    for mode, m in modes.items():
+        out.say(
+            f"median ({mode}): p50_s {m['p50_s_median']}, max_s {m['max_s_median']}, "
+            f"ratio {m['ratio_median']} (target <= 1.5), "
+            f"origin_ratio {m['origin_ratio_median']} (target <= 1.05)"
+        )
     if args.detail:
         for r in runs:
             out.say(
-                f"\nrun {r['run']}: per peer; reg = order of registration at the scheduler,"
-                " up = bytes it served to others, fails = piece failures by reason"
+                f"\nrun {r['run']} ({r['mode']}): per peer; reg = order of registration at the"
+                " scheduler, up = bytes it served to others, fails = piece failures by reason"
             )
             out.say(
                 table(
@@ -438,12 +482,15 @@ def main(argv: list[str] | None = None) -> int:
             reaper.add(nats.process)  # type: ignore[arg-type]
             origin = OriginProcess(reaper, "origin", source, args.origin_rate)
             for run in range(1, args.runs + 1):
-                result = one_run(run, args, root, nats, origin, digest, bound, reaper, out)
-                runs.append(result)
-                out.progress(
-                    f"run {run}: ok={result['ok']} p50_s={result['p50_s']} max_s={result['max_s']}"
-                    f" ratio={result['ratio']} origin_ratio={result['origin_ratio']}"
-                )
+                # With both modes, the first one alternates from run to run, so that a drift in
+                # the machine's load does not always hit the same mode.
+                for mode in args.modes if run % 2 else args.modes[::-1]:
+                    r = one_run(run, mode, args, root, nats, origin, digest, bound, reaper, out)
+                    runs.append(r)
+                    out.progress(
+                        f"run {run} ({mode}): ok={r['ok']} p50_s={r['p50_s']} max_s={r['max_s']}"
+                        f" ratio={r['ratio']} origin_ratio={r['origin_ratio']}"
+                    )
             nats.stop()
     except KeyboardInterrupt:
         out.progress("interrupted")
