@@ -175,6 +175,36 @@ def config_from(args: argparse.Namespace) -> Config:
     return load(flags, config_file=get(args, "config", None))
 
 
+CLUSTER_COMMANDS = ("get", "status", "preheat")
+"""The commands that use the cluster `swarmfly up` recorded, as its client."""
+
+
+def _unreadable(folder: Path) -> SwarmflyError:
+    return SwarmflyError(
+        "forbidden",
+        f"cannot read the cluster's credentials in {folder}: run as the user that ran"
+        " swarmfly up, or pass [nats] credentials",
+    )
+
+
+def use_recorded_cluster(config: Config) -> None:
+    """Where no NATS is configured, the cluster `swarmfly up` recorded in the state dir, with
+    the CLI's own credentials from there; a user who may not read them is told so at once
+    (the server would only refuse an anonymous connection)."""
+    n = config.nats
+    if n.servers or n.user or n.token or n.creds or n.nkeys_seed:
+        return
+    from swarmfly.credentials import Unreadable, client_access
+
+    try:
+        access = client_access(config.state_dir)
+    except Unreadable as exc:
+        raise _unreadable(Path(str(exc))) from None
+    if access is not None:
+        n.servers, n.nkeys_seed = access.servers, access.nkeys_seed
+        n.inbox_prefix = n.inbox_prefix or access.inbox_prefix
+
+
 def _run(coro: Coroutine[Any, Any, Any], *, fast_loop: bool = False) -> Any:
     """uvloop where it helps; processes that serve pieces keep asyncio's loop, whose
     ``sendfile`` uvloop lacks."""
@@ -242,7 +272,7 @@ def _get(args: argparse.Namespace, config: Config) -> int:
         summary = None
         if not config.tracing:
             try:
-                summary = localpeer.get(config.state_dir, request, bar)
+                summary = localpeer.get(config.state_dir, request, bar, config.peer.socket)
             except localpeer.PeerGone:  # it died: an in-process peer takes over (below)
                 summary = None
         if summary is None:
@@ -370,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
                 orjson.dumps(document(args.prefix), option=orjson.OPT_INDENT_2).decode() + "\n"
             )
             return 0
-        config = config_from(args)
+        try:
+            config = config_from(args)
+        except PermissionError as exc:  # the state dir's swarmfly.toml, behind a 0700 dir
+            if args.command not in CLUSTER_COMMANDS or not exc.filename:
+                raise
+            raise _unreadable(Path(exc.filename).parent) from None
         logging.basicConfig(
             level=config.log_level.upper() if args.command != "get" else "WARNING",
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -378,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("botocore", "aiobotocore", "urllib3"):
             # their DEBUG lines carry request signatures and access key ids
             logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))
+        if args.command in CLUSTER_COMMANDS:
+            use_recorded_cluster(config)
         if args.command == "get":
             return _get(args, config)
         if args.command == "plugins":

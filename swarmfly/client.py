@@ -17,6 +17,7 @@ from swarmfly import telemetry
 from swarmfly.bus import Bus
 from swarmfly.cluster import connect, local_peer, servers_of
 from swarmfly.config import Config
+from swarmfly.credentials import inbox_prefix
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, new_id, redact_url
 from swarmfly.localpeer import GetRequest, Progress, summary
@@ -66,7 +67,10 @@ async def get(
                     if exc.code != "unavailable":
                         raise
                     log.info("local peer does not answer: running one in process")
-            reply = await _in_process(stack, config, bus, servers, request, output, progress)
+            # The CLI's own credentials may not act as a peer: its in-process peer then
+            # reads the origin by itself rather than wait on refused registrations.
+            swarm = None if config.nats.inbox_prefix == inbox_prefix("client") else bus
+            reply = await _in_process(stack, config, swarm, servers, request, output, progress)
             return summary(request, reply, "in-process", started)
     raise AssertionError("unreachable")  # pragma: no cover
 

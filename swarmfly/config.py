@@ -55,6 +55,9 @@ class NatsConfig:
     tls_hostname: str | None = None
     """Name the servers' certificates must carry, when the URLs name them otherwise (by
     address, or through a load balancer)."""
+    inbox_prefix: str | None = None
+    """Subject prefix of this client's reply inboxes (default ``_INBOX``): with per-role
+    permissions each role may subscribe only to its own (``_INBOX_peer``, …)."""
 
 
 @dataclass
@@ -80,6 +83,9 @@ class SchedulerConfig:
     host_ttl: float = 15.0
     seed_timeout: float = 30.0
     evaluator: str = "default"
+    api_token_file: str | None = None
+    """File holding the token the dashboard and API ask for (default: ``api-token`` in the
+    state dir, made on first start); several schedulers behind one address share one."""
 
 
 @dataclass
@@ -111,6 +117,24 @@ class PeerConfig:
     are evicted, least recently used first, down to disk_low; 0: off."""
     disk_low: float = 0.85
     gc_interval: float = 60.0
+    output_roots: list[str] = field(default_factory=list)
+    """Directories ``peer.<host>.download`` over NATS may write under; none: it writes
+    nowhere (`swarmfly get` uses the local socket, which writes as its caller)."""
+    socket: str | None = None
+    """The local socket `swarmfly get` reaches the peer at (default ``<state dir>/peer.sock``)."""
+    socket_group: str | None = None
+    """A group whose members may use the local socket too (mode 0660); default: only the
+    peer's own user (0600)."""
+
+
+@dataclass
+class OriginsConfig:
+    """What origins services read (docs/configuration.md#origins); link-local and cloud
+    metadata addresses are denied whatever this says."""
+
+    allow: list[str] = field(default_factory=list)
+    """Set: only origins matching an entry are read."""
+    deny: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -188,6 +212,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    origins: OriginsConfig = field(default_factory=OriginsConfig)
 
     def nats_options(self) -> dict[str, Any]:
         """Auth and TLS options for nats-py, checked here: a mistake is a ValueError naming the
@@ -233,7 +258,17 @@ def nats_client_options(n: NatsConfig) -> dict[str, Any]:
         options["tls"] = _tls_context(n)
     if n.tls_hostname:
         options["tls_hostname"] = n.tls_hostname
+    if n.inbox_prefix:
+        if not _INBOX_PREFIX.fullmatch(n.inbox_prefix):
+            raise ValueError(
+                "[nats] inbox_prefix: subject tokens of letters, digits, '_', '-' and '$',"
+                " separated by '.', no wildcards"
+            )
+        options["inbox_prefix"] = n.inbox_prefix
     return options
+
+
+_INBOX_PREFIX = re.compile(r"[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*")
 
 
 def _read_setting(name: str, path: str) -> str:
@@ -339,7 +374,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     sections = {
         f.name
         for f in fields(Config)
-        if f.name in ("nats", "scheduler", "peer", "storage", "proxy", "http")
+        if f.name in ("nats", "scheduler", "peer", "storage", "proxy", "http", "origins")
     }
     for name, value in env.items():
         if not name.startswith("SWARMFLY_") or name in ("SWARMFLY_CONFIG",):

@@ -44,6 +44,9 @@ class NatsServer:
     host: str = "127.0.0.1"
     port: int = 0
     jetstream: bool = True
+    config_file: Path | None = None
+    """A configuration file (e.g. the authorization of swarmfly.credentials); the flags
+    above take precedence over it."""
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
 
@@ -57,6 +60,8 @@ class NatsServer:
         args = [find_binary(), "-a", self.host, "-p", str(self.port)]
         if self.jetstream:
             args += ["-js", "-sd", str(self.store_dir)]
+        if self.config_file is not None:
+            args += ["-c", str(self.config_file)]
         log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
             args + self.extra_args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -9,19 +9,25 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from swarmfly import httpserver, telemetry
+from swarmfly import contracts, httpserver, telemetry
 from swarmfly.bus import Bus
-from swarmfly.cluster import CLUSTER_FILE, connect, servers_of
-from swarmfly.config import Config
+from swarmfly.cluster import connect, servers_of
+from swarmfly.config import Config, NatsConfig, nats_client_options
+from swarmfly.credentials import (
+    Identity,
+    ensure_identities,
+    write_cluster_record,
+    write_server_config,
+)
 from swarmfly.httpserver import Limits
 from swarmfly.ids import default_host_id
 from swarmfly.natsserver import NatsServer
+from swarmfly.origins import OriginPolicy
 from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.gc import GcPolicy
 from swarmfly.services.peer.node import NodeSettings, PeerNode
 from swarmfly.services.peer.service import PeerService
+from swarmfly.services.peer.store import private_dir
 from swarmfly.services.proxy.service import ProxyService
 from swarmfly.services.scheduler.service import SchedulerService
 from swarmfly.services.storage.service import StorageService
@@ -53,6 +59,7 @@ def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
         gc_interval=p.gc_interval,
         partitions=config.scheduler.partitions,
         capabilities=config.http.capabilities,
+        registries=tuple(config.proxy.registries),
     )
 
 
@@ -80,6 +87,7 @@ def storage_settings(config: Config, state_dir: Path) -> NodeSettings:
         gc_interval=s.gc_interval,
         partitions=config.scheduler.partitions,
         capabilities=config.http.capabilities,
+        registries=tuple(config.proxy.registries),
     )
 
 
@@ -94,8 +102,9 @@ def _bound(stack: AsyncExitStack, config: Config) -> None:
 
 
 def load_plugins(config: Config) -> Plugins:
-    """Once per process: every service in it shares the loaded plugins."""
-    return Plugins.load(config.disable_plugins)
+    """Once per process: every service in it shares the loaded plugins (and ``[origins]``)."""
+    origins = OriginPolicy(config.origins.allow, config.origins.deny)
+    return Plugins.load(config.disable_plugins, origins=origins)
 
 
 async def start_scheduler(
@@ -133,7 +142,14 @@ async def start_peer(
 ) -> PeerService:
     _bound(stack, config)
     node = _node(stack, config, bus, peer_settings(config, state_dir), servers, plugins)
-    service = PeerService(node, bus, default_strategy=config.peer.strategy)
+    service = PeerService(
+        node,
+        bus,
+        default_strategy=config.peer.strategy,
+        output_roots=config.peer.output_roots,
+        socket=config.peer.socket,
+        socket_group=config.peer.socket_group,
+    )
     await service.start(stack)
     return service
 
@@ -184,6 +200,7 @@ def stop_on_signals() -> asyncio.Event:
 async def run_service(kind: str, config: Config) -> None:
     """`swarmfly scheduler|storage|peer`: one service against an existing NATS."""
     _open_files()
+    contracts.warm()  # at start, not in the first download
     stop = stop_on_signals()
     async with AsyncExitStack() as stack:
         if shutdown := telemetry.setup(kind, config.tracing):
@@ -222,24 +239,48 @@ def containerd_hint(proxy_url: str) -> list[str]:
     ]
 
 
+async def connect_as(config: Config, identity: Identity, servers: list[str]) -> Bus:
+    """A connection with ``identity``'s NKey and inbox prefix, whatever ``[nats]`` says about
+    authenticating: the embedded server knows only the identities it was started with."""
+    settings = NatsConfig(
+        prefix=config.nats.prefix,
+        nkeys_seed=str(identity.seed_file),
+        inbox_prefix=identity.inbox_prefix,
+    )
+    return await Bus.connect(
+        servers,
+        prefix=config.nats.prefix,
+        name=f"swarmfly-{identity.role}",
+        options=nats_client_options(settings),
+    )
+
+
 async def run_up(config: Config, nats_port: int = 0) -> None:
-    """`swarmfly up`: an embedded nats-server with JetStream and every service in one process."""
+    """`swarmfly up`: an embedded nats-server with JetStream and every service in one process,
+    each service on its own role's credentials (swarmfly.credentials)."""
     state = config.state_dir
-    state.mkdir(parents=True, exist_ok=True)
+    private_dir(state)
     _open_files()
+    contracts.warm()  # at start, not in the first download
     stop = stop_on_signals()
     async with AsyncExitStack() as stack:
         if shutdown := telemetry.setup("up", config.tracing):
             stack.callback(shutdown)
-        server = NatsServer(state / "nats", port=nats_port).start()
+        identities = ensure_identities(state)
+        hosts = {
+            "storage": storage_settings(config, state / "storage").host_id,
+            "peer": peer_settings(config, state).host_id,
+        }
+        hosts["client"] = hosts["peer"]  # the CLI asks this host's peer only
+        auth = write_server_config(state / "nats", identities, config.nats.prefix, hosts)
+        server = NatsServer(state / "nats", port=nats_port, config_file=auth).start()
         stack.push_async_callback(server.astop)
         servers = [server.url]
-        cluster_file = state / CLUSTER_FILE
-        cluster_file.write_bytes(orjson.dumps({"nats": servers}))
+        cluster_file = write_cluster_record(state, servers, identities["client"])
         stack.callback(lambda: cluster_file.unlink(missing_ok=True))
         buses = []
         for name in ("scheduler", "storage", "peer"):
-            bus = await connect(config, f"swarmfly-{name}", servers)
+            bus = await connect_as(config, identities[name], servers)
             stack.push_async_callback(bus.close)
             buses.append(bus)
         plugins = _owned_plugins(stack, config)
@@ -251,7 +292,8 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
             "\n".join(
                 [
                     "swarmfly is up",
-                    f"  nats       {server.url}  (JetStream, data in {state / 'nats'})",
+                    f"  nats       {server.url}  (JetStream, data in {state / 'nats'};"
+                    f" per-role credentials in {state / 'credentials'})",
                     f"  scheduler  {scheduler.http_url}  (metrics {scheduler.http_url}/metrics,"
                     f" state {scheduler.http_url}/api/state)",
                     f"  storage    {storage.node.upload_url}  ({storage.node.settings.host_id})",

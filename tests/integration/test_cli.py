@@ -7,11 +7,11 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import nats
 import orjson
 import pytest
@@ -200,7 +200,23 @@ async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> Non
         with pytest.raises(OSError):  # bound to 127.0.0.1, not to every address
             await asyncio.open_connection("127.0.0.2", port)
 
-        client = await nats.connect(nats_url)
+        # The CLI's own credentials, from the state dir `up` made private.
+        record = orjson.loads((state / "cluster.json").read_bytes())
+        assert record["nats"] == [nats_url]
+        seed = Path(record["client"]["nkeys_seed"])
+        assert seed.parent == state / "credentials"
+        assert seed.read_text().strip() not in (state / "cluster.json").read_text()
+        assert [oct(p.stat().st_mode & 0o777) for p in (state, seed.parent, seed)] == [
+            oct(0o700),
+            oct(0o700),
+            oct(0o600),
+        ]
+        assert (state / "cluster.json").stat().st_mode & 0o777 == 0o600
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):  # no way in
+            await nats.connect(nats_url, allow_reconnect=False, connect_timeout=2)
+        client = await nats.connect(
+            nats_url, nkeys_seed=str(seed), inbox_prefix=record["client"]["inbox_prefix"]
+        )
         try:
             inbox = client.new_inbox()
             sub = await client.subscribe(inbox)
@@ -231,6 +247,16 @@ async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> Non
     assert not (state / "cluster.json").exists()
 
 
+def local_ask(path: Path, body: bytes) -> list[dict[str, Any]]:
+    """One request line on the peer's local socket, sent with no descriptor; its lines."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        conn.sendall(body + b"\n")
+        with conn.makefile("rb") as answer:
+            return [orjson.loads(line) for line in answer]
+
+
 async def test_get_asks_its_hosts_peer_over_a_private_local_socket(
     origin: Origin, nats: NatsServer, prefix: str, tmp_path: Path
 ) -> None:
@@ -246,28 +272,26 @@ async def test_get_asks_its_hosts_peer_over_a_private_local_socket(
             ("peer", deep),
         )
     ]
+    services[-1].stop()  # a peer with no socket is asked over NATS: let it write here
+    roots = {**FAST_ENV, "SWARMFLY_PEER_OUTPUT_ROOTS": str(tmp_path)}
+    services[-1] = spawn_service("peer", nats.url, deep, "--prefix", prefix, env=roots)
     try:
         record = orjson.loads((tmp_path / "peer" / "peer.json").read_bytes())
         socket_file = Path(record["socket"])
         assert socket_file.stat().st_mode & 0o777 == 0o600, "only this user may ask"
 
         # Bad requests on the socket get an error, and the peer keeps serving.
-        connector = aiohttp.UnixConnector(path=str(socket_file))
-        async with aiohttp.ClientSession(connector=connector) as session:
-            for body in (b"{not json", b"[]", orjson.dumps({"download_id": "dl-x"})):
-                async with session.post("http://peer/v1/download", data=body) as response:
-                    assert response.status == 400
-                    assert (await response.json())["error"]["code"] == "bad_request"
-            missing = {
-                "download_id": "dl-missing",
-                "source": {"url": f"{origin.url}/missing.bin"},
-                "output": str(tmp_path / "never.bin"),
-            }
-            async with session.post("http://peer/v1/download", json=missing) as response:
-                assert response.status == 200
-                lines = [orjson.loads(line) for line in (await response.read()).splitlines()]
-            assert lines[-1]["error"]["code"] == "not_found"
-            assert not (tmp_path / "never.bin").exists()
+        for body in (b"{not json", b"[]", orjson.dumps({"download_id": "dl-x"})):
+            lines = await asyncio.to_thread(local_ask, socket_file, body)
+            assert lines[-1]["error"]["code"] == "bad_request", lines
+        missing = {
+            "download_id": "dl-missing",
+            "source": {"url": f"{origin.url}/missing.bin"},
+            "output": str(tmp_path / "never.bin"),
+        }
+        lines = await asyncio.to_thread(local_ask, socket_file, orjson.dumps(missing))
+        assert lines[-1]["error"]["code"] == "not_found"
+        assert not (tmp_path / "never.bin").exists()
 
         for state, out in ((tmp_path / "peer", tmp_path / "a.bin"), (deep, tmp_path / "b.bin")):
             code, stdout, stderr = await swarmfly(

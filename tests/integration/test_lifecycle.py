@@ -31,7 +31,7 @@ def start(kind: str, nats: NatsServer, prefix: str, folder: Path, *args: str) ->
 async def scheduler_state(scheduler: ServiceProcess) -> dict[str, Any]:
     async with (
         aiohttp.ClientSession() as session,
-        session.get(f"{scheduler.url}/api/state") as response,
+        session.get(f"{scheduler.url}/api/state", headers=scheduler.api_auth()) as response,
     ):
         data: dict[str, Any] = await response.json()
         return data

@@ -188,7 +188,7 @@ def test_swarmfly_services_run_the_one_image(services: dict[str, dict[str, Any]]
         assert context == ROOT, f"{name}: the build context is the repository"
         assert (context / build["dockerfile"]).resolve() == DOCKERFILE
     others = {name for name, service in services.items() if "build" in service}
-    assert others == set(swarmfly), "only swarmfly services are built here"
+    assert others == {*swarmfly, "credentials"}, "only swarmfly's image is built here"
 
 
 def test_dockerfile_is_slim_non_root_and_runs_swarmfly() -> None:
@@ -440,3 +440,66 @@ def test_prometheus_reads_the_scrape_file(services: dict[str, dict[str, Any]]) -
     config_flag = _flag([str(p) for p in prometheus["command"]], "--config.file")
     assert config_flag is not None and mounts[config_flag] == "./prometheus.yml"
     assert ("127.0.0.1", PROMETHEUS_PORT, PROMETHEUS_PORT) in set(_published(prometheus))
+
+
+def _credentials_job(services: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
+    """The identities the credentials job makes: seed path -> (role, host id, volume)."""
+    job = services["credentials"]
+    assert job["entrypoint"] == ["python", "-m", "swarmfly.credentials"]
+    mounts = dict(reversed(v.split(":")[:2]) for v in job["volumes"])
+    made = {}
+    for spec in job["command"]:
+        if spec.startswith("--"):
+            continue
+        who, _, path = spec.partition("=")
+        role, _, host = who.partition(":")
+        mount = next(m for m in mounts if path.startswith(m + "/"))
+        made[path] = (role, host, mounts[mount])
+    return made
+
+
+def test_every_service_has_its_own_nats_identity(services: dict[str, dict[str, Any]]) -> None:
+    made = _credentials_job(services)
+    seen = set()
+    for name, service in _swarmfly_services(services).items():
+        config = _config(service)
+        volume = next(
+            v.split(":")[0] for v in service["volumes"] if v.endswith(":/var/lib/swarmfly")
+        )
+        seed = config.nats.nkeys_seed
+        assert seed and seed.startswith(str(config.state_dir) + "/credentials/"), name
+        path = "/v/" + volume.removesuffix("-data") + seed.removeprefix(str(config.state_dir))
+        role, host, written_to = made[path]
+        assert written_to == volume, f"{name}: its seed is written into its own volume only"
+        kind = service["command"][0]
+        assert role == kind, name
+        host_id = config.peer.host_id if kind == "peer" else config.storage.host_id
+        if kind != "scheduler":
+            assert host == host_id, f"{name}: permissions for its own host id"
+            assert config.nats.inbox_prefix == f"_INBOX_{kind}_{host_id}"
+        else:
+            assert config.nats.inbox_prefix == "_INBOX_scheduler"
+        seen.add(path)
+    assert len(seen) == 4, "four identities, one per service"
+    assert {made[p][0] for p in set(made) - seen} == {"client"}
+
+
+def test_nats_requires_the_shipped_authorization(services: dict[str, dict[str, Any]]) -> None:
+    from swarmfly.credentials import permissions
+
+    for name, node in _nats_services(services).items():
+        command = [str(part) for part in node["command"]]
+        assert _flag(command, "--config") == "/etc/nats-auth/auth.conf", name
+        assert "nats-auth:/etc/nats-auth:ro" in node["volumes"], name
+        assert node["depends_on"]["credentials"] == {"condition": "service_completed_successfully"}
+    job = services["credentials"]
+    assert "--server-config=/nats-auth/auth.conf" in job["command"]
+    assert "nats-auth:/nats-auth" in job["volumes"]
+    # What the job writes for a peer: its own subjects and inbox, the scheduler's requests.
+    rules = permissions("peer", "swarmfly", "peer-1", "_INBOX_peer_peer-1")
+    assert rules["subscribe"]["allow"] == [
+        "swarmfly.v1.peer.peer-1.>",
+        "_INBOX_peer_peer-1.>",
+        "$SRV.>",
+    ]
+    assert rules["publish"]["allow"] == ["swarmfly.v1.scheduler.>"]
