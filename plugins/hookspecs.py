@@ -73,7 +73,27 @@ class Source(Protocol):
         ...
 
 
+class OriginGuard(Protocol):
+    """Where this process may connect for an origin (``[origins]``, ``swarmfly.origins``).
+
+    A source that connects to hosts its URLs (or an origin's redirects and token realms) name
+    asks before every connection; refusals are ``SwarmflyError("forbidden")``.
+    """
+
+    async def check(self, url: str) -> None:
+        """Refuse ``url`` when its host, or any address the host resolves to, is denied."""
+        ...
+
+    def check_addresses(self, host: str, port: int | None, addresses: Sequence[str]) -> None:
+        """Refuse the addresses a resolver just gave for ``host`` (they may differ from what
+        ``check`` saw); for a source's own resolver."""
+        ...
+
+
 class SourceRegistry(Protocol):
+    origins: OriginGuard
+    """The process's origin policy, for sources that connect where a URL or redirect says."""
+
     def add(self, source: Source) -> None:
         """Make ``source`` serve its ``schemes``; a later plugin may not take a scheme that
         an earlier one registered (the conflict is reported by plugin name)."""
@@ -152,7 +172,8 @@ def swarmfly_register_sources(register: SourceRegistry) -> None:
     Called once at start-up in every process that reads origins (storage, peer, the CLI's
     in-process peer), for every plugin; all results are used (not first-result).
 
-    :param register: call ``register.add(source)`` once per backend.
+    :param register: call ``register.add(source)`` once per backend; a backend that connects
+        to hosts a URL names takes ``register.origins`` and asks it before each connection.
     """
 
 

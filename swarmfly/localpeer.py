@@ -1,11 +1,13 @@
 """`swarmfly get` through the peer service of this host, over its local socket.
 
-dfget asks dfdaemon over a Unix socket; so does `get` here: one POST of the
-``peer.{host_id}.download`` request, answered by a JSON line of progress every
-``PROGRESS_INTERVAL`` and a last line with the reply or the error. This path loads nothing but
-the standard library: many hosts' gets start at once when a job fans out, and on a busy host
-every one of them pays for what it imports. The socket is the user's own (mode 0600 in the
-state dir): only this user can make the peer write files.
+dfget asks dfdaemon over a Unix socket; so does `get` here: one JSON line, the
+``peer.{host_id}.download`` request, sent with the descriptor of a file this process opened
+next to the output (``SCM_RIGHTS``), answered by a JSON line of progress every
+``PROGRESS_INTERVAL`` and a last line with the reply or the error; the file is renamed into
+place once the peer says it is verified. So the peer writes with the caller's permissions,
+whoever runs it (``services/peer/localsocket.py`` is the peer's end). This path loads nothing
+but the standard library: many hosts' gets start at once when a job fans out, and on a busy
+host every one of them pays for what it imports.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -129,55 +130,88 @@ def socket_path(state_dir: Path) -> Path | None:
     return path if len(os.fsencode(path)) <= MAX_SOCKET_PATH else None
 
 
-class _UnixConnection(HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
 def get(
-    state_dir: Path, request: GetRequest, progress: Progress | None = None
+    state_dir: Path,
+    request: GetRequest,
+    progress: Progress | None = None,
+    socket_file: str | None = None,
 ) -> dict[str, Any] | None:
     """The download's summary; None when no peer answers on this host's socket (the caller
-    goes through NATS, or runs a peer of its own)."""
-    record = peer_record(state_dir)
-    if record is None or not record.get("socket"):
+    goes through NATS, or runs a peer of its own). ``socket_file``: ``[peer] socket``, for a
+    peer whose socket lies outside this caller's state dir (another user's peer)."""
+    path = socket_file
+    if not path:
+        record = peer_record(state_dir)
+        path = record.get("socket") if record is not None else None
+    if not path:
         return None
     output = request.output.absolute()
     if output.is_dir():
         raise SwarmflyError("bad_request", f"{output} is a directory")
     started = time.monotonic()
-    connection = _UnixConnection(str(record["socket"]), timeout=SILENCE)
-    try:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(SILENCE)
         try:
-            connection.request(
-                "POST",
-                "/v1/download",
-                body=json.dumps(request.body(output)).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            response = connection.getresponse()
+            conn.connect(str(path))
         except OSError:
             return None  # nobody listens: the peer went away since it wrote its record
-        return summary(
-            request, _answer(response, progress, started + request.timeout), "peer", started
-        )
+        if request.hard_link:  # the peer links its cache file: only for its own user
+            reply = _ask(conn, request.body(output), None, progress, started + request.timeout)
+        else:
+            reply = _into_file(conn, request, output, progress, started + request.timeout)
+    return summary(request, reply, "peer", started)
+
+
+def _into_file(
+    conn: socket.socket,
+    request: GetRequest,
+    output: Path,
+    progress: Progress | None,
+    deadline: float,
+) -> dict[str, Any]:
+    """Open a file next to ``output`` as this (the calling) user, let the peer fill it
+    through its descriptor, and rename it into place once the peer says it is verified."""
+    tmp = output.parent / f".{output.name}.swarmfly-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        raise SwarmflyError("bad_request", f"cannot write the output: {exc.strerror}") from None
+    try:
+        try:
+            os.fchmod(fd, 0o666 & ~request.umask)
+            reply = _ask(conn, request.body(output), fd, progress, deadline)
+        finally:
+            os.close(fd)
+        os.replace(tmp, output)
+        return reply
     finally:
-        connection.close()
+        tmp.unlink(missing_ok=True)
 
 
-def _answer(response: Any, progress: Progress | None, deadline: float) -> dict[str, Any]:
+def _ask(
+    conn: socket.socket,
+    body: dict[str, Any],
+    fd: int | None,
+    progress: Progress | None,
+    deadline: float,
+) -> dict[str, Any]:
+    line = json.dumps(body).encode() + b"\n"
+    try:
+        sent = socket.send_fds(conn, [line], [fd]) if fd is not None else conn.send(line)
+        conn.sendall(line[sent:])
+        lines = conn.makefile("rb")
+    except OSError:
+        raise PeerGone() from None
+    with lines:
+        return _answer(lines, progress, deadline)
+
+
+def _answer(lines: Any, progress: Progress | None, deadline: float) -> dict[str, Any]:
     """The reply in the peer's last line; progress lines on the way."""
-    if response.status != 200:
-        raise _error(response.read())
     try:
         while time.monotonic() < deadline + SILENCE:
-            line = response.readline(1 << 20)
+            line = lines.readline(1 << 20)
             if not line:
                 break
             data = json.loads(line)
@@ -190,13 +224,6 @@ def _answer(response: Any, progress: Progress | None, deadline: float) -> dict[s
                 return reply
             else:
                 raise SwarmflyError.from_dict(data)
-    except (OSError, HTTPException, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     raise PeerGone()
-
-
-def _error(body: bytes) -> SwarmflyError:
-    try:
-        return SwarmflyError.from_dict(json.loads(body))
-    except (ValueError, KeyError, TypeError):
-        return SwarmflyError("internal", "the local peer answered something unreadable")

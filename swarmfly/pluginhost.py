@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 import pluggy
 
 from swarmfly.errors import SwarmflyError
+from swarmfly.origins import OriginPolicy
 from swarmfly.plugins import hookspecs
-from swarmfly.plugins.hookspecs import Evaluator, Source, Strategy
+from swarmfly.plugins.hookspecs import Evaluator, OriginGuard, Source, Strategy
 
 log = logging.getLogger(__name__)
 GROUP = "swarmfly"
@@ -43,8 +44,9 @@ class _Staging:
 
 
 class _SourceRegister:
-    def __init__(self, staging: _Staging) -> None:
+    def __init__(self, staging: _Staging, origins: OriginGuard) -> None:
         self._staging = staging
+        self.origins = origins
 
     def add(self, source: Source) -> None:
         if not isinstance(source, hookspecs.Source):
@@ -65,7 +67,9 @@ class _NamedRegister:
 class Plugins:
     """Sources by scheme, strategies and evaluators by name, and what was loaded."""
 
-    def __init__(self) -> None:
+    def __init__(self, origins: OriginGuard | None = None) -> None:
+        self.origins: OriginGuard = origins or OriginPolicy()
+        """What every source of this process may connect to; services check URLs with it."""
         self.sources: dict[str, Source] = {}
         self.strategies: dict[str, Strategy] = {}
         self.evaluators: dict[str, Evaluator] = {}
@@ -75,11 +79,15 @@ class Plugins:
 
     @classmethod
     def load(
-        cls, disabled: Iterable[str] = (), extra: Iterable[tuple[str, object]] = ()
+        cls,
+        disabled: Iterable[str] = (),
+        extra: Iterable[tuple[str, object]] = (),
+        origins: OriginGuard | None = None,
     ) -> Plugins:
         """Every entry point of the group, less ``disabled``, plus ``extra`` (name, module)
-        objects registered the same way (for tests and embedding)."""
-        plugins = cls()
+        objects registered the same way (for tests and embedding); sources get ``origins``
+        (default: the built-in denials only)."""
+        plugins = cls(origins)
         blocked = {name.strip() for name in disabled if name.strip()}
         candidates: list[tuple[str, str, Callable[[], object]]] = []
         for point in sorted(entry_points(group=GROUP), key=lambda p: p.name):
@@ -105,7 +113,7 @@ class Plugins:
         self.manager.register(plugin, name=name)
         try:
             for hook, register, kind in (
-                ("swarmfly_register_sources", _SourceRegister(staging), "source"),
+                ("swarmfly_register_sources", _SourceRegister(staging, self.origins), "source"),
                 (
                     "swarmfly_register_strategies",
                     _NamedRegister(staging.strategies, "strategy"),

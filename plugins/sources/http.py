@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import ResolveResult
 from yarl import URL
 
 from swarmfly.errors import ErrorCode, SwarmflyError
-from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat, hookimpl
+from swarmfly.plugins.hookspecs import OriginGuard, SourceRegistry, SourceStat, hookimpl
 from swarmfly.plugins.sources.bearer import Challenge, TokenCache, parse_challenge
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,35 @@ def _with_bearer(headers: Mapping[str, str], token: str) -> dict[str, str]:
     return out
 
 
+class _GuardedResolver(aiohttp.ThreadedResolver):
+    """aiohttp's resolver that refuses denied addresses: a name may resolve otherwise when
+    the connection is made than when its URL was checked (DNS rebinding)."""
+
+    def __init__(self, guard: OriginGuard) -> None:
+        super().__init__()
+        self._guard = guard
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await super().resolve(host, port, family)
+        self._guard.check_addresses(host, port, [result["host"] for result in results])
+        return results
+
+
 class HttpSource:
     schemes: tuple[str, ...] = ("http", "https")
 
-    def __init__(self, *, retries: int = 3, backoff: float = 0.25, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        retries: int = 3,
+        backoff: float = 0.25,
+        timeout: float = 30.0,
+        guard: OriginGuard | None = None,
+    ) -> None:
+        self.guard = guard
+        """Asked before every request and redirect; None connects anywhere (tests, tools)."""
         self.retries = retries
         self.backoff = backoff
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
@@ -85,8 +112,14 @@ class HttpSource:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            connector = (
+                aiohttp.TCPConnector(resolver=_GuardedResolver(self.guard)) if self.guard else None
+            )
             self._session = aiohttp.ClientSession(
-                timeout=self.timeout, auto_decompress=False, raise_for_status=False
+                timeout=self.timeout,
+                auto_decompress=False,
+                raise_for_status=False,
+                connector=connector,
             )
         return self._session
 
@@ -145,6 +178,8 @@ class HttpSource:
         if challenge is None:
             return response
         response.release()
+        if self.guard is not None:  # the realm is the origin's word: it may name anywhere
+            await self.guard.check(challenge.realm)
         self._challenges[scope] = challenge
         token = await self.tokens.token(self._client(), challenge, headers)
         return await self._follow(method, url, _with_bearer(headers, token))
@@ -155,6 +190,8 @@ class HttpSource:
         origin = _origin(url)
         headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
         for _ in range(MAX_REDIRECTS):
+            if self.guard is not None:  # the URL given and every redirect, before connecting
+                await self.guard.check(url)
             response = await self._client().request(
                 method, url, headers=headers, allow_redirects=False
             )
@@ -227,4 +264,4 @@ class HttpSource:
 
 @hookimpl
 def swarmfly_register_sources(register: SourceRegistry) -> None:
-    register.add(HttpSource())
+    register.add(HttpSource(guard=register.origins))

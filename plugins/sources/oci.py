@@ -85,4 +85,4 @@ class OciSource:
 
 @hookimpl
 def swarmfly_register_sources(register: SourceRegistry) -> None:
-    register.add(OciSource())
+    register.add(OciSource(HttpSource(guard=register.origins)))

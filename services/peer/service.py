@@ -4,21 +4,26 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
+import stat
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from swarmfly import __version__, contracts
-from swarmfly.bus import MAX_REQUEST_BYTES, Bus, decode_request
+from swarmfly.bus import Bus, decode_request
 from swarmfly.content import SourceRequest
-from swarmfly.errors import BadRequest, SwarmflyError
+from swarmfly.errors import SwarmflyError
 from swarmfly.localpeer import PEER_FILE, PROGRESS_INTERVAL, current_umask, socket_path
-from swarmfly.services.peer.node import PeerNode, deliver
+from swarmfly.services.peer.localsocket import LocalRequest, LocalServer, Send
+from swarmfly.services.peer.node import PeerNode, deliver, deliver_into
+from swarmfly.services.peer.outputs import OutputRoots
+from swarmfly.services.peer.store import StoredTask
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +59,23 @@ def checked_output(text: str) -> Path:
 
 
 class PeerService:
-    def __init__(self, node: PeerNode, bus: Bus, *, default_strategy: str) -> None:
+    def __init__(
+        self,
+        node: PeerNode,
+        bus: Bus,
+        *,
+        default_strategy: str,
+        output_roots: list[str] | tuple[str, ...] = (),
+        socket: str | None = None,
+        socket_group: str | None = None,
+    ) -> None:
         self.node = node
         self.bus = bus
         self.default_strategy = default_strategy
+        self.outputs = OutputRoots(output_roots)
+        """Where a download asked for over NATS may write (none by default)."""
+        self.socket = Path(socket) if socket else None
+        self.socket_group = socket_group
         self.umask = current_umask()
         """For outputs a request gives no umask for."""
 
@@ -82,42 +100,49 @@ class PeerService:
         stack.callback(lambda: marker.unlink(missing_ok=True))
 
     async def _serve_locally(self, stack: AsyncExitStack) -> Path | None:
-        """The local socket `swarmfly get` uses on this host, mode 0600."""
-        path = socket_path(self.node.settings.state_dir)
+        """The local socket `swarmfly get` uses on this host: mode 0600 (the peer's user
+        only), or 0660 for ``[peer] socket_group``. Either way the peer writes an output only
+        into a file its caller opened (or, for its own user, at the path named)."""
+        path = self.socket or socket_path(self.node.settings.state_dir)
         if path is None:
             log.info("state dir too deep for a Unix socket: local gets go through NATS")
             return None
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
-        app.router.add_post("/v1/download", self.local_download)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        path.unlink(missing_ok=True)
-        mask = os.umask(0o177)
-        try:
-            await web.UnixSite(runner, str(path)).start()
-        finally:
-            os.umask(mask)
-        stack.callback(lambda: path.unlink(missing_ok=True))
+        if self.socket is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        server = LocalServer(path, self.local_download, self.socket_group)
+        await server.start()
+        stack.push_async_callback(server.stop)
         return path
 
-    async def local_download(self, request: web.Request) -> web.StreamResponse:
+    async def local_download(self, request: LocalRequest, send: Send) -> None:
         """``peer.{host_id}.download`` over the local socket: progress lines, then the
         reply or the error. The download goes on if the client hangs up, as over NATS."""
         contract = contracts.get("peer.{host_id}.download")
-        try:
-            payload = decode_request(contract, await request.read())
-        except BadRequest as exc:
-            return web.json_response(exc.to_dict(), status=400)
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
-        download = asyncio.create_task(self.on_download(payload))
+        payload = decode_request(contract, request.body)
+        if request.fd is not None:
+            _check_output_fd(request.fd, payload)
+        elif request.caller.uid != os.geteuid():
+            raise SwarmflyError(
+                "forbidden",
+                "the local socket writes only into a file its caller opened (swarmfly get"
+                " sends its descriptor); a path only for the peer's own user",
+                path="data.output",
+            )
+        fd = request.fd
+
+        def place(stored: StoredTask) -> None:
+            if fd is not None:
+                deliver_into(stored, fd)
+            else:
+                self._deliver_at(stored, checked_output(payload["output"]), payload)
+
+        download = asyncio.create_task(self._download(payload, place))
         try:
             while not download.done():
                 await asyncio.wait([download], timeout=PROGRESS_INTERVAL)
                 if not download.done():
                     state = await self.on_progress({"download_id": payload["download_id"]})
-                    await response.write(orjson.dumps({"progress": state}) + b"\n")
+                    await send(orjson.dumps({"progress": state}) + b"\n")
             try:
                 last = {"reply": download.result()}
             except SwarmflyError as exc:
@@ -125,30 +150,57 @@ class PeerService:
             except Exception as exc:
                 log.exception("local download failed")
                 last = SwarmflyError("internal", type(exc).__name__).to_dict()
-            await response.write(orjson.dumps(last) + b"\n")
+            await send(orjson.dumps(last) + b"\n")
         except ConnectionError:
             log.debug("local client of %s went away", payload["download_id"])
-        return response
+            await asyncio.wait([download])  # the descriptor stays open until it is written
 
     async def on_download(self, req: dict[str, Any]) -> dict[str, Any]:
-        output = checked_output(req["output"])
+        """Over NATS: the output only under ``[peer] output_roots``, checked before anything
+        is fetched and opened again, without following links, before anything is written."""
+        placement = self.outputs.place(req["output"])
+        folder = self.outputs.open_parent(placement, create=False)
+        if folder is not None:
+            os.close(folder)
+
+        def place(stored: StoredTask) -> None:
+            folder = self.outputs.open_parent(placement, create=True)
+            assert folder is not None
+            try:
+                self._deliver_at(stored, placement.output, req, directory=folder)
+            finally:
+                os.close(folder)
+
+        return await self._download(req, place)
+
+    def _deliver_at(
+        self, stored: StoredTask, output: Path, req: dict[str, Any], directory: int | None = None
+    ) -> None:
+        deliver(
+            stored,
+            output,
+            umask=int(req.get("umask", self.umask)) & 0o777,
+            hard_link=bool(req.get("hard_link", False)),
+            directory=directory,
+        )
+
+    async def _download(
+        self, req: dict[str, Any], place: Callable[[StoredTask], None]
+    ) -> dict[str, Any]:
+        """Download ``req``'s source through the swarm, then ``place`` the verified file."""
+        source = source_from(req["source"])
+        await self.node.plugins.origins.check(source.url)
         download_id = req["download_id"]
         try:
             async with asyncio.timeout(req.get("timeout_s", 3600)):
                 result = await self.node.download(
-                    source_from(req["source"]),
+                    source,
                     strategy=req.get("strategy", self.default_strategy),
                     download_id=download_id,
                 )
                 stored = self.node.store.open(result.task_id)
                 try:
-                    await asyncio.to_thread(
-                        deliver,
-                        stored,
-                        output,
-                        umask=int(req.get("umask", self.umask)) & 0o777,
-                        hard_link=bool(req.get("hard_link", False)),
-                    )
+                    await asyncio.to_thread(place, stored)
                 except OSError as exc:
                     raise SwarmflyError(
                         "bad_request",
@@ -159,7 +211,7 @@ class PeerService:
             raise SwarmflyError("timeout", "download did not finish in time") from None
         finally:
             self.node.forget(download_id)
-        return result.reply(output)
+        return result.reply(Path(req["output"]))
 
     async def on_progress(self, req: dict[str, Any]) -> dict[str, Any]:
         conductor = self.node.progress(req["download_id"])
@@ -172,3 +224,20 @@ class PeerService:
             "completed_bytes": stored.completed_bytes,
             "content_length": content.content_length if content else None,
         }
+
+
+def _check_output_fd(fd: int, payload: dict[str, Any]) -> None:
+    """A descriptor the peer can fill: an empty regular file open for writing."""
+    if payload.get("hard_link"):
+        raise SwarmflyError(
+            "bad_request", "a hard link cannot be made through a descriptor", path="data.output"
+        )
+    info = os.fstat(fd)
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR) and not flags & os.O_APPEND
+    if not stat.S_ISREG(info.st_mode) or not writable or info.st_size:
+        raise SwarmflyError(
+            "bad_request",
+            "the output descriptor must be an empty regular file open for writing",
+            path="data.output",
+        )

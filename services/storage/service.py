@@ -46,6 +46,7 @@ class StorageService:
     async def on_seed(self, req: dict[str, Any]) -> dict[str, Any]:
         source = source_from(req["source"])
         self.node.source_for(source.url)
+        await self.node.plugins.origins.check(source.url)  # refused in the reply, not later
         task = asyncio.create_task(self._seed(req["task_id"], source))
         self._seeding.add(task)
         task.add_done_callback(self._seeding.discard)
@@ -57,9 +58,11 @@ class StorageService:
 
     async def on_preheat(self, req: dict[str, Any]) -> dict[str, Any]:
         """Seed a URL now and answer once it is verified in the cache."""
+        source = source_from(req["source"])
+        await self.node.plugins.origins.check(source.url)
         try:
             async with asyncio.timeout(req.get("timeout_s", 3600)):
-                result = await self.node.download(source_from(req["source"]), seed=True)
+                result = await self.node.download(source, seed=True)
         except TimeoutError:
             raise SwarmflyError("timeout", "preheat did not finish in time") from None
         return {**result.summary(), "host_id": self.node.settings.host_id}

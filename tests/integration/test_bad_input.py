@@ -25,6 +25,7 @@ from nats.errors import NoRespondersError
 
 from swarmfly import contracts
 from swarmfly.bus import MAX_REQUEST_BYTES
+from swarmfly.config import Config
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer.service import PeerService
 from swarmfly.testing import Origin, in_process_cluster, subject_tokens
@@ -69,7 +70,14 @@ class Env:
 async def env(nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     tmp = tmp_path_factory.mktemp("bad-input")
     prefix = f"t{uuid.uuid4().hex[:12]}"
-    async with Origin().serve() as origin, in_process_cluster(nats.url, prefix, tmp) as cluster:
+
+    def roots(config: Config) -> None:
+        config.peer.output_roots = [str(tmp)]
+
+    async with (
+        Origin().serve() as origin,
+        in_process_cluster(nats.url, prefix, tmp, configure=roots) as cluster,
+    ):
         url = origin.add("small.bin", FILE_DATA)
         nc = await connect_nats(servers=[nats.url], connect_timeout=3, max_reconnect_attempts=0)
         try:
