@@ -219,8 +219,9 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def http_json(url: str, timeout: float = 5.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+def http_json(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> Any:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
@@ -350,7 +351,7 @@ class Cluster:
         }
 
     def state(self) -> Any:
-        return http_json(f"{self.scheduler.url}/api/state")
+        return http_json(f"{self.scheduler.url}/api/state", headers=self.scheduler.api_auth())
 
     def metrics(self, service: ServiceProcess) -> dict[str, float]:
         try:

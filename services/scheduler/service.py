@@ -9,26 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import nats.errors
 import orjson
 from aiohttp import web
 
-from swarmfly import __version__, metrics
+from swarmfly import __version__, apitoken, metrics
 from swarmfly.bus import Bus, Served
 from swarmfly.capability import Signer
 from swarmfly.config import Config
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
-from swarmfly.ids import default_host_id, redact_url
+from swarmfly.ids import default_host_id, keys_task, redact_url
 from swarmfly.placement import partition_of
 from swarmfly.plugins.hookspecs import Evaluator
 from swarmfly.services.scheduler.core import (
@@ -112,6 +112,10 @@ class SchedulerService:
         self._warm_until = 0.0
         """Until then, storage hosts may be unknown only for not having sent a heartbeat."""
         self._seed_known = asyncio.Event()
+        self.api_token = apitoken.load(
+            Path(sc.api_token_file) if sc.api_token_file else config.state_dir / apitoken.FILE
+        )
+        """What the dashboard and API ask for."""
         self.signer: Signer | None = None
         """Signs the capabilities children show parents; one key for all schedulers."""
         self._feed = EventFeed(self._event_body, EVENT_INTERVAL)
@@ -138,7 +142,7 @@ class SchedulerService:
         self.signer = Signer(await self.ownership.shared(CAPABILITY_KEY, Signer.generate().seed))
         expiry = asyncio.create_task(self._expire_loop())
         stack.callback(expiry.cancel)
-        app = web.Application()
+        app = web.Application(middlewares=[apitoken.guard(self.api_token)])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", metrics.handler)
         app.router.add_get("/api/state", self._state)
@@ -453,7 +457,7 @@ def _names_digest(req: dict[str, Any], known: dict[str, Any]) -> bool:
     return (
         not known.get("digest")
         and digest is not None
-        and hashlib.sha256(digest.encode()).hexdigest() == req["task_id"]
+        and keys_task(req["task_id"], req["source"]["url"], digest)
     )
 
 

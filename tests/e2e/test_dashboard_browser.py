@@ -67,7 +67,8 @@ async def test_live_piece_map_in_a_browser(
                       "--disable-component-update", "--disable-sync", "--no-first-run"],
             )  # fmt: skip
             page = await browser.new_page()
-            await page.goto(cluster.scheduler.http_url + "/")
+            # Shown the token once, the page keeps it as a cookie for its own requests.
+            await page.goto(f"{cluster.scheduler.http_url}/?token={cluster.scheduler.api_token}")
             await page.evaluate("window.loadedOnce = 'yes'")
             download = asyncio.create_task(cluster.peer.node.download(SourceRequest(url)))
 

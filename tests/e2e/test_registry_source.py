@@ -306,7 +306,10 @@ async def test_a_swarm_download_from_a_token_registry_keeps_every_secret(
         summary = await client.get(via_peer(cluster), request)
         async with (
             aiohttp.ClientSession() as session,
-            session.get(f"{cluster.scheduler.http_url}/api/state") as response,
+            session.get(
+                f"{cluster.scheduler.http_url}/api/state",
+                headers={"Authorization": f"Bearer {cluster.scheduler.api_token}"},
+            ) as response,
         ):
             scheduler_state = await response.text()
     assert summary["via"] == "peer"

@@ -153,7 +153,10 @@ async def test_every_dashboard_client_reads_one_snapshot_per_tick(
             assert response.status == 200
             return await response.content.readuntil(b"\n\n")
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+    auth = {"Authorization": f"Bearer {cluster.scheduler.api_token}"}
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=30), headers=auth
+    ) as session:
         before = feed.taken
         started = time.monotonic()
         readers = [asyncio.create_task(listen(session)) for _ in range(clients)]

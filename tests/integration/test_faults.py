@@ -206,10 +206,10 @@ def fetches_from(log: str, parent: str) -> list[tuple[float, float]]:
     return spans
 
 
-async def json_of(url: str) -> dict[str, Any]:
+async def json_of(url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-        session.get(url) as response,
+        session.get(url, headers=headers) as response,
     ):
         body: dict[str, Any] = await response.json()
     return body
@@ -245,7 +245,8 @@ async def test_a_peer_leaving_on_sigterm_hands_its_children_over_at_once(
 
         async def pieces() -> dict[str, dict[str, Any]]:
             """Host -> its peer of the task, as the scheduler knows them."""
-            tasks = (await json_of(f"{scheduler.url}/api/state"))["tasks"]
+            state = await json_of(f"{scheduler.url}/api/state", scheduler.api_auth())
+            tasks = state["tasks"]
             return {p["host_id"]: p for t in tasks for p in t["peers"]}
 
         try:

@@ -57,7 +57,7 @@ async def holders(scheduler: ServiceProcess, task_id: str) -> set[str]:
     """Hosts the scheduler knows to hold every piece of the task."""
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-        session.get(f"{scheduler.url}/api/state") as response,
+        session.get(f"{scheduler.url}/api/state", headers=scheduler.api_auth()) as response,
     ):
         state = await response.json()
     return {

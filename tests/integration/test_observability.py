@@ -35,8 +35,8 @@ from tests.conftest import FAST_ENV
 MiB = 1024 * 1024
 
 
-async def text(url: str) -> tuple[int, str, dict[str, str]]:
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
+async def text(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
         return response.status, await response.text(), dict(response.headers)
 
 
@@ -205,13 +205,17 @@ async def test_the_dashboard_shows_the_tasks_of_every_scheduler(
             for _ in range(100):  # content whose task the other scheduler holds
                 data = os.urandom(MiB)
                 digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
-                if partition_of(make_task_id("", digest=digest), own.partitions) not in own.held:
+                url = origin.add("elsewhere.bin", data)
+                if partition_of(make_task_id(url, digest=digest), own.partitions) not in own.held:
                     break
-            url = origin.add("elsewhere.bin", data)
             result = await cluster.peer.node.download(SourceRequest(url, digest=digest))
-            assert result.task_id == make_task_id("", digest=digest)
-            for base in (cluster.scheduler.http_url, other.url):
-                status, body, _ = await text(f"{base}/api/state")
+            assert result.task_id == make_task_id(url, digest=digest)
+            own_auth = {"Authorization": f"Bearer {cluster.scheduler.api_token}"}
+            for base, auth in (
+                (cluster.scheduler.http_url, own_auth),
+                (other.url, other.api_auth()),
+            ):
+                status, body, _ = await text(f"{base}/api/state", auth)
                 assert status == 200
                 assert result.task_id in {t["id"] for t in orjson.loads(body)["tasks"]}, base
         finally:
@@ -244,8 +248,24 @@ async def test_dashboard_and_live_events(
             await asyncio.sleep(0.05)
         result = await download
         assert rounds >= 3
-        async with aiohttp.ClientSession() as session, session.get(f"{base}/api/events") as events:
-            line = await asyncio.wait_for(events.content.readline(), 10)
+        # The API shows tasks and hosts only to who has the scheduler's token; a browser
+        # shows it once and keeps it as a cookie.
+        for path in ("/api/state", "/api/events"):
+            status, body, _ = await text(base + path)
+            assert status == 401
+            assert result.task_id not in body
+        # A cookie jar that keeps cookies of an address (127.0.0.1), as a browser does.
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+            async with browser.get(f"{base}/?token=wrong", allow_redirects=False) as page_:
+                assert page_.status == 200 and not page_.cookies
+            token = cluster.scheduler.api_token
+            async with browser.get(f"{base}/?token={token}", allow_redirects=False) as page_:
+                assert page_.status == 302 and page_.headers["Location"] == "/"
+            async with browser.get(f"{base}/api/state") as state_:
+                assert state_.status == 200
+                assert result.task_id in await state_.text()
+            async with browser.get(f"{base}/api/events") as events:
+                line = await asyncio.wait_for(events.content.readline(), 10)
         assert line.startswith(b"data: ")
         state = orjson.loads(line[6:])
         task = next(t for t in state["tasks"] if t["id"] == result.task_id)

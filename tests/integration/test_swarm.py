@@ -82,10 +82,8 @@ class Cluster:
         return await metric_value(service.url, name)
 
     async def state(self) -> dict[str, Any]:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{self.scheduler.url}/api/state") as response,
-        ):
+        url, auth = f"{self.scheduler.url}/api/state", self.scheduler.api_auth()
+        async with aiohttp.ClientSession() as session, session.get(url, headers=auth) as response:
             data: dict[str, Any] = await response.json()
             return data
 
