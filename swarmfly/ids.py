@@ -117,13 +117,44 @@ def task_id(
     application: str = "",
     piece_length: int | None = None,
     etag: str | None = None,
+    shared: bool = False,
 ) -> str:
     """Keyed by the content digest when known, else by the normalised URL, the options and
-    the origin's ETag (so content that changed at the origin is a new task, swarm-wide)."""
-    key = digest or "\x00".join(
-        [normalize_url(url), tag, application, str(piece_length or ""), etag or ""]
-    )
+    the origin's ETag (so content that changed at the origin is a new task, swarm-wide).
+
+    A digest alone is the key only where its content may be ``shared`` across URLs: a
+    registry the operator configured stated it for this requester's repository. Elsewhere
+    the URL joins it, so naming a digest under a URL of one's own (or with ``--digest``)
+    reaches no other origin's task."""
+    if digest and not shared:
+        key = "\x00".join([digest, normalize_url(url)])
+    else:
+        key = digest or "\x00".join(
+            [normalize_url(url), tag, application, str(piece_length or ""), etag or ""]
+        )
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) with the default port filled in; ``oci://`` reads over https.
+    None for a URL with no host or a scheme with no default port."""
+    parts = urlsplit(url)
+    scheme = "https" if parts.scheme.lower() == "oci" else parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return scheme, parts.hostname.lower(), port
+
+
+def keys_task(task: str, url: str, digest: str) -> bool:
+    """Is ``task`` the id of ``digest``'s content at ``url`` (or anywhere)?"""
+    return task in (task_id(url, digest=digest), task_id(url, digest=digest, shared=True))
 
 
 def piece_length_for(content_length: int) -> int:

@@ -7,6 +7,7 @@ only in host type and in fetching the tasks the scheduler hands it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -29,8 +30,8 @@ from swarmfly.bus import Bus
 from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
+from swarmfly.ids import origin, url_digest
 from swarmfly.ids import task_id as make_task_id
-from swarmfly.ids import url_digest
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source, SourceStat
@@ -70,6 +71,8 @@ class NodeSettings:
     """A seed lends pieces to read from the origin (``grants.Delegation``)."""
     capabilities: bool = True
     """The upload server serves only against a capability the schedulers signed."""
+    registries: tuple[str, ...] = ()
+    """Registries the operator configured: their blobs are one task per digest everywhere."""
     piece_spans: bool = False
     idc: str = ""
     location: str = ""
@@ -287,7 +290,11 @@ class PeerNode:
         if source.digest is None and (named := url_digest(source.url) or stat.digest):
             source = replace(source, digest=named)
         task_id = task_id or make_task_id(
-            source.url, digest=source.digest, piece_length=source.piece_length, etag=stat.etag
+            source.url,
+            digest=source.digest,
+            piece_length=source.piece_length,
+            etag=stat.etag,
+            shared=self._shared(source, stat),
         )
         entry = self._downloads.get(task_id)
         if entry is None:
@@ -299,6 +306,21 @@ class PeerNode:
         if download_id:
             self._progress[download_id] = entry[0]
         return Download(task_id, entry[0], entry[1], started)
+
+    def _shared(self, source: SourceRequest, stat: SourceStat) -> bool:
+        """May this request share its digest's task with other URLs? Only a blob of a
+        registry the operator configured, whose digest that registry just stated to this
+        requester for this repository (its own credentials, ``stat``): a URL of one's own
+        or ``--digest`` alone proves nothing about who may read the content."""
+        digest = source.digest
+        where = origin(source.url)
+        return (
+            digest is not None
+            and url_digest(source.url) == digest
+            and stat.digest == digest
+            and where is not None
+            and where in {origin(r) for r in self.settings.registries}
+        )
 
     def _drop_if_stale(self, task_id: str, source: SourceRequest, stat: SourceStat) -> None:
         """A cached copy is this requester's only if it agrees with what the origin tells
@@ -664,7 +686,13 @@ class PeerNode:
 
 
 def deliver(
-    stored: StoredTask, output: Path, *, umask: int, hard_link: bool = False, take: bool = False
+    stored: StoredTask,
+    output: Path,
+    *,
+    umask: int,
+    hard_link: bool = False,
+    take: bool = False,
+    directory: int | None = None,
 ) -> None:
     """Put the verified file at ``output`` atomically (the path never holds a partial
     file), as a file of its own, mode ``0o666 & ~umask`` (the requester's): a reflink where
@@ -672,28 +700,42 @@ def deliver(
 
     ``hard_link`` (an explicit opt-in, like dfget's --force-hard-link) shares the cache's
     inode instead, made read-only first. ``take`` moves the file out of a store that is about
-    to be discarded (the CLI's own peer), copying only across filesystems.
+    to be discarded (the CLI's own peer), copying only across filesystems. ``directory`` is an
+    open directory to put ``output.name`` in, instead of ``output``'s parent: a peer writing
+    under an output root opened it without following a link out of the root.
     """
-    output = output.absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.swarmfly-{os.getpid()}-{os.urandom(4).hex()}"
+    if directory is None:
+        output = output.absolute()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(output.parent, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        folder = os.dup(directory)
+    tmp = f".{output.name}.swarmfly-{os.getpid()}-{os.urandom(4).hex()}"
     mode = 0o666 & ~umask
     try:
-        if take and _moved(stored.data_path, tmp):
-            os.chmod(tmp, mode)
+        if take and _moved(stored.data_path, tmp, folder):
+            os.chmod(tmp, mode, dir_fd=folder)
         elif hard_link:
             stored.make_read_only()
-            os.link(stored.data_path, tmp)
+            os.link(stored.data_path, tmp, dst_dir_fd=folder)
         else:
-            copy_file(stored.data_path, tmp, mode)
-        os.replace(tmp, output)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            fd = os.open(tmp, flags, FILE_MODE, dir_fd=folder)
+            try:
+                os.fchmod(fd, mode)
+                deliver_into(stored, fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, output.name, src_dir_fd=folder, dst_dir_fd=folder)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=folder)
+        os.close(folder)
 
 
-def _moved(source: Path, target: Path) -> bool:
+def _moved(source: Path, target: str, folder: int) -> bool:
     try:
-        os.rename(source, target)
+        os.rename(source, target, dst_dir_fd=folder)
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             return False
@@ -701,29 +743,33 @@ def _moved(source: Path, target: Path) -> bool:
     return True
 
 
-def copy_file(source: Path, target: Path, mode: int) -> None:
-    """A new file ``target`` (mode ``mode``) with ``source``'s bytes: a reflink where the
-    filesystem can, else ``copy_file_range`` (in the kernel), else a plain copy."""
+def deliver_into(stored: StoredTask, fd: int) -> None:
+    """Write the verified file into ``fd``, an empty file opened for writing (by the
+    requester, over the local socket: the peer never opens a path on its behalf)."""
+    copy_into(stored.data_path, fd)
+
+
+def copy_into(source: Path, fd: int) -> None:
+    """``source``'s bytes into the empty file ``fd``: a reflink where the filesystem can,
+    else ``copy_file_range`` (in the kernel), else a plain copy."""
     with open(source, "rb") as src:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        with open(fd, "wb") as dst:
-            os.fchmod(fd, mode)
-            try:
-                fcntl.ioctl(fd, FICLONE, src.fileno())
-                return
-            except OSError:
-                pass  # no reflinks here (ext4, tmpfs, another filesystem): copy
-            size = os.fstat(src.fileno()).st_size
-            copied = 0
-            try:
-                while copied < size:
-                    sent = os.copy_file_range(src.fileno(), fd, size - copied)
-                    if sent == 0:
-                        raise OSError(errno.EIO, f"{source} shrank while it was copied")
-                    copied += sent
-                return
-            except OSError as exc:
-                if copied or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
-                                               errno.EOPNOTSUPP):  # fmt: skip
-                    raise
+        try:
+            fcntl.ioctl(fd, FICLONE, src.fileno())
+            return
+        except OSError:
+            pass  # no reflinks here (ext4, tmpfs, another filesystem): copy
+        size = os.fstat(src.fileno()).st_size
+        copied = 0
+        try:
+            while copied < size:
+                sent = os.copy_file_range(src.fileno(), fd, size - copied)
+                if sent == 0:
+                    raise OSError(errno.EIO, f"{source} shrank while it was copied")
+                copied += sent
+            return
+        except OSError as exc:
+            if copied or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                           errno.EOPNOTSUPP):  # fmt: skip
+                raise
+        with open(os.dup(fd), "wb") as dst:
             shutil.copyfileobj(src, dst, 1024 * 1024)

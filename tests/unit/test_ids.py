@@ -239,13 +239,23 @@ def test_task_id_depends_on_tag_application_and_piece_length() -> None:
     assert task_id(S3, tag="a") != task_id(S3, application="a")
 
 
-def test_task_id_is_keyed_by_digest_across_urls() -> None:
+def test_a_shared_digest_is_one_task_across_urls() -> None:
     digest = "sha256:" + HEX
-    one = task_id("https://mirror-a.example/v2/lib/blobs/" + digest, digest=digest)
-    two = task_id("https://mirror-b.example/other/path", digest=digest, tag="t")
+    one = task_id("https://mirror-a.example/v2/lib/blobs/" + digest, digest=digest, shared=True)
+    two = task_id("https://mirror-b.example/other/path", digest=digest, tag="t", shared=True)
     assert one == two
     assert one != task_id("https://mirror-a.example/v2/lib/blobs/" + digest)
-    assert one != task_id("https://x", digest="sha256:" + HEX[::-1])
+    assert one != task_id("https://x", digest="sha256:" + HEX[::-1], shared=True)
+
+
+def test_a_digest_not_shared_is_bound_to_its_url() -> None:
+    """Naming a digest under one's own URL (or with --digest) reaches no other origin's task."""
+    digest = "sha256:" + HEX
+    private = task_id("https://registry.example/v2/team/blobs/" + digest, digest=digest)
+    assert private != task_id("http://attacker.example/x/blobs/" + digest, digest=digest)
+    assert private != task_id("https://registry.example/v2/team/blobs/" + digest, digest=digest,
+                              shared=True)  # fmt: skip
+    assert private == task_id("https://REGISTRY.example/v2/team/blobs/" + digest, digest=digest)
 
 
 def test_task_id_matches_its_own_pattern() -> None:
