@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -605,23 +605,17 @@ class Conductor:
                     raise ParentBusy()
                 if response.status != 206:
                     raise SwarmflyError("unavailable", f"parent answered {response.status}")
-                chunks: list[bytes] = []
-                received = 0
-                async for chunk in response.content.iter_chunked(256 * 1024):
-                    received += len(chunk)
-                    if received > size:
-                        raise SwarmflyError("integrity", "parent sent more than the piece")
-                    await self.node.download_bucket.take(len(chunk))
-                    chunks.append(chunk)
+                chunks = self._paced(
+                    response.content.iter_chunked(256 * 1024),
+                    size,
+                    SwarmflyError("integrity", "parent sent more than the piece"),
+                )
+                digest = await self._receive(number, chunks, expected)
         except TimeoutError:
             raise SwarmflyError("timeout", f"piece {number} stalled") from None
         except aiohttp.ClientError as exc:
             raise SwarmflyError("unavailable", type(exc).__name__) from None
-        if number in self.stored.done:
-            return number
-        data = b"".join(chunks)
-        digest = await self._write(number, data, expected)
-        if number not in self.stored.done:
+        if digest is not None and number not in self.stored.done:
             self.stored.mark_done(number, digest)
             self._came_from[number] = parent_id
             self._kick_digest()
@@ -974,16 +968,60 @@ class Conductor:
         source = self.node.source_for(self.source.url)
         offset, size = content.piece(number)
         started = time.monotonic()
-        chunks = []
+        # Read from the origin ourselves, the bytes are the truth: a digest only a lent child
+        # vouches for is no test of them (they refute it), and saying so is the seed's job.
+        vouched = number in self._provisional
+        expected = None if vouched else self.stored.digests[number]
+        chunks = self._paced(
+            source.fetch(self.source.url, headers, offset, offset + size),
+            size,
+            SwarmflyError("source_error", "origin sent more than the range asked"),
+        )
+        digest = await self._receive(number, chunks, expected)
+        if digest is not None:
+            self._origin_done(number, digest, started, report=report and not vouched)
+        return number
+
+    async def _paced(
+        self, chunks: AsyncIterator[bytes], size: int, too_much: SwarmflyError
+    ) -> AsyncIterator[bytes]:
+        """A piece's bytes as they come, within this host's download rate and no more than
+        the piece."""
         received = 0
-        async for chunk in source.fetch(self.source.url, headers, offset, offset + size):
+        async for chunk in chunks:
             received += len(chunk)
             if received > size:
-                raise SwarmflyError("source_error", "origin sent more than the range asked")
+                raise too_much
             await self.node.download_bucket.take(len(chunk))
-            chunks.append(chunk)
-        await self._store_origin_piece(number, b"".join(chunks), started, report=report)
-        return number
+            yield chunk
+
+    async def _receive(
+        self, number: int, chunks: AsyncIterator[bytes], expected: str | None
+    ) -> str | None:
+        """A piece written as its bytes arrive and verified (its sha256 hex); None when the
+        endgame's other copy of it got there first."""
+        writer = self.stored.writer(number)
+        aside: list[bytes] = []
+        try:
+            async for chunk in chunks:
+                if writer is None:
+                    aside.append(chunk)  # another copy is being written: keep ours aside
+                else:
+                    await asyncio.to_thread(writer.write, chunk)
+            if writer is not None:
+                return await asyncio.to_thread(writer.finish, expected)
+        except OSError as exc:  # the local disk: no parent can help
+            raise LocalDiskError(exc.strerror or type(exc).__name__) from None
+        finally:
+            if writer is not None:
+                writer.close()
+        # Ours is used only if the copy that was written fails.
+        deadline = time.monotonic() + self.node.settings.piece_timeout
+        while number in self.stored.writing and (left := deadline - time.monotonic()) > 0:
+            await self.stored.wait_change(self.stored.version, left)  # a writer's close wakes
+        if number in self.stored.done or number in self.stored.writing:
+            return None
+        return await self._write(number, b"".join(aside), expected)
 
     async def _origin_stream(self, content: TaskContent) -> None:
         source = self.node.source_for(self.source.url)
@@ -1019,23 +1057,26 @@ class Conductor:
             return {**self.source.headers, "If-Match": etag}
         return self.source.headers
 
-    async def _store_origin_piece(
-        self, number: int, data: bytes, started: float, *, report: bool = True
-    ) -> None:
-        # Read from the origin ourselves, the bytes are the truth: a digest only a lent child
-        # vouches for is no test of them (they refute it), and saying so is the seed's job.
+    async def _store_origin_piece(self, number: int, data: bytes, started: float) -> None:
+        """A piece of a stream from the origin (no ranges), whole."""
         vouched = number in self._provisional
-        expected = None if vouched else self.stored.digests[number]
-        digest = await self._write(number, data, expected)
+        digest = await self._write(number, data, None if vouched else self.stored.digests[number])
+        self._origin_done(number, digest, started, report=not vouched)
+
+    def _origin_done(self, number: int, digest: str, started: float, *, report: bool) -> None:
+        """A piece read from the origin is verified in the store: mark it and say so (a
+        child does not report a digest it refuted: that is the seed's to say)."""
         if number in self.stored.done:
             return
         self.stored.mark_done(number, digest)
         self._kick_digest()
-        self.bytes_origin += len(data)
-        metrics.PEER_DOWNLOAD_BYTES.labels("origin").inc(len(data))
+        assert self.stored.content is not None
+        size = self.stored.content.piece(number)[1]
+        self.bytes_origin += size
+        metrics.PEER_DOWNLOAD_BYTES.labels("origin").inc(size)
         cost = time.monotonic() - started
         metrics.PEER_PIECE_SECONDS.labels("origin").observe(cost)
-        if report and not (vouched and not self.seed):
+        if report or self.seed:
             self._queue_report({"number": number, "digest": digest, "cost_ms": int(cost * 1000)})
 
     # -- end of download -----------------------------------------------------------------

@@ -80,6 +80,8 @@ class StoredTask:
     content: TaskContent | None = None
     digests: list[str | None] = field(default_factory=list)
     done: set[int] = field(default_factory=set)
+    writing: set[int] = field(default_factory=set)
+    """Pieces a ``PieceWriter`` is writing now (on the event loop's side)."""
     unverified: set[int] = field(default_factory=set)
     """Pieces the metadata listed as done before a restart, not re-hashed yet: never served,
     delivered or counted until they pass (a byte may have changed while nobody watched)."""
@@ -207,30 +209,42 @@ class StoredTask:
         )
 
     def write_piece(self, number: int, data: bytes, expected: str | None) -> str:
-        """Verify and write one piece (runs in a worker thread); returns its sha256 hex.
-
-        Never writes unverified bytes when a digest is known, nor past the piece. The disk
-        failing (full, a short write, I/O) is an OSError naming the store: a local fault,
-        which no other parent would fix.
-        """
+        """Verify and write one whole piece (runs in a worker thread); returns its sha256
+        hex. Never writes unverified bytes when a digest is known, nor past the piece."""
         assert self.content is not None
-        offset, size = self.content.piece(number)
+        size = self.content.piece(number)[1]
         if len(data) != size:
             raise SwarmflyError("integrity", f"piece {number}: got {len(data)} of {size} bytes")
         actual = hashlib.sha256(data).hexdigest()
         if expected is not None and actual != expected:
             raise SwarmflyError("integrity", f"piece {number}: sha256 mismatch")
+        self._pwrite(number, data, 0)
+        return actual
+
+    def _pwrite(self, number: int, data: bytes, at: int) -> None:
+        """``data`` at ``at`` within piece ``number``. The disk failing (full, a short write,
+        I/O) is an OSError naming the store: a local fault, which no other parent would fix."""
+        assert self.content is not None
+        offset = self.content.piece(number)[0] + at
         with self._using(write=True) as fd:
             try:
                 written = os.pwrite(fd, data, offset)
             except OSError as exc:
                 raise OSError(exc.errno, f"{exc.strerror} in {self.root}") from None
-        if written != size:
+        if written != len(data):
             raise OSError(
                 errno.ENOSPC,
-                f"short write of piece {number} in {self.root}: {written} of {size} bytes",
+                f"short write of piece {number} in {self.root}: {written} of {len(data)} bytes",
             )
-        return actual
+
+    def writer(self, number: int) -> PieceWriter | None:
+        """The piece's one writer, or None while another one writes it (an endgame race):
+        its bytes go to the data file as they arrive, hashed on the way, and nothing marks
+        the piece done before ``PieceWriter.finish`` has proved them."""
+        if number in self.writing or number in self.done:
+            return None
+        self.writing.add(number)
+        return PieceWriter(self, number)
 
     def mark_done(self, number: int, digest: str) -> None:
         if number in self.done:
@@ -436,6 +450,42 @@ class StoredTask:
         self.version += 1
         self._edits += 1
         self._wake()
+
+
+@dataclass
+class PieceWriter:
+    """One piece written chunk by chunk as it arrives (``write`` in a worker thread): no
+    piece is held in memory whole. ``close`` it on the event loop, whatever happened."""
+
+    task: StoredTask
+    number: int
+    received: int = 0
+    _hasher: Any = field(default_factory=hashlib.sha256, repr=False)
+
+    def write(self, chunk: bytes) -> None:
+        assert self.task.content is not None
+        if self.received + len(chunk) > self.task.content.piece(self.number)[1]:
+            raise SwarmflyError("integrity", f"piece {self.number}: more bytes than the piece")
+        self.task._pwrite(self.number, chunk, self.received)
+        self._hasher.update(chunk)
+        self.received += len(chunk)
+
+    def finish(self, expected: str | None) -> str:
+        """The piece's sha256 hex, once all of it came and it matches ``expected``."""
+        assert self.task.content is not None
+        size = self.task.content.piece(self.number)[1]
+        if self.received != size:
+            raise SwarmflyError(
+                "integrity", f"piece {self.number}: got {self.received} of {size} bytes"
+            )
+        actual: str = self._hasher.hexdigest()
+        if expected is not None and actual != expected:
+            raise SwarmflyError("integrity", f"piece {self.number}: sha256 mismatch")
+        return actual
+
+    def close(self) -> None:
+        self.task.writing.discard(self.number)
+        self.task._wake()  # a copy kept aside may be wanted now
 
 
 class TaskStore:
