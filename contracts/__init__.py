@@ -96,18 +96,34 @@ def validate_error() -> Validator:
     return fastjsonschema.compile(error_schema())
 
 
-def _compiled_on_use(schema: dict[str, Any]) -> Validator:
+class _OnUse:
     """A validator compiled at its first use: a process uses a few contracts (the CLI two),
-    and compiling all of them costs a short-lived one more than its work."""
-    compiled: Validator | None = None
+    and compiling all of them costs a short-lived one more than its work. A service compiles
+    them all as it starts (``warm``), not in its first download."""
 
-    def validate(data: Any) -> Any:
-        nonlocal compiled
-        if compiled is None:
-            compiled = fastjsonschema.compile(schema)
-        return compiled(data)
+    def __init__(self, schema: dict[str, Any]) -> None:
+        self.schema = schema
+        self._compiled: Validator | None = None
 
-    return validate
+    def compiled(self) -> Validator:
+        if self._compiled is None:
+            self._compiled = fastjsonschema.compile(self.schema)
+        return self._compiled
+
+    def __call__(self, data: Any) -> Any:
+        return self.compiled()(data)
+
+
+def _compiled_on_use(schema: dict[str, Any]) -> Validator:
+    return _OnUse(schema)
+
+
+def warm() -> None:
+    """Compile every contract's validators now (a service starting)."""
+    for contract in registry().values():
+        for validator in (contract.validate_request, contract.validate_reply):
+            if isinstance(validator, _OnUse):
+                validator.compiled()
 
 
 @cache

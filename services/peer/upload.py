@@ -14,6 +14,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ GRANT_TICK = 0.05
 PACED_SLOT_RATE = 8 * 1024 * 1024
 """Bytes/s each concurrent upload should get when an upload rate cap is set."""
 MAX_KEYS = 4
+CHECKED_TOKENS = 4096
 CHILD: web.RequestKey[capability.Grant | None] = web.RequestKey("child")
 """The capability a request came with (None where capabilities are off)."""
 MIN_SEND_RATE = 64 * 1024
@@ -76,6 +78,10 @@ class UploadServer:
         """Serve a task only against a capability for it (``swarmfly.capability``)."""
         self.verify_keys: dict[str, VerifyKey] = {}
         """The schedulers' public keys, as heartbeat replies name them, newest last."""
+        self._checked: OrderedDict[str, capability.Grant] = OrderedDict()
+        """Tokens whose signature checked out, most recently shown last: a child shows the
+        same one in every request until its next schedule, and a signature check costs
+        about 100 us, a lookup nothing."""
         self.superseed = superseed
         """Answer polls with grants (a seed): see ``grants``."""
         self.grant_seconds = grant_seconds
@@ -117,10 +123,13 @@ class UploadServer:
             except ValueError:
                 log.warning("a scheduler named a malformed capability key")
                 continue
+            if text not in self.verify_keys:
+                self._checked.clear()  # the keys changed: what was checked is checked again
             self.verify_keys.pop(text, None)
             self.verify_keys[text] = key
         while len(self.verify_keys) > MAX_KEYS:
             del self.verify_keys[next(iter(self.verify_keys))]
+            self._checked.clear()
 
     def _grant(self, request: web.Request, task_id: str) -> capability.Grant | None:
         """What the request's capability allows; 403 without a valid one for the task. Checked
@@ -129,11 +138,21 @@ class UploadServer:
             return None
         header = request.headers.get("Authorization", "")
         token = header[7:] if header[:7].lower() == "bearer " else None
+        now = time.time()
+        known = self._checked.get(token) if token else None
+        if token and known is not None and known.task_id == task_id and known.expires > now:
+            self._checked.move_to_end(token)
+            return known
         try:
-            return capability.check(token, self.verify_keys.values(), task_id, time.time())
+            grant = capability.check(token, self.verify_keys.values(), task_id, now)
         except capability.CapabilityError as exc:
             metrics.PEER_UPLOAD_REFUSED.labels("capability").inc()
             raise web.HTTPForbidden(text=exc.message) from None
+        assert token is not None
+        self._checked[token] = grant
+        if len(self._checked) > CHECKED_TOKENS:
+            self._checked.popitem(last=False)
+        return grant
 
     def _task(self, request: web.Request) -> StoredTask:
         task_id = request.match_info["task_id"]

@@ -137,7 +137,8 @@ class Ownership:
     async def shared(self, key: str, value: bytes) -> bytes:
         """What every scheduler of the cluster holds under ``key``: ``value`` when this one
         is the first to ask (created atomically), else what the first one put there."""
-        assert self.kv is not None
+        if self.kv is None:  # no JetStream: a lone scheduler, nobody to share with
+            return value
         try:
             await self.kv.create(key, value)
             return value
