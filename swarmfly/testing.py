@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
@@ -19,7 +20,7 @@ from typing import cast
 
 from aiohttp import ClientSession, ClientTimeout, web
 
-from swarmfly import contracts
+from swarmfly import apitoken, contracts
 from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig
 from swarmfly.errors import SwarmflyError
@@ -241,6 +242,15 @@ class ServiceProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def api_auth(self) -> dict[str, str]:
+        """What a scheduler's dashboard and API ask for (its state dir holds its log)."""
+        return api_auth(self.log_path.parent)
+
+
+def api_auth(state_dir: Path) -> dict[str, str]:
+    """The header that opens the dashboard and API of the scheduler of ``state_dir``."""
+    return {"Authorization": f"Bearer {apitoken.load(state_dir / apitoken.FILE)}"}
+
 
 def spawn_service(
     kind: str,
@@ -421,6 +431,7 @@ async def in_process_cluster(
 
     config = Config(state_dir=root, nats=NatsConfig(servers=[nats_url], prefix=prefix))
     config.peer.listen = config.storage.listen = "127.0.0.1"
+    config.peer.output_roots = [tempfile.gettempdir()]  # where tests put what they download
     config.proxy.port = 0
     if configure is not None:
         configure(config)

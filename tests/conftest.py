@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ FAST_ENV = {
     "SWARMFLY_SCHEDULER_HEARTBEAT_INTERVAL": "0.5",
     "SWARMFLY_SCHEDULER_HOST_TTL": "3",
     "SWARMFLY_LOG_LEVEL": "INFO",
+    "SWARMFLY_PEER_OUTPUT_ROOTS": tempfile.gettempdir(),
 }
 """Short heartbeats so that lost hosts are noticed within a test's patience."""
 

@@ -272,8 +272,10 @@ async def test_a_lent_child_that_lies_is_caught_and_nobody_keeps_its_bytes(
                 if seed is not None:
                     break
                 await asyncio.sleep(0.1)
-            assert seed is not None, "the seed never came"
-            await lie_while_lent(evil, seed["address"], digest_task=task)
+            assert seed is not None and reply is not None, "the seed never came"
+            # A registered child: the scheduler gave it a capability like any other.
+            auth = {"Authorization": f"Bearer {reply['token']}"}
+            await lie_while_lent(evil, seed["address"], auth, digest_task=task)
             result = await asyncio.wait_for(honest, 120)
             assert result["exit"] == 0, (result, cluster.peers[0].log()[-8000:])
             assert (tmp_path / "out.bin").read_bytes() == data
@@ -294,7 +296,9 @@ async def test_a_lent_child_that_lies_is_caught_and_nobody_keeps_its_bytes(
             assert evil.peer_id not in {p["peer_id"] for p in reply["parents"]}
 
 
-async def lie_while_lent(evil: Forger, seed: str, *, digest_task: str) -> None:
+async def lie_while_lent(
+    evil: Forger, seed: str, auth: dict[str, str], *, digest_task: str
+) -> None:
     """Poll the seed as a child that wants every piece; report a false digest for each
     piece it lends (within a bounded number of polls)."""
     import aiohttp
@@ -307,7 +311,8 @@ async def lie_while_lent(evil: Forger, seed: str, *, digest_task: str) -> None:
             params = {"since": "-1", "wait": "1", "peer": evil.peer_id}
             if info is not None:
                 params["wants"] = grants.encode(range(info), info)
-            async with session.get(f"{seed}/v1/tasks/{digest_task}/pieces", params=params) as r:
+            url = f"{seed}/v1/tasks/{digest_task}/pieces"
+            async with session.get(url, params=params, headers=auth) as r:
                 if r.status != 200:
                     await asyncio.sleep(0.1)
                     continue

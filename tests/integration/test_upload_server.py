@@ -536,6 +536,7 @@ async def test_healthz_and_metrics_answer(upload: Upload) -> None:
 
 async def test_the_signed_url_query_never_reaches_disk(upload: Upload) -> None:
     task = upload.put(content_of(PIECE, b"secret query"), {0})
+    task.save()  # what the store's periodic save writes
     meta = (task.dir / "meta.json").read_bytes()
     assert b"s3cr3t" not in meta
     assert b"https://origin.example/blob" in meta
@@ -649,9 +650,23 @@ async def test_a_seed_with_no_slot_free_lends_a_piece_to_read_from_the_origin(
         status, body, _ = await seed.get(f"/v1/tasks/{task.id}/pieces?wait=0.3&lent=7,3")
         assert status == 200 and "origin" not in json.loads(body)
         assert task.delegation.delivered == {7}
-        # Only a child that names itself is lent a piece: only it may vouch for it.
-        assert "origin" not in await poll(seed, task, 0.3, every)
         assert (await poll(seed, task, 0.3, every, child="c"))["origin"] == [6]
+
+
+async def test_without_capabilities_only_a_child_that_names_itself_is_lent_a_piece(
+    tmp_path: Path,
+) -> None:
+    """Only the child named may vouch for a lent piece: an anonymous poll is lent nothing."""
+    async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
+        seed.server.capabilities = False
+        task = seed.put(content_of(8 * PIECE, b"anonymous"), {0, 1})
+        task.delegation = grants.Delegation(8, limit=2, window=1)
+        every = grants.encode(set(range(8)), 8)
+        query = f"/v1/tasks/{task.id}/pieces?since=-1&wait=0.3&wants={every}"
+        answers = await asyncio.gather(*(seed.get(query, {"Authorization": ""}) for _ in range(4)))
+        assert all(b'"origin"' not in body for _, body, _ in answers)
+        _, named, _ = await seed.get(query + "&peer=child-a", {"Authorization": ""})
+        assert json.loads(named)["origin"] == [7]
 
 
 # -- capabilities: only a child the scheduler sent reads a task ---------------------------
