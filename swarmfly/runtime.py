@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from swarmfly import contracts, httpserver, telemetry
+from swarmfly import apitoken, contracts, httpserver, telemetry
 from swarmfly.bus import Bus
 from swarmfly.cluster import connect, servers_of
 from swarmfly.config import Config, NatsConfig, nats_client_options
@@ -294,8 +294,10 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
                     "swarmfly is up",
                     f"  nats       {server.url}  (JetStream, data in {state / 'nats'};"
                     f" per-role credentials in {state / 'credentials'})",
-                    f"  scheduler  {scheduler.http_url}  (metrics {scheduler.http_url}/metrics,"
-                    f" state {scheduler.http_url}/api/state)",
+                    f"  scheduler  {scheduler.http_url}  (metrics {scheduler.http_url}/metrics;"
+                    f" dashboard and /api/state with the token in"
+                    f" {config.scheduler.api_token_file or state / apitoken.FILE}:"
+                    f" open {scheduler.http_url}/?token=… once)",
                     f"  storage    {storage.node.upload_url}  ({storage.node.settings.host_id})",
                     f"  peer       {peer.node.upload_url}  ({peer.node.settings.host_id},"
                     f" metrics {peer.node.upload_url}/metrics)",

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import aiohttp
@@ -14,18 +12,11 @@ import pytest
 
 from swarmfly.bus import Bus
 from swarmfly.capability import Signer
-from swarmfly.natsserver import NatsServer
 from swarmfly.testing import Origin, capability
 from tests.integration.test_swarm import Cluster, get
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def cluster(nats: NatsServer, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
-    with ExitStack() as stack:
-        yield Cluster(nats, prefix, tmp_path, stack)
 
 
 async def test_the_data_plane_serves_only_a_child_the_scheduler_sent(

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,12 @@ from aiohttp import web
 
 from swarmfly.bus import Bus
 from swarmfly.ids import piece_count, piece_length_for, task_id
-from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.services.peer import grants
 from tests.integration.test_swarm import Cluster, get, sha256
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def cluster(nats: NatsServer, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
-    with ExitStack() as stack:
-        yield Cluster(nats, prefix, tmp_path, stack)
 
 
 class Forger:

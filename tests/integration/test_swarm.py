@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import os
 import sys
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -86,12 +85,6 @@ class Cluster:
         async with aiohttp.ClientSession() as session, session.get(url, headers=auth) as response:
             data: dict[str, Any] = await response.json()
             return data
-
-
-@pytest.fixture
-def cluster(nats: NatsServer, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
-    with ExitStack() as stack:
-        yield Cluster(nats, prefix, tmp_path, stack)
 
 
 async def test_five_peers_share_a_64mib_file(cluster: Cluster, tmp_path: Path) -> None:

@@ -90,6 +90,40 @@ def test_a_wrong_size_is_refused_even_without_a_digest(task: StoredTask) -> None
     assert task.data_path.read_bytes() == b"\0" * len(DATA)
 
 
+def test_a_piece_is_written_chunk_by_chunk_and_proved_at_the_end(task: StoredTask) -> None:
+    writer = task.writer(1)
+    assert writer is not None
+    assert task.writer(1) is None  # one writer per piece: an endgame copy keeps its own aside
+    for chunk in (b"45", b"6", b"7"):
+        writer.write(chunk)
+    assert writer.finish(sha(b"4567")) == sha(b"4567")
+    writer.close()
+    assert task.data_path.read_bytes()[4:8] == b"4567"
+    assert 1 not in task.done  # the caller marks it, once proved
+
+
+@pytest.mark.parametrize(
+    ("chunks", "message"),
+    [((b"45", b"67"), "sha256 mismatch"), ((b"45",), "got 2 of 4"), ((b"456", b"78"), "more")],
+)
+def test_a_piece_that_does_not_prove_itself_is_never_done(
+    task: StoredTask, chunks: tuple[bytes, ...], message: str
+) -> None:
+    writer = task.writer(0)
+    assert writer is not None
+    with pytest.raises(SwarmflyError, match=message):
+        for chunk in chunks:
+            writer.write(chunk)
+        writer.finish(sha(b"0123"))
+    writer.close()
+    assert 0 not in task.done and task.writer(0) is not None  # free for the next copy
+
+
+def test_a_done_piece_gets_no_writer(task: StoredTask) -> None:
+    fill(task, [0])
+    assert task.writer(0) is None
+
+
 def test_mark_done_completes_the_task(task: StoredTask) -> None:
     fill(task, range(3))
     assert task.complete
