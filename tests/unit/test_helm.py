@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nkeys
 import pytest
 import yaml
 
+from swarmfly import credentials
 from swarmfly.config import setting_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +29,7 @@ TEMPLATES = CHART / "templates"
 HELPERS = TEMPLATES / "_helpers.tpl"
 VALUES_FILE = CHART / "values.yaml"
 README = CHART / "README.md"
+PERMISSIONS_FILE = CHART / "files" / "nats-permissions.json"
 DOCKERFILE = ROOT / "compose" / "Dockerfile"
 NATS_REPOSITORY = "https://nats-io.github.io/k8s/helm/charts/"
 
@@ -208,11 +211,15 @@ def test_every_value_the_templates_use_exists(values: dict[str, Any]) -> None:
             raise AssertionError(f"{exc} (used in {', '.join(sorted(files))})") from None
 
 
+NATS_CHART_VALUES = ("nats.config.", "nats.container.", "nats.podTemplate.")
+"""Values the official NATS chart reads, not this chart's templates."""
+
+
 def test_every_value_is_used_by_a_template() -> None:
-    """Values the chart does not read are dead, except nats.config, which the NATS chart reads."""
+    """Values the chart does not read are dead, except the NATS chart's own."""
     used = set(_template_value_refs())
     for path, _, leaf in _value_keys():
-        if not leaf or path.startswith("nats.config"):
+        if not leaf or path.startswith(NATS_CHART_VALUES):
             continue
         parts = path.split(".")
         prefixes = {".".join(parts[: n + 1]) for n in range(len(parts))}
@@ -246,6 +253,7 @@ def test_every_manifest_has_a_skeleton(manifests: list[dict[str, Any]]) -> None:
             "ConfigMap",
             "DaemonSet",
             "Deployment",
+            "Secret",
             "Service",
             "Service",
             "Service",
@@ -477,3 +485,154 @@ def test_several_schedulers_run_only_with_jetstream(values: dict[str, Any]) -> N
         'type: {{ ternary "RollingUpdate" "Recreate" (gt (int .Values.scheduler.replicas) 1) }}'
     )
     assert strategy in text
+
+
+# --- NATS permissions -------------------------------------------------------------------
+
+AUTH_BLOCK = re.compile(
+    r"\{\{-? if \.Values\.natsAuth\.enabled -?\}\}\n(.*?)\{\{-? end -?\}\}\n", re.DOTALL
+)
+IDENTITY_DIR = "/etc/swarmfly/nats-identity"
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in _plain(container["env"])}
+
+
+def test_each_workload_mounts_only_its_own_roles_seed(manifests: list[dict[str, Any]]) -> None:
+    """With natsAuth on (the skeleton keeps the if branches): the scheduler, storage and peer
+    pods each get the one Secret of their own role, only its seed.nk, readable by the
+    service's group alone, and connect with it on their role's own inbox."""
+    for role in ("scheduler", "storage", "peer"):
+        workload = _workload(manifests, role)
+        spec = workload["spec"]["template"]["spec"]
+        secrets = [v for v in _plain(spec["volumes"]) if "secret" in v]
+        assert len(secrets) == 1, f"{role}: one Secret volume, its own: {secrets}"
+        (volume,) = secrets
+        assert volume["name"] == "nats-identity"
+        secret = volume["secret"]
+        assert secret["secretName"] == f"TPL/include/swarmfly.identitySecret/{role}"
+        assert secret["items"] == [{"key": "seed.nk", "path": "seed.nk"}], role
+        assert secret["defaultMode"] == 0o440, role
+        (container,) = list(_containers(workload, init=False))
+        mounts = {m["name"]: m for m in _plain(container["volumeMounts"])}
+        assert mounts["nats-identity"] == {
+            "name": "nats-identity",
+            "mountPath": IDENTITY_DIR,
+            "readOnly": True,
+        }
+        env = _env(container)
+        assert env["SWARMFLY_NATS_NKEYS_SEED"] == f"{IDENTITY_DIR}/seed.nk", role
+        assert env["SWARMFLY_NATS_INBOX_PREFIX"] == credentials.inbox_prefix(role), role
+        for init in workload["spec"]["template"]["spec"].get("initContainers") or []:
+            assert "nats-identity" not in str(init), f"{role}: init containers get no seed"
+
+
+def test_seeds_and_identities_appear_only_with_nats_auth() -> None:
+    """The default render (natsAuth.enabled false) names no seed Secret, which would not
+    exist; every identity line of a workload sits in an `if .Values.natsAuth.enabled`."""
+    for name in ("scheduler-deployment.yaml", "storage-statefulset.yaml", "peer-daemonset.yaml"):
+        text = (TEMPLATES / name).read_text()
+        blocks = AUTH_BLOCK.findall(text)
+        assert len(blocks) == 3, f"{name}: env, mount and volume"
+        rest = AUTH_BLOCK.sub("", text)
+        for word in ("nats-identity", "NKEYS_SEED", "INBOX_PREFIX", "identitySecret"):
+            assert word not in rest, f"{name}: {word} outside natsAuth.enabled"
+
+
+def test_nats_auth_is_off_by_default_and_warned_about(values: dict[str, Any]) -> None:
+    """Off by default: a chart cannot make NKeys, and the default install must work without
+    steps before it. The default auth.conf is comments only (a valid, empty include), the
+    guards that refuse a bad configuration run only with natsAuth on, and NOTES.txt warns."""
+    assert _lookup(values, "natsAuth.enabled") is False
+    body = _helper_bodies()["swarmfly.natsAuthConf"]
+    enabled, _, disabled = body.partition("{{- else }}")
+    assert enabled.lstrip().startswith("{{- if .Values.natsAuth.enabled }}")
+    assert "fail" not in disabled
+    lines = [line for line in disabled.splitlines() if line.strip()]
+    assert lines[-1].strip() == "{{- end }}" and all(line.startswith("#") for line in lines[:-1]), (
+        "the include of a disabled natsAuth holds only comments"
+    )
+    notes = (TEMPLATES / "NOTES.txt").read_text()
+    _, _, warning = notes.partition("{{- if .Values.natsAuth.enabled }}")
+    assert "WARNING: NATS runs WITHOUT AUTHORIZATION" in warning.partition("{{- else }}")[2]
+
+
+def _helper_bucket_regex() -> str:
+    body = _helper_bodies()["swarmfly.natsAuthConf"]
+    found = re.search(r'regexReplaceAll "([^"]+)" \$prefix "_"', body)
+    assert found, "the helper names the lease bucket as credentials.kv_stream does"
+    return found.group(1)
+
+
+def _rendered_permissions(prefix: str) -> dict[str, Any]:
+    """What the swarmfly.natsAuthConf helper makes of files/nats-permissions.json."""
+    body = _helper_bodies()["swarmfly.natsAuthConf"]
+    pipeline = (
+        '.Files.Get "files/nats-permissions.json" | replace "@PREFIX@" $prefix'
+        ' | replace "@BUCKET@" $bucket | fromJson'
+    )
+    assert pipeline in body
+    bucket = re.sub(_helper_bucket_regex(), "_", prefix)
+    text = PERMISSIONS_FILE.read_text().replace("@PREFIX@", prefix)
+    loaded = yaml.safe_load(text.replace("@BUCKET@", bucket))
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+@pytest.mark.parametrize("prefix", ["swarmfly", "team.a", "x-y_z", "a.b.c"])
+def test_chart_permissions_are_those_of_swarmfly_credentials(prefix: str) -> None:
+    """The chart's permissions cannot drift from the code's: every role's, for the prefix,
+    at role level (host id `*`, the role's inbox), as swarmfly.credentials.permissions."""
+    rendered = _rendered_permissions(prefix)
+    assert sorted(rendered) == sorted(credentials.ROLES)
+    for role in credentials.ROLES:
+        assert rendered[role] == credentials.permissions(role, prefix), role
+    if prefix == "swarmfly":  # the peers' residual risk, as documented
+        assert "swarmfly.v1.peer.*.>" in rendered["peer"]["subscribe"]["allow"]
+
+
+def test_chart_authorization_is_the_servers_of_swarmfly_credentials(tmp_path: Path) -> None:
+    """Every role's public key with its permissions: what swarmfly.credentials.authorization
+    gives, and what `python -m swarmfly.credentials` writes for an external NATS when given
+    role-level identities (no :HOST_ID), in the same order."""
+    body = _helper_bodies()["swarmfly.natsAuthConf"]
+    roles = re.search(r"range \$role := list ((?:\"\w+\" ?)+)", body)
+    assert roles and roles.group(1).split() == [f'"{r}"' for r in credentials.ROLES]
+    assert "get $.Values.natsAuth.publicKeys $role" in body
+    assert '(dict "nkey" $key "permissions" (get $permissions $role))' in body
+    assert 'authorization: {{ dict "users" $users | toJson }}' in body
+
+    specs = [f"{role}={tmp_path / role}.nk" for role in credentials.ROLES]
+    conf = tmp_path / "auth.conf"
+    assert credentials.main(["--prefix", "team.a", "--server-config", str(conf), *specs]) == 0
+    keys = {}
+    for role in credentials.ROLES:
+        seed = (tmp_path / f"{role}.nk").read_bytes().strip()
+        keys[role] = nkeys.from_seed(bytearray(seed)).public_key.decode()
+        assert re.fullmatch(r"U[A-Z2-7]{55}", keys[role]), "the helper's check of a key"
+    rendered = _rendered_permissions("team.a")
+    chart = {"users": [{"nkey": keys[r], "permissions": rendered[r]} for r in credentials.ROLES]}
+    assert chart == credentials.authorization(keys, "team.a")
+    assert {"authorization": chart} == yaml.safe_load(conf.read_text())
+
+
+def test_bundled_nats_includes_the_charts_authorization(
+    manifests: list[dict[str, Any]], values: dict[str, Any]
+) -> None:
+    """The bundled NATS mounts the Secret this chart renders (same name, under /etc/ so the
+    NATS chart's reloader sees it) and includes its auth.conf."""
+    (secret,) = [doc for doc in manifests if doc["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "TPL/include/swarmfly.natsAuthSecret"
+    assert secret["stringData"] == {"auth.conf": "TPL/include/swarmfly.natsAuthConf"}
+    (mount,) = [p["value"] for p in _lookup(values, "nats.container.patch")]
+    assert mount["mountPath"].startswith("/etc/") and mount["readOnly"] is True
+    include = _lookup(values, "nats.config.merge")["$include"]
+    assert str(Path("/etc/nats-config", include).resolve()) == f"{mount['mountPath']}/auth.conf"
+    (volume,) = [p["value"] for p in _lookup(values, "nats.podTemplate.patch")]
+    assert volume["name"] == mount["name"]
+    name = volume["secret"]["secretName"]["$tplYaml"]
+    helper = _helper_bodies()["swarmfly.natsAuthSecret"].strip()
+    assert name == helper.replace("{{- ", "{{ "), "the same name in both charts"
+    for patch in ("nats.container.patch", "nats.podTemplate.patch"):
+        assert all(p["op"] == "add" and p["path"].endswith("/-") for p in _lookup(values, patch))

@@ -178,3 +178,56 @@ readinessProbe:
 {{- end }}
 {{- join "," $servers }}
 {{- end }}
+
+{{/* The Secret with the nats-server authorization (templates/nats-auth-secret.yaml). Named
+from the release alone: the bundled NATS chart mounts it by the same expression (values.yaml,
+nats.podTemplate.patch), and cannot see this chart's name overrides. */}}
+{{- define "swarmfly.natsAuthSecret" -}}
+{{- printf "%s-nats-auth" .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Secret with one role's NKey seed (key seed.nk), created by the operator:
+<natsAuth.secretPrefix, default "<release>-nats">-<role>. */}}
+{{- define "swarmfly.identitySecret" -}}
+{{- printf "%s-%s" (default (printf "%s-nats" .context.Release.Name) .context.Values.natsAuth.secretPrefix) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* auth.conf of nats-server: with natsAuth.enabled, an authorization block with one NKey
+user per role (natsAuth.publicKeys) and the role's permissions for natsClient.prefix, at
+role level (every host of a role shares its identity). files/nats-permissions.json holds
+swarmfly.credentials.permissions(role, prefix) with the prefix as @PREFIX@ and the lease
+bucket's name (the prefix with every character outside [A-Za-z0-9_-] as "_") as @BUCKET@;
+tests/unit/test_helm.py checks it against that function. The client role is optional. */}}
+{{- define "swarmfly.natsAuthConf" -}}
+{{- if .Values.natsAuth.enabled }}
+{{- with .Values.natsClient }}
+{{- if and .secretName (or .credsKey .nkeySeedKey .userKey .tokenKey) }}
+{{- fail "natsAuth.enabled gives each component its own NKey: leave natsClient credsKey, nkeySeedKey, userKey and tokenKey empty (TLS keys may stay)" }}
+{{- end }}
+{{- end }}
+{{- $prefix := .Values.natsClient.prefix }}
+{{- $bucket := regexReplaceAll "[^A-Za-z0-9_-]" $prefix "_" }}
+{{- $permissions := .Files.Get "files/nats-permissions.json" | replace "@PREFIX@" $prefix | replace "@BUCKET@" $bucket | fromJson }}
+{{- $users := list }}
+{{- range $role := list "scheduler" "storage" "peer" "client" }}
+{{- $key := get $.Values.natsAuth.publicKeys $role | default "" | trim }}
+{{- if hasPrefix "S" $key }}
+{{- fail (printf "natsAuth.publicKeys.%s is a seed (S...): give its public key (U...), and keep the seed in its Secret only" $role) }}
+{{- end }}
+{{- if and (not $key) (ne $role "client") }}
+{{- fail (printf "natsAuth.enabled needs natsAuth.publicKeys.%s (helm/swarmfly/README.md, \"NATS permissions\")" $role) }}
+{{- end }}
+{{- if and $key (not (regexMatch "^U[A-Z2-7]{55}$" $key)) }}
+{{- fail (printf "natsAuth.publicKeys.%s is not an NKey user public key (U followed by 55 base32 characters)" $role) }}
+{{- end }}
+{{- if $key }}
+{{- $users = append $users (dict "nkey" $key "permissions" (get $permissions $role)) }}
+{{- end }}
+{{- end }}
+# swarmfly: one NKey user per role, with its role's permissions (prefix {{ $prefix }}).
+authorization: {{ dict "users" $users | toJson }}
+{{- else }}
+# swarmfly: natsAuth.enabled is false. No authorization: every client that reaches NATS may
+# publish and subscribe anything, origin credentials included (helm/swarmfly/README.md).
+{{- end }}
+{{- end }}
