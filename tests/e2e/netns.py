@@ -41,9 +41,9 @@ class NamespacesUnavailable(Exception):
     bridge or a `tc` shaper (a missing kernel module, a sandbox without CAP_NET_ADMIN)."""
 
 
-def run(*args: str, check: bool = True) -> str:
+def run(*args: str, check: bool = True, cwd: Path | None = None) -> str:
     done = subprocess.run(
-        args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+        args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False, cwd=cwd
     )
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()}")

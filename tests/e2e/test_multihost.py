@@ -5,6 +5,12 @@ storage on theirs, four peers on four more, and the origin on its own host behin
 token bucket. Every peer downloads the file with `swarmfly get`; mid-download the NATS server
 that most downloading peers use is killed with SIGKILL. The services reconnect to the others
 and every peer finishes with the right bytes, read from the origin about once.
+
+Everything runs with the per-role permissions swarmfly ships (swarmfly.credentials): one
+NKey identity per service per host, each storage and peer with its own host id, written by
+``python -m swarmfly.credentials`` into a directory per host; the NATS servers admit only
+those public keys (and each other, by a route password), and every service and `swarmfly
+get` connects with its own seed and inbox prefix only.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -26,9 +33,11 @@ from typing import Any, NoReturn
 import orjson
 import pytest
 
+from swarmfly.credentials import inbox_prefix
 from swarmfly.natsserver import find_binary
 from swarmfly.testing import ServiceProcess, spawn_service
 from tests.conftest import FAST_ENV
+from tests.e2e.natsprobe import probe_from
 from tests.e2e.netns import Host, NamespacesUnavailable, Network, start_origin, start_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(120)]
@@ -41,6 +50,8 @@ SERVICE_NAMES = ("swarmfly-scheduler", "swarmfly-storage", "swarmfly-peer")
 """Connection names of the services (``swarmfly get`` connects as swarmfly-get)."""
 DEADLINE = 60.0
 """Seconds every download has, from its start."""
+PREFIX = "swarmfly"
+ROUTE_USER = "route"
 
 
 def unavailable(reason: str) -> NoReturn:
@@ -90,16 +101,84 @@ def hosts() -> Iterator[Hosts]:
         net.close()
 
 
-def nats_config(host: Host, cluster: list[Host], store: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Identity:
+    """One service's (or one host's CLI's) NATS identity: its seed file and inbox prefix."""
+
+    role: str
+    host: Host
+    host_id: str | None
+    seed: Path
+    inbox: str
+
+    def env(self) -> dict[str, str]:
+        """What a process started with this identity is given, and nothing else."""
+        return {
+            "SWARMFLY_NATS_PREFIX": PREFIX,
+            "SWARMFLY_NATS_NKEYS_SEED": str(self.seed),
+            "SWARMFLY_NATS_INBOX_PREFIX": self.inbox,
+        }
+
+
+def host_id(role: str, host: Host) -> str | None:
+    """Set explicitly, so the permissions can name each storage and peer host."""
+    return {"storage": f"seed-{host.name}", "peer": f"peer-{host.name}"}.get(role)
+
+
+def make_identities(
+    folder: Path, wanted: list[tuple[str, Host, str | None]]
+) -> tuple[dict[tuple[str, Host], Identity], dict[str, Any]]:
+    """An identity for each (role, host, host id) with ``python -m swarmfly.credentials``,
+    as an operator deploys several hosts: seeds in one directory per host, and the servers'
+    ``authorization`` (public keys and permissions only)."""
+    identities = {
+        (role, host): Identity(
+            role,
+            host,
+            hid,
+            folder / host.name / f"{role}.nk",
+            f"{inbox_prefix(role)}_{hid}" if hid else inbox_prefix(role),
+        )
+        for role, host, hid in wanted
+    }
+    specs = [
+        f"{i.role}{':' + i.host_id if i.host_id else ''}={i.seed}" for i in identities.values()
+    ]
+    config = folder / "auth.conf"
+    subprocess.run(
+        [sys.executable, "-m", "swarmfly.credentials", "--prefix", PREFIX,
+         "--server-config", str(config), *specs],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    for identity in identities.values():
+        assert identity.seed.stat().st_mode & 0o777 == 0o600, identity.seed
+        assert identity.seed.read_text().strip() not in config.read_text(), "no seed in it"
+    authorization: dict[str, Any] = json.loads(config.read_text())["authorization"]
+    return identities, authorization
+
+
+def nats_config(
+    host: Host,
+    cluster: list[Host],
+    store: Path,
+    authorization: dict[str, Any],
+    route_password: str,
+) -> dict[str, Any]:
+    route = f"{ROUTE_USER}:{route_password}"
     return {
         "server_name": host.name,
         "listen": f"{host.ip}:{NATS_PORT}",
         "http": f"{host.ip}:{MONITOR_PORT}",
         "jetstream": {"store_dir": str(store), "max_memory_store": 64 * MiB},
+        "authorization": authorization,
         "cluster": {
             "name": "swarmfly",
             "listen": f"{host.ip}:{ROUTE_PORT}",
-            "routes": [f"nats://{other.ip}:{ROUTE_PORT}" for other in cluster if other != host],
+            # Routes authenticate too: a route sees every message of the account.
+            "authorization": {"user": ROUTE_USER, "password": route_password},
+            "routes": [
+                f"nats://{route}@{other.ip}:{ROUTE_PORT}" for other in cluster if other != host
+            ],
         },
     }
 
@@ -136,9 +215,10 @@ def only_services(connections: Counter[str]) -> Counter[str]:
 
 
 async def get(
-    host: Host, url: str, output: Path, state_dir: Path, servers: list[str]
+    host: Host, url: str, output: Path, state_dir: Path, servers: list[str], client: Identity
 ) -> tuple[int, dict[str, Any] | None, str]:
-    """`swarmfly get` on ``host``: it finds the host's peer service through its state dir."""
+    """`swarmfly get` on ``host``: it finds the host's peer service through its state dir;
+    over NATS it would connect as ``client``, the host's CLI identity."""
     command = host.wrap(
         sys.executable, "-m", "swarmfly", "get", url, "-O", str(output), "--json",
         "--state-dir", str(state_dir), "--nats", ",".join(servers),
@@ -147,7 +227,7 @@ async def get(
         *command,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **FAST_ENV},
+        env={**os.environ, **FAST_ENV, **client.env()},
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(), DEADLINE)
@@ -169,12 +249,20 @@ async def test_a_swarm_across_hosts_survives_losing_a_nats_server(
     network, nats_hosts, peer_hosts = hosts.network, hosts.nats, hosts.peers
     scheduler_host, storage_host, origin_host = hosts.scheduler, hosts.storage, hosts.origin
 
+    layout = [("scheduler", scheduler_host), ("storage", storage_host)]
+    layout += [("peer", host) for host in peer_hosts]
+    wanted = [(role, host, host_id(role, host)) for role, host in layout]
+    wanted += [("client", host, host_id("peer", host)) for host in peer_hosts]  # its own peer
+    identities, authorization = make_identities(tmp_path / "credentials", wanted)
+    route_password = secrets.token_hex(16)
+
     nats: dict[Host, subprocess.Popen[bytes]] = {}
     for host in nats_hosts:
         folder = tmp_path / host.name
         folder.mkdir()
         config = folder / "nats.conf"
-        config.write_text(json.dumps(nats_config(host, nats_hosts, folder / "js")))  # JSON is NATS
+        settings = nats_config(host, nats_hosts, folder / "js", authorization, route_password)
+        config.write_text(json.dumps(settings))  # JSON is NATS syntax
         command = host.wrap(find_binary(), "-c", str(config))
         nats[host] = start_process(command, folder / "nats.log", "Server is ready")
     deadline = time.monotonic() + 20
@@ -189,24 +277,23 @@ async def test_a_swarm_across_hosts_survives_losing_a_nats_server(
     try:
 
         def start(kind: str, host: Host) -> ServiceProcess:
-            # Each service gets every URL, given the repeatable way (`get` uses a comma list).
+            # Each service gets every URL, given the repeatable way (`get` uses a comma list),
+            # and its own identity only.
+            identity = identities[kind, host]
+            node = [] if kind == "scheduler" else ["--advertise-ip", host.ip]
+            node += ["--host-id", identity.host_id] if identity.host_id else []
             return spawn_service(
                 kind, servers[0], tmp_path / host.name, "--nats", servers[1], "--nats",
-                servers[2], *([] if kind == "scheduler" else ["--advertise-ip", host.ip]),
-                env=FAST_ENV, wrapper=host.wrap(),
+                servers[2], *node, env={**FAST_ENV, **identity.env()}, wrapper=host.wrap(),
             )  # fmt: skip
 
-        layout = [("scheduler", scheduler_host), ("storage", storage_host)]
-        layout += [("peer", host) for host in peer_hosts]
         services += await asyncio.gather(
             *(asyncio.to_thread(start, kind, host) for kind, host in layout)
         )
-        jobs += [
-            asyncio.create_task(
-                get(host, origin.url, tmp_path / f"out-{host.name}", tmp_path / host.name, servers)
-            )
-            for host in peer_hosts
-        ]
+        for host in peer_hosts:
+            output, state = tmp_path / f"out-{host.name}", tmp_path / host.name
+            job = get(host, origin.url, output, state, servers, identities["client", host])
+            jobs.append(asyncio.create_task(job))
         deadline = time.monotonic() + 20
         while network.sent(origin_host) < 4 * MiB:
             assert time.monotonic() < deadline, "the seed never read the origin"
@@ -247,6 +334,23 @@ async def test_a_swarm_across_hosts_survives_losing_a_nats_server(
         assert peers_on(moved, peer_hosts) == peer_hosts, "cut-off peers reconnected elsewhere"
         for service in services:
             assert service.process.poll() is None, f"{service.kind} died: {service.log()}"
+
+        # The permissions are in force in this topology: from a peer host, that peer's own
+        # identity may not read registrations (they carry origin credentials), seed requests
+        # or another peer's requests, only its own; and no one connects without one.
+        spy, other = peer_hosts[0], peer_hosts[1]
+        own = identities["peer", spy]
+        url = servers[nats_hosts.index(survivors[0])]
+        p = f"{PREFIX}.v1"
+        forbidden = [f"{p}.scheduler.*.register", f"{p}.storage.*.seed",
+                     f"{p}.peer.{host_id('peer', other)}.>"]  # fmt: skip
+        allowed = f"{p}.peer.{own.host_id}.>"
+        seen = probe_from(spy, url, [*forbidden, allowed], own.seed, own.inbox)
+        assert seen["connected"], seen
+        assert seen["refused"] == {**dict.fromkeys(forbidden, True), allowed: False}, seen
+        anonymous = probe_from(spy, url, [f"{p}.scheduler.*.register"])
+        assert not anonymous["connected"], anonymous
+        assert "authorization violation" in str(anonymous["error"]).lower(), anonymous
     finally:
         for job in jobs:
             job.cancel()
