@@ -48,6 +48,8 @@ class OutputRoots:
                 f"peer.<host>.download over NATS writes no output here: {HOW_TO_ALLOW}",
                 path="data.output",
             )
+        if "\x00" in text:
+            raise SwarmflyError("bad_request", "the output holds a NUL byte", path="data.output")
         path = PurePosixPath(text)
         if not path.is_absolute():
             raise SwarmflyError(
@@ -91,6 +93,11 @@ class OutputRoots:
                 if fd < 0:
                     return None
             _refuse_odd_file(fd, placement.parts[-1])
+        except OSError as exc:  # a name too long, a full disk, no permission: unusable
+            os.close(fd)
+            raise SwarmflyError(
+                "bad_request", f"the output cannot be made: {exc.strerror}", path="data.output"
+            ) from None
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -114,14 +121,26 @@ def _open_no_link(parent: int, name: str) -> int:
     try:
         return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
     except OSError as exc:
+        if exc.errno == errno.ENOTDIR and not _is_link(parent, name):
+            raise SwarmflyError(
+                "bad_request",
+                f"the output's path runs through a file at {name!r}",
+                path="data.output",
+            ) from None
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise SwarmflyError(
                 "forbidden",
-                f"the output's path leaves its root at {name!r} (a symbolic link, or not a"
-                " directory)",
+                f"the output's path leaves its root at {name!r} (a symbolic link)",
                 path="data.output",
             ) from None
         raise
+
+
+def _is_link(parent: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=parent).st_mode)
+    except OSError:
+        return False
 
 
 def _refuse_odd_file(folder: int, name: str) -> None:

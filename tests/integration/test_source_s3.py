@@ -413,7 +413,8 @@ async def test_download_through_a_swarm_leaves_no_secret(
         )
         peer = cluster.peer
         result = await asyncio.wait_for(peer.node.download(SourceRequest(url_of("big.bin"))), 120)
-        await asyncio.to_thread(deliver, peer.node.store.open(result.task_id), output)
+        stored = peer.node.store.open(result.task_id)
+        await asyncio.to_thread(lambda: deliver(stored, output, umask=0o022))
 
     assert output.read_bytes() == BIG
     assert result.digest == f"sha256:{hashlib.sha256(BIG).hexdigest()}"  # S3's full-object checksum
