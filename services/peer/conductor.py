@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WRITE_BATCH = 1024 * 1024
+"""Bytes of a piece gathered before they go to disk in one thread hop (a hop per network
+chunk cost more than the writing)."""
 POLL_WAIT = 10.0
 SEED_POLL_WAIT = 2.0
 """A seed's grant follows the pieces the child said it wants; they go stale sooner."""
@@ -1002,13 +1005,19 @@ class Conductor:
         endgame's other copy of it got there first."""
         writer = self.stored.writer(number)
         aside: list[bytes] = []
+        """Bytes not written yet: a batch for the writer, or all of ours while another copy
+        is being written."""
+        held = 0
         try:
             async for chunk in chunks:
-                if writer is None:
-                    aside.append(chunk)  # another copy is being written: keep ours aside
-                else:
-                    await asyncio.to_thread(writer.write, chunk)
+                aside.append(chunk)
+                held += len(chunk)
+                if writer is not None and held >= WRITE_BATCH:
+                    await asyncio.to_thread(writer.write, aside)
+                    aside, held = [], 0
             if writer is not None:
+                if aside:
+                    await asyncio.to_thread(writer.write, aside)
                 return await asyncio.to_thread(writer.finish, expected)
         except OSError as exc:  # the local disk: no parent can help
             raise LocalDiskError(exc.strerror or type(exc).__name__) from None

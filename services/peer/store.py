@@ -221,20 +221,23 @@ class StoredTask:
         self._pwrite(number, data, 0)
         return actual
 
-    def _pwrite(self, number: int, data: bytes, at: int) -> None:
-        """``data`` at ``at`` within piece ``number``. The disk failing (full, a short write,
-        I/O) is an OSError naming the store: a local fault, which no other parent would fix."""
+    def _pwrite(self, number: int, data: bytes | list[bytes], at: int) -> None:
+        """``data`` (a buffer, or several in a row) at ``at`` within piece ``number``. The
+        disk failing (full, a short write, I/O) is an OSError naming the store: a local fault,
+        which no other parent would fix."""
         assert self.content is not None
         offset = self.content.piece(number)[0] + at
+        buffers = data if isinstance(data, list) else [data]
+        size = sum(map(len, buffers))
         with self._using(write=True) as fd:
             try:
-                written = os.pwrite(fd, data, offset)
+                written = os.pwritev(fd, buffers, offset)
             except OSError as exc:
                 raise OSError(exc.errno, f"{exc.strerror} in {self.root}") from None
-        if written != len(data):
+        if written != size:
             raise OSError(
                 errno.ENOSPC,
-                f"short write of piece {number} in {self.root}: {written} of {len(data)} bytes",
+                f"short write of piece {number} in {self.root}: {written} of {size} bytes",
             )
 
     def writer(self, number: int) -> PieceWriter | None:
@@ -462,13 +465,16 @@ class PieceWriter:
     received: int = 0
     _hasher: Any = field(default_factory=hashlib.sha256, repr=False)
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunks: list[bytes]) -> None:
+        """The next chunks of the piece, in order (one thread hop for a batch of them)."""
         assert self.task.content is not None
-        if self.received + len(chunk) > self.task.content.piece(self.number)[1]:
+        size = sum(map(len, chunks))
+        if self.received + size > self.task.content.piece(self.number)[1]:
             raise SwarmflyError("integrity", f"piece {self.number}: more bytes than the piece")
-        self.task._pwrite(self.number, chunk, self.received)
-        self._hasher.update(chunk)
-        self.received += len(chunk)
+        self.task._pwrite(self.number, chunks, self.received)
+        for chunk in chunks:
+            self._hasher.update(chunk)
+        self.received += size
 
     def finish(self, expected: str | None) -> str:
         """The piece's sha256 hex, once all of it came and it matches ``expected``."""

@@ -94,8 +94,8 @@ def test_a_piece_is_written_chunk_by_chunk_and_proved_at_the_end(task: StoredTas
     writer = task.writer(1)
     assert writer is not None
     assert task.writer(1) is None  # one writer per piece: an endgame copy keeps its own aside
-    for chunk in (b"45", b"6", b"7"):
-        writer.write(chunk)
+    writer.write([b"45", b"6"])
+    writer.write([b"7"])
     assert writer.finish(sha(b"4567")) == sha(b"4567")
     writer.close()
     assert task.data_path.read_bytes()[4:8] == b"4567"
@@ -113,7 +113,7 @@ def test_a_piece_that_does_not_prove_itself_is_never_done(
     assert writer is not None
     with pytest.raises(SwarmflyError, match=message):
         for chunk in chunks:
-            writer.write(chunk)
+            writer.write([chunk])
         writer.finish(sha(b"0123"))
     writer.close()
     assert 0 not in task.done and task.writer(0) is not None  # free for the next copy
