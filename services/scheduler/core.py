@@ -279,7 +279,7 @@ class Scheduler:
         peer.seed = peer.seed or (seed and host.type == "seed")
         held = self._valid_pieces(task, pieces)
         if peer.seed:
-            self._claim_seat(task, peer, held)
+            self._claim_seat(task, peer)
         if content is not None and self._trusted(task, peer):
             self._set_content(task, content)
         self._add_pieces(task, peer, held)
@@ -493,17 +493,17 @@ class Scheduler:
             return True
         return peer.seed and task.seed_host == peer.host_id and peer.state != "failed"
 
-    def _claim_seat(self, task: Task, seed: Peer, pieces: set[int]) -> None:
+    def _claim_seat(self, task: Task, seed: Peer) -> None:
         """A storage host seeding the task takes its seat when the seat is free: nobody was
-        asked; or the host asked has no live seed in the task and is gone, failed it, or this
-        one already holds pieces (a cache announced again after a restart). A host asked to
-        seed keeps its seat while it serves."""
+        asked, or the host asked is gone or failed it, and has no live seed in the task. A
+        host asked to seed keeps its seat while it serves; one that failed the task (or was
+        asked and never answered) never takes it."""
         holder = task.seed_host
-        if holder == seed.host_id:
+        if holder == seed.host_id or seed.host_id in task.failed_seeds:
             return
         seated = any(p.seed and p.host_id == holder and self._alive(p) for p in task.peers.values())
-        vacant = holder not in self.hosts or holder in task.failed_seeds or bool(pieces)
-        if holder is None or (not seated and vacant):
+        vacant = holder is None or holder not in self.hosts or holder in task.failed_seeds
+        if vacant and not seated:
             task.seed_host = seed.host_id
 
     def _set_content(self, task: Task, content: TaskContent) -> None:
