@@ -153,6 +153,8 @@ class Conductor:
         self._lendings_told: set[int] = set()
         """A lending seed: lent pieces the scheduler knows the child of."""
         self._lent_out: set[int] = set()
+        self._disputed: set[int] = set()
+        """Pieces a holder served that did not match their (lent child's) digest."""
         """A lending seed: every piece it lent (their digests are the lent children's word)."""
         self._came_from: dict[int, str] = {}
         """Piece -> the parent that served it: whom a piece that proves false accuses."""
@@ -903,7 +905,13 @@ class Conductor:
             self._origin_ranges(origin) if origin else asyncio.sleep(0),
             *(self._from_holders(swarm, load, failed) for _ in range(workers)),
         )
-        rest = sorted(n for n in failed if n not in self.stored.done and n not in hold_off)
+        # A piece a holder served that did not match its digest is read here now, lent or
+        # not: only this seed's own read settles what a lent child's digest was worth.
+        rest = sorted(
+            n
+            for n in failed
+            if n not in self.stored.done and (n not in hold_off or n in self._disputed)
+        )
         if rest:
             await self._origin_ranges(rest)
         return {n for pieces in held.values() for n in pieces}
@@ -950,6 +958,8 @@ class Conductor:
                     raise
                 except SwarmflyError as exc:
                     log.info("piece %d from holder %s: %s", number, parent_id, exc)
+                    if exc.code == "integrity":
+                        self._disputed.add(number)
                     parent.failures += 1
                     if parent.failures >= PARENT_FAILURES:
                         self.parents.pop(parent_id, None)
