@@ -6,7 +6,9 @@ with a fixed number of requests in flight. One peer per task is the seed: it reg
 "seed": true and reports every piece with its digest before the clock starts. Then each other
 peer registers, and loops: report a batch of pieces (parent_id, cost_ms), reschedule, and now and
 then a heartbeat. A peer that holds every piece reports its result, leaves, and registers again
-under a new peer id, so the swarm keeps its size and registrations go on all through the run.
+(a new peer under the same id, which a host's peer on a task always has), so the swarm keeps its
+size and registrations go on all through the run. Every peer speaks as its own host, as a real
+one does: the subject names its sender, and its peer id is derived from its host and task.
 
 decisions = register + reschedule replies; each one's latency is timed in the generator, from
 the request to its reply. The scheduler's CPU seconds (from /proc) show whether it or the
@@ -52,7 +54,7 @@ from _common import (
     workspace,
 )
 
-from swarmfly import contracts
+from swarmfly import contracts, ids
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.testing import spawn_service
@@ -150,7 +152,9 @@ class SimPeer:
         "peer_id",
         "registered",
         "reports_due",
+        "sender",
         "source",
+        "subjects",
         "task",
     )
 
@@ -164,6 +168,9 @@ class SimPeer:
         self.source = False
         self.reports_due = 0
         self.next_heartbeat = 0.0
+        self.sender = contracts.Sender(host["type"], host["id"])
+        self.subjects: dict[str, str] = {}
+        """Each contract's subject for this peer: its task's partition, its host as sender."""
 
 
 class Load:
@@ -179,12 +186,7 @@ class Load:
             hashlib.sha256(f"bench-task-{tag}-{t}".encode()).hexdigest()
             for t in range(params["tasks"])
         ]
-        # A task's subjects go to its partition, as a peer routes them.
-        self.subject: dict[tuple[str, str], str] = {}
-        for name, contract in self.contracts.items():
-            for tid in self.task_ids if contract.tokens else [""]:
-                tokens = {"partition": str(partition_of(tid, params["partitions"]))} if tid else {}
-                self.subject[name, tid] = contract.subject(params["prefix"], **tokens)
+        self.partition = [str(partition_of(tid, params["partitions"])) for tid in self.task_ids]
         pieces = params["pieces"]
         self.digests = [
             [hashlib.sha256(f"{tid}:{n}".encode()).hexdigest() for n in range(pieces)]
@@ -205,16 +207,30 @@ class Load:
         self.generations = 0
         self.timing = False
 
-    async def call(self, conn: Any, name: str, payload: dict[str, Any]) -> dict[str, Any] | None:
-        """One request; None on an error reply, a timeout or no responders (counted)."""
+    def bind(self, peer: SimPeer) -> None:
+        """A peer's subjects: a task's go to its partition, as a peer routes them; each names
+        the peer's host as its sender."""
+        partition = self.partition[peer.task]
+        for name, contract in self.contracts.items():
+            tokens = {"partition": partition} if contract.tokens else {}
+            peer.subjects[name] = contract.subject(
+                self.p["prefix"], **tokens, sender=peer.sender.token
+            )
+
+    async def call(
+        self, peer: SimPeer, name: str, payload: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """One request of ``peer``'s; None on an error reply, a timeout or no responders
+        (counted)."""
         if name not in self.checked:  # the first request of each kind against its contract
             self.contracts[name].validate_request(payload)
         data = orjson.dumps(payload)
         code = None
-        subject = self.subject[name, payload["task_id"] if self.contracts[name].tokens else ""]
         started = time.perf_counter()
         try:
-            msg = await conn.request(subject, data, timeout=self.p["request_timeout"])
+            msg = await peer.conn.request(
+                peer.subjects[name], data, timeout=self.p["request_timeout"]
+            )
         except nats.errors.NoRespondersError:
             code = "no_responders"
         except (TimeoutError, nats.errors.TimeoutError):
@@ -249,7 +265,10 @@ class Load:
 
     def new_generation(self, peer: SimPeer) -> None:
         peer.gen += 1
-        peer.peer_id = f"{peer.host['id']}-g{peer.gen}"
+        if not peer.subjects:
+            self.bind(peer)
+        # The same id each generation: the scheduler forgot the last one's peer as it left.
+        peer.peer_id = ids.peer_id(peer.host["id"], self.task_ids[peer.task])
         peer.missing = list(range(self.p["pieces"]))
         self.rng.shuffle(peer.missing)
         peer.parents = []
@@ -279,7 +298,7 @@ class Load:
         if seed:
             payload["seed"] = True
             payload["task"] = self.content
-        reply = await self.call(peer.conn, "scheduler.{partition}.register", payload)
+        reply = await self.call(peer, "scheduler.{partition}.register", payload)
         if reply is not None:
             peer.registered = True
             self.on_schedule(peer, reply)
@@ -304,7 +323,7 @@ class Load:
         }
         if whole:
             payload["task"] = self.content
-        return await self.call(peer.conn, "scheduler.{partition}.pieces", payload) is not None
+        return await self.call(peer, "scheduler.{partition}.pieces", payload) is not None
 
     async def step(self, peer: SimPeer, now: float) -> None:
         """One request (two or three when a generation ends) of one peer."""
@@ -314,7 +333,7 @@ class Load:
         if now >= peer.next_heartbeat:
             peer.next_heartbeat = now + self.p["heartbeat_interval"]
             beat = {"host": peer.host, "uploads": 1, "peers": 1}
-            await self.call(peer.conn, "scheduler.heartbeat", beat)
+            await self.call(peer, "scheduler.heartbeat", beat)
             return
         if peer.reports_due > 0 and peer.missing:
             batch, peer.missing = peer.missing[: self.p["batch"]], peer.missing[self.p["batch"] :]
@@ -326,9 +345,9 @@ class Load:
             if not peer.missing:
                 done = {"task_id": self.task_ids[peer.task], "peer_id": peer.peer_id}
                 result = {**done, "success": True}
-                await self.call(peer.conn, "scheduler.{partition}.result", result)
+                await self.call(peer, "scheduler.{partition}.result", result)
                 gone = {"host_id": peer.host["id"], "peer_ids": [peer.peer_id]}
-                await self.call(peer.conn, "scheduler.leave", gone)
+                await self.call(peer, "scheduler.leave", gone)
                 self.new_generation(peer)
                 if self.timing:
                     self.generations += 1
@@ -339,7 +358,7 @@ class Load:
             reason = self.rng.choice(("failed", "slow"))
             payload["blocklist"] = [bad]
             payload["bad_parents"] = [{"peer_id": bad, "reason": reason}]
-        reply = await self.call(peer.conn, "scheduler.{partition}.reschedule", payload)
+        reply = await self.call(peer, "scheduler.{partition}.reschedule", payload)
         if reply is None:
             peer.reports_due = self.p["reports_per_reschedule"]
         else:
@@ -364,8 +383,10 @@ def _say(text: str) -> None:
 
 async def partitions_of(conn: Any, prefix: str) -> int:
     """How many partitions the scheduler uses: a peer learns it from a heartbeat reply."""
-    beat = {"host": host_of(0, True), "uploads": 0, "peers": 0}
-    subject = contracts.get("scheduler.heartbeat").subject(prefix)
+    host = host_of(0, True)
+    beat = {"host": host, "uploads": 0, "peers": 0}
+    sender = contracts.Sender(host["type"], host["id"])
+    subject = contracts.get("scheduler.heartbeat").subject(prefix, sender=sender.token)
     msg = await conn.request(subject, orjson.dumps(beat), timeout=10)
     return int(orjson.loads(msg.data).get("partitions", DEFAULT_PARTITIONS))
 
@@ -435,7 +456,7 @@ async def generate(params: dict[str, Any]) -> dict[str, Any]:
             while True:
                 for peer in seeds:
                     body = {"host": peer.host, "uploads": 4, "peers": 1}
-                    await load.call(peer.conn, "scheduler.heartbeat", body)
+                    await load.call(peer, "scheduler.heartbeat", body)
                 await asyncio.sleep(params["heartbeat_interval"])
 
         workers = [asyncio.create_task(worker()) for _ in range(params["concurrency"])]

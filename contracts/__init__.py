@@ -22,6 +22,29 @@ API_VERSION = "v1"
 COMMON_REF = "common.json#/$defs/"
 _TOKEN = re.compile(r"\{([a-z_]+)\}")
 TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SENDER = "sender"
+"""The tokens a sending host fills (contracts with ``"sender": true``): its type and id."""
+HOST_TYPES = ("normal", "seed")
+
+
+@dataclass(frozen=True)
+class Sender:
+    """The host a message's subject names as its sender: nats-server lets a host's
+    credentials publish only under its own id, and only storage's under type ``seed``."""
+
+    host_type: str
+    host_id: str
+
+    @property
+    def token(self) -> str:
+        """The value of the ``sender`` subject token (two subject tokens)."""
+        return f"{self.host_type}.{self.host_id}"
+
+    @classmethod
+    def of(cls, subject: str) -> Sender:
+        host_type, host_id = subject.split(".")[-2:]
+        return cls(host_type, host_id)
+
 
 Validator = Callable[[Any], Any]
 
@@ -42,6 +65,10 @@ class Contract:
     fanout: bool
     """Every instance of the service receives each request (each in its own queue group);
     the requester takes the first reply."""
+    sender: bool
+    """The subject ends in the sending host's type and id (``Sender``): nats-server
+    permissions let a host publish only under its own, and the receiver checks the body
+    names no other."""
     validate_request: Validator = field(repr=False, compare=False)
     validate_reply: Validator | None = field(repr=False, compare=False)
 
@@ -54,9 +81,29 @@ class Contract:
         """The concrete NATS subject; tokens must be valid single subject tokens. A token
         named in ``every`` becomes ``*``: a subscription to all its values."""
         for key, value in tokens.items():
+            if key == SENDER:
+                host_type, _, value = value.partition(".")
+                if host_type not in HOST_TYPES:
+                    raise ValueError(f"invalid sender host type {host_type!r}")
             if not TOKEN_PATTERN.fullmatch(value):
                 raise ValueError(f"invalid subject token {key}={value!r}")
-        return f"{prefix}.{API_VERSION}." + self.name.format(**tokens, **dict.fromkeys(every, "*"))
+        subject = f"{prefix}.{API_VERSION}." + self.name.format(
+            **{k: v for k, v in tokens.items() if k != SENDER}, **dict.fromkeys(every, "*")
+        )
+        if not self.sender:
+            if SENDER in tokens:
+                raise ValueError(f"{self.name} names no sender")
+            return subject
+        if SENDER in every:
+            return f"{subject}.*.*"
+        if SENDER not in tokens:
+            raise ValueError(f"{self.name} names its sender: a {SENDER} token is required")
+        return f"{subject}.{tokens[SENDER]}"
+
+    @property
+    def address(self) -> str:
+        """The subject as a template, the sender's token included."""
+        return self.name + (".{sender_type}.{sender}" if self.sender else "")
 
 
 def _inline(node: Any, defs: Mapping[str, Any]) -> Any:
@@ -149,6 +196,7 @@ def registry() -> dict[str, Contract]:
             examples=raw["examples"],
             queue_group=raw.get("queue_group"),
             fanout=bool(raw.get("fanout", False)),
+            sender=bool(raw.get("sender", False)),
             validate_request=_compiled_on_use(request),
             validate_reply=_compiled_on_use(reply) if reply else None,
         )
@@ -164,4 +212,13 @@ def get(name: str) -> Contract:
         raise LookupError(f"no contract for subject {name!r}") from None
 
 
-__all__ = ["API_VERSION", "Contract", "get", "registry", "validate_error"]
+__all__ = [
+    "API_VERSION",
+    "HOST_TYPES",
+    "SENDER",
+    "Contract",
+    "Sender",
+    "get",
+    "registry",
+    "validate_error",
+]

@@ -45,13 +45,18 @@ def document(prefix: str = "swarmfly", version: str = "0.1.0") -> dict[str, Any]
                 "examples": [{"payload": e["reply"]} for e in contract.examples if "reply" in e],
             }
         channel: dict[str, Any] = {
-            "address": f"{prefix}.{API_VERSION}.{contract.name}",
+            "address": f"{prefix}.{API_VERSION}.{contract.address}",
             "summary": contract.summary,
             "description": contract.description,
             "messages": channel_messages,
         }
         if contract.tokens:
             channel["parameters"] = {t: {"description": f"the {t} token"} for t in contract.tokens}
+        if contract.sender:
+            channel.setdefault("parameters", {}).update(
+                sender_type={"description": "the sending host's type: seed for storage only"},
+                sender={"description": "the sending host's id: it may publish under no other"},
+            )
         channels[key] = channel
         operation: dict[str, Any] = {
             "action": "receive",

@@ -11,7 +11,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import nats
 import nats.errors
@@ -31,6 +31,9 @@ from swarmfly.ids import redact_url
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+SentHandler = Callable[[dict[str, Any], contracts.Sender], Awaitable[dict[str, Any]]]
+"""A handler of a contract whose subject names its sender: it is given the sending host as
+the subject names it, which nats-server's permissions let only that host publish under."""
 MAX_REQUEST_BYTES = 256 * 1024
 """Requests above this are refused before decoding; replies may be larger (digest lists)."""
 MAX_HANDLING = 256
@@ -69,7 +72,7 @@ class Served:
 
     service: Service
     name: str
-    deferred: dict[str, Handler]
+    deferred: dict[str, Handler | SentHandler]
     opened: dict[tuple[tuple[str, str], ...], list[Endpoint]] = field(default_factory=dict)
 
 
@@ -203,7 +206,7 @@ class Bus:
         name: str,
         version: str,
         description: str,
-        handlers: dict[str, Handler],
+        handlers: dict[str, Handler | SentHandler],
         *,
         metadata: dict[str, str] | None = None,
         **tokens: str,
@@ -218,7 +221,7 @@ class Bus:
         )
         self._services.append(service)
         served = Served(service, name, {})
-        now: dict[str, Handler] = {}
+        now: dict[str, Handler | SentHandler] = {}
         for contract_name, handler in handlers.items():
             self.used.add(contract_name)
             if set(contracts.get(contract_name).tokens) <= set(tokens):
@@ -259,7 +262,7 @@ class Bus:
     async def _add_endpoints(
         self,
         served: Served,
-        handlers: dict[str, Handler],
+        handlers: dict[str, Handler | SentHandler],
         tokens: dict[str, str],
         every: tuple[str, ...] = (),
     ) -> list[Endpoint]:
@@ -267,7 +270,8 @@ class Bus:
         for contract_name, handler in handlers.items():
             contract = contracts.get(contract_name)
             given = {t: tokens[t] for t in contract.tokens if t not in every}
-            subject = self._subject(contract_name, given, every)
+            senders = (contracts.SENDER,) if contract.sender else ()
+            subject = self._subject(contract_name, given, every + senders)
             if contract.fanout:  # every instance hears it: a queue group of its own
                 queue_group = f"{served.name}-{served.service.id}"
             else:
@@ -287,7 +291,7 @@ class Bus:
         return added
 
     def _endpoint(
-        self, contract: contracts.Contract, handler: Handler
+        self, contract: contracts.Contract, handler: Handler | SentHandler
     ) -> Callable[[Request], Awaitable[None]]:
         """nats-py hands a subscription's messages over one at a time: each request is
         handled in its own task, so a long one (a download, a preheat) does not hold up the
@@ -317,7 +321,11 @@ class Bus:
                     ),
                     carrier=request.headers,
                 ):
-                    reply = await handler(payload)
+                    if contract.sender:
+                        sender = contracts.Sender.of(request.subject)
+                        reply = await cast(SentHandler, handler)(payload, sender)
+                    else:
+                        reply = await cast(Handler, handler)(payload)
             except SwarmflyError as exc:
                 await _respond_error(request, exc)
                 return

@@ -117,6 +117,23 @@ def kv_stream(prefix: str) -> str:
     return "KV_" + re.sub(r"[^A-Za-z0-9_-]", "_", prefix) + "_scheduler"
 
 
+SENT = ("register", "reschedule", "pieces", "result")
+"""A host's subjects on its task's partition; each ends in the sender's type and host id."""
+
+
+def host_publish(p: str, host_type: str, host_id: str) -> list[str]:
+    """What a storage (``seed``) or peer (``normal``) host sends the schedulers: only under
+    its own type and host id (the contracts' sender tokens), so it speaks for no other host
+    and a peer never as storage; and it may read a task's digests."""
+    sender = f"{host_type}.{host_id}"
+    return [
+        *(f"{p}.scheduler.*.{verb}.{sender}" for verb in SENT),
+        f"{p}.scheduler.heartbeat.{sender}",
+        f"{p}.scheduler.leave.{sender}",
+        f"{p}.scheduler.*.task",
+    ]
+
+
 def permissions(
     role: str, prefix: str, host_id: str = ANY, inbox: str | None = None
 ) -> dict[str, Any]:
@@ -144,10 +161,10 @@ def permissions(
         ]
         subscribe = [f"{p}.scheduler.>", inbox, "$SRV.>"]
     elif role == "storage":
-        publish = [f"{p}.scheduler.>"]
+        publish = host_publish(p, "seed", host_id)
         subscribe = [f"{p}.storage.{host_id}.>", f"{p}.storage.preheat", inbox, "$SRV.>"]
     elif role == "peer":
-        publish = [f"{p}.scheduler.>"]
+        publish = host_publish(p, "normal", host_id)
         subscribe = [f"{p}.peer.{host_id}.>", inbox, "$SRV.>"]
     elif role == "client":
         publish = [

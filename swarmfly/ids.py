@@ -179,6 +179,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{os.urandom(6).hex()}"
 
 
+def peer_id(host_id: str, task_id: str) -> str:
+    """A host's peer on a task: stable, so a re-registration is the same peer, and derived,
+    so a scheduler knows which host alone may speak for it."""
+    return "p" + hashlib.sha256(f"{host_id}/{task_id}".encode()).hexdigest()[:24]
+
+
 def default_host_id(state_dir: str) -> str:
     """Stable per (hostname, state dir): several peers on one machine get distinct ids."""
     name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"

@@ -16,13 +16,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, M
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+import orjson
 from aiohttp import ClientSession, ClientTimeout, web
 
-from swarmfly import apitoken, contracts
+from swarmfly import apitoken, contracts, ids
 from swarmfly.bus import Bus
-from swarmfly.config import Config, NatsConfig
+from swarmfly.config import Config, NatsConfig, nats_client_options
+from swarmfly.credentials import Identity
 from swarmfly.errors import SwarmflyError
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
@@ -45,6 +47,57 @@ def nats_server(store_dir: Path, **kwargs: object) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+SERVICE_ROLES = ("scheduler", "storage", "peer")
+_SHIPPED: dict[str, dict[str, Identity]] = {}
+"""The role identities of each running ``shipped_nats`` server, by its URL."""
+
+
+@contextmanager
+def shipped_nats(store_dir: Path) -> Iterator[NatsServer]:
+    """A nats-server with the authorization swarmfly ships, at role level (any prefix and
+    host id: each test picks its own), so that a service a test starts on it with
+    ``in_process_cluster`` or ``spawn_service`` runs as its role and is held to that role's
+    permissions. A connection without credentials is the test itself, which plays every
+    part (attackers, fuzzers, old clients) and may publish and subscribe anything."""
+    from swarmfly import credentials
+
+    identities = credentials.ensure_identities(store_dir)
+    users = {role: identity.public_key for role, identity in identities.items()}
+    auth = credentials.authorization(users, credentials.ANY)
+    auth["users"].append({"user": "test-harness", "password": os.urandom(16).hex()})
+    path = store_dir / "nats" / credentials.SERVER_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps({"authorization": auth, "no_auth_user": "test-harness"}))
+    with nats_server(path.parent, config_file=path) as server:
+        _SHIPPED[server.url] = identities
+        try:
+            yield server
+        finally:
+            del _SHIPPED[server.url]
+
+
+def role_settings(nats_url: str, role: str) -> dict[str, str]:
+    """The ``[nats]`` settings (as environment variables) a service of ``role`` connects to
+    ``nats_url`` with: its role's identity where the server is a ``shipped_nats``."""
+    identity = _SHIPPED.get(nats_url, {}).get(role)
+    if identity is None:
+        return {}
+    return {
+        "SWARMFLY_NATS_NKEYS_SEED": str(identity.seed_file),
+        "SWARMFLY_NATS_INBOX_PREFIX": identity.inbox_prefix,
+    }
+
+
+async def connect_role(nats_url: str, prefix: str, role: str) -> Bus:
+    """A service's connection to ``nats_url``: on its role's identity where there is one."""
+    identity = _SHIPPED.get(nats_url, {}).get(role)
+    settings = NatsConfig(prefix=prefix)
+    if identity is not None:
+        settings.nkeys_seed, settings.inbox_prefix = str(identity.seed_file), identity.inbox_prefix
+    options = nats_client_options(settings)
+    return await Bus.connect([nats_url], prefix=prefix, name=f"test-{role}", options=options)
 
 
 @dataclass
@@ -273,7 +326,11 @@ def spawn_service(
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
-            env={**os.environ, **(env or {})},
+            env={
+                **os.environ,
+                **(role_settings(nats_url, kind) if kind in SERVICE_ROLES else {}),
+                **(env or {}),
+            },
             start_new_session=True,
         )
     assert process.stdout is not None
@@ -357,15 +414,21 @@ async def check_source(
     assert await read() == content, "a fetch after abandoned ones returned wrong bytes"
 
 
+TEST_SENDER = contracts.Sender("normal", "test-host")
+"""The host a test's own requests to the schedulers come from, unless they name another."""
+
+
 def subject_tokens(
     name: str,
     hosts: Mapping[str, str],
     task_id: str | None = None,
     partitions: int = DEFAULT_PARTITIONS,
+    sender: contracts.Sender = TEST_SENDER,
 ) -> dict[str, str]:
     """The tokens of contract ``name``'s subject: ``host_id`` is the host of the service
     that serves it (``hosts["peer"]``, ``hosts["storage"]``); ``partition`` the task's, or 0
-    (a lone scheduler holds every partition and answers any task on any of them)."""
+    (a lone scheduler holds every partition and answers any task on any of them); the
+    sender, where the contract names one, ``sender``."""
     contract = contracts.get(name)
     tokens: dict[str, str] = {}
     for token in contract.tokens:
@@ -373,21 +436,38 @@ def subject_tokens(
             tokens[token] = str(partition_of(task_id, partitions) if task_id else 0)
         else:
             tokens[token] = hosts[contract.service]
+    if contract.sender:
+        tokens[contracts.SENDER] = sender.token
     return tokens
+
+
+def sender_of(body: Mapping[str, Any], default: contracts.Sender = TEST_SENDER) -> contracts.Sender:
+    """The sender a request names itself as (its ``host``, or ``host_id`` as a normal host):
+    what the subject must say for a scheduler to take it; ``default`` where it names none."""
+    host = body.get("host")
+    if isinstance(host, Mapping) and isinstance(host.get("id"), str):
+        return contracts.Sender(str(host.get("type", "normal")), host["id"])
+    if isinstance(body.get("host_id"), str):
+        return contracts.Sender("normal", body["host_id"])
+    return default
 
 
 async def capability(bus: Bus, task_id: str, host_id: str = "test-child") -> dict[str, str]:
     """The ``Authorization`` header a child the task's scheduler scheduled shows parents: it
     registers as one, on a host of its own, and takes the capability of its schedule."""
-    peer_id = "p" + hashlib.sha256(f"{host_id}/{task_id}".encode()).hexdigest()[:24]
     body = {
         "task_id": task_id,
-        "peer_id": peer_id,
+        "peer_id": ids.peer_id(host_id, task_id),
         "host": {"id": host_id, "ip": "127.0.0.1", "port": 9, "type": "normal"},
         "source": {"url": "swarmfly:cached"},  # what it names nothing can be read from
     }
     partition = str(partition_of(task_id, DEFAULT_PARTITIONS))
-    reply = await bus.request("scheduler.{partition}.register", body, partition=partition)
+    reply = await bus.request(
+        "scheduler.{partition}.register",
+        body,
+        partition=partition,
+        sender=contracts.Sender("normal", host_id).token,
+    )
     return {"Authorization": f"Bearer {reply['token']}"}
 
 
@@ -440,8 +520,8 @@ async def in_process_cluster(
             plugins = load_plugins(config)
             stack.push_async_callback(plugins.close)
         buses: dict[str, Bus] = {}
-        for name in ("scheduler", "storage", "peer"):
-            bus = await Bus.connect([nats_url], prefix=prefix, name=f"test-{name}")
+        for name in SERVICE_ROLES:
+            bus = await connect_role(nats_url, prefix, name)
             stack.push_async_callback(bus.close)
             buses[name] = bus
         scheduler = await start_scheduler(stack, config, buses["scheduler"], plugins)

@@ -1,5 +1,6 @@
-"""Fixtures shared by every test: a real nats-server per session, a unique subject prefix
-per test (so tests share the server without seeing each other), and a counting origin."""
+"""Fixtures shared by every test: a real nats-server per session with the permissions we ship,
+a unique subject prefix per test (so tests share the server without seeing each other), and a
+counting origin."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from swarmfly.bus import Bus
 from swarmfly.natsserver import NatsServer
-from swarmfly.testing import Origin, nats_server
+from swarmfly.testing import Origin, shipped_nats
 
 FAST_ENV = {
     "SWARMFLY_SCHEDULER_HEARTBEAT_INTERVAL": "0.5",
@@ -37,7 +38,8 @@ def require_tool(name: str) -> str:
 
 @pytest.fixture(scope="session")
 def nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    with nats_server(tmp_path_factory.mktemp("nats")) as server:
+    """With the permissions swarmfly ships: the services tests start run as their roles."""
+    with shipped_nats(tmp_path_factory.mktemp("nats")) as server:
         yield server
 
 

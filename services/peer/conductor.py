@@ -369,11 +369,15 @@ class Conductor:
                     timeout=aiohttp.ClientTimeout(total=wait + 10),
                     allow_redirects=False,
                 ) as response:
-                    if response.status == 404:
+                    if response.status in (404, 503):
+                        # Not yet: it has not opened the task, or (just started) it knows no
+                        # scheduler's key to check our capability with.
                         misses += 1
-                        if misses > 100:
+                        if misses > 100 and response.status == 404:
                             raise SwarmflyError("not_found", "parent does not have the task")
-                        await asyncio.sleep(0.1)
+                        if misses > 100:
+                            raise SwarmflyError("unavailable", "parent knows no scheduler key")
+                        await asyncio.sleep(0.1 if response.status == 404 else BUSY_BACKOFF)
                         continue
                     if response.status != 200:
                         raise SwarmflyError("unavailable", f"parent answered {response.status}")

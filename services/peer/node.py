@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import math
 import os
@@ -25,12 +24,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from swarmfly import metrics
+from swarmfly import contracts, metrics
 from swarmfly.bus import Bus
 from swarmfly.content import SourceRequest
+from swarmfly.contracts import SENDER, Sender
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import origin, url_digest
+from swarmfly.ids import peer_id as make_peer_id
 from swarmfly.ids import task_id as make_task_id
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
@@ -44,6 +45,8 @@ from swarmfly.services.peer.upload import UploadServer
 log = logging.getLogger(__name__)
 LEAVE_PATIENCE = 2.0
 """Seconds a leaving host waits for its cancelled downloads' last reports."""
+UNANSWERED_RETRY = 1.0
+"""Seconds to the next heartbeat after one no scheduler answered."""
 CHECKPOINT_INTERVAL = 1.0
 """Seconds between saves of a changing task's metadata: what a kill -9 can cost a resumed
 download is the pieces of about this long."""
@@ -256,9 +259,13 @@ class PeerNode:
             host["location"] = s.location
         return host
 
+    @property
+    def sender(self) -> str:
+        """This host as the subjects of its messages to the schedulers name it."""
+        return Sender(self.settings.host_type, self.settings.host_id).token
+
     def peer_id(self, task_id: str) -> str:
-        """Stable per (host, task), so a re-registration is the same peer."""
-        return "p" + hashlib.sha256(f"{self.settings.host_id}/{task_id}".encode()).hexdigest()[:24]
+        return make_peer_id(self.settings.host_id, task_id)
 
     def source_for(self, url: str) -> Source:
         return self.plugins.source_for(url)
@@ -472,10 +479,10 @@ class PeerNode:
             raise SwarmflyError("unavailable", "no control plane")
         if self._left:
             raise SwarmflyError("unavailable", "this host has left the swarm")
+        tokens = {SENDER: self.sender} if contracts.get(name).sender else {}
         if "{partition}" in name:
-            partition = str(partition_of(body["task_id"], self.partitions))
-            return await self.bus.request(name, body, timeout=timeout, partition=partition)
-        return await self.bus.request(name, body, timeout=timeout)
+            tokens["partition"] = str(partition_of(body["task_id"], self.partitions))
+        return await self.bus.request(name, body, timeout=timeout, **tokens)
 
     async def announce(
         self, stored: StoredTask, *, peer_id: str | None = None, seed: bool = False
@@ -536,7 +543,9 @@ class PeerNode:
         interval = self.settings.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
-            interval = await self._heartbeat() or interval
+            # Unanswered (no scheduler yet, or one still starting): ask again soon, for a
+            # host that knows no scheduler's key cannot serve its children.
+            interval = await self._heartbeat() or min(interval, UNANSWERED_RETRY)
 
     async def _heartbeat(self, *, first: bool = False) -> float | None:
         """One heartbeat to every scheduler; the seconds to the next one, None when no
@@ -556,6 +565,7 @@ class PeerNode:
                 beat,
                 wait=max(0.2, min(2.0, self._interval / 2)),
                 expect=1 if first else len(schedulers) or None,
+                sender=self.sender,
             )
         except SwarmflyError as exc:
             log.debug("heartbeat: %s", exc)
@@ -679,7 +689,10 @@ class PeerNode:
             return
         try:
             await self.bus.request(
-                "scheduler.leave", {"host_id": self.settings.host_id}, timeout=2.0
+                "scheduler.leave",
+                {"host_id": self.settings.host_id},
+                timeout=2.0,
+                sender=self.sender,
             )
         except SwarmflyError as exc:
             log.debug("leave: %s", exc)

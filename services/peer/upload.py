@@ -143,6 +143,12 @@ class UploadServer:
         if token and known is not None and known.task_id == task_id and known.expires > now:
             self._checked.move_to_end(token)
             return known
+        if not self.verify_keys:
+            # No scheduler has named its key yet (this host just started): the child's token
+            # may be good; it is told to come back, not that it holds no right.
+            raise web.HTTPServiceUnavailable(
+                text="no scheduler key known yet", headers={"Retry-After": "1"}
+            )
         try:
             grant = capability.check(token, self.verify_keys.values(), task_id, now)
         except capability.CapabilityError as exc:

@@ -26,9 +26,10 @@ from swarmfly.bus import Bus, Served
 from swarmfly.capability import Signer
 from swarmfly.config import Config
 from swarmfly.content import TaskContent
+from swarmfly.contracts import Sender
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
-from swarmfly.ids import default_host_id, keys_task, redact_url
+from swarmfly.ids import default_host_id, keys_task, peer_id, redact_url
 from swarmfly.placement import partition_of
 from swarmfly.plugins.hookspecs import Evaluator
 from swarmfly.services.scheduler.core import (
@@ -184,8 +185,9 @@ class SchedulerService:
                 f"partition {partition} (of {self.partitions}) is not held by this scheduler",
             )
 
-    async def on_register(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def on_register(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
         started = time.perf_counter()
+        _speaks_for(sender, req, req["host"])
         self._check_partition(req["task_id"])
         known = self._sources.get(req["task_id"])
         if known is None or known["url"] == PLACEHOLDER_URL or _names_digest(req, known):
@@ -206,8 +208,9 @@ class SchedulerService:
         metrics.SCHEDULER_SCHEDULE_SECONDS.observe(time.perf_counter() - started)
         return self._reply(schedule, req)
 
-    async def on_reschedule(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def on_reschedule(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
         started = time.perf_counter()
+        _speaks_for(sender, req)
         self._check_partition(req["task_id"])
         schedule, effects = self.core.reschedule(
             task_id=req["task_id"],
@@ -225,11 +228,19 @@ class SchedulerService:
     def _reply(self, schedule: Schedule, req: dict[str, Any]) -> dict[str, Any]:
         """The schedule, and the capability that lets this peer read the task's pieces."""
         reply = schedule.to_dict()
-        if self.signer is not None:
-            reply["token"] = self.signer.mint(req["task_id"], req["peer_id"], time.time())
+        reply["token"] = self._signer().mint(req["task_id"], req["peer_id"], time.time())
         return reply
 
-    async def on_pieces(self, req: dict[str, Any]) -> dict[str, Any]:
+    def _signer(self) -> Signer:
+        """The cluster's capability key: a scheduler answers no host before it has it (its
+        partitions open, and hosts heartbeat, while it starts), or the host could not be
+        read from, nor check who reads from it."""
+        if self.signer is None:
+            raise SwarmflyError("unavailable", "the scheduler is starting")
+        return self.signer
+
+    async def on_pieces(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
+        _speaks_for(sender, req)
         self._check_partition(req["task_id"])
         self.core.report_pieces(
             task_id=req["task_id"],
@@ -258,19 +269,23 @@ class SchedulerService:
             reply["provisional"] = provisional
         return reply
 
-    async def on_result(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def on_result(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
+        _speaks_for(sender, req)
         self._check_partition(req["task_id"])
         self.core.result(
             task_id=req["task_id"], peer_id=req["peer_id"], success=req["success"], now=self.clock()
         )
         return {"ok": True}
 
-    async def on_leave(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def on_leave(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
+        _speaks_for(sender, req)
         self.core.leave(req["host_id"], req.get("peer_ids"))
         self._forget_sources()
         return {"ok": True}
 
-    async def on_heartbeat(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def on_heartbeat(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
+        _speaks_for(sender, req, req["host"])
+        verify_key = self._signer().verify_key
         known = self.core.heartbeat(host_spec(req["host"]), req.get("uploads", 0), self.clock())
         if req["host"]["type"] == "seed":
             self._seed_known.set()
@@ -279,7 +294,7 @@ class SchedulerService:
             "ok": True,
             "known": known,
             "interval_ms": interval_ms,
-            **({"verify_keys": [self.signer.verify_key]} if self.signer else {}),
+            "verify_keys": [verify_key],
             "partitions": self.partitions,
             "scheduler": self.ownership.instance,
             "owners": self.ownership.owners(),
@@ -447,6 +462,23 @@ class SchedulerService:
             content_type="text/html",
             headers={"Content-Security-Policy": DASHBOARD_CSP},
         )
+
+
+def _speaks_for(sender: Sender, req: dict[str, Any], host: dict[str, Any] | None = None) -> None:
+    """A host speaks only for itself: the subject names the sender (nats-server lets only
+    that host's credentials publish under its id, where each host has its own, and only
+    storage's under type seed); the body must name that host, and a peer that is this
+    host's on the task."""
+    host_id = req.get("host_id") if host is None else host["id"]
+    if host_id is not None and host_id != sender.host_id:
+        raise SwarmflyError("forbidden", f"host {sender.host_id} may not speak for {host_id}")
+    if host is not None and host["type"] != sender.host_type:
+        raise SwarmflyError(
+            "forbidden", f"a {sender.host_type} host may not speak as a {host['type']} one"
+        )
+    task_id, peer = req.get("task_id"), req.get("peer_id")
+    if task_id is not None and peer is not None and peer != peer_id(sender.host_id, task_id):
+        raise SwarmflyError("forbidden", f"peer {peer} is not host {sender.host_id}'s peer")
 
 
 def _names_digest(req: dict[str, Any], known: dict[str, Any]) -> bool:

@@ -10,9 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
+from swarmfly import ids
 from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.content import SourceRequest
+from swarmfly.contracts import Sender
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.testing import Origin, in_process_cluster
@@ -21,6 +23,8 @@ from tests.conftest import require_tool
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 MiB = 1024 * 1024
 PAYLOAD = '"><img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+ATTACKER = Sender("normal", "xss-host")
+TASK_ID = "ee" * 32
 
 
 def slow_seed(config: Config) -> None:
@@ -37,24 +41,26 @@ async def test_live_piece_map_in_a_browser(
     url = origin.add("watch.bin", os.urandom(16 * MiB))
     async with in_process_cluster(nats.url, prefix, tmp_path, configure=slow_seed) as cluster:
         # An attacker-chosen URL reaches the scheduler: it must never become markup.
+        partition = str(partition_of(TASK_ID, DEFAULT_PARTITIONS))
         await bus.request(
             "scheduler.{partition}.register",
             {
-                "task_id": "ee" * 32,
-                "peer_id": "xss-peer",
-                "host": {"id": "xss-host", "ip": "127.0.0.1", "port": 9, "type": "normal"},
+                "task_id": TASK_ID,
+                "peer_id": ids.peer_id(ATTACKER.host_id, TASK_ID),
+                "host": {"id": ATTACKER.host_id, "ip": "127.0.0.1", "port": 9, "type": "normal"},
                 "source": {"url": f"http://example.invalid/{PAYLOAD}"},
             },
-            partition=str(partition_of("ee" * 32, DEFAULT_PARTITIONS)),
+            partition=partition,
+            sender=ATTACKER.token,
         )
-        # Host and peer names are refused by the contract before they could reach the page.
+        # Host and peer names are refused by the contract before they could reach the page
+        # (a host id that is no subject token can name no sender either).
         register = bus.subject(
-            "scheduler.{partition}.register",
-            partition=str(partition_of("ee" * 32, DEFAULT_PARTITIONS)),
+            "scheduler.{partition}.register", partition=partition, sender=ATTACKER.token
         )
         body = {
-            "task_id": "ee" * 32,
-            "peer_id": "xss-peer-2",
+            "task_id": TASK_ID,
+            "peer_id": ids.peer_id(ATTACKER.host_id, TASK_ID),
             "host": {"id": PAYLOAD, "ip": "127.0.0.1", "port": 9, "type": "normal"},
             "source": {"url": "http://example.invalid/x"},
         }

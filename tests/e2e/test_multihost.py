@@ -342,7 +342,7 @@ async def test_a_swarm_across_hosts_survives_losing_a_nats_server(
         own = identities["peer", spy]
         url = servers[nats_hosts.index(survivors[0])]
         p = f"{PREFIX}.v1"
-        forbidden = [f"{p}.scheduler.*.register", f"{p}.storage.*.seed",
+        forbidden = [f"{p}.scheduler.*.register.>", f"{p}.storage.*.seed",
                      f"{p}.peer.{host_id('peer', other)}.>"]  # fmt: skip
         allowed = f"{p}.peer.{own.host_id}.>"
         seen = probe_from(spy, url, [*forbidden, allowed], own.seed, own.inbox)

@@ -1,5 +1,6 @@
 """Every subject the scheduler, storage and peer serve refuses bad bytes with the one error shape
-(`bad_request`, NATS micro headers, the failing path) and keeps serving (DESIGN §3, §9)."""
+(`bad_request`, NATS micro headers, the failing path) and keeps serving (DESIGN §3, §9); a
+scheduler refuses a host speaking for another with `forbidden`."""
 
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 
-from swarmfly import contracts
+from swarmfly import contracts, ids
 from swarmfly.bus import MAX_REQUEST_BYTES
 from swarmfly.config import Config
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer.service import PeerService
-from swarmfly.testing import Origin, in_process_cluster, subject_tokens
+from swarmfly.services.scheduler.service import SchedulerService
+from swarmfly.testing import TEST_SENDER, Origin, in_process_cluster, sender_of, subject_tokens
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,6 +50,12 @@ BAD_IDS = {
 """An invalid value per id field; a host object's ``id`` gets a dotted one too."""
 
 FILE_DATA = hashlib.sha256(b"bad-input").digest() * 4096  # 128 KiB, one piece
+HOST = contracts.Sender("normal", "host-bad-input")
+"""The ordinary host the valid requests come from."""
+SEED = contracts.Sender("seed", "storage-bad-input")
+"""The storage host that registers as a task's source."""
+IMPOSTOR = contracts.Sender("normal", "host-impostor")
+"""A host that speaks for others: a scheduler takes nothing it says for them."""
 
 
 # -- the services, once per module -----------------------------------------------------------
@@ -61,9 +69,13 @@ class Env:
     url: str
     tmp: Path
     hosts: dict[str, str]
+    scheduler: SchedulerService
 
-    def subject(self, name: str) -> str:
-        return CONTRACTS[name].subject(self.prefix, **subject_tokens(name, self.hosts))
+    def subject(self, name: str, sender: contracts.Sender = TEST_SENDER) -> str:
+        """The subject of ``name``, sent by ``sender`` where the contract names a sender."""
+        tokens = subject_tokens(name, self.hosts, sender=sender)
+        subject: str = CONTRACTS[name].subject(self.prefix, **tokens)
+        return subject
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -81,7 +93,7 @@ async def env(nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Asy
         url = origin.add("small.bin", FILE_DATA)
         nc = await connect_nats(servers=[nats.url], connect_timeout=3, max_reconnect_attempts=0)
         try:
-            yield Env(nc, prefix, cluster.peer, url, tmp, cluster.hosts)
+            yield Env(nc, prefix, cluster.peer, url, tmp, cluster.hosts, cluster.scheduler)
         finally:
             await nc.close()
 
@@ -311,12 +323,12 @@ async def test_a_dotted_host_id_reaches_no_peer(env: Env) -> None:
 
 
 async def test_pieces_out_of_range_are_refused(env: Env) -> None:
-    task_id, peer_id = os.urandom(32).hex(), f"peer-{os.urandom(4).hex()}"
+    task_id = os.urandom(32).hex()
     content = {"content_length": 5, "piece_length": 16384, "piece_count": 1}
-    await register_source(env, task_id, peer_id, content)
+    peer_id = await register_source(env, task_id, content)
     piece = {"number": 1, "digest": hashlib.sha256(b"x").hexdigest()}
     request = {"task_id": task_id, "peer_id": peer_id, "pieces": [piece]}
-    subject = env.subject("scheduler.{partition}.pieces")
+    subject = env.subject("scheduler.{partition}.pieces", SEED)
     msg = await env.nc.request(subject, orjson.dumps(request), timeout=2)
     error = error_of(msg)
     assert error["code"] == "bad_request"
@@ -325,76 +337,82 @@ async def test_pieces_out_of_range_are_refused(env: Env) -> None:
 
 @pytest.mark.parametrize("name", ["scheduler.{partition}.register", "scheduler.{partition}.pieces"])
 async def test_inconsistent_task_content_is_refused(env: Env, name: str) -> None:
-    task_id, peer_id = os.urandom(32).hex(), f"peer-{os.urandom(4).hex()}"
+    task_id = os.urandom(32).hex()
     bogus = {"content_length": 5, "piece_length": 16384, "piece_count": 7}
     if name == "scheduler.{partition}.register":
-        request = register_body(env, task_id, peer_id, seed=True)
+        request = register_body(env, task_id, seed=True)
         request["task"] = bogus
     else:
-        await register_source(env, task_id, peer_id)
+        peer_id = await register_source(env, task_id)
         request = {"task_id": task_id, "peer_id": peer_id, "task": bogus, "pieces": []}
-    msg = await env.nc.request(env.subject(name), orjson.dumps(request), timeout=2)
+    msg = await env.nc.request(env.subject(name, SEED), orjson.dumps(request), timeout=2)
     assert error_of(msg)["code"] == "bad_request"
 
 
 # -- and the services keep serving -----------------------------------------------------------
 
 
-def register_body(env: Env, task_id: str, peer_id: str, *, seed: bool = False) -> dict[str, Any]:
+def register_body(env: Env, task_id: str, *, seed: bool = False) -> dict[str, Any]:
+    """A registration of ``HOST``'s peer on the task, or (``seed``) of ``SEED``'s."""
+    host = SEED if seed else HOST
     body: dict[str, Any] = {
         "task_id": task_id,
-        "peer_id": peer_id,
-        "host": {"id": "host-bad-input", "ip": "127.0.0.1", "port": 9, "type": "normal"},
+        "peer_id": ids.peer_id(host.host_id, task_id),
+        "host": {"id": host.host_id, "ip": "127.0.0.1", "port": 9, "type": host.host_type},
         "source": {"url": env.url},
     }
     if seed:
         # A source itself, so the scheduler triggers no storage seed: only a storage host
         # seeds (an ordinary host asking to is a child).
         body["seed"] = True
-        body["host"] = {**body["host"], "id": "storage-bad-input", "type": "seed"}
     return body
 
 
-async def register_source(
-    env: Env, task_id: str, peer_id: str, content: dict[str, int] | None = None
-) -> None:
-    body = register_body(env, task_id, peer_id, seed=True)
+async def register_source(env: Env, task_id: str, content: dict[str, int] | None = None) -> str:
+    """Register ``SEED``'s peer as the task's source; returns its peer id."""
+    body = register_body(env, task_id, seed=True)
     if content is not None:
         body["task"] = content
-    subject = env.subject("scheduler.{partition}.register")
+    subject = env.subject("scheduler.{partition}.register", SEED)
     msg = await env.nc.request(subject, orjson.dumps(body), timeout=5)
     assert reply_of("scheduler.{partition}.register", msg)["action"] == "back_to_source"
+    peer_id: str = body["peer_id"]
+    return peer_id
 
 
-async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], float]:
-    """The contract's example adapted to live state, and how long to wait for its reply."""
-    task_id, peer_id = os.urandom(32).hex(), f"peer-{os.urandom(4).hex()}"
+async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], contracts.Sender, float]:
+    """The contract's example adapted to live state, the host that may send it, and how long
+    to wait for its reply."""
+    task_id = os.urandom(32).hex()
     digest = hashlib.sha256(b"hello").hexdigest()
     content = {"content_length": 5, "piece_length": 16384, "piece_count": 1}
+    request: dict[str, Any]
     if name == "scheduler.heartbeat":
-        return {"host": env.peer.node.host(), "uploads": 0, "peers": 0}, 5
+        request = {"host": env.peer.node.host(), "uploads": 0, "peers": 0}
+        return request, sender_of(request), 5
     if name == "scheduler.{partition}.register":
-        return register_body(env, task_id, peer_id), 5
+        return register_body(env, task_id), HOST, 5
     if name == "scheduler.leave":
-        return {"host_id": "host-leaving", "peer_ids": ["peer-x"]}, 5
+        request = {"host_id": "host-leaving", "peer_ids": [ids.peer_id("host-leaving", task_id)]}
+        return request, sender_of(request), 5
     if name == "scheduler.{partition}.task":
-        return {"task_id": task_id}, 5
+        return {"task_id": task_id}, TEST_SENDER, 5
     if name == "scheduler.state":
-        return {"bitmaps": True, "limit": 5}, 5
+        return {"bitmaps": True, "limit": 5}, TEST_SENDER, 5
     if name == "storage.{host_id}.seed":
-        return {"task_id": task_id, "source": {"url": env.url}}, 5
+        return {"task_id": task_id, "source": {"url": env.url}}, TEST_SENDER, 5
     if name == "storage.preheat":
-        return {"source": {"url": env.url}, "timeout_s": 30}, 35
+        return {"source": {"url": env.url}, "timeout_s": 30}, TEST_SENDER, 35
     if name == "peer.{host_id}.progress":
-        return {"download_id": "dl-unknown"}, 5
+        return {"download_id": "dl-unknown"}, TEST_SENDER, 5
     if name == "peer.{host_id}.download":
         output = env.tmp / "outputs" / f"{uuid.uuid4().hex}.bin"
         source = {"url": env.url, "digest": f"sha256:{hashlib.sha256(FILE_DATA).hexdigest()}"}
         body = {"download_id": f"dl-{uuid.uuid4().hex[:8]}", "source": source}
-        return {**body, "output": str(output), "timeout_s": 60}, 65
-    await register_source(env, task_id, peer_id)
+        return {**body, "output": str(output), "timeout_s": 60}, TEST_SENDER, 65
+    peer_id = await register_source(env, task_id)
     if name == "scheduler.{partition}.reschedule":
-        return {"task_id": task_id, "peer_id": peer_id, "blocklist": ["peer-c1"]}, 5
+        return {"task_id": task_id, "peer_id": peer_id, "blocklist": ["peer-c1"]}, SEED, 5
     pieces = {
         "task_id": task_id,
         "peer_id": peer_id,
@@ -402,12 +420,12 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], float]:
         "pieces": [{"number": 0, "digest": digest, "cost_ms": 3}],
     }
     if name == "scheduler.{partition}.pieces":
-        return pieces, 5
+        return pieces, SEED, 5
     assert name == "scheduler.{partition}.result", name
-    subject = env.subject("scheduler.{partition}.pieces")
+    subject = env.subject("scheduler.{partition}.pieces", SEED)
     msg = await env.nc.request(subject, orjson.dumps(pieces), timeout=5)
     reply_of("scheduler.{partition}.pieces", msg)
-    return {"task_id": task_id, "peer_id": peer_id, "success": True}, 5
+    return {"task_id": task_id, "peer_id": peer_id, "success": True}, SEED, 5
 
 
 @pytest.mark.parametrize("name", SUBJECTS)
@@ -417,8 +435,8 @@ async def test_service_keeps_serving_after_bad_input(env: Env, name: str) -> Non
     replies = await asyncio.gather(*(env.nc.request(subject, c.data, timeout=5) for c in cases))
     for case, msg in zip(cases, replies, strict=True):
         check_refused(case, msg)
-    request, timeout = await valid_request(env, name)
-    msg = await env.nc.request(subject, orjson.dumps(request), timeout=timeout)
+    request, sender, timeout = await valid_request(env, name)
+    msg = await env.nc.request(env.subject(name, sender), orjson.dumps(request), timeout=timeout)
     reply = reply_of(name, msg)
     if name == "peer.{host_id}.download":
         assert Path(request["output"]).read_bytes() == FILE_DATA
@@ -433,6 +451,49 @@ async def test_service_keeps_serving_after_bad_input(env: Env, name: str) -> Non
         assert reply == {"task": None, "offset": 0, "digests": []}
     elif name == "peer.{host_id}.progress":
         assert reply["state"] == "unknown"
+
+
+# -- and a host speaks only for itself -------------------------------------------------------
+
+
+SENDER_SUBJECTS = [n for n in SUBJECTS if CONTRACTS[n].sender]
+
+
+def impostures(
+    request: dict[str, Any], sender: contracts.Sender
+) -> list[tuple[contracts.Sender, dict[str, Any], str]]:
+    """(the subject's sender, the body, what the refusal says) for ``request``, which is
+    ``sender``'s: sent by another host, or naming another host's peer or host type."""
+    if "host" in request or "host_id" in request:
+        message = f"host {IMPOSTOR.host_id} may not speak for {sender.host_id}"
+    else:
+        message = f"peer {request['peer_id']} is not host {IMPOSTOR.host_id}'s peer"
+    found = [(IMPOSTOR, request, message)]
+    if "host" in request:
+        if "peer_id" in request:
+            other = ids.peer_id(IMPOSTOR.host_id, request["task_id"])
+            message = f"peer {other} is not host {sender.host_id}'s peer"
+            found.append((sender, {**request, "peer_id": other}, message))
+        kind = "seed" if sender.host_type == "normal" else "normal"
+        message = f"a {kind} host may not speak as a {sender.host_type} one"
+        found.append((contracts.Sender(kind, sender.host_id), request, message))
+    return found
+
+
+@pytest.mark.parametrize("name", SENDER_SUBJECTS)
+async def test_a_host_cannot_speak_for_another(env: Env, name: str) -> None:
+    """Another host's sender token on a body (or the host's own on another's peer, or on
+    another host type) gets ``forbidden``; the scheduler then takes the host's own."""
+    request, sender, timeout = await valid_request(env, name)
+    assert sender_of(request, sender) == sender
+    for impostor, body, message in impostures(request, sender):
+        msg = await env.nc.request(env.subject(name, impostor), orjson.dumps(body), timeout=5)
+        error = error_of(msg, "403")
+        assert error["code"] == "forbidden", (impostor, body, error)
+        assert message in error["message"], (impostor, body, error)
+    assert IMPOSTOR.host_id not in env.scheduler.core.hosts, "nothing it said was taken"
+    msg = await env.nc.request(env.subject(name, sender), orjson.dumps(request), timeout=timeout)
+    reply_of(name, msg)
 
 
 # -- what a hostile field name can do to the error reply -------------------------------------

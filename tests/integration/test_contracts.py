@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from referencing import Registry, Resource
 
-from swarmfly import contracts
+from swarmfly import contracts, ids
 from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig
 from swarmfly.contracts.asyncapi import document
@@ -32,7 +32,8 @@ from swarmfly.ids import MAX_PIECE_LENGTH
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.runtime import start_peer, start_scheduler
-from swarmfly.testing import Origin, in_process_cluster, subject_tokens
+from swarmfly.services.scheduler.service import _speaks_for as speaks_for
+from swarmfly.testing import Origin, in_process_cluster, sender_of, subject_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACTS_DIR = ROOT / "contracts"
@@ -42,6 +43,7 @@ REGENERATE = "regenerate with `swarmfly contracts asyncapi > docs/asyncapi.json`
 
 CONTRACTS = contracts.registry()
 NAMES = sorted(CONTRACTS)
+SENT = sorted(n for n in NAMES if CONTRACTS[n].sender)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -186,13 +188,56 @@ def test_examples_pass_the_compiled_validators(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_example_tokens_make_a_subject(name: str) -> None:
+    """An example's tokens make its subject; where the contract names its sender, the
+    example names it too, and it is a sender a scheduler takes the example's body from."""
     contract = CONTRACTS[name]
     for example in contract.examples:
-        tokens = example.get("tokens", {})
+        tokens = dict(example.get("tokens", {}))
+        named = tokens.pop(contracts.SENDER, None)
         assert sorted(tokens) == sorted(contract.tokens)
-        subject = contract.subject("swarmfly", **tokens)
+        assert (named is not None) == contract.sender
+        if named is not None:
+            with pytest.raises(ValueError, match="a sender token is required"):
+                contract.subject("swarmfly", **tokens)
+            sender = contracts.Sender(*named.split("."))
+            assert sender_of(example["request"], default=sender) == sender
+            speaks_for(sender, example["request"], example["request"].get("host"))
+            subject = contract.subject("swarmfly", **tokens, sender=sender.token)
+            assert subject.endswith(f".{sender.host_type}.{sender.host_id}")
+            assert contracts.Sender.of(subject) == sender
+        else:
+            subject = contract.subject("swarmfly", **tokens)
         assert subject.startswith("swarmfly.v1.")
         assert "{" not in subject and " " not in subject
+        assert len(subject.split(".")) == len(f"swarmfly.v1.{contract.address}".split("."))
+
+
+def test_the_sender_contracts_are_the_schedulers_host_messages() -> None:
+    assert SENT == [
+        "scheduler.heartbeat", "scheduler.leave", "scheduler.{partition}.pieces",
+        "scheduler.{partition}.register", "scheduler.{partition}.reschedule",
+        "scheduler.{partition}.result",
+    ]  # fmt: skip
+    for name in NAMES:
+        contract = CONTRACTS[name]
+        suffix = ".{sender_type}.{sender}" if contract.sender else ""
+        assert contract.address == name + suffix
+        assert contracts.SENDER not in contract.tokens
+        if not contract.sender:
+            tokens = dict.fromkeys(contract.tokens, "4")
+            with pytest.raises(ValueError, match="names no sender"):
+                contract.subject("swarmfly", **tokens, sender="normal.host-a")
+
+
+@pytest.mark.parametrize("name", SENT)
+def test_sender_tokens_name_one_host_of_a_known_type(name: str) -> None:
+    contract = CONTRACTS[name]
+    tokens = dict.fromkeys(contract.tokens, "4")
+    every = contract.subject("swarmfly", every=(contracts.SENDER,), **tokens)
+    assert every.endswith(".*.*")
+    for bad in ("normal", "admin.host-a", "normal.host.a", "seed.*", "seed.>", "normal."):
+        with pytest.raises(ValueError, match=r"invalid (sender host type|subject token)"):
+            contract.subject("swarmfly", **tokens, sender=bad)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if CONTRACTS[n].tokens])
@@ -337,11 +382,16 @@ def test_asyncapi_has_one_channel_and_operation_per_contract() -> None:
     assert doc["asyncapi"] == "3.0.0"
     channels, operations = doc["channels"], doc["operations"]
     assert len(channels) == len(CONTRACTS) == len(operations)
+    by_address = {f"swarmfly.v1.{c.address}": c for c in CONTRACTS.values()}
     addresses = {channel["address"] for channel in channels.values()}
-    assert addresses == {f"swarmfly.v1.{name}" for name in NAMES}
+    assert addresses == set(by_address)
+    assert {a for a in addresses if a.endswith(".{sender_type}.{sender}")} == {
+        f"swarmfly.v1.{name}.{{sender_type}}.{{sender}}" for name in SENT
+    }
     for key, channel in channels.items():
-        contract = CONTRACTS[channel["address"].removeprefix("swarmfly.v1.")]
-        assert sorted(channel.get("parameters", {})) == sorted(contract.tokens)
+        contract = by_address[channel["address"]]
+        senders = ["sender", "sender_type"] if contract.sender else []
+        assert sorted(channel.get("parameters", {})) == sorted(contract.tokens + senders)
         operation = operations[key]
         assert operation["action"] == "receive"
         assert operation["channel"] == {"$ref": f"#/channels/{key}"}
@@ -429,10 +479,12 @@ async def test_srv_ping_and_info_find_every_service(
             subjects.setdefault(contract.name, set()).add(endpoint["subject"])
         for name, found in subjects.items():
             contract, tokens = CONTRACTS[name], subject_tokens(name, hosts)
-            # A lone scheduler holds every partition: one subscription for all of them.
-            every = tuple(t for t in tokens if t == "partition")
+            # A lone scheduler holds every partition: one subscription for all of them; and
+            # a contract that names its sender is served for every sender.
+            every = tuple(t for t in tokens if t in ("partition", contracts.SENDER))
             mine = {t: v for t, v in tokens.items() if t not in every}
             assert found == {contract.subject(prefix, every=every, **mine)}, name
+            assert all(s.endswith(".*.*") for s in found) == contract.sender, name
     served = {e["metadata"]["contract"] for info in ours.values() for e in info["endpoints"]}
     assert served == {n for n in NAMES if CONTRACTS[n].service != "proxy"}
 
@@ -574,18 +626,23 @@ async def running_scheduler(nats_url: str, prefix: str, state: Path) -> AsyncIte
         yield bus
 
 
+SEED = contracts.Sender("seed", "storage-limits")
+"""The storage host the tests of the limits speak as."""
+
+
 async def register_seed(bus: Bus, task_id: str, content: dict[str, int]) -> None:
     reply = await bus.request(
         "scheduler.{partition}.register",
         {
             "task_id": task_id,
-            "peer_id": "seed-limits",
-            "host": {"id": "storage-limits", "ip": "127.0.0.1", "port": 9, "type": "seed"},
+            "peer_id": ids.peer_id(SEED.host_id, task_id),
+            "host": {"id": SEED.host_id, "ip": "127.0.0.1", "port": 9, "type": SEED.host_type},
             "source": {"url": "http://127.0.0.1:9/big.iso"},
             "task": content,
             "seed": True,
         },
         partition=task_partition(task_id),
+        sender=SEED.token,
     )
     assert reply["action"] == "back_to_source"
 
@@ -607,12 +664,14 @@ async def test_a_full_batch_of_piece_reports_is_accepted(
     content = {"content_length": batch * length, "piece_length": length, "piece_count": batch}
     task_id = hashlib.sha256(b"a full batch").hexdigest()
     pieces = [{"number": n, "digest": digest_of(n)} for n in range(batch)]  # as announce sends
+    seed_peer = ids.peer_id(SEED.host_id, task_id)
     async with running_scheduler(nats.url, prefix, tmp_path) as bus:
         await register_seed(bus, task_id, content)
         reply = await bus.request(
             "scheduler.{partition}.pieces",
-            {"task_id": task_id, "peer_id": "seed-limits", "pieces": pieces},
+            {"task_id": task_id, "peer_id": seed_peer, "pieces": pieces},
             partition=task_partition(task_id),
+            sender=SEED.token,
         )
     assert reply == {"ok": True}
 
@@ -626,14 +685,16 @@ async def test_task_info_of_the_largest_task_is_answered(
     common = contracts.common_defs()
     assert content["content_length"] == common["task"]["properties"]["content_length"]["maximum"]
     task_id = hashlib.sha256(b"the largest task").hexdigest()
+    seed_peer = ids.peer_id(SEED.host_id, task_id)
     async with running_scheduler(nats.url, prefix, tmp_path) as bus:
         await register_seed(bus, task_id, content)
         for start in range(0, count, 1024):
             pieces = [{"number": n, "digest": digest_of(n)} for n in range(start, start + 1024)]
             await bus.request(
                 "scheduler.{partition}.pieces",
-                {"task_id": task_id, "peer_id": "seed-limits", "pieces": pieces},
+                {"task_id": task_id, "peer_id": seed_peer, "pieces": pieces},
                 partition=task_partition(task_id),
+                sender=SEED.token,
             )
         digests: list[str | None] = []
         while len(digests) < count:  # paged, as a peer reads them
@@ -694,7 +755,8 @@ async def test_a_piece_length_beyond_the_codes_maximum_is_refused(
             sent = []
             for piece_length in BAD_PIECE_LENGTHS:
                 for name, request, field in piece_length_requests(piece_length, output):
-                    subject = CONTRACTS[name].subject(prefix, **subject_tokens(name, cluster.hosts))
+                    tokens = subject_tokens(name, cluster.hosts, sender=sender_of(request))
+                    subject = CONTRACTS[name].subject(prefix, **tokens)
                     msg = await nc.request(subject, json.dumps(request).encode(), timeout=5)
                     error = refusal(msg)
                     assert (error["code"], error.get("path")) == ("bad_request", field), name
@@ -714,8 +776,8 @@ def seed_register(content: dict[str, int], pieces: list[int]) -> dict[str, Any]:
     url_length = common_source()["properties"]["url"]["maxLength"]
     return {
         "task_id": task_id,
-        "peer_id": f"seed-{task_id[:8]}",
-        "host": {"id": "storage-limits", "ip": "127.0.0.1", "port": 9, "type": "seed"},
+        "peer_id": ids.peer_id(SEED.host_id, task_id),
+        "host": {"id": SEED.host_id, "ip": "127.0.0.1", "port": 9, "type": SEED.host_type},
         "source": {"url": "http://127.0.0.1:9/".ljust(url_length, "a")},
         "pieces": pieces,
         "task": content,
@@ -745,7 +807,9 @@ async def test_the_largest_piece_length_and_piece_count_are_accepted(
         nc = await nats_connect(nats.url)
         try:
             for body, refused in cases:
-                subject = register.subject(prefix, partition=task_partition(body["task_id"]))
+                subject = register.subject(
+                    prefix, partition=task_partition(body["task_id"]), sender=SEED.token
+                )
                 msg = await nc.request(subject, json.dumps(body).encode(), timeout=5)
                 if refused is None:
                     assert not (msg.headers and ERROR_CODE_HEADER in msg.headers), msg.data[:300]

@@ -39,7 +39,7 @@ from nats import connect as connect_nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from swarmfly import contracts
+from swarmfly import contracts, ids
 from swarmfly.bus import MAX_REQUEST_BYTES
 from swarmfly.capability import Signer
 from swarmfly.content import TaskContent
@@ -50,7 +50,14 @@ from swarmfly.services.peer import grants
 from swarmfly.services.peer.service import PeerService
 from swarmfly.services.peer.store import StoredTask, TaskStore
 from swarmfly.services.peer.upload import UploadServer
-from swarmfly.testing import Origin, capability, in_process_cluster, subject_tokens
+from swarmfly.testing import (
+    TEST_SENDER,
+    Origin,
+    capability,
+    in_process_cluster,
+    sender_of,
+    subject_tokens,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -83,6 +90,8 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 BYTES = settings(FUZZ, max_examples=40)
+IMPOSTOR = contracts.Sender("normal", "fuzz-impostor")
+"""A host that sends what others name as theirs."""
 HTTP = settings(FUZZ, max_examples=300)
 
 
@@ -128,8 +137,10 @@ class Env:
             future.cancel()
             raise AssertionError(f"no answer within {timeout:g}s (a hang)") from None
 
-    def subject(self, name: str) -> str:
-        subject: str = CONTRACTS[name].subject(self.prefix, **subject_tokens(name, self.hosts))
+    def subject(self, name: str, sender: contracts.Sender = TEST_SENDER) -> str:
+        """The subject of ``name``, sent by ``sender`` where the contract names a sender."""
+        tokens = subject_tokens(name, self.hosts, sender=sender)
+        subject: str = CONTRACTS[name].subject(self.prefix, **tokens)
         return subject
 
     @property
@@ -240,9 +251,25 @@ def check_answer(name: str, msg: Msg) -> dict[str, Any]:
     return body
 
 
-async def ask(env: Env, name: str, data: bytes) -> dict[str, Any]:
+def named_sender(data: bytes) -> contracts.Sender:
+    """The host a payload names itself as, if it is one a subject can name; else
+    ``TEST_SENDER``."""
     try:
-        msg = await env.nc.request(env.subject(name), data, timeout=REQUEST_TIMEOUT)
+        body = orjson.loads(data)
+    except ValueError:  # not JSON (orjson's errors are ValueErrors)
+        return TEST_SENDER
+    sender = sender_of(body) if isinstance(body, dict) else TEST_SENDER
+    valid = sender.host_type in contracts.HOST_TYPES
+    return sender if valid and contracts.TOKEN_PATTERN.fullmatch(sender.host_id) else TEST_SENDER
+
+
+async def ask(
+    env: Env, name: str, data: bytes, sender: contracts.Sender | None = None
+) -> dict[str, Any]:
+    """Send ``data`` as ``sender``, by default the host it names: past the sender check."""
+    subject = env.subject(name, named_sender(data) if sender is None else sender)
+    try:
+        msg = await env.nc.request(subject, data, timeout=REQUEST_TIMEOUT)
     except nats.errors.TimeoutError:
         raise AssertionError(f"{name} did not answer in {REQUEST_TIMEOUT:g}s (a hang)") from None
     return check_answer(name, msg)
@@ -425,6 +452,14 @@ def values_for(env: Env, key: Any) -> st.SearchStrategy[Any]:
     return JUNK
 
 
+def own_peer(request: dict[str, Any]) -> dict[str, Any]:
+    """The request with its ``peer_id`` the one of the host it names on its task: what a
+    scheduler takes from that host, until a mutation spoils it."""
+    if isinstance(request.get("task_id"), str) and "peer_id" in request:
+        request["peer_id"] = ids.peer_id(sender_of(request).host_id, request["task_id"])
+    return request
+
+
 @st.composite
 def mutated(draw: st.DrawFn, env: Env, name: str) -> bytes:
     """A contract example or a schema-valid request, with up to four values dropped, added
@@ -435,7 +470,7 @@ def mutated(draw: st.DrawFn, env: Env, name: str) -> bytes:
         "host_id": st.just(env.peer.node.settings.host_id),
     }
     valid = from_schema(CONTRACTS[name].request, known)
-    root: list[Any] = [sanitise(env, draw(st.sampled_from(bases(env, name)) | valid))]
+    root: list[Any] = [own_peer(sanitise(env, draw(st.sampled_from(bases(env, name)) | valid)))]
     for _ in range(draw(st.sampled_from([0, 0, 1, 1, 2, 3, 4]))):
         container, key = draw(st.sampled_from(slots(root)))
         operation = draw(st.sampled_from(["drop", "add", "replace", "replace"]))
@@ -475,7 +510,9 @@ def test_every_served_subject_is_fuzzed() -> None:
 @given(data=st.data())
 def test_mutated_requests_get_a_valid_answer(env: Env, name: str, data: st.DataObject) -> None:
     payload = data.draw(mutated(env, name), label="payload")
-    body = env.run(ask(env, name, payload))
+    # Mostly as the host the payload names; now and then as another (``forbidden``, often).
+    sender = data.draw(st.sampled_from([None, None, None, IMPOSTOR]), label="sender")
+    body = env.run(ask(env, name, payload, sender))
     event(body["error"]["code"] if "error" in body else "reply")
 
 

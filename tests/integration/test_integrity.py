@@ -18,31 +18,40 @@ import orjson
 import pytest
 from aiohttp import web
 
+from swarmfly import contracts, ids
 from swarmfly.bus import Bus
+from swarmfly.errors import SwarmflyError
 from swarmfly.ids import piece_count, piece_length_for, task_id
-from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.services.peer import grants
+from swarmfly.testing import subject_tokens
 from tests.integration.test_swarm import Cluster, get, sha256
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.slow
 
 
+FORGER_HOST = "forger-host"
+
+
 class Forger:
     """A cluster member that claims a task: it registers first, states its own content and
-    piece digests, serves its own bytes to anyone who asks and says it succeeded."""
+    piece digests, serves its own bytes to anyone who asks and says it succeeded. It speaks
+    only for itself (its own host on the subject, its own peer): what any member can do."""
 
     def __init__(self, bus: Bus, task: str, forged: bytes, port: int) -> None:
         self.bus, self.task, self.forged, self.port = bus, task, forged, port
         self.length = piece_length_for(len(forged))
         self.count = piece_count(len(forged), self.length)
-        self.peer_id = "pforger000000000000000000"
+        self.sender = contracts.Sender("normal", FORGER_HOST)
+        self.peer_id = ids.peer_id(FORGER_HOST, task)
         self.served = 0
         self.lent: list[int] = []
+        self.refused: list[tuple[str, str]] = []
+        """The scheduler's refusals, by subject and error code."""
 
     @property
     def host(self) -> dict[str, Any]:
-        return {"id": "forger-host", "ip": "127.0.0.1", "port": self.port, "type": "normal"}
+        return {"id": FORGER_HOST, "ip": "127.0.0.1", "port": self.port, "type": "normal"}
 
     def content(self) -> dict[str, Any]:
         return {
@@ -54,16 +63,27 @@ class Forger:
     def piece(self, number: int) -> bytes:
         return self.forged[number * self.length : (number + 1) * self.length]
 
-    async def request(self, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        partition = str(partition_of(self.task, DEFAULT_PARTITIONS))
+    async def request(
+        self, name: str, body: dict[str, Any], sender: contracts.Sender | None = None
+    ) -> dict[str, Any] | None:
+        """Send as this member's host (or as ``sender``, another host of the member's)."""
+        tokens = subject_tokens(name, {}, self.task, sender=sender or self.sender)
         try:
-            return await self.bus.request(name, body, partition=partition)
-        except Exception:  # refused: what we want the scheduler to do; the forger goes on
+            return await self.bus.request(name, body, **tokens)
+        except SwarmflyError as exc:  # refused: the scheduler may; the forger goes on
+            self.refused.append((name, exc.code))
             return None
 
+    async def heartbeat(self) -> None:
+        await self.bus.request(
+            "scheduler.heartbeat",
+            {"host": self.host, "uploads": 0},
+            **subject_tokens("scheduler.heartbeat", {}, sender=self.sender),
+        )
+
     async def claim(self, url: str, *, seed: bool = True) -> None:
-        await self.bus.request("scheduler.heartbeat", {"host": self.host, "uploads": 0})
-        await self.request(
+        await self.heartbeat()
+        registered = await self.request(
             "scheduler.{partition}.register",
             {
                 "task_id": self.task,
@@ -75,6 +95,8 @@ class Forger:
                 "seed": seed,
             },
         )
+        # The claim is taken as any member's registration: the attack runs.
+        assert registered is not None, self.refused
         await self.report(range(self.count))
         done = {"task_id": self.task, "peer_id": self.peer_id, "success": True}
         await self.request("scheduler.{partition}.result", done)
@@ -233,7 +255,7 @@ async def test_a_lent_child_that_lies_is_caught_and_nobody_keeps_its_bytes(
         cluster.start(peers=1, seed_rate="2MiB")
         async with forger(bus, task, flip(data)) as evil:
             # An ordinary child: registers without any claim of its own.
-            await bus.request("scheduler.heartbeat", {"host": evil.host, "uploads": 0})
+            await evil.heartbeat()
             honest = asyncio.create_task(
                 get(
                     url,
@@ -280,10 +302,11 @@ async def test_a_lent_child_that_lies_is_caught_and_nobody_keeps_its_bytes(
                 "scheduler.{partition}.register",
                 {
                     "task_id": task,
-                    "peer_id": "pnewcomer0000000000000000",
+                    "peer_id": ids.peer_id("newcomer", task),
                     "host": {**evil.host, "id": "newcomer"},
                     "source": {"url": url},
                 },
+                sender=contracts.Sender("normal", "newcomer"),
             )
             assert reply is not None
             assert evil.peer_id not in {p["peer_id"] for p in reply["parents"]}

@@ -25,7 +25,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.localpeer import GetRequest
 from swarmfly.natsserver import NatsServer
 from swarmfly.runtime import connect_as, start_peer, start_scheduler, start_storage
-from swarmfly.testing import Origin, nats_server
+from swarmfly.testing import Origin, connect_role, nats_server, role_settings
 
 PEER, SEED = "perm-peer", "perm-seed"
 
@@ -270,3 +270,22 @@ async def test_a_download_with_every_service_on_its_own_credentials(
                     timeout=1,
                     host_id="another-host",
                 )
+
+
+async def test_the_shared_test_server_holds_services_to_the_shipped_permissions(
+    nats: NatsServer, prefix: str
+) -> None:
+    """The session's nats-server is a shipped_nats: every service a test starts there runs
+    as its role, so a flow that needed more than the role may do would fail its test."""
+    peer = await connect_role(nats.url, prefix, "peer")
+    try:
+        await peer.nc.subscribe(f"{prefix}.v1.scheduler.>")
+        await peer.nc.flush(timeout=2)
+        for _ in range(40):  # the -ERR arrives within a round trip or two
+            if peer.nc.last_error is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert "permissions violation" in str(peer.nc.last_error).lower()
+    finally:
+        await peer.close()
+    assert role_settings(nats.url, "scheduler")["SWARMFLY_NATS_INBOX_PREFIX"] == "_INBOX_scheduler"

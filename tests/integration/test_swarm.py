@@ -15,7 +15,9 @@ import aiohttp
 import orjson
 import pytest
 
+from swarmfly import ids
 from swarmfly.bus import Bus
+from swarmfly.contracts import Sender
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.testing import Origin, ServiceProcess, metric_value, spawn_service
@@ -181,24 +183,24 @@ async def test_corrupt_parent_is_caught_and_avoided(
         assert corrupt_caught >= 1
 
         # A newcomer is never offered the corrupt peer for this task.
-        bad_peer = (
-            "p" + hashlib.sha256(f"{cluster.peers[0].host_id}/{task_id}".encode()).hexdigest()[:24]
-        )
+        bad_peer = ids.peer_id(cluster.peers[0].host_id, task_id)
         for n in range(5):
+            newcomer = Sender("normal", f"elsewhere-{n}")
             reply = await bus.request(
                 "scheduler.{partition}.register",
                 {
                     "task_id": task_id,
-                    "peer_id": f"newcomer-{n}",
+                    "peer_id": ids.peer_id(newcomer.host_id, task_id),
                     "host": {
-                        "id": f"elsewhere-{n}",
+                        "id": newcomer.host_id,
                         "ip": "127.0.0.1",
                         "port": 9,
-                        "type": "normal",
+                        "type": newcomer.host_type,
                     },
                     "source": {"url": url},
                 },
                 partition=str(partition_of(task_id, DEFAULT_PARTITIONS)),
+                sender=newcomer.token,
             )
             assert reply["action"] == "parents"
             assert bad_peer not in {p["peer_id"] for p in reply["parents"]}

@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from swarmfly.contracts import Sender
 from swarmfly.httpserver import serve_http
 from swarmfly.natsserver import NatsServer
 from swarmfly.testing import Origin, spawn_service
@@ -124,12 +125,18 @@ async def test_one_get_is_one_trace_across_processes(
             await asyncio.gather(*(asyncio.to_thread(service.stop) for service in services))
 
     assert [service.process.returncode for service in services] == [0] * 5, "clean exits"
+    senders = {
+        Sender("seed" if service.kind == "storage" else "normal", service.host_id)
+        for service in services[1:]
+    }
+    get_peer = Sender("normal", services[2].host_id)
+    assert all(sender.host_id for sender in senders)
     assert (tmp_path / "out").read_bytes() == data
     root = next(s for s in receiver.spans if s.name == "swarmfly get")
     assert root.parent_id == "" and root.service == "swarmfly-cli"
     trace = [s for s in receiver.spans if s.trace_id == root.trace_id]
-    services = {s.service for s in trace}
-    assert {"swarmfly-cli", "swarmfly-peer", "swarmfly-scheduler", "swarmfly-storage"} <= services
+    traced = {s.service for s in trace}
+    assert {"swarmfly-cli", "swarmfly-peer", "swarmfly-scheduler", "swarmfly-storage"} <= traced
     ids = {s.span_id for s in trace}
     for span in trace:
         assert span.parent_id == "" or span.parent_id in ids, f"orphan span {span.name}"
@@ -139,6 +146,14 @@ async def test_one_get_is_one_trace_across_processes(
             "download"} <= names  # fmt: skip
     process_spans = [s for s in trace if s.name.startswith("process ")]
     assert all(s.attributes["messaging.system"] == "nats" for s in process_spans)
+    # Each registration came under its own host's name, the get's peer's among them.
+    registered = [
+        s.attributes["messaging.destination.name"]
+        for s in process_spans
+        if s.name == "process scheduler.{partition}.register"
+    ]
+    assert all(d.startswith(f"{prefix}.v1.scheduler.") for d in registered), registered
+    assert get_peer in {Sender.of(d) for d in registered} <= senders, registered
     pull = [s for s in receiver.spans if s.trace_id == CLIENT_TRACE]
     proxy = next(s for s in pull if s.name == "proxy blob")
     assert proxy.parent_id == CLIENT_SPAN and proxy.service == "swarmfly-peer"

@@ -702,6 +702,23 @@ async def test_a_task_is_served_only_against_a_capability_for_it(
         assert body == data[:1024]
 
 
+async def test_a_host_that_knows_no_scheduler_key_yet_says_come_back(upload: Upload) -> None:
+    """Just started, before a scheduler named its key: a child's capability may be good, so
+    it is told to retry (503, as a busy parent), not refused as a forger would be (403, which
+    makes the child give the parent up)."""
+    data = content_of(PIECE, b"early")
+    task = upload.put(data, {0})
+    keys = dict(upload.server.verify_keys)
+    upload.server.verify_keys.clear()
+    path = f"/v1/tasks/{task.id}/data"
+    status, body, headers = await upload.get(path, {"Range": "bytes=0-1023"})
+    assert (status, headers.get("Retry-After")) == (503, "1")
+    assert data[:64] not in body
+    upload.server.trust(keys)
+    status, body, _ = await upload.get(path, {"Range": "bytes=0-1023"})
+    assert (status, body) == (206, data[:1024])
+
+
 async def test_a_seed_lends_to_the_child_its_capability_names(tmp_path: Path) -> None:
     """What a child calls itself (``peer=``) does not count: only whom the scheduler
     scheduled may vouch for a lent piece."""

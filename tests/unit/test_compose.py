@@ -495,11 +495,20 @@ def test_nats_requires_the_shipped_authorization(services: dict[str, dict[str, A
     job = services["credentials"]
     assert "--server-config=/nats-auth/auth.conf" in job["command"]
     assert "nats-auth:/nats-auth" in job["volumes"]
-    # What the job writes for a peer: its own subjects and inbox, the scheduler's requests.
+    # What the job writes for a peer: its own subjects and inbox; to the schedulers, only
+    # under its own host id and as a normal host (never storage's type, seed).
     rules = permissions("peer", "swarmfly", "peer-1", "_INBOX_peer_peer-1")
     assert rules["subscribe"]["allow"] == [
         "swarmfly.v1.peer.peer-1.>",
         "_INBOX_peer_peer-1.>",
         "$SRV.>",
     ]
-    assert rules["publish"]["allow"] == ["swarmfly.v1.scheduler.>"]
+    assert rules["publish"]["allow"] == [
+        "swarmfly.v1.scheduler.*.register.normal.peer-1",
+        "swarmfly.v1.scheduler.*.reschedule.normal.peer-1",
+        "swarmfly.v1.scheduler.*.pieces.normal.peer-1",
+        "swarmfly.v1.scheduler.*.result.normal.peer-1",
+        "swarmfly.v1.scheduler.heartbeat.normal.peer-1",
+        "swarmfly.v1.scheduler.leave.normal.peer-1",
+        "swarmfly.v1.scheduler.*.task",
+    ]
