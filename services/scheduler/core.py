@@ -27,6 +27,10 @@ PeerState = Literal["running", "succeeded", "failed"]
 
 FILTER_LIMIT = 40
 """Candidates examined per decision, as Dragonfly samples: bounds cost in large swarms."""
+SAMPLE_SIZE = 4 * FILTER_LIMIT
+"""Peers of a task drawn at random as a decision's candidates (all of them in a smaller
+swarm), of which the first FILTER_LIMIT eligible are scored: what a decision costs stays the
+same however large the swarm grows."""
 COST_SAMPLES = 20
 WAIT_MS = 50
 BLOCK_SECONDS = 30.0
@@ -119,6 +123,53 @@ class Task:
     seed_failed: bool = False
     holders: dict[int, int] = field(default_factory=dict)
     """Peers (sources included) holding each piece."""
+    sources: dict[str, Peer] = field(default_factory=dict)
+    """Its peers that read the origin (``Peer.is_source``): the few every decision asks about."""
+    order: list[str] = field(default_factory=list)
+    """Its peer ids, in no particular order, to draw candidates from (``slot`` indexes it)."""
+    slot: dict[str, int] = field(default_factory=dict)
+    updated_at: float = 0.0
+    """When one of its peers last spoke: most recently active tasks are shown first."""
+    load: dict[str, int] = field(default_factory=dict)
+    """Parent id -> running children sent to it: its load before its heartbeat says so (kept
+    for a parent that left while children still name it: it may come back, under its id)."""
+
+    def add(self, peer: Peer) -> None:
+        self.peers[peer.id] = peer
+        self.slot[peer.id] = len(self.order)
+        self.order.append(peer.id)
+
+    def remove(self, peer: Peer) -> None:
+        """Forget the peer (a swap with the last id: no shifting a long list)."""
+        self.peers.pop(peer.id, None)
+        self.sources.pop(peer.id, None)
+        index = self.slot.pop(peer.id, None)
+        if index is None:
+            return
+        last = self.order.pop()
+        if last != peer.id:
+            self.order[index] = last
+            self.slot[last] = index
+
+    def assign(self, child: Peer, parents: list[str]) -> None:
+        """The child's parents now; the load they count is of running children only."""
+        if child.state == "running":
+            self._count(child.parents, -1)
+            self._count(parents, 1)
+        child.parents = parents
+
+    def retire(self, peer: Peer, state: PeerState) -> None:
+        """The peer is done, or failed: it asks its parents for nothing any more."""
+        self.assign(peer, [])
+        peer.state = state
+
+    def _count(self, parents: list[str], step: int) -> None:
+        for parent_id in parents:
+            left = self.load.get(parent_id, 0) + step
+            if left > 0:
+                self.load[parent_id] = left
+            else:
+                self.load.pop(parent_id, None)
 
 
 @dataclass(frozen=True)
@@ -218,6 +269,8 @@ class Scheduler:
         self.hosts: dict[str, Host] = {}
         self.tasks: dict[str, Task] = {}
         self.peers: dict[str, Peer] = {}
+        self.host_peers: dict[str, set[str]] = {}
+        """Host -> its peers' ids: a host that leaves costs what it had, not every peer."""
 
     # -- hosts ---------------------------------------------------------------------------
 
@@ -239,7 +292,7 @@ class Scheduler:
         """A host leaves (peer_ids None) or some of its peers leave their tasks."""
         if peer_ids is None:
             self.hosts.pop(host_id, None)
-            peer_ids = [p.id for p in self.peers.values() if p.host_id == host_id]
+            peer_ids = list(self.host_peers.get(host_id, ()))
         for peer_id in list(peer_ids):
             peer = self.peers.get(peer_id)
             if peer is None or peer.host_id != host_id:
@@ -272,11 +325,15 @@ class Scheduler:
         if task is None:
             task = self.tasks[task_id] = Task(task_id)
         if peer is None:
-            peer = self.peers[peer_id] = task.peers[peer_id] = Peer(peer_id, task_id, host.id)
-        peer.updated_at = now
+            peer = self.peers[peer_id] = Peer(peer_id, task_id, host.id)
+            task.add(peer)
+            self.host_peers.setdefault(host.id, set()).add(peer_id)
+        peer.updated_at = task.updated_at = now
         peer.state = "running"
         # Only a storage host seeds; anyone else asking to is an ordinary child.
         peer.seed = peer.seed or (seed and host.type == "seed")
+        if peer.seed:
+            task.sources[peer.id] = peer
         held = self._valid_pieces(task, pieces)
         if peer.seed:
             self._claim_seat(task, peer)
@@ -318,8 +375,8 @@ class Scheduler:
         for task_id in list(task_ids):
             task = self.tasks.pop(task_id, None)
             if task is not None:
-                for peer_id in task.peers:
-                    self.peers.pop(peer_id, None)
+                for peer in task.peers.values():
+                    self._forget(peer)
 
     def report_pieces(
         self,
@@ -342,7 +399,7 @@ class Scheduler:
                 self._set_content(task, content)
             elif task.content is not None:
                 _check_same_layout(task.content, content)
-        peer.updated_at = now
+        peer.updated_at = task.updated_at = now
         reports = list(pieces)
         lendings = list(lent) if trusted and peer.seed else []
         digests = dict(task.digests)
@@ -419,7 +476,7 @@ class Scheduler:
     ) -> tuple[Schedule, list[TriggerSeed]]:
         """New parents for a child whose parents failed, were slow or served corrupt bytes."""
         task, peer = self._lookup(task_id, peer_id)
-        peer.updated_at = now
+        peer.updated_at = task.updated_at = now
         until = now + BLOCK_SECONDS
         for blocked in blocklist:
             peer.blocklist[blocked] = max(peer.blocklist.get(blocked, 0.0), until)
@@ -437,23 +494,19 @@ class Scheduler:
 
     def result(self, *, task_id: str, peer_id: str, success: bool, now: float) -> None:
         task, peer = self._lookup(task_id, peer_id)
-        peer.updated_at = now
+        peer.updated_at = task.updated_at = now
         if success:
             if task.content is not None and len(peer.pieces) < task.content.piece_count:
                 raise SwarmflyError(
                     "conflict",
                     f"peer reported {len(peer.pieces)} of {task.content.piece_count} pieces",
                 )
-            peer.state = "succeeded"
-            peer.parents.clear()
+            task.retire(peer, "succeeded")
         else:
-            peer.state = "failed"
-            peer.parents.clear()
+            task.retire(peer, "failed")
             if peer.seed:
                 task.failed_seeds.add(peer.host_id)
-            if peer.is_source and not any(
-                p.is_source and p.state != "failed" for p in task.peers.values()
-            ):
+            if peer.is_source and not any(p.state != "failed" for p in task.sources.values()):
                 # The origin read failed: let the next request trigger a seed again.
                 task.seed_requested_at = task.seed_host = None
 
@@ -571,18 +624,27 @@ class Scheduler:
             task.holders[number] = task.holders.get(number, 0) + 1
         peer.pieces |= pieces
 
-    def _remove_peer(self, peer: Peer) -> None:
+    def _forget(self, peer: Peer) -> None:
         self.peers.pop(peer.id, None)
+        held = self.host_peers.get(peer.host_id)
+        if held is not None:
+            held.discard(peer.id)
+            if not held:
+                del self.host_peers[peer.host_id]
+
+    def _remove_peer(self, peer: Peer) -> None:
+        self._forget(peer)
         task = self.tasks.get(peer.task_id)
         if task is None:
             return
+        task.assign(peer, [])
         for number in peer.pieces:
             task.holders[number] -= 1
         for number, claimants in list(task.claims.items()):
             claimants.pop(peer.id, None)
             if not claimants:
                 del task.claims[number]
-        task.peers.pop(peer.id, None)
+        task.remove(peer)
         if not task.peers:
             del self.tasks[task.id]
 
@@ -590,7 +652,7 @@ class Scheduler:
         return peer.host_id in self.hosts and peer.state != "failed"
 
     def _has_source(self, task: Task, now: float) -> bool:
-        return any(p.is_source and self._alive(p) for p in task.peers.values())
+        return any(self._alive(p) for p in task.sources.values())
 
     def _next_seed_host(self, task: Task) -> str | None:
         """The task's home among the live storage hosts that have not failed it: rendezvous
@@ -617,7 +679,7 @@ class Scheduler:
                 if p.state == "running" and p.id not in doubt.reporters
             )
             if len(doubt.reporters) >= 2 or not others:
-                seed.state = "failed"
+                task.retire(seed, "failed")
                 task.failed_seeds.add(seed.host_id)
                 del task.suspects[seed_id]
 
@@ -665,28 +727,24 @@ class Scheduler:
 
     def _schedule(self, task: Task, child: Peer, now: float) -> Schedule:
         parents = self._choose_parents(task, child, now)
-        fed = any(
-            p.is_source and self._alive(p) and p.id not in task.bad_parents
-            for p in task.peers.values()
-        )
+        fed = any(self._alive(p) and p.id not in task.bad_parents for p in task.sources.values())
         if not fed and not any(p.pieces - child.pieces for p in parents):
             parents = []  # peers with nothing to give, and no source to get it from
-        usable_source = any(
-            p.is_source and self._eligible(task, child, p, now) for p in task.peers.values()
-        )
-        child.parents = [p.id for p in parents]
+        usable_source = any(self._eligible(task, child, p, now) for p in task.sources.values())
+        task.assign(child, [p.id for p in parents])
         if parents:
             return Schedule("parents", self._parent_infos(parents), task.content)
         seed_pending = (
             task.seed_requested_at is not None
             and not task.seed_failed
             and now - task.seed_requested_at < self.seed_timeout
-            and not any(p.seed and self._alive(p) for p in task.peers.values())
+            and not any(p.seed and self._alive(p) for p in task.sources.values())
         )
         # While a seed is in doubt, its replacement may be coming: wait for it, not the origin.
         if usable_source or seed_pending or task.suspects:
             return Schedule("wait", content=task.content, retry_after_ms=WAIT_MS)
         child.back_to_source = True
+        task.sources[child.id] = child
         return Schedule("back_to_source", content=task.content)
 
     def _is_ancestor(self, ancestor: Peer, of: Peer) -> bool:
@@ -723,9 +781,17 @@ class Scheduler:
             and not self._is_bad(parent)
         )
 
+    def _candidates(self, task: Task) -> list[Peer]:
+        """Every peer of a small swarm, shuffled; of a larger one, a random sample."""
+        ids = task.order
+        if len(ids) <= SAMPLE_SIZE:
+            pool = [task.peers[i] for i in ids]
+            self.rng.shuffle(pool)
+            return pool
+        return [task.peers[ids[i]] for i in self.rng.sample(range(len(ids)), SAMPLE_SIZE)]
+
     def _choose_parents(self, task: Task, child: Peer, now: float) -> list[Peer]:
-        pool = list(task.peers.values())
-        self.rng.shuffle(pool)
+        pool = self._candidates(task)
         filtered: list[Peer] = []
         for parent in pool:
             if not self._eligible(task, child, parent, now):
@@ -747,15 +813,12 @@ class Scheduler:
         median = statistics.median(means) if means else None
         # Children already sent to a parent count as its load at once, not only when the
         # next heartbeat says so: otherwise every child picks the same best few parents.
-        assigned: dict[str, int] = {}
-        for peer in task.peers.values():
-            if peer.state == "running" and peer.id != child.id:
-                for parent_id in peer.parents:
-                    assigned[parent_id] = assigned.get(parent_id, 0) + 1
+        mine = set(child.parents) if child.state == "running" else set()
         child_candidate = self._candidate(child)
         scored: list[tuple[bool, float, Peer]] = []
         for parent in filtered:
-            candidate = self._candidate(parent, child, total, assigned.get(parent.id, 0))
+            assigned = task.load.get(parent.id, 0) - (parent.id in mine)
+            candidate = self._candidate(parent, child, total, assigned)
             score = self.evaluator(candidate, child_candidate, total, median)
             # A parent holding nothing the child lacks goes last whatever its score: the
             # child could only wait on it while parents with pieces to give are busy.

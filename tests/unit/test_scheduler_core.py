@@ -15,6 +15,8 @@ from swarmfly.placement import rendezvous
 from swarmfly.plugins.hookspecs import Candidate
 from swarmfly.services.scheduler.core import (
     BLOCK_SECONDS,
+    FILTER_LIMIT,
+    SAMPLE_SIZE,
     Evaluator,
     HostSpec,
     PieceReport,
@@ -403,6 +405,25 @@ def _assert_acyclic(s: Scheduler) -> None:
         visit(pid, [])
 
 
+def _assert_bookkeeping(s: Scheduler) -> None:
+    """What the core keeps incrementally (so that a decision costs the same in any swarm)
+    equals what a scan of every peer finds."""
+    for task in s.tasks.values():
+        assert sorted(task.order) == sorted(task.peers)
+        assert all(task.order[index] == pid for pid, index in task.slot.items())
+        assert set(task.sources) == {pid for pid, p in task.peers.items() if p.is_source}
+        load: dict[str, int] = {}
+        for peer in task.peers.values():
+            if peer.state == "running":
+                for parent_id in peer.parents:
+                    load[parent_id] = load.get(parent_id, 0) + 1
+        assert task.load == load
+    by_host: dict[str, set[str]] = {}
+    for peer in s.peers.values():
+        by_host.setdefault(peer.host_id, set()).add(peer.id)
+    assert s.host_peers == by_host
+
+
 PEERS = [f"p{n}" for n in range(6)]
 KINDS = ["register", "register", "reschedule", "reschedule", "fail", "succeed", "leave", "seed"]
 OPS = st.lists(
@@ -442,6 +463,39 @@ def test_random_histories_never_make_a_cycle(
         elif op == "leave":
             s.leave(host_id, [peer])
         _assert_acyclic(s)
+        _assert_bookkeeping(s)
+
+
+def test_a_decision_in_a_large_swarm_weighs_a_bounded_sample() -> None:
+    """Past SAMPLE_SIZE peers a decision scores a random sample, not the swarm: what it costs
+    does not grow with the swarm (bench/core.py measures it), and it still gives a child
+    parents it may use, and spreads children over them."""
+    scored: list[str] = []
+
+    def counting(parent: Candidate, child: Candidate, total: int, median: float | None) -> float:
+        scored.append(parent.peer_id)
+        return float(parent.finished_pieces)
+
+    s = Scheduler(candidate_parents=4, evaluator=counting, rng=random.Random(7))
+    add_seed(s)
+    peers = [f"p{n}" for n in range(4 * SAMPLE_SIZE)]
+    for n, peer in enumerate(peers):
+        join(s, peer, f"h{n}")
+        s.report_pieces(task_id=T, peer_id=peer, pieces=[PieceReport(n % 4)], now=0.5)
+    chosen: dict[str, int] = {}
+    for n in range(200):
+        child = peers[n]
+        scored.clear()
+        blocked = peers[n + 1]
+        schedule, _ = s.reschedule(task_id=T, peer_id=child, now=1.0, blocklist=[blocked])
+        assert len(scored) <= FILTER_LIMIT, "at most FILTER_LIMIT candidates are scored"
+        parents = ids(schedule)
+        assert parents and len(parents) <= 4
+        assert not parents & {child, blocked}
+        for parent in parents:
+            chosen[parent] = chosen.get(parent, 0) + 1
+    assert len(chosen) > 50, "children are spread over the swarm, not sent to the same few"
+    _assert_bookkeeping(s)
 
 
 # -- hosts: heartbeats, expiry, leave -------------------------------------------------------
