@@ -86,7 +86,9 @@ class UploadServer:
         """Answer polls with grants (a seed): see ``grants``."""
         self.grant_seconds = grant_seconds
         self._grants: dict[str, grants.GrantBook] = {}
-        self._waiters: list[_Waiter] = []
+        self._waiters: dict[_Waiter, None] = {}
+        """Children's polls waiting for a grant, oldest first (an ordered set: a seed with
+        thousands of children removes each in constant time)."""
         """Polls waiting for a grant, oldest first: each child gets its turn."""
         self._ticker: asyncio.Task[None] | None = None
         self._serial = 0
@@ -112,8 +114,16 @@ class UploadServer:
         return self.uploads + self._waiting
 
     def _reserved(self, now: float) -> int:
-        """Slots promised: requests under way plus grants not yet taken."""
-        return self.load + sum(book.outstanding(now) for book in self._grants.values())
+        """Slots promised: requests under way plus grants not yet taken. A task's book goes
+        once nothing in it is outstanding: the books are the tasks with a grant pending (at
+        most one per slot), not every task this host ever granted a piece of."""
+        pending = 0
+        for task_id, book in list(self._grants.items()):
+            if outstanding := book.outstanding(now):
+                pending += outstanding
+            else:
+                del self._grants[task_id]
+        return self.load + pending
 
     def trust(self, keys: Iterable[str]) -> None:
         """Check capabilities with these keys too (the newest few: a rotation overlaps)."""
@@ -224,7 +234,7 @@ class UploadServer:
         if lending is not None and "lent" in request.query:
             lending.delivered.update(_delivered(request.query["lent"], lending))
         waiter = _Waiter(task, wanted, child)
-        self._waiters.append(waiter)
+        self._waiters[waiter] = None
         if lending is not None:
             lending.polled_at = time.monotonic()
             if child is not None:
@@ -236,8 +246,7 @@ class UploadServer:
         finally:
             if lending is not None and child is not None:
                 lending.seen[child] = time.monotonic()  # it waited here all along
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        self._waiters.pop(waiter, None)
         kind, number = waiter.answer.result() if waiter.answer.done() else ("", -1)
         self._serial += 1
         answer: dict[str, Any] = {
@@ -257,16 +266,18 @@ class UploadServer:
         that wants nothing available now lets the next one go ahead. Once no slot is free,
         a waiting child may be lent a piece to read from the origin."""
         now = time.monotonic()
+        reserved = self._reserved(now)  # once: each grant below adds one
         for waiter in list(self._waiters):
             if waiter.answer.done():
                 continue
             task = waiter.task
-            if self._reserved(now) < self.capacity:
+            if reserved < self.capacity:
                 book = self._grants.setdefault(task.id, grants.GrantBook(self.grant_seconds))
                 number = book.grant(task.done, task.served, now, waiter.wanted)
                 if number is not None:
+                    reserved += 1
                     waiter.answer.set_result(("piece", number))
-                    self._waiters.remove(waiter)
+                    del self._waiters[waiter]
                     asyncio.get_running_loop().call_later(book.lease, self._dispatch)  # lapse
             # The uplink is full: lend. (Only to a child that said what it wants, so it can
             # take one, and who it is: only the child named may vouch for the piece.)
@@ -280,7 +291,7 @@ class UploadServer:
                 )
                 if number is not None:
                     waiter.answer.set_result(("origin", number))
-                    self._waiters.remove(waiter)
+                    del self._waiters[waiter]
         if any(not w.answer.done() for w in self._waiters) and self._ticker is None:
             self._ticker = asyncio.create_task(self._tick())
 
