@@ -30,6 +30,20 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _summary(peers: list[dict[str, Any]]) -> dict[str, int]:
+    """What a scheduler that lists every peer (and sends no summary) says, summed here."""
+    normal = [p for p in peers if not p["source"]]
+    return {
+        "peers": len(peers),
+        "sources": len(peers) - len(normal),
+        "succeeded": sum(p["state"] == "succeeded" for p in normal),
+        "failed": sum(p["state"] == "failed" for p in normal),
+        "pieces_held": sum(p["pieces"] for p in normal),
+        "origin_bytes": sum(p.get("origin_bytes", 0) for p in peers),
+        "p2p_bytes": sum(p.get("p2p_bytes", 0) for p in peers),
+    }
+
+
 def merge(states: list[dict[str, Any]], limit: int) -> dict[str, Any]:
     """One view of several schedulers: each knows every host (heartbeats reach them all)
     and the tasks of the partitions it holds."""
@@ -42,7 +56,16 @@ def merge(states: list[dict[str, Any]], limit: int) -> dict[str, Any]:
                 hosts[host["id"]] = host
         for task in state["tasks"]:
             tasks.setdefault(task["id"], task)
-    return {"hosts": list(hosts.values()), "tasks": list(tasks.values())[:limit]}
+    merged: dict[str, Any] = {
+        "hosts": list(hosts.values()),
+        "tasks": list(tasks.values())[:limit],
+        # Every scheduler hears every host; each holds the tasks of its own partitions.
+        "host_count": max((s.get("host_count", len(s["hosts"])) for s in states), default=0),
+        "task_count": sum(s.get("task_count", len(s["tasks"])) for s in states),
+    }
+    if any(s.get("truncated") for s in states) or len(tasks) > limit:
+        merged["truncated"] = True
+    return merged
 
 
 async def gather(config: Config) -> dict[str, Any]:
@@ -96,27 +119,30 @@ async def show(config: Config, *, as_json: bool) -> int:
     for task in status["tasks"]:
         content = task["task"] or {}
         count = content.get("piece_count", 0)
-        peers = task["peers"]
-        normal = [p for p in peers if not p["source"]]
-        done = sum(p["state"] == "succeeded" for p in normal)
-        held = sum(p["pieces"] for p in normal)
-        progress = f"{100 * held / (count * len(normal)):.0f}%" if count and normal else "-"
+        summary = task.get("summary") or _summary(task["peers"])
+        normal = summary["peers"] - summary["sources"]
+        held = summary["pieces_held"]
+        progress = f"{100 * held / (count * normal):.0f}%" if count and normal else "-"
         tasks.append(
             [
                 task["id"][:12],
                 _size(content.get("content_length", 0)),
                 str(count),
-                f"{done}/{len(normal)}",
-                str(len(peers) - len(normal)),
+                f"{summary['succeeded']}/{normal}",
+                str(summary["sources"]),
                 progress,
-                _size(sum(p.get("origin_bytes", 0) for p in peers)),
-                _size(sum(p.get("p2p_bytes", 0) for p in peers)),
+                _size(summary["origin_bytes"]),
+                _size(summary["p2p_bytes"]),
                 task.get("url") or "-",
             ]
         )
     print(_table("SERVICES", ["NAME", "ID", "VERSION", "HOST"], services))
     print()
-    print(_table("HOSTS", ["HOST", "TYPE", "ADDRESS", "UPLOADS", "SEEN"], hosts))
+    known = status.get("host_count", len(hosts))
+    title = (
+        "HOSTS" if known <= len(hosts) else f"HOSTS ({len(hosts)} most recently seen of {known})"
+    )
+    print(_table(title, ["HOST", "TYPE", "ADDRESS", "UPLOADS", "SEEN"], hosts))
     print()
     print(
         _table(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,9 +36,11 @@ from swarmfly.plugins.hookspecs import Evaluator
 from swarmfly.services.scheduler.core import (
     HostSpec,
     Lending,
+    Peer,
     PieceReport,
     Schedule,
     Scheduler,
+    Task,
     TriggerSeed,
 )
 from swarmfly.services.scheduler.ownership import Ownership
@@ -46,6 +49,14 @@ from swarmfly.status import merge
 log = logging.getLogger(__name__)
 EVENT_INTERVAL = 0.5
 VIEW_TASKS = 200
+HOST_LIMIT = 1000
+"""Hosts a state lists by default (the most recently seen); ``host_count`` counts them all."""
+PEER_LIMIT = 200
+"""Peers a task lists by default: its sources and its most recently active others."""
+STATE_BUDGET = 768 * 1024
+"""Bytes a state may take, below NATS's default max_payload (1 MiB) with room to spare."""
+HOST_BYTES, TASK_BYTES, PEER_BYTES = 200, 600, 200
+"""What one entry takes at most in the JSON (ids of 64 characters), besides a bitmap."""
 """Tasks the dashboard shows, the most recently active first."""
 DASHBOARD_CSP = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 """The page loads nothing from elsewhere (no CDN): it must work on machines with no internet."""
@@ -361,45 +372,97 @@ class SchedulerService:
         return web.json_response({"ok": ok}, status=200 if ok else 503)
 
     def snapshot(
-        self, *, bitmaps: bool = False, task_id: str | None = None, limit: int = 1000
+        self,
+        *,
+        bitmaps: bool = False,
+        task_id: str | None = None,
+        limit: int = 1000,
+        host_limit: int = HOST_LIMIT,
+        peer_limit: int = PEER_LIMIT,
     ) -> dict[str, Any]:
-        """The scheduler's soft state, as ``scheduler.state`` replies and the dashboard shows."""
+        """The scheduler's soft state, as ``scheduler.state`` replies and the dashboard shows:
+        the most recently seen hosts and active tasks, each task's sources and most recently
+        active peers, with the counts of all of them, and never more than a NATS message
+        holds (``truncated`` says something was left out)."""
         core, now = self.core, self.clock()
-        tasks = [t for t in core.tasks.values() if task_id is None or t.id == task_id]
-        tasks.sort(key=lambda t: max((p.updated_at for p in t.peers.values()), default=0.0))
+        tasks = (
+            [t for t in (core.tasks.get(task_id),) if t is not None]
+            if task_id is not None
+            else heapq.nlargest(limit, core.tasks.values(), key=lambda t: t.updated_at)
+        )
+        budget = STATE_BUDGET
+        shown_hosts = heapq.nlargest(host_limit, core.hosts.values(), key=lambda h: h.last_seen)
+        hosts = [
+            {
+                "id": h.id,
+                "type": h.type,
+                "address": h.address,
+                "uploads": h.uploads,
+                "upload_slots": h.upload_slots,
+                "seen_s": round(max(0.0, now - h.last_seen), 3),
+            }
+            for h in shown_hosts
+        ]
+        budget -= HOST_BYTES * len(hosts)
+        truncated = False
+        views = []
+        for t in tasks:
+            budget -= TASK_BYTES
+            if budget < 0:
+                truncated = True
+                break
+            peers = list(t.sources.values())[:peer_limit]
+            peers += heapq.nlargest(
+                peer_limit - len(peers),
+                (p for p in t.peers.values() if not p.is_source),
+                key=lambda p: p.updated_at,
+            )
+            size = PEER_BYTES
+            if bitmaps and t.content is not None:
+                size += 2 * ((t.content.piece_count + 7) // 8)
+            fits = min(len(peers), budget // size)
+            truncated = truncated or fits < len(peers)
+            budget -= fits * size
+            views.append(self._task_view(t, peers[:fits], bitmaps))
+        state: dict[str, Any] = {
+            "hosts": hosts,
+            "tasks": views,
+            "host_count": len(core.hosts),
+            "task_count": len(core.tasks),
+        }
+        if truncated:
+            state["truncated"] = True
+        return state
+
+    def _task_view(self, t: Task, peers: list[Peer], bitmaps: bool) -> dict[str, Any]:
+        every = t.peers.values()
+        normal = [p for p in every if not p.is_source]
         return {
-            "hosts": [
+            "id": t.id,
+            "task": t.content.to_dict() if t.content else None,
+            "url": self._shown_url(t.id),
+            "peers": [
                 {
-                    "id": h.id,
-                    "type": h.type,
-                    "address": h.address,
-                    "uploads": h.uploads,
-                    "upload_slots": h.upload_slots,
-                    "seen_s": round(max(0.0, now - h.last_seen), 3),
+                    "id": p.id,
+                    "host_id": p.host_id,
+                    "state": p.state,
+                    "pieces": len(p.pieces),
+                    "source": p.is_source,
+                    "origin_bytes": p.origin_bytes,
+                    "p2p_bytes": p.p2p_bytes,
+                    **({"bitmap": bitmap(p.pieces)} if bitmaps else {}),
                 }
-                for h in core.hosts.values()
+                for p in peers
             ],
-            "tasks": [
-                {
-                    "id": t.id,
-                    "task": t.content.to_dict() if t.content else None,
-                    "url": self._shown_url(t.id),
-                    "peers": [
-                        {
-                            "id": p.id,
-                            "host_id": p.host_id,
-                            "state": p.state,
-                            "pieces": len(p.pieces),
-                            "source": p.is_source,
-                            "origin_bytes": p.origin_bytes,
-                            "p2p_bytes": p.p2p_bytes,
-                            **({"bitmap": bitmap(p.pieces)} if bitmaps else {}),
-                        }
-                        for p in t.peers.values()
-                    ],
-                }
-                for t in reversed(tasks[-limit:])
-            ],
+            "summary": {
+                "peers": len(t.peers),
+                "sources": len(t.peers) - len(normal),
+                "succeeded": sum(p.state == "succeeded" for p in normal),
+                "failed": sum(p.state == "failed" for p in normal),
+                "pieces_held": sum(len(p.pieces) for p in normal),
+                "origin_bytes": sum(p.origin_bytes for p in every),
+                "p2p_bytes": sum(p.p2p_bytes for p in every),
+            },
         }
 
     def _shown_url(self, task_id: str) -> str | None:
@@ -415,6 +478,8 @@ class SchedulerService:
             bitmaps=req.get("bitmaps", False),
             task_id=req.get("task_id"),
             limit=req.get("limit", 1000),
+            host_limit=req.get("host_limit", HOST_LIMIT),
+            peer_limit=req.get("peer_limit", PEER_LIMIT),
         )
 
     async def _state(self, request: web.Request) -> web.Response:
