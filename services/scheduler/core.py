@@ -33,6 +33,13 @@ swarm), of which the first FILTER_LIMIT eligible are scored: what a decision cos
 same however large the swarm grows."""
 COST_SAMPLES = 20
 WAIT_MS = 50
+MAX_WAIT_MS = 2000
+WAITERS_PER_WAIT = 64
+"""A task's peers told to wait come back after WAIT_MS each per this many of them (at most
+MAX_WAIT_MS): what waiting costs the scheduler stays bounded however large the swarm."""
+SEED_CHILDREN = 64
+"""Running children a source is offered to at a time: a seed's uplink serves a bounded few,
+which trade what it sends with everyone else, and its grant polls stay bounded too."""
 BLOCK_SECONDS = 30.0
 """How long a parent a child reported failed or slow stays out of that child's parents."""
 SEED_PARENTS = 8
@@ -742,7 +749,8 @@ class Scheduler:
         )
         # While a seed is in doubt, its replacement may be coming: wait for it, not the origin.
         if usable_source or seed_pending or task.suspects:
-            return Schedule("wait", content=task.content, retry_after_ms=WAIT_MS)
+            waiting = WAIT_MS * -(-len(task.peers) // WAITERS_PER_WAIT)
+            return Schedule("wait", content=task.content, retry_after_ms=min(MAX_WAIT_MS, waiting))
         child.back_to_source = True
         task.sources[child.id] = child
         return Schedule("back_to_source", content=task.content)
@@ -825,7 +833,17 @@ class Scheduler:
             useful = not total or bool(candidate.useful_pieces)
             scored.append((useful, score, parent))
         scored.sort(key=lambda entry: entry[:2], reverse=True)
-        return self._with_source([parent for *_, parent in scored])
+        # A source with its fill of children is kept by those it has and offered to nobody
+        # else: they get its pieces from the children it serves, as those trade them.
+        return self._with_source(
+            [
+                parent
+                for *_, parent in scored
+                if not parent.is_source
+                or parent.id in mine
+                or task.load.get(parent.id, 0) < SEED_CHILDREN
+            ]
+        )
 
     def _with_source(self, ranked: list[Peer]) -> list[Peer]:
         """The best normal parents, and the best source as the last of them: a seed grants

@@ -16,7 +16,10 @@ from swarmfly.plugins.hookspecs import Candidate
 from swarmfly.services.scheduler.core import (
     BLOCK_SECONDS,
     FILTER_LIMIT,
+    MAX_WAIT_MS,
     SAMPLE_SIZE,
+    SEED_CHILDREN,
+    WAITERS_PER_WAIT,
     Evaluator,
     HostSpec,
     PieceReport,
@@ -496,6 +499,52 @@ def test_a_decision_in_a_large_swarm_weighs_a_bounded_sample() -> None:
             chosen[parent] = chosen.get(parent, 0) + 1
     assert len(chosen) > 50, "children are spread over the swarm, not sent to the same few"
     _assert_bookkeeping(s)
+
+
+def test_a_seed_serves_a_bounded_few_children_at_a_time() -> None:
+    """A seed is offered to SEED_CHILDREN running children at most: those keep it, the others
+    take its pieces from them; as its children finish, it is offered to new ones."""
+    s = Scheduler(candidate_parents=4, rng=random.Random(3))
+    add_seed(s)
+    children = [f"c{n}" for n in range(SEED_CHILDREN + 40)]
+    for n, child in enumerate(children):
+        join(s, child, f"h{n}", now=0.1)
+        if n % 3 == 0:  # some hold a piece to give, as a swarm under way does
+            s.report_pieces(task_id=T, peer_id=child, pieces=[PieceReport(n % 4)], now=0.2)
+    served = [c for c in children if "seed" in s.peers[c].parents]
+    assert len(served) == SEED_CHILDREN
+    assert s.tasks[T].load["seed"] == SEED_CHILDREN
+    schedule, _ = s.reschedule(task_id=T, peer_id=served[0], now=1.0)
+    assert "seed" in ids(schedule), "a child the seed serves keeps it"
+    waiting = next(c for c in children if c not in served)
+    schedule, _ = s.reschedule(task_id=T, peer_id=waiting, now=1.0)
+    assert "seed" not in ids(schedule) and ids(schedule), "others get peers, not the seed"
+    for child in served[:5]:
+        s.report_pieces(task_id=T, peer_id=child, pieces=[PieceReport(n) for n in range(4)], now=2)
+        s.result(task_id=T, peer_id=child, success=True, now=2.0)
+    assert s.tasks[T].load["seed"] == SEED_CHILDREN - 5
+    others = [c for c in children if c not in served]
+    given = [c for c in others if "seed" in ids(s.reschedule(task_id=T, peer_id=c, now=3.0)[0])]
+    assert len(given) == 5, "the finished children's places go to the next (a sampled seed)"
+    assert s.tasks[T].load["seed"] == SEED_CHILDREN
+    _assert_bookkeeping(s)
+
+
+def test_waiting_children_come_back_less_often_in_a_larger_swarm() -> None:
+    """Told to wait (the seed is on its way), a child of a large swarm asks again later: the
+    swarm's wait polls cost the scheduler a bounded rate, not one per child per 50 ms."""
+    s = Scheduler()
+    hints = []
+    for n in range(20 * WAITERS_PER_WAIT):
+        schedule = join(s, f"w{n}", f"h{n}")
+        assert schedule.action == "wait"
+        assert schedule.retry_after_ms is not None
+        hints.append(schedule.retry_after_ms)
+    assert hints[0] == hints[WAITERS_PER_WAIT - 1] == 50
+    assert hints == sorted(hints) and hints[-1] == 20 * 50
+    for n in range(40 * WAITERS_PER_WAIT):
+        join(s, f"x{n}", f"g{n}")
+    assert join(s, "last", "h-last").retry_after_ms == MAX_WAIT_MS
 
 
 # -- hosts: heartbeats, expiry, leave -------------------------------------------------------
