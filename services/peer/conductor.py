@@ -656,8 +656,10 @@ class Conductor:
         return number
 
     async def _refresh_task(self, book: PieceBook | None) -> None:
-        """Task size and the per-piece digests the scheduler knows, page by page."""
-        offset = 0
+        """Task size and the per-piece digests the scheduler knows, page by page: while
+        downloading (``book``), from the first piece whose digest may still come or change
+        (unknown, or only a lent child's word), not the whole list every time; else all."""
+        offset = 0 if book is None else self._digest_offset()
         while True:
             try:
                 reply = await self._request(
@@ -687,6 +689,11 @@ class Conductor:
             offset = start + len(digests)
             if not digests or offset >= reply["task"]["piece_count"]:
                 return
+
+    def _digest_offset(self) -> int:
+        held = self.stored.digests
+        unknown = next((n for n, digest in enumerate(held) if digest is None), len(held))
+        return min(unknown, min(self._provisional, default=unknown))
 
     # -- the origin ----------------------------------------------------------------------
 
