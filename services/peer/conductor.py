@@ -41,8 +41,10 @@ SEED_POLL_WAIT = 2.0
 """A seed's grant follows the pieces the child said it wants; they go stale sooner."""
 STALL_SECONDS = 3.0
 RESCHEDULE_INTERVAL = 1.0
+"""Seconds between asks for fresher parents while pieces are missing (at least: a large
+swarm's scheduler tells its children to ask less often)."""
 IDLE_RESCHEDULE = 0.25
-"""Seconds between asks for fresher parents while pieces are missing."""
+"""Of that interval: how soon a child with nothing in flight asks again."""
 REPORT_INTERVAL = 0.05
 REPORT_BATCH = 2048
 """Piece reports per request: with digests, 2048 stay well inside the request size limit."""
@@ -173,6 +175,8 @@ class Conductor:
         self._report_content = False
         self._wake = asyncio.Event()
         self._reschedule_due = False
+        self._reschedule_every = RESCHEDULE_INTERVAL
+        """Seconds between periodic reschedules: longer in a large swarm, as its scheduler says."""
         self._token: str | None = None
         """The capability of the last schedule: parents serve the task only against it."""
         self._scheduler_lost: float | None = None
@@ -473,10 +477,14 @@ class Conductor:
                         fetches[task] = (number, parent_id)
                 now = time.monotonic()
                 stalled = now - last_progress > STALL_SECONDS and not fetches
-                periodic = now - last_schedule > RESCHEDULE_INTERVAL
+                periodic = now - last_schedule > self._reschedule_every
                 # Nothing in flight: these parents have nothing to give now; ask for others
                 # at once rather than idle until the periodic reschedule.
-                idle = book is not None and not fetches and now - last_schedule > IDLE_RESCHEDULE
+                idle = (
+                    book is not None
+                    and not fetches
+                    and now - last_schedule > self._reschedule_every * IDLE_RESCHEDULE
+                )
                 if not self.parents or stalled or periodic or idle or self._reschedule_due:
                     # A lost or bad parent is reported at once; and as the swarm moves on,
                     # the scheduler is asked again for the parents that are ahead now.
@@ -493,6 +501,9 @@ class Conductor:
                     self._adopt(schedule.get("task"))
                     if schedule["action"] == "parents":
                         self._set_parents(schedule["parents"], book)
+                        # A large swarm's scheduler asks its children to come back less often.
+                        hint = schedule.get("retry_after_ms", 0) / 1000
+                        self._reschedule_every = max(RESCHEDULE_INTERVAL, hint)
                     elif schedule["action"] == "back_to_source":
                         return schedule
                     elif not self.parents:

@@ -37,6 +37,11 @@ MAX_WAIT_MS = 2000
 WAITERS_PER_WAIT = 64
 """A task's peers told to wait come back after WAIT_MS each per this many of them (at most
 MAX_WAIT_MS): what waiting costs the scheduler stays bounded however large the swarm."""
+RESCHEDULE_PEERS = 1000
+MAX_RESCHEDULE_MS = 10_000
+"""Past RESCHEDULE_PEERS peers in a task, a child is told to ask for fresh parents once a
+second per that many of them (at most MAX_RESCHEDULE_MS; sooner when a parent fails): the
+task's reschedules cost the scheduler about RESCHEDULE_PEERS decisions a second at most."""
 SEED_CHILDREN = 64
 """Running children a source is offered to at a time: a seed's uplink serves a bounded few,
 which trade what it sends with everyone else, and its grant polls stay bounded too."""
@@ -740,7 +745,10 @@ class Scheduler:
         usable_source = any(self._eligible(task, child, p, now) for p in task.sources.values())
         task.assign(child, [p.id for p in parents])
         if parents:
-            return Schedule("parents", self._parent_infos(parents), task.content)
+            every = None
+            if len(task.peers) > RESCHEDULE_PEERS:
+                every = min(MAX_RESCHEDULE_MS, 1000 * -(-len(task.peers) // RESCHEDULE_PEERS))
+            return Schedule("parents", self._parent_infos(parents), task.content, every)
         seed_pending = (
             task.seed_requested_at is not None
             and not task.seed_failed

@@ -16,7 +16,9 @@ from swarmfly.plugins.hookspecs import Candidate
 from swarmfly.services.scheduler.core import (
     BLOCK_SECONDS,
     FILTER_LIMIT,
+    MAX_RESCHEDULE_MS,
     MAX_WAIT_MS,
+    RESCHEDULE_PEERS,
     SAMPLE_SIZE,
     SEED_CHILDREN,
     WAITERS_PER_WAIT,
@@ -545,6 +547,22 @@ def test_waiting_children_come_back_less_often_in_a_larger_swarm() -> None:
     for n in range(40 * WAITERS_PER_WAIT):
         join(s, f"x{n}", f"g{n}")
     assert join(s, "last", "h-last").retry_after_ms == MAX_WAIT_MS
+
+
+def test_children_of_a_large_swarm_are_told_to_reschedule_less_often() -> None:
+    """Past RESCHEDULE_PEERS peers a schedule says how long a child may go before asking for
+    fresher parents: the task's periodic reschedules stay near RESCHEDULE_PEERS a second."""
+    s = Scheduler(rng=random.Random(5))
+    add_seed(s)
+    hints = []
+    for n in range(3 * RESCHEDULE_PEERS - 1):  # with the seed, 3 * RESCHEDULE_PEERS peers
+        schedule = join(s, f"c{n}", f"h{n}")
+        assert schedule.action == "parents"
+        hints.append(schedule.retry_after_ms)
+    assert set(hints[: RESCHEDULE_PEERS - 1]) == {None}, "a smaller swarm: the peer's own pace"
+    assert hints[-1] == 3000 and hints == sorted(hints, key=lambda h: h or 0)
+    assert Schedule("parents", (), None, hints[-1]).to_dict()["retry_after_ms"] == 3000
+    assert MAX_RESCHEDULE_MS <= 60_000, "within the contract's bound"
 
 
 # -- hosts: heartbeats, expiry, leave -------------------------------------------------------
