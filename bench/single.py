@@ -1,14 +1,18 @@
-"""Single-download benchmark: one large file through swarmfly against curl + sha256sum.
+"""Single-download benchmark: one large file through swarmfly against curl + a sha256 tool.
 
 A local, uncapped origin serves a file from disk (aiohttp FileResponse, sendfile, Range).
 Each run measures, in alternating order:
 
-  (a) curl -s -o OUT URL ; sha256sum OUT         (wall time of both)
-  (b) swarmfly get URL -O OUT2 --json             (embedded cluster: nats-server, scheduler,
-                                                   storage and one peer, no rate limits)
+  (a) curl -s -o OUT URL ; sha256sum OUT            (wall time of both: ``curl_s``)
+  (b) curl -s -o OUT URL ; openssl dgst -sha256 OUT (wall time of both: ``curl_fast_s``)
+  (c) swarmfly get URL -O OUT2 --digest sha256:HEX --json
+                                                    (embedded cluster: nats-server, scheduler,
+                                                     storage and one peer, no rate limits)
 
 Every run uses a fresh URL (``?run=N``), so neither the storage nor the peer has the task
-cached. ratio = swarmfly / curl per run; the summary is the median ratio. See bench/README.md.
+cached. ratio = swarmfly / (a) and ratio_fast = swarmfly / (b) per run; the summary holds the
+medians. For (c) it also reads each service's CPU time (/proc/PID/stat) and peak RSS (VmHWM,
+reset before each get) and the get's own CPU time. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,9 @@ from _common import (
     env_pairs,
     human,
     median,
+    peak_rss_mib,
+    reset_peak_rss,
+    sha256_file,
     size_arg,
     start_cluster,
     stop_cluster,
@@ -45,6 +53,11 @@ from _common import (
 )
 
 from swarmfly.natsserver import NatsServer
+
+GiB = 2**30
+KINDS = ("get", "peer", "storage", "scheduler")  # the processes whose CPU time is counted
+SERVICES = ("peer", "storage", "scheduler")  # the ones whose peak RSS is read
+SHORT = {"curl": "sha", "curl_fast": "ssl", "swarmfly": "swarm"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +77,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--runs and --file-size must be positive")
     args.env = env_pairs(parser, args.env)
     return args
+
+
+def rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def disk_needed(size: int, runs: int) -> int:
+    """The origin file, a storage copy and a peer copy per run (each run is a new task, and
+    the caches keep it), one output at a time, and 1 GiB for logs and slack."""
+    return size * (1 + 2 * runs + 1) + GiB
 
 
 def timed(command: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -93,32 +116,50 @@ def timed(command: list[str], timeout: float, env: dict[str, str] | None = None)
     return result
 
 
-def measure_curl(curl: str, url: str, output: Path, timeout: float) -> dict[str, Any]:
+def sha256sum_hex(stdout: str) -> str:
+    return stdout.split()[0]  # "HEX  FILE"
+
+
+def openssl_hex(stdout: str) -> str:
+    return stdout.strip().rsplit("= ", 1)[-1]  # "SHA2-256(FILE)= HEX"
+
+
+def measure_curl(
+    curl: str, url: str, output: Path, timeout: float, hasher: list[str],
+    parse: Callable[[str], str],
+) -> dict[str, Any]:  # fmt: skip
+    """curl -o OUTPUT, then HASHER OUTPUT; the time of both."""
+    name = Path(hasher[0]).name
     deadline = time.monotonic() + timeout
     fetched = timed([curl, "-s", "-f", "-o", str(output), url], timeout)
     if not fetched["ok"]:
         return {"ok": False, "error": f"curl: {fetched['error']}", "seconds": None}
-    hashed = timed(["sha256sum", str(output)], max(1.0, deadline - time.monotonic()))
+    hashed = timed([*hasher, str(output)], max(1.0, deadline - time.monotonic()))
     if not hashed["ok"]:
-        return {"ok": False, "error": f"sha256sum: {hashed['error']}", "seconds": None}
+        return {"ok": False, "error": f"{name}: {hashed['error']}", "seconds": None}
     return {
         "ok": True,
         "seconds": round(fetched["seconds"] + hashed["seconds"], 3),
         "curl_s": round(fetched["seconds"], 3),
-        "sha256sum_s": round(hashed["seconds"], 3),
+        f"{name}_s": round(hashed["seconds"], 3),
         "cpu_s": round(fetched["cpu"] + hashed["cpu"], 2),
-        "digest": hashed["stdout"].split()[0],
+        "digest": parse(hashed["stdout"]),
     }
 
 
 def measure_swarmfly(
-    cluster: Cluster, url: str, output: Path, timeout: float, env: dict[str, str]
+    cluster: Cluster, url: str, output: Path, digest: str, timeout: float, env: dict[str, str]
 ) -> dict[str, Any]:
     services = {s.kind: s.process.pid for s in cluster.services}
+    # VmHWM back to the current RSS, so the peak read afterwards is this download's
+    per_run = all([reset_peak_rss(pid) for pid in services.values()])
     before = {kind: cpu_seconds(pid) for kind, pid in services.items()}
-    command = cluster.get_command(url, output, 0, "--timeout", str(timeout))
+    command = cluster.get_command(
+        url, output, 0, "--digest", f"sha256:{digest}", "--timeout", str(timeout)
+    )
     got = timed(command, timeout + 10, env)
     after = {kind: cpu_seconds(pid) for kind, pid in services.items()}
+    rss = {kind: peak_rss_mib(pid) for kind, pid in services.items()}
     if not got["ok"]:
         return {"ok": False, "error": f"swarmfly get: {got['error']}", "seconds": None}
     try:
@@ -137,50 +178,63 @@ def measure_swarmfly(
             "get": round(got["cpu"], 2),
             **{kind: round(after[kind] - before[kind], 2) for kind in services},
         },
+        "rss_mib": {kind: rounded(rss[kind], 1) for kind in services},
+        "rss_per_run": per_run,
     }
 
 
 def one_run(
-    run: int, origin: OriginProcess, cluster: Cluster, curl: str, digest: str,
+    run: int, origin: OriginProcess, cluster: Cluster, curl: str, openssl: str, digest: str,
     args: argparse.Namespace, root: Path, out: Out,
 ) -> dict[str, Any]:  # fmt: skip
     url = f"{origin.file_url}?run={run}&nonce={uuid.uuid4().hex[:8]}"
-    out_curl, out_swarm = root / f"curl-{run}.bin", root / f"swarmfly-{run}.bin"
-    order = ["curl", "swarmfly"] if run % 2 == 1 else ["swarmfly", "curl"]
+    # today's pair (curl + sha256sum, swarmfly) keeps its alternation; openssl sits between
+    order = ["curl", "curl_fast", "swarmfly"]
+    if run % 2 == 0:
+        order.reverse()
     results: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
     for which in order:
         os.sync()  # the previous measurement's dirty pages are not this one's to write
         out.progress(f"run {run}: {which}")
+        output = root / f"{which}-{run}.bin"
         if which == "curl":
-            results[which] = measure_curl(curl, url, out_curl, args.timeout)
+            r = measure_curl(curl, url, output, args.timeout, ["sha256sum"], sha256sum_hex)
+        elif which == "curl_fast":
+            hasher = [openssl, "dgst", "-sha256"]
+            r = measure_curl(curl, url, output, args.timeout, hasher, openssl_hex)
         else:
-            results[which] = measure_swarmfly(cluster, url, out_swarm, args.timeout, args.env)
-    c, s = results["curl"], results["swarmfly"]
-    errors = [r["error"] for r in (c, s) if not r["ok"]]
-    if not errors:
-        swarm_digest = subprocess.run(
-            ["sha256sum", str(out_swarm)], capture_output=True, text=True, check=True
-        ).stdout.split()[0]
-        s["digest"] = swarm_digest
-        if c["digest"] != digest:
-            errors.append(f"curl's output digest {c['digest']} is not the origin's {digest}")
-        if swarm_digest != c["digest"]:
-            errors.append(f"swarmfly's output digest {swarm_digest} differs from curl's")
-        # without --digest, get verifies every piece but computes no whole-file digest
-        if s["reported_digest"] not in (None, f"sha256:{digest}"):
-            errors.append(f"swarmfly reported digest {s['reported_digest']}")
-    for path in (out_curl, out_swarm):
-        path.unlink(missing_ok=True)
+            r = measure_swarmfly(cluster, url, output, digest, args.timeout, args.env)
+            if r["ok"]:  # checked here too, not only by the get's --digest
+                r["digest"] = sha256_file(output)
+        results[which] = r
+        if not r["ok"]:
+            errors.append(r["error"])
+        elif r["digest"] != digest:
+            errors.append(f"{which}'s output digest {r['digest']} is not the origin's {digest}")
+        output.unlink(missing_ok=True)  # one output on disk at a time
+    c, f, s = results["curl"], results["curl_fast"], results["swarmfly"]
+    if s["ok"] and s["reported_digest"] != f"sha256:{digest}":
+        errors.append(f"swarmfly reported digest {s['reported_digest']}, not sha256:{digest}")
     ok = not errors
+    gib = args.file_size / GiB
     return {
         "run": run,
         "ok": ok,
         "order": order,
         "errors": errors,
         "curl_s": c["seconds"],
+        "curl_fast_s": f["seconds"],
         "swarmfly_s": s["seconds"],
         "ratio": round(s["seconds"] / c["seconds"], 3) if ok else None,
+        "ratio_fast": round(s["seconds"] / f["seconds"], 3) if ok else None,
+        "cpu_s_per_gib": {k: round(s["cpu_s"][k] / gib, 2) for k in KINDS} if ok else None,
+        "swarm_cpu_s_per_gib": round(sum(s["cpu_s"][k] for k in KINDS) / gib, 2) if ok else None,
+        "curl_cpu_s_per_gib": round(c["cpu_s"] / gib, 2) if ok else None,
+        "curl_fast_cpu_s_per_gib": round(f["cpu_s"] / gib, 2) if ok else None,
+        **{f"{k}_rss_mib": s["rss_mib"][k] if ok else None for k in SERVICES},
         "curl": c,
+        "curl_fast": f,
         "swarmfly": s,
     }
 
@@ -188,18 +242,28 @@ def one_run(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Out(args.json)
-    curl = shutil.which("curl")
-    if curl is None:
-        print("single.py: curl is not installed (apt-get install curl)", file=sys.stderr)
+    tools = {name: shutil.which(name) for name in ("curl", "openssl", "sha256sum")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        print(f"single.py: not installed: {', '.join(missing)}", file=sys.stderr)
         return 2
-    if shutil.which("sha256sum") is None:
-        print("single.py: sha256sum is not installed (coreutils)", file=sys.stderr)
-        return 2
+    curl, openssl = str(tools["curl"]), str(tools["openssl"])
     reaper = Reaper()
     runs: list[dict[str, Any]] = []
     cluster: Cluster | None = None
     try:
         with workspace("single", args.keep, out) as root, cleanup(reaper):
+            need, free = disk_needed(args.file_size, args.runs), shutil.disk_usage(root).free
+            if free < need:
+                print(
+                    f"single.py: not enough disk space in {root.parent}: {human(free)} free,"
+                    f" {human(need)} needed for {args.runs} run(s) of {human(args.file_size)}"
+                    " (the origin file, a storage and a peer copy per run, one output at a"
+                    " time, 1GiB slack); use fewer --runs, a smaller --file-size, or set"
+                    " TMPDIR to a roomier filesystem",
+                    file=sys.stderr,
+                )
+                return 2
             serve_dir = root / "origin"
             serve_dir.mkdir()
             source = serve_dir / "blob.bin"
@@ -213,11 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             cluster = start_cluster(reaper, nats, root / "cluster", prefix, peers=1, env=args.env)
             time.sleep(1.0)
             for run in range(1, args.runs + 1):
-                result = one_run(run, origin, cluster, curl, digest, args, root, out)
+                result = one_run(run, origin, cluster, curl, openssl, digest, args, root, out)
                 runs.append(result)
                 out.progress(
-                    f"run {run}: curl+sha256sum {result['curl_s']}s, swarmfly"
-                    f" {result['swarmfly_s']}s, ratio {result['ratio']}"
+                    f"run {run}: curl+sha256sum {result['curl_s']}s, curl+openssl"
+                    f" {result['curl_fast_s']}s, swarmfly {result['swarmfly_s']}s,"
+                    f" ratio {result['ratio']}, ratio_fast {result['ratio_fast']}"
                     + (f" ERRORS {result['errors']}" if result["errors"] else "")
                 )
             stop_cluster(reaper, cluster)
@@ -226,41 +291,87 @@ def main(argv: list[str] | None = None) -> int:
         out.progress("interrupted")
         return 130
     good = [r for r in runs if r["ok"]]
+    rss_per_run = all(r["swarmfly"].get("rss_per_run") for r in good)
+
+    def med(key: str) -> float | None:
+        return median([r[key] for r in good if r[key] is not None])
+
     summary: dict[str, Any] = {
         "benchmark": "single",
         "ok": len(good) == len(runs),
         "file_bytes": args.file_size,
         "runs_requested": args.runs,
-        "ratio": median([r["ratio"] for r in good]),
-        "curl_s": median([r["curl_s"] for r in good]),
-        "swarmfly_s": median([r["swarmfly_s"] for r in good]),
+        "ratio": med("ratio"),
+        "ratio_fast": med("ratio_fast"),
+        "curl_s": med("curl_s"),
+        "curl_fast_s": med("curl_fast_s"),
+        "swarmfly_s": med("swarmfly_s"),
+        "cpu_s_per_gib": {k: median([r["cpu_s_per_gib"][k] for r in good]) for k in KINDS},
+        "swarm_cpu_s_per_gib": med("swarm_cpu_s_per_gib"),
+        "curl_cpu_s_per_gib": med("curl_cpu_s_per_gib"),
+        "curl_fast_cpu_s_per_gib": med("curl_fast_cpu_s_per_gib"),
+        **{f"{k}_rss_mib": med(f"{k}_rss_mib") for k in SERVICES},
+        # per_run: VmHWM was reset before each get; else the peak since the process started
+        "rss_scope": "per_run" if rss_per_run else "since_start",
         "env": args.env,
         "runs": runs,
     }
     if args.keep:
         summary["dir"] = str(root)
-    f = args.file_size
+    size = args.file_size
     out.say()
-    out.say(f"single download of {human(f)} from a local uncapped origin")
+    out.say(f"single download of {human(size)} from a local uncapped origin")
     rows = []
     for r in runs:
-        c, s = r["curl"], r["swarmfly"]
+        c, f, s = r["curl"], r["curl_fast"], r["swarmfly"]
         rows.append(
             [
-                r["run"], "yes" if r["ok"] else "NO", " then ".join(r["order"]),
-                c.get("curl_s"), c.get("sha256sum_s"), r["curl_s"], r["swarmfly_s"], r["ratio"],
-                s["seconds"] and round(f / s["seconds"] / 2**20, 1),
-                s.get("cpu_s") and round(sum(s["cpu_s"].values()), 1), c.get("cpu_s"),
+                r["run"], "yes" if r["ok"] else "NO", ">".join(SHORT[w] for w in r["order"]),
+                c.get("curl_s"), c.get("sha256sum_s"), r["curl_s"],
+                f.get("curl_s"), f.get("openssl_s"), r["curl_fast_s"],
+                r["swarmfly_s"], r["ratio"], r["ratio_fast"],
+                s["seconds"] and round(size / s["seconds"] / 2**20, 1),
             ]
         )  # fmt: skip
+    rows.append(
+        ["median", "", "", "", "", summary["curl_s"], "", "", summary["curl_fast_s"],
+         summary["swarmfly_s"], summary["ratio"], summary["ratio_fast"],
+         summary["swarmfly_s"] and round(size / summary["swarmfly_s"] / 2**20, 1)]
+    )  # fmt: skip
     out.say(
         table(
-            ["run", "ok", "order", "curl_s", "sha256_s", "curl+sha_s", "swarmfly_s", "ratio",
-             "swarm_MiB/s", "swarm_cpu_s", "curl_cpu_s"],
+            ["run", "ok", "order", "curl_s", "sha256_s", "curl+sha_s", "curl2_s", "openssl_s",
+             "curl+ssl_s", "swarmfly_s", "ratio", "ratio_fast", "swarm_MiB/s"],
             rows,
         )
     )  # fmt: skip
-    out.say(f"median ratio swarmfly / (curl + sha256sum): {summary['ratio']}")
+    ratio, ratio_fast = rounded(summary["ratio"]), rounded(summary["ratio_fast"])
+    out.say(f"median ratio      swarmfly / (curl + sha256sum):           {ratio}")
+    out.say(f"median ratio_fast swarmfly / (curl + openssl dgst -sha256): {ratio_fast}")
+    out.say()
+    scope = (
+        "peak RSS during each get (VmHWM reset before it)"
+        if rss_per_run
+        else "peak RSS since each service started (VmHWM could not be reset): all runs so far"
+    )
+    out.say(f"CPU-seconds per GiB per process; {scope}, MiB")
+    rows = []
+    for label, src in [*((r["run"], r) for r in good), ("median", summary)]:
+        rows.append(
+            [
+                label, *(src["cpu_s_per_gib"][k] for k in KINDS), src["swarm_cpu_s_per_gib"],
+                src["curl_cpu_s_per_gib"], src["curl_fast_cpu_s_per_gib"],
+                *(src[f"{k}_rss_mib"] for k in SERVICES),
+            ]
+        )  # fmt: skip
+    if good:
+        out.say(
+            table(
+                ["run", "get", "peer", "storage", "sched", "swarm", "curl+sha", "curl+ssl",
+                 "peer_rss", "storage_rss", "sched_rss"],
+                rows,
+            )
+        )  # fmt: skip
     for r in runs:
         if r["errors"]:
             out.say(f"run {r['run']} errors: {r['errors']}")
