@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import statistics
 from collections import deque
 from collections.abc import Iterable
@@ -107,12 +108,51 @@ class Suspicion:
     reporters: set[str] = field(default_factory=set)
 
 
+DIGEST_SIZE = 32
+_ABSENT = bytes(DIGEST_SIZE)
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+class PieceDigests:
+    """Piece number -> sha256 (hex at the edges), 32 bytes a piece in one bytearray: a
+    scheduler keeps every piece digest of every task it holds, and a hex string in a dict
+    took about six times that. An all-zero entry is no digest (no data hashes to it)."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self) -> None:
+        self._raw = bytearray()
+
+    def get(self, number: int) -> str | None:
+        start = number * DIGEST_SIZE
+        entry = self._raw[start : start + DIGEST_SIZE]
+        return entry.hex() if len(entry) == DIGEST_SIZE and entry != _ABSENT else None
+
+    def __getitem__(self, number: int) -> str:
+        digest = self.get(number)
+        if digest is None:
+            raise KeyError(number)
+        return digest
+
+    def __contains__(self, number: int) -> bool:
+        return self.get(number) is not None
+
+    def __setitem__(self, number: int, digest: str) -> None:
+        entry = bytes.fromhex(digest)
+        if len(entry) != DIGEST_SIZE or entry == _ABSENT:
+            raise ValueError("not a sha256 digest")
+        start = number * DIGEST_SIZE
+        if len(self._raw) < start + DIGEST_SIZE:
+            self._raw.extend(bytes(start + DIGEST_SIZE - len(self._raw)))
+        self._raw[start : start + DIGEST_SIZE] = entry
+
+
 @dataclass
 class Task:
     id: str
     content: TaskContent | None = None
     """As the task's trusted reader stated it; nobody else's word sets it."""
-    digests: dict[int, str] = field(default_factory=dict)
+    digests: PieceDigests = field(default_factory=PieceDigests)
     """Per piece, the sha256 its trusted reader computed, or (``provisional``) the one the
     child a seed lent the piece to reported."""
     provisional: dict[int, str] = field(default_factory=dict)
@@ -414,7 +454,8 @@ class Scheduler:
         peer.updated_at = task.updated_at = now
         reports = list(pieces)
         lendings = list(lent) if trusted and peer.seed else []
-        digests = dict(task.digests)
+        digests: dict[int, str] = {}
+        """What the batch sets, applied only once all of it checked out."""
         provisional = dict(task.provisional)
         claims: dict[int, str] = {}
         for report in reports:
@@ -424,7 +465,11 @@ class Scheduler:
                     f"piece {report.number} out of range (task has {task.content.piece_count})",
                     path="data.pieces",
                 )
-            known = digests.get(report.number)
+            if report.digest is not None and not _is_digest(report.digest):
+                raise SwarmflyError(
+                    "bad_request", f"piece {report.number}: not a sha256 digest", path="data.pieces"
+                )
+            known = digests.get(report.number) or task.digests.get(report.number)
             if report.digest is None:
                 if known is None:
                     raise SwarmflyError(
@@ -446,7 +491,9 @@ class Scheduler:
         for number in task.provisional:
             if number not in provisional and digests[number] != task.digests[number]:
                 self._refute(task, number)
-        task.digests, task.provisional = digests, provisional
+        for number, digest in digests.items():
+            task.digests[number] = digest
+        task.provisional = provisional
         for lending in lendings:
             self._lend(task, lending)
         held = {r.number for r in reports if r.number not in claims}
@@ -884,6 +931,13 @@ class Scheduler:
                 else len(peer.pieces - child.pieces)
             ),
         )
+
+
+def _is_digest(text: str) -> bool:
+    """64 lowercase hex digits that are not all zero (what no data hashes to)."""
+    return (
+        len(text) == 2 * DIGEST_SIZE and text != _ABSENT.hex() and _HEX.fullmatch(text) is not None
+    )
 
 
 def _check_layout(content: TaskContent) -> None:

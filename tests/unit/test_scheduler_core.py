@@ -24,6 +24,7 @@ from swarmfly.services.scheduler.core import (
     WAITERS_PER_WAIT,
     Evaluator,
     HostSpec,
+    PieceDigests,
     PieceReport,
     Schedule,
     Scheduler,
@@ -1203,3 +1204,25 @@ def test_a_forging_host_never_changes_a_trusted_digest(
         assert digests[:2] == [digest(0), digest(1)]
         assert all(d is None for d in digests[2:])
         assert s.provisional(T) == []
+
+
+def test_piece_digests_are_kept_compactly_and_read_back_as_hex() -> None:
+    digests = PieceDigests()
+    assert digests.get(0) is None and 5 not in digests
+    digests[5] = digest(5)
+    assert (digests.get(5), digests[5], 5 in digests) == (digest(5), digest(5), True)
+    assert digests.get(4) is None and digests.get(6) is None, "no digest between or after"
+    with pytest.raises(KeyError):
+        digests[4]
+    for bad in ("ab", "0" * 64, "zz" * 32):
+        with pytest.raises(ValueError):
+            digests[1] = bad
+
+
+def test_a_report_of_a_digest_no_data_has_is_refused_whole() -> None:
+    s = Scheduler()
+    add_seed(s)
+    join(s, "a", "h1")
+    reports = [PieceReport(0, digest(0)), PieceReport(1, "0" * 64)]
+    with pytest.raises(SwarmflyError, match="not a sha256 digest"):
+        s.report_pieces(task_id=T, peer_id="seed", pieces=reports, now=1.0)
