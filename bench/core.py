@@ -1,7 +1,7 @@
 """Scheduler core benchmark: the cost of one decision as the swarm of one task grows, or
 (--tasks) the memory of many tasks in one core.
 
-No NATS, no sockets, no processes: the script drives the scheduler's pure core
+No NATS, no sockets, no services: the script drives the scheduler's pure core
 (``swarmfly.services.scheduler.core.Scheduler``) in its own interpreter, built as
 ``services/scheduler/service.py`` builds it (the ``[scheduler]`` settings, the evaluator from
 the plugin host) plus a seeded rng, and calls it as the service's handlers do, with the
