@@ -45,6 +45,7 @@ from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.pluginhost import Plugins
 from swarmfly.services.scheduler.core import HostSpec, PieceReport, Schedule, Scheduler
+from swarmfly.services.scheduler.service import core_for
 
 PIECE_LENGTH = 4 * 1024 * 1024
 TARGET_RATIO = 2.0
@@ -147,17 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_core(args: argparse.Namespace, settings: Any, evaluator: Any) -> Scheduler:
-    """The core as ``services/scheduler/service.py`` builds it, with a seeded rng."""
-    sc = settings.scheduler
-    return Scheduler(
-        candidate_parents=sc.candidate_parents,
-        host_ttl=sc.host_ttl,
-        seed_timeout=sc.seed_timeout,
-        seed_silence=sc.heartbeat_interval,
-        acyclic=sc.acyclic,
-        evaluator=evaluator,
-        rng=random.Random(args.seed + 1),  # its own stream: the driver's is seeded with seed
-    )
+    """The core as the service builds it, with a seeded rng of its own (the driver's is
+    seeded with ``--seed``)."""
+    return core_for(settings.scheduler, evaluator, random.Random(args.seed + 1))
 
 
 # -- the simulated swarm -----------------------------------------------------------------

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -25,7 +26,7 @@ from aiohttp import web
 from swarmfly import __version__, apitoken, metrics
 from swarmfly.bus import Bus, Served
 from swarmfly.capability import Signer
-from swarmfly.config import Config
+from swarmfly.config import Config, SchedulerConfig
 from swarmfly.content import TaskContent
 from swarmfly.contracts import Sender
 from swarmfly.errors import SwarmflyError
@@ -86,6 +87,21 @@ def content(data: dict[str, Any] | None) -> TaskContent | None:
     return None if data is None else TaskContent.from_dict(data)
 
 
+def core_for(
+    sc: SchedulerConfig, evaluator: Evaluator, rng: random.Random | None = None
+) -> Scheduler:
+    """The pure core as ``[scheduler]`` configures it (the service's, and bench/core.py's)."""
+    return Scheduler(
+        candidate_parents=sc.candidate_parents,
+        host_ttl=sc.host_ttl,
+        seed_timeout=sc.seed_timeout,
+        seed_silence=sc.heartbeat_interval,
+        acyclic=sc.acyclic,
+        evaluator=evaluator,
+        rng=rng,
+    )
+
+
 class SchedulerService:
     """Lifecycle: ``start`` subscribes and serves; ``stop`` unsubscribes; state is soft."""
 
@@ -96,14 +112,7 @@ class SchedulerService:
         self.bus = bus
         self.clock = clock
         sc = config.scheduler
-        self.core = Scheduler(
-            candidate_parents=sc.candidate_parents,
-            host_ttl=sc.host_ttl,
-            seed_timeout=sc.seed_timeout,
-            seed_silence=sc.heartbeat_interval,
-            acyclic=sc.acyclic,
-            evaluator=evaluator,
-        )
+        self.core = core_for(sc, evaluator)
         self.http_url = ""
         self._sources: dict[str, dict[str, Any]] = {}
         """task id -> source (with headers) kept in memory only, to hand to a seed."""

@@ -36,6 +36,7 @@ from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.runtime import start_peer, start_scheduler, start_storage
 from swarmfly.testing import Origin, nats_server
+from tests.integration.test_nats_permissions import Connection
 
 SEED, PEER, EVIL = "bind-seed", "bind-peer", "bind-evil"
 IDENTITIES = {
@@ -86,13 +87,7 @@ class Attacker:
         """Publish under another host's subject: nats-server must answer a violation."""
         subject = self.subject(name, as_host, body.get("task_id"))
         await self.nc.publish(subject, orjson.dumps(body))
-        await self.nc.flush(timeout=2)
-        needle = f'permissions violation for publish to "{subject.lower()}"'
-        for _ in range(40):  # the -ERR arrives within a round trip or two
-            if any(needle in str(e).lower() for e in self.errors):
-                return True
-            await asyncio.sleep(0.05)
-        return False
+        return await Connection(self.nc, self.errors).refused("publish", subject)
 
     async def answer(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         """Ask under its own subject (what its permissions allow): the scheduler's error."""
