@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -25,6 +25,7 @@ from nats.micro.service import Endpoint, Service
 from opentelemetry.trace import SpanKind
 
 from swarmfly import contracts, metrics, telemetry
+from swarmfly.config import TokenFile
 from swarmfly.errors import BadRequest, SwarmflyError
 from swarmfly.ids import redact_url
 
@@ -39,6 +40,8 @@ MAX_REQUEST_BYTES = 256 * 1024
 MAX_HANDLING = 256
 """Requests one endpoint handles at once."""
 CLOSE_TIMEOUT = 1.0
+TOKEN_CHECK = 10.0
+"""How often a connection on a token file looks for a renewed token."""
 """Seconds to close a connection the server refused."""
 
 
@@ -139,7 +142,27 @@ class Bus:
                 log.debug("nats: the refused connection did not close in %gs", CLOSE_TIMEOUT)
             raise
         connected = True
-        return cls(nc, prefix)
+        bus = cls(nc, prefix)
+        token = options.get("token")
+        if isinstance(token, TokenFile):
+            bus._spawn(bus._renew(token))
+        return bus
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of this connection's, cancelled when it closes."""
+        task = asyncio.create_task(work)
+        self._handling.add(task)
+        task.add_done_callback(self._handling.discard)
+        return task
+
+    async def _renew(self, token: TokenFile) -> None:
+        """Reconnect once the token file is renewed: the callout's session ends with the
+        token it was granted for, and nats-py closes for good on that error."""
+        while True:
+            await asyncio.sleep(TOKEN_CHECK)
+            if self.nc.is_connected and token.renewed():
+                log.info("nats: reconnecting with the renewed token of %s", token.path)
+                await self.nc.force_reconnect()
 
     def subject(self, name: str, **tokens: str) -> str:
         return self._subject(name, tokens)
@@ -300,9 +323,7 @@ class Bus:
 
         async def dispatch(request: Request) -> None:
             await gate.acquire()
-            task = asyncio.create_task(serve(request))
-            self._handling.add(task)
-            task.add_done_callback(self._handling.discard)
+            task = self._spawn(serve(request))
             task.add_done_callback(lambda _: gate.release())
 
         async def serve(request: Request) -> None:

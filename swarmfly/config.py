@@ -6,6 +6,7 @@ No other module reads the environment; the object is passed down.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tomllib
@@ -18,6 +19,8 @@ import platformdirs
 
 if TYPE_CHECKING:
     import ssl
+
+log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -43,6 +46,9 @@ class NatsConfig:
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
+    """File holding the token, read again at every (re)connect: a Kubernetes service-account
+    token the kubelet renews (the auth callout checks it; swarmfly.callout)."""
     creds: str | None = None
     """Path of a .creds file: a user JWT and its NKey seed (operator mode)."""
     nkeys_seed: str | None = None
@@ -57,7 +63,37 @@ class NatsConfig:
     address, or through a load balancer)."""
     inbox_prefix: str | None = None
     """Subject prefix of this client's reply inboxes (default ``_INBOX``): with per-role
-    permissions each role may subscribe only to its own (``_INBOX_peer``, …)."""
+    permissions each role may subscribe only to its own (``_INBOX_peer``, …). In a storage
+    or peer service ``{host_id}`` stands for its host id (``_INBOX_peer_{host_id}``, where
+    the auth callout gives each host its own)."""
+
+
+@dataclass
+class CalloutConfig:
+    """`swarmfly callout`: NATS identities from Kubernetes service-account tokens."""
+
+    issuer_seed: str | None = None
+    """File holding the account NKey seed (``SA…``) that signs the users it lets in; its
+    public key is the ``issuer`` of nats-server's ``auth_callout``."""
+    jwks: str | None = None
+    """The cluster's token-signing keys: a JWKS file, or an https:// URL such as
+    ``https://kubernetes.default.svc/openid/v1/jwks``."""
+    jwks_ca: str | None = None
+    """CA of the JWKS URL (in a pod: the service account's ``ca.crt``)."""
+    jwks_token_file: str | None = None
+    """Bearer token for the JWKS URL (in a pod: the service account's ``token``)."""
+    token_issuer: str | None = None
+    """The tokens' ``iss`` (the API server's --service-account-issuer)."""
+    audience: str = "swarmfly"
+    """The ``aud`` a token must carry: a projected token made for swarmfly, not the pod's
+    default API token."""
+    peer: list[str] = field(default_factory=list)
+    """Service accounts (``system:serviceaccount:NS:NAME``) that are peers, one per node."""
+    storage: list[str] = field(default_factory=list)
+    """Service accounts that are storage, one per pod."""
+    scheduler: list[str] = field(default_factory=list)
+    account: str = "$G"
+    """The NATS account the users are placed in (the global one, unless accounts are set)."""
 
 
 @dataclass
@@ -213,6 +249,7 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     origins: OriginsConfig = field(default_factory=OriginsConfig)
+    callout: CalloutConfig = field(default_factory=CalloutConfig)
 
     def nats_options(self) -> dict[str, Any]:
         """Auth and TLS options for nats-py, checked here: a mistake is a ValueError naming the
@@ -228,6 +265,7 @@ def nats_client_options(n: NatsConfig) -> dict[str, Any]:
         for name, value in (
             ("user", n.user),
             ("token", n.token),
+            ("token_file", n.token_file),
             ("creds", n.creds),
             ("nkeys_seed", n.nkeys_seed),
         )
@@ -244,6 +282,9 @@ def nats_client_options(n: NatsConfig) -> dict[str, Any]:
         options["user"], options["password"] = n.user, n.password
     if n.token:
         options["token"] = n.token
+    if n.token_file:
+        _read_setting("token_file", n.token_file)
+        options["token"] = TokenFile(Path(n.token_file).expanduser())
     if n.creds:
         text = _read_setting("creds", n.creds)
         if "BEGIN NATS USER JWT" not in text or "BEGIN USER NKEY SEED" not in text:
@@ -314,6 +355,30 @@ def _tls_context(n: NatsConfig) -> ssl.SSLContext:
     return context
 
 
+class TokenFile:
+    """``[nats] token_file``, which nats-py calls at every connect. The kubelet replaces a
+    projected token at 80% of its life; the session the callout granted ends with the old
+    one, so a renewed file is the signal to reconnect before then (Bus)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.sent = path, ""
+
+    def __call__(self) -> str:
+        self.sent = self.read()
+        return self.sent
+
+    def read(self) -> str:
+        try:
+            return self.path.read_text().strip()
+        except OSError as exc:  # nats-server refuses the empty token; the cause is logged
+            log.warning("[nats] token_file: %s: %s", self.path, exc.strerror)
+            return ""
+
+    def renewed(self) -> bool:
+        current = self.read()
+        return bool(current) and current != self.sent
+
+
 def _expand(path: str | None) -> str | None:
     return str(Path(path).expanduser()) if path else None
 
@@ -374,7 +439,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     sections = {
         f.name
         for f in fields(Config)
-        if f.name in ("nats", "scheduler", "peer", "storage", "proxy", "http", "origins")
+        if f.name in ("nats", "scheduler", "peer", "storage", "proxy", "http", "origins", "callout")
     }
     for name, value in env.items():
         if not name.startswith("SWARMFLY_") or name in ("SWARMFLY_CONFIG",):

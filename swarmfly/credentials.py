@@ -166,6 +166,12 @@ def permissions(
     elif role == "peer":
         publish = host_publish(p, "normal", host_id)
         subscribe = [f"{p}.peer.{host_id}.>", inbox, "$SRV.>"]
+    elif role == "callout":  # swarmfly.callout: reads nats-server's requests, answers them
+        return {
+            "publish": {"deny": [">"]},
+            "subscribe": {"allow": ["$SYS.REQ.USER.AUTH"]},
+            "allow_responses": True,
+        }
     elif role == "client":
         publish = [
             f"{p}.peer.{host_id}.download",
@@ -273,36 +279,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="swarmfly")
     parser.add_argument("--server-config", required=True, help="nats-server file to write")
     parser.add_argument(
+        "--callout-issuer",
+        metavar="SEED_PATH",
+        help="the auth callout's account seed (made if missing): storage and peers then come"
+        " in through `swarmfly callout`, and the identities given bypass it",
+    )
+    parser.add_argument(
         "identity", nargs="+", help="ROLE[:HOST_ID]=SEED_PATH, e.g. peer:peer-1=/p1/peer.nk"
     )
     args = parser.parse_args(argv)
     import nkeys
 
-    from swarmfly.services.peer.store import private_dir
-
     users = []
     for spec in args.identity:
         who, _, path = spec.partition("=")
         role, _, host = who.partition(":")
-        if role not in ROLES or not path:
+        if role not in (*ROLES, "callout") or not path:
             parser.error(f"not ROLE[:HOST_ID]=SEED_PATH: {spec}")
-        seed_file = Path(path)
-        private_dir(seed_file.parent)
-        if not seed_file.exists():
-            seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
-            _write_private(seed_file, seed + b"\n", exclusive=True)
-        keys = nkeys.from_seed(bytearray(seed_file.read_bytes().strip()))
+        keys = _keys(Path(path), nkeys.PREFIX_BYTE_USER)
         inbox = f"{inbox_prefix(role)}_{host}" if host else None
         rules = permissions(role, args.prefix, host or ANY, inbox)
         users.append({"nkey": keys.public_key.decode(), "permissions": rules})
         keys.wipe()
-        print(
-            f"{role}{':' + host if host else ''}: {seed_file} (inbox {inbox or inbox_prefix(role)})"
-        )
+        print(f"{role}{':' + host if host else ''}: {path} (inbox {inbox or inbox_prefix(role)})")
+    block: dict[str, Any] = {"users": users}
+    if args.callout_issuer:
+        issuer = _keys(Path(args.callout_issuer), nkeys.PREFIX_BYTE_ACCOUNT)
+        block["auth_callout"] = {
+            "issuer": issuer.public_key.decode(),
+            "auth_users": [user["nkey"] for user in users],
+        }
+        print(f"callout issuer: {args.callout_issuer} ({issuer.public_key.decode()})")
+        issuer.wipe()
     target = Path(args.server_config)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(target, json.dumps({"authorization": {"users": users}}, indent=2).encode())
+    _write_private(target, json.dumps({"authorization": block}, indent=2).encode())
     return 0
+
+
+def _keys(seed_file: Path, kind: int) -> Any:
+    """The NKey pair in ``seed_file``, made there (0600, in a 0700 folder) if missing."""
+    import nkeys
+
+    from swarmfly.services.peer.store import private_dir
+
+    private_dir(seed_file.parent)
+    if not seed_file.exists():
+        seed = nkeys.encode_seed(os.urandom(32), kind)
+        _write_private(seed_file, seed + b"\n", exclusive=True)
+    return nkeys.from_seed(bytearray(seed_file.read_bytes().strip()))
 
 
 if __name__ == "__main__":

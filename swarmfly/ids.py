@@ -185,6 +185,21 @@ def peer_id(host_id: str, task_id: str) -> str:
     return "p" + hashlib.sha256(f"{host_id}/{task_id}".encode()).hexdigest()[:24]
 
 
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def host_id_of(name: str) -> str:
+    """The host id of a DNS name (a Kubernetes node or pod): a subject token, so a dot
+    becomes ``_``, which no DNS name holds (distinct names stay distinct); a name past 64
+    characters keeps 47 and a hash of the whole."""
+    token = name.replace(".", "_")
+    if len(token) > 64:
+        token = f"{token[:47]}_{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    if not _ID.fullmatch(token):
+        raise ValueError(f"{name[:80]!r} is not a DNS name swarmfly can use as a host id")
+    return token
+
+
 def default_host_id(state_dir: str) -> str:
     """Stable per (hostname, state dir): several peers on one machine get distinct ids."""
     name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"

@@ -20,7 +20,7 @@ from swarmfly.credentials import (
     write_server_config,
 )
 from swarmfly.httpserver import Limits
-from swarmfly.ids import default_host_id
+from swarmfly.ids import default_host_id, host_id_of
 from swarmfly.natsserver import NatsServer
 from swarmfly.origins import OriginPolicy
 from swarmfly.pluginhost import Plugins
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
     p = config.peer
     return NodeSettings(
-        host_id=p.host_id or default_host_id(str(state_dir)),
+        host_id=host_id_of(p.host_id) if p.host_id else default_host_id(str(state_dir)),
         host_type="normal",
         state_dir=state_dir,
         listen=p.listen,
@@ -66,7 +66,9 @@ def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
 def storage_settings(config: Config, state_dir: Path) -> NodeSettings:
     s, p = config.storage, config.peer
     return NodeSettings(
-        host_id=s.host_id or "seed-" + default_host_id(str(state_dir))[:59],
+        host_id=host_id_of(s.host_id)
+        if s.host_id
+        else "seed-" + default_host_id(str(state_dir))[:59],
         host_type="seed",
         state_dir=state_dir,
         listen=s.listen,
@@ -206,6 +208,10 @@ async def run_service(kind: str, config: Config) -> None:
         if shutdown := telemetry.setup(kind, config.tracing):
             stack.callback(shutdown)
         servers = servers_of(config)
+        if kind != "scheduler" and config.nats.inbox_prefix:  # per host, under a callout
+            settings = storage_settings if kind == "storage" else peer_settings
+            host_id = settings(config, config.state_dir).host_id
+            config.nats.inbox_prefix = config.nats.inbox_prefix.replace("{host_id}", host_id)
         bus = await connect(config, f"swarmfly-{kind}", servers)
         stack.push_async_callback(bus.close)
         config.state_dir.mkdir(parents=True, exist_ok=True)
