@@ -210,6 +210,12 @@ class Task:
             self._count(parents, 1)
         child.parents = parents
 
+    def resume(self, peer: Peer) -> None:
+        """The peer runs (again, after a failure or success): its parents count it now."""
+        if peer.state != "running":
+            peer.state = "running"
+            self._count(peer.parents, 1)
+
     def retire(self, peer: Peer, state: PeerState) -> None:
         """The peer is done, or failed: it asks its parents for nothing any more."""
         self.assign(peer, [])
@@ -381,7 +387,7 @@ class Scheduler:
             task.add(peer)
             self.host_peers.setdefault(host.id, set()).add(peer_id)
         peer.updated_at = task.updated_at = now
-        peer.state = "running"
+        task.resume(peer)
         # Only a storage host seeds; anyone else asking to is an ordinary child.
         peer.seed = peer.seed or (seed and host.type == "seed")
         if peer.seed:
