@@ -145,10 +145,10 @@ class Bus:
         bus = cls(nc, prefix)
         token = options.get("token")
         if isinstance(token, TokenFile):
-            bus._spawn(bus._renew(token))
+            bus.spawn(bus._renew(token))
         return bus
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A task of this connection's, cancelled when it closes."""
         task = asyncio.create_task(work)
         self._handling.add(task)
@@ -323,7 +323,7 @@ class Bus:
 
         async def dispatch(request: Request) -> None:
             await gate.acquire()
-            task = self._spawn(serve(request))
+            task = self.spawn(serve(request))
             task.add_done_callback(lambda _: gate.release())
 
         async def serve(request: Request) -> None:

@@ -1,5 +1,5 @@
-"""`swarmfly callout`: per-host NATS identities for Kubernetes, through nats-server's auth
-callout (docs/security.md, "Kubernetes").
+"""Per-host NATS identities for Kubernetes, through nats-server's auth callout, answered by
+the schedulers when ``[callout] issuer_seed`` is set (docs/security.md, "Kubernetes").
 
 A DaemonSet cannot hand each node its own NKey: every pod of it gets the same Secret. What
 each pod does get is its own bound service-account token, signed by the cluster and naming
@@ -9,8 +9,9 @@ cluster's signing keys (JWKS) and answers with a NATS user whose permissions are
 alone: a peer's host id is its node's name, a storage's its pod's. The scheduler and the CLI
 keep their NKeys and bypass the callout (``auth_users``).
 
-The service holds the account key that signs those users, so it runs apart (its own
-Deployment and Secret), never on the nodes whose identities it vouches for.
+The account key that signs those users stays with the schedulers, which already hold the
+cluster's capability key and hear every host; it never reaches the nodes whose identities
+it vouches for.
 """
 
 from __future__ import annotations
@@ -315,10 +316,13 @@ def callout_for(config: Config) -> Callout:
     return Callout(verifier, signer, config.nats.prefix, settings.account)
 
 
+QUEUE = "swarmfly-callout"
+"""Every scheduler subscribes; each request goes to one of them."""
+
+
 async def serve(bus: Bus, callout: Callout) -> None:
     """Subscribe to the requests; each answered on its own task (a JWKS fetch on rotation
     must not hold up every other connection)."""
-    pending: set[asyncio.Task[None]] = set()
 
     async def one(msg: Any) -> None:
         try:
@@ -327,25 +331,6 @@ async def serve(bus: Bus, callout: Callout) -> None:
             log.warning("callout: ignored a message on %s: %s", SUBJECT, exc)
 
     async def on_request(msg: Any) -> None:
-        task = asyncio.create_task(one(msg))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
+        bus.spawn(one(msg))
 
-    await bus.nc.subscribe(SUBJECT, cb=on_request)
-
-
-async def run(config: Config) -> None:
-    """`swarmfly callout`: answer until SIGINT or SIGTERM."""
-    from swarmfly.cluster import connect, servers_of
-    from swarmfly.runtime import stop_on_signals
-
-    callout = callout_for(config)
-    stop = stop_on_signals()
-    servers = servers_of(config)
-    bus = await connect(config, "swarmfly-callout", servers)
-    try:
-        await serve(bus, callout)
-        print(f"callout on NATS {', '.join(servers)}", flush=True)
-        await stop.wait()
-    finally:
-        await bus.close()
+    await bus.nc.subscribe(SUBJECT, queue=QUEUE, cb=on_request)

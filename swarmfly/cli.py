@@ -87,12 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
             service.add_argument("--download-rate", type=_size, help="download limit, bytes/s")
             _proxy_flags(service)
 
-    callout = sub.add_parser(
-        "callout",
-        help="NATS auth callout: per-host identities from Kubernetes service-account tokens",
-    )
-    _common(callout)
-
     get = sub.add_parser("get", help="download a URL through the swarm")
     _common(get)
     get.add_argument("url")
@@ -435,10 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "up":
             _run(runtime.run_up(config, args.nats_port))
-        elif args.command == "callout":
-            from swarmfly.callout import run
 
-            _run(run(config))
         else:
             _run(
                 runtime.run_service(args.command, config),

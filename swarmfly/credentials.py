@@ -159,19 +159,14 @@ def permissions(
             f"$JS.FC.{stream}.>",  # flow control of the lease watcher
             f"$KV.{bucket}.>",
         ]
-        subscribe = [f"{p}.scheduler.>", inbox, "$SRV.>"]
+        # $SYS.REQ.USER.AUTH: nats-server's auth callout, where one is set (swarmfly.callout)
+        subscribe = [f"{p}.scheduler.>", inbox, "$SRV.>", "$SYS.REQ.USER.AUTH"]
     elif role == "storage":
         publish = host_publish(p, "seed", host_id)
         subscribe = [f"{p}.storage.{host_id}.>", f"{p}.storage.preheat", inbox, "$SRV.>"]
     elif role == "peer":
         publish = host_publish(p, "normal", host_id)
         subscribe = [f"{p}.peer.{host_id}.>", inbox, "$SRV.>"]
-    elif role == "callout":  # swarmfly.callout: reads nats-server's requests, answers them
-        return {
-            "publish": {"deny": [">"]},
-            "subscribe": {"allow": ["$SYS.REQ.USER.AUTH"]},
-            "allow_responses": True,
-        }
     elif role == "client":
         publish = [
             f"{p}.peer.{host_id}.download",
@@ -282,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "--callout-issuer",
         metavar="SEED_PATH",
         help="the auth callout's account seed (made if missing): storage and peers then come"
-        " in through `swarmfly callout`, and the identities given bypass it",
+        " in through the schedulers' callout ([callout]), and the identities given bypass it",
     )
     parser.add_argument(
         "identity", nargs="+", help="ROLE[:HOST_ID]=SEED_PATH, e.g. peer:peer-1=/p1/peer.nk"
@@ -294,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.identity:
         who, _, path = spec.partition("=")
         role, _, host = who.partition(":")
-        if role not in (*ROLES, "callout") or not path:
+        if role not in ROLES or not path:
             parser.error(f"not ROLE[:HOST_ID]=SEED_PATH: {spec}")
         keys = _keys(Path(path), nkeys.PREFIX_BYTE_USER)
         inbox = f"{inbox_prefix(role)}_{host}" if host else None

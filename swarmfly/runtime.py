@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from swarmfly import apitoken, contracts, httpserver, telemetry
+from swarmfly import apitoken, callout, contracts, httpserver, telemetry
 from swarmfly.bus import Bus
 from swarmfly.cluster import connect, servers_of
 from swarmfly.config import Config, NatsConfig, nats_client_options
@@ -116,6 +116,8 @@ async def start_scheduler(
     plugins = plugins or load_plugins(config)
     service = SchedulerService(config, bus, plugins.evaluator(config.scheduler.evaluator))
     await service.start(stack)
+    if config.callout.issuer_seed:
+        await callout.serve(bus, callout.callout_for(config))
     return service
 
 

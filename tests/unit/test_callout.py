@@ -47,7 +47,7 @@ def test_host_ids_of_dns_names() -> None:
             host_id_of(bad)
 
 
-@pytest.mark.parametrize("role", ["scheduler", "storage", "peer", "callout"])
+@pytest.mark.parametrize("role", ["scheduler", "storage", "peer"])
 def test_user_jwt_permissions_are_the_roles(role: str) -> None:
     rules = credentials.permissions(role, "swarmfly", "host-1", "_INBOX_x")
     converted = jwt_permissions(rules)

@@ -249,6 +249,7 @@ def test_every_manifest_has_a_skeleton(manifests: list[dict[str, Any]]) -> None:
     kinds = sorted(doc["kind"] for doc in manifests)
     assert kinds == sorted(
         [
+            "ClusterRoleBinding",
             "ConfigMap",
             "ConfigMap",
             "DaemonSet",
@@ -257,6 +258,9 @@ def test_every_manifest_has_a_skeleton(manifests: list[dict[str, Any]]) -> None:
             "Service",
             "Service",
             "Service",
+            "ServiceAccount",
+            "ServiceAccount",
+            "ServiceAccount",
             "ServiceMonitor",
             "StatefulSet",
         ]
@@ -490,7 +494,8 @@ def test_several_schedulers_run_only_with_jetstream(values: dict[str, Any]) -> N
 # --- NATS permissions -------------------------------------------------------------------
 
 AUTH_BLOCK = re.compile(
-    r"\{\{-? if \.Values\.natsAuth\.enabled -?\}\}\n(.*?)\{\{-? end -?\}\}\n", re.DOTALL
+    r"\{\{-? if (?:and )?\.Values\.natsAuth\.enabled[^}]*-?\}\}\n(.*?)\{\{-? end -?\}\}\n",
+    re.DOTALL,
 )
 IDENTITY_DIR = "/etc/swarmfly/nats-identity"
 
@@ -601,7 +606,8 @@ def test_chart_authorization_is_the_servers_of_swarmfly_credentials(tmp_path: Pa
     assert roles and roles.group(1).split() == [f'"{r}"' for r in credentials.ROLES]
     assert "get $.Values.natsAuth.publicKeys $role" in body
     assert '(dict "nkey" $key "permissions" (get $permissions $role))' in body
-    assert 'authorization: {{ dict "users" $users | toJson }}' in body
+    assert '{{- $block := dict "users" $users }}' in body
+    assert "authorization: {{ $block | toJson }}" in body
 
     specs = [f"{role}={tmp_path / role}.nk" for role in credentials.ROLES]
     conf = tmp_path / "auth.conf"
@@ -636,3 +642,87 @@ def test_bundled_nats_includes_the_charts_authorization(
     assert name == helper.replace("{{- ", "{{ "), "the same name in both charts"
     for patch in ("nats.container.patch", "nats.podTemplate.patch"):
         assert all(p["op"] == "add" and p["path"].endswith("/-") for p in _lookup(values, patch))
+
+
+def test_chart_callout_authorization_is_the_servers_of_swarmfly_credentials(
+    tmp_path: Path,
+) -> None:
+    """With natsAuth.callout the scheduler and client NKeys (storage and peers get none)
+    bypass the auth callout, whose issuer is natsAuth.callout.issuerPublicKey: what
+    `python -m swarmfly.credentials --callout-issuer` writes for an external NATS."""
+    body = _helper_bodies()["swarmfly.natsAuthConf"]
+    via_callout = (
+        "{{- $viaCallout := and $.Values.natsAuth.callout.enabled"
+        ' (has $role (list "storage" "peer")) }}'
+    )
+    assert via_callout in body
+    assert '"auth_callout" (dict "issuer" $issuer "auth_users" $bypass)' in body
+    assert 'regexMatch "^A[A-Z2-7]{55}$" $issuer' in body
+    roles = ["scheduler", "client"]
+    specs = [f"{role}={tmp_path / role}.nk" for role in roles]
+    conf, issuer_seed = tmp_path / "auth.conf", tmp_path / "issuer.nk"
+    argv = ["--prefix", "team.a", "--server-config", str(conf)]
+    assert credentials.main([*argv, "--callout-issuer", str(issuer_seed), *specs]) == 0
+    keys = {
+        role: nkeys.from_seed(
+            bytearray((tmp_path / f"{role}.nk").read_bytes().strip())
+        ).public_key.decode()
+        for role in roles
+    }
+    issuer = nkeys.from_seed(bytearray(issuer_seed.read_bytes().strip())).public_key.decode()
+    assert re.fullmatch(r"A[A-Z2-7]{55}", issuer), "the helper's check of an issuer"
+    rendered = _rendered_permissions("team.a")
+    chart = {
+        "users": [{"nkey": keys[r], "permissions": rendered[r]} for r in roles],
+        "auth_callout": {"issuer": issuer, "auth_users": [keys[r] for r in roles]},
+    }
+    assert {"authorization": chart} == yaml.safe_load(conf.read_text())
+
+
+def test_callout_helpers_give_each_pod_what_the_callout_expects() -> None:
+    """Each workload includes the callout's helpers for itself; a peer's host id is its
+    node's name and a storage's its pod's (swarmfly.callout.HOST_CLAIM), each on its own
+    inbox, with the bound token where [nats] token_file points; only the schedulers mount
+    an API token, to read the JWKS, and only they get the issuer's seed."""
+    from swarmfly.callout import HOST_CLAIM
+
+    for name, component in (
+        ("scheduler-deployment.yaml", "scheduler"),
+        ("storage-statefulset.yaml", "storage"),
+        ("peer-daemonset.yaml", "peer"),
+    ):
+        text = (TEMPLATES / name).read_text()
+        for helper in ("calloutAccount", "calloutEnv", "calloutMount", "calloutVolume"):
+            call = f'include "swarmfly.{helper}" (dict "context" $ "component" "{component}")'
+            assert call in text, (name, helper)
+    bodies = _helper_bodies()
+    guard = (
+        "{{- if and .context.Values.natsAuth.enabled .context.Values.natsAuth.callout.enabled }}"
+    )
+    for helper in ("calloutAccount", "calloutEnv", "calloutMount", "calloutVolume"):
+        assert bodies[f"swarmfly.{helper}"].lstrip().startswith(guard), helper
+    env = bodies["swarmfly.calloutEnv"]
+    assert HOST_CLAIM == {"peer": "node", "storage": "pod"}
+    host_id = (
+        '- name: {{ ternary "SWARMFLY_PEER_HOST_ID" "SWARMFLY_STORAGE_HOST_ID"'
+        ' (eq .component "peer") }}'
+    )
+    assert host_id in env
+    assert 'fieldPath: {{ ternary "spec.nodeName" "metadata.name" (eq .component "peer") }}' in env
+    assert 'value: {{ printf "_INBOX_%s_{host_id}" .component | quote }}' in env
+    assert credentials.inbox_prefix("peer") == "_INBOX_peer"
+    token_file = re.search(r"SWARMFLY_NATS_TOKEN_FILE\n\s+value: (\S+)", env)
+    mount = re.search(r'"/etc/swarmfly/callout" "(\S+)"', bodies["swarmfly.calloutMount"])
+    assert token_file and mount and token_file.group(1) == f"{mount.group(1)}/token"
+    volume = bodies["swarmfly.calloutVolume"]
+    assert "path: token" in volume and "serviceAccountToken:" in volume
+    assert "key: issuer.nk" in volume
+    service_account = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert f"{service_account}/ca.crt" in env and f"{service_account}/token" in env
+    assert (
+        'automountServiceAccountToken: {{ eq .component "scheduler" }}'
+        in (bodies["swarmfly.calloutAccount"])
+    )
+    accounts = (TEMPLATES / "serviceaccounts.yaml").read_text()
+    assert "name: system:service-account-issuer-discovery" in accounts
+    assert accounts.count("automountServiceAccountToken: false") == 3

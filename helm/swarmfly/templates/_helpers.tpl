@@ -198,6 +198,94 @@ role level (every host of a role shares its identity). files/nats-permissions.js
 swarmfly.credentials.permissions(role, prefix) with the prefix as @PREFIX@ and the lease
 bucket's name (the prefix with every character outside [A-Za-z0-9_-] as "_") as @BUCKET@;
 tests/unit/test_helm.py checks it against that function. The client role is optional. */}}
+{{/* With natsAuth.callout.enabled: the service account of a component, whose bound token
+names it to the schedulers' auth callout (swarmfly/callout.py). */}}
+{{- define "swarmfly.serviceAccount" -}}
+{{- include "swarmfly.componentName" . }}
+{{- end }}
+
+{{/* The pod's service account under the callout. Storage and peers mount no API token,
+only their bound token for NATS; the schedulers mount theirs (they read the JWKS with it).
+Every callout helper renders nothing unless natsAuth.enabled and natsAuth.callout.enabled. */}}
+{{- define "swarmfly.calloutAccount" -}}
+{{- if and .context.Values.natsAuth.enabled .context.Values.natsAuth.callout.enabled }}
+serviceAccountName: {{ include "swarmfly.serviceAccount" . }}
+automountServiceAccountToken: {{ eq .component "scheduler" }}
+{{- end }}
+{{- end }}
+
+{{/* The callout's environment of a component. The schedulers answer nats-server's auth
+callout: they check a token against the API server's JWKS (read with their own service
+account's token; ClusterRole system:service-account-issuer-discovery) and sign the user with
+issuer.nk. A peer presents its bound token and becomes the host named for its node, a
+storage the host named for its pod; each subscribes only to its own inbox. */}}
+{{- define "swarmfly.calloutEnv" -}}
+{{- if and .context.Values.natsAuth.enabled .context.Values.natsAuth.callout.enabled }}
+{{- $v := .context.Values.natsAuth.callout }}
+{{- $ns := .context.Release.Namespace }}
+{{- if eq .component "scheduler" }}
+- name: SWARMFLY_CALLOUT_ISSUER_SEED
+  value: /etc/swarmfly/callout/issuer.nk
+- name: SWARMFLY_CALLOUT_JWKS
+  value: {{ $v.jwks | quote }}
+- name: SWARMFLY_CALLOUT_JWKS_CA
+  value: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
+- name: SWARMFLY_CALLOUT_JWKS_TOKEN_FILE
+  value: /var/run/secrets/kubernetes.io/serviceaccount/token
+- name: SWARMFLY_CALLOUT_TOKEN_ISSUER
+  value: {{ $v.tokenIssuer | quote }}
+- name: SWARMFLY_CALLOUT_AUDIENCE
+  value: {{ $v.audience | quote }}
+- name: SWARMFLY_CALLOUT_PEER
+  value: {{ printf "system:serviceaccount:%s:%s" $ns (include "swarmfly.serviceAccount" (dict "context" .context "component" "peer")) | quote }}
+- name: SWARMFLY_CALLOUT_STORAGE
+  value: {{ printf "system:serviceaccount:%s:%s" $ns (include "swarmfly.serviceAccount" (dict "context" .context "component" "storage")) | quote }}
+{{- else }}
+- name: SWARMFLY_NATS_TOKEN_FILE
+  value: /var/run/secrets/swarmfly/token
+- name: SWARMFLY_NATS_INBOX_PREFIX
+  value: {{ printf "_INBOX_%s_{host_id}" .component | quote }}
+- name: {{ ternary "SWARMFLY_PEER_HOST_ID" "SWARMFLY_STORAGE_HOST_ID" (eq .component "peer") }}
+  valueFrom:
+    fieldRef:
+      fieldPath: {{ ternary "spec.nodeName" "metadata.name" (eq .component "peer") }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The callout's volume of a component: the issuer's seed for the schedulers; for storage
+and peers the bound token (audience natsAuth.callout.audience), which the kubelet renews. */}}
+{{- define "swarmfly.calloutVolume" -}}
+{{- if and .context.Values.natsAuth.enabled .context.Values.natsAuth.callout.enabled }}
+{{- if eq .component "scheduler" }}
+- name: nats-callout
+  secret:
+    secretName: {{ include "swarmfly.identitySecret" (dict "context" .context "component" "callout") }}
+    defaultMode: 0440
+    items:
+      - key: issuer.nk
+        path: issuer.nk
+{{- else }}
+- name: nats-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          audience: {{ .context.Values.natsAuth.callout.audience | quote }}
+          expirationSeconds: {{ .context.Values.natsAuth.callout.tokenExpirationSeconds }}
+          path: token
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Where the callout's volume is mounted. */}}
+{{- define "swarmfly.calloutMount" -}}
+{{- if and .context.Values.natsAuth.enabled .context.Values.natsAuth.callout.enabled }}
+- name: {{ ternary "nats-callout" "nats-token" (eq .component "scheduler") }}
+  mountPath: {{ ternary "/etc/swarmfly/callout" "/var/run/secrets/swarmfly" (eq .component "scheduler") }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
 {{- define "swarmfly.natsAuthConf" -}}
 {{- if .Values.natsAuth.enabled }}
 {{- with .Values.natsClient }}
@@ -214,7 +302,10 @@ tests/unit/test_helm.py checks it against that function. The client role is opti
 {{- if hasPrefix "S" $key }}
 {{- fail (printf "natsAuth.publicKeys.%s is a seed (S...): give its public key (U...), and keep the seed in its Secret only" $role) }}
 {{- end }}
-{{- if and (not $key) (ne $role "client") }}
+{{- $viaCallout := and $.Values.natsAuth.callout.enabled (has $role (list "storage" "peer")) }}
+{{- if $viaCallout }}
+{{- $key = "" }}
+{{- else if and (not $key) (ne $role "client") }}
 {{- fail (printf "natsAuth.enabled needs natsAuth.publicKeys.%s (helm/swarmfly/README.md, \"NATS permissions\")" $role) }}
 {{- end }}
 {{- if and $key (not (regexMatch "^U[A-Z2-7]{55}$" $key)) }}
@@ -224,8 +315,21 @@ tests/unit/test_helm.py checks it against that function. The client role is opti
 {{- $users = append $users (dict "nkey" $key "permissions" (get $permissions $role)) }}
 {{- end }}
 {{- end }}
-# swarmfly: one NKey user per role, with its role's permissions (prefix {{ $prefix }}).
-authorization: {{ dict "users" $users | toJson }}
+{{- $block := dict "users" $users }}
+{{- if .Values.natsAuth.callout.enabled }}
+{{- $issuer := .Values.natsAuth.callout.issuerPublicKey | default "" | trim }}
+{{- if not (regexMatch "^A[A-Z2-7]{55}$" $issuer) }}
+{{- fail "natsAuth.callout.enabled needs natsAuth.callout.issuerPublicKey, an account public key (A followed by 55 base32 characters)" }}
+{{- end }}
+{{- $bypass := list }}
+{{- range $users }}
+{{- $bypass = append $bypass .nkey }}
+{{- end }}
+{{- $_ := set $block "auth_callout" (dict "issuer" $issuer "auth_users" $bypass) }}
+{{- end }}
+# swarmfly: one NKey user per role, with its role's permissions (prefix {{ $prefix }}); with
+# natsAuth.callout, storage and peers come in through the schedulers' auth callout.
+authorization: {{ $block | toJson }}
 {{- else }}
 # swarmfly: natsAuth.enabled is false. No authorization: every client that reaches NATS may
 # publish and subscribe anything, origin credentials included (helm/swarmfly/README.md).
