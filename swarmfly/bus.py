@@ -18,6 +18,7 @@ import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
@@ -40,6 +41,7 @@ MAX_REQUEST_BYTES = 256 * 1024
 MAX_HANDLING = 256
 """Requests one endpoint handles at once."""
 CLOSE_TIMEOUT = 1.0
+AUTH_CALLOUT = "$SYS.REQ.USER.AUTH"
 TOKEN_CHECK = 10.0
 """How often a connection on a token file looks for a renewed token."""
 """Seconds to close a connection the server refused."""
@@ -147,6 +149,23 @@ class Bus:
         if isinstance(token, TokenFile):
             bus.spawn(bus._renew(token))
         return bus
+
+    async def answer_auth_callout(
+        self, answer: Callable[[bytes], Awaitable[bytes | None]], *, queue: str
+    ) -> None:
+        """Serve nats-server's auth callout (``$SYS.REQ.USER.AUTH``): the server's own
+        protocol of signed JWTs, not a contract of ours. Each request is answered in its own
+        task; ``answer`` returning None leaves it unanswered (nats-server times it out)."""
+
+        async def one(msg: Msg) -> None:
+            reply = await answer(msg.data)
+            if reply is not None:
+                await msg.respond(reply)
+
+        async def on_request(msg: Msg) -> None:
+            self.spawn(one(msg))
+
+        await self.nc.subscribe(AUTH_CALLOUT, queue=queue, cb=on_request)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A task of this connection's, cancelled when it closes."""

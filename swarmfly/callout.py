@@ -32,14 +32,14 @@ import jwt
 import nkeys
 import orjson
 
-from swarmfly.bus import Bus
+from swarmfly.bus import AUTH_CALLOUT, Bus
 from swarmfly.config import CalloutConfig, Config
 from swarmfly.credentials import inbox_prefix, permissions
 from swarmfly.ids import host_id_of
 
 log = logging.getLogger(__name__)
 
-SUBJECT = "$SYS.REQ.USER.AUTH"
+SUBJECT = AUTH_CALLOUT
 """Where nats-server sends each connection's authorization request."""
 MAX_TOKEN = 16 * 1024
 """A bound service-account token is about 1 KiB; anything far larger is refused unread."""
@@ -321,16 +321,11 @@ QUEUE = "swarmfly-callout"
 
 
 async def serve(bus: Bus, callout: Callout) -> None:
-    """Subscribe to the requests; each answered on its own task (a JWKS fetch on rotation
-    must not hold up every other connection)."""
-
-    async def one(msg: Any) -> None:
+    async def answer(request: bytes) -> bytes | None:
         try:
-            await msg.respond(await callout.answer(msg.data))
-        except Refused as exc:  # not even a request to answer: nats-server times it out
+            return await callout.answer(request)
+        except Refused as exc:  # not even a request to answer
             log.warning("callout: ignored a message on %s: %s", SUBJECT, exc)
+            return None
 
-    async def on_request(msg: Any) -> None:
-        bus.spawn(one(msg))
-
-    await bus.nc.subscribe(SUBJECT, queue=QUEUE, cb=on_request)
+    await bus.answer_auth_callout(answer, queue=QUEUE)

@@ -27,6 +27,16 @@ from swarmfly.services.peer import grants
 from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.pieces import PieceBook
 from swarmfly.services.peer.store import StoredTask
+from swarmfly.services.peer.swarming import (
+    BUSY_BACKOFF,
+    ORIGIN,
+    PARENT_FAILURES,
+    Drop,
+    Failure,
+    Fetch,
+    Reschedule,
+    Swarming,
+)
 
 if TYPE_CHECKING:
     from swarmfly.services.peer.node import PeerNode
@@ -39,20 +49,9 @@ chunk cost more than the writing)."""
 POLL_WAIT = 10.0
 SEED_POLL_WAIT = 2.0
 """A seed's grant follows the pieces the child said it wants; they go stale sooner."""
-STALL_SECONDS = 3.0
-RESCHEDULE_INTERVAL = 1.0
-"""Seconds between asks for fresher parents while pieces are missing (at least: a large
-swarm's scheduler tells its children to ask less often)."""
-IDLE_RESCHEDULE = 0.25
-"""Of that interval: how soon a child with nothing in flight asks again."""
 REPORT_INTERVAL = 0.05
 REPORT_BATCH = 2048
 """Piece reports per request: with digests, 2048 stay well inside the request size limit."""
-PARENT_FAILURES = 2
-BLOCK_SECONDS = 30.0
-"""A dropped parent is not used again for this long (a corrupt one never: the scheduler)."""
-BUSY_BACKOFF = 0.25
-"""Seconds before asking a parent that had no free upload slot again."""
 SCHEDULER_PATIENCE = 10.0
 """Seconds a download with no parents waits for its scheduler to come back (a partition
 moves to another scheduler within 10 s) before it reads the origin."""
@@ -70,10 +69,6 @@ the lent pieces back for its cache."""
 """Seconds between a lending seed's looks for the pieces it lent."""
 TAKEOVER_ATTEMPTS = 8
 """Tries per piece (busy parents included) before a taking-over seed reads it from the origin."""
-
-
-ORIGIN = "@origin"
-"""Where a lent piece comes from, in place of a parent id."""
 
 
 def _lent_pieces(answer: dict[str, Any]) -> list[tuple[int, str | None]]:
@@ -147,7 +142,10 @@ class Conductor:
         self.bytes_origin = 0
         self.bytes_p2p = 0
         self.parents: dict[str, Parent] = {}
-        self._book: PieceBook | None = None
+        self.swarm = Swarming(
+            node.settings.concurrency, node.settings.per_parent, now=time.monotonic()
+        )
+        """The P2P policy: parents, pieces, when to reschedule (a pure core)."""
         self._lent: list[tuple[int, str | None]] = []
         """Pieces a seed lent us to read from the origin, with the ETag it pinned."""
         self._delivered: list[int] = []
@@ -168,15 +166,9 @@ class Conductor:
         self._refuted: dict[int, str] = {}
         """Pieces we hold whose digest the scheduler now states otherwise (the digest): we
         took them on a lent child's word, and the seed has since read them."""
-        self.blocklist: dict[str, float] = {}
-        """Parents dropped, until when (monotonic): a failed parent may come back later."""
-        self.bad: list[dict[str, str]] = []
         self._reports: list[dict[str, Any]] = []
         self._report_content = False
         self._wake = asyncio.Event()
-        self._reschedule_due = False
-        self._reschedule_every = RESCHEDULE_INTERVAL
-        """Seconds between periodic reschedules: longer in a large swarm, as its scheduler says."""
         self._token: str | None = None
         """The capability of the last schedule: parents serve the task only against it."""
         self._scheduler_lost: float | None = None
@@ -259,7 +251,7 @@ class Conductor:
                 await asyncio.sleep(schedule.get("retry_after_ms", 200) / 1000)
                 schedule = await self._reschedule_or_register()
                 continue
-            self._add_parents(schedule["parents"])
+            self._set_parents(schedule["parents"], exact=False)
             after = await self._p2p()
             if after is None:
                 return
@@ -269,8 +261,8 @@ class Conductor:
         body = {
             "task_id": self.task_id,
             "peer_id": self.peer_id,
-            "blocklist": sorted(self._blocked())[:1024],
-            "bad_parents": self.bad[-256:],
+            "blocklist": sorted(self.swarm.blocked(time.monotonic()))[:1024],
+            "bad_parents": self.swarm.bad[-256:],
         }
         try:
             reply = await self._request("scheduler.{partition}.reschedule", body)
@@ -299,51 +291,33 @@ class Conductor:
 
     # -- P2P -----------------------------------------------------------------------------
 
-    def _blocked(self) -> set[str]:
-        now = time.monotonic()
-        return {peer_id for peer_id, until in self.blocklist.items() if until > now}
-
     def _current_parents(self) -> list[dict[str, Any]]:
         return [
             {"peer_id": p.peer_id, "host_id": p.host_id, "address": p.address, "type": p.type}
             for p in self.parents.values()
         ]
 
-    def _set_parents(self, parents: list[dict[str, Any]], book: PieceBook | None) -> None:
-        """Use exactly the parents the scheduler assigned (its DAG has no cycles); pieces in
-        flight from a released parent still finish."""
-        assigned = {info["peer_id"] for info in parents}
-        for parent_id in [p for p in self.parents if p not in assigned]:
-            parent = self.parents.pop(parent_id)
-            if parent.watcher is not None:
-                parent.watcher.cancel()
-            if book is not None:
-                book.release_parent(parent_id)
-        self._add_parents(parents)
-
-    def _add_parents(self, parents: list[dict[str, Any]]) -> None:
-        for info in parents:
-            if info["peer_id"] in self.parents or info["peer_id"] in self._blocked():
-                continue
-            parent = Parent(
-                info["peer_id"], info["host_id"], info["address"].rstrip("/"), info["type"]
-            )
-            self.parents[parent.peer_id] = parent
+    def _set_parents(self, parents: list[dict[str, Any]], *, exact: bool, hint: int = 0) -> None:
+        """The scheduler's parents: exactly these on a reschedule (its DAG has no cycles),
+        in addition to ours on the first schedule; pieces in flight from a released parent
+        still finish."""
+        by_id = {info["peer_id"]: info for info in parents}
+        now = time.monotonic()
+        added = self.swarm.scheduled(
+            {p: info["type"] for p, info in by_id.items()}, now, retry_after_ms=hint, exact=exact
+        )
+        for parent_id in [p for p in self.parents if p not in self.swarm.parents]:
+            self._unwatch(parent_id)
+        for parent_id in added:
+            info = by_id[parent_id]
+            parent = Parent(parent_id, info["host_id"], info["address"].rstrip("/"), info["type"])
+            self.parents[parent_id] = parent
             parent.watcher = asyncio.create_task(self._watch(parent))
 
-    def _drop_parent(self, book: PieceBook | None, parent_id: str, reason: str) -> None:
+    def _unwatch(self, parent_id: str) -> None:
         parent = self.parents.pop(parent_id, None)
-        if parent is None:
-            return
-        if parent.watcher is not None:
+        if parent is not None and parent.watcher is not None:
             parent.watcher.cancel()
-        self.blocklist[parent_id] = time.monotonic() + BLOCK_SECONDS
-        self.bad.append({"peer_id": parent_id, "reason": reason})
-        if book is not None:
-            book.drop_parent(parent_id)
-        self._reschedule_due = True
-        log.info("dropped parent %s of task %s: %s", parent_id, self.task_id[:12], reason)
-        self._wake.set()
 
     async def _watch(self, parent: Parent) -> None:
         """Long-poll what the parent holds; a parent that cannot answer is dropped."""
@@ -354,7 +328,7 @@ class Conductor:
         while not parent.complete:
             wait = SEED_POLL_WAIT if parent.type == "seed" else POLL_WAIT
             params = {"since": str(parent.version), "wait": str(wait)}
-            book = self._book
+            book = self.swarm.book
             if parent.type == "seed" and book is not None:
                 params["wants"] = grants.encode(book.wanted(), book.piece_count)
                 params["peer"] = self.peer_id  # what it lends us follows our liveness
@@ -394,7 +368,7 @@ class Conductor:
                 parent.version = version
                 parent.complete = bool(data.get("complete"))
                 offered = {int(n) for n in pieces}
-                self._availability[parent.peer_id] = offered
+                self.swarm.offered(parent.peer_id, offered)
                 # A grant of a piece we have or fetch already is handed back at once: the
                 # seed keeps a slot for it otherwise. (In the endgame it races the transfer.)
                 if parent.type == "seed" and book is not None:
@@ -411,7 +385,8 @@ class Conductor:
             except asyncio.CancelledError:
                 raise
             except (aiohttp.ClientError, TimeoutError, SwarmflyError, ValueError, KeyError) as exc:
-                self._failed_parents.append((parent.peer_id, f"{type(exc).__name__}"))
+                log.debug("parent %s: %s", parent.peer_id, type(exc).__name__)
+                self.swarm.lost(parent.peer_id)
                 self._wake.set()
                 return
 
@@ -424,154 +399,132 @@ class Conductor:
             finally:
                 telemetry.set_attributes(
                     current, **{"swarmfly.pieces": len(self.stored.done) - before,
-                                "swarmfly.parents_dropped": len(self.bad)}
+                                "swarmfly.parents_dropped": len(self.swarm.bad)}
                 )  # fmt: skip
 
     async def _p2p_loop(self) -> dict[str, Any] | None:
-        self._availability: dict[str, set[int]] = {}
-        self._failed_parents: list[tuple[str, str]] = []
-        book: PieceBook | None = None
+        """The adapter of the Swarming core: events in, its decisions carried out."""
+        swarm = self.swarm
         fetches: dict[asyncio.Task[int], tuple[int, str]] = {}
-        last_progress = last_schedule = time.monotonic()
         last_digests = 0.0
-        config = self.node.settings
+        swarm.asked(time.monotonic())
         try:
             while True:
                 self._wake.clear()
                 content = self.stored.content
+                book = swarm.book
                 if content is None or (book is not None and book.needs_digests()):
                     if time.monotonic() - last_digests > 0.1:
                         last_digests = time.monotonic()
                         await self._refresh_task(book)
                     content = self.stored.content
-                if content is not None and book is None:
-                    book = self._book = PieceBook(
+                if content is not None and swarm.book is None:
+                    swarm.book = PieceBook(
                         content.piece_count,
                         done=set(self.stored.done),
                         digests=list(self.stored.digests),
                         strategy=self.strategy,
                     )
-                if book is not None and book.complete:
+                if swarm.complete:
                     return None
-                for parent_id, _reason in self._failed_parents:
-                    self._drop_parent(book, parent_id, "failed")
-                self._failed_parents.clear()
-                if book is not None:
-                    self._start_lent(book, fetches)
-                    for parent_id, pieces in self._availability.items():
-                        if parent_id in self.parents:
-                            book.update_parent(parent_id, pieces)
-                    self._availability.clear()
-                    busy: dict[str, int] = {}
-                    for _, parent_id in fetches.values():
-                        busy[parent_id] = busy.get(parent_id, 0) + 1
-                    room = config.concurrency - len(fetches)
-                    now = time.monotonic()
-                    free = {
-                        p: config.per_parent - busy.get(p, 0)
-                        for p, parent in self.parents.items()
-                        if parent.busy_until <= now
-                    }
-                    for number, parent_id in book.assign(free, room):
-                        task = asyncio.create_task(self._fetch_piece(number, parent_id))
-                        fetches[task] = (number, parent_id)
-                now = time.monotonic()
-                stalled = now - last_progress > STALL_SECONDS and not fetches
-                periodic = now - last_schedule > self._reschedule_every
-                # Nothing in flight: these parents have nothing to give now; ask for others
-                # at once rather than idle until the periodic reschedule.
-                idle = (
-                    book is not None
-                    and not fetches
-                    and now - last_schedule > self._reschedule_every * IDLE_RESCHEDULE
-                )
-                if not self.parents or stalled or periodic or idle or self._reschedule_due:
-                    # A lost or bad parent is reported at once; and as the swarm moves on,
-                    # the scheduler is asked again for the parents that are ahead now.
-                    self._reschedule_due = False
-                    schedule = await self._reschedule_or_register()
-                    last_progress = last_schedule = time.monotonic()
-                    log.debug(
-                        "schedule %s: %s, %d pieces, fetching %d",
-                        self.task_id[:8],
-                        schedule["action"],
-                        len(self.stored.done),
-                        len(fetches),
-                    )
-                    self._adopt(schedule.get("task"))
-                    if schedule["action"] == "parents":
-                        self._set_parents(schedule["parents"], book)
-                        # A large swarm's scheduler asks its children to come back less often.
-                        hint = schedule.get("retry_after_ms", 0) / 1000
-                        self._reschedule_every = max(RESCHEDULE_INTERVAL, hint)
-                    elif schedule["action"] == "back_to_source":
-                        return schedule
-                    elif not self.parents:
-                        await asyncio.sleep(schedule.get("retry_after_ms", 200) / 1000)
+                self._start_lent(fetches)
+                rescheduled = False
+                for decision in swarm.tick(time.monotonic()):
+                    if isinstance(decision, Drop):
+                        self._unwatch(decision.parent_id)
+                        log.info(
+                            "dropped parent %s of task %s: %s",
+                            decision.parent_id,
+                            self.task_id[:12],
+                            decision.reason,
+                        )
+                    elif isinstance(decision, Fetch):
+                        task = asyncio.create_task(
+                            self._fetch_piece(decision.number, decision.parent_id)
+                        )
+                        fetches[task] = (decision.number, decision.parent_id)
+                    elif isinstance(decision, Reschedule):
+                        rescheduled = True
+                        schedule = await self._reschedule_or_register()
+                        log.debug(
+                            "schedule %s (%s): %s, %d pieces, fetching %d",
+                            self.task_id[:8],
+                            decision.why,
+                            schedule["action"],
+                            len(self.stored.done),
+                            len(fetches),
+                        )
+                        self._adopt(schedule.get("task"))
+                        if schedule["action"] == "parents":
+                            # A large swarm's scheduler asks its children to come back less
+                            # often.
+                            hint = schedule.get("retry_after_ms", 0)
+                            self._set_parents(schedule["parents"], exact=True, hint=hint)
+                        elif schedule["action"] == "back_to_source":
+                            return schedule
+                        else:
+                            swarm.asked(time.monotonic())
+                            if not self.parents:
+                                await asyncio.sleep(schedule.get("retry_after_ms", 200) / 1000)
+                if rescheduled:
                     continue
                 waiter = asyncio.create_task(self._wake.wait())
                 done, _ = await asyncio.wait(
                     [waiter, *fetches],
-                    timeout=0.25 if book is not None else 0.2,
+                    timeout=0.25 if swarm.book is not None else 0.2,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 waiter.cancel()
                 for task in done:
-                    if task is waiter or book is None:
-                        continue
-                    number, parent_id = fetches.pop(task)
-                    if self._settle(book, task, number, parent_id, fetches):
-                        last_progress = time.monotonic()
+                    if task is not waiter:
+                        number, parent_id = fetches.pop(task)
+                        self._settle(task, number, parent_id, fetches)
         finally:
             for task in fetches:
                 task.cancel()
 
     def _settle(
         self,
-        book: PieceBook,
         task: asyncio.Task[int],
         number: int,
         parent_id: str,
         fetches: dict[asyncio.Task[int], tuple[int, str]],
-    ) -> bool:
-        exc = task.exception() if not task.cancelled() else None
+    ) -> None:
+        """Tell the core how a fetch ended; the reason is read off the exception here, what
+        it costs the parent is the core's."""
+        now = time.monotonic()
         if task.cancelled():
-            book.failed(number, parent_id)
-            return False
+            self.swarm.failed(number, parent_id, "cancelled", now)
+            return
+        exc = task.exception()
         if exc is None:
-            book.finished(number, parent_id)
+            self.swarm.done(number, parent_id, now)
             for other, (n, _) in list(fetches.items()):
                 if n == number:  # the endgame copy lost the race
                     other.cancel()
-            return True
-        book.failed(number, parent_id)
+            return
+        reason: Failure = "failed"
         if isinstance(exc, LocalDiskError):
+            self.swarm.failed(number, parent_id, "cancelled", now)
             raise exc
         if parent_id == ORIGIN:  # the seed reads it when we do not deliver
             metrics.PEER_PIECE_FAILURES.labels("origin").inc()
             log.info("lent piece %d from the origin: %s", number, exc)
-            return False
-        parent = self.parents.get(parent_id)
-        if isinstance(exc, ParentBusy):
-            if parent is not None:
-                parent.busy_until = time.monotonic() + BUSY_BACKOFF
+            reason = "origin"
+        elif isinstance(exc, ParentBusy):
             log.debug("parent %s busy", parent_id)
-            return False
-        if isinstance(exc, SwarmflyError) and exc.code == "integrity":
+            reason = "busy"
+        elif isinstance(exc, SwarmflyError) and exc.code == "integrity":
             metrics.PEER_PIECE_FAILURES.labels("corrupt").inc()
             log.warning("parent %s served a corrupt piece %d", parent_id, number)
-            self._drop_parent(book, parent_id, "corrupt")
+            reason = "corrupt"
         elif isinstance(exc, SwarmflyError) and exc.code == "timeout":
             metrics.PEER_PIECE_FAILURES.labels("slow").inc()
-            if parent is not None and parent.type != "seed":
-                # A stalled seed is slow, not gone: it is where the pieces are.
-                self._drop_parent(book, parent_id, "slow")
-        elif parent is not None:
+            reason = "slow"
+        elif parent_id in self.swarm.parents:
             metrics.PEER_PIECE_FAILURES.labels("failed").inc()
-            parent.failures += 1
-            if parent.failures >= PARENT_FAILURES:
-                self._drop_parent(book, parent_id, "failed")
-        return False
+        self.swarm.failed(number, parent_id, reason, now)
+        self._wake.set()
 
     async def _fetch_piece(self, number: int, parent_id: str) -> int:
         parent = self.parents[parent_id]
@@ -649,13 +602,11 @@ class Conductor:
             )
         return number
 
-    def _start_lent(
-        self, book: PieceBook, fetches: dict[asyncio.Task[int], tuple[int, str]]
-    ) -> None:
+    def _start_lent(self, fetches: dict[asyncio.Task[int], tuple[int, str]]) -> None:
+        if self.swarm.book is None:
+            return
         for number, etag in self._lent:
-            wanted = number < book.piece_count and number not in book.done
-            if wanted and number not in book.in_flight:
-                book.in_flight[number] = {ORIGIN}
+            if self.swarm.lent(number):
                 fetches[asyncio.create_task(self._lent_piece(number, etag))] = (number, ORIGIN)
         self._lent.clear()
 
@@ -1167,8 +1118,8 @@ class Conductor:
             self.repaired.add(number)
             if (parent := self._came_from.get(number)) is not None:
                 log.warning("parent %s served a false piece %d", parent, number)
-                self.bad.append({"peer_id": parent, "reason": "corrupt"})
-        if self.bad:
+                self.swarm.bad.append({"peer_id": parent, "reason": "corrupt"})
+        if self.swarm.bad:
             with contextlib.suppress(SwarmflyError):
                 await self._reschedule_or_register()
         self.digest.cancel()
