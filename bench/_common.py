@@ -488,3 +488,33 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def add_swarm_flags(parser: argparse.ArgumentParser) -> None:
+    """The swarm's shape, the same in swarm.py and simulate.py so that both compare."""
+    parser.add_argument("--peers", type=int, default=16, help="N (default 16)")
+    parser.add_argument("--file-size", type=size_arg, default="64MiB", help="F (default 64MiB)")
+    parser.add_argument("--origin-rate", type=size_arg, default="32MiB", help="u_s, bytes/s")
+    parser.add_argument("--peer-upload-rate", type=size_arg, default="8MiB", help="u, bytes/s")
+    parser.add_argument("--seed-upload-rate", type=size_arg, default="8MiB", help="u_seed")
+    parser.add_argument(
+        "--download-rate", type=size_arg, default="0", help="d, bytes/s (0: unlimited)"
+    )
+
+
+def lower_bound(n: int, f: int, u_s: int, u_seed: int, u: int, d: int) -> float:
+    """Kurose-Ross: the origin must send F once, the slowest downloader must receive F, and
+    N*F bytes must leave some uplink. A rate of 0 means unlimited (that term vanishes)."""
+    terms = [f / u_s if u_s else 0.0, f / d if d else 0.0]
+    if u_s and u_seed and u:
+        terms.append(n * f / (u_s + u_seed + n * u))
+    return max(terms)
+
+
+def seed_bound(n: int, f: int, u_s: int, u_seed: int, u: int, d: int) -> float:
+    """The same bound when the origin is read once, by the seed only (origin_ratio 1): every
+    byte reaches the peers through the seed's uplink, and only seed and peers upload."""
+    terms = [f / u_s if u_s else 0.0, f / d if d else 0.0, f / u_seed if u_seed else 0.0]
+    if u_seed and u:
+        terms.append(n * f / (u_seed + n * u))
+    return max(terms)

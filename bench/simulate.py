@@ -1,0 +1,571 @@
+"""Swarm simulator: the real scheduler core and the real P2P core of every peer, in one
+process on virtual time, over a network model.
+
+What runs is what the services run: ``Scheduler`` as ``core_for`` builds it from
+``[scheduler]`` (with the configured evaluator plugin), and for each peer ``Swarming`` with a
+``PieceBook`` and the configured strategy, driven as the conductor drives them (ticks on every
+event and every 0.25 s, reschedules as the core asks, reports batched every 50 ms). What is
+modelled: the bytes. Each host has an uplink and a downlink; a transfer moves at the smaller
+of its fair share of both (recomputed whenever a transfer starts or ends on either host); each
+request waits one link latency; a parent whose upload slots are full answers busy. The storage
+reads the origin (capped) in ``origin_concurrency`` parallel ranges and offers every piece it
+has; children long-poll parents, learning a piece one latency after it is done.
+
+Not modelled (so the simulator is compared with ``bench/swarm.py --mode no-digest``, where the
+real seed lends nothing either): the seed's lending, digest polls (digests are known), piece
+hashing and disk, CPU contention. Defaults are bench/swarm.py's: N=16, F=64 MiB, origin
+32 MiB/s, 8 MiB/s uplinks, unlimited downlinks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import itertools
+import random
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from _common import (
+    Out,
+    add_swarm_flags,
+    lower_bound,
+    median,
+    percentile,
+    seed_bound,
+    size_arg,
+    table,
+)
+
+from swarmfly import config as swarmfly_config
+from swarmfly.content import TaskContent
+from swarmfly.ids import piece_count, piece_length_for
+from swarmfly.pluginhost import Plugins
+from swarmfly.services.peer.conductor import SEED_POLL_WAIT
+from swarmfly.services.peer.grants import GRANT_SECONDS, GrantBook
+from swarmfly.services.peer.pieces import PieceBook
+from swarmfly.services.peer.swarming import Drop, Fetch, Reschedule, Swarming
+from swarmfly.services.peer.upload import GRANT_TICK, PACED_SLOT_RATE
+from swarmfly.services.scheduler.core import HostSpec, PieceReport, Schedule, Scheduler
+from swarmfly.services.scheduler.service import core_for
+
+TICK = 0.25
+"""The conductor's wait between ticks when nothing happens."""
+REPORT_INTERVAL = 0.05
+HEARTBEAT = 5.0
+TASK = "t" * 64
+INF = float("inf")
+
+
+@dataclass(eq=False)
+class Link:
+    """One host's side of the network, and its upload server's admission: as
+    ``UploadServer``, a capped host uploads ``slots`` pieces at once (one per
+    PACED_SLOT_RATE of its cap), queues as many more, and answers busy beyond."""
+
+    up: float
+    down: float
+    slots: int
+    uploads: set[Transfer] = field(default_factory=set)
+    queue: deque[Transfer] = field(default_factory=deque)
+    downloads: set[Transfer] = field(default_factory=set)
+    sent: int = 0
+
+    @classmethod
+    def capped(cls, up: float, down: float, upload_slots: int) -> Link:
+        slots = min(upload_slots, max(1, -(-int(up) // PACED_SLOT_RATE))) if up else upload_slots
+        return cls(up, down, slots)
+
+    @property
+    def capacity(self) -> int:
+        return 2 * self.slots
+
+    @property
+    def load(self) -> int:
+        return len(self.uploads) + len(self.queue)
+
+
+@dataclass(eq=False)
+class Transfer:
+    parent: Link
+    child: Link
+    size: int
+    remaining: float
+    done: Callable[[], None]
+    rate: float = 0.0
+    since: float = 0.0
+    version: int = 0
+
+
+class Network:
+    def __init__(self, sim: Sim, latency: float) -> None:
+        self.sim, self.latency = sim, latency
+
+    def send(self, parent: Link, child: Link, size: int, done: Callable[[], None]) -> None:
+        transfer = Transfer(parent, child, size, float(size), done)
+        if len(parent.uploads) < parent.slots:
+            self._start(transfer)
+        else:
+            parent.queue.append(transfer)
+
+    def _start(self, transfer: Transfer) -> None:
+        """Accepted at the parent: under way at once, or when a slot frees."""
+        transfer.since = self.sim.now
+        transfer.parent.uploads.add(transfer)
+        transfer.child.downloads.add(transfer)
+        self._rebalance(transfer.parent, transfer.child)
+
+    def _rebalance(self, *links: Link) -> None:
+        now = self.sim.now
+        touched = {t for link in links for t in (*link.uploads, *link.downloads)}
+        for t in touched:
+            t.remaining -= t.rate * (now - t.since)
+            up = t.parent.up / len(t.parent.uploads) if t.parent.up else INF
+            down = t.child.down / len(t.child.downloads) if t.child.down else INF
+            t.rate, t.since, t.version = min(up, down), now, t.version + 1
+            eta = now + max(0.0, t.remaining) / t.rate if t.rate < INF else now
+            self.sim.at(eta, self._finish, t, t.version)
+
+    def _finish(self, t: Transfer, version: int) -> None:
+        if version != t.version:
+            return  # superseded by a rebalance
+        t.parent.uploads.discard(t)
+        t.child.downloads.discard(t)
+        t.parent.sent += t.size
+        self._rebalance(t.parent, t.child)
+        if t.parent.queue:
+            self._start(t.parent.queue.popleft())
+        t.done()
+
+
+@dataclass(eq=False)
+class Node:
+    """A peer host (or the storage): its link, what it holds, who watches it."""
+
+    peer_id: str
+    spec: HostSpec
+    link: Link
+    held: set[int] = field(default_factory=set)
+    watchers: set[SimPeer] = field(default_factory=set)
+    grants: GrantBook | None = None
+    """A capped seed's (super-seeding): it offers each polling child one granted piece."""
+    served: dict[int, int] = field(default_factory=dict)
+    waiters: dict[SimPeer, set[int]] = field(default_factory=dict)
+    """Children's polls waiting for a grant, oldest first, with what each wants."""
+
+    def reserved(self, now: float) -> int:
+        return self.link.load + (self.grants.outstanding(now) if self.grants else 0)
+
+
+class SimPeer:
+    """A peer's download, as the conductor runs the Swarming core."""
+
+    def __init__(self, sim: Sim, node: Node, rng: random.Random) -> None:
+        self.sim, self.node = sim, node
+        settings = sim.settings.peer
+        self.swarm = Swarming(settings.concurrency, settings.per_parent, now=0.0)
+        self.strategy = sim.plugins.strategy(settings.strategy)
+        self.rng = rng
+        self.finished: float | None = None
+        self.tick_due = False
+        self.reports: list[PieceReport] = []
+        self.parents: dict[str, Node] = {}
+
+    def start(self) -> None:
+        schedule, _ = self.sim.decide(
+            "register",
+            lambda s: s.register(
+                task_id=TASK, peer_id=self.node.peer_id, host=self.node.spec, now=self.sim.now
+            ),
+        )
+        self.adopt(schedule, exact=False)
+        self.sim.at(self.sim.now + TICK, self.periodic)
+        self.sim.at(self.sim.now + REPORT_INTERVAL, self.flush)
+
+    def adopt(self, schedule: Schedule, *, exact: bool) -> None:
+        if schedule.content is not None and self.swarm.book is None:
+            count = schedule.content.piece_count
+            self.swarm.book = PieceBook(
+                count, digests=list(self.sim.digests), strategy=self.strategy, rng=self.rng
+            )
+        if schedule.action == "parents":
+            parents = {p.peer_id: p.type for p in schedule.parents}
+            added = self.swarm.scheduled(
+                parents, self.sim.now, retry_after_ms=schedule.retry_after_ms or 0, exact=exact
+            )
+            for parent_id in [p for p in self.parents if p not in self.swarm.parents]:
+                self.unwatch(parent_id)
+            for parent_id in added:
+                parent = self.sim.nodes[parent_id]
+                self.parents[parent_id] = parent
+                parent.watchers.add(self)
+                self.sim.at(self.sim.now + self.sim.net.latency, self.offer, parent)
+        elif schedule.action == "back_to_source":
+            raise SystemExit("simulate: a peer was sent to the origin (not modelled)")
+        else:
+            self.swarm.asked(self.sim.now)
+        self.wake()
+
+    def unwatch(self, parent_id: str) -> None:
+        """The watcher is cancelled: its long-poll, and a seed's waiting poll, go with it."""
+        node = self.parents.pop(parent_id, None)
+        if node is not None:
+            node.watchers.discard(self)
+            node.waiters.pop(self, None)
+
+    def offer(self, parent: Node) -> None:
+        """A parent's answer to our long-poll: all it holds, or, from a capped seed, a poll
+        that waits for a grant."""
+        if parent.peer_id not in self.swarm.parents or self.finished is not None:
+            return
+        if parent.grants is None:
+            self.swarm.offered(parent.peer_id, set(parent.held))
+            self.wake()
+        elif self.swarm.book is not None:
+            parent.waiters[self] = self.swarm.book.wanted()
+            self.sim.at(self.sim.now + SEED_POLL_WAIT, self.repoll, parent)
+            self.sim.dispatch(parent)
+
+    def repoll(self, parent: Node) -> None:
+        """A seed's poll that got no grant in time: asked again with what we want now."""
+        if parent.waiters.pop(self, None) is not None:
+            self.offer(parent)
+
+    def granted(self, parent: Node, number: int) -> None:
+        book = self.swarm.book
+        assert parent.grants is not None and book is not None
+        if number in book.done or (number in book.in_flight and not book.endgame):
+            parent.grants.release(number)  # declined with the next poll
+            self.sim.dispatch(parent)
+        else:
+            self.swarm.offered(parent.peer_id, {number})
+            self.wake()
+        self.sim.at(self.sim.now + self.sim.net.latency, self.offer, parent)
+
+    def wake(self) -> None:
+        if not self.tick_due and self.finished is None:
+            self.tick_due = True
+            self.sim.at(self.sim.now, self.tick)
+
+    def periodic(self) -> None:
+        if self.finished is None:
+            self.wake()
+            self.sim.at(self.sim.now + TICK, self.periodic)
+
+    def tick(self) -> None:
+        self.tick_due = False
+        if self.finished is not None:
+            return
+        for decision in self.swarm.tick(self.sim.now):
+            if isinstance(decision, Fetch):
+                self.fetch(decision.number, self.parents[decision.parent_id])
+            elif isinstance(decision, Drop):
+                self.unwatch(decision.parent_id)
+            elif isinstance(decision, Reschedule):
+                blocklist = sorted(self.swarm.blocked(self.sim.now))
+                bad = [(b["peer_id"], b["reason"]) for b in self.swarm.bad[-256:]]
+                schedule, _ = self.sim.decide(
+                    "reschedule",
+                    lambda s, blocklist=blocklist, bad=bad: s.reschedule(
+                        task_id=TASK,
+                        peer_id=self.node.peer_id,
+                        now=self.sim.now,
+                        blocklist=blocklist,
+                        bad_parents=bad,
+                    ),
+                )
+                self.adopt(schedule, exact=True)
+
+    def fetch(self, number: int, parent: Node) -> None:
+        latency = self.sim.net.latency
+        started = self.sim.now
+
+        def arrive() -> None:  # the request reaches the parent
+            if parent.grants is not None:
+                parent.grants.release(number)  # a granted request holds its slot already
+            if parent.reserved(self.sim.now) >= parent.link.capacity:
+                self.sim.at(self.sim.now + latency, self.busy, number, parent)
+                return
+            parent.served[number] = parent.served.get(number, 0) + 1
+            size = self.sim.content.piece(number)[1]
+            self.sim.net.send(
+                parent.link, self.node.link, size, lambda: self.got(number, parent, started)
+            )
+            self.sim.dispatch(parent)
+
+        self.sim.at(self.sim.now + latency, arrive)
+
+    def busy(self, number: int, parent: Node) -> None:
+        self.swarm.failed(number, parent.peer_id, "busy", self.sim.now)
+        self.wake()
+
+    def got(self, number: int, parent: Node, started: float) -> None:
+        first = number not in self.node.held
+        self.swarm.done(number, parent.peer_id, self.sim.now)
+        if first:
+            self.node.held.add(number)
+            self.sim.bytes_p2p += self.sim.content.piece(number)[1]
+            cost = int((self.sim.now - started) * 1000)
+            self.reports.append(PieceReport(number, None, parent.peer_id, cost))
+            for child in list(self.node.watchers):
+                self.sim.at(self.sim.now + self.sim.net.latency, child.offer, self.node)
+        if self.swarm.complete:
+            self.flush()
+            self.finished = self.sim.now
+            self.sim.decide(
+                "result",
+                lambda s: s.result(
+                    task_id=TASK, peer_id=self.node.peer_id, success=True, now=self.sim.now
+                ),
+            )
+            self.sim.done += 1
+        else:
+            self.wake()
+
+    def flush(self) -> None:
+        if self.reports:
+            reports, self.reports = self.reports, []
+            self.sim.decide(
+                "pieces",
+                lambda s: s.report_pieces(
+                    task_id=TASK, peer_id=self.node.peer_id, pieces=reports, now=self.sim.now
+                ),
+            )
+        if self.finished is None:
+            self.sim.at(self.sim.now + REPORT_INTERVAL, self.flush)
+
+
+class Sim:
+    def __init__(self, args: argparse.Namespace, settings: Any, plugins: Plugins) -> None:
+        self.args, self.settings, self.plugins = args, settings, plugins
+        self.now = 0.0
+        self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+        self.net = Network(self, args.latency)
+        length = args.piece_length or piece_length_for(args.file_size)
+        count = piece_count(args.file_size, length)
+        self.content = TaskContent(args.file_size, length, count)
+        self.digests = [hashlib.sha256(f"{n}".encode()).hexdigest() for n in range(count)]
+        rng = random.Random(args.seed)
+        evaluator = plugins.evaluator(settings.scheduler.evaluator)
+        self.scheduler: Scheduler = core_for(
+            settings.scheduler, evaluator, random.Random(rng.random())
+        )
+        self.messages: Counter[str] = Counter()
+        self.cpu = 0.0
+        self.decisions = 0
+        self.done = 0
+        self.bytes_p2p = 0
+        self.origin_bytes = 0
+        self.nodes: dict[str, Node] = {}
+        seed_spec = HostSpec(
+            "storage-1", "10.0.0.1", 4000, "seed", upload_slots=settings.storage.upload_slots
+        )
+        seed_link = Link.capped(args.seed_upload_rate, 0, settings.storage.upload_slots)
+        self.seed = Node("seed-peer", seed_spec, seed_link)
+        if args.seed_upload_rate:  # a capped seed super-seeds (PeerNode: superseed)
+            self.seed.grants = GrantBook(GRANT_SECONDS)
+        self._ticking = False
+        self.nodes[self.seed.peer_id] = self.seed
+        self.origin = Link(args.origin_rate, 0, 1 << 30)
+        self.peers: list[SimPeer] = []
+        for n in range(args.peers):
+            spec = HostSpec(
+                f"host-{n}",
+                f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}",
+                4000,
+                "normal",
+                upload_slots=settings.peer.upload_slots,
+            )
+            node = Node(
+                f"peer-{n}",
+                spec,
+                Link.capped(args.peer_upload_rate, args.download_rate, settings.peer.upload_slots),
+            )
+            self.nodes[node.peer_id] = node
+            self.peers.append(SimPeer(self, node, random.Random(rng.random())))
+
+    def at(self, when: float, call: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self._events, (when, next(self._seq), call, args))
+
+    def decide(self, subject: str, call: Callable[[Scheduler], Any]) -> Any:
+        """A request to the scheduler: counted, and its CPU measured."""
+        self.messages[subject] += 1
+        started = time.process_time()
+        answer = call(self.scheduler)
+        self.cpu += time.process_time() - started
+        if subject in ("register", "reschedule"):
+            self.decisions += 1
+        return answer
+
+    def start_seed(self) -> None:
+        """The storage: registers as the seed and reads the origin in parallel ranges."""
+        self.decide(
+            "register",
+            lambda s: s.register(
+                task_id=TASK, peer_id=self.seed.peer_id, host=self.seed.spec, now=self.now,
+                content=self.content, seed=True,
+            ),
+        )  # fmt: skip
+        queue = iter(range(self.content.piece_count))
+        for _ in range(self.settings.storage.origin_concurrency):
+            self._seed_next(queue)
+
+    def _seed_next(self, queue: Any) -> None:
+        number = next(queue, None)
+        if number is None:
+            return
+        size = self.content.piece(number)[1]
+
+        def done() -> None:
+            self.origin_bytes += size
+            self.seed.held.add(number)
+            digest = self.digests[number]
+            self.decide(
+                "pieces",
+                lambda s: s.report_pieces(
+                    task_id=TASK, peer_id=self.seed.peer_id,
+                    pieces=[PieceReport(number, digest)], now=self.now,
+                ),
+            )  # fmt: skip
+            self.dispatch(self.seed)
+            self._seed_next(queue)
+
+        self.at(self.now + self.net.latency, self.net.send, self.origin, self.seed.link, size, done)
+
+    def dispatch(self, node: Node) -> None:
+        """``UploadServer._dispatch``: grants to waiting children, oldest first, while the
+        seed has slots to promise; a lapsed grant frees its slot (ticked while any wait)."""
+        book = node.grants
+        if book is None:
+            return
+        now = self.now
+        reserved = node.reserved(now)
+        for child, wanted in list(node.waiters.items()):
+            if reserved >= node.link.capacity:
+                break
+            number = book.grant(node.held, node.served, now, wanted)
+            if number is not None:
+                reserved += 1
+                del node.waiters[child]
+                self.at(now + self.net.latency, child.granted, node, number)
+                self.at(now + book.lease, self.dispatch, node)
+        if node.waiters and not self._ticking:
+            self._ticking = True
+            self.at(now + GRANT_TICK, self._tick, node)
+
+    def _tick(self, node: Node) -> None:
+        self._ticking = False
+        self.dispatch(node)
+
+    def heartbeats(self) -> None:
+        for node in self.nodes.values():
+            self.decide(
+                "heartbeat",
+                lambda s, node=node: s.heartbeat(node.spec, len(node.link.uploads), self.now),
+            )
+        if self.done < len(self.peers):
+            self.at(self.now + HEARTBEAT, self.heartbeats)
+
+    def run(self, limit: float) -> None:
+        self.heartbeats()
+        self.start_seed()
+        for peer in self.peers:
+            self.at(0.0, peer.start)
+        while self._events and self.done < len(self.peers):
+            when, _, call, args = heapq.heappop(self._events)
+            if when > limit:
+                raise SystemExit(f"simulate: not done after {limit:g} s of virtual time")
+            self.now = when
+            call(*args)
+
+
+def bounds(args: argparse.Namespace) -> tuple[float, float]:
+    """The lower bound, and the bound with the seed as the origin's only reader."""
+    rates = (args.origin_rate, args.seed_upload_rate, args.peer_upload_rate, args.download_rate)
+    return lower_bound(args.peers, args.file_size, *rates), seed_bound(
+        args.peers, args.file_size, *rates
+    )
+
+
+def run_once(
+    args: argparse.Namespace, settings: Any, plugins: Plugins, seed: int
+) -> dict[str, Any]:
+    args.seed = seed
+    wall = time.perf_counter()
+    sim = Sim(args, settings, plugins)
+    bound, _ = bounds(args)
+    sim.run(limit=max(600.0, 50 * bound))
+    times = [p.finished for p in sim.peers if p.finished is not None]
+    max_s = max(times)
+    span = max_s or 1.0
+    return {
+        "seed": seed,
+        "p50_s": round(percentile(times, 50), 4),
+        "p99_s": round(percentile(times, 99), 4),
+        "max_s": round(max_s, 4),
+        "ratio": round(max_s / bound, 4),
+        "origin_ratio": round(sim.origin_bytes / args.file_size, 4),
+        "seed_uploads": sim.seed.link.sent // sim.content.piece_length,
+        "messages_per_peer_s": {
+            k: round(v / len(sim.peers) / span, 3) for k, v in sorted(sim.messages.items())
+        },
+        "decisions": sim.decisions,
+        "scheduler_cpu_per_decision_ms": round(sim.cpu / max(1, sim.decisions) * 1000, 4),
+        "scheduler_cpu_s": round(sim.cpu, 3),
+        "wall_s": round(time.perf_counter() - wall, 2),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_swarm_flags(parser)
+    parser.add_argument("--latency", type=float, default=0.0005, help="per request, s")
+    parser.add_argument("--piece-length", type=size_arg, help="default: from F, as the peer")
+    parser.add_argument("--runs", type=int, default=3, help="seeds 1..runs (default 3)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args()
+    out = Out(args.json)
+    settings = swarmfly_config.load(env={})
+    plugins = Plugins.load(settings.disable_plugins)
+    bound, bound_seed = bounds(args)
+    runs = []
+    for seed in range(1, args.runs + 1):
+        out.progress(f"run {seed}: {args.peers} peers")
+        runs.append(run_once(args, settings, plugins, seed))
+    keys = (
+        "p50_s",
+        "p99_s",
+        "max_s",
+        "ratio",
+        "origin_ratio",
+        "scheduler_cpu_per_decision_ms",
+        "wall_s",
+    )
+    med = {k: median([r[k] for r in runs]) for k in keys}
+    out.say(
+        table(
+            ["run", *keys],
+            [[r["seed"], *(r[k] for k in keys)] for r in runs]
+            + [["median", *(med[k] for k in keys)]],
+        )
+    )
+    out.say(f"bound {bound:.3f} s (seed only: {bound_seed:.3f} s)")
+    out.say(f"control messages per peer per s (run {runs[-1]['seed']}):")
+    out.say(table(["subject", "rate"], list(runs[-1]["messages_per_peer_s"].items())))
+    out.result({
+        "peers": args.peers, "tasks": 1, "file_bytes": args.file_size, "bound_s": round(bound, 4),
+        "bound_seed_s": round(bound_seed, 4), "lending": False, **med,
+        "ratio_seed_only": round(med["max_s"] / bound_seed, 4),
+        "messages_per_peer_s": runs[-1]["messages_per_peer_s"], "runs": runs,
+    })  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
