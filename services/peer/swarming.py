@@ -200,13 +200,16 @@ class Swarming:
             self._offers.clear()
             room = self.concurrency - sum(self.fetching.values())
             free = {
-                p: self.per_parent - self.fetching.get(p, 0)
+                p: slots
                 for p, parent in self.parents.items()
                 if parent.busy_until <= now
+                and (slots := self.per_parent - self.fetching.get(p, 0)) > 0
+                and p in book.available
             }
-            for number, parent_id in book.assign(free, room):
-                self.fetching[parent_id] += 1
-                decisions.append(Fetch(number, parent_id))
+            if room > 0 and free:  # the book's choice costs a count of every offer
+                for number, parent_id in book.assign(free, room):
+                    self.fetching[parent_id] += 1
+                    decisions.append(Fetch(number, parent_id))
         why = self._why(now)
         if why is not None:
             self._due = False
