@@ -476,7 +476,7 @@ class Sim:
         self.heartbeats()
         self.start_seed()
         for peer in self.peers:
-            self.at(0.0, peer.start)
+            self.at(self.args.startup, peer.start)
         while self._events and self.done < len(self.peers):
             when, _, call, args = heapq.heappop(self._events)
             if when > limit:
@@ -526,6 +526,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_swarm_flags(parser)
     parser.add_argument("--latency", type=float, default=0.0005, help="per request, s")
+    parser.add_argument(
+        "--startup",
+        type=float,
+        default=0.0,
+        help="s before the peers register (swarm.py counts its gets' start-up: get_startup_s)",
+    )
     parser.add_argument("--piece-length", type=size_arg, help="default: from F, as the peer")
     parser.add_argument("--runs", type=int, default=3, help="seeds 1..runs (default 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")

@@ -52,9 +52,6 @@ SEED_POLL_WAIT = 2.0
 REPORT_INTERVAL = 0.05
 REPORT_BATCH = 2048
 """Piece reports per request: with digests, 2048 stay well inside the request size limit."""
-SCHEDULER_PATIENCE = 10.0
-"""Seconds a download with no parents waits for its scheduler to come back (a partition
-moves to another scheduler within 10 s) before it reads the origin."""
 LEND_RATE = 512 * 1024
 """Bytes/s a child lent a piece is expected to read at least: its piece's time (or
 ``grants.DELEGATION_SECONDS``, whichever is longer)."""
@@ -171,8 +168,6 @@ class Conductor:
         self._wake = asyncio.Event()
         self._token: str | None = None
         """The capability of the last schedule: parents serve the task only against it."""
-        self._scheduler_lost: float | None = None
-        """Since when (monotonic) the task's scheduler has not answered."""
 
     # -- the whole download ----------------------------------------------------------------
 
@@ -273,18 +268,17 @@ class Conductor:
                 raise
             else:
                 return self._without_scheduler(exc)
-        self._scheduler_lost = None
+        self.swarm.scheduler_back()
         return reply
 
     def _without_scheduler(self, exc: SwarmflyError) -> dict[str, Any]:
-        """What to do while the task's scheduler does not answer: keep the parents we have
-        (a scheduler restart must not send everyone to the origin); with none, wait while
-        its partition moves to another scheduler; read the origin when there is none."""
-        if self.parents:
+        """What to do while the task's scheduler does not answer: the core's call."""
+        what = self.swarm.scheduler_lost(
+            time.monotonic(), others_answer=self.node.schedulers_answer()
+        )
+        if what == "keep":
             return {"action": "parents", "parents": list(self._current_parents())}
-        now = time.monotonic()
-        self._scheduler_lost = self._scheduler_lost or now
-        if self.node.schedulers_answer() and now - self._scheduler_lost < SCHEDULER_PATIENCE:
+        if what == "wait":
             return {"action": "wait", "parents": [], "retry_after_ms": 500}
         log.warning("no scheduler answers (%s): reading the origin", exc.code)
         return {"action": "back_to_source", "parents": []}

@@ -27,12 +27,16 @@ BLOCK_SECONDS = 30.0
 """A dropped parent is not used again for this long (a corrupt one never: the scheduler)."""
 BUSY_BACKOFF = 0.25
 """Seconds before asking a parent that had no free upload slot again."""
+SCHEDULER_PATIENCE = 10.0
+"""Seconds a download with no parents waits for its scheduler to come back (a partition
+moves to another scheduler within 10 s) before it reads the origin."""
 ORIGIN = "@origin"
 """Where a lent piece comes from, in place of a parent id."""
 
 Failure = Literal["busy", "corrupt", "slow", "failed", "origin", "cancelled"]
 """Why a piece did not arrive, as the adapter tells it."""
 Why = Literal["no_parents", "stalled", "periodic", "idle", "dropped"]
+WithoutScheduler = Literal["keep", "wait", "origin"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ class Swarming:
     _lost: list[str] = field(default_factory=list)
     _drops: list[Drop] = field(default_factory=list)
     _due: bool = False
+    _scheduler_lost: float | None = None
+    """Since when the task's scheduler has not answered."""
     _last_progress: float = 0.0
     _last_schedule: float = 0.0
 
@@ -121,6 +127,21 @@ class Swarming:
     def asked(self, now: float) -> None:
         """The scheduler was asked and answered without new parents (wait, or kept ours)."""
         self._last_progress = self._last_schedule = now
+
+    def scheduler_lost(self, now: float, *, others_answer: bool) -> WithoutScheduler:
+        """The task's scheduler did not answer: keep the parents we have (a scheduler
+        restart must not send everyone to the origin); with none, wait while its partition
+        moves to another scheduler (``others_answer``: some scheduler still does); read the
+        origin when there is none, or after SCHEDULER_PATIENCE."""
+        if self.parents:
+            return "keep"
+        self._scheduler_lost = self._scheduler_lost if self._scheduler_lost is not None else now
+        if others_answer and now - self._scheduler_lost < SCHEDULER_PATIENCE:
+            return "wait"
+        return "origin"
+
+    def scheduler_back(self) -> None:
+        self._scheduler_lost = None
 
     def offered(self, parent_id: str, pieces: set[int]) -> None:
         self._offers[parent_id] = pieces

@@ -31,6 +31,7 @@ def arguments(peers: int, file_size: int = 8 * MiB, **overrides: Any) -> argpars
         "seed_upload_rate": 8 * MiB,
         "download_rate": 0,
         "latency": 0.0005,
+        "startup": 0.0,
         "piece_length": None,
         "seed": 1,
         **overrides,

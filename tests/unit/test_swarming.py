@@ -13,6 +13,7 @@ from swarmfly.services.peer.swarming import (
     ORIGIN,
     PARENT_FAILURES,
     RESCHEDULE_INTERVAL,
+    SCHEDULER_PATIENCE,
     STALL_SECONDS,
     Decision,
     Drop,
@@ -192,3 +193,18 @@ def test_completion() -> None:
     assert not core.complete
     core.done(number, parent, 0.1)
     assert core.complete
+
+
+def test_scheduler_lost_and_back() -> None:
+    """Parents kept while it is gone; with none, wait while another scheduler may take the
+    partition, then the origin; its return resets the patience."""
+    core = swarm()
+    core.scheduled({"a": "normal"}, 0.0, exact=True)
+    assert core.scheduler_lost(1.0, others_answer=False) == "keep"
+    core.drop("a", "failed", 1.0)
+    assert core.scheduler_lost(2.0, others_answer=True) == "wait"
+    assert core.scheduler_lost(2.0 + SCHEDULER_PATIENCE - 0.1, others_answer=True) == "wait"
+    assert core.scheduler_lost(2.0 + SCHEDULER_PATIENCE + 0.1, others_answer=True) == "origin"
+    core.scheduler_back()
+    assert core.scheduler_lost(100.0, others_answer=True) == "wait", "patience anew"
+    assert core.scheduler_lost(100.0, others_answer=False) == "origin", "none answers at all"
