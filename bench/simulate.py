@@ -151,7 +151,8 @@ class Node:
     spec: HostSpec
     link: Link
     held: set[int] = field(default_factory=set)
-    watchers: set[SimPeer] = field(default_factory=set)
+    watchers: dict[SimPeer, None] = field(default_factory=dict)
+    """Children long-polling it, in the order they came (a run is the same for a seed)."""
     grants: GrantBook | None = None
     """A capped seed's (super-seeding): it offers each polling child one granted piece."""
     served: dict[int, int] = field(default_factory=dict)
@@ -203,7 +204,7 @@ class SimPeer:
             for parent_id in added:
                 parent = self.sim.nodes[parent_id]
                 self.parents[parent_id] = parent
-                parent.watchers.add(self)
+                parent.watchers[self] = None
                 self.sim.at(self.sim.now + self.sim.net.latency, self.offer, parent)
         elif schedule.action == "back_to_source":
             raise SystemExit("simulate: a peer was sent to the origin (not modelled)")
@@ -215,7 +216,7 @@ class SimPeer:
         """The watcher is cancelled: its long-poll, and a seed's waiting poll, go with it."""
         node = self.parents.pop(parent_id, None)
         if node is not None:
-            node.watchers.discard(self)
+            node.watchers.pop(self, None)
             node.waiters.pop(self, None)
 
     def offer(self, parent: Node) -> None:

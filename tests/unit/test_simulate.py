@@ -66,7 +66,9 @@ def test_every_peer_finishes_and_the_origin_is_read_once(plugins: Plugins) -> No
     settings = swarmfly_config.load(env={})
     result = simulate.run_once(arguments(16), settings, plugins, seed=1)
     assert result["origin_ratio"] == 1.0
-    assert 1.0 <= result["ratio"] < 3.0, result
+    # An 8 MiB file is mostly pipeline (bound 0.76 s, about 2.8x measured); the check is
+    # against pathologies such as the seed's slots held by polls nobody waits on (38x).
+    assert 1.0 <= result["ratio"] < 5.0, result
     assert result["p50_s"] <= result["p99_s"] <= result["max_s"]
     assert result["decisions"] >= 16 and result["messages_per_peer_s"]["result"] > 0
 
