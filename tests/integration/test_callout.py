@@ -45,7 +45,7 @@ from swarmfly.natsserver import NatsServer
 from swarmfly.runtime import start_peer, start_scheduler, start_storage
 from swarmfly.services.scheduler.service import SchedulerService
 from swarmfly.testing import Origin, nats_server
-from tests.integration.test_host_binding import Attacker, host
+from tests.integration.test_host_binding import Attacker, host, hosts_known
 from tests.integration.test_nats_permissions import Connection
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -264,11 +264,7 @@ async def test_per_host_identities_through_the_callout(
     peer_bus = await bus("peer", cluster.token_options("peer", PEER, signer.token()))
     peer = await start_peer(stack, config, peer_bus, tmp_path / "peer", servers)
     assert (storage.node.settings.host_id, peer.node.settings.host_id) == (SEED, PEER)
-    for _ in range(100):
-        if {SEED, PEER} <= set(scheduler.core.hosts):
-            break
-        await asyncio.sleep(0.05)
-    assert {SEED, PEER} <= set(scheduler.core.hosts)
+    await hosts_known(scheduler.core, {SEED, PEER})
 
     # An attacker with its own node's valid peer token.
     errors: list[Exception] = []

@@ -98,6 +98,15 @@ class Attacker:
         return error
 
 
+async def hosts_known(core: Any, host_ids: set[str]) -> None:
+    """Hosts heartbeat within a second of starting: wait (bounded) until all are known."""
+    for _ in range(100):
+        if host_ids <= set(core.hosts):
+            return
+        await asyncio.sleep(0.05)
+    assert host_ids <= set(core.hosts)
+
+
 def host(host_id: str, host_type: str, port: int) -> dict[str, Any]:
     return {"id": host_id, "ip": "127.0.0.1", "port": port, "type": host_type}
 
@@ -134,11 +143,7 @@ async def test_a_member_cannot_speak_for_another_host(
             )
             peer = await start_peer(stack, config, await bus("peer"), tmp_path / "peer", servers)
             seed_address = (storage.node.host()["ip"], storage.node.host()["port"])
-            for _ in range(100):  # both hosts heartbeat within a second of starting
-                if {SEED, PEER} <= set(scheduler.core.hosts):
-                    break
-                await asyncio.sleep(0.05)
-            assert {SEED, PEER} <= set(scheduler.core.hosts)
+            await hosts_known(scheduler.core, {SEED, PEER})
 
             errors: list[Exception] = []
 

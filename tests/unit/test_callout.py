@@ -87,15 +87,19 @@ def _seed(folder: Path, kind: int) -> str:
     return str(path)
 
 
-def test_settings_that_cannot_work(tmp_path: Path) -> None:
+def _complete(folder: Path) -> Config:
     config = Config()
     config.callout = CalloutConfig(
-        issuer_seed=_seed(tmp_path, nkeys.PREFIX_BYTE_ACCOUNT),
-        jwks=str(tmp_path / "jwks.json"),
+        issuer_seed=_seed(folder, nkeys.PREFIX_BYTE_ACCOUNT),
+        jwks=str(folder / "jwks.json"),
         token_issuer="https://k8s",
         peer=["system:serviceaccount:ns:peer"],
     )
-    callout_for(config)  # complete
+    return config
+
+
+def test_settings_that_cannot_work(tmp_path: Path) -> None:
+    callout_for(_complete(tmp_path))
     broken = {
         "issuer_seed": (str(tmp_path / "missing.nk"), "No such file"),
         "jwks": (None, "JWKS file or https:// URL is required"),
@@ -103,13 +107,7 @@ def test_settings_that_cannot_work(tmp_path: Path) -> None:
         "peer": ([], "names no service account"),
     }
     for name, (value, says) in broken.items():
-        config = Config()
-        config.callout = CalloutConfig(
-            issuer_seed=_seed(tmp_path, nkeys.PREFIX_BYTE_ACCOUNT),
-            jwks=str(tmp_path / "jwks.json"),
-            token_issuer="https://k8s",
-            peer=["system:serviceaccount:ns:peer"],
-        )
+        config = _complete(tmp_path)
         setattr(config.callout, name, value)
         with pytest.raises(ValueError, match=says):
             callout_for(config)
