@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,18 +24,19 @@ from swarmfly.ids import check_digest, piece_count, piece_length_for, redact_url
 from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.filedigest import PrefixDigest
+from swarmfly.services.peer.lending import LEND_POLL, Lending
 from swarmfly.services.peer.pieces import PieceBook
 from swarmfly.services.peer.store import StoredTask
 from swarmfly.services.peer.swarming import (
     BUSY_BACKOFF,
     ORIGIN,
-    PARENT_FAILURES,
     Drop,
     Failure,
     Fetch,
     Reschedule,
     Swarming,
 )
+from swarmfly.services.peer.takeover import ATTEMPTS, Gathering
 
 if TYPE_CHECKING:
     from swarmfly.services.peer.node import PeerNode
@@ -52,20 +52,6 @@ SEED_POLL_WAIT = 2.0
 REPORT_INTERVAL = 0.05
 REPORT_BATCH = 2048
 """Piece reports per request: with digests, 2048 stay well inside the request size limit."""
-LEND_RATE = 512 * 1024
-"""Bytes/s a child lent a piece is expected to read at least: its piece's time (or
-``grants.DELEGATION_SECONDS``, whichever is longer)."""
-LEASE_FACTOR = 4.0
-"""A lent piece's time: at least this many times what the seed's last piece took it."""
-HOLD_BACK = 1.0
-"""Seconds at most a lending seed waits before reading its next piece."""
-LEND_POLL = 0.25
-COLLECT_PATIENCE = 10.0
-"""Seconds at most a lending seed leaves the swarm's uplinks to children before it takes
-the lent pieces back for its cache."""
-"""Seconds between a lending seed's looks for the pieces it lent."""
-TAKEOVER_ATTEMPTS = 8
-"""Tries per piece (busy parents included) before a taking-over seed reads it from the origin."""
 
 
 def _lent_pieces(answer: dict[str, Any]) -> list[tuple[int, str | None]]:
@@ -150,8 +136,6 @@ class Conductor:
         self._lendings_told: set[int] = set()
         """A lending seed: lent pieces the scheduler knows the child of."""
         self._lent_out: set[int] = set()
-        self._disputed: set[int] = set()
-        """Pieces a holder served that did not match their (lent child's) digest."""
         """A lending seed: every piece it lent (their digests are the lent children's word)."""
         self._came_from: dict[int, str] = {}
         """Piece -> the parent that served it: whom a piece that proves false accuses."""
@@ -723,93 +707,78 @@ class Conductor:
             await self._origin_stream(content)
 
     async def _origin_lending(self, content: TaskContent) -> None:
-        """Read the origin as a seed that lends pieces (``grants.Delegation``): the seed's
-        workers read from the first piece up, waiting children are lent pieces from the last
-        one down, and the lent pieces come back from the swarm."""
-        lending = grants.Delegation(
-            content.piece_count,
-            etag=self.stat.etag,
-            limit=2 * self.node.origin_concurrency,
-            window=self.node.origin_concurrency,
-            lease=max(grants.DELEGATION_SECONDS, content.piece_length / LEND_RATE),
+        """Read the origin as a seed that lends pieces (``lending``): the seed's workers
+        read from the first piece up, waiting children are lent pieces from the last one
+        down, and the lent pieces come back from the swarm."""
+        concurrency = self.node.origin_concurrency
+        fresh = Lending.for_origin(
+            content.piece_count, content.piece_length, concurrency, self.stat.etag
         )
-        self.stored.delegation = lending
-        watcher = asyncio.create_task(self._watch_lent(lending))
-        try:
-            workers = [
-                asyncio.create_task(self._claiming_worker(lending))
-                for _ in range(min(self.node.origin_concurrency, content.piece_count))
-            ]
+        with self.stored.lent(fresh) as lending:
+            watcher = asyncio.create_task(self._watch_lent(lending))
             try:
-                await asyncio.gather(*workers)
+                await self._lend_and_collect(lending, min(concurrency, content.piece_count))
             finally:
-                for worker in workers:
-                    worker.cancel()
-            lending.open = False
-            # The lent pieces come back once children stop asking: until then the swarm's
-            # uplinks are theirs (COLLECT_PATIENCE at most). A lent piece its child did not
-            # deliver in time is read meanwhile: children may be waiting for it.
-            started = time.monotonic()
-            while time.monotonic() - lending.polled_at < 1.0:
-                if time.monotonic() - started > COLLECT_PATIENCE:
-                    break
-                await self._claiming_worker(lending)
-                await asyncio.sleep(LEND_POLL)
-            while not self.stored.complete:
-                if lending.delivered - self.stored.done:
-                    holders = await self._register_quietly()
-                    found: set[int] = set()
-                    if holders:
-                        held_off = lending.held_off(time.monotonic())
-                        found = await self._gather(holders, hold_off=held_off)
-                    lending.unheld(found, time.monotonic())
-                if self.stored.complete:
-                    break
-                if not lending.waiting(self.stored.done, time.monotonic()):
-                    await self._claiming_worker(lending)  # what no child delivered in time
-                else:
-                    await asyncio.sleep(LEND_POLL)
-            lent = len(lending.pending)
-            log.info("task %s: %d of %d pieces were lent to children", self.task_id[:12],
-                     lent, content.piece_count)  # fmt: skip
-        finally:
-            watcher.cancel()
-            self._lent_out = set(lending.pending)
-            self.stored.delegation = None
+                watcher.cancel()
+                self._lent_out = set(lending.pending)
 
-    async def _watch_lent(self, lending: grants.Delegation) -> None:
+    async def _lend_and_collect(self, lending: Lending, readers: int) -> None:
+        workers = [asyncio.create_task(self._claiming_worker(lending)) for _ in range(readers)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+        lending.open = False
+        # The lent pieces come back once children stop asking: until then the swarm's
+        # uplinks are theirs (a while at most). A lent piece its child did not deliver in
+        # time is read meanwhile: children may be waiting for it.
+        closed = time.monotonic()
+        while lending.collecting(closed, time.monotonic()):
+            await self._claiming_worker(lending)
+            await asyncio.sleep(LEND_POLL)
+        while not self.stored.complete:
+            if lending.delivered - self.stored.done:
+                holders = await self._register_quietly()
+                found: set[int] = set()
+                if holders:
+                    held_off = lending.held_off(time.monotonic())
+                    found = await self._gather(holders, hold_off=held_off)
+                lending.unheld(found, time.monotonic())
+            if self.stored.complete:
+                break
+            if not lending.waiting(self.stored.done, time.monotonic()):
+                await self._claiming_worker(lending)  # what no child delivered in time
+            else:
+                await asyncio.sleep(LEND_POLL)
+        log.info("task %s: %d of %d pieces were lent to children", self.task_id[:12],
+                 len(lending.pending), lending.piece_count)  # fmt: skip
+
+    async def _watch_lent(self, lending: Lending) -> None:
         """Learn which lent pieces children delivered: their digests reach the scheduler."""
         while True:
             await asyncio.sleep(LEND_POLL)
-            if set(lending.pending) - lending.delivered:
+            if lending.outstanding:
                 await self._refresh_task(None)
-                digests = self.stored.digests
-                lending.delivered.update(n for n in lending.pending if digests[n])
+                lending.learned(self.stored.digests)
 
-    async def _claiming_worker(self, lending: grants.Delegation) -> None:
+    async def _claiming_worker(self, lending: Lending) -> None:
         while True:
             await self._hold_back(lending)
             number = lending.claim(self.stored.done, time.monotonic())
             if number is None:
                 return
             started = time.monotonic()
+            took: float | None = None
             try:
                 await self._origin_piece(number, self._origin_headers())
+                took = time.monotonic() - started
             finally:
-                lending.reading.discard(number)
-            lending.lease = max(lending.lease, LEASE_FACTOR * (time.monotonic() - started))
+                lending.read(number, took)
 
-    async def _hold_back(self, lending: grants.Delegation) -> None:
-        """While children ask and the seed's reading runs ahead of its uplink, the origin's
-        capacity is better lent: wait (a while at most: never stall on children that want
-        none of what the seed holds)."""
-        started = now = time.monotonic()
-        while (
-            lending.open
-            and now - started < HOLD_BACK
-            and now - lending.polled_at < 1.0
-            and lending.ahead(self.stored.done, self.stored.served) >= lending.window
-        ):
+    async def _hold_back(self, lending: Lending) -> None:
+        since = now = time.monotonic()
+        while lending.hold_back(since, now, self.stored.done, self.stored.served):
             await asyncio.sleep(0.02)
             now = time.monotonic()
 
@@ -840,9 +809,9 @@ class Conductor:
     async def _gather(
         self, holders: list[dict[str, Any]], hold_off: Collection[int] = ()
     ) -> set[int]:
-        """What the holders have comes from them, the rest from the origin, both at once; a
-        piece no holder delivers falls back to the origin. ``hold_off``: pieces children are
-        reading from the origin, taken from holders only. Returns what the holders had."""
+        """What the holders have comes from them, the rest from the origin, both at once
+        (``takeover.Gathering``). ``hold_off``: pieces children are reading from the origin,
+        taken from holders only. Returns what the holders had."""
         content = self.stored.content
         assert content is not None
         await self._refresh_task(None)  # the digests the swarm's pieces are checked against
@@ -853,35 +822,19 @@ class Conductor:
         answers = await asyncio.gather(*(self._holdings(p) for p in self.parents.values()))
         held = dict(zip(self.parents, answers, strict=True))
         missing = [n for n in range(content.piece_count) if n not in self.stored.done]
-        swarm: deque[tuple[int, list[str]]] = deque()
-        origin: list[int] = []
-        for number in missing:
-            where = [p for p, pieces in held.items() if number in pieces]
-            if where and self.stored.digests[number]:
-                swarm.append((number, where))
-            elif number not in hold_off:
-                origin.append(number)
+        gathering = Gathering.plan(missing, held, self.stored.digests, hold_off)
         log.info(
             "task %s: %d pieces from %d holders, %d from the origin",
-            self.task_id[:12], len(swarm), len(held), len(origin),
+            self.task_id[:12], len(gathering.queue), len(held), len(gathering.origin),
         )  # fmt: skip
-        failed: list[int] = []
-        load: dict[str, int] = dict.fromkeys(self.parents, 0)
-        workers = min(self.node.settings.concurrency, len(swarm))
+        workers = min(self.node.settings.concurrency, len(gathering.queue))
         await asyncio.gather(
-            self._origin_ranges(origin) if origin else asyncio.sleep(0),
-            *(self._from_holders(swarm, load, failed) for _ in range(workers)),
+            self._origin_ranges(gathering.origin) if gathering.origin else asyncio.sleep(0),
+            *(self._from_holders(gathering) for _ in range(workers)),
         )
-        # A piece a holder served that did not match its digest is read here now, lent or
-        # not: only this seed's own read settles what a lent child's digest was worth.
-        rest = sorted(
-            n
-            for n in failed
-            if n not in self.stored.done and (n not in hold_off or n in self._disputed)
-        )
-        if rest:
+        if rest := gathering.rest(self.stored.done, hold_off):
             await self._origin_ranges(rest)
-        return {n for pieces in held.values() for n in pieces}
+        return Gathering.found(held)
 
     async def _holdings(self, parent: Parent) -> set[int]:
         """What a holder has now (no long-poll); nothing when it cannot answer."""
@@ -901,38 +854,33 @@ class Conductor:
             log.info("holder %s did not say what it has: %s", parent.peer_id, exc)
             return set()
 
-    async def _from_holders(
-        self, queue: deque[tuple[int, list[str]]], load: dict[str, int], failed: list[int]
-    ) -> None:
-        while queue:
-            number, where = queue.popleft()
-            if not await self._from_any(number, where, load):
-                failed.append(number)
+    async def _from_holders(self, gathering: Gathering) -> None:
+        while (ask := gathering.next()) is not None:
+            if not await self._from_any(*ask, gathering):
+                gathering.gave_up(ask[0])
 
-    async def _from_any(self, number: int, where: list[str], load: dict[str, int]) -> bool:
+    async def _from_any(self, number: int, where: list[str], gathering: Gathering) -> bool:
         """One piece from the least loaded holder that delivers it."""
         attempts = 0
-        for parent_id in sorted(where, key=lambda p: load.get(p, 0)):
-            while attempts < TAKEOVER_ATTEMPTS and (parent := self.parents.get(parent_id)):
+        for holder in where:
+            while attempts < ATTEMPTS and holder in self.parents:
                 attempts += 1
-                load[parent_id] += 1
+                gathering.asking(holder)
                 try:
-                    await self._fetch_piece(number, parent_id)
+                    await self._fetch_piece(number, holder)
                     return True
                 except ParentBusy:
                     await asyncio.sleep(BUSY_BACKOFF)
                 except LocalDiskError:
                     raise
                 except SwarmflyError as exc:
-                    log.info("piece %d from holder %s: %s", number, parent_id, exc)
-                    if exc.code == "integrity":
-                        self._disputed.add(number)
-                    parent.failures += 1
-                    if parent.failures >= PARENT_FAILURES:
-                        self.parents.pop(parent_id, None)
+                    log.info("piece %d from holder %s: %s", number, holder, exc)
+                    gathering.refused(holder, number, corrupt=exc.code == "integrity")
+                    if holder in gathering.dropped:
+                        self.parents.pop(holder, None)
                     break
                 finally:
-                    load[parent_id] -= 1
+                    gathering.answered(holder)
         return False
 
     async def _origin_worker(self, queue: asyncio.Queue[int], *, report: bool = True) -> None:
@@ -1196,7 +1144,7 @@ class Conductor:
     def _new_lendings(self) -> list[dict[str, Any]]:
         """Pieces this seed lent since it last said: the scheduler hears a lent child's
         digest of such a piece, provisionally, and nobody else's."""
-        lending = self.stored.delegation
+        lending = self.stored.lending
         if lending is None:
             return []
         fresh = [(n, child) for n, child in lending.lent_to.items() if n not in self._lendings_told]

@@ -7,8 +7,9 @@ only when it has an upload slot free for it. A grant goes to a piece the child l
 has left the seed the fewest times, so the first round sends every piece once, to different
 children, who then trade them among themselves. A grant the child does not take lapses.
 
-Pure: the upload server feeds it the clock and the pieces; ``encode``/``decode`` carry the
-child's wanted pieces in a query parameter.
+Pure: ``GrantDesk`` is the seed's side of its upload server (which feeds it the clock, the
+polls and its load) and of the simulator alike; ``encode``/``decode`` carry the child's wanted
+pieces in a query parameter.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from swarmfly.errors import SwarmflyError
+from swarmfly.services.peer.lending import Lending
 
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 GRANT_SECONDS = 0.5
@@ -42,10 +45,10 @@ class GrantBook:
 
     def grant(
         self,
-        done: Iterable[int],
+        done: Collection[int],
         served: Mapping[int, int],
         now: float,
-        wanted: set[int] | None = None,
+        wanted: Collection[int] | None = None,
     ) -> int | None:
         """Reserve the piece to send next: one the child wants (any, when it did not say),
         sent the fewest times so far, not reserved for another child, lowest number first
@@ -62,6 +65,136 @@ class GrantBook:
         """The child asked for the piece's bytes (its reservation is used), or declined it
         (it has the piece by now)."""
         self.pending.pop(number, None)
+
+
+class SeedTask(Protocol):
+    """What the desk reads of a task (``StoredTask``; the simulator's own)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def done(self) -> Collection[int]: ...
+    @property
+    def served(self) -> Mapping[int, int]: ...
+    @property
+    def lending(self) -> Lending | None: ...
+
+
+@dataclass(frozen=True)
+class Granted:
+    """Take this piece's bytes from the seed: a slot is reserved for it."""
+
+    number: int
+
+
+@dataclass(frozen=True)
+class Lent:
+    """Read this piece from the origin yourself (pinned to the seed's ETag), and say so."""
+
+    number: int
+    etag: str | None
+
+
+@dataclass(eq=False)
+class Poll:
+    """A child's poll waiting for its turn."""
+
+    task: SeedTask
+    wanted: Collection[int] | None
+    """The pieces it lacks, when it said (only then can it be lent one)."""
+    child: str | None = None
+    """The peer id its capability names (or it gave): whose liveness a lent piece follows."""
+    answer: Granted | Lent | None = None
+
+
+class GrantDesk:
+    """A seed's grants across its tasks: polls wait their turn, oldest first, and each
+    grant holds one of the uplink's places (``capacity``) until its child takes the bytes,
+    declines, or lets it lapse. Once no place is free, a waiting child that said what it
+    wants and who it is may be lent a piece to read from the origin (``lending``)."""
+
+    def __init__(self, capacity: int, lease: float = GRANT_SECONDS) -> None:
+        self.capacity = capacity
+        self.lease = lease
+        self._books: dict[str, GrantBook] = {}
+        self._waiting: dict[Poll, None] = {}
+        """An ordered set: a seed with thousands of children removes each in constant time."""
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._waiting)
+
+    @property
+    def books(self) -> int:
+        """Tasks with grants outstanding (or that had some at the last ``reserved``)."""
+        return len(self._books)
+
+    def reserved(self, load: int, now: float) -> int:
+        """Places promised: ``load`` (uploads under way or queued) plus grants not taken
+        yet. A task's book goes once nothing in it is outstanding: the books are the tasks
+        with a grant pending (at most one per place), not every task ever granted."""
+        pending = 0
+        for task_id, book in list(self._books.items()):
+            if outstanding := book.outstanding(now):
+                pending += outstanding
+            else:
+                del self._books[task_id]
+        return load + pending
+
+    def full(self, load: int, now: float) -> bool:
+        return self.reserved(load, now) >= self.capacity
+
+    def ask(self, poll: Poll, now: float, declined: int | None = None) -> None:
+        """A child's poll arrives; ``declined``: the piece it was granted and got elsewhere
+        (its place is free again)."""
+        if declined is not None:
+            self.taken(poll.task.id, declined)
+        lending = poll.task.lending
+        if lending is not None:
+            lending.asked(poll.child, now)
+        self._waiting[poll] = None
+
+    def withdraw(self, poll: Poll, now: float) -> None:
+        """The poll ended, answered or not."""
+        self._waiting.pop(poll, None)
+        lending = poll.task.lending
+        if lending is not None:
+            lending.ended(poll.child, now)
+
+    def taken(self, task_id: str, number: int) -> None:
+        """A child asked for a piece's bytes: a grant of it holds its place already."""
+        book = self._books.get(task_id)
+        if book is not None:
+            book.release(number)
+
+    def dispatch(self, load: int, now: float) -> list[Poll]:
+        """Answer waiting polls, oldest first, while places are free: a child that wants
+        nothing available now lets the next one go ahead. Returns the polls answered; a
+        grant lapses after ``lease`` (dispatch again then)."""
+        answered: list[Poll] = []
+        reserved = self.reserved(load, now)  # once: each grant below adds one
+        for poll in list(self._waiting):
+            task = poll.task
+            if reserved < self.capacity:
+                book = self._books.setdefault(task.id, GrantBook(self.lease))
+                number = book.grant(task.done, task.served, now, poll.wanted)
+                if number is not None:
+                    reserved += 1
+                    poll.answer = Granted(number)
+            # The uplink is full: lend. (Only to a child that said what it wants, so it can
+            # take one, and who it is: only the child named may vouch for the piece.)
+            elif (
+                (lending := task.lending) is not None
+                and poll.wanted is not None
+                and poll.child is not None
+            ):
+                number = lending.lend(task.done, task.served, poll.wanted, now, poll.child)
+                if number is not None:
+                    poll.answer = Lent(number, lending.etag)
+            if poll.answer is not None:
+                del self._waiting[poll]
+                answered.append(poll)
+        return answered
 
 
 def encode(pieces: Iterable[int], piece_count: int) -> str:
@@ -92,153 +225,3 @@ def decode(text: str, piece_count: int) -> set[int]:
         for bit in range(8)
         if byte & (0x80 >> bit) and index * 8 + bit < piece_count
     }
-
-
-DELEGATION_SECONDS = 15.0
-"""At least this long a delegated piece waits for its child before the seed reads it."""
-ABANDON_SECONDS = 5.0
-"""A child that names itself and has not asked the seed for this long is gone (a live one
-asks again at least every ``SEED_POLL_WAIT``, 2 s): what it was lent is read or gathered
-without waiting for its time to run out."""
-
-
-@dataclass
-class Delegation:
-    """A seed reading a task from the origin, lending the origin's spare capacity.
-
-    The seed's uplink is slower than most origins: while it has no slot free, a waiting child
-    is told to read one piece nobody has read yet from the origin itself (the highest-numbered
-    one: the seed reads from the start). Every piece is still read from the origin once; the
-    seed takes the delegated ones from the swarm afterwards, and reads a piece itself when
-    its child did not deliver it in time.
-    """
-
-    piece_count: int
-    etag: str | None = None
-    limit: int = 8
-    """Delegated pieces being read at once."""
-    per_child: int = 4
-    """Of those, at most this many by one child (that named itself): a child that dies or
-    leaves takes few unread pieces with it, each read again."""
-    window: int = 4
-    """Lend only while the seed's reading runs this far ahead of its uplink (``ahead``):
-    when the origin is the slower side, a lent piece would only share its bandwidth."""
-    lease: float = DELEGATION_SECONDS
-    """Raised by the seed to a few times what a piece takes it to read: on a slow origin a
-    child reading a lent piece must not be taken for a child that failed."""
-    open: bool = True
-    """Still lending: closed once the seed has read everything it did not lend."""
-    reading: set[int] = field(default_factory=set)
-    """Pieces the seed itself is reading."""
-    polled_at: float = float("-inf")
-    """When a child last asked the seed for a piece (monotonic)."""
-    pending: dict[int, float] = field(default_factory=dict)
-    """Lent piece -> until when (monotonic) its child has to deliver it. A piece is lent
-    once at most."""
-    delivered: set[int] = field(default_factory=set)
-    """Lent pieces the swarm has (their digest is known): taken from their holders."""
-    grace: float = 30.0
-    """Seconds after its time a delivered piece may still come from holders before the
-    seed reads it from the origin after all (its holders went away)."""
-    lent_to: dict[int, str] = field(default_factory=dict)
-    """Lent piece -> the child it went to, when the child named itself."""
-    seen: dict[str, float] = field(default_factory=dict)
-    """Child -> when it last asked (or its ask ended)."""
-    lost: set[int] = field(default_factory=set)
-    """Delivered pieces the swarm no longer holds (``unheld``)."""
-    _next: int = 0
-    """Every piece below is done, being read by the seed, or lent."""
-    _top: int = -1
-    """Every piece above is done, being read by the seed, or lent."""
-
-    def __post_init__(self) -> None:
-        self._top = self.piece_count - 1
-
-    def reading_elsewhere(self, now: float) -> set[int]:
-        """Lent pieces children are reading now (not delivered, within their time)."""
-        return {n for n in self.pending if n not in self.delivered and self._reading(n, now)}
-
-    def held_off(self, now: float) -> set[int]:
-        """Lent pieces the seed must not read from the origin: being read by a child, or
-        delivered to the swarm (unless their holders stayed silent too long, or no holder
-        has them and their child went away)."""
-        return {
-            n
-            for n, until in self.pending.items()
-            if self._reading(n, now)
-            or (n in self.delivered and until + self.grace > now and n not in self.lost)
-        }
-
-    def _reading(self, number: int, now: float) -> bool:
-        return self.pending[number] > now and not self.gone(number, now)
-
-    def gone(self, number: int, now: float) -> bool:
-        """The child a piece was lent to stopped asking the seed: it died or left, or it is
-        done (then it delivered the piece, and holds it)."""
-        child = self.lent_to.get(number)
-        return child is not None and now - self.seen.get(child, now) > ABANDON_SECONDS
-
-    def unheld(self, found: set[int], now: float) -> None:
-        """``found``: the pieces the swarm's holders have now. A delivered piece none of them
-        has, from a child that went away, is lost to the swarm: the seed reads it."""
-        self.lost.update(
-            n for n in self.delivered - found if n in self.pending and self.gone(n, now)
-        )
-
-    def _taken(self, number: int, done: set[int]) -> bool:
-        return number in done or number in self.reading or number in self.pending
-
-    def lend(
-        self,
-        done: set[int],
-        served: Mapping[int, int],
-        wanted: set[int],
-        now: float,
-        child: str | None = None,
-    ) -> int | None:
-        """A piece for a waiting child to read from the origin, or None."""
-        if not self.open:
-            return None
-        elsewhere = self.reading_elsewhere(now)
-        if len(elsewhere) >= self.limit:
-            return None
-        if child is not None and (
-            sum(self.lent_to.get(n) == child for n in elsewhere) >= self.per_child
-        ):
-            return None
-        if self.ahead(done, served) < self.window:
-            return None
-        while self._top >= self._next and self._taken(self._top, done):
-            self._top -= 1
-        for number in range(self._top, self._next - 1, -1):
-            if number in wanted and not self._taken(number, done):
-                self.pending[number] = now + self.lease
-                if child is not None:
-                    self.lent_to[number] = child
-                    self.seen.setdefault(child, now)
-                return number
-        return None
-
-    def claim(self, done: set[int], now: float) -> int | None:
-        """The next piece for the seed to read: a lent piece whose child did not deliver in
-        time, else the lowest one nobody has or reads."""
-        held_off = self.held_off(now)
-        for number in self.pending:
-            if number not in held_off and number not in done and number not in self.reading:
-                self.reading.add(number)
-                return number
-        while self._next <= self._top and self._taken(self._next, done):
-            self._next += 1
-        if self._next > self._top:
-            return None
-        self.reading.add(self._next)
-        return self._next
-
-    def ahead(self, done: set[int], served: Mapping[int, int]) -> int:
-        """Pieces the seed read (or reads) and has not sent yet: how far its reading runs
-        ahead of its uplink. While children ask, what runs further ahead is better lent."""
-        return len(self.reading) + sum(1 for n in done if not served.get(n))
-
-    def waiting(self, done: set[int], now: float) -> bool:
-        """Some lent piece the seed lacks is still to come from a child or from holders."""
-        return any(n not in done for n in self.held_off(now))

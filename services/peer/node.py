@@ -71,7 +71,7 @@ class NodeSettings:
     origin_concurrency: int
     heartbeat_interval: float
     lend_pieces: bool = False
-    """A seed lends pieces to read from the origin (``grants.Delegation``)."""
+    """A seed lends pieces to read from the origin (``lending``)."""
     capabilities: bool = True
     """The upload server serves only against a capability the schedulers signed."""
     registries: tuple[str, ...] = ()
@@ -363,19 +363,16 @@ class PeerNode:
 
     async def _run(self, conductor: Conductor) -> Conductor:
         stored = conductor.stored
-        stored.active += 1
         try:
-            try:
-                await self._verified(stored)
-            except OSError as exc:  # reading back what this host held
-                raise LocalDiskError(exc.strerror or type(exc).__name__) from None
-            await conductor.run()
+            with stored.in_use():
+                try:
+                    await self._verified(stored)
+                except OSError as exc:  # reading back what this host held
+                    raise LocalDiskError(exc.strerror or type(exc).__name__) from None
+                await conductor.run()
         except BaseException as exc:
-            stored.active -= 1
             self._discard_failed(stored, exc)
             raise
-        else:
-            stored.active -= 1
         finally:
             self._count_cache()
         return conductor
@@ -412,13 +409,10 @@ class PeerNode:
         await asyncio.shield(job)
 
     async def _reverify(self, stored: StoredTask) -> None:
-        stored.active += 1  # the file stays open and in place meanwhile
-        try:
+        with stored.in_use():  # the file stays open and in place meanwhile
             while batch := stored.verify_batch():
                 good = await asyncio.to_thread(stored.check_pieces, batch)
                 stored.accept(batch, good)
-        finally:
-            stored.active -= 1
 
     async def _verify_loaded(self, loaded: list[StoredTask]) -> None:
         """Re-verify the tasks found at start, most recently used first, and announce each
@@ -447,13 +441,11 @@ class PeerNode:
             save = stored.checkpoint()
             if save is None:
                 continue
-            stored.active += 1
             try:
-                await asyncio.to_thread(save)
+                with stored.in_use():
+                    await asyncio.to_thread(save)
             except OSError as exc:
                 log.warning("cannot save task %s: %s", stored.id[:12], exc)
-            finally:
-                stored.active -= 1
 
     def _count_cache(self) -> None:
         """Everything the store holds on disk: complete, partial and orphaned tasks."""

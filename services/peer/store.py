@@ -26,7 +26,7 @@ import orjson
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import TASK_ID, piece_count, redact_url
-from swarmfly.services.peer.grants import Delegation
+from swarmfly.services.peer.lending import Lending
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,13 @@ class StoredTask:
     last_access: float = field(default_factory=time.time)
     version: int = 0
     active: int = 0
-    """Downloads, uploads and saves in progress; a task in use is never evicted."""
+    """Downloads, uploads and saves in progress (``in_use``); a task in use is never
+    evicted."""
     served: dict[int, int] = field(default_factory=dict)
     """Uploads per piece, finished or under way."""
-    delegation: Delegation | None = None
-    """Set while this host seeds the task from the origin and lends pieces of it."""
+    lending: Lending | None = None
+    """Set while this host seeds the task from the origin and lends pieces of it (by the
+    seed's download, ``lent``); the upload server lends through it."""
     _changed: asyncio.Event | None = None
     _fd: int | None = None
     _reserved: bool = False
@@ -259,6 +261,24 @@ class StoredTask:
         self._edits += 1
         self.last_access = time.time()
         self._wake()
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """While in it, the task is not evicted (a download, an upload, a save, a read)."""
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    @contextlib.contextmanager
+    def lent(self, lending: Lending) -> Iterator[Lending]:
+        """While in it, this host seeds the task from the origin and lends pieces of it."""
+        self.lending = lending
+        try:
+            yield lending
+        finally:
+            self.lending = None
 
     def touch(self) -> None:
         """Used now: least-recently-used eviction goes by this."""

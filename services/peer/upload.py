@@ -17,7 +17,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -30,6 +29,7 @@ from swarmfly.httpserver import SlowReader, send_span
 from swarmfly.ids import NODE_ID, TASK_ID
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer import grants
+from swarmfly.services.peer.lending import MAX_SAID
 from swarmfly.services.peer.store import StoredTask, TaskStore
 
 log = logging.getLogger(__name__)
@@ -47,19 +47,6 @@ MIN_SEND_RATE = 64 * 1024
 SEND_WINDOW = 4.0
 """A child must read at least MIN_SEND_RATE bytes/s, over every SEND_WINDOW seconds, or it
 is cut off: a reader that barely reads would hold an upload slot as long as it liked."""
-
-
-@dataclass(eq=False)
-class _Waiter:
-    """A child's poll waiting for a grant."""
-
-    task: StoredTask
-    wanted: set[int] | None
-    child: str | None = None
-    """The peer id the child gave: whose liveness a piece lent to it follows."""
-    answer: asyncio.Future[tuple[str, int]] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
 
 
 class UploadServer:
@@ -84,12 +71,8 @@ class UploadServer:
         about 100 us, a lookup nothing."""
         self.superseed = superseed
         """Answer polls with grants (a seed): see ``grants``."""
-        self.grant_seconds = grant_seconds
-        self._grants: dict[str, grants.GrantBook] = {}
-        self._waiters: dict[_Waiter, None] = {}
-        """Children's polls waiting for a grant, oldest first (an ordered set: a seed with
-        thousands of children removes each in constant time)."""
-        """Polls waiting for a grant, oldest first: each child gets its turn."""
+        self._answers: dict[grants.Poll, asyncio.Future[None]] = {}
+        """The polls waiting at the desk, and how each learns its answer came."""
         self._ticker: asyncio.Task[None] | None = None
         self._serial = 0
         self.bucket = TokenBucket(rate)
@@ -98,9 +81,9 @@ class UploadServer:
         self.slots = min(slots, max(1, -(-rate // PACED_SLOT_RATE))) if rate > 0 else slots
         self.uploads = 0
         self._waiting = 0
-        self.capacity = 2 * self.slots
-        """Requests accepted at once: one may wait per slot, so a slot never idles between
-        two uploads; more are turned away (503) to ask another parent."""
+        self.desk = grants.GrantDesk(2 * self.slots, grant_seconds)
+        """Requests accepted at once (its capacity): one may wait per slot, so a slot never
+        idles between two uploads; more are turned away (503) to ask another parent."""
         self._free = asyncio.Semaphore(self.slots)
         self.app = web.Application(client_max_size=1024)
         self.app.router.add_get("/v1/tasks/{task_id}/pieces", self.pieces)
@@ -109,21 +92,13 @@ class UploadServer:
         self.app.router.add_get("/metrics", metrics.handler)
 
     @property
+    def capacity(self) -> int:
+        return self.desk.capacity
+
+    @property
     def load(self) -> int:
         """Requests being served or waiting for a slot."""
         return self.uploads + self._waiting
-
-    def _reserved(self, now: float) -> int:
-        """Slots promised: requests under way plus grants not yet taken. A task's book goes
-        once nothing in it is outstanding: the books are the tasks with a grant pending (at
-        most one per slot), not every task this host ever granted a piece of."""
-        pending = 0
-        for task_id, book in list(self._grants.items()):
-            if outstanding := book.outstanding(now):
-                pending += outstanding
-            else:
-                del self._grants[task_id]
-        return self.load + pending
 
     def trust(self, keys: Iterable[str]) -> None:
         """Check capabilities with these keys too (the newest few: a rotation overlaps)."""
@@ -210,7 +185,7 @@ class UploadServer:
         self, request: web.Request, task: StoredTask, wait: float
     ) -> web.Response:
         """One granted piece when this child's turn comes and a slot is free for it, or one
-        to read from the origin itself (``grants.Delegation``); none after ``wait``. Never
+        to read from the origin itself (``lending``); none after ``wait``. Never
         ``complete``: a child keeps asking while it lacks pieces."""
         assert task.content is not None
         wants = request.query.get("wants")
@@ -227,79 +202,51 @@ class UploadServer:
         grant: capability.Grant | None = request[CHILD]
         if grant is not None:
             child = grant.peer_id  # who the capability says, whatever the query says
-        book = self._grants.get(task.id)
-        if book is not None and 0 <= declined < task.content.piece_count:
-            book.release(declined)  # the child got it elsewhere: the slot is free again
-        lending = task.delegation
+        lending = task.lending
         if lending is not None and "lent" in request.query:
-            lending.delivered.update(_delivered(request.query["lent"], lending))
-        waiter = _Waiter(task, wanted, child)
-        self._waiters[waiter] = None
-        if lending is not None:
-            lending.polled_at = time.monotonic()
-            if child is not None:
-                lending.seen[child] = lending.polled_at
+            lending.said(_numbers(request.query["lent"]))
+        poll = grants.Poll(task, wanted, child)
+        answered = self._answers[poll] = asyncio.get_running_loop().create_future()
+        in_range = 0 <= declined < task.content.piece_count
+        self.desk.ask(poll, time.monotonic(), declined if in_range else None)
         self._dispatch()
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(waiter.answer), wait)
+                await asyncio.wait_for(asyncio.shield(answered), wait)
         finally:
-            if lending is not None and child is not None:
-                lending.seen[child] = time.monotonic()  # it waited here all along
-        self._waiters.pop(waiter, None)
-        kind, number = waiter.answer.result() if waiter.answer.done() else ("", -1)
+            del self._answers[poll]
+            self.desk.withdraw(poll, time.monotonic())
         self._serial += 1
         answer: dict[str, Any] = {
             "version": self._serial,
             "piece_count": task.content.piece_count,
             "complete": False,
-            "pieces": [number] if kind == "piece" else [],
+            "pieces": [poll.answer.number] if isinstance(poll.answer, grants.Granted) else [],
         }
-        if kind == "origin":
-            answer["origin"] = [number]
-            if task.delegation is not None and task.delegation.etag:
-                answer["etag"] = task.delegation.etag
+        if isinstance(poll.answer, grants.Lent):
+            answer["origin"] = [poll.answer.number]
+            if poll.answer.etag:
+                answer["etag"] = poll.answer.etag
         return web.json_response(answer)
 
     def _dispatch(self) -> None:
-        """Grant pieces to waiting children, oldest first, while slots are free; a child
-        that wants nothing available now lets the next one go ahead. Once no slot is free,
-        a waiting child may be lent a piece to read from the origin."""
-        now = time.monotonic()
-        reserved = self._reserved(now)  # once: each grant below adds one
-        for waiter in list(self._waiters):
-            if waiter.answer.done():
-                continue
-            task = waiter.task
-            if reserved < self.capacity:
-                book = self._grants.setdefault(task.id, grants.GrantBook(self.grant_seconds))
-                number = book.grant(task.done, task.served, now, waiter.wanted)
-                if number is not None:
-                    reserved += 1
-                    waiter.answer.set_result(("piece", number))
-                    del self._waiters[waiter]
-                    asyncio.get_running_loop().call_later(book.lease, self._dispatch)  # lapse
-            # The uplink is full: lend. (Only to a child that said what it wants, so it can
-            # take one, and who it is: only the child named may vouch for the piece.)
-            elif (
-                task.delegation is not None
-                and waiter.wanted is not None
-                and waiter.child is not None
-            ):
-                number = task.delegation.lend(
-                    task.done, task.served, waiter.wanted, now, waiter.child
-                )
-                if number is not None:
-                    waiter.answer.set_result(("origin", number))
-                    del self._waiters[waiter]
-        if any(not w.answer.done() for w in self._waiters) and self._ticker is None:
+        """The desk's answers to waiting children (``grants.GrantDesk.dispatch``); a grant
+        that lapses frees its place for the next."""
+        loop = asyncio.get_running_loop()
+        for poll in self.desk.dispatch(self.load, time.monotonic()):
+            if isinstance(poll.answer, grants.Granted):
+                loop.call_later(self.desk.lease, self._dispatch)
+            answered = self._answers.get(poll)
+            if answered is not None and not answered.done():
+                answered.set_result(None)
+        if self.desk.waiting and self._ticker is None:
             self._ticker = asyncio.create_task(self._tick())
 
     async def _tick(self) -> None:
         """Pieces verified while children wait (a seed still reading the origin) are
         granted within a tick; the ticker ends when no child waits."""
         try:
-            while self._waiters:
+            while self.desk.waiting:
                 await asyncio.sleep(GRANT_TICK)
                 self._dispatch()
         finally:
@@ -317,23 +264,28 @@ class UploadServer:
             raise web.HTTPRequestRangeNotSatisfiable(text="a range must lie within one piece")
         if not task.covers(start, last + 1):
             raise web.HTTPRequestRangeNotSatisfiable(text="range not within verified pieces")
-        book = self._grants.get(task.id)
-        if book is not None:
-            book.release(number)  # a granted request holds its slot already
-        if self._reserved(time.monotonic()) >= self.capacity:
+        self.desk.taken(task.id, number)  # a granted request holds its place already
+        if self.desk.full(self.load, time.monotonic()):
             raise web.HTTPServiceUnavailable(
                 text="no free upload slot", headers={"Retry-After": "1"}
             )
-        task.upload_event(number, 1)  # counted at once: the next grant prefers another piece
         task.touch()
+        with task.in_use():  # from now, not from its slot: GC must not evict a queued upload
+            return await self._upload(request, task, number, start, last)
+
+    async def _upload(
+        self, request: web.Request, task: StoredTask, number: int, start: int, last: int
+    ) -> web.StreamResponse:
+        """One piece's span, once an upload slot is free; counted served at once (the next
+        grant prefers another piece) and uncounted when it was not delivered."""
+        assert task.content is not None
+        task.upload_event(number, 1)
         delivered = False
-        task.active += 1  # from now, not from its slot: GC must not evict a queued upload
         self._waiting += 1
         try:
             await self._free.acquire()
         except BaseException:
             task.upload_event(number, -1)
-            task.active -= 1
             raise
         finally:
             self._waiting -= 1
@@ -372,7 +324,6 @@ class UploadServer:
             if not delivered:
                 task.upload_event(number, -1)  # not delivered: it does not count as served
             self.uploads -= 1
-            task.active -= 1
             self._free.release()
             if self.superseed:
                 self._dispatch()
@@ -405,10 +356,12 @@ class UploadServer:
         return True
 
 
-def _delivered(text: str, lending: grants.Delegation) -> set[int]:
-    """The lent pieces a child says it read (``lent=3,7``): only pieces lent at all."""
+def _numbers(text: str) -> list[int]:
+    """The lent pieces a child says it read (``lent=3,7``)."""
     numbers = text.split(",")
     # ASCII digits only: str.isdigit() also takes "²", which int() refuses (a 500).
-    if len(numbers) > 64 or not all(n.isascii() and n.isdigit() and len(n) <= 9 for n in numbers):
-        raise web.HTTPBadRequest(text="lent must be up to 64 piece numbers")
-    return {int(n) for n in numbers} & lending.pending.keys()
+    if len(numbers) > MAX_SAID or not all(
+        n.isascii() and n.isdigit() and len(n) <= 9 for n in numbers
+    ):
+        raise web.HTTPBadRequest(text=f"lent must be up to {MAX_SAID} piece numbers")
+    return [int(n) for n in numbers]

@@ -81,8 +81,7 @@ async def send(
     length = stored.content.piece_length
     last = (span.end - 1) // length
     offset = span.start
-    stored.active += 1  # never evicted while a client reads it
-    try:
+    with stored.in_use():  # never evicted while a client reads it
         while offset < span.end:
             number = offset // length
             if number == last:
@@ -103,5 +102,3 @@ async def send(
             end = span.end if ready > last else min(span.end, ready * length)
             await send_span(request, response, stored.data_path, offset, end - offset)
             offset = end
-    finally:
-        stored.active -= 1

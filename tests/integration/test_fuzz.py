@@ -47,6 +47,7 @@ from swarmfly.httpserver import serve_http
 from swarmfly.ids import NODE_ID, piece_count
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer import grants
+from swarmfly.services.peer.lending import Lending
 from swarmfly.services.peer.service import PeerService
 from swarmfly.services.peer.store import StoredTask, TaskStore
 from swarmfly.services.peer.upload import UploadServer
@@ -689,7 +690,7 @@ GRANT_REPLY = {"version", "piece_count", "complete", "pieces", "origin", "etag"}
 
 @dataclass(repr=False)
 class Seed:
-    """A seed mid-fetch: its upload rate capped (grants), lending on (a ``Delegation``)."""
+    """A seed mid-fetch: its upload rate capped (grants), lending on (a ``Lending``)."""
 
     url: str
     server: UploadServer
@@ -720,7 +721,7 @@ async def _start_seed(stack: AsyncExitStack, root: Path) -> Seed:
         offset, size = task.content.piece(number)
         task.mark_done(number, task.write_piece(number, SEED_DATA[offset : offset + size], None))
     # A short lease: lent pieces come back into play during the run, so lending goes on.
-    task.delegation = grants.Delegation(count, etag=SEED_ETAG, lease=1.0)
+    task.lending = Lending(count, etag=SEED_ETAG, lease=1.0)
     server = UploadServer(store, rate=1024 * 1024, superseed=True)
     assert server.superseed and server.capacity == 2
     signer = Signer.generate()

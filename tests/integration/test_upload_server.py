@@ -26,6 +26,7 @@ from swarmfly.httpserver import serve_http
 from swarmfly.ids import piece_count
 from swarmfly.services.peer import grants
 from swarmfly.services.peer import upload as upload_module
+from swarmfly.services.peer.lending import Lending
 from swarmfly.services.peer.store import StoredTask, TaskStore
 from swarmfly.services.peer.upload import UploadServer
 from swarmfly.testing import wait_until
@@ -595,7 +596,7 @@ async def test_a_seed_keeps_grant_books_only_for_grants_outstanding(tmp_path: Pa
         for task in tasks:
             assert (await poll(seed, task, 1.0))["pieces"] == [0]
             await asyncio.sleep(0.25)  # the grant lapses, untaken
-        assert len(seed.server._grants) <= 1
+        assert seed.server.desk.books <= 1
         # And the lapsed grants are offered again.
         assert (await poll(seed, tasks[0], 1.0))["pieces"] == [0]
 
@@ -642,7 +643,7 @@ async def test_a_seed_with_no_slot_free_lends_a_piece_to_read_from_the_origin(
 ) -> None:
     async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
         task = seed.put(content_of(8 * PIECE, b"lend"), {0, 1})
-        task.delegation = grants.Delegation(8, etag='"v1"', limit=1, window=1)
+        task.lending = Lending(8, etag='"v1"', limit=1, window=1)
         every = grants.encode(set(range(8)), 8)
         # Two grants fill the one slot and its one waiting place; the third child is lent
         # the last piece, pinned to the ETag the seed read, and the fourth gets nothing.
@@ -662,7 +663,7 @@ async def test_a_seed_with_no_slot_free_lends_a_piece_to_read_from_the_origin(
         assert "origin" not in await poll(seed, task, 0.3, every, child="c")  # 7 is still out
         status, body, _ = await seed.get(f"/v1/tasks/{task.id}/pieces?wait=0.3&lent=7,3")
         assert status == 200 and "origin" not in json.loads(body)
-        assert task.delegation.delivered == {7}
+        assert task.lending.delivered == {7}
         assert (await poll(seed, task, 0.3, every, child="c"))["origin"] == [6]
 
 
@@ -673,7 +674,7 @@ async def test_without_capabilities_only_a_child_that_names_itself_is_lent_a_pie
     async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
         seed.server.capabilities = False
         task = seed.put(content_of(8 * PIECE, b"anonymous"), {0, 1})
-        task.delegation = grants.Delegation(8, limit=2, window=1)
+        task.lending = Lending(8, limit=2, window=1)
         every = grants.encode(set(range(8)), 8)
         query = f"/v1/tasks/{task.id}/pieces?since=-1&wait=0.3&wants={every}"
         answers = await asyncio.gather(*(seed.get(query, {"Authorization": ""}) for _ in range(4)))
@@ -737,7 +738,7 @@ async def test_a_seed_lends_to_the_child_its_capability_names(tmp_path: Path) ->
     scheduled may vouch for a lent piece."""
     async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
         task = seed.put(content_of(8 * PIECE, b"named"), {0, 1})
-        task.delegation = grants.Delegation(8, limit=1, window=1)
+        task.lending = Lending(8, limit=1, window=1)
         every = grants.encode(set(range(8)), 8)
         query = f"?since=-1&wait=0.5&wants={every}&peer=child-b"
         answers = await asyncio.gather(*(
@@ -746,4 +747,4 @@ async def test_a_seed_lends_to_the_child_its_capability_names(tmp_path: Path) ->
         ))  # fmt: skip
         lent = [json.loads(body)["origin"] for _, body, _ in answers if b"origin" in body]
         assert lent == [[7]]
-        assert task.delegation.lent_to == {7: "child-a"}
+        assert task.lending.lent_to == {7: "child-a"}

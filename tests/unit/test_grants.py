@@ -1,14 +1,18 @@
-"""Super-seeding grants: each piece leaves the seed about once, and the wanted-pieces
-bitmap a child sends survives the trip."""
+"""Super-seeding grants: each piece leaves the seed about once, the desk gives each child
+its turn and never promises more places than the uplink has, and the wanted-pieces bitmap a
+child sends survives the trip."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from swarmfly.errors import SwarmflyError
-from swarmfly.services.peer.grants import ABANDON_SECONDS, Delegation, GrantBook, decode, encode
+from swarmfly.services.peer.grants import GrantBook, GrantDesk, Granted, Lent, Poll, decode, encode
+from swarmfly.services.peer.lending import Lending
 
 
 def test_grants_go_to_the_least_sent_piece_then_the_lowest_number() -> None:
@@ -65,85 +69,87 @@ def test_bitmaps_of_the_wrong_shape_are_bad_requests(text: str) -> None:
     assert caught.value.code == "bad_request"
 
 
-# -- lending: children read pieces from the origin while the seed's uplink is full --------
+# -- the desk: a seed's polls, its places, and lending once they are full ------------------
 
 
-def test_pieces_are_lent_from_the_last_down_and_claimed_from_the_first_up() -> None:
-    lending = Delegation(8, limit=8, lease=5.0, window=0)
-    everything = set(range(8))
-    assert lending.claim(set(), now=0.0) == 0
-    assert lending.lend(set(), {}, everything, now=0.0) == 7
-    assert lending.lend(set(), {}, {5, 6}, now=0.0) == 6  # what this child wants
-    assert lending.claim(set(), now=0.0) == 1
-    assert lending.lend({5}, {}, everything, now=0.0) == 4  # 5 is done meanwhile
-    assert lending.claim({5}, now=0.0) == 2
-    assert lending.claim({5}, now=0.0) == 3
-    assert lending.claim({5}, now=0.0) is None  # 4, 6, 7 are with children
-    assert lending.lend({5}, {}, everything, now=0.0) is None
-    assert lending.waiting({5}, now=1.0)
+@dataclass
+class Task:
+    id: str
+    done: set[int] = field(default_factory=set)
+    served: dict[int, int] = field(default_factory=dict)
+    lending: Lending | None = None
 
 
-def test_lending_stops_at_its_limit_and_once_closed() -> None:
-    lending = Delegation(10, limit=2, window=0)
-    assert lending.lend(set(), {}, set(range(10)), now=0.0) == 9
-    assert lending.lend(set(), {}, set(range(10)), now=0.0) == 8
-    assert lending.lend(set(), {}, set(range(10)), now=0.0) is None
-    lending.delivered.add(9)  # its child delivered: one more may be lent
-    assert lending.lend(set(), {}, set(range(10)), now=0.0) == 7
-    lending.open = False
-    assert lending.lend(set(), {}, set(range(10)), now=0.0) is None
+def test_polls_are_answered_oldest_first_while_places_are_free() -> None:
+    desk = GrantDesk(capacity=2, lease=1.0)
+    task = Task("t", done={0, 1, 2})
+    polls = [Poll(task, None, f"c{n}") for n in range(3)]
+    for poll in polls:
+        desk.ask(poll, now=0.0)
+    assert desk.dispatch(load=0, now=0.0) == polls[:2]
+    assert [p.answer for p in polls] == [Granted(0), Granted(1), None]
+    assert desk.waiting and desk.full(load=0, now=0.5)
+    # A grant taken (its bytes asked for) holds a place as an upload (load) from then on.
+    desk.taken("t", 0)
+    task.served[0] = 1
+    assert desk.dispatch(load=1, now=0.5) == []
+    assert desk.dispatch(load=0, now=0.5) == [polls[2]]  # the upload ended
+    assert polls[2].answer == Granted(2)  # 0 left once, 1 is reserved
 
 
-def test_a_lent_piece_not_delivered_in_time_is_read_by_the_seed() -> None:
-    lending = Delegation(3, lease=2.0, grace=10.0, window=0)
-    assert lending.lend(set(), {}, {0, 1, 2}, now=0.0) == 2
-    assert lending.lend(set(), {}, {0, 1, 2}, now=0.0) == 1
-    lending.reading.update({0})
-    assert lending.claim(set(), now=1.0) is None  # both still with their children
-    lending.delivered.add(1)
-    assert lending.claim(set(), now=2.5) == 2  # late: the seed reads it itself
-    assert lending.claim(set(), now=2.5) is None  # 1 is in the swarm: taken from holders
-    assert lending.waiting(set(), now=2.5)
-    assert lending.claim(set(), now=12.5) == 1  # its holders stayed silent too long
-    assert lending.lend(set(), {}, {0, 1, 2}, now=20.0) is None  # a piece is lent once
+def test_a_child_that_wants_nothing_available_lets_the_next_go_ahead() -> None:
+    desk = GrantDesk(capacity=4)
+    task = Task("t", done={0, 1})
+    picky, easy = Poll(task, {7}), Poll(task, {1})
+    desk.ask(picky, now=0.0)
+    desk.ask(easy, now=0.0)
+    assert desk.dispatch(load=0, now=0.0) == [easy]
+    assert picky.answer is None and desk.waiting
+    desk.withdraw(picky, now=2.0)
+    assert not desk.waiting
 
 
-def test_what_a_child_that_went_away_was_lent_is_read_without_waiting_out_its_time() -> None:
-    lending = Delegation(4, lease=60.0, grace=60.0, window=0)
-    all_pieces = {0, 1, 2, 3}
-    lending.seen["alive"] = lending.seen["dead"] = 0.0
-    assert lending.lend(set(), {}, all_pieces, now=0.0, child="dead") == 3
-    assert lending.lend(set(), {}, all_pieces, now=0.0, child="dead") == 2
-    assert lending.lend(set(), {}, all_pieces, now=0.0, child="alive") == 1
-    lending.delivered.add(2)  # "dead" read 2, then died while reading 3
-    lending.reading.add(0)
-    lending.seen["alive"] = ABANDON_SECONDS + 1  # asked again; "dead" never did
-    now = ABANDON_SECONDS + 1.5
-    assert lending.gone(3, now) and lending.gone(2, now) and not lending.gone(1, now)
-    assert lending.claim(set(), now) == 3  # long before its 60 s
-    assert lending.claim(set(), now) is None  # 2 may still be in the swarm; 1 is being read
-    lending.unheld(found={0}, now=now)  # the holders have 0 only: 2 went with its child
-    assert lending.claim(set(), now) == 2
-    assert lending.claim(set(), now) is None
+def test_a_grant_declined_or_lapsed_frees_its_place() -> None:
+    desk = GrantDesk(capacity=1, lease=1.0)
+    task = Task("t", done={0, 1})
+    first = Poll(task, None)
+    desk.ask(first, now=0.0)
+    assert desk.dispatch(load=0, now=0.0) == [first]
+    second = Poll(task, None)
+    desk.ask(second, now=0.1)
+    assert desk.dispatch(load=0, now=0.1) == []
+    assert desk.dispatch(load=0, now=1.0) == [second]  # the first grant lapsed
+    third = Poll(task, None)
+    desk.ask(third, now=1.1, declined=second.answer.number if second.answer else None)
+    assert desk.dispatch(load=0, now=1.1) == [third]  # the second child got it elsewhere
+    assert desk.books == 1
 
 
-def test_one_child_is_lent_a_few_pieces_at_once() -> None:
-    lending = Delegation(20, limit=8, per_child=2, window=0)
-    wanted = set(range(20))
-    assert [lending.lend(set(), {}, wanted, 0.0, child="a") for _ in range(3)] == [19, 18, None]
-    assert lending.lend(set(), {}, wanted, 0.0, child="b") == 17
-    lending.delivered.add(19)  # delivered: no longer being read by "a"
-    assert lending.lend(set(), {}, wanted, 0.0, child="a") == 16
+def test_books_go_once_nothing_in_them_is_outstanding() -> None:
+    desk = GrantDesk(capacity=64, lease=1.0)
+    for n in range(50):
+        poll = Poll(Task(f"t{n}", done={0}), None)
+        desk.ask(poll, now=0.0)
+    assert len(desk.dispatch(load=0, now=0.0)) == 50
+    assert desk.books == 50
+    assert desk.reserved(load=3, now=2.0) == 3
+    assert desk.books == 0
 
 
-def test_how_far_the_seed_reads_ahead_of_its_uplink() -> None:
-    lending = Delegation(6)
-    lending.reading.add(5)
-    assert lending.ahead({0, 1, 2}, {0: 1}) == 3  # 1 and 2 unsent, 5 being read
-
-
-def test_pieces_are_lent_only_while_the_seed_reads_faster_than_it_sends() -> None:
-    lending = Delegation(10, window=2)
-    assert lending.lend({0}, {}, set(range(10)), now=0.0) is None  # one unsent piece
-    assert lending.lend({0, 1}, {0: 1}, set(range(10)), now=0.0) is None
-    assert lending.lend({0, 1, 2}, {0: 1}, set(range(10)), now=0.0) == 9
+def test_once_full_a_named_child_that_said_what_it_wants_is_lent_a_piece() -> None:
+    lending = Lending(8, etag='"v1"', limit=2, window=0)
+    task = Task("t", done={0}, lending=lending)
+    desk = GrantDesk(capacity=1)
+    granted, anonymous, vague, named = (
+        Poll(task, {0, 5, 6, 7}, "a"),
+        Poll(task, {5, 6, 7}),
+        Poll(task, None, "c"),
+        Poll(task, {5, 6, 7}, "d"),
+    )
+    for poll in (granted, anonymous, vague, named):
+        desk.ask(poll, now=0.0)
+    assert desk.dispatch(load=0, now=0.0) == [granted, named]
+    assert (granted.answer, named.answer) == (Granted(0), Lent(7, '"v1"'))
+    assert lending.lent_to == {7: "d"} and lending.polled_at == 0.0
+    desk.withdraw(named, now=1.5)
+    assert lending.seen["d"] == 1.5  # it waited at the desk until then: alive
