@@ -2,7 +2,9 @@
 
 Each file in ``subjects/`` names a subject (relative to ``<prefix>.v1.``), its request and
 reply schemas and examples. ``common.json`` holds shared definitions; references into it are
-inlined at load time so every compiled validator is self-contained.
+inlined at load time so every compiled validator is self-contained. Off NATS, the peer HTTP
+API (``http/peer.openapi.json``) and the local socket (``localsocket.json``) are contracts too
+(``peer_api``, ``local_socket``; see ``documents``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from importlib import resources
 from typing import Any
 
 import fastjsonschema
+
+from swarmfly.contracts.documents import (
+    Answer,
+    LocalMessage,
+    LocalSocket,
+    Operation,
+    local_socket,
+    peer_api,
+    peer_openapi,
+    peer_operation,
+)
 
 API_VERSION = "v1"
 COMMON_REF = "common.json#/$defs/"
@@ -216,9 +229,17 @@ __all__ = [
     "API_VERSION",
     "HOST_TYPES",
     "SENDER",
+    "Answer",
     "Contract",
+    "LocalMessage",
+    "LocalSocket",
+    "Operation",
     "Sender",
     "get",
+    "local_socket",
+    "peer_api",
+    "peer_openapi",
+    "peer_operation",
     "registry",
     "validate_error",
 ]
