@@ -86,8 +86,8 @@ class UploadServer:
         idles between two uploads; more are turned away (503) to ask another parent."""
         self._free = asyncio.Semaphore(self.slots)
         self.app = web.Application(client_max_size=1024)
-        self.app.router.add_get("/v1/tasks/{task_id}/pieces", self.pieces)
-        self.app.router.add_get("/v1/tasks/{task_id}/data", self.data)
+        self.app.router.add_get("/v1/tasks/{task_id}/pieces", self.pieces, allow_head=False)
+        self.app.router.add_get("/v1/tasks/{task_id}/data", self.data, allow_head=False)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", metrics.handler)
 

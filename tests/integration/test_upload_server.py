@@ -748,3 +748,19 @@ async def test_a_seed_lends_to_the_child_its_capability_names(tmp_path: Path) ->
         lent = [json.loads(body)["origin"] for _, body, _ in answers if b"origin" in body]
         assert lent == [[7]]
         assert task.lending.lent_to == {7: "child-a"}
+
+
+async def test_head_is_refused_and_neither_sends_bytes_nor_takes_a_grant(tmp_path: Path) -> None:
+    """aiohttp answers HEAD on a GET route by default: on ``/data`` sendfile wrote the body
+    anyway and counted the piece served; on a seed's ``/pieces`` it used up a grant."""
+    async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
+        task = seed.put(content_of(2 * PIECE, b"head"), {0, 1})
+        auth = seed.token(task.id)
+        for path, headers in (
+            (f"/v1/tasks/{task.id}/data", {"Range": f"bytes=0-{PIECE - 1}", **auth}),
+            (f"/v1/tasks/{task.id}/pieces?wait=0.2", auth),
+        ):
+            async with seed.session.head(seed.url + path, headers=headers) as response:
+                assert response.status == 405, path
+        assert task.served == {} and seed.server.desk.books == 0
+        assert (await poll(seed, task, 0.5))["pieces"] == [0]
