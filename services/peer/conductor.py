@@ -50,6 +50,14 @@ POLL_WAIT = 10.0
 SEED_POLL_WAIT = 2.0
 """A seed's grant follows the pieces the child said it wants; they go stale sooner."""
 REPORT_INTERVAL = 0.05
+DIGEST_POLL = 0.1
+"""Seconds a download that lacks digests waits for a push before it polls for them."""
+_PUSHING = (
+    "scheduler.{partition}.register",
+    "scheduler.{partition}.reschedule",
+    "scheduler.{partition}.pieces",
+)
+"""The requests whose replies push digests."""
 REPORT_BATCH = 2048
 """Piece reports per request: with digests, 2048 stay well inside the request size limit."""
 
@@ -141,6 +149,8 @@ class Conductor:
         """Piece -> the parent that served it: whom a piece that proves false accuses."""
         self._provisional: set[int] = set()
         """Pieces whose digest only the child they were lent to vouches for (the scheduler)."""
+        self._digests_at = float("-inf")
+        """When digests last came (pushed or polled)."""
         self.repaired: set[int] = set()
         """Pieces the whole file's check found false and read again: whoever streamed them
         before (the mirror) sent false bytes."""
@@ -384,7 +394,6 @@ class Conductor:
         """The adapter of the Swarming core: events in, its decisions carried out."""
         swarm = self.swarm
         fetches: dict[asyncio.Task[int], tuple[int, str]] = {}
-        last_digests = 0.0
         swarm.asked(time.monotonic())
         try:
             while True:
@@ -392,8 +401,7 @@ class Conductor:
                 content = self.stored.content
                 book = swarm.book
                 if content is None or (book is not None and book.needs_digests()):
-                    if time.monotonic() - last_digests > 0.1:
-                        last_digests = time.monotonic()
+                    if time.monotonic() - self._digests_at > DIGEST_POLL:
                         await self._refresh_task(book)
                     content = self.stored.content
                 if content is not None and swarm.book is None:
@@ -613,22 +621,40 @@ class Conductor:
             self._adopt(reply["task"])
             digests: list[str | None] = reply["digests"]
             start = reply.get("offset", offset)
-            self.stored.set_digests(digests, start)
-            page = range(start, start + len(digests))
-            held = self.stored.digests
-            self._refuted.update(
-                (n, d) for n, d in zip(page, digests, strict=True)
-                if d and n in self.stored.done and held[n] != d
-            )  # fmt: skip
-            self._provisional = {n for n in self._provisional if n not in page}
-            self._provisional.update(n for n in reply.get("provisional", ()) if n in page)
-            if book is not None:
-                for number, digest in enumerate(digests, start):
-                    if digest and number < book.piece_count and book.digests[number] is None:
-                        book.digests[number] = digest
+            self._take_digests(start, digests, reply.get("provisional", ()))
             offset = start + len(digests)
             if not digests or offset >= reply["task"]["piece_count"]:
                 return
+
+    def _take_digests(
+        self, start: int, digests: list[str | None], provisional: Collection[int]
+    ) -> None:
+        """A page of the digests the scheduler knows, from piece ``start``: kept, and what
+        disagrees with a piece held noted (``_refuted``)."""
+        self._digests_at = time.monotonic()
+        if self.stored.content is None or start + len(digests) > self.stored.content.piece_count:
+            return  # the layout is not known yet, or not this one: the next poll says
+        self.stored.set_digests(digests, start)
+        page = range(start, start + len(digests))
+        known = self.stored.digests
+        book = self.swarm.book
+        for number, digest in zip(page, digests, strict=True):
+            if not digest or known[number] == digest:
+                continue
+            if number in self.stored.done:
+                self._refuted[number] = digest  # we took it on a lent child's word
+            else:
+                # A lent child's word the seed has since refuted: the bytes of every honest
+                # parent (and of the origin) would fail the old digest.
+                known[number] = digest
+                if book is not None and number < book.piece_count:
+                    book.digests[number] = digest
+        self._provisional = {n for n in self._provisional if n not in page}
+        self._provisional.update(n for n in provisional if n in page)
+        if book is not None:
+            for number, digest in enumerate(digests, start):
+                if digest and number < book.piece_count and book.digests[number] is None:
+                    book.digests[number] = digest
 
     def _digest_offset(self) -> int:
         held = self.stored.digests
@@ -1118,10 +1144,24 @@ class Conductor:
         return body
 
     async def _request(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A request to the task's scheduler. Schedules and report replies push the digests
+        this download lacks (``digests_from``): a downloading peer rarely polls for them."""
+        if name in _PUSHING and (offset := self._digests_from()) is not None:
+            body = {**body, "digests_from": offset}
         reply = await self.node.request(name, body)
         if token := reply.get("token"):
             self._token = token  # every schedule carries a fresh one
+        if page := reply.get("digest_page"):
+            self._adopt(reply.get("task"))  # a schedule's: the layout the page is of
+            self._take_digests(page["offset"], page["digests"], page.get("provisional", ()))
         return reply
+
+    def _digests_from(self) -> int | None:
+        """Where this download lacks digests; None once it has them all."""
+        if self.stored.content is None:
+            return 0
+        offset = self._digest_offset()
+        return offset if offset < self.stored.content.piece_count else None
 
     def _auth(self) -> dict[str, str]:
         """What shows a parent this peer was scheduled for the task."""

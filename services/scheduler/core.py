@@ -139,6 +139,15 @@ class PieceDigests:
     def __contains__(self, number: int) -> bool:
         return self.get(number) is not None
 
+    def page(self, offset: int, limit: int) -> list[str | None]:
+        """Up to ``limit`` digests from ``offset``, ending at the last one known (empty when
+        none is): what a peer that lacks them from there is told."""
+        start = offset * DIGEST_SIZE
+        raw = bytes(self._raw[start : start + limit * DIGEST_SIZE]).rstrip(b"\0")
+        count = -(-len(raw) // DIGEST_SIZE)
+        entries = [raw[n * DIGEST_SIZE : (n + 1) * DIGEST_SIZE] for n in range(count)]
+        return [e.ljust(DIGEST_SIZE, b"\0").hex() if e.strip(b"\0") else None for e in entries]
+
     def __setitem__(self, number: int, digest: str) -> None:
         entry = bytes.fromhex(digest)
         if len(entry) != DIGEST_SIZE or entry == _ABSENT:
@@ -582,6 +591,18 @@ class Scheduler:
         if task is None or task.content is None:
             return None, []
         return task.content, [task.digests.get(i) for i in range(task.content.piece_count)]
+
+    def digest_page(
+        self, task_id: str, offset: int, limit: int
+    ) -> tuple[list[str | None], list[int]]:
+        """``PieceDigests.page`` of the task, and which of those pieces are provisional."""
+        task = self.tasks.get(task_id)
+        if task is None or task.content is None:
+            return [], []
+        limit = max(0, min(limit, task.content.piece_count - offset))
+        digests = task.digests.page(offset, limit)
+        end = offset + len(digests)
+        return digests, sorted(n for n in task.provisional if offset <= n < end)
 
     def provisional(self, task_id: str) -> list[int]:
         """Pieces whose digest only a lent child vouches for so far."""

@@ -62,9 +62,11 @@ HOST_BYTES, TASK_BYTES, PEER_BYTES = 200, 600, 200
 DASHBOARD_CSP = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 """The page loads nothing from elsewhere (no CDN): it must work on machines with no internet."""
 DIGEST_PAGE = 8192
+"""Digests per scheduler.<n>.task reply: a page stays far below NATS's 1 MiB payload limit."""
+PUSHED_DIGESTS = 256
+"""Digests at most pushed with a schedule or a report's reply (``digests_from``): 17 KiB."""
 CAPABILITY_KEY = "capability-key"
 """Where the schedulers' shared signing key lives in their lease bucket."""
-"""Digests per scheduler.<n>.task reply: a page stays far below NATS's 1 MiB payload limit."""
 PLACEHOLDER_URL = "swarmfly:cached"
 """The source a host announces for a cached task whose URL it did not keep."""
 ALL = "*"
@@ -249,6 +251,18 @@ class SchedulerService:
         """The schedule, and the capability that lets this peer read the task's pieces."""
         reply = schedule.to_dict()
         reply["token"] = self._signer().mint(req["task_id"], req["peer_id"], time.time())
+        return self._push_digests(req, reply)
+
+    def _push_digests(self, req: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
+        """The digests known from where the peer lacks them: it need not poll for them."""
+        if "digests_from" in req:
+            offset = req["digests_from"]
+            digests, provisional = self.core.digest_page(req["task_id"], offset, PUSHED_DIGESTS)
+            if digests:
+                page: dict[str, Any] = {"offset": offset, "digests": digests}
+                if provisional:
+                    page["provisional"] = provisional
+                reply["digest_page"] = page
         return reply
 
     def _signer(self) -> Signer:
@@ -273,7 +287,7 @@ class SchedulerService:
             content=content(req.get("task")),
             lent=[Lending(lent["number"], lent["peer_id"]) for lent in req.get("lent", ())],
         )
-        return {"ok": True}
+        return self._push_digests(req, {"ok": True})
 
     async def on_task(self, req: dict[str, Any]) -> dict[str, Any]:
         self._check_partition(req["task_id"])

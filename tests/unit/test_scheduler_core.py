@@ -1226,3 +1226,23 @@ def test_a_report_of_a_digest_no_data_has_is_refused_whole() -> None:
     reports = [PieceReport(0, digest(0)), PieceReport(1, "0" * 64)]
     with pytest.raises(SwarmflyError, match="not a sha256 digest"):
         s.report_pieces(task_id=T, peer_id="seed", pieces=reports, now=1.0)
+
+
+def test_a_digest_page_ends_at_the_last_digest_known() -> None:
+    """What a schedule or a report's reply pushes (``digests_from``): nothing when nothing is
+    known from there, and never a trail of unknowns."""
+    digests = PieceDigests()
+    digests[2] = digest(2)
+    digests[5] = "00" * 31 + "01"  # ends in zero bytes: still a digest
+    assert digests.page(0, 10) == [None, None, digest(2), None, None, "00" * 31 + "01"]
+    assert digests.page(3, 2) == []  # 3 and 4 are unknown; 5 is past the limit
+    assert digests.page(6, 10) == []
+    s = Scheduler()
+    s.register(
+        task_id=T, peer_id="seed", host=host("s", kind="seed"), now=0.0, content=CONTENT, seed=True
+    )
+    s.report_pieces(task_id=T, peer_id="seed", pieces=[PieceReport(1, digest(1))], now=1.0)
+    assert s.digest_page(T, 0, 256) == ([None, digest(1)], [])
+    assert s.digest_page(T, 0, 1) == ([], [])
+    assert s.digest_page(T, 3, 256) == ([], [])  # the last piece: nothing known
+    assert s.digest_page(T2, 0, 256) == ([], [])  # no such task
