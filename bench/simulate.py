@@ -11,10 +11,13 @@ request waits one link latency; a parent whose upload slots are full answers bus
 reads the origin (capped) in ``origin_concurrency`` parallel ranges and offers every piece it
 has; children long-poll parents, learning a piece one latency after it is done.
 
-Not modelled (so the simulator is compared with ``bench/swarm.py --mode no-digest``, where the
-real seed lends nothing either): the seed's lending, digest polls (digests are known), piece
-hashing and disk, CPU contention. Defaults are bench/swarm.py's: N=16, F=64 MiB, origin
-32 MiB/s, 8 MiB/s uplinks, unlimited downlinks.
+A capped seed super-seeds through the real ``GrantDesk`` and, with a known digest (as
+``bench/swarm.py --mode digest``; ``--no-lending`` for ``--mode no-digest``), lends through the
+real ``Lending``: children read lent pieces from the origin and the seed gathers them from the
+swarm afterwards, as the conductor does. Digests come as the conductor gets them: pushed with
+schedules and report replies, polled when a parent offers pieces we cannot verify yet. Not
+modelled: piece hashing and disk, CPU contention. Defaults are bench/swarm.py's: N=16,
+F=64 MiB, origin 32 MiB/s, 8 MiB/s uplinks, unlimited downlinks.
 """
 
 from __future__ import annotations
@@ -47,16 +50,20 @@ from swarmfly.content import TaskContent
 from swarmfly.ids import piece_count, piece_length_for
 from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.conductor import SEED_POLL_WAIT
-from swarmfly.services.peer.grants import GRANT_SECONDS, GrantBook
+from swarmfly.services.peer.grants import GRANT_SECONDS, GrantDesk, Granted, Lent, Poll
+from swarmfly.services.peer.lending import LEND_POLL, MAX_SAID, Lending
 from swarmfly.services.peer.pieces import PieceBook
-from swarmfly.services.peer.swarming import Drop, Fetch, Reschedule, Swarming
+from swarmfly.services.peer.swarming import BUSY_BACKOFF, ORIGIN, Drop, Fetch, Reschedule, Swarming
 from swarmfly.services.peer.upload import GRANT_TICK, PACED_SLOT_RATE
 from swarmfly.services.scheduler.core import HostSpec, PieceReport, Schedule, Scheduler
-from swarmfly.services.scheduler.service import core_for
+from swarmfly.services.scheduler.core import Lending as LendingReport
+from swarmfly.services.scheduler.service import PUSHED_DIGESTS, core_for
 
 TICK = 0.25
 """The conductor's wait between ticks when nothing happens."""
 REPORT_INTERVAL = 0.05
+DIGEST_POLL = 0.1
+"""The conductor's wait between digest polls while a parent offers what it cannot verify."""
 HEARTBEAT = 5.0
 TASK = "t" * 64
 INF = float("inf")
@@ -145,7 +152,8 @@ class Network:
 
 @dataclass(eq=False)
 class Node:
-    """A peer host (or the storage): its link, what it holds, who watches it."""
+    """A peer host (or the storage): its link, what it holds, who watches it. As the one
+    task it holds, it is what a seed's ``GrantDesk`` reads (``SeedTask``)."""
 
     peer_id: str
     spec: HostSpec
@@ -153,14 +161,22 @@ class Node:
     held: set[int] = field(default_factory=set)
     watchers: dict[SimPeer, None] = field(default_factory=dict)
     """Children long-polling it, in the order they came (a run is the same for a seed)."""
-    grants: GrantBook | None = None
+    desk: GrantDesk | None = None
     """A capped seed's (super-seeding): it offers each polling child one granted piece."""
     served: dict[int, int] = field(default_factory=dict)
-    waiters: dict[SimPeer, set[int]] = field(default_factory=dict)
-    """Children's polls waiting for a grant, oldest first, with what each wants."""
+    polls: dict[Poll, SimPeer] = field(default_factory=dict)
+    """Children's polls waiting at the desk."""
+    lending: Lending | None = None
+    id: str = TASK
 
-    def reserved(self, now: float) -> int:
-        return self.link.load + (self.grants.outstanding(now) if self.grants else 0)
+    @property
+    def done(self) -> set[int]:
+        return self.held
+
+    def full(self, now: float) -> bool:
+        if self.desk is None:
+            return self.link.load >= self.link.capacity
+        return self.desk.full(self.link.load, now)
 
 
 class SimPeer:
@@ -176,6 +192,11 @@ class SimPeer:
         self.tick_due = False
         self.reports: list[PieceReport] = []
         self.parents: dict[str, Node] = {}
+        self.polls: dict[str, Poll] = {}
+        """Our poll waiting at each seed's desk."""
+        self.digests_at = -INF
+        self.delivered: list[int] = []
+        """Lent pieces read, to tell the seed with the next poll."""
 
     def start(self) -> None:
         schedule, _ = self.sim.decide(
@@ -191,9 +212,8 @@ class SimPeer:
     def adopt(self, schedule: Schedule, *, exact: bool) -> None:
         if schedule.content is not None and self.swarm.book is None:
             count = schedule.content.piece_count
-            self.swarm.book = PieceBook(
-                count, digests=list(self.sim.digests), strategy=self.strategy, rng=self.rng
-            )
+            self.swarm.book = PieceBook(count, strategy=self.strategy, rng=self.rng)
+        self.take_push()
         if schedule.action == "parents":
             parents = {p.peer_id: p.type for p in schedule.parents}
             added = self.swarm.scheduled(
@@ -217,36 +237,104 @@ class SimPeer:
         node = self.parents.pop(parent_id, None)
         if node is not None:
             node.watchers.pop(self, None)
-            node.waiters.pop(self, None)
+            self._withdraw(node)
 
-    def offer(self, parent: Node) -> None:
+    def _withdraw(self, node: Node) -> bool:
+        poll = self.polls.pop(node.peer_id, None)
+        if poll is None or node.polls.pop(poll, None) is None:
+            return False
+        assert node.desk is not None
+        node.desk.withdraw(poll, self.sim.now)
+        return True
+
+    def offer(self, parent: Node, declined: int | None = None) -> None:
         """A parent's answer to our long-poll: all it holds, or, from a capped seed, a poll
-        that waits for a grant."""
+        that waits at its desk (saying what we want, what we declined, what we read of what
+        it lent us)."""
         if parent.peer_id not in self.swarm.parents or self.finished is not None:
             return
-        if parent.grants is None:
+        if parent.desk is None:
             self.swarm.offered(parent.peer_id, set(parent.held))
             self.wake()
         elif self.swarm.book is not None:
-            parent.waiters[self] = self.swarm.book.wanted()
-            self.sim.at(self.sim.now + SEED_POLL_WAIT, self.repoll, parent)
+            if parent.lending is not None and self.delivered:
+                parent.lending.said(self.delivered[:MAX_SAID])
+            del self.delivered[:MAX_SAID]
+            poll = Poll(parent, self.swarm.book.wanted(), self.node.peer_id)
+            parent.desk.ask(poll, self.sim.now, declined)
+            self.polls[parent.peer_id] = poll
+            parent.polls[poll] = self
+            self.sim.at(self.sim.now + SEED_POLL_WAIT, self.repoll, parent, poll)
             self.sim.dispatch(parent)
 
-    def repoll(self, parent: Node) -> None:
-        """A seed's poll that got no grant in time: asked again with what we want now."""
-        if parent.waiters.pop(self, None) is not None:
+    def repoll(self, parent: Node, poll: Poll) -> None:
+        """A seed's poll that got no answer in time: asked again with what we want now."""
+        if self.polls.get(parent.peer_id) is poll and self._withdraw(parent):
             self.offer(parent)
 
-    def granted(self, parent: Node, number: int) -> None:
+    def answered(self, parent: Node, poll: Poll) -> None:
+        """The desk's answer reaches us: a granted piece, or one lent to read ourselves."""
+        assert parent.desk is not None
+        if self.polls.get(parent.peer_id) is poll:
+            del self.polls[parent.peer_id]
+        parent.desk.withdraw(poll, self.sim.now)
         book = self.swarm.book
-        assert parent.grants is not None and book is not None
-        if number in book.done or (number in book.in_flight and not book.endgame):
-            parent.grants.release(number)  # declined with the next poll
-            self.sim.dispatch(parent)
-        else:
-            self.swarm.offered(parent.peer_id, {number})
-            self.wake()
-        self.sim.at(self.sim.now + self.sim.net.latency, self.offer, parent)
+        assert book is not None
+        declined = None
+        if isinstance(poll.answer, Granted):
+            number = poll.answer.number
+            if number in book.done or (number in book.in_flight and not book.endgame):
+                declined = number  # with the next poll
+            else:
+                self.swarm.offered(parent.peer_id, {number})
+                self.wake()
+        elif isinstance(poll.answer, Lent) and self.swarm.lent(poll.answer.number):
+            self.read_lent(poll.answer.number)
+        self.sim.at(self.sim.now + self.sim.net.latency, self.offer, parent, declined)
+
+    def read_lent(self, number: int) -> None:
+        size = self.sim.content.piece(number)[1]
+        started = self.sim.now
+
+        def arrived() -> None:
+            self.sim.origin_bytes += size
+            self.delivered.append(number)
+            self.got(number, ORIGIN, started)
+
+        self.sim.at(
+            self.sim.now + self.sim.net.latency,
+            self.sim.net.send, self.sim.origin, self.node.link, size, arrived,
+        )  # fmt: skip
+
+    def take_push(self) -> None:
+        """The digests a schedule or a report's reply pushes, from the first piece whose
+        digest we lack (``digests_from``)."""
+        book = self.swarm.book
+        if book is None:
+            return
+        offset = next((n for n, digest in enumerate(book.digests) if digest is None), None)
+        if offset is None:
+            return
+        started = time.process_time()
+        digests, _ = self.sim.scheduler.digest_page(TASK, offset, PUSHED_DIGESTS)
+        self.sim.cpu += time.process_time() - started
+        if digests:
+            self.digests_at = self.sim.now
+        for number, digest in enumerate(digests, offset):
+            if digest is not None and book.digests[number] is None:
+                book.digests[number] = digest
+
+    def refresh_digests(self) -> None:
+        """``Conductor._refresh_task``: the digests the scheduler knows, for the pieces we
+        cannot verify yet (what a child fetches only once it can)."""
+        book = self.swarm.book
+        assert book is not None
+        self.digests_at = self.sim.now
+        self.sim.messages["task"] += 1
+        known = self.sim.scheduler.task_info(TASK)[1]
+        for number, digest in enumerate(known):
+            if digest is not None and book.digests[number] is None:
+                book.digests[number] = digest
 
     def wake(self) -> None:
         if not self.tick_due and self.finished is None:
@@ -262,6 +350,12 @@ class SimPeer:
         self.tick_due = False
         if self.finished is not None:
             return
+        book = self.swarm.book
+        if book is not None and book.needs_digests():
+            if self.sim.now >= self.digests_at + DIGEST_POLL:
+                self.refresh_digests()
+            else:
+                self.sim.at(self.digests_at + DIGEST_POLL, self.wake)
         for decision in self.swarm.tick(self.sim.now):
             if isinstance(decision, Fetch):
                 self.fetch(decision.number, self.parents[decision.parent_id])
@@ -287,15 +381,18 @@ class SimPeer:
         started = self.sim.now
 
         def arrive() -> None:  # the request reaches the parent
-            if parent.grants is not None:
-                parent.grants.release(number)  # a granted request holds its slot already
-            if parent.reserved(self.sim.now) >= parent.link.capacity:
+            if parent.desk is not None:
+                parent.desk.taken(TASK, number)  # a granted request holds its place already
+            if parent.full(self.sim.now):
                 self.sim.at(self.sim.now + latency, self.busy, number, parent)
                 return
             parent.served[number] = parent.served.get(number, 0) + 1
             size = self.sim.content.piece(number)[1]
             self.sim.net.send(
-                parent.link, self.node.link, size, lambda: self.got(number, parent, started)
+                parent.link,
+                self.node.link,
+                size,
+                lambda: self.got(number, parent.peer_id, started),
             )
             self.sim.dispatch(parent)
 
@@ -305,14 +402,19 @@ class SimPeer:
         self.swarm.failed(number, parent.peer_id, "busy", self.sim.now)
         self.wake()
 
-    def got(self, number: int, parent: Node, started: float) -> None:
+    def got(self, number: int, parent_id: str, started: float) -> None:
         first = number not in self.node.held
-        self.swarm.done(number, parent.peer_id, self.sim.now)
+        self.swarm.done(number, parent_id, self.sim.now)
         if first:
             self.node.held.add(number)
-            self.sim.bytes_p2p += self.sim.content.piece(number)[1]
             cost = int((self.sim.now - started) * 1000)
-            self.reports.append(PieceReport(number, None, parent.peer_id, cost))
+            if parent_id == ORIGIN:  # lent: our digest, provisional until the seed reads it
+                assert self.swarm.book is not None
+                self.swarm.book.digests[number] = self.sim.digests[number]
+                self.reports.append(PieceReport(number, self.sim.digests[number]))
+            else:
+                self.sim.bytes_p2p += self.sim.content.piece(number)[1]
+                self.reports.append(PieceReport(number, None, parent_id, cost))
             for child in list(self.node.watchers):
                 self.sim.at(self.sim.now + self.sim.net.latency, child.offer, self.node)
         if self.swarm.complete:
@@ -337,6 +439,7 @@ class SimPeer:
                     task_id=TASK, peer_id=self.node.peer_id, pieces=reports, now=self.sim.now
                 ),
             )
+            self.take_push()
         if self.finished is None:
             self.sim.at(self.sim.now + REPORT_INTERVAL, self.flush)
 
@@ -350,7 +453,9 @@ class Sim:
         self.net = Network(self, args.latency)
         length = args.piece_length or piece_length_for(args.file_size)
         count = piece_count(args.file_size, length)
-        self.content = TaskContent(args.file_size, length, count)
+        # The whole file's digest known (swarm.py --mode digest) is what lets the seed lend.
+        whole = "sha256:" + "0" * 64 if args.lending else None
+        self.content = TaskContent(args.file_size, length, count, whole)
         self.digests = [hashlib.sha256(f"{n}".encode()).hexdigest() for n in range(count)]
         rng = random.Random(args.seed)
         evaluator = plugins.evaluator(settings.scheduler.evaluator)
@@ -370,8 +475,14 @@ class Sim:
         seed_link = Link.capped(args.seed_upload_rate, 0, settings.storage.upload_slots)
         self.seed = Node("seed-peer", seed_spec, seed_link)
         if args.seed_upload_rate:  # a capped seed super-seeds (PeerNode: superseed)
-            self.seed.grants = GrantBook(GRANT_SECONDS)
+            self.seed.desk = GrantDesk(seed_link.capacity, GRANT_SECONDS)
+            if args.lending:  # a known digest: the seed lends (Conductor._read_origin)
+                self.seed.lending = Lending.for_origin(
+                    count, length, settings.storage.origin_concurrency
+                )
         self._ticking = False
+        self._told: set[int] = set()
+        """Lent pieces the seed told the scheduler of."""
         self.nodes[self.seed.peer_id] = self.seed
         self.origin = Link(args.origin_rate, 0, 1 << 30)
         self.peers: list[SimPeer] = []
@@ -405,7 +516,8 @@ class Sim:
         return answer
 
     def start_seed(self) -> None:
-        """The storage: registers as the seed and reads the origin in parallel ranges."""
+        """The storage: registers as the seed and reads the origin in parallel ranges;
+        lending, as ``Conductor._origin_lending`` runs its ``Lending``."""
         self.decide(
             "register",
             lambda s: s.register(
@@ -413,52 +525,187 @@ class Sim:
                 content=self.content, seed=True,
             ),
         )  # fmt: skip
-        queue = iter(range(self.content.piece_count))
-        for _ in range(self.settings.storage.origin_concurrency):
-            self._seed_next(queue)
-
-    def _seed_next(self, queue: Any) -> None:
-        number = next(queue, None)
-        if number is None:
+        readers = min(self.settings.storage.origin_concurrency, self.content.piece_count)
+        if self.seed.lending is None:
+            queue = iter(range(self.content.piece_count))
+            for _ in range(readers):
+                self._seed_next(queue)
             return
-        size = self.content.piece(number)[1]
+        self._readers = readers
+        for _ in range(readers):
+            self._claim(self.now, self._reader_done)
+        self.at(self.now + LEND_POLL, self._watch_lent)
+        self.at(self.now + REPORT_INTERVAL, self._tell_lendings)
 
-        def done() -> None:
-            self.origin_bytes += size
-            self.seed.held.add(number)
-            digest = self.digests[number]
+    def _tell_lendings(self) -> None:
+        """The seed's report loop: the scheduler hears whom it lent which piece."""
+        if lent := self._new_lendings():
             self.decide(
                 "pieces",
                 lambda s: s.report_pieces(
-                    task_id=TASK, peer_id=self.seed.peer_id,
-                    pieces=[PieceReport(number, digest)], now=self.now,
+                    task_id=TASK, peer_id=self.seed.peer_id, pieces=[], now=self.now, lent=lent
                 ),
-            )  # fmt: skip
-            self.dispatch(self.seed)
-            self._seed_next(queue)
+            )
+        if len(self.seed.held) < self.content.piece_count:
+            self.at(self.now + REPORT_INTERVAL, self._tell_lendings)
+
+    def _new_lendings(self) -> list[LendingReport]:
+        lending = self.seed.lending
+        if lending is None:
+            return []
+        lent = [LendingReport(n, c) for n, c in lending.lent_to.items() if n not in self._told]
+        self._told.update(item.number for item in lent)
+        return lent
+
+    def _seed_next(self, queue: Any) -> None:
+        number = next(queue, None)
+        if number is not None:
+            self._seed_read(number, lambda _: self._seed_next(queue))
+
+    def _seed_read(self, number: int, then: Callable[[float], None]) -> None:
+        """One piece from the origin to the seed; ``then`` with the seconds it took."""
+        size = self.content.piece(number)[1]
+        started = self.now
+
+        def done() -> None:
+            self.origin_bytes += size
+            self._seed_has(number, self.digests[number])
+            then(self.now - started)
 
         self.at(self.now + self.net.latency, self.net.send, self.origin, self.seed.link, size, done)
 
-    def dispatch(self, node: Node) -> None:
-        """``UploadServer._dispatch``: grants to waiting children, oldest first, while the
-        seed has slots to promise; a lapsed grant frees its slot (ticked while any wait)."""
-        book = node.grants
-        if book is None:
+    def _seed_has(self, number: int, digest: str | None) -> None:
+        self.seed.held.add(number)
+        lent = self._new_lendings()
+        self.decide(
+            "pieces",
+            lambda s: s.report_pieces(
+                task_id=TASK, peer_id=self.seed.peer_id,
+                pieces=[PieceReport(number, digest)], now=self.now, lent=lent,
+            ),
+        )  # fmt: skip
+        for child in list(self.seed.watchers):
+            if self.seed.desk is None:
+                self.at(self.now + self.net.latency, child.offer, self.seed)
+        self.dispatch(self.seed)
+
+    # -- a lending seed (Conductor._origin_lending) --------------------------------------
+
+    def _claim(self, since: float, then: Callable[[], None]) -> None:
+        """One claiming worker's step: hold back, claim, read; ``then`` once nothing is left
+        to claim."""
+        lending = self.seed.lending
+        assert lending is not None
+        if lending.hold_back(since, self.now, self.seed.held, self.seed.served):
+            self.at(self.now + 0.02, self._claim, since, then)
             return
-        now = self.now
-        reserved = node.reserved(now)
-        for child, wanted in list(node.waiters.items()):
-            if reserved >= node.link.capacity:
-                break
-            number = book.grant(node.held, node.served, now, wanted)
-            if number is not None:
-                reserved += 1
-                del node.waiters[child]
-                self.at(now + self.net.latency, child.granted, node, number)
-                self.at(now + book.lease, self.dispatch, node)
-        if node.waiters and not self._ticking:
+        number = lending.claim(self.seed.held, self.now)
+        if number is None:
+            then()
+            return
+
+        def read(took: float) -> None:
+            lending.read(number, took)
+            self._claim(self.now, then)
+
+        self._seed_read(number, read)
+
+    def _reader_done(self) -> None:
+        self._readers -= 1
+        if self._readers == 0:
+            lending = self.seed.lending
+            assert lending is not None
+            lending.open = False
+            self._collect(self.now)
+
+    def _collect(self, closed: float) -> None:
+        """Children still ask: the swarm's uplinks are theirs a while longer."""
+        lending = self.seed.lending
+        assert lending is not None
+        if lending.collecting(closed, self.now):
+            self._claim(self.now, lambda: self.at(self.now + LEND_POLL, self._collect, closed))
+        else:
+            self._take_back()
+
+    def _take_back(self) -> None:
+        """What was lent comes back from the swarm's holders; what nobody delivered in time
+        (or the holders lost), from the origin."""
+        lending = self.seed.lending
+        assert lending is not None
+        if self.seed.held >= set(range(self.content.piece_count)):
+            return
+        found = set().union(*(p.node.held for p in self.peers))
+        wanted = [n for n in lending.delivered - self.seed.held if n in found]
+        if wanted:
+            self._gather(wanted, self._take_back_after)
+        elif not lending.waiting(self.seed.held, self.now):
+            self._claim(self.now, self._take_back_after)
+        else:
+            self._take_back_after()
+
+    def _take_back_after(self) -> None:
+        lending = self.seed.lending
+        assert lending is not None
+        lending.unheld(set().union(*(p.node.held for p in self.peers)), self.now)
+        self.at(self.now + LEND_POLL, self._take_back)
+
+    def _gather(self, numbers: list[int], then: Callable[[], None]) -> None:
+        """Pieces from the least loaded holder of each, ``concurrency`` at once."""
+        queue = deque(numbers)
+        running = [min(self.settings.peer.concurrency, len(queue))]
+
+        def next_piece() -> None:
+            if not queue:
+                running[0] -= 1
+                if running[0] == 0:
+                    then()
+                return
+            number = queue[0]
+            holders = [p.node for p in self.peers if number in p.node.held]
+            holder = min(holders, key=lambda n: n.link.load)
+            if holder.full(self.now):
+                self.at(self.now + BUSY_BACKOFF, next_piece)
+                return
+            queue.popleft()
+            holder.served[number] = holder.served.get(number, 0) + 1
+            size = self.content.piece(number)[1]
+
+            def arrived() -> None:
+                self._seed_has(number, None)
+                next_piece()
+
+            self.at(
+                self.now + self.net.latency,
+                self.net.send, holder.link, self.seed.link, size, arrived,
+            )  # fmt: skip
+
+        for _ in range(running[0]):
+            next_piece()
+
+    def _watch_lent(self) -> None:
+        """The seed learns which lent pieces children delivered from the task's digests."""
+        lending = self.seed.lending
+        assert lending is not None
+        if lending.outstanding:
+            self.messages["task"] += 1
+            lending.learned(self.scheduler.task_info(TASK)[1])
+        if len(self.seed.held) < self.content.piece_count:
+            self.at(self.now + LEND_POLL, self._watch_lent)
+
+    def dispatch(self, node: Node) -> None:
+        """``UploadServer._dispatch``: the desk's answers to waiting children; a lapsed
+        grant frees its place (ticked while any wait)."""
+        desk = node.desk
+        if desk is None:
+            return
+        for poll in desk.dispatch(node.link.load, self.now):
+            child = node.polls.pop(poll)
+            self.at(self.now + self.net.latency, child.answered, node, poll)
+            if isinstance(poll.answer, Granted):
+                self.at(self.now + desk.lease, self.dispatch, node)
+        if desk.waiting and not self._ticking:
             self._ticking = True
-            self.at(now + GRANT_TICK, self._tick, node)
+            self.at(self.now + GRANT_TICK, self._tick, node)
 
     def _tick(self, node: Node) -> None:
         self._ticking = False
@@ -513,6 +760,7 @@ def run_once(
         "ratio": round(max_s / bound, 4),
         "origin_ratio": round(sim.origin_bytes / args.file_size, 4),
         "seed_uploads": sim.seed.link.sent // sim.content.piece_length,
+        "lent": len(sim.seed.lending.pending) if sim.seed.lending else 0,
         "messages_per_peer_s": {
             k: round(v / len(sim.peers) / span, 3) for k, v in sorted(sim.messages.items())
         },
@@ -534,6 +782,12 @@ def main() -> int:
         help="s before the peers register (swarm.py counts its gets' start-up: get_startup_s)",
     )
     parser.add_argument("--piece-length", type=size_arg, help="default: from F, as the peer")
+    parser.add_argument(
+        "--no-lending",
+        dest="lending",
+        action="store_false",
+        help="the seed lends nothing (bench/swarm.py --mode no-digest)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="seeds 1..runs (default 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
@@ -567,7 +821,7 @@ def main() -> int:
     out.say(table(["subject", "rate"], list(runs[-1]["messages_per_peer_s"].items())))
     out.result({
         "peers": args.peers, "tasks": 1, "file_bytes": args.file_size, "bound_s": round(bound, 4),
-        "bound_seed_s": round(bound_seed, 4), "lending": False, **med,
+        "bound_seed_s": round(bound_seed, 4), "lending": args.lending, **med,
         "ratio_seed_only": round(med["max_s"] / bound_seed, 4),
         "messages_per_peer_s": runs[-1]["messages_per_peer_s"], "runs": runs,
     })  # fmt: skip

@@ -34,6 +34,7 @@ def arguments(peers: int, file_size: int = 8 * MiB, **overrides: Any) -> argpars
         "startup": 0.0,
         "piece_length": None,
         "seed": 1,
+        "lending": True,
         **overrides,
     }
     return argparse.Namespace(**values)
@@ -62,10 +63,13 @@ def assert_acyclic(parents: dict[str, list[str]]) -> None:
         visit(pid, ())
 
 
-def test_every_peer_finishes_and_the_origin_is_read_once(plugins: Plugins) -> None:
+@pytest.mark.parametrize("lending", [True, False])
+def test_every_peer_finishes_and_the_origin_is_read_once(plugins: Plugins, lending: bool) -> None:
+    """With lending, children read some pieces from the origin themselves: still once."""
     settings = swarmfly_config.load(env={})
-    result = simulate.run_once(arguments(16), settings, plugins, seed=1)
+    result = simulate.run_once(arguments(16, lending=lending), settings, plugins, seed=1)
     assert result["origin_ratio"] == 1.0
+    assert (result["lent"] > 0) is lending
     # An 8 MiB file is mostly pipeline (bound 0.76 s, about 2.8x measured); the check is
     # against pathologies such as the seed's slots held by polls nobody waits on (38x).
     assert 1.0 <= result["ratio"] < 5.0, result
