@@ -163,7 +163,10 @@ async def test_schedulers_share_the_partitions_and_take_over_a_dead_ones(
         for _ in range(300):
             assert not any(job.done() for job in jobs.values()), "downloads ended too soon"
             known = await task_states(bus, len(names))
-            if sum(known.get(tasks["f0.bin"], {}).values()) >= 4:
+            # Every file's peers registered (any file may be the victim's), and the first
+            # file's hold some pieces.
+            everyone = all(len(known.get(task, {})) >= 2 for task in tasks.values())
+            if everyone and sum(known.get(tasks["f0.bin"], {}).values()) >= 4:
                 break
             await asyncio.sleep(0.05)
         # The victim holds the first file's partition when it dies (partitions still settle
