@@ -7,6 +7,7 @@ rebuilt from what peers re-register.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -336,6 +337,10 @@ class Scheduler:
         self.evaluator = evaluator
         self.rng = rng or random.Random(0)
         self.hosts: dict[str, Host] = {}
+        """In the order they were last seen (a heartbeat or a registration moves a host to the
+        end): expiry looks at the stale front only, not at every host."""
+        self._seeds: dict[str, None] = {}
+        """The storage hosts among ``hosts``."""
         self.tasks: dict[str, Task] = {}
         self.peers: dict[str, Peer] = {}
         self.host_peers: dict[str, set[str]] = {}
@@ -352,7 +357,9 @@ class Scheduler:
 
     def expire(self, now: float) -> list[str]:
         """Drop hosts whose heartbeats stopped, with all their peers; they are never offered."""
-        dead = [h.id for h in self.hosts.values() if now - h.last_seen > self.host_ttl]
+        dead = list(itertools.takewhile(
+            lambda h: now - self.hosts[h].last_seen > self.host_ttl, self.hosts
+        ))  # fmt: skip
         for host_id in dead:
             self.leave(host_id, None)
         return dead
@@ -361,6 +368,7 @@ class Scheduler:
         """A host leaves (peer_ids None) or some of its peers leave their tasks."""
         if peer_ids is None:
             self.hosts.pop(host_id, None)
+            self._seeds.pop(host_id, None)
             peer_ids = list(self.host_peers.get(host_id, ()))
         for peer_id in list(peer_ids):
             peer = self.peers.get(peer_id)
@@ -437,7 +445,7 @@ class Scheduler:
 
     def seed_hosts(self) -> list[str]:
         """Storage instances alive as far as heartbeats tell."""
-        return [h.id for h in self.hosts.values() if h.type == "seed"]
+        return list(self._seeds)
 
     def drop_tasks(self, task_ids: Iterable[str]) -> None:
         """Forget tasks (their partition moved to another scheduler); hosts stay."""
@@ -612,9 +620,14 @@ class Scheduler:
     # -- internals -----------------------------------------------------------------------
 
     def _upsert_host(self, spec: HostSpec, now: float) -> Host:
-        host = self.hosts.get(spec.id)
+        host = self.hosts.pop(spec.id, None)
         if host is None:
-            host = self.hosts[spec.id] = Host(spec.id, spec.ip, spec.port, spec.type)
+            host = Host(spec.id, spec.ip, spec.port, spec.type)
+        self.hosts[spec.id] = host  # last seen now: at the end
+        if spec.type == "seed":
+            self._seeds[spec.id] = None
+        else:
+            self._seeds.pop(spec.id, None)
         host.ip, host.port, host.type = spec.ip, spec.port, spec.type
         host.idc, host.location, host.upload_slots = spec.idc, spec.location, spec.upload_slots
         host.last_seen = now

@@ -1246,3 +1246,18 @@ def test_a_digest_page_ends_at_the_last_digest_known() -> None:
     assert s.digest_page(T, 0, 1) == ([], [])
     assert s.digest_page(T, 3, 256) == ([], [])  # the last piece: nothing known
     assert s.digest_page(T2, 0, 256) == ([], [])  # no such task
+
+
+def test_expiry_takes_the_hosts_silent_longest_and_a_beat_or_a_registration_renews() -> None:
+    """Hosts are kept in the order they were last seen: expiry stops at the first live one
+    (its cost is the dead hosts, not every host)."""
+    s = Scheduler(host_ttl=10.0)
+    for n, name in enumerate(("a", "b", "c", "d")):
+        s.heartbeat(host(name), 0, now=float(n))
+    s.heartbeat(host("a"), 0, now=4.0)
+    s.register(task_id=T, peer_id="pb", host=host("b"), now=5.0)
+    s.heartbeat(host("st", kind="seed"), 0, now=5.0)
+    assert s.expire(now=12.5) == ["c"]  # seen at 2; d at 3 is not yet 10 s silent
+    assert list(s.hosts) == ["d", "a", "b", "st"]
+    assert s.seed_hosts() == ["st"]
+    assert s.expire(now=16.0) == ["d", "a", "b", "st"] and s.seed_hosts() == []
