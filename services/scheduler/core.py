@@ -23,6 +23,7 @@ from swarmfly.ids import piece_count
 from swarmfly.placement import rendezvous
 from swarmfly.plugins.evaluators.default import evaluate as default_evaluate
 from swarmfly.plugins.hookspecs import Candidate, Evaluator
+from swarmfly.services.scheduler.pieceset import PieceSet
 
 Action = Literal["parents", "back_to_source", "wait"]
 PeerState = Literal["running", "succeeded", "failed"]
@@ -81,7 +82,7 @@ class Peer:
     seed: bool = False
     back_to_source: bool = False
     state: PeerState = "running"
-    pieces: set[int] = field(default_factory=set)
+    pieces: PieceSet = field(default_factory=PieceSet)
     parents: list[str] = field(default_factory=list)
     blocklist: dict[str, float] = field(default_factory=dict)
     """Parents this child will not use, until when: a parent that failed may recover, one
@@ -185,8 +186,6 @@ class Task:
     suspects: dict[str, Suspicion] = field(default_factory=dict)
     """Seed peers children reported failed since they last delivered a piece."""
     seed_failed: bool = False
-    holders: dict[int, int] = field(default_factory=dict)
-    """Peers (sources included) holding each piece."""
     sources: dict[str, Peer] = field(default_factory=dict)
     """Its peers that read the origin (``Peer.is_source``): the few every decision asks about."""
     order: list[str] = field(default_factory=list)
@@ -672,10 +671,7 @@ class Scheduler:
         assert task.content is not None
         limit = task.content.piece_count
         for peer in task.peers.values():
-            extra = {n for n in peer.pieces if n >= limit}
-            for number in extra:
-                task.holders[number] -= 1
-            peer.pieces -= extra
+            peer.pieces -= [n for n in peer.pieces if n >= limit]
 
     def _lend(self, task: Task, lending: Lending) -> None:
         child = task.peers.get(lending.peer_id)
@@ -711,7 +707,6 @@ class Scheduler:
         for peer in task.peers.values():
             if number in peer.pieces and not self._trusted(task, peer):
                 peer.pieces.discard(number)
-                task.holders[number] -= 1
 
     def _valid_pieces(self, task: Task, pieces: Iterable[int]) -> set[int]:
         limit = task.content.piece_count if task.content else None
@@ -721,8 +716,6 @@ class Scheduler:
         return task.content is not None and len(peer.pieces) >= task.content.piece_count
 
     def _add_pieces(self, task: Task, peer: Peer, pieces: set[int]) -> None:
-        for number in pieces - peer.pieces:
-            task.holders[number] = task.holders.get(number, 0) + 1
         peer.pieces |= pieces
 
     def _forget(self, peer: Peer) -> None:
@@ -739,8 +732,6 @@ class Scheduler:
         if task is None:
             return
         task.assign(peer, [])
-        for number in peer.pieces:
-            task.holders[number] -= 1
         for number, claimants in list(task.claims.items()):
             claimants.pop(peer.id, None)
             if not claimants:
@@ -809,7 +800,7 @@ class Scheduler:
         ]
         holders.sort(key=lambda p: len(p.pieces - seed.pieces), reverse=True)
         chosen: list[Peer] = []
-        covered = set(seed.pieces)
+        covered = seed.pieces.copy()
         for holder in holders:  # greedy cover: each adds pieces the others do not
             if holder.pieces - covered:
                 chosen.append(holder)

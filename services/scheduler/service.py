@@ -13,7 +13,7 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from importlib import resources
 from pathlib import Path
@@ -45,6 +45,7 @@ from swarmfly.services.scheduler.core import (
     TriggerSeed,
 )
 from swarmfly.services.scheduler.ownership import Ownership
+from swarmfly.services.scheduler.pieceset import PieceSet
 from swarmfly.status import merge
 
 log = logging.getLogger(__name__)
@@ -635,11 +636,6 @@ def _partition_tokens(token: str) -> dict[str, Any]:
     return {"every": ("partition",)} if token == ALL else {"partition": token}
 
 
-def bitmap(pieces: set[int]) -> str:
+def bitmap(pieces: Iterable[int]) -> str:
     """Hex bitmap: piece n is bit n (least significant bit of the first byte first)."""
-    if not pieces:
-        return ""
-    out = bytearray(max(pieces) // 8 + 1)
-    for number in pieces:
-        out[number // 8] |= 1 << (number % 8)
-    return out.hex()
+    return PieceSet(pieces).to_bytes().hex()
