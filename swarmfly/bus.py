@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanKind
 
 from swarmfly import contracts, metrics, telemetry
 from swarmfly.config import TokenFile
-from swarmfly.errors import BadRequest, SwarmflyError
+from swarmfly.errors import BadRequest, SwarmflyError, in_words
 from swarmfly.ids import redact_url
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,13 @@ class Bus:
         prefix: str,
         name: str,
         options: dict[str, Any] | None = None,
+        within: float | None = None,
     ) -> Bus:
         """Connect, retrying servers that are down for as long as it takes; but after as many
         refusals of the credentials or of TLS as there are servers, raise SwarmflyError:
-        that is a setting to fix, not a server to wait for."""
+        that is a setting to fix, not a server to wait for. ``within``: the seconds a one-shot
+        command waits instead, then SwarmflyError("unavailable") with the last error (the
+        failed attempts log at DEBUG: the error says it once)."""
         options = dict(options or {})
         servers = list(servers)
         nc = _Client()
@@ -113,7 +116,7 @@ class Bus:
 
         async def on_error(exc: Exception) -> None:
             nonlocal refusals
-            log.warning("nats: %s", exc)
+            (log.debug if within is not None and not connected else log.warning)("nats: %s", exc)
             if connected or not _refused(exc):
                 return
             refusals += 1
@@ -121,28 +124,36 @@ class Bus:
                 raise _refusal(exc, servers, options)
 
         async def on_disconnect() -> None:
-            log.info("nats: disconnected")
+            # nats-py marks the client closed before it calls back for a close of our own
+            (log.debug if nc.is_closed else log.info)("nats: disconnected")
 
         async def on_reconnect() -> None:
             log.info("nats: reconnected")
 
         try:
-            await nc.connect(
-                servers=servers,
-                name=name,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-                max_reconnect_attempts=-1,
-                connect_timeout=3,
-                **{"reconnect_time_wait": 0.5, **options},  # typed int, takes seconds
-            )
-        except SwarmflyError:
+            async with asyncio.timeout(within):
+                await nc.connect(
+                    servers=servers,
+                    name=name,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    max_reconnect_attempts=-1,
+                    connect_timeout=3,
+                    **{"reconnect_time_wait": 0.5, **options},  # typed int, takes seconds
+                )
+        except (SwarmflyError, TimeoutError) as exc:
             try:  # after a failed TLS handshake the stream may never report itself closed
                 await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT)
             except TimeoutError:
                 log.debug("nats: the refused connection did not close in %gs", CLOSE_TIMEOUT)
-            raise
+            if isinstance(exc, SwarmflyError) or within is None:
+                raise
+            where = ", ".join(redact_url(s) for s in servers)
+            last = in_words(nc.last_error) if nc.last_error else "no answer"
+            raise SwarmflyError(
+                "unavailable", f"cannot reach NATS at {where} in {within:g}s: {last}"
+            ) from None
         connected = True
         bus = cls(nc, prefix)
         token = options.get("token")

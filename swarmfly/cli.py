@@ -4,17 +4,39 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 
 from swarmfly import __version__
 from swarmfly.config import Config, load, parse_size
-from swarmfly.errors import SwarmflyError
+from swarmfly.errors import SwarmflyError, in_words
+from swarmfly.ids import DIGEST
+
+if TYPE_CHECKING:
+    from swarmfly.localpeer import GetRequest
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+CONNECT_TIMEOUT = 10.0
+"""Seconds a one-shot command waits for NATS by default: a service waits for as long as it
+takes, but a command someone waits on gives up and says why."""
+
+
+class UsageError(Exception):
+    """A command line argparse refused, reported as every other error is."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised (one line, JSON with --json, exit 2) instead of a
+    usage block printed."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _size(text: str) -> int:
@@ -24,6 +46,41 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
+
+
+def _digest(text: str) -> str:
+    """``sha256:HEX`` in lower case, as the contracts take it: upper-case hex is the same
+    digest."""
+    digest = text.strip().lower()
+    if not DIGEST.fullmatch(digest):
+        raise argparse.ArgumentTypeError(f"expected sha256:<64 hex digits>, got {text[:80]!r}")
+    return digest
+
+
+def _one_shot(parser: argparse.ArgumentParser, *, progress: bool = True) -> None:
+    """The flags of a command that runs once against the cluster and exits."""
+    parser.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up on reaching NATS after this long (default {CONNECT_TIMEOUT:g})",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON summary, or the error")
+    if progress:
+        parser.add_argument(
+            "--no-progress", action="store_true", help="no progress bar, even on a terminal"
+        )
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML configuration file")
     parser.add_argument("--state-dir", help="where caches and state live (SWARMFLY_STATE_DIR)")
@@ -31,7 +88,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--nats", action="append", help="NATS server URL (repeatable or comma-separated)"
     )
     parser.add_argument("--prefix", help="subject prefix, so clusters can share a NATS account")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)",
+    )
 
 
 def _node_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +123,7 @@ def _proxy_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="swarmfly", description="Peer-to-peer file and image distribution"
-    )
+    parser = Parser(prog="swarmfly", description="Peer-to-peer file and image distribution")
     parser.add_argument("--version", action="version", version=f"swarmfly {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -94,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument(
         "-H", "--header", action="append", default=[], help="'Name: value' for the origin"
     )
-    get.add_argument("--digest", help="expected sha256:HEX of the whole file")
-    get.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
+    get.add_argument("--digest", type=_digest, help="expected sha256:HEX of the whole file")
+    get.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds (default 3600)")
     get.add_argument("--strategy", help="rarest-first, sequential or random")
     get.add_argument("--piece-length", type=_size, help="piece length (default from size)")
     get.add_argument("--upload-rate", type=_size, help="upload limit of the in-process peer")
@@ -105,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="hard-link the output to the cache file (made read-only) instead of copying it",
     )
-    get.add_argument("--json", action="store_true", help="print a JSON summary")
+    _one_shot(get)
 
     preheat = sub.add_parser("preheat", help="seed an image or a URL into storage")
     preheat_sub = preheat.add_subparsers(dest="what", required=True)
@@ -113,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     url = preheat_sub.add_parser("url", help="one URL")
     for what in (image, url):
         _common(what)
-        what.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
-        what.add_argument("--json", action="store_true", help="print a JSON summary")
+        what.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds (default 3600)")
+        _one_shot(what)
     image.add_argument("ref", help="registry.example.com/name:tag or name@sha256:…")
     image.add_argument("--platform", help="os/arch[/variant] (default: this host's)")
     image.add_argument("--username", help="registry user (the password comes from stdin)")
@@ -125,11 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--plain-http", action="store_true", help="the registry speaks http")
     url.add_argument("url")
     url.add_argument("--header", action="append", default=[], help="'Name: value' request header")
-    url.add_argument("--digest", help="expected sha256:HEX of the content")
+    url.add_argument("--digest", type=_digest, help="expected sha256:HEX of the content")
 
     status = sub.add_parser("status", help="services, hosts and tasks of the cluster")
     _common(status)
-    status.add_argument("--json", action="store_true", help="print JSON")
+    _one_shot(status, progress=False)
 
     plugins = sub.add_parser("plugins", help="list the loaded plugins")
     _common(plugins)
@@ -220,42 +281,87 @@ def _run(coro: Coroutine[Any, Any, Any], *, fast_loop: bool = False) -> Any:
     return asyncio.run(coro)
 
 
+def progress_line(done: int, total: int | None, elapsed: float, width: int = 30) -> str:
+    """The bar as drawn after ``elapsed`` seconds: done, rate and ETA (only the bytes and the
+    rate where the size is not known yet)."""
+    rate = done / max(elapsed, 1e-6)
+    speed = f"{rate / 2**20:7.1f} MiB/s"
+    if not total:
+        return f"{done / 2**20:9.1f} MiB {speed}"
+    share = min(done / total, 1.0)
+    filled = int(width * share)
+    left = (total - done) / rate if rate > 0 else math.inf
+    eta = f"{left:5.0f}s" if math.isfinite(left) else "    ?"
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {100 * share:5.1f}%"
+        f" {done / 2**20:.1f}/{total / 2**20:.1f} MiB {speed} ETA {eta}"
+    )
+
+
 class ProgressBar:
-    """A one-line bar with rate and ETA on a terminal's stderr."""
+    """A one-line bar on a terminal's stderr, redrawn at most every ``REDRAW`` seconds."""
+
+    REDRAW = 0.2
 
     def __init__(self) -> None:
         self.started = time.monotonic()
-        self.shown = 0.0
+        self.shown = -math.inf
+        self.drawn = False
 
     def __call__(self, done: int, total: int | None) -> None:
         now = time.monotonic()
-        if now - self.shown < 0.2:
-            return
-        self.shown = now
-        rate = done / max(now - self.started, 1e-6)
-        if total:
-            width = 30
-            filled = int(width * done / total) if total else 0
-            eta = (total - done) / rate if rate > 0 else float("inf")
-            eta_text = f"{eta:5.0f}s" if eta != float("inf") else "    ?"
-            line = (
-                f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * done / total:5.1f}% "
-                f"{rate / 2**20:7.1f} MiB/s ETA {eta_text}"
-            )
-        else:
-            line = f"\r{done / 2**20:9.1f} MiB {rate / 2**20:7.1f} MiB/s"
-        sys.stderr.write(line)
+        if now - self.shown >= self.REDRAW:
+            self.shown = now
+            self._draw(progress_line(done, total, now - self.started))
+
+    def _draw(self, line: str) -> None:
+        sys.stderr.write(f"\r\x1b[K{line}")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self, done: int | None = None, summary: str | None = None) -> None:
+        """End the bar's line; ``done``: the size of what finished, drawn at 100% (the last
+        redraw may have been skipped, or the last progress report come before the end);
+        ``summary``: a line saying what was done."""
+        if done is not None:
+            self._draw(progress_line(done, done, time.monotonic() - self.started))
+        if self.drawn:
+            sys.stderr.write("\n")
+        if summary is not None:
+            sys.stderr.write(summary + "\n")
         sys.stderr.flush()
 
-    def close(self) -> None:
-        sys.stderr.write("\n")
+
+def _progress(args: argparse.Namespace) -> ProgressBar | None:
+    """A bar only for someone at a terminal: in a log or a pipe (or with --json or
+    --no-progress) nothing is drawn."""
+    if args.json or args.no_progress or not sys.stderr.isatty():
+        return None
+    return ProgressBar()
+
+
+def _print_json(document: Mapping[str, Any]) -> None:
+    sys.stdout.write(orjson.dumps(document).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _about(exc: SwarmflyError, subject: str) -> SwarmflyError:
+    """``exc`` naming what it is about (a URL, an output path), unless its words already do:
+    a service says what went wrong, the CLI knows with what."""
+    if subject in exc.message:
+        return exc
+    return SwarmflyError(exc.code, f"{subject}: {exc.message}", path=exc.path)
+
+
+ORIGIN_CODES = ("not_found", "source_error", "integrity", "timeout")
+"""Error codes about a download's content: the message gets the URL it is about."""
 
 
 def _get(args: argparse.Namespace, config: Config) -> int:
-    from swarmfly import localpeer
+    from swarmfly.localpeer import GetRequest, parse_header
 
-    headers = dict(localpeer.parse_header(h) for h in args.header)
-    request = localpeer.GetRequest(
+    headers = dict(parse_header(h) for h in args.header)
+    request = GetRequest(
         url=args.url,
         output=Path(args.output),
         headers=headers,
@@ -265,10 +371,29 @@ def _get(args: argparse.Namespace, config: Config) -> int:
         piece_length=args.piece_length,
         hard_link=args.force_hard_link,
     )
-    bar = ProgressBar() if sys.stderr.isatty() and not args.json else None
+    bar = _progress(args)
     try:
-        # The host's peer over its local socket; through NATS when tracing (the trace goes
-        # with the request) or when no peer answers there.
+        summary = _download(args, config, request, bar)
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
+    if bar is not None:
+        bar.close(summary["content_length"], _saved(summary))
+    if args.json:
+        _print_json({"ok": True, **summary})
+    return 0
+
+
+def _download(
+    args: argparse.Namespace, config: Config, request: GetRequest, bar: ProgressBar | None
+) -> dict[str, Any]:
+    """The host's peer over its local socket; through NATS when tracing (the trace goes with
+    the request) or when no peer answers there; errors naming what they are about."""
+    from swarmfly import localpeer
+    from swarmfly.ids import redact_url
+
+    try:
         summary = None
         if not config.tracing:
             try:
@@ -278,15 +403,29 @@ def _get(args: argparse.Namespace, config: Config) -> int:
         if summary is None:
             from swarmfly.client import get
 
-            summary = _run(get(config, request, bar))
+            summary = _run(get(config, request, bar, within=args.connect_timeout))
+        return summary
     except TimeoutError:
-        raise SwarmflyError("timeout", f"download did not finish in {args.timeout:g}s") from None
-    finally:
-        if bar is not None:
-            bar.close()
-    if args.json:
-        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
-    return 0
+        raise SwarmflyError(
+            "timeout", f"{redact_url(args.url)}: download did not finish in {args.timeout:g}s"
+        ) from None
+    except SwarmflyError as exc:
+        if exc.path == "data.output":
+            raise _about(exc, str(request.output)) from None
+        if exc.code in ORIGIN_CODES:
+            raise _about(exc, redact_url(args.url)) from None
+        raise
+
+
+def _saved(summary: Mapping[str, Any]) -> str:
+    """What a get did, in one line for the terminal."""
+    size, seconds = summary["content_length"], summary["seconds"]
+    return (
+        f"{summary['output']}: {size / 2**20:.1f} MiB in {seconds:.1f}s"
+        f" ({size / 2**20 / max(seconds, 1e-6):.1f} MiB/s;"
+        f" {summary['bytes_origin'] / 2**20:.1f} MiB from the origin,"
+        f" {summary['bytes_p2p'] / 2**20:.1f} MiB from peers)"
+    )
 
 
 def _preheat(args: argparse.Namespace, config: Config) -> int:
@@ -304,18 +443,25 @@ def _preheat(args: argparse.Namespace, config: Config) -> int:
         if args.auth_file:
             headers = preheat.auth_from_file(Path(args.auth_file), ref.base.split("://")[1])
         wanted = args.platform or preheat.host_platform()
-        blobs = _run(preheat.resolve(ref, headers, wanted, config))
-    bar = ProgressBar() if sys.stderr.isatty() and not args.json else None
+        try:
+            blobs = _run(preheat.resolve(ref, headers, wanted, config))
+        except SwarmflyError as exc:
+            raise _about(exc, args.ref) from None
+    bar = _progress(args)
+    failed: list[SwarmflyError] = []
+    """Each failed blob's error, naming the blob."""
 
     def on_blob(
         blob: preheat.Blob, outcome: dict[str, Any] | SwarmflyError, summary: preheat.Summary
     ) -> None:
+        name = blob.digest[:19] if blob.digest else redact_url(blob.url)
+        if isinstance(outcome, SwarmflyError):
+            failed.append(_about(outcome, name))
         if args.json:
             return
         count = f"[{len(summary.replies) + len(summary.errors)}/{summary.total}]"
-        name = blob.digest[:19] if blob.digest else redact_url(blob.url)
         if isinstance(outcome, SwarmflyError):
-            line = f"{count} {name} failed: {outcome.code}: {outcome.message}"
+            line = f"{count} {name} failed: {outcome.message}"
         else:
             size = outcome["content_length"] / 2**20
             origin = outcome["bytes_origin"] / 2**20
@@ -331,18 +477,46 @@ def _preheat(args: argparse.Namespace, config: Config) -> int:
     try:
         summary = _run(
             preheat.preheat(
-                config, blobs, headers, timeout=args.timeout, on_blob=on_blob, on_bytes=bar
+                config,
+                blobs,
+                headers,
+                timeout=args.timeout,
+                within=args.connect_timeout,
+                on_blob=on_blob,
+                on_bytes=bar,
             )
         )
-    finally:
+    except BaseException:
         if bar is not None:
             bar.close()
+        raise
+    result = summary.to_dict()
+    if bar is not None:
+        bar.close(None if failed else result["bytes"])
+    noun = "file" if args.what == "url" else "blob"
+    if not args.json:
+        print(summary.line(noun), flush=True)
+    if failed:
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        error = SwarmflyError(first.code, f"{first.message}{more}", path=first.path)
+        return _fail(error, as_json=args.json, result=result)
     if args.json:
-        sys.stdout.write(orjson.dumps(summary.to_dict()).decode() + "\n")
-    else:
-        print(summary.line("file" if args.what == "url" else "blob"), flush=True)
-    if summary.errors:
-        raise summary.errors[0]
+        _print_json({"ok": True, **result})
+    return 0
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    from swarmfly.status import gather, render
+
+    status = _run(gather(config, within=args.connect_timeout))
+    problem = status.pop("error", None)
+    if not args.json:
+        print(render(status), flush=True)
+    if problem is not None:
+        return _fail(SwarmflyError("unavailable", problem), as_json=args.json, result=status)
+    if args.json:
+        _print_json({"ok": True, **status})
     return 0
 
 
@@ -390,60 +564,89 @@ def _plugins(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "contracts":
-            from swarmfly.contracts.asyncapi import document
+def _fail(exc: SwarmflyError, *, as_json: bool, result: Mapping[str, Any] | None = None) -> int:
+    """Report a failure: one line on stderr with the cause in words; with --json also the
+    one JSON document on stdout (the error, and ``result``: what was done); the exit status
+    of its code."""
+    print(f"swarmfly: {' '.join(exc.message.split())}", file=sys.stderr, flush=True)
+    if as_json:
+        _print_json({"ok": False, **(result or {}), **exc.to_dict()})
+    return exc.exit_status
 
-            sys.stdout.write(
-                orjson.dumps(document(args.prefix), option=orjson.OPT_INDENT_2).decode() + "\n"
-            )
-            return 0
-        try:
-            config = config_from(args)
-        except PermissionError as exc:  # the state dir's swarmfly.toml, behind a 0700 dir
-            if args.command not in CLUSTER_COMMANDS or not exc.filename:
-                raise
-            raise _unreadable(Path(exc.filename).parent) from None
-        logging.basicConfig(
-            level=config.log_level.upper() if args.command != "get" else "WARNING",
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+
+def _log_level(args: argparse.Namespace, config: Config) -> str:
+    """The flag's, else the configuration's; a get's in-process peer would say at INFO what
+    a service does, so a get is at WARNING unless its flag says otherwise."""
+    if args.command == "get":
+        return str(args.log_level or "WARNING")
+    level = config.log_level.upper()
+    if level not in LOG_LEVELS:
+        raise SwarmflyError(
+            "bad_request",
+            f"log level {config.log_level!r} (SWARMFLY_LOG_LEVEL or log_level in the"
+            f" configuration file) is not one of {', '.join(LOG_LEVELS)}",
         )
-        for noisy in ("botocore", "aiobotocore", "urllib3"):
-            # their DEBUG lines carry request signatures and access key ids
-            logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))
-        if args.command in CLUSTER_COMMANDS:
-            use_recorded_cluster(config)
-        if args.command == "get":
-            return _get(args, config)
-        if args.command == "plugins":
-            return _plugins(args, config)
-        if args.command == "preheat":
-            return _preheat(args, config)
-        if args.command == "status":
-            from swarmfly.status import show
+    return level
 
-            return int(_run(show(config, as_json=args.json)))
-        from swarmfly import runtime
 
-        if args.command == "up":
-            _run(runtime.run_up(config, args.nats_port))
-
-        else:
-            _run(
-                runtime.run_service(args.command, config),
-                fast_loop=args.command == "scheduler",
-            )
-        return 0
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        return _fail(SwarmflyError("bad_request", str(exc)), as_json="--json" in argv)
+    as_json = bool(getattr(args, "json", False))
+    try:
+        return _command(args)
     except SwarmflyError as exc:
-        print(f"swarmfly: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as exc:
-        print(f"swarmfly: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc, as_json=as_json)
+    except ValueError as exc:  # a setting that cannot work (config names it)
+        return _fail(SwarmflyError("bad_request", in_words(exc)), as_json=as_json)
+    except OSError as exc:
+        words = f"{exc.filename}: {in_words(exc)}" if exc.filename else in_words(exc)
+        return _fail(SwarmflyError("internal", words), as_json=as_json)
     except KeyboardInterrupt:
         return 130
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "contracts":
+        from swarmfly.contracts.asyncapi import document
+
+        sys.stdout.write(
+            orjson.dumps(document(args.prefix), option=orjson.OPT_INDENT_2).decode() + "\n"
+        )
+        return 0
+    try:
+        config = config_from(args)
+    except PermissionError as exc:  # the state dir's swarmfly.toml, behind a 0700 dir
+        if args.command not in CLUSTER_COMMANDS or not exc.filename:
+            raise
+        raise _unreadable(Path(exc.filename).parent) from None
+    logging.basicConfig(
+        level=_log_level(args, config),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("botocore", "aiobotocore", "urllib3"):
+        # their DEBUG lines carry request signatures and access key ids
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))
+    if args.command in CLUSTER_COMMANDS:
+        use_recorded_cluster(config)
+    if args.command == "get":
+        return _get(args, config)
+    if args.command == "plugins":
+        return _plugins(args, config)
+    if args.command == "preheat":
+        return _preheat(args, config)
+    if args.command == "status":
+        return _status(args, config)
+    from swarmfly import runtime
+
+    if args.command == "up":
+        _run(runtime.run_up(config, args.nats_port))
+    else:
+        _run(runtime.run_service(args.command, config), fast_loop=args.command == "scheduler")
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from swarmfly.config import Config
 from swarmfly.credentials import inbox_prefix
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, new_id, redact_url
-from swarmfly.localpeer import GetRequest, Progress, summary
+from swarmfly.localpeer import GetRequest, Progress, cannot_write, summary
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,14 @@ PEER_SILENCE = 3.0
 
 
 async def get(
-    config: Config, request: GetRequest, progress: Progress | None = None
+    config: Config,
+    request: GetRequest,
+    progress: Progress | None = None,
+    *,
+    within: float | None = None,
 ) -> dict[str, Any]:
+    """The download's summary. ``within``: seconds to wait for NATS before the origin is read
+    without the swarm (None: as long as it takes)."""
     if request.digest:
         try:
             check_digest(request.digest)
@@ -51,10 +57,10 @@ async def get(
         servers = servers_of(config)
         if servers:
             try:
-                bus = await asyncio.wait_for(connect(config, "swarmfly-get", servers), 5)
+                bus = await connect(config, "swarmfly-get", servers, within=within)
                 stack.push_async_callback(bus.close)
-            except (OSError, TimeoutError, SwarmflyError) as exc:
-                log.warning("control plane unreachable (%s): reading the origin", exc)
+            except SwarmflyError as exc:
+                log.warning("%s: reading the origin without the swarm", exc.message)
                 bus = None
         host_id = local_peer(config.state_dir)
         started = time.monotonic()
@@ -187,6 +193,7 @@ async def _in_process(
     from swarmfly.runtime import load_plugins, peer_settings
     from swarmfly.services.peer.node import PeerNode, deliver
 
+    _check_writable(output)
     state_dir = _cli_state_dir(stack, config)
     plugins = load_plugins(config)
     stack.push_async_callback(plugins.close)
@@ -212,12 +219,26 @@ async def _in_process(
         result = job.result()
     finally:
         job.cancel()
-    await asyncio.to_thread(
-        deliver,
-        node.store.open(result.task_id),
-        output,
-        umask=request.umask,
-        hard_link=request.hard_link,
-        take=True,
-    )
+    try:
+        await asyncio.to_thread(
+            deliver,
+            node.store.open(result.task_id),
+            output,
+            umask=request.umask,
+            hard_link=request.hard_link,
+            take=True,
+        )
+    except OSError as exc:
+        raise cannot_write(output, exc) from None
     return result.reply(output)
+
+
+def _check_writable(output: Path) -> None:
+    """Refuse an output this user cannot create before the download, not after it: the
+    in-process peer delivers as this user, with a file made next to the output."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.swarmfly-"):
+            pass
+    except OSError as exc:
+        raise cannot_write(output, exc) from None

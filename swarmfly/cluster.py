@@ -31,14 +31,17 @@ def servers_of(config: Config) -> list[str]:
     return config.nats.servers or recorded_servers(config.state_dir)
 
 
-async def connect(config: Config, name: str, servers: list[str] | None = None) -> Bus:
+async def connect(
+    config: Config, name: str, servers: list[str] | None = None, *, within: float | None = None
+) -> Bus:
+    """``within``: a one-shot command's connect deadline (``Bus.connect``)."""
     servers = servers or servers_of(config)
     if not servers:
         raise SwarmflyError(
             "unavailable", "no NATS server: pass --nats URL, or start one with `swarmfly up`"
         )
     return await Bus.connect(
-        servers, prefix=config.nats.prefix, name=name, options=config.nats_options()
+        servers, prefix=config.nats.prefix, name=name, options=config.nats_options(), within=within
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 ErrorCode = Literal[
@@ -28,6 +29,20 @@ STATUS: dict[str, int] = {
     "internal": 500,
 }
 
+EXIT_STATUS: dict[str, int] = {
+    "bad_request": 2,
+    "not_found": 3,
+    "source_error": 3,
+    "integrity": 4,
+    "timeout": 5,
+    "unavailable": 6,
+    "forbidden": 1,
+    "conflict": 1,
+    "internal": 1,
+}
+"""The CLI's exit status per code, distinct where a script would branch (README, "Exit
+codes"): 2 is also argparse's, for a command line that cannot work."""
+
 
 class SwarmflyError(Exception):
     """An expected failure that crosses a boundary as data (a reply, an exit message)."""
@@ -41,6 +56,10 @@ class SwarmflyError(Exception):
     @property
     def status(self) -> int:
         return STATUS[self.code]
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_STATUS[self.code]
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "status": self.status, "message": self.message}
@@ -60,3 +79,15 @@ class SwarmflyError(Exception):
 class BadRequest(SwarmflyError):
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__("bad_request", message, path=path)
+
+
+def in_words(exc: BaseException) -> str:
+    """What went wrong, as a user reads it: the system's words for an OS error (asyncio's
+    text names the call that failed, not why), else the message, else the kind of failure."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
+    if isinstance(exc, OSError) and exc.strerror:  # a resolver's error: a negative errno
+        return exc.strerror
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmfly.content import SourceRequest
-from swarmfly.errors import SwarmflyError
+from swarmfly.errors import SwarmflyError, in_words
 from swarmfly.ids import new_id, redact_url
 
 PEER_FILE = "peer.json"
@@ -97,6 +97,16 @@ def parse_header(text: str) -> tuple[str, str]:
     if not sep or not name.strip() or any(c in name for c in " \t\r\n"):
         raise SwarmflyError("bad_request", f"header must look like 'Name: value', got {text!r}")
     return name.strip(), value.strip()
+
+
+def cannot_write(output: Path, exc: OSError) -> SwarmflyError:
+    """The error for an output this user cannot create: the path, and why in words (a file
+    where a folder should be makes ``mkdir`` say "File exists")."""
+    reason = in_words(exc)
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocking} is not a directory" if blocking else reason
+    return SwarmflyError("bad_request", f"cannot write {output}: {reason}")
 
 
 def summary(request: GetRequest, reply: dict[str, Any], via: str, started: float) -> dict[str, Any]:
@@ -176,7 +186,7 @@ def _into_file(
         output.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
     except OSError as exc:
-        raise SwarmflyError("bad_request", f"cannot write the output: {exc.strerror}") from None
+        raise cannot_write(output, exc) from None
     try:
         try:
             os.fchmod(fd, 0o666 & ~request.umask)

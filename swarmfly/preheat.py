@@ -228,18 +228,20 @@ async def preheat(
     headers: dict[str, str],
     *,
     timeout: float,
+    within: float | None = None,
     on_blob: OnBlob | None = None,
     on_bytes: OnBytes | None = None,
 ) -> Summary:
     """Seed every blob through storage, ``PARALLEL`` at a time; a blob that fails does not
-    stop the others. ``on_bytes`` gets progress within blobs every ``POLL`` seconds."""
+    stop the others. ``on_bytes`` gets progress within blobs every ``POLL`` seconds.
+    ``within``: the connect deadline (``cluster.connect``)."""
     started = time.monotonic()
     summary = Summary(len(blobs))
     sizes = [b.size for b in blobs]
     total = None if None in sizes else sum(s or 0 for s in sizes)
     running: dict[str, int] = {}
     """Task id -> bytes storage holds of it, for the running blobs whose task id is known."""
-    bus = await connect(config, "swarmfly-preheat")
+    bus = await connect(config, "swarmfly-preheat", within=within)
     gate = asyncio.Semaphore(PARALLEL)
 
     def seeded() -> int:

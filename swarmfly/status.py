@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
-
-import orjson
 
 from swarmfly.cluster import connect
 from swarmfly.config import Config
@@ -68,20 +65,32 @@ def merge(states: list[dict[str, Any]], limit: int) -> dict[str, Any]:
     return merged
 
 
-async def gather(config: Config) -> dict[str, Any]:
-    bus = await connect(config, "swarmfly-status")
+SCHEDULER_WAIT = 2.0
+"""Seconds the schedulers have to answer ``scheduler.state``."""
+
+
+async def gather(config: Config, *, within: float | None = None) -> dict[str, Any]:
+    """Services, hosts and tasks; ``error`` says why there are no hosts or tasks when no
+    scheduler answers. ``within``: the connect deadline (``cluster.connect``)."""
+    bus = await connect(config, "swarmfly-status", within=within)
     try:
         services = await bus.discover()
         schedulers = sum(s.get("name") == "scheduler" for s in services)
         states = await bus.gather(
-            "scheduler.state", {"limit": 50}, wait=2.0, expect=schedulers or None
+            "scheduler.state", {"limit": 50}, wait=SCHEDULER_WAIT, expect=schedulers or None
         )
     finally:
         await bus.close()
     if states:
         state = merge(states, 50)
     else:
-        state = {"hosts": [], "tasks": [], "error": "no scheduler answers scheduler.state"}
+        where = f"the subject prefix {bus.prefix!r}"
+        error = (
+            f"no scheduler answered in {SCHEDULER_WAIT:g}s ({schedulers} found under {where})"
+            if schedulers
+            else f"no scheduler runs under {where}"
+        )
+        state = {"hosts": [], "tasks": [], "error": error}
     return {
         "services": [
             {
@@ -96,11 +105,8 @@ async def gather(config: Config) -> dict[str, Any]:
     }
 
 
-async def show(config: Config, *, as_json: bool) -> int:
-    status = await gather(config)
-    if as_json:
-        sys.stdout.write(orjson.dumps(status).decode() + "\n")
-        return 0
+def render(status: dict[str, Any]) -> str:
+    """The tables `swarmfly status` prints."""
     services = [
         [s["name"] or "", s["id"] or "", s["version"] or "", s["metadata"].get("host_id", "")]
         for s in sorted(status["services"], key=lambda s: (s["name"] or "", s["id"] or ""))
@@ -136,22 +142,18 @@ async def show(config: Config, *, as_json: bool) -> int:
                 task.get("url") or "-",
             ]
         )
-    print(_table("SERVICES", ["NAME", "ID", "VERSION", "HOST"], services))
-    print()
     known = status.get("host_count", len(hosts))
     title = (
         "HOSTS" if known <= len(hosts) else f"HOSTS ({len(hosts)} most recently seen of {known})"
     )
-    print(_table(title, ["HOST", "TYPE", "ADDRESS", "UPLOADS", "SEEN"], hosts))
-    print()
-    print(
-        _table(
-            "TASKS",
-            ["TASK", "SIZE", "PIECES", "DONE", "SEEDS", "PROGRESS", "ORIGIN", "P2P", "URL"],
-            tasks,
-        )
+    return "\n\n".join(
+        [
+            _table("SERVICES", ["NAME", "ID", "VERSION", "HOST"], services),
+            _table(title, ["HOST", "TYPE", "ADDRESS", "UPLOADS", "SEEN"], hosts),
+            _table(
+                "TASKS",
+                ["TASK", "SIZE", "PIECES", "DONE", "SEEDS", "PROGRESS", "ORIGIN", "P2P", "URL"],
+                tasks,
+            ),
+        ]
     )
-    if "error" in status:
-        print(f"\nscheduler: {status['error']}", file=sys.stderr)
-        return 1
-    return 0

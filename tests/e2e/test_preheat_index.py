@@ -117,7 +117,7 @@ async def test_preheat_of_an_index_seeds_only_the_platforms_blobs(
     right = docker_config(tmp_path / "config.json", htpasswd_registry, ALICE_PASSWORD)
     async with in_process_cluster(nats.url, prefix, tmp_path):
         refused = await run([*command, "--auth-file", str(wrong)])
-        assert refused.returncode == 1
+        assert refused.returncode == 3, "refused at the origin"
         assert "401" in refused.stderr and WRONG_PASSWORD not in refused.stderr
         done = await run([*command, "--auth-file", str(right), "--json"])
         assert done.returncode == 0, done.stderr

@@ -71,7 +71,8 @@ async def test_a_download_bigger_than_the_disk_fails_locally_and_frees_its_space
                 full_peer = services[2]
                 out = tmp_path / "big.bin"
                 code, summary, err = await get(urls[0], out, state)
-                assert code == 1 and summary is None
+                assert code == 1 and summary is not None
+                assert (summary["ok"], summary["error"]["code"]) == (False, "internal")
                 tasks = re.escape(str(state / "tasks"))
                 assert re.search(
                     rf"cannot store the download here: No space left on device in {tasks}: "

@@ -44,8 +44,8 @@ async def test_a_broken_origin_fails_cleanly(tmp_path: Path, fault: str) -> None
         url = origin.add("f.bin", os.urandom(3 * MiB))
         out = tmp_path / "f.bin"
         code, _, err = await get(url, out, "--state-dir", str(tmp_path / "s"))
-    assert code == 1
-    assert err.count("\n") == 1 and "source_error" in err
+    assert code == 3, "refused at the origin"
+    assert err.count("\n") == 1 and err.startswith(f"swarmfly: {url}: ")
     assert not out.exists()
 
 
@@ -60,7 +60,7 @@ async def test_content_changing_mid_download_is_refused(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         origin.files["moving.bin"] = os.urandom(8 * MiB)  # a new version, a new ETag
         code, _, err = await job
-    assert code == 1
+    assert code == 3, "refused at the origin"
     assert "changed" in err
     assert not out.exists()
 

@@ -204,7 +204,7 @@ async def test_disabled_plugins_are_not_loaded(tmp_path: Path, origin: Origin) -
     code, _, err = await run(
         "get", url, "-O", str(tmp_path / "f"), "--state-dir", str(tmp_path / "s"), env=env
     )
-    assert code == 1
+    assert code == 2, "a usage error"
     assert "no source for scheme 'http'; installed: oci, oci+http, s3" in err
     assert not (tmp_path / "f").exists()
 
@@ -215,7 +215,7 @@ async def test_unknown_strategy_names_the_installed_ones(tmp_path: Path, origin:
         "get", url, "-O", str(tmp_path / "f"), "--strategy", "fastest",
         "--state-dir", str(tmp_path / "s"), env=FAST_ENV,
     )  # fmt: skip
-    assert code == 1
+    assert code == 2, "a usage error"
     assert "fastest" in err and "rarest-first" in err and "sequential" in err
 
 
