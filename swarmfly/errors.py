@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from typing import Any, Literal
 
 ErrorCode = Literal[
@@ -84,6 +85,10 @@ class BadRequest(SwarmflyError):
 def in_words(exc: BaseException) -> str:
     """What went wrong, as a user reads it: the system's words for an OS error (asyncio's
     text names the call that failed, not why), else the message, else the kind of failure."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return exc.verify_message
+    if isinstance(exc, ssl.SSLError) and exc.reason:  # its errno is OpenSSL's, not the OS's
+        return exc.reason.replace("_", " ").lower()
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
         return os.strerror(exc.errno)
     if isinstance(exc, OSError) and exc.strerror:  # a resolver's error: a negative errno
@@ -91,3 +96,41 @@ def in_words(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer in time"
     return str(exc) or type(exc).__name__
+
+
+def connect_error_in_words(
+    exc: BaseException, url: str | None = None, *, seconds: float | None = None
+) -> str:
+    """An aiohttp or OS failure to talk to a server, in words, naming the server: the
+    ``host:port`` aiohttp says it tried, else ``url``'s (never its credentials or query);
+    ``seconds`` is the limit a timeout ran out of."""
+    import aiohttp  # here, not above: the CLI imports this module and starts without aiohttp
+
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve {exc.host}: {in_words(exc.os_error)}"
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unreachable, TLS, proxy
+        return f"cannot connect to {_host_port(exc.host, exc.port)}: {in_words(exc.os_error)}"
+    server = _server(url)
+    if isinstance(exc, TimeoutError):  # asyncio's, and aiohttp's connect and read timeouts
+        return f"{server} did not answer in {seconds:g}s" if seconds else f"{server} did not answer"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return f"{server} closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"{server} broke off the response body"
+    return f"{server}: {in_words(exc)}"
+
+
+def _host_port(host: str, port: int | None) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port else host
+
+
+def _server(url: str | None) -> str:
+    from yarl import URL  # aiohttp's, imported with it
+
+    try:
+        parsed = URL(url) if url else None
+        host, port = (parsed.host, parsed.port) if parsed else (None, None)
+    except ValueError:  # a message is no place to raise about a URL already requested
+        host, port = None, None
+    return _host_port(host, port) if host else "the server"

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from swarmfly.errors import SwarmflyError
+from swarmfly.errors import SwarmflyError, connect_error_in_words
 
 _PARAM = re.compile(r'(\w+)="([^"]*)"')
 DEFAULT_TTL = 60.0
@@ -78,8 +78,12 @@ class TokenCache:
                 if response.status != 200:
                     raise SwarmflyError("source_error", f"token service answered {response.status}")
                 body = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise SwarmflyError("source_error", f"token service: {type(exc).__name__}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            seconds = session.timeout.sock_connect
+            words = connect_error_in_words(exc, challenge.realm, seconds=seconds)
+            raise SwarmflyError("source_error", f"token service: {words}") from None
+        except ValueError:  # the body is not JSON
+            raise SwarmflyError("source_error", "token service sent no JSON") from None
         token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise SwarmflyError("source_error", "token service sent no token")

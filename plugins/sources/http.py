@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp.abc import ResolveResult
 from yarl import URL
 
-from swarmfly.errors import ErrorCode, SwarmflyError
+from swarmfly.errors import ErrorCode, SwarmflyError, connect_error_in_words
 from swarmfly.plugins.hookspecs import OriginGuard, SourceRegistry, SourceStat, hookimpl
 from swarmfly.plugins.sources.bearer import Challenge, TokenCache, parse_challenge
 
@@ -141,9 +141,8 @@ class HttpSource:
                 raise SwarmflyError("bad_request", "a request header is not valid HTTP") from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if attempt >= self.retries:
-                    raise SwarmflyError(
-                        "source_error", f"{type(exc).__name__} from origin"
-                    ) from None
+                    words = connect_error_in_words(exc, url, seconds=self.timeout.sock_connect)
+                    raise SwarmflyError("source_error", words) from None
             else:
                 if response.status < 500 or attempt >= self.retries:
                     return response
@@ -255,9 +254,8 @@ class HttpSource:
             if expected is not None and received != expected:
                 raise SwarmflyError("source_error", f"origin sent {received} of {expected} bytes")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise SwarmflyError(
-                "source_error", f"{type(exc).__name__} while reading origin"
-            ) from None
+            words = connect_error_in_words(exc, url, seconds=self.timeout.sock_read)
+            raise SwarmflyError("source_error", words) from None
         finally:
             response.release()
 

@@ -24,7 +24,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from swarmfly.errors import SwarmflyError
+from swarmfly.errors import SwarmflyError, connect_error_in_words, in_words
 from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat, hookimpl
 
 CHUNK = 256 * 1024
@@ -65,9 +65,10 @@ class S3Object:
         return params
 
 
-def _fail(exc: Exception) -> NoReturn:
-    """Turn a botocore failure into a SwarmflyError naming only S3's code (no request detail,
-    no chained exception that a traceback would print)."""
+def _fail(exc: Exception, endpoint: str | None = None) -> NoReturn:
+    """Turn a botocore failure into a SwarmflyError naming only S3's code or, when S3 could
+    not be reached, the endpoint's host and port (no request detail, no chained exception
+    that a traceback would print)."""
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -78,7 +79,15 @@ def _fail(exc: Exception) -> NoReturn:
         raise SwarmflyError("source_error", f"s3 answered {code}") from None
     if isinstance(exc, ParamValidationError):
         raise SwarmflyError("bad_request", "invalid S3 bucket or key") from None
-    raise SwarmflyError("source_error", f"{type(exc).__name__} from s3") from None
+    if isinstance(exc, BotoCoreError) and "endpoint_url" in exc.kwargs:  # not reached
+        inner = exc.kwargs.get("error")  # what aiohttp raised, when botocore kept it
+        cause = inner if isinstance(inner, BaseException) else exc
+        words = connect_error_in_words(cause, str(exc.kwargs["endpoint_url"]))
+    elif isinstance(exc, BotoCoreError):  # its own words: no credentials, no region…
+        words = in_words(exc)
+    else:  # aiohttp's, reading a body
+        words = connect_error_in_words(exc, endpoint)
+    raise SwarmflyError("source_error", f"s3: {words}") from None
 
 
 def _sha256_digest(head: Mapping[str, Any]) -> str | None:
@@ -133,7 +142,7 @@ class S3Source:
         try:
             head = await client.head_object(**target.params(), ChecksumMode="ENABLED")
         except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
-            _fail(exc)
+            _fail(exc, client.meta.endpoint_url)
         return SourceStat(
             size=int(head["ContentLength"]),
             ranges=True,
@@ -170,7 +179,7 @@ class S3Source:
             if received != expected:
                 raise SwarmflyError("source_error", f"s3 sent {received} of {expected} bytes")
         except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
-            _fail(exc)
+            _fail(exc, client.meta.endpoint_url)
         finally:
             if body is not None:
                 body.close()  # a body not read to the end holds its pooled connection

@@ -629,8 +629,9 @@ class Conductor:
     def _take_digests(
         self, start: int, digests: list[str | None], provisional: Collection[int]
     ) -> None:
-        """A page of the digests the scheduler knows, from piece ``start``: kept, and what
-        disagrees with a piece held noted (``_refuted``)."""
+        """A page of the digests the scheduler knows, from piece ``start`` (pushed or polled):
+        kept; where it disagrees, a piece held is noted (``_refuted``), and the digest of a
+        piece not held yet is replaced (the scheduler's word is the current one)."""
         self._digests_at = time.monotonic()
         if self.stored.content is None or start + len(digests) > self.stored.content.piece_count:
             return  # the layout is not known yet, or not this one: the next poll says

@@ -191,8 +191,9 @@ class PeerService:
         source = source_from(req["source"])
         await self.node.plugins.origins.check(source.url)
         download_id = req["download_id"]
+        seconds = req.get("timeout_s", 3600)
         try:
-            async with asyncio.timeout(req.get("timeout_s", 3600)):
+            async with asyncio.timeout(seconds):
                 result = await self.node.download(
                     source,
                     strategy=req.get("strategy", self.default_strategy),
@@ -208,7 +209,7 @@ class PeerService:
                         path="data.output",
                     ) from None
         except TimeoutError:
-            raise SwarmflyError("timeout", "download did not finish in time") from None
+            raise SwarmflyError("timeout", f"download did not finish in {seconds:g}s") from None
         finally:
             self.node.forget(download_id)
         return result.reply(Path(req["output"]))

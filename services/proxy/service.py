@@ -35,7 +35,7 @@ from yarl import URL
 from swarmfly import __version__, metrics, telemetry
 from swarmfly.config import ProxyConfig
 from swarmfly.content import SourceRequest
-from swarmfly.errors import SwarmflyError
+from swarmfly.errors import SwarmflyError, connect_error_in_words
 from swarmfly.httpserver import Limits, default_limits, listen
 from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.plugins.sources.http import HOP_BY_HOP
@@ -314,7 +314,8 @@ class ProxyService:
                     location = response.headers.get("Location")
                     next_url = str(response.url.join(URL(location))) if location else None
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                raise RegistryError(502, "UNAVAILABLE", f"upstream: {type(exc).__name__}") from None
+                words = connect_error_in_words(exc, url, seconds=HEAD_TIMEOUT)
+                raise RegistryError(502, "UNAVAILABLE", f"upstream: {words}") from None
             if status in REDIRECTS:
                 if next_url is not None and _origin_of(next_url) == origin:
                     url = next_url
@@ -381,7 +382,8 @@ class ProxyService:
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise RegistryError(502, "UNAVAILABLE", f"upstream: {type(exc).__name__}") from None
+            words = connect_error_in_words(exc, url, seconds=CONNECT_TIMEOUT)
+            raise RegistryError(502, "UNAVAILABLE", f"upstream: {words}") from None
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for raw_key, raw_value in upstream.raw_headers:  # as sent, spelling included

@@ -26,7 +26,7 @@ import orjson
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from swarmfly.bus import Bus
-from swarmfly.errors import SwarmflyError
+from swarmfly.errors import SwarmflyError, in_words
 from swarmfly.placement import MAX_PARTITIONS
 from swarmfly.services.scheduler.leases import (
     CONFIG_KEY,
@@ -119,7 +119,7 @@ class Ownership:
             watcher = await self.kv.watchall()
         except KvErrors as exc:
             raise SwarmflyError(
-                "unavailable", f"lease bucket {self.bucket}: {type(exc).__name__}"
+                "unavailable", f"lease bucket {self.bucket}: {in_words(exc)}"
             ) from None
         stack.push_async_callback(watcher.stop)
         await self._catch_up(watcher)

@@ -60,11 +60,12 @@ class StorageService:
         """Seed a URL now and answer once it is verified in the cache."""
         source = source_from(req["source"])
         await self.node.plugins.origins.check(source.url)
+        seconds = req.get("timeout_s", 3600)
         try:
-            async with asyncio.timeout(req.get("timeout_s", 3600)):
+            async with asyncio.timeout(seconds):
                 result = await self.node.download(source, seed=True)
         except TimeoutError:
-            raise SwarmflyError("timeout", "preheat did not finish in time") from None
+            raise SwarmflyError("timeout", f"preheat did not finish in {seconds:g}s") from None
         return {**result.summary(), "host_id": self.node.settings.host_id}
 
     async def _seed(self, task_id: str, source: Any) -> None:
