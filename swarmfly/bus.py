@@ -380,9 +380,10 @@ class Bus:
             except SwarmflyError as exc:
                 await _respond_error(request, exc)
                 return
-            except Exception as exc:
+            except Exception:
                 log.exception("handler for %s failed", contract.name)
-                await _respond_error(request, SwarmflyError("internal", type(exc).__name__))
+                failed = f"{contract.name} failed inside the service (its log says why)"
+                await _respond_error(request, SwarmflyError("internal", failed))
                 return
             try:
                 await request.respond(orjson.dumps(reply))
@@ -458,7 +459,7 @@ class Bus:
             return await js.key_value(bucket)
         except (nats.errors.Error, TimeoutError) as exc:
             raise SwarmflyError(
-                "unavailable", f"JetStream key-value store unavailable: {type(exc).__name__}"
+                "unavailable", f"JetStream key-value store unavailable: {in_words(exc)}"
             ) from None
 
     async def discover(self, wait: float = 0.5) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind
 
 from swarmfly import metrics, telemetry
 from swarmfly.content import SourceRequest, TaskContent
-from swarmfly.errors import SwarmflyError
+from swarmfly.errors import SwarmflyError, connect_error_in_words, in_words
 from swarmfly.ids import check_digest, piece_count, piece_length_for, redact_url
 from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.services.peer import grants
@@ -79,6 +79,13 @@ class LocalDiskError(SwarmflyError):
 
     def __init__(self, reason: str) -> None:
         super().__init__("internal", f"cannot store the download here: {reason}")
+
+    @classmethod
+    def of(cls, exc: OSError) -> LocalDiskError:
+        """The OS's words for it (or the store's own, which say more), and the file when
+        the OS names one."""
+        where = f" ({exc.filename})" if exc.filename else ""
+        return cls((exc.strerror or in_words(exc)) + where)
 
 
 class SwarmContradicts(SwarmflyError):
@@ -172,7 +179,7 @@ class Conductor:
             try:
                 await self._run()
             except OSError as exc:  # the store's own files: metadata, the data file
-                raise LocalDiskError(exc.strerror or type(exc).__name__) from None
+                raise LocalDiskError.of(exc) from None
             telemetry.set_attributes(
                 current,
                 **{
@@ -373,7 +380,7 @@ class Conductor:
             except asyncio.CancelledError:
                 raise
             except (aiohttp.ClientError, TimeoutError, SwarmflyError, ValueError, KeyError) as exc:
-                log.debug("parent %s: %s", parent.peer_id, type(exc).__name__)
+                log.debug("parent %s: %s", parent.peer_id, in_words(exc))
                 self.swarm.lost(parent.peer_id)
                 self._wake.set()
                 return
@@ -573,7 +580,8 @@ class Conductor:
         except TimeoutError:
             raise SwarmflyError("timeout", f"piece {number} stalled") from None
         except aiohttp.ClientError as exc:
-            raise SwarmflyError("unavailable", type(exc).__name__) from None
+            reason = connect_error_in_words(exc, parent.address)
+            raise SwarmflyError("unavailable", f"parent {parent_id}: {reason}") from None
         if digest is not None and number not in self.stored.done:
             self.stored.mark_done(number, digest)
             self._came_from[number] = parent_id
@@ -972,7 +980,7 @@ class Conductor:
                     await asyncio.to_thread(writer.write, aside)
                 return await asyncio.to_thread(writer.finish, expected)
         except OSError as exc:  # the local disk: no parent can help
-            raise LocalDiskError(exc.strerror or type(exc).__name__) from None
+            raise LocalDiskError.of(exc) from None
         finally:
             if writer is not None:
                 writer.close()
@@ -1008,7 +1016,7 @@ class Conductor:
         try:
             return await asyncio.to_thread(self.stored.write_piece, number, data, expected)
         except OSError as exc:
-            raise LocalDiskError(exc.strerror or type(exc).__name__) from None
+            raise LocalDiskError.of(exc) from None
 
     def _origin_headers(self, etag: str | None = None) -> dict[str, str]:
         """Every read of the origin is pinned to the content first seen (``etag``: as the

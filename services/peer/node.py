@@ -368,7 +368,7 @@ class PeerNode:
                 try:
                     await self._verified(stored)
                 except OSError as exc:  # reading back what this host held
-                    raise LocalDiskError(exc.strerror or type(exc).__name__) from None
+                    raise LocalDiskError.of(exc) from None
                 await conductor.run()
         except BaseException as exc:
             self._discard_failed(stored, exc)

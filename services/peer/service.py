@@ -147,9 +147,10 @@ class PeerService:
                 last = {"reply": download.result()}
             except SwarmflyError as exc:
                 last = exc.to_dict()
-            except Exception as exc:
+            except Exception:
                 log.exception("local download failed")
-                last = SwarmflyError("internal", type(exc).__name__).to_dict()
+                failed = "the download failed inside the peer (its log says why)"
+                last = SwarmflyError("internal", failed).to_dict()
             await send(orjson.dumps(last) + b"\n")
         except ConnectionError:
             log.debug("local client of %s went away", payload["download_id"])

@@ -100,3 +100,21 @@ async def test_the_http_source_reports_the_origin_in_words() -> None:
         assert caught.value.code == "source_error"
     finally:
         await source.close()
+
+
+def test_a_local_disk_error_says_the_cause_and_the_file() -> None:
+    import errno
+    import os
+
+    from swarmfly.services.peer.conductor import LocalDiskError
+
+    full = LocalDiskError.of(
+        OSError(errno.ENOSPC, "No space left on device", "/var/lib/swarmfly/t/data")
+    )
+    assert full.message == (
+        "cannot store the download here: No space left on device (/var/lib/swarmfly/t/data)"
+    )
+    try:
+        os.read(-1, 1)  # a real one: no file named
+    except OSError as exc:
+        assert LocalDiskError.of(exc).message.endswith(": Bad file descriptor")
