@@ -70,12 +70,12 @@ class PieceBook:
         return missing if missing <= self.in_flight.keys() else missing - self.in_flight.keys()
 
     def needs_digests(self) -> bool:
-        """Some parent holds a piece we miss whose digest we do not know yet."""
-        return any(
-            self.digests[n] is None and n not in self.done
-            for pieces in self.available.values()
-            for n in pieces
-        )
+        """Some parent holds a piece we miss whose digest we do not know yet. Asked on every
+        pass of a download: once the digests are known (they are pushed), it costs a scan."""
+        if None not in self.digests:
+            return False
+        unknown = [n for n, d in enumerate(self.digests) if d is None and n not in self.done]
+        return any(n in pieces for pieces in self.available.values() for n in unknown)
 
     def assign(self, free_slots: dict[str, int], limit: int | None = None) -> list[tuple[int, str]]:
         """At most ``limit`` pieces to start now, each with its parent, within each parent's
@@ -84,11 +84,21 @@ class PieceBook:
         Strategy order decides among pieces nobody fetches yet; when none is left (the
         endgame), a piece in flight from one slow parent may also be asked of another.
         """
+        parents = [p for p, free in free_slots.items() if free > 0 and p in self.available]
+        if not parents:
+            return []
         holders: Counter[int] = Counter()
         for pieces in self.available.values():
             holders.update(pieces)
+        digests, done, in_flight = self.digests, self.done, self.in_flight
+        # What nobody fetches yet and could be checked on arrival; shrinks as pieces start.
+        open_ = {
+            n
+            for n in range(self.piece_count)
+            if digests[n] is not None and n not in done and n not in in_flight
+        }
+        first_missing = self.first_missing()
         assignments: list[tuple[int, str]] = []
-        parents = [p for p, free in free_slots.items() if free > 0 and p in self.available]
         self.rng.shuffle(parents)
         remaining = dict(free_slots)
         limit = sum(free_slots.values()) if limit is None else limit
@@ -98,24 +108,23 @@ class PieceBook:
             for parent in parents:
                 if remaining[parent] <= 0 or len(assignments) >= limit:
                     continue
-                piece = self._pick(parent, holders)
+                piece = self._pick(parent, holders, open_, first_missing)
                 if piece is None:
                     continue
+                open_.discard(piece)
                 self.in_flight.setdefault(piece, set()).add(parent)
                 assignments.append((piece, parent))
                 remaining[parent] -= 1
                 progress = True
         return assignments
 
-    def _pick(self, parent: str, holders: Counter[int]) -> int | None:
+    def _pick(
+        self, parent: str, holders: Counter[int], open_: set[int], first_missing: int
+    ) -> int | None:
         offered = self.available[parent]
-        fresh = [
-            n
-            for n in offered
-            if n not in self.done and n not in self.in_flight and self.digests[n] is not None
-        ]
+        fresh = [n for n in offered if n in open_]
         if fresh:
-            view = PieceView(fresh, holders, self.first_missing(), self.piece_count)
+            view = PieceView(fresh, holders, first_missing, self.piece_count)
             ordered = self.strategy(view, self.rng)
             if ordered:
                 return ordered[0]
