@@ -13,7 +13,7 @@ import random
 import re
 import statistics
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -877,19 +877,30 @@ class Scheduler:
             and not self._is_bad(parent)
         )
 
-    def _candidates(self, task: Task) -> list[Peer]:
+    def _candidates(self, task: Task) -> Iterator[Peer]:
         """The task's sources first (a few: they hold every piece, and a child must never
-        miss them by chance), then every other peer of a small swarm, shuffled, or a random
-        sample of a larger one."""
+        miss them by chance), then every other peer of a small swarm, shuffled, or up to
+        SAMPLE_SIZE drawn at random from a larger one: lazily, as the caller stops once it
+        has FILTER_LIMIT eligible parents, so a decision costs the same at any swarm size."""
         sources = list(task.sources.values())[:FILTER_LIMIT]
         self.rng.shuffle(sources)
+        yield from sources
         ids = task.order
         if len(ids) <= SAMPLE_SIZE:
             pool = [task.peers[i] for i in ids]
             self.rng.shuffle(pool)
-        else:
-            pool = [task.peers[ids[i]] for i in self.rng.sample(range(len(ids)), SAMPLE_SIZE)]
-        return [*sources, *(p for p in pool if not p.is_source)]
+            yield from (p for p in pool if not p.is_source)
+            return
+        drawn: set[int] = set()
+        randbelow = self.rng.randrange
+        while len(drawn) < SAMPLE_SIZE:
+            index = randbelow(len(ids))
+            if index in drawn:
+                continue
+            drawn.add(index)
+            peer = task.peers[ids[index]]
+            if not peer.is_source:
+                yield peer
 
     def _choose_parents(self, task: Task, child: Peer, now: float) -> list[Peer]:
         pool = self._candidates(task)
