@@ -26,6 +26,10 @@ from swarmfly.ids import NODE_ID, TASK_ID
 TOKEN_SECONDS = 900
 """A token's life: a child asks for new parents every second or so, each answer carrying a
 fresh token, so this only bounds how long a token that leaked stays good."""
+REUSE_SECONDS = 30
+"""Tokens minted within the same such window for one child are one token (see ``mint``)."""
+MAX_MINTED = 100_000
+"""Tokens kept for reuse at most (about 300 bytes each)."""
 MAX_TOKEN = 256
 _TOKEN = re.compile(r"^v1\.([A-Za-z0-9_-]{1,200})\.([A-Za-z0-9_-]{86})\Z")
 _KEY = re.compile(r"^[A-Za-z0-9_-]{43}\Z")
@@ -58,6 +62,8 @@ class Signer:
 
     def __init__(self, seed: bytes) -> None:
         self._key = nacl.signing.SigningKey(seed)
+        self._minted: dict[tuple[str, str, int], str] = {}
+        self._minted_expiry = 0
 
     @classmethod
     def generate(cls) -> Signer:
@@ -73,9 +79,20 @@ class Signer:
         return _b64(bytes(self._key.verify_key))
 
     def mint(self, task_id: str, peer_id: str, now: float, seconds: int = TOKEN_SECONDS) -> str:
-        payload = f"{task_id}:{peer_id}:{int(now) + seconds}".encode()
-        signature = self._key.sign(payload).signature
-        return f"v1.{_b64(payload)}.{_b64(signature)}"
+        """A token good for ``seconds`` to ``seconds + REUSE_SECONDS``: the expiry is rounded
+        up, so every schedule a child gets within that window carries the same token, and a
+        signature (a tenth of a decision's cost) is made once per child and window."""
+        expires = -(-(int(now) + seconds) // REUSE_SECONDS) * REUSE_SECONDS
+        if expires != self._minted_expiry or len(self._minted) >= MAX_MINTED:
+            self._minted.clear()
+            self._minted_expiry = expires
+        key = (task_id, peer_id, seconds)
+        token = self._minted.get(key)
+        if token is None:
+            payload = f"{task_id}:{peer_id}:{expires}".encode()
+            signature = self._key.sign(payload).signature
+            token = self._minted[key] = f"v1.{_b64(payload)}.{_b64(signature)}"
+        return token
 
 
 def verify_key(text: str) -> nacl.signing.VerifyKey:

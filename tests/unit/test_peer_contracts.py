@@ -196,6 +196,22 @@ def test_a_minted_token_has_the_documented_shape() -> None:
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", signer.verify_key)
 
 
+def test_a_child_gets_one_token_per_window_and_it_lives_at_least_token_seconds() -> None:
+    signer = capability.Signer.generate()
+    task_id = "ab" * 32
+    window = capability.REUSE_SECONDS
+    start = 66_666_666 * window - capability.TOKEN_SECONDS  # expires at a window's start
+    first = signer.mint(task_id, "pchild", start + 1)
+    assert signer.mint(task_id, "pchild", start + window - 1) == first
+    assert signer.mint(task_id, "pother", start + 1) != first
+    later = signer.mint(task_id, "pchild", start + window + 1)
+    assert later != first
+    for now, token in ((start + window - 1, first), (start + window + 1, later)):
+        grant = capability.check(token, [capability.verify_key(signer.verify_key)], task_id, now)
+        assert now + capability.TOKEN_SECONDS <= grant.expires
+        assert grant.expires <= now + capability.TOKEN_SECONDS + window
+
+
 # -- nothing the code serves or reads is undocumented --------------------------------------
 
 
