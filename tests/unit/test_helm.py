@@ -1,8 +1,9 @@
 """What can be checked of helm/swarmfly without helm or a cluster.
 
-The templates are reduced to a YAML skeleton: control lines (if/with/range/end) go, the
-`else` branches are left out, a whole-line `include ... | nindent N` becomes a marker key
-`__include_<n>: helper/component` at indentation N, a `toYaml .Values.x | nindent N` a marker
+The templates are reduced to a YAML skeleton: control lines (if/with/range/end) and
+variable assignments go, the `else` branches are left out, a whole-line
+`include ... | nindent N` becomes a marker key `__include_<n>: helper/component` at
+indentation N, a `toYaml .Values.x | nindent N` a marker
 `__values_<n>: x`, and an inline action the scalar `TPL/include/helper/component`,
 `TPL/values/x` or `TPL`. That skeleton must parse, and names, labels, selectors, ports,
 probes and resources are checked on it; the values, their comments and the README are checked
@@ -86,7 +87,7 @@ def skeleton(text: str) -> str:
                 skipping[-1] = True
             elif word == "end":
                 skipping.pop()
-            elif any(skipping) or word == "fail":
+            elif any(skipping) or word == "fail" or re.match(r"\$\w+ :?= ", action):
                 pass
             elif marker := re.fullmatch(r"(include .*|toYaml (\S+)) \| nindent (\d+)", action):
                 markers += 1
@@ -254,6 +255,7 @@ def test_every_manifest_has_a_skeleton(manifests: list[dict[str, Any]]) -> None:
             "ConfigMap",
             "DaemonSet",
             "Deployment",
+            "PodDisruptionBudget",
             "Secret",
             "Service",
             "Service",
@@ -384,16 +386,19 @@ def test_containers_have_resources_probes_and_no_privilege(
                 assert "swarmfly.containerSecurityContext" in _markers(security, "include")
                 assert "swarmfly.probes" in _markers(container, "include"), name
                 assert "http" in {port["name"] for port in container["ports"]}, name
-            else:
+            elif name != "containerd-restart":  # privileged, opt-in: its own test
                 assert security["allowPrivilegeEscalation"] is False, name
                 assert security["capabilities"]["drop"] == ["ALL"], name
 
 
 def test_probes_are_http_gets_of_healthz() -> None:
-    probes = yaml.safe_load(skeleton(_helper_bodies()["swarmfly.probes"]))
-    assert set(probes) == {"livenessProbe", "readinessProbe"}
+    body = _helper_bodies()["swarmfly.probes"]
+    probes = yaml.safe_load(skeleton(body))
+    assert set(probes) == {"startupProbe", "livenessProbe", "readinessProbe"}
     for probe in probes.values():
         assert probe["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert body.lstrip().startswith("{{- if .Values.probes.startup.enabled }}\nstartupProbe:")
+    assert "initialDelaySeconds" not in probes["startupProbe"], "it starts probing at once"
     security = yaml.safe_load(skeleton(_helper_bodies()["swarmfly.containerSecurityContext"]))
     assert security["allowPrivilegeEscalation"] is False
     assert security["readOnlyRootFilesystem"] is True
@@ -692,14 +697,14 @@ def test_callout_helpers_give_each_pod_what_the_callout_expects() -> None:
         ("peer-daemonset.yaml", "peer"),
     ):
         text = (TEMPLATES / name).read_text()
-        for helper in ("calloutAccount", "calloutEnv", "calloutMount", "calloutVolume"):
+        for helper in ("podServiceAccount", "calloutEnv", "calloutMount", "calloutVolume"):
             call = f'include "swarmfly.{helper}" (dict "context" $ "component" "{component}")'
             assert call in text, (name, helper)
     bodies = _helper_bodies()
     guard = (
         "{{- if and .context.Values.natsAuth.enabled .context.Values.natsAuth.callout.enabled }}"
     )
-    for helper in ("calloutAccount", "calloutEnv", "calloutMount", "calloutVolume"):
+    for helper in ("podServiceAccount", "calloutEnv", "calloutMount", "calloutVolume"):
         assert bodies[f"swarmfly.{helper}"].lstrip().startswith(guard), helper
     env = bodies["swarmfly.calloutEnv"]
     assert HOST_CLAIM == {"peer": "node", "storage": "pod"}
@@ -719,10 +724,170 @@ def test_callout_helpers_give_each_pod_what_the_callout_expects() -> None:
     assert "key: issuer.nk" in volume
     service_account = "/var/run/secrets/kubernetes.io/serviceaccount"
     assert f"{service_account}/ca.crt" in env and f"{service_account}/token" in env
-    assert (
-        'automountServiceAccountToken: {{ eq .component "scheduler" }}'
-        in (bodies["swarmfly.calloutAccount"])
-    )
+    account = bodies["swarmfly.podServiceAccount"]
+    callout, _, otherwise = account.partition("{{- else }}")
+    assert 'automountServiceAccountToken: {{ eq .component "scheduler" }}' in callout
+    assert otherwise.split() == ["automountServiceAccountToken:", "false", "{{-", "end", "}}"]
     accounts = (TEMPLATES / "serviceaccounts.yaml").read_text()
     assert "name: system:service-account-issuer-discovery" in accounts
     assert accounts.count("automountServiceAccountToken: false") == 3
+
+
+# --- scheduling, disruption and the node init -------------------------------------------
+
+POD_VALUES = (
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "priorityClassName",
+    "podLabels",
+    "podAnnotations",
+    "extraVolumes",
+    "extraVolumeMounts",
+)
+
+
+@pytest.mark.parametrize("component", ["scheduler", "storage", "peer"])
+def test_every_workload_takes_the_usual_pod_values(
+    manifests: list[dict[str, Any]], values: dict[str, Any], component: str
+) -> None:
+    """What Dragonfly's and Bitnami's charts let an operator set on each component, each
+    where Kubernetes reads it; none by default."""
+    for name in POD_VALUES:
+        default = _lookup(values, f"{component}.{name}")
+        assert not default and isinstance(default, str | list | dict), (component, name)
+    workload = _workload(manifests, component)
+    template = workload["spec"]["template"]
+    spec = template["spec"]
+    assert _markers(template["metadata"]["labels"], "values") == ["."], "podLabels"
+    assert spec["priorityClassName"] == "TPL"
+    assert "swarmfly.podServiceAccount/" + component in _markers(spec, "include")
+    assert f"swarmfly.affinity/{component}" in _markers(spec, "include")
+    (container,) = spec["containers"]
+    assert _markers(container["volumeMounts"][-1], "values") == ["."], "extraVolumeMounts"
+    assert _markers(spec["volumes"][-1], "values") == ["."], "extraVolumes"
+    text = (TEMPLATES / f"{_template_of(component)}").read_text()
+    for name in ("podLabels", "priorityClassName", "extraVolumes", "extraVolumeMounts"):
+        assert f"{{{{- with .Values.{component}.{name} }}}}" in text, name
+    assert f'"affinity" .Values.{component}.affinity)' in text
+    assert f'"annotations" .Values.{component}.podAnnotations)' in text
+
+
+def _template_of(component: str) -> str:
+    return {
+        "scheduler": "scheduler-deployment.yaml",
+        "storage": "storage-statefulset.yaml",
+        "peer": "peer-daemonset.yaml",
+    }[component]
+
+
+def test_helpers_of_pod_values() -> None:
+    """A set affinity replaces the chart's; schedulers and storage otherwise spread over
+    nodes, softly; a component's annotations win over the global ones."""
+    bodies = _helper_bodies()
+    affinity = bodies["swarmfly.affinity"]
+    assert affinity.lstrip().startswith("{{- if .affinity }}\naffinity:\n  {{- toYaml .affinity")
+    otherwise = affinity.partition('{{- else if ne .component "peer" }}\n')[2]
+    spread = yaml.safe_load(skeleton("{{- if x }}\n" + otherwise))["affinity"]["podAntiAffinity"]
+    (term,) = spread["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert _markers(term["podAffinityTerm"]["labelSelector"]["matchLabels"], "include") == [
+        "swarmfly.selectorLabels"
+    ]
+    annotations = bodies["swarmfly.podAnnotations"]
+    assert "merge (dict) (.annotations | default dict) (.context.Values.podAnnotations" in (
+        annotations
+    )
+
+
+def test_schedulers_have_a_disruption_budget_when_there_are_several(
+    manifests: list[dict[str, Any]], values: dict[str, Any]
+) -> None:
+    (pdb,) = [doc for doc in manifests if doc["kind"] == "PodDisruptionBudget"]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["metadata"]["name"] == "TPL/include/swarmfly.componentName/scheduler"
+    assert _component(pdb["spec"]["selector"]["matchLabels"], "swarmfly.selectorLabels") == (
+        "scheduler"
+    )
+    assert _lookup(values, "scheduler.pdb") == {
+        "enabled": True,
+        "minAvailable": "",
+        "maxUnavailable": "",
+    }
+    text = (TEMPLATES / "scheduler-pdb.yaml").read_text()
+    first = text.split("-}}\n", 1)[1].splitlines()[0]
+    assert first == (
+        "{{- if and .Values.scheduler.pdb.enabled (gt (int .Values.scheduler.replicas) 1) }}"
+    )
+    assert "maxUnavailable: {{ .Values.scheduler.pdb.maxUnavailable | default 1 }}" in text
+    assert '{{- fail "scheduler.pdb: set minAvailable or maxUnavailable, not both" }}' in text
+
+
+def test_containerd_init_sets_config_path_and_restarts_only_when_asked(
+    manifests: list[dict[str, Any]], values: dict[str, Any]
+) -> None:
+    """The init container that writes hosts.toml then runs swarmfly.nodeinit on the node's
+    config.toml (mounted from its directory) with the node's certsDir; the privileged
+    restart container, and hostPID, come only with peer.containerd.restart, which is off."""
+    assert _lookup(values, "peer.containerd.setConfigPath") is True
+    assert _lookup(values, "peer.containerd.restart") is False
+    assert _lookup(values, "peer.containerd.configFile") == "/etc/containerd/config.toml"
+    spec = _workload(manifests, "peer")["spec"]["template"]["spec"]
+    init = {c["name"]: c for c in spec["initContainers"]}
+    mounts = {m["name"]: m["mountPath"] for m in init["containerd-hosts"]["volumeMounts"]}
+    volumes = {v["name"]: v for v in _plain(spec["volumes"])}
+    assert volumes["containerd-config"]["hostPath"]["path"] == "TPL"  # dir of configFile
+    assert mounts["containerd-config"] == "/host/containerd"
+    script = (TEMPLATES / "containerd-configmap.yaml").read_text()
+    call = re.search(r"python -m swarmfly\.nodeinit (.+)", script)
+    assert call, "install.sh runs the node init"
+    assert '--config {{ printf "/host/containerd/%s" (base .Values.peer.containerd.configFile)' in (
+        call.group(1)
+    )
+    assert "--certs-dir {{ .Values.peer.containerd.certsDir | squote }}" in call.group(1)
+    assert "{{ if .Values.peer.containerd.restart }} --changed-file" in call.group(1)
+    marker = "/run/swarmfly/nodeinit/changed"
+    assert marker in call.group(1) and mounts["nodeinit"] == str(Path(marker).parent)
+    assert script.index("write {{ .host") < call.start(), "hosts.toml first"
+
+    restart = init["containerd-restart"]
+    assert restart["securityContext"]["privileged"] is True
+    assert restart["command"] == ["sh", "/etc/swarmfly/containerd/restart.sh"]
+    restart_sh = script.split("restart.sh: |\n", 1)[1]
+    assert f"changed={marker}" in restart_sh
+    assert "nsenter --target 1 --mount -- systemctl restart containerd" in restart_sh
+    lines = [line.strip() for line in restart_sh.splitlines()]
+    assert lines.index('rm -f "$changed"') > lines.index(
+        "nsenter --target 1 --mount -- systemctl restart containerd"
+    ), "the marker goes once containerd restarted, so a later pod restart does not"
+    assert spec["hostPID"] is True
+    daemonset = (TEMPLATES / "peer-daemonset.yaml").read_text()
+    restart_var = (
+        "{{- $restart := and .Values.peer.containerd.enabled"
+        " .Values.peer.containerd.setConfigPath .Values.peer.containerd.restart }}"
+    )
+    assert restart_var in daemonset
+    assert daemonset.count("{{- if $restart }}") == 4, "hostPID, mount, container, volume"
+    assert "{{- if .Values.peer.containerd.restart }}\n  restart.sh: |" in script
+
+
+def test_no_pod_mounts_an_api_token_it_does_not_use() -> None:
+    """Without the callout no pod reads the API (automountServiceAccountToken: false); with
+    it only the schedulers do (test_callout_helpers_give_each_pod_what_the_callout_expects)."""
+    bodies = _helper_bodies()
+    account = bodies["swarmfly.podServiceAccount"]
+    rendered_without_callout = account.partition("{{- else }}")[2]
+    assert yaml.safe_load(skeleton("{{- if x }}\n" + rendered_without_callout)) == {
+        "automountServiceAccountToken": False
+    }
+
+
+def test_notes_say_what_the_dashboard_shows() -> None:
+    """Each scheduler's dashboard and /api/state merge every scheduler's state
+    (services/scheduler/service.py, _view), so NOTES.txt must not say otherwise."""
+    service = (ROOT / "services" / "scheduler" / "service.py").read_text()
+    view = service.split("async def _view", 1)[1].split("\n    async def ", 1)[0]
+    assert '"scheduler.state"' in view and "merge(" in view
+    notes = (TEMPLATES / "NOTES.txt").read_text()
+    assert "shows its own" not in notes
+    assert "show the whole swarm: it asks every scheduler for its state and merges" in notes

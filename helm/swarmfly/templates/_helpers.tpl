@@ -77,11 +77,33 @@ it <release>-nats, or <release> when the release name contains "nats"). */}}
 /etc/swarmfly/nats
 {{- end }}
 
-{{/* Pod annotations: a change to the shared configuration rolls every pod. */}}
+{{/* Pod annotations: a change to the shared configuration rolls every pod; then the
+global podAnnotations and the component's (.annotations), which win. Called with
+(dict "context" $ "annotations" .Values.<component>.podAnnotations). */}}
 {{- define "swarmfly.podAnnotations" -}}
-checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
-{{- with .Values.podAnnotations }}
+checksum/config: {{ include (print .context.Template.BasePath "/configmap.yaml") .context | sha256sum }}
+{{- with merge (dict) (.annotations | default dict) (.context.Values.podAnnotations | default dict) }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* A pod's affinity: the component's (.affinity) when set; else schedulers and storage
+instances prefer nodes without another of their kind, so one node lost takes one of them.
+Peers (a DaemonSet) get none. */}}
+{{- define "swarmfly.affinity" -}}
+{{- if .affinity }}
+affinity:
+  {{- toYaml .affinity | nindent 2 }}
+{{- else if ne .component "peer" }}
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              {{- include "swarmfly.selectorLabels" . | nindent 14 }}
 {{- end }}
 {{- end }}
 
@@ -150,8 +172,18 @@ capabilities:
 {{- end }}
 {{- end }}
 
-{{/* Probes of a container whose HTTP port (pieces or dashboard, and /healthz) is named http. */}}
+{{/* Probes of a container whose HTTP port (pieces or dashboard, and /healthz) is named http.
+The startup probe, while it has not passed, holds the other two off. */}}
 {{- define "swarmfly.probes" -}}
+{{- if .Values.probes.startup.enabled }}
+startupProbe:
+  httpGet:
+    path: /healthz
+    port: http
+  periodSeconds: {{ .Values.probes.startup.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.startup.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.startup.failureThreshold }}
+{{- end }}
 livenessProbe:
   httpGet:
     path: /healthz
@@ -204,13 +236,17 @@ names it to the schedulers' auth callout (swarmfly/callout.py). */}}
 {{- include "swarmfly.componentName" . }}
 {{- end }}
 
-{{/* The pod's service account under the callout. Storage and peers mount no API token,
-only their bound token for NATS; the schedulers mount theirs (they read the JWKS with it).
-Every callout helper renders nothing unless natsAuth.enabled and natsAuth.callout.enabled. */}}
-{{- define "swarmfly.calloutAccount" -}}
+{{/* The pod's service account. No swarmfly pod talks to the API server, so none mounts an
+API token, except the schedulers under the callout: they read the JWKS with theirs. Storage
+and peers under the callout get only their bound token for NATS (calloutVolume), which a
+projected volume gives whatever automountServiceAccountToken says. The other callout
+helpers render nothing unless natsAuth.enabled and natsAuth.callout.enabled. */}}
+{{- define "swarmfly.podServiceAccount" -}}
 {{- if and .context.Values.natsAuth.enabled .context.Values.natsAuth.callout.enabled }}
 serviceAccountName: {{ include "swarmfly.serviceAccount" . }}
 automountServiceAccountToken: {{ eq .component "scheduler" }}
+{{- else }}
+automountServiceAccountToken: false
 {{- end }}
 {{- end }}
 
