@@ -56,7 +56,7 @@ SEED_PARENTS = 8
 """Holders offered to a seed that takes over a task: enough to cover what the swarm has."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Host:
     id: str
     ip: str
@@ -74,7 +74,7 @@ class Host:
         return f"http://{ip}:{self.port}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Peer:
     id: str
     task_id: str
@@ -87,7 +87,9 @@ class Peer:
     blocklist: dict[str, float] = field(default_factory=dict)
     """Parents this child will not use, until when: a parent that failed may recover, one
     that served corrupt bytes is out for good (``Task.bad_parents``)."""
-    costs: deque[int] = field(default_factory=lambda: deque(maxlen=COST_SAMPLES))
+    costs: deque[int] | None = None
+    """The last COST_SAMPLES piece costs children reported of it; made at the first (an
+    empty deque is 760 B, and most peers of a large swarm never serve)."""
     mean_cost_ms: float | None = None
     slow: bool = False
     """Its last piece cost far above its own mean (Dragonfly's bad-parent rule), judged when
@@ -160,7 +162,7 @@ class PieceDigests:
         self._raw[start : start + DIGEST_SIZE] = entry
 
 
-@dataclass
+@dataclass(slots=True)
 class Task:
     id: str
     content: TaskContent | None = None
@@ -542,9 +544,12 @@ class Scheduler:
             if report.cost_ms is not None and report.parent_id is not None:
                 parent = self.peers.get(report.parent_id)
                 if parent is not None:
+                    if parent.costs is None:
+                        parent.costs = deque(maxlen=COST_SAMPLES)
                     parent.costs.append(report.cost_ms)
                     timed[parent.id] = parent
         for parent in timed.values():
+            assert parent.costs is not None
             parent.mean_cost_ms = math.fsum(parent.costs) / len(parent.costs)
             parent.slow = _slow(parent.costs)
 
