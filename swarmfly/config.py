@@ -5,15 +5,18 @@ No other module reads the environment; the object is passed down.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import logging
+import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import platformdirs
 
@@ -383,6 +386,13 @@ def _expand(path: str | None) -> str | None:
     return str(Path(path).expanduser()) if path else None
 
 
+DERIVED = frozenset({"tracing"})
+"""Fields no file, variable or flag sets: tracing follows the standard ``OTEL_*`` variables."""
+
+OTHER_VARIABLES = frozenset({"SWARMFLY_CONFIG", "SWARMFLY_REQUIRE_E2E", "SWARMFLY_SCREENSHOT_DIR"})
+"""``SWARMFLY_*`` variables that are not settings: the file's path, and the test suite's."""
+
+
 def setting_names() -> set[str]:
     """Every ``SWARMFLY_*`` variable the configuration reads (deployment files are checked
     against it)."""
@@ -391,64 +401,195 @@ def setting_names() -> set[str]:
         default = getattr(Config(), section.name)
         if dataclasses.is_dataclass(default):
             names |= {f"SWARMFLY_{section.name}_{f.name}".upper() for f in fields(default)}
-        else:
+        elif section.name not in DERIVED:
             names.add(f"SWARMFLY_{section.name}".upper())
     return names
 
 
 _SIZE_FIELDS = {"upload_rate", "download_rate", "cache_quota"}
+_AT_LEAST_ONE = {
+    "upload_slots",
+    "concurrency",
+    "per_parent",
+    "candidate_parents",
+    "partitions",
+    "origin_concurrency",
+    "max_connections",
+    "max_per_address",
+}
+_POSITIVE = {
+    "lease",
+    "renew_interval",
+    "heartbeat_interval",
+    "host_ttl",
+    "piece_timeout",
+    "header_timeout",
+    "idle_timeout",
+    "gc_interval",
+}
+"""Seconds that must pass for anything to happen: 0 would spin, or expire everything at once."""
+_SHARES = {"cache_high", "cache_low", "disk_high", "disk_low"}
+_PORTS = {"upload_port", "http_port", "port"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_FLAGS = {
+    ("nats", "servers"): "--nats",
+    ("proxy", "listen"): "--proxy-listen",
+    ("proxy", "port"): "--proxy-port",
+    ("proxy", "registries"): "--registry",
+    ("proxy", "enabled"): "--no-proxy",
+}
+"""The CLI's flags whose names are not the setting's own (``--upload-port``)."""
 
 
-def _coerce(kind: Any, value: Any, name: str) -> Any:
-    kind = str(kind)
-    if name in _SIZE_FIELDS:
-        return parse_size(value)
-    if isinstance(value, str):
-        if kind.startswith("list"):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if kind in ("int", "int | None"):
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "bool":
-            return value.lower() in ("1", "true", "yes", "on")
-        if kind == "Path":
-            return Path(value).expanduser()
-    if kind == "Path":
-        return Path(value).expanduser()
+@dataclass(frozen=True)
+class _Source:
+    """Where values come from, so an error names the setting as its user wrote it: a file's
+    ``[section] key``, the variable, or the flag."""
+
+    kind: str
+    """``file``, ``environment`` or ``flags``."""
+    path: str = ""
+
+    @property
+    def text(self) -> bool:
+        """Values arrive as strings (a variable; a flag's words) rather than TOML's types."""
+        return self.kind != "file"
+
+    def name(self, section: str | None, key: str) -> str:
+        if self.kind == "environment":
+            return "SWARMFLY_" + (f"{section}_{key}" if section else key).upper()
+        if self.kind == "flags":
+            return _FLAGS.get((section or "", key), "--" + key.replace("_", "-"))
+        return f"{self.path}: " + (f"[{section}] {key}" if section else key)
+
+
+def _number(kind: str, value: Any, text: bool) -> int | float:
+    """``value`` as the int or float a field holds; ValueError in words otherwise."""
+    whole = kind.startswith("int")
+    if text and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value) if whole else float(value)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if is_int or (isinstance(value, float) and not whole):
+        return cast(int | float, value)
+    raise ValueError(f"expected {'a whole number' if whole else 'a number'}, got {value!r}")
+
+
+def _checked(key: str, value: int | float) -> int | float:
+    """Ranges a setting must be in to mean anything."""
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    if key in _AT_LEAST_ONE and value < 1:
+        raise ValueError(f"must be at least 1, got {value!r}")
+    if key in _POSITIVE and value <= 0:
+        raise ValueError(f"must be above 0 seconds, got {value!r}")
+    if key in _SHARES and not 0 <= value <= 1:
+        raise ValueError(f"must be a share between 0 and 1, got {value!r}")
+    if key in _PORTS and not 0 <= value <= 65535:
+        raise ValueError(f"must be a port from 0 to 65535, got {value!r}")
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
     return value
 
 
-def _apply(target: Any, values: Mapping[str, Any], where: str) -> None:
+def _coerce(kind: Any, value: Any, key: str, text: bool) -> Any:
+    """``value`` as the field's type, or ValueError saying what was expected: a wrong type
+    is never taken for something else (``acyclic = "maybe"`` is not false)."""
+    kind = str(kind)
+    if key in _SIZE_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"expected a size such as 8MiB or a number of bytes, got {value!r}")
+        return _checked(key, parse_size(value))
+    if kind.startswith("list"):
+        if text and isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if text and isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"expected true or false, got {value!r}")
+    if kind in ("int", "int | None", "float"):
+        return _checked(key, _number(kind, value, text))
+    if kind == "Path":
+        if isinstance(value, str | Path):
+            return Path(value).expanduser()
+        raise ValueError(f"expected a path, got {value!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _apply(
+    target: Any, values: Mapping[str, Any], source: _Source, section: str | None = None
+) -> None:
     known = {f.name: f for f in fields(target)}
     for key, value in values.items():
+        if section is None and key in DERIVED:
+            raise ValueError(
+                f"{source.name(section, key)}: not a setting; the standard OTEL_* variables"
+                " (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT) turn tracing on"
+            )
         if key not in known:
-            raise ValueError(f"{where}: unknown setting {key!r}")
+            where = (
+                f"flags: {f'[{section}] ' if section else ''}{key}"  # a caller's mistake
+                if source.kind == "flags"
+                else source.name(section, key)
+            )
+            raise ValueError(f"{where}: unknown setting{_guess(key, known)}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):
-                raise ValueError(f"{where}: [{key}] must be a table")
-            _apply(current, value, f"{where}.{key}")
+                raise ValueError(f"{source.path or source.kind}: [{key}] must be a table")
+            _apply(current, value, source, key)
         elif value is not None:
-            setattr(target, key, _coerce(known[key].type, value, key))
+            try:
+                setattr(target, key, _coerce(known[key].type, value, key, source.text))
+            except ValueError as exc:
+                raise ValueError(f"{source.name(section, key)}: {exc}") from None
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """SWARMFLY_STATE_DIR, SWARMFLY_NATS_SERVERS, SWARMFLY_PEER_UPLOAD_RATE, ..."""
+def _guess(word: str, choices: Iterable[str], cutoff: float = 0.65) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_together(config: Config) -> None:
+    """Settings that only make sense together."""
+    for name in ("peer", "storage"):
+        node = getattr(config, name)
+        if node.cache_low > node.cache_high:
+            raise ValueError(
+                f"[{name}] cache_low ({node.cache_low}) is above cache_high ({node.cache_high})"
+            )
+        if node.disk_high and node.disk_low > node.disk_high:
+            raise ValueError(
+                f"[{name}] disk_low ({node.disk_low}) is above disk_high ({node.disk_high})"
+            )
+
+
+SECTIONS = ("nats", "scheduler", "peer", "storage", "proxy", "http", "origins", "callout")
+
+
+def _from_env(env: Mapping[str, str], warn: Callable[[str], None]) -> dict[str, Any]:
+    """SWARMFLY_STATE_DIR, SWARMFLY_NATS_SERVERS, SWARMFLY_PEER_UPLOAD_RATE, ...; a variable
+    that is none of them (``SWARMFLY_PEERS_CONCURRENCY``) is warned about, not ignored."""
     out: dict[str, Any] = {}
-    sections = {
-        f.name
-        for f in fields(Config)
-        if f.name in ("nats", "scheduler", "peer", "storage", "proxy", "http", "origins", "callout")
-    }
-    for name, value in env.items():
-        if not name.startswith("SWARMFLY_") or name in ("SWARMFLY_CONFIG",):
+    names = setting_names()
+    for name, value in sorted(env.items()):
+        if not name.startswith("SWARMFLY_") or name in OTHER_VARIABLES:
+            continue
+        if name not in names:
+            warn(f"{name} is not a swarmfly setting{_guess(name, names, 0.8)}: ignored")
             continue
         key = name.removeprefix("SWARMFLY_").lower()
         section, _, rest = key.partition("_")
-        if section in sections and rest:
+        if section in SECTIONS:
             out.setdefault(section, {})[rest] = value
-        elif key in {f.name for f in fields(Config)} and key not in sections:
+        else:
             out[key] = value
     return out
 
@@ -458,11 +599,15 @@ def load(
     *,
     config_file: str | None = None,
     env: Mapping[str, str] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Config:
-    """Build the configuration; ``flags`` is nested like the TOML file, None values ignored."""
+    """Build the configuration; ``flags`` is nested like the TOML file, None values ignored.
+    A value that cannot work is a ValueError naming the setting where it was given; a
+    ``SWARMFLY_*`` variable that is no setting goes to ``warn`` (default: the log), one line
+    each."""
     env = os.environ if env is None else env
     config = Config()
-    env_values = _from_env(env)
+    env_values = _from_env(env, warn or _log_warning)
     flag_values = dict(flags or {})
     state_dir = flag_values.get("state_dir") or env_values.get("state_dir")
     if state_dir:
@@ -470,14 +615,33 @@ def load(
     path = config_file or env.get("SWARMFLY_CONFIG")
     candidate = Path(path) if path else config.state_dir / "swarmfly.toml"
     if path or candidate.is_file():
-        with open(candidate, "rb") as handle:
-            _apply(config, tomllib.load(handle), str(candidate))
-    _apply(config, env_values, "environment")
+        _apply(config, _read_file(candidate), _Source("file", str(candidate)))
+    _apply(config, env_values, _Source("environment"))
     config.tracing = env.get("OTEL_SDK_DISABLED", "").lower() != "true" and (
         env.get("OTEL_TRACES_EXPORTER", "none").lower() not in ("", "none")
         or bool(
             env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         )
     )
-    _apply(config, flag_values, "flags")
+    _apply(config, flag_values, _Source("flags"))
+    _check_together(config)
     return config
+
+
+def _log_warning(message: str) -> None:
+    log.warning("%s", message)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The TOML file's tables; ValueError naming the file when it is missing or not TOML.
+    PermissionError goes on as it is: the CLI tells a user behind a 0700 state dir what to
+    do about it."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except PermissionError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"configuration file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"configuration file {path} is not valid TOML: {exc}") from None

@@ -158,13 +158,14 @@ def test_unrelated_swarmfly_variables_are_ignored(tmp_path: Path) -> None:
 
 def test_an_unknown_key_in_the_file_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path / "bad.toml", "[peer]\nupload_speed = 1\n")
-    with pytest.raises(ValueError, match="unknown setting 'upload_speed'"):
+    message = r"bad\.toml: \[peer\] upload_speed: unknown setting \(did you mean upload_rate\?\)"
+    with pytest.raises(ValueError, match=message):
         load({"state_dir": tmp_path}, config_file=str(path), env={})
 
 
 def test_an_unknown_top_level_key_in_the_file_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path / "bad.toml", "colour = 'blue'\n")
-    with pytest.raises(ValueError, match="unknown setting 'colour'"):
+    with pytest.raises(ValueError, match=r"bad\.toml: colour: unknown setting$"):
         load({"state_dir": tmp_path}, config_file=str(path), env={})
 
 
@@ -174,14 +175,32 @@ def test_a_section_that_is_not_a_table_is_an_error(tmp_path: Path) -> None:
         load({"state_dir": tmp_path}, config_file=str(path), env={})
 
 
-def test_an_unknown_key_in_the_environment_is_an_error(tmp_path: Path) -> None:
-    env = {"SWARMFLY_STATE_DIR": str(tmp_path), "SWARMFLY_PEER_UPLOAD_SPEED": "1"}
-    with pytest.raises(ValueError, match=r"environment\.peer: unknown setting 'upload_speed'"):
-        load(env=env)
+def test_unknown_variables_are_warned_about_one_line_each(tmp_path: Path) -> None:
+    """The environment is shared with every other program: a variable that is no setting is
+    said, naming it and the setting it was likely meant to be, and left alone."""
+    env = {
+        "SWARMFLY_STATE_DIR": str(tmp_path),
+        "SWARMFLY_PEER_UPLOAD_SPEED": "1",
+        "SWARMFLY_PEERS_CONCURRENCY": "2",
+        "SWARMFLY_COLOUR": "blue",
+        "SWARMFLY_TRACING": "true",
+        "SWARMFLY_REQUIRE_E2E": "1",
+    }
+    warnings: list[str] = []
+    config = load(env=env, warn=warnings.append)
+    assert warnings == [
+        "SWARMFLY_COLOUR is not a swarmfly setting: ignored",
+        "SWARMFLY_PEERS_CONCURRENCY is not a swarmfly setting"
+        " (did you mean SWARMFLY_PEER_CONCURRENCY?): ignored",
+        "SWARMFLY_PEER_UPLOAD_SPEED is not a swarmfly setting"
+        " (did you mean SWARMFLY_PEER_UPLOAD_RATE?): ignored",
+        "SWARMFLY_TRACING is not a swarmfly setting: ignored",
+    ]
+    assert config.peer == PeerConfig()
 
 
 def test_an_unknown_flag_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"flags\.scheduler: unknown setting 'parents'"):
+    with pytest.raises(ValueError, match=r"flags: \[scheduler\] parents: unknown setting"):
         load({"state_dir": tmp_path, "scheduler": {"parents": 2}}, env={})
 
 
