@@ -252,6 +252,13 @@ async def serve_http(
     return f"http://{shown}:{bound}"
 
 
+def healthz(ok: bool = True, **details: int) -> web.Response:
+    """The one ``/healthz`` body of every service: ``{"ok": true|false, …counts}``, 200 when
+    ok and 503 when not, so one probe (Kubernetes, compose, `swarmfly doctor`) reads them all;
+    ``details`` are a service's own counts (an upload server's ``uploads``)."""
+    return web.json_response({"ok": ok, **details}, status=200 if ok else 503)
+
+
 class SlowReader(ConnectionError):
     """The client read more slowly than the send deadline allows: it was cut off."""
 

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import platform
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from swarmfly import __version__
+from swarmfly.errors import SwarmflyError
 
 if TYPE_CHECKING:  # the services that serve /metrics load aiohttp; `swarmfly get` need not
     from aiohttp import web
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
+"""No ``_created`` series: one more series per counter and histogram child, which Prometheus
+reads only with created-timestamp ingestion on, and which Grafana's queries never use."""
+
+BUILD_INFO = Gauge(
+    "swarmfly_build_info", "Always 1: the swarmfly and Python versions", ["version", "python"]
+)
+BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 
 SCHEDULER_REGISTRATIONS = Counter("swarmfly_scheduler_registrations", "Peer registrations")
 SCHEDULER_BACK_TO_SOURCE = Counter(
@@ -24,6 +45,15 @@ SCHEDULER_TASKS = Gauge("swarmfly_scheduler_tasks", "Tasks with at least one pee
 PEER_DOWNLOAD_BYTES = Counter(
     "swarmfly_peer_download_bytes", "Verified bytes downloaded", ["source"]
 )
+PEER_DOWNLOADS = Counter(
+    "swarmfly_peer_downloads",
+    "Downloads (runs of a task: concurrent asks share one) that ended, by result: succeeded,"
+    " failed, cancelled; and reason: the error code (not_found, source_error, integrity,"
+    " timeout, unavailable, forbidden, bad_request, internal), disk (a local disk error), or"
+    " none",
+    ["result", "reason"],
+)
+PEER_DOWNLOADS.labels("succeeded", "none")  # a ratio of failures needs the series at 0
 PEER_UPLOAD_BYTES = Counter("swarmfly_peer_upload_bytes", "Bytes served to children")
 PEER_PIECE_SECONDS = Histogram(
     "swarmfly_peer_piece_duration_seconds",
@@ -55,6 +85,29 @@ PROXY_REQUESTS = Counter(
 CONTRACT_FAILURES = Counter(
     "swarmfly_contract_validation_failures", "Requests refused by contract validation", ["subject"]
 )
+
+
+def count_download(exc: BaseException | None = None) -> None:
+    """Count a download that ended: ``exc`` is why it did not succeed."""
+    if exc is None:
+        PEER_DOWNLOADS.labels("succeeded", "none").inc()
+    elif isinstance(exc, asyncio.CancelledError):
+        PEER_DOWNLOADS.labels("cancelled", "none").inc()
+    else:
+        PEER_DOWNLOADS.labels("failed", download_failure(exc)).inc()
+
+
+def download_failure(exc: BaseException) -> str:
+    """The ``reason`` label of a failed download."""
+    from swarmfly.services.peer.conductor import LocalDiskError  # the peer's, loaded with it
+
+    if isinstance(exc, LocalDiskError):
+        return "disk"
+    if isinstance(exc, SwarmflyError):
+        return exc.code
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "internal"
 
 
 async def handler(request: web.Request) -> web.Response:

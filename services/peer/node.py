@@ -293,7 +293,11 @@ class PeerNode:
         self.plugins.strategy(strategy)
         started = time.monotonic()
         if stat is None:
-            stat = await backend.stat(source.url, source.headers)
+            try:
+                stat = await backend.stat(source.url, source.headers)
+            except BaseException as exc:  # refused or missing at the origin: a failed download
+                metrics.count_download(exc)
+                raise
         if source.digest is None and (named := url_digest(source.url) or stat.digest):
             source = replace(source, digest=named)
         task_id = task_id or make_task_id(
@@ -371,10 +375,12 @@ class PeerNode:
                     raise LocalDiskError.of(exc) from None
                 await conductor.run()
         except BaseException as exc:
+            metrics.count_download(exc)
             self._discard_failed(stored, exc)
             raise
         finally:
             self._count_cache()
+        metrics.count_download()
         return conductor
 
     def _discard_failed(self, stored: StoredTask, exc: BaseException) -> None:

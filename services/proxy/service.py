@@ -36,7 +36,7 @@ from swarmfly import __version__, metrics, telemetry
 from swarmfly.config import ProxyConfig
 from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError, connect_error_in_words
-from swarmfly.httpserver import Limits, default_limits, listen
+from swarmfly.httpserver import Limits, default_limits, healthz, listen
 from swarmfly.plugins.hookspecs import SourceStat
 from swarmfly.plugins.sources.http import HOP_BY_HOP
 from swarmfly.services.peer.node import Download, PeerNode
@@ -266,7 +266,7 @@ class ProxyService:
             raise RegistryError(405, "UNSUPPORTED", "only GET and HEAD")
         if request.path == "/metrics":
             return await metrics.handler(request)
-        return web.json_response({"status": "ok"})
+        return healthz()
 
     async def _blob(self, request: web.Request, upstream: str, target: Route) -> web.StreamResponse:
         url = f"{upstream}/v2/{target.name}/blobs/{target.digest}"

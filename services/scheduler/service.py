@@ -30,7 +30,7 @@ from swarmfly.config import Config, SchedulerConfig
 from swarmfly.content import TaskContent
 from swarmfly.contracts import Sender
 from swarmfly.errors import SwarmflyError
-from swarmfly.httpserver import serve_http
+from swarmfly.httpserver import healthz, serve_http
 from swarmfly.ids import default_host_id, keys_task, peer_id, redact_url
 from swarmfly.placement import partition_of
 from swarmfly.plugins.hookspecs import Evaluator
@@ -392,8 +392,7 @@ class SchedulerService:
             metrics.SCHEDULER_TASKS.set(len(self.core.tasks))
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        ok = self.bus.nc.is_connected
-        return web.json_response({"ok": ok}, status=200 if ok else 503)
+        return healthz(self.bus.nc.is_connected)
 
     def snapshot(
         self,

@@ -374,7 +374,7 @@ async def test_health_metrics_and_discovery_while_a_blob_streams(
         received = await response.content.readexactly(MiB)
         assert upstream.bytes_served < len(data), "still streaming"
         status, headers, body = await get(f"{cluster.proxy.url}/healthz")
-        assert (status, orjson.loads(body)) == (200, {"status": "ok"})
+        assert (status, orjson.loads(body)) == (200, {"ok": True})
         status, headers, body = await get(f"{cluster.proxy.url}/metrics")
         assert status == 200 and headers["Content-Type"].startswith("text/plain")
         assert b'swarmfly_proxy_requests_total{kind="blob"}' in body

@@ -22,12 +22,13 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "compose" / "grafana" / "swarm
 GRID_WIDTH = 24
 
 # The sample names prometheus_client exposes for a family of each type (describe()'s name is
-# the family name: a Counter "x" is described as "x" and exposed as "x_total").
+# the family name: a Counter "x" is described as "x" and exposed as "x_total"); no
+# ``_created`` series (swarmfly.metrics turns them off).
 SUFFIXES = {
-    "counter": ("_total", "_created"),
+    "counter": ("_total",),
     "gauge": ("",),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "summary": ("", "_sum", "_count", "_created"),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("", "_sum", "_count"),
 }
 # Labels Prometheus adds at scrape time, and the histogram bucket bound.
 TARGET_LABELS = {"job", "instance"}
