@@ -7,7 +7,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -122,6 +122,32 @@ def _proxy_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _doctor_flags(parser: argparse.ArgumentParser) -> None:
+    from swarmfly.doctor import Paths
+
+    defaults = Paths()
+    for name, what in (
+        ("containerd", "containerd's config.toml"),
+        ("crio", "CRI-O's registries.conf"),
+        ("docker", "Docker's daemon.json"),
+        ("k3s", "k3s's registries.yaml"),
+    ):
+        parser.add_argument(
+            f"--{name}-config",
+            type=Path,
+            default=getattr(defaults, name),
+            metavar="PATH",
+            help=f"{what} (default {getattr(defaults, name)})",
+        )
+    parser.add_argument(
+        "--mirror", help="the mirror URL runtimes should use (default: this host's proxy)"
+    )
+    parser.add_argument("--probe", metavar="URL", help="a small file to pull through the swarm")
+    parser.add_argument(
+        "--timeout", type=_seconds, default=60.0, help="seconds for the probe (default 60)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="swarmfly", description="Peer-to-peer file and image distribution")
     parser.add_argument("--version", action="version", version=f"swarmfly {__version__}")
@@ -192,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(status)
     _one_shot(status, progress=False)
 
+    doctor = sub.add_parser(
+        "doctor", help="is it working on this host? runtimes, mirror, cluster, a probe pull"
+    )
+    _common(doctor)
+    _one_shot(doctor, progress=False)
+    _doctor_flags(doctor)
+
     plugins = sub.add_parser("plugins", help="list the loaded plugins")
     _common(plugins)
     plugins.add_argument("--json", action="store_true", help="print JSON")
@@ -203,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from(args: argparse.Namespace) -> Config:
+def config_from(args: argparse.Namespace, warn: Callable[[str], None] | None = None) -> Config:
+    """The configuration of the command line's flags over the file and the environment;
+    ``warn`` hears of ``SWARMFLY_*`` variables that are no setting."""
     get = getattr
     servers: list[str] | None = None
     if get(args, "nats", None):
@@ -233,10 +268,10 @@ def config_from(args: argparse.Namespace) -> Config:
             "registries": args.registry,
             "enabled": False if args.no_proxy else None,
         }
-    return load(flags, config_file=get(args, "config", None))
+    return load(flags, config_file=get(args, "config", None), warn=warn)
 
 
-CLUSTER_COMMANDS = ("get", "status", "preheat")
+CLUSTER_COMMANDS = ("get", "status", "preheat", "doctor")
 """The commands that use the cluster `swarmfly up` recorded, as its client."""
 
 
@@ -520,6 +555,29 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace, config: Config) -> int:
+    """Every check on a line and the verdict last (or one JSON document); a failed check
+    exits with ``EXIT_PROBLEMS``, apart from the errors' statuses."""
+    from swarmfly.doctor import EXIT_PROBLEMS, Paths, diagnose
+
+    paths = Paths(args.containerd_config, args.crio_config, args.docker_config, args.k3s_config)
+    report = _run(
+        diagnose(
+            config,
+            paths,
+            mirror=args.mirror,
+            probe=args.probe,
+            within=args.connect_timeout,
+            timeout=args.timeout,
+        )
+    )
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.render(), flush=True)
+    return 0 if report.ok else EXIT_PROBLEMS
+
+
 def _registry_auth(args: argparse.Namespace) -> dict[str, str]:
     """The Authorization header from ``--username`` and a password on stdin; the flags'
     combinations checked before anything is read."""
@@ -617,8 +675,9 @@ def _command(args: argparse.Namespace) -> int:
             orjson.dumps(document(args.prefix), option=orjson.OPT_INDENT_2).decode() + "\n"
         )
         return 0
+    warnings: list[str] = []
     try:
-        config = config_from(args)
+        config = config_from(args, warnings.append)
     except PermissionError as exc:  # the state dir's swarmfly.toml, behind a 0700 dir
         if args.command not in CLUSTER_COMMANDS or not exc.filename:
             raise
@@ -627,6 +686,8 @@ def _command(args: argparse.Namespace) -> int:
         level=_log_level(args, config),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for warning in warnings:  # said once logging is set up, in its format
+        logging.getLogger("swarmfly.config").warning("%s", warning)
     for noisy in ("botocore", "aiobotocore", "urllib3"):
         # their DEBUG lines carry request signatures and access key ids
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))
@@ -640,6 +701,8 @@ def _command(args: argparse.Namespace) -> int:
         return _preheat(args, config)
     if args.command == "status":
         return _status(args, config)
+    if args.command == "doctor":
+        return _doctor(args, config)
     from swarmfly import runtime
 
     if args.command == "up":

@@ -1,0 +1,193 @@
+"""`swarmfly doctor` on a host of a real cluster (scheduler, storage and a peer with its
+mirror, each its own process): healthy with a containerd that uses the mirror, a problem
+with one whose ``config_path`` is not set, and what it says when NATS is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from swarmfly.doctor import EXIT_PROBLEMS
+from swarmfly.natsserver import NatsServer
+from swarmfly.testing import Origin, ServiceProcess, spawn_service
+from tests.conftest import FAST_ENV
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1024 * 1024
+PROXY_VARIABLES = {"HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"}
+
+
+async def doctor(*args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarmfly", "doctor", *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**env, **FAST_ENV},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+def services(nats: NatsServer, prefix: str, tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+    started = [
+        spawn_service(kind, nats.url, tmp_path / kind, "--prefix", prefix, *extra, env=FAST_ENV)
+        for kind, extra in (("scheduler", ()), ("storage", ()), ("peer", ("--proxy-port", "0")))
+    ]
+    try:
+        yield started
+    finally:
+        for service in started:
+            assert service.stop() == 0, service.log()
+
+
+def runtime_files(root: Path, mirror: str, *, config_path: bool) -> list[str]:
+    """containerd's config.toml (with or without config_path) and a hosts.toml that names
+    the mirror; CRI-O, Docker and k3s absent. Returns the doctor's flags for them."""
+    certs = root / "certs.d"
+    (certs / "_default").mkdir(parents=True)
+    (certs / "_default" / "hosts.toml").write_text(
+        f'[host."{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    registry = f'config_path = "{certs}"\n' if config_path else 'sandbox_image = "pause"\n'
+    (root / "config.toml").write_text(
+        f'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n{registry}'
+    )
+    return [
+        "--containerd-config", str(root / "config.toml"),
+        "--crio-config", str(root / "absent" / "registries.conf"),
+        "--docker-config", str(root / "absent" / "daemon.json"),
+        "--k3s-config", str(root / "absent" / "registries.yaml"),
+    ]  # fmt: skip
+
+
+def by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {check["name"]: check for check in report["checks"]}
+
+
+async def test_a_healthy_host(
+    services: list[ServiceProcess], nats: NatsServer, prefix: str, origin: Origin, tmp_path: Path
+) -> None:
+    peer = services[2]
+    mirror = peer.proxy_url
+    data = os.urandom(2 * MiB)
+    probe = origin.add("probe.bin", data)
+    flags = runtime_files(tmp_path / "etc", mirror, config_path=True)
+    cli = ("--nats", nats.url, "--prefix", prefix, "--state-dir", str(tmp_path / "peer"))
+    code, out, err = await doctor(*cli, *flags, "--probe", probe, "--json")
+    assert (code, err) == (0, ""), out
+    report = orjson.loads(out)
+    checks = by_name(report)
+    assert report["ok"] is True and report["verdict"].startswith("healthy")
+    assert {n: c["status"] for n, c in checks.items()} == {
+        "containerd": "ok",
+        "cri-o": "skip",
+        "docker": "skip",
+        "k3s": "skip",
+        "proxy-env": "skip",
+        "mirror": "ok",
+        "nats": "ok",
+        "scheduler": "ok",
+        "upload": "ok",
+        "probe": "ok",
+    }
+    assert checks["containerd"]["message"].endswith("the mirror serves every registry")
+    assert checks["upload"]["message"].endswith("answers (loopback: only this machine reaches it)")
+    assert checks["mirror"]["details"]["url"] == mirror, "found through discovery"
+    assert {"scheduler", "storage", "peer", "proxy"} <= set(checks["nats"]["details"]["names"])
+    assert checks["probe"]["details"] == {
+        "content_length": len(data),
+        "bytes_origin": 0,
+        "bytes_p2p": len(data),
+        "via": "peer",
+    }, "the seed read the origin; this host's peer read the seed"
+
+    # The same, as a person reads it: a line per check and the verdict last.
+    code, out, err = await doctor(*cli, *flags, "--probe", probe)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[-1] == "verdict: healthy (6 checks ok)"
+    assert any(
+        line.startswith("ok    probe") and "all from this host's cache" in line for line in lines
+    ), out
+
+
+async def test_a_containerd_without_config_path_is_a_problem(
+    services: list[ServiceProcess], nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    flags = runtime_files(tmp_path / "etc", services[2].proxy_url, config_path=False)
+    cli = ("--nats", nats.url, "--prefix", prefix, "--state-dir", str(tmp_path / "peer"))
+    code, out, err = await doctor(*cli, *flags, "--json")
+    assert (code, err) == (EXIT_PROBLEMS, "")
+    report = orjson.loads(out)
+    checks = by_name(report)
+    assert report["ok"] is False
+    assert report["verdict"] == "problems: containerd, runtimes failed (4 checks ok)"
+    assert checks["containerd"]["message"] == (
+        f"{tmp_path / 'etc' / 'config.toml'}: config_path is not set in"
+        ' [plugins."io.containerd.grpc.v1.cri".registry], so containerd reads no hosts.toml'
+        ' and pulls bypass the mirror; set config_path = "/etc/containerd/certs.d"'
+    )
+    for name in ("mirror", "nats", "scheduler", "upload"):
+        assert checks[name]["status"] == "ok", checks[name]
+    assert checks["probe"]["status"] == "skip"
+
+    code, out, _ = await doctor(*cli, *flags)
+    assert code == EXIT_PROBLEMS
+    assert out.splitlines()[0].startswith("fail  containerd  ")
+    assert out.splitlines()[-1] == "verdict: problems: containerd, runtimes failed (4 checks ok)"
+
+
+async def test_without_nats_the_cluster_checks_fail_in_time(tmp_path: Path) -> None:
+    flags = runtime_files(tmp_path / "etc", "http://127.0.0.1:9", config_path=True)
+    code, out, _ = await doctor(
+        "--nats", "nats://127.0.0.1:9", "--connect-timeout", "1", "--state-dir", str(tmp_path),
+        "--mirror", "http://127.0.0.1:9", *flags, "--json",
+    )  # fmt: skip
+    assert code == EXIT_PROBLEMS
+    checks = by_name(orjson.loads(out))
+    assert checks["nats"] == {
+        "name": "nats",
+        "status": "fail",
+        "message": "cannot reach NATS at nats://127.0.0.1:9 in 1s: Connection refused",
+        "details": {},
+    }
+    assert checks["mirror"]["message"] == "cannot connect to 127.0.0.1:9: Connection refused"
+    assert [checks[n]["status"] for n in ("scheduler", "upload", "probe")] == ["skip"] * 3
+
+
+async def test_without_a_scheduler_the_upload_check_waits_for_one(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    peer = spawn_service(
+        "peer", nats.url, tmp_path / "peer", "--prefix", prefix, "--proxy-port", "0", env=FAST_ENV
+    )
+    try:
+        flags = runtime_files(tmp_path / "etc", peer.proxy_url, config_path=True)
+        cli = ("--nats", nats.url, "--prefix", prefix, "--state-dir", str(tmp_path / "peer"))
+        code, out, _ = await doctor(*cli, *flags, "--json")
+    finally:
+        assert peer.stop() == 0, peer.log()
+    assert code == EXIT_PROBLEMS
+    checks = by_name(orjson.loads(out))
+    assert checks["scheduler"]["status"] == "fail"
+    assert (
+        checks["scheduler"]["message"] == f"no scheduler runs under the subject prefix {prefix!r}"
+    )
+    assert checks["upload"] == {
+        "name": "upload",
+        "status": "skip",
+        "message": "needs a scheduler",
+        "details": {},
+    }
+    assert [checks[n]["status"] for n in ("containerd", "mirror", "nats")] == ["ok"] * 3

@@ -1,0 +1,133 @@
+"""`swarmfly doctor`'s reading of the runtimes' configuration files, each as it is written on
+a host: containerd (both config versions), CRI-O, Docker and k3s, and proxy variables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from swarmfly.doctor import (
+    Paths,
+    check_containerd,
+    check_crio,
+    check_docker,
+    check_k3s,
+    check_proxy_env,
+    host_port,
+    runtime_checks,
+)
+
+MIRROR = "http://127.0.0.1:65001"
+
+
+def containerd(tmp_path: Path, registry: str, version: int = 2) -> Path:
+    plugin = "io.containerd.grpc.v1.cri" if version == 2 else "io.containerd.cri.v1.images"
+    path = tmp_path / "config.toml"
+    path.write_text(f'version = {version}\n[plugins."{plugin}".registry]\n{registry}\n')
+    return path
+
+
+def hosts(certs: Path, namespace: str, mirror: str = MIRROR) -> None:
+    (certs / namespace).mkdir(parents=True)
+    (certs / namespace / "hosts.toml").write_text(
+        f'server = "https://registry-1.docker.io"\n[host."{mirror}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_containerd_with_config_path_and_the_mirror(tmp_path: Path, version: int) -> None:
+    certs = tmp_path / "certs.d"
+    hosts(certs, "docker.io")
+    check = check_containerd(containerd(tmp_path, f'config_path = "{certs}"', version), MIRROR)
+    assert (check.status, check.message) == (
+        "ok",
+        f"config_path {certs}: the mirror serves docker.io",
+    )
+
+
+def test_containerd_hosts_toml_naming_another_address_is_a_failure(tmp_path: Path) -> None:
+    certs = tmp_path / "certs.d"
+    hosts(certs, "_default", "http://127.0.0.1:5000")
+    check = check_containerd(containerd(tmp_path, f'config_path = "{certs}"'), MIRROR)
+    assert check.status == "fail"
+    assert check.message.startswith(f"no hosts.toml under {certs} names the mirror {MIRROR}")
+
+
+def test_containerd_without_config_path_and_broken_files(tmp_path: Path) -> None:
+    check = check_containerd(containerd(tmp_path, ""), MIRROR)
+    assert check.status == "fail" and "config_path is not set" in check.message
+    (tmp_path / "config.toml").write_text("version = [\n")
+    assert check_containerd(tmp_path / "config.toml", MIRROR).status == "fail"
+    assert check_containerd(tmp_path / "none.toml", MIRROR).status == "skip"
+
+
+def test_crio_registries_conf(tmp_path: Path) -> None:
+    path = tmp_path / "registries.conf"
+    path.write_text(
+        '[[registry]]\nprefix = "docker.io"\nlocation = "registry-1.docker.io"\n'
+        '[[registry.mirror]]\nlocation = "127.0.0.1:65001"\ninsecure = true\n'
+    )
+    assert check_crio(path, MIRROR).message.endswith("the mirror serves docker.io")
+    path.write_text('unqualified-search-registries = ["docker.io"]\n')
+    assert check_crio(path, MIRROR).status == "warn"
+
+
+def test_docker_daemon_json_and_its_proxy(tmp_path: Path) -> None:
+    path = tmp_path / "daemon.json"
+    path.write_text(json.dumps({"registry-mirrors": [MIRROR + "/"]}))
+    assert check_docker(path, MIRROR).status == "ok"
+    proxied = {"registry-mirrors": [MIRROR], "proxies": {"https-proxy": "http://proxy:3128"}}
+    path.write_text(json.dumps(proxied))
+    check = check_docker(path, MIRROR)
+    assert check.status == "fail" and "http://proxy:3128" in check.message
+    proxied["proxies"]["no-proxy"] = "localhost,127.0.0.1"
+    path.write_text(json.dumps(proxied))
+    assert check_docker(path, MIRROR).status == "ok"
+    path.write_text("{}")
+    assert check_docker(path, MIRROR).status == "warn"
+
+
+def test_k3s_registries_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "registries.yaml"
+    path.write_text(f'mirrors:\n  "*":\n    endpoint:\n      - "{MIRROR}"\n')
+    assert check_k3s(path, MIRROR).status == "ok"
+    path.write_text('mirrors:\n  docker.io:\n    endpoint:\n      - "https://mirror.gcr.io"\n')
+    assert check_k3s(path, MIRROR).status == "warn"
+
+
+def test_proxy_variables() -> None:
+    assert check_proxy_env({}, MIRROR).status == "skip"
+    assert check_proxy_env({"HTTPS_PROXY": "http://p:3128"}, MIRROR).status == "warn"
+    env = {"https_proxy": "http://p:3128", "no_proxy": "example.com,127.0.0.1"}
+    assert check_proxy_env(env, MIRROR).status == "ok"
+    env = {"HTTP_PROXY": "http://p:3128", "NO_PROXY": ".cluster.local"}
+    assert check_proxy_env(env, "http://mirror.cluster.local:65001").status == "ok"
+
+
+def test_no_runtime_using_the_mirror_is_the_verdict(tmp_path: Path) -> None:
+    docker = tmp_path / "daemon.json"
+    docker.write_text("{}")
+    absent = tmp_path / "absent"
+    paths = Paths(absent / "c.toml", absent / "r.conf", docker, absent / "r.yaml")
+    checks = {c.name: c for c in runtime_checks(paths, MIRROR, {})}
+    assert checks["runtimes"].status == "fail"
+    assert checks["runtimes"].message == "no runtime here pulls through the mirror (docker)"
+    nothing = Paths(absent / "c.toml", absent / "r.conf", absent / "d.json", absent / "r.yaml")
+    assert {c.name: c.status for c in runtime_checks(nothing, MIRROR, {})}["runtimes"] == "skip"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://127.0.0.1:65001", ("127.0.0.1", 65001)),
+        ("127.0.0.1:65001", ("127.0.0.1", 65001)),
+        ("https://mirror.example", ("mirror.example", 443)),
+        ("http://[::1]:5000/", ("::1", 5000)),
+        ("http://x:port", None),
+    ],
+)
+def test_host_port(url: str, expected: tuple[str, int] | None) -> None:
+    assert host_port(url) == expected
