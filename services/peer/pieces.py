@@ -74,8 +74,8 @@ class PieceBook:
         pass of a download: once the digests are known (they are pushed), it costs a scan."""
         if None not in self.digests:
             return False
-        unknown = [n for n, d in enumerate(self.digests) if d is None and n not in self.done]
-        return any(n in pieces for pieces in self.available.values() for n in unknown)
+        unknown = {n for n, d in enumerate(self.digests) if d is None} - self.done
+        return any(not unknown.isdisjoint(pieces) for pieces in self.available.values())
 
     def assign(self, free_slots: dict[str, int], limit: int | None = None) -> list[tuple[int, str]]:
         """At most ``limit`` pieces to start now, each with its parent, within each parent's
@@ -87,9 +87,6 @@ class PieceBook:
         parents = [p for p, free in free_slots.items() if free > 0 and p in self.available]
         if not parents:
             return []
-        holders: Counter[int] = Counter()
-        for pieces in self.available.values():
-            holders.update(pieces)
         digests, done, in_flight = self.digests, self.done, self.in_flight
         # What nobody fetches yet and could be checked on arrival; shrinks as pieces start.
         open_ = {
@@ -97,6 +94,11 @@ class PieceBook:
             for n in range(self.piece_count)
             if digests[n] is not None and n not in done and n not in in_flight
         }
+        if all(open_.isdisjoint(self.available[p]) for p in parents) and not self.endgame:
+            return []  # the usual pass while parents fetch what they will offer next
+        holders: Counter[int] = Counter()
+        for pieces in self.available.values():
+            holders.update(pieces)
         first_missing = self.first_missing()
         assignments: list[tuple[int, str]] = []
         self.rng.shuffle(parents)
