@@ -78,9 +78,11 @@ class Link:
     up: float
     down: float
     slots: int
-    uploads: set[Transfer] = field(default_factory=set)
+    # Dicts, not sets, of transfers (hashed by identity): the order they are visited in,
+    # and so the order of events at equal times, must not depend on memory addresses.
+    uploads: dict[Transfer, None] = field(default_factory=dict)
     queue: deque[Transfer] = field(default_factory=deque)
-    downloads: set[Transfer] = field(default_factory=set)
+    downloads: dict[Transfer, None] = field(default_factory=dict)
     sent: int = 0
 
     @classmethod
@@ -123,13 +125,13 @@ class Network:
     def _start(self, transfer: Transfer) -> None:
         """Accepted at the parent: under way at once, or when a slot frees."""
         transfer.since = self.sim.now
-        transfer.parent.uploads.add(transfer)
-        transfer.child.downloads.add(transfer)
+        transfer.parent.uploads[transfer] = None
+        transfer.child.downloads[transfer] = None
         self._rebalance(transfer.parent, transfer.child)
 
     def _rebalance(self, *links: Link) -> None:
         now = self.sim.now
-        touched = {t for link in links for t in (*link.uploads, *link.downloads)}
+        touched = dict.fromkeys(t for link in links for t in (*link.uploads, *link.downloads))
         for t in touched:
             t.remaining -= t.rate * (now - t.since)
             up = t.parent.up / len(t.parent.uploads) if t.parent.up else INF
@@ -141,8 +143,8 @@ class Network:
     def _finish(self, t: Transfer, version: int) -> None:
         if version != t.version:
             return  # superseded by a rebalance
-        t.parent.uploads.discard(t)
-        t.child.downloads.discard(t)
+        t.parent.uploads.pop(t, None)
+        t.child.downloads.pop(t, None)
         t.parent.sent += t.size
         self._rebalance(t.parent, t.child)
         if t.parent.queue:
