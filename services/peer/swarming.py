@@ -66,6 +66,13 @@ class ParentState:
     type: str = "normal"
     failures: int = 0
     busy_until: float = 0.0
+    window: int = 1
+    """Pieces to have in flight from it: what it last took at once, grown by one for each
+    window's worth delivered, up to ``per_parent``. A capped parent serves one or two pieces
+    at a time and answers busy past that; asking for more wastes requests, and backing off
+    from it altogether would leave its slot idle when our piece ends."""
+    delivered: int = 0
+    """Pieces it delivered since the window last changed."""
 
 
 @dataclass
@@ -121,7 +128,7 @@ class Swarming:
         blocked = self.blocked(now)
         added = [p for p in parents if p not in self.parents and p not in blocked]
         for parent_id in added:
-            self.parents[parent_id] = ParentState(parents[parent_id])
+            self.parents[parent_id] = ParentState(parents[parent_id], window=self.per_parent)
         return added
 
     def asked(self, now: float) -> None:
@@ -167,6 +174,11 @@ class Swarming:
         if self.book is not None:
             self.book.finished(number, parent_id)
         self._last_progress = now
+        parent = self.parents.get(parent_id)
+        if parent is not None and parent.window < self.per_parent:
+            parent.delivered += 1
+            if parent.delivered >= parent.window:
+                parent.window, parent.delivered = parent.window + 1, 0
 
     def failed(self, number: int, parent_id: str, reason: Failure, now: float) -> None:
         """A fetch that did not deliver; the policy of what it costs the parent is here."""
@@ -177,7 +189,12 @@ class Swarming:
         if reason in ("cancelled", "origin") or parent is None:
             return  # a lent piece the seed reads itself when we do not deliver
         if reason == "busy":
-            parent.busy_until = now + BUSY_BACKOFF
+            # It serves what it took: ask again as those end. Only one that took nothing
+            # of ours is left alone for a moment.
+            taken = self.fetching.get(parent_id, 0)
+            parent.window, parent.delivered = max(1, taken), 0
+            if not taken:
+                parent.busy_until = now + BUSY_BACKOFF
         elif reason == "corrupt":
             self.drop(parent_id, "corrupt", now)
         elif reason == "slow":
@@ -224,7 +241,7 @@ class Swarming:
                 p: slots
                 for p, parent in self.parents.items()
                 if parent.busy_until <= now
-                and (slots := self.per_parent - self.fetching.get(p, 0)) > 0
+                and (slots := parent.window - self.fetching.get(p, 0)) > 0
                 and p in book.available
             }
             if room > 0 and free:  # the book's choice costs a count of every offer

@@ -113,6 +113,36 @@ def test_a_busy_parent_is_asked_again_after_the_backoff() -> None:
     assert "a" in core.parents and core.bad == []
 
 
+def test_a_parent_busy_past_what_it_took_is_asked_for_that_many_at_once() -> None:
+    """A capped parent serves one piece and queues one: the rest of a full window comes
+    back busy. The child keeps what it took in flight, asks again as each ends (no
+    backoff), and widens the window once it delivered a window's worth."""
+    core = swarm(pieces=16, concurrency=8, per_parent=4)
+    core.scheduled({"a": "normal"}, 0.0, exact=True)
+    core.offered("a", set(range(16)))
+    started = fetches(core.tick(0.0))
+    assert len(started) == 4
+    for number, parent in started[2:]:
+        core.failed(number, parent, "busy", 0.1)
+    assert core.parents["a"].busy_until == 0.0, "it serves us: no backoff"
+    assert fetches(core.tick(0.1)) == [], "the window is what it took"
+    core.done(started[0][0], "a", 0.2)
+    assert len(fetches(core.tick(0.2))) == 1, "its slot is asked for again at once"
+    core.done(started[1][0], "a", 0.3)
+    assert len(fetches(core.tick(0.3))) == 2, "two delivered at a window of two: three"
+    assert core.parents["a"].window == 3
+
+
+def test_a_window_never_grows_past_per_parent() -> None:
+    core = swarm(pieces=16, concurrency=8, per_parent=2)
+    core.scheduled({"a": "normal"}, 0.0, exact=True)
+    core.offered("a", set(range(16)))
+    for step in range(6):
+        for number, parent in fetches(core.tick(float(step))):
+            core.done(number, parent, step + 0.5)
+    assert core.parents["a"].window == 2
+
+
 def test_a_slow_seed_is_kept_a_slow_peer_dropped() -> None:
     core = swarm()
     core.scheduled({"seed": "seed", "p": "normal"}, 0.0, exact=True)
