@@ -190,6 +190,68 @@ class Ok:
 
 
 @dataclass(frozen=True, slots=True)
+class HeartbeatRequest:
+    """common.json ``heartbeat_request``: a host's heartbeat: who it is and how loaded."""
+
+    host: Host
+    uploads: int | None = None
+    peers: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HeartbeatRequest:
+        return cls(
+            host=Host.from_dict(data["host"]), uploads=data.get("uploads"), peers=data.get("peers")
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"host": self.host.to_dict()}
+        if self.uploads is not None:
+            data["uploads"] = self.uploads
+        if self.peers is not None:
+            data["peers"] = self.peers
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply:
+    """common.json ``heartbeat_reply``: a scheduler's answer to a heartbeat."""
+
+    ok: bool
+    known: bool
+    interval_ms: int | None = None
+    verify_keys: list[str] | None = None
+    partitions: int | None = None
+    scheduler: str | None = None
+    owners: list[str] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HeartbeatReply:
+        return cls(
+            ok=data["ok"],
+            known=data["known"],
+            interval_ms=data.get("interval_ms"),
+            verify_keys=data.get("verify_keys"),
+            partitions=data.get("partitions"),
+            scheduler=data.get("scheduler"),
+            owners=data.get("owners"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"ok": self.ok, "known": self.known}
+        if self.interval_ms is not None:
+            data["interval_ms"] = self.interval_ms
+        if self.verify_keys is not None:
+            data["verify_keys"] = self.verify_keys
+        if self.partitions is not None:
+            data["partitions"] = self.partitions
+        if self.scheduler is not None:
+            data["scheduler"] = self.scheduler
+        if self.owners is not None:
+            data["owners"] = self.owners
+        return data
+
+
+@dataclass(frozen=True, slots=True)
 class ReportReply:
     """common.json ``report_reply``: the reply to a piece report."""
 
@@ -356,68 +418,6 @@ class ProgressReply:
         data: dict[str, Any] = {"state": self.state, "completed_bytes": self.completed_bytes}
         if self.content_length is not ABSENT:
             data["content_length"] = self.content_length
-        return data
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatRequest:
-    """``scheduler.heartbeat`` request: a host says it is alive and how loaded it is."""
-
-    host: Host
-    uploads: int | None = None
-    peers: int | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HeartbeatRequest:
-        return cls(
-            host=Host.from_dict(data["host"]), uploads=data.get("uploads"), peers=data.get("peers")
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"host": self.host.to_dict()}
-        if self.uploads is not None:
-            data["uploads"] = self.uploads
-        if self.peers is not None:
-            data["peers"] = self.peers
-        return data
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatReply:
-    """``scheduler.heartbeat`` reply: a host says it is alive and how loaded it is."""
-
-    ok: bool
-    known: bool
-    interval_ms: int | None = None
-    verify_keys: list[str] | None = None
-    partitions: int | None = None
-    scheduler: str | None = None
-    owners: list[str] | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HeartbeatReply:
-        return cls(
-            ok=data["ok"],
-            known=data["known"],
-            interval_ms=data.get("interval_ms"),
-            verify_keys=data.get("verify_keys"),
-            partitions=data.get("partitions"),
-            scheduler=data.get("scheduler"),
-            owners=data.get("owners"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"ok": self.ok, "known": self.known}
-        if self.interval_ms is not None:
-            data["interval_ms"] = self.interval_ms
-        if self.verify_keys is not None:
-            data["verify_keys"] = self.verify_keys
-        if self.partitions is not None:
-            data["partitions"] = self.partitions
-        if self.scheduler is not None:
-            data["scheduler"] = self.scheduler
-        if self.owners is not None:
-            data["owners"] = self.owners
         return data
 
 
@@ -1026,6 +1026,7 @@ class SeedReply:
 
 DOWNLOAD: Final = Subject("peer.{host_id}.download", DownloadRequest, DownloadReply)
 PROGRESS: Final = Subject("peer.{host_id}.progress", ProgressRequest, ProgressReply)
+BEAT: Final = Subject("scheduler.{scheduler}.beat", HeartbeatRequest, HeartbeatReply)
 HEARTBEAT: Final = Subject("scheduler.heartbeat", HeartbeatRequest, HeartbeatReply)
 LEAVE: Final = Subject("scheduler.leave", LeaveRequest, Ok)
 PIECES: Final = Subject("scheduler.{partition}.pieces", PiecesRequest, ReportReply)
@@ -1039,6 +1040,7 @@ SEED: Final = Subject("storage.{host_id}.seed", SeedRequest, SeedReply)
 SUBJECTS: Final[Mapping[str, Subject[Any, Any]]] = {
     DOWNLOAD.name: DOWNLOAD,
     PROGRESS.name: PROGRESS,
+    BEAT.name: BEAT,
     HEARTBEAT.name: HEARTBEAT,
     LEAVE.name: LEAVE,
     PIECES.name: PIECES,

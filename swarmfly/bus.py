@@ -27,15 +27,13 @@ from opentelemetry.trace import SpanKind
 
 from swarmfly import contracts, metrics, telemetry
 from swarmfly.config import TokenFile
+from swarmfly.contracts.wire import Endpoint as Bound
+from swarmfly.contracts.wire import Handler, Rep, Req, SentHandler, Subject
 from swarmfly.errors import BadRequest, SwarmflyError, in_words
 from swarmfly.ids import redact_url
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-SentHandler = Callable[[dict[str, Any], contracts.Sender], Awaitable[dict[str, Any]]]
-"""A handler of a contract whose subject names its sender: it is given the sending host as
-the subject names it, which nats-server's permissions let only that host publish under."""
 MAX_REQUEST_BYTES = 256 * 1024
 """Requests above this are refused before decoding; replies may be larger (digest lists)."""
 MAX_HANDLING = 256
@@ -77,7 +75,7 @@ class Served:
 
     service: Service
     name: str
-    deferred: dict[str, Handler | SentHandler]
+    deferred: list[Bound[Any, Any]]
     opened: dict[tuple[tuple[str, str], ...], list[Endpoint]] = field(default_factory=dict)
 
 
@@ -203,20 +201,23 @@ class Bus:
         return subject
 
     async def request(
-        self, name: str, payload: dict[str, Any], *, timeout: float = 5.0, **tokens: str
-    ) -> dict[str, Any]:
-        """Send a request under contract ``name``; raise SwarmflyError on an error reply."""
-        contract = contracts.get(name)
-        subject = self.subject(name, **tokens)
+        self, subject: Subject[Req, Rep], message: Req, *, timeout: float = 5.0, **tokens: str
+    ) -> Rep:
+        """Send ``message`` under its subject's contract; the reply comes back typed. An
+        error reply raises SwarmflyError."""
+        contract = subject.contract
+        address = self.subject(subject.name, **tokens)
+        payload = message.to_dict()
         contract.validate_request(payload)
         with telemetry.span(
             f"send {contract.name}",
             kind=SpanKind.CLIENT,
-            attributes=_messaging(subject, "send") if telemetry.enabled() else None,
+            attributes=_messaging(address, "send") if telemetry.enabled() else None,
         ):
             headers: dict[str, str] = {}
             telemetry.inject(headers)
-            return await self._request(contract, subject, payload, timeout, headers or None)
+            body = await self._request(contract, address, payload, timeout, headers or None)
+        return subject.reply.from_dict(body)
 
     async def _request(
         self,
@@ -259,7 +260,7 @@ class Bus:
         name: str,
         version: str,
         description: str,
-        handlers: dict[str, Handler | SentHandler],
+        endpoints: Sequence[Bound[Any, Any]],
         *,
         metadata: dict[str, str] | None = None,
         **tokens: str,
@@ -273,14 +274,14 @@ class Bus:
             self.nc, name=name, version=version, description=description, metadata=metadata
         )
         self._services.append(service)
-        served = Served(service, name, {})
-        now: dict[str, Handler | SentHandler] = {}
-        for contract_name, handler in handlers.items():
-            self.used.add(contract_name)
-            if set(contracts.get(contract_name).tokens) <= set(tokens):
-                now[contract_name] = handler
+        served = Served(service, name, [])
+        now: list[Bound[Any, Any]] = []
+        for endpoint in endpoints:
+            self.used.add(endpoint.subject.name)
+            if set(endpoint.subject.contract.tokens) <= set(tokens):
+                now.append(endpoint)
             else:
-                served.deferred[contract_name] = handler
+                served.deferred.append(endpoint)
         await self._add_endpoints(served, now, tokens)
         return served
 
@@ -315,13 +316,14 @@ class Bus:
     async def _add_endpoints(
         self,
         served: Served,
-        handlers: dict[str, Handler | SentHandler],
+        endpoints: list[Bound[Any, Any]],
         tokens: dict[str, str],
         every: tuple[str, ...] = (),
     ) -> list[Endpoint]:
         added: list[Endpoint] = []
-        for contract_name, handler in handlers.items():
-            contract = contracts.get(contract_name)
+        for bound in endpoints:
+            contract_name = bound.subject.name
+            contract = bound.subject.contract
             given = {t: tokens[t] for t in contract.tokens if t not in every}
             senders = (contracts.SENDER,) if contract.sender else ()
             subject = self._subject(contract_name, given, every + senders)
@@ -332,7 +334,7 @@ class Bus:
             await served.service.add_endpoint(
                 name=_endpoint_name(contract_name, {**tokens, **dict.fromkeys(every, "all")}),
                 subject=subject,
-                handler=self._endpoint(contract, handler),
+                handler=self._endpoint(bound),
                 queue_group=queue_group,
                 metadata={"contract": contract_name, "version": str(contract.version)},
             )
@@ -343,13 +345,16 @@ class Bus:
         await self.nc.flush()
         return added
 
-    def _endpoint(
-        self, contract: contracts.Contract, handler: Handler | SentHandler
-    ) -> Callable[[Request], Awaitable[None]]:
+    def _endpoint(self, bound: Bound[Any, Any]) -> Callable[[Request], Awaitable[None]]:
         """nats-py hands a subscription's messages over one at a time: each request is
         handled in its own task, so a long one (a download, a preheat) does not hold up the
         next; past MAX_HANDLING at once, the subscription waits (its queue is bounded)."""
         gate = asyncio.Semaphore(MAX_HANDLING)
+        contract, handler, request_type = (
+            bound.subject.contract,
+            bound.handler,
+            bound.subject.request,
+        )
 
         async def dispatch(request: Request) -> None:
             await gate.acquire()
@@ -358,7 +363,7 @@ class Bus:
 
         async def serve(request: Request) -> None:
             try:
-                payload = decode_request(contract, request.data)
+                message = request_type.from_dict(decode_request(contract, request.data))
             except BadRequest as exc:
                 metrics.CONTRACT_FAILURES.labels(contract.name).inc()
                 await _respond_error(request, exc)
@@ -374,9 +379,9 @@ class Bus:
                 ):
                     if contract.sender:
                         sender = contracts.Sender.of(request.subject)
-                        reply = await cast(SentHandler, handler)(payload, sender)
+                        reply = await cast(SentHandler[Any, Any], handler)(message, sender)
                     else:
-                        reply = await cast(Handler, handler)(payload)
+                        reply = await cast(Handler[Any, Any], handler)(message)
             except SwarmflyError as exc:
                 await _respond_error(request, exc)
                 return
@@ -386,7 +391,7 @@ class Bus:
                 await _respond_error(request, SwarmflyError("internal", failed))
                 return
             try:
-                await request.respond(orjson.dumps(reply))
+                await request.respond(orjson.dumps(reply.to_dict()))
             except Exception as exc:  # e.g. larger than the server's max_payload
                 log.error("reply on %s not sent: %s", contract.name, exc)
                 await _respond_error(request, SwarmflyError("internal", "reply could not be sent"))
@@ -395,24 +400,25 @@ class Bus:
 
     async def gather(
         self,
-        name: str,
-        payload: dict[str, Any],
+        subject: Subject[Req, Rep],
+        message: Req,
         *,
         wait: float = 0.5,
         expect: int | None = None,
         **tokens: str,
-    ) -> list[dict[str, Any]]:
+    ) -> list[Rep]:
         """Every reply to a fanout request that arrives within ``wait`` seconds (one per
         instance of the service), or until ``expect`` of them came; error replies and
         replies that break the contract are left out."""
-        contract = contracts.get(name)
-        subject = self.subject(name, **tokens)
+        contract = subject.contract
+        address = self.subject(subject.name, **tokens)
+        payload = message.to_dict()
         contract.validate_request(payload)
         inbox = self.nc.new_inbox()
         subscription = await self.nc.subscribe(inbox)
-        replies: list[dict[str, Any]] = []
+        replies: list[Rep] = []
         try:
-            await self.nc.publish(subject, orjson.dumps(payload), reply=inbox)
+            await self.nc.publish(address, orjson.dumps(payload), reply=inbox)
             deadline = asyncio.get_running_loop().time() + wait
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
                 if expect is not None and len(replies) >= expect:
@@ -430,9 +436,9 @@ class Bus:
                     if contract.validate_reply is not None:
                         contract.validate_reply(body)
                 except Exception as exc:  # orjson or fastjsonschema: a broken reply
-                    log.warning("dropped a reply on %s: %s", subject, exc)
+                    log.warning("dropped a reply on %s: %s", address, exc)
                     continue
-                replies.append(body)
+                replies.append(subject.reply.from_dict(body))
         finally:
             await subscription.unsubscribe()
         return replies

@@ -17,6 +17,8 @@ from swarmfly import telemetry
 from swarmfly.bus import Bus
 from swarmfly.cluster import connect, local_peer, servers_of
 from swarmfly.config import Config
+from swarmfly.contracts import messages
+from swarmfly.contracts.wire import ABSENT
 from swarmfly.credentials import inbox_prefix
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import check_digest, new_id, redact_url
@@ -84,14 +86,12 @@ async def get(
 async def _via_peer(
     bus: Bus, host_id: str, request: GetRequest, output: Path, progress: Progress | None
 ) -> dict[str, Any]:
-    body = request.body(output)
-    download_id = body["download_id"]
+    body = messages.DownloadRequest.from_dict(request.body(output))
+    download_id = body.download_id
 
-    def ask() -> asyncio.Task[dict[str, Any]]:
+    def ask() -> asyncio.Task[messages.DownloadReply]:
         return asyncio.create_task(
-            bus.request(
-                "peer.{host_id}.download", body, timeout=request.timeout + 5, host_id=host_id
-            )
+            bus.request(messages.DOWNLOAD, body, timeout=request.timeout + 5, host_id=host_id)
         )
 
     call = ask()
@@ -107,7 +107,7 @@ async def _via_peer(
                 break
             try:
                 state = await bus.request(
-                    "peer.{host_id}.progress", {"download_id": download_id}, host_id=host_id
+                    messages.PROGRESS, messages.ProgressRequest(download_id), host_id=host_id
                 )
             except SwarmflyError:
                 if not bus.nc.is_connected:
@@ -120,7 +120,7 @@ async def _via_peer(
                     raise SwarmflyError("unavailable", "the local peer service went away") from None
                 continue
             silent_since = None
-            if state["state"] != "unknown":
+            if state.state != "unknown":
                 seen, forgotten_since = True, None
             elif seen:
                 # The peer finished and forgot this download, yet no reply came: it was lost
@@ -130,10 +130,11 @@ async def _via_peer(
                     call.cancel()
                     call, seen, forgotten_since = ask(), False, None
             if progress is not None:
-                progress(state["completed_bytes"], state["content_length"])
+                length = state.content_length
+                progress(state.completed_bytes, None if length is ABSENT else length)
     finally:
         call.cancel()
-    return call.result()
+    return call.result().to_dict()
 
 
 STALE_RUN = 60.0
@@ -230,7 +231,7 @@ async def _in_process(
         )
     except OSError as exc:
         raise cannot_write(output, exc) from None
-    return result.reply(output)
+    return result.reply(output).to_dict()
 
 
 def _check_writable(output: Path) -> None:

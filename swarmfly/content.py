@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarmfly.contracts import messages
 from swarmfly.ids import piece_range
 
 
@@ -33,6 +34,15 @@ class TaskContent:
             out["digest"] = self.digest
         return out
 
+    @classmethod
+    def of(cls, task: messages.TaskContent) -> TaskContent:
+        return cls(task.content_length, task.piece_length, task.piece_count, task.digest)
+
+    def message(self) -> messages.TaskContent:
+        return messages.TaskContent(
+            self.content_length, self.piece_length, self.piece_count, self.digest or None
+        )
+
     def piece(self, number: int) -> tuple[int, int]:
         return piece_range(number, self.content_length, self.piece_length)
 
@@ -43,6 +53,15 @@ class SourceRequest:
     headers: dict[str, str] = field(default_factory=dict, repr=False)
     digest: str | None = None
     piece_length: int | None = None
+
+    @classmethod
+    def of(cls, source: messages.Source) -> SourceRequest:
+        return cls(source.url, dict(source.headers or {}), source.digest, source.piece_length)
+
+    def message(self) -> messages.Source:
+        return messages.Source(
+            self.url, self.headers or None, self.digest or None, self.piece_length or None
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"url": self.url}

@@ -129,6 +129,7 @@ def host_publish(p: str, host_type: str, host_id: str) -> list[str]:
     return [
         *(f"{p}.scheduler.*.{verb}.{sender}" for verb in SENT),
         f"{p}.scheduler.heartbeat.{sender}",
+        f"{p}.scheduler.*.beat.{sender}",
         f"{p}.scheduler.leave.{sender}",
         f"{p}.scheduler.*.task",
     ]

@@ -27,6 +27,7 @@ import orjson
 from swarmfly.bus import Bus
 from swarmfly.cluster import connect
 from swarmfly.config import Config
+from swarmfly.contracts import messages
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import task_id
 from swarmfly.plugins.sources.oci import MANIFEST_TYPES
@@ -213,12 +214,13 @@ async def _held(bus: Bus, task: str) -> int | None:
     """Bytes of ``task`` the seeding storage holds so far, as the schedulers know them:
     ``storage.preheat`` answers only at the end, ``scheduler.state`` (fanout, filtered to one
     task) says how far it has got."""
-    for reply in await bus.gather("scheduler.state", {"task_id": task, "limit": 1}, wait=POLL / 2):
-        for state in reply["tasks"]:
-            content = state["task"]
-            if state["id"] == task and content:
-                pieces = max((p["pieces"] for p in state["peers"] if p["source"]), default=0)
-                return int(min(content["content_length"], pieces * content["piece_length"]))
+    asked = messages.StateRequest(task_id=task, limit=1)
+    for reply in await bus.gather(messages.STATE, asked, wait=POLL / 2):
+        for state in reply.tasks:
+            content = state.task
+            if state.id == task and content:
+                pieces = max((p.pieces for p in state.peers if p.source), default=0)
+                return min(content.content_length, pieces * content.piece_length)
     return None
 
 
@@ -253,17 +255,15 @@ async def preheat(
             task = blob.task_id
             if task:
                 running[task] = 0
-            source: dict[str, Any] = {"url": blob.url}
-            if headers:
-                source["headers"] = headers
-            if blob.digest:
-                source["digest"] = blob.digest
+            source = messages.Source(blob.url, headers or None, blob.digest or None)
             try:
-                reply = await bus.request(
-                    "storage.preheat",
-                    {"source": source, "timeout_s": timeout},
-                    timeout=timeout + 5,
-                )
+                reply = (
+                    await bus.request(
+                        messages.PREHEAT,
+                        messages.PreheatRequest(source, timeout),
+                        timeout=timeout + 5,
+                    )
+                ).to_dict()
             except SwarmflyError as exc:
                 summary.errors.append(exc)
                 outcome: dict[str, Any] | SwarmflyError = exc

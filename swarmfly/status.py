@@ -6,6 +6,7 @@ from typing import Any
 
 from swarmfly.cluster import connect
 from swarmfly.config import Config
+from swarmfly.contracts import messages
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
@@ -76,9 +77,13 @@ async def gather(config: Config, *, within: float | None = None) -> dict[str, An
     try:
         services = await bus.discover()
         schedulers = sum(s.get("name") == "scheduler" for s in services)
-        states = await bus.gather(
-            "scheduler.state", {"limit": 50}, wait=SCHEDULER_WAIT, expect=schedulers or None
+        replies = await bus.gather(
+            messages.STATE,
+            messages.StateRequest(limit=50),
+            wait=SCHEDULER_WAIT,
+            expect=schedulers or None,
         )
+        states = [reply.to_dict() for reply in replies]
     finally:
         await bus.close()
     if states:

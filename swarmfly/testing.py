@@ -24,6 +24,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 from swarmfly import apitoken, contracts, ids
 from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig, nats_client_options
+from swarmfly.contracts import messages
 from swarmfly.credentials import Identity
 from swarmfly.errors import SwarmflyError
 from swarmfly.natsserver import NatsServer
@@ -426,7 +427,8 @@ def subject_tokens(
     sender: contracts.Sender = TEST_SENDER,
 ) -> dict[str, str]:
     """The tokens of contract ``name``'s subject: ``host_id`` is the host of the service
-    that serves it (``hosts["peer"]``, ``hosts["storage"]``); ``partition`` the task's, or 0
+    that serves it (``hosts["peer"]``, ``hosts["storage"]``), ``scheduler`` the scheduler's
+    run (``hosts["scheduler"]``); ``partition`` the task's, or 0
     (a lone scheduler holds every partition and answers any task on any of them); the
     sender, where the contract names one, ``sender``."""
     contract = contracts.get(name)
@@ -455,20 +457,20 @@ def sender_of(body: Mapping[str, Any], default: contracts.Sender = TEST_SENDER) 
 async def capability(bus: Bus, task_id: str, host_id: str = "test-child") -> dict[str, str]:
     """The ``Authorization`` header a child the task's scheduler scheduled shows parents: it
     registers as one, on a host of its own, and takes the capability of its schedule."""
-    body = {
-        "task_id": task_id,
-        "peer_id": ids.peer_id(host_id, task_id),
-        "host": {"id": host_id, "ip": "127.0.0.1", "port": 9, "type": "normal"},
-        "source": {"url": "swarmfly:cached"},  # what it names nothing can be read from
-    }
+    body = messages.RegisterRequest(
+        task_id=task_id,
+        peer_id=ids.peer_id(host_id, task_id),
+        host=messages.Host(host_id, "127.0.0.1", 9, "normal"),
+        source=messages.Source("swarmfly:cached"),  # what it names nothing can be read from
+    )
     partition = str(partition_of(task_id, DEFAULT_PARTITIONS))
     reply = await bus.request(
-        "scheduler.{partition}.register",
+        messages.REGISTER,
         body,
         partition=partition,
         sender=contracts.Sender("normal", host_id).token,
     )
-    return {"Authorization": f"Bearer {reply['token']}"}
+    return {"Authorization": f"Bearer {reply.token}"}
 
 
 @dataclass
@@ -484,10 +486,11 @@ class InProcessCluster:
 
     @property
     def hosts(self) -> dict[str, str]:
-        """Host ids by service, as ``subject_tokens`` takes them."""
+        """Host ids by service, and the scheduler's run, as ``subject_tokens`` takes them."""
         return {
             "peer": self.peer.node.settings.host_id,
             "storage": self.storage.node.settings.host_id,
+            "scheduler": self.scheduler.ownership.instance,
         }
 
 

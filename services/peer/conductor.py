@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -19,6 +19,8 @@ from opentelemetry.trace import SpanKind
 
 from swarmfly import metrics, telemetry
 from swarmfly.content import SourceRequest, TaskContent
+from swarmfly.contracts import messages
+from swarmfly.contracts.wire import ABSENT, Absent, Rep, Req, Subject
 from swarmfly.errors import SwarmflyError, connect_error_in_words, in_words
 from swarmfly.ids import check_digest, piece_count, piece_length_for, redact_url
 from swarmfly.plugins.hookspecs import SourceStat
@@ -52,14 +54,16 @@ SEED_POLL_WAIT = 2.0
 REPORT_INTERVAL = 0.05
 DIGEST_POLL = 0.1
 """Seconds a download that lacks digests waits for a push before it polls for them."""
-_PUSHING = (
-    "scheduler.{partition}.register",
-    "scheduler.{partition}.reschedule",
-    "scheduler.{partition}.pieces",
-)
+_PUSHING = (messages.RegisterRequest, messages.RescheduleRequest, messages.PiecesRequest)
 """The requests whose replies push digests."""
 REPORT_BATCH = 2048
 """Piece reports per request: with digests, 2048 stay well inside the request size limit."""
+
+
+def _retry_after(schedule: messages.Schedule, default_ms: int) -> float:
+    """Seconds to wait as the schedule says, or ``default_ms`` when it does not."""
+    ms = default_ms if schedule.retry_after_ms is None else schedule.retry_after_ms
+    return ms / 1000
 
 
 def _lent_pieces(answer: dict[str, Any]) -> list[tuple[int, str | None]]:
@@ -164,7 +168,7 @@ class Conductor:
         self._refuted: dict[int, str] = {}
         """Pieces we hold whose digest the scheduler now states otherwise (the digest): we
         took them on a lent child's word, and the seed has since read them."""
-        self._reports: list[dict[str, Any]] = []
+        self._reports: list[messages.PieceReport] = []
         self._report_content = False
         self._wake = asyncio.Event()
         self._token: str | None = None
@@ -232,39 +236,39 @@ class Conductor:
 
     async def _swarm_or_refuse(self) -> None:
         try:
-            schedule = await self._request("scheduler.{partition}.register", self._register_body())
+            schedule = await self._request(messages.REGISTER, self._register_body())
         except SwarmflyError as exc:
             if exc.code not in ("unavailable", "timeout"):
                 raise
             schedule = self._without_scheduler(exc)
         while True:
-            action = schedule["action"]
-            self._adopt(schedule.get("task"))
+            action = schedule.action
+            self._adopt(schedule.task)
             if action == "back_to_source":
                 await self._from_origin()
                 return
             if action == "wait":
-                await asyncio.sleep(schedule.get("retry_after_ms", 200) / 1000)
+                await asyncio.sleep(_retry_after(schedule, 200))
                 schedule = await self._reschedule_or_register()
                 continue
-            self._set_parents(schedule["parents"], exact=False)
+            self._set_parents(schedule.parents, exact=False)
             after = await self._p2p()
             if after is None:
                 return
             schedule = after
 
-    async def _reschedule_or_register(self) -> dict[str, Any]:
-        body = {
-            "task_id": self.task_id,
-            "peer_id": self.peer_id,
-            "blocklist": sorted(self.swarm.blocked(time.monotonic()))[:1024],
-            "bad_parents": self.swarm.bad[-256:],
-        }
+    async def _reschedule_or_register(self) -> messages.Schedule:
+        body = messages.RescheduleRequest(
+            task_id=self.task_id,
+            peer_id=self.peer_id,
+            blocklist=sorted(self.swarm.blocked(time.monotonic()))[:1024],
+            bad_parents=[messages.BadParent.from_dict(b) for b in self.swarm.bad[-256:]],
+        )
         try:
-            reply = await self._request("scheduler.{partition}.reschedule", body)
+            reply = await self._request(messages.RESCHEDULE, body)
         except SwarmflyError as exc:
             if exc.code == "not_found":
-                reply = await self._request("scheduler.{partition}.register", self._register_body())
+                reply = await self._request(messages.REGISTER, self._register_body())
             elif exc.code not in ("unavailable", "timeout"):
                 raise
             else:
@@ -272,40 +276,42 @@ class Conductor:
         self.swarm.scheduler_back()
         return reply
 
-    def _without_scheduler(self, exc: SwarmflyError) -> dict[str, Any]:
+    def _without_scheduler(self, exc: SwarmflyError) -> messages.Schedule:
         """What to do while the task's scheduler does not answer: the core's call."""
         what = self.swarm.scheduler_lost(
             time.monotonic(), others_answer=self.node.schedulers_answer()
         )
         if what == "keep":
-            return {"action": "parents", "parents": list(self._current_parents())}
+            return messages.Schedule("parents", self._current_parents())
         if what == "wait":
-            return {"action": "wait", "parents": [], "retry_after_ms": 500}
+            return messages.Schedule("wait", [], retry_after_ms=500)
         log.warning("no scheduler answers (%s): reading the origin", exc.code)
-        return {"action": "back_to_source", "parents": []}
+        return messages.Schedule("back_to_source", [])
 
     # -- P2P -----------------------------------------------------------------------------
 
-    def _current_parents(self) -> list[dict[str, Any]]:
+    def _current_parents(self) -> list[messages.Parent]:
         return [
-            {"peer_id": p.peer_id, "host_id": p.host_id, "address": p.address, "type": p.type}
+            messages.Parent(
+                p.peer_id, p.host_id, p.address, "seed" if p.type == "seed" else "normal"
+            )
             for p in self.parents.values()
         ]
 
-    def _set_parents(self, parents: list[dict[str, Any]], *, exact: bool, hint: int = 0) -> None:
+    def _set_parents(self, parents: list[messages.Parent], *, exact: bool, hint: int = 0) -> None:
         """The scheduler's parents: exactly these on a reschedule (its DAG has no cycles),
         in addition to ours on the first schedule; pieces in flight from a released parent
         still finish."""
-        by_id = {info["peer_id"]: info for info in parents}
+        by_id = {info.peer_id: info for info in parents}
         now = time.monotonic()
         added = self.swarm.scheduled(
-            {p: info["type"] for p, info in by_id.items()}, now, retry_after_ms=hint, exact=exact
+            {p: info.type for p, info in by_id.items()}, now, retry_after_ms=hint, exact=exact
         )
         for parent_id in [p for p in self.parents if p not in self.swarm.parents]:
             self._unwatch(parent_id)
         for parent_id in added:
             info = by_id[parent_id]
-            parent = Parent(parent_id, info["host_id"], info["address"].rstrip("/"), info["type"])
+            parent = Parent(parent_id, info.host_id, info.address.rstrip("/"), info.type)
             self.parents[parent_id] = parent
             parent.watcher = asyncio.create_task(self._watch(parent))
 
@@ -385,7 +391,7 @@ class Conductor:
                 self._wake.set()
                 return
 
-    async def _p2p(self) -> dict[str, Any] | None:
+    async def _p2p(self) -> messages.Schedule | None:
         """Fetch pieces until complete (None) or until the scheduler answers otherwise."""
         with telemetry.span("p2p") as current:
             before = len(self.stored.done)
@@ -397,7 +403,7 @@ class Conductor:
                                 "swarmfly.parents_dropped": len(self.swarm.bad)}
                 )  # fmt: skip
 
-    async def _p2p_loop(self) -> dict[str, Any] | None:
+    async def _p2p_loop(self) -> messages.Schedule | None:
         """The adapter of the Swarming core: events in, its decisions carried out."""
         swarm = self.swarm
         fetches: dict[asyncio.Task[int], tuple[int, str]] = {}
@@ -443,22 +449,22 @@ class Conductor:
                             "schedule %s (%s): %s, %d pieces, fetching %d",
                             self.task_id[:8],
                             decision.why,
-                            schedule["action"],
+                            schedule.action,
                             len(self.stored.done),
                             len(fetches),
                         )
-                        self._adopt(schedule.get("task"))
-                        if schedule["action"] == "parents":
+                        self._adopt(schedule.task)
+                        if schedule.action == "parents":
                             # A large swarm's scheduler asks its children to come back less
                             # often.
-                            hint = schedule.get("retry_after_ms", 0)
-                            self._set_parents(schedule["parents"], exact=True, hint=hint)
-                        elif schedule["action"] == "back_to_source":
+                            hint = schedule.retry_after_ms or 0
+                            self._set_parents(schedule.parents, exact=True, hint=hint)
+                        elif schedule.action == "back_to_source":
                             return schedule
                         else:
                             swarm.asked(time.monotonic())
                             if not self.parents:
-                                await asyncio.sleep(schedule.get("retry_after_ms", 200) / 1000)
+                                await asyncio.sleep(_retry_after(schedule, 200))
                 if rescheduled:
                     continue
                 waiter = asyncio.create_task(self._wake.wait())
@@ -592,7 +598,7 @@ class Conductor:
             metrics.PEER_PIECE_SECONDS.labels("p2p").observe(cost)
             log.debug("piece %d from %s in %.3fs", number, parent_id, cost)
             self._queue_report(
-                {"number": number, "parent_id": parent_id, "cost_ms": int(cost * 1000)}
+                messages.PieceReport(number, parent_id=parent_id, cost_ms=int(cost * 1000))
             )
         return number
 
@@ -619,19 +625,19 @@ class Conductor:
         while True:
             try:
                 reply = await self._request(
-                    "scheduler.{partition}.task", {"task_id": self.task_id, "offset": offset}
+                    messages.TASK, messages.TaskRequest(self.task_id, offset)
                 )
             except SwarmflyError as exc:
                 log.debug("task info: %s", exc)
                 return
-            if not reply["task"]:
+            if not reply.task:
                 return
-            self._adopt(reply["task"])
-            digests: list[str | None] = reply["digests"]
-            start = reply.get("offset", offset)
-            self._take_digests(start, digests, reply.get("provisional", ()))
+            self._adopt(reply.task)
+            digests = reply.digests
+            start = offset if reply.offset is None else reply.offset
+            self._take_digests(start, digests, reply.provisional or ())
             offset = start + len(digests)
-            if not digests or offset >= reply["task"]["piece_count"]:
+            if not digests or offset >= reply.task.piece_count:
                 return
 
     def _take_digests(
@@ -688,13 +694,13 @@ class Conductor:
         digest = self.source.digest or self.stat.digest
         return TaskContent(size, length, piece_count(size, length), digest)
 
-    def _adopt(self, data: dict[str, Any] | None) -> None:
+    def _adopt(self, data: messages.TaskContent | Absent | None) -> None:
         """Take the swarm's word on the content only where it agrees with what this host
         knows itself (its stat of the origin, the digest it was given); it may add the
         whole-file digest, which then proves every byte delivered."""
-        if not data:
+        if data is None or data is ABSENT:
             return
-        theirs = TaskContent.from_dict(data)
+        theirs = TaskContent.of(data)
         own = self.stored.content
         if own is not None:
             if (own.content_length, own.piece_length) != (
@@ -833,7 +839,7 @@ class Conductor:
 
     # -- a seed taking over --------------------------------------------------------------
 
-    async def _take_over(self, holders: list[dict[str, Any]]) -> None:
+    async def _take_over(self, holders: list[messages.Parent]) -> None:
         """A seed continuing a task whose seed was lost: what the swarm already holds comes
         from its holders, only the rest from the origin, so the origin is read about once in
         all."""
@@ -842,7 +848,7 @@ class Conductor:
             await self._gather(holders)
 
     async def _gather(
-        self, holders: list[dict[str, Any]], hold_off: Collection[int] = ()
+        self, holders: list[messages.Parent], hold_off: Collection[int] = ()
     ) -> set[int]:
         """What the holders have comes from them, the rest from the origin, both at once
         (``takeover.Gathering``). ``hold_off``: pieces children are reading from the origin,
@@ -851,8 +857,8 @@ class Conductor:
         assert content is not None
         await self._refresh_task(None)  # the digests the swarm's pieces are checked against
         for info in holders:
-            address = info["address"].rstrip("/")
-            parent = Parent(info["peer_id"], info["host_id"], address, "normal")
+            address = info.address.rstrip("/")
+            parent = Parent(info.peer_id, info.host_id, address, "normal")
             self.parents.setdefault(parent.peer_id, parent)
         answers = await asyncio.gather(*(self._holdings(p) for p in self.parents.values()))
         held = dict(zip(self.parents, answers, strict=True))
@@ -1046,7 +1052,9 @@ class Conductor:
         cost = time.monotonic() - started
         metrics.PEER_PIECE_SECONDS.labels("origin").observe(cost)
         if report or self.seed:
-            self._queue_report({"number": number, "digest": digest, "cost_ms": int(cost * 1000)})
+            self._queue_report(
+                messages.PieceReport(number, digest=digest, cost_ms=int(cost * 1000))
+            )
 
     # -- end of download -----------------------------------------------------------------
 
@@ -1107,62 +1115,55 @@ class Conductor:
         if self.node.bus is not None:
             await self.node.announce(self.stored)
 
-    async def _register_quietly(self) -> list[dict[str, Any]]:
+    async def _register_quietly(self) -> list[messages.Parent]:
         """Register a download that reads the origin; for a seed, the peers that already
         hold pieces of the task (a seed taking over from a lost one)."""
         if self.node.bus is None:
             return []
         try:
-            reply = await self._request("scheduler.{partition}.register", self._register_body())
+            reply = await self._request(messages.REGISTER, self._register_body())
         except SwarmflyError as exc:
             log.info("registering a back-to-source download: %s", exc)
             return []
-        parents: list[dict[str, Any]] = reply["parents"] if self.seed else []
-        return parents
+        return reply.parents if self.seed else []
 
     async def _result(self, success: bool, message: str = "") -> None:
         if self.node.bus is None:
             return
-        body: dict[str, Any] = {
-            "task_id": self.task_id,
-            "peer_id": self.peer_id,
-            "success": success,
-        }
-        if message:
-            body["message"] = message
+        body = messages.ResultRequest(self.task_id, self.peer_id, success, message or None)
         try:
-            await self._request("scheduler.{partition}.result", body)
+            await self._request(messages.RESULT, body)
         except SwarmflyError as exc:
             log.info("result not recorded: %s", exc)
 
     # -- control plane -------------------------------------------------------------------
 
-    def _register_body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "task_id": self.task_id,
-            "peer_id": self.peer_id,
-            "host": self.node.host(),
-            "source": self.source.to_dict(),
-        }
-        if self.seed:
-            body["seed"] = True
-        if self.stored.done:
-            body["pieces"] = sorted(self.stored.done)
-        if self.stored.content is not None and self.seed:
-            body["task"] = self.stored.content.to_dict()  # heard from the task's seed only
-        return body
+    def _register_body(self) -> messages.RegisterRequest:
+        content = self.stored.content
+        return messages.RegisterRequest(
+            task_id=self.task_id,
+            peer_id=self.peer_id,
+            host=self.node.host(),
+            source=self.source.message(),
+            pieces=sorted(self.stored.done) or None,
+            # heard from the task's seed only
+            task=content.message() if self.seed and content else None,
+            seed=True if self.seed else None,
+        )
 
-    async def _request(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _request(self, subject: Subject[Req, Rep], message: Req) -> Rep:
         """A request to the task's scheduler. Schedules and report replies push the digests
         this download lacks (``digests_from``): a downloading peer rarely polls for them."""
-        if name in _PUSHING and (offset := self._digests_from()) is not None:
-            body = {**body, "digests_from": offset}
-        reply = await self.node.request(name, body)
-        if token := reply.get("token"):
-            self._token = token  # every schedule carries a fresh one
-        if page := reply.get("digest_page"):
-            self._adopt(reply.get("task"))  # a schedule's: the layout the page is of
-            self._take_digests(page["offset"], page["digests"], page.get("provisional", ()))
+        if isinstance(message, _PUSHING) and (offset := self._digests_from()) is not None:
+            message = replace(message, digests_from=offset)
+        reply = await self.node.request(subject, message)
+        if isinstance(reply, messages.Schedule) and reply.token:
+            self._token = reply.token  # every schedule carries a fresh one
+        if isinstance(reply, (messages.Schedule, messages.ReportReply)) and reply.digest_page:
+            if isinstance(reply, messages.Schedule):
+                self._adopt(reply.task)  # a schedule's: the layout the page is of
+            page = reply.digest_page
+            self._take_digests(page.offset, page.digests, page.provisional or ())
         return reply
 
     def _digests_from(self) -> int | None:
@@ -1176,7 +1177,7 @@ class Conductor:
         """What shows a parent this peer was scheduled for the task."""
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
-    def _queue_report(self, piece: dict[str, Any] | None) -> None:
+    def _queue_report(self, piece: messages.PieceReport | None) -> None:
         if piece is not None:
             self._reports.append(piece)
 
@@ -1190,29 +1191,35 @@ class Conductor:
         of the pieces a lending seed lent either, so it is told them all again."""
         self._lendings_told.clear()
 
-    def _new_lendings(self) -> list[dict[str, Any]]:
+    def _new_lendings(self) -> list[messages.LentPiece]:
         """Pieces this seed lent since it last said: the scheduler hears a lent child's
         digest of such a piece, provisionally, and nobody else's."""
         lending = self.stored.lending
         if lending is None:
             return []
         fresh = [(n, child) for n, child in lending.lent_to.items() if n not in self._lendings_told]
-        return [{"number": n, "peer_id": child} for n, child in fresh[:REPORT_BATCH]]
+        return [messages.LentPiece(n, child) for n, child in fresh[:REPORT_BATCH]]
 
     async def _flush_reports(self) -> None:
         lent = self._new_lendings()
         if self.node.bus is None or not (self._reports or self._report_content or lent):
             return
         batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
-        body: dict[str, Any] = {"task_id": self.task_id, "peer_id": self.peer_id, "pieces": batch}
-        if self._report_content and self.stored.content is not None:
-            body["task"] = self.stored.content.to_dict()
-        if lent:
-            body["lent"] = lent
+        body = messages.PiecesRequest(
+            task_id=self.task_id,
+            peer_id=self.peer_id,
+            pieces=batch,
+            task=(
+                self.stored.content.message()
+                if self._report_content and self.stored.content
+                else None
+            ),
+            lent=lent or None,
+        )
         try:
-            await self._request("scheduler.{partition}.pieces", body)
+            await self._request(messages.PIECES, body)
             self._report_content = False
-            self._lendings_told.update(item["number"] for item in lent)
+            self._lendings_told.update(item.number for item in lent)
         except SwarmflyError as exc:
             if exc.code == "not_found":
                 # The scheduler lost us (a restart): rejoin with everything we hold.

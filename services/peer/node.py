@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import time
+import zlib
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,10 +25,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from swarmfly import contracts, metrics
+from swarmfly import metrics
 from swarmfly.bus import Bus
 from swarmfly.content import SourceRequest
-from swarmfly.contracts import SENDER, Sender
+from swarmfly.contracts import SENDER, Sender, messages
+from swarmfly.contracts.wire import Rep, Req, Subject
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import origin, url_digest
@@ -94,9 +96,9 @@ class DownloadResult:
     seconds: float
     digest: str | None
 
-    def reply(self, output: Path) -> dict[str, Any]:
+    def reply(self, output: Path) -> messages.DownloadReply:
         """The ``peer.<host>.download`` reply for this result delivered at ``output``."""
-        return {**self.summary(), "output": str(output)}
+        return messages.DownloadReply.from_dict({**self.summary(), "output": str(output)})
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -242,22 +244,19 @@ class PeerNode:
         if self._session is not None:
             await self._session.close()
 
-    def host(self) -> dict[str, Any]:
+    def host(self) -> messages.Host:
         s = self.settings
-        host: dict[str, Any] = {
-            "id": s.host_id,
-            "ip": self.ip,
-            "port": self.port,
-            "type": s.host_type,
+        return messages.Host(
+            id=s.host_id,
+            ip=self.ip,
+            port=self.port,
+            type=s.host_type,  # type: ignore[arg-type]
+            idc=s.idc or None,
+            location=s.location or None,
             # What the scheduler compares with the heartbeat's load: a host is full when it
             # turns children away, not while one upload runs in its only paced slot.
-            "upload_slots": self.upload.capacity,
-        }
-        if s.idc:
-            host["idc"] = s.idc
-        if s.location:
-            host["location"] = s.location
-        return host
+            upload_slots=self.upload.capacity,
+        )
 
     @property
     def sender(self) -> str:
@@ -470,17 +469,19 @@ class PeerNode:
     # -- control plane ---------------------------------------------------------------------
 
     async def request(
-        self, name: str, body: dict[str, Any], *, timeout: float = 5.0
-    ) -> dict[str, Any]:
-        """A request to the schedulers; a task's subjects go to the task's partition."""
+        self, subject: Subject[Req, Rep], message: Req, *, timeout: float = 5.0
+    ) -> Rep:
+        """A request to the schedulers; a task's subjects go to the task's partition (each
+        of their requests names its task)."""
         if self.bus is None:
             raise SwarmflyError("unavailable", "no control plane")
         if self._left:
             raise SwarmflyError("unavailable", "this host has left the swarm")
-        tokens = {SENDER: self.sender} if contracts.get(name).sender else {}
-        if "{partition}" in name:
-            tokens["partition"] = str(partition_of(body["task_id"], self.partitions))
-        return await self.bus.request(name, body, timeout=timeout, **tokens)
+        tokens = {SENDER: self.sender} if subject.contract.sender else {}
+        if "{partition}" in subject.name:
+            task_id: str = getattr(message, "task_id")  # noqa: B009
+            tokens["partition"] = str(partition_of(task_id, self.partitions))
+        return await self.bus.request(subject, message, timeout=timeout, **tokens)
 
     async def announce(
         self, stored: StoredTask, *, peer_id: str | None = None, seed: bool = False
@@ -489,37 +490,33 @@ class PeerNode:
         if self.bus is None or stored.content is None:
             return
         peer_id = peer_id or self.peer_id(stored.id)
-        body: dict[str, Any] = {
-            "task_id": stored.id,
-            "peer_id": peer_id,
-            "host": self.host(),
-            "source": {"url": stored.url or "swarmfly:cached"},
-            "pieces": sorted(stored.done),
-            "task": stored.content.to_dict(),
-        }
-        if seed or (self.settings.host_type == "seed" and stored.complete):
-            body["seed"] = True
-        await self.request("scheduler.{partition}.register", body)
+        task = stored.content.message()
+        seeds = seed or (self.settings.host_type == "seed" and stored.complete)
+        await self.request(
+            messages.REGISTER,
+            messages.RegisterRequest(
+                task_id=stored.id,
+                peer_id=peer_id,
+                host=self.host(),
+                source=messages.Source(stored.url or "swarmfly:cached"),
+                pieces=sorted(stored.done),
+                task=task,
+                seed=True if seeds else None,
+            ),
+        )
         reports = [
-            {"number": n, "digest": stored.digests[n]}
+            messages.PieceReport(n, stored.digests[n])
             for n in sorted(stored.done)
             if stored.digests[n]
         ]
         for start in range(0, max(1, len(reports)), REPORT_BATCH):
+            batch = reports[start : start + REPORT_BATCH]
             await self.request(
-                "scheduler.{partition}.pieces",
-                {
-                    "task_id": stored.id,
-                    "peer_id": peer_id,
-                    "pieces": reports[start : start + REPORT_BATCH],
-                    "task": stored.content.to_dict(),
-                },
+                messages.PIECES,
+                messages.PiecesRequest(stored.id, peer_id, batch, task=task),
             )
         if stored.complete:
-            await self.request(
-                "scheduler.{partition}.result",
-                {"task_id": stored.id, "peer_id": peer_id, "success": True},
-            )
+            await self.request(messages.RESULT, messages.ResultRequest(stored.id, peer_id, True))
 
     async def _announce_safely(self, stored: StoredTask) -> bool:
         """Announce a complete task, or a running download as its conductor (a seed that
@@ -545,26 +542,58 @@ class PeerNode:
             # host that knows no scheduler's key cannot serve its children.
             interval = await self._heartbeat() or min(interval, UNANSWERED_RETRY)
 
+    def _beat_targets(self) -> set[str] | None:
+        """The scheduler runs this host's heartbeats go to: those holding the partitions of
+        its tasks, or one when it holds none. None: every scheduler, through the fanout
+        subject: a storage host (any scheduler may seed on it), or a partition whose holder
+        this host does not know."""
+        if self.settings.host_type == "seed" or len(self._owners) != self.partitions:
+            return None
+        parts = {partition_of(t, self.partitions) for t in (*self.store.tasks, *self._downloads)}
+        if not parts:  # spread the hosts without tasks over the schedulers
+            parts = {zlib.crc32(self.settings.host_id.encode()) % self.partitions}
+        runs = {self._owners[p].split(".")[0] for p in parts}
+        return None if "" in runs else runs
+
+    async def _send_beat(
+        self, beat: messages.HeartbeatRequest, wait: float, expect: int | None
+    ) -> list[messages.HeartbeatReply]:
+        """The heartbeat to the schedulers that schedule this host's tasks, or to all (see
+        ``_beat_targets``); all as well when one of those runs no longer answers (it ended:
+        the fanout's replies name the new holders)."""
+        assert self.bus is not None
+        targets = None if expect == 1 else self._beat_targets()
+        if targets is not None:
+            answers = await asyncio.gather(
+                *(
+                    self.bus.request(
+                        messages.BEAT, beat, timeout=wait, scheduler=run, sender=self.sender
+                    )
+                    for run in sorted(targets)
+                ),
+                return_exceptions=True,
+            )
+            replies = [a for a in answers if isinstance(a, messages.HeartbeatReply)]
+            if len(replies) == len(targets):
+                return replies
+            log.debug("heartbeat: %d of %d schedulers answered", len(replies), len(targets))
+        return await self.bus.gather(
+            messages.HEARTBEAT, beat, wait=wait, expect=expect, sender=self.sender
+        )
+
     async def _heartbeat(self, *, first: bool = False) -> float | None:
-        """One heartbeat to every scheduler; the seconds to the next one, None when no
-        scheduler answered.
+        """One heartbeat (``_send_beat``); the seconds to the next one, None when no scheduler
+        answered.
 
         Whoever lost this host's state (a restarted scheduler, one that expired the host, the
         new holder of a partition) gets its complete tasks again: the schedulers' state is
         soft, rebuilt from hosts. Hence every reply counts, not just the first.
         """
-        assert self.bus is not None
-        beat = {"host": self.host(), "uploads": self.upload.load}
-        beat["peers"] = len(self.store.tasks)
+        beat = messages.HeartbeatRequest(self.host(), self.upload.load, len(self.store.tasks))
         schedulers = {token.split(".")[0] for token in self._owners if token}
+        wait = max(0.2, min(2.0, self._interval / 2))
         try:
-            replies = await self.bus.gather(
-                "scheduler.heartbeat",
-                beat,
-                wait=max(0.2, min(2.0, self._interval / 2)),
-                expect=1 if first else len(schedulers) or None,
-                sender=self.sender,
-            )
+            replies = await self._send_beat(beat, wait, 1 if first else len(schedulers) or None)
         except SwarmflyError as exc:
             log.debug("heartbeat: %s", exc)
             return None
@@ -573,11 +602,12 @@ class PeerNode:
             return None
         self._answered = time.monotonic()
         for reply in replies:
-            self.upload.trust(reply.get("verify_keys", ()))
-        partitions = int(replies[0].get("partitions", self.partitions))
+            self.upload.trust(reply.verify_keys or ())
+        first_reply = replies[0]
+        partitions = self.partitions if first_reply.partitions is None else first_reply.partitions
         owners = [""] * partitions
         for reply in replies:  # any scheduler's view of the bucket; they agree but for lag
-            theirs = reply.get("owners", [])
+            theirs = reply.owners or []
             if len(theirs) == partitions:
                 owners = [mine or other for mine, other in zip(owners, theirs, strict=True)]
         if partitions != self.partitions or len(self._owners) != partitions:
@@ -586,8 +616,8 @@ class PeerNode:
         if not first:
             moved = {p for p, token in enumerate(owners) if token and token != self._owners[p]}
             for reply in replies:
-                if not reply["known"]:
-                    run = reply.get("scheduler")
+                if not reply.known:
+                    run = reply.scheduler
                     moved |= {
                         p
                         for p, token in enumerate(owners)
@@ -604,7 +634,8 @@ class PeerNode:
                 ok = await self._announce_safely(stored) and ok
             if token and ok:
                 self._owners[p] = token
-        interval: float = replies[0].get("interval_ms", self._interval * 1000) / 1000
+        interval_ms = first_reply.interval_ms
+        interval = self._interval if interval_ms is None else interval_ms / 1000
         self._interval = interval
         return interval
 
@@ -652,7 +683,7 @@ class PeerNode:
         peer_ids = [self.peer_id(task_id) for task_id in task_ids]
         try:
             await self.request(
-                "scheduler.leave", {"host_id": self.settings.host_id, "peer_ids": peer_ids[:4096]}
+                messages.LEAVE, messages.LeaveRequest(self.settings.host_id, peer_ids[:4096])
             )
         except SwarmflyError as exc:
             log.info("eviction not reported: %s", exc)
@@ -687,8 +718,8 @@ class PeerNode:
             return
         try:
             await self.bus.request(
-                "scheduler.leave",
-                {"host_id": self.settings.host_id},
+                messages.LEAVE,
+                messages.LeaveRequest(self.settings.host_id),
                 timeout=2.0,
                 sender=self.sender,
             )

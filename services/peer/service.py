@@ -11,13 +11,14 @@ import stat
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from swarmfly import __version__, contracts
 from swarmfly.bus import Bus, decode_request
 from swarmfly.content import SourceRequest
+from swarmfly.contracts import messages
+from swarmfly.contracts.wire import Endpoint
 from swarmfly.errors import SwarmflyError
 from swarmfly.localpeer import PEER_FILE, PROGRESS_INTERVAL, current_umask, socket_path
 from swarmfly.services.peer.localsocket import LocalRequest, LocalServer, Send
@@ -26,15 +27,6 @@ from swarmfly.services.peer.outputs import OutputRoots
 from swarmfly.services.peer.store import StoredTask
 
 log = logging.getLogger(__name__)
-
-
-def source_from(data: dict[str, Any]) -> SourceRequest:
-    return SourceRequest(
-        url=data["url"],
-        headers=dict(data.get("headers", {})),
-        digest=data.get("digest"),
-        piece_length=data.get("piece_length"),
-    )
 
 
 def checked_output(text: str) -> Path:
@@ -86,10 +78,10 @@ class PeerService:
             "peer",
             __version__,
             "swarmfly peer: downloads through the swarm and serves pieces",
-            {
-                "peer.{host_id}.download": self.on_download,
-                "peer.{host_id}.progress": self.on_progress,
-            },
+            [
+                Endpoint(messages.DOWNLOAD, self.on_download),
+                Endpoint(messages.PROGRESS, self.on_progress),
+            ],
             metadata={"host_id": host_id, "upload": self.node.upload_url},
             host_id=host_id,
         )
@@ -118,7 +110,7 @@ class PeerService:
         """``peer.{host_id}.download`` over the local socket: progress lines, then the
         reply or the error. The download goes on if the client hangs up, as over NATS."""
         contract = contracts.get("peer.{host_id}.download")
-        payload = decode_request(contract, request.body)
+        payload = messages.DownloadRequest.from_dict(decode_request(contract, request.body))
         if request.fd is not None:
             _check_output_fd(request.fd, payload)
         elif request.caller.uid != os.geteuid():
@@ -134,17 +126,18 @@ class PeerService:
             if fd is not None:
                 deliver_into(stored, fd)
             else:
-                self._deliver_at(stored, checked_output(payload["output"]), payload)
+                self._deliver_at(stored, checked_output(payload.output), payload)
 
         download = asyncio.create_task(self._download(payload, place))
         try:
             while not download.done():
                 await asyncio.wait([download], timeout=PROGRESS_INTERVAL)
                 if not download.done():
-                    state = await self.on_progress({"download_id": payload["download_id"]})
-                    await send(orjson.dumps({"progress": state}) + b"\n")
+                    asked = messages.ProgressRequest(payload.download_id)
+                    state = await self.on_progress(asked)
+                    await send(orjson.dumps({"progress": state.to_dict()}) + b"\n")
             try:
-                last = {"reply": download.result()}
+                last = {"reply": download.result().to_dict()}
             except SwarmflyError as exc:
                 last = exc.to_dict()
             except Exception:
@@ -153,13 +146,13 @@ class PeerService:
                 last = SwarmflyError("internal", failed).to_dict()
             await send(orjson.dumps(last) + b"\n")
         except ConnectionError:
-            log.debug("local client of %s went away", payload["download_id"])
+            log.debug("local client of %s went away", payload.download_id)
             await asyncio.wait([download])  # the descriptor stays open until it is written
 
-    async def on_download(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def on_download(self, req: messages.DownloadRequest) -> messages.DownloadReply:
         """Over NATS: the output only under ``[peer] output_roots``, checked before anything
         is fetched and opened again, without following links, before anything is written."""
-        placement = self.outputs.place(req["output"])
+        placement = self.outputs.place(req.output)
         folder = self.outputs.open_parent(placement, create=False)
         if folder is not None:
             os.close(folder)
@@ -175,29 +168,33 @@ class PeerService:
         return await self._download(req, place)
 
     def _deliver_at(
-        self, stored: StoredTask, output: Path, req: dict[str, Any], directory: int | None = None
+        self,
+        stored: StoredTask,
+        output: Path,
+        req: messages.DownloadRequest,
+        directory: int | None = None,
     ) -> None:
         deliver(
             stored,
             output,
-            umask=int(req.get("umask", self.umask)) & 0o777,
-            hard_link=bool(req.get("hard_link", False)),
+            umask=(self.umask if req.umask is None else req.umask) & 0o777,
+            hard_link=bool(req.hard_link),
             directory=directory,
         )
 
     async def _download(
-        self, req: dict[str, Any], place: Callable[[StoredTask], None]
-    ) -> dict[str, Any]:
+        self, req: messages.DownloadRequest, place: Callable[[StoredTask], None]
+    ) -> messages.DownloadReply:
         """Download ``req``'s source through the swarm, then ``place`` the verified file."""
-        source = source_from(req["source"])
+        source = SourceRequest.of(req.source)
         await self.node.plugins.origins.check(source.url)
-        download_id = req["download_id"]
-        seconds = req.get("timeout_s", 3600)
+        download_id = req.download_id
+        seconds = 3600 if req.timeout_s is None else req.timeout_s
         try:
             async with asyncio.timeout(seconds):
                 result = await self.node.download(
                     source,
-                    strategy=req.get("strategy", self.default_strategy),
+                    strategy=req.strategy or self.default_strategy,
                     download_id=download_id,
                 )
                 stored = self.node.store.open(result.task_id)
@@ -213,24 +210,24 @@ class PeerService:
             raise SwarmflyError("timeout", f"download did not finish in {seconds:g}s") from None
         finally:
             self.node.forget(download_id)
-        return result.reply(Path(req["output"]))
+        return result.reply(Path(req.output))
 
-    async def on_progress(self, req: dict[str, Any]) -> dict[str, Any]:
-        conductor = self.node.progress(req["download_id"])
+    async def on_progress(self, req: messages.ProgressRequest) -> messages.ProgressReply:
+        conductor = self.node.progress(req.download_id)
         if conductor is None:
-            return {"state": "unknown", "completed_bytes": 0, "content_length": None}
+            return messages.ProgressReply("unknown", 0, None)
         stored = conductor.stored
         content = stored.content
-        return {
-            "state": "done" if stored.complete else "running",
-            "completed_bytes": stored.completed_bytes,
-            "content_length": content.content_length if content else None,
-        }
+        return messages.ProgressReply(
+            state="done" if stored.complete else "running",
+            completed_bytes=stored.completed_bytes,
+            content_length=content.content_length if content else None,
+        )
 
 
-def _check_output_fd(fd: int, payload: dict[str, Any]) -> None:
+def _check_output_fd(fd: int, payload: messages.DownloadRequest) -> None:
     """A descriptor the peer can fill: an empty regular file open for writing."""
-    if payload.get("hard_link"):
+    if payload.hard_link:
         raise SwarmflyError(
             "bad_request", "a hard link cannot be made through a descriptor", path="data.output"
         )

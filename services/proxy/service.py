@@ -202,7 +202,7 @@ class ProxyService:
                 "proxy",
                 __version__,
                 "swarmfly proxy: registry mirror and HTTP proxy in front of a peer",
-                {},
+                [],
                 # No endpoints to carry the subject prefix: discovery matches on this.
                 metadata={
                     "host_id": self.node.settings.host_id,

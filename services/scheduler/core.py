@@ -15,7 +15,7 @@ import statistics
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
@@ -257,19 +257,6 @@ class Schedule:
     parents: tuple[ParentInfo, ...] = ()
     content: TaskContent | None = None
     retry_after_ms: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "action": self.action,
-            "parents": [
-                {"peer_id": p.peer_id, "host_id": p.host_id, "address": p.address, "type": p.type}
-                for p in self.parents
-            ],
-            "task": self.content.to_dict() if self.content else None,
-        }
-        if self.retry_after_ms is not None:
-            out["retry_after_ms"] = self.retry_after_ms
-        return out
 
 
 @dataclass(frozen=True)

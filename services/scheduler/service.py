@@ -28,7 +28,8 @@ from swarmfly.bus import Bus, Served
 from swarmfly.capability import Signer
 from swarmfly.config import Config, SchedulerConfig
 from swarmfly.content import TaskContent
-from swarmfly.contracts import Sender
+from swarmfly.contracts import Sender, messages
+from swarmfly.contracts.wire import Endpoint
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import healthz, serve_http
 from swarmfly.ids import default_host_id, keys_task, peer_id, redact_url
@@ -74,20 +75,39 @@ ALL = "*"
 """The subscription layout of a scheduler that holds every partition: one wildcard each."""
 
 
-def host_spec(data: dict[str, Any]) -> HostSpec:
+def host_spec(host: messages.Host) -> HostSpec:
     return HostSpec(
-        id=data["id"],
-        ip=data["ip"],
-        port=data["port"],
-        type=data["type"],
-        idc=data.get("idc", ""),
-        location=data.get("location", ""),
-        upload_slots=data.get("upload_slots", 64),
+        id=host.id,
+        ip=host.ip,
+        port=host.port,
+        type=host.type,
+        idc=host.idc or "",
+        location=host.location or "",
+        upload_slots=64 if host.upload_slots is None else host.upload_slots,
     )
 
 
-def content(data: dict[str, Any] | None) -> TaskContent | None:
-    return None if data is None else TaskContent.from_dict(data)
+def content(task: messages.TaskContent | None) -> TaskContent | None:
+    return None if task is None else TaskContent.of(task)
+
+
+def schedule_message(
+    schedule: Schedule, token: str | None, digest_page: messages.DigestPage | None
+) -> messages.Schedule:
+    """The core's schedule as the wire carries it (``task`` null until the content is known)."""
+    return messages.Schedule(
+        action=schedule.action,
+        parents=[
+            messages.Parent(
+                p.peer_id, p.host_id, p.address, "seed" if p.type == "seed" else "normal"
+            )
+            for p in schedule.parents
+        ],
+        task=schedule.content.message() if schedule.content else None,
+        retry_after_ms=schedule.retry_after_ms,
+        token=token,
+        digest_page=digest_page,
+    )
 
 
 def core_for(
@@ -117,7 +137,7 @@ class SchedulerService:
         sc = config.scheduler
         self.core = core_for(sc, evaluator)
         self.http_url = ""
-        self._sources: dict[str, dict[str, Any]] = {}
+        self._sources: dict[str, messages.Source] = {}
         """task id -> source (with headers) kept in memory only, to hand to a seed."""
         self._background: set[asyncio.Task[None]] = set()
         self.partitions = sc.partitions
@@ -151,16 +171,18 @@ class SchedulerService:
             "scheduler",
             __version__,
             "swarmfly scheduler: tasks, peers and parent choice",
-            {
-                "scheduler.{partition}.register": self.on_register,
-                "scheduler.{partition}.reschedule": self.on_reschedule,
-                "scheduler.{partition}.pieces": self.on_pieces,
-                "scheduler.{partition}.task": self.on_task,
-                "scheduler.{partition}.result": self.on_result,
-                "scheduler.leave": self.on_leave,
-                "scheduler.heartbeat": self.on_heartbeat,
-                "scheduler.state": self.on_state,
-            },
+            [
+                Endpoint(messages.REGISTER, self.on_register),
+                Endpoint(messages.RESCHEDULE, self.on_reschedule),
+                Endpoint(messages.PIECES, self.on_pieces),
+                Endpoint(messages.TASK, self.on_task),
+                Endpoint(messages.RESULT, self.on_result),
+                Endpoint(messages.LEAVE, self.on_leave),
+                Endpoint(messages.HEARTBEAT, self.on_heartbeat),
+                Endpoint(messages.BEAT, self.on_heartbeat),
+                Endpoint(messages.STATE, self.on_state),
+            ],
+            scheduler=self.ownership.instance,
         )
         await self.ownership.start(stack)
         self.signer = Signer(await self.ownership.shared(CAPABILITY_KEY, Signer.generate().seed))
@@ -208,63 +230,63 @@ class SchedulerService:
                 f"partition {partition} (of {self.partitions}) is not held by this scheduler",
             )
 
-    async def on_register(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
+    async def on_register(self, req: messages.RegisterRequest, sender: Sender) -> messages.Schedule:
         started = time.perf_counter()
-        _speaks_for(sender, req, req["host"])
-        self._check_partition(req["task_id"])
-        known = self._sources.get(req["task_id"])
-        if known is None or known["url"] == PLACEHOLDER_URL or _names_digest(req, known):
-            self._sources[req["task_id"]] = req["source"]
+        _speaks_for(sender, req.task_id, req.peer_id, req.host)
+        self._check_partition(req.task_id)
+        known = self._sources.get(req.task_id)
+        if known is None or known.url == PLACEHOLDER_URL or _names_digest(req, known):
+            self._sources[req.task_id] = req.source
         schedule, effects = self.core.register(
-            task_id=req["task_id"],
-            peer_id=req["peer_id"],
-            host=host_spec(req["host"]),
+            task_id=req.task_id,
+            peer_id=req.peer_id,
+            host=host_spec(req.host),
             now=self.clock(),
-            pieces=req.get("pieces", ()),
-            content=content(req.get("task")),
-            seed=req.get("seed", False),
+            pieces=req.pieces or (),
+            content=content(req.task),
+            seed=bool(req.seed),
         )
         self._run(effects)
         metrics.SCHEDULER_REGISTRATIONS.inc()
-        if schedule.action == "back_to_source" and not req.get("seed"):
+        if schedule.action == "back_to_source" and not req.seed:
             metrics.SCHEDULER_BACK_TO_SOURCE.inc()
         metrics.SCHEDULER_SCHEDULE_SECONDS.observe(time.perf_counter() - started)
-        return self._reply(schedule, req)
+        return self._reply(schedule, req.task_id, req.peer_id, req.digests_from)
 
-    async def on_reschedule(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
+    async def on_reschedule(
+        self, req: messages.RescheduleRequest, sender: Sender
+    ) -> messages.Schedule:
         started = time.perf_counter()
-        _speaks_for(sender, req)
-        self._check_partition(req["task_id"])
+        _speaks_for(sender, req.task_id, req.peer_id)
+        self._check_partition(req.task_id)
         schedule, effects = self.core.reschedule(
-            task_id=req["task_id"],
-            peer_id=req["peer_id"],
+            task_id=req.task_id,
+            peer_id=req.peer_id,
             now=self.clock(),
-            blocklist=req.get("blocklist", ()),
-            bad_parents=[(b["peer_id"], b["reason"]) for b in req.get("bad_parents", ())],
+            blocklist=req.blocklist or (),
+            bad_parents=[(b.peer_id, b.reason) for b in req.bad_parents or ()],
         )
         self._run(effects)
         if schedule.action == "back_to_source":
             metrics.SCHEDULER_BACK_TO_SOURCE.inc()
         metrics.SCHEDULER_SCHEDULE_SECONDS.observe(time.perf_counter() - started)
-        return self._reply(schedule, req)
+        return self._reply(schedule, req.task_id, req.peer_id, req.digests_from)
 
-    def _reply(self, schedule: Schedule, req: dict[str, Any]) -> dict[str, Any]:
+    def _reply(
+        self, schedule: Schedule, task_id: str, peer: str, digests_from: int | None
+    ) -> messages.Schedule:
         """The schedule, and the capability that lets this peer read the task's pieces."""
-        reply = schedule.to_dict()
-        reply["token"] = self._signer().mint(req["task_id"], req["peer_id"], time.time())
-        return self._push_digests(req, reply)
+        token = self._signer().mint(task_id, peer, time.time())
+        return schedule_message(schedule, token, self._digest_page(task_id, digests_from))
 
-    def _push_digests(self, req: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any]:
+    def _digest_page(self, task_id: str, offset: int | None) -> messages.DigestPage | None:
         """The digests known from where the peer lacks them: it need not poll for them."""
-        if "digests_from" in req:
-            offset = req["digests_from"]
-            digests, provisional = self.core.digest_page(req["task_id"], offset, PUSHED_DIGESTS)
-            if digests:
-                page: dict[str, Any] = {"offset": offset, "digests": digests}
-                if provisional:
-                    page["provisional"] = provisional
-                reply["digest_page"] = page
-        return reply
+        if offset is None:
+            return None
+        digests, provisional = self.core.digest_page(task_id, offset, PUSHED_DIGESTS)
+        if not digests:
+            return None
+        return messages.DigestPage(offset, digests, provisional or None)
 
     def _signer(self) -> Signer:
         """The cluster's capability key: a scheduler answers no host before it has it (its
@@ -274,66 +296,63 @@ class SchedulerService:
             raise SwarmflyError("unavailable", "the scheduler is starting")
         return self.signer
 
-    async def on_pieces(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
-        _speaks_for(sender, req)
-        self._check_partition(req["task_id"])
+    async def on_pieces(self, req: messages.PiecesRequest, sender: Sender) -> messages.ReportReply:
+        _speaks_for(sender, req.task_id, req.peer_id)
+        self._check_partition(req.task_id)
         self.core.report_pieces(
-            task_id=req["task_id"],
-            peer_id=req["peer_id"],
-            pieces=[
-                PieceReport(p["number"], p.get("digest"), p.get("parent_id"), p.get("cost_ms"))
-                for p in req["pieces"]
-            ],
+            task_id=req.task_id,
+            peer_id=req.peer_id,
+            pieces=[PieceReport(p.number, p.digest, p.parent_id, p.cost_ms) for p in req.pieces],
             now=self.clock(),
-            content=content(req.get("task")),
-            lent=[Lending(lent["number"], lent["peer_id"]) for lent in req.get("lent", ())],
+            content=content(req.task),
+            lent=[Lending(lent.number, lent.peer_id) for lent in req.lent or ()],
         )
-        return self._push_digests(req, {"ok": True})
+        return messages.ReportReply(True, self._digest_page(req.task_id, req.digests_from))
 
-    async def on_task(self, req: dict[str, Any]) -> dict[str, Any]:
-        self._check_partition(req["task_id"])
-        task, digests = self.core.task_info(req["task_id"])
-        offset = req.get("offset", 0)
+    async def on_task(self, req: messages.TaskRequest) -> messages.TaskReply:
+        self._check_partition(req.task_id)
+        task, digests = self.core.task_info(req.task_id)
+        offset = req.offset or 0
         end = offset + DIGEST_PAGE
-        reply: dict[str, Any] = {
-            "task": task.to_dict() if task else None,
-            "offset": offset,
-            "digests": digests[offset:end],
-        }
-        if provisional := [n for n in self.core.provisional(req["task_id"]) if offset <= n < end]:
-            reply["provisional"] = provisional
-        return reply
-
-    async def on_result(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
-        _speaks_for(sender, req)
-        self._check_partition(req["task_id"])
-        self.core.result(
-            task_id=req["task_id"], peer_id=req["peer_id"], success=req["success"], now=self.clock()
+        provisional = [n for n in self.core.provisional(req.task_id) if offset <= n < end]
+        return messages.TaskReply(
+            task=task.message() if task else None,
+            digests=digests[offset:end],
+            offset=offset,
+            provisional=provisional or None,
         )
-        return {"ok": True}
 
-    async def on_leave(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
-        _speaks_for(sender, req)
-        self.core.leave(req["host_id"], req.get("peer_ids"))
+    async def on_result(self, req: messages.ResultRequest, sender: Sender) -> messages.Ok:
+        _speaks_for(sender, req.task_id, req.peer_id)
+        self._check_partition(req.task_id)
+        self.core.result(
+            task_id=req.task_id, peer_id=req.peer_id, success=req.success, now=self.clock()
+        )
+        return messages.Ok(True)
+
+    async def on_leave(self, req: messages.LeaveRequest, sender: Sender) -> messages.Ok:
+        _speaks_for(sender, host_id=req.host_id)
+        self.core.leave(req.host_id, req.peer_ids)
         self._forget_sources()
-        return {"ok": True}
+        return messages.Ok(True)
 
-    async def on_heartbeat(self, req: dict[str, Any], sender: Sender) -> dict[str, Any]:
-        _speaks_for(sender, req, req["host"])
+    async def on_heartbeat(
+        self, req: messages.HeartbeatRequest, sender: Sender
+    ) -> messages.HeartbeatReply:
+        _speaks_for(sender, host=req.host)
         verify_key = self._signer().verify_key
-        known = self.core.heartbeat(host_spec(req["host"]), req.get("uploads", 0), self.clock())
-        if req["host"]["type"] == "seed":
+        known = self.core.heartbeat(host_spec(req.host), req.uploads or 0, self.clock())
+        if req.host.type == "seed":
             self._seed_known.set()
-        interval_ms = int(self.config.scheduler.heartbeat_interval * 1000)
-        return {
-            "ok": True,
-            "known": known,
-            "interval_ms": interval_ms,
-            "verify_keys": [verify_key],
-            "partitions": self.partitions,
-            "scheduler": self.ownership.instance,
-            "owners": self.ownership.owners(),
-        }
+        return messages.HeartbeatReply(
+            ok=True,
+            known=known,
+            interval_ms=int(self.config.scheduler.heartbeat_interval * 1000),
+            verify_keys=[verify_key],
+            partitions=self.partitions,
+            scheduler=self.ownership.instance,
+            owners=self.ownership.owners(),
+        )
 
     # -- effects and housekeeping --------------------------------------------------------
 
@@ -354,17 +373,17 @@ class SchedulerService:
             self._seed_unavailable(task_id, None)
             return
         source = self._sources.get(task_id)
-        if source is None or source["url"] == PLACEHOLDER_URL:
+        if source is None or source.url == PLACEHOLDER_URL:
             self._seed_unavailable(task_id, host_id)
             return
         try:
             reply = await self.bus.request(
-                "storage.{host_id}.seed",
-                {"task_id": task_id, "source": source},
+                messages.SEED,
+                messages.SeedRequest(task_id=task_id, source=source),
                 timeout=5.0,
                 host_id=host_id,
             )
-            accepted = bool(reply["accepted"])
+            accepted = reply.accepted
         except SwarmflyError as exc:
             log.info("storage %s did not take task %s: %s", host_id, task_id[:12], exc.code)
             accepted = False
@@ -492,17 +511,19 @@ class SchedulerService:
         """The task's URL without credentials, for people; None when this scheduler only
         knows the task from a host's announcement of its cache."""
         source = self._sources.get(task_id)
-        if source is None or source["url"] == PLACEHOLDER_URL:
+        if source is None or source.url == PLACEHOLDER_URL:
             return None
-        return redact_url(source["url"])[:2048]
+        return redact_url(source.url)[:2048]
 
-    async def on_state(self, req: dict[str, Any]) -> dict[str, Any]:
-        return self.snapshot(
-            bitmaps=req.get("bitmaps", False),
-            task_id=req.get("task_id"),
-            limit=req.get("limit", 1000),
-            host_limit=req.get("host_limit", HOST_LIMIT),
-            peer_limit=req.get("peer_limit", PEER_LIMIT),
+    async def on_state(self, req: messages.StateRequest) -> messages.StateReply:
+        return messages.StateReply.from_dict(
+            self.snapshot(
+                bitmaps=bool(req.bitmaps),
+                task_id=req.task_id,
+                limit=1000 if req.limit is None else req.limit,
+                host_limit=HOST_LIMIT if req.host_limit is None else req.host_limit,
+                peer_limit=PEER_LIMIT if req.peer_limit is None else req.peer_limit,
+            )
         )
 
     async def _state(self, request: web.Request) -> web.Response:
@@ -515,12 +536,13 @@ class SchedulerService:
             return self.snapshot(bitmaps=bitmaps)
         holders = {token for token in self.ownership.owners() if token}
         try:
-            states = await self.bus.gather(
-                "scheduler.state",
-                {"bitmaps": bitmaps, "limit": VIEW_TASKS},
+            replies = await self.bus.gather(
+                messages.STATE,
+                messages.StateRequest(bitmaps=bitmaps, limit=VIEW_TASKS),
                 wait=1.0,
                 expect=len(holders) or None,
             )
+            states = [reply.to_dict() for reply in replies]
         except (SwarmflyError, nats.errors.Error) as exc:
             log.debug("state of the other schedulers: %s", exc)
             states = []
@@ -552,32 +574,37 @@ class SchedulerService:
         )
 
 
-def _speaks_for(sender: Sender, req: dict[str, Any], host: dict[str, Any] | None = None) -> None:
+def _speaks_for(
+    sender: Sender,
+    task_id: str | None = None,
+    peer: str | None = None,
+    host: messages.Host | None = None,
+    *,
+    host_id: str | None = None,
+) -> None:
     """A host speaks only for itself: the subject names the sender (nats-server lets only
     that host's credentials publish under its id, where each host has its own, and only
     storage's under type seed); the body must name that host, and a peer that is this
     host's on the task."""
-    host_id = req.get("host_id") if host is None else host["id"]
+    if host is not None:
+        host_id = host.id
     if host_id is not None and host_id != sender.host_id:
         raise SwarmflyError("forbidden", f"host {sender.host_id} may not speak for {host_id}")
-    if host is not None and host["type"] != sender.host_type:
+    if host is not None and host.type != sender.host_type:
         raise SwarmflyError(
-            "forbidden", f"a {sender.host_type} host may not speak as a {host['type']} one"
+            "forbidden", f"a {sender.host_type} host may not speak as a {host.type} one"
         )
-    task_id, peer = req.get("task_id"), req.get("peer_id")
     if task_id is not None and peer is not None and peer != peer_id(sender.host_id, task_id):
         raise SwarmflyError("forbidden", f"peer {peer} is not host {sender.host_id}'s peer")
 
 
-def _names_digest(req: dict[str, Any], known: dict[str, Any]) -> bool:
+def _names_digest(req: messages.RegisterRequest, known: messages.Source) -> bool:
     """The request names the digest its task is keyed by, and the source the seed would get
     does not: the seed then knows the whole file's digest (and lends, since it proves).
     Checked against the task id, so nobody hands the seed a wrong one."""
-    digest = req["source"].get("digest")
+    digest = req.source.digest
     return (
-        not known.get("digest")
-        and digest is not None
-        and keys_task(req["task_id"], req["source"]["url"], digest)
+        not known.digest and digest is not None and keys_task(req.task_id, req.source.url, digest)
     )
 
 

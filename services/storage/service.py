@@ -14,9 +14,11 @@ from typing import Any
 
 from swarmfly import __version__
 from swarmfly.bus import Bus
+from swarmfly.content import SourceRequest
+from swarmfly.contracts import messages
+from swarmfly.contracts.wire import Endpoint
 from swarmfly.errors import SwarmflyError
 from swarmfly.services.peer.node import PeerNode
-from swarmfly.services.peer.service import source_from
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class StorageService:
             "storage",
             __version__,
             "swarmfly storage: the cluster's seed and cache",
-            {"storage.{host_id}.seed": self.on_seed, "storage.preheat": self.on_preheat},
+            [Endpoint(messages.SEED, self.on_seed), Endpoint(messages.PREHEAT, self.on_preheat)],
             metadata={"host_id": self.node.settings.host_id, "upload": self.node.upload_url},
             host_id=self.node.settings.host_id,
         )
@@ -43,30 +45,32 @@ class StorageService:
         for task in self._seeding:
             task.cancel()
 
-    async def on_seed(self, req: dict[str, Any]) -> dict[str, Any]:
-        source = source_from(req["source"])
+    async def on_seed(self, req: messages.SeedRequest) -> messages.SeedReply:
+        source = SourceRequest.of(req.source)
         self.node.source_for(source.url)
         await self.node.plugins.origins.check(source.url)  # refused in the reply, not later
-        task = asyncio.create_task(self._seed(req["task_id"], source))
+        task = asyncio.create_task(self._seed(req.task_id, source))
         self._seeding.add(task)
         task.add_done_callback(self._seeding.discard)
-        return {
-            "accepted": True,
-            "host_id": self.node.settings.host_id,
-            "peer_id": self.node.peer_id(req["task_id"]),
-        }
+        return messages.SeedReply(
+            accepted=True,
+            host_id=self.node.settings.host_id,
+            peer_id=self.node.peer_id(req.task_id),
+        )
 
-    async def on_preheat(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def on_preheat(self, req: messages.PreheatRequest) -> messages.PreheatReply:
         """Seed a URL now and answer once it is verified in the cache."""
-        source = source_from(req["source"])
+        source = SourceRequest.of(req.source)
         await self.node.plugins.origins.check(source.url)
-        seconds = req.get("timeout_s", 3600)
+        seconds = 3600 if req.timeout_s is None else req.timeout_s
         try:
             async with asyncio.timeout(seconds):
                 result = await self.node.download(source, seed=True)
         except TimeoutError:
             raise SwarmflyError("timeout", f"preheat did not finish in {seconds:g}s") from None
-        return {**result.summary(), "host_id": self.node.settings.host_id}
+        return messages.PreheatReply.from_dict(
+            {**result.summary(), "host_id": self.node.settings.host_id}
+        )
 
     async def _seed(self, task_id: str, source: Any) -> None:
         try:

@@ -14,7 +14,7 @@ from swarmfly import ids
 from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.content import SourceRequest
-from swarmfly.contracts import Sender
+from swarmfly.contracts import Sender, messages
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.testing import Origin, in_process_cluster
@@ -43,13 +43,13 @@ async def test_live_piece_map_in_a_browser(
         # An attacker-chosen URL reaches the scheduler: it must never become markup.
         partition = str(partition_of(TASK_ID, DEFAULT_PARTITIONS))
         await bus.request(
-            "scheduler.{partition}.register",
-            {
-                "task_id": TASK_ID,
-                "peer_id": ids.peer_id(ATTACKER.host_id, TASK_ID),
-                "host": {"id": ATTACKER.host_id, "ip": "127.0.0.1", "port": 9, "type": "normal"},
-                "source": {"url": f"http://example.invalid/{PAYLOAD}"},
-            },
+            messages.REGISTER,
+            messages.RegisterRequest(
+                task_id=TASK_ID,
+                peer_id=ids.peer_id(ATTACKER.host_id, TASK_ID),
+                host=messages.Host(id=ATTACKER.host_id, ip="127.0.0.1", port=9, type="normal"),
+                source=messages.Source(url=f"http://example.invalid/{PAYLOAD}"),
+            ),
             partition=partition,
             sender=ATTACKER.token,
         )

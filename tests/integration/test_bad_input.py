@@ -387,8 +387,8 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], contracts.
     digest = hashlib.sha256(b"hello").hexdigest()
     content = {"content_length": 5, "piece_length": 16384, "piece_count": 1}
     request: dict[str, Any]
-    if name == "scheduler.heartbeat":
-        request = {"host": env.peer.node.host(), "uploads": 0, "peers": 0}
+    if name in ("scheduler.heartbeat", "scheduler.{scheduler}.beat"):
+        request = {"host": env.peer.node.host().to_dict(), "uploads": 0, "peers": 0}
         return request, sender_of(request), 5
     if name == "scheduler.{partition}.register":
         return register_body(env, task_id), HOST, 5

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from swarmfly import bus as bus_module
 from swarmfly.bus import Bus
 from swarmfly.config import CalloutConfig, Config, NatsConfig, nats_client_options
-from swarmfly.contracts import Sender
+from swarmfly.contracts import Sender, messages
 from swarmfly.credentials import inbox_prefix
 from swarmfly.credentials import main as write_credentials
 from swarmfly.errors import SwarmflyError
@@ -306,13 +306,13 @@ async def test_per_host_identities_through_the_callout(
     request = GetRequest(url=url, output=outputs / "callout.bin", headers={})
     client = await bus("client", cluster.nkey_options("client"))
     reply = await client.request(
-        "peer.{host_id}.download",
-        request.body(outputs / "callout.bin"),
+        messages.DOWNLOAD,
+        messages.DownloadRequest.from_dict(request.body(outputs / "callout.bin")),
         timeout=60,
         host_id=PEER,
     )
     assert (outputs / "callout.bin").read_bytes() == data
-    assert reply["bytes_p2p"] == len(data), "the seed read the origin, the peer the seed"
+    assert reply.bytes_p2p == len(data), "the seed read the origin, the peer the seed"
     assert origin.bytes_served - origin.probes == len(data), "the origin was read once"
 
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from swarmfly.bus import Bus
+from swarmfly.contracts import messages
 from swarmfly.natsserver import NatsServer
 from swarmfly.testing import Origin, in_process_cluster
 
@@ -24,16 +25,19 @@ async def test_a_quick_download_finishes_while_a_slow_one_runs(
     ):
         host_id = cluster.peer.node.settings.host_id
 
-        def download(url: str, name: str) -> asyncio.Task[dict[str, object]]:
-            body = {"download_id": f"dl-{name}", "source": {"url": url},
-                    "output": str(tmp_path / name)}  # fmt: skip
+        def download(url: str, name: str) -> asyncio.Task[messages.DownloadReply]:
+            body = messages.DownloadRequest(
+                download_id=f"dl-{name}",
+                source=messages.Source(url=url),
+                output=str(tmp_path / name),
+            )
             return asyncio.create_task(
-                bus.request("peer.{host_id}.download", body, timeout=60, host_id=host_id)
+                bus.request(messages.DOWNLOAD, body, timeout=60, host_id=host_id)
             )
 
         big = download(slow.add("big.bin", os.urandom(5 * MiB)), "big")
         await asyncio.sleep(1.0)  # the slow one is under way
         small = await download(fast.add("small.bin", os.urandom(64 * 1024)), "small")
-        assert small["content_length"] == 64 * 1024
+        assert small.content_length == 64 * 1024
         assert not big.done(), "the quick download waited for the slow one"
-        assert (await big)["content_length"] == 5 * MiB
+        assert (await big).content_length == 5 * MiB

@@ -27,7 +27,9 @@ from referencing import Registry, Resource
 from swarmfly import contracts, ids
 from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig
+from swarmfly.contracts import messages
 from swarmfly.contracts.asyncapi import document
+from swarmfly.contracts.wire import Subject
 from swarmfly.ids import MAX_PIECE_LENGTH
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
@@ -201,7 +203,14 @@ def test_example_tokens_make_a_subject(name: str) -> None:
                 contract.subject("swarmfly", **tokens)
             sender = contracts.Sender(*named.split("."))
             assert sender_of(example["request"], default=sender) == sender
-            speaks_for(sender, example["request"], example["request"].get("host"))
+            message = messages.SUBJECTS[name].request.from_dict(example["request"])
+            speaks_for(  # what the contract's handler checks of its message
+                sender,
+                getattr(message, "task_id", None),
+                getattr(message, "peer_id", None),
+                getattr(message, "host", None),
+                host_id=getattr(message, "host_id", None),
+            )
             subject = contract.subject("swarmfly", **tokens, sender=sender.token)
             assert subject.endswith(f".{sender.host_type}.{sender.host_id}")
             assert contracts.Sender.of(subject) == sender
@@ -216,7 +225,7 @@ def test_the_sender_contracts_are_the_schedulers_host_messages() -> None:
     assert SENT == [
         "scheduler.heartbeat", "scheduler.leave", "scheduler.{partition}.pieces",
         "scheduler.{partition}.register", "scheduler.{partition}.reschedule",
-        "scheduler.{partition}.result",
+        "scheduler.{partition}.result", "scheduler.{scheduler}.beat",
     ]  # fmt: skip
     for name in NAMES:
         contract = CONTRACTS[name]
@@ -289,7 +298,7 @@ def test_the_scan_sees_direct_nats_calls() -> None:
         "    await bus.nc.request('x', b'')\n"
         "    await nc.subscribe('x')\n"
         "    await service.add_endpoint(name='x')\n"
-        "    await bus.request('scheduler.{partition}.task', {})\n"
+        "    await bus.request(messages.TASK, messages.TaskRequest(task_id='t'))\n"
     )
     assert len(direct_nats_calls(source, "example.py")) == 4
 
@@ -306,9 +315,32 @@ def test_only_the_bus_touches_nats_directly() -> None:
     assert offenders == []
 
 
+def subject_named(node: ast.expr | None) -> str | None:
+    """The contract name an expression names: a literal subject name, or ``messages.X`` (or
+    ``messages.X.name``), the typed subject generated for it (``messages.X`` where the
+    generated module has no such subject: no contract is named so)."""
+    if isinstance(node, ast.Constant):
+        value = node.value
+        if isinstance(value, str) and "." in value and " " not in value and "/" not in value:
+            return value
+        return None
+    if isinstance(node, ast.Attribute) and node.attr == "name":
+        node = node.value
+    if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "messages"
+        and node.attr.isupper()
+    ):
+        subject = getattr(messages, node.attr, None)
+        return subject.name if isinstance(subject, Subject) else f"messages.{node.attr}"
+    return None
+
+
 def literal_subjects() -> tuple[dict[str, list[str]], dict[str, str]]:
     """Subject names in code: first args of ``request``/``gather``/``subject``/``contracts.get``
-    calls, and the handler keys of ``add_service`` calls (with the service that serves them)."""
+    calls (a name, or the typed ``messages.X``), and the subjects of the ``Endpoint`` list of
+    ``add_service`` calls (with the service that serves them)."""
     used: dict[str, list[str]] = {}
     served: dict[str, str] = {}
     for path in source_files():
@@ -320,24 +352,28 @@ def literal_subjects() -> tuple[dict[str, list[str]], dict[str, str]]:
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             first = node.args[0] if node.args else None
+            named = subject_named(first)
             if (
                 name in ("request", "gather", "subject", "get")
-                and isinstance(first, ast.Constant)
-                and isinstance(first.value, str)
-                and "." in first.value
-                and " " not in first.value
-                and "/" not in first.value
+                and named is not None
                 and (name != "get" or receiver_name(getattr(func, "value", func)) == "contracts")
             ):
-                used.setdefault(first.value, []).append(f"{relative}:{node.lineno}")
+                used.setdefault(named, []).append(f"{relative}:{node.lineno}")
             if name == "add_service" and isinstance(func, ast.Attribute):  # Bus.add_service
                 service = first.value if isinstance(first, ast.Constant) else ""
-                handlers = [k.value for k in node.keywords if k.arg == "handlers"]
-                handlers += node.args[3:4]  # add_service(name, version, description, handlers)
-                assert handlers and isinstance(handlers[0], ast.Dict), f"{relative}:{node.lineno}"
-                for key in handlers[0].keys:
-                    assert isinstance(key, ast.Constant), f"{relative}:{node.lineno}"
-                    served[str(key.value)] = str(service)
+                endpoints = [k.value for k in node.keywords if k.arg == "endpoints"]
+                endpoints += node.args[3:4]  # add_service(name, version, description, endpoints)
+                where = f"{relative}:{node.lineno}"
+                assert endpoints and isinstance(endpoints[0], ast.List), where
+                for endpoint in endpoints[0].elts:  # Endpoint(messages.X, handler)
+                    assert isinstance(endpoint, ast.Call), where
+                    called = endpoint.func
+                    assert getattr(called, "id", getattr(called, "attr", "")) == "Endpoint", where
+                    target = endpoint.args[0] if endpoint.args else None
+                    assert isinstance(target, ast.Attribute), where
+                    subject = subject_named(target)
+                    assert subject is not None, where
+                    served[subject] = str(service)
     return used, served
 
 
@@ -589,18 +625,20 @@ async def test_every_subject_used_in_a_download_has_a_contract(
     output = tmp_path / "out" / "blob.bin"
     async with in_process_cluster(nats.url, prefix, tmp_path / "cluster") as cluster:
         reply = await bus.request(
-            "peer.{host_id}.download",
-            {
-                "download_id": "dl-contracts",
-                "source": {"url": url, "digest": f"sha256:{hashlib.sha256(data).hexdigest()}"},
-                "output": str(output),
-            },
+            messages.DOWNLOAD,
+            messages.DownloadRequest(
+                download_id="dl-contracts",
+                source=messages.Source(
+                    url=url, digest=f"sha256:{hashlib.sha256(data).hexdigest()}"
+                ),
+                output=str(output),
+            ),
             timeout=60,
             host_id=cluster.peer.node.settings.host_id,
         )
         used = {name: set(b.used) for name, b in cluster.buses.items()}
     assert output.read_bytes() == data
-    assert reply["digest"] == f"sha256:{hashlib.sha256(data).hexdigest()}"
+    assert reply.digest == f"sha256:{hashlib.sha256(data).hexdigest()}"
     used["client"] = set(bus.used)
     for who, names in used.items():
         assert names, f"{who} used no subject"
@@ -632,19 +670,24 @@ SEED = contracts.Sender("seed", "storage-limits")
 
 async def register_seed(bus: Bus, task_id: str, content: dict[str, int]) -> None:
     reply = await bus.request(
-        "scheduler.{partition}.register",
-        {
-            "task_id": task_id,
-            "peer_id": ids.peer_id(SEED.host_id, task_id),
-            "host": {"id": SEED.host_id, "ip": "127.0.0.1", "port": 9, "type": SEED.host_type},
-            "source": {"url": "http://127.0.0.1:9/big.iso"},
-            "task": content,
-            "seed": True,
-        },
+        messages.REGISTER,
+        messages.RegisterRequest(
+            task_id=task_id,
+            peer_id=ids.peer_id(SEED.host_id, task_id),
+            host=messages.Host(
+                id=SEED.host_id,
+                ip="127.0.0.1",
+                port=9,
+                type=SEED.host_type,
+            ),
+            source=messages.Source(url="http://127.0.0.1:9/big.iso"),
+            task=messages.TaskContent.from_dict(content),
+            seed=True,
+        ),
         partition=task_partition(task_id),
         sender=SEED.token,
     )
-    assert reply["action"] == "back_to_source"
+    assert reply.action == "back_to_source"
 
 
 def task_partition(task_id: str) -> str:
@@ -663,17 +706,18 @@ async def test_a_full_batch_of_piece_reports_is_accepted(
     length = 4 * 1024 * 1024
     content = {"content_length": batch * length, "piece_length": length, "piece_count": batch}
     task_id = hashlib.sha256(b"a full batch").hexdigest()
-    pieces = [{"number": n, "digest": digest_of(n)} for n in range(batch)]  # as announce sends
+    # as announce sends them
+    pieces = [messages.PieceReport(number=n, digest=digest_of(n)) for n in range(batch)]
     seed_peer = ids.peer_id(SEED.host_id, task_id)
     async with running_scheduler(nats.url, prefix, tmp_path) as bus:
         await register_seed(bus, task_id, content)
         reply = await bus.request(
-            "scheduler.{partition}.pieces",
-            {"task_id": task_id, "peer_id": seed_peer, "pieces": pieces},
+            messages.PIECES,
+            messages.PiecesRequest(task_id=task_id, peer_id=seed_peer, pieces=pieces),
             partition=task_partition(task_id),
             sender=SEED.token,
         )
-    assert reply == {"ok": True}
+    assert reply.to_dict() == {"ok": True}
 
 
 @pytest.mark.timeout(60)
@@ -689,24 +733,27 @@ async def test_task_info_of_the_largest_task_is_answered(
     async with running_scheduler(nats.url, prefix, tmp_path) as bus:
         await register_seed(bus, task_id, content)
         for start in range(0, count, 1024):
-            pieces = [{"number": n, "digest": digest_of(n)} for n in range(start, start + 1024)]
+            pieces = [
+                messages.PieceReport(number=n, digest=digest_of(n))
+                for n in range(start, start + 1024)
+            ]
             await bus.request(
-                "scheduler.{partition}.pieces",
-                {"task_id": task_id, "peer_id": seed_peer, "pieces": pieces},
+                messages.PIECES,
+                messages.PiecesRequest(task_id=task_id, peer_id=seed_peer, pieces=pieces),
                 partition=task_partition(task_id),
                 sender=SEED.token,
             )
         digests: list[str | None] = []
         while len(digests) < count:  # paged, as a peer reads them
             reply = await bus.request(
-                "scheduler.{partition}.task",
-                {"task_id": task_id, "offset": len(digests)},
+                messages.TASK,
+                messages.TaskRequest(task_id=task_id, offset=len(digests)),
                 partition=task_partition(task_id),
             )
-            assert reply["task"] == content
-            assert reply["offset"] == len(digests)
-            assert reply["digests"], "a page is never empty before the end"
-            digests += reply["digests"]
+            assert reply.task == messages.TaskContent.from_dict(content)
+            assert reply.offset == len(digests)
+            assert reply.digests, "a page is never empty before the end"
+            digests += reply.digests
     assert digests == [digest_of(n) for n in range(count)]
 
 

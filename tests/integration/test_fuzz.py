@@ -529,7 +529,7 @@ def test_random_bytes_get_the_error_shape(env: Env, name: str, payload: bytes) -
 
 def test_services_still_answer_after_fuzzing(env: Env) -> None:
     async def check() -> None:
-        heartbeat = {"host": env.peer.node.host(), "uploads": 0, "peers": 0}
+        heartbeat = {"host": env.peer.node.host().to_dict(), "uploads": 0, "peers": 0}
         reply = await ask(env, "scheduler.heartbeat", orjson.dumps(heartbeat))
         assert reply["ok"] is True
         task = {"task_id": os.urandom(32).hex()}

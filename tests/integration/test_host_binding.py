@@ -27,7 +27,7 @@ from nats.micro.request import ERROR_CODE_HEADER
 from swarmfly import contracts
 from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig, nats_client_options
-from swarmfly.contracts import Sender
+from swarmfly.contracts import Sender, messages
 from swarmfly.credentials import inbox_prefix
 from swarmfly.credentials import main as write_credentials
 from swarmfly.ids import peer_id
@@ -142,7 +142,7 @@ async def test_a_member_cannot_speak_for_another_host(
                 stack, config, await bus("storage"), tmp_path / "st", servers
             )
             peer = await start_peer(stack, config, await bus("peer"), tmp_path / "peer", servers)
-            seed_address = (storage.node.host()["ip"], storage.node.host()["port"])
+            seed_address = (storage.node.host().ip, storage.node.host().port)
             await hosts_known(scheduler.core, {SEED, PEER})
 
             errors: list[Exception] = []
@@ -220,12 +220,12 @@ async def test_a_member_cannot_speak_for_another_host(
             request = GetRequest(url=url, output=outputs / "bound.bin", headers={})
             client = await bus("client")
             reply = await client.request(
-                "peer.{host_id}.download",
-                request.body(outputs / "bound.bin"),
+                messages.DOWNLOAD,
+                messages.DownloadRequest.from_dict(request.body(outputs / "bound.bin")),
                 timeout=60,
                 host_id=PEER,
             )
             assert (outputs / "bound.bin").read_bytes() == data
-            assert reply["bytes_p2p"] == len(data), "the seed read the origin, the peer the seed"
+            assert reply.bytes_p2p == len(data), "the seed read the origin, the peer the seed"
             assert origin.bytes_served - origin.probes == len(data), "the origin was read once"
             assert peer.node.settings.host_id == PEER

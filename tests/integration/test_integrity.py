@@ -8,11 +8,11 @@ a forger made of a NATS client plus a small HTTP server that serves its own byte
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -20,6 +20,8 @@ from aiohttp import web
 
 from swarmfly import contracts, ids
 from swarmfly.bus import Bus
+from swarmfly.contracts import messages
+from swarmfly.contracts.wire import Rep, Req, Subject
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import piece_count, piece_length_for, task_id
 from swarmfly.services.peer import grants
@@ -50,67 +52,67 @@ class Forger:
         """The scheduler's refusals, by subject and error code."""
 
     @property
-    def host(self) -> dict[str, Any]:
-        return {"id": FORGER_HOST, "ip": "127.0.0.1", "port": self.port, "type": "normal"}
+    def host(self) -> messages.Host:
+        return messages.Host(id=FORGER_HOST, ip="127.0.0.1", port=self.port, type="normal")
 
-    def content(self) -> dict[str, Any]:
-        return {
-            "content_length": len(self.forged),
-            "piece_length": self.length,
-            "piece_count": self.count,
-        }
+    def content(self) -> messages.TaskContent:
+        return messages.TaskContent(
+            content_length=len(self.forged),
+            piece_length=self.length,
+            piece_count=self.count,
+        )
 
     def piece(self, number: int) -> bytes:
         return self.forged[number * self.length : (number + 1) * self.length]
 
     async def request(
-        self, name: str, body: dict[str, Any], sender: contracts.Sender | None = None
-    ) -> dict[str, Any] | None:
+        self, subject: Subject[Req, Rep], message: Req, sender: contracts.Sender | None = None
+    ) -> Rep | None:
         """Send as this member's host (or as ``sender``, another host of the member's)."""
-        tokens = subject_tokens(name, {}, self.task, sender=sender or self.sender)
+        tokens = subject_tokens(subject.name, {}, self.task, sender=sender or self.sender)
         try:
-            return await self.bus.request(name, body, **tokens)
+            return await self.bus.request(subject, message, **tokens)
         except SwarmflyError as exc:  # refused: the scheduler may; the forger goes on
-            self.refused.append((name, exc.code))
+            self.refused.append((subject.name, exc.code))
             return None
 
     async def heartbeat(self) -> None:
         await self.bus.request(
-            "scheduler.heartbeat",
-            {"host": self.host, "uploads": 0},
-            **subject_tokens("scheduler.heartbeat", {}, sender=self.sender),
+            messages.HEARTBEAT,
+            messages.HeartbeatRequest(host=self.host, uploads=0),
+            **subject_tokens(messages.HEARTBEAT.name, {}, sender=self.sender),
         )
 
     async def claim(self, url: str, *, seed: bool = True) -> None:
         await self.heartbeat()
         registered = await self.request(
-            "scheduler.{partition}.register",
-            {
-                "task_id": self.task,
-                "peer_id": self.peer_id,
-                "host": self.host,
-                "source": {"url": url},
-                "pieces": list(range(self.count)),
-                "task": self.content(),
-                "seed": seed,
-            },
+            messages.REGISTER,
+            messages.RegisterRequest(
+                task_id=self.task,
+                peer_id=self.peer_id,
+                host=self.host,
+                source=messages.Source(url=url),
+                pieces=list(range(self.count)),
+                task=self.content(),
+                seed=seed,
+            ),
         )
         # The claim is taken as any member's registration: the attack runs.
         assert registered is not None, self.refused
         await self.report(range(self.count))
-        done = {"task_id": self.task, "peer_id": self.peer_id, "success": True}
-        await self.request("scheduler.{partition}.result", done)
+        done = messages.ResultRequest(task_id=self.task, peer_id=self.peer_id, success=True)
+        await self.request(messages.RESULT, done)
 
     async def report(self, numbers: range | list[int]) -> None:
-        pieces = [{"number": n, "digest": sha256(self.piece(n))} for n in numbers]
+        pieces = [messages.PieceReport(number=n, digest=sha256(self.piece(n))) for n in numbers]
         await self.request(
-            "scheduler.{partition}.pieces",
-            {
-                "task_id": self.task,
-                "peer_id": self.peer_id,
-                "pieces": pieces,
-                "task": self.content(),
-            },
+            messages.PIECES,
+            messages.PiecesRequest(
+                task_id=self.task,
+                peer_id=self.peer_id,
+                pieces=pieces,
+                task=self.content(),
+            ),
         )
 
     async def pieces(self, request: web.Request) -> web.Response:
@@ -267,30 +269,30 @@ async def test_a_lent_child_that_lies_is_caught_and_nobody_keeps_its_bytes(
                 )
             )
             for _ in range(300):  # the honest child asked first: its seed is reading
-                known = await evil.request("scheduler.{partition}.task", {"task_id": task})
-                if known is not None and known["task"] is not None:
+                known = await evil.request(messages.TASK, messages.TaskRequest(task_id=task))
+                if known is not None and known.task is not None:
                     break
                 await asyncio.sleep(0.05)
-            seed: dict[str, Any] | None = None
+            seed: messages.Parent | None = None
             for _ in range(200):
                 reply = await evil.request(
-                    "scheduler.{partition}.register",
-                    {
-                        "task_id": task,
-                        "peer_id": evil.peer_id,
-                        "host": evil.host,
-                        "source": {"url": url},
-                    },
+                    messages.REGISTER,
+                    messages.RegisterRequest(
+                        task_id=task,
+                        peer_id=evil.peer_id,
+                        host=evil.host,
+                        source=messages.Source(url=url),
+                    ),
                 )
-                parents = (reply or {}).get("parents", [])
-                seed = next((p for p in parents if p["type"] == "seed"), None)
+                parents = reply.parents if reply is not None else []
+                seed = next((p for p in parents if p.type == "seed"), None)
                 if seed is not None:
                     break
                 await asyncio.sleep(0.1)
             assert seed is not None and reply is not None, "the seed never came"
             # A registered child: the scheduler gave it a capability like any other.
-            auth = {"Authorization": f"Bearer {reply['token']}"}
-            await lie_while_lent(evil, seed["address"], auth, digest_task=task)
+            auth = {"Authorization": f"Bearer {reply.token}"}
+            await lie_while_lent(evil, seed.address, auth, digest_task=task)
             result = await asyncio.wait_for(honest, 120)
             assert result["exit"] == 0, (result, cluster.peers[0].log()[-8000:])
             assert (tmp_path / "out.bin").read_bytes() == data
@@ -299,17 +301,17 @@ async def test_a_lent_child_that_lies_is_caught_and_nobody_keeps_its_bytes(
             held = await settled(cluster.root / "storage", task, data)
             assert held == data, cluster.storage.log()[-3000:]
             reply = await evil.request(
-                "scheduler.{partition}.register",
-                {
-                    "task_id": task,
-                    "peer_id": ids.peer_id("newcomer", task),
-                    "host": {**evil.host, "id": "newcomer"},
-                    "source": {"url": url},
-                },
+                messages.REGISTER,
+                messages.RegisterRequest(
+                    task_id=task,
+                    peer_id=ids.peer_id("newcomer", task),
+                    host=dataclasses.replace(evil.host, id="newcomer"),
+                    source=messages.Source(url=url),
+                ),
                 sender=contracts.Sender("normal", "newcomer"),
             )
             assert reply is not None
-            assert evil.peer_id not in {p["peer_id"] for p in reply["parents"]}
+            assert evil.peer_id not in {p.peer_id for p in reply.parents}
 
 
 async def lie_while_lent(

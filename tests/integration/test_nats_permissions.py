@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 
 from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig
+from swarmfly.contracts import messages
 from swarmfly.credentials import Identity, ensure_identities, write_server_config
 from swarmfly.errors import SwarmflyError
 from swarmfly.localpeer import GetRequest
@@ -252,21 +253,21 @@ async def test_a_download_with_every_service_on_its_own_credentials(
                 url=url, output=outputs / "private.bin", headers={"Authorization": secret}
             )
             reply = await buses["client"].request(
-                "peer.{host_id}.download",
-                request.body(outputs / "private.bin"),
+                messages.DOWNLOAD,
+                messages.DownloadRequest.from_dict(request.body(outputs / "private.bin")),
                 timeout=60,
                 host_id=PEER,
             )
             assert (outputs / "private.bin").read_bytes() == data
-            assert reply["content_length"] == len(data)
-            assert reply["bytes_p2p"] == len(data), "the seed read the origin, the peer the seed"
+            assert reply.content_length == len(data)
+            assert reply.bytes_p2p == len(data), "the seed read the origin, the peer the seed"
             # No registration, seed request or reply (all carrying the origin's
             # credentials) reached the peer-role connection that asked for everything.
             assert overheard == []
             with pytest.raises(SwarmflyError, match=r"no service answers|did not answer"):
                 await buses["client"].request(  # the client may ask only this host's peer
-                    "peer.{host_id}.download",
-                    request.body(outputs / "x"),
+                    messages.DOWNLOAD,
+                    messages.DownloadRequest.from_dict(request.body(outputs / "x")),
                     timeout=1,
                     host_id="another-host",
                 )

@@ -19,6 +19,7 @@ import pytest
 from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.content import SourceRequest
+from swarmfly.contracts import messages
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import task_id as make_task_id
 from swarmfly.natsserver import NatsServer
@@ -283,5 +284,7 @@ async def test_dashboard_and_live_events(
         (child,) = (p for p in task["peers"] if not p["source"])
         assert (seed["origin_bytes"], seed["p2p_bytes"]) == (2 * MiB, 0)
         assert (child["origin_bytes"], child["p2p_bytes"]) == (0, 2 * MiB)
-        reply = await bus.request("scheduler.state", {"task_id": result.task_id, "bitmaps": True})
-        assert [t["id"] for t in reply["tasks"]] == [result.task_id]
+        reply = await bus.request(
+            messages.STATE, messages.StateRequest(task_id=result.task_id, bitmaps=True)
+        )
+        assert [t.id for t in reply.tasks] == [result.task_id]

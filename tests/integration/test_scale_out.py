@@ -24,6 +24,7 @@ import orjson
 import pytest
 
 from swarmfly.bus import Bus
+from swarmfly.contracts import messages
 from swarmfly.ids import task_id as make_task_id
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of, rendezvous
@@ -118,11 +119,13 @@ async def wait_for_holders(
 async def task_states(bus: Bus, schedulers: int) -> dict[str, dict[str, int]]:
     """Task id -> {peer id: pieces held}, as the schedulers' ``scheduler.state`` tells it
     (what `swarmfly status --json` reads): each scheduler lists its partitions' tasks."""
-    replies = await bus.gather("scheduler.state", {"limit": 100}, wait=2.0, expect=schedulers)
+    replies = await bus.gather(
+        messages.STATE, messages.StateRequest(limit=100), wait=2.0, expect=schedulers
+    )
     return {
-        task["id"]: {peer["id"]: peer["pieces"] for peer in task["peers"]}
+        task.id: {peer.id: peer.pieces for peer in task.peers}
         for reply in replies
-        for task in reply["tasks"]
+        for task in reply.tasks
     }
 
 

@@ -14,6 +14,7 @@ from swarmfly import ids
 from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig
 from swarmfly.content import TaskContent
+from swarmfly.contracts import messages
 from swarmfly.natsserver import NatsServer
 from swarmfly.runtime import start_scheduler
 from swarmfly.services.scheduler.core import HostSpec
@@ -49,22 +50,23 @@ async def test_the_state_of_a_large_cluster_fits_a_message(
             bus.subject("scheduler.state"), orjson.dumps({"bitmaps": True}), timeout=10
         )
         assert len(msg.data) <= STATE_BUDGET
-        state = await bus.request("scheduler.state", {"bitmaps": True}, timeout=10)
-        assert state["host_count"] == HOSTS + 1
-        assert len(state["hosts"]) == HOST_LIMIT
-        assert state["hosts"][0]["id"] == f"host-{HOSTS - 1}", "most recently seen first"
-        (task,) = state["tasks"]
-        assert task["summary"]["peers"] == PEERS + 1
-        assert task["summary"]["sources"] == 1
-        assert task["peers"][0]["source"], "the task's sources come first"
-        assert len(task["peers"]) <= PEER_LIMIT
-        assert state["truncated"] is True, "a bitmap of 16,384 pieces each: not all 200 fit"
+        state = await bus.request(messages.STATE, messages.StateRequest(bitmaps=True), timeout=10)
+        assert state.host_count == HOSTS + 1
+        assert len(state.hosts) == HOST_LIMIT
+        assert state.hosts[0].id == f"host-{HOSTS - 1}", "most recently seen first"
+        (task,) = state.tasks
+        assert task.summary is not None
+        assert task.summary.peers == PEERS + 1
+        assert task.summary.sources == 1
+        assert task.peers[0].source, "the task's sources come first"
+        assert len(task.peers) <= PEER_LIMIT
+        assert state.truncated is True, "a bitmap of 16,384 pieces each: not all 200 fit"
         # Asking for fewer is answered in full.
         small = await bus.request(
-            "scheduler.state", {"host_limit": 10, "peer_limit": 5, "task_id": TASK}
+            messages.STATE, messages.StateRequest(host_limit=10, peer_limit=5, task_id=TASK)
         )
-        assert (len(small["hosts"]), len(small["tasks"][0]["peers"])) == (10, 5)
-        assert "truncated" not in small
+        assert (len(small.hosts), len(small.tasks[0].peers)) == (10, 5)
+        assert "truncated" not in small.to_dict()
         # The dashboard's view is the same bounded state.
         view = await scheduler._view(bitmaps=True)
         assert len(orjson.dumps(view)) <= STATE_BUDGET

@@ -17,7 +17,7 @@ import pytest
 
 from swarmfly import ids
 from swarmfly.bus import Bus
-from swarmfly.contracts import Sender
+from swarmfly.contracts import Sender, messages
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.testing import Origin, ServiceProcess, metric_value, spawn_service
@@ -187,20 +187,20 @@ async def test_corrupt_parent_is_caught_and_avoided(
         for n in range(5):
             newcomer = Sender("normal", f"elsewhere-{n}")
             reply = await bus.request(
-                "scheduler.{partition}.register",
-                {
-                    "task_id": task_id,
-                    "peer_id": ids.peer_id(newcomer.host_id, task_id),
-                    "host": {
-                        "id": newcomer.host_id,
-                        "ip": "127.0.0.1",
-                        "port": 9,
-                        "type": newcomer.host_type,
-                    },
-                    "source": {"url": url},
-                },
+                messages.REGISTER,
+                messages.RegisterRequest(
+                    task_id=task_id,
+                    peer_id=ids.peer_id(newcomer.host_id, task_id),
+                    host=messages.Host(
+                        id=newcomer.host_id,
+                        ip="127.0.0.1",
+                        port=9,
+                        type=newcomer.host_type,
+                    ),
+                    source=messages.Source(url=url),
+                ),
                 partition=str(partition_of(task_id, DEFAULT_PARTITIONS)),
                 sender=newcomer.token,
             )
-            assert reply["action"] == "parents"
-            assert bad_peer not in {p["peer_id"] for p in reply["parents"]}
+            assert reply.action == "parents"
+            assert bad_peer not in {p.peer_id for p in reply.parents}

@@ -509,6 +509,7 @@ def test_nats_requires_the_shipped_authorization(services: dict[str, dict[str, A
         "swarmfly.v1.scheduler.*.pieces.normal.peer-1",
         "swarmfly.v1.scheduler.*.result.normal.peer-1",
         "swarmfly.v1.scheduler.heartbeat.normal.peer-1",
+        "swarmfly.v1.scheduler.*.beat.normal.peer-1",
         "swarmfly.v1.scheduler.leave.normal.peer-1",
         "swarmfly.v1.scheduler.*.task",
     ]

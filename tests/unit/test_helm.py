@@ -887,7 +887,7 @@ def test_notes_say_what_the_dashboard_shows() -> None:
     (services/scheduler/service.py, _view), so NOTES.txt must not say otherwise."""
     service = (ROOT / "services" / "scheduler" / "service.py").read_text()
     view = service.split("async def _view", 1)[1].split("\n    async def ", 1)[0]
-    assert '"scheduler.state"' in view and "merge(" in view
+    assert "messages.STATE" in view and "merge(" in view
     notes = (TEMPLATES / "NOTES.txt").read_text()
     assert "shows its own" not in notes
     assert "show the whole swarm: it asks every scheduler for its state and merges" in notes

@@ -30,6 +30,7 @@ from swarmfly.services.scheduler.core import (
     Scheduler,
     TriggerSeed,
 )
+from swarmfly.services.scheduler.service import schedule_message
 
 T = "1" * 64
 T2 = "2" * 64
@@ -562,7 +563,8 @@ def test_children_of_a_large_swarm_are_told_to_reschedule_less_often() -> None:
         hints.append(schedule.retry_after_ms)
     assert set(hints[: RESCHEDULE_PEERS - 1]) == {None}, "a smaller swarm: the peer's own pace"
     assert hints[-1] == 3000 and hints == sorted(hints, key=lambda h: h or 0)
-    assert Schedule("parents", (), None, hints[-1]).to_dict()["retry_after_ms"] == 3000
+    wire = schedule_message(Schedule("parents", (), None, hints[-1]), None, None).to_dict()
+    assert wire["retry_after_ms"] == 3000
     assert MAX_RESCHEDULE_MS <= 60_000, "within the contract's bound"
 
 
@@ -765,7 +767,7 @@ def test_content_can_arrive_with_a_piece_report() -> None:
 def test_schedule_to_dict_shape() -> None:
     s = Scheduler()
     add_seed(s)
-    body = join(s, "a", "h1").to_dict()
+    body = schedule_message(join(s, "a", "h1"), None, None).to_dict()
     assert body["action"] == "parents"
     assert body["task"] == {
         "content_length": CONTENT.content_length,
