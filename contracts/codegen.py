@@ -211,6 +211,7 @@ class Generator:
             f"from typing import {typing}",
             "",
             f"from swarmfly.contracts.wire import {absent}Subject",
+            "from swarmfly.frozen import quick_init",
             "",
         ]
         order = {DEF_NAMES.get(key, _camel(key)): i for i, key in enumerate(self.defs)}
@@ -299,7 +300,7 @@ def _to_dict(cls: Class) -> list[str]:
 
 
 def _class_source(cls: Class) -> list[str]:
-    lines = ["@dataclass(frozen=True, slots=True)", f"class {cls.name}:"]
+    lines = ["@quick_init", "@dataclass(frozen=True, slots=True)", f"class {cls.name}:"]
     lines += [*_docstring(cls.doc, "    "), ""]
     for f in cls.fields:
         if f.required:

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from swarmfly.contracts.wire import ABSENT, Absent, Subject
+from swarmfly.frozen import quick_init
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Host:
     """common.json ``host``."""
@@ -48,6 +50,7 @@ class Host:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Source:
     """common.json ``source``."""
@@ -77,6 +80,7 @@ class Source:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TaskContent:
     """common.json ``task``: what is known of a task's content once a seed or back-to-source
@@ -108,6 +112,7 @@ class TaskContent:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Parent:
     """common.json ``parent``."""
@@ -135,6 +140,7 @@ class Parent:
         }
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Schedule:
     """common.json ``schedule``: the scheduler's answer to register and reschedule."""
@@ -175,6 +181,7 @@ class Schedule:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Ok:
     """common.json ``ok``."""
@@ -189,6 +196,7 @@ class Ok:
         return {"ok": self.ok}
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class HeartbeatRequest:
     """common.json ``heartbeat_request``: a host's heartbeat: who it is and how loaded."""
@@ -212,6 +220,7 @@ class HeartbeatRequest:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class HeartbeatReply:
     """common.json ``heartbeat_reply``: a scheduler's answer to a heartbeat."""
@@ -251,6 +260,7 @@ class HeartbeatReply:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ReportReply:
     """common.json ``report_reply``: the reply to a piece report."""
@@ -273,6 +283,7 @@ class ReportReply:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class DigestPage:
     """common.json ``digest_page``: piece digests pushed with a schedule or a report's reply:
@@ -297,6 +308,7 @@ class DigestPage:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class DownloadRequest:
     """``peer.{host_id}.download`` request: download a URL through the swarm into a path on
@@ -340,6 +352,7 @@ class DownloadRequest:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class DownloadReply:
     """``peer.{host_id}.download`` reply: download a URL through the swarm into a path on the
@@ -380,6 +393,7 @@ class DownloadReply:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ProgressRequest:
     """``peer.{host_id}.progress`` request: how far a download asked of this peer has got
@@ -396,6 +410,7 @@ class ProgressRequest:
         return {"download_id": self.download_id}
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ProgressReply:
     """``peer.{host_id}.progress`` reply: how far a download asked of this peer has got (for
@@ -421,6 +436,7 @@ class ProgressReply:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class LeaveRequest:
     """``scheduler.leave`` request: a host leaves the cluster, or some of its peers leave
@@ -441,6 +457,7 @@ class LeaveRequest:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class PieceReport:
     """In ``pieces.request.pieces``."""
@@ -470,6 +487,7 @@ class PieceReport:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class LentPiece:
     """In ``pieces.request.lent``."""
@@ -485,6 +503,7 @@ class LentPiece:
         return {"number": self.number, "peer_id": self.peer_id}
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class PiecesRequest:
     """``scheduler.{partition}.pieces`` request: a batch of pieces a peer has finished and
@@ -526,6 +545,7 @@ class PiecesRequest:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RegisterRequest:
     """``scheduler.{partition}.register`` request: a peer joins a task's swarm and asks for
@@ -573,6 +593,7 @@ class RegisterRequest:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class BadParent:
     """In ``reschedule.request.bad_parents``."""
@@ -588,6 +609,7 @@ class BadParent:
         return {"peer_id": self.peer_id, "reason": self.reason}
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RescheduleRequest:
     """``scheduler.{partition}.reschedule`` request: a peer asks for new parents because one
@@ -624,6 +646,7 @@ class RescheduleRequest:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ResultRequest:
     """``scheduler.{partition}.result`` request: a peer finished a task, or gave up on it."""
@@ -653,6 +676,7 @@ class ResultRequest:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class StateRequest:
     """``scheduler.state`` request: what the scheduler knows: hosts, tasks, and which peer
@@ -690,6 +714,7 @@ class StateRequest:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class HostState:
     """In ``state.reply.hosts``."""
@@ -723,6 +748,7 @@ class HostState:
         }
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TaskSummary:
     """In ``state.reply.tasks.summary``: all of the task's peers, listed or not."""
@@ -759,6 +785,7 @@ class TaskSummary:
         }
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class PeerState:
     """In ``state.reply.tasks.peers``."""
@@ -802,6 +829,7 @@ class PeerState:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TaskState:
     """In ``state.reply.tasks``."""
@@ -837,6 +865,7 @@ class TaskState:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class StateReply:
     """``scheduler.state`` reply: what the scheduler knows: hosts, tasks, and which peer
@@ -873,6 +902,7 @@ class StateReply:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TaskRequest:
     """``scheduler.{partition}.task`` request: a task's metadata and the per-piece digests
@@ -893,6 +923,7 @@ class TaskRequest:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TaskReply:
     """``scheduler.{partition}.task`` reply: a task's metadata and the per-piece digests
@@ -926,6 +957,7 @@ class TaskReply:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class PreheatRequest:
     """``storage.preheat`` request: fetch a URL from the origin into the cluster's cache and
@@ -946,6 +978,7 @@ class PreheatRequest:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class PreheatReply:
     """``storage.preheat`` reply: fetch a URL from the origin into the cluster's cache and
@@ -986,6 +1019,7 @@ class PreheatReply:
         return data
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SeedRequest:
     """``storage.{host_id}.seed`` request: the scheduler asks a storage instance to fetch a
@@ -1003,6 +1037,7 @@ class SeedRequest:
         return {"task_id": self.task_id, "source": self.source.to_dict()}
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SeedReply:
     """``storage.{host_id}.seed`` reply: the scheduler asks a storage instance to fetch a

@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import pluggy
 
+from swarmfly.frozen import quick_init
+
 PROJECT = "swarmfly"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -130,7 +132,8 @@ class StrategyRegistry(Protocol):
 # -- parent evaluators -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@quick_init
+@dataclass(frozen=True, slots=True)
 class Candidate:
     """What an evaluator may know of a peer: a parent candidate or the child."""
 

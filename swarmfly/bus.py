@@ -76,6 +76,7 @@ class Served:
     service: Service
     name: str
     deferred: list[Bound[Any, Any]]
+    inline: bool
     opened: dict[tuple[tuple[str, str], ...], list[Endpoint]] = field(default_factory=dict)
 
 
@@ -263,18 +264,21 @@ class Bus:
         endpoints: Sequence[Bound[Any, Any]],
         *,
         metadata: dict[str, str] | None = None,
+        inline: bool = False,
         **tokens: str,
     ) -> Served:
         """A nats.micro service with one endpoint per contract, so $SRV discovery works.
 
         Endpoints whose subject tokens are all in ``tokens`` subscribe now; the others wait
-        for ``open_endpoints`` with the missing tokens.
+        for ``open_endpoints`` with the missing tokens. ``inline``: the handlers never wait
+        (they compute and answer), so each runs in its subscription's own task rather than
+        in a task per request, which costs as much as a small handler.
         """
         service = await add_service(
             self.nc, name=name, version=version, description=description, metadata=metadata
         )
         self._services.append(service)
-        served = Served(service, name, [])
+        served = Served(service, name, [], inline)
         now: list[Bound[Any, Any]] = []
         for endpoint in endpoints:
             self.used.add(endpoint.subject.name)
@@ -334,7 +338,7 @@ class Bus:
             await served.service.add_endpoint(
                 name=_endpoint_name(contract_name, {**tokens, **dict.fromkeys(every, "all")}),
                 subject=subject,
-                handler=self._endpoint(bound),
+                handler=self._endpoint(bound, served.inline),
                 queue_group=queue_group,
                 metadata={"contract": contract_name, "version": str(contract.version)},
             )
@@ -345,10 +349,13 @@ class Bus:
         await self.nc.flush()
         return added
 
-    def _endpoint(self, bound: Bound[Any, Any]) -> Callable[[Request], Awaitable[None]]:
+    def _endpoint(
+        self, bound: Bound[Any, Any], inline: bool
+    ) -> Callable[[Request], Awaitable[None]]:
         """nats-py hands a subscription's messages over one at a time: each request is
         handled in its own task, so a long one (a download, a preheat) does not hold up the
-        next; past MAX_HANDLING at once, the subscription waits (its queue is bounded)."""
+        next; past MAX_HANDLING at once, the subscription waits (its queue is bounded).
+        Handlers that never wait (``inline``) run in turn in the subscription's task."""
         gate = asyncio.Semaphore(MAX_HANDLING)
         contract, handler, request_type = (
             bound.subject.contract,
@@ -379,9 +386,9 @@ class Bus:
                 ):
                     if contract.sender:
                         sender = contracts.Sender.of(request.subject)
-                        reply = await cast(SentHandler[Any, Any], handler)(message, sender)
+                        reply = await cast("SentHandler[Any, Any]", handler)(message, sender)
                     else:
-                        reply = await cast(Handler[Any, Any], handler)(message)
+                        reply = await cast("Handler[Any, Any]", handler)(message)
             except SwarmflyError as exc:
                 await _respond_error(request, exc)
                 return
@@ -396,7 +403,7 @@ class Bus:
                 log.error("reply on %s not sent: %s", contract.name, exc)
                 await _respond_error(request, SwarmflyError("internal", "reply could not be sent"))
 
-        return dispatch
+        return serve if inline else dispatch
 
     async def gather(
         self,

@@ -48,13 +48,14 @@ def evaluate(
     # when they have as much to give.
     host_type = 0.5 if parent.host_type == "seed" else 1.0
     idc = 1.0 if parent.idc and parent.idc == child.idc else 0.0
+    both = parent.location and child.location  # most hosts name none: no call for them
     return (
         FINISHED_PIECE_WEIGHT * finished
         + FREE_UPLOAD_WEIGHT * free
         + PIECE_COST_WEIGHT * cost
         + HOST_TYPE_WEIGHT * host_type
         + IDC_WEIGHT * idc
-        + LOCATION_WEIGHT * _location_score(parent.location, child.location)
+        + (LOCATION_WEIGHT * _location_score(parent.location, child.location) if both else 0.0)
     )
 
 

@@ -19,6 +19,7 @@ from typing import Literal
 
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
+from swarmfly.frozen import quick_init
 from swarmfly.ids import piece_count
 from swarmfly.placement import rendezvous
 from swarmfly.plugins.evaluators.default import evaluate as default_evaluate
@@ -243,7 +244,8 @@ class Task:
                 self.load.pop(parent_id, None)
 
 
-@dataclass(frozen=True)
+@quick_init
+@dataclass(frozen=True, slots=True)
 class ParentInfo:
     peer_id: str
     host_id: str
@@ -251,7 +253,8 @@ class ParentInfo:
     type: str
 
 
-@dataclass(frozen=True)
+@quick_init
+@dataclass(frozen=True, slots=True)
 class Schedule:
     action: Action
     parents: tuple[ParentInfo, ...] = ()
@@ -259,7 +262,8 @@ class Schedule:
     retry_after_ms: int | None = None
 
 
-@dataclass(frozen=True)
+@quick_init
+@dataclass(frozen=True, slots=True)
 class TriggerSeed:
     """Effect: ask a storage instance to fetch this task from the origin; ``host_id`` None
     when no storage host is known (the adapter may wait for one to say hello, then reports
@@ -269,7 +273,8 @@ class TriggerSeed:
     host_id: str | None = None
 
 
-@dataclass(frozen=True)
+@quick_init
+@dataclass(frozen=True, slots=True)
 class HostSpec:
     id: str
     ip: str
@@ -280,7 +285,8 @@ class HostSpec:
     upload_slots: int = 64
 
 
-@dataclass(frozen=True)
+@quick_init
+@dataclass(frozen=True, slots=True)
 class PieceReport:
     number: int
     digest: str | None = None
@@ -288,7 +294,8 @@ class PieceReport:
     cost_ms: int | None = None
 
 
-@dataclass(frozen=True)
+@quick_init
+@dataclass(frozen=True, slots=True)
 class Lending:
     """A seed lent ``number`` to ``peer_id``, a child, to read from the origin."""
 
@@ -878,13 +885,19 @@ class Scheduler:
         self.rng.shuffle(sources)
         yield from sources
         ids = task.order
+        randbelow = self.rng.randrange
         if len(ids) <= SAMPLE_SIZE:
-            pool = [task.peers[i] for i in ids]
-            self.rng.shuffle(pool)
-            yield from (p for p in pool if not p.is_source)
+            # Fisher-Yates one draw at a time: the caller takes a few, a shuffle of the whole
+            # list cost a decision more than its scoring.
+            pool = list(ids)
+            for i in range(len(pool) - 1, -1, -1):
+                j = randbelow(i + 1)
+                pool[i], pool[j] = pool[j], pool[i]
+                peer = task.peers[pool[i]]
+                if not peer.is_source:
+                    yield peer
             return
         drawn: set[int] = set()
-        randbelow = self.rng.randrange
         while len(drawn) < SAMPLE_SIZE:
             index = randbelow(len(ids))
             if index in drawn:
@@ -969,7 +982,7 @@ class Scheduler:
             else (
                 max(0, total - len(child.pieces))
                 if peer.is_source
-                else len(peer.pieces - child.pieces)
+                else peer.pieces.count_missing(child.pieces)
             ),
         )
 

@@ -58,6 +58,11 @@ class PieceSet:
     def __rsub__(self, other: Iterable[int]) -> set[int]:
         return {n for n in other if n not in self}
 
+    def count_missing(self, other: PieceSet) -> int:
+        """``len(self - other)``, without building the difference: a decision asks it of
+        every candidate parent."""
+        return (self._bits & ~other._bits).bit_count()
+
     def __or__(self, other: Iterable[int]) -> PieceSet:
         return PieceSet._of(self._bits | _bits(other))
 

@@ -182,6 +182,7 @@ class SchedulerService:
                 Endpoint(messages.BEAT, self.on_heartbeat),
                 Endpoint(messages.STATE, self.on_state),
             ],
+            inline=True,  # every handler computes and answers: no I/O to wait on
             scheduler=self.ownership.instance,
         )
         await self.ownership.start(stack)
