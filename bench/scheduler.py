@@ -920,7 +920,7 @@ def one_run(
 def start_profiler(reaper: Reaper, pid: int, folder: Path, duration: float) -> Any:
     """py-spy on the scheduler for the timed phase (less a second at each end)."""
     folder.mkdir(parents=True, exist_ok=True)
-    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    spy = str(_py_spy())
     seconds = max(1, int(duration) - 2)
     command = [
         spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "250",
@@ -934,6 +934,12 @@ def start_profiler(reaper: Reaper, pid: int, folder: Path, duration: float) -> A
     )
 
 
+def _py_spy() -> Path:
+    """py-spy on PATH, or beside this interpreter (a venv's)."""
+    found = shutil.which("py-spy")
+    return Path(found) if found else Path(PY).parent / "py-spy"
+
+
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 CHOICE = "Scheduler._schedule"
 """Core samples under this method are parent choice; the rest is bookkeeping."""
@@ -941,6 +947,8 @@ CHOICE = "Scheduler._schedule"
 
 def category(file: str, func: str, src: str) -> str | None:
     """What one frame is part of, or None to look at its caller."""
+    if file == "<string>" and func.endswith("__init__"):  # dataclasses' and quick_init's
+        return "building messages and candidates (dataclass __init__)"
     if file == "<string>" or "/fastjsonschema/" in file:
         return "JSON Schema validation (fastjsonschema)"
     if "/prometheus_client/" in file:
@@ -1259,6 +1267,9 @@ def main(argv: list[str] | None = None) -> int:
         return generator_main(args.generator)
     if args.echo:
         return echo_main(args.echo)
+    if args.profile and not _py_spy().exists():
+        print("--profile needs py-spy: pip install py-spy", file=sys.stderr)
+        return 2
     out = Out(args.json)
     reaper = Reaper()
     summaries: list[dict[str, Any]] = []

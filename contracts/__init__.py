@@ -12,13 +12,11 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
-
-import fastjsonschema
 
 from swarmfly.contracts.documents import (
     Answer,
@@ -30,6 +28,7 @@ from swarmfly.contracts.documents import (
     peer_openapi,
     peer_operation,
 )
+from swarmfly.contracts.schema import DIALECT, Invalid, Validator, compile_schema
 
 API_VERSION = "v1"
 COMMON_REF = "common.json#/$defs/"
@@ -57,9 +56,6 @@ class Sender:
     def of(cls, subject: str) -> Sender:
         host_type, host_id = subject.split(".")[-2:]
         return cls(host_type, host_id)
-
-
-Validator = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -137,7 +133,7 @@ def _load_json(name: str) -> dict[str, Any]:
 
 
 def _schema(body: dict[str, Any]) -> dict[str, Any]:
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **body}
+    return {"$schema": DIALECT, **body}
 
 
 @cache
@@ -153,7 +149,7 @@ def error_schema() -> dict[str, Any]:
 
 @cache
 def validate_error() -> Validator:
-    return fastjsonschema.compile(error_schema())
+    return compile_schema(error_schema())
 
 
 class _OnUse:
@@ -167,11 +163,11 @@ class _OnUse:
 
     def compiled(self) -> Validator:
         if self._compiled is None:
-            self._compiled = fastjsonschema.compile(self.schema)
+            self._compiled = compile_schema(self.schema)
         return self._compiled
 
-    def __call__(self, data: Any) -> Any:
-        return self.compiled()(data)
+    def __call__(self, data: Any) -> None:
+        self.compiled()(data)
 
 
 def _compiled_on_use(schema: dict[str, Any]) -> Validator:
@@ -231,10 +227,12 @@ __all__ = [
     "SENDER",
     "Answer",
     "Contract",
+    "Invalid",
     "LocalMessage",
     "LocalSocket",
     "Operation",
     "Sender",
+    "Validator",
     "get",
     "local_socket",
     "peer_api",

@@ -12,21 +12,18 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
 
-import fastjsonschema
+from swarmfly.contracts.schema import DIALECT, Validator, compile_schema
 
 PEER_API = "http/peer.openapi.json"
 LOCAL_SOCKET = "localsocket.json"
-DIALECT = "https://json-schema.org/draft/2020-12/schema"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 """The keys of an OpenAPI path item that are operations."""
-
-Validator = Callable[[Any], Any]
 
 
 @cache
@@ -82,7 +79,7 @@ def resolved(node: Any, base: str) -> Any:
 
 def _compiled(schema: dict[str, Any]) -> tuple[dict[str, Any], Validator]:
     schema = {"$schema": DIALECT, **schema}
-    return schema, fastjsonschema.compile(schema)
+    return schema, compile_schema(schema)
 
 
 # -- the peer HTTP API ---------------------------------------------------------------------

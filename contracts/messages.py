@@ -321,6 +321,7 @@ class DownloadRequest:
     strategy: str | None = None
     timeout_s: float | None = None
     umask: int | None = None
+    download_rate: int | None = None
     hard_link: bool | None = None
 
     @classmethod
@@ -332,6 +333,7 @@ class DownloadRequest:
             strategy=data.get("strategy"),
             timeout_s=data.get("timeout_s"),
             umask=data.get("umask"),
+            download_rate=data.get("download_rate"),
             hard_link=data.get("hard_link"),
         )
 
@@ -347,6 +349,8 @@ class DownloadRequest:
             data["timeout_s"] = self.timeout_s
         if self.umask is not None:
             data["umask"] = self.umask
+        if self.download_rate is not None:
+            data["download_rate"] = self.download_rate
         if self.hard_link is not None:
             data["hard_link"] = self.hard_link
         return data

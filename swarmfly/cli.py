@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--strategy", help="rarest-first, sequential or random")
     get.add_argument("--piece-length", type=_size, help="piece length (default from size)")
     get.add_argument("--upload-rate", type=_size, help="upload limit of the in-process peer")
-    get.add_argument("--download-rate", type=_size, help="download limit, bytes/s")
+    get.add_argument(
+        "--download-rate", type=_size, help="bytes/s for this download, kept by the peer serving it"
+    )
     get.add_argument(
         "--force-hard-link",
         action="store_true",
@@ -259,8 +261,10 @@ def config_from(args: argparse.Namespace, warn: Callable[[str], None] | None = N
         flags["scheduler"] = {"http_port": args.http_port, "listen": args.listen}
     elif args.command == "storage":
         flags["storage"] = node
-    elif args.command in ("peer", "get"):
+    elif args.command == "peer":
         flags["peer"] = {**node, "download_rate": get(args, "download_rate", None)}
+    elif args.command == "get":  # its --download-rate goes with the request (GetRequest)
+        flags["peer"] = node
     if args.command in ("peer", "up"):
         flags["proxy"] = {
             "listen": args.proxy_listen,
@@ -405,6 +409,7 @@ def _get(args: argparse.Namespace, config: Config) -> int:
         strategy=args.strategy,
         piece_length=args.piece_length,
         hard_link=args.force_hard_link,
+        download_rate=args.download_rate or 0,
     )
     bar = _progress(args)
     try:

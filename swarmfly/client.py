@@ -206,6 +206,7 @@ async def _in_process(
             request.source(),
             strategy=request.strategy or config.peer.strategy,
             download_id=download_id,
+            rate=request.download_rate,
         )
     )
     try:

@@ -72,6 +72,8 @@ class GetRequest:
     """Hard-link the output to the (then read-only) cache file instead of copying it."""
     umask: int = field(default_factory=current_umask)
     """The requester's: the peer creates the output with mode ``0o666 & ~umask``."""
+    download_rate: int = 0
+    """Bytes/s the serving peer may take for this download (0: its own limit only)."""
 
     def source(self) -> SourceRequest:
         return SourceRequest(self.url, self.headers, self.digest, self.piece_length)
@@ -89,6 +91,8 @@ class GetRequest:
             body["strategy"] = self.strategy
         if self.hard_link:
             body["hard_link"] = True
+        if self.download_rate:
+            body["download_rate"] = self.download_rate
         return body
 
 

@@ -24,6 +24,7 @@ from swarmfly.contracts.wire import ABSENT, Absent, Rep, Req, Subject
 from swarmfly.errors import SwarmflyError, connect_error_in_words, in_words
 from swarmfly.ids import check_digest, piece_count, piece_length_for, redact_url
 from swarmfly.plugins.hookspecs import SourceStat
+from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.lending import LEND_POLL, Lending
@@ -135,6 +136,8 @@ class Conductor:
         self.source = source
         self.seed = seed
         self.stat = stat
+        self.rate = TokenBucket(0)
+        """This download's own limit (``limit``), within the host's."""
         self.strategy = node.plugins.strategy(strategy)
         self.peer_id = node.peer_id(task_id)
         self.stored: StoredTask = node.store.open(task_id, source.url)
@@ -961,8 +964,18 @@ class Conductor:
             received += len(chunk)
             if received > size:
                 raise too_much
-            await self.node.download_bucket.take(len(chunk))
+            await self._take(len(chunk))
             yield chunk
+
+    def limit(self, rate: int) -> None:
+        """Hold this download to ``rate`` bytes/s (a get's ``--download-rate``): the lowest
+        rate of the asks that share it, as its bytes are theirs too."""
+        if rate > 0 and (self.rate.unlimited or rate < self.rate.rate):
+            self.rate = TokenBucket(rate)
+
+    async def _take(self, amount: int) -> None:
+        await self.node.download_bucket.take(amount)
+        await self.rate.take(amount)
 
     async def _receive(
         self, number: int, chunks: AsyncIterator[bytes], expected: str | None
@@ -1004,7 +1017,7 @@ class Conductor:
         number = 0
         started = time.monotonic()
         async for chunk in source.fetch(self.source.url, self._origin_headers()):
-            await self.node.download_bucket.take(len(chunk))
+            await self._take(len(chunk))
             buffer += chunk
             while number < content.piece_count and len(buffer) >= content.piece(number)[1]:
                 size = content.piece(number)[1]

@@ -280,6 +280,7 @@ class PeerNode:
         task_id: str | None = None,
         download_id: str | None = None,
         stat: SourceStat | None = None,
+        rate: int = 0,
     ) -> Download:
         """Join the task's run, or start one; concurrent asks for one task share a run.
 
@@ -313,6 +314,7 @@ class PeerNode:
             running = asyncio.create_task(self._run(conductor))
             entry = self._downloads[task_id] = (conductor, running)
             running.add_done_callback(lambda _: self._downloads.pop(task_id, None))
+        entry[0].limit(rate)
         if download_id:
             self._progress[download_id] = entry[0]
         return Download(task_id, entry[0], entry[1], started)
@@ -357,10 +359,17 @@ class PeerNode:
         seed: bool = False,
         task_id: str | None = None,
         download_id: str | None = None,
+        rate: int = 0,
     ) -> DownloadResult:
-        """Bring a task into the store, verified."""
+        """Bring a task into the store, verified; ``rate``: bytes/s it may take (0: the
+        host's limit only)."""
         run = await self.begin(
-            source, strategy=strategy, seed=seed, task_id=task_id, download_id=download_id
+            source,
+            strategy=strategy,
+            seed=seed,
+            task_id=task_id,
+            download_id=download_id,
+            rate=rate,
         )
         return await run.result()
 

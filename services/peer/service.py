@@ -196,6 +196,7 @@ class PeerService:
                     source,
                     strategy=req.strategy or self.default_strategy,
                     download_id=download_id,
+                    rate=req.download_rate or 0,
                 )
                 stored = self.node.store.open(result.task_id)
                 try:

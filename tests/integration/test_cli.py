@@ -168,6 +168,28 @@ async def test_get_through_a_peer_service(
             assert service.stop() == 0, service.log()
 
 
+QUICKSTART = Path(__file__).parents[2] / "docs" / "quickstart.md"
+DOC_STATE = "~/.local/state/swarmfly"
+
+
+def _banner_shape(lines: list[str], state: str) -> list[str]:
+    """The banner with what differs from run to run masked: the state dir, host ids (a name
+    and 8 hex digits), then every number (ports)."""
+    masked = []
+    for line in lines:
+        line = line.replace(state, "STATE")
+        line = re.sub(r"[\w.-]+-[0-9a-f]{8}\b", "HOST", line)
+        masked.append(re.sub(r"\d+", "N", line))
+    return masked
+
+
+def _quickstart_banner() -> list[str]:
+    """What docs/quickstart.md shows `swarmfly up` printing, masked the same way."""
+    text = QUICKSTART.read_text()
+    block = text.split("```\nswarmfly is up\n", 1)[1].split("\n```", 1)[0]
+    return _banner_shape(["swarmfly is up", *block.split("\n")], DOC_STATE)
+
+
 async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> None:
     state = tmp_path / "state"
     up = await asyncio.create_subprocess_exec(
@@ -185,6 +207,7 @@ async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> Non
             line = await asyncio.wait_for(up.stdout.readline(), 10)
             assert line, f"the banner ended early: {lines}"
             lines.append(line.decode().rstrip("\n"))
+        assert _banner_shape(["swarmfly is up", *lines], str(state)) == _quickstart_banner()
         nats_url = lines[0].split()[1]
         assert nats_url.startswith("nats://127.0.0.1:")
         assert "metrics" in lines[1]

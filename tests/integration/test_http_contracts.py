@@ -24,13 +24,13 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
-import fastjsonschema
 import pytest
 from nacl.signing import VerifyKey
 
 from swarmfly import contracts, localpeer
 from swarmfly.capability import Signer
 from swarmfly.config import Config
+from swarmfly.contracts.schema import compile_schema
 from swarmfly.ids import NODE_ID
 from swarmfly.localpeer import GetRequest
 from swarmfly.natsserver import NatsServer
@@ -52,13 +52,15 @@ LOCAL = contracts.local_socket()
 @cache
 def compiled(text: str) -> Any:
     """A validator for a schema given as JSON text (schemas are dicts: not hashable)."""
-    return fastjsonschema.compile(
+    return compile_schema(
         {"$schema": "https://json-schema.org/draft/2020-12/schema", **json.loads(text)}
     )
 
 
 def valid(schema: Mapping[str, Any], value: Any) -> Any:
-    return compiled(json.dumps(schema, sort_keys=True))(value)
+    """``value``, once it is checked against ``schema``."""
+    compiled(json.dumps(schema, sort_keys=True))(value)
+    return value
 
 
 def as_typed(schema: Mapping[str, Any], text: str) -> Any:

@@ -100,6 +100,32 @@ async def test_download_rate_limit_holds(origin: Origin, tmp_path: Path) -> None
     assert elapsed >= 1.5, f"4 MiB at 2 MiB/s took only {elapsed:.2f}s"
 
 
+async def test_the_serving_peer_keeps_a_gets_download_rate(
+    origin: Origin, nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """`get --download-rate` through a running peer service: the peer paces that download
+    (it used to apply the flag only to a peer run in process)."""
+    data = os.urandom(4 * MiB)
+    url = origin.add("paced-get.bin", data)
+    scheduler = start("scheduler", nats, prefix, tmp_path / "scheduler")
+    storage = start("storage", nats, prefix, tmp_path / "storage")
+    peer = start("peer", nats, prefix, tmp_path / "peer")
+    try:
+        started = time.monotonic()
+        code, stdout, stderr = await swarmfly(
+            "get", url, "-O", str(tmp_path / "out"), "--download-rate", "2MiB", "--json",
+            "--state-dir", str(tmp_path / "peer"), "--nats", nats.url, "--prefix", prefix,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        assert code == 0, stderr
+        assert orjson.loads(stdout)["via"] == "peer", "the peer service served it"
+        assert (tmp_path / "out").read_bytes() == data
+        assert elapsed >= 1.5, f"4 MiB at 2 MiB/s took only {elapsed:.2f}s"
+    finally:
+        for service in (peer, storage, scheduler):
+            service.stop()
+
+
 async def test_upload_rate_limit_paces_children(
     origin: Origin, nats: NatsServer, prefix: str, tmp_path: Path
 ) -> None:
