@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import platform
 import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -186,9 +188,28 @@ def _owned_plugins(stack: AsyncExitStack, config: Config) -> Plugins:
 
 
 def _open_files() -> None:
-    """Raise the open-file limit, as servers do at start: a connection is a file."""
+    """Raise the open-file limit, as servers do at start: a connection is a file; and bound
+    glibc's malloc arenas, before the first worker thread."""
     soft, hard = httpserver.raise_open_files()
     log.debug("open files: %s of %s", soft, hard)
+    _bound_malloc_arenas()
+
+
+M_ARENA_MAX = -8
+"""glibc's ``mallopt`` parameter (malloc.h)."""
+
+
+def _bound_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates an arena of its own (up to eight per core),
+    and what piece writes and hashes free in a worker thread stays in its arena: some 20 MiB
+    more resident per service while data moves. Two arenas, as the ``MALLOC_ARENA_MAX=2``
+    many Python servers run with; nothing where the C library is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas)
+    except (OSError, AttributeError) as exc:
+        log.debug("malloc arenas left unbounded: %s", exc)
 
 
 def stop_on_signals() -> asyncio.Event:

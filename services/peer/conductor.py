@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +46,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WRITE_BATCH = 1024 * 1024
+WRITE_BATCH = 512 * 1024
 """Bytes of a piece gathered before they go to disk in one thread hop (a hop per network
-chunk cost more than the writing)."""
+chunk cost more than the writing); with 16 pieces in flight, twice this is what a download
+holds in memory (1 MiB put the peer past 100 MiB resident)."""
 POLL_WAIT = 10.0
 SEED_POLL_WAIT = 2.0
 """A seed's grant follows the pieces the child said it wants; they go stale sooner."""
@@ -137,7 +138,9 @@ class Conductor:
         self.seed = seed
         self.stat = stat
         self.rate = TokenBucket(0)
-        """This download's own limit (``limit``), within the host's."""
+        """This download's own limit (``asking``), within the host's."""
+        self._asks: list[int] = []
+        """The rates of the asks waiting for this run (0: none of their own)."""
         self.strategy = node.plugins.strategy(strategy)
         self.peer_id = node.peer_id(task_id)
         self.stored: StoredTask = node.store.open(task_id, source.url)
@@ -967,11 +970,23 @@ class Conductor:
             await self._take(len(chunk))
             yield chunk
 
-    def limit(self, rate: int) -> None:
-        """Hold this download to ``rate`` bytes/s (a get's ``--download-rate``): the lowest
-        rate of the asks that share it, as its bytes are theirs too."""
-        if rate > 0 and (self.rate.unlimited or rate < self.rate.rate):
-            self.rate = TokenBucket(rate)
+    @contextlib.contextmanager
+    def asking(self, rate: int) -> Iterator[None]:
+        """While an ask waits for this run, its rate (a get's ``--download-rate``; 0: none)
+        counts: the run goes as fast as the fastest ask waiting allows, so an ask that set a
+        slow rate and left never holds back the next one. With nobody waiting, the last rate
+        holds (a get stopped with Ctrl-C is not finished at full speed behind its back)."""
+        self._asks.append(max(rate, 0))
+        self._pace()
+        try:
+            yield
+        finally:
+            self._asks.remove(max(rate, 0))
+            if self._asks:
+                self._pace()
+
+    def _pace(self) -> None:
+        self.rate.set_rate(0 if 0 in self._asks else max(self._asks))
 
     async def _take(self, amount: int) -> None:
         await self.node.download_bucket.take(amount)
@@ -1072,11 +1087,12 @@ class Conductor:
     # -- end of download -----------------------------------------------------------------
 
     def _kick_digest(self) -> None:
-        """Hash the whole file as it grows, only when there is a digest to verify against:
-        otherwise it would be a second pass over every byte for nothing."""
+        """Follow the verified prefix: into the outputs waiting for the file, and through
+        the whole-file hash only when there is a digest to verify against (otherwise it
+        would be a pass over every byte for nothing)."""
         content = self.stored.content
-        if content is not None and content.digest:
-            self.digest.kick()
+        self.digest.hashing = content is not None and bool(content.digest)
+        self.digest.kick()
 
     async def _verify_whole(self) -> None:
         content = self.stored.content
@@ -1120,8 +1136,7 @@ class Conductor:
         if self.swarm.bad:
             with contextlib.suppress(SwarmflyError):
                 await self._reschedule_or_register()
-        self.digest.cancel()
-        self.digest = PrefixDigest(self.stored)
+        await self.digest.rewind()  # the outputs, too, take the pieces read again
         return await self.digest.finish() == want
 
     async def _announce_cached(self) -> None:

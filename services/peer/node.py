@@ -13,7 +13,6 @@ import fcntl
 import logging
 import math
 import os
-import shutil
 import socket
 import time
 import zlib
@@ -41,7 +40,13 @@ from swarmfly.plugins.hookspecs import Source, SourceStat
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor, LocalDiskError
 from swarmfly.services.peer.gc import CachedTask, DiskUsage, GcPolicy, plan
-from swarmfly.services.peer.store import FILE_MODE, StoredTask, TaskStore, private_dir
+from swarmfly.services.peer.store import (
+    FILE_MODE,
+    StoredTask,
+    TaskStore,
+    copy_range,
+    private_dir,
+)
 from swarmfly.services.peer.upload import UploadServer
 
 log = logging.getLogger(__name__)
@@ -121,10 +126,13 @@ class Download:
     conductor: Conductor
     running: asyncio.Task[Conductor]
     started: float
+    rate: int = 0
+    """Bytes/s this ask lets the run take while it waits (0: the host's limit only)."""
 
     async def result(self) -> DownloadResult:
         """Wait for the run (cancelling this wait leaves it going for the others)."""
-        conductor = await asyncio.shield(self.running)
+        with self.conductor.asking(self.rate):
+            conductor = await asyncio.shield(self.running)
         stored = conductor.stored
         assert stored.content is not None
         return DownloadResult(
@@ -314,10 +322,9 @@ class PeerNode:
             running = asyncio.create_task(self._run(conductor))
             entry = self._downloads[task_id] = (conductor, running)
             running.add_done_callback(lambda _: self._downloads.pop(task_id, None))
-        entry[0].limit(rate)
         if download_id:
             self._progress[download_id] = entry[0]
-        return Download(task_id, entry[0], entry[1], started)
+        return Download(task_id, entry[0], entry[1], started, rate)
 
     def _shared(self, source: SourceRequest, stat: SourceStat) -> bool:
         """May this request share its digest's task with other URLs? Only a blob of a
@@ -774,7 +781,7 @@ def deliver(
             fd = os.open(tmp, flags, FILE_MODE, dir_fd=folder)
             try:
                 os.fchmod(fd, mode)
-                deliver_into(stored, fd)
+                copy_into(stored.data_path, fd)
             finally:
                 os.close(fd)
         os.replace(tmp, output.name, src_dir_fd=folder, dst_dir_fd=folder)
@@ -794,33 +801,13 @@ def _moved(source: Path, target: str, folder: int) -> bool:
     return True
 
 
-def deliver_into(stored: StoredTask, fd: int) -> None:
-    """Write the verified file into ``fd``, an empty file opened for writing (by the
-    requester, over the local socket: the peer never opens a path on its behalf)."""
-    copy_into(stored.data_path, fd)
-
-
 def copy_into(source: Path, fd: int) -> None:
     """``source``'s bytes into the empty file ``fd``: a reflink where the filesystem can,
-    else ``copy_file_range`` (in the kernel), else a plain copy."""
+    else a copy (``copy_range``)."""
     with open(source, "rb") as src:
         try:
             fcntl.ioctl(fd, FICLONE, src.fileno())
             return
         except OSError:
             pass  # no reflinks here (ext4, tmpfs, another filesystem): copy
-        size = os.fstat(src.fileno()).st_size
-        copied = 0
-        try:
-            while copied < size:
-                sent = os.copy_file_range(src.fileno(), fd, size - copied)
-                if sent == 0:
-                    raise OSError(errno.EIO, f"{source} shrank while it was copied")
-                copied += sent
-            return
-        except OSError as exc:
-            if copied or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
-                                           errno.EOPNOTSUPP):  # fmt: skip
-                raise
-        with open(os.dup(fd), "wb") as dst:
-            shutil.copyfileobj(src, dst, 1024 * 1024)
+        copy_range(src.fileno(), fd, 0, os.fstat(src.fileno()).st_size)

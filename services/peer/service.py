@@ -10,6 +10,7 @@ import os
 import stat
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -21,8 +22,9 @@ from swarmfly.contracts import messages
 from swarmfly.contracts.wire import Endpoint
 from swarmfly.errors import SwarmflyError
 from swarmfly.localpeer import PEER_FILE, PROGRESS_INTERVAL, current_umask, socket_path
+from swarmfly.services.peer.filedigest import Output
 from swarmfly.services.peer.localsocket import LocalRequest, LocalServer, Send
-from swarmfly.services.peer.node import PeerNode, deliver, deliver_into
+from swarmfly.services.peer.node import PeerNode, deliver
 from swarmfly.services.peer.outputs import OutputRoots
 from swarmfly.services.peer.store import StoredTask
 
@@ -123,12 +125,9 @@ class PeerService:
         fd = request.fd
 
         def place(stored: StoredTask) -> None:
-            if fd is not None:
-                deliver_into(stored, fd)
-            else:
-                self._deliver_at(stored, checked_output(payload.output), payload)
+            self._deliver_at(stored, checked_output(payload.output), payload)
 
-        download = asyncio.create_task(self._download(payload, place))
+        download = asyncio.create_task(self._download(payload, place, into=fd))
         try:
             while not download.done():
                 await asyncio.wait([download], timeout=PROGRESS_INTERVAL)
@@ -183,22 +182,36 @@ class PeerService:
         )
 
     async def _download(
-        self, req: messages.DownloadRequest, place: Callable[[StoredTask], None]
+        self,
+        req: messages.DownloadRequest,
+        place: Callable[[StoredTask], None],
+        *,
+        into: int | None = None,
     ) -> messages.DownloadReply:
-        """Download ``req``'s source through the swarm, then ``place`` the verified file."""
+        """Download ``req``'s source through the swarm, then ``place`` the verified file;
+        or, given ``into`` (an empty file its requester opened), copy verified pieces into it
+        while the download runs, so that only its tail is left to copy at the end."""
         source = SourceRequest.of(req.source)
         await self.node.plugins.origins.check(source.url)
         download_id = req.download_id
         seconds = 3600 if req.timeout_s is None else req.timeout_s
+        output: Output | None = None
         try:
             async with asyncio.timeout(seconds):
-                result = await self.node.download(
+                run = await self.node.begin(
                     source,
                     strategy=req.strategy or self.default_strategy,
                     download_id=download_id,
                     rate=req.download_rate or 0,
                 )
+                if into is not None:
+                    output = run.conductor.digest.attach(into)
+                result = await run.result()
                 stored = self.node.store.open(result.task_id)
+                assert stored.content is not None
+                if output is not None:
+                    size = stored.content.content_length
+                    place = partial(output.copy_up_to, end=size)  # the tail, if any
                 try:
                     await asyncio.to_thread(place, stored)
                 except OSError as exc:
@@ -210,6 +223,8 @@ class PeerService:
         except TimeoutError:
             raise SwarmflyError("timeout", f"download did not finish in {seconds:g}s") from None
         finally:
+            if output is not None:
+                await run.conductor.digest.detach(output)
             self.node.forget(download_id)
         return result.reply(Path(req.output))
 

@@ -56,6 +56,33 @@ def private_dir(path: Path) -> None:
         os.chmod(path, DIR_MODE)
 
 
+def copy_range(source: int, target: int, offset: int, size: int) -> None:
+    """Bytes [offset, offset + size) of ``source`` to the same place in ``target``: in the
+    kernel (``copy_file_range``, which shares the blocks where the filesystem can), else
+    through a buffer. A source shorter than the range is an error, never a short file."""
+    end = offset + size
+    position = offset
+    try:
+        while position < end:
+            sent = os.copy_file_range(source, target, end - position, position, position)
+            if sent == 0:
+                raise OSError(errno.EIO, "the data file is shorter than its content")
+            position += sent
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    buffer = memoryview(bytearray(min(BLOCK, end - position)))
+    while position < end:
+        got = os.preadv(source, [buffer[: min(BLOCK, end - position)]], position)
+        if not got:
+            raise OSError(errno.EIO, "the data file is shorter than its content")
+        written = 0
+        while written < got:
+            written += os.pwrite(target, buffer[written:got], position + written)
+        position += got
+
+
 def mebibytes(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
@@ -342,20 +369,33 @@ class StoredTask:
             offset, size = self.content.piece(number)
             hasher = hashlib.sha256()
             try:
-                with self._using() as fd:
-                    position, end = offset, offset + size
-                    while position < end:
-                        block = os.pread(fd, min(BLOCK, end - position), position)
-                        if not block:
-                            break
-                        hasher.update(block)
-                        position += len(block)
+                whole = self.hash_into(hasher, offset, size)
             except OSError as exc:
                 log.warning("task %s piece %d unreadable: %s", self.id[:12], number, exc)
                 continue
-            if position == end and hasher.hexdigest() == expected:
+            if whole and hasher.hexdigest() == expected:
                 good.add(number)
         return good
+
+    def hash_into(self, hasher: Any, offset: int, size: int) -> bool:
+        """Feed bytes [offset, offset + size) of the data file to ``hasher`` (a worker
+        thread), through one reused buffer; False when the file is shorter."""
+        buffer = memoryview(bytearray(min(BLOCK, size)))
+        with self._using() as fd:
+            position, end = offset, offset + size
+            while position < end:
+                got = os.preadv(fd, [buffer[: min(BLOCK, end - position)]], position)
+                if not got:
+                    return False
+                hasher.update(buffer[:got])
+                position += got
+        return True
+
+    def copy_out(self, fd: int, offset: int, size: int) -> None:
+        """Copy bytes [offset, offset + size) of the data file to the same place in ``fd``
+        (a worker thread)."""
+        with self._using() as source:
+            copy_range(source, fd, offset, size)
 
     def accept(self, numbers: list[int], good: set[int]) -> None:
         """Apply a batch's re-verification: good pieces are usable again, the others are

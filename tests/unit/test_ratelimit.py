@@ -86,3 +86,25 @@ async def test_concurrent_takers_share_the_rate() -> None:
     elapsed = time.monotonic() - started
     expected = (4 * 5 * 10_000 - 20_000) / rate  # 0.18 s
     assert expected * 0.9 <= elapsed <= expected + 0.3
+
+
+async def test_a_waiter_goes_on_when_the_rate_is_lifted() -> None:
+    """A download held to 1 B/s by an ask that left must not hold the next one for a day."""
+    bucket = TokenBucket(1, burst=1, clock=FrozenClock())
+    await bucket.take(1)
+    waiter = asyncio.create_task(bucket.take(64 * 1024))  # 18 hours at 1 B/s
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    bucket.set_rate(0)
+    await asyncio.wait_for(waiter, 1)
+
+
+async def test_a_waiter_takes_the_new_rate_for_what_it_still_lacks() -> None:
+    bucket = TokenBucket(10, burst=10)
+    await bucket.take(10)
+    started = time.monotonic()
+    waiter = asyncio.create_task(bucket.take(100_000))  # hours at 10 B/s
+    await asyncio.sleep(0.02)
+    bucket.set_rate(1_000_000)  # 0.1 s from here
+    await asyncio.wait_for(waiter, 2)
+    assert 0.05 <= time.monotonic() - started < 1.0
