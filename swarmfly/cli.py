@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import orjson
 
 from swarmfly import __version__
-from swarmfly.config import Config, load, parse_size
+from swarmfly.config import MIN_RATE, Config, load, parse_size
 from swarmfly.errors import SwarmflyError, in_words
 from swarmfly.ids import DIGEST
 
@@ -44,6 +44,15 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rate(text: str) -> int:
+    rate = _size(text)
+    if 0 < rate < MIN_RATE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give at least {MIN_RATE // 1024}KiB (bytes/s), or 0 for no limit"
+        )
+    return rate
 
 
 def _seconds(text: str) -> float:
@@ -187,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--piece-length", type=_size, help="piece length (default from size)")
     get.add_argument("--upload-rate", type=_size, help="upload limit of the in-process peer")
     get.add_argument(
-        "--download-rate", type=_size, help="bytes/s for this download, kept by the peer serving it"
+        "--download-rate", type=_rate, help="bytes/s for this download, kept by the peer serving it"
     )
     get.add_argument(
         "--force-hard-link",

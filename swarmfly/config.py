@@ -406,6 +406,9 @@ def setting_names() -> set[str]:
     return names
 
 
+MIN_RATE = 64 * 1024
+"""The slowest rate a request may ask for (bytes/s): below it a single piece takes hours, so
+a lower figure is a mistake (a unit left off), not a limit anyone means."""
 _SIZE_FIELDS = {"upload_rate", "download_rate", "cache_quota"}
 _AT_LEAST_ONE = {
     "upload_slots",

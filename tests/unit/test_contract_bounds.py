@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from swarmfly import contracts, ids
 from swarmfly.bus import MAX_REQUEST_BYTES
+from swarmfly.config import MIN_RATE
 from swarmfly.placement import MAX_PARTITIONS
 from swarmfly.services.peer.conductor import REPORT_BATCH
 from swarmfly.services.scheduler.service import DIGEST_PAGE
@@ -126,6 +127,13 @@ def test_the_unbounded_allowance_names_only_fields_that_exist() -> None:
 
 
 # -- piece length, content length and piece count ----------------------------------------
+
+
+def test_a_requested_rate_is_at_least_the_codes_minimum() -> None:
+    """A rate of a few bytes/s would hold a request for hours: the contract refuses it with
+    the same bound the CLI gives (``get --download-rate``)."""
+    for path, schema in named("download_rate"):
+        assert schema["minimum"] == MIN_RATE, path
 
 
 def test_piece_length_maximum_is_the_codes() -> None:
