@@ -406,9 +406,11 @@ def setting_names() -> set[str]:
     return names
 
 
-MIN_RATE = 64 * 1024
-"""The slowest rate a request may ask for (bytes/s): below it a single piece takes hours, so
-a lower figure is a mistake (a unit left off), not a limit anyone means."""
+MIN_RATE = 128 * 1024
+"""The slowest download rate a request or setting may give (bytes/s; 0 is no limit): twice
+the rate a parent requires a child to read a piece at (``ratelimit.MIN_SEND_RATE``), so one
+piece in flight is never cut off. Below it a piece takes hours; a lower figure is a mistake
+(a unit left off), not a limit anyone means."""
 _SIZE_FIELDS = {"upload_rate", "download_rate", "cache_quota"}
 _AT_LEAST_ONE = {
     "upload_slots",
@@ -492,6 +494,8 @@ def _checked(key: str, value: int | float) -> int | float:
         raise ValueError(f"must be a port from 0 to 65535, got {value!r}")
     if value < 0:
         raise ValueError(f"must not be negative, got {value!r}")
+    if key == "download_rate" and 0 < value < MIN_RATE:
+        raise ValueError(f"must be 0 (no limit) or at least {MIN_RATE // 1024}KiB, got {value!r}")
     return value
 
 

@@ -6,6 +6,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
+MIN_SEND_RATE = 64 * 1024
+"""Bytes/s an upload server requires a child to read, over every send window: a reader that
+barely reads would hold an upload slot as long as it liked. A rate-capped download therefore
+keeps no more pieces in flight than its rate feeds at twice this each."""
+
 
 class TokenBucket:
     """Allows ``rate`` bytes/s on average with bursts up to ``burst``; rate 0 means unlimited."""

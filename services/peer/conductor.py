@@ -38,6 +38,7 @@ from swarmfly.services.peer.swarming import (
     Fetch,
     Reschedule,
     Swarming,
+    in_flight,
 )
 from swarmfly.services.peer.takeover import ATTEMPTS, Gathering
 
@@ -434,6 +435,7 @@ class Conductor:
                     return None
                 self._start_lent(fetches)
                 rescheduled = False
+                swarm.concurrency = self._in_flight()
                 for decision in swarm.tick(time.monotonic()):
                     if isinstance(decision, Drop):
                         self._unwatch(decision.parent_id)
@@ -987,6 +989,10 @@ class Conductor:
 
     def _pace(self) -> None:
         self.rate.set_rate(0 if 0 in self._asks else max(self._asks))
+
+    def _in_flight(self) -> int:
+        host = self.node.download_bucket.rate / max(1, self.node.downloading)
+        return in_flight(self.node.settings.concurrency, self.rate.rate, host)
 
     async def _take(self, amount: int) -> None:
         await self.node.download_bucket.take(amount)

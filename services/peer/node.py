@@ -180,6 +180,7 @@ class PeerNode:
             # which an uncapped seed need not pay (its children take what it lists).
             superseed=settings.host_type == "seed" and settings.upload_rate > 0,
             capabilities=settings.capabilities,
+            healthy=lambda: self.bus is None or self.bus.nc.is_connected,
         )
         self.download_bucket = TokenBucket(settings.download_rate)
         self.origin_concurrency = settings.origin_concurrency
@@ -270,6 +271,11 @@ class PeerNode:
     def sender(self) -> str:
         """This host as the subjects of its messages to the schedulers name it."""
         return Sender(self.settings.host_type, self.settings.host_id).token
+
+    @property
+    def downloading(self) -> int:
+        """Downloads running on this host: they share its download rate."""
+        return len(self._downloads)
 
     def peer_id(self, task_id: str) -> str:
         return make_peer_id(self.settings.host_id, task_id)

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
+from swarmfly.ratelimit import MIN_SEND_RATE
 from swarmfly.services.peer.pieces import PieceBook
 
 STALL_SECONDS = 3.0
@@ -32,6 +33,19 @@ SCHEDULER_PATIENCE = 10.0
 moves to another scheduler within 10 s) before it reads the origin."""
 ORIGIN = "@origin"
 """Where a lent piece comes from, in place of a parent id."""
+
+PIECE_RATE = 2 * MIN_SEND_RATE
+"""The least bytes/s each piece in flight gets under a download rate: twice what a parent
+requires of a child before it cuts it off as a slow reader."""
+
+
+def in_flight(configured: int, *rates: float) -> int:
+    """Pieces to fetch at once: as configured, but under a download rate (the lowest of
+    ``rates`` above 0: the run's own, its share of the host's) no more than that rate feeds
+    at ``PIECE_RATE`` each, and at least one."""
+    rate = min((r for r in rates if r > 0), default=0.0)
+    return configured if rate <= 0 else max(1, min(configured, int(rate // PIECE_RATE)))
+
 
 Failure = Literal["busy", "corrupt", "slow", "failed", "origin", "cancelled"]
 """Why a piece did not arrive, as the adapter tells it."""

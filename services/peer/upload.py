@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Any
 
@@ -25,9 +25,9 @@ from opentelemetry.trace import SpanKind
 
 from swarmfly import capability, metrics, telemetry
 from swarmfly.errors import SwarmflyError
-from swarmfly.httpserver import SlowReader, send_span
+from swarmfly.httpserver import SlowReader, healthz, send_span
 from swarmfly.ids import NODE_ID, TASK_ID
-from swarmfly.ratelimit import TokenBucket
+from swarmfly.ratelimit import MIN_SEND_RATE, TokenBucket
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.lending import MAX_SAID
 from swarmfly.services.peer.store import StoredTask, TaskStore
@@ -43,10 +43,9 @@ MAX_KEYS = 4
 CHECKED_TOKENS = 4096
 CHILD: web.RequestKey[capability.Grant | None] = web.RequestKey("child")
 """The capability a request came with (None where capabilities are off)."""
-MIN_SEND_RATE = 64 * 1024
 SEND_WINDOW = 4.0
 """A child must read at least MIN_SEND_RATE bytes/s, over every SEND_WINDOW seconds, or it
-is cut off: a reader that barely reads would hold an upload slot as long as it liked."""
+is cut off."""
 
 
 class UploadServer:
@@ -59,8 +58,11 @@ class UploadServer:
         superseed: bool = False,
         grant_seconds: float = grants.GRANT_SECONDS,
         capabilities: bool = True,
+        healthy: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
+        self.healthy = healthy
+        """Whether the host can do its work (``/healthz``): its control plane is reachable."""
         self.capabilities = capabilities
         """Serve a task only against a capability for it (``swarmfly.capability``)."""
         self.verify_keys: dict[str, VerifyKey] = {}
@@ -156,7 +158,7 @@ class UploadServer:
         return task
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "uploads": self.uploads})
+        return healthz(self.healthy(), uploads=self.uploads)
 
     async def pieces(self, request: web.Request) -> web.Response:
         task = self._task(request)

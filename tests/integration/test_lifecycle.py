@@ -105,7 +105,7 @@ async def test_the_serving_peer_keeps_a_gets_download_rate(
 ) -> None:
     """`get --download-rate` through a running peer service: the peer paces that download
     (it used to apply the flag only to a peer run in process)."""
-    data = os.urandom(4 * MiB)
+    data = os.urandom(MiB)
     url = origin.add("paced-get.bin", data)
     scheduler = start("scheduler", nats, prefix, tmp_path / "scheduler")
     storage = start("storage", nats, prefix, tmp_path / "storage")
@@ -121,6 +121,35 @@ async def test_the_serving_peer_keeps_a_gets_download_rate(
         assert orjson.loads(stdout)["via"] == "peer", "the peer service served it"
         assert (tmp_path / "out").read_bytes() == data
         assert elapsed >= 1.5, f"4 MiB at 2 MiB/s took only {elapsed:.2f}s"
+    finally:
+        for service in (peer, storage, scheduler):
+            service.stop()
+
+
+async def test_a_slow_download_rate_is_not_cut_off_by_its_parents(
+    origin: Origin, nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """A parent cuts off a child that reads a piece under 64 KiB/s; the slowest rate a get may
+    ask (128 KiB/s) still finishes from its parent with no piece cut off or parent dropped.
+    (Loopback's socket buffers hold these pieces whole, so the in-flight bound that keeps
+    larger pieces above the floor is checked in test_swarming.)"""
+    data = os.urandom(MiB)
+    url = origin.add("slow-get.bin", data)
+    scheduler = start("scheduler", nats, prefix, tmp_path / "scheduler")
+    storage = start("storage", nats, prefix, tmp_path / "storage")
+    peer = start("peer", nats, prefix, tmp_path / "peer")
+    try:
+        code, stdout, stderr = await swarmfly(
+            "get", url, "-O", str(tmp_path / "out"), "--download-rate", "128KiB", "--json",
+            "--piece-length", "256KiB", "--state-dir", str(tmp_path / "peer"),
+            "--nats", nats.url, "--prefix", prefix,
+        )  # fmt: skip
+        assert code == 0, stderr
+        summary = orjson.loads(stdout)
+        assert (tmp_path / "out").read_bytes() == data
+        assert summary["bytes_p2p"] == MiB and summary["bytes_origin"] == 0, summary
+        assert "cut off a child" not in storage.log()
+        assert "dropped parent" not in peer.log()
     finally:
         for service in (peer, storage, scheduler):
             service.stop()

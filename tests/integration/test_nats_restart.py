@@ -9,6 +9,7 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,5 +121,44 @@ async def test_a_nats_restart_does_not_fail_downloads(tmp_path: Path) -> None:
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
+            for service in services:
+                service.stop()
+
+
+async def health_of(services: list[ServiceProcess]) -> dict[str, tuple[int, bool]]:
+    """Each service's ``/healthz``: its status and ``ok``."""
+    answers = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for service in services:
+            async with session.get(f"{service.url}/healthz") as response:
+                answers[service.kind] = (response.status, (await response.json())["ok"])
+    return answers
+
+
+async def test_every_service_says_it_is_unhealthy_while_nats_is_away(tmp_path: Path) -> None:
+    """A probe (Kubernetes, `swarmfly doctor`) sees a host cut off from its control plane:
+    503 with ``ok: false`` on the scheduler and on the upload server of storage and peer, and
+    200 again once they reconnected by themselves."""
+    with nats_server(tmp_path / "nats", port=free_port()) as server:
+        services = [
+            spawn_service(kind, server.url, tmp_path / kind, env=ENV)
+            for kind in ("scheduler", "storage", "peer")
+        ]
+        steps: list[tuple[Callable[[], object] | None, tuple[int, bool]]] = [
+            (None, (200, True)),
+            (server.stop, (503, False)),
+            (server.start, (200, True)),
+        ]
+        try:
+            for change, want in steps:
+                if change is not None:
+                    change()
+                deadline = time.monotonic() + 20
+                while set((health := await health_of(services)).values()) != {want}:
+                    assert time.monotonic() < deadline, f"{health}, not all {want}"
+                    await asyncio.sleep(0.2)
+            for service in services:
+                assert service.process.poll() is None, f"{service.kind} died: {service.log()}"
+        finally:
             for service in services:
                 service.stop()

@@ -29,7 +29,7 @@ HEX = "0123456789abcdef" * 4
         (["get", "http://x/f", "-O", "f", "--digest", "abc"], "sha256:<64 hex digits>"),
         (["preheat", "url", "http://x/f", "--digest", "md5:00"], "sha256:<64 hex digits>"),
         (["get", "http://x/f"], "-O/--output"),
-        (["get", "http://x/f", "-O", "f", "--download-rate", "100"], "at least 64KiB"),
+        (["get", "http://x/f", "-O", "f", "--download-rate", "100"], "at least 128KiB"),
     ],
 )
 def test_a_flag_that_cannot_work_is_a_usage_error_in_one_line(

@@ -37,6 +37,10 @@ def from_file(tmp_path: Path, text: str) -> Config:
         ("[scheduler]\nhost_ttl = nan\n", r"\[scheduler\] host_ttl: expected a finite number"),
         ("[peer]\nupload_rate = -5\n", r"\[peer\] upload_rate: must not be negative, got -5"),
         ("[peer]\nupload_rate = true\n", r"\[peer\] upload_rate: expected a size"),
+        (
+            '[peer]\ndownload_rate = "100"\n',
+            r"\[peer\] download_rate: must be 0 \(no limit\) or at least 128KiB, got 100",
+        ),
         ("[peer]\ncache_ttl = -1\n", r"\[peer\] cache_ttl: must not be negative"),
         ("[peer]\ncache_high = 1.5\n", r"\[peer\] cache_high: must be a share between 0 and 1"),
         ("[peer]\nupload_port = 70000\n", r"\[peer\] upload_port: must be a port from 0 to 65535"),

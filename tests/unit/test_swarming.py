@@ -12,6 +12,7 @@ from swarmfly.services.peer.swarming import (
     IDLE_RESCHEDULE,
     ORIGIN,
     PARENT_FAILURES,
+    PIECE_RATE,
     RESCHEDULE_INTERVAL,
     SCHEDULER_PATIENCE,
     STALL_SECONDS,
@@ -20,6 +21,7 @@ from swarmfly.services.peer.swarming import (
     Fetch,
     Reschedule,
     Swarming,
+    in_flight,
 )
 
 DIGEST = "sha256:" + "ab" * 32
@@ -238,3 +240,25 @@ def test_scheduler_lost_and_back() -> None:
     core.scheduler_back()
     assert core.scheduler_lost(100.0, others_answer=True) == "wait", "patience anew"
     assert core.scheduler_lost(100.0, others_answer=False) == "origin", "none answers at all"
+
+
+def test_a_download_rate_keeps_no_more_pieces_in_flight_than_it_feeds_above_the_floor() -> None:
+    """Parents cut off a child that reads a piece under half PIECE_RATE: a capped download
+    that kept its 16 pieces in flight would share its rate among them and be cut off on all."""
+    assert in_flight(16) == 16
+    assert in_flight(16, 0, 0) == 16
+    assert in_flight(16, 4 * PIECE_RATE) == 4
+    assert in_flight(16, 0, 3 * PIECE_RATE + 1) == 3, "the host's share counts as well"
+    assert in_flight(16, 8 * PIECE_RATE, 2 * PIECE_RATE) == 2, "the lower rate wins"
+    assert in_flight(16, PIECE_RATE // 2) == 1, "always at least one"
+    assert in_flight(4, 100 * PIECE_RATE) == 4, "never more than configured"
+
+
+def test_lowering_concurrency_mid_download_starts_no_more_than_it_allows() -> None:
+    core = swarm(pieces=8, concurrency=4, per_parent=4)
+    core.scheduled({"a": "normal"}, 0.0, exact=True)
+    core.offered("a", set(range(8)))
+    core.concurrency = 1
+    assert len([d for d in core.tick(0.0) if isinstance(d, Fetch)]) == 1
+    core.concurrency = 3
+    assert len([d for d in core.tick(0.0) if isinstance(d, Fetch)]) == 2, "the rest of 3"
