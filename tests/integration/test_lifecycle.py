@@ -105,7 +105,7 @@ async def test_the_serving_peer_keeps_a_gets_download_rate(
 ) -> None:
     """`get --download-rate` through a running peer service: the peer paces that download
     (it used to apply the flag only to a peer run in process)."""
-    data = os.urandom(MiB)
+    data = os.urandom(4 * MiB)
     url = origin.add("paced-get.bin", data)
     scheduler = start("scheduler", nats, prefix, tmp_path / "scheduler")
     storage = start("storage", nats, prefix, tmp_path / "storage")
