@@ -152,7 +152,10 @@ def permissions(
             f"{p}.scheduler.state",  # the dashboard's view merges every scheduler's
             f"{p}.storage.*.seed",
             f"{js}.INFO",
-            *(f"{js}.STREAM.{op}.{stream}" for op in ("INFO", "CREATE", "UPDATE", "MSG.GET")),
+            *(
+                f"{js}.STREAM.{op}.{stream}"
+                for op in ("INFO", "CREATE", "UPDATE", "MSG.GET", "PURGE")  # PURGE: dead members
+            ),
             *(f"{js}.CONSUMER.{op}.{stream}" for op in ("CREATE", "INFO")),
             *(f"{js}.CONSUMER.{op}.{stream}.>" for op in ("CREATE", "INFO", "DELETE")),
             f"{js}.DIRECT.GET.{stream}",

@@ -27,6 +27,9 @@ MEMBER_PREFIX = "member."
 PARTITION_PREFIX = "partition."
 CONFIG_KEY = "config"
 """Holds the partition count, written once: schedulers that disagree refuse to start."""
+FORGET_AFTER = 10
+"""Leases a scheduler's member key may go unchanged (unrenewed, or deleted on a clean stop)
+before it is removed from the bucket: a run under a new id (a new pod) leaves one behind."""
 
 
 def partition_key(partition: int) -> str:
@@ -211,6 +214,24 @@ class LeaseBook:
         return tokens
 
     # -- what to do ------------------------------------------------------------------------
+
+    def forgettable(self, now: float) -> list[str]:
+        """Member keys to remove from the bucket: those unchanged for FORGET_AFTER leases
+        (their own, where longer). Only the first live scheduler asks, so one removes each."""
+        if self.members(now)[0] != self.me:
+            return []
+        return sorted(
+            key
+            for key, seen in self.seen.items()
+            if key.startswith(MEMBER_PREFIX)
+            and key != self.member_key
+            and now - seen.since
+            >= FORGET_AFTER * max(self.lease, seen.holder.lease if seen.holder else 0)
+        )
+
+    def forgot(self, key: str) -> None:
+        """The key is gone from the bucket, with no marker a watcher would see."""
+        self.seen.pop(key, None)
 
     def member_due(self, now: float) -> bool:
         return now - self.member_renewed >= self.renew

@@ -217,6 +217,7 @@ class Ownership:
             if self.book.member_due(self.clock()):
                 await self._write_member()
             await self._apply(self.book.plan(self.clock()))
+            await self._forget(self.book.forgettable(self.clock()))
             self._owners = self.book.owners(self.clock())
             if gained := sorted(self.held - before):
                 log.info(
@@ -296,6 +297,20 @@ class Ownership:
             await self.kv.delete(partition_key(action.partition), last=action.last)
         except KvErrors as exc:  # it expires instead
             log.info("partition %d: release failed: %s", action.partition, type(exc).__name__)
+
+    async def _forget(self, keys: list[str]) -> None:
+        """Purge dead schedulers' member keys, markers and all (a delete would leave one)."""
+        if not keys:
+            return
+        manager = self.bus.nc.jetstream(timeout=KV_TIMEOUT)
+        for key in keys:
+            try:
+                await manager.purge_stream(f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.{key}")
+            except KvErrors as exc:
+                log.info("could not remove %s from the bucket: %s", key, in_words(exc))
+                return
+            self.book.forgot(key)
+            log.info("removed %s from lease bucket %s: gone", key, self.bucket)
 
     async def _changed(self) -> None:
         """Tell the service what it serves now, when that changed."""

@@ -335,3 +335,51 @@ async def test_peers_learn_the_partition_count_and_a_scheduler_that_disagrees_st
             assert (tmp_path / "out" / name).read_bytes() == files[name]
         # Each file read once, by a seed; plus the one-byte checks each reader makes first.
         assert origin.bytes_served <= sum(map(len, files.values())) + 4 * len(files)
+
+
+async def member_subjects(nats_url: str, prefix: str) -> set[str]:
+    """Member keys the lease bucket's stream still stores anything for, markers included
+    (``kv.keys()`` hides deleted keys, whose markers pile up all the same)."""
+    nc = await nats.connect(nats_url, connect_timeout=3, max_reconnect_attempts=0)
+    try:
+        bucket = bucket_name(prefix)
+        info = await nc.jetstream().stream_info(
+            f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.member.>"
+        )
+        return {s.removeprefix(f"$KV.{bucket}.") for s in info.state.subjects or {}}
+    finally:
+        await nc.close()
+
+
+async def test_no_member_keys_of_gone_schedulers_stay_in_the_bucket(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """Each scheduler run under a new id (a new pod) writes a member key; one that crashed
+    left its value, one that stopped cleanly a delete marker. The first live scheduler purges
+    both once they are ten leases old, with the permissions the chart grants."""
+    quick = {"SWARMFLY_SCHEDULER_LEASE": "1.5", "SWARMFLY_SCHEDULER_RENEW_INTERVAL": "0.5"}
+    async with fleet(nats.url, prefix, tmp_path) as cluster:
+        for name in ("sched-a", "sched-b", "sched-c"):
+            cluster.start("scheduler", name, env={**quick, "SWARMFLY_SCHEDULER_ID": name})
+        for _ in range(50):
+            if len(await member_subjects(nats.url, prefix)) == 3:
+                break
+            await asyncio.sleep(0.2)
+        assert await member_subjects(nats.url, prefix) == {
+            "member.sched-a", "member.sched-b", "member.sched-c"
+        }  # fmt: skip
+        cluster.started["sched-b"].kill()
+        assert cluster.started["sched-c"].stop() == 0
+        await asyncio.sleep(1.0)
+        assert await member_subjects(nats.url, prefix) == {
+            "member.sched-a", "member.sched-b", "member.sched-c"
+        }, "kept while they might come back"  # fmt: skip
+        deadline = time.monotonic() + 10 * 1.5 + 10
+        while time.monotonic() < deadline:
+            if await member_subjects(nats.url, prefix) == {"member.sched-a"}:
+                break
+            await asyncio.sleep(0.5)
+        assert await member_subjects(nats.url, prefix) == {"member.sched-a"}
+        assert "removed member.sched-b" in cluster.started["sched-a"].log()
+        holders = await lease_holders(nats.url, prefix)
+        assert set(holders.values()) == {"sched-a"}, "the survivor serves every partition"

@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmfly.services.scheduler.leases import (
+    FORGET_AFTER,
+    MEMBER_PREFIX,
     Holder,
     LeaseBook,
     Lost,
@@ -33,6 +35,7 @@ class Bucket:
     revision: int = 0
     keys: dict[str, tuple[int, bytes | None]] = field(default_factory=dict)
     log: list[tuple[float, str, int, bytes | None]] = field(default_factory=list)
+    purged: list[str] = field(default_factory=list)
 
     def _write(self, now: float, key: str, value: bytes | None) -> int:
         self.revision += 1
@@ -50,6 +53,11 @@ class Bucket:
 
     def put(self, now: float, key: str, value: bytes) -> int:
         return self._write(now, key, value)
+
+    def purge(self, key: str) -> None:
+        """A stream purge of the key: gone, markers and all, and no watcher hears of it."""
+        self.keys.pop(key, None)
+        self.purged.append(key)
 
 
 @dataclass
@@ -87,6 +95,9 @@ class Scheduler:
             )
             self.book.member_written(revision, now, now)
         actions = self.book.plan(now)
+        for key in self.book.forgettable(now):
+            self.bucket.purge(key)
+            self.book.forgot(key)
         for action in actions:
             if isinstance(action, Release):
                 self.bucket.delete(now, partition_key(action.partition), action.last)
@@ -321,3 +332,47 @@ def test_a_newcomer_soon_stops_counting_a_member_that_died_before_it_came() -> N
             settled_at = now
     assert settled_at is not None and settled_at - 20.0 < 1.5 * RENEW + 1.0
     assert group[2].held == homes(["a", "c"])["c"]
+
+
+def members_in(bucket: Bucket) -> set[str]:
+    """Member keys the bucket still holds (a deleted key's marker counts)."""
+    return {key for key in bucket.keys if key.startswith(MEMBER_PREFIX)}
+
+
+def test_dead_schedulers_member_keys_are_removed_once_by_the_first_live_one() -> None:
+    """Every run under a new id leaves a member key: a crashed run its value, a clean stop
+    its delete marker. They go after FORGET_AFTER leases, purged by one scheduler only."""
+    bucket = Bucket()
+    group = [scheduler(bucket, n) for n in ("a", "b", "c", "d")]
+    for _ in run(group, 0.0, 1.0):
+        pass
+    assert members_in(bucket) == {"member.a", "member.b", "member.c", "member.d"}
+    group[2].alive = False  # c crashes
+    bucket.delete(1.0, "member.d", bucket.keys["member.d"][0])  # d stops cleanly
+    group[3].alive = False
+    gone = FORGET_AFTER * LEASE
+    for _ in run(group, 1.0, 1.0 + gone - 2 * RENEW):
+        pass
+    assert members_in(bucket) == {"member.a", "member.b", "member.c", "member.d"}, "too soon"
+    for _ in run(group, 1.0 + gone - 2 * RENEW, 2.0 + gone + LEASE):
+        pass
+    assert members_in(bucket) == {"member.a", "member.b"}
+    assert sorted(bucket.purged) == ["member.c", "member.d"], "each purged once"
+
+
+def test_a_forgotten_scheduler_that_comes_back_counts_again() -> None:
+    bucket = Bucket()
+    group = [scheduler(bucket, n) for n in ("a", "b")]
+    for _ in run(group, 0.0, 1.0):
+        pass
+    group[1].alive = False
+    end = 2.0 + FORGET_AFTER * LEASE + LEASE
+    for _ in run(group, 1.0, end):
+        pass
+    assert members_in(bucket) == {"member.a"}
+    assert group[0].held == set(range(P))
+    group[1] = Scheduler(LeaseBook(me="b", instance="b-2", partitions=P, now=end), bucket)
+    for _ in run(group, end, end + 3 * LEASE):
+        pass
+    assert members_in(bucket) == {"member.a", "member.b"}
+    assert group[1].held == homes(["a", "b"])["b"]
