@@ -239,6 +239,34 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+@contextlib.contextmanager
+def profiled(folder: Path | None, pids: dict[str, int]) -> Iterator[None]:
+    """py-spy on each of ``pids`` for the ``with`` block: collapsed stacks (flamegraph.pl's
+    input; sort the counts for a flat profile) in FOLDER/NAME-N.txt. Nothing when no FOLDER."""
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in folder.glob("*-*.txt")), default=0)
+    flags = ["--format", "raw", "--rate", "250", "--nonblocking"]
+    spies = [
+        subprocess.Popen(
+            ["py-spy", "record", "--pid", str(pid), *flags, "-o", str(folder / f"{name}-{n}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+    time.sleep(1.0)  # attached before the block starts
+    try:
+        yield
+    finally:
+        for spy in spies:  # py-spy writes its file on SIGINT
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(30)
+
+
 def http_json(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> Any:
     request = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(request, timeout=timeout) as response:

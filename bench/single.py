@@ -42,6 +42,7 @@ from _common import (
     human,
     median,
     peak_rss_mib,
+    profiled,
     reset_peak_rss,
     sha256_file,
     size_arg,
@@ -72,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (and logs)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR",
+        help="py-spy every service during each get; collapsed stacks in DIR (slows the get)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.runs < 1 or args.file_size < 1:
         parser.error("--runs and --file-size must be positive")
@@ -148,8 +153,9 @@ def measure_curl(
 
 
 def measure_swarmfly(
-    cluster: Cluster, url: str, output: Path, digest: str, timeout: float, env: dict[str, str]
-) -> dict[str, Any]:
+    cluster: Cluster, url: str, output: Path, digest: str, timeout: float, env: dict[str, str],
+    profile: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
     services = {s.kind: s.process.pid for s in cluster.services}
     # VmHWM back to the current RSS, so the peak read afterwards is this download's
     per_run = all([reset_peak_rss(pid) for pid in services.values()])
@@ -157,7 +163,8 @@ def measure_swarmfly(
     command = cluster.get_command(
         url, output, 0, "--digest", f"sha256:{digest}", "--timeout", str(timeout)
     )
-    got = timed(command, timeout + 10, env)
+    with profiled(profile, services):
+        got = timed(command, timeout + 10, env)
     after = {kind: cpu_seconds(pid) for kind, pid in services.items()}
     rss = {kind: peak_rss_mib(pid) for kind, pid in services.items()}
     if not got["ok"]:
@@ -204,7 +211,7 @@ def one_run(
             hasher = [openssl, "dgst", "-sha256"]
             r = measure_curl(curl, url, output, args.timeout, hasher, openssl_hex)
         else:
-            r = measure_swarmfly(cluster, url, output, digest, args.timeout, args.env)
+            r = measure_swarmfly(cluster, url, output, digest, args.timeout, args.env, args.profile)
             if r["ok"]:  # checked here too, not only by the get's --digest
                 r["digest"] = sha256_file(output)
         results[which] = r

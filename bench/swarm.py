@@ -45,6 +45,7 @@ from _common import (
     machine_cpu,
     median,
     percentile,
+    profiled,
     seed_bound,
     sha256_file,
     size_arg,
@@ -92,6 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs (and logs)")
     parser.add_argument("--detail", action="store_true", help="print a per-peer table per run")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR",
+        help="py-spy the storage and two peers during each run's gets; stacks in DIR",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.peers < 1 or args.runs < 1 or args.file_size < 1:
         parser.error("--peers, --runs and --file-size must be positive")
@@ -206,25 +211,27 @@ def one_run(
         timeout = args.timeout or min(300.0, max(120.0, 10 * bound))
         before = origin.stats()
         cpu0, busy0, child0 = cluster.cpu(), machine_cpu(), children_cpu()
-        out.progress(f"{name}: {n} downloads of {human(f)} start now (timeout {timeout:.0f}s)")
-        t0 = time.monotonic()
-        timeline = Timeline(cluster, t0)
-        timeline.start()
-        pool = ThreadPoolExecutor(max_workers=n)
-        try:
-            futures = [
-                pool.submit(
-                    one_get, cluster, i, url, outputs[i], extra, t0, timeout, reaper, args.env
-                )
-                for i in range(n)
-            ]
-            peers = [future.result() for future in futures]
-        except BaseException:
-            reaper.stop_all()  # ends the gets, so their threads return at once
-            raise
-        finally:
-            pool.shutdown(wait=True)
-        wall = time.monotonic() - t0
+        spied = {"storage": cluster.storage, "peer0": cluster.peers[0], "peer1": cluster.peers[-1]}
+        with profiled(args.profile, {k: v.process.pid for k, v in spied.items()}):
+            out.progress(f"{name}: {n} downloads of {human(f)} start now (timeout {timeout:.0f}s)")
+            t0 = time.monotonic()
+            timeline = Timeline(cluster, t0)
+            timeline.start()
+            pool = ThreadPoolExecutor(max_workers=n)
+            try:
+                futures = [
+                    pool.submit(
+                        one_get, cluster, i, url, outputs[i], extra, t0, timeout, reaper, args.env
+                    )
+                    for i in range(n)
+                ]
+                peers = [future.result() for future in futures]
+            except BaseException:
+                reaper.stop_all()  # ends the gets, so their threads return at once
+                raise
+            finally:
+                pool.shutdown(wait=True)
+            wall = time.monotonic() - t0
         timeline.stop.set()
         cpu1, busy1, child1 = cluster.cpu(), machine_cpu(), children_cpu()
         after = origin.stats()

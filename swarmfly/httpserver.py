@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import BinaryIO, cast
 
 from aiohttp import web
 
@@ -273,37 +273,49 @@ async def send_span(
     min_rate: int = 0,
     window: float = 4.0,
 ) -> None:
-    """Write bytes [start, start+size) of a file to a prepared response: sendfile when
-    unpaced (the kernel copies), chunks paced by ``bucket`` otherwise or where the loop
-    has no sendfile (uvloop).
+    """Write bytes [start, start+size) of a file to a prepared response with sendfile (the
+    kernel copies, also when paced: ``bucket`` releases it a chunk at a time), or in chunks
+    read and written here where the loop has no sendfile (uvloop).
 
     With ``min_rate``, each ``min_rate * window`` bytes must go out within ``window``
     seconds (time spent waiting for our own pacing aside), or the client is cut off
     (``SlowReader``): a reader that barely reads must not hold an upload slot for ever.
     """
-    step = max(CHUNK, int(min_rate * window)) if min_rate > 0 else size
+    paced = bucket is not None and not bucket.unlimited
+    step = CHUNK if paced else max(CHUNK, int(min_rate * window)) if min_rate > 0 else size
     offset, end = start, start + size
+    native = request.transport is not None
     with open(path, "rb") as handle:
-        sendfile = (bucket is None or bucket.unlimited) and request.transport is not None
-        while offset < end and sendfile:
-            count = min(step, end - offset)
-            try:
-                async with _deadline(request, min_rate, window):
-                    assert request.transport is not None
-                    loop = asyncio.get_running_loop()
-                    sent = await loop.sendfile(
-                        request.transport, handle, offset, count, fallback=False
-                    )
-            except (NotImplementedError, asyncio.SendfileNotAvailableError):
-                break
-            offset += sent
         while offset < end:
-            count = min(CHUNK, end - offset)
-            if bucket is not None:
+            count = min(step if native else CHUNK, end - offset)
+            if paced:
+                assert bucket is not None
                 await bucket.take(count)
             async with _deadline(request, min_rate, window):
-                await response.write(os.pread(handle.fileno(), count, offset))
-            offset += count
+                sent = await _sendfile(request, handle, offset, count) if native else None
+                if sent is None:  # no sendfile in this loop: these tokens pay for a copy
+                    native = False
+                    sent = await _copy(response, handle, offset, count)
+            if sent == 0:
+                raise OSError(f"{path} ends before byte {end}")
+            offset += sent
+
+
+async def _sendfile(request: web.Request, handle: BinaryIO, offset: int, count: int) -> int | None:
+    """Up to ``count`` bytes at ``offset`` by sendfile; None where the loop cannot."""
+    if request.transport is None:
+        return None
+    try:
+        loop = asyncio.get_running_loop()
+        return await loop.sendfile(request.transport, handle, offset, count, fallback=False)
+    except (NotImplementedError, asyncio.SendfileNotAvailableError):
+        return None
+
+
+async def _copy(response: web.StreamResponse, handle: BinaryIO, offset: int, count: int) -> int:
+    data = os.pread(handle.fileno(), count, offset)
+    await response.write(data)
+    return len(data)
 
 
 @contextlib.asynccontextmanager
