@@ -310,6 +310,68 @@ class DigestPage:
 
 @quick_init
 @dataclass(frozen=True, slots=True)
+class PreheatRequest:
+    """common.json ``preheat_request``: a URL to bring into the cluster's cache before anyone
+    asks.
+    """
+
+    source: Source
+    timeout_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreheatRequest:
+        return cls(source=Source.from_dict(data["source"]), timeout_s=data.get("timeout_s"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"source": self.source.to_dict()}
+        if self.timeout_s is not None:
+            data["timeout_s"] = self.timeout_s
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class PreheatReply:
+    """common.json ``preheat_reply``: a preheated task, verified in the cache of the storage
+    instance host_id.
+    """
+
+    task_id: str
+    host_id: str
+    content_length: int
+    bytes_origin: int
+    bytes_p2p: int
+    seconds: float
+    digest: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreheatReply:
+        return cls(
+            task_id=data["task_id"],
+            host_id=data["host_id"],
+            content_length=data["content_length"],
+            bytes_origin=data["bytes_origin"],
+            bytes_p2p=data["bytes_p2p"],
+            seconds=data["seconds"],
+            digest=data.get("digest"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "task_id": self.task_id,
+            "host_id": self.host_id,
+            "content_length": self.content_length,
+            "bytes_origin": self.bytes_origin,
+            "bytes_p2p": self.bytes_p2p,
+            "seconds": self.seconds,
+        }
+        if self.digest is not None:
+            data["digest"] = self.digest
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
 class DownloadRequest:
     """``peer.{host_id}.download`` request: download a URL through the swarm into a path on
     the peer's host (what dfget asks dfdaemon).
@@ -963,68 +1025,6 @@ class TaskReply:
 
 @quick_init
 @dataclass(frozen=True, slots=True)
-class PreheatRequest:
-    """``storage.preheat`` request: fetch a URL from the origin into the cluster's cache and
-    seed it, before anyone asks (what `swarmfly preheat` sends).
-    """
-
-    source: Source
-    timeout_s: float | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PreheatRequest:
-        return cls(source=Source.from_dict(data["source"]), timeout_s=data.get("timeout_s"))
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"source": self.source.to_dict()}
-        if self.timeout_s is not None:
-            data["timeout_s"] = self.timeout_s
-        return data
-
-
-@quick_init
-@dataclass(frozen=True, slots=True)
-class PreheatReply:
-    """``storage.preheat`` reply: fetch a URL from the origin into the cluster's cache and
-    seed it, before anyone asks (what `swarmfly preheat` sends).
-    """
-
-    task_id: str
-    host_id: str
-    content_length: int
-    bytes_origin: int
-    bytes_p2p: int
-    seconds: float
-    digest: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PreheatReply:
-        return cls(
-            task_id=data["task_id"],
-            host_id=data["host_id"],
-            content_length=data["content_length"],
-            bytes_origin=data["bytes_origin"],
-            bytes_p2p=data["bytes_p2p"],
-            seconds=data["seconds"],
-            digest=data.get("digest"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "task_id": self.task_id,
-            "host_id": self.host_id,
-            "content_length": self.content_length,
-            "bytes_origin": self.bytes_origin,
-            "bytes_p2p": self.bytes_p2p,
-            "seconds": self.seconds,
-        }
-        if self.digest is not None:
-            data["digest"] = self.digest
-        return data
-
-
-@quick_init
-@dataclass(frozen=True, slots=True)
 class SeedRequest:
     """``storage.{host_id}.seed`` request: the scheduler asks a storage instance to fetch a
     task from the origin and seed it.
@@ -1074,6 +1074,7 @@ RESCHEDULE: Final = Subject("scheduler.{partition}.reschedule", RescheduleReques
 RESULT: Final = Subject("scheduler.{partition}.result", ResultRequest, Ok)
 STATE: Final = Subject("scheduler.state", StateRequest, StateReply)
 TASK: Final = Subject("scheduler.{partition}.task", TaskRequest, TaskReply)
+FILL: Final = Subject("storage.{host_id}.fill", PreheatRequest, PreheatReply)
 PREHEAT: Final = Subject("storage.preheat", PreheatRequest, PreheatReply)
 SEED: Final = Subject("storage.{host_id}.seed", SeedRequest, SeedReply)
 SUBJECTS: Final[Mapping[str, Subject[Any, Any]]] = {
@@ -1088,6 +1089,7 @@ SUBJECTS: Final[Mapping[str, Subject[Any, Any]]] = {
     RESULT.name: RESULT,
     STATE.name: STATE,
     TASK.name: TASK,
+    FILL.name: FILL,
     PREHEAT.name: PREHEAT,
     SEED.name: SEED,
 }

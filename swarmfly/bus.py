@@ -473,14 +473,14 @@ class Bus:
                 "unavailable", f"JetStream key-value store unavailable: {in_words(exc)}"
             ) from None
 
-    async def discover(self, wait: float = 0.5) -> list[dict[str, Any]]:
+    async def discover(self, wait: float = 0.5, name: str = "") -> list[dict[str, Any]]:
         """``$SRV.INFO`` of every nats.micro service using this bus's prefix (the standard
-        discovery protocol, not a swarmfly contract)."""
+        discovery protocol, not a swarmfly contract), or of the services called ``name``."""
         inbox = self.nc.new_inbox()
         subscription = await self.nc.subscribe(inbox)
         found: list[dict[str, Any]] = []
         try:
-            await self.nc.publish("$SRV.INFO", b"", reply=inbox)
+            await self.nc.publish(f"$SRV.INFO.{name}" if name else "$SRV.INFO", b"", reply=inbox)
             deadline = asyncio.get_running_loop().time() + wait
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
                 try:
@@ -500,6 +500,16 @@ class Bus:
         finally:
             await subscription.unsubscribe()
         return found
+
+    async def hosts_of(self, name: str) -> set[str]:
+        """The host ids the live services called ``name`` give in their metadata: who is
+        up now, before their heartbeats say so."""
+        return {
+            str(info["metadata"]["host_id"])
+            for info in await self.discover(name=name)
+            if isinstance(info.get("metadata"), dict)
+            and isinstance(info["metadata"].get("host_id"), str)
+        }
 
     async def close(self) -> None:
         for task in list(self._handling):

@@ -151,6 +151,7 @@ def permissions(
         publish = [
             f"{p}.scheduler.state",  # the dashboard's view merges every scheduler's
             f"{p}.storage.*.seed",
+            "$SRV.INFO.storage",  # the storage fleet at start, before its heartbeats
             f"{js}.INFO",
             *(
                 f"{js}.STREAM.{op}.{stream}"
@@ -166,7 +167,8 @@ def permissions(
         # $SYS.REQ.USER.AUTH: nats-server's auth callout, where one is set (swarmfly.callout)
         subscribe = [f"{p}.scheduler.>", inbox, "$SRV.>", "$SYS.REQ.USER.AUTH"]
     elif role == "storage":
-        publish = host_publish(p, "seed", host_id)
+        # a preheat goes on to the task's home, found by discovering the storage fleet
+        publish = [*host_publish(p, "seed", host_id), f"{p}.storage.*.fill", "$SRV.INFO.storage"]
         subscribe = [f"{p}.storage.{host_id}.>", f"{p}.storage.preheat", inbox, "$SRV.>"]
     elif role == "peer":
         publish = host_publish(p, "normal", host_id)

@@ -119,6 +119,15 @@ class DownloadResult:
 
 
 @dataclass(frozen=True)
+class Resolved:
+    """What a request names, once the origin has been asked: its task and what it said."""
+
+    task_id: str
+    source: SourceRequest
+    stat: SourceStat
+
+
+@dataclass(frozen=True)
 class Download:
     """One ask for a task: the run it joined, which may be shared with other asks."""
 
@@ -303,24 +312,12 @@ class PeerNode:
         from the cache, a running download or the swarm. A caller that has just made that
         check itself (the proxy's authenticated HEAD) passes what it learned as ``stat``.
         """
-        backend = self.source_for(source.url)
+        self.source_for(source.url)  # an unsupported URL is refused before anything else
         self.plugins.strategy(strategy)
         started = time.monotonic()
-        if stat is None:
-            try:
-                stat = await backend.stat(source.url, source.headers)
-            except BaseException as exc:  # refused or missing at the origin: a failed download
-                metrics.count_download(exc)
-                raise
-        if source.digest is None and (named := url_digest(source.url) or stat.digest):
-            source = replace(source, digest=named)
-        task_id = task_id or make_task_id(
-            source.url,
-            digest=source.digest,
-            piece_length=source.piece_length,
-            etag=stat.etag,
-            shared=self._shared(source, stat),
-        )
+        resolved = await self.resolve(source, stat)
+        source, stat = resolved.source, resolved.stat
+        task_id = task_id or resolved.task_id
         entry = self._downloads.get(task_id)
         if entry is None:
             self._drop_if_stale(task_id, source, stat)
@@ -331,6 +328,26 @@ class PeerNode:
         if download_id:
             self._progress[download_id] = entry[0]
         return Download(task_id, entry[0], entry[1], started, rate)
+
+    async def resolve(self, source: SourceRequest, stat: SourceStat | None = None) -> Resolved:
+        """The task a request is for: what the origin says of it (``stat``, asked with the
+        request's own credentials unless the caller just did), and the id that follows."""
+        if stat is None:
+            try:
+                stat = await self.source_for(source.url).stat(source.url, source.headers)
+            except BaseException as exc:  # refused or missing at the origin: a failed download
+                metrics.count_download(exc)
+                raise
+        if source.digest is None and (named := url_digest(source.url) or stat.digest):
+            source = replace(source, digest=named)
+        task_id = make_task_id(
+            source.url,
+            digest=source.digest,
+            piece_length=source.piece_length,
+            etag=stat.etag,
+            shared=self._shared(source, stat),
+        )
+        return Resolved(task_id, source, stat)
 
     def _shared(self, source: SourceRequest, stat: SourceStat) -> bool:
         """May this request share its digest's task with other URLs? Only a blob of a

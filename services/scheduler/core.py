@@ -336,6 +336,11 @@ class Scheduler:
         end): expiry looks at the stale front only, not at every host."""
         self._seeds: dict[str, None] = {}
         """The storage hosts among ``hosts``."""
+        self.homes_known = True
+        """False while the storage hosts known may not be all of them (a scheduler that just
+        started has not had every heartbeat yet): no task gets a home then, for the one
+        chosen might not be the instance whose cache holds it. Its peers wait; a cached copy
+        that announces itself meanwhile takes the vacant seat."""
         self.tasks: dict[str, Task] = {}
         self.peers: dict[str, Peer] = {}
         self.host_peers: dict[str, set[str]] = {}
@@ -433,7 +438,7 @@ class Scheduler:
         if host_id is not None:
             task.failed_seeds.add(host_id)
         task.seed_requested_at = task.seed_host = None
-        if self._next_seed_host(task) is None:
+        if self.homes_known and self._next_seed_host(task) is None:
             task.seed_failed = True
             return []
         return self._seed_effects(task, now)
@@ -747,7 +752,10 @@ class Scheduler:
 
     def _next_seed_host(self, task: Task) -> str | None:
         """The task's home among the live storage hosts that have not failed it: rendezvous
-        hashing, so each task has one home and a lost instance moves only its own tasks."""
+        hashing, so each task has one home and a lost instance moves only its own tasks;
+        none while the hosts known may not be all (``homes_known``)."""
+        if not self.homes_known:
+            return None
         order = rendezvous(task.id, (h for h in self.seed_hosts() if h not in task.failed_seeds))
         return order[0] if order else None
 

@@ -155,7 +155,12 @@ class SchedulerService:
         self._serving = asyncio.Lock()
         self._warm_until = 0.0
         """Until then, storage hosts may be unknown only for not having sent a heartbeat."""
-        self._seed_known = asyncio.Event()
+        self._fleet: set[str] | None = None
+        """The storage instances up at this scheduler's start ($SRV discovery), None until
+        they answered."""
+        self._fleet_known = asyncio.Event()
+        """Set once each of ``_fleet`` has sent its heartbeat, and one at least: the core
+        knows every storage host then (``Scheduler.homes_known``)."""
         self.api_token = apitoken.load(
             Path(sc.api_token_file) if sc.api_token_file else config.state_dir / apitoken.FILE
         )
@@ -167,6 +172,7 @@ class SchedulerService:
 
     async def start(self, stack: AsyncExitStack) -> None:
         self._warm_until = self.clock() + 2 * self.config.scheduler.heartbeat_interval
+        self.core.homes_known = False
         self._served = await self.bus.add_service(
             "scheduler",
             __version__,
@@ -189,6 +195,8 @@ class SchedulerService:
         self.signer = Signer(await self.ownership.shared(CAPABILITY_KEY, Signer.generate().seed))
         expiry = asyncio.create_task(self._expire_loop())
         stack.callback(expiry.cancel)
+        looking = asyncio.create_task(self._learn_fleet())
+        stack.callback(looking.cancel)
         app = web.Application(middlewares=[apitoken.guard(self.api_token)])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", metrics.handler)
@@ -344,7 +352,7 @@ class SchedulerService:
         verify_key = self._signer().verify_key
         known = self.core.heartbeat(host_spec(req.host), req.uploads or 0, self.clock())
         if req.host.type == "seed":
-            self._seed_known.set()
+            self._check_fleet()
         return messages.HeartbeatReply(
             ok=True,
             known=known,
@@ -363,14 +371,30 @@ class SchedulerService:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    async def _learn_fleet(self) -> None:
+        try:
+            self._fleet = await self.bus.hosts_of("storage")
+        except (SwarmflyError, nats.errors.Error) as exc:
+            log.info("storage discovery: %s; their heartbeats will tell", exc)
+            self._fleet = set()
+        self._check_fleet()
+
+    def _check_fleet(self) -> None:
+        seeds = set(self.core.seed_hosts())
+        if self._fleet is not None and seeds and self._fleet <= seeds:
+            self._fleet_known.set()
+            self.core.homes_known = True
+
     async def _trigger_seed(self, effect: TriggerSeed) -> None:
         task_id, host_id = effect.task_id, effect.host_id
         if host_id is None:
-            # Just after a start, storage instances may not have said hello yet.
+            # Just after a start, storage instances may not all have said hello yet: the
+            # core chose no home (or found none) until they have, or until they had time to.
             wait = self._warm_until - self.clock()
-            if not self.core.seed_hosts() and wait > 0:
+            if wait > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._seed_known.wait(), wait)
+                    await asyncio.wait_for(self._fleet_known.wait(), wait)
+            self.core.homes_known = True
             self._seed_unavailable(task_id, None)
             return
         source = self._sources.get(task_id)

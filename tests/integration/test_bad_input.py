@@ -403,6 +403,8 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], contracts.
         return {"task_id": task_id, "source": {"url": env.url}}, TEST_SENDER, 5
     if name == "storage.preheat":
         return {"source": {"url": env.url}, "timeout_s": 30}, TEST_SENDER, 35
+    if name == "storage.{host_id}.fill":
+        return {"source": {"url": env.url}, "timeout_s": 30}, SEED, 35
     if name == "peer.{host_id}.progress":
         return {"download_id": "dl-unknown"}, TEST_SENDER, 5
     if name == "peer.{host_id}.download":

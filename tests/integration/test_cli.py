@@ -373,12 +373,12 @@ async def test_preheat_url_seeds_storage_so_a_get_reads_nothing_from_the_origin(
 async def test_preheat_reports_progress_within_a_blob(
     nats: NatsServer, prefix: str, tmp_path: Path
 ) -> None:
-    data = os.urandom(8 * MiB)  # 1 MiB pieces at 4 MiB/s: 2 s
+    data = os.urandom(8 * MiB)  # 1 MiB pieces at 2 MiB/s: 4 s, progress looked at every 1 s
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     seen: list[tuple[int, int | None]] = []
     config = Config(state_dir=tmp_path / "cli", nats=NatsConfig(servers=[nats.url], prefix=prefix))
     async with (
-        Origin(rate=4 * MiB).serve() as slow,
+        Origin(rate=2 * MiB).serve() as slow,
         in_process_cluster(nats.url, prefix, tmp_path),
     ):
         blob = preheat.Blob(slow.add("layer", data), digest, len(data))

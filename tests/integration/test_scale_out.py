@@ -383,3 +383,50 @@ async def test_no_member_keys_of_gone_schedulers_stay_in_the_bucket(
         assert "removed member.sched-b" in cluster.started["sched-a"].log()
         holders = await lease_holders(nats.url, prefix)
         assert set(holders.values()) == {"sched-a"}, "the survivor serves every partition"
+
+
+async def swarmfly_cli(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarmfly", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **FAST_ENV},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_preheat_lands_on_each_tasks_home_so_gets_read_no_origin(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """With three storage instances, ``storage.preheat`` reaches any one of them; each file
+    must end up cached on its home (the instance the scheduler asks to seed it), or the home
+    reads the origin again when the first host asks."""
+    storages = ["storage-a", "storage-b", "storage-c"]
+    files = {f"h{n}.bin": os.urandom(MiB + n) for n in range(6)}
+    async with fleet(nats.url, prefix, tmp_path) as cluster, Origin().serve() as origin:
+        cluster.start("scheduler", "scheduler")
+        for name in storages:
+            cluster.start("storage", name, "--host-id", name)
+        cluster.start("peer", "peer")
+        urls = {name: origin.add(name, data) for name, data in files.items()}
+        tasks = {n: make_task_id(urls[n], digest=digest_of(d)) for n, d in files.items()}
+        homes = homes_of(tasks, storages)
+        for name, data in files.items():
+            code, _, err = await swarmfly_cli(
+                "preheat", "url", urls[name], "--digest", digest_of(data), *cluster.args,
+                "--state-dir", str(tmp_path / "cli"),
+            )  # fmt: skip
+            assert code == 0, err
+        for name in files:
+            assert seeded_by(tmp_path, homes[name], tasks[name]), (name, homes[name])
+        cluster.started["scheduler"].stop()  # its soft state goes; the storages' caches stay
+        cluster.start("scheduler", "scheduler-2")
+        preheated = origin.bytes_served
+        for name, data in files.items():
+            code, err = await get(
+                urls[name], data, tmp_path / "out" / name, tmp_path / "peer", *cluster.args
+            )
+            assert code == 0, err
+            assert (tmp_path / "out" / name).read_bytes() == data
+        assert origin.bytes_served - preheated <= 2 * len(files), "origin read again"

@@ -93,8 +93,12 @@ def bodies(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.integers(schema.get("minimum"), schema.get("maximum"))
     if kind == "number":
         low = schema.get("minimum", schema.get("exclusiveMinimum"))
-        return st.floats(
-            low, schema.get("maximum"), exclude_min="exclusiveMinimum" in schema, allow_nan=False
+        return st.floats(  # JSON has no NaN or infinity
+            low,
+            schema.get("maximum"),
+            exclude_min="exclusiveMinimum" in schema,
+            allow_nan=False,
+            allow_infinity=False,
         )
     if kind == "string":
         return strings(schema)

@@ -1073,6 +1073,37 @@ def test_a_restarted_schedulers_first_storage_announce_takes_the_free_seat() -> 
     assert s.task_info(T)[1] == [digest(n) for n in range(4)]
 
 
+def test_while_homes_are_not_known_the_cache_that_announces_takes_the_seat() -> None:
+    """A scheduler that just started has heard some storage instances only: the home it
+    would choose from them may not be the one whose cache holds the task. It chooses none,
+    the peers wait, and the instance holding the task takes the seat when it announces."""
+    s = Scheduler()
+    home, *others = rendezvous(T, STORAGES)
+    for name in others:  # the home's heartbeat has not come yet
+        s.heartbeat(host(name, kind="seed"), uploads=0, now=0.0)
+    s.homes_known = False
+    schedule, effects = s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
+    assert (schedule.action, effects) == ("wait", [TriggerSeed(T)])
+    assert s.reschedule(task_id=T, peer_id="a", now=0.3)[0].action == "wait"
+    seed_on(s, home, 0.5, range(4))  # its heartbeat came: it announces its cached copy
+    assert s.task_info(T)[1] == [digest(n) for n in range(4)], "the seat's digests count"
+    s.homes_known = True
+    assert s.seed_unavailable(T, None, now=1.0) == [], "served already: no home is asked"
+    assert ids(s.reschedule(task_id=T, peer_id="a", now=1.1)[0]) == {f"seed-{home}"}
+
+
+def test_while_homes_are_not_known_a_task_nobody_holds_waits_for_its_home() -> None:
+    s = Scheduler()
+    s.heartbeat(host("storage-b", kind="seed"), uploads=0, now=0.0)
+    s.homes_known = False
+    assert s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)[1] == [TriggerSeed(T)]
+    assert s.seed_unavailable(T, None, now=0.2) == [TriggerSeed(T)], "still not known: wait"
+    for name in STORAGES:
+        s.heartbeat(host(name, kind="seed"), uploads=0, now=0.5)
+    s.homes_known = True
+    assert s.seed_unavailable(T, None, now=1.0) == [TriggerSeed(T, rendezvous(T, STORAGES)[0])]
+
+
 def test_a_peer_sent_back_to_source_is_trusted() -> None:
     s = Scheduler()
     join(s, "a", "h1")
