@@ -343,6 +343,7 @@ class PreheatReply:
     bytes_p2p: int
     seconds: float
     digest: str | None = None
+    replicas: list[str] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreheatReply:
@@ -354,6 +355,7 @@ class PreheatReply:
             bytes_p2p=data["bytes_p2p"],
             seconds=data["seconds"],
             digest=data.get("digest"),
+            replicas=data.get("replicas"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -367,6 +369,8 @@ class PreheatReply:
         }
         if self.digest is not None:
             data["digest"] = self.digest
+        if self.replicas is not None:
+            data["replicas"] = self.replicas
         return data
 
 
@@ -1025,6 +1029,35 @@ class TaskReply:
 
 @quick_init
 @dataclass(frozen=True, slots=True)
+class FillRequest:
+    """``storage.{host_id}.fill`` request: a preheat forwarded to a storage instance that is
+    to hold the task: its home, which reads the origin, or a replica, which takes it from
+    the swarm.
+    """
+
+    source: Source
+    timeout_s: float | None = None
+    replica: bool | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FillRequest:
+        return cls(
+            source=Source.from_dict(data["source"]),
+            timeout_s=data.get("timeout_s"),
+            replica=data.get("replica"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"source": self.source.to_dict()}
+        if self.timeout_s is not None:
+            data["timeout_s"] = self.timeout_s
+        if self.replica is not None:
+            data["replica"] = self.replica
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
 class SeedRequest:
     """``storage.{host_id}.seed`` request: the scheduler asks a storage instance to fetch a
     task from the origin and seed it.
@@ -1074,7 +1107,7 @@ RESCHEDULE: Final = Subject("scheduler.{partition}.reschedule", RescheduleReques
 RESULT: Final = Subject("scheduler.{partition}.result", ResultRequest, Ok)
 STATE: Final = Subject("scheduler.state", StateRequest, StateReply)
 TASK: Final = Subject("scheduler.{partition}.task", TaskRequest, TaskReply)
-FILL: Final = Subject("storage.{host_id}.fill", PreheatRequest, PreheatReply)
+FILL: Final = Subject("storage.{host_id}.fill", FillRequest, PreheatReply)
 PREHEAT: Final = Subject("storage.preheat", PreheatRequest, PreheatReply)
 SEED: Final = Subject("storage.{host_id}.seed", SeedRequest, SeedReply)
 SUBJECTS: Final[Mapping[str, Subject[Any, Any]]] = {

@@ -188,6 +188,10 @@ class StorageConfig:
     lend_pieces: bool = True
     """While its uplink is full, let waiting peers read pieces of a new task from the origin
     themselves (each piece is still read once), and take them from the swarm afterwards."""
+    copies: int = 1
+    """Storage instances that hold each preheated task: its home, and as replicas the next
+    in rendezvous order, which take it from the swarm. The scheduler asks the first replica
+    when the home goes, and it holds the task already: no origin read."""
     idc: str = ""
     location: str = ""
     cache_quota: int = 0
@@ -419,6 +423,7 @@ _AT_LEAST_ONE = {
     "candidate_parents",
     "partitions",
     "origin_concurrency",
+    "copies",
     "max_connections",
     "max_per_address",
 }

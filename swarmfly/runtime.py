@@ -133,7 +133,7 @@ async def start_storage(
 ) -> StorageService:
     _bound(stack, config)
     node = _node(stack, config, bus, storage_settings(config, state_dir), servers, plugins)
-    service = StorageService(node, bus)
+    service = StorageService(node, bus, copies=config.storage.copies)
     await service.start(stack)
     return service
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 import nats.errors
@@ -36,9 +37,11 @@ PREHEAT_SECONDS = 3600.0
 
 
 class StorageService:
-    def __init__(self, node: PeerNode, bus: Bus) -> None:
+    def __init__(self, node: PeerNode, bus: Bus, *, copies: int = 1) -> None:
         self.node = node
         self.bus = bus
+        self.copies = copies
+        """Instances that hold each preheated task ([storage] copies)."""
         self._seeding: set[asyncio.Task[None]] = set()
         self._fleet: tuple[float, set[str]] = (-FLEET_SECONDS, set())
         """When the live storage instances were last looked at ($SRV discovery), and who."""
@@ -79,43 +82,66 @@ class StorageService:
 
     async def on_preheat(self, req: messages.PreheatRequest) -> messages.PreheatReply:
         """Any instance takes a preheat; the task's home does the work, so the copy is where
-        the scheduler sends the swarm. The home not answering (it just went), this one does
-        it rather than fail."""
+        the scheduler sends the swarm, and then the replicas take it from the swarm. The home
+        not answering (it just went), this one reads the origin rather than fail."""
         source = SourceRequest.of(req.source)
         await self.node.plugins.origins.check(source.url)
         resolved = await self.node.resolve(source)
-        me = self.node.settings.host_id
-        home = rendezvous(resolved.task_id, await self.fleet())[0]
-        if home != me:
-            seconds = req.timeout_s or PREHEAT_SECONDS
-            try:
-                return await self.bus.request(
-                    messages.FILL, req, timeout=seconds + 5.0, host_id=home
-                )
-            except SwarmflyError as exc:
-                if exc.code != "unavailable":
-                    raise
+        order = rendezvous(resolved.task_id, await self.fleet())
+        fill = messages.FillRequest(req.source, req.timeout_s)
+        try:
+            reply = await self._fill_on(order[0], fill, resolved.stat)
+        except SwarmflyError as exc:
+            if exc.code != "unavailable":
+                raise
+            log.warning(
+                "preheat of task %s: its home %s does not answer, caching it here",
+                resolved.task_id[:12],
+                order[0],
+            )
+            reply = await self._fill(fill, resolved.stat)
+        copies = [h for h in order[: self.copies] if h != reply.host_id][: self.copies - 1]
+        if not copies:
+            return reply
+        replica = replace(fill, replica=True)
+        outcomes = await asyncio.gather(
+            *(self._fill_on(host, replica) for host in copies), return_exceptions=True
+        )
+        held: list[str] = []
+        for host, outcome in zip(copies, outcomes, strict=True):
+            if isinstance(outcome, messages.PreheatReply):
+                held.append(host)
+            elif isinstance(outcome, Exception):
                 log.warning(
-                    "preheat of task %s: its home %s does not answer, caching it here",
-                    resolved.task_id[:12],
-                    home,
+                    "preheat of task %s: replica %s: %s", resolved.task_id[:12], host, outcome
                 )
-        return await self._fill(source, req.timeout_s, resolved.stat)
+            else:
+                raise outcome
+        return replace(reply, replicas=held)
 
-    async def on_fill(self, req: messages.PreheatRequest) -> messages.PreheatReply:
-        source = SourceRequest.of(req.source)
-        await self.node.plugins.origins.check(source.url)
-        return await self._fill(source, req.timeout_s)
+    async def _fill_on(
+        self, host: str, req: messages.FillRequest, stat: SourceStat | None = None
+    ) -> messages.PreheatReply:
+        if host == self.node.settings.host_id:
+            return await self._fill(req, stat)
+        seconds = req.timeout_s or PREHEAT_SECONDS
+        return await self.bus.request(messages.FILL, req, timeout=seconds + 5.0, host_id=host)
+
+    async def on_fill(self, req: messages.FillRequest) -> messages.PreheatReply:
+        await self.node.plugins.origins.check(req.source.url)
+        return await self._fill(req)
 
     async def _fill(
-        self, source: SourceRequest, timeout_s: float | None, stat: SourceStat | None = None
+        self, req: messages.FillRequest, stat: SourceStat | None = None
     ) -> messages.PreheatReply:
-        """Seed a URL now and answer once it is verified in this instance's cache; ``stat``:
-        what the origin said to this request just now (its access check)."""
-        seconds = timeout_s or PREHEAT_SECONDS
+        """Bring a URL into this instance's cache now and answer once it is verified there:
+        from the origin as the task's seed, or as a replica from the swarm. ``stat``: what
+        the origin said to this request just now (its access check)."""
+        seconds = req.timeout_s or PREHEAT_SECONDS
         try:
             async with asyncio.timeout(seconds):
-                run = await self.node.begin(source, seed=True, stat=stat)
+                source = SourceRequest.of(req.source)
+                run = await self.node.begin(source, seed=not req.replica, stat=stat)
                 result = await run.result()
         except TimeoutError:
             raise SwarmflyError("timeout", f"preheat did not finish in {seconds:g}s") from None

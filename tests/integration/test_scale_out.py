@@ -430,3 +430,42 @@ async def test_preheat_lands_on_each_tasks_home_so_gets_read_no_origin(
             assert code == 0, err
             assert (tmp_path / "out" / name).read_bytes() == data
         assert origin.bytes_served - preheated <= 2 * len(files), "origin read again"
+
+
+async def test_preheated_replicas_keep_a_task_cached_when_its_home_is_killed(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """``[storage] copies = 2``: the home reads each file once, the next instance in order
+    takes it from the home; with the home killed, every get is served from the replica."""
+    storages = ["storage-a", "storage-b", "storage-c"]
+    files = {f"r{n}.bin": os.urandom(2 * MiB + n) for n in range(6)}
+    copies = {"SWARMFLY_STORAGE_COPIES": "2"}
+    async with fleet(nats.url, prefix, tmp_path) as cluster, Origin().serve() as origin:
+        cluster.start("scheduler", "scheduler")
+        for name in storages:
+            cluster.start("storage", name, "--host-id", name, env=copies)
+        cluster.start("peer", "peer")
+        urls = {name: origin.add(name, data) for name, data in files.items()}
+        tasks = {n: make_task_id(urls[n], digest=digest_of(d)) for n, d in files.items()}
+        orders = {name: rendezvous(task, storages) for name, task in tasks.items()}
+        for name, data in files.items():
+            code, _, err = await swarmfly_cli(
+                "preheat", "url", urls[name], "--digest", digest_of(data), *cluster.args,
+                "--state-dir", str(tmp_path / "cli"),
+            )  # fmt: skip
+            assert code == 0, err
+            for holder in orders[name][:2]:
+                assert seeded_by(tmp_path, holder, tasks[name]), (name, holder)
+            assert not seeded_by(tmp_path, orders[name][2], tasks[name]), "two copies only"
+        read = origin.bytes_served
+        # Once each, and the one-byte access checks of the instances that took part.
+        assert read <= sum(map(len, files.values())) + 3 * len(files), "replicas read the swarm"
+        gone = max(storages, key=lambda s: sum(o[0] == s for o in orders.values()))
+        cluster.started[gone].kill()
+        for name, data in files.items():
+            code, err = await get(
+                urls[name], data, tmp_path / "out" / name, tmp_path / "peer", *cluster.args
+            )
+            assert code == 0, err
+            assert (tmp_path / "out" / name).read_bytes() == data
+        assert origin.bytes_served - read <= 2 * len(files), "the replicas served every file"
