@@ -44,6 +44,7 @@ INLINE_NAMES = {
     "pieces.request.lent": "LentPiece",
     "reschedule.request.bad_parents": "BadParent",
     "state.reply.hosts": "HostState",
+    "state.reply.scheduler": "SchedulerState",
     "state.reply.tasks": "TaskState",
     "state.reply.tasks.summary": "TaskSummary",
     "state.reply.tasks.peers": "PeerState",

@@ -786,6 +786,39 @@ class StateRequest:
 
 @quick_init
 @dataclass(frozen=True, slots=True)
+class SchedulerState:
+    """In ``state.reply.scheduler``: the scheduler that answers, and the partitions as it
+    sees them.
+    """
+
+    id: str
+    run: str
+    partitions: list[int]
+    partition_count: int
+    members: list[str]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SchedulerState:
+        return cls(
+            id=data["id"],
+            run=data["run"],
+            partitions=data["partitions"],
+            partition_count=data["partition_count"],
+            members=data["members"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "run": self.run,
+            "partitions": self.partitions,
+            "partition_count": self.partition_count,
+            "members": self.members,
+        }
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
 class HostState:
     """In ``state.reply.hosts``."""
 
@@ -908,6 +941,8 @@ class TaskState:
     task: TaskContent | None
     peers: list[PeerState]
     url: str | Absent | None = ABSENT
+    home: str | Absent | None = ABSENT
+    replicas: list[str] | None = None
     summary: TaskSummary | None = None
 
     @classmethod
@@ -919,6 +954,8 @@ class TaskState:
             task=None if task is None else TaskContent.from_dict(task),
             peers=[PeerState.from_dict(v) for v in data["peers"]],
             url=data.get("url", ABSENT),
+            home=data.get("home", ABSENT),
+            replicas=data.get("replicas"),
             summary=None if summary is None else TaskSummary.from_dict(summary),
         )
 
@@ -930,6 +967,10 @@ class TaskState:
         }
         if self.url is not ABSENT:
             data["url"] = self.url
+        if self.home is not ABSENT:
+            data["home"] = self.home
+        if self.replicas is not None:
+            data["replicas"] = self.replicas
         if self.summary is not None:
             data["summary"] = self.summary.to_dict()
         return data
@@ -947,15 +988,18 @@ class StateReply:
     host_count: int | None = None
     task_count: int | None = None
     truncated: bool | None = None
+    scheduler: SchedulerState | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StateReply:
+        scheduler = data.get("scheduler")
         return cls(
             hosts=[HostState.from_dict(v) for v in data["hosts"]],
             tasks=[TaskState.from_dict(v) for v in data["tasks"]],
             host_count=data.get("host_count"),
             task_count=data.get("task_count"),
             truncated=data.get("truncated"),
+            scheduler=None if scheduler is None else SchedulerState.from_dict(scheduler),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -969,6 +1013,8 @@ class StateReply:
             data["task_count"] = self.task_count
         if self.truncated is not None:
             data["truncated"] = self.truncated
+        if self.scheduler is not None:
+            data["scheduler"] = self.scheduler.to_dict()
         return data
 
 

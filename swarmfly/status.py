@@ -60,6 +60,7 @@ def merge(states: list[dict[str, Any]], limit: int) -> dict[str, Any]:
         # Every scheduler hears every host; each holds the tasks of its own partitions.
         "host_count": max((s.get("host_count", len(s["hosts"])) for s in states), default=0),
         "task_count": sum(s.get("task_count", len(s["tasks"])) for s in states),
+        "schedulers": [s["scheduler"] for s in states if s.get("scheduler")],
     }
     if any(s.get("truncated") for s in states) or len(tasks) > limit:
         merged["truncated"] = True
@@ -110,6 +111,33 @@ async def gather(config: Config, *, within: float | None = None) -> dict[str, An
     }
 
 
+def ranges(numbers: list[int]) -> str:
+    """0,1,2,3,7 as 0-3,7."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) or "-"
+
+
+def _schedulers(status: dict[str, Any]) -> str:
+    """Who holds which partitions, and which no scheduler that answered holds."""
+    schedulers = sorted(status.get("schedulers", []), key=lambda s: s["id"])
+    rows = [
+        [s["id"], s["run"], ranges(s["partitions"]), ",".join(s["members"])] for s in schedulers
+    ]
+    count = max((s["partition_count"] for s in schedulers), default=0)
+    unheld = set(range(count)) - {p for s in schedulers for p in s["partitions"]}
+    title = "SCHEDULERS"
+    if count:
+        title += (
+            f" ({count} partitions{f'; held by none: {ranges(list(unheld))}' if unheld else ''})"
+        )
+    return _table(title, ["SCHEDULER", "RUN", "PARTITIONS", "MEMBERS"], rows)
+
+
 def render(status: dict[str, Any]) -> str:
     """The tables `swarmfly status` prints."""
     services = [
@@ -141,6 +169,8 @@ def render(status: dict[str, Any]) -> str:
                 str(count),
                 f"{summary['succeeded']}/{normal}",
                 str(summary["sources"]),
+                task.get("home") or "-",
+                ",".join(task.get("replicas") or []) or "-",
                 progress,
                 _size(summary["origin_bytes"]),
                 _size(summary["p2p_bytes"]),
@@ -154,10 +184,23 @@ def render(status: dict[str, Any]) -> str:
     return "\n\n".join(
         [
             _table("SERVICES", ["NAME", "ID", "VERSION", "HOST"], services),
+            _schedulers(status),
             _table(title, ["HOST", "TYPE", "ADDRESS", "UPLOADS", "SEEN"], hosts),
             _table(
                 "TASKS",
-                ["TASK", "SIZE", "PIECES", "DONE", "SEEDS", "PROGRESS", "ORIGIN", "P2P", "URL"],
+                [
+                    "TASK",
+                    "SIZE",
+                    "PIECES",
+                    "DONE",
+                    "SEEDS",
+                    "HOME",
+                    "REPLICAS",
+                    "PROGRESS",
+                    "ORIGIN",
+                    "P2P",
+                    "URL",
+                ],
                 tasks,
             ),
         ]

@@ -95,6 +95,10 @@ class Ownership:
         self._lock = asyncio.Lock()
         self._twin = False
 
+    def members(self) -> list[str]:
+        """The schedulers alive in the lease bucket as far as this one can tell."""
+        return self.book.members(self.clock())
+
     def owners(self) -> list[str]:
         """Per partition, the token of its holder, as heartbeat replies carry it."""
         return self._owners

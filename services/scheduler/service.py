@@ -58,8 +58,10 @@ PEER_LIMIT = 200
 """Peers a task lists by default: its sources and its most recently active others."""
 STATE_BUDGET = 768 * 1024
 """Bytes a state may take, below NATS's default max_payload (1 MiB) with room to spare."""
-HOST_BYTES, TASK_BYTES, PEER_BYTES = 200, 600, 200
-"""What one entry takes at most in the JSON (ids of 64 characters), besides a bitmap."""
+HOST_BYTES, TASK_BYTES, PEER_BYTES = 200, 600 + 70 * 9, 200
+"""What one entry takes at most in the JSON (ids of 64 characters), besides a bitmap; a task
+with its home and up to ``REPLICAS_SHOWN`` replicas."""
+REPLICAS_SHOWN = 8
 """Tasks the dashboard shows, the most recently active first."""
 DASHBOARD_CSP = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 """The page loads nothing from elsewhere (no CDN): it must work on machines with no internet."""
@@ -457,7 +459,15 @@ class SchedulerService:
             if task_id is not None
             else heapq.nlargest(limit, core.tasks.values(), key=lambda t: t.updated_at)
         )
-        budget = STATE_BUDGET
+        members = self.ownership.members()
+        scheduler = {
+            "id": self.ownership.book.me,
+            "run": self.ownership.instance,
+            "partitions": sorted(self.ownership.held),
+            "partition_count": self.partitions,
+            "members": members,
+        }
+        budget = STATE_BUDGET - 200 - 6 * self.partitions - 70 * len(members)
         shown_hosts = heapq.nlargest(host_limit, core.hosts.values(), key=lambda h: h.last_seen)
         hosts = [
             {
@@ -496,6 +506,7 @@ class SchedulerService:
             "tasks": views,
             "host_count": len(core.hosts),
             "task_count": len(core.tasks),
+            "scheduler": scheduler,
         }
         if truncated:
             state["truncated"] = True
@@ -508,6 +519,8 @@ class SchedulerService:
             "id": t.id,
             "task": t.content.to_dict() if t.content else None,
             "url": self._shown_url(t.id),
+            "home": t.seed_host,
+            "replicas": self._replicas(t)[:REPLICAS_SHOWN],
             "peers": [
                 {
                     "id": p.id,
@@ -531,6 +544,16 @@ class SchedulerService:
                 "p2p_bytes": sum(p.p2p_bytes for p in every),
             },
         }
+
+    def _replicas(self, t: Task) -> list[str]:
+        """The storage instances other than the task's home that hold all of it."""
+        if t.content is None:
+            return []
+        count = t.content.piece_count
+        peers = ((h, t.peers.get(peer_id(h, t.id))) for h in self.core.seed_hosts())
+        return sorted(
+            h for h, p in peers if p is not None and h != t.seed_host and len(p.pieces) == count
+        )
 
     def _shown_url(self, task_id: str) -> str | None:
         """The task's URL without credentials, for people; None when this scheduler only

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import sys
 import time
 from contextlib import ExitStack
@@ -68,6 +69,11 @@ async def test_status_lists_services_hosts_and_tasks(
         assert cluster.peer.node.settings.host_id in hosts
         task = next(t for t in status["tasks"] if t["id"] == result.task_id)
         assert {p["state"] for p in task["peers"]} == {"succeeded"}
+        assert task["home"] == cluster.storage.node.settings.host_id and task["replicas"] == []
+        [scheduler] = status["schedulers"]
+        count = scheduler["partition_count"]
+        assert scheduler["partitions"] == list(range(count)), "a lone scheduler holds them all"
+        assert scheduler["members"] == [scheduler["id"]]
 
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "swarmfly", "status", "--nats", nats.url, "--prefix", prefix,
@@ -76,6 +82,9 @@ async def test_status_lists_services_hosts_and_tasks(
         out, _ = await asyncio.wait_for(process.communicate(), 60)
         table = out.decode()
         assert "SERVICES" in table and "HOSTS" in table and "TASKS" in table
+        assert f"SCHEDULERS ({count} partitions)" in table, table
+        assert re.search(rf"^{scheduler['id']}\s+{scheduler['run']}\s+0-{count - 1}\s", table, re.M)
+        assert re.search(rf"^{result.task_id[:12]}.*\s{task['home']}\s+-\s", table, re.M), table
         assert result.task_id[:12] in table and "100%" in table and url in table
 
 

@@ -145,6 +145,13 @@ async def test_schedulers_share_the_partitions_and_take_over_a_dead_ones(
         )
         assert len(holders) == DEFAULT_PARTITIONS, holders
         assert set(holders.values()) == set(names), "each scheduler holds some partitions"
+        code, out, err = await swarmfly_cli("status", "--json", *cluster.args)
+        assert code == 0, err
+        shown = {s["id"]: s for s in orjson.loads(out)["schedulers"]}
+        assert set(shown) == set(names), "status shows every scheduler"
+        for name, scheduler in shown.items():
+            assert scheduler["partitions"] == sorted(p for p, h in holders.items() if h == name)
+            assert scheduler["members"] == sorted(names)
 
         cluster.start("storage", "storage", "--upload-rate", "8MiB")
         peers = ["peer0", "peer1"]
@@ -457,6 +464,14 @@ async def test_preheated_replicas_keep_a_task_cached_when_its_home_is_killed(
             for holder in orders[name][:2]:
                 assert seeded_by(tmp_path, holder, tasks[name]), (name, holder)
             assert not seeded_by(tmp_path, orders[name][2], tasks[name]), "two copies only"
+        code, out, err = await swarmfly_cli("status", "--json", *cluster.args)
+        assert code == 0, err
+        shown = {t["id"]: t for t in orjson.loads(out)["tasks"]}
+        for name, task in tasks.items():
+            assert (shown[task]["home"], shown[task]["replicas"]) == (
+                orders[name][0],
+                orders[name][1:2],
+            ), "status shows each task's home and replica"
         read = origin.bytes_served
         # Once each, and the one-byte access checks of the instances that took part.
         assert read <= sum(map(len, files.values())) + 3 * len(files), "replicas read the swarm"
