@@ -180,6 +180,14 @@ class Conductor:
         self._wake = asyncio.Event()
         self._token: str | None = None
         """The capability of the last schedule: parents serve the task only against it."""
+        self._draining = False
+        self.origin_reads = 0
+        """Pieces being read from the origin now."""
+
+    def drain(self) -> None:
+        """Read no further piece from the origin; the reads in flight finish. A leaving seed
+        hands what it read to the swarm instead of dropping it half-read."""
+        self._draining = True
 
     # -- the whole download ----------------------------------------------------------------
 
@@ -778,6 +786,7 @@ class Conductor:
         finally:
             for worker in workers:
                 worker.cancel()
+        await self._parked_if_draining()
         lending.open = False
         # The lent pieces come back once children stop asking: until then the swarm's
         # uplinks are theirs (a while at most). A lent piece its child did not deliver in
@@ -787,6 +796,7 @@ class Conductor:
             await self._claiming_worker(lending)
             await asyncio.sleep(LEND_POLL)
         while not self.stored.complete:
+            await self._parked_if_draining()
             if lending.delivered - self.stored.done:
                 holders = await self._register_quietly()
                 found: set[int] = set()
@@ -812,7 +822,7 @@ class Conductor:
                 lending.learned(self.stored.digests)
 
     async def _claiming_worker(self, lending: Lending) -> None:
-        while True:
+        while not self._draining:
             await self._hold_back(lending)
             number = lending.claim(self.stored.done, time.monotonic())
             if number is None:
@@ -844,6 +854,12 @@ class Conductor:
         finally:
             for worker in workers:
                 worker.cancel()
+        await self._parked_if_draining()
+
+    async def _parked_if_draining(self) -> None:
+        """A draining seed whose reads are done waits to be cancelled (``drain``)."""
+        if self._draining:
+            await asyncio.Event().wait()
 
     # -- a seed taking over --------------------------------------------------------------
 
@@ -933,7 +949,7 @@ class Conductor:
         return False
 
     async def _origin_worker(self, queue: asyncio.Queue[int], *, report: bool = True) -> None:
-        while not queue.empty():
+        while not queue.empty() and not self._draining:
             await self._origin_piece(queue.get_nowait(), self._origin_headers(), report=report)
 
     async def _origin_piece(
@@ -954,7 +970,11 @@ class Conductor:
             size,
             SwarmflyError("source_error", "origin sent more than the range asked"),
         )
-        digest = await self._receive(number, chunks, expected)
+        self.origin_reads += 1
+        try:
+            digest = await self._receive(number, chunks, expected)
+        finally:
+            self.origin_reads -= 1
         if digest is not None:
             self._origin_done(number, digest, started, report=report and not vouched)
         return number
@@ -1166,7 +1186,14 @@ class Conductor:
             return
         body = messages.ResultRequest(self.task_id, self.peer_id, success, message or None)
         try:
-            await self._request(messages.RESULT, body)
+            try:
+                await self._request(messages.RESULT, body)
+            except SwarmflyError as exc:
+                if not (success and exc.code == "conflict"):
+                    raise
+                # It missed reports (taken by a partition's previous holder as it moved):
+                # everything held again, the result with it.
+                await self.node.announce(self.stored, peer_id=self.peer_id, seed=self.seed)
         except SwarmflyError as exc:
             log.info("result not recorded: %s", exc)
 

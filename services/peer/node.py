@@ -52,6 +52,12 @@ from swarmfly.services.peer.upload import UploadServer
 log = logging.getLogger(__name__)
 LEAVE_PATIENCE = 2.0
 """Seconds a leaving host waits for its cancelled downloads' last reports."""
+HAND_OVER_SECONDS = 10.0
+"""Seconds at most a storage host that leaves mid-seed serves on, for children to copy the
+pieces it read from the origin (the seed taking over reads again what nobody holds)."""
+HAND_OVER_IDLE = 2.5
+"""Seconds without a child taking one of those pieces after which it stops waiting: they do
+not want them from it (a child asks its seed at least every 2 s)."""
 UNANSWERED_RETRY = 1.0
 """Seconds to the next heartbeat after one no scheduler answered."""
 CHECKPOINT_INTERVAL = 1.0
@@ -285,6 +291,11 @@ class PeerNode:
     def downloading(self) -> int:
         """Downloads running on this host: they share its download rate."""
         return len(self._downloads)
+
+    def copying(self, task_id: str) -> bool:
+        """Is this host taking the task from the swarm now (not reading it as its seed)?"""
+        entry = self._downloads.get(task_id)
+        return entry is not None and not entry[0].seed
 
     def peer_id(self, task_id: str) -> str:
         return make_peer_id(self.settings.host_id, task_id)
@@ -745,6 +756,9 @@ class PeerNode:
         nothing of this host registers again (a heartbeat or a report would)."""
         if self._left:
             return
+        # Heartbeats go on while a seed hands over: a partition's new holder learns of its
+        # tasks (and their digests) from them.
+        await self._hand_over([c for c, _ in self._downloads.values() if c.seed])
         if self._beat is not None:
             self._beat.cancel()
         running = [task for _, task in self._downloads.values()]
@@ -764,6 +778,30 @@ class PeerNode:
             )
         except SwarmflyError as exc:
             log.debug("leave: %s", exc)
+
+    async def _hand_over(self, seeding: list[Conductor]) -> None:
+        """A seed leaving mid-read: no new origin reads, those in flight finish, and it
+        serves on while children take the pieces it read that it never sent: a while at
+        most, and not once they stop taking them (they had them from each other)."""
+        if not seeding:
+            return
+        for conductor in seeding:
+            conductor.drain()
+        loop = asyncio.get_running_loop()
+        deadline = idle = loop.time()
+        deadline += HAND_OVER_SECONDS
+        fewest: int | None = None
+        while (now := loop.time()) < deadline:
+            reading = any(c.origin_reads for c in seeding)
+            unsent = sum(not c.stored.served.get(n) for c in seeding for n in c.stored.done)
+            if not reading and not unsent:
+                return
+            if reading or fewest is None or unsent < fewest:
+                idle, fewest = now, unsent
+            elif now - idle > HAND_OVER_IDLE:
+                break
+            await asyncio.sleep(0.05)
+        log.info("leaving: %d pieces read here were never sent from here", unsent)
 
 
 def deliver(

@@ -156,6 +156,11 @@ class SchedulerService:
         """What task subjects are subscribed under: partition numbers, or ALL."""
         self._serving = asyncio.Lock()
         self._warm_until = 0.0
+        self._moved_until = 0.0
+        """Until then, the seeds of tasks in partitions this scheduler just took over may not
+        have announced themselves yet (a host does on its next report or heartbeat): no
+        home is chosen (``homes_known``), or another instance would read such a task again."""
+        self._held: frozenset[int] = frozenset()
         """Until then, storage hosts may be unknown only for not having sent a heartbeat."""
         self._fleet: set[str] | None = None
         """The storage instances up at this scheduler's start ($SRV discovery), None until
@@ -230,6 +235,12 @@ class SchedulerService:
             [t for t in self.core.tasks if partition_of(t, self.partitions) not in held]
         )
         self._forget_sources()
+        # Partitions taken from another scheduler (a lone one's are its own: at its start,
+        # the storage fleet's look settles it).
+        if held - self._held and len(self.ownership.members()) > 1:
+            self._moved_until = self.clock() + 2 * self.config.scheduler.heartbeat_interval
+            self.core.homes_known = False
+        self._held = held
 
     def _check_partition(self, task_id: str) -> None:
         """A request can arrive after its partition moved (or from a peer that counts
@@ -385,7 +396,7 @@ class SchedulerService:
         seeds = set(self.core.seed_hosts())
         if self._fleet is not None and seeds and self._fleet <= seeds:
             self._fleet_known.set()
-            self.core.homes_known = True
+            self.core.homes_known = self.clock() >= self._moved_until
 
     async def _trigger_seed(self, effect: TriggerSeed) -> None:
         task_id, host_id = effect.task_id, effect.host_id
@@ -396,6 +407,7 @@ class SchedulerService:
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._fleet_known.wait(), wait)
+            await asyncio.sleep(max(0.0, self._moved_until - self.clock()))
             self.core.homes_known = True
             self._seed_unavailable(task_id, None)
             return

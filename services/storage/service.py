@@ -71,6 +71,8 @@ class StorageService:
         source = SourceRequest.of(req.source)
         self.node.source_for(source.url)
         await self.node.plugins.origins.check(source.url)  # refused in the reply, not later
+        if self.node.copying(req.task_id):  # a replica mid-copy: its seed must be elsewhere
+            return messages.SeedReply(accepted=False, host_id=self.node.settings.host_id)
         task = asyncio.create_task(self._seed(req.task_id, source))
         self._seeding.add(task)
         task.add_done_callback(self._seeding.discard)

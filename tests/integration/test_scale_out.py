@@ -484,3 +484,60 @@ async def test_preheated_replicas_keep_a_task_cached_when_its_home_is_killed(
             assert code == 0, err
             assert (tmp_path / "out" / name).read_bytes() == data
         assert origin.bytes_served - read <= 2 * len(files), "the replicas served every file"
+
+
+async def test_fleets_grow_and_shrink_while_downloads_run(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """While two peers download six files, a storage instance and a scheduler join and
+    another of each stops (SIGTERM): every download completes with the right bytes, and the
+    origin serves each file about once (the leaving seed finishes its reads and serves on a
+    while, for children to take what only it holds; the instance that takes its tasks over
+    reads what they did not)."""
+    files = {f"g{n}.bin": os.urandom(16 * MiB + n) for n in range(6)}
+    async with (
+        fleet(nats.url, prefix, tmp_path) as cluster,
+        Origin(rate=12 * MiB).serve() as origin,
+    ):
+        for name in ("sched-a", "sched-b"):
+            cluster.start("scheduler", name, env={"SWARMFLY_SCHEDULER_ID": name})
+        for name in ("storage-a", "storage-b", "storage-c"):
+            cluster.start("storage", name, "--host-id", name)
+        peers = ["peer0", "peer1"]
+        for peer in peers:
+            cluster.start("peer", peer)
+        urls = {name: origin.add(name, data) for name, data in files.items()}
+        jobs = {
+            (peer, name): asyncio.create_task(
+                get(
+                    urls[name], data, tmp_path / "out" / peer / name, tmp_path / peer, *cluster.args
+                )
+            )
+            for peer in peers
+            for name, data in files.items()
+        }
+        while origin.bytes_served < 16 * MiB:  # under way: every storage instance seeds
+            assert not any(job.done() for job in jobs.values()), "downloads ended too soon"
+            await asyncio.sleep(0.05)
+        # In threads: the origin serves from this event loop meanwhile.
+        await asyncio.to_thread(cluster.start, "storage", "storage-d", "--host-id", "storage-d")
+        sched_c = {"SWARMFLY_SCHEDULER_ID": "sched-c"}
+        await asyncio.to_thread(cluster.start, "scheduler", "sched-c", env=sched_c)
+        # One change at a time: the partitions settle on the three schedulers (and the
+        # hosts re-announce to their new holders, within a heartbeat) before anyone leaves.
+        await wait_for_holders(cluster, lambda h: "sched-c" in h.values(), 10)
+        await asyncio.sleep(2 * float(FAST_ENV["SWARMFLY_SCHEDULER_HEARTBEAT_INTERVAL"]))
+        assert not any(job.done() for job in jobs.values()), "downloads ended too soon"
+        assert await asyncio.to_thread(cluster.started["storage-a"].stop, 20) == 0
+        assert not all(job.done() for job in jobs.values()), "none runs as the scheduler goes"
+        assert await asyncio.to_thread(cluster.started["sched-a"].stop) == 0
+        for (peer, name), job in jobs.items():
+            code, err = await job
+            assert code == 0, err
+            output = tmp_path / "out" / peer / name
+            assert sha256(output.read_bytes()) == sha256(files[name]), (peer, name)
+        total = sum(map(len, files.values()))
+        served = origin.bytes_served - origin.probes
+        # Measured 1.00 to 1.125 (median 1.06 of 9): what the leaving seed read and no child
+        # took from it in its hand-over is read again; no file is read twice (that is 1.17).
+        assert served <= 1.15 * total, f"the origin served {served / total:.3f}x the files"
