@@ -52,6 +52,7 @@ from swarmfly.status import merge
 log = logging.getLogger(__name__)
 EVENT_INTERVAL = 0.5
 VIEW_TASKS = 200
+"""Tasks the dashboard shows, the most recently active first."""
 HOST_LIMIT = 1000
 """Hosts a state lists by default (the most recently seen); ``host_count`` counts them all."""
 PEER_LIMIT = 200
@@ -62,7 +63,7 @@ HOST_BYTES, TASK_BYTES, PEER_BYTES = 200, 600 + 70 * 9, 200
 """What one entry takes at most in the JSON (ids of 64 characters), besides a bitmap; a task
 with its home and up to ``REPLICAS_SHOWN`` replicas."""
 REPLICAS_SHOWN = 8
-"""Tasks the dashboard shows, the most recently active first."""
+"""Replicas a task lists ([storage] copies makes few)."""
 DASHBOARD_CSP = "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 """The page loads nothing from elsewhere (no CDN): it must work on machines with no internet."""
 DIGEST_PAGE = 8192
@@ -156,12 +157,13 @@ class SchedulerService:
         """What task subjects are subscribed under: partition numbers, or ALL."""
         self._serving = asyncio.Lock()
         self._warm_until = 0.0
+        """Until then, storage hosts may be unknown only for not having sent a heartbeat."""
         self._moved_until = 0.0
         """Until then, the seeds of tasks in partitions this scheduler just took over may not
         have announced themselves yet (a host does on its next report or heartbeat): no
         home is chosen (``homes_known``), or another instance would read such a task again."""
         self._held: frozenset[int] = frozenset()
-        """Until then, storage hosts may be unknown only for not having sent a heartbeat."""
+        """The partitions held as of the last change."""
         self._fleet: set[str] | None = None
         """The storage instances up at this scheduler's start ($SRV discovery), None until
         they answered."""
