@@ -431,12 +431,15 @@ class Scheduler:
         self, task_id: str, host_id: str | None = None, now: float = 0.0
     ) -> list[TriggerSeed]:
         """The storage instance asked (if any) did not take the task: ask the next one in
-        rendezvous order; with none left, peers go back to source instead of waiting."""
+        rendezvous order; with none left, peers go back to source instead of waiting. None
+        asked (no home was chosen yet): a seed that took the seat meanwhile keeps it."""
         task = self.tasks.get(task_id)
         if task is None:
             return []
         if host_id is not None:
             task.failed_seeds.add(host_id)
+        elif task.seed_host is not None and self._seated(task, task.seed_host):
+            return []
         task.seed_requested_at = task.seed_host = None
         if self.homes_known and self._next_seed_host(task) is None:
             task.seed_failed = True
@@ -650,6 +653,10 @@ class Scheduler:
             return True
         return peer.seed and task.seed_host == peer.host_id and peer.state != "failed"
 
+    def _seated(self, task: Task, host_id: str) -> bool:
+        """Has ``host_id`` a live seed in the task?"""
+        return any(p.seed and p.host_id == host_id and self._alive(p) for p in task.peers.values())
+
     def _claim_seat(self, task: Task, seed: Peer) -> None:
         """A storage host seeding the task takes its seat when the seat is free: nobody was
         asked, or the host asked is gone or failed it, and has no live seed in the task. A
@@ -658,9 +665,8 @@ class Scheduler:
         holder = task.seed_host
         if holder == seed.host_id or seed.host_id in task.failed_seeds:
             return
-        seated = any(p.seed and p.host_id == holder and self._alive(p) for p in task.peers.values())
         vacant = holder is None or holder not in self.hosts or holder in task.failed_seeds
-        if vacant and not seated:
+        if vacant and not (holder is not None and self._seated(task, holder)):
             task.seed_host = seed.host_id
 
     def _set_content(self, task: Task, content: TaskContent) -> None:

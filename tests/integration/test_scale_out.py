@@ -538,6 +538,6 @@ async def test_fleets_grow_and_shrink_while_downloads_run(
             assert sha256(output.read_bytes()) == sha256(files[name]), (peer, name)
         total = sum(map(len, files.values()))
         served = origin.bytes_served - origin.probes
-        # Measured 1.00 to 1.125 (median 1.06 of 9): what the leaving seed read and no child
-        # took from it in its hand-over is read again; no file is read twice (that is 1.17).
-        assert served <= 1.15 * total, f"the origin served {served / total:.3f}x the files"
+        # Measured 1.000 in 7 of 7 runs: what the leaving seed read went to the children
+        # (its hand-over), the instance taking its tasks over read only the rest.
+        assert served <= 1.05 * total, f"the origin served {served / total:.3f}x the files"

@@ -1074,9 +1074,10 @@ def test_a_restarted_schedulers_first_storage_announce_takes_the_free_seat() -> 
 
 
 def test_while_homes_are_not_known_the_cache_that_announces_takes_the_seat() -> None:
-    """A scheduler that just started has heard some storage instances only: the home it
-    would choose from them may not be the one whose cache holds the task. It chooses none,
-    the peers wait, and the instance holding the task takes the seat when it announces."""
+    """A scheduler that just started (or took the task's partition over) has heard some
+    storage instances only, or not yet from the task's seed: the home it would choose may
+    not be the one holding the task. It chooses none, the peers wait, and the instance
+    holding the task takes the seat when it announces, and keeps it once homes are known."""
     s = Scheduler()
     home, *others = rendezvous(T, STORAGES)
     for name in others:  # the home's heartbeat has not come yet
@@ -1085,11 +1086,16 @@ def test_while_homes_are_not_known_the_cache_that_announces_takes_the_seat() -> 
     schedule, effects = s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
     assert (schedule.action, effects) == ("wait", [TriggerSeed(T)])
     assert s.reschedule(task_id=T, peer_id="a", now=0.3)[0].action == "wait"
-    seed_on(s, home, 0.5, range(4))  # its heartbeat came: it announces its cached copy
-    assert s.task_info(T)[1] == [digest(n) for n in range(4)], "the seat's digests count"
+    seed_on(s, home, 0.5, range(2))  # its heartbeat came: it announces what it holds
+    assert s.task_info(T)[1] == [digest(0), digest(1), None, None], "the seat's digests count"
     s.homes_known = True
     assert s.seed_unavailable(T, None, now=1.0) == [], "served already: no home is asked"
     assert ids(s.reschedule(task_id=T, peer_id="a", now=1.1)[0]) == {f"seed-{home}"}
+    s.report_pieces(
+        task_id=T, peer_id=f"seed-{home}", pieces=[PieceReport(n, digest(n)) for n in (2, 3)],
+        now=1.2,
+    )  # fmt: skip
+    assert s.task_info(T)[1] == [digest(n) for n in range(4)], "it kept the seat"
 
 
 def test_while_homes_are_not_known_a_task_nobody_holds_waits_for_its_home() -> None:
