@@ -4,8 +4,10 @@ counting origin."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +26,26 @@ FAST_ENV = {
     "SWARMFLY_PEER_OUTPUT_ROOTS": tempfile.gettempdir(),
 }
 """Short heartbeats so that lost hosts are noticed within a test's patience."""
+
+
+async def swarmfly(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stderr: int | None = None,
+    timeout: float = 120.0,
+) -> tuple[int, str, str]:
+    """Run ``swarmfly ARGS`` as a user would (short heartbeats, ``env`` on top); its exit
+    code, stdout and stderr. ``stderr``: a descriptor to write it to (a pty) instead."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarmfly", *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE if stderr is None else stderr,
+        env={**os.environ, **FAST_ENV, **(env or {})},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), (err or b"").decode()
 
 
 def require_tool(name: str) -> str:

@@ -20,21 +20,9 @@ from swarmfly import preheat
 from swarmfly.config import Config, NatsConfig
 from swarmfly.natsserver import NatsServer
 from swarmfly.testing import Origin, in_process_cluster, spawn_service
-from tests.conftest import FAST_ENV
+from tests.conftest import FAST_ENV, swarmfly
 
 MiB = 1024 * 1024
-
-
-async def swarmfly(*args: str, timeout: float = 120) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "swarmfly", *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **FAST_ENV},
-    )  # fmt: skip
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,26 +17,10 @@ import pytest
 
 from swarmfly.natsserver import NatsServer
 from swarmfly.testing import Origin, in_process_cluster
-from tests.conftest import FAST_ENV
+from tests.conftest import swarmfly
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1024 * 1024
-
-
-async def swarmfly(
-    *args: str, stderr: int | None = None, timeout: float = 30
-) -> tuple[int, str, str]:
-    """Run the command; ``stderr``: a descriptor to write it to (a pty) instead of a pipe."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "swarmfly", *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE if stderr is None else stderr,
-        env={**os.environ, **FAST_ENV},
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), (err or b"").decode()
 
 
 def closed_port() -> int:

@@ -4,9 +4,7 @@ setting is said once, and the command goes on."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -14,22 +12,9 @@ import orjson
 import pytest
 
 from swarmfly.testing import Origin
-from tests.conftest import FAST_ENV
+from tests.conftest import swarmfly
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def swarmfly(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "swarmfly", *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **FAST_ENV, **(env or {})},
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_swarmfly_up_with_a_wrong_type_in_its_file_says_where(tmp_path: Path) -> None:

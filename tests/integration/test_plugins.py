@@ -4,7 +4,6 @@ through its entry point, broken plugins skipped by name, sources held to the con
 from __future__ import annotations
 
 import ast
-import asyncio
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ from swarmfly.plugins import hookspecs
 from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat, hookimpl
 from swarmfly.plugins.sources.http import HttpSource
 from swarmfly.testing import Origin, check_source, spawn_service
-from tests.conftest import FAST_ENV
+from tests.conftest import FAST_ENV, swarmfly
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "swarmfly-file"
@@ -62,17 +61,6 @@ def env_with(site: Path, **extra: str) -> dict[str, str]:
     return {**FAST_ENV, "PYTHONPATH": path, **extra}
 
 
-async def run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "swarmfly", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **env},
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 def test_every_hook_is_documented_and_exercised() -> None:
     hooks = [name for name in dir(hookspecs) if name.startswith("swarmfly_")]
     assert len(hooks) == 3
@@ -101,7 +89,7 @@ async def test_the_example_plugin_downloads_file_urls_through_a_swarm(
     site: Path, nats: NatsServer, prefix: str, tmp_path: Path
 ) -> None:
     env = env_with(site)
-    code, out, err = await run("plugins", "--json", env=env)
+    code, out, err = await swarmfly("plugins", "--json", env=env)
     assert code == 0, err
     listed = {row["name"]: row for row in orjson.loads(out)}
     assert listed["file"]["provides"] == ["file"]
@@ -117,7 +105,7 @@ async def test_the_example_plugin_downloads_file_urls_through_a_swarm(
     ]
     try:
         out_path = tmp_path / "model.bin"
-        code, out, err = await run(
+        code, out, err = await swarmfly(
             "get", f"file://{origin}", "-O", str(out_path), "--json",
             "--state-dir", str(tmp_path / "peer"), "--nats", nats.url, "--prefix", prefix,
             env=env,
@@ -181,7 +169,7 @@ async def test_broken_plugins_are_reported_by_name_and_skipped(
     for name, source in BROKEN.items():
         install_metadata(site, name, name.replace("-", "_"), source)
     env = env_with(site)
-    code, out, err = await run("plugins", "--json", env=env)
+    code, out, err = await swarmfly("plugins", "--json", env=env)
     assert code == 0, err
     rows = {row["name"]: row for row in orjson.loads(out)}
     assert "broken on purpose" in rows["import-fails"]["error"]
@@ -191,7 +179,7 @@ async def test_broken_plugins_are_reported_by_name_and_skipped(
 
     data = os.urandom(MiB)
     url = origin.add("ok.bin", data)
-    code, out, err = await run(
+    code, out, err = await swarmfly(
         "get", url, "-O", str(tmp_path / "ok.bin"), "--state-dir", str(tmp_path / "s"), env=env
     )
     assert code == 0, err
@@ -201,7 +189,7 @@ async def test_broken_plugins_are_reported_by_name_and_skipped(
 async def test_disabled_plugins_are_not_loaded(tmp_path: Path, origin: Origin) -> None:
     url = origin.add("f.bin", b"data")
     env = {**FAST_ENV, "SWARMFLY_DISABLE_PLUGINS": "http"}
-    code, _, err = await run(
+    code, _, err = await swarmfly(
         "get", url, "-O", str(tmp_path / "f"), "--state-dir", str(tmp_path / "s"), env=env
     )
     assert code == 2, "a usage error"
@@ -211,7 +199,7 @@ async def test_disabled_plugins_are_not_loaded(tmp_path: Path, origin: Origin) -
 
 async def test_unknown_strategy_names_the_installed_ones(tmp_path: Path, origin: Origin) -> None:
     url = origin.add("f.bin", b"data")
-    code, _, err = await run(
+    code, _, err = await swarmfly(
         "get", url, "-O", str(tmp_path / "f"), "--strategy", "fastest",
         "--state-dir", str(tmp_path / "s"), env=FAST_ENV,
     )  # fmt: skip
@@ -222,7 +210,7 @@ async def test_unknown_strategy_names_the_installed_ones(tmp_path: Path, origin:
 async def test_sequential_strategy_downloads(tmp_path: Path, origin: Origin) -> None:
     data = os.urandom(9 * MiB)
     url = origin.add("seq.bin", data)
-    code, _, err = await run(
+    code, _, err = await swarmfly(
         "get", url, "-O", str(tmp_path / "seq"), "--strategy", "sequential",
         "--state-dir", str(tmp_path / "s"), env=FAST_ENV,
     )  # fmt: skip

@@ -30,7 +30,7 @@ from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of, rendezvous
 from swarmfly.services.scheduler.ownership import bucket_name
 from swarmfly.testing import Origin, ServiceProcess, spawn_service
-from tests.conftest import FAST_ENV
+from tests.conftest import FAST_ENV, swarmfly
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 MiB = 1024 * 1024
@@ -145,7 +145,7 @@ async def test_schedulers_share_the_partitions_and_take_over_a_dead_ones(
         )
         assert len(holders) == DEFAULT_PARTITIONS, holders
         assert set(holders.values()) == set(names), "each scheduler holds some partitions"
-        code, out, err = await swarmfly_cli("status", "--json", *cluster.args)
+        code, out, err = await swarmfly("status", "--json", *cluster.args)
         assert code == 0, err
         shown = {s["id"]: s for s in orjson.loads(out)["schedulers"]}
         assert set(shown) == set(names), "status shows every scheduler"
@@ -392,17 +392,6 @@ async def test_no_member_keys_of_gone_schedulers_stay_in_the_bucket(
         assert set(holders.values()) == {"sched-a"}, "the survivor serves every partition"
 
 
-async def swarmfly_cli(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "swarmfly", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **FAST_ENV},
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 async def test_preheat_lands_on_each_tasks_home_so_gets_read_no_origin(
     nats: NatsServer, prefix: str, tmp_path: Path
 ) -> None:
@@ -420,7 +409,7 @@ async def test_preheat_lands_on_each_tasks_home_so_gets_read_no_origin(
         tasks = {n: make_task_id(urls[n], digest=digest_of(d)) for n, d in files.items()}
         homes = homes_of(tasks, storages)
         for name, data in files.items():
-            code, _, err = await swarmfly_cli(
+            code, _, err = await swarmfly(
                 "preheat", "url", urls[name], "--digest", digest_of(data), *cluster.args,
                 "--state-dir", str(tmp_path / "cli"),
             )  # fmt: skip
@@ -456,7 +445,7 @@ async def test_preheated_replicas_keep_a_task_cached_when_its_home_is_killed(
         tasks = {n: make_task_id(urls[n], digest=digest_of(d)) for n, d in files.items()}
         orders = {name: rendezvous(task, storages) for name, task in tasks.items()}
         for name, data in files.items():
-            code, _, err = await swarmfly_cli(
+            code, _, err = await swarmfly(
                 "preheat", "url", urls[name], "--digest", digest_of(data), *cluster.args,
                 "--state-dir", str(tmp_path / "cli"),
             )  # fmt: skip
@@ -464,7 +453,7 @@ async def test_preheated_replicas_keep_a_task_cached_when_its_home_is_killed(
             for holder in orders[name][:2]:
                 assert seeded_by(tmp_path, holder, tasks[name]), (name, holder)
             assert not seeded_by(tmp_path, orders[name][2], tasks[name]), "two copies only"
-        code, out, err = await swarmfly_cli("status", "--json", *cluster.args)
+        code, out, err = await swarmfly("status", "--json", *cluster.args)
         assert code == 0, err
         shown = {t["id"]: t for t in orjson.loads(out)["tasks"]}
         for name, task in tasks.items():
