@@ -143,6 +143,7 @@ async def test_a_peer_reads_no_registration_seed_request_or_other_inbox(
         f"{p}.scheduler.>",
         f"{p}.storage.*.seed",
         f"{p}.storage.{SEED}.seed",
+        f"{p}.storage.*.fill",  # a forwarded preheat carries the origin's credentials
         f"{p}.peer.other-host.download",
         "_INBOX_scheduler.>",
         "_INBOX_client.>",
@@ -152,6 +153,8 @@ async def test_a_peer_reads_no_registration_seed_request_or_other_inbox(
     seen = [await collect(peer.nc, subject) for subject in forbidden]
     for subject in forbidden:
         assert await peer.refused("subscription", subject), subject
+    await peer.nc.publish(f"{p}.storage.{SEED}.fill", b"{}")  # only storage passes preheats on
+    assert await peer.refused("publish", f"{p}.storage.{SEED}.fill")
     # What a peer could have read there: a registration with origin credentials, a seed
     # request, a reply to the scheduler.
     secret = b'{"headers": {"Authorization": "Bearer peer-must-not-see"}}'
@@ -180,6 +183,7 @@ async def test_storage_may_not_read_registrations_nor_other_seeds(
     for subject in (
         f"{prefix}.v1.scheduler.0.register",
         f"{prefix}.v1.storage.another-seed.seed",
+        f"{prefix}.v1.storage.another-seed.fill",
         f"{prefix}.v1.peer.{PEER}.download",
         "_INBOX_peer.>",
     ):
@@ -213,6 +217,7 @@ async def test_the_client_may_not_publish_to_schedulers_nor_read_anything(
         f"{prefix}.v1.scheduler.heartbeat",
         f"{prefix}.v1.scheduler.leave",
         f"{prefix}.v1.storage.{SEED}.seed",
+        f"{prefix}.v1.storage.{SEED}.fill",
         f"{prefix}.v1.peer.other-host.download",
     ):
         await client.nc.publish(subject, b"{}")
