@@ -9,25 +9,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import aiohttp
 from opentelemetry.trace import SpanKind
 
 from swarmfly import metrics, telemetry
 from swarmfly.content import SourceRequest, TaskContent
 from swarmfly.contracts import messages
 from swarmfly.contracts.wire import ABSENT, Absent, Rep, Req, Subject
-from swarmfly.errors import SwarmflyError, connect_error_in_words, in_words
+from swarmfly.errors import SwarmflyError, in_words
 from swarmfly.ids import check_digest, piece_count, piece_length_for, redact_url
-from swarmfly.plugins.hookspecs import SourceStat
+from swarmfly.plugins.hookspecs import SourceStat, Strategy
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.lending import LEND_POLL, Lending
+from swarmfly.services.peer.links import Links, OriginReader
 from swarmfly.services.peer.pieces import PieceBook
 from swarmfly.services.peer.store import StoredTask
 from swarmfly.services.peer.swarming import (
@@ -41,9 +40,6 @@ from swarmfly.services.peer.swarming import (
     in_flight,
 )
 from swarmfly.services.peer.takeover import ATTEMPTS, Gathering
-
-if TYPE_CHECKING:
-    from swarmfly.services.peer.node import PeerNode
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +121,22 @@ class Parent:
 class Conductor:
     def __init__(
         self,
-        node: PeerNode,
+        links: Links,
         task_id: str,
         source: SourceRequest,
         *,
-        strategy: str,
+        stored: StoredTask,
+        peer_id: str,
+        strategy: Strategy,
+        origin: OriginReader,
         seed: bool,
         stat: SourceStat,
     ) -> None:
-        self.node = node
+        self.links = links
+        self.scheduler = links.scheduler
+        self.settings = links.settings
+        self.clock = links.clock
+        self.origin = origin
         self.task_id = task_id
         self.source = source
         self.seed = seed
@@ -142,18 +145,16 @@ class Conductor:
         """This download's own limit (``asking``), within the host's."""
         self._asks: list[int] = []
         """The rates of the asks waiting for this run (0: none of their own)."""
-        self.strategy = node.plugins.strategy(strategy)
-        self.peer_id = node.peer_id(task_id)
-        self.stored: StoredTask = node.store.open(task_id, source.url)
+        self.strategy = strategy
+        self.peer_id = peer_id
+        self.stored = stored
         self.digest = PrefixDigest(self.stored)
         self.file_digest: str | None = None
         """``sha256:HEX`` of the whole file, once verified against the known digest."""
         self.bytes_origin = 0
         self.bytes_p2p = 0
         self.parents: dict[str, Parent] = {}
-        self.swarm = Swarming(
-            node.settings.concurrency, node.settings.per_parent, now=time.monotonic()
-        )
+        self.swarm = Swarming(self.settings.concurrency, self.settings.per_parent, now=self.clock())
         """The P2P policy: parents, pieces, when to reschedule (a pure core)."""
         self._lent: list[tuple[int, str | None]] = []
         """Pieces a seed lent us to read from the origin, with the ETag it pinned."""
@@ -208,13 +209,12 @@ class Conductor:
             )
 
     async def _run(self) -> None:
-        bus = self.node.bus
-        reporter = asyncio.create_task(self._report_loop()) if bus else None
+        reporter = asyncio.create_task(self._report_loop()) if self.scheduler else None
         try:
             if self.stored.complete:
                 self.stored.touch()
                 await self._announce_cached()
-            elif bus is None or self.seed:
+            elif self.scheduler is None or self.seed:
                 holders = await self._register_quietly()
                 if holders and self.stat.ranges:
                     await self._take_over(holders)
@@ -276,7 +276,7 @@ class Conductor:
         body = messages.RescheduleRequest(
             task_id=self.task_id,
             peer_id=self.peer_id,
-            blocklist=sorted(self.swarm.blocked(time.monotonic()))[:1024],
+            blocklist=sorted(self.swarm.blocked(self.clock()))[:1024],
             bad_parents=[messages.BadParent.from_dict(b) for b in self.swarm.bad[-256:]],
         )
         try:
@@ -293,9 +293,8 @@ class Conductor:
 
     def _without_scheduler(self, exc: SwarmflyError) -> messages.Schedule:
         """What to do while the task's scheduler does not answer: the core's call."""
-        what = self.swarm.scheduler_lost(
-            time.monotonic(), others_answer=self.node.schedulers_answer()
-        )
+        answering = self.scheduler is not None and self.scheduler.schedulers_answer()
+        what = self.swarm.scheduler_lost(self.clock(), others_answer=answering)
         if what == "keep":
             return messages.Schedule("parents", self._current_parents())
         if what == "wait":
@@ -318,7 +317,7 @@ class Conductor:
         in addition to ours on the first schedule; pieces in flight from a released parent
         still finish."""
         by_id = {info.peer_id: info for info in parents}
-        now = time.monotonic()
+        now = self.clock()
         added = self.swarm.scheduled(
             {p: info.type for p, info in by_id.items()}, now, retry_after_ms=hint, exact=exact
         )
@@ -337,8 +336,6 @@ class Conductor:
 
     async def _watch(self, parent: Parent) -> None:
         """Long-poll what the parent holds; a parent that cannot answer is dropped."""
-        session = self.node.session
-        url = f"{parent.address}/v1/tasks/{self.task_id}/pieces"
         misses = 0
         declined: int | None = None
         while not parent.complete:
@@ -356,26 +353,22 @@ class Conductor:
                     params["lent"] = ",".join(map(str, self._delivered[:64]))
                     del self._delivered[:64]
             try:
-                async with session.get(
-                    url,
-                    params=params,
-                    headers=self._auth(),
-                    timeout=aiohttp.ClientTimeout(total=wait + 10),
-                    allow_redirects=False,
-                ) as response:
-                    if response.status in (404, 503):
-                        # Not yet: it has not opened the task, or (just started) it knows no
-                        # scheduler's key to check our capability with.
-                        misses += 1
-                        if misses > 100 and response.status == 404:
-                            raise SwarmflyError("not_found", "parent does not have the task")
-                        if misses > 100:
-                            raise SwarmflyError("unavailable", "parent knows no scheduler key")
-                        await asyncio.sleep(0.1 if response.status == 404 else BUSY_BACKOFF)
-                        continue
-                    if response.status != 200:
-                        raise SwarmflyError("unavailable", f"parent answered {response.status}")
-                    data = await response.json()
+                answer = await self.links.parents.offers(
+                    parent.address, self.task_id, params, self._auth(), wait + 10
+                )
+                if answer.status in (404, 503):
+                    # Not yet: it has not opened the task, or (just started) it knows no
+                    # scheduler's key to check our capability with.
+                    misses += 1
+                    if misses > 100 and answer.status == 404:
+                        raise SwarmflyError("not_found", "parent does not have the task")
+                    if misses > 100:
+                        raise SwarmflyError("unavailable", "parent knows no scheduler key")
+                    await asyncio.sleep(0.1 if answer.status == 404 else BUSY_BACKOFF)
+                    continue
+                if answer.status != 200:
+                    raise SwarmflyError("unavailable", f"parent answered {answer.status}")
+                data = answer.data
                 version, pieces = int(data["version"]), data["pieces"]
                 if not isinstance(pieces, list):
                     raise SwarmflyError("bad_request", "parent sent a malformed piece list")
@@ -400,7 +393,7 @@ class Conductor:
                 self._wake.set()
             except asyncio.CancelledError:
                 raise
-            except (aiohttp.ClientError, TimeoutError, SwarmflyError, ValueError, KeyError) as exc:
+            except (SwarmflyError, ValueError, KeyError, TypeError) as exc:
                 log.debug("parent %s: %s", parent.peer_id, in_words(exc))
                 self.swarm.lost(parent.peer_id)
                 self._wake.set()
@@ -422,14 +415,14 @@ class Conductor:
         """The adapter of the Swarming core: events in, its decisions carried out."""
         swarm = self.swarm
         fetches: dict[asyncio.Task[int], tuple[int, str]] = {}
-        swarm.asked(time.monotonic())
+        swarm.asked(self.clock())
         try:
             while True:
                 self._wake.clear()
                 content = self.stored.content
                 book = swarm.book
                 if content is None or (book is not None and book.needs_digests()):
-                    if time.monotonic() - self._digests_at > DIGEST_POLL:
+                    if self.clock() - self._digests_at > DIGEST_POLL:
                         await self._refresh_task(book)
                     content = self.stored.content
                 if content is not None and swarm.book is None:
@@ -444,7 +437,7 @@ class Conductor:
                 self._start_lent(fetches)
                 rescheduled = False
                 swarm.concurrency = self._in_flight()
-                for decision in swarm.tick(time.monotonic()):
+                for decision in swarm.tick(self.clock()):
                     if isinstance(decision, Drop):
                         self._unwatch(decision.parent_id)
                         log.info(
@@ -478,7 +471,7 @@ class Conductor:
                         elif schedule.action == "back_to_source":
                             return schedule
                         else:
-                            swarm.asked(time.monotonic())
+                            swarm.asked(self.clock())
                             if not self.parents:
                                 await asyncio.sleep(_retry_after(schedule, 200))
                 if rescheduled:
@@ -507,7 +500,7 @@ class Conductor:
     ) -> None:
         """Tell the core how a fetch ended; the reason is read off the exception here, what
         it costs the parent is the core's."""
-        now = time.monotonic()
+        now = self.clock()
         if task.cancelled():
             self.swarm.failed(number, parent_id, "cancelled", now)
             return
@@ -547,9 +540,9 @@ class Conductor:
         assert content is not None
         offset, size = content.piece(number)
         expected = self.stored.digests[number]
-        started = time.monotonic()
+        started = self.clock()
         headers = {"Range": f"bytes={offset}-{offset + size - 1}", **self._auth()}
-        if not self.node.settings.piece_spans:
+        if not self.settings.piece_spans:
             # Aggregated under the download's "p2p" span: no traceparent, so the parent
             # opens no span either (a 1,000-piece download is not 2,000 spans).
             return await self._transfer(number, parent_id, parent, headers, size, expected, started)
@@ -580,37 +573,25 @@ class Conductor:
         expected: str | None,
         started: float,
     ) -> int:
-        try:
-            async with self.node.session.get(
-                f"{parent.address}/v1/tasks/{self.task_id}/data",
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=5, sock_read=self.node.settings.piece_timeout
-                ),
-                allow_redirects=False,  # a parent serves, it does not send us elsewhere
-            ) as response:
-                if response.status == 503:
-                    raise ParentBusy()
-                if response.status != 206:
-                    raise SwarmflyError("unavailable", f"parent answered {response.status}")
-                chunks = self._paced(
-                    response.content.iter_chunked(256 * 1024),
-                    size,
-                    SwarmflyError("integrity", "parent sent more than the piece"),
-                )
-                digest = await self._receive(number, chunks, expected)
-        except TimeoutError:
-            raise SwarmflyError("timeout", f"piece {number} stalled") from None
-        except aiohttp.ClientError as exc:
-            reason = connect_error_in_words(exc, parent.address)
-            raise SwarmflyError("unavailable", f"parent {parent_id}: {reason}") from None
+        reading = self.links.parents.piece(
+            parent.address, self.task_id, headers, self.settings.piece_timeout
+        )
+        async with reading as (status, body):
+            if status == 503:
+                raise ParentBusy()
+            if status != 206:
+                raise SwarmflyError("unavailable", f"parent answered {status}")
+            chunks = self._paced(
+                body, size, SwarmflyError("integrity", "parent sent more than the piece")
+            )
+            digest = await self._receive(number, chunks, expected)
         if digest is not None and number not in self.stored.done:
             self.stored.mark_done(number, digest)
             self._came_from[number] = parent_id
             self._kick_digest()
             self.bytes_p2p += size
             metrics.PEER_DOWNLOAD_BYTES.labels("p2p").inc(size)
-            cost = time.monotonic() - started
+            cost = self.clock() - started
             metrics.PEER_PIECE_SECONDS.labels("p2p").observe(cost)
             log.debug("piece %d from %s in %.3fs", number, parent_id, cost)
             self._queue_report(
@@ -662,7 +643,7 @@ class Conductor:
         """A page of the digests the scheduler knows, from piece ``start`` (pushed or polled):
         kept; where it disagrees, a piece held is noted (``_refuted``), and the digest of a
         piece not held yet is replaced (the scheduler's word is the current one)."""
-        self._digests_at = time.monotonic()
+        self._digests_at = self.clock()
         if self.stored.content is None or start + len(digests) > self.stored.content.piece_count:
             return  # the layout is not known yet, or not this one: the next poll says
         self.stored.set_digests(digests, start)
@@ -756,7 +737,7 @@ class Conductor:
         )  # fmt: skip
         # A lent child's digest is its word: lend only where the whole file's digest will
         # still prove every byte.
-        if self.stat.ranges and self.seed and self.node.lend_pieces and content.digest:
+        if self.stat.ranges and self.seed and self.settings.lend_pieces and content.digest:
             await self._origin_lending(content)
         elif self.stat.ranges:
             await self._origin_ranges(missing)
@@ -767,7 +748,7 @@ class Conductor:
         """Read the origin as a seed that lends pieces (``lending``): the seed's workers
         read from the first piece up, waiting children are lent pieces from the last one
         down, and the lent pieces come back from the swarm."""
-        concurrency = self.node.origin_concurrency
+        concurrency = self.settings.origin_concurrency
         fresh = Lending.for_origin(
             content.piece_count, content.piece_length, concurrency, self.stat.etag
         )
@@ -791,8 +772,8 @@ class Conductor:
         # The lent pieces come back once children stop asking: until then the swarm's
         # uplinks are theirs (a while at most). A lent piece its child did not deliver in
         # time is read meanwhile: children may be waiting for it.
-        closed = time.monotonic()
-        while lending.collecting(closed, time.monotonic()):
+        closed = self.clock()
+        while lending.collecting(closed, self.clock()):
             await self._claiming_worker(lending)
             await asyncio.sleep(LEND_POLL)
         while not self.stored.complete:
@@ -801,12 +782,12 @@ class Conductor:
                 holders = await self._register_quietly()
                 found: set[int] = set()
                 if holders:
-                    held_off = lending.held_off(time.monotonic())
+                    held_off = lending.held_off(self.clock())
                     found = await self._gather(holders, hold_off=held_off)
-                lending.unheld(found, time.monotonic())
+                lending.unheld(found, self.clock())
             if self.stored.complete:
                 break
-            if not lending.waiting(self.stored.done, time.monotonic()):
+            if not lending.waiting(self.stored.done, self.clock()):
                 await self._claiming_worker(lending)  # what no child delivered in time
             else:
                 await asyncio.sleep(LEND_POLL)
@@ -824,22 +805,22 @@ class Conductor:
     async def _claiming_worker(self, lending: Lending) -> None:
         while not self._draining:
             await self._hold_back(lending)
-            number = lending.claim(self.stored.done, time.monotonic())
+            number = lending.claim(self.stored.done, self.clock())
             if number is None:
                 return
-            started = time.monotonic()
+            started = self.clock()
             took: float | None = None
             try:
                 await self._origin_piece(number, self._origin_headers())
-                took = time.monotonic() - started
+                took = self.clock() - started
             finally:
                 lending.read(number, took)
 
     async def _hold_back(self, lending: Lending) -> None:
-        since = now = time.monotonic()
+        since = now = self.clock()
         while lending.hold_back(since, now, self.stored.done, self.stored.served):
             await asyncio.sleep(0.02)
-            now = time.monotonic()
+            now = self.clock()
 
     async def _origin_ranges(self, numbers: list[int], *, report: bool = True) -> None:
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -847,7 +828,7 @@ class Conductor:
             queue.put_nowait(number)
         workers = [
             asyncio.create_task(self._origin_worker(queue, report=report))
-            for _ in range(min(self.node.origin_concurrency, len(numbers)))
+            for _ in range(min(self.settings.origin_concurrency, len(numbers)))
         ]
         try:
             await asyncio.gather(*workers)
@@ -892,7 +873,7 @@ class Conductor:
             "task %s: %d pieces from %d holders, %d from the origin",
             self.task_id[:12], len(gathering.queue), len(held), len(gathering.origin),
         )  # fmt: skip
-        workers = min(self.node.settings.concurrency, len(gathering.queue))
+        workers = min(self.settings.concurrency, len(gathering.queue))
         await asyncio.gather(
             self._origin_ranges(gathering.origin) if gathering.origin else asyncio.sleep(0),
             *(self._from_holders(gathering) for _ in range(workers)),
@@ -903,19 +884,15 @@ class Conductor:
 
     async def _holdings(self, parent: Parent) -> set[int]:
         """What a holder has now (no long-poll); nothing when it cannot answer."""
+        params = {"since": "-1", "wait": "0"}
         try:
-            async with self.node.session.get(
-                f"{parent.address}/v1/tasks/{self.task_id}/pieces",
-                params={"since": "-1", "wait": "0"},
-                headers=self._auth(),
-                timeout=aiohttp.ClientTimeout(total=10),
-                allow_redirects=False,
-            ) as response:
-                if response.status != 200:
-                    return set()
-                data = await response.json()
-            return {int(n) for n in data["pieces"]}
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            answer = await self.links.parents.offers(
+                parent.address, self.task_id, params, self._auth(), 10
+            )
+            if answer.status != 200:
+                return set()
+            return {int(n) for n in answer.data["pieces"]}
+        except (SwarmflyError, ValueError, KeyError, TypeError) as exc:
             log.info("holder %s did not say what it has: %s", parent.peer_id, exc)
             return set()
 
@@ -958,15 +935,14 @@ class Conductor:
         """One piece read from the origin by range, written, reported with its digest."""
         content = self.stored.content
         assert content is not None
-        source = self.node.source_for(self.source.url)
         offset, size = content.piece(number)
-        started = time.monotonic()
+        started = self.clock()
         # Read from the origin ourselves, the bytes are the truth: a digest only a lent child
         # vouches for is no test of them (they refute it), and saying so is the seed's job.
         vouched = number in self._provisional
         expected = None if vouched else self.stored.digests[number]
         chunks = self._paced(
-            source.fetch(self.source.url, headers, offset, offset + size),
+            self.origin.fetch(self.source.url, headers, offset, offset + size),
             size,
             SwarmflyError("source_error", "origin sent more than the range asked"),
         )
@@ -1011,11 +987,11 @@ class Conductor:
         self.rate.set_rate(0 if 0 in self._asks else max(self._asks))
 
     def _in_flight(self) -> int:
-        host = self.node.download_bucket.rate / max(1, self.node.downloading)
-        return in_flight(self.node.settings.concurrency, self.rate.rate, host)
+        host = self.links.budget.share()
+        return in_flight(self.settings.concurrency, self.rate.rate, host)
 
     async def _take(self, amount: int) -> None:
-        await self.node.download_bucket.take(amount)
+        await self.links.budget.bucket.take(amount)
         await self.rate.take(amount)
 
     async def _receive(
@@ -1045,19 +1021,18 @@ class Conductor:
             if writer is not None:
                 writer.close()
         # Ours is used only if the copy that was written fails.
-        deadline = time.monotonic() + self.node.settings.piece_timeout
-        while number in self.stored.writing and (left := deadline - time.monotonic()) > 0:
+        deadline = self.clock() + self.settings.piece_timeout
+        while number in self.stored.writing and (left := deadline - self.clock()) > 0:
             await self.stored.wait_change(self.stored.version, left)  # a writer's close wakes
         if number in self.stored.done or number in self.stored.writing:
             return None
         return await self._write(number, b"".join(aside), expected)
 
     async def _origin_stream(self, content: TaskContent) -> None:
-        source = self.node.source_for(self.source.url)
         buffer = bytearray()
         number = 0
-        started = time.monotonic()
-        async for chunk in source.fetch(self.source.url, self._origin_headers()):
+        started = self.clock()
+        async for chunk in self.origin.fetch(self.source.url, self._origin_headers()):
             await self._take(len(chunk))
             buffer += chunk
             while number < content.piece_count and len(buffer) >= content.piece(number)[1]:
@@ -1066,7 +1041,7 @@ class Conductor:
                 if number not in self.stored.done:
                     await self._store_origin_piece(number, piece, started)
                 number += 1
-                started = time.monotonic()
+                started = self.clock()
             if len(buffer) > content.piece_length:
                 raise SwarmflyError("source_error", "origin sent more bytes than it stated")
         if number < content.piece_count or buffer:
@@ -1103,7 +1078,7 @@ class Conductor:
         size = self.stored.content.piece(number)[1]
         self.bytes_origin += size
         metrics.PEER_DOWNLOAD_BYTES.labels("origin").inc(size)
-        cost = time.monotonic() - started
+        cost = self.clock() - started
         metrics.PEER_PIECE_SECONDS.labels("origin").observe(cost)
         if report or self.seed:
             self._queue_report(
@@ -1166,13 +1141,13 @@ class Conductor:
         return await self.digest.finish() == want
 
     async def _announce_cached(self) -> None:
-        if self.node.bus is not None:
-            await self.node.announce(self.stored)
+        if self.scheduler is not None:
+            await self.scheduler.announce(self.stored)
 
     async def _register_quietly(self) -> list[messages.Parent]:
         """Register a download that reads the origin; for a seed, the peers that already
         hold pieces of the task (a seed taking over from a lost one)."""
-        if self.node.bus is None:
+        if self.scheduler is None:
             return []
         try:
             reply = await self._request(messages.REGISTER, self._register_body())
@@ -1182,7 +1157,7 @@ class Conductor:
         return reply.parents if self.seed else []
 
     async def _result(self, success: bool, message: str = "") -> None:
-        if self.node.bus is None:
+        if self.scheduler is None:
             return
         body = messages.ResultRequest(self.task_id, self.peer_id, success, message or None)
         try:
@@ -1193,18 +1168,19 @@ class Conductor:
                     raise
                 # It missed reports (taken by a partition's previous holder as it moved):
                 # everything held again, the result with it.
-                await self.node.announce(self.stored, peer_id=self.peer_id, seed=self.seed)
+                await self.scheduler.announce(self.stored, peer_id=self.peer_id, seed=self.seed)
         except SwarmflyError as exc:
             log.info("result not recorded: %s", exc)
 
     # -- control plane -------------------------------------------------------------------
 
     def _register_body(self) -> messages.RegisterRequest:
+        assert self.scheduler is not None
         content = self.stored.content
         return messages.RegisterRequest(
             task_id=self.task_id,
             peer_id=self.peer_id,
-            host=self.node.host(),
+            host=self.scheduler.host(),
             source=self.source.message(),
             pieces=sorted(self.stored.done) or None,
             # heard from the task's seed only
@@ -1217,7 +1193,9 @@ class Conductor:
         this download lacks (``digests_from``): a downloading peer rarely polls for them."""
         if isinstance(message, _PUSHING) and (offset := self._digests_from()) is not None:
             message = replace(message, digests_from=offset)
-        reply = await self.node.request(subject, message)
+        if self.scheduler is None:
+            raise SwarmflyError("unavailable", "no control plane")
+        reply = await self.scheduler.request(subject, message)
         if isinstance(reply, messages.Schedule) and reply.token:
             self._token = reply.token  # every schedule carries a fresh one
         if isinstance(reply, (messages.Schedule, messages.ReportReply)) and reply.digest_page:
@@ -1263,7 +1241,7 @@ class Conductor:
 
     async def _flush_reports(self) -> None:
         lent = self._new_lendings()
-        if self.node.bus is None or not (self._reports or self._report_content or lent):
+        if self.scheduler is None or not (self._reports or self._report_content or lent):
             return
         batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
         body = messages.PiecesRequest(
@@ -1284,7 +1262,7 @@ class Conductor:
         except SwarmflyError as exc:
             if exc.code == "not_found":
                 # The scheduler lost us (a restart): rejoin with everything we hold.
-                await self.node.announce(self.stored, peer_id=self.peer_id, seed=self.seed)
+                await self.scheduler.announce(self.stored, peer_id=self.peer_id, seed=self.seed)
                 self.rejoined()
             elif exc.code in ("unavailable", "timeout"):
                 log.warning("piece report failed: %s", exc)

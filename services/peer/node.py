@@ -40,6 +40,7 @@ from swarmfly.plugins.hookspecs import Source, SourceStat
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor, LocalDiskError
 from swarmfly.services.peer.gc import CachedTask, DiskUsage, GcPolicy, plan
+from swarmfly.services.peer.links import DownloadSettings, HostBudget, HttpPieces, Links
 from swarmfly.services.peer.store import (
     FILE_MODE,
     StoredTask,
@@ -198,8 +199,21 @@ class PeerNode:
             healthy=lambda: self.bus is None or self.bus.nc.is_connected,
         )
         self.download_bucket = TokenBucket(settings.download_rate)
-        self.origin_concurrency = settings.origin_concurrency
-        self.lend_pieces = settings.lend_pieces
+        self.links = Links(
+            scheduler=self if bus is not None else None,
+            parents=HttpPieces(lambda: self.session),
+            settings=DownloadSettings(
+                concurrency=settings.concurrency,
+                per_parent=settings.per_parent,
+                piece_timeout=settings.piece_timeout,
+                origin_concurrency=settings.origin_concurrency,
+                lend_pieces=settings.lend_pieces,
+                piece_spans=settings.piece_spans,
+            ),
+            budget=HostBudget(self.download_bucket, lambda: self.downloading),
+            clock=time.monotonic,
+        )
+        """What a download reaches of this host (the conductor sees nothing else)."""
         self.ip = settings.advertise_ip or route_ip(servers)
         self.port = 0
         self.upload_url = ""
@@ -332,7 +346,17 @@ class PeerNode:
         entry = self._downloads.get(task_id)
         if entry is None:
             self._drop_if_stale(task_id, source, stat)
-            conductor = Conductor(self, task_id, source, strategy=strategy, seed=seed, stat=stat)
+            conductor = Conductor(
+                self.links,
+                task_id,
+                source,
+                stored=self.store.open(task_id, source.url),
+                peer_id=self.peer_id(task_id),
+                strategy=self.plugins.strategy(strategy),
+                origin=self.source_for(source.url),
+                seed=seed,
+                stat=stat,
+            )
             running = asyncio.create_task(self._run(conductor))
             entry = self._downloads[task_id] = (conductor, running)
             running.add_done_callback(lambda _: self._downloads.pop(task_id, None))
