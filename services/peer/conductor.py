@@ -27,7 +27,23 @@ from swarmfly.services.peer import grants
 from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.lending import LEND_POLL, Lending
 from swarmfly.services.peer.links import Links, OriginReader
+from swarmfly.services.peer.phases import (
+    TRANSITIONS,
+    Announce,
+    Finish,
+    Phases,
+    ReadOrigin,
+    Register,
+    Repair,
+    Step,
+    Swarm,
+    TakeOver,
+    Verify,
+    Wait,
+    first_event,
+)
 from swarmfly.services.peer.pieces import PieceBook
+from swarmfly.services.peer.reports import REPORT_INTERVAL, Batch, Reports
 from swarmfly.services.peer.store import StoredTask
 from swarmfly.services.peer.swarming import (
     BUSY_BACKOFF,
@@ -50,13 +66,10 @@ holds in memory (1 MiB put the peer past 100 MiB resident)."""
 POLL_WAIT = 10.0
 SEED_POLL_WAIT = 2.0
 """A seed's grant follows the pieces the child said it wants; they go stale sooner."""
-REPORT_INTERVAL = 0.05
 DIGEST_POLL = 0.1
 """Seconds a download that lacks digests waits for a push before it polls for them."""
 _PUSHING = (messages.RegisterRequest, messages.RescheduleRequest, messages.PiecesRequest)
 """The requests whose replies push digests."""
-REPORT_BATCH = 2048
-"""Piece reports per request: with digests, 2048 stay well inside the request size limit."""
 
 
 def _retry_after(schedule: messages.Schedule, default_ms: int) -> float:
@@ -160,8 +173,6 @@ class Conductor:
         """Pieces a seed lent us to read from the origin, with the ETag it pinned."""
         self._delivered: list[int] = []
         """Lent pieces we read, to tell the seed."""
-        self._lendings_told: set[int] = set()
-        """A lending seed: lent pieces the scheduler knows the child of."""
         self._lent_out: set[int] = set()
         """A lending seed: every piece it lent (their digests are the lent children's word)."""
         self._came_from: dict[int, str] = {}
@@ -176,8 +187,12 @@ class Conductor:
         self._refuted: dict[int, str] = {}
         """Pieces we hold whose digest the scheduler now states otherwise (the digest): we
         took them on a lent child's word, and the seed has since read them."""
-        self._reports: list[messages.PieceReport] = []
-        self._report_content = False
+        self.phases = Phases()
+        """Where the download is (``phases.TRANSITIONS``)."""
+        self.reports = Reports()
+        """What the scheduler is still to hear."""
+        self._holders: list[messages.Parent] = []
+        """A seed taking over: the peers that held pieces when it registered."""
         self._wake = asyncio.Event()
         self._token: str | None = None
         """The capability of the last schedule: parents serve the task only against it."""
@@ -211,21 +226,30 @@ class Conductor:
     async def _run(self) -> None:
         reporter = asyncio.create_task(self._report_loop()) if self.scheduler else None
         try:
-            if self.stored.complete:
-                self.stored.touch()
-                await self._announce_cached()
-            elif self.scheduler is None or self.seed:
-                holders = await self._register_quietly()
-                if holders and self.stat.ranges:
-                    await self._take_over(holders)
-                else:
-                    await self._from_origin()
-            else:
-                await self._swarm()
-            await self._verify_whole()
+            step = self.phases.on(
+                first_event(
+                    held=self.stored.complete,
+                    seed=self.seed,
+                    control_plane=self.scheduler is not None,
+                )
+            )
+            while not isinstance(step, Finish):
+                try:
+                    step = await self._carry_out(step)
+                except SwarmContradicts as exc:
+                    if "contradicted" not in TRANSITIONS[self.phases.phase]:
+                        raise
+                    metrics.PEER_PIECE_FAILURES.labels("contradicted").inc()
+                    log.warning("task %s: %s; reading the origin", self.task_id[:12], exc.message)
+                    step = self.phases.on("contradicted")
+            if not step.success:
+                self.stored.reset()
+                raise SwarmflyError("integrity", step.message)
             await self._flush_reports()
             await self._result(True)
         except BaseException as exc:
+            if not self.phases.ended:
+                self.phases.on("error", message=str(exc)[:200])
             await self._flush_reports()
             await self._result(False, str(exc)[:200])
             raise
@@ -237,40 +261,59 @@ class Conductor:
                 if parent.watcher is not None:
                     parent.watcher.cancel()
 
-    async def _swarm(self) -> None:
-        """P2P as the scheduler directs; the origin only when it says so, when it is
-        unreachable, or when the swarm's word on the content contradicts our own stat."""
-        if self.stat.size is not None:
-            self.stored.set_content(self._stat_content(self.stat.size))
-        try:
-            await self._swarm_or_refuse()
-        except SwarmContradicts as exc:
-            metrics.PEER_PIECE_FAILURES.labels("contradicted").inc()
-            log.warning("task %s: %s; reading the origin", self.task_id[:12], exc.message)
-            await self._from_origin()
-
-    async def _swarm_or_refuse(self) -> None:
-        try:
-            schedule = await self._request(messages.REGISTER, self._register_body())
-        except SwarmflyError as exc:
-            if exc.code not in ("unavailable", "timeout"):
-                raise
-            schedule = self._without_scheduler(exc)
-        while True:
-            action = schedule.action
-            self._adopt(schedule.task)
-            if action == "back_to_source":
+    async def _carry_out(self, step: Step) -> Step:
+        """One phase's work (``phases``); the step of the phase it leads to."""
+        phases = self.phases
+        match step:
+            case Announce():
+                self.stored.touch()
+                await self._announce_cached()
+                return phases.on("announced")
+            case Register(seed=True):
+                holders = await self._register_quietly()
+                if holders and self.stat.ranges:
+                    self._holders = holders
+                    return phases.on("holders")
+                return phases.on("no_holders")
+            case Register():
+                # P2P as the scheduler directs; the origin only when it says so, when it is
+                # unreachable, or when the swarm's word on the content contradicts our stat.
+                if self.stat.size is not None:
+                    self.stored.set_content(self._stat_content(self.stat.size))
+                try:
+                    schedule = await self._request(messages.REGISTER, self._register_body())
+                except SwarmflyError as exc:
+                    if exc.code not in ("unavailable", "timeout"):
+                        raise
+                    schedule = self._without_scheduler(exc)
+                return self._scheduled(schedule)
+            case Wait(seconds=seconds):
+                await asyncio.sleep(seconds)
+                return self._scheduled(await self._reschedule_or_register())
+            case Swarm():
+                after = await self._p2p()
+                return phases.on("complete") if after is None else self._scheduled(after)
+            case ReadOrigin():
                 await self._from_origin()
-                return
-            if action == "wait":
-                await asyncio.sleep(_retry_after(schedule, 200))
-                schedule = await self._reschedule_or_register()
-                continue
+                return phases.on("complete")
+            case TakeOver():
+                await self._take_over(self._holders)
+                return phases.on("complete")
+            case Verify():
+                return await self._verify_whole()
+            case Repair():
+                return await self._repair()
+        raise AssertionError(f"no step {step!r}")
+
+    def _scheduled(self, schedule: messages.Schedule) -> Step:
+        """The scheduler's answer as the phases' event."""
+        self._adopt(schedule.task)
+        if schedule.action == "parents":
             self._set_parents(schedule.parents, exact=False)
-            after = await self._p2p()
-            if after is None:
-                return
-            schedule = after
+            return self.phases.on("parents")
+        if schedule.action == "wait":
+            return self.phases.on("wait", seconds=_retry_after(schedule, 200))
+        return self.phases.on("back_to_source")
 
     async def _reschedule_or_register(self) -> messages.Schedule:
         body = messages.RescheduleRequest(
@@ -720,8 +763,7 @@ class Conductor:
         if stat.size is None:
             raise SwarmflyError("source_error", "origin does not state the content length")
         self.stored.set_content(self._stat_content(stat.size))
-        self._report_content = True
-        self._queue_report(None)
+        self.reports.tell_layout()
         content = self.stored.content
         assert content is not None
         return content
@@ -1095,28 +1137,37 @@ class Conductor:
         self.digest.hashing = content is not None and bool(content.digest)
         self.digest.kick()
 
-    async def _verify_whole(self) -> None:
+    def _wanted(self) -> str:
+        content = self.stored.content
+        assert content is not None and content.digest
+        return f"sha256:{check_digest(content.digest)}"
+
+    async def _verify_whole(self) -> Step:
         content = self.stored.content
         if content is None or not self.stored.complete:
             raise SwarmflyError("internal", "download ended before every piece was verified")
         if not content.digest:
-            return
-        want = f"sha256:{check_digest(content.digest)}"
-        if await self.digest.finish() != want and not await self._repair(want):
-            self.stored.reset()
-            raise SwarmflyError(
-                "integrity", f"the origin's content does not match its digest {want}"
-            )
-        self.file_digest = content.digest
+            return self.phases.on("matches")
+        if await self.digest.finish() == self._wanted():
+            self.file_digest = content.digest
+            return self.phases.on("matches")
+        await self._refresh_task(None)  # the seed may since have read what we took on trust
+        if self._suspects():
+            return self.phases.on("suspects")
+        return self._mismatch()
 
-    async def _repair(self, want: str) -> bool:
-        """The whole file failed its digest: read again from the origin every piece whose
-        digest was only someone's word (lent, or changed since we took it); the parents that
-        served pieces that prove false are reported corrupt. True once the file matches."""
-        await self._refresh_task(None)
-        suspects = sorted(self._refuted.keys() | self._provisional | self._lent_out)
-        if not suspects:
-            return False
+    def _mismatch(self) -> Step:
+        message = f"the origin's content does not match its digest {self._wanted()}"
+        return self.phases.on("mismatch", message=message)
+
+    def _suspects(self) -> list[int]:
+        """Pieces whose digest was only someone's word: lent, or changed since we took it."""
+        return sorted(self._refuted.keys() | self._provisional | self._lent_out)
+
+    async def _repair(self) -> Step:
+        """The whole file failed its digest: read again from the origin every suspect piece;
+        the parents that served pieces that prove false are reported corrupt."""
+        suspects = self._suspects()
         log.warning(
             "task %s: the whole file failed its digest; reading %d pieces again from the origin",
             self.task_id[:12], len(suspects),
@@ -1138,7 +1189,11 @@ class Conductor:
             with contextlib.suppress(SwarmflyError):
                 await self._reschedule_or_register()
         await self.digest.rewind()  # the outputs, too, take the pieces read again
-        return await self.digest.finish() == want
+        if await self.digest.finish() != self._wanted():
+            return self._mismatch()
+        assert self.stored.content is not None
+        self.file_digest = self.stored.content.digest
+        return self.phases.on("matches")
 
     async def _announce_cached(self) -> None:
         if self.scheduler is not None:
@@ -1216,9 +1271,8 @@ class Conductor:
         """What shows a parent this peer was scheduled for the task."""
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
-    def _queue_report(self, piece: messages.PieceReport | None) -> None:
-        if piece is not None:
-            self._reports.append(piece)
+    def _queue_report(self, piece: messages.PieceReport) -> None:
+        self.reports.piece(piece)
 
     async def _report_loop(self) -> None:
         while True:
@@ -1226,46 +1280,34 @@ class Conductor:
             await self._flush_reports()
 
     def rejoined(self) -> None:
-        """A scheduler that did not know this download has just heard of it: it knows none
-        of the pieces a lending seed lent either, so it is told them all again."""
-        self._lendings_told.clear()
-
-    def _new_lendings(self) -> list[messages.LentPiece]:
-        """Pieces this seed lent since it last said: the scheduler hears a lent child's
-        digest of such a piece, provisionally, and nobody else's."""
-        lending = self.stored.lending
-        if lending is None:
-            return []
-        fresh = [(n, child) for n, child in lending.lent_to.items() if n not in self._lendings_told]
-        return [messages.LentPiece(n, child) for n, child in fresh[:REPORT_BATCH]]
+        """A scheduler that did not know this download has just heard of it."""
+        self.reports.rejoined()
 
     async def _flush_reports(self) -> None:
-        lent = self._new_lendings()
-        if self.scheduler is None or not (self._reports or self._report_content or lent):
+        if self.scheduler is None:
             return
-        batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
-        body = messages.PiecesRequest(
+        lending = self.stored.lending
+        batch = self.reports.due(lending.lent_to if lending is not None else {})
+        if batch is None:
+            return
+        try:
+            await self._request(messages.PIECES, self._pieces_body(batch))
+            self.reports.sent(batch)
+        except SwarmflyError as exc:
+            after = self.reports.failed(batch, exc.code)
+            if after == "rejoin":  # the scheduler lost us (a restart): everything held
+                await self.scheduler.announce(self.stored, peer_id=self.peer_id, seed=self.seed)
+            elif after == "retry":
+                log.warning("piece report failed: %s", exc)
+            else:
+                log.warning("piece report refused: %s", exc)
+
+    def _pieces_body(self, batch: Batch) -> messages.PiecesRequest:
+        content = self.stored.content
+        return messages.PiecesRequest(
             task_id=self.task_id,
             peer_id=self.peer_id,
-            pieces=batch,
-            task=(
-                self.stored.content.message()
-                if self._report_content and self.stored.content
-                else None
-            ),
-            lent=lent or None,
+            pieces=batch.pieces,
+            task=content.message() if batch.layout and content else None,
+            lent=batch.lent or None,
         )
-        try:
-            await self._request(messages.PIECES, body)
-            self._report_content = False
-            self._lendings_told.update(item.number for item in lent)
-        except SwarmflyError as exc:
-            if exc.code == "not_found":
-                # The scheduler lost us (a restart): rejoin with everything we hold.
-                await self.scheduler.announce(self.stored, peer_id=self.peer_id, seed=self.seed)
-                self.rejoined()
-            elif exc.code in ("unavailable", "timeout"):
-                log.warning("piece report failed: %s", exc)
-                self._reports = batch + self._reports
-            else:  # refused for good (a digest known otherwise): it would be refused again
-                log.warning("piece report refused: %s", exc)

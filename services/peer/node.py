@@ -38,9 +38,10 @@ from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
 from swarmfly.plugins.hookspecs import Source, SourceStat
 from swarmfly.ratelimit import TokenBucket
-from swarmfly.services.peer.conductor import REPORT_BATCH, Conductor, LocalDiskError
+from swarmfly.services.peer.conductor import Conductor, LocalDiskError
 from swarmfly.services.peer.gc import CachedTask, DiskUsage, GcPolicy, plan
 from swarmfly.services.peer.links import DownloadSettings, HostBudget, HttpPieces, Links
+from swarmfly.services.peer.reports import REPORT_BATCH
 from swarmfly.services.peer.store import (
     FILE_MODE,
     StoredTask,

@@ -16,7 +16,7 @@ from swarmfly import contracts, ids
 from swarmfly.bus import MAX_REQUEST_BYTES
 from swarmfly.config import MIN_RATE
 from swarmfly.placement import MAX_PARTITIONS
-from swarmfly.services.peer.conductor import REPORT_BATCH
+from swarmfly.services.peer.reports import REPORT_BATCH
 from swarmfly.services.scheduler.service import DIGEST_PAGE
 
 CONTRACTS = contracts.registry()
