@@ -25,6 +25,7 @@ from swarmfly.plugins.hookspecs import SourceStat, Strategy
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.filedigest import PrefixDigest
+from swarmfly.services.peer.ledger import DigestLedger
 from swarmfly.services.peer.lending import LEND_POLL, Lending
 from swarmfly.services.peer.links import Links, OriginReader
 from swarmfly.services.peer.phases import (
@@ -66,8 +67,6 @@ holds in memory (1 MiB put the peer past 100 MiB resident)."""
 POLL_WAIT = 10.0
 SEED_POLL_WAIT = 2.0
 """A seed's grant follows the pieces the child said it wants; they go stale sooner."""
-DIGEST_POLL = 0.1
-"""Seconds a download that lacks digests waits for a push before it polls for them."""
 _PUSHING = (messages.RegisterRequest, messages.RescheduleRequest, messages.PiecesRequest)
 """The requests whose replies push digests."""
 
@@ -173,20 +172,11 @@ class Conductor:
         """Pieces a seed lent us to read from the origin, with the ETag it pinned."""
         self._delivered: list[int] = []
         """Lent pieces we read, to tell the seed."""
-        self._lent_out: set[int] = set()
-        """A lending seed: every piece it lent (their digests are the lent children's word)."""
-        self._came_from: dict[int, str] = {}
-        """Piece -> the parent that served it: whom a piece that proves false accuses."""
-        self._provisional: set[int] = set()
-        """Pieces whose digest only the child they were lent to vouches for (the scheduler)."""
-        self._digests_at = float("-inf")
-        """When digests last came (pushed or polled)."""
+        self.ledger = DigestLedger()
+        """The digests pieces are checked against, and on whose word (a pure core)."""
         self.repaired: set[int] = set()
         """Pieces the whole file's check found false and read again: whoever streamed them
         before (the mirror) sent false bytes."""
-        self._refuted: dict[int, str] = {}
-        """Pieces we hold whose digest the scheduler now states otherwise (the digest): we
-        took them on a lent child's word, and the seed has since read them."""
         self.phases = Phases()
         """Where the download is (``phases.TRANSITIONS``)."""
         self.reports = Reports()
@@ -465,7 +455,7 @@ class Conductor:
                 content = self.stored.content
                 book = swarm.book
                 if content is None or (book is not None and book.needs_digests()):
-                    if self.clock() - self._digests_at > DIGEST_POLL:
+                    if self.ledger.poll_due(self.clock()):
                         await self._refresh_task(book)
                     content = self.stored.content
                 if content is not None and swarm.book is None:
@@ -630,7 +620,7 @@ class Conductor:
             digest = await self._receive(number, chunks, expected)
         if digest is not None and number not in self.stored.done:
             self.stored.mark_done(number, digest)
-            self._came_from[number] = parent_id
+            self.ledger.came_from[number] = parent_id
             self._kick_digest()
             self.bytes_p2p += size
             metrics.PEER_DOWNLOAD_BYTES.labels("p2p").inc(size)
@@ -661,7 +651,7 @@ class Conductor:
         """Task size and the per-piece digests the scheduler knows, page by page: while
         downloading (``book``), from the first piece whose digest may still come or change
         (unknown, or only a lent child's word), not the whole list every time; else all."""
-        offset = 0 if book is None else self._digest_offset()
+        offset = 0 if book is None else self.ledger.offset(self.stored.digests)
         while True:
             try:
                 reply = await self._request(
@@ -683,38 +673,17 @@ class Conductor:
     def _take_digests(
         self, start: int, digests: list[str | None], provisional: Collection[int]
     ) -> None:
-        """A page of the digests the scheduler knows, from piece ``start`` (pushed or polled):
-        kept; where it disagrees, a piece held is noted (``_refuted``), and the digest of a
-        piece not held yet is replaced (the scheduler's word is the current one)."""
-        self._digests_at = self.clock()
-        if self.stored.content is None or start + len(digests) > self.stored.content.piece_count:
-            return  # the layout is not known yet, or not this one: the next poll says
-        self.stored.set_digests(digests, start)
-        page = range(start, start + len(digests))
+        """A page of the digests the scheduler knows, from piece ``start`` (pushed or
+        polled), into the store's and the book's (``DigestLedger.take``)."""
         known = self.stored.digests
+        changed = self.ledger.take(
+            start, digests, provisional, known=known, held=self.stored.done, now=self.clock()
+        )
         book = self.swarm.book
-        for number, digest in zip(page, digests, strict=True):
-            if not digest or known[number] == digest:
-                continue
-            if number in self.stored.done:
-                self._refuted[number] = digest  # we took it on a lent child's word
-            else:
-                # A lent child's word the seed has since refuted: the bytes of every honest
-                # parent (and of the origin) would fail the old digest.
-                known[number] = digest
-                if book is not None and number < book.piece_count:
-                    book.digests[number] = digest
-        self._provisional = {n for n in self._provisional if n not in page}
-        self._provisional.update(n for n in provisional if n in page)
         if book is not None:
-            for number, digest in enumerate(digests, start):
-                if digest and number < book.piece_count and book.digests[number] is None:
-                    book.digests[number] = digest
-
-    def _digest_offset(self) -> int:
-        held = self.stored.digests
-        unknown = next((n for n, digest in enumerate(held) if digest is None), len(held))
-        return min(unknown, min(self._provisional, default=unknown))
+            for number in changed:
+                if number < book.piece_count:
+                    book.digests[number] = known[number]
 
     # -- the origin ----------------------------------------------------------------------
 
@@ -800,7 +769,7 @@ class Conductor:
                 await self._lend_and_collect(lending, min(concurrency, content.piece_count))
             finally:
                 watcher.cancel()
-                self._lent_out = set(lending.pending)
+                self.ledger.lent_out = set(lending.pending)
 
     async def _lend_and_collect(self, lending: Lending, readers: int) -> None:
         workers = [asyncio.create_task(self._claiming_worker(lending)) for _ in range(readers)]
@@ -981,7 +950,7 @@ class Conductor:
         started = self.clock()
         # Read from the origin ourselves, the bytes are the truth: a digest only a lent child
         # vouches for is no test of them (they refute it), and saying so is the seed's job.
-        vouched = number in self._provisional
+        vouched = self.ledger.vouched(number)
         expected = None if vouched else self.stored.digests[number]
         chunks = self._paced(
             self.origin.fetch(self.source.url, headers, offset, offset + size),
@@ -1105,7 +1074,7 @@ class Conductor:
 
     async def _store_origin_piece(self, number: int, data: bytes, started: float) -> None:
         """A piece of a stream from the origin (no ranges), whole."""
-        vouched = number in self._provisional
+        vouched = self.ledger.vouched(number)
         digest = await self._write(number, data, None if vouched else self.stored.digests[number])
         self._origin_done(number, digest, started, report=not vouched)
 
@@ -1152,7 +1121,7 @@ class Conductor:
             self.file_digest = content.digest
             return self.phases.on("matches")
         await self._refresh_task(None)  # the seed may since have read what we took on trust
-        if self._suspects():
+        if self.ledger.suspects():
             return self.phases.on("suspects")
         return self._mismatch()
 
@@ -1160,14 +1129,10 @@ class Conductor:
         message = f"the origin's content does not match its digest {self._wanted()}"
         return self.phases.on("mismatch", message=message)
 
-    def _suspects(self) -> list[int]:
-        """Pieces whose digest was only someone's word: lent, or changed since we took it."""
-        return sorted(self._refuted.keys() | self._provisional | self._lent_out)
-
     async def _repair(self) -> Step:
         """The whole file failed its digest: read again from the origin every suspect piece;
         the parents that served pieces that prove false are reported corrupt."""
-        suspects = self._suspects()
+        suspects = self.ledger.suspects()
         log.warning(
             "task %s: the whole file failed its digest; reading %d pieces again from the origin",
             self.task_id[:12], len(suspects),
@@ -1175,14 +1140,15 @@ class Conductor:
         before = {n: self.stored.digests[n] for n in suspects}
         for number in suspects:
             self.stored.done.discard(number)
-            self.stored.digests[number] = self._refuted.get(number)  # the seed's, if it read it
+            # the seed's, if it read it
+            self.stored.digests[number] = self.ledger.refuted.get(number)
         # A child's word is not the origin's: it does not report what it read here.
         await self._origin_ranges(suspects, report=self.seed)
         for number, digest in before.items():
             if digest == self.stored.digests[number]:
                 continue
             self.repaired.add(number)
-            if (parent := self._came_from.get(number)) is not None:
+            if (parent := self.ledger.came_from.get(number)) is not None:
                 log.warning("parent %s served a false piece %d", parent, number)
                 self.swarm.bad.append({"peer_id": parent, "reason": "corrupt"})
         if self.swarm.bad:
@@ -1264,7 +1230,7 @@ class Conductor:
         """Where this download lacks digests; None once it has them all."""
         if self.stored.content is None:
             return 0
-        offset = self._digest_offset()
+        offset = self.ledger.offset(self.stored.digests)
         return offset if offset < self.stored.content.piece_count else None
 
     def _auth(self) -> dict[str, str]:

@@ -176,14 +176,6 @@ class StoredTask:
         self._edits += 1
         self._wake()
 
-    def set_digests(self, digests: list[str | None], offset: int = 0) -> None:
-        """Learn digests for pieces ``offset…``; ones already known are kept."""
-        if self.content is None:
-            return
-        for number, digest in enumerate(digests, offset):
-            if digest and number < self.content.piece_count and self.digests[number] is None:
-                self.digests[number] = digest
-
     @contextlib.contextmanager
     def _using(self, *, write: bool = False) -> Iterator[int]:
         """The data file's descriptor, held for one read or write (in a worker thread)."""

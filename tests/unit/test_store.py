@@ -159,14 +159,6 @@ def test_content_may_gain_its_digest(task: StoredTask) -> None:
     assert task.content is not None and task.content.digest == digest
 
 
-def test_set_digests_fills_only_unknown_digests(task: StoredTask) -> None:
-    fill(task, [0])
-    task.set_digests(["f" * 64, sha(piece(1)), None])
-    assert task.digests == [sha(piece(0)), sha(piece(1)), None]
-    task.set_digests(["0" * 64])  # the wrong length is ignored
-    assert task.digests == [sha(piece(0)), sha(piece(1)), None]
-
-
 def test_reset_forgets_every_piece(task: StoredTask) -> None:
     fill(task, range(3))
     task.reset()
