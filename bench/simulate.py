@@ -2,9 +2,10 @@
 process on virtual time, over a network model.
 
 What runs is what the services run: ``Scheduler`` as ``core_for`` builds it from
-``[scheduler]`` (with the configured evaluator plugin), and for each peer ``Swarming`` with a
-``PieceBook`` and the configured strategy, driven as the conductor drives them (ticks on every
-event and every 0.25 s, reschedules as the core asks, reports batched every 50 ms). What is
+``[scheduler]`` (with the configured evaluator plugin), and for each peer the download's
+``Phases`` and ``Swarming`` with a ``PieceBook`` and the configured strategy, driven as the
+conductor drives them (a ``wait`` schedule asked again after its delay, ticks on every event
+and every 0.25 s while swarming, reschedules as the core asks, reports batched every 50 ms). What is
 modelled: the bytes. Each host has an uplink and a downlink; a transfer moves at the smaller
 of its fair share of both (recomputed whenever a transfer starts or ends on either host); each
 request waits one link latency; a parent whose upload slots are full answers busy. The storage
@@ -36,7 +37,9 @@ from typing import Any
 
 from _common import (
     Out,
+    add_env_flag,
     add_swarm_flags,
+    env_pairs,
     lower_bound,
     median,
     percentile,
@@ -51,8 +54,11 @@ from swarmfly.ids import piece_count, piece_length_for
 from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.conductor import SEED_POLL_WAIT
 from swarmfly.services.peer.grants import GRANT_SECONDS, GrantDesk, Granted, Lent, Poll
+from swarmfly.services.peer.ledger import DIGEST_POLL
 from swarmfly.services.peer.lending import LEND_POLL, MAX_SAID, Lending
+from swarmfly.services.peer.phases import Finish, Phases, Step, Swarm, Verify, Wait
 from swarmfly.services.peer.pieces import PieceBook
+from swarmfly.services.peer.reports import REPORT_INTERVAL
 from swarmfly.services.peer.swarming import BUSY_BACKOFF, ORIGIN, Drop, Fetch, Reschedule, Swarming
 from swarmfly.services.peer.upload import GRANT_TICK, PACED_SLOT_RATE
 from swarmfly.services.scheduler.core import HostSpec, PieceReport, Schedule, Scheduler
@@ -61,9 +67,6 @@ from swarmfly.services.scheduler.service import PUSHED_DIGESTS, core_for
 
 TICK = 0.25
 """The conductor's wait between ticks when nothing happens."""
-REPORT_INTERVAL = 0.05
-DIGEST_POLL = 0.1
-"""The conductor's wait between digest polls while a parent offers what it cannot verify."""
 HEARTBEAT = 5.0
 TASK = "t" * 64
 INF = float("inf")
@@ -182,11 +185,12 @@ class Node:
 
 
 class SimPeer:
-    """A peer's download, as the conductor runs the Swarming core."""
+    """A peer's download, as the conductor runs its phases and the Swarming core."""
 
     def __init__(self, sim: Sim, node: Node, rng: random.Random) -> None:
         self.sim, self.node = sim, node
         settings = sim.settings.peer
+        self.phases = Phases()
         self.swarm = Swarming(settings.concurrency, settings.per_parent, now=0.0)
         self.strategy = sim.plugins.strategy(settings.strategy)
         self.rng = rng
@@ -201,15 +205,35 @@ class SimPeer:
         """Lent pieces read, to tell the seed with the next poll."""
 
     def start(self) -> None:
+        self.phases.on("missing")
         schedule, _ = self.sim.decide(
             "register",
             lambda s: s.register(
                 task_id=TASK, peer_id=self.node.peer_id, host=self.node.spec, now=self.sim.now
             ),
         )
-        self.adopt(schedule, exact=False)
+        self.scheduled(schedule)
         self.sim.at(self.sim.now + TICK, self.periodic)
         self.sim.at(self.sim.now + REPORT_INTERVAL, self.flush)
+
+    def scheduled(self, schedule: Schedule) -> None:
+        """The registering and waiting phases: the schedule as the phases' event."""
+        if schedule.action == "back_to_source":
+            raise SystemExit("simulate: a peer was sent to the origin (not modelled)")
+        if schedule.action == "wait":
+            step = self.phases.on("wait", seconds=(schedule.retry_after_ms or 200) / 1000)
+            assert isinstance(step, Wait)
+            self.sim.at(self.sim.now + step.seconds, self.ask_again)
+            return
+        assert isinstance(self.phases.on("parents"), Swarm)
+        self.adopt(schedule, exact=False)
+
+    def ask_again(self) -> None:
+        schedule, _ = self.sim.decide(
+            "reschedule",
+            lambda s: s.reschedule(task_id=TASK, peer_id=self.node.peer_id, now=self.sim.now),
+        )
+        self.scheduled(schedule)
 
     def adopt(self, schedule: Schedule, *, exact: bool) -> None:
         if schedule.content is not None and self.swarm.book is None:
@@ -350,7 +374,7 @@ class SimPeer:
 
     def tick(self) -> None:
         self.tick_due = False
-        if self.finished is not None:
+        if self.finished is not None or self.phases.phase != "swarming":
             return
         book = self.swarm.book
         if book is not None and book.needs_digests():
@@ -419,8 +443,11 @@ class SimPeer:
                 self.reports.append(PieceReport(number, None, parent_id, cost))
             for child in list(self.node.watchers):
                 self.sim.at(self.sim.now + self.sim.net.latency, child.offer, self.node)
+        if self.finished is not None:
+            return  # the endgame's other copy of a piece, after the last one
         if self.swarm.complete:
             self.flush()
+            self.finish(self.phases.on("complete"))
             self.finished = self.sim.now
             self.sim.decide(
                 "result",
@@ -431,6 +458,13 @@ class SimPeer:
             self.sim.done += 1
         else:
             self.wake()
+
+    def finish(self, step: Step) -> None:
+        """Verifying: every piece checked against the seed's digests (hashing is not
+        modelled), so the whole file matches."""
+        assert isinstance(step, Verify)
+        assert self.swarm.book is not None and None not in self.swarm.book.digests
+        assert isinstance(self.phases.on("matches"), Finish)
 
     def flush(self) -> None:
         if self.reports:
@@ -752,10 +786,13 @@ def run_once(
     bound, _ = bounds(args)
     sim.run(limit=max(600.0, 50 * bound))
     times = [p.finished for p in sim.peers if p.finished is not None]
+    if len(times) != len(sim.peers):  # a model that stops early flatters the swarm
+        raise SystemExit(f"simulate: {len(sim.peers) - len(times)} peers did not finish")
     max_s = max(times)
     span = max_s or 1.0
     return {
         "seed": seed,
+        "finished": len(times),
         "p50_s": round(percentile(times, 50), 4),
         "p99_s": round(percentile(times, 99), 4),
         "max_s": round(max_s, 4),
@@ -792,9 +829,10 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=3, help="seeds 1..runs (default 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_env_flag(parser, "a SWARMFLY_* setting of the cores (repeatable), as swarm.py's")
     args = parser.parse_args()
     out = Out(args.json)
-    settings = swarmfly_config.load(env={})
+    settings = swarmfly_config.load(env=env_pairs(parser, args.env))
     plugins = Plugins.load(settings.disable_plugins)
     bound, bound_seed = bounds(args)
     runs = []

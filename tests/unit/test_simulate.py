@@ -68,6 +68,7 @@ def test_every_peer_finishes_and_the_origin_is_read_once(plugins: Plugins, lendi
     """With lending, children read some pieces from the origin themselves: still once."""
     settings = swarmfly_config.load(env={})
     result = simulate.run_once(arguments(16, lending=lending), settings, plugins, seed=1)
+    assert result["finished"] == 16
     assert result["origin_ratio"] == 1.0
     assert (result["lent"] > 0) is lending
     # An 8 MiB file is mostly pipeline (bound 0.76 s, about 2.8x measured); the check is
@@ -95,5 +96,6 @@ def test_no_cycle_when_acyclic_and_the_seed_bounded(plugins: Plugins) -> None:
 
     sim.at(0.1, check)
     sim.run(limit=120.0)
+    assert all(peer.finished is not None for peer in sim.peers)
     assert sim.done == 100 and sim.origin_bytes == 8 * MiB
     assert seen["checks"] > 3 and seen["seed_children"] > 0
