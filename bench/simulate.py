@@ -218,15 +218,14 @@ class SimPeer:
 
     def scheduled(self, schedule: Schedule) -> None:
         """The registering and waiting phases: the schedule as the phases' event."""
-        if schedule.action == "back_to_source":
-            raise SystemExit("simulate: a peer was sent to the origin (not modelled)")
         if schedule.action == "wait":
             step = self.phases.on("wait", seconds=(schedule.retry_after_ms or 200) / 1000)
             assert isinstance(step, Wait)
             self.sim.at(self.sim.now + step.seconds, self.ask_again)
             return
-        assert isinstance(self.phases.on("parents"), Swarm)
-        self.adopt(schedule, exact=False)
+        if schedule.action == "parents":
+            assert isinstance(self.phases.on("parents"), Swarm)
+        self.adopt(schedule, exact=False)  # back_to_source: not modelled, it stops there
 
     def ask_again(self) -> None:
         schedule, _ = self.sim.decide(

@@ -27,6 +27,7 @@ from swarmfly.natsserver import NatsServer
 from swarmfly.origins import OriginPolicy
 from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.gc import GcPolicy
+from swarmfly.services.peer.links import DownloadSettings
 from swarmfly.services.peer.node import NodeSettings, PeerNode
 from swarmfly.services.peer.service import PeerService
 from swarmfly.services.peer.store import private_dir
@@ -49,12 +50,14 @@ def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
         upload_rate=p.upload_rate,
         download_rate=p.download_rate,
         upload_slots=p.upload_slots,
-        concurrency=p.concurrency,
-        per_parent=p.per_parent,
-        piece_timeout=p.piece_timeout,
-        origin_concurrency=config.storage.origin_concurrency,
+        download=DownloadSettings(
+            concurrency=p.concurrency,
+            per_parent=p.per_parent,
+            piece_timeout=p.piece_timeout,
+            origin_concurrency=config.storage.origin_concurrency,
+            piece_spans=p.piece_spans,
+        ),
         heartbeat_interval=config.scheduler.heartbeat_interval,
-        piece_spans=p.piece_spans,
         idc=p.idc,
         location=p.location,
         gc=GcPolicy(p.cache_quota, p.cache_high, p.cache_low, p.cache_ttl, p.disk_high, p.disk_low),
@@ -79,11 +82,13 @@ def storage_settings(config: Config, state_dir: Path) -> NodeSettings:
         upload_rate=s.upload_rate,
         download_rate=0,
         upload_slots=s.upload_slots,
-        concurrency=p.concurrency,
-        per_parent=p.per_parent,
-        piece_timeout=p.piece_timeout,
-        origin_concurrency=s.origin_concurrency,
-        lend_pieces=s.lend_pieces,
+        download=DownloadSettings(
+            concurrency=p.concurrency,
+            per_parent=p.per_parent,
+            piece_timeout=p.piece_timeout,
+            origin_concurrency=s.origin_concurrency,
+            lend_pieces=s.lend_pieces,
+        ),
         heartbeat_interval=config.scheduler.heartbeat_interval,
         idc=s.idc,
         location=s.location,

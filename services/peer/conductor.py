@@ -1,7 +1,10 @@
 """One task's download: register, fetch pieces from parents (or the origin), verify, report.
 
-The conductor is the adapter around ``PieceBook``: it owns the sockets, timers and threads;
-the book decides which piece comes from which parent.
+The conductor is the adapter of the download's pure cores: ``phases`` (which phase comes
+next), ``swarming`` (which piece from which parent, when to ask the scheduler again),
+``ledger`` (the digests pieces are checked against), ``reports`` (what the scheduler is
+told), ``lending`` and ``takeover`` (a seed's origin reads). It owns the tasks, timers and
+threads, and reaches the rest of the host only through ``links``.
 """
 
 from __future__ import annotations

@@ -80,18 +80,13 @@ class NodeSettings:
     upload_rate: int
     download_rate: int
     upload_slots: int
-    concurrency: int
-    per_parent: int
-    piece_timeout: float
-    origin_concurrency: int
+    download: DownloadSettings
+    """What each download on this host follows."""
     heartbeat_interval: float
-    lend_pieces: bool = False
-    """A seed lends pieces to read from the origin (``lending``)."""
     capabilities: bool = True
     """The upload server serves only against a capability the schedulers signed."""
     registries: tuple[str, ...] = ()
     """Registries the operator configured: their blobs are one task per digest everywhere."""
-    piece_spans: bool = False
     idc: str = ""
     location: str = ""
     gc: GcPolicy = field(default_factory=GcPolicy)
@@ -203,14 +198,7 @@ class PeerNode:
         self.links = Links(
             scheduler=self if bus is not None else None,
             parents=HttpPieces(lambda: self.session),
-            settings=DownloadSettings(
-                concurrency=settings.concurrency,
-                per_parent=settings.per_parent,
-                piece_timeout=settings.piece_timeout,
-                origin_concurrency=settings.origin_concurrency,
-                lend_pieces=settings.lend_pieces,
-                piece_spans=settings.piece_spans,
-            ),
+            settings=settings.download,
             budget=HostBudget(self.download_bucket, lambda: self.downloading),
             clock=time.monotonic,
         )

@@ -309,7 +309,7 @@ class Scheduler:
     def __init__(
         self,
         *,
-        candidate_parents: int = 4,
+        candidate_parents: int = 8,
         host_ttl: float = 15.0,
         seed_timeout: float = 30.0,
         seed_silence: float = 5.0,

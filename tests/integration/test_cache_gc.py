@@ -29,13 +29,21 @@ MiB = 1024 * 1024
 
 
 @asynccontextmanager
-async def peer_node(state: Path, gc: GcPolicy, **settings: Any) -> AsyncIterator[PeerNode]:
+async def peer_node(
+    state: Path, gc: GcPolicy, *, origin_concurrency: int | None = None, **settings: Any
+) -> AsyncIterator[PeerNode]:
     """A started peer node with no control plane (it reads the origin), serving uploads on
     loopback; the GC loop's own interval is far off, tests run collections themselves."""
     base = peer_settings(Config(state_dir=state), state)
+    download = base.download
+    if origin_concurrency is not None:
+        download = dataclasses.replace(download, origin_concurrency=origin_concurrency)
     plugins = Plugins.load()
     node = PeerNode(
-        dataclasses.replace(base, gc=gc, listen="127.0.0.1", **settings), None, [], plugins
+        dataclasses.replace(base, gc=gc, listen="127.0.0.1", download=download, **settings),
+        None,
+        [],
+        plugins,
     )
     try:
         async with AsyncExitStack() as stack:

@@ -40,9 +40,9 @@ async def test_200_concurrent_downloads(
         for i in range(1, 20):
             bus = await Bus.connect([nats.url], prefix=prefix, name=f"load-peer-{i}")
             stack.push_async_callback(bus.close)
-            settings = dataclasses.replace(
-                peer_settings(cluster.config, tmp_path / f"peer{i}"), piece_timeout=60.0
-            )
+            base = peer_settings(cluster.config, tmp_path / f"peer{i}")
+            download = dataclasses.replace(base.download, piece_timeout=60.0)
+            settings = dataclasses.replace(base, download=download)
             node = PeerNode(settings, bus, [nats.url], plugins)
             await node.start(stack)
             nodes.append(node)
