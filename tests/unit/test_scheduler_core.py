@@ -16,6 +16,7 @@ from swarmfly.plugins.hookspecs import Candidate
 from swarmfly.services.scheduler.core import (
     BLOCK_SECONDS,
     FILTER_LIMIT,
+    LAGGARD_PARENTS,
     MAX_RESCHEDULE_MS,
     MAX_WAIT_MS,
     RESCHEDULE_PEERS,
@@ -863,8 +864,11 @@ def test_a_seed_is_the_last_of_a_childs_parents_while_normal_peers_have_pieces()
     for n, peer in enumerate("abc"):
         join(s, peer, f"h{n}")
         s.report_pieces(task_id=T, peer_id=peer, pieces=[PieceReport(n)], now=1.0)
-    # The evaluator prefers the seed; still, two normal peers, and the seed last.
-    schedule = join(s, "child", "h9", now=2.0)
+    # The evaluator prefers the seed; still, two normal peers, and the seed last (the child
+    # holds as much as they do: not a laggard, given more).
+    join(s, "child", "h9", now=2.0)
+    s.report_pieces(task_id=T, peer_id="child", pieces=[PieceReport(3)], now=2.0)
+    schedule, _ = s.reschedule(task_id=T, peer_id="child", now=2.5)
     assert [p.peer_id for p in schedule.parents] == ["a", "b", "seed"]
     s.leave("h0", None)
     s.leave("h1", None)
@@ -1300,3 +1304,24 @@ def test_expiry_takes_the_hosts_silent_longest_and_a_beat_or_a_registration_rene
     assert list(s.hosts) == ["d", "a", "b", "st"]
     assert s.seed_hosts() == ["st"]
     assert s.expire(now=16.0) == ["d", "a", "b", "st"] and s.seed_hosts() == []
+
+
+def test_a_child_behind_the_swarm_is_offered_more_parents() -> None:
+    s = Scheduler(candidate_parents=4)
+    add_seed(s)
+    for n in range(12):
+        join(s, f"p{n}", f"h{n}")
+        s.report_pieces(
+            task_id=T, peer_id=f"p{n}", pieces=[PieceReport(k) for k in range(2)], now=0.5
+        )
+    behind = join(s, "late", "h-late", now=1.0)
+    assert len(behind.parents) == 4 * LAGGARD_PARENTS, "holds none of what they hold"
+    s.report_pieces(task_id=T, peer_id="late", pieces=[PieceReport(k) for k in range(2)], now=1.5)
+    level, _ = s.reschedule(task_id=T, peer_id="late", now=2.0)
+    assert len(level.parents) == 4, "as far as the swarm: the configured count"
+    one = Scheduler(candidate_parents=1)
+    add_seed(one)
+    for n in range(3):
+        join(one, f"p{n}", f"h{n}")
+        one.report_pieces(task_id=T, peer_id=f"p{n}", pieces=[PieceReport(0)], now=0.5)
+    assert len(join(one, "late", "h-late", now=1.0).parents) == 1, "a chain stays a chain"
