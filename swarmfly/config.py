@@ -114,10 +114,9 @@ class SchedulerConfig:
     """Seconds a partition's lease lasts unrenewed: a dead scheduler's partitions move
     within about this long."""
     renew_interval: float = 2.0
-    candidate_parents: int = 8
-    """Parents offered per decision, the task's seed among them (twice as many to a child
-    behind the swarm): bench/simulate.py finishes swarms of 16 to 1,000 peers 12-18% sooner
-    with 8 than with 4, and the real 16-peer swarm is as fast with either."""
+    candidate_parents: int = 4
+    """Parents offered per decision, the task's seed among them; twice as many to a child
+    behind the swarm (``core.LAGGARD_SHARE``)."""
     acyclic: bool = False
     """Parents form a DAG, as in Dragonfly: no peer is offered its own descendant. Off by
     default: peers trade pieces both ways, which finishes swarms about twice as fast."""

@@ -55,7 +55,8 @@ LAGGARD_SHARE = 0.9
 """A child holding less than this share of what its candidate parents hold on average is
 behind the swarm: it is offered ``LAGGARD_PARENTS`` times the parents. Its share of each
 parent's uplink is everyone's, so without more parents it stays behind, and the swarm's last
-peer sets when the swarm is done (bench/simulate.py: ratio 1.32 -> 1.27 at 1,000 peers)."""
+peer sets when the swarm is done (bench/simulate.py, 4 parents: ratio 1.51 -> 1.32 at 1,000
+peers, 1.70 -> 1.37 at 16)."""
 LAGGARD_PARENTS = 2
 BLOCK_SECONDS = 30.0
 """How long a parent a child reported failed or slow stays out of that child's parents."""
@@ -315,7 +316,7 @@ class Scheduler:
     def __init__(
         self,
         *,
-        candidate_parents: int = 8,
+        candidate_parents: int = 4,
         host_ttl: float = 15.0,
         seed_timeout: float = 30.0,
         seed_silence: float = 5.0,
