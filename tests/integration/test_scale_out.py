@@ -54,7 +54,12 @@ async def get(url: str, data: bytes, output: Path, peer: Path, *args: str) -> tu
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **FAST_ENV},
     )  # fmt: skip
-    _, err = await asyncio.wait_for(process.communicate(), 60)
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    except TimeoutError:  # the get must not outlive the test that gave up on it
+        process.kill()
+        await process.wait()
+        raise
     assert process.returncode is not None
     return process.returncode, err.decode()
 
@@ -76,6 +81,18 @@ class Fleet:
     def args(self) -> tuple[str, ...]:
         """What `swarmfly get` needs to reach this cluster."""
         return ("--nats", self.nats_url, "--prefix", self.prefix)
+
+    def gets(
+        self, peers: list[str], urls: dict[str, str], files: dict[str, bytes]
+    ) -> dict[tuple[str, str], asyncio.Task[tuple[int, str]]]:
+        """Every file fetched through every peer at once, each into its own output."""
+        return {
+            (peer, name): asyncio.create_task(
+                get(urls[name], data, self.root / "out" / peer / name, self.root / peer, *self.args)
+            )
+            for peer in peers
+            for name, data in files.items()
+        }
 
 
 @asynccontextmanager
@@ -160,15 +177,7 @@ async def test_schedulers_share_the_partitions_and_take_over_a_dead_ones(
         urls = {name: origin.add(name, data) for name, data in files.items()}
         tasks = {n: make_task_id(urls[n], digest=digest_of(d)) for n, d in files.items()}
 
-        jobs = {
-            (peer, name): asyncio.create_task(
-                get(
-                    urls[name], data, tmp_path / "out" / peer / name, tmp_path / peer, *cluster.args
-                )
-            )
-            for peer in peers
-            for name, data in files.items()
-        }
+        jobs = cluster.gets(peers, urls, files)
         # The victim dies mid-transfer: the first file's peers hold some of its 12 pieces.
         for _ in range(300):
             assert not any(job.done() for job in jobs.values()), "downloads ended too soon"
@@ -496,15 +505,7 @@ async def test_fleets_grow_and_shrink_while_downloads_run(
         for peer in peers:
             cluster.start("peer", peer)
         urls = {name: origin.add(name, data) for name, data in files.items()}
-        jobs = {
-            (peer, name): asyncio.create_task(
-                get(
-                    urls[name], data, tmp_path / "out" / peer / name, tmp_path / peer, *cluster.args
-                )
-            )
-            for peer in peers
-            for name, data in files.items()
-        }
+        jobs = cluster.gets(peers, urls, files)
         while origin.bytes_served < 16 * MiB:  # under way: every storage instance seeds
             assert not any(job.done() for job in jobs.values()), "downloads ended too soon"
             await asyncio.sleep(0.05)
