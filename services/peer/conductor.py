@@ -190,8 +190,14 @@ class Conductor:
         self._token: str | None = None
         """The capability of the last schedule: parents serve the task only against it."""
         self._draining = False
+        self._silent = False
         self.origin_reads = 0
         """Pieces being read from the origin now."""
+
+    def silence(self) -> None:
+        """Its host is leaving: no last report or result when it stops (the leave drops
+        its peer), so the leave waits on no answer of a scheduler's."""
+        self._silent = True
 
     def drain(self) -> None:
         """Read no further piece from the origin; the reads in flight finish. A leaving seed
@@ -1181,7 +1187,7 @@ class Conductor:
         return reply.parents if self.seed else []
 
     async def _result(self, success: bool, message: str = "") -> None:
-        if self.scheduler is None:
+        if self.scheduler is None or self._silent:
             return
         body = messages.ResultRequest(self.task_id, self.peer_id, success, message or None)
         try:
@@ -1253,7 +1259,7 @@ class Conductor:
         self.reports.rejoined()
 
     async def _flush_reports(self) -> None:
-        if self.scheduler is None:
+        if self.scheduler is None or self._silent:
             return
         lending = self.stored.lending
         batch = self.reports.due(lending.lent_to if lending is not None else {})

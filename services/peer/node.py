@@ -764,22 +764,27 @@ class PeerNode:
         child any more. A stopping service does this first, not after its servers have wound
         down (seconds, with connections open).
 
-        Its downloads stop first and report what they hold (pieces read for a lending seed
-        must be known to the swarm, which copies them while this host still serves); then
-        nothing of this host registers again (a heartbeat or a report would)."""
+        A lending seed first hands over what it read (its reports go on meanwhile: the swarm
+        must know those pieces to copy them while this host still serves). Then nothing of
+        this host speaks to the schedulers but the leave: its downloads stop without a last
+        report or result (the leave drops their peers anyway), and neither a heartbeat nor
+        a report registers the host again. The leave waits for no scheduler's answer to
+        anything else."""
         if self._left:
             return
         # Heartbeats go on while a seed hands over: a partition's new holder learns of its
         # tasks (and their digests) from them.
         await self._hand_over([c for c, _ in self._downloads.values() if c.seed])
+        self._left = True
         if self._beat is not None:
             self._beat.cancel()
-        running = [task for _, task in self._downloads.values()]
-        for task in running:
+        running = []
+        for conductor, task in self._downloads.values():
+            conductor.silence()
             task.cancel()
+            running.append(task)
         if running:
             await asyncio.wait(running, timeout=LEAVE_PATIENCE)
-        self._left = True
         if self.bus is None or not self.bus.nc.is_connected:
             return
         try:
