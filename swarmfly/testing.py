@@ -211,6 +211,13 @@ class Origin:
             self._etags[name] = known
         return known[1]
 
+    def set_rate(self, rate: int) -> None:
+        """A new egress cap for a capped origin, from now on: a test holds a swarm's
+        downloads under way while it changes the cluster, however fast the machine."""
+        assert self._bucket is not None, "only a capped origin changes its rate"
+        self.rate = rate
+        self._bucket.set_rate(rate)
+
     @asynccontextmanager
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Origin]:
         self._bucket = TokenBucket(self.rate) if self.rate else None

@@ -509,6 +509,10 @@ async def test_fleets_grow_and_shrink_while_downloads_run(
         while origin.bytes_served < 16 * MiB:  # under way: every storage instance seeds
             assert not any(job.done() for job in jobs.values()), "downloads ended too soon"
             await asyncio.sleep(0.05)
+        # Slower while the fleets change: at full rate the downloads could all end while the
+        # leaving seed hands over (measured: within a second of it), and nobody would be
+        # downloading as the scheduler goes.
+        origin.set_rate(3 * MiB)
         # In threads: the origin serves from this event loop meanwhile.
         await asyncio.to_thread(cluster.start, "storage", "storage-d", "--host-id", "storage-d")
         sched_c = {"SWARMFLY_SCHEDULER_ID": "sched-c"}
@@ -521,6 +525,7 @@ async def test_fleets_grow_and_shrink_while_downloads_run(
         assert await asyncio.to_thread(cluster.started["storage-a"].stop, 20) == 0
         assert not all(job.done() for job in jobs.values()), "none runs as the scheduler goes"
         assert await asyncio.to_thread(cluster.started["sched-a"].stop) == 0
+        origin.set_rate(12 * MiB)
         for (peer, name), job in jobs.items():
             code, err = await job
             assert code == 0, err
