@@ -8,7 +8,8 @@ conductor drives them (a ``wait`` schedule asked again after its delay, ticks on
 and every 0.25 s while swarming, reschedules as the core asks, reports batched every 50 ms). What is
 modelled: the bytes. Each host has an uplink and a downlink; a transfer moves at the smaller
 of its fair share of both (recomputed whenever a transfer starts or ends on either host); each
-request waits one link latency; a parent whose upload slots are full answers busy. The storage
+request waits one link latency; a parent whose upload slots are full lets as many wait, the
+neediest first, and answers busy beyond (``Admission``). The storage
 reads the origin (capped) in ``origin_concurrency`` parallel ranges and offers every piece it
 has; children long-poll parents, learning a piece one latency after it is done.
 
@@ -52,6 +53,7 @@ from swarmfly import config as swarmfly_config
 from swarmfly.content import TaskContent
 from swarmfly.ids import piece_count, piece_length_for
 from swarmfly.pluginhost import Plugins
+from swarmfly.services.peer.admission import Admission
 from swarmfly.services.peer.conductor import SEED_POLL_WAIT
 from swarmfly.services.peer.grants import GRANT_SECONDS, GrantDesk, Granted, Lent, Poll
 from swarmfly.services.peer.ledger import DIGEST_POLL
@@ -76,7 +78,8 @@ INF = float("inf")
 class Link:
     """One host's side of the network, and its upload server's admission: as
     ``UploadServer``, a capped host uploads ``slots`` pieces at once (one per
-    PACED_SLOT_RATE of its cap), queues as many more, and answers busy beyond."""
+    PACED_SLOT_RATE of its cap), lets as many more wait, neediest first (``Admission``),
+    and answers busy beyond."""
 
     up: float
     down: float
@@ -84,9 +87,12 @@ class Link:
     # Dicts, not sets, of transfers (hashed by identity): the order they are visited in,
     # and so the order of events at equal times, must not depend on memory addresses.
     uploads: dict[Transfer, None] = field(default_factory=dict)
-    queue: deque[Transfer] = field(default_factory=deque)
     downloads: dict[Transfer, None] = field(default_factory=dict)
     sent: int = 0
+    admission: Admission[Transfer] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.slots)
 
     @classmethod
     def capped(cls, up: float, down: float, upload_slots: int) -> Link:
@@ -99,7 +105,7 @@ class Link:
 
     @property
     def load(self) -> int:
-        return len(self.uploads) + len(self.queue)
+        return self.admission.running + self.admission.waiting
 
 
 @dataclass(eq=False)
@@ -109,6 +115,8 @@ class Transfer:
     size: int
     remaining: float
     done: Callable[[], None]
+    refused: Callable[[], None] = lambda: None
+    """Displaced while it waited: the child hears busy."""
     rate: float = 0.0
     since: float = 0.0
     version: int = 0
@@ -118,12 +126,19 @@ class Network:
     def __init__(self, sim: Sim, latency: float) -> None:
         self.sim, self.latency = sim, latency
 
-    def send(self, parent: Link, child: Link, size: int, done: Callable[[], None]) -> None:
-        transfer = Transfer(parent, child, size, float(size), done)
-        if len(parent.uploads) < parent.slots:
+    def send(
+        self,
+        parent: Link,
+        child: Link,
+        size: int,
+        done: Callable[[], None],
+        held: float = 0.0,
+        refused: Callable[[], None] = lambda: None,
+    ) -> None:
+        """A request the parent admitted, from a child holding ``held`` of the pieces."""
+        transfer = Transfer(parent, child, size, float(size), done, refused)
+        if parent.admission.enter(transfer, held):
             self._start(transfer)
-        else:
-            parent.queue.append(transfer)
 
     def _start(self, transfer: Transfer) -> None:
         """Accepted at the parent: under way at once, or when a slot frees."""
@@ -150,8 +165,8 @@ class Network:
         t.child.downloads.pop(t, None)
         t.parent.sent += t.size
         self._rebalance(t.parent, t.child)
-        if t.parent.queue:
-            self._start(t.parent.queue.popleft())
+        if (waiter := t.parent.admission.release()) is not None:
+            self._start(waiter)
         t.done()
 
 
@@ -406,19 +421,30 @@ class SimPeer:
         started = self.sim.now
 
         def arrive() -> None:  # the request reaches the parent
+            admission = parent.link.admission
+            count = self.sim.content.piece_count
+            held = admission.share(self.node.peer_id, len(self.node.held), count)
             if parent.desk is not None:
                 parent.desk.taken(TASK, number)  # a granted request holds its place already
             if parent.full(self.sim.now):
-                self.sim.at(self.sim.now + latency, self.busy, number, parent)
-                return
+                # A seed's places are its grants': nobody is displaced there.
+                waiter = admission.displace(held) if parent.desk is None else None
+                if waiter is None:
+                    self.sim.at(self.sim.now + latency, self.busy, number, parent)
+                    return
+                self.sim.at(self.sim.now + latency, waiter.refused)
             parent.served[number] = parent.served.get(number, 0) + 1
             size = self.sim.content.piece(number)[1]
-            self.sim.net.send(
-                parent.link,
-                self.node.link,
-                size,
-                lambda: self.got(number, parent.peer_id, started),
-            )
+
+            def delivered() -> None:
+                admission.sent(self.node.peer_id)
+                self.got(number, parent.peer_id, started)
+
+            def refused() -> None:
+                parent.served[number] -= 1
+                self.busy(number, parent)
+
+            self.sim.net.send(parent.link, self.node.link, size, delivered, held, refused)
             self.sim.dispatch(parent)
 
         self.sim.at(self.sim.now + latency, arrive)
@@ -712,6 +738,7 @@ class Sim:
             self.at(
                 self.now + self.net.latency,
                 self.net.send, holder.link, self.seed.link, size, arrived,
+                len(self.seed.held) / self.content.piece_count,
             )  # fmt: skip
 
         for _ in range(running[0]):

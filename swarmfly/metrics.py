@@ -70,7 +70,7 @@ PEER_PIECE_FAILURES = Counter(
 PEER_UPLOAD_REFUSED = Counter(
     "swarmfly_peer_upload_refused",
     "Piece and availability requests refused, by reason: capability (none, or not valid for"
-    " the task)",
+    " the task), busy (no free upload place), displaced (a needier child took its place)",
     ["reason"],
 )
 PEER_GC_EVICTIONS = Counter("swarmfly_peer_gc_evictions", "Cached tasks evicted")

@@ -615,8 +615,10 @@ class Conductor:
         expected: str | None,
         started: float,
     ) -> int:
+        # What we hold orders our request at a busy parent: the neediest child first.
+        params = {"have": str(len(self.stored.done))}
         reading = self.links.parents.piece(
-            parent.address, self.task_id, headers, self.settings.piece_timeout
+            parent.address, self.task_id, params, headers, self.settings.piece_timeout
         )
         async with reading as (status, body):
             if status == 503:

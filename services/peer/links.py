@@ -75,7 +75,12 @@ class PieceClient(Protocol):
         ...
 
     def piece(
-        self, address: str, task_id: str, headers: Mapping[str, str], read_timeout: float
+        self,
+        address: str,
+        task_id: str,
+        params: Mapping[str, str],
+        headers: Mapping[str, str],
+        read_timeout: float,
     ) -> contextlib.AbstractAsyncContextManager[tuple[int, AsyncIterator[bytes]]]:
         """The status and the body's chunks of a ranged ``/data`` request. A connection
         that fails or a read that stalls, while opening or while the chunks are read, raises
@@ -158,11 +163,17 @@ class HttpPieces:
 
     @contextlib.asynccontextmanager
     async def piece(
-        self, address: str, task_id: str, headers: Mapping[str, str], read_timeout: float
+        self,
+        address: str,
+        task_id: str,
+        params: Mapping[str, str],
+        headers: Mapping[str, str],
+        read_timeout: float,
     ) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
         try:
             async with self.session().get(
                 f"{address}/v1/tasks/{task_id}/data",
+                params=dict(params),
                 headers=dict(headers),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout),
                 allow_redirects=False,  # a parent serves, it does not send us elsewhere

@@ -29,6 +29,7 @@ from swarmfly.httpserver import SlowReader, healthz, send_span
 from swarmfly.ids import NODE_ID, TASK_ID
 from swarmfly.ratelimit import MIN_SEND_RATE, TokenBucket
 from swarmfly.services.peer import grants
+from swarmfly.services.peer.admission import Admission
 from swarmfly.services.peer.lending import MAX_SAID
 from swarmfly.services.peer.store import StoredTask, TaskStore
 
@@ -82,11 +83,11 @@ class UploadServer:
         # and spread sooner, and children turned away (503) ask another parent.
         self.slots = min(slots, max(1, -(-rate // PACED_SLOT_RATE))) if rate > 0 else slots
         self.uploads = 0
-        self._waiting = 0
+        self.admission: Admission[asyncio.Future[bool]] = Admission(self.slots)
+        """Who uploads next: the neediest waiting child (True: its turn; False: displaced)."""
         self.desk = grants.GrantDesk(2 * self.slots, grant_seconds)
         """Requests accepted at once (its capacity): one may wait per slot, so a slot never
         idles between two uploads; more are turned away (503) to ask another parent."""
-        self._free = asyncio.Semaphore(self.slots)
         self.app = web.Application(client_max_size=1024)
         self.app.router.add_get("/v1/tasks/{task_id}/pieces", self.pieces, allow_head=False)
         self.app.router.add_get("/v1/tasks/{task_id}/data", self.data, allow_head=False)
@@ -100,7 +101,7 @@ class UploadServer:
     @property
     def load(self) -> int:
         """Requests being served or waiting for a slot."""
-        return self.uploads + self._waiting
+        return self.admission.running + self.admission.waiting
 
     def trust(self, keys: Iterable[str]) -> None:
         """Check capabilities with these keys too (the newest few: a rotation overlaps)."""
@@ -261,36 +262,48 @@ class UploadServer:
             raise web.HTTPBadRequest(text="a Range of verified pieces is required")
         start, last = int(match.group(1)), int(match.group(2))
         assert task.content is not None
+        have = _have(request.query.get("have"), task.content.piece_count)
         number = start // task.content.piece_length
         if last // task.content.piece_length != number:  # what children ask: one piece
             raise web.HTTPRequestRangeNotSatisfiable(text="a range must lie within one piece")
         if not task.covers(start, last + 1):
             raise web.HTTPRequestRangeNotSatisfiable(text="range not within verified pieces")
+        grant: capability.Grant | None = request[CHILD]
+        child = grant.peer_id if grant is not None else None
+        share = self.admission.share(child, have, task.content.piece_count)
         self.desk.taken(task.id, number)  # a granted request holds its place already
         if self.desk.full(self.load, time.monotonic()):
-            raise web.HTTPServiceUnavailable(
-                text="no free upload slot", headers={"Retry-After": "1"}
-            )
+            # A seed's places are its grants': nobody is displaced there.
+            waiter = None if self.superseed else self.admission.displace(share)
+            if waiter is None:
+                metrics.PEER_UPLOAD_REFUSED.labels("busy").inc()
+                raise _busy()
+            if not waiter.done():  # else its child went away: the place is free anyway
+                waiter.set_result(False)
         task.touch()
         with task.in_use():  # from now, not from its slot: GC must not evict a queued upload
-            return await self._upload(request, task, number, start, last)
+            return await self._upload(request, task, number, start, last, child, share)
 
     async def _upload(
-        self, request: web.Request, task: StoredTask, number: int, start: int, last: int
+        self,
+        request: web.Request,
+        task: StoredTask,
+        number: int,
+        start: int,
+        last: int,
+        child: str | None,
+        share: float,
     ) -> web.StreamResponse:
         """One piece's span, once an upload slot is free; counted served at once (the next
         grant prefers another piece) and uncounted when it was not delivered."""
         assert task.content is not None
         task.upload_event(number, 1)
         delivered = False
-        self._waiting += 1
         try:
-            await self._free.acquire()
+            await self._turn(share)
         except BaseException:
             task.upload_event(number, -1)
             raise
-        finally:
-            self._waiting -= 1
         self.uploads += 1
         carrier = (
             {"traceparent": request.headers["traceparent"]}
@@ -323,12 +336,38 @@ class UploadServer:
                 delivered = await self._send(request, response, task, start, last - start + 1)
             return response
         finally:
-            if not delivered:
+            if delivered:
+                self.admission.sent(child)
+            else:
                 task.upload_event(number, -1)  # not delivered: it does not count as served
             self.uploads -= 1
-            self._free.release()
+            self._release()
             if self.superseed:
                 self._dispatch()
+
+    async def _turn(self, share: float) -> None:
+        """Until this request holds an upload slot; 503 when a needier child displaced it."""
+        turn = asyncio.get_running_loop().create_future()
+        if self.admission.enter(turn, share):
+            return
+        try:
+            mine = await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled() and turn.result():
+                self._release()  # the slot came as the child went away: the next one's
+            else:
+                self.admission.leave(turn)
+            raise
+        if not mine:
+            metrics.PEER_UPLOAD_REFUSED.labels("displaced").inc()
+            raise _busy()
+
+    def _release(self) -> None:
+        """A slot is free: the neediest waiter's turn (skipping those that went away)."""
+        while (turn := self.admission.release()) is not None:
+            if not turn.done():
+                turn.set_result(True)
+                return
 
     async def _send(
         self,
@@ -356,6 +395,19 @@ class UploadServer:
             return False
         metrics.PEER_UPLOAD_BYTES.inc(size)
         return True
+
+
+def _busy() -> web.HTTPServiceUnavailable:
+    return web.HTTPServiceUnavailable(text="no free upload slot", headers={"Retry-After": "1"})
+
+
+def _have(text: str | None, piece_count: int) -> int | None:
+    """The pieces a child says it holds (``have=12``), which orders who is served first."""
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= 9) or int(text) > piece_count:
+        raise web.HTTPBadRequest(text="have must be a count of the task's pieces")
+    return int(text)
 
 
 def _numbers(text: str) -> list[int]:

@@ -15,7 +15,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
 import pytest
@@ -441,7 +441,7 @@ async def test_a_full_upload_server_answers_503_then_serves_again(tmp_path: Path
         queued = asyncio.create_task(
             upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=10-19"})
         )
-        await wait_until(lambda: upload.server._waiting == 1, timeout=5)
+        await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
         status, _, headers = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
         assert status == 503
         assert headers["Retry-After"] == "1"
@@ -451,6 +451,127 @@ async def test_a_full_upload_server_answers_503_then_serves_again(tmp_path: Path
         assert (status, body) == (206, data[10:20])
         status, body, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
         assert (status, body) == (206, data[:10])
+
+
+def ask(upload: Upload, task: StoredTask, number: int, child: str, have: str | None) -> Any:
+    """A child's request for the first bytes of piece ``number``, saying it holds ``have``."""
+    assert task.content is not None
+    query = "" if have is None else f"?have={have}"
+    start = number * task.content.piece_length
+    headers = {
+        "Range": f"bytes={start}-{start + 9}",
+        **upload.token(task.id, child),
+    }
+    return asyncio.create_task(upload.get(f"/v1/tasks/{task.id}/data{query}", headers))
+
+
+@asynccontextmanager
+async def one_slot_taken(
+    tmp_path: Path, superseed: bool = False
+) -> AsyncIterator[tuple[Upload, StoredTask, bytes, Any]]:
+    """A server with one slot, busy for about a second with a whole piece for "slow"."""
+    async with serve(tmp_path, rate=MiB, slots=1, superseed=superseed) as upload:
+        data = content_of(4 * PIECE, b"needs")
+        task = upload.put(data, {0, 1, 2, 3})
+        whole = {"Range": f"bytes=0-{PIECE - 1}", **upload.token(task.id, "slow")}
+        slow = asyncio.create_task(upload.get(f"/v1/tasks/{task.id}/data", whole))
+        await wait_until(lambda: upload.server.uploads == 1, timeout=5)
+        yield upload, task, data, slow
+
+
+async def test_a_child_holding_less_takes_the_place_of_a_richer_one_waiting(tmp_path: Path) -> None:
+    async with one_slot_taken(tmp_path) as (upload, task, data, slow):
+        rich = ask(upload, task, 1, "rich", "3")
+        await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
+        # As needy as the one waiting: turned away, as before.
+        status, body, _ = await ask(upload, task, 2, "even", "3")
+        assert (status, body) == (503, b"no free upload slot")
+        poor = ask(upload, task, 2, "poor", "0")
+        status, body, headers = await rich  # told at once, while the slot is still busy
+        assert (status, body, headers["Retry-After"]) == (503, b"no free upload slot", "1")
+        assert not slow.done()
+        assert (await slow)[:2] == (206, data[:PIECE])
+        assert (await poor)[:2] == (206, data[2 * PIECE : 2 * PIECE + 10])
+        assert upload.server.load == 0
+
+
+async def test_the_neediest_waiting_child_is_served_first(tmp_path: Path) -> None:
+    # Two slots (one per 8 MiB/s of the cap), busy for about a second.
+    async with serve(tmp_path, rate=16 * MiB, slots=2) as upload:
+        data = content_of(4 * 8 * MiB, b"order")
+        task = upload.put(data, {0, 1, 2, 3}, piece_length=8 * MiB)
+        whole = [
+            {
+                "Range": f"bytes={n * 8 * MiB}-{(n + 1) * 8 * MiB - 1}",
+                **upload.token(task.id, f"busy-{n}"),
+            }
+            for n in (0, 1)
+        ]
+        busy = [asyncio.create_task(upload.get(f"/v1/tasks/{task.id}/data", h)) for h in whole]
+        await wait_until(lambda: upload.server.uploads == 2, timeout=5)
+        finished: list[str] = []
+
+        async def child(name: str, have: str) -> None:
+            status, _, _ = await ask(upload, task, 3, name, have)
+            assert status == 206
+            finished.append(name)
+
+        richer = asyncio.create_task(child("richer", "2"))
+        await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
+        poorer = asyncio.create_task(child("poorer", "1"))
+        await wait_until(lambda: upload.server.admission.waiting == 2, timeout=5)
+        await asyncio.gather(*busy, richer, poorer)
+        assert finished == ["poorer", "richer"]
+
+
+async def test_a_child_that_understates_what_it_holds_is_held_to_what_it_was_sent(
+    tmp_path: Path,
+) -> None:
+    async with serve(tmp_path, rate=MiB, slots=1) as upload:
+        data = content_of(4 * PIECE, b"liar")
+        task = upload.put(data, {0, 1, 2, 3})
+        for number in (0, 1):  # the liar has had two of the four pieces from us
+            assert (await ask(upload, task, number, "liar", "0"))[0] == 206
+        whole = {"Range": f"bytes=0-{PIECE - 1}", **upload.token(task.id, "slow")}
+        slow = asyncio.create_task(upload.get(f"/v1/tasks/{task.id}/data", whole))
+        await wait_until(lambda: upload.server.uploads == 1, timeout=5)
+        liar = ask(upload, task, 2, "liar", "0")  # says it holds nothing: counted as two
+        await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
+        honest = ask(upload, task, 3, "honest", "1")
+        assert (await liar)[0] == 503
+        assert (await slow)[0] == 206
+        assert (await honest)[0] == 206
+
+
+async def test_a_child_that_says_nothing_never_displaces_one_that_does(tmp_path: Path) -> None:
+    async with one_slot_taken(tmp_path) as (upload, task, _, slow):
+        rich = ask(upload, task, 1, "rich", "4")
+        await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
+        assert (await ask(upload, task, 2, "silent", None))[0] == 503
+        assert (await slow)[0] == 206
+        assert (await rich)[0] == 206
+
+
+async def test_at_a_seed_nobody_is_displaced(tmp_path: Path) -> None:
+    """A super-seeding seed's places are its grants'."""
+    async with one_slot_taken(tmp_path, superseed=True) as (upload, task, _, slow):
+        rich = ask(upload, task, 1, "rich", "3")
+        await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
+        assert (await ask(upload, task, 2, "poor", "0"))[0] == 503
+        assert (await slow)[0] == 206
+        assert (await rich)[0] == 206
+
+
+@pytest.mark.parametrize("have", ["-1", "abc", "\u00b2", "5", "1e3", "", "0x1", "1234567890"])
+async def test_a_malformed_have_is_a_400_and_the_server_keeps_serving(
+    upload: Upload, have: str
+) -> None:
+    data = content_of(4 * PIECE, b"have")
+    task = upload.put(data, {0, 1, 2, 3})
+    status, body, _ = await ask(upload, task, 0, "child-1", quote(have))
+    assert (status, body) == (400, b"have must be a count of the task's pieces")
+    status, body, _ = await ask(upload, task, 0, "child-1", "4")
+    assert (status, body) == (206, data[:10])
 
 
 async def test_a_child_that_hangs_up_frees_its_slot(tmp_path: Path) -> None:
@@ -506,7 +627,7 @@ async def test_a_slow_reader_is_cut_off_and_its_slot_goes_to_the_next_child(
         queued = asyncio.create_task(
             upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
         )
-        await wait_until(lambda: upload.server._waiting == 1, timeout=5)
+        await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
         status, _, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
         assert status == 503
         # The slow reader reads nothing more: cut off within a few windows.
