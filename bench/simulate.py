@@ -134,11 +134,25 @@ class Network:
         done: Callable[[], None],
         held: float = 0.0,
         refused: Callable[[], None] = lambda: None,
-    ) -> None:
+    ) -> Transfer:
         """A request the parent admitted, from a child holding ``held`` of the pieces."""
         transfer = Transfer(parent, child, size, float(size), done, refused)
         if parent.admission.enter(transfer, held):
             self._start(transfer)
+        return transfer
+
+    def cancel(self, t: Transfer) -> None:
+        """The child hung up (the endgame's other copy came first): its slot, or its place
+        in the parent's queue, is the next one's."""
+        if t not in t.parent.uploads:
+            t.parent.admission.leave(t)
+            return
+        t.parent.uploads.pop(t)
+        t.child.downloads.pop(t, None)
+        t.version += 1  # its finish is void
+        self._rebalance(t.parent, t.child)
+        if (waiter := t.parent.admission.release()) is not None:
+            self._start(waiter)
 
     def _start(self, transfer: Transfer) -> None:
         """Accepted at the parent: under way at once, or when a slot frees."""
@@ -168,6 +182,15 @@ class Network:
         if (waiter := t.parent.admission.release()) is not None:
             self._start(waiter)
         t.done()
+
+
+@dataclass(eq=False)
+class Fetching:
+    """One of a child's piece requests, from when it is sent until its piece is in."""
+
+    parent: Node
+    transfer: Transfer | None = None
+    cancelled: bool = False
 
 
 @dataclass(eq=False)
@@ -217,6 +240,8 @@ class SimPeer:
         """Our poll waiting at each seed's desk."""
         self.digests_at = -INF
         self.delivered: list[int] = []
+        self.fetches: dict[int, list[Fetching]] = {}
+        """Requests under way by piece (two or more only in the endgame)."""
         """Lent pieces read, to tell the seed with the next poll."""
 
     def start(self) -> None:
@@ -419,8 +444,12 @@ class SimPeer:
     def fetch(self, number: int, parent: Node) -> None:
         latency = self.sim.net.latency
         started = self.sim.now
+        mine = Fetching(parent)
+        self.fetches.setdefault(number, []).append(mine)
 
         def arrive() -> None:  # the request reaches the parent
+            if mine.cancelled:
+                return
             admission = parent.link.admission
             count = self.sim.content.piece_count
             held = admission.share(self.node.peer_id, len(self.node.held), count)
@@ -430,7 +459,7 @@ class SimPeer:
                 # A seed's places are its grants': nobody is displaced there.
                 waiter = admission.displace(held) if parent.desk is None else None
                 if waiter is None:
-                    self.sim.at(self.sim.now + latency, self.busy, number, parent)
+                    self.sim.at(self.sim.now + latency, self.busy, number, parent, mine)
                     return
                 self.sim.at(self.sim.now + latency, waiter.refused)
             parent.served[number] = parent.served.get(number, 0) + 1
@@ -438,20 +467,42 @@ class SimPeer:
 
             def delivered() -> None:
                 admission.sent(self.node.peer_id)
+                self._settled(number, mine)
+                for other in self.fetches.pop(number, []):  # the endgame's other copies
+                    self.cancel(number, other)
                 self.got(number, parent.peer_id, started)
 
             def refused() -> None:
                 parent.served[number] -= 1
-                self.busy(number, parent)
+                self.busy(number, parent, mine)
 
-            self.sim.net.send(parent.link, self.node.link, size, delivered, held, refused)
+            send = self.sim.net.send
+            mine.transfer = send(parent.link, self.node.link, size, delivered, held, refused)
             self.sim.dispatch(parent)
 
         self.sim.at(self.sim.now + latency, arrive)
 
-    def busy(self, number: int, parent: Node) -> None:
+    def busy(self, number: int, parent: Node, mine: Fetching) -> None:
+        if mine.cancelled:
+            return
+        self._settled(number, mine)
         self.swarm.failed(number, parent.peer_id, "busy", self.sim.now)
         self.wake()
+
+    def _settled(self, number: int, mine: Fetching) -> None:
+        fetching = self.fetches.get(number, [])
+        if mine in fetching:
+            fetching.remove(mine)
+            if not fetching:
+                del self.fetches[number]
+
+    def cancel(self, number: int, other: Fetching) -> None:
+        """As the conductor cancels the endgame copy that lost the race."""
+        other.cancelled = True
+        if other.transfer is not None:
+            self.sim.net.cancel(other.transfer)
+            other.parent.served[number] -= 1
+        self.swarm.failed(number, other.parent.peer_id, "cancelled", self.sim.now)
 
     def got(self, number: int, parent_id: str, started: float) -> None:
         first = number not in self.node.held
