@@ -11,7 +11,6 @@ exit status ``EXIT_PROBLEMS``.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import os
@@ -363,6 +362,8 @@ async def probe_check(config: Config, url: str | None, within: float, timeout: f
         try:
             summary = None
             if not config.tracing:
+                import asyncio  # here: the CLI builds doctor's flags from Paths on every run
+
                 try:
                     summary = await asyncio.to_thread(
                         localpeer.get, config.state_dir, request, None, config.peer.socket

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import ssl
+import sys
 from typing import Any, Literal
 
 ErrorCode = Literal[
@@ -85,10 +85,12 @@ class BadRequest(SwarmflyError):
 def in_words(exc: BaseException) -> str:
     """What went wrong, as a user reads it: the system's words for an OS error (asyncio's
     text names the call that failed, not why), else the message, else the kind of failure."""
-    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return exc.verify_message
-    if isinstance(exc, ssl.SSLError) and exc.reason:  # its errno is OpenSSL's, not the OS's
-        return exc.reason.replace("_", " ").lower()
+    # Only a loaded ssl module raises its errors: the CLI's start-up need not load it.
+    ssl = sys.modules.get("ssl")
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return str(exc.verify_message)
+    if ssl is not None and isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).replace("_", " ").lower()  # its errno is OpenSSL's
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
         return os.strerror(exc.errno)
     if isinstance(exc, OSError) and exc.strerror:  # a resolver's error: a negative errno

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import get_args
 
@@ -103,3 +105,21 @@ def test_the_progress_line_has_rate_and_eta_and_ends_at_100() -> None:
     assert done.startswith("[" + "#" * 30 + "] 100.0%") and done.endswith("ETA     0s")
     assert progress_line(0, 4 * 2**20, elapsed=0.0).endswith("ETA     ?")
     assert progress_line(3 * 2**20, None, elapsed=1.0).split() == ["3.0", "MiB", "3.0", "MiB/s"]
+
+
+def test_a_get_through_the_local_peer_loads_no_more_than_it_needs() -> None:
+    """16 gets start at once on a host (bench/swarm.py); each one's start-up is CPU the swarm
+    waits for. Up to its first byte on the peer's socket, a get loads neither the event loop
+    and the network clients of the services nor the typed wire messages."""
+    code = (
+        "import sys\n"
+        "from swarmfly import cli, localpeer\n"
+        "cli.build_parser().parse_args(['get', 'http://x/f', '-O', 'f'])\n"
+        "heavy = ('asyncio', 'aiohttp', 'nats', 'ssl', 'opentelemetry', 'jsonschema_rs',\n"
+        "         'swarmfly.contracts.messages', 'swarmfly.runtime', 'swarmfly.bus')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"
