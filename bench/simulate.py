@@ -62,7 +62,7 @@ from swarmfly.services.peer.phases import Finish, Phases, Step, Swarm, Verify, W
 from swarmfly.services.peer.pieces import PieceBook
 from swarmfly.services.peer.reports import REPORT_INTERVAL
 from swarmfly.services.peer.swarming import BUSY_BACKOFF, ORIGIN, Drop, Fetch, Reschedule, Swarming
-from swarmfly.services.peer.upload import GRANT_TICK, PACED_SLOT_RATE
+from swarmfly.services.peer.upload import GRANT_TICK, PACED_SLOT_RATE, WAITING_PER_SLOT
 from swarmfly.services.scheduler.core import HostSpec, PieceReport, Schedule, Scheduler
 from swarmfly.services.scheduler.core import Lending as LendingReport
 from swarmfly.services.scheduler.service import PUSHED_DIGESTS, core_for
@@ -78,8 +78,8 @@ INF = float("inf")
 class Link:
     """One host's side of the network, and its upload server's admission: as
     ``UploadServer``, a capped host uploads ``slots`` pieces at once (one per
-    PACED_SLOT_RATE of its cap), lets as many more wait, neediest first (``Admission``),
-    and answers busy beyond."""
+    PACED_SLOT_RATE of its cap), lets ``waiting`` more per slot wait, neediest first
+    (``Admission``), and answers busy beyond."""
 
     up: float
     down: float
@@ -88,6 +88,8 @@ class Link:
     # and so the order of events at equal times, must not depend on memory addresses.
     uploads: dict[Transfer, None] = field(default_factory=dict)
     downloads: dict[Transfer, None] = field(default_factory=dict)
+    waiting: int = WAITING_PER_SLOT
+    """Requests that may wait per slot (a super-seeding seed: one)."""
     sent: int = 0
     admission: Admission[Transfer] = field(init=False)
 
@@ -95,13 +97,13 @@ class Link:
         self.admission = Admission(self.slots)
 
     @classmethod
-    def capped(cls, up: float, down: float, upload_slots: int) -> Link:
+    def capped(cls, up: float, down: float, upload_slots: int, waiting: int) -> Link:
         slots = min(upload_slots, max(1, -(-int(up) // PACED_SLOT_RATE))) if up else upload_slots
-        return cls(up, down, slots)
+        return cls(up, down, slots, waiting=waiting)
 
     @property
     def capacity(self) -> int:
-        return 2 * self.slots
+        return (1 + self.waiting) * self.slots
 
     @property
     def load(self) -> int:
@@ -581,10 +583,10 @@ class Sim:
         self.bytes_p2p = 0
         self.origin_bytes = 0
         self.nodes: dict[str, Node] = {}
-        seed_spec = HostSpec(
-            "storage-1", "10.0.0.1", 4000, "seed", upload_slots=settings.storage.upload_slots
-        )
-        seed_link = Link.capped(args.seed_upload_rate, 0, settings.storage.upload_slots)
+        waiting = 1 if args.seed_upload_rate else WAITING_PER_SLOT  # as UploadServer's superseed
+        seed_link = Link.capped(args.seed_upload_rate, 0, settings.storage.upload_slots, waiting)
+        # A host tells the scheduler its capacity as its slots, and its load (PeerNode.host).
+        seed_spec = HostSpec("storage-1", "10.0.0.1", 4000, "seed", upload_slots=seed_link.capacity)
         self.seed = Node("seed-peer", seed_spec, seed_link)
         if args.seed_upload_rate:  # a capped seed super-seeds (PeerNode: superseed)
             self.seed.desk = GrantDesk(seed_link.capacity, GRANT_SECONDS)
@@ -599,18 +601,15 @@ class Sim:
         self.origin = Link(args.origin_rate, 0, 1 << 30)
         self.peers: list[SimPeer] = []
         for n in range(args.peers):
-            spec = HostSpec(
-                f"host-{n}",
-                f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}",
-                4000,
-                "normal",
-                upload_slots=settings.peer.upload_slots,
+            link = Link.capped(
+                args.peer_upload_rate,
+                args.download_rate,
+                settings.peer.upload_slots,
+                WAITING_PER_SLOT,
             )
-            node = Node(
-                f"peer-{n}",
-                spec,
-                Link.capped(args.peer_upload_rate, args.download_rate, settings.peer.upload_slots),
-            )
+            ip = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+            spec = HostSpec(f"host-{n}", ip, 4000, "normal", upload_slots=link.capacity)
+            node = Node(f"peer-{n}", spec, link)
             self.nodes[node.peer_id] = node
             self.peers.append(SimPeer(self, node, random.Random(rng.random())))
 
@@ -828,7 +827,7 @@ class Sim:
         for node in self.nodes.values():
             self.decide(
                 "heartbeat",
-                lambda s, node=node: s.heartbeat(node.spec, len(node.link.uploads), self.now),
+                lambda s, node=node: s.heartbeat(node.spec, node.link.load, self.now),
             )
         if self.done < len(self.peers):
             self.at(self.now + HEARTBEAT, self.heartbeats)

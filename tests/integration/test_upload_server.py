@@ -436,19 +436,16 @@ async def test_a_full_upload_server_answers_503_then_serves_again(tmp_path: Path
         whole = {"Range": f"bytes=0-{len(data) - 1}"}
         slow = asyncio.create_task(upload.get(f"/v1/tasks/{task.id}/data", whole))
         await wait_until(lambda: upload.server.uploads == 1, timeout=5)
-        # One request may queue behind each busy slot (the slot never idles); the next is
+        # A few requests may wait behind each busy slot (it never idles); the next is
         # turned away to ask another parent.
-        queued = asyncio.create_task(
-            upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=10-19"})
-        )
-        await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
+        queued = await wait_behind(upload, task, "queued", None)
         status, _, headers = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
         assert status == 503
         assert headers["Retry-After"] == "1"
         status, body, _ = await slow
         assert (status, body) == (206, data)
-        status, body, _ = await queued
-        assert (status, body) == (206, data[10:20])
+        for waited in queued:
+            assert (await waited)[:2] == (206, data[:10])
         status, body, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
         assert (status, body) == (206, data[:10])
 
@@ -463,6 +460,18 @@ def ask(upload: Upload, task: StoredTask, number: int, child: str, have: str | N
         **upload.token(task.id, child),
     }
     return asyncio.create_task(upload.get(f"/v1/tasks/{task.id}/data{query}", headers))
+
+
+async def wait_behind(
+    upload: Upload, task: StoredTask, child: str, have: str | None, count: int | None = None
+) -> list[Any]:
+    """``count`` requests (by default, as many as may wait) from children ``<child>-<n>``
+    saying ``have``, for the first bytes of piece 0, waiting for the server's one slot."""
+    count = upload_module.WAITING_PER_SLOT if count is None else count
+    already = upload.server.admission.waiting
+    waiting = [ask(upload, task, 0, f"{child}-{n}", have) for n in range(count)]
+    await wait_until(lambda: upload.server.admission.waiting == already + count, timeout=5)
+    return waiting
 
 
 @asynccontextmanager
@@ -483,7 +492,8 @@ async def test_a_child_holding_less_takes_the_place_of_a_richer_one_waiting(tmp_
     async with one_slot_taken(tmp_path) as (upload, task, data, slow):
         rich = ask(upload, task, 1, "rich", "3")
         await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
-        # As needy as the one waiting: turned away, as before.
+        others = await wait_behind(upload, task, "other", "2", upload_module.WAITING_PER_SLOT - 1)
+        # As needy as the richest one waiting: turned away, as before.
         status, body, _ = await ask(upload, task, 2, "even", "3")
         assert (status, body) == (503, b"no free upload slot")
         poor = ask(upload, task, 2, "poor", "0")
@@ -492,6 +502,8 @@ async def test_a_child_holding_less_takes_the_place_of_a_richer_one_waiting(tmp_
         assert not slow.done()
         assert (await slow)[:2] == (206, data[:PIECE])
         assert (await poor)[:2] == (206, data[2 * PIECE : 2 * PIECE + 10])
+        for other in others:
+            assert (await other)[:2] == (206, data[:10])
         assert upload.server.load == 0
 
 
@@ -537,19 +549,20 @@ async def test_a_child_that_understates_what_it_holds_is_held_to_what_it_was_sen
         await wait_until(lambda: upload.server.uploads == 1, timeout=5)
         liar = ask(upload, task, 2, "liar", "0")  # says it holds nothing: counted as two
         await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
+        others = await wait_behind(upload, task, "other", "1", upload_module.WAITING_PER_SLOT - 1)
         honest = ask(upload, task, 3, "honest", "1")
         assert (await liar)[0] == 503
         assert (await slow)[0] == 206
         assert (await honest)[0] == 206
+        assert [(await other)[0] for other in others] == [206] * len(others)
 
 
 async def test_a_child_that_says_nothing_never_displaces_one_that_does(tmp_path: Path) -> None:
     async with one_slot_taken(tmp_path) as (upload, task, _, slow):
-        rich = ask(upload, task, 1, "rich", "4")
-        await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
+        rich = await wait_behind(upload, task, "rich", "4")  # they hold every piece
         assert (await ask(upload, task, 2, "silent", None))[0] == 503
         assert (await slow)[0] == 206
-        assert (await rich)[0] == 206
+        assert [(await r)[0] for r in rich] == [206] * len(rich)
 
 
 async def test_at_a_seed_nobody_is_displaced(tmp_path: Path) -> None:
@@ -623,15 +636,13 @@ async def test_a_slow_reader_is_cut_off_and_its_slot_goes_to_the_next_child(
         started = time.monotonic()
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 206")
         await wait_until(lambda: upload.server.uploads == 1, timeout=5)
-        # The slot is held: one child may queue behind it, the next is turned away.
-        queued = asyncio.create_task(
-            upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
-        )
-        await wait_until(lambda: upload.server.admission.waiting == 1, timeout=5)
+        # The slot is held: a few children may wait behind it, the next is turned away.
+        queued = await wait_behind(upload, task, "queued", None)
         status, _, _ = await upload.get(f"/v1/tasks/{task.id}/data", {"Range": "bytes=0-9"})
         assert status == 503
         # The slow reader reads nothing more: cut off within a few windows.
-        assert (await queued)[:2] == (206, data[:10])
+        for waited in queued:
+            assert (await waited)[:2] == (206, data[:10])
         assert time.monotonic() - started < 6 * window + 2
         received = 0
         with contextlib.suppress(ConnectionError):

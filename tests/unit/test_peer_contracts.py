@@ -294,6 +294,7 @@ def test_the_documented_limits_are_the_codes_constants() -> None:
         "token_max_length": capability.MAX_TOKEN,
         "token_seconds": capability.TOKEN_SECONDS,
         "verify_keys_kept": upload.MAX_KEYS,
+        "waiting_per_slot": upload.WAITING_PER_SLOT,
     }
     parameters = contracts.peer_api()["pieces"].parameters
     assert parameters[("query", "wait")]["schema"]["maximum"] == upload.MAX_WAIT
