@@ -585,8 +585,8 @@ class Sim:
         self.nodes: dict[str, Node] = {}
         waiting = 1 if args.seed_upload_rate else WAITING_PER_SLOT  # as UploadServer's superseed
         seed_link = Link.capped(args.seed_upload_rate, 0, settings.storage.upload_slots, waiting)
-        # A host tells the scheduler its capacity as its slots, and its load (PeerNode.host).
-        seed_spec = HostSpec("storage-1", "10.0.0.1", 4000, "seed", upload_slots=seed_link.capacity)
+        # A host tells the scheduler its slots, and its load (PeerNode.host).
+        seed_spec = HostSpec("storage-1", "10.0.0.1", 4000, "seed", upload_slots=seed_link.slots)
         self.seed = Node("seed-peer", seed_spec, seed_link)
         if args.seed_upload_rate:  # a capped seed super-seeds (PeerNode: superseed)
             self.seed.desk = GrantDesk(seed_link.capacity, GRANT_SECONDS)
@@ -608,7 +608,7 @@ class Sim:
                 WAITING_PER_SLOT,
             )
             ip = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
-            spec = HostSpec(f"host-{n}", ip, 4000, "normal", upload_slots=link.capacity)
+            spec = HostSpec(f"host-{n}", ip, 4000, "normal", upload_slots=link.slots)
             node = Node(f"peer-{n}", spec, link)
             self.nodes[node.peer_id] = node
             self.peers.append(SimPeer(self, node, random.Random(rng.random())))
