@@ -8,8 +8,8 @@ conductor drives them (a ``wait`` schedule asked again after its delay, ticks on
 and every 0.25 s while swarming, reschedules as the core asks, reports batched every 50 ms). What is
 modelled: the bytes. Each host has an uplink and a downlink; a transfer moves at the smaller
 of its fair share of both (recomputed whenever a transfer starts or ends on either host); each
-request waits one link latency; a parent whose upload slots are full lets as many wait, the
-neediest first, and answers busy beyond (``Admission``). The storage
+request waits one link latency; a parent whose upload slots are full lets a few wait for each
+(``WAITING_PER_SLOT``), the neediest first, and answers busy beyond (``Admission``). The storage
 reads the origin (capped) in ``origin_concurrency`` parallel ranges and offers every piece it
 has; children long-poll parents, learning a piece one latency after it is done.
 
@@ -475,8 +475,9 @@ class SimPeer:
                 self.got(number, parent.peer_id, started)
 
             def refused() -> None:
-                parent.served[number] -= 1
-                self.busy(number, parent, mine)
+                if not mine.cancelled:  # else ``cancel`` settled it
+                    parent.served[number] -= 1
+                    self.busy(number, parent, mine)
 
             send = self.sim.net.send
             mine.transfer = send(parent.link, self.node.link, size, delivered, held, refused)
