@@ -9,9 +9,9 @@ import platform
 import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from swarmfly import apitoken, callout, contracts, httpserver, telemetry
+from swarmfly import apitoken, contracts, httpserver, telemetry
 from swarmfly.bus import Bus
 from swarmfly.cluster import connect, servers_of
 from swarmfly.config import Config, NatsConfig, nats_client_options
@@ -29,11 +29,13 @@ from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.gc import GcPolicy
 from swarmfly.services.peer.links import DownloadSettings
 from swarmfly.services.peer.node import NodeSettings, PeerNode
-from swarmfly.services.peer.service import PeerService
 from swarmfly.services.peer.store import private_dir
-from swarmfly.services.proxy.service import ProxyService
-from swarmfly.services.scheduler.service import SchedulerService
-from swarmfly.services.storage.service import StorageService
+
+if TYPE_CHECKING:  # each process imports only the services it runs (below, where it starts them)
+    from swarmfly.services.peer.service import PeerService
+    from swarmfly.services.proxy.service import ProxyService
+    from swarmfly.services.scheduler.service import SchedulerService
+    from swarmfly.services.storage.service import StorageService
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +121,15 @@ def load_plugins(config: Config) -> Plugins:
 async def start_scheduler(
     stack: AsyncExitStack, config: Config, bus: Bus, plugins: Plugins | None = None
 ) -> SchedulerService:
+    from swarmfly.services.scheduler.service import SchedulerService
+
     _bound(stack, config)
     plugins = plugins or load_plugins(config)
     service = SchedulerService(config, bus, plugins.evaluator(config.scheduler.evaluator))
     await service.start(stack)
     if config.callout.issuer_seed:
+        from swarmfly import callout  # PyJWT and cryptography: 8 MiB no other service needs
+
         await callout.serve(bus, callout.callout_for(config))
     return service
 
@@ -136,6 +142,8 @@ async def start_storage(
     servers: list[str],
     plugins: Plugins | None = None,
 ) -> StorageService:
+    from swarmfly.services.storage.service import StorageService
+
     _bound(stack, config)
     node = _node(stack, config, bus, storage_settings(config, state_dir), servers, plugins)
     service = StorageService(node, bus, copies=config.storage.copies)
@@ -151,6 +159,8 @@ async def start_peer(
     servers: list[str],
     plugins: Plugins | None = None,
 ) -> PeerService:
+    from swarmfly.services.peer.service import PeerService
+
     _bound(stack, config)
     node = _node(stack, config, bus, peer_settings(config, state_dir), servers, plugins)
     service = PeerService(
@@ -168,6 +178,8 @@ async def start_peer(
 async def start_proxy(stack: AsyncExitStack, config: Config, node: PeerNode) -> ProxyService:
     """The registry mirror and HTTP proxy in front of ``node`` (in its process, as
     Dragonfly's dfdaemon runs its proxy: blobs stream straight from the node's store)."""
+    from swarmfly.services.proxy.service import ProxyService
+
     proxy = ProxyService(node, config.proxy, http_limits(config))
     await proxy.start(stack)
     return proxy

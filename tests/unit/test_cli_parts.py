@@ -123,3 +123,21 @@ def test_a_get_through_the_local_peer_loads_no_more_than_it_needs() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert loaded.strip() == "[]"
+
+
+def test_a_service_process_loads_only_the_services_it_runs() -> None:
+    """Every module is resident in every process: a peer or storage that also loaded the
+    scheduler, the proxy and the auth callout's PyJWT and cryptography held some 15 MiB
+    more (bench/single.py's peak RSS)."""
+    code = (
+        "import sys\n"
+        "from swarmfly import runtime\n"
+        "others = ('jwt', 'cryptography', 'swarmfly.callout',\n"
+        "          'swarmfly.services.scheduler.service', 'swarmfly.services.proxy.service',\n"
+        "          'swarmfly.services.storage.service', 'swarmfly.services.peer.service')\n"
+        "print(sorted(m for m in others if m in sys.modules))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"
