@@ -24,32 +24,9 @@ from typing import Any
 from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError, in_words
 from swarmfly.ids import new_id, redact_url
-
-PEER_FILE = "peer.json"
-"""Written by a peer service into its state dir: its host id, pid, upload address and socket."""
-SOCKET = "peer.sock"
-MAX_SOCKET_PATH = 107
-"""Bytes in a Unix socket's path (sun_path, less its NUL)."""
-PROGRESS_INTERVAL = 0.5
-SILENCE = 10.0
-"""Seconds without a line from the peer after which it counts as gone."""
+from swarmfly.localproto import MAX_LINE, PEER_FILE, SILENCE, answer, current_umask, line
 
 Progress = Callable[[int, int | None], None]
-
-
-def current_umask() -> int:
-    """This process's umask, which outputs are created with (read without changing it where
-    /proc tells it: other threads may be creating files)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8) & 0o777
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 class PeerGone(SwarmflyError):
@@ -137,13 +114,6 @@ def peer_record(state_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def socket_path(state_dir: Path) -> Path | None:
-    """Where a peer on this state dir listens locally; None when the path is too long for
-    a Unix socket (then `get` goes through NATS)."""
-    path = state_dir.absolute() / SOCKET
-    return path if len(os.fsencode(path)) <= MAX_SOCKET_PATH else None
-
-
 def get(
     state_dir: Path,
     request: GetRequest,
@@ -210,10 +180,10 @@ def _ask(
     progress: Progress | None,
     deadline: float,
 ) -> dict[str, Any]:
-    line = json.dumps(body).encode() + b"\n"
+    request = line(body)
     try:
-        sent = socket.send_fds(conn, [line], [fd]) if fd is not None else conn.send(line)
-        conn.sendall(line[sent:])
+        sent = socket.send_fds(conn, [request], [fd]) if fd is not None else conn.send(request)
+        conn.sendall(request[sent:])
         lines = conn.makefile("rb")
     except OSError:
         raise PeerGone() from None
@@ -225,19 +195,14 @@ def _answer(lines: Any, progress: Progress | None, deadline: float) -> dict[str,
     """The reply in the peer's last line; progress lines on the way."""
     try:
         while time.monotonic() < deadline + SILENCE:
-            line = lines.readline(1 << 20)
-            if not line:
+            text = lines.readline(MAX_LINE)
+            if not text:
                 break
-            data = json.loads(line)
-            if "progress" in data:
-                if progress is not None:
-                    state = data["progress"]
-                    progress(state["completed_bytes"], state["content_length"])
-            elif "reply" in data:
-                reply: dict[str, Any] = data["reply"]
-                return reply
-            else:
-                raise SwarmflyError.from_dict(data)
+            kind, data = answer(text)
+            if kind == "reply":
+                return data
+            if progress is not None:
+                progress(data["completed_bytes"], data["content_length"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     raise PeerGone()

@@ -1,11 +1,9 @@
-"""The peer's end of the local socket `swarmfly get` uses (``swarmfly.localpeer`` is the other).
+"""The peer's end of the local socket `swarmfly get` uses (``swarmfly.localproto`` is the
+protocol, ``swarmfly.localpeer`` the other end).
 
-One JSON line, the ``peer.{host_id}.download`` request, arrives with the descriptor of the
-file the caller opened for the output (``SCM_RIGHTS``); the peer answers with a JSON line of
-progress every ``PROGRESS_INTERVAL`` and a last line with the reply or the error. The peer
-writes into that descriptor only, so it writes with the caller's permissions, never its own.
-The kernel says who the caller is (``SO_PEERCRED``); HTTP framing would have lost the
-descriptor, hence this small protocol.
+The peer writes into the caller's descriptor only, so with the caller's permissions, never
+its own. The kernel says who the caller is (``SO_PEERCRED``); HTTP framing would have lost the
+descriptor, hence this small protocol. Here: its bounds in size, time and clients.
 """
 
 from __future__ import annotations
@@ -21,14 +19,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
 from swarmfly.errors import SwarmflyError
+from swarmfly.localproto import MAX_LINE, error_line
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST = 1 << 20
-"""Bytes of a request line (the NATS request limit)."""
 REQUEST_TIMEOUT = 10.0
 """Seconds a connection has to send its whole request."""
 MAX_CLIENTS = 256
@@ -90,7 +85,7 @@ async def read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
             if not chunk:
                 break
             data += chunk
-            if len(data) > MAX_REQUEST:
+            if len(data) > MAX_LINE:
                 break
     return data, fds
 
@@ -161,13 +156,9 @@ class LocalServer:
                 log.debug("local socket: a request did not arrive in time")
             except SwarmflyError as exc:
                 with contextlib.suppress(OSError):
-                    await loop.sock_sendall(conn, _line(exc))
+                    await loop.sock_sendall(conn, error_line(exc))
             except ConnectionError:
                 log.debug("local socket: the client went away")
             finally:
                 for fd in fds:
                     os.close(fd)
-
-
-def _line(exc: SwarmflyError) -> bytes:
-    return orjson.dumps(exc.to_dict()) + b"\n"

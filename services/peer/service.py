@@ -21,7 +21,15 @@ from swarmfly.content import SourceRequest
 from swarmfly.contracts import messages
 from swarmfly.contracts.wire import Endpoint
 from swarmfly.errors import SwarmflyError
-from swarmfly.localpeer import PEER_FILE, PROGRESS_INTERVAL, current_umask, socket_path
+from swarmfly.localproto import (
+    PEER_FILE,
+    PROGRESS_INTERVAL,
+    current_umask,
+    error_line,
+    progress_line,
+    reply_line,
+    socket_path,
+)
 from swarmfly.services.peer.filedigest import Output
 from swarmfly.services.peer.localsocket import LocalRequest, LocalServer, Send
 from swarmfly.services.peer.node import PeerNode, deliver
@@ -134,16 +142,16 @@ class PeerService:
                 if not download.done():
                     asked = messages.ProgressRequest(payload.download_id)
                     state = await self.on_progress(asked)
-                    await send(orjson.dumps({"progress": state.to_dict()}) + b"\n")
+                    await send(progress_line(state.to_dict()))
             try:
-                last = {"reply": download.result().to_dict()}
+                last = reply_line(download.result().to_dict())
             except SwarmflyError as exc:
-                last = exc.to_dict()
+                last = error_line(exc)
             except Exception:
                 log.exception("local download failed")
                 failed = "the download failed inside the peer (its log says why)"
-                last = SwarmflyError("internal", failed).to_dict()
-            await send(orjson.dumps(last) + b"\n")
+                last = error_line(SwarmflyError("internal", failed))
+            await send(last)
         except ConnectionError:
             log.debug("local client of %s went away", payload.download_id)
             await asyncio.wait([download])  # the descriptor stays open until it is written

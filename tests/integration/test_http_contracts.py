@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 from nacl.signing import VerifyKey
 
-from swarmfly import contracts, localpeer
+from swarmfly import contracts, localpeer, localproto
 from swarmfly.capability import Signer
 from swarmfly.config import Config
 from swarmfly.contracts.schema import compile_schema
@@ -457,7 +457,7 @@ def lines_of(raw: list[bytes]) -> Iterator[Any]:
 async def test_the_local_socket_and_a_real_swarm_speak_as_documented(running: Running) -> None:
     cluster, data = running.cluster, running.data
     peer_dir = cluster.peer.node.settings.state_dir
-    record = json.loads((peer_dir / localpeer.PEER_FILE).read_bytes())
+    record = json.loads((peer_dir / localproto.PEER_FILE).read_bytes())
     LOCAL.validate_record(record)
 
     # The real client, through the tap, into a file of its own.
@@ -544,7 +544,7 @@ def raw_exchange(path: str, line: bytes, fds: list[int]) -> list[bytes]:
 async def test_the_local_socket_refuses_as_documented(running: Running) -> None:
     """Each refusal is one error line, then the peer hangs up; nothing is downloaded."""
     peer_dir = running.cluster.peer.node.settings.state_dir
-    path = json.loads((peer_dir / localpeer.PEER_FILE).read_bytes())["socket"]
+    path = json.loads((peer_dir / localproto.PEER_FILE).read_bytes())["socket"]
     good = {"download_id": "dl-refused", "source": {"url": running.url},
             "output": str(running.root / "refused.bin")}  # fmt: skip
     requests_before = running.origin.requests

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from swarmfly import bus, capability, contracts, ids, localpeer
+from swarmfly import bus, capability, contracts, ids, localproto
 from swarmfly.contracts.documents import LOCAL_SOCKET, METHODS, PEER_API, resolved
 from swarmfly.contracts.schema import Invalid, compile_schema
 from swarmfly.services.peer import grants, lending, localsocket, upload
@@ -334,12 +334,12 @@ def test_the_wants_bitmap_is_as_documented(piece_count: int) -> None:
 
 def test_the_local_socket_framing_is_the_codes() -> None:
     framing = contracts.local_socket().framing
-    assert framing["max_request_bytes"] == min(bus.MAX_REQUEST_BYTES, localsocket.MAX_REQUEST)
+    assert framing["max_request_bytes"] == min(bus.MAX_REQUEST_BYTES, localproto.MAX_LINE)
     assert framing["request_timeout_s"] == localsocket.REQUEST_TIMEOUT
     assert framing["max_clients"] == localsocket.MAX_CLIENTS
-    assert framing["progress_interval_s"] == localpeer.PROGRESS_INTERVAL
-    assert framing["silence_s"] == localpeer.SILENCE
-    assert framing["max_path_bytes"] == localpeer.MAX_SOCKET_PATH
+    assert framing["progress_interval_s"] == localproto.PROGRESS_INTERVAL
+    assert framing["silence_s"] == localproto.SILENCE
+    assert framing["max_path_bytes"] == localproto.MAX_SOCKET_PATH
     assert framing["max_descriptors"] == 1
     record = contracts.local_socket().validate_record
     record({"host_id": "host-a", "pid": 1, "upload": "http://127.0.0.1:1", "socket": None})
