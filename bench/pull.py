@@ -68,8 +68,8 @@ from _common import (
     workspace,
 )
 
+from swarmfly.httpheaders import HOP_BY_HOP
 from swarmfly.natsserver import NatsServer, free_port
-from swarmfly.plugins.sources.http import HOP_BY_HOP
 from swarmfly.testing import ServiceProcess, spawn_service
 
 NAME = "bench/app"

@@ -1,4 +1,5 @@
-"""The swarmfly plugin API: every hook, and every type a plugin implements or receives.
+"""The swarmfly plugin hooks (the types they use are in ``swarmfly.plugintypes``; authors
+import both from ``swarmfly.plugins``).
 
 A plugin is a module (or object) with functions marked ``@hookimpl`` named like the hooks
 below, published under the entry-point group ``swarmfly``::
@@ -13,156 +14,13 @@ strategies and evaluators are registered through exactly this path.
 
 from __future__ import annotations
 
-import random
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
-
 import pluggy
 
-from swarmfly.frozen import quick_init
+from swarmfly.plugintypes import EvaluatorRegistry, SourceRegistry, StrategyRegistry
 
 PROJECT = "swarmfly"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
-
-
-# -- sources ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SourceStat:
-    """What an origin says about a URL before any byte is read."""
-
-    size: int | None
-    """Content length in bytes; None when the origin does not say (then it is streamed)."""
-    ranges: bool
-    """True when ``fetch`` can start at any offset cheaply (parallel range requests)."""
-    etag: str | None = None
-    digest: str | None = None
-    """``sha256:HEX`` when the origin states the content digest (an OCI blob)."""
-
-
-@runtime_checkable
-class Source(Protocol):
-    """A source backend: reads origins of some URL schemes.
-
-    Credentials arrive in ``headers`` (``Authorization``) or come from the backend's own
-    standard configuration (AWS variables for S3); a backend never logs them and never puts
-    them in errors.
-    """
-
-    schemes: tuple[str, ...]
-    """URL schemes this backend takes, lower case: ``("http", "https")``."""
-
-    async def stat(self, url: str, headers: Mapping[str, str]) -> SourceStat:
-        """Size, range support and validators; raise ``SwarmflyError`` (``not_found``,
-        ``source_error``, ``bad_request``) with a message that holds no secret."""
-        ...
-
-    def fetch(
-        self, url: str, headers: Mapping[str, str], start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes]:
-        """Yield exactly bytes ``[start, end)`` (``end`` None: to the end of the content).
-
-        Yielding fewer or more bytes than asked fails the piece, never the process.
-        Cancellation (the consumer stops iterating) must release connections.
-        """
-        ...
-
-    async def close(self) -> None:
-        """Release connection pools at shutdown."""
-        ...
-
-
-class OriginGuard(Protocol):
-    """Where this process may connect for an origin (``[origins]``, ``swarmfly.origins``).
-
-    A source that connects to hosts its URLs (or an origin's redirects and token realms) name
-    asks before every connection; refusals are ``SwarmflyError("forbidden")``.
-    """
-
-    async def check(self, url: str) -> None:
-        """Refuse ``url`` when its host, or any address the host resolves to, is denied."""
-        ...
-
-    def check_addresses(self, host: str, port: int | None, addresses: Sequence[str]) -> None:
-        """Refuse the addresses a resolver just gave for ``host`` (they may differ from what
-        ``check`` saw); for a source's own resolver."""
-        ...
-
-
-class SourceRegistry(Protocol):
-    origins: OriginGuard
-    """The process's origin policy, for sources that connect where a URL or redirect says."""
-
-    def add(self, source: Source) -> None:
-        """Make ``source`` serve its ``schemes``; a later plugin may not take a scheme that
-        an earlier one registered (the conflict is reported by plugin name)."""
-        ...
-
-
-# -- piece-selection strategies ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PieceView:
-    """What a strategy sees of one download when a parent has a free slot."""
-
-    candidates: Sequence[int]
-    """Pieces that parent holds which nobody fetches yet and whose digest is known."""
-    holders: Mapping[int, int]
-    """How many of the child's parents hold each piece."""
-    first_missing: int
-    """The lowest piece not yet verified (what a stream waits for)."""
-    piece_count: int
-
-
-Strategy = Callable[[PieceView, random.Random], list[int]]
-"""``strategy(view, rng) -> pieces``: a pure function returning candidates in the order to
-fetch them; pieces left out are not fetched now (a look-ahead window)."""
-
-
-class StrategyRegistry(Protocol):
-    def add(self, name: str, strategy: Strategy) -> None:
-        """Offer ``strategy`` as ``name`` (``swarmfly get --strategy NAME``, ``peer.strategy``)."""
-        ...
-
-
-# -- parent evaluators -------------------------------------------------------------------
-
-
-@quick_init
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """What an evaluator may know of a peer: a parent candidate or the child."""
-
-    peer_id: str
-    host_type: str
-    """``seed`` for storage instances and peers reading the origin, else ``normal``."""
-    finished_pieces: int
-    upload_slots: int
-    uploads: int
-    idc: str
-    location: str
-    """``country|region|zone``, most general first."""
-    mean_cost_ms: float | None
-    """Mean time this peer took to serve a piece lately; None before any."""
-    useful_pieces: int | None = None
-    """For a parent: pieces it holds (or, a seed, will hold) that the child lacks."""
-
-
-Evaluator = Callable[[Candidate, Candidate, int, "float | None"], float]
-"""``evaluate(parent, child, total_pieces, median_cost_ms) -> score``: higher is better. A
-pure function; the scheduler filters unusable parents (dead, blocklisted, corrupt, cycles)
-before it asks. ``median_cost_ms`` is the median of the candidates' mean piece costs (None
-before any piece was timed)."""
-
-
-class EvaluatorRegistry(Protocol):
-    def add(self, name: str, evaluator: Evaluator) -> None:
-        """Offer ``evaluator`` as ``name`` (the scheduler's ``evaluator`` setting)."""
-        ...
 
 
 # -- hooks ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pluggy
 from swarmfly.errors import SwarmflyError
 from swarmfly.origins import OriginPolicy
 from swarmfly.plugins import hookspecs
-from swarmfly.plugins.hookspecs import Evaluator, OriginGuard, Source, Strategy
+from swarmfly.plugintypes import Evaluator, OriginGuard, Source, Strategy
 
 log = logging.getLogger(__name__)
 GROUP = "swarmfly"
@@ -49,7 +49,7 @@ class _SourceRegister:
         self.origins = origins
 
     def add(self, source: Source) -> None:
-        if not isinstance(source, hookspecs.Source):
+        if not isinstance(source, Source):
             raise TypeError(f"{source!r} is not a Source (stat, fetch, close, schemes)")
         self._staging.sources.append(source)
 
@@ -104,14 +104,17 @@ class Plugins:
             try:
                 plugins._register(name, load(), info)
             except Exception as exc:
-                info.error = f"{type(exc).__name__}: {exc}"[:300]
+                info.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]  # one line
                 log.error("plugin %s skipped: %s", name, info.error)
         return plugins
 
     def _register(self, name: str, plugin: object, info: PluginInfo) -> None:
         staging = _Staging()
+        others = self.manager.get_plugins()
         self.manager.register(plugin, name=name)
         try:
+            # A hook pluggy does not know (a misspelt name) would otherwise never be called.
+            self.manager.check_pending()
             for hook, register, kind in (
                 ("swarmfly_register_sources", _SourceRegister(staging, self.origins), "source"),
                 (
@@ -125,12 +128,14 @@ class Plugins:
                     "evaluator",
                 ),
             ):
-                caller = getattr(self.manager.hook, hook)
-                for impl in caller.get_hookimpls():
-                    if impl.plugin_name == name:
-                        impl.function(register=register)
-                        if kind not in info.kinds:
-                            info.kinds.append(kind)
+                if not any(
+                    i.plugin_name == name for i in getattr(self.manager.hook, hook).get_hookimpls()
+                ):
+                    continue
+                # Through pluggy (its argument checks and wrappers), this plugin alone: what
+                # it registers is staged, and kept only if all of it is consistent.
+                self.manager.subset_hook_caller(hook, remove_plugins=others)(register=register)
+                info.kinds.append(kind)
             for source in staging.sources:
                 for scheme in source.schemes:
                     if scheme in self.sources:

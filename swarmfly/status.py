@@ -7,6 +7,7 @@ from typing import Any
 from swarmfly.cluster import connect
 from swarmfly.config import Config
 from swarmfly.contracts import messages
+from swarmfly.services.scheduler.views import merge
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
@@ -40,31 +41,6 @@ def _summary(peers: list[dict[str, Any]]) -> dict[str, int]:
         "origin_bytes": sum(p.get("origin_bytes", 0) for p in peers),
         "p2p_bytes": sum(p.get("p2p_bytes", 0) for p in peers),
     }
-
-
-def merge(states: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-    """One view of several schedulers: each knows every host (heartbeats reach them all)
-    and the tasks of the partitions it holds."""
-    hosts: dict[str, dict[str, Any]] = {}
-    tasks: dict[str, dict[str, Any]] = {}
-    for state in states:
-        for host in state["hosts"]:
-            known = hosts.get(host["id"])
-            if known is None or host["seen_s"] < known["seen_s"]:
-                hosts[host["id"]] = host
-        for task in state["tasks"]:
-            tasks.setdefault(task["id"], task)
-    merged: dict[str, Any] = {
-        "hosts": list(hosts.values()),
-        "tasks": list(tasks.values())[:limit],
-        # Every scheduler hears every host; each holds the tasks of its own partitions.
-        "host_count": max((s.get("host_count", len(s["hosts"])) for s in states), default=0),
-        "task_count": sum(s.get("task_count", len(s["tasks"])) for s in states),
-        "schedulers": [s["scheduler"] for s in states if s.get("scheduler")],
-    }
-    if any(s.get("truncated") for s in states) or len(tasks) > limit:
-        merged["truncated"] = True
-    return merged
 
 
 SCHEDULER_WAIT = 2.0

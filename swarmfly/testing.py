@@ -30,7 +30,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
-from swarmfly.plugins.hookspecs import Source
+from swarmfly.plugintypes import Source
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.service import PeerService
 from swarmfly.services.proxy.service import ProxyService

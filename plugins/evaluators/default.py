@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swarmfly.plugins.hookspecs import Candidate, EvaluatorRegistry, hookimpl
+from swarmfly.plugins import Candidate, EvaluatorRegistry, hookimpl
 
 FINISHED_PIECE_WEIGHT = 0.2
 FREE_UPLOAD_WEIGHT = 0.2

@@ -14,7 +14,8 @@ from aiohttp.abc import ResolveResult
 from yarl import URL
 
 from swarmfly.errors import ErrorCode, SwarmflyError, connect_error_in_words
-from swarmfly.plugins.hookspecs import OriginGuard, SourceRegistry, SourceStat, hookimpl
+from swarmfly.httpheaders import HOP_BY_HOP
+from swarmfly.plugins import OriginGuard, SourceRegistry, SourceStat, hookimpl
 from swarmfly.plugins.sources.bearer import Challenge, TokenCache, parse_challenge
 
 log = logging.getLogger(__name__)
@@ -23,11 +24,6 @@ CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
-HOP_BY_HOP = frozenset(
-    {"connection", "content-length", "keep-alive", "te", "trailer", "transfer-encoding",
-     "upgrade", "host", "proxy-authorization", "proxy-connection"}
-)  # fmt: skip
-"""Headers that belong to one connection: a caller's values would break the request."""
 CROSS_ORIGIN_HEADERS = frozenset(
     {"accept", "accept-encoding", "accept-language", "user-agent", "range", "if-range",
      "if-match", "if-none-match", "if-modified-since", "if-unmodified-since"}

@@ -14,21 +14,14 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 from swarmfly.errors import SwarmflyError
-from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat, hookimpl
+from swarmfly.oci import MANIFEST_TYPES
+from swarmfly.plugins import SourceRegistry, SourceStat, hookimpl
 from swarmfly.plugins.sources.http import HttpSource
 
 _REFERENCE = re.compile(
     r"^(?P<scheme>oci|oci\+http)://(?P<host>(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?)/"
     r"(?P<name>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
     r"(?:@(?P<digest>sha256:[0-9a-f]{64})|:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))$"
-)
-MANIFEST_TYPES = ", ".join(
-    [
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    ]
 )
 
 

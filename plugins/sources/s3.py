@@ -25,7 +25,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from swarmfly.errors import SwarmflyError, connect_error_in_words, in_words
-from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat, hookimpl
+from swarmfly.plugins import SourceRegistry, SourceStat, hookimpl
 
 CHUNK = 256 * 1024
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchVersion", "NotFound", "404"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from swarmfly.plugins.hookspecs import PieceView, StrategyRegistry, hookimpl
+from swarmfly.plugins import PieceView, StrategyRegistry, hookimpl
 
 SEQUENTIAL_WINDOW = 16
 """Pieces ahead of the first missing one that ``sequential`` may fetch: enough to keep every

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,7 +25,7 @@ from swarmfly.contracts import messages
 from swarmfly.contracts.wire import ABSENT, Absent, Rep, Req, Subject
 from swarmfly.errors import SwarmflyError, in_words
 from swarmfly.ids import check_digest, piece_count, piece_length_for, redact_url
-from swarmfly.plugins.hookspecs import SourceStat, Strategy
+from swarmfly.plugintypes import SourceStat, Strategy
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.filedigest import PrefixDigest
@@ -473,6 +474,7 @@ class Conductor:
                         done=set(self.stored.done),
                         digests=list(self.stored.digests),
                         strategy=self.strategy,
+                        rng=random.Random(self.peer_id),  # peers of a task break ties apart
                     )
                 if swarm.complete:
                     return None

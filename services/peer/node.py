@@ -36,7 +36,7 @@ from swarmfly.ids import peer_id as make_peer_id
 from swarmfly.ids import task_id as make_task_id
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
-from swarmfly.plugins.hookspecs import Source, SourceStat
+from swarmfly.plugintypes import Source, SourceStat
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.conductor import Conductor, LocalDiskError
 from swarmfly.services.peer.gc import CachedTask, DiskUsage, GcPolicy, plan

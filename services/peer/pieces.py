@@ -9,8 +9,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from swarmfly.plugins.hookspecs import PieceView, Strategy
-from swarmfly.plugins.strategies.builtin import rarest_first
+from swarmfly.plugintypes import PieceView, Strategy
 
 
 @dataclass
@@ -22,8 +21,10 @@ class PieceBook:
     """parent id -> pieces that parent has verified."""
     in_flight: dict[int, set[str]] = field(default_factory=dict)
     """piece -> parents it is being fetched from (more than one only in the endgame)."""
-    strategy: Strategy = rarest_first
-    rng: random.Random = field(default_factory=random.Random)
+    strategy: Strategy = field(kw_only=True)
+    """The peer's strategy plugin (``rarest-first`` unless configured)."""
+    rng: random.Random = field(kw_only=True)
+    """Seeded by the caller: the strategy's ties break the same way on a replay."""
 
     def __post_init__(self) -> None:
         if not self.digests:

@@ -36,9 +36,9 @@ from swarmfly import __version__, metrics, telemetry
 from swarmfly.config import ProxyConfig
 from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError, connect_error_in_words
+from swarmfly.httpheaders import HOP_BY_HOP
 from swarmfly.httpserver import Limits, default_limits, healthz, listen
-from swarmfly.plugins.hookspecs import SourceStat
-from swarmfly.plugins.sources.http import HOP_BY_HOP
+from swarmfly.plugintypes import SourceStat
 from swarmfly.services.peer.node import Download, PeerNode
 from swarmfly.services.proxy import stream
 from swarmfly.services.proxy.registry import (

@@ -22,8 +22,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.frozen import quick_init
 from swarmfly.ids import piece_count
 from swarmfly.placement import rendezvous
-from swarmfly.plugins.evaluators.default import evaluate as default_evaluate
-from swarmfly.plugins.hookspecs import Candidate, Evaluator
+from swarmfly.plugintypes import Candidate, Evaluator
 from swarmfly.services.scheduler.pieceset import PieceSet
 
 Action = Literal["parents", "back_to_source", "wait"]
@@ -324,7 +323,7 @@ class Scheduler:
         seed_timeout: float = 30.0,
         seed_silence: float = 5.0,
         acyclic: bool = False,
-        evaluator: Evaluator = default_evaluate,
+        evaluator: Evaluator,
         rng: random.Random | None = None,
     ) -> None:
         self.candidate_parents = candidate_parents

@@ -34,7 +34,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import healthz, serve_http
 from swarmfly.ids import default_host_id, keys_task, peer_id, redact_url
 from swarmfly.placement import partition_of
-from swarmfly.plugins.hookspecs import Evaluator
+from swarmfly.plugintypes import Evaluator
 from swarmfly.services.scheduler.core import (
     HostSpec,
     Lending,
@@ -47,7 +47,7 @@ from swarmfly.services.scheduler.core import (
 )
 from swarmfly.services.scheduler.ownership import Ownership
 from swarmfly.services.scheduler.pieceset import PieceSet
-from swarmfly.status import merge
+from swarmfly.services.scheduler.views import merge
 
 log = logging.getLogger(__name__)
 EVENT_INTERVAL = 0.5

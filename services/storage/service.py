@@ -25,7 +25,7 @@ from swarmfly.contracts import messages
 from swarmfly.contracts.wire import Endpoint
 from swarmfly.errors import SwarmflyError
 from swarmfly.placement import rendezvous
-from swarmfly.plugins.hookspecs import SourceStat
+from swarmfly.plugintypes import SourceStat
 from swarmfly.services.peer.node import PeerNode
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import random
 import shutil
 import sys
 import tomllib
@@ -18,8 +19,14 @@ import pytest
 from swarmfly.errors import SwarmflyError
 from swarmfly.natsserver import NatsServer
 from swarmfly.pluginhost import Plugins
-from swarmfly.plugins import hookspecs
-from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat, hookimpl
+from swarmfly.plugins import (
+    EvaluatorRegistry,
+    SourceRegistry,
+    SourceStat,
+    StrategyRegistry,
+    hookimpl,
+    hookspecs,
+)
 from swarmfly.plugins.sources.http import HttpSource
 from swarmfly.testing import Origin, check_source, spawn_service
 from tests.conftest import FAST_ENV, swarmfly
@@ -158,6 +165,18 @@ BROKEN = {
         "def swarmfly_register_sources(register):\n"
         "    register.add(HttpSource())\n"
     ),
+    "misspelt": (
+        "from swarmfly.plugins import hookimpl\n"
+        "@hookimpl\n"
+        "def swarmfly_register_source(register):\n"
+        "    pass\n"
+    ),
+    "wrong-argument": (
+        "from swarmfly.plugins import hookimpl\n"
+        "@hookimpl\n"
+        "def swarmfly_register_sources(registry):\n"
+        "    pass\n"
+    ),
 }
 
 
@@ -175,6 +194,8 @@ async def test_broken_plugins_are_reported_by_name_and_skipped(
     assert "broken on purpose" in rows["import-fails"]["error"]
     assert "blew up" in rows["hook-raises"]["error"]
     assert "already served" in rows["steals-http"]["error"]
+    assert "unknown hook 'swarmfly_register_source'" in rows["misspelt"]["error"]
+    assert "{'registry'} are declared in the hookimpl" in rows["wrong-argument"]["error"]
     assert rows["http"]["error"] is None
 
     data = os.urandom(MiB)
@@ -296,11 +317,11 @@ def test_a_plugin_adds_a_strategy_and_an_evaluator() -> None:
     module = ModuleType("custom")
 
     @hookimpl
-    def swarmfly_register_strategies(register: hookspecs.StrategyRegistry) -> None:
+    def swarmfly_register_strategies(register: StrategyRegistry) -> None:
         register.add("newest-first", lambda view, rng: sorted(view.candidates, reverse=True))
 
     @hookimpl
-    def swarmfly_register_evaluators(register: hookspecs.EvaluatorRegistry) -> None:
+    def swarmfly_register_evaluators(register: EvaluatorRegistry) -> None:
         register.add(
             "same-idc", lambda parent, child, total, median: float(parent.idc == child.idc)
         )
@@ -310,7 +331,9 @@ def test_a_plugin_adds_a_strategy_and_an_evaluator() -> None:
     plugins = Plugins.load(extra=[("custom", module)])
     assert next(i for i in plugins.infos if i.name == "custom").kinds == ["strategy", "evaluator"]
 
-    book = PieceBook(8, digests=["0" * 64] * 8, strategy=plugins.strategy("newest-first"))
+    book = PieceBook(
+        8, digests=["0" * 64] * 8, strategy=plugins.strategy("newest-first"), rng=random.Random(0)
+    )
     book.update_parent("parent", set(range(8)))
     assert book.assign({"parent": 3}) == [(7, "parent"), (6, "parent"), (5, "parent")]
 

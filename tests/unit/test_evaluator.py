@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from swarmfly.plugins.evaluators.default import evaluate
-from swarmfly.plugins.hookspecs import Candidate
+from swarmfly.plugintypes import Candidate
 
 CHILD = Candidate(
     peer_id="child",

@@ -9,7 +9,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarmfly.plugins.strategies.builtin import sequential
+from swarmfly.plugins.strategies.builtin import rarest_first, sequential
 from swarmfly.services.peer.pieces import PieceBook
 
 
@@ -22,6 +22,7 @@ def make_book(count: int, *, done: set[int] | None = None, seed: int = 0) -> Pie
         count,
         done=set(done or ()),
         digests=[digest(n) for n in range(count)],
+        strategy=rarest_first,
         rng=random.Random(seed),
     )
 
@@ -89,7 +90,7 @@ def test_pieces_without_a_digest_are_never_assigned() -> None:
 
 
 def test_no_digests_given_means_none_known() -> None:
-    book = PieceBook(3)
+    book = PieceBook(3, strategy=rarest_first, rng=random.Random(0))
     assert book.digests == [None, None, None]
     book.update_parent("a", {0, 1, 2})
     assert book.needs_digests()
@@ -97,7 +98,7 @@ def test_no_digests_given_means_none_known() -> None:
 
 
 def test_needs_digests_ignores_pieces_already_done() -> None:
-    book = PieceBook(3, done={1})
+    book = PieceBook(3, done={1}, strategy=rarest_first, rng=random.Random(0))
     book.update_parent("a", {1})
     assert not book.needs_digests()
 
@@ -140,7 +141,9 @@ def test_rarest_first_spreads_parents_over_rare_pieces() -> None:
 
 
 def test_the_strategy_decides_the_order() -> None:
-    book = PieceBook(8, digests=[digest(n) for n in range(8)], strategy=sequential)
+    book = PieceBook(
+        8, digests=[digest(n) for n in range(8)], strategy=sequential, rng=random.Random(0)
+    )
     book.update_parent("a", set(range(8)))
     assert [n for n, _ in book.assign({"a": 8})] == list(range(8))
 
@@ -272,7 +275,7 @@ def test_finishing_one_endgame_copy_ends_the_piece() -> None:
 
 
 def test_an_empty_task_is_complete() -> None:
-    assert PieceBook(0).complete
+    assert PieceBook(0, strategy=rarest_first, rng=random.Random(0)).complete
 
 
 # -- invariants ----------------------------------------------------------------------------
@@ -286,7 +289,7 @@ def test_an_empty_task_is_complete() -> None:
 )
 def test_assignments_always_respect_the_rules(count: int, data: st.DataObject, seed: int) -> None:
     pieces = st.sets(st.integers(min_value=0, max_value=count - 1))
-    book = PieceBook(count, done=data.draw(pieces), rng=random.Random(seed))
+    book = PieceBook(count, done=data.draw(pieces), strategy=rarest_first, rng=random.Random(seed))
     unknown = data.draw(pieces)
     book.digests = [None if n in unknown else digest(n) for n in range(count)]
     parents = data.draw(st.lists(st.sampled_from("abcdef"), unique=True, max_size=6))
@@ -312,7 +315,7 @@ def test_assignments_always_respect_the_rules(count: int, data: st.DataObject, s
 
 
 def test_a_seed_is_asked_for_what_is_missing_and_not_in_flight_until_the_endgame() -> None:
-    book = PieceBook(4, done={0}, digests=["d"] * 4)
+    book = PieceBook(4, done={0}, digests=["d"] * 4, strategy=rarest_first, rng=random.Random(0))
     book.update_parent("a", {1, 2, 3})
     assert book.wanted() == {1, 2, 3}
     book.assign({"a": 2})  # two of the three in flight

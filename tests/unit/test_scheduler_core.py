@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.placement import rendezvous
-from swarmfly.plugins.hookspecs import Candidate
+from swarmfly.plugins.evaluators.default import evaluate
+from swarmfly.plugintypes import Candidate
 from swarmfly.services.scheduler.core import (
     BLOCK_SECONDS,
     FILTER_LIMIT,
@@ -32,6 +34,12 @@ from swarmfly.services.scheduler.core import (
     TriggerSeed,
 )
 from swarmfly.services.scheduler.service import schedule_message
+
+
+def new_core(**settings: Any) -> Scheduler:
+    """The core with the built-in default evaluator, as a scheduler runs it unconfigured."""
+    return Scheduler(**{"evaluator": evaluate, **settings})
+
 
 T = "1" * 64
 T2 = "2" * 64
@@ -90,7 +98,7 @@ def ranked(*order: str) -> Evaluator:
 
 
 def test_first_register_of_a_new_task_waits_and_triggers_one_seed() -> None:
-    s = Scheduler()
+    s = new_core()
     schedule, effects = s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
     assert schedule.action == "wait"
     assert schedule.parents == ()
@@ -104,7 +112,7 @@ def test_first_register_of_a_new_task_waits_and_triggers_one_seed() -> None:
 
 
 def test_each_new_task_triggers_its_own_seed() -> None:
-    s = Scheduler()
+    s = new_core()
     _, first = s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
     _, second = s.register(task_id=T2, peer_id="b", host=host("h1"), now=0.0)
     assert first == [TriggerSeed(T)]
@@ -112,7 +120,7 @@ def test_each_new_task_triggers_its_own_seed() -> None:
 
 
 def test_normal_peers_get_the_seed_as_parent_once_it_registers() -> None:
-    s = Scheduler()
+    s = new_core()
     assert join(s, "a", "h1").action == "wait"
     add_seed(s, now=1.0)
 
@@ -132,7 +140,7 @@ def test_normal_peers_get_the_seed_as_parent_once_it_registers() -> None:
 
 
 def test_seed_unavailable_sends_the_next_peer_to_the_source() -> None:
-    s = Scheduler()
+    s = new_core()
     assert join(s, "a", "h1").action == "wait"
     s.seed_unavailable(T)
 
@@ -147,20 +155,20 @@ def test_seed_unavailable_sends_the_next_peer_to_the_source() -> None:
 
 
 def test_seed_unavailable_for_an_unknown_task_is_harmless() -> None:
-    s = Scheduler()
+    s = new_core()
     s.seed_unavailable(T)
     assert join(s, "a", "h1").action == "wait"
 
 
 def test_a_seed_that_never_comes_times_out_to_back_to_source() -> None:
-    s = Scheduler(seed_timeout=30.0)
+    s = new_core(seed_timeout=30.0)
     assert join(s, "a", "h1", now=0.0).action == "wait"
     assert s.reschedule(task_id=T, peer_id="a", now=29.0)[0].action == "wait"
     assert s.reschedule(task_id=T, peer_id="a", now=30.5)[0].action == "back_to_source"
 
 
 def test_a_failed_seed_lets_the_next_request_trigger_a_seed_again() -> None:
-    s = Scheduler()
+    s = new_core()
     join(s, "a", "h1")
     add_seed(s, now=1.0)
     s.result(task_id=T, peer_id="seed", success=False, now=2.0)
@@ -169,7 +177,7 @@ def test_a_failed_seed_lets_the_next_request_trigger_a_seed_again() -> None:
 
 
 def test_a_complete_peer_rejoining_gets_no_parents_and_no_seed() -> None:
-    s = Scheduler()
+    s = new_core()
     schedule, effects = s.register(
         task_id=T, peer_id="a", host=host("h1"), now=0.0, pieces=range(4), content=CONTENT
     )
@@ -180,7 +188,7 @@ def test_a_complete_peer_rejoining_gets_no_parents_and_no_seed() -> None:
 
 
 def test_register_ignores_pieces_beyond_the_task() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0, pieces=[0, 9, 99], content=CONTENT)
     with pytest.raises(SwarmflyError, match="reported 1 of 4"):
@@ -188,7 +196,7 @@ def test_register_ignores_pieces_beyond_the_task() -> None:
 
 
 def test_register_with_different_content_is_a_conflict() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     other = TaskContent(CONTENT.content_length - 1, CONTENT.piece_length, CONTENT.piece_count)
     with pytest.raises(SwarmflyError, match="content length") as caught:
@@ -197,7 +205,7 @@ def test_register_with_different_content_is_a_conflict() -> None:
 
 
 def test_a_peer_id_cannot_move_to_another_task_or_host() -> None:
-    s = Scheduler()
+    s = new_core()
     join(s, "a", "h1")
     with pytest.raises(SwarmflyError, match="another task or host") as caught:
         join(s, "a", "h1", task=T2)
@@ -211,7 +219,7 @@ def test_a_peer_id_cannot_move_to_another_task_or_host() -> None:
 
 @pytest.mark.parametrize("limit", [1, 2, 4])
 def test_at_most_candidate_parents_are_offered(limit: int) -> None:
-    s = Scheduler(candidate_parents=limit)
+    s = new_core(candidate_parents=limit)
     add_seed(s)
     for n in range(8):
         join(s, f"p{n}", f"h{n}")
@@ -222,14 +230,14 @@ def test_at_most_candidate_parents_are_offered(limit: int) -> None:
 
 
 def test_a_peer_is_never_offered_itself() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     for n in range(5):
         assert f"p{n}" not in ids(join(s, f"p{n}", f"h{n}"))
 
 
 def test_a_parent_on_the_same_host_is_not_offered() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     schedule = join(s, "b", "h1")
@@ -240,7 +248,7 @@ def test_a_parent_on_the_same_host_is_not_offered() -> None:
 def test_a_host_at_upload_capacity_ranks_after_an_idle_one() -> None:
     # Its load is as old as its heartbeat: still offered (the seed, the only source, above
     # all), but an idle parent with as much to give comes first.
-    s = Scheduler(candidate_parents=1)
+    s = new_core(candidate_parents=1)
     storage = host("storage-seed", kind="seed", upload_slots=2)
     s.register(task_id=T, peer_id="seed", host=storage, now=0.0, content=CONTENT, seed=True)
     s.report_pieces(task_id=T, peer_id="seed", pieces=[PieceReport(0, digest(0))], now=0.0)
@@ -255,7 +263,7 @@ def test_a_host_at_upload_capacity_ranks_after_an_idle_one() -> None:
 
 
 def test_a_host_with_no_upload_slots_is_never_offered() -> None:
-    s = Scheduler()
+    s = new_core()
     s.register(
         task_id=T,
         peer_id="seed",
@@ -267,7 +275,7 @@ def test_a_host_with_no_upload_slots_is_never_offered() -> None:
 
 
 def test_blocklisted_parents_are_not_offered_to_that_child() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     join(s, "b", "h2")
@@ -285,7 +293,7 @@ def test_blocklisted_parents_are_not_offered_to_that_child() -> None:
 
 
 def test_a_corrupt_parent_is_excluded_for_every_child_of_the_task() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     for n in range(4):
         join(s, f"p{n}", f"h{n}")
@@ -299,7 +307,7 @@ def test_a_corrupt_parent_is_excluded_for_every_child_of_the_task() -> None:
 
 
 def test_a_corrupt_parent_still_serves_other_tasks() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s, task=T)
     add_seed(s, task=T2, peer="seed2")
     join(s, "a", "h1")
@@ -308,7 +316,7 @@ def test_a_corrupt_parent_still_serves_other_tasks() -> None:
 
 
 def test_a_slow_parent_is_only_blocked_for_the_child_that_reported_it() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     join(s, "b", "h2")
@@ -318,7 +326,7 @@ def test_a_slow_parent_is_only_blocked_for_the_child_that_reported_it() -> None:
 
 
 def test_failed_peers_are_not_offered() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     s.result(task_id=T, peer_id="a", success=False, now=1.0)
@@ -326,7 +334,7 @@ def test_failed_peers_are_not_offered() -> None:
 
 
 def test_a_succeeded_peer_is_offered() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)
     s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(n) for n in range(4)], now=1.0)
@@ -335,7 +343,7 @@ def test_a_succeeded_peer_is_offered() -> None:
 
 
 def test_acyclic_a_parent_is_not_offered_its_own_child() -> None:
-    s = Scheduler(acyclic=True)
+    s = new_core(acyclic=True)
     add_seed(s)
     join(s, "a", "h1")
     assert "a" in ids(join(s, "b", "h2"))  # a is b's parent
@@ -346,7 +354,7 @@ def test_acyclic_a_parent_is_not_offered_its_own_child() -> None:
 
 def test_by_default_two_peers_trade_both_ways() -> None:
     # a is b's parent; b got piece 0 (from the seed), which a lacks: b may serve a.
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(1)], now=0.2)
@@ -359,7 +367,7 @@ def test_by_default_two_peers_trade_both_ways() -> None:
 def test_no_peer_is_offered_a_descendant_along_a_chain() -> None:
     chain = ["p0", "p1", "p2", "p3", "p4"]
     # Prefer the newest peer, so every peer picks the previous one: seed <- p0 <- p1 <- ...
-    s = Scheduler(candidate_parents=1, evaluator=ranked(*reversed(chain), "seed"), acyclic=True)
+    s = new_core(candidate_parents=1, evaluator=ranked(*reversed(chain), "seed"), acyclic=True)
     add_seed(s)
     previous = "seed"
     for n, peer in enumerate(chain):
@@ -375,7 +383,7 @@ def test_no_peer_is_offered_a_descendant_along_a_chain() -> None:
 
 
 def test_a_finished_descendant_may_serve_again() -> None:
-    s = Scheduler(candidate_parents=1, evaluator=ranked("b", "a", "seed"), acyclic=True)
+    s = new_core(candidate_parents=1, evaluator=ranked("b", "a", "seed"), acyclic=True)
     add_seed(s)
     assert ids(join(s, "a", "h1")) == {"seed"}
     s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0)], now=0.5)
@@ -388,7 +396,7 @@ def test_a_finished_descendant_may_serve_again() -> None:
 
 def test_parents_with_something_to_give_come_first() -> None:
     # The evaluator prefers c, then b, then a; only a holds a piece the child lacks.
-    s = Scheduler(candidate_parents=1, evaluator=ranked("c", "b", "a", "seed"))
+    s = new_core(candidate_parents=1, evaluator=ranked("c", "b", "a", "seed"))
     add_seed(s)
     for n, peer in enumerate("abc"):
         join(s, peer, f"h{n}")
@@ -450,7 +458,7 @@ OPS = st.lists(
 def test_random_histories_never_make_a_cycle(
     ops: list[tuple[str, str, set[str]]], candidates: int, seed: int
 ) -> None:
-    s = Scheduler(candidate_parents=candidates, rng=random.Random(seed), acyclic=True)
+    s = new_core(candidate_parents=candidates, rng=random.Random(seed), acyclic=True)
     for now, (op, peer, blocklist) in enumerate(ops):
         host_id = f"h{PEERS.index(peer) % 4}"  # some peers share a host
         if op == "register":
@@ -484,7 +492,7 @@ def test_a_decision_in_a_large_swarm_weighs_a_bounded_sample() -> None:
         scored.append(parent.peer_id)
         return float(parent.finished_pieces)
 
-    s = Scheduler(candidate_parents=4, evaluator=counting, rng=random.Random(7))
+    s = new_core(candidate_parents=4, evaluator=counting, rng=random.Random(7))
     add_seed(s)
     peers = [f"p{n}" for n in range(4 * SAMPLE_SIZE)]
     for n, peer in enumerate(peers):
@@ -509,7 +517,7 @@ def test_a_decision_in_a_large_swarm_weighs_a_bounded_sample() -> None:
 def test_a_seed_serves_a_bounded_few_children_at_a_time() -> None:
     """A seed is offered to SEED_CHILDREN running children at most: those keep it, the others
     take its pieces from them; as its children finish, it is offered to new ones."""
-    s = Scheduler(candidate_parents=4, rng=random.Random(3))
+    s = new_core(candidate_parents=4, rng=random.Random(3))
     add_seed(s)
     children = [f"c{n}" for n in range(SEED_CHILDREN + 40)]
     for n, child in enumerate(children):
@@ -538,7 +546,7 @@ def test_a_seed_serves_a_bounded_few_children_at_a_time() -> None:
 def test_waiting_children_come_back_less_often_in_a_larger_swarm() -> None:
     """Told to wait (the seed is on its way), a child of a large swarm asks again later: the
     swarm's wait polls cost the scheduler a bounded rate, not one per child per 50 ms."""
-    s = Scheduler()
+    s = new_core()
     hints = []
     for n in range(20 * WAITERS_PER_WAIT):
         schedule = join(s, f"w{n}", f"h{n}")
@@ -555,7 +563,7 @@ def test_waiting_children_come_back_less_often_in_a_larger_swarm() -> None:
 def test_children_of_a_large_swarm_are_told_to_reschedule_less_often() -> None:
     """Past RESCHEDULE_PEERS peers a schedule says how long a child may go before asking for
     fresher parents: the task's periodic reschedules stay near RESCHEDULE_PEERS a second."""
-    s = Scheduler(rng=random.Random(5))
+    s = new_core(rng=random.Random(5))
     add_seed(s)
     hints = []
     for n in range(3 * RESCHEDULE_PEERS - 1):  # with the seed, 3 * RESCHEDULE_PEERS peers
@@ -573,20 +581,20 @@ def test_children_of_a_large_swarm_are_told_to_reschedule_less_often() -> None:
 
 
 def test_heartbeat_of_an_unknown_host_says_so() -> None:
-    s = Scheduler()
+    s = new_core()
     assert s.heartbeat(host("h1"), uploads=0, now=0.0) is False
     assert s.heartbeat(host("h1"), uploads=0, now=1.0) is True
 
 
 def test_heartbeat_after_a_scheduler_restart_is_unknown() -> None:
-    before = Scheduler()
+    before = new_core()
     join(before, "a", "h1")
     assert before.heartbeat(host("h1"), uploads=0, now=1.0) is True
-    assert Scheduler().heartbeat(host("h1"), uploads=0, now=1.0) is False
+    assert new_core().heartbeat(host("h1"), uploads=0, now=1.0) is False
 
 
 def test_a_host_whose_heartbeats_stop_is_dropped_with_its_peers() -> None:
-    s = Scheduler(host_ttl=15.0)
+    s = new_core(host_ttl=15.0)
     add_seed(s, now=0.0)
     join(s, "a", "h1", now=0.0)
     storage = host("storage-seed", kind="seed")
@@ -604,7 +612,7 @@ def test_a_host_whose_heartbeats_stop_is_dropped_with_its_peers() -> None:
 
 
 def test_an_expired_host_is_not_offered_even_after_it_heartbeats_again() -> None:
-    s = Scheduler(host_ttl=15.0)
+    s = new_core(host_ttl=15.0)
     add_seed(s, now=0.0)
     join(s, "a", "h1", now=0.0)
     s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0)], now=0.0)
@@ -619,7 +627,7 @@ def test_an_expired_host_is_not_offered_even_after_it_heartbeats_again() -> None
 
 
 def test_expire_of_the_last_peer_forgets_the_task() -> None:
-    s = Scheduler(host_ttl=1.0)
+    s = new_core(host_ttl=1.0)
     add_seed(s)
     assert s.expire(now=5.0) == ["storage-seed"]
     assert s.task_info(T) == (None, [])
@@ -628,7 +636,7 @@ def test_expire_of_the_last_peer_forgets_the_task() -> None:
 
 
 def test_leave_of_a_whole_host_removes_all_its_peers() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s, task=T)
     add_seed(s, task=T2, peer="seed2")
     join(s, "a", "h1", task=T)
@@ -645,7 +653,7 @@ def test_leave_of_a_whole_host_removes_all_its_peers() -> None:
 
 
 def test_leave_of_some_peers_keeps_the_host() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s, task=T)
     join(s, "a", "h1", task=T)
     join(s, "a2", "h1", task=T2)
@@ -656,7 +664,7 @@ def test_leave_of_some_peers_keeps_the_host() -> None:
 
 
 def test_leave_cannot_remove_a_peer_of_another_host() -> None:
-    s = Scheduler()
+    s = new_core()
     join(s, "a", "h1")
     s.leave("h2", ["a"])
     assert "a" in s.peers
@@ -666,7 +674,7 @@ def test_leave_cannot_remove_a_peer_of_another_host() -> None:
 
 
 def test_a_piece_out_of_range_is_a_bad_request() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     with pytest.raises(SwarmflyError, match="piece 4 out of range") as caught:
         s.report_pieces(task_id=T, peer_id="seed", pieces=[PieceReport(4, digest(4))], now=1.0)
@@ -675,7 +683,7 @@ def test_a_piece_out_of_range_is_a_bad_request() -> None:
 
 
 def test_a_conflicting_digest_is_a_conflict() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     with pytest.raises(SwarmflyError, match="digest differs") as caught:
@@ -685,14 +693,14 @@ def test_a_conflicting_digest_is_a_conflict() -> None:
 
 
 def test_the_same_digest_may_be_reported_again() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0, digest(0))], now=1.0)
 
 
 def test_a_piece_without_any_known_digest_is_a_conflict() -> None:
-    s = Scheduler()
+    s = new_core()
     s.register(task_id=T, peer_id="src", host=host("s"), now=0, content=CONTENT)
     join(s, "a", "h1")
     with pytest.raises(SwarmflyError, match="no digest yet") as caught:
@@ -701,7 +709,7 @@ def test_a_piece_without_any_known_digest_is_a_conflict() -> None:
 
 
 def test_a_child_may_report_pieces_without_digest_once_known() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     s.report_pieces(
@@ -711,7 +719,7 @@ def test_a_child_may_report_pieces_without_digest_once_known() -> None:
 
 
 def test_pieces_of_an_unregistered_peer_are_not_found() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     with pytest.raises(SwarmflyError, match="not registered") as caught:
         s.report_pieces(task_id=T, peer_id="ghost", pieces=[PieceReport(0)], now=1.0)
@@ -721,7 +729,7 @@ def test_pieces_of_an_unregistered_peer_are_not_found() -> None:
 
 
 def test_success_with_too_few_pieces_is_a_conflict() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(0), PieceReport(1)], now=1.0)
@@ -732,7 +740,7 @@ def test_success_with_too_few_pieces_is_a_conflict() -> None:
 
 
 def test_task_info_lists_digests_with_none_for_unknown() -> None:
-    s = Scheduler()
+    s = new_core()
     s.register(
         task_id=T, peer_id="src", host=host("s", kind="seed"), now=0, content=CONTENT, seed=True
     )
@@ -748,14 +756,14 @@ def test_task_info_lists_digests_with_none_for_unknown() -> None:
 
 
 def test_task_info_of_an_unknown_or_contentless_task_is_empty() -> None:
-    s = Scheduler()
+    s = new_core()
     assert s.task_info(T) == (None, [])
     join(s, "a", "h1")
     assert s.task_info(T) == (None, [])
 
 
 def test_content_can_arrive_with_a_piece_report() -> None:
-    s = Scheduler()
+    s = new_core()
     join(s, "a", "h1")
     s.seed_unavailable(T)
     s.reschedule(task_id=T, peer_id="a", now=1.0)
@@ -766,7 +774,7 @@ def test_content_can_arrive_with_a_piece_report() -> None:
 
 
 def test_schedule_to_dict_shape() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     body = schedule_message(join(s, "a", "h1"), None, None).to_dict()
     assert body["action"] == "parents"
@@ -780,7 +788,7 @@ def test_schedule_to_dict_shape() -> None:
 
 
 def test_an_ipv6_host_address_is_bracketed() -> None:
-    s = Scheduler()
+    s = new_core()
     s.register(
         task_id=T, peer_id="seed", host=HostSpec("s", "fd00::1", 80, "seed"), now=0, seed=True
     )
@@ -814,7 +822,7 @@ def _report_costs(s: Scheduler, child: str, parent: str, costs: list[int]) -> No
 def test_a_parent_whose_last_piece_cost_is_far_above_its_mean_is_not_offered(
     costs: list[int], bad: bool
 ) -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     join(s, "c", "h3")
@@ -826,7 +834,7 @@ def test_a_parent_whose_last_piece_cost_is_far_above_its_mean_is_not_offered(
 def test_a_slow_piece_from_the_seed_never_sends_a_child_to_the_origin() -> None:
     # CI saw a mirror pull read one piece twice from the registry: the seed's cost on a
     # loaded machine rose far above its mean, and the only source was "bad".
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     costs = [10, 10, 10, 3000]  # pieces 0 and 1 over and over: the seed alone holds 2 and 3
@@ -845,7 +853,7 @@ def test_a_slow_piece_from_the_seed_never_sends_a_child_to_the_origin() -> None:
 
 
 def test_a_child_does_not_wait_forever_for_a_corrupt_only_source() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     join(s, "b", "h2")
@@ -859,7 +867,7 @@ def test_a_child_does_not_wait_forever_for_a_corrupt_only_source() -> None:
 
 
 def test_a_seed_is_the_last_of_a_childs_parents_while_normal_peers_have_pieces() -> None:
-    s = Scheduler(candidate_parents=3, evaluator=ranked("seed", "a", "b", "c"))
+    s = new_core(candidate_parents=3, evaluator=ranked("seed", "a", "b", "c"))
     add_seed(s)
     for n, peer in enumerate("abc"):
         join(s, peer, f"h{n}")
@@ -883,7 +891,7 @@ STORAGES = ["storage-a", "storage-b", "storage-c"]
 
 
 def fleet(now: float = 0.0) -> Scheduler:
-    s = Scheduler()
+    s = new_core()
     for name in STORAGES:
         s.heartbeat(host(name, kind="seed"), uploads=0, now=now)
     return s
@@ -937,7 +945,7 @@ def test_a_seed_its_children_cannot_reach_is_replaced_by_the_next_storage() -> N
 
 
 def test_a_seed_whose_heartbeats_stop_is_replaced_by_the_next_storage() -> None:
-    s = Scheduler(host_ttl=3.0)
+    s = new_core(host_ttl=3.0)
     order = rendezvous(T, STORAGES)
     for name in STORAGES:
         s.heartbeat(host(name, kind="seed"), uploads=0, now=0.0)
@@ -1041,7 +1049,7 @@ def seat_seed(s: Scheduler, content: TaskContent = CONTENT, pieces: range = rang
 
 
 def test_a_forger_registering_first_sets_neither_content_nor_digests() -> None:
-    s = Scheduler()
+    s = new_core()
     s.register(task_id=T, peer_id="forger", host=host("evil"), now=0.0, content=FORGED, seed=True)
     s.report_pieces(task_id=T, peer_id="forger", pieces=[PieceReport(0, digest(99))], now=0.1)
     assert s.task_info(T) == (None, [])
@@ -1054,7 +1062,7 @@ def test_a_forger_registering_first_sets_neither_content_nor_digests() -> None:
 
 
 def test_a_second_storage_host_does_not_take_a_live_seeds_seat() -> None:
-    s = Scheduler()
+    s = new_core()
     seat_seed(s, pieces=range(1))
     s.register(
         task_id=T, peer_id="rogue", host=host("st2", kind="seed"), now=1.0, content=CONTENT,
@@ -1065,7 +1073,7 @@ def test_a_second_storage_host_does_not_take_a_live_seeds_seat() -> None:
 
 
 def test_a_restarted_schedulers_first_storage_announce_takes_the_free_seat() -> None:
-    s = Scheduler()
+    s = new_core()
     join(s, "a", "h1")  # asks a seed nobody is
     s.register(
         task_id=T, peer_id="seed", host=host("st", kind="seed"), now=1.0, content=CONTENT,
@@ -1082,7 +1090,7 @@ def test_while_homes_are_not_known_the_cache_that_announces_takes_the_seat() -> 
     storage instances only, or not yet from the task's seed: the home it would choose may
     not be the one holding the task. It chooses none, the peers wait, and the instance
     holding the task takes the seat when it announces, and keeps it once homes are known."""
-    s = Scheduler()
+    s = new_core()
     home, *others = rendezvous(T, STORAGES)
     for name in others:  # the home's heartbeat has not come yet
         s.heartbeat(host(name, kind="seed"), uploads=0, now=0.0)
@@ -1103,7 +1111,7 @@ def test_while_homes_are_not_known_the_cache_that_announces_takes_the_seat() -> 
 
 
 def test_while_homes_are_not_known_a_task_nobody_holds_waits_for_its_home() -> None:
-    s = Scheduler()
+    s = new_core()
     s.heartbeat(host("storage-b", kind="seed"), uploads=0, now=0.0)
     s.homes_known = False
     assert s.register(task_id=T, peer_id="a", host=host("h1"), now=0.0)[1] == [TriggerSeed(T)]
@@ -1115,7 +1123,7 @@ def test_while_homes_are_not_known_a_task_nobody_holds_waits_for_its_home() -> N
 
 
 def test_a_peer_sent_back_to_source_is_trusted() -> None:
-    s = Scheduler()
+    s = new_core()
     join(s, "a", "h1")
     s.seed_unavailable(T)
     assert s.reschedule(task_id=T, peer_id="a", now=1.0)[0].action == "back_to_source"
@@ -1132,7 +1140,7 @@ def lend(s: Scheduler, number: int, child: str, now: float = 1.0) -> None:
 
 
 def test_a_lent_childs_digest_is_provisional_until_the_seed_reads_the_piece() -> None:
-    s = Scheduler()
+    s = new_core()
     seat_seed(s, WHOLE, range(2))
     join(s, "b", "h2")
     lend(s, 3, "a")
@@ -1145,7 +1153,7 @@ def test_a_lent_childs_digest_is_provisional_until_the_seed_reads_the_piece() ->
 
 
 def test_a_lent_child_that_lied_is_refuted_and_never_offered_again() -> None:
-    s = Scheduler()
+    s = new_core()
     seat_seed(s, WHOLE, range(2))
     join(s, "b", "h2")
     lend(s, 3, "a")
@@ -1159,7 +1167,7 @@ def test_a_lent_child_that_lied_is_refuted_and_never_offered_again() -> None:
 
 
 def test_a_childs_digest_for_a_piece_not_lent_to_it_is_not_heard() -> None:
-    s = Scheduler()
+    s = new_core()
     seat_seed(s, WHOLE, range(1))
     lend(s, 3, "b")
     join(s, "b", "h2")
@@ -1170,7 +1178,7 @@ def test_a_childs_digest_for_a_piece_not_lent_to_it_is_not_heard() -> None:
 
 
 def test_without_a_whole_file_digest_a_lent_childs_word_is_not_taken() -> None:
-    s = Scheduler()
+    s = new_core()
     seat_seed(s, CONTENT, range(1))
     lend(s, 3, "a")
     s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(3, digest(3))], now=1.1)
@@ -1178,7 +1186,7 @@ def test_without_a_whole_file_digest_a_lent_childs_word_is_not_taken() -> None:
 
 
 def test_a_lent_childs_report_may_arrive_before_its_seeds_word() -> None:
-    s = Scheduler()
+    s = new_core()
     seat_seed(s, WHOLE, range(1))
     s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(3, digest(3))], now=1.0)
     assert s.task_info(T)[1][3] is None
@@ -1188,7 +1196,7 @@ def test_a_lent_childs_report_may_arrive_before_its_seeds_word() -> None:
 
 
 def test_only_the_seed_says_what_it_lent() -> None:
-    s = Scheduler()
+    s = new_core()
     seat_seed(s, WHOLE, range(1))
     from swarmfly.services.scheduler.core import Lending
 
@@ -1215,7 +1223,7 @@ def test_a_forging_host_never_changes_a_trusted_digest(
     """Whatever an ordinary member sends under its own ids, the digests and the content are
     the trusted reader's, and any other digest stands only provisionally, for a piece the
     seed lent, where a whole-file digest will still catch it."""
-    s = Scheduler(rng=random.Random(0))
+    s = new_core(rng=random.Random(0))
     seat_seed(s, WHOLE, range(2))
     forger = "forger"
     for step, (move, number, content, flag) in enumerate(moves):
@@ -1263,7 +1271,7 @@ def test_piece_digests_are_kept_compactly_and_read_back_as_hex() -> None:
 
 
 def test_a_report_of_a_digest_no_data_has_is_refused_whole() -> None:
-    s = Scheduler()
+    s = new_core()
     add_seed(s)
     join(s, "a", "h1")
     reports = [PieceReport(0, digest(0)), PieceReport(1, "0" * 64)]
@@ -1280,7 +1288,7 @@ def test_a_digest_page_ends_at_the_last_digest_known() -> None:
     assert digests.page(0, 10) == [None, None, digest(2), None, None, "00" * 31 + "01"]
     assert digests.page(3, 2) == []  # 3 and 4 are unknown; 5 is past the limit
     assert digests.page(6, 10) == []
-    s = Scheduler()
+    s = new_core()
     s.register(
         task_id=T, peer_id="seed", host=host("s", kind="seed"), now=0.0, content=CONTENT, seed=True
     )
@@ -1294,7 +1302,7 @@ def test_a_digest_page_ends_at_the_last_digest_known() -> None:
 def test_expiry_takes_the_hosts_silent_longest_and_a_beat_or_a_registration_renews() -> None:
     """Hosts are kept in the order they were last seen: expiry stops at the first live one
     (its cost is the dead hosts, not every host)."""
-    s = Scheduler(host_ttl=10.0)
+    s = new_core(host_ttl=10.0)
     for n, name in enumerate(("a", "b", "c", "d")):
         s.heartbeat(host(name), 0, now=float(n))
     s.heartbeat(host("a"), 0, now=4.0)
@@ -1307,7 +1315,7 @@ def test_expiry_takes_the_hosts_silent_longest_and_a_beat_or_a_registration_rene
 
 
 def test_a_child_behind_the_swarm_is_offered_more_parents() -> None:
-    s = Scheduler(candidate_parents=4)
+    s = new_core(candidate_parents=4)
     add_seed(s)
     for n in range(12):
         join(s, f"p{n}", f"h{n}")
@@ -1319,7 +1327,7 @@ def test_a_child_behind_the_swarm_is_offered_more_parents() -> None:
     s.report_pieces(task_id=T, peer_id="late", pieces=[PieceReport(k) for k in range(2)], now=1.5)
     level, _ = s.reschedule(task_id=T, peer_id="late", now=2.0)
     assert len(level.parents) == 4, "as far as the swarm: the configured count"
-    one = Scheduler(candidate_parents=1)
+    one = new_core(candidate_parents=1)
     add_seed(one)
     for n in range(3):
         join(one, f"p{n}", f"h{n}")

@@ -10,13 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from swarmfly.pluginhost import Plugins
-from swarmfly.plugins.hookspecs import PieceView
 from swarmfly.plugins.strategies.builtin import (
     SEQUENTIAL_WINDOW,
     random_order,
     rarest_first,
     sequential,
 )
+from swarmfly.plugintypes import PieceView
 
 CANDIDATES = st.lists(st.integers(min_value=0, max_value=10_000), unique=True, max_size=200)
 HOLDERS = st.dictionaries(st.integers(min_value=0, max_value=10_000), st.integers(0, 50))

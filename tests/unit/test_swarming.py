@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+from swarmfly.plugins.strategies.builtin import rarest_first
 from swarmfly.services.peer.pieces import PieceBook
 from swarmfly.services.peer.swarming import (
     BLOCK_SECONDS,
@@ -29,7 +30,9 @@ DIGEST = "sha256:" + "ab" * 32
 
 def swarm(pieces: int = 8, *, concurrency: int = 4, per_parent: int = 2) -> Swarming:
     core = Swarming(concurrency, per_parent, now=0.0)
-    core.book = PieceBook(pieces, digests=[DIGEST] * pieces, rng=random.Random(7))
+    core.book = PieceBook(
+        pieces, digests=[DIGEST] * pieces, strategy=rarest_first, rng=random.Random(7)
+    )
     return core
 
 

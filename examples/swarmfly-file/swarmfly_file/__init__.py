@@ -7,9 +7,7 @@ import os
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import unquote, urlsplit
 
-from swarmfly.errors import SwarmflyError
-from swarmfly.plugins import hookimpl
-from swarmfly.plugins.hookspecs import SourceRegistry, SourceStat
+from swarmfly.plugins import SourceRegistry, SourceStat, SwarmflyError, hookimpl
 
 CHUNK = 1024 * 1024
 
