@@ -27,6 +27,7 @@ from swarmfly.config import Config, NatsConfig, nats_client_options
 from swarmfly.contracts import messages
 from swarmfly.credentials import Identity
 from swarmfly.errors import SwarmflyError
+from swarmfly.httpheaders import Unsatisfiable, byte_range, parse_range
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
@@ -36,8 +37,6 @@ from swarmfly.services.peer.service import PeerService
 from swarmfly.services.proxy.service import ProxyService
 from swarmfly.services.scheduler.service import SchedulerService
 from swarmfly.services.storage.service import StorageService
-
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
 @contextmanager
@@ -170,16 +169,17 @@ class Origin:
             raise web.HTTPPreconditionFailed()
         if self.ranges:
             headers["Accept-Ranges"] = "bytes"
-            match = _RANGE.fullmatch(request.headers.get("Range", ""))
-            if match and match.group(1) == match.group(2) == "0":
+            header = request.headers.get("Range")
+            if parse_range(header) == (0, 0):
                 self.probes += 1
-            if match:
-                start = int(match.group(1))
-                end = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)
-                if start >= len(data) or start >= end:
-                    raise web.HTTPRequestRangeNotSatisfiable(
-                        headers={"Content-Range": f"bytes */{len(data)}"}
-                    )
+            try:
+                span = byte_range(header, len(data))
+            except Unsatisfiable:
+                raise web.HTTPRequestRangeNotSatisfiable(
+                    headers={"Content-Range": f"bytes */{len(data)}"}
+                ) from None
+            if span is not None:
+                start, end = span.start, span.end
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         response = web.StreamResponse(status=status, headers=headers)

@@ -14,14 +14,13 @@ from aiohttp.abc import ResolveResult
 from yarl import URL
 
 from swarmfly.errors import ErrorCode, SwarmflyError, connect_error_in_words
-from swarmfly.httpheaders import HOP_BY_HOP
+from swarmfly.httpheaders import HOP_BY_HOP, content_length, content_range
 from swarmfly.plugins import OriginGuard, SourceRegistry, SourceStat, hookimpl
 from swarmfly.plugins.sources.bearer import Challenge, TokenCache, parse_challenge
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 CROSS_ORIGIN_HEADERS = frozenset(
@@ -218,12 +217,10 @@ class HttpSource:
             self._check(response)
             etag = response.headers.get("ETag")
             if response.status == 206:
-                match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
-                if match and match.group(3) != "*":
-                    return SourceStat(int(match.group(3)), True, etag)
-            length = response.headers.get("Content-Length")
-            size = int(length) if length and length.isdigit() else None
-            return SourceStat(size, False, etag)
+                span = content_range(response.headers.get("Content-Range"))
+                if span is not None and span[2] is not None:
+                    return SourceStat(span[2], True, etag)
+            return SourceStat(content_length(response.headers.get("Content-Length")), False, etag)
         finally:
             response.release()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ from opentelemetry.trace import SpanKind
 
 from swarmfly import capability, metrics, telemetry
 from swarmfly.errors import SwarmflyError
+from swarmfly.httpheaders import parse_range
 from swarmfly.httpserver import SlowReader, healthz, send_span
 from swarmfly.ids import NODE_ID, TASK_ID
 from swarmfly.ratelimit import MIN_SEND_RATE, TokenBucket
@@ -34,7 +34,8 @@ from swarmfly.services.peer.lending import MAX_SAID
 from swarmfly.services.peer.store import StoredTask, TaskStore
 
 log = logging.getLogger(__name__)
-_RANGE = re.compile(r"^bytes=(\d{1,15})-(\d{1,15})$")
+MAX_OFFSET = 10**15 - 1
+"""The largest byte offset a Range may name (15 digits, as the contract says)."""
 MAX_WAIT = 30.0
 GRANT_TICK = 0.05
 """Seconds between looks for newly verified pieces while children wait for a grant."""
@@ -263,10 +264,10 @@ class UploadServer:
 
     async def data(self, request: web.Request) -> web.StreamResponse:
         task = self._task(request)
-        match = _RANGE.fullmatch(request.headers.get("Range", ""))
-        if not match:
+        span = parse_range(request.headers.get("Range"))
+        start, last = span or (None, None)
+        if start is None or last is None or max(start, last) > MAX_OFFSET:  # both, and bounded
             raise web.HTTPBadRequest(text="a Range of verified pieces is required")
-        start, last = int(match.group(1)), int(match.group(2))
         assert task.content is not None
         have = _have(request.query.get("have"), task.content.piece_count)
         number = start // task.content.piece_length

@@ -36,7 +36,7 @@ from swarmfly import __version__, metrics, telemetry
 from swarmfly.config import ProxyConfig
 from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError, connect_error_in_words
-from swarmfly.httpheaders import HOP_BY_HOP
+from swarmfly.httpheaders import HOP_BY_HOP, Span, Unsatisfiable, byte_range, content_length
 from swarmfly.httpserver import Limits, default_limits, healthz, listen
 from swarmfly.plugintypes import SourceStat
 from swarmfly.services.peer.node import Download, PeerNode
@@ -330,9 +330,8 @@ class ProxyService:
             # page answers 200 too).
             if (named is not None and named != digest) or (hop and named is None):
                 raise _unconfirmed(auth)
-            length = headers.get("Content-Length", "")
             return SourceStat(
-                int(length) if length.isdigit() else None,
+                content_length(headers.get("Content-Length")),
                 "bytes" in headers.get("Accept-Ranges", "bytes"),
                 headers.get("ETag"),
             )
@@ -342,11 +341,11 @@ class ProxyService:
         self, request: web.Request, run: Download, length: int, headers: dict[str, str]
     ) -> web.StreamResponse:
         try:
-            span = stream.byte_range(request.headers.get("Range"), length)
-        except stream.Unsatisfiable:
+            span = byte_range(request.headers.get("Range"), length)
+        except Unsatisfiable:
             return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
         whole = span is None
-        span = span or stream.Span(0, length)
+        span = span or Span(0, length)
         response = web.StreamResponse(status=200 if whole else 206)
         response.headers.update(headers)
         response.headers["Accept-Ranges"] = "bytes"
@@ -390,9 +389,9 @@ class ProxyService:
                 key = raw_key.decode("latin-1")
                 if key.lower() not in HOP_BY_HOP:
                     response.headers.add(key, raw_value.decode("latin-1"))
-            length = upstream.headers.get("Content-Length", "")
-            if length.isdigit():
-                response.content_length = int(length)
+            length = content_length(upstream.headers.get("Content-Length"))
+            if length is not None:
+                response.content_length = length
             await response.prepare(request)
             if request.method != "HEAD":
                 async for chunk in upstream.content.iter_any():

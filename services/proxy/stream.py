@@ -9,55 +9,16 @@ never with a complete-looking, unverified one.
 from __future__ import annotations
 
 import asyncio
-import re
-from dataclasses import dataclass
 
 from aiohttp import web
 
 from swarmfly.errors import SwarmflyError
+from swarmfly.httpheaders import Span
 from swarmfly.httpserver import send_span
 from swarmfly.services.peer.node import Download
 
-_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})\Z")
 POLL = 0.5
 """Seconds between looks at a download's state while no piece arrives."""
-
-
-class Unsatisfiable(Exception):
-    """A Range that lies outside the content (416)."""
-
-
-@dataclass(frozen=True)
-class Span:
-    start: int
-    end: int
-    """Exclusive."""
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-
-def byte_range(header: str | None, length: int) -> Span | None:
-    """The one range a ``Range`` header asks for; None for the whole content (no header, a
-    multi-range or one that does not parse: RFC 9110 lets a server ignore those)."""
-    if not header:
-        return None
-    match = _RANGE.match(header.strip())
-    if match is None or not (match[1] or match[2]):
-        return None
-    if not match[1]:  # suffix: the last N bytes
-        suffix = int(match[2])
-        if suffix == 0:
-            raise Unsatisfiable
-        return Span(max(0, length - suffix), length)
-    start = int(match[1])
-    last = int(match[2]) if match[2] else length - 1
-    if start >= length:
-        raise Unsatisfiable
-    if last < start:
-        return None
-    return Span(start, min(last, length - 1) + 1)
 
 
 async def content_of(run: Download) -> tuple[int, int]:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from swarmfly.errors import SwarmflyError
+from swarmfly.httpheaders import Span, Unsatisfiable, byte_range
 from swarmfly.preheat import _pick_platform, auth_from_file, parse_image
 from swarmfly.services.proxy.registry import RegistryError, Route, Upstreams, route
 from swarmfly.services.proxy.service import _attributes
-from swarmfly.services.proxy.stream import Span, Unsatisfiable, byte_range
 
 DIGEST = "sha256:" + "ab" * 32
 
