@@ -25,12 +25,13 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Endpoint, Service
 from opentelemetry.trace import SpanKind
 
-from swarmfly import contracts, metrics, telemetry
+from swarmfly import contracts, telemetry
 from swarmfly.config import TokenFile
 from swarmfly.contracts.wire import Endpoint as Bound
 from swarmfly.contracts.wire import Handler, Rep, Req, SentHandler, Subject
 from swarmfly.errors import BadRequest, SwarmflyError, in_words
 from swarmfly.ids import redact_url
+from swarmfly.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class Served:
     name: str
     deferred: list[Bound[Any, Any]]
     inline: bool
+    metrics: Metrics
+    """The service's: a request its contract refuses is counted there."""
     opened: dict[tuple[tuple[str, str], ...], list[Endpoint]] = field(default_factory=dict)
 
 
@@ -259,6 +262,7 @@ class Bus:
         description: str,
         endpoints: Sequence[Bound[Any, Any]],
         *,
+        metrics: Metrics,
         metadata: dict[str, str] | None = None,
         inline: bool = False,
         **tokens: str,
@@ -274,7 +278,7 @@ class Bus:
             self.nc, name=name, version=version, description=description, metadata=metadata
         )
         self._services.append(service)
-        served = Served(service, name, [], inline)
+        served = Served(service, name, [], inline, metrics)
         now: list[Bound[Any, Any]] = []
         for endpoint in endpoints:
             self.used.add(endpoint.subject.name)
@@ -334,7 +338,7 @@ class Bus:
             await served.service.add_endpoint(
                 name=_endpoint_name(contract_name, {**tokens, **dict.fromkeys(every, "all")}),
                 subject=subject,
-                handler=self._endpoint(bound, served.inline),
+                handler=self._endpoint(bound, served),
                 queue_group=queue_group,
                 metadata={"contract": contract_name, "version": str(contract.version)},
             )
@@ -346,13 +350,14 @@ class Bus:
         return added
 
     def _endpoint(
-        self, bound: Bound[Any, Any], inline: bool
+        self, bound: Bound[Any, Any], served: Served
     ) -> Callable[[Request], Awaitable[None]]:
         """nats-py hands a subscription's messages over one at a time: each request is
         handled in its own task, so a long one (a download, a preheat) does not hold up the
         next; past MAX_HANDLING at once, the subscription waits (its queue is bounded).
         Handlers that never wait (``inline``) run in turn in the subscription's task."""
         gate = asyncio.Semaphore(MAX_HANDLING)
+        failures = served.metrics.contract_failures
         contract, handler, request_type = (
             bound.subject.contract,
             bound.handler,
@@ -368,7 +373,7 @@ class Bus:
             try:
                 message = request_type.from_dict(decode_request(contract, request.data))
             except BadRequest as exc:
-                metrics.CONTRACT_FAILURES.labels(contract.name).inc()
+                failures.labels(contract.name).inc()
                 await _respond_error(request, exc)
                 return
             try:
@@ -399,7 +404,7 @@ class Bus:
                 log.error("reply on %s not sent: %s", contract.name, exc)
                 await _respond_error(request, SwarmflyError("internal", "reply could not be sent"))
 
-        return serve if inline else dispatch
+        return serve if served.inline else dispatch
 
     async def gather(
         self,

@@ -19,7 +19,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from swarmfly import metrics, telemetry
+from swarmfly import telemetry
 from swarmfly.content import SourceRequest, TaskContent
 from swarmfly.contracts import messages
 from swarmfly.contracts.wire import ABSENT, Absent, Rep, Req, Subject
@@ -152,6 +152,7 @@ class Conductor:
         self.scheduler = links.scheduler
         self.settings = links.settings
         self.clock = links.clock
+        self.metrics = links.metrics
         self.origin = origin
         self.task_id = task_id
         self.source = source
@@ -239,7 +240,7 @@ class Conductor:
                 except SwarmContradicts as exc:
                     if "contradicted" not in TRANSITIONS[self.phases.phase]:
                         raise
-                    metrics.PEER_PIECE_FAILURES.labels("contradicted").inc()
+                    self.metrics.piece_failures.labels("contradicted").inc()
                     log.warning("task %s: %s; reading the origin", self.task_id[:12], exc.message)
                     step = self.phases.on("contradicted")
             if not step.success:
@@ -560,21 +561,21 @@ class Conductor:
             self.swarm.failed(number, parent_id, "cancelled", now)
             raise exc
         if parent_id == ORIGIN:  # the seed reads it when we do not deliver
-            metrics.PEER_PIECE_FAILURES.labels("origin").inc()
+            self.metrics.piece_failures.labels("origin").inc()
             log.info("lent piece %d from the origin: %s", number, exc)
             reason = "origin"
         elif isinstance(exc, ParentBusy):
             log.debug("parent %s busy", parent_id)
             reason = "busy"
         elif isinstance(exc, SwarmflyError) and exc.code == "integrity":
-            metrics.PEER_PIECE_FAILURES.labels("corrupt").inc()
+            self.metrics.piece_failures.labels("corrupt").inc()
             log.warning("parent %s served a corrupt piece %d", parent_id, number)
             reason = "corrupt"
         elif isinstance(exc, SwarmflyError) and exc.code == "timeout":
-            metrics.PEER_PIECE_FAILURES.labels("slow").inc()
+            self.metrics.piece_failures.labels("slow").inc()
             reason = "slow"
         elif parent_id in self.swarm.parents:
-            metrics.PEER_PIECE_FAILURES.labels("failed").inc()
+            self.metrics.piece_failures.labels("failed").inc()
         self.swarm.failed(number, parent_id, reason, now)
         self._wake.set()
 
@@ -636,9 +637,9 @@ class Conductor:
             self.ledger.came_from[number] = parent_id
             self._kick_digest()
             self.bytes_p2p += size
-            metrics.PEER_DOWNLOAD_BYTES.labels("p2p").inc(size)
+            self.metrics.download_bytes.labels("p2p").inc(size)
             cost = self.clock() - started
-            metrics.PEER_PIECE_SECONDS.labels("p2p").observe(cost)
+            self.metrics.piece_seconds.labels("p2p").observe(cost)
             log.debug("piece %d from %s in %.3fs", number, parent_id, cost)
             self._queue_report(
                 messages.PieceReport(number, parent_id=parent_id, cost_ms=int(cost * 1000))
@@ -707,7 +708,7 @@ class Conductor:
                 await self._read_origin()
             except SwarmflyError as exc:
                 if exc.code == "source_error":
-                    metrics.PEER_PIECE_FAILURES.labels("origin").inc()
+                    self.metrics.piece_failures.labels("origin").inc()
                 raise
 
     def _stat_content(self, size: int) -> TaskContent:
@@ -1101,9 +1102,9 @@ class Conductor:
         assert self.stored.content is not None
         size = self.stored.content.piece(number)[1]
         self.bytes_origin += size
-        metrics.PEER_DOWNLOAD_BYTES.labels("origin").inc(size)
+        self.metrics.download_bytes.labels("origin").inc(size)
         cost = self.clock() - started
-        metrics.PEER_PIECE_SECONDS.labels("origin").observe(cost)
+        self.metrics.piece_seconds.labels("origin").observe(cost)
         if report or self.seed:
             self._queue_report(
                 messages.PieceReport(number, digest=digest, cost_ms=int(cost * 1000))

@@ -18,6 +18,7 @@ import aiohttp
 from swarmfly.contracts import messages
 from swarmfly.contracts.wire import Rep, Req, Subject
 from swarmfly.errors import SwarmflyError, connect_error_in_words
+from swarmfly.metrics import PeerMetrics
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.store import StoredTask
 
@@ -122,6 +123,8 @@ class Links:
     settings: DownloadSettings
     budget: HostBudget
     clock: Clock
+    metrics: PeerMetrics
+    """The host's (a peer's or a storage's own registry)."""
 
 
 _CHUNK = 256 * 1024

@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from swarmfly import metrics
 from swarmfly.bus import Bus
 from swarmfly.content import SourceRequest
 from swarmfly.contracts import SENDER, Sender, messages
@@ -34,6 +33,7 @@ from swarmfly.httpserver import serve_http
 from swarmfly.ids import origin, url_digest
 from swarmfly.ids import peer_id as make_peer_id
 from swarmfly.ids import task_id as make_task_id
+from swarmfly.metrics import PeerMetrics
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
 from swarmfly.plugintypes import Source, SourceStat
@@ -184,8 +184,10 @@ class PeerNode:
         self.bus = bus
         self.servers = servers
         self.store = TaskStore(settings.state_dir / "tasks")
+        self.metrics = PeerMetrics()
         self.upload = UploadServer(
             self.store,
+            metrics=self.metrics,
             rate=settings.upload_rate,
             slots=settings.upload_slots,
             # Grants ration a seed's uplink when it is capped: one round trip per piece,
@@ -201,6 +203,7 @@ class PeerNode:
             settings=settings.download,
             budget=HostBudget(self.download_bucket, lambda: self.downloading),
             clock=time.monotonic,
+            metrics=self.metrics,
         )
         """What a download reaches of this host (the conductor sees nothing else)."""
         self.ip = settings.advertise_ip or route_ip(servers)
@@ -362,7 +365,7 @@ class PeerNode:
             try:
                 stat = await self.source_for(source.url).stat(source.url, source.headers)
             except BaseException as exc:  # refused or missing at the origin: a failed download
-                metrics.count_download(exc)
+                self.metrics.count_download(exc)
                 raise
         if source.digest is None and (named := url_digest(source.url) or stat.digest):
             source = replace(source, digest=named)
@@ -439,12 +442,12 @@ class PeerNode:
                     raise LocalDiskError.of(exc) from None
                 await conductor.run()
         except BaseException as exc:
-            metrics.count_download(exc)
+            self.metrics.count_download(exc)
             self._discard_failed(stored, exc)
             raise
         finally:
             self._count_cache()
-        metrics.count_download()
+        self.metrics.count_download()
         return conductor
 
     def _discard_failed(self, stored: StoredTask, exc: BaseException) -> None:
@@ -520,8 +523,8 @@ class PeerNode:
     def _count_cache(self) -> None:
         """Everything the store holds on disk: complete, partial and orphaned tasks."""
         tasks, orphans = self.store.tasks.values(), self.store.orphans
-        metrics.PEER_CACHE_TASKS.set(len(tasks) + len(orphans))
-        metrics.PEER_CACHE_BYTES.set(
+        self.metrics.cache_tasks.set(len(tasks) + len(orphans))
+        self.metrics.cache_bytes.set(
             sum(t.content.content_length for t in tasks if t.content) + sum(orphans.values())
         )
 
@@ -724,7 +727,7 @@ class PeerNode:
         announced = [task_id for task_id in evicted if task_id not in self.store.orphans]
         for task_id in evicted:
             freed = self.store.evict(task_id)
-            metrics.PEER_GC_EVICTIONS.inc()
+            self.metrics.gc_evictions.inc()
             log.info("evicted task %s (%d bytes)", task_id[:12], freed)
         if announced:
             await self._report_gone(announced)

@@ -92,6 +92,7 @@ class PeerService:
                 Endpoint(messages.DOWNLOAD, self.on_download),
                 Endpoint(messages.PROGRESS, self.on_progress),
             ],
+            metrics=self.node.metrics,
             metadata={"host_id": host_id, "upload": self.node.upload_url},
             host_id=host_id,
         )

@@ -22,11 +22,12 @@ from aiohttp import web
 from nacl.signing import VerifyKey
 from opentelemetry.trace import SpanKind
 
-from swarmfly import capability, metrics, telemetry
+from swarmfly import capability, telemetry
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpheaders import parse_range
 from swarmfly.httpserver import SlowReader, healthz, send_span
 from swarmfly.ids import NODE_ID, TASK_ID
+from swarmfly.metrics import PeerMetrics
 from swarmfly.ratelimit import MIN_SEND_RATE, TokenBucket
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.admission import Admission
@@ -66,8 +67,11 @@ class UploadServer:
         grant_seconds: float = grants.GRANT_SECONDS,
         capabilities: bool = True,
         healthy: Callable[[], bool] = lambda: True,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or PeerMetrics()
+        """Its host's (a server alone, in a test, has its own)."""
         self.healthy = healthy
         """Whether the host can do its work (``/healthz``): its control plane is reachable."""
         self.capabilities = capabilities
@@ -99,7 +103,7 @@ class UploadServer:
         self.app.router.add_get("/v1/tasks/{task_id}/pieces", self.pieces, allow_head=False)
         self.app.router.add_get("/v1/tasks/{task_id}/data", self.data, allow_head=False)
         self.app.router.add_get("/healthz", self.healthz)
-        self.app.router.add_get("/metrics", metrics.handler)
+        self.app.router.add_get("/metrics", self.metrics.handler)
 
     @property
     def capacity(self) -> int:
@@ -147,7 +151,7 @@ class UploadServer:
         try:
             grant = capability.check(token, self.verify_keys.values(), task_id, now)
         except capability.CapabilityError as exc:
-            metrics.PEER_UPLOAD_REFUSED.labels("capability").inc()
+            self.metrics.upload_refused.labels("capability").inc()
             raise web.HTTPForbidden(text=exc.message) from None
         assert token is not None
         self._checked[token] = grant
@@ -283,7 +287,7 @@ class UploadServer:
             # A seed's places are its grants': nobody is displaced there.
             waiter = None if self.superseed else self.admission.displace(share)
             if waiter is None:
-                metrics.PEER_UPLOAD_REFUSED.labels("busy").inc()
+                self.metrics.upload_refused.labels("busy").inc()
                 raise _busy()
             if not waiter.done():  # else its child went away: the place is free anyway
                 waiter.set_result(False)
@@ -366,7 +370,7 @@ class UploadServer:
                 self.admission.leave(turn)
             raise
         if not mine:
-            metrics.PEER_UPLOAD_REFUSED.labels("displaced").inc()
+            self.metrics.upload_refused.labels("displaced").inc()
             raise _busy()
 
     def _release(self) -> None:
@@ -400,7 +404,7 @@ class UploadServer:
         except ConnectionError:
             log.debug("child went away during piece %d of %s", start, task.id[:12])
             return False
-        metrics.PEER_UPLOAD_BYTES.inc(size)
+        self.metrics.upload_bytes.inc(size)
         return True
 
 

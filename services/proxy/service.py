@@ -32,12 +32,13 @@ from aiohttp.http_exceptions import LineTooLong
 from opentelemetry.trace import SpanKind
 from yarl import URL
 
-from swarmfly import __version__, metrics, telemetry
+from swarmfly import __version__, telemetry
 from swarmfly.config import ProxyConfig
 from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError, connect_error_in_words
 from swarmfly.httpheaders import HOP_BY_HOP, Span, Unsatisfiable, byte_range, content_length
 from swarmfly.httpserver import Limits, default_limits, healthz, listen
+from swarmfly.metrics import ProxyMetrics
 from swarmfly.plugintypes import SourceStat
 from swarmfly.services.peer.node import Download, PeerNode
 from swarmfly.services.proxy import stream
@@ -101,10 +102,6 @@ def _from_swarm_error(exc: SwarmflyError) -> RegistryError:
     return RegistryError(status, code, exc.message)
 
 
-def _count(kind: str) -> None:
-    metrics.PROXY_REQUESTS.labels(kind=kind).inc()
-
-
 def _path_of(request: web.BaseRequest) -> str:
     """The path as the client sent it, without the query (which may hold a signature)."""
     return request.raw_path.split("?", 1)[0]
@@ -139,6 +136,7 @@ class ProxyService:
         self.rules = [re.compile(rule) for rule in config.rules]
         self.allowed = AllowList([*config.hosts, *self.upstreams.bases])
         self.url = ""
+        self.metrics = ProxyMetrics()
         self._session: aiohttp.ClientSession | None = None
         self._tunnels: set[asyncio.Task[None]] = set()
 
@@ -151,6 +149,9 @@ class ProxyService:
                 connector=aiohttp.TCPConnector(limit=0),
             )
         return self._session
+
+    def _count(self, kind: str) -> None:
+        self.metrics.requests.labels(kind=kind).inc()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._bounded], client_max_size=0)
@@ -177,6 +178,7 @@ class ProxyService:
                 return asyncio.StreamReaderProtocol(reader, self._on_connect)
             return _RegistryErrors(
                 http,
+                refused=lambda: self._count("refused"),
                 loop=loop,
                 access_log=None,  # its request lines may hold secrets
                 max_line_size=MAX_HEADERS,
@@ -204,6 +206,7 @@ class ProxyService:
                 "swarmfly proxy: registry mirror and HTTP proxy in front of a peer",
                 [],
                 # No endpoints to carry the subject prefix: discovery matches on this.
+                metrics=self.metrics,
                 metadata={
                     "host_id": self.node.settings.host_id,
                     "url": self.url,
@@ -227,7 +230,7 @@ class ProxyService:
     ) -> web.StreamResponse:
         size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
         if size > MAX_HEADERS:
-            _count("refused")
+            self._count("refused")
             return registry_error(
                 RegistryError(431, "UNSUPPORTED", "request headers are too large")
             )
@@ -235,7 +238,7 @@ class ProxyService:
             response: web.StreamResponse = await handler(request)
             return response
         except RegistryError as exc:
-            _count("refused")
+            self._count("refused")
             return registry_error(exc)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -249,7 +252,7 @@ class ProxyService:
         )
         if target.kind == "blob":
             return await self._blob(request, upstream, target)
-        _count("passthrough")
+        self._count("passthrough")
         url = upstream + _without_ns(request.raw_path)
         attributes = _attributes(request.method, upstream, _path_of(request))
         with telemetry.span(
@@ -265,7 +268,7 @@ class ProxyService:
         if request.method not in ("GET", "HEAD"):
             raise RegistryError(405, "UNSUPPORTED", "only GET and HEAD")
         if request.path == "/metrics":
-            return await metrics.handler(request)
+            return await self.metrics.handler(request)
         return healthz()
 
     async def _blob(self, request: web.Request, upstream: str, target: Route) -> web.StreamResponse:
@@ -279,9 +282,9 @@ class ProxyService:
         ) as current:  # fmt: skip
             stat = await self._authorize(url, auth, target.digest)
             if stat is None:  # refused (or odd): the client gets the upstream's own answer
-                _count("passthrough")
+                self._count("passthrough")
                 return await self._forward(request, url)
-            _count("blob")
+            self._count("blob")
             source = SourceRequest(url=url, headers=auth, digest=target.digest)
             try:
                 run = await self.node.begin(source, strategy="sequential", stat=stat)
@@ -364,7 +367,7 @@ class ProxyService:
         except SwarmflyError as exc:
             # Headers are gone: cutting the connection is how the client learns of it.
             log.warning("proxy: %s failed mid-stream: %s", run.task_id[:12], exc)
-            _count("failed")
+            self._count("failed")
             if request.transport is not None:
                 request.transport.abort()
         return response
@@ -426,7 +429,7 @@ class ProxyService:
         ) as current:  # fmt: skip
             response = await self._http_swarm(request) if swarm else None
             if response is None:
-                _count("http_passthrough")
+                self._count("http_passthrough")
                 response = await self._forward(request, url)
             telemetry.set_attributes(current, **{"http.response.status_code": response.status})
             return response
@@ -447,7 +450,7 @@ class ProxyService:
             host = urlsplit(request.raw_path).hostname
             log.info("proxy: passing %s through: %s", host, exc.code)
             return None
-        _count("http_swarm")
+        self._count("http_swarm")
         etag = run.conductor.stat.etag
         return await self._stream(request, run, length, {"ETag": etag} if etag else {})
 
@@ -471,7 +474,7 @@ class ProxyService:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CONNECT_TIMEOUT)
         except asyncio.LimitOverrunError:
-            _count("refused")
+            self._count("refused")
             writer.write(
                 _refusal(RegistryError(431, "UNSUPPORTED", "request headers are too large"))
             )
@@ -484,7 +487,7 @@ class ProxyService:
         except ValueError:
             host, port = None, None
         if not host or not port:
-            _count("refused")
+            self._count("refused")
             writer.write(_refusal(RegistryError(400, "UNSUPPORTED", "CONNECT needs host:port")))
             return
         fields = dict(field.split(":", 1) for field in lines[1:] if ":" in field)
@@ -501,7 +504,7 @@ class ProxyService:
     ) -> int:
         """The tunnel to an allowed ``host:port``; the status the client was answered."""
         if not self.allowed.allows_tunnel(host, port):
-            _count("refused")
+            self._count("refused")
             writer.write(_refusal(RegistryError(403, "DENIED", "this proxy does not tunnel there")))
             return 403
         try:
@@ -511,7 +514,7 @@ class ProxyService:
         except (OSError, TimeoutError):
             writer.write(_refusal(RegistryError(502, "UNAVAILABLE", "the host cannot be reached")))
             return 502
-        _count("connect")
+        self._count("connect")
         writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         try:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
@@ -576,11 +579,12 @@ class _RegistryErrors(web.RequestHandler):
     API's JSON error, as every other refusal of the proxy is, instead of text/plain; and
     closing such a connection with a linger, so the client reads the answer."""
 
-    __slots__ = ("_lingering",)
+    __slots__ = ("_lingering", "_refused")
 
-    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, refused: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._lingering: _Lingering | None = None
+        self._refused = refused
 
     def handle_error(
         self,
@@ -597,7 +601,7 @@ class _RegistryErrors(web.RequestHandler):
         else:
             # Never the parser's message: it quotes the request, credentials included.
             log.info("proxy: refused a malformed request: %s", type(exc).__name__)
-            _count("refused")
+            self._refused()
             error = (
                 RegistryError(431, "UNSUPPORTED", "request headers are too large")
                 if isinstance(exc, LineTooLong)

@@ -23,7 +23,7 @@ import nats.errors
 import orjson
 from aiohttp import web
 
-from swarmfly import __version__, apitoken, metrics
+from swarmfly import __version__, apitoken
 from swarmfly.bus import Bus, Served
 from swarmfly.capability import Signer
 from swarmfly.config import Config, SchedulerConfig
@@ -33,6 +33,7 @@ from swarmfly.contracts.wire import Endpoint
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import healthz, serve_http
 from swarmfly.ids import default_host_id, keys_task, peer_id, redact_url
+from swarmfly.metrics import SchedulerMetrics
 from swarmfly.placement import partition_of
 from swarmfly.plugintypes import Evaluator
 from swarmfly.services.scheduler.core import (
@@ -137,6 +138,7 @@ class SchedulerService:
         self.config = config
         self.bus = bus
         self.clock = clock
+        self.metrics = SchedulerMetrics()
         sc = config.scheduler
         self.core = core_for(sc, evaluator)
         self.http_url = ""
@@ -197,6 +199,7 @@ class SchedulerService:
                 Endpoint(messages.BEAT, self.on_heartbeat),
                 Endpoint(messages.STATE, self.on_state),
             ],
+            metrics=self.metrics,
             inline=True,  # every handler computes and answers: no I/O to wait on
             scheduler=self.ownership.instance,
         )
@@ -208,7 +211,7 @@ class SchedulerService:
         stack.callback(looking.cancel)
         app = web.Application(middlewares=[apitoken.guard(self.api_token)])
         app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/metrics", metrics.handler)
+        app.router.add_get("/metrics", self.metrics.handler)
         app.router.add_get("/api/state", self._state)
         app.router.add_get("/api/events", self._events)
         app.router.add_get("/", self._dashboard)
@@ -271,10 +274,10 @@ class SchedulerService:
             seed=bool(req.seed),
         )
         self._run(effects)
-        metrics.SCHEDULER_REGISTRATIONS.inc()
+        self.metrics.registrations.inc()
         if schedule.action == "back_to_source" and not req.seed:
-            metrics.SCHEDULER_BACK_TO_SOURCE.inc()
-        metrics.SCHEDULER_SCHEDULE_SECONDS.observe(time.perf_counter() - started)
+            self.metrics.back_to_source.inc()
+        self.metrics.schedule_seconds.observe(time.perf_counter() - started)
         return self._reply(schedule, req.task_id, req.peer_id, req.digests_from)
 
     async def on_reschedule(
@@ -292,8 +295,8 @@ class SchedulerService:
         )
         self._run(effects)
         if schedule.action == "back_to_source":
-            metrics.SCHEDULER_BACK_TO_SOURCE.inc()
-        metrics.SCHEDULER_SCHEDULE_SECONDS.observe(time.perf_counter() - started)
+            self.metrics.back_to_source.inc()
+        self.metrics.schedule_seconds.observe(time.perf_counter() - started)
         return self._reply(schedule, req.task_id, req.peer_id, req.digests_from)
 
     def _reply(
@@ -448,8 +451,8 @@ class SchedulerService:
             if dropped:
                 log.info("dropped hosts without heartbeat: %s", ", ".join(dropped))
                 self._forget_sources()
-            metrics.SCHEDULER_HOSTS.set(len(self.core.hosts))
-            metrics.SCHEDULER_TASKS.set(len(self.core.tasks))
+            self.metrics.hosts.set(len(self.core.hosts))
+            self.metrics.tasks.set(len(self.core.tasks))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return healthz(self.bus.nc.is_connected)

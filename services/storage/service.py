@@ -58,6 +58,7 @@ class StorageService:
                 Endpoint(messages.PREHEAT, self.on_preheat),
                 Endpoint(messages.FILL, self.on_fill),
             ],
+            metrics=self.node.metrics,
             metadata={"host_id": self.node.settings.host_id, "upload": self.node.upload_url},
             host_id=self.node.settings.host_id,
         )

@@ -17,7 +17,6 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from swarmfly import metrics
 from swarmfly.config import Config
 from swarmfly.httpserver import serve_http
 from swarmfly.natsserver import NatsServer
@@ -119,8 +118,11 @@ async def get(url: str, headers: dict[str, str]) -> tuple[int, str, bytes]:
         return response.status, response.headers.get("Content-Type", ""), await response.read()
 
 
-def served_through_the_swarm() -> float:
-    return metrics.PROXY_REQUESTS.labels(kind="blob")._value.get()
+def served_through_the_swarm(cluster: InProcessCluster) -> float:
+    value = cluster.proxy.metrics.registry.get_sample_value(
+        "swarmfly_proxy_requests_total", {"kind": "blob"}
+    )
+    return value or 0.0
 
 
 async def test_a_redirect_to_a_login_page_never_hands_out_a_private_blob(
@@ -130,10 +132,10 @@ async def test_a_redirect_to_a_login_page_never_hands_out_a_private_blob(
     digest = await push_blob(htpasswd_registry, NAME, data, {"Authorization": ALICE_BASIC})
     proxy = cluster.proxy.url
     # Alice, with her credentials: through the front's own redirect, through the swarm.
-    before = served_through_the_swarm()
+    before = served_through_the_swarm(cluster)
     status, _, body = await get(f"{proxy}/v2/{NAME}/blobs/{digest}", {"Authorization": ALICE_BASIC})
     assert (status, body) == (200, data)
-    assert served_through_the_swarm() == before + 1
+    assert served_through_the_swarm(cluster) == before + 1
     # Now the blob is in this host's cache. Without credentials, under its own repository or
     # another one: a registry error, never the bytes.
     credentialed = front.credentialed
@@ -149,7 +151,7 @@ async def test_a_redirect_to_a_login_page_never_hands_out_a_private_blob(
     wrong = basic_auth(ALICE, WRONG_PASSWORD)
     status, _, body = await get(f"{proxy}/v2/{NAME}/blobs/{digest}", wrong)
     assert status != 200 and data[:64] not in body
-    assert served_through_the_swarm() == before + 1
+    assert served_through_the_swarm(cluster) == before + 1
     # And Alice still gets it, from the cache now.
     status, _, body = await get(f"{proxy}/v2/{NAME}/blobs/{digest}", {"Authorization": ALICE_BASIC})
     assert (status, body) == (200, data)

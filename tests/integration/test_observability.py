@@ -95,22 +95,30 @@ async def test_byte_counters_agree_with_what_moved(
     url = origin.add("m.bin", data)
     async with in_process_cluster(nats.url, prefix, tmp_path) as cluster:
         peer_url = cluster.peer.node.upload_url
-        before = (await text(f"{peer_url}/metrics"))[1]
+        storage_url = cluster.storage.node.upload_url
+        origin_name = 'swarmfly_peer_download_bytes_total{source="origin"}'
+        p2p_name = 'swarmfly_peer_download_bytes_total{source="p2p"}'
+        before = {u: (await text(f"{u}/metrics"))[1] for u in (peer_url, storage_url)}
         result = await cluster.peer.node.download(SourceRequest(url))
-        after = (await text(f"{peer_url}/metrics"))[1]
-        # One process serves storage and peer here: both count into the same registry.
-        origin_bytes = metric(after, 'swarmfly_peer_download_bytes_total{source="origin"}') - (
-            metric(before, 'swarmfly_peer_download_bytes_total{source="origin"}')
-        )
-        p2p_bytes = metric(after, 'swarmfly_peer_download_bytes_total{source="p2p"}') - metric(
-            before, 'swarmfly_peer_download_bytes_total{source="p2p"}'
-        )
-        assert origin_bytes == len(data) <= origin.bytes_served <= len(data) + 2
-        assert p2p_bytes == result.bytes_p2p == len(data)
+        after = {u: (await text(f"{u}/metrics"))[1] for u in (peer_url, storage_url)}
+
+        def moved(service: str, name: str) -> float:
+            return metric(after[service], name) - metric(before[service], name)
+
+        # One process serves storage and peer here, each from its own registry: the storage
+        # read the origin, the peer took every byte from it.
+        assert moved(storage_url, origin_name) == len(data) <= origin.bytes_served
+        assert origin.bytes_served <= len(data) + 2
+        assert moved(peer_url, origin_name) == 0
+        assert moved(peer_url, p2p_name) == result.bytes_p2p == len(data)
+        assert moved(storage_url, "swarmfly_peer_upload_bytes_total") == len(data)
+        assert "swarmfly_scheduler_" not in after[peer_url] + after[storage_url]
+        scheduler = (await text(f"{cluster.scheduler.http_url}/metrics"))[1]
+        assert "swarmfly_peer_" not in scheduler and "swarmfly_build_info" in scheduler
         for service_url in (peer_url, cluster.storage.node.upload_url, cluster.scheduler.http_url):
             status, body, _ = await text(f"{service_url}/healthz")
             assert status == 200 and orjson.loads(body)["ok"] is True
-        assert "swarmfly_scheduler_schedule_duration_seconds_bucket" in after
+        assert "swarmfly_scheduler_schedule_duration_seconds_bucket" in scheduler
 
 
 @pytest.mark.slow
@@ -163,20 +171,24 @@ async def test_every_counter_moves_with_what_it_counts(
     nats: NatsServer, prefix: str, origin: Origin, tmp_path: Path, bus: Bus
 ) -> None:
     """Registrations, back-to-source, cache size, evictions, origin failures and refused
-    requests, each read from /metrics as an operator would (one process: one registry)."""
+    requests, each read from /metrics as an operator would: each service's own, though all
+    run in one process."""
     size = 3 * MiB
     url = origin.add("c.bin", os.urandom(size))
     async with (
         Origin(truncate_after=256 * 1024).serve() as cut,
         in_process_cluster(nats.url, prefix, tmp_path) as cluster,
     ):
-        endpoint = f"{cluster.scheduler.http_url}/metrics"
-        before = (await text(endpoint))[1]
-
-        def moved(name: str) -> float:
-            return metric(after, name) - metric(before, name)
-
         node = cluster.peer.node
+        endpoints = [
+            f"{u}/metrics"
+            for u in (cluster.scheduler.http_url, node.upload_url, cluster.storage.node.upload_url)
+        ]
+        before = [(await text(e))[1] for e in endpoints]
+
+        def moved(name: str, *services: int) -> float:
+            return sum(metric(after[i], name) - metric(before[i], name) for i in services)
+
         result = await node.download(SourceRequest(url))
         broken = cut.add("cut.bin", os.urandom(size))
         with pytest.raises(SwarmflyError):
@@ -184,19 +196,26 @@ async def test_every_counter_moves_with_what_it_counts(
         bad = orjson.dumps({"task_id": "not a task id"})
         reply = await bus.nc.request(bus.subject("scheduler.state"), bad, timeout=5)
         assert orjson.loads(reply.data)["error"]["code"] == "bad_request"
-        after = (await text(endpoint))[1]
-        assert moved("swarmfly_scheduler_registrations_total") >= 4  # peer + seed, twice
+        after = [(await text(e))[1] for e in endpoints]
+        assert moved("swarmfly_scheduler_registrations_total", 0) >= 4  # peer + seed, twice
         # Seeds read the origin by role; the peer was sent there once the cut file's seed failed.
-        assert moved("swarmfly_scheduler_back_to_source_total") >= 1
-        assert moved('swarmfly_peer_piece_failures_total{reason="origin"}') >= 1
+        assert moved("swarmfly_scheduler_back_to_source_total", 0) >= 1
+        assert moved('swarmfly_peer_piece_failures_total{reason="origin"}', 1, 2) >= 1
         failures = 'swarmfly_contract_validation_failures_total{subject="scheduler.state"}'
-        assert moved(failures) == 1
-        # Peer and storage share this process's gauges; the peer's collection sets them last.
+        assert moved(failures, 0) == 1 and moved(failures, 1, 2) == 0
         evicted = await node.collect(now=time.time() + 10 * 365 * 86400)  # past every TTL
         assert result.task_id in evicted
-        after = (await text(endpoint))[1]
-        assert moved("swarmfly_peer_gc_evictions_total") == len(evicted)
-        assert metric(after, "swarmfly_peer_cache_tasks") == len(node.store.tasks)
+        after = [(await text(e))[1] for e in endpoints]
+        assert moved("swarmfly_peer_gc_evictions_total", 1) == len(evicted)
+        assert moved("swarmfly_peer_gc_evictions_total", 2) == 0
+        # The peer's cache gauges are the peer's: the storage's collection never overwrites them.
+        await cluster.storage.node.collect(now=time.time())
+        after = [(await text(e))[1] for e in endpoints]
+        assert metric(after[1], "swarmfly_peer_cache_tasks") == len(node.store.tasks)
+        assert metric(after[2], "swarmfly_peer_cache_tasks") == len(
+            cluster.storage.node.store.tasks
+        )
+        assert len(cluster.storage.node.store.tasks) != len(node.store.tasks)
         assert result.task_id not in node.store.tasks
 
 

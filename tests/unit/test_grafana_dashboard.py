@@ -57,7 +57,8 @@ MATCHER = re.compile(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)\s*\"")
 def _metric_objects() -> list[Counter | Gauge | Histogram | Summary]:
     found = [
         value
-        for value in vars(metrics).values()
+        for kind in (metrics.SchedulerMetrics, metrics.PeerMetrics, metrics.ProxyMetrics)
+        for value in vars(kind()).values()
         if isinstance(value, Counter | Gauge | Histogram | Summary)
     ]
     assert found, "swarmfly.metrics defines no prometheus_client metrics"
