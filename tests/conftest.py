@@ -5,8 +5,10 @@ counting origin."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -46,6 +48,21 @@ async def swarmfly(
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
     return process.returncode, out.decode(), (err or b"").decode()
+
+
+def modules_loaded(setup: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of ``watched`` a fresh interpreter holds after running ``setup``, or whose name
+    starts with a watched entry ending in a dot."""
+    code = (
+        "import json, sys\n"
+        f"{setup}\n"
+        f"watched = {watched!r}\n"
+        "print(json.dumps(sorted(m for m in sys.modules if any(\n"
+        "    m.startswith(w) if w.endswith('.') else m == w for w in watched))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded: list[str] = json.loads(out.stdout)
+    return loaded
 
 
 def require_tool(name: str) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import get_args
 
@@ -15,6 +13,7 @@ import pytest
 
 from swarmfly.cli import build_parser, main, progress_line
 from swarmfly.errors import EXIT_STATUS, ErrorCode, SwarmflyError, in_words
+from tests.conftest import modules_loaded
 
 README = Path(__file__).parents[2] / "README.md"
 HEX = "0123456789abcdef" * 4
@@ -111,33 +110,19 @@ def test_a_get_through_the_local_peer_loads_no_more_than_it_needs() -> None:
     """16 gets start at once on a host (bench/swarm.py); each one's start-up is CPU the swarm
     waits for. Up to its first byte on the peer's socket, a get loads neither the event loop
     and the network clients of the services nor the typed wire messages."""
-    code = (
-        "import sys\n"
-        "from swarmfly import cli, localpeer\n"
-        "cli.build_parser().parse_args(['get', 'http://x/f', '-O', 'f'])\n"
-        "heavy = ('asyncio', 'aiohttp', 'nats', 'ssl', 'opentelemetry', 'jsonschema_rs',\n"
-        "         'swarmfly.contracts.messages', 'swarmfly.runtime', 'swarmfly.bus')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    setup = "from swarmfly import cli, localpeer\n" + (
+        "cli.build_parser().parse_args(['get', 'http://x/f', '-O', 'f'])"
     )
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert loaded.strip() == "[]"
+    heavy = ("asyncio", "aiohttp", "nats", "ssl", "opentelemetry", "jsonschema_rs",
+             "swarmfly.contracts.messages", "swarmfly.runtime", "swarmfly.bus")  # fmt: skip
+    assert modules_loaded(setup, heavy) == []
 
 
 def test_a_service_process_loads_only_the_services_it_runs() -> None:
     """Every module is resident in every process: a peer or storage that also loaded the
     scheduler, the proxy and the auth callout's PyJWT and cryptography held some 15 MiB
     more (bench/single.py's peak RSS)."""
-    code = (
-        "import sys\n"
-        "from swarmfly import runtime\n"
-        "others = ('jwt', 'cryptography', 'swarmfly.callout',\n"
-        "          'swarmfly.services.scheduler.service', 'swarmfly.services.proxy.service',\n"
-        "          'swarmfly.services.storage.service', 'swarmfly.services.peer.service')\n"
-        "print(sorted(m for m in others if m in sys.modules))\n"
-    )
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert loaded.strip() == "[]"
+    others = ("jwt", "cryptography", "swarmfly.callout",
+              "swarmfly.services.scheduler.service", "swarmfly.services.proxy.service",
+              "swarmfly.services.storage.service", "swarmfly.services.peer.service")  # fmt: skip
+    assert modules_loaded("from swarmfly import runtime", others) == []

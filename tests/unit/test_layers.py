@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.conftest import modules_loaded
 
 ROOT = Path(__file__).resolve().parents[2]
 CORES = (
@@ -25,17 +25,8 @@ CORES = (
 
 
 def test_the_cores_load_neither_pluggy_nor_any_plugin() -> None:
-    code = (
-        "import importlib, sys\n"
-        f"for name in {CORES!r}:\n"
-        "    importlib.import_module(name)\n"
-        "print(sorted(m for m in sys.modules\n"
-        "             if m == 'pluggy' or m.startswith('swarmfly.plugins')))\n"
-    )
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert loaded.strip() == "[]"
+    setup = "import importlib\n" + "".join(f"importlib.import_module({c!r})\n" for c in CORES)
+    assert modules_loaded(setup, ("pluggy", "swarmfly.plugins.")) == []
 
 
 def _swarmfly_imports(path: Path) -> set[str]:
