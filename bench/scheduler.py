@@ -963,8 +963,8 @@ def category(file: str, func: str, src: str) -> str | None:
         return "core"
     if file.endswith("/scheduler/service.py"):
         return "adapter (scheduler/service.py)"
-    if file.endswith("/swarmfly/bus.py"):
-        return "bus glue (swarmfly/bus.py)"
+    if "/swarmfly/bus/" in file:
+        return "bus glue (swarmfly/bus/)"
     if file.endswith("/asyncio/streams.py"):
         return "socket writes (asyncio streams, from nats-py's flusher)"
     if "/nats/micro/" in file:

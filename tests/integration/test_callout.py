@@ -32,8 +32,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from swarmfly import bus as bus_module
 from swarmfly.bus import Bus
+from swarmfly.bus import connection as bus_module
 from swarmfly.config import CalloutConfig, Config, NatsConfig, nats_client_options
 from swarmfly.contracts import Sender, messages
 from swarmfly.credentials import inbox_prefix

@@ -33,7 +33,7 @@ def parameters(function: Callable[..., Any]) -> list[str]:
 
 
 def test_nats_client_internals_bus_client_overrides() -> None:
-    """swarmfly.bus._Client refuses a server that offers no TLS from ``_process_info``,
+    """natsinternals.TlsRequiringClient refuses a server that offers no TLS from ``_process_info``,
     reading the server it is connecting to from ``_current_server``."""
     assert inspect.iscoroutinefunction(Client._process_info), version("nats-py")
     assert parameters(Client._process_info) == ["self", "info", "initial_connection"]
@@ -42,8 +42,8 @@ def test_nats_client_internals_bus_client_overrides() -> None:
 
 
 def test_nats_micro_internals_bus_uses() -> None:
-    """Bus.close_endpoints removes single endpoints (nats.micro removes them only all at
-    once); errors are replied to only when the request has a reply subject."""
+    """natsinternals removes single endpoints (nats.micro removes them only all at once) and
+    answers errors only when the request has a reply subject."""
     assert assigns(Service.__init__, "_endpoints")
     assert inspect.iscoroutinefunction(Endpoint._stop)
     assert parameters(Endpoint._stop) == ["self"]
