@@ -144,6 +144,9 @@ class ProxyMetrics(Metrics):
             ["kind"],
         )
 
+    def count(self, kind: str) -> None:
+        self.requests.labels(kind=kind).inc()
+
 
 def download_failure(exc: BaseException) -> str:
     """The ``reason`` label of a failed download."""

@@ -9,13 +9,17 @@ never with a complete-looking, unverified one.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 
 from swarmfly.errors import SwarmflyError
-from swarmfly.httpheaders import Span
+from swarmfly.httpheaders import Span, Unsatisfiable, byte_range
 from swarmfly.httpserver import send_span
+from swarmfly.metrics import ProxyMetrics
 from swarmfly.services.peer.node import Download
+
+log = logging.getLogger(__name__)
 
 POLL = 0.5
 """Seconds between looks at a download's state while no piece arrives."""
@@ -31,6 +35,44 @@ async def content_of(run: Download) -> tuple[int, int]:
                 raise SwarmflyError("internal", "download ended without content")
         await stored.wait_change(stored.version, POLL)
     return stored.content.content_length, stored.content.piece_length
+
+
+async def respond(
+    request: web.Request,
+    run: Download,
+    length: int,
+    headers: dict[str, str],
+    metrics: ProxyMetrics,
+) -> web.StreamResponse:
+    """The client's range (or all) of a download: 200 or 206, 416 for a range past the end."""
+    try:
+        span = byte_range(request.headers.get("Range"), length)
+    except Unsatisfiable:
+        return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
+    whole = span is None
+    span = span or Span(0, length)
+    response = web.StreamResponse(status=200 if whole else 206)
+    response.headers.update(headers)
+    response.headers["Accept-Ranges"] = "bytes"
+    response.content_type = "application/octet-stream"
+    if not whole:
+        response.headers["Content-Range"] = f"bytes {span.start}-{span.end - 1}/{length}"
+    response.content_length = span.size
+    await response.prepare(request)
+    if span.size == 0:
+        return response
+    try:
+        await send(request, response, run, span)
+        await response.write_eof()
+    except ConnectionError:
+        log.debug("proxy: client went away during %s", run.task_id[:12])
+    except SwarmflyError as exc:
+        # Headers are gone: cutting the connection is how the client learns of it.
+        log.warning("proxy: %s failed mid-stream: %s", run.task_id[:12], exc)
+        metrics.count("failed")
+        if request.transport is not None:
+            request.transport.abort()
+    return response
 
 
 async def send(

@@ -10,6 +10,7 @@ import inspect
 import re
 from collections.abc import Callable
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -57,7 +58,7 @@ def test_nats_micro_internals_bus_uses() -> None:
     ["loop", "access_log", "max_line_size", "max_field_size", "keepalive_timeout"],
 )
 def test_aiohttp_request_handler_takes_what_the_proxy_passes(keyword: str) -> None:
-    """The proxy's _RegistryErrors is a web.RequestHandler made with these keywords."""
+    """aiohttpinternals.ParserErrors is a web.RequestHandler the proxy makes with these."""
     assert keyword in parameters(web.RequestHandler.__init__), version("aiohttp")
 
 
@@ -95,3 +96,32 @@ def test_aiohttp_resolver_the_http_source_wraps() -> None:
     """plugins/sources/http.py guards ThreadedResolver.resolve's answers."""
     assert parameters(aiohttp.ThreadedResolver.resolve) == ["self", "host", "port", "family"]
     assert "host" in ResolveResult.__annotations__
+
+
+ROOT = Path(__file__).resolve().parents[2]
+PRIVATE_USES = {
+    "swarmfly/bus/natsinternals.py": (
+        r"\._process_info\b", r"\._current_server\b", r"\._endpoints\b", r"\._stop\(",
+        r"endpoint\._subject\b", r"\._msg\b",
+    ),
+    "swarmfly/aiohttpinternals.py": (
+        r"web\.RequestHandler\b", r"\boutput_size\b", r"aiohttp\.http_exceptions\b",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("home", sorted(PRIVATE_USES))
+def test_private_parts_are_used_in_one_module(home: str) -> None:
+    """Each library's private parts are used in its internals module only, so the checks
+    above cover every use, and a bound is raised by reading one file."""
+    patterns = [re.compile(p) for p in PRIVATE_USES[home]]
+    assert all(p.search((ROOT / home).read_text(encoding="utf-8")) for p in patterns), home
+    elsewhere = [
+        f"{path.relative_to(ROOT)}: {pattern.pattern}"
+        for folder in ("swarmfly", "services", "plugins")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path.relative_to(ROOT).as_posix() != home
+        for pattern in patterns
+        if pattern.search(path.read_text(encoding="utf-8"))
+    ]
+    assert elsewhere == []

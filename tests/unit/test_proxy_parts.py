@@ -12,7 +12,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.httpheaders import Span, Unsatisfiable, byte_range
 from swarmfly.preheat import _pick_platform, auth_from_file, parse_image
 from swarmfly.services.proxy.registry import RegistryError, Route, Upstreams, route
-from swarmfly.services.proxy.service import _attributes
+from swarmfly.services.proxy.responses import attributes
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -168,15 +168,15 @@ def test_platform_choice() -> None:
 
 def test_span_attributes_name_host_and_port_never_userinfo() -> None:
     url = "http://alice:s3cret@registry.example:8080/v2/x/blobs/y?X-Amz-Signature=sig"
-    assert _attributes("GET", url, "/v2/x/blobs/y") == {
+    assert attributes("GET", url, "/v2/x/blobs/y") == {
         "http.request.method": "GET",
         "url.path": "/v2/x/blobs/y",
         "server.address": "registry.example",
         "server.port": 8080,
     }
-    assert _attributes("CONNECT", "alice:s3cret@registry.example:443") == {
+    assert attributes("CONNECT", "alice:s3cret@registry.example:443") == {
         "http.request.method": "CONNECT",
         "server.address": "registry.example",
         "server.port": 443,
     }
-    assert _attributes("GET", "https://registry.example")["server.port"] == 443
+    assert attributes("GET", "https://registry.example")["server.port"] == 443
