@@ -467,24 +467,35 @@ class DownloadReply:
 @dataclass(frozen=True, slots=True)
 class ProgressRequest:
     """``peer.{host_id}.progress`` request: how far a download asked of this peer has got
-    (for a progress bar).
+    (for a progress bar): a long poll, answered once more than `after` bytes are verified,
+    the download is complete or gone, or `wait_s` has passed.
     """
 
     download_id: str
+    after: int | None = None
+    wait_s: float | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProgressRequest:
-        return cls(download_id=data["download_id"])
+        return cls(
+            download_id=data["download_id"], after=data.get("after"), wait_s=data.get("wait_s")
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"download_id": self.download_id}
+        data: dict[str, Any] = {"download_id": self.download_id}
+        if self.after is not None:
+            data["after"] = self.after
+        if self.wait_s is not None:
+            data["wait_s"] = self.wait_s
+        return data
 
 
 @quick_init
 @dataclass(frozen=True, slots=True)
 class ProgressReply:
     """``peer.{host_id}.progress`` reply: how far a download asked of this peer has got (for
-    a progress bar).
+    a progress bar): a long poll, answered once more than `after` bytes are verified, the
+    download is complete or gone, or `wait_s` has passed.
     """
 
     state: Literal["pending", "running", "done", "failed", "unknown"]

@@ -19,7 +19,7 @@ from swarmfly.errors import SwarmflyError, in_words
 from swarmfly.ids import DIGEST
 
 if TYPE_CHECKING:
-    from swarmfly.localpeer import GetRequest
+    from swarmfly.get import GetRequest
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 CONNECT_TIMEOUT = 10.0
@@ -406,7 +406,8 @@ ORIGIN_CODES = ("not_found", "source_error", "integrity", "timeout")
 
 
 def _get(args: argparse.Namespace, config: Config) -> int:
-    from swarmfly.localpeer import GetRequest, parse_header
+    from swarmfly.get import GetRequest
+    from swarmfly.get.request import parse_header
 
     headers = dict(parse_header(h) for h in args.header)
     request = GetRequest(
@@ -439,21 +440,11 @@ def _download(
 ) -> dict[str, Any]:
     """The host's peer over its local socket; through NATS when tracing (the trace goes with
     the request) or when no peer answers there; errors naming what they are about."""
-    from swarmfly import localpeer
+    from swarmfly.get import get
     from swarmfly.ids import redact_url
 
     try:
-        summary = None
-        if not config.tracing:
-            try:
-                summary = localpeer.get(config.state_dir, request, bar, config.peer.socket)
-            except localpeer.PeerGone:  # it died: an in-process peer takes over (below)
-                summary = None
-        if summary is None:
-            from swarmfly.client import get
-
-            summary = _run(get(config, request, bar, within=args.connect_timeout))
-        return summary
+        return get(config, request, bar, within=args.connect_timeout, run=_run)
     except TimeoutError:
         raise SwarmflyError(
             "timeout", f"{redact_url(args.url)}: download did not finish in {args.timeout:g}s"
@@ -479,8 +470,8 @@ def _saved(summary: Mapping[str, Any]) -> str:
 
 def _preheat(args: argparse.Namespace, config: Config) -> int:
     from swarmfly import preheat
+    from swarmfly.get.request import parse_header
     from swarmfly.ids import redact_url
-    from swarmfly.localpeer import parse_header
 
     blobs: list[preheat.Blob]
     if args.what == "url":

@@ -13,7 +13,7 @@ import orjson
 from swarmfly.bus import Bus
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError
-from swarmfly.localpeer import peer_record
+from swarmfly.get.socket_client import peer_record
 
 CLUSTER_FILE = "cluster.json"
 

@@ -353,25 +353,13 @@ async def probe_check(config: Config, url: str | None, within: float, timeout: f
         return Check("probe", "skip", "give --probe URL to pull a small file through the swarm")
     import tempfile  # here: the CLI builds its parser from this module on every command
 
-    from swarmfly import localpeer
-    from swarmfly.client import get
+    from swarmfly.get import GetRequest, get_async
 
     with tempfile.TemporaryDirectory(prefix="swarmfly-doctor-") as folder:
-        request = localpeer.GetRequest(url, Path(folder) / "probe", {}, timeout=timeout)
+        request = GetRequest(url, Path(folder) / "probe", {}, timeout=timeout)
         started = time.monotonic()
         try:
-            summary = None
-            if not config.tracing:
-                import asyncio  # here: the CLI builds doctor's flags from Paths on every run
-
-                try:
-                    summary = await asyncio.to_thread(
-                        localpeer.get, config.state_dir, request, None, config.peer.socket
-                    )
-                except localpeer.PeerGone:
-                    summary = None
-            if summary is None:
-                summary = await get(config, request, within=within)
+            summary = await get_async(config, request, within=within)
         except TimeoutError:
             return Check("probe", "fail", f"{url}: not pulled in {timeout:g}s")
         except SwarmflyError as exc:

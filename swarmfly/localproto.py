@@ -1,12 +1,13 @@
-"""The local socket's protocol, for both of its ends: `swarmfly get` (``swarmfly.localpeer``)
-and the peer service (``services/peer/localsocket.py``). ``contracts/localsocket.json`` is its
-contract.
+"""The local socket's protocol, for both of its ends: `swarmfly get`
+(``swarmfly.get.socket_client``) and the peer service (``services/peer/localsocket.py``).
+``contracts/localsocket.json`` is its contract.
 
 Where: a peer writes ``PEER_FILE`` into its state dir, naming its socket. What: the caller
 sends one JSON line, the ``peer.{host_id}.download`` request with the requester's ``umask``,
 and with it the descriptor of the output file it opened (``SCM_RIGHTS``); the peer answers
-with a progress line every ``PROGRESS_INTERVAL`` and a last line, the reply or the error. Only
-the standard library here: every `get` on a host loads it before its first byte.
+with a progress line as the download moves (at most one per ``PROGRESS_INTERVAL``, at least
+one per ``KEEPALIVE``) and a last line, the reply or the error. Only the standard library
+here: every `get` on a host loads it before its first byte.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ MAX_SOCKET_PATH = 107
 MAX_LINE = 1 << 20
 """Bytes of one line either way (the NATS request limit)."""
 PROGRESS_INTERVAL = 0.5
+"""Seconds between progress lines at least (a bar's refresh)."""
+KEEPALIVE = 2.0
+"""Seconds between progress lines at most, while nothing moves."""
 SILENCE = 10.0
 """Seconds without a line from the peer after which it counts as gone."""
 

@@ -1,5 +1,5 @@
 """The peer's end of the local socket `swarmfly get` uses (``swarmfly.localproto`` is the
-protocol, ``swarmfly.localpeer`` the other end).
+protocol, ``swarmfly.get.socket_client`` the other end).
 
 The peer writes into the caller's descriptor only, so with the caller's permissions, never
 its own. The kernel says who the caller is (``SO_PEERCRED``); HTTP framing would have lost the

@@ -1,5 +1,5 @@
 """The peer service: a PeerNode plus the ``peer.<host_id>.*`` endpoints, on NATS and, for
-`swarmfly get` on this host, on a local socket (``swarmfly.localpeer``)."""
+`swarmfly get` on this host, on a local socket (``swarmfly.get.socket_client``)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from swarmfly.contracts import messages
 from swarmfly.contracts.wire import Endpoint
 from swarmfly.errors import SwarmflyError
 from swarmfly.localproto import (
+    KEEPALIVE,
     PEER_FILE,
     PROGRESS_INTERVAL,
     current_umask,
@@ -34,6 +35,7 @@ from swarmfly.services.peer.filedigest import Output
 from swarmfly.services.peer.localsocket import LocalRequest, LocalServer, Send
 from swarmfly.services.peer.node import PeerNode, deliver
 from swarmfly.services.peer.outputs import OutputRoots
+from swarmfly.services.peer.progress import follow, moved
 from swarmfly.services.peer.store import StoredTask
 
 log = logging.getLogger(__name__)
@@ -138,12 +140,13 @@ class PeerService:
 
         download = asyncio.create_task(self._download(payload, place, into=fd))
         try:
-            while not download.done():
-                await asyncio.wait([download], timeout=PROGRESS_INTERVAL)
-                if not download.done():
-                    asked = messages.ProgressRequest(payload.download_id)
-                    state = await self.on_progress(asked)
-                    await send(progress_line(state.to_dict()))
+            await follow(
+                partial(self.node.progress, payload.download_id),
+                download,
+                lambda state: send(progress_line(state.to_dict())),
+                interval=PROGRESS_INTERVAL,
+                keepalive=KEEPALIVE,
+            )
             try:
                 last = reply_line(download.result().to_dict())
             except SwarmflyError as exc:
@@ -238,16 +241,9 @@ class PeerService:
         return result.reply(Path(req.output))
 
     async def on_progress(self, req: messages.ProgressRequest) -> messages.ProgressReply:
-        conductor = self.node.progress(req.download_id)
-        if conductor is None:
-            return messages.ProgressReply("unknown", 0, None)
-        stored = conductor.stored
-        content = stored.content
-        return messages.ProgressReply(
-            state="done" if stored.complete else "running",
-            completed_bytes=stored.completed_bytes,
-            content_length=content.content_length if content else None,
-        )
+        """A long poll: the state once it moves past ``req.after`` (or ``req.wait_s`` on)."""
+        after = -1 if req.after is None else req.after
+        return await moved(self.node.progress(req.download_id), after, req.wait_s or 0.0)
 
 
 def _check_output_fd(fd: int, payload: messages.DownloadRequest) -> None:

@@ -14,11 +14,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from swarmfly import client
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError
+from swarmfly.get import GetRequest, without_socket
 from swarmfly.ids import url_digest
-from swarmfly.localpeer import GetRequest
 from swarmfly.natsserver import NatsServer
 from swarmfly.plugins.sources.http import HttpSource
 from swarmfly.plugins.sources.oci import OciSource, resolve
@@ -303,7 +302,7 @@ async def test_a_swarm_download_from_a_token_registry_keeps_every_secret(
         request = GetRequest(
             url=token_registry.oci(NAME, digest), output=output, headers=ALICE_AUTH, timeout=45
         )
-        summary = await client.get(via_peer(cluster), request)
+        summary = await without_socket.get(via_peer(cluster), request.checked())
         async with (
             aiohttp.ClientSession() as session,
             session.get(
@@ -343,12 +342,12 @@ async def test_a_private_blob_is_not_served_to_a_client_without_credentials(
         await source.close()
     async with in_process_cluster(nats.url, prefix, tmp_path / "cluster") as cluster:
         alice = GetRequest(url=url, output=tmp_path / "alice.bin", headers=ALICE_AUTH, timeout=30)
-        assert (await client.get(via_peer(cluster), alice))["digest"] == digest
+        assert (await without_socket.get(via_peer(cluster), alice.checked()))["digest"] == digest
         assert (tmp_path / "alice.bin").read_bytes() == data
         config = via_peer(cluster) if client_host == "same-host" else other_host(cluster, "anon")
         anonymous = GetRequest(url=url, output=tmp_path / "anon.bin", headers={}, timeout=30)
         try:
-            summary = await client.get(config, anonymous)
+            summary = await without_socket.get(config, anonymous.checked())
         except SwarmflyError:
             summary = None
     assert not (tmp_path / "anon.bin").exists() or summary is not None, "a failed get left a file"
@@ -374,7 +373,7 @@ async def test_a_digest_the_registry_lacks_fails_and_leaves_no_output(
     config = Config(state_dir=tmp_path / "state")  # no NATS: an in-process peer reads the origin
     request = GetRequest(url=url, output=output, headers=ALICE_AUTH, timeout=30)
     with pytest.raises(SwarmflyError) as error:
-        await client.get(config, request)
+        await without_socket.get(config, request.checked())
     assert error.value.code in ("not_found", "source_error")
     assert not output.exists()
     assert not list(output.parent.glob(f".{output.name}*")), "a partial file was left"
@@ -394,7 +393,7 @@ async def test_a_blob_that_is_not_the_digest_asked_for_fails_and_leaves_no_outpu
         timeout=30,
     )
     with pytest.raises(SwarmflyError) as error:
-        await client.get(config, request)
+        await without_socket.get(config, request.checked())
     assert error.value.code == "integrity"
     assert not output.exists()
     assert not list(output.parent.glob(f".{output.name}*")), "a partial file was left"
@@ -414,7 +413,7 @@ async def test_a_manifest_by_tag_follows_the_tag_when_it_moves(
         image = await push_image(htpasswd_registry, NAME, "latest", os.urandom(4096), auth)
         output = tmp_path / f"manifest-{round_}.json"
         request = GetRequest(url=url, output=output, headers=ALICE_AUTH, timeout=30)
-        await client.get(config, request)
+        await without_socket.get(config, request.checked())
         manifests.append((image.manifest, output.read_bytes()))
     (first_pushed, first_got), (second_pushed, second_got) = manifests
     assert first_got == first_pushed

@@ -39,8 +39,8 @@ from swarmfly.contracts import Sender, messages
 from swarmfly.credentials import inbox_prefix
 from swarmfly.credentials import main as write_credentials
 from swarmfly.errors import SwarmflyError
+from swarmfly.get import GetRequest
 from swarmfly.ids import host_id_of, peer_id
-from swarmfly.localpeer import GetRequest
 from swarmfly.natsserver import NatsServer
 from swarmfly.runtime import start_peer, start_scheduler, start_storage
 from swarmfly.services.scheduler.service import SchedulerService

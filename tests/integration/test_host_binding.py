@@ -30,8 +30,8 @@ from swarmfly.config import Config, NatsConfig, nats_client_options
 from swarmfly.contracts import Sender, messages
 from swarmfly.credentials import inbox_prefix
 from swarmfly.credentials import main as write_credentials
+from swarmfly.get import GetRequest
 from swarmfly.ids import peer_id
-from swarmfly.localpeer import GetRequest
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.runtime import start_peer, start_scheduler, start_storage

@@ -27,12 +27,12 @@ import aiohttp
 import pytest
 from nacl.signing import VerifyKey
 
-from swarmfly import contracts, localpeer, localproto
+from swarmfly import contracts, localproto
 from swarmfly.capability import Signer
 from swarmfly.config import Config
 from swarmfly.contracts.schema import compile_schema
+from swarmfly.get import GetRequest, socket_client
 from swarmfly.ids import NODE_ID
-from swarmfly.localpeer import GetRequest
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.lending import MAX_SAID, Lending
@@ -465,7 +465,9 @@ async def test_the_local_socket_and_a_real_swarm_speak_as_documented(running: Ru
     output = running.root / "out" / "slow.bin"
     request = GetRequest(url=running.url, output=output, headers={})
     try:
-        summary = await asyncio.to_thread(localpeer.get, peer_dir, request, None, str(tap.path))
+        summary = await asyncio.to_thread(
+            socket_client.get, peer_dir, request.checked(), None, str(tap.path)
+        )
     finally:
         await asyncio.to_thread(tap.close)
     assert summary is not None and output.read_bytes() == data

@@ -338,6 +338,7 @@ def test_the_local_socket_framing_is_the_codes() -> None:
     assert framing["request_timeout_s"] == localsocket.REQUEST_TIMEOUT
     assert framing["max_clients"] == localsocket.MAX_CLIENTS
     assert framing["progress_interval_s"] == localproto.PROGRESS_INTERVAL
+    assert framing["keepalive_s"] == localproto.KEEPALIVE < localproto.SILENCE
     assert framing["silence_s"] == localproto.SILENCE
     assert framing["max_path_bytes"] == localproto.MAX_SOCKET_PATH
     assert framing["max_descriptors"] == 1
