@@ -50,8 +50,6 @@ def test_every_data_file_beside_the_modules_is_installed() -> None:
         path
         for folder in SETUPTOOLS["package-dir"].values()
         for path in (ROOT / folder).rglob("*")
-        if path.is_file()
-        and path.suffix not in (".py", ".pyc")
-        and "__pycache__" not in path.parts
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
     }
     assert sorted(str(p.relative_to(ROOT)) for p in beside - installed) == []

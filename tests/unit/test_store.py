@@ -6,7 +6,6 @@ import asyncio
 import errno
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import orjson
@@ -16,6 +15,7 @@ from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import redact_url
 from swarmfly.services.peer.store import StoredTask, TaskStore
+from tests.virtualtime import now, virtual_time
 
 ID = hashlib.sha256(b"task").hexdigest()
 OTHER = hashlib.sha256(b"other").hexdigest()
@@ -447,36 +447,45 @@ def test_open_keeps_the_first_url(store: TaskStore) -> None:
 # -- waiting for changes -------------------------------------------------------------------
 
 
+@virtual_time
 async def test_wait_change_returns_on_mark_done(task: StoredTask) -> None:
     waiter = asyncio.create_task(task.wait_change(task.version, timeout=5.0))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(1.0)
     assert not waiter.done()
-    started = time.monotonic()
+    changed = now()
     task.mark_done(0, task.write_piece(0, piece(0), sha(piece(0))))
-    await asyncio.wait_for(waiter, 1.0)
-    assert time.monotonic() - started < 0.5
+    await waiter
+    assert now() == changed, "woken by the change, not by its timeout"
 
 
+@virtual_time
 async def test_wait_change_wakes_every_waiter(task: StoredTask) -> None:
     waiters = [asyncio.create_task(task.wait_change(task.version, timeout=5.0)) for _ in range(3)]
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(1.0)
+    assert not any(waiter.done() for waiter in waiters)
+    changed = now()
     task.mark_done(1, sha(piece(1)))
-    await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
+    await asyncio.gather(*waiters)
+    assert now() == changed
 
 
+@virtual_time
 async def test_wait_change_returns_at_once_when_already_changed(task: StoredTask) -> None:
     since = task.version
     task.mark_done(0, sha(piece(0)))
-    await asyncio.wait_for(task.wait_change(since, timeout=5.0), 0.1)
+    await task.wait_change(since, timeout=5.0)
+    assert now() == 0
 
 
+@virtual_time
 async def test_wait_change_returns_at_once_for_a_stale_version(task: StoredTask) -> None:
     before = task.version
     fill(task, range(3))
-    await asyncio.wait_for(task.wait_change(before, timeout=5.0), 0.1)
+    await task.wait_change(before, timeout=5.0)
+    assert now() == 0
 
 
+@virtual_time
 async def test_wait_change_gives_up_after_its_timeout(task: StoredTask) -> None:
-    started = time.monotonic()
-    await task.wait_change(task.version, timeout=0.05)
-    assert 0.04 <= time.monotonic() - started < 0.5
+    await task.wait_change(task.version, timeout=5.0)
+    assert now() == 5.0

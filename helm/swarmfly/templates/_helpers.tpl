@@ -229,7 +229,7 @@ user per role (natsAuth.publicKeys) and the role's permissions for natsClient.pr
 role level (every host of a role shares its identity). files/nats-permissions.json holds
 swarmfly.credentials.permissions(role, prefix) with the prefix as @PREFIX@ and the lease
 bucket's name (the prefix with every character outside [A-Za-z0-9_-] as "_") as @BUCKET@;
-tests/unit/test_helm.py checks it against that function. The client role is optional. */}}
+tests/deploy/test_helm.py checks it against that function. The client role is optional. */}}
 {{/* With natsAuth.callout.enabled: the service account of a component, whose bound token
 names it to the schedulers' auth callout (swarmfly/callout.py). */}}
 {{- define "swarmfly.serviceAccount" -}}

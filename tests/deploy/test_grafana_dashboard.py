@@ -83,7 +83,9 @@ EXPOSED = _exposed()
 
 
 def _load() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
+    loaded = json.loads(DASHBOARD.read_text())
+    assert isinstance(loaded, dict)
+    return loaded
 
 
 def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:

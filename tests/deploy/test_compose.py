@@ -282,7 +282,7 @@ def test_dockerignore_keeps_private_files_out_and_copied_ones_in() -> None:
         "venv/lib/python3.11/site-packages/x.py",
         ".env",
         "nats.creds",
-        "tests/unit/test_compose.py",
+        "tests/deploy/test_compose.py",
         "bench/results/swarm.json",
         "swarmfly/__pycache__/bus.cpython-311.pyc",
         "swarmfly.egg-info/PKG-INFO",

@@ -1,7 +1,7 @@
 """helm/swarmfly/values.schema.json: the JSON Schema (draft-07, the draft Helm reads) of the
 chart's values, held to values.yaml. Every key of values.yaml is in it and every property of
 it in values.yaml; the defaults pass; typical mistakes fail, at the value that is wrong.
-Where helm-python-sdk (Helm's own Go SDK) is installed, Helm renders the chart with it."""
+Helm renders the chart too, with helm-python-sdk (Helm's own Go SDK, a test dependency)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helm_python
 import jsonschema
 import pytest
 import yaml
@@ -193,8 +194,7 @@ EVERY_OPTION = {
 
 
 def _render(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    helm = pytest.importorskip("helm_python")
-    with helm.Chart.load(str(CHART)) as chart:
+    with helm_python.Chart.load(str(CHART)) as chart:
         files = chart.render(overrides, name="rel", namespace="ns")
     rendered = {}
     for name, text in files.items():
@@ -243,6 +243,8 @@ def test_helm_renders_every_option() -> None:
 
 
 def test_helm_refuses_what_the_schema_refuses() -> None:
-    helm = pytest.importorskip("helm_python")
-    with helm.Chart.load(str(CHART)) as chart, pytest.raises(helm.HelmError, match="replica"):
+    with (
+        helm_python.Chart.load(str(CHART)) as chart,
+        pytest.raises(helm_python.HelmError, match="replica"),
+    ):
         chart.render({**EXTERNAL_NATS, "scheduler": {"replica": 2}}, name="rel", namespace="ns")
