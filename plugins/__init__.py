@@ -14,6 +14,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.plugins.hookspecs import hookimpl
 from swarmfly.plugintypes import (
     Candidate,
+    Evaluation,
     Evaluator,
     EvaluatorRegistry,
     OriginGuard,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Candidate",
+    "Evaluation",
     "Evaluator",
     "EvaluatorRegistry",
     "OriginGuard",

@@ -7,6 +7,7 @@ the service starts without it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -55,12 +56,20 @@ class _SourceRegister:
 
 
 class _NamedRegister:
-    def __init__(self, target: dict[str, Any], kind: str) -> None:
-        self._target, self._kind = target, kind
+    def __init__(self, target: dict[str, Any], kind: str, takes: str) -> None:
+        self._target, self._kind, self._takes = target, kind, takes
 
     def add(self, name: str, item: Callable[..., Any]) -> None:
+        """Refuse, at start-up and by name, what could not be called as the API calls it (a
+        plugin written for another version's arguments) rather than fail every decision."""
         if not callable(item):
             raise TypeError(f"{self._kind} {name!r} is not callable")
+        try:
+            inspect.signature(item).bind(*self._takes.split(", "))
+        except TypeError:
+            raise TypeError(f"{self._kind} {name!r} must take ({self._takes})") from None
+        except ValueError:  # no signature to read (a builtin): called as it is
+            pass
         self._target[name] = item
 
 
@@ -119,12 +128,12 @@ class Plugins:
                 ("swarmfly_register_sources", _SourceRegister(staging, self.origins), "source"),
                 (
                     "swarmfly_register_strategies",
-                    _NamedRegister(staging.strategies, "strategy"),
+                    _NamedRegister(staging.strategies, "strategy", "view"),
                     "strategy",
                 ),
                 (
                     "swarmfly_register_evaluators",
-                    _NamedRegister(staging.evaluators, "evaluator"),
+                    _NamedRegister(staging.evaluators, "evaluator", "parent, evaluation"),
                     "evaluator",
                 ),
             ):

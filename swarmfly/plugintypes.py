@@ -94,7 +94,8 @@ class SourceRegistry(Protocol):
 
 @dataclass(frozen=True)
 class PieceView:
-    """What a strategy sees of one download when a parent has a free slot."""
+    """What a strategy sees of one download when a parent has a free slot. Facts a later
+    version adds come as new fields: a strategy written today keeps working."""
 
     candidates: Sequence[int]
     """Pieces that parent holds which nobody fetches yet and whose digest is known."""
@@ -103,11 +104,13 @@ class PieceView:
     first_missing: int
     """The lowest piece not yet verified (what a stream waits for)."""
     piece_count: int
+    rng: random.Random
+    """Seeded with the peer's id: ties break the same way on a replay."""
 
 
-Strategy = Callable[[PieceView, random.Random], list[int]]
-"""``strategy(view, rng) -> pieces``: a pure function returning candidates in the order to
-fetch them; pieces left out are not fetched now (a look-ahead window)."""
+Strategy = Callable[[PieceView], list[int]]
+"""``strategy(view) -> pieces``: a pure function returning candidates in the order to fetch
+them; pieces left out are not fetched now (a look-ahead window)."""
 
 
 class StrategyRegistry(Protocol):
@@ -139,11 +142,23 @@ class Candidate:
     """For a parent: pieces it holds (or, a seed, will hold) that the child lacks."""
 
 
-Evaluator = Callable[[Candidate, Candidate, int, "float | None"], float]
-"""``evaluate(parent, child, total_pieces, median_cost_ms) -> score``: higher is better. A
-pure function; the scheduler filters unusable parents (dead, blocklisted, corrupt, cycles)
-before it asks. ``median_cost_ms`` is the median of the candidates' mean piece costs (None
-before any piece was timed)."""
+@quick_init
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """What the evaluator's calls of one decision share. Facts a later version adds come as
+    new fields: an evaluator written today keeps working."""
+
+    child: Candidate
+    """The peer the parents are for."""
+    total_pieces: int
+    """The task's piece count (0 while its size is unknown)."""
+    median_cost_ms: float | None
+    """The median of the candidates' mean piece costs; None before any piece was timed."""
+
+
+Evaluator = Callable[[Candidate, Evaluation], float]
+"""``evaluate(parent, evaluation) -> score``: higher is better. A pure function; the scheduler
+filters unusable parents (dead, blocklisted, corrupt, cycles) before it asks."""
 
 
 class EvaluatorRegistry(Protocol):

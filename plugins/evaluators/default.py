@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swarmfly.plugins import Candidate, EvaluatorRegistry, hookimpl
+from swarmfly.plugins import Candidate, Evaluation, EvaluatorRegistry, hookimpl
 
 FINISHED_PIECE_WEIGHT = 0.2
 FREE_UPLOAD_WEIGHT = 0.2
@@ -25,10 +25,10 @@ def _location_score(parent: str, child: str) -> float:
     return matched / MAX_LOCATION_ELEMENTS
 
 
-def evaluate(
-    parent: Candidate, child: Candidate, total_pieces: int, median_cost_ms: float | None
-) -> float:
+def evaluate(parent: Candidate, evaluation: Evaluation) -> float:
     """Higher is better: pieces the child lacks, free upload, cheap pieces, closeness."""
+    child, total_pieces = evaluation.child, evaluation.total_pieces
+    median_cost_ms = evaluation.median_cost_ms
     if parent.useful_pieces is not None and total_pieces > 0:
         finished = parent.useful_pieces / total_pieces
     elif parent.host_type == "seed":
@@ -59,12 +59,11 @@ def evaluate(
     )
 
 
-def least_loaded(
-    parent: Candidate, child: Candidate, total_pieces: int, median_cost_ms: float | None
-) -> float:
+def least_loaded(parent: Candidate, evaluation: Evaluation) -> float:
     """Free upload slots first, then pieces to give: spreads load, ignores topology."""
     free = max(0, parent.upload_slots - parent.uploads)
-    return free + (parent.finished_pieces / total_pieces if total_pieces else 0.0)
+    total = evaluation.total_pieces
+    return free + (parent.finished_pieces / total if total else 0.0)
 
 
 @hookimpl

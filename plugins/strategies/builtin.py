@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 from swarmfly.plugins import PieceView, StrategyRegistry, hookimpl
 
 SEQUENTIAL_WINDOW = 16
@@ -11,22 +9,23 @@ SEQUENTIAL_WINDOW = 16
 parent busy, few enough that a stream consumer is never starved."""
 
 
-def rarest_first(view: PieceView, rng: random.Random) -> list[int]:
+def rarest_first(view: PieceView) -> list[int]:
     """Fewest holders first, ties broken at random so children spread over pieces."""
-    keyed = [(view.holders.get(n, 0), rng.random(), n) for n in view.candidates]
+    draw = view.rng.random
+    keyed = [(view.holders.get(n, 0), draw(), n) for n in view.candidates]
     keyed.sort()
     return [n for _, _, n in keyed]
 
 
-def sequential(view: PieceView, rng: random.Random) -> list[int]:
+def sequential(view: PieceView) -> list[int]:
     """Lowest piece first within a bounded window: a stream can be handed on as it grows."""
     limit = view.first_missing + SEQUENTIAL_WINDOW
     return sorted(n for n in view.candidates if n < limit)
 
 
-def random_order(view: PieceView, rng: random.Random) -> list[int]:
+def random_order(view: PieceView) -> list[int]:
     out = list(view.candidates)
-    rng.shuffle(out)
+    view.rng.shuffle(out)
     return out
 
 

@@ -127,8 +127,8 @@ class PieceBook:
         offered = self.available[parent]
         fresh = [n for n in offered if n in open_]
         if fresh:
-            view = PieceView(fresh, holders, first_missing, self.piece_count)
-            ordered = self.strategy(view, self.rng)
+            view = PieceView(fresh, holders, first_missing, self.piece_count, self.rng)
+            ordered = self.strategy(view)
             if ordered:
                 return ordered[0]
         endgame = [

@@ -22,7 +22,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.frozen import quick_init
 from swarmfly.ids import piece_count
 from swarmfly.placement import rendezvous
-from swarmfly.plugintypes import Candidate, Evaluator
+from swarmfly.plugintypes import Candidate, Evaluation, Evaluator
 from swarmfly.services.scheduler.pieceset import PieceSet
 
 Action = Literal["parents", "back_to_source", "wait"]
@@ -954,12 +954,12 @@ class Scheduler:
         # Children already sent to a parent count as its load at once, not only when the
         # next heartbeat says so: otherwise every child picks the same best few parents.
         mine = set(child.parents) if child.state == "running" else set()
-        child_candidate = self._candidate(child)
+        evaluation = Evaluation(self._candidate(child), total, median)
         scored: list[tuple[bool, float, Peer]] = []
         for parent in filtered:
             assigned = task.load.get(parent.id, 0) - (parent.id in mine)
             candidate = self._candidate(parent, child, total, assigned)
-            score = self.evaluator(candidate, child_candidate, total, median)
+            score = self.evaluator(candidate, evaluation)
             # A parent holding nothing the child lacks goes last whatever its score: the
             # child could only wait on it while parents with pieces to give are busy.
             useful = not total or bool(candidate.useful_pieces)

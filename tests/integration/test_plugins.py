@@ -177,6 +177,18 @@ BROKEN = {
         "def swarmfly_register_sources(registry):\n"
         "    pass\n"
     ),
+    "old-evaluator": (
+        "from swarmfly.plugins import hookimpl\n"
+        "@hookimpl\n"
+        "def swarmfly_register_evaluators(register):\n"
+        "    register.add('old', lambda parent, child, total, median: 0.0)\n"
+    ),
+    "old-strategy": (
+        "from swarmfly.plugins import hookimpl\n"
+        "@hookimpl\n"
+        "def swarmfly_register_strategies(register):\n"
+        "    register.add('old', lambda view, rng: [])\n"
+    ),
 }
 
 
@@ -196,6 +208,8 @@ async def test_broken_plugins_are_reported_by_name_and_skipped(
     assert "already served" in rows["steals-http"]["error"]
     assert "unknown hook 'swarmfly_register_source'" in rows["misspelt"]["error"]
     assert "{'registry'} are declared in the hookimpl" in rows["wrong-argument"]["error"]
+    assert "evaluator 'old' must take (parent, evaluation)" in rows["old-evaluator"]["error"]
+    assert "strategy 'old' must take (view)" in rows["old-strategy"]["error"]
     assert rows["http"]["error"] is None
 
     data = os.urandom(MiB)
@@ -318,13 +332,11 @@ def test_a_plugin_adds_a_strategy_and_an_evaluator() -> None:
 
     @hookimpl
     def swarmfly_register_strategies(register: StrategyRegistry) -> None:
-        register.add("newest-first", lambda view, rng: sorted(view.candidates, reverse=True))
+        register.add("newest-first", lambda view: sorted(view.candidates, reverse=True))
 
     @hookimpl
     def swarmfly_register_evaluators(register: EvaluatorRegistry) -> None:
-        register.add(
-            "same-idc", lambda parent, child, total, median: float(parent.idc == child.idc)
-        )
+        register.add("same-idc", lambda parent, e: float(parent.idc == e.child.idc))
 
     module.swarmfly_register_strategies = swarmfly_register_strategies  # type: ignore[attr-defined]
     module.swarmfly_register_evaluators = swarmfly_register_evaluators  # type: ignore[attr-defined]

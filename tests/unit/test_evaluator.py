@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from swarmfly.plugins.evaluators.default import evaluate
-from swarmfly.plugintypes import Candidate
+from swarmfly.plugintypes import Candidate, Evaluation
 
 CHILD = Candidate(
     peer_id="child",
@@ -25,7 +25,7 @@ TOTAL = 100
 
 
 def score(parent: Candidate, child: Candidate = CHILD, median: float | None = None) -> float:
-    return evaluate(parent, child, TOTAL, median)
+    return evaluate(parent, Evaluation(child, TOTAL, median))
 
 
 def with_(candidate: Candidate, **changes: Any) -> Candidate:
@@ -121,13 +121,13 @@ def test_cheaper_pieces_score_higher() -> None:
 
 
 def test_total_pieces_unknown_is_not_a_division_error() -> None:
-    assert evaluate(PARENT, CHILD, 0, None) == evaluate(
-        with_(PARENT, finished_pieces=5), CHILD, 0, None
-    )
+    unknown = Evaluation(CHILD, 0, None)
+    assert evaluate(PARENT, unknown) == evaluate(with_(PARENT, finished_pieces=5), unknown)
 
 
 def test_the_best_parent_scores_one() -> None:
     best = with_(PARENT, finished_pieces=TOTAL, idc="dc", location="a|b|c|d|e")
     child = with_(CHILD, idc="dc", location="a|b|c|d|e")
-    assert evaluate(best, child, TOTAL, None) == pytest.approx(1.0 - 0.15 * 0.5)
-    assert evaluate(with_(best, mean_cost_ms=0.0), child, TOTAL, 1.0) == pytest.approx(1.0)
+    assert evaluate(best, Evaluation(child, TOTAL, None)) == pytest.approx(1.0 - 0.15 * 0.5)
+    timed = Evaluation(child, TOTAL, 1.0)
+    assert evaluate(with_(best, mean_cost_ms=0.0), timed) == pytest.approx(1.0)

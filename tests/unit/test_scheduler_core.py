@@ -14,7 +14,7 @@ from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.placement import rendezvous
 from swarmfly.plugins.evaluators.default import evaluate
-from swarmfly.plugintypes import Candidate
+from swarmfly.plugintypes import Candidate, Evaluation
 from swarmfly.services.scheduler.core import (
     BLOCK_SECONDS,
     FILTER_LIMIT,
@@ -88,7 +88,7 @@ def ranked(*order: str) -> Evaluator:
     """An evaluator that prefers peers in the given order (earlier is better)."""
     rank = {peer: len(order) - i for i, peer in enumerate(order)}
 
-    def evaluate(parent: Candidate, child: Candidate, total: int, median: float | None) -> float:
+    def evaluate(parent: Candidate, evaluation: Evaluation) -> float:
         return float(rank.get(parent.peer_id, 0))
 
     return evaluate
@@ -488,7 +488,7 @@ def test_a_decision_in_a_large_swarm_weighs_a_bounded_sample() -> None:
     parents it may use, and spreads children over them."""
     scored: list[str] = []
 
-    def counting(parent: Candidate, child: Candidate, total: int, median: float | None) -> float:
+    def counting(parent: Candidate, evaluation: Evaluation) -> float:
         scored.append(parent.peer_id)
         return float(parent.finished_pieces)
 
