@@ -19,7 +19,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from swarmfly import telemetry
+from swarmfly import bitmap, telemetry
 from swarmfly.content import SourceRequest, TaskContent
 from swarmfly.contracts import messages
 from swarmfly.contracts.wire import ABSENT, Absent, Rep, Req, Subject
@@ -27,7 +27,6 @@ from swarmfly.errors import SwarmflyError, in_words
 from swarmfly.ids import check_digest, piece_count, piece_length_for, redact_url
 from swarmfly.plugintypes import SourceStat, Strategy
 from swarmfly.ratelimit import TokenBucket
-from swarmfly.services.peer import grants
 from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.ledger import DigestLedger
 from swarmfly.services.peer.lending import LEND_POLL, Lending
@@ -387,7 +386,7 @@ class Conductor:
             params = {"since": str(parent.version), "wait": str(wait)}
             book = self.swarm.book
             if parent.type == "seed" and book is not None:
-                params["wants"] = grants.encode(book.wanted(), book.piece_count)
+                params["wants"] = bitmap.encode(book.wanted(), book.piece_count)
                 params["peer"] = self.peer_id  # what it lends us follows our liveness
                 if declined is not None:
                     params["decline"] = str(declined)

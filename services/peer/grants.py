@@ -14,17 +14,12 @@ pieces in a query parameter.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from swarmfly.errors import SwarmflyError
 from swarmfly.services.peer.lending import Lending
 
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 GRANT_SECONDS = 0.5
 """How long a granted piece stays reserved for the child it was granted to."""
 
@@ -195,33 +190,3 @@ class GrantDesk:
                 del self._waiting[poll]
                 answered.append(poll)
         return answered
-
-
-def encode(pieces: Iterable[int], piece_count: int) -> str:
-    """A set of piece numbers as an unpadded base64url bitmap (bit 7 of byte 0 = piece 0)."""
-    bitmap = bytearray((piece_count + 7) // 8)
-    for number in pieces:
-        if 0 <= number < piece_count:
-            bitmap[number // 8] |= 0x80 >> (number % 8)
-    return base64.urlsafe_b64encode(bytes(bitmap)).rstrip(b"=").decode()
-
-
-def decode(text: str, piece_count: int) -> set[int]:
-    """The inverse of ``encode``; anything but a bitmap of exactly this task's size is a
-    bad request."""
-    size = (piece_count + 7) // 8
-    if len(text) > (size * 4 + 2) // 3 or not _BASE64URL.fullmatch(text):
-        raise SwarmflyError("bad_request", "piece bitmap is not this task's, in base64url")
-    try:
-        bitmap = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise SwarmflyError("bad_request", "piece bitmap is not base64url") from None
-    if len(bitmap) != size:
-        raise SwarmflyError("bad_request", "piece bitmap does not match the task's pieces")
-    return {
-        index * 8 + bit
-        for index, byte in enumerate(bitmap)
-        if byte
-        for bit in range(8)
-        if byte & (0x80 >> bit) and index * 8 + bit < piece_count
-    }

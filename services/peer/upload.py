@@ -22,7 +22,7 @@ from aiohttp import web
 from nacl.signing import VerifyKey
 from opentelemetry.trace import SpanKind
 
-from swarmfly import capability, telemetry
+from swarmfly import bitmap, capability, telemetry
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpheaders import parse_range
 from swarmfly.httpserver import SlowReader, healthz, send_span
@@ -204,7 +204,7 @@ class UploadServer:
         assert task.content is not None
         wants = request.query.get("wants")
         try:
-            wanted = None if wants is None else grants.decode(wants, task.content.piece_count)
+            wanted = None if wants is None else bitmap.decode(wants, task.content.piece_count)
             declined = int(request.query.get("decline", "-1"))
         except SwarmflyError as exc:
             raise web.HTTPBadRequest(text=exc.message) from None

@@ -87,10 +87,6 @@ class PieceSet:
         self._bits &= ~(1 << number)
         self._count = self._bits.bit_count()
 
-    def to_bytes(self) -> bytes:
-        """Little-endian: piece n is bit n % 8 of byte n // 8; no trailing zero bytes."""
-        return self._bits.to_bytes((self._bits.bit_length() + 7) // 8, "little")
-
     def copy(self) -> PieceSet:
         return PieceSet._of(self._bits)
 

@@ -13,7 +13,7 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from importlib import resources
 from pathlib import Path
@@ -23,7 +23,7 @@ import nats.errors
 import orjson
 from aiohttp import web
 
-from swarmfly import __version__, apitoken
+from swarmfly import __version__, apitoken, bitmap
 from swarmfly.bus import Bus, Served
 from swarmfly.capability import Signer
 from swarmfly.config import Config, SchedulerConfig
@@ -47,7 +47,6 @@ from swarmfly.services.scheduler.core import (
     TriggerSeed,
 )
 from swarmfly.services.scheduler.ownership import Ownership
-from swarmfly.services.scheduler.pieceset import PieceSet
 from swarmfly.services.scheduler.views import merge
 
 log = logging.getLogger(__name__)
@@ -513,7 +512,7 @@ class SchedulerService:
             )
             size = PEER_BYTES
             if bitmaps and t.content is not None:
-                size += 2 * ((t.content.piece_count + 7) // 8)
+                size += bitmap.size(t.content.piece_count)
             fits = min(len(peers), budget // size)
             truncated = truncated or fits < len(peers)
             budget -= fits * size
@@ -547,7 +546,11 @@ class SchedulerService:
                     "source": p.is_source,
                     "origin_bytes": p.origin_bytes,
                     "p2p_bytes": p.p2p_bytes,
-                    **({"bitmap": bitmap(p.pieces)} if bitmaps else {}),
+                    **(
+                        {"bitmap": bitmap.encode(p.pieces, t.content.piece_count)}
+                        if bitmaps and t.content is not None
+                        else {}
+                    ),
                 }
                 for p in peers
             ],
@@ -725,8 +728,3 @@ class EventFeed:
 
 def _partition_tokens(token: str) -> dict[str, Any]:
     return {"every": ("partition",)} if token == ALL else {"partition": token}
-
-
-def bitmap(pieces: Iterable[int]) -> str:
-    """Hex bitmap: piece n is bit n (least significant bit of the first byte first)."""
-    return PieceSet(pieces).to_bytes().hex()

@@ -39,7 +39,7 @@ from nats import connect as connect_nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from swarmfly import contracts, ids
+from swarmfly import bitmap, contracts, ids
 from swarmfly.bus import MAX_REQUEST_BYTES
 from swarmfly.capability import Signer
 from swarmfly.content import TaskContent
@@ -752,7 +752,7 @@ def wants_values(draw: st.DrawFn, broken: bool) -> tuple[str | None, set[int] | 
     with the set unknown (None)."""
     numbers = st.sets(st.integers(0, SEED_PIECES - 1))
     wanted = draw(numbers)
-    text = grants.encode(wanted, SEED_PIECES)
+    text = bitmap.encode(wanted, SEED_PIECES)
     if not broken:
         kind = draw(st.sampled_from(["absent", "valid", "valid", "spare"]))
         if kind == "absent":
@@ -787,7 +787,7 @@ def wants_values(draw: st.DrawFn, broken: bool) -> tuple[str | None, set[int] | 
         text = base64.b64encode(bytes(b | 0xFB for b in decoded)).decode()  # "+" and "/"
     elif operation == "other-size":
         size = draw(st.sampled_from([0, 1, 7, 8, 195, 200, 202, 204, 208, 216, 4096]))
-        text = grants.encode(wanted, size)
+        text = bitmap.encode(wanted, size)
     elif operation == "random":
         text = draw(st.one_of(st.text(max_size=60), long_text()))
     else:
@@ -897,7 +897,7 @@ def test_a_capped_seed_still_grants_and_serves_after_fuzzing(env: Env, seed: See
     async def check() -> None:
         await asyncio.sleep(grants.GRANT_SECONDS + 0.1)  # the fuzzing's grants lapse
         wanted = set(range(SEED_PIECES))
-        params = {"wants": grants.encode(wanted, SEED_PIECES), "wait": "2"}
+        params = {"wants": bitmap.encode(wanted, SEED_PIECES), "wait": "2"}
         async with env.session.get(seed.pieces_url, params=params, headers=seed.auth) as response:
             assert response.status == 200
             answer = await response.json()

@@ -27,14 +27,13 @@ import aiohttp
 import pytest
 from nacl.signing import VerifyKey
 
-from swarmfly import contracts, localproto
+from swarmfly import bitmap, contracts, localproto
 from swarmfly.capability import Signer
 from swarmfly.config import Config
 from swarmfly.contracts.schema import compile_schema
 from swarmfly.get import GetRequest, socket_client
 from swarmfly.ids import NODE_ID
 from swarmfly.natsserver import NatsServer
-from swarmfly.services.peer import grants
 from swarmfly.services.peer.lending import MAX_SAID, Lending
 from swarmfly.testing import InProcessCluster, Origin, capability, in_process_cluster
 from tests.integration.test_upload_server import PIECE, Upload, content_of, finish, serve
@@ -184,7 +183,7 @@ async def test_a_seeds_grants_as_documented(tmp_path: Path) -> None:
         data = content_of(4 * PIECE, b"grants")
         task = seed.put(data, {0, 1, 2, 3})
         base = f"/v1/tasks/{task.id}/pieces"
-        wants = grants.encode({1, 3}, 4)
+        wants = bitmap.encode({1, 3}, 4)
         _, granted = await ask(seed, f"{base}?since=-1&wait=1&wants={wants}&peer=child-1")
         assert grant(granted)["pieces"] == [1] and not granted["complete"]
 
@@ -200,7 +199,7 @@ async def test_a_seeds_grants_as_documented(tmp_path: Path) -> None:
         assert grant(third)["pieces"] == [3] and third["version"] > second["version"]
 
         # Nothing it wants: an empty answer once the wait runs out.
-        _, nothing = await ask(seed, f"{base}?wait=0.3&wants={grants.encode(set(), 4)}")
+        _, nothing = await ask(seed, f"{base}?wait=0.3&wants={bitmap.encode(set(), 4)}")
         assert grant(nothing)["pieces"] == [] and "origin" not in nothing
 
 
@@ -208,7 +207,7 @@ async def test_a_seeds_loan_answers_as_documented(tmp_path: Path) -> None:
     async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
         task = seed.put(content_of(8 * PIECE, b"loans"), {0, 1})
         task.lending = Lending(8, etag='"v1"', limit=1, window=1)
-        every = grants.encode(set(range(8)), 8)
+        every = bitmap.encode(set(range(8)), 8)
         base = f"/v1/tasks/{task.id}/pieces"
         # Two grants fill the one slot's places; the third child is lent a piece.
         answers = await asyncio.gather(
@@ -520,7 +519,7 @@ async def test_the_local_socket_and_a_real_swarm_speak_as_documented(running: Ru
         # The seed, its uplink capped: a grant of a piece wanted, then its bytes.
         seed_url = cluster.storage.node.upload_url
         count = held["piece_count"]
-        wants = grants.encode({count - 1}, count)
+        wants = bitmap.encode({count - 1}, count)
         query = f"?since=-1&wait=2&wants={wants}&peer={peer_id}"
         status, granted = await get(seed_url, f"/v1/tasks/{task_id}/pieces{query}", {})
         assert status == 200 and grant(granted)["pieces"] == [count - 1]

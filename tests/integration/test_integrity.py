@@ -18,13 +18,12 @@ import orjson
 import pytest
 from aiohttp import web
 
-from swarmfly import contracts, ids
+from swarmfly import bitmap, contracts, ids
 from swarmfly.bus import Bus
 from swarmfly.contracts import messages
 from swarmfly.contracts.wire import Rep, Req, Subject
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import piece_count, piece_length_for, task_id
-from swarmfly.services.peer import grants
 from swarmfly.testing import subject_tokens
 from tests.integration.test_swarm import Cluster, get, sha256
 
@@ -328,7 +327,7 @@ async def lie_while_lent(
         while loop.time() < deadline:
             params = {"since": "-1", "wait": "1", "peer": evil.peer_id}
             if info is not None:
-                params["wants"] = grants.encode(range(info), info)
+                params["wants"] = bitmap.encode(range(info), info)
             url = f"{seed}/v1/tasks/{digest_task}/pieces"
             async with session.get(url, params=params, headers=auth) as r:
                 if r.status != 200:

@@ -20,11 +20,11 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import aiohttp
 import pytest
 
+from swarmfly import bitmap
 from swarmfly.capability import Signer
 from swarmfly.content import TaskContent
 from swarmfly.httpserver import serve_http
 from swarmfly.ids import piece_count
-from swarmfly.services.peer import grants
 from swarmfly.services.peer import upload as upload_module
 from swarmfly.services.peer.lending import Lending
 from swarmfly.services.peer.store import StoredTask, TaskStore
@@ -736,8 +736,8 @@ async def test_a_seed_keeps_grant_books_only_for_grants_outstanding(tmp_path: Pa
 async def test_a_seed_grants_only_what_the_child_wants(tmp_path: Path) -> None:
     async with serve(tmp_path, superseed=True) as seed:
         task = seed.put(content_of(10 * PIECE, b"wants"), set(range(10)))
-        assert (await poll(seed, task, 1.0, grants.encode({7, 9}, 10)))["pieces"] == [7]
-        assert (await poll(seed, task, 0.2, grants.encode(set(), 10)))["pieces"] == []
+        assert (await poll(seed, task, 1.0, bitmap.encode({7, 9}, 10)))["pieces"] == [7]
+        assert (await poll(seed, task, 0.2, bitmap.encode(set(), 10)))["pieces"] == []
 
 
 async def test_a_piece_verified_while_a_child_waits_is_granted_at_once(tmp_path: Path) -> None:
@@ -776,7 +776,7 @@ async def test_a_seed_with_no_slot_free_lends_a_piece_to_read_from_the_origin(
     async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
         task = seed.put(content_of(8 * PIECE, b"lend"), {0, 1})
         task.lending = Lending(8, etag='"v1"', limit=1, window=1)
-        every = grants.encode(set(range(8)), 8)
+        every = bitmap.encode(set(range(8)), 8)
         # Two grants fill the one slot and its one waiting place; the third child is lent
         # the last piece, pinned to the ETag the seed read, and the fourth gets nothing.
         answers = await asyncio.gather(
@@ -807,7 +807,7 @@ async def test_without_capabilities_only_a_child_that_names_itself_is_lent_a_pie
         seed.server.capabilities = False
         task = seed.put(content_of(8 * PIECE, b"anonymous"), {0, 1})
         task.lending = Lending(8, limit=2, window=1)
-        every = grants.encode(set(range(8)), 8)
+        every = bitmap.encode(set(range(8)), 8)
         query = f"/v1/tasks/{task.id}/pieces?since=-1&wait=0.3&wants={every}"
         answers = await asyncio.gather(*(seed.get(query, {"Authorization": ""}) for _ in range(4)))
         assert all(b'"origin"' not in body for _, body, _ in answers)
@@ -871,7 +871,7 @@ async def test_a_seed_lends_to_the_child_its_capability_names(tmp_path: Path) ->
     async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
         task = seed.put(content_of(8 * PIECE, b"named"), {0, 1})
         task.lending = Lending(8, limit=1, window=1)
-        every = grants.encode(set(range(8)), 8)
+        every = bitmap.encode(set(range(8)), 8)
         query = f"?since=-1&wait=0.5&wants={every}&peer=child-b"
         answers = await asyncio.gather(*(
             seed.get(f"/v1/tasks/{task.id}/pieces{query}", seed.token(task.id, "child-a"))

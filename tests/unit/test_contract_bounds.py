@@ -3,7 +3,6 @@ the code's own constant where it has one, so the two cannot drift apart (issue 1
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarmfly import contracts, ids
+from swarmfly import bitmap, contracts, ids
 from swarmfly.bus import MAX_REQUEST_BYTES
 from swarmfly.config import MIN_RATE
 from swarmfly.placement import MAX_PARTITIONS
@@ -176,7 +175,7 @@ def test_every_piece_number_is_below_the_largest_piece_count() -> None:
         ("piece_count", "maximum", MAX_PIECE_COUNT),
         ("offset", "maximum", MAX_PIECE_COUNT),
         ("pieces", "maximum", MAX_PIECE_COUNT),  # scheduler.state: a peer's pieces held
-        ("bitmap", "maxLength", 2 * math.ceil(MAX_PIECE_COUNT / 8)),
+        ("bitmap", "maxLength", bitmap.size(MAX_PIECE_COUNT)),  # base64url of ceil(n / 8) bytes
     ],
 )
 def test_piece_counts_offsets_and_bitmaps_fit_the_largest_piece_count(

@@ -1,17 +1,11 @@
-"""Super-seeding grants: each piece leaves the seed about once, the desk gives each child
-its turn and never promises more places than the uplink has, and the wanted-pieces bitmap a
-child sends survives the trip."""
+"""Super-seeding grants: each piece leaves the seed about once, and the desk gives each child
+its turn and never promises more places than the uplink has."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
-from swarmfly.errors import SwarmflyError
-from swarmfly.services.peer.grants import GrantBook, GrantDesk, Granted, Lent, Poll, decode, encode
+from swarmfly.services.peer.grants import GrantBook, GrantDesk, Granted, Lent, Poll
 from swarmfly.services.peer.lending import Lending
 
 
@@ -41,32 +35,6 @@ def test_only_wanted_pieces_are_granted() -> None:
     assert book.grant(range(10), {}, now=0.0, wanted={8, 9}) == 8
     assert book.grant(range(10), {}, now=0.0, wanted={8}) is None
     assert book.grant(range(10), {}, now=0.0, wanted=set()) is None
-
-
-@given(count=st.integers(1, 3000), data=st.data())
-def test_a_bitmap_round_trips(count: int, data: st.DataObject) -> None:
-    pieces = data.draw(st.sets(st.integers(0, count - 1), max_size=64))
-    text = encode(pieces, count)
-    assert len(text) <= 4 * ((count + 7) // 8 + 2) // 3
-    assert decode(text, count) == pieces
-
-
-@given(text=st.text(max_size=40), count=st.integers(1, 200))
-def test_decode_accepts_only_a_bitmap_of_the_task(text: str, count: int) -> None:
-    try:
-        pieces = decode(text, count)
-    except SwarmflyError as exc:
-        assert exc.code == "bad_request"
-    else:
-        assert all(0 <= n < count for n in pieces)
-        assert encode(pieces, count) == text or len(text) == len(encode(pieces, count))
-
-
-@pytest.mark.parametrize("text", ["", "A", "AAAA", "AA==", "A+A", "AA A", "ÄÄ"])
-def test_bitmaps_of_the_wrong_shape_are_bad_requests(text: str) -> None:
-    with pytest.raises(SwarmflyError) as caught:
-        decode(text, 10)  # 10 pieces: 2 bytes, 3 characters
-    assert caught.value.code == "bad_request"
 
 
 # -- the desk: a seed's polls, its places, and lending once they are full ------------------

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from swarmfly import bus, capability, contracts, ids, localproto
+from swarmfly import bitmap, bus, capability, contracts, ids, localproto
 from swarmfly.contracts.documents import LOCAL_SOCKET, METHODS, PEER_API, resolved
 from swarmfly.contracts.schema import Invalid, compile_schema
 from swarmfly.services.peer import grants, lending, localsocket, upload
@@ -318,18 +318,38 @@ def test_the_wants_bitmap_is_as_documented(piece_count: int) -> None:
     schema = contracts.peer_api()["pieces"].parameters[("query", "wants")]["schema"]
     check = compile_schema(schema)
     pieces = set(range(0, piece_count, 3))
-    text = grants.encode(pieces, piece_count)
+    text = bitmap.encode(pieces, piece_count)
     check(text)
     size = (piece_count + 7) // 8
     assert len(text) == (size * 4 + 2) // 3 <= schema["maxLength"]
-    assert grants.decode(text, piece_count) == pieces
+    assert bitmap.decode(text, piece_count) == pieces
     if piece_count:
         first = bytearray(size)
         first[0] = 0x80  # the most significant bit of byte 0 is piece 0
-        bitmap = base64.urlsafe_b64encode(first).rstrip(b"=").decode()
-        assert grants.decode(bitmap, piece_count) == {0}
+        text = base64.urlsafe_b64encode(first).rstrip(b"=").decode()
+        assert bitmap.decode(text, piece_count) == {0}
     max_count = contracts.common_defs()["task"]["properties"]["piece_count"]["maximum"]
-    assert schema["maxLength"] == (((max_count + 7) // 8) * 4 + 2) // 3
+    assert schema["maxLength"] == bitmap.size(max_count)
+
+
+def test_one_piece_bitmap_for_the_upload_server_and_the_schedulers_state() -> None:
+    """``wants`` and a peer's pieces in ``scheduler.state`` are one encoding, one schema."""
+    shared = contracts.common_defs()["piece_bitmap"]
+    wants = contracts.peer_api()["pieces"].parameters[("query", "wants")]["schema"]
+    assert {k: wants[k] for k in ("maxLength", "pattern")} == {
+        k: shared[k] for k in ("maxLength", "pattern")
+    }
+    state = contracts.get("scheduler.state")
+    (example,) = [e["reply"] for e in state.examples if e["request"].get("bitmaps")]
+    task = example["tasks"][0]
+    for peer in task["peers"]:
+        held = bitmap.decode(peer["bitmap"], task["task"]["piece_count"])
+        assert len(held) == peer["pieces"]
+    assert bitmap.encode({0, 9}, 10) == "gEA", "piece 0 is the top bit of byte 0"
+    assert state.validate_reply is not None
+    broken = {**task, "peers": [{**task["peers"][0], "bitmap": "0a+b"}]}
+    with pytest.raises(contracts.Invalid):
+        state.validate_reply({**example, "tasks": [broken]})
 
 
 def test_the_local_socket_framing_is_the_codes() -> None:

@@ -34,12 +34,6 @@ def test_only_piece_numbers_are_members() -> None:
     assert repr(bits) == "PieceSet([0, 3])" and PieceSet() == set()
 
 
-def test_its_bytes_are_the_dashboards_bitmap() -> None:
-    """Piece n is bit n % 8 of byte n // 8, as the state's hex bitmap has always been."""
-    assert PieceSet({0, 9}).to_bytes() == bytes([0b1, 0b10])
-    assert PieceSet().to_bytes() == b""
-
-
 def test_count_missing_is_the_size_of_the_difference() -> None:
     have, lack = PieceSet([0, 3, 5, 200]), PieceSet([3, 7])
     assert have.count_missing(lack) == len(have - lack) == 3
