@@ -31,9 +31,10 @@ from swarmfly.localproto import (
     reply_line,
     socket_path,
 )
+from swarmfly.services.peer.delivery import deliver
 from swarmfly.services.peer.filedigest import Output
 from swarmfly.services.peer.localsocket import LocalRequest, LocalServer, Send
-from swarmfly.services.peer.node import PeerNode, deliver
+from swarmfly.services.peer.node import PeerNode
 from swarmfly.services.peer.outputs import OutputRoots
 from swarmfly.services.peer.progress import follow, moved
 from swarmfly.services.peer.store import StoredTask

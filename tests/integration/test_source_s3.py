@@ -32,7 +32,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.natsserver import NatsServer, free_port
 from swarmfly.pluginhost import GROUP, Plugins
 from swarmfly.plugins.sources.s3 import S3Source
-from swarmfly.services.peer.node import deliver
+from swarmfly.services.peer.delivery import deliver
 from swarmfly.testing import check_source, in_process_cluster
 
 pytestmark = pytest.mark.timeout(180)
