@@ -5,6 +5,12 @@ next), ``swarming`` (which piece from which parent, when to ask the scheduler ag
 ``ledger`` (the digests pieces are checked against), ``reports`` (what the scheduler is
 told), ``lending`` and ``takeover`` (a seed's origin reads). It owns the tasks, timers and
 threads, and reaches the rest of the host only through ``links``.
+
+Some 1,300 lines, and the next to split: its parts (parents, the origin, a seed's lending and
+take-over, the control plane) call one another and share the download's state (the stored
+task, the ledger, the swarm core, the rates). Split as mixins, each part would have to name
+that state as a protocol of some 50 members; the way out is to move more of the parts'
+decisions into the cores above, until what is left here is IO.
 """
 
 from __future__ import annotations

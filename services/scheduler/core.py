@@ -3,6 +3,11 @@
 No asyncio, NATS or clock here: every entry point takes ``now`` and returns decisions and
 effects, so unit tests and the simulator drive it directly. All state is soft: it can be
 rebuilt from what peers re-register.
+
+One module, over 1,000 lines, on purpose: every decision reads the same tables (tasks, peers,
+hosts, loads) and keeps one set of invariants over them (a peer's pieces, its parents, the
+seed's children, the blocklists), which the property tests check as a whole; the parts that
+stand alone are apart already (``leases``, ``pieceset``, the evaluator plugin).
 """
 
 from __future__ import annotations

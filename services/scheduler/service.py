@@ -3,6 +3,10 @@
 Task subjects are partitioned (``scheduler.<n>.*``): this scheduler subscribes to a partition
 only while it holds the partition's lease (``ownership.py``) and forgets its tasks when it
 lets go. Host-level subjects (heartbeat, leave, state) reach every scheduler.
+
+About 700 lines: the NATS handlers and the state's views (NATS, HTTP, the dashboard's
+events) read the same core and leases under the same partition checks; the views' pure
+merging is apart (``views``).
 """
 
 from __future__ import annotations
