@@ -9,9 +9,9 @@ import platform
 import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from swarmfly import apitoken, contracts, httpserver, telemetry
+from swarmfly import apitoken, contracts, httpserver, lifecycle, telemetry
 from swarmfly.bus import Bus
 from swarmfly.cluster import connect, servers_of
 from swarmfly.config import Config, NatsConfig, nats_client_options
@@ -255,23 +255,26 @@ async def run_service(kind: str, config: Config) -> None:
         bus = await connect(config, f"swarmfly-{kind}", servers)
         stack.push_async_callback(bus.close)
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        info: Any
+        services: list[lifecycle.Service] = []
         if kind == "scheduler":
-            info = await start_scheduler(stack, config, bus)
-            print(f"scheduler on NATS {', '.join(servers)}; http {info.http_url}", flush=True)
+            scheduler = await start_scheduler(stack, config, bus)
+            services.append(scheduler)
+            print(f"scheduler on NATS {', '.join(servers)}; http {scheduler.http_url}", flush=True)
         elif kind == "storage":
-            info = await start_storage(stack, config, bus, config.state_dir, servers)
-            print(f"storage {info.node.settings.host_id}: {info.node.upload_url}", flush=True)
+            storage = await start_storage(stack, config, bus, config.state_dir, servers)
+            services.append(storage)
+            print(f"storage {storage.node.settings.host_id}: {storage.node.upload_url}", flush=True)
         else:
-            info = await start_peer(stack, config, bus, config.state_dir, servers)
-            line = f"peer {info.node.settings.host_id}: {info.node.upload_url}"
+            peer = await start_peer(stack, config, bus, config.state_dir, servers)
+            services.append(peer)
+            line = f"peer {peer.node.settings.host_id}: {peer.node.upload_url}"
             if config.proxy.enabled:
-                proxy = await start_proxy(stack, config, info.node)
+                proxy = await start_proxy(stack, config, peer.node)
+                services.append(proxy)
                 line += f"; proxy {proxy.url}"
             print(line, flush=True)
         await stop.wait()
-        if kind != "scheduler":  # before anything winds down: children get other parents now
-            await info.node.leave()
+        await lifecycle.drain(services)  # before anything winds down (swarmfly.lifecycle)
 
 
 def containerd_hint(proxy_url: str) -> list[str]:
@@ -365,5 +368,4 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
             flush=True,
         )
         await stop.wait()
-        for node in (peer.node, storage.node):  # first, as run_service does
-            await node.leave()
+        await lifecycle.drain([scheduler, storage, peer, *([proxy] if proxy else [])])

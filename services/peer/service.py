@@ -64,6 +64,8 @@ def checked_output(text: str) -> Path:
 
 
 class PeerService:
+    name = "peer"
+
     def __init__(
         self,
         node: PeerNode,
@@ -104,6 +106,10 @@ class PeerService:
         record = {"host_id": host_id, "pid": os.getpid(), "upload": self.node.upload_url}
         marker.write_bytes(orjson.dumps({**record, "socket": str(local) if local else None}))
         stack.callback(lambda: marker.unlink(missing_ok=True))
+
+    async def drain(self) -> None:
+        """Leave the swarm: children get other parents now, not when this host is gone."""
+        await self.node.leave()
 
     async def _serve_locally(self, stack: AsyncExitStack) -> Path | None:
         """The local socket `swarmfly get` uses on this host: mode 0600 (the peer's user

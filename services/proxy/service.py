@@ -48,6 +48,8 @@ refused with a registry error."""
 
 
 class ProxyService:
+    name = "proxy"
+
     def __init__(self, node: PeerNode, config: ProxyConfig, limits: Limits | None = None) -> None:
         self.node = node
         self.config = config
@@ -62,13 +64,14 @@ class ProxyService:
         rules = [re.compile(rule) for rule in config.rules]
         self.forward = ForwardProxy(node, rules, allowed, self.passthrough, self.metrics)
         self.tunnels = Tunnels(allowed, self.metrics, max_head=MAX_HEADERS)
+        self._server: asyncio.Server | None = None
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._bounded], client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
-    async def start(self, stack: AsyncExitStack) -> str:
+    async def start(self, stack: AsyncExitStack) -> None:
         """Serve on ``listen:port`` under the server bounds (``httpserver.Limits``); CONNECT
         is split off before aiohttp sees the request.
         The proxy joins the peer's ``$SRV`` discovery, so `swarmfly status` lists it."""
@@ -103,6 +106,7 @@ class ProxyService:
                 raise
             log.warning("proxy: port %d is taken, using a free one", port)
             server, _ = await listen(stack, choose, self.config.listen, 0, self.limits)
+        self._server = server
         stack.push_async_callback(self._close, server)
         port = server.sockets[0].getsockname()[1]
         shown = "127.0.0.1" if self.config.listen in ("0.0.0.0", "") else self.config.listen
@@ -122,7 +126,12 @@ class ProxyService:
                     "prefix": self.node.bus.prefix,
                 },
             )
-        return self.url
+
+    async def drain(self) -> None:
+        """Accept no new connection (containerd falls back to the registry, or another
+        mirror); requests in flight go on until the stop."""
+        if self._server is not None:
+            self._server.close()
 
     async def _close(self, server: asyncio.Server) -> None:
         server.close()

@@ -94,6 +94,8 @@ class Ownership:
         self._owners = [""] * partitions
         self._lock = asyncio.Lock()
         self._twin = False
+        self.draining = False
+        """Handed over (``hand_over``): it takes no lease again."""
 
     def members(self) -> list[str]:
         """The schedulers alive in the lease bucket as far as this one can tell."""
@@ -217,6 +219,8 @@ class Ownership:
 
     async def _tick(self) -> None:
         async with self._lock:
+            if self.draining:
+                return
             before = set(self.held)
             if self.book.member_due(self.clock()):
                 await self._write_member()
@@ -322,6 +326,16 @@ class Ownership:
         if held != self._told:
             self._told = held
             await self._on_change(held)
+
+    async def hand_over(self) -> None:
+        """Serve no partition any more and let the others take them at once; the scheduler
+        stays a member until it stops, and takes no lease again."""
+        self.draining = True
+        async with self._lock:
+            releases = self.book.release_all()
+            self.held.clear()
+            await self._changed()
+            await asyncio.gather(*(self._release(release) for release in releases))
 
     async def _stop(self, ticker: asyncio.Task[None]) -> None:
         """A clean stop hands every partition on at once, and says this scheduler is gone."""

@@ -133,6 +133,7 @@ def core_for(
 
 
 class SchedulerService:
+    name = "scheduler"
     """Lifecycle: ``start`` subscribes and serves; ``stop`` unsubscribes; state is soft."""
 
     def __init__(
@@ -220,6 +221,10 @@ class SchedulerService:
         app.router.add_get("/", self._dashboard)
         sc = self.config.scheduler
         self.http_url = await serve_http(stack, app, sc.listen, sc.http_port)
+
+    async def drain(self) -> None:
+        """Hand every partition on now: the schedulers that stay take them at once."""
+        await self.ownership.hand_over()
 
     # -- handlers ------------------------------------------------------------------------
 

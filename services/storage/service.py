@@ -37,6 +37,8 @@ PREHEAT_SECONDS = 3600.0
 
 
 class StorageService:
+    name = "storage"
+
     def __init__(self, node: PeerNode, bus: Bus, *, copies: int = 1) -> None:
         self.node = node
         self.bus = bus
@@ -63,6 +65,10 @@ class StorageService:
             host_id=self.node.settings.host_id,
         )
         stack.callback(self._cancel)
+
+    async def drain(self) -> None:
+        """Leave the swarm, handing over what a seed read first (``PeerNode.leave``)."""
+        await self.node.leave()
 
     def _cancel(self) -> None:
         for task in self._seeding:
