@@ -708,12 +708,12 @@ def _command(args: argparse.Namespace) -> int:
         return _status(args, config)
     if args.command == "doctor":
         return _doctor(args, config)
-    from swarmfly import runtime
+    from swarmfly import launch
 
     if args.command == "up":
-        _run(runtime.run_up(config, args.nats_port))
+        _run(launch.run_up(config, args.nats_port))
     else:
-        _run(runtime.run_service(args.command, config), fast_loop=args.command == "scheduler")
+        _run(launch.run_service(args.command, config), fast_loop=args.command == "scheduler")
     return 0
 
 

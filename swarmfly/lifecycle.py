@@ -14,7 +14,7 @@ stop
     The stack closes, last opened first: ports, subscriptions, connections; what still runs
     is cancelled.
 
-``swarmfly.runtime`` starts them in order and, on SIGINT or SIGTERM, drains them in reverse
+``swarmfly.launch`` starts them in order and, on SIGINT or SIGTERM, drains them in reverse
 (``drain``: the proxy before the peer it fronts, the hosts before the scheduler that hears
 them leave) before the stack stops them.
 """

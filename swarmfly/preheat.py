@@ -30,8 +30,8 @@ from swarmfly.config import Config
 from swarmfly.contracts import messages
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import task_id
+from swarmfly.launch import load_plugins
 from swarmfly.oci import MANIFEST_TYPES
-from swarmfly.runtime import load_plugins
 
 log = logging.getLogger(__name__)
 

@@ -511,7 +511,7 @@ async def in_process_cluster(
 ) -> AsyncIterator[InProcessCluster]:
     """Start the three services against a running nats-server, state under ``root``
     (``root/storage``, ``root/peer``), uploads on loopback; stop them on exit."""
-    from swarmfly.runtime import (
+    from swarmfly.launch import (
         load_plugins,
         start_peer,
         start_proxy,

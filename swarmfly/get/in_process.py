@@ -77,7 +77,7 @@ async def get(
 ) -> dict[str, Any]:
     """The download's reply, from a peer of this process's that ends with ``stack``."""
     # Only here: a get through the host's peer service never loads the node and its plugins.
-    from swarmfly.runtime import load_plugins, peer_settings
+    from swarmfly.launch import load_plugins, peer_settings
     from swarmfly.services.peer.delivery import deliver
     from swarmfly.services.peer.node import PeerNode
     from swarmfly.services.peer.progress import follow

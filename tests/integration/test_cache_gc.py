@@ -19,8 +19,8 @@ import pytest
 from swarmfly.capability import Signer
 from swarmfly.config import Config
 from swarmfly.content import SourceRequest
+from swarmfly.launch import peer_settings
 from swarmfly.pluginhost import Plugins
-from swarmfly.runtime import peer_settings
 from swarmfly.services.peer.gc import GcPolicy
 from swarmfly.services.peer.node import PeerNode
 from swarmfly.testing import Origin, metric_value, wait_until

@@ -41,8 +41,8 @@ from swarmfly.credentials import main as write_credentials
 from swarmfly.errors import SwarmflyError
 from swarmfly.get import GetRequest
 from swarmfly.ids import host_id_of, peer_id
+from swarmfly.launch import start_peer, start_scheduler, start_storage
 from swarmfly.natsserver import NatsServer
-from swarmfly.runtime import start_peer, start_scheduler, start_storage
 from swarmfly.services.scheduler.service import SchedulerService
 from swarmfly.testing import Origin, nats_server
 from tests.integration.test_host_binding import Attacker, host, hosts_known

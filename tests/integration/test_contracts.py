@@ -31,9 +31,9 @@ from swarmfly.contracts import messages
 from swarmfly.contracts.asyncapi import document
 from swarmfly.contracts.wire import Subject
 from swarmfly.ids import MAX_PIECE_LENGTH
+from swarmfly.launch import start_peer, start_scheduler
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
-from swarmfly.runtime import start_peer, start_scheduler
 from swarmfly.services.scheduler.service import _speaks_for as speaks_for
 from swarmfly.testing import Origin, in_process_cluster, sender_of, subject_tokens
 

@@ -32,9 +32,9 @@ from swarmfly.credentials import inbox_prefix
 from swarmfly.credentials import main as write_credentials
 from swarmfly.get import GetRequest
 from swarmfly.ids import peer_id
+from swarmfly.launch import start_peer, start_scheduler, start_storage
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
-from swarmfly.runtime import start_peer, start_scheduler, start_storage
 from swarmfly.testing import Origin, nats_server
 from tests.integration.test_nats_permissions import Connection
 

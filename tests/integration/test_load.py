@@ -14,8 +14,8 @@ import pytest
 from swarmfly.bus import Bus
 from swarmfly.content import SourceRequest
 from swarmfly.ids import piece_count, piece_length_for
+from swarmfly.launch import peer_settings
 from swarmfly.natsserver import NatsServer
-from swarmfly.runtime import peer_settings
 from swarmfly.services.peer.node import PeerNode
 from swarmfly.testing import Origin, in_process_cluster
 

@@ -24,8 +24,8 @@ from swarmfly.contracts import messages
 from swarmfly.credentials import Identity, ensure_identities, write_server_config
 from swarmfly.errors import SwarmflyError
 from swarmfly.get import GetRequest
+from swarmfly.launch import connect_as, start_peer, start_scheduler, start_storage
 from swarmfly.natsserver import NatsServer
-from swarmfly.runtime import connect_as, start_peer, start_scheduler, start_storage
 from swarmfly.testing import Origin, connect_role, nats_server, role_settings
 
 PEER, SEED = "perm-peer", "perm-seed"

@@ -306,7 +306,7 @@ async def test_a_source_with_the_wrong_byte_count_fails_the_piece_not_the_proces
 ) -> None:
     from swarmfly.config import Config
     from swarmfly.content import SourceRequest
-    from swarmfly.runtime import peer_settings
+    from swarmfly.launch import peer_settings
     from swarmfly.services.peer.node import PeerNode
 
     plugins = Plugins.load(extra=[("liar", liar_plugin())])

@@ -15,8 +15,8 @@ from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig
 from swarmfly.content import TaskContent
 from swarmfly.contracts import messages
+from swarmfly.launch import start_scheduler
 from swarmfly.natsserver import NatsServer
-from swarmfly.runtime import start_scheduler
 from swarmfly.services.scheduler.core import HostSpec
 from swarmfly.services.scheduler.service import HOST_LIMIT, PEER_LIMIT, STATE_BUDGET
 from swarmfly.testing import connect_role

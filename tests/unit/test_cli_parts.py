@@ -114,7 +114,7 @@ def test_a_get_through_the_local_peer_loads_no_more_than_it_needs() -> None:
         "cli.build_parser().parse_args(['get', 'http://x/f', '-O', 'f'])"
     )
     heavy = ("asyncio", "aiohttp", "nats", "ssl", "opentelemetry", "jsonschema_rs",
-             "swarmfly.contracts.messages", "swarmfly.runtime", "swarmfly.bus")  # fmt: skip
+             "swarmfly.contracts.messages", "swarmfly.launch", "swarmfly.bus")  # fmt: skip
     assert modules_loaded(setup, heavy) == []
 
 
@@ -125,4 +125,4 @@ def test_a_service_process_loads_only_the_services_it_runs() -> None:
     others = ("jwt", "cryptography", "swarmfly.callout",
               "swarmfly.services.scheduler.service", "swarmfly.services.proxy.service",
               "swarmfly.services.storage.service", "swarmfly.services.peer.service")  # fmt: skip
-    assert modules_loaded("from swarmfly import runtime", others) == []
+    assert modules_loaded("from swarmfly import launch", others) == []

@@ -1,4 +1,6 @@
-"""Wire services from one Config: each alone against a NATS, or all of them for `swarmfly up`."""
+"""The composition root: services launched from one Config, each alone against a NATS
+(`swarmfly scheduler|storage|peer`), or all of them with an embedded nats-server
+(`swarmfly up`); the only module that knows every service's constructor."""
 
 from __future__ import annotations
 
