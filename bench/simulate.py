@@ -586,10 +586,10 @@ class Sim:
         self.nodes: dict[str, Node] = {}
         waiting = 1 if args.seed_upload_rate else WAITING_PER_SLOT  # as UploadServer's superseed
         seed_link = Link.capped(args.seed_upload_rate, 0, settings.storage.upload_slots, waiting)
-        # A host tells the scheduler its slots, and its load (PeerNode.host).
+        # A host tells the scheduler its slots, and its load (PeerHost.host).
         seed_spec = HostSpec("storage-1", "10.0.0.1", 4000, "seed", upload_slots=seed_link.slots)
         self.seed = Node("seed-peer", seed_spec, seed_link)
-        if args.seed_upload_rate:  # a capped seed super-seeds (PeerNode: superseed)
+        if args.seed_upload_rate:  # a capped seed super-seeds (PeerHost: superseed)
             self.seed.desk = GrantDesk(seed_link.capacity, GRANT_SECONDS)
             if args.lending:  # a known digest: the seed lends (Conductor._read_origin)
                 self.seed.lending = Lending.for_origin(

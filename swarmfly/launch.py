@@ -29,8 +29,8 @@ from swarmfly.natsserver import NatsServer
 from swarmfly.origins import OriginPolicy
 from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.gc import GcPolicy
+from swarmfly.services.peer.host import HostSettings, PeerHost
 from swarmfly.services.peer.links import DownloadSettings
-from swarmfly.services.peer.node import NodeSettings, PeerNode
 from swarmfly.services.peer.store import private_dir
 
 if TYPE_CHECKING:  # each process imports only the services it runs (below, where it starts them)
@@ -42,9 +42,9 @@ if TYPE_CHECKING:  # each process imports only the services it runs (below, wher
 log = logging.getLogger(__name__)
 
 
-def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
+def peer_settings(config: Config, state_dir: Path) -> HostSettings:
     p = config.peer
-    return NodeSettings(
+    return HostSettings(
         host_id=host_id_of(p.host_id) if p.host_id else default_host_id(str(state_dir)),
         host_type="normal",
         state_dir=state_dir,
@@ -72,9 +72,9 @@ def peer_settings(config: Config, state_dir: Path) -> NodeSettings:
     )
 
 
-def storage_settings(config: Config, state_dir: Path) -> NodeSettings:
+def storage_settings(config: Config, state_dir: Path) -> HostSettings:
     s, p = config.storage, config.peer
-    return NodeSettings(
+    return HostSettings(
         host_id=host_id_of(s.host_id)
         if s.host_id
         else "seed-" + default_host_id(str(state_dir))[:59],
@@ -177,7 +177,7 @@ async def start_peer(
     return service
 
 
-async def start_proxy(stack: AsyncExitStack, config: Config, node: PeerNode) -> ProxyService:
+async def start_proxy(stack: AsyncExitStack, config: Config, node: PeerHost) -> ProxyService:
     """The registry mirror and HTTP proxy in front of ``node`` (in its process, as
     Dragonfly's dfdaemon runs its proxy: blobs stream straight from the node's store)."""
     from swarmfly.services.proxy.service import ProxyService
@@ -191,13 +191,13 @@ def _node(
     stack: AsyncExitStack,
     config: Config,
     bus: Bus,
-    settings: NodeSettings,
+    settings: HostSettings,
     servers: list[str],
     plugins: Plugins | None,
-) -> PeerNode:
+) -> PeerHost:
     """A peer or storage node on its state dir, with the process's plugins (or its own)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    return PeerNode(settings, bus, servers, plugins or _owned_plugins(stack, config))
+    return PeerHost(settings, bus, servers, plugins or _owned_plugins(stack, config))
 
 
 def _owned_plugins(stack: AsyncExitStack, config: Config) -> Plugins:

@@ -1,9 +1,9 @@
 """What one download may touch, as narrow interfaces: its scheduler, its parents' upload
 servers, the origin, the host's download budget and the clock.
 
-The conductor sees these and nothing else of the host it runs on (``PeerNode`` provides
+The conductor sees these and nothing else of the host it runs on (``PeerHost`` provides
 them), so the download can be driven by anything that implements them, and the HTTP and
-NATS details stay in the adapters here and in the node.
+NATS details stay in the adapters here and in the host (``host``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ Clock = Callable[[], float]
 
 
 class SchedulerLink(Protocol):
-    """The task's scheduler, as a download asks it (the node routes each request to the
+    """The task's scheduler, as a download asks it (the host routes each request to the
     task's partition and names the host)."""
 
     async def request(self, subject: Subject[Req, Rep], message: Req) -> Rep: ...

@@ -1,4 +1,4 @@
-"""The peer service: a PeerNode plus the ``peer.<host_id>.*`` endpoints, on NATS and, for
+"""The peer service: a PeerHost plus the ``peer.<host_id>.*`` endpoints, on NATS and, for
 `swarmfly get` on this host, on a local socket (``swarmfly.get.socket_client``)."""
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from swarmfly.localproto import (
 )
 from swarmfly.services.peer.delivery import deliver
 from swarmfly.services.peer.filedigest import Output
+from swarmfly.services.peer.host import PeerHost
 from swarmfly.services.peer.localsocket import LocalRequest, LocalServer, Send
-from swarmfly.services.peer.node import PeerNode
 from swarmfly.services.peer.outputs import OutputRoots
 from swarmfly.services.peer.progress import follow, moved
 from swarmfly.services.peer.store import StoredTask
@@ -68,7 +68,7 @@ class PeerService:
 
     def __init__(
         self,
-        node: PeerNode,
+        node: PeerHost,
         bus: Bus,
         *,
         default_strategy: str,

@@ -14,7 +14,7 @@ from swarmfly import telemetry
 from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError
 from swarmfly.metrics import ProxyMetrics
-from swarmfly.services.peer.node import PeerNode
+from swarmfly.services.peer.host import PeerHost
 from swarmfly.services.proxy import stream
 from swarmfly.services.proxy.passthrough import Passthrough, end_to_end
 from swarmfly.services.proxy.registry import AllowList, RegistryError
@@ -32,7 +32,7 @@ SOURCE_SKIP = frozenset(
 class ForwardProxy:
     def __init__(
         self,
-        node: PeerNode,
+        node: PeerHost,
         rules: list[re.Pattern[str]],
         allowed: AllowList,
         passthrough: Passthrough,

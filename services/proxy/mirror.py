@@ -18,7 +18,7 @@ from swarmfly.errors import SwarmflyError, connect_error_in_words
 from swarmfly.httpheaders import content_length
 from swarmfly.metrics import ProxyMetrics
 from swarmfly.plugintypes import SourceStat
-from swarmfly.services.peer.node import PeerNode
+from swarmfly.services.peer.host import PeerHost
 from swarmfly.services.proxy import stream
 from swarmfly.services.proxy.passthrough import Passthrough
 from swarmfly.services.proxy.registry import (
@@ -45,7 +45,7 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 class Mirror:
     def __init__(
         self,
-        node: PeerNode,
+        node: PeerHost,
         upstreams: Upstreams,
         passthrough: Passthrough,
         metrics: ProxyMetrics,

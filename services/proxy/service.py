@@ -30,7 +30,7 @@ from swarmfly.aiohttpinternals import ParserErrors, too_large
 from swarmfly.config import ProxyConfig
 from swarmfly.httpserver import Limits, default_limits, healthz, listen
 from swarmfly.metrics import ProxyMetrics
-from swarmfly.services.peer.node import PeerNode
+from swarmfly.services.peer.host import PeerHost
 from swarmfly.services.proxy.forward import ForwardProxy
 from swarmfly.services.proxy.mirror import Mirror
 from swarmfly.services.proxy.passthrough import Passthrough
@@ -50,7 +50,7 @@ refused with a registry error."""
 class ProxyService:
     name = "proxy"
 
-    def __init__(self, node: PeerNode, config: ProxyConfig, limits: Limits | None = None) -> None:
+    def __init__(self, node: PeerHost, config: ProxyConfig, limits: Limits | None = None) -> None:
         self.node = node
         self.config = config
         self.limits = limits or default_limits()

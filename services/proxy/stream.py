@@ -17,7 +17,7 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.httpheaders import Span, Unsatisfiable, byte_range
 from swarmfly.httpserver import send_span
 from swarmfly.metrics import ProxyMetrics
-from swarmfly.services.peer.node import Download
+from swarmfly.services.peer.host import Download
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The storage service: fetches what the scheduler hands it from the origin and seeds it.
 
-It is a PeerNode of host type ``seed`` whose store persists across restarts: cached tasks are
+It is a PeerHost of host type ``seed`` whose store persists across restarts: cached tasks are
 announced again at start-up. Each instance has its own seed subject: the scheduler picks the
 instance for a task by rendezvous hashing, so a fleet shares the tasks and the cache. A
 preheat, which any instance may take, goes on to the task's home by the same hashing: there
@@ -26,7 +26,7 @@ from swarmfly.contracts.wire import Endpoint
 from swarmfly.errors import SwarmflyError
 from swarmfly.placement import rendezvous
 from swarmfly.plugintypes import SourceStat
-from swarmfly.services.peer.node import PeerNode
+from swarmfly.services.peer.host import PeerHost
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ PREHEAT_SECONDS = 3600.0
 class StorageService:
     name = "storage"
 
-    def __init__(self, node: PeerNode, bus: Bus, *, copies: int = 1) -> None:
+    def __init__(self, node: PeerHost, bus: Bus, *, copies: int = 1) -> None:
         self.node = node
         self.bus = bus
         self.copies = copies
@@ -67,7 +67,7 @@ class StorageService:
         stack.callback(self._cancel)
 
     async def drain(self) -> None:
-        """Leave the swarm, handing over what a seed read first (``PeerNode.leave``)."""
+        """Leave the swarm, handing over what a seed read first (``PeerHost.leave``)."""
         await self.node.leave()
 
     def _cancel(self) -> None:

@@ -22,7 +22,7 @@ from swarmfly.content import SourceRequest
 from swarmfly.launch import peer_settings
 from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.gc import GcPolicy
-from swarmfly.services.peer.node import PeerNode
+from swarmfly.services.peer.host import PeerHost
 from swarmfly.testing import Origin, metric_value, wait_until
 
 MiB = 1024 * 1024
@@ -31,7 +31,7 @@ MiB = 1024 * 1024
 @asynccontextmanager
 async def peer_node(
     state: Path, gc: GcPolicy, *, origin_concurrency: int | None = None, **settings: Any
-) -> AsyncIterator[PeerNode]:
+) -> AsyncIterator[PeerHost]:
     """A started peer node with no control plane (it reads the origin), serving uploads on
     loopback; the GC loop's own interval is far off, tests run collections themselves."""
     base = peer_settings(Config(state_dir=state), state)
@@ -39,7 +39,7 @@ async def peer_node(
     if origin_concurrency is not None:
         download = dataclasses.replace(download, origin_concurrency=origin_concurrency)
     plugins = Plugins.load()
-    node = PeerNode(
+    node = PeerHost(
         dataclasses.replace(base, gc=gc, listen="127.0.0.1", download=download, **settings),
         None,
         [],

@@ -16,7 +16,7 @@ from swarmfly.content import SourceRequest
 from swarmfly.ids import piece_count, piece_length_for
 from swarmfly.launch import peer_settings
 from swarmfly.natsserver import NatsServer
-from swarmfly.services.peer.node import PeerNode
+from swarmfly.services.peer.host import PeerHost
 from swarmfly.testing import Origin, in_process_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -43,7 +43,7 @@ async def test_200_concurrent_downloads(
             base = peer_settings(cluster.config, tmp_path / f"peer{i}")
             download = dataclasses.replace(base.download, piece_timeout=60.0)
             settings = dataclasses.replace(base, download=download)
-            node = PeerNode(settings, bus, [nats.url], plugins)
+            node = PeerHost(settings, bus, [nats.url], plugins)
             await node.start(stack)
             nodes.append(node)
         jobs = [

@@ -52,7 +52,7 @@ def _resolve(name: str) -> str | None:
 
 
 def _import_name(path: Path) -> str:
-    """``services/peer/node.py`` -> ``swarmfly.services.peer.node`` (pyproject's package-dir)."""
+    """``services/peer/host.py`` -> ``swarmfly.services.peer.host`` (pyproject's package-dir)."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()

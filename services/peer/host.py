@@ -1,6 +1,6 @@
 """A host in the swarm: its task store, upload server, heartbeats and downloads.
 
-The peer service and the storage (seed) service are both a ``PeerNode``; storage differs
+The peer service and the storage (seed) service are both a ``PeerHost``; storage differs
 only in host type and in fetching the tasks the scheduler hands it.
 
 About 800 lines: what the host does for all its downloads at once (joining runs, heartbeats,
@@ -67,7 +67,7 @@ download is the pieces of about this long."""
 
 
 @dataclass(frozen=True)
-class NodeSettings:
+class HostSettings:
     host_id: str
     host_type: str
     state_dir: Path
@@ -170,12 +170,12 @@ def route_ip(servers: list[str]) -> str:
     return "127.0.0.1"
 
 
-class PeerNode:
+class PeerHost:
     """Lifecycle: ``start`` loads the cache, serves uploads and heartbeats; leaving the exit
     stack it was started with leaves the scheduler and closes connections."""
 
     def __init__(
-        self, settings: NodeSettings, bus: Bus | None, servers: list[str], plugins: Plugins
+        self, settings: HostSettings, bus: Bus | None, servers: list[str], plugins: Plugins
     ) -> None:
         self.settings = settings
         self.bus = bus
