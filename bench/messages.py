@@ -6,13 +6,17 @@ No NATS, no services: bodies of register and reschedule (the contracts' examples
 report of ``--pieces`` pieces (a child's: parent and cost per piece) and a schedule (register's
 reply) are decoded once; each operation is then timed on them with ``timeit`` (best of
 ``--repeat``). ratio_dict: (from_dict + to_dict) / dict access, the price of the types;
-ratio_decode: the same over orjson decode + fastjsonschema, what it adds to a message's
-handling. See bench/README.md.
+ratio_decode: the same over orjson decode + validation (jsonschema-rs, what the bus runs), what
+it adds to a message's handling. With fastjsonschema installed (``pip install fastjsonschema``;
+not a dependency), ``fastjsonschema_us`` times the same schema with it, for the choice of
+validator (``contracts/schema.py``): ratio_validator = fastjsonschema / jsonschema-rs.
+See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import timeit
 from collections.abc import Callable
@@ -114,6 +118,18 @@ def timings(
     to_us = per_call_us(message.to_dict, repeat)
     dict_us = per_call_us(lambda: read(body), repeat)
     decode_us = per_call_us(lambda: check(orjson.loads(raw)), repeat)
+    compared = _fastjsonschema(contract.reply if is_reply else contract.request)
+    if compared is not None:
+        compared(body)
+        rs_us = per_call_us(lambda: check(body), repeat)
+        fj_us = per_call_us(lambda: compared(body), repeat)
+        extra = {
+            "validate_us": round(rs_us, 3),
+            "fastjsonschema_us": round(fj_us, 3),
+            "ratio_validator": round(fj_us / rs_us, 2),
+        }
+    else:
+        extra = {}
     return {
         "bytes": len(raw),
         "decode_validate_us": round(decode_us, 3),
@@ -122,7 +138,22 @@ def timings(
         "to_dict_us": round(to_us, 3),
         "ratio_dict": round((from_us + to_us) / dict_us, 2),
         "ratio_decode": round((from_us + to_us) / decode_us, 2),
+        **extra,
     }
+
+
+def _fastjsonschema(schema: dict[str, Any] | None) -> Callable[[Any], Any] | None:
+    """The schema compiled by fastjsonschema (as draft-07, the newest it implements), where
+    it is installed."""
+    try:
+        import fastjsonschema  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    assert schema is not None
+    plain = copy.deepcopy(schema)
+    plain.pop("$schema", None)
+    compiled: Callable[[Any], Any] = fastjsonschema.compile(plain)
+    return compiled
 
 
 def main(argv: list[str] | None = None) -> int:

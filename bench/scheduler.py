@@ -949,8 +949,8 @@ def category(file: str, func: str, src: str) -> str | None:
     """What one frame is part of, or None to look at its caller."""
     if file == "<string>" and func.endswith("__init__"):  # dataclasses' and quick_init's
         return "building messages and candidates (dataclass __init__)"
-    if file == "<string>" or "/fastjsonschema/" in file:
-        return "JSON Schema validation (fastjsonschema)"
+    if "/contracts/schema.py" in file or "jsonschema_rs" in file:
+        return "JSON Schema validation (jsonschema-rs)"
     if "/prometheus_client/" in file:
         return "metrics (prometheus_client)"
     if file.endswith(("/statistics.py", "/fractions.py")):
