@@ -605,7 +605,7 @@ def _registry_auth(args: argparse.Namespace) -> dict[str, str]:
 def _plugins(args: argparse.Namespace, config: Config) -> int:
     from swarmfly.pluginhost import Plugins
 
-    loaded = Plugins.load(config.disable_plugins)
+    loaded = Plugins.load(config.disable_plugins, settings=config.plugins)
     rows = [
         {
             "name": info.name,

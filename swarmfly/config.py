@@ -16,13 +16,14 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import platformdirs
 
 if TYPE_CHECKING:
     import ssl
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
@@ -259,6 +260,9 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     origins: OriginsConfig = field(default_factory=OriginsConfig)
     callout: CalloutConfig = field(default_factory=CalloutConfig)
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each plugin's own settings, the file's ``[plugins.<entry-point name>]`` tables, as
+    given: the plugin host checks each against its plugin's settings class (``settings_of``)."""
 
     def nats_options(self) -> dict[str, Any]:
         """Auth and TLS options for nats-py, checked here: a mistake is a ValueError naming the
@@ -394,6 +398,8 @@ def _expand(path: str | None) -> str | None:
 
 DERIVED = frozenset({"tracing"})
 """Fields no file, variable or flag sets: tracing follows the standard ``OTEL_*`` variables."""
+FILE_ONLY = frozenset({"plugins"})
+"""Fields only the file sets: a plugin's table of its own settings."""
 
 OTHER_VARIABLES = frozenset({"SWARMFLY_CONFIG", "SWARMFLY_REQUIRE_E2E", "SWARMFLY_SCREENSHOT_DIR"})
 """``SWARMFLY_*`` variables that are not settings: the file's path, and the test suite's."""
@@ -407,7 +413,7 @@ def setting_names() -> set[str]:
         default = getattr(Config(), section.name)
         if dataclasses.is_dataclass(default):
             names |= {f"SWARMFLY_{section.name}_{f.name}".upper() for f in fields(default)}
-        elif section.name not in DERIVED:
+        elif section.name not in DERIVED | FILE_ONLY:
             names.add(f"SWARMFLY_{section.name}".upper())
     return names
 
@@ -555,7 +561,9 @@ def _apply(
             )
             raise ValueError(f"{where}: unknown setting{_guess(key, known)}")
         current = getattr(target, key)
-        if dataclasses.is_dataclass(current):
+        if section is None and key in FILE_ONLY:
+            setattr(target, key, _plugin_tables(value, source))
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):
                 raise ValueError(f"{source.path or source.kind}: [{key}] must be a table")
             _apply(current, value, source, key)
@@ -564,6 +572,40 @@ def _apply(
                 setattr(target, key, _coerce(known[key].type, value, key, source.text))
             except ValueError as exc:
                 raise ValueError(f"{source.name(section, key)}: {exc}") from None
+
+
+def _plugin_tables(value: Any, source: _Source) -> dict[str, dict[str, Any]]:
+    where = f"{source.path or source.kind}: [plugins]"
+    if source.kind != "file":
+        raise ValueError(f"{where}: plugin settings are set in the configuration file only")
+    if not isinstance(value, Mapping) or not all(
+        isinstance(name, str) and isinstance(table, Mapping) for name, table in value.items()
+    ):
+        raise ValueError(f"{where} must hold one table per plugin: [plugins.<name>]")
+    return {name: dict(table) for name, table in value.items()}
+
+
+def settings_of(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+    """An instance of the dataclass ``cls`` from a table of settings, each value checked
+    against its field's type as swarmfly's own are (bool, int, float, str, list of str, Path;
+    no value taken for another type); unknown keys and wrong types are ValueErrors naming
+    ``where`` and the key. Fields left out keep their defaults."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    known = {f.name: f for f in fields(cls) if f.init}
+    given: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"{where} {key}: unknown setting{_guess(key, known)}")
+        kind = known[key].type  # a string under ``from __future__ import annotations``
+        try:
+            given[key] = _coerce(getattr(kind, "__name__", kind), value, key, text=False)
+        except ValueError as exc:
+            raise ValueError(f"{where} {key}: {exc}") from None
+    try:
+        return cls(**given)
+    except TypeError as exc:  # a field without a default was left out
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _guess(word: str, choices: Iterable[str], cutoff: float = 0.65) -> str:

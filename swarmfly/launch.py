@@ -117,7 +117,7 @@ def _bound(stack: AsyncExitStack, config: Config) -> None:
 def load_plugins(config: Config) -> Plugins:
     """Once per process: every service in it shares the loaded plugins (and ``[origins]``)."""
     origins = OriginPolicy(config.origins.allow, config.origins.deny)
-    return Plugins.load(config.disable_plugins, origins=origins)
+    return Plugins.load(config.disable_plugins, origins=origins, settings=config.plugins)
 
 
 async def start_scheduler(

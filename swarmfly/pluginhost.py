@@ -7,9 +7,10 @@ the service starts without it.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pluggy
 
+from swarmfly.config import settings_of
 from swarmfly.errors import SwarmflyError
 from swarmfly.origins import OriginPolicy
 from swarmfly.plugins import hookspecs
@@ -92,11 +94,14 @@ class Plugins:
         disabled: Iterable[str] = (),
         extra: Iterable[tuple[str, object]] = (),
         origins: OriginGuard | None = None,
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> Plugins:
         """Every entry point of the group, less ``disabled``, plus ``extra`` (name, module)
         objects registered the same way (for tests and embedding); sources get ``origins``
-        (default: the built-in denials only)."""
+        (default: the built-in denials only); ``settings``: each plugin's table of its own
+        settings by name (``[plugins.<name>]``), checked against its settings class."""
         plugins = cls(origins)
+        tables = dict(settings or {})
         blocked = {name.strip() for name in disabled if name.strip()}
         candidates: list[tuple[str, str, Callable[[], object]]] = []
         for point in sorted(entry_points(group=GROUP), key=lambda p: p.name):
@@ -111,19 +116,24 @@ class Plugins:
             info = PluginInfo(name, version)
             plugins.infos.append(info)
             try:
-                plugins._register(name, load(), info)
+                plugins._register(name, load(), info, tables.pop(name, None))
             except Exception as exc:
                 info.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]  # one line
                 log.error("plugin %s skipped: %s", name, info.error)
+        for name in sorted(tables):
+            log.warning("[plugins.%s]: no plugin of that name is loaded; its settings unused", name)
         return plugins
 
-    def _register(self, name: str, plugin: object, info: PluginInfo) -> None:
+    def _register(
+        self, name: str, plugin: object, info: PluginInfo, table: Mapping[str, Any] | None
+    ) -> None:
         staging = _Staging()
         others = self.manager.get_plugins()
         self.manager.register(plugin, name=name)
         try:
             # A hook pluggy does not know (a misspelt name) would otherwise never be called.
             self.manager.check_pending()
+            settings = self._settings(name, others, table)
             for hook, register, kind in (
                 ("swarmfly_register_sources", _SourceRegister(staging, self.origins), "source"),
                 (
@@ -143,7 +153,9 @@ class Plugins:
                     continue
                 # Through pluggy (its argument checks and wrappers), this plugin alone: what
                 # it registers is staged, and kept only if all of it is consistent.
-                self.manager.subset_hook_caller(hook, remove_plugins=others)(register=register)
+                self.manager.subset_hook_caller(hook, remove_plugins=others)(
+                    register=register, settings=settings
+                )
                 info.kinds.append(kind)
             for source in staging.sources:
                 for scheme in source.schemes:
@@ -166,6 +178,19 @@ class Plugins:
         self.strategies.update(staging.strategies)
         self.evaluators.update(staging.evaluators)
         info.provides += list(staging.strategies) + list(staging.evaluators)
+
+    def _settings(self, name: str, others: Iterable[Any], table: Mapping[str, Any] | None) -> Any:
+        """The plugin's settings, from its ``[plugins.<name>]`` table and its class; None for
+        a plugin without a class (which a table then cannot configure)."""
+        caller = self.manager.subset_hook_caller("swarmfly_settings_class", remove_plugins=others)
+        kind = caller()
+        if kind is None:
+            if table:
+                raise ValueError(f"[plugins.{name}]: this plugin takes no settings")
+            return None
+        if not isinstance(kind, type) or not dataclasses.is_dataclass(kind):
+            raise TypeError(f"swarmfly_settings_class returned {kind!r}, not a dataclass")
+        return settings_of(kind, table or {}, f"[plugins.{name}]")
 
     def source_for(self, url: str) -> Source:
         try:

@@ -4,6 +4,7 @@ through its entry point, broken plugins skipped by name, sources held to the con
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 import random
 import shutil
@@ -70,16 +71,25 @@ def env_with(site: Path, **extra: str) -> dict[str, str]:
 
 def test_every_hook_is_documented_and_exercised() -> None:
     hooks = [name for name in dir(hookspecs) if name.startswith("swarmfly_")]
-    assert len(hooks) == 3
+    assert len(hooks) == 4
     docs = (ROOT / "docs" / "plugins.md").read_text()
     here = ast.parse(Path(__file__).read_text())
-    implemented = {node.name for node in ast.walk(here) if isinstance(node, ast.FunctionDef)}
+    example = ast.parse((EXAMPLE / "swarmfly_file" / "__init__.py").read_text())
+    implemented = {
+        node.name
+        for tree in (here, example)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef)
+    }
     for hook in hooks:
-        assert f"`{hook}(register)`" in docs, f"{hook} is not documented in docs/plugins.md"
-        assert hook in implemented, f"no test plugin here implements {hook}"
         function = getattr(hookspecs, hook)
+        arguments = ", ".join(a for a in inspect.signature(function).parameters if a != "settings")
+        assert f"`{hook}({arguments})`" in docs, f"{hook} is not documented in docs/plugins.md"
+        assert hook in implemented, f"no test plugin here implements {hook}"
         assert function.__doc__ and "Called" in function.__doc__
-        assert function.__annotations__.get("register"), f"{hook} is not typed"
+        assert "return" in function.__annotations__, f"{hook} is not typed"
+        for name in inspect.signature(function).parameters:
+            assert function.__annotations__.get(name), f"{hook}: {name} is not typed"
 
 
 def test_builtins_are_loaded_through_the_entry_point_group() -> None:
@@ -140,6 +150,10 @@ async def test_every_builtin_source_and_the_example_pass_the_conformance_kit(
     await check_source(
         FileSource(), f"file://{tmp_path}/f", data, missing_url=f"file://{tmp_path}/x"
     )
+    await check_source(
+        FileSource([str(tmp_path)]), f"file://{tmp_path}/f", data,
+        missing_url=f"file://{tmp_path}/x",
+    )  # fmt: skip
     for ranges in (True, False):
         async with Origin(ranges=ranges).serve() as origin:
             url = origin.add("f", data)
@@ -148,6 +162,51 @@ async def test_every_builtin_source_and_the_example_pass_the_conformance_kit(
                 await check_source(source, url, data, missing_url=f"{origin.url}/missing")
             finally:
                 await source.close()
+
+
+async def test_a_plugin_takes_its_settings_from_its_table_checked(
+    site: Path, tmp_path: Path
+) -> None:
+    """``[plugins.file] roots`` reaches the example's source; a wrong type or an unknown key
+    is reported by plugin and key, and the plugin is not loaded; a table for a plugin that
+    is not installed is warned about."""
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    for folder in (shared, private):
+        folder.mkdir()
+        (folder / "f.bin").write_bytes(b"data " * 1000)
+    config = tmp_path / "swarmfly.toml"
+    env = env_with(site, SWARMFLY_CONFIG=str(config))
+
+    config.write_text(f'[plugins.file]\nroots = ["{shared}"]\n')
+    state = ("--state-dir", str(tmp_path / "s"))
+    code, _, err = await swarmfly(
+        "get", f"file://{shared}/f.bin", "-O", str(tmp_path / "ok"), *state, env=env
+    )
+    assert code == 0, err
+    assert (tmp_path / "ok").read_bytes() == b"data " * 1000
+    code, _, err = await swarmfly(
+        "get", f"file://{private}/f.bin", "-O", str(tmp_path / "no"), *state, env=env
+    )
+    assert code != 0
+    assert "outside [plugins.file] roots" in err
+    assert not (tmp_path / "no").exists()
+
+    for table, words in (
+        ('roots = "/mnt"', "[plugins.file] roots: expected a list of strings, got '/mnt'"),
+        ("root = []", "[plugins.file] root: unknown setting (did you mean roots?)"),
+    ):
+        config.write_text(f"[plugins.file]\n{table}\n")
+        code, out, err = await swarmfly("plugins", "--json", env=env)
+        assert code == 0, err
+        row = {r["name"]: r for r in orjson.loads(out)}["file"]
+        assert words in row["error"] and row["provides"] == []
+
+    config.write_text("[plugins.nothing]\nx = 1\n[plugins.http]\nx = 1\n")
+    code, out, err = await swarmfly("plugins", "--json", env=env)
+    assert code == 0, err
+    rows = {r["name"]: r for r in orjson.loads(out)}
+    assert "[plugins.http]: this plugin takes no settings" in rows["http"]["error"]
+    assert "[plugins.nothing]: no plugin of that name is loaded" in err
 
 
 BROKEN = {
