@@ -131,22 +131,18 @@ class SchedulerConfig:
 
 
 @dataclass
-class PeerConfig:
+class HostConfig:
+    """What ``[peer]`` and ``[storage]`` both set: each is a host in the swarm, whose settings
+    (``services.peer.host.HostSettings``) are derived from its section."""
+
     host_id: str | None = None
     listen: str = "0.0.0.0"
     advertise_ip: str | None = None
     upload_port: int = 0
     upload_rate: int = 0
-    download_rate: int = 0
     upload_slots: int = 64
-    concurrency: int = 16
-    per_parent: int = 4
-    piece_timeout: float = 30.0
     idc: str = ""
     location: str = ""
-    strategy: str = "rarest-first"
-    piece_spans: bool = False
-    """One trace span per piece transfer; off: one span per download phase."""
     cache_quota: int = 0
     """Bytes of cached tasks; 0: no quota. Above cache_high of it, least recently used
     tasks are evicted down to cache_low."""
@@ -159,6 +155,17 @@ class PeerConfig:
     are evicted, least recently used first, down to disk_low; 0: off."""
     disk_low: float = 0.85
     gc_interval: float = 60.0
+
+
+@dataclass
+class PeerConfig(HostConfig):
+    download_rate: int = 0
+    concurrency: int = 16
+    per_parent: int = 4
+    piece_timeout: float = 30.0
+    strategy: str = "rarest-first"
+    piece_spans: bool = False
+    """One trace span per piece transfer; off: one span per download phase."""
     output_roots: list[str] = field(default_factory=list)
     """Directories ``peer.<host>.download`` over NATS may write under; none: it writes
     nowhere (`swarmfly get` uses the local socket, which writes as its caller)."""
@@ -180,12 +187,7 @@ class OriginsConfig:
 
 
 @dataclass
-class StorageConfig:
-    host_id: str | None = None
-    listen: str = "0.0.0.0"
-    advertise_ip: str | None = None
-    upload_port: int = 0
-    upload_rate: int = 0
+class StorageConfig(HostConfig):
     upload_slots: int = 256
     origin_concurrency: int = 4
     lend_pieces: bool = True
@@ -195,16 +197,8 @@ class StorageConfig:
     """Storage instances that hold each preheated task: its home, and as replicas the next
     in rendezvous order, which take it from the swarm. The scheduler asks the first replica
     when the home goes, and it holds the task already: no origin read."""
-    idc: str = ""
-    location: str = ""
-    cache_quota: int = 0
-    cache_high: float = 0.9
-    cache_low: float = 0.7
     cache_ttl: float = 7 * 24 * 3600.0
     """The cluster's cache keeps tasks longer than a peer does."""
-    disk_high: float = 0.95
-    disk_low: float = 0.85
-    gc_interval: float = 60.0
 
 
 @dataclass

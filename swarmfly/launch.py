@@ -24,13 +24,10 @@ from swarmfly.credentials import (
     write_server_config,
 )
 from swarmfly.httpserver import Limits
-from swarmfly.ids import default_host_id, host_id_of
 from swarmfly.natsserver import NatsServer
 from swarmfly.origins import OriginPolicy
 from swarmfly.pluginhost import Plugins
-from swarmfly.services.peer.gc import GcPolicy
 from swarmfly.services.peer.host import HostSettings, PeerHost
-from swarmfly.services.peer.links import DownloadSettings
 from swarmfly.services.peer.store import private_dir
 
 if TYPE_CHECKING:  # each process imports only the services it runs (below, where it starts them)
@@ -40,68 +37,6 @@ if TYPE_CHECKING:  # each process imports only the services it runs (below, wher
     from swarmfly.services.storage.service import StorageService
 
 log = logging.getLogger(__name__)
-
-
-def peer_settings(config: Config, state_dir: Path) -> HostSettings:
-    p = config.peer
-    return HostSettings(
-        host_id=host_id_of(p.host_id) if p.host_id else default_host_id(str(state_dir)),
-        host_type="normal",
-        state_dir=state_dir,
-        listen=p.listen,
-        advertise_ip=p.advertise_ip,
-        upload_port=p.upload_port,
-        upload_rate=p.upload_rate,
-        download_rate=p.download_rate,
-        upload_slots=p.upload_slots,
-        download=DownloadSettings(
-            concurrency=p.concurrency,
-            per_parent=p.per_parent,
-            piece_timeout=p.piece_timeout,
-            origin_concurrency=config.storage.origin_concurrency,
-            piece_spans=p.piece_spans,
-        ),
-        heartbeat_interval=config.scheduler.heartbeat_interval,
-        idc=p.idc,
-        location=p.location,
-        gc=GcPolicy(p.cache_quota, p.cache_high, p.cache_low, p.cache_ttl, p.disk_high, p.disk_low),
-        gc_interval=p.gc_interval,
-        partitions=config.scheduler.partitions,
-        capabilities=config.http.capabilities,
-        registries=tuple(config.proxy.registries),
-    )
-
-
-def storage_settings(config: Config, state_dir: Path) -> HostSettings:
-    s, p = config.storage, config.peer
-    return HostSettings(
-        host_id=host_id_of(s.host_id)
-        if s.host_id
-        else "seed-" + default_host_id(str(state_dir))[:59],
-        host_type="seed",
-        state_dir=state_dir,
-        listen=s.listen,
-        advertise_ip=s.advertise_ip,
-        upload_port=s.upload_port,
-        upload_rate=s.upload_rate,
-        download_rate=0,
-        upload_slots=s.upload_slots,
-        download=DownloadSettings(
-            concurrency=p.concurrency,
-            per_parent=p.per_parent,
-            piece_timeout=p.piece_timeout,
-            origin_concurrency=s.origin_concurrency,
-            lend_pieces=s.lend_pieces,
-        ),
-        heartbeat_interval=config.scheduler.heartbeat_interval,
-        idc=s.idc,
-        location=s.location,
-        gc=GcPolicy(s.cache_quota, s.cache_high, s.cache_low, s.cache_ttl, s.disk_high, s.disk_low),
-        gc_interval=s.gc_interval,
-        partitions=config.scheduler.partitions,
-        capabilities=config.http.capabilities,
-        registries=tuple(config.proxy.registries),
-    )
 
 
 def http_limits(config: Config) -> Limits:
@@ -147,7 +82,9 @@ async def start_storage(
     from swarmfly.services.storage.service import StorageService
 
     _bound(stack, config)
-    node = _node(stack, config, bus, storage_settings(config, state_dir), servers, plugins)
+    node = _node(
+        stack, config, bus, HostSettings.of(config, "storage", state_dir), servers, plugins
+    )
     service = StorageService(node, bus, copies=config.storage.copies)
     await service.start(stack)
     return service
@@ -164,7 +101,8 @@ async def start_peer(
     from swarmfly.services.peer.service import PeerService
 
     _bound(stack, config)
-    node = _node(stack, config, bus, peer_settings(config, state_dir), servers, plugins)
+    settings = HostSettings.of(config, "peer", state_dir)
+    node = _node(stack, config, bus, settings, servers, plugins)
     service = PeerService(
         node,
         bus,
@@ -251,8 +189,10 @@ async def run_service(kind: str, config: Config) -> None:
             stack.callback(shutdown)
         servers = servers_of(config)
         if kind != "scheduler" and config.nats.inbox_prefix:  # per host, under a callout
-            settings = storage_settings if kind == "storage" else peer_settings
-            host_id = settings(config, config.state_dir).host_id
+            host = HostSettings.of(
+                config, "storage" if kind == "storage" else "peer", config.state_dir
+            )
+            host_id = host.host_id
             config.nats.inbox_prefix = config.nats.inbox_prefix.replace("{host_id}", host_id)
         bus = await connect(config, f"swarmfly-{kind}", servers)
         stack.push_async_callback(bus.close)
@@ -319,8 +259,8 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
             stack.callback(shutdown)
         identities = ensure_identities(state)
         hosts = {
-            "storage": storage_settings(config, state / "storage").host_id,
-            "peer": peer_settings(config, state).host_id,
+            "storage": HostSettings.of(config, "storage", state / "storage").host_id,
+            "peer": HostSettings.of(config, "peer", state).host_id,
         }
         hosts["client"] = hosts["peer"]  # the CLI asks this host's peer only
         auth = write_server_config(state / "nats", identities, config.nats.prefix, hosts)

@@ -20,18 +20,19 @@ import zlib
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from swarmfly.bus import Bus
+from swarmfly.config import Config, HostConfig
 from swarmfly.content import SourceRequest
 from swarmfly.contracts import SENDER, Sender, messages
 from swarmfly.contracts.wire import Rep, Req, Subject
 from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import serve_http
-from swarmfly.ids import origin, url_digest
+from swarmfly.ids import default_host_id, host_id_of, origin, url_digest
 from swarmfly.ids import peer_id as make_peer_id
 from swarmfly.ids import task_id as make_task_id
 from swarmfly.metrics import PeerMetrics
@@ -68,28 +69,64 @@ download is the pieces of about this long."""
 
 @dataclass(frozen=True)
 class HostSettings:
+    """A host's settings: its section of the configuration (``[peer]`` or ``[storage]``) as
+    given, and what it takes from the rest; ``of`` derives them, nothing copies the section."""
+
+    section: HostConfig
     host_id: str
     host_type: str
     state_dir: Path
-    listen: str
-    advertise_ip: str | None
-    upload_port: int
-    upload_rate: int
-    download_rate: int
-    upload_slots: int
     download: DownloadSettings
     """What each download on this host follows."""
     heartbeat_interval: float
+    gc: GcPolicy = field(default_factory=GcPolicy)
+    download_rate: int = 0
+    """Bytes/s the host's downloads may take together (0: no limit); a seed's is none."""
     capabilities: bool = True
     """The upload server serves only against a capability the schedulers signed."""
     registries: tuple[str, ...] = ()
     """Registries the operator configured: their blobs are one task per digest everywhere."""
-    idc: str = ""
-    location: str = ""
-    gc: GcPolicy = field(default_factory=GcPolicy)
-    gc_interval: float = 60.0
     partitions: int = DEFAULT_PARTITIONS
     """Until a heartbeat reply says how many the schedulers use."""
+
+    @classmethod
+    def of(cls, config: Config, kind: Literal["peer", "storage"], state_dir: Path) -> HostSettings:
+        """The settings of this process's peer or storage host on ``state_dir``."""
+        peer, storage = config.peer, config.storage
+        section: HostConfig = peer if kind == "peer" else storage
+        if section.host_id:
+            host_id = host_id_of(section.host_id)
+        elif kind == "peer":
+            host_id = default_host_id(str(state_dir))
+        else:
+            host_id = "seed-" + default_host_id(str(state_dir))[:59]
+        return cls(
+            section=section,
+            host_id=host_id,
+            host_type="normal" if kind == "peer" else "seed",
+            state_dir=state_dir,
+            download=DownloadSettings(
+                concurrency=peer.concurrency,
+                per_parent=peer.per_parent,
+                piece_timeout=peer.piece_timeout,
+                origin_concurrency=storage.origin_concurrency,
+                lend_pieces=kind == "storage" and storage.lend_pieces,
+                piece_spans=kind == "peer" and peer.piece_spans,
+            ),
+            heartbeat_interval=config.scheduler.heartbeat_interval,
+            gc=GcPolicy(
+                section.cache_quota,
+                section.cache_high,
+                section.cache_low,
+                section.cache_ttl,
+                section.disk_high,
+                section.disk_low,
+            ),
+            download_rate=peer.download_rate if kind == "peer" else 0,
+            capabilities=config.http.capabilities,
+            registries=tuple(config.proxy.registries),
+            partitions=config.scheduler.partitions,
+        )
 
 
 @dataclass(frozen=True)
@@ -185,11 +222,11 @@ class PeerHost:
         self.upload = UploadServer(
             self.store,
             metrics=self.metrics,
-            rate=settings.upload_rate,
-            slots=settings.upload_slots,
+            rate=settings.section.upload_rate,
+            slots=settings.section.upload_slots,
             # Grants ration a seed's uplink when it is capped: one round trip per piece,
             # which an uncapped seed need not pay (its children take what it lists).
-            superseed=settings.host_type == "seed" and settings.upload_rate > 0,
+            superseed=settings.host_type == "seed" and settings.section.upload_rate > 0,
             capabilities=settings.capabilities,
             healthy=lambda: self.bus is None or self.bus.nc.is_connected,
         )
@@ -203,7 +240,7 @@ class PeerHost:
             metrics=self.metrics,
         )
         """What a download reaches of this host (the conductor sees nothing else)."""
-        self.ip = settings.advertise_ip or route_ip(servers)
+        self.ip = settings.section.advertise_ip or route_ip(servers)
         self.port = 0
         self.upload_url = ""
         self.plugins = plugins
@@ -239,7 +276,7 @@ class PeerHost:
         stack.callback(self.store.close)
         stack.push_async_callback(self._checkpoint)  # the last changes, once downloads stop
         self.upload_url = await serve_http(
-            stack, self.upload.app, self.settings.listen, self.settings.upload_port
+            stack, self.upload.app, self.settings.section.listen, self.settings.section.upload_port
         )
         self.port = int(self.upload_url.rsplit(":", 1)[1])
         stack.push_async_callback(self.close)
@@ -278,8 +315,8 @@ class PeerHost:
             ip=self.ip,
             port=self.port,
             type=s.host_type,  # type: ignore[arg-type]
-            idc=s.idc or None,
-            location=s.location or None,
+            idc=s.section.idc or None,
+            location=s.section.location or None,
             # What the scheduler weighs a host's load against (the heartbeat's uploads and
             # waiting requests, and the children it sent here), smoothly: a parent with more
             # children per slot ranks lower (bench/simulate.py at 10,000 peers: ratio 1.299
@@ -755,7 +792,7 @@ class PeerHost:
 
     async def _gc_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.gc_interval)
+            await asyncio.sleep(self.settings.section.gc_interval)
             try:
                 await self.collect()
             except OSError as exc:

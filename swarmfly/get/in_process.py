@@ -77,9 +77,9 @@ async def get(
 ) -> dict[str, Any]:
     """The download's reply, from a peer of this process's that ends with ``stack``."""
     # Only here: a get through the host's peer service never loads the node and its plugins.
-    from swarmfly.launch import load_plugins, peer_settings
+    from swarmfly.launch import load_plugins
     from swarmfly.services.peer.delivery import deliver
-    from swarmfly.services.peer.host import PeerHost
+    from swarmfly.services.peer.host import HostSettings, PeerHost
     from swarmfly.services.peer.progress import follow
 
     output = request.output
@@ -87,7 +87,7 @@ async def get(
     state_dir = _cli_state_dir(stack, config)
     plugins = load_plugins(config)
     stack.push_async_callback(plugins.close)
-    node = PeerHost(peer_settings(config, state_dir), bus, servers, plugins)
+    node = PeerHost(HostSettings.of(config, "peer", state_dir), bus, servers, plugins)
     await node.start(stack)
     download_id = new_id("dl")
     job = asyncio.create_task(

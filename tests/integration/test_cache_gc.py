@@ -19,10 +19,9 @@ import pytest
 from swarmfly.capability import Signer
 from swarmfly.config import Config
 from swarmfly.content import SourceRequest
-from swarmfly.launch import peer_settings
 from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.gc import GcPolicy
-from swarmfly.services.peer.host import PeerHost
+from swarmfly.services.peer.host import HostSettings, PeerHost
 from swarmfly.testing import Origin, metric_value, wait_until
 
 MiB = 1024 * 1024
@@ -34,13 +33,17 @@ async def peer_node(
 ) -> AsyncIterator[PeerHost]:
     """A started peer node with no control plane (it reads the origin), serving uploads on
     loopback; the GC loop's own interval is far off, tests run collections themselves."""
-    base = peer_settings(Config(state_dir=state), state)
+    config = Config(state_dir=state)
+    config.peer.listen = "127.0.0.1"
+    for key, value in settings.items():  # the [peer] settings a test sets
+        setattr(config.peer, key, value)
+    base = HostSettings.of(config, "peer", state)
     download = base.download
     if origin_concurrency is not None:
         download = dataclasses.replace(download, origin_concurrency=origin_concurrency)
     plugins = Plugins.load()
     node = PeerHost(
-        dataclasses.replace(base, gc=gc, listen="127.0.0.1", download=download, **settings),
+        dataclasses.replace(base, gc=gc, download=download),
         None,
         [],
         plugins,

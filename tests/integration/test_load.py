@@ -14,9 +14,8 @@ import pytest
 from swarmfly.bus import Bus
 from swarmfly.content import SourceRequest
 from swarmfly.ids import piece_count, piece_length_for
-from swarmfly.launch import peer_settings
 from swarmfly.natsserver import NatsServer
-from swarmfly.services.peer.host import PeerHost
+from swarmfly.services.peer.host import HostSettings, PeerHost
 from swarmfly.testing import Origin, in_process_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -40,7 +39,7 @@ async def test_200_concurrent_downloads(
         for i in range(1, 20):
             bus = await Bus.connect([nats.url], prefix=prefix, name=f"load-peer-{i}")
             stack.push_async_callback(bus.close)
-            base = peer_settings(cluster.config, tmp_path / f"peer{i}")
+            base = HostSettings.of(cluster.config, "peer", tmp_path / f"peer{i}")
             download = dataclasses.replace(base.download, piece_timeout=60.0)
             settings = dataclasses.replace(base, download=download)
             node = PeerHost(settings, bus, [nats.url], plugins)

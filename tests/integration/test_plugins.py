@@ -365,11 +365,11 @@ async def test_a_source_with_the_wrong_byte_count_fails_the_piece_not_the_proces
 ) -> None:
     from swarmfly.config import Config
     from swarmfly.content import SourceRequest
-    from swarmfly.launch import peer_settings
-    from swarmfly.services.peer.host import PeerHost
+    from swarmfly.services.peer.host import HostSettings, PeerHost
 
     plugins = Plugins.load(extra=[("liar", liar_plugin())])
-    node = PeerHost(peer_settings(Config(state_dir=tmp_path), tmp_path), None, [], plugins)
+    settings = HostSettings.of(Config(state_dir=tmp_path), "peer", tmp_path)
+    node = PeerHost(settings, None, [], plugins)
     with pytest.raises(SwarmflyError) as caught:
         await node.download(SourceRequest(url))
     assert caught.value.code in ("integrity", "source_error")
