@@ -238,12 +238,25 @@ class HttpConfig:
     signed for it (docs/security.md); false opens the data plane to whoever reaches it."""
 
 
+@dataclass(frozen=True)
+class Tracing:
+    """What the standard ``OTEL_*`` variables ask of swarmfly's tracing (read here, as every
+    variable is; the OpenTelemetry SDK reads the exporter's own, endpoint and headers)."""
+
+    exporters: tuple[str, ...] = ("otlp",)
+    """``OTEL_TRACES_EXPORTER``: ``otlp`` (over HTTP), ``console``, or both."""
+    service_name: str | None = None
+    """``OTEL_SERVICE_NAME``; None: ``swarmfly-<service>``."""
+    protocol: str = ""
+    """``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` (or ``OTEL_EXPORTER_OTLP_PROTOCOL``)."""
+
+
 @dataclass
 class Config:
     state_dir: Path = field(default_factory=lambda: Path(platformdirs.user_state_dir("swarmfly")))
     log_level: str = "INFO"
-    tracing: bool = False
-    """On when the standard OTEL_* variables ask for an exporter (OTLP)."""
+    tracing: Tracing | None = None
+    """Set when the standard OTEL_* variables ask for an exporter (OTLP); None: off."""
     disable_plugins: list[str] = field(default_factory=list)
     """Plugins (entry-point names) not to load: SWARMFLY_DISABLE_PLUGINS=name,..."""
     nats: NatsConfig = field(default_factory=NatsConfig)
@@ -667,15 +680,30 @@ def load(
     if path or candidate.is_file():
         _apply(config, _read_file(candidate), _Source("file", str(candidate)))
     _apply(config, env_values, _Source("environment"))
-    config.tracing = env.get("OTEL_SDK_DISABLED", "").lower() != "true" and (
-        env.get("OTEL_TRACES_EXPORTER", "none").lower() not in ("", "none")
-        or bool(
-            env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        )
-    )
+    config.tracing = _tracing(env)
     _apply(config, flag_values, _Source("flags"))
     _check_together(config)
     return config
+
+
+def _tracing(env: Mapping[str, str]) -> Tracing | None:
+    """On when the OTEL_* variables ask for an exporter, unless OTEL_SDK_DISABLED."""
+    exporter = env.get("OTEL_TRACES_EXPORTER", "")
+    endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    if exporter.lower() in ("", "none") and not endpoint:
+        return None
+    names = tuple(n.strip().lower() for n in (exporter or "otlp").split(",") if n.strip())
+    return Tracing(
+        exporters=names or ("otlp",),
+        service_name=env.get("OTEL_SERVICE_NAME") or None,
+        protocol=env.get(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+        ),
+    )
 
 
 def _log_warning(message: str) -> None:

@@ -9,15 +9,17 @@ and HTTP conventions and never carry header values or credentials.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from opentelemetry import context, propagate, trace
 
 from swarmfly.ids import redact_url
+
+if TYPE_CHECKING:
+    from swarmfly.config import Tracing
 
 log = logging.getLogger(__name__)
 _enabled = False
@@ -28,7 +30,7 @@ def enabled() -> bool:
     return _enabled
 
 
-def setup(service: str, tracing: bool) -> Any:
+def setup(service: str, tracing: Tracing | None) -> Any:
     """Install an exporting provider for this process; returns its shutdown (which flushes),
     or None when tracing is off.
 
@@ -44,17 +46,16 @@ def setup(service: str, tracing: bool) -> Any:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
     exporters: list[SpanExporter] = []
-    for name in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(","):
-        name = name.strip()
+    for name in tracing.exporters:
         if name == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
             exporters.append(ConsoleSpanExporter())
         elif name in ("otlp", ""):
-            exporters.append(_otlp_exporter())
+            exporters.append(_otlp_exporter(tracing.protocol))
         elif name != "none":
             log.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console)", name)
-    service_name = os.environ.get("OTEL_SERVICE_NAME") or f"swarmfly-{service}"
+    service_name = tracing.service_name or f"swarmfly-{service}"
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -63,12 +64,9 @@ def setup(service: str, tracing: bool) -> Any:
     return provider.shutdown
 
 
-def _otlp_exporter() -> Any:
+def _otlp_exporter(protocol: str) -> Any:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    protocol = os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
-    )
     if protocol and protocol != "http/protobuf":
         log.warning("OTLP protocol %s is not installed; exporting http/protobuf", protocol)
     return OTLPSpanExporter()

@@ -75,3 +75,22 @@ def test_the_curated_import_holds_what_an_author_needs() -> None:
     assert public <= set(api.__all__)
     assert {"hookimpl", "SwarmflyError", "check_source"} <= set(api.__all__)
     assert (ROOT / "swarmfly" / "py.typed").exists()
+
+
+ENVIRONMENT_READERS = {
+    "swarmfly/config.py": "every setting and the OTEL_* variables",
+    "swarmfly/doctor.py": "the proxy variables a container runtime on this host sees",
+    "swarmfly/testing.py": "the environment the test kit hands the processes it starts",
+}
+
+
+def test_the_environment_is_read_in_config_only() -> None:
+    """Settings come from config.py (file < environment < flags), passed down; a module
+    that read a variable of its own would be a setting no one can find."""
+    readers = sorted(
+        path.relative_to(ROOT).as_posix()
+        for folder in ("swarmfly", "services", "plugins")
+        for path in (ROOT / folder).rglob("*.py")
+        if re.search(r"os\.environ|os\.getenv|getenv\(", path.read_text(encoding="utf-8"))
+    )
+    assert readers == sorted(ENVIRONMENT_READERS)
