@@ -50,8 +50,7 @@ from _common import (
 )
 
 from swarmfly import config as swarmfly_config
-from swarmfly.content import TaskContent
-from swarmfly.ids import piece_count, piece_length_for
+from swarmfly.content import TaskContent, piece_count, piece_length_for
 from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.admission import Admission
 from swarmfly.services.peer.conductor import SEED_POLL_WAIT

@@ -1,4 +1,5 @@
-"""Task ids, piece lengths and the strict id patterns checked before an id touches a path."""
+"""Task, peer and host ids, and the strict id patterns checked before an id touches a path
+(piece arithmetic is ``swarmfly.content``'s)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 TASK_ID = re.compile(r"^[0-9a-f]{64}\Z")
 NODE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 DIGEST = re.compile(r"^sha256:([0-9a-f]{64})\Z")
-
-MIN_PIECE_LENGTH = 1024 * 1024
-"""Dragonfly's floor is 4 MiB; a piece reaches the last of N peers after about log2(N)
-store-and-forward hops of one piece each, so a swarm's tail grows with the piece: measured
-with bench/swarm.py (16 peers, 64 MiB at 8 MiB/s each), 1 MiB pieces finish in 0.87 of
-the time 4 MiB ones take."""
-MAX_PIECE_LENGTH = 64 * 1024 * 1024
-"""Also the contracts' ``piece_length`` maximum (a test holds the two equal)."""
-TARGET_PIECE_COUNT = 500
 
 
 @dataclass(frozen=True)
@@ -155,23 +147,6 @@ def origin(url: str) -> tuple[str, str, int] | None:
 def keys_task(task: str, url: str, digest: str) -> bool:
     """Is ``task`` the id of ``digest``'s content at ``url`` (or anywhere)?"""
     return task in (task_id(url, digest=digest), task_id(url, digest=digest, shared=True))
-
-
-def piece_length_for(content_length: int) -> int:
-    """next_power_of_two(length / 500), clamped to 1-64 MiB (Dragonfly's client: 4-64)."""
-    target = max(1, content_length // TARGET_PIECE_COUNT)
-    length = 1 << (target - 1).bit_length()
-    return min(MAX_PIECE_LENGTH, max(MIN_PIECE_LENGTH, length))
-
-
-def piece_count(content_length: int, piece_length: int) -> int:
-    return (content_length + piece_length - 1) // piece_length
-
-
-def piece_range(number: int, content_length: int, piece_length: int) -> tuple[int, int]:
-    """(offset, size) of a piece."""
-    start = number * piece_length
-    return start, max(0, min(piece_length, content_length - start))
 
 
 def new_id(prefix: str) -> str:

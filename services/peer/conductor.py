@@ -26,11 +26,11 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 
 from swarmfly import bitmap, telemetry
-from swarmfly.content import SourceRequest, TaskContent
+from swarmfly.content import SourceRequest, TaskContent, piece_count, piece_length_for
 from swarmfly.contracts import messages
 from swarmfly.contracts.wire import ABSENT, Absent, Rep, Req, Subject
 from swarmfly.errors import SwarmflyError, in_words
-from swarmfly.ids import check_digest, piece_count, piece_length_for, redact_url
+from swarmfly.ids import check_digest, redact_url
 from swarmfly.plugintypes import SourceStat, Strategy
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.filedigest import PrefixDigest

@@ -26,9 +26,9 @@ from typing import Any
 
 import orjson
 
-from swarmfly.content import TaskContent
+from swarmfly.content import TaskContent, piece_count
 from swarmfly.errors import SwarmflyError
-from swarmfly.ids import TASK_ID, piece_count, redact_url
+from swarmfly.ids import TASK_ID, redact_url
 from swarmfly.services.peer.lending import Lending
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from swarmfly.content import TaskContent
+from swarmfly.content import TaskContent, piece_count
 from swarmfly.errors import SwarmflyError
 from swarmfly.frozen import quick_init
-from swarmfly.ids import piece_count
 from swarmfly.placement import rendezvous
 from swarmfly.plugintypes import Candidate, Evaluation, Evaluator
 from swarmfly.services.scheduler.pieceset import PieceSet

@@ -27,10 +27,10 @@ from referencing import Registry, Resource
 from swarmfly import contracts, ids
 from swarmfly.bus import Bus
 from swarmfly.config import Config, NatsConfig
+from swarmfly.content import MAX_PIECE_LENGTH
 from swarmfly.contracts import messages
 from swarmfly.contracts.asyncapi import document
 from swarmfly.contracts.wire import Subject
-from swarmfly.ids import MAX_PIECE_LENGTH
 from swarmfly.launch import start_peer, start_scheduler
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of

@@ -42,9 +42,9 @@ from nats.aio.msg import Msg
 from swarmfly import bitmap, contracts, ids
 from swarmfly.bus import MAX_REQUEST_BYTES
 from swarmfly.capability import Signer
-from swarmfly.content import TaskContent
+from swarmfly.content import TaskContent, piece_count
 from swarmfly.httpserver import serve_http
-from swarmfly.ids import NODE_ID, piece_count
+from swarmfly.ids import NODE_ID
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.lending import Lending

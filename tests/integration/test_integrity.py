@@ -20,10 +20,11 @@ from aiohttp import web
 
 from swarmfly import bitmap, contracts, ids
 from swarmfly.bus import Bus
+from swarmfly.content import piece_count, piece_length_for
 from swarmfly.contracts import messages
 from swarmfly.contracts.wire import Rep, Req, Subject
 from swarmfly.errors import SwarmflyError
-from swarmfly.ids import piece_count, piece_length_for, task_id
+from swarmfly.ids import task_id
 from swarmfly.testing import subject_tokens
 from tests.integration.test_swarm import Cluster, get, sha256
 

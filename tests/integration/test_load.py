@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from swarmfly.bus import Bus
-from swarmfly.content import SourceRequest
-from swarmfly.ids import piece_count, piece_length_for
+from swarmfly.content import SourceRequest, piece_count, piece_length_for
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer.host import HostSettings, PeerHost
 from swarmfly.testing import Origin, in_process_cluster

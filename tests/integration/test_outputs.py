@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 
 from swarmfly.bus import Bus
-from swarmfly.ids import piece_length_for
+from swarmfly.content import piece_length_for
 from swarmfly.natsserver import NatsServer
 from swarmfly.testing import Origin, ServiceProcess, capability, spawn_service
 from tests.conftest import FAST_ENV

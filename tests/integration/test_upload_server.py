@@ -22,9 +22,8 @@ import pytest
 
 from swarmfly import bitmap
 from swarmfly.capability import Signer
-from swarmfly.content import TaskContent
+from swarmfly.content import TaskContent, piece_count
 from swarmfly.httpserver import serve_http
-from swarmfly.ids import piece_count
 from swarmfly.services.peer import upload as upload_module
 from swarmfly.services.peer.lending import Lending
 from swarmfly.services.peer.store import StoredTask, TaskStore

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarmfly import bitmap, contracts, ids
+from swarmfly import bitmap, content, contracts
 from swarmfly.bus import MAX_REQUEST_BYTES
 from swarmfly.config import MIN_RATE
 from swarmfly.placement import MAX_PARTITIONS
@@ -137,12 +137,12 @@ def test_a_requested_rate_is_at_least_the_codes_minimum() -> None:
 
 def test_piece_length_maximum_is_the_codes() -> None:
     for path, schema in named("piece_length"):
-        assert schema["maximum"] == ids.MAX_PIECE_LENGTH, path
+        assert schema["maximum"] == content.MAX_PIECE_LENGTH, path
 
 
 def test_piece_length_minimum_admits_every_piece_length_the_code_picks() -> None:
     for path, schema in named("piece_length"):
-        assert schema["minimum"] <= ids.MIN_PIECE_LENGTH, path
+        assert schema["minimum"] <= content.MIN_PIECE_LENGTH, path
 
 
 def test_content_length_has_one_bound_everywhere() -> None:
@@ -153,14 +153,14 @@ def test_content_length_has_one_bound_everywhere() -> None:
 @given(st.integers(min_value=0, max_value=MAX_CONTENT_LENGTH))
 def test_any_content_the_contracts_allow_has_a_layout_they_allow(length: int) -> None:
     """The piece length the code picks for any allowed size gives an allowed piece count."""
-    piece = ids.piece_length_for(length)
+    piece = content.piece_length_for(length)
     schema = COMMON["piece_length"]
     assert schema["minimum"] <= piece <= schema["maximum"]
-    assert ids.piece_count(length, piece) <= MAX_PIECE_COUNT
+    assert content.piece_count(length, piece) <= MAX_PIECE_COUNT
 
 
 def test_the_largest_content_fits_at_the_largest_piece_length() -> None:
-    assert ids.piece_count(MAX_CONTENT_LENGTH, ids.MAX_PIECE_LENGTH) <= MAX_PIECE_COUNT
+    assert content.piece_count(MAX_CONTENT_LENGTH, content.MAX_PIECE_LENGTH) <= MAX_PIECE_COUNT
 
 
 def test_every_piece_number_is_below_the_largest_piece_count() -> None:

@@ -1,4 +1,4 @@
-"""Task ids, piece lengths and the strict id patterns."""
+"""Task ids, piece lengths (swarmfly.content) and the strict id patterns."""
 
 from __future__ import annotations
 
@@ -8,19 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarmfly.ids import (
+from swarmfly.content import (
     MAX_PIECE_LENGTH,
     MIN_PIECE_LENGTH,
-    NODE_ID,
-    SIGNED_URLS,
-    TASK_ID,
-    SignedUrl,
-    check_digest,
     piece_count,
     piece_length_for,
     piece_range,
-    task_id,
 )
+from swarmfly.ids import NODE_ID, SIGNED_URLS, TASK_ID, SignedUrl, check_digest, task_id
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
