@@ -28,7 +28,7 @@ import orjson
 from aiohttp import web
 
 from swarmfly import __version__, apitoken, bitmap
-from swarmfly.bus import Bus, Served
+from swarmfly.bus import Bus, RunningService
 from swarmfly.capability import Signer
 from swarmfly.config import Config, SchedulerConfig
 from swarmfly.content import TaskContent
@@ -158,7 +158,7 @@ class SchedulerService:
             renew=sc.renew_interval,
             on_change=self._serve,
         )
-        self._served: Served | None = None
+        self._service: RunningService | None = None
         self._layout: set[str] = set()
         """What task subjects are subscribed under: partition numbers, or ALL."""
         self._serving = asyncio.Lock()
@@ -188,7 +188,7 @@ class SchedulerService:
     async def start(self, stack: AsyncExitStack) -> None:
         self._warm_until = self.clock() + 2 * self.config.scheduler.heartbeat_interval
         self.core.homes_known = False
-        self._served = await self.bus.add_service(
+        self._service = await self.bus.add_service(
             "scheduler",
             __version__,
             "swarmfly scheduler: tasks, peers and parent choice",
@@ -236,13 +236,13 @@ class SchedulerService:
         subscription: one subscription per partition would spread the requests over many
         of nats-py's dispatch tasks, a measurable cost per request.
         """
-        assert self._served is not None
+        assert self._service is not None
         layout = {ALL} if len(held) == self.partitions else {str(p) for p in held}
         async with self._serving:
             for token in sorted(layout - self._layout):
-                await self.bus.open_endpoints(self._served, **_partition_tokens(token))
+                await self.bus.open_endpoints(self._service, **_partition_tokens(token))
             for token in sorted(self._layout - layout):
-                await self.bus.close_endpoints(self._served, **_partition_tokens(token))
+                await self.bus.close_endpoints(self._service, **_partition_tokens(token))
             self._layout = layout
         self.core.drop_tasks(
             [t for t in self.core.tasks if partition_of(t, self.partitions) not in held]

@@ -14,9 +14,22 @@ from swarmfly.bus.connection import Connection
 from swarmfly.bus.discovery import Discovery
 from swarmfly.bus.keyvalue import KeyValues
 from swarmfly.bus.sending import Sending
-from swarmfly.bus.serving import AUTH_CALLOUT, MAX_REQUEST_BYTES, Served, Serving, decode_request
+from swarmfly.bus.serving import (
+    AUTH_CALLOUT,
+    MAX_REQUEST_BYTES,
+    RunningService,
+    Serving,
+    decode_request,
+)
 
-__all__ = ["AUTH_CALLOUT", "MAX_REQUEST_BYTES", "Bus", "Connection", "Served", "decode_request"]
+__all__ = [
+    "AUTH_CALLOUT",
+    "MAX_REQUEST_BYTES",
+    "Bus",
+    "Connection",
+    "RunningService",
+    "decode_request",
+]
 
 
 class Bus(Sending, Serving, Discovery, KeyValues):

@@ -54,7 +54,7 @@ def decode_request(contract: contracts.Contract, data: bytes) -> dict[str, Any]:
 
 
 @dataclass
-class Served:
+class RunningService:
     """A running nats.micro service. Endpoints whose subjects need tokens the service did not
     have at start (a scheduler's partitions) open and close while it runs."""
 
@@ -83,7 +83,7 @@ class Serving(Connection):
         metadata: dict[str, str] | None = None,
         inline: bool = False,
         **tokens: str,
-    ) -> Served:
+    ) -> RunningService:
         """A nats.micro service with one endpoint per contract.
 
         Endpoints whose subject tokens are all in ``tokens`` subscribe now; the others wait
@@ -95,34 +95,36 @@ class Serving(Connection):
             self.nc, name=name, version=version, description=description, metadata=metadata
         )
         self._services.append(service)
-        served = Served(service, name, [], inline, metrics)
+        running = RunningService(service, name, [], inline, metrics)
         now: list[Bound[Any, Any]] = []
         for endpoint in endpoints:
             self.used.add(endpoint.subject.name)
             if set(endpoint.subject.contract.tokens) <= set(tokens):
                 now.append(endpoint)
             else:
-                served.deferred.append(endpoint)
-        await self._add_endpoints(served, now, tokens)
-        return served
+                running.deferred.append(endpoint)
+        await self._add_endpoints(running, now, tokens)
+        return running
 
     async def open_endpoints(
-        self, served: Served, *, every: tuple[str, ...] = (), **tokens: str
+        self, running: RunningService, *, every: tuple[str, ...] = (), **tokens: str
     ) -> None:
         """Subscribe the deferred endpoints under these tokens (a partition a scheduler
         took); a token named in ``every`` is a wildcard: one subscription for all its values
         (a scheduler that holds every partition)."""
         key = _endpoints_key(every, tokens)
-        if key not in served.opened:
-            served.opened[key] = await self._add_endpoints(served, served.deferred, tokens, every)
+        if key not in running.opened:
+            running.opened[key] = await self._add_endpoints(
+                running, running.deferred, tokens, every
+            )
 
     async def close_endpoints(
-        self, served: Served, *, every: tuple[str, ...] = (), **tokens: str
+        self, running: RunningService, *, every: tuple[str, ...] = (), **tokens: str
     ) -> None:
         """Unsubscribe what ``open_endpoints`` subscribed under the same arguments."""
-        for endpoint in served.opened.pop(_endpoints_key(every, tokens), []):
+        for endpoint in running.opened.pop(_endpoints_key(every, tokens), []):
             try:
-                await natsinternals.remove_endpoint(served.service, endpoint)
+                await natsinternals.remove_endpoint(running.service, endpoint)
             except nats.errors.Error as exc:  # the connection is gone: so is the interest
                 log.debug("unsubscribing %s: %s", natsinternals.endpoint_subject(endpoint), exc)
         if self.nc.is_connected:
@@ -133,7 +135,7 @@ class Serving(Connection):
 
     async def _add_endpoints(
         self,
-        served: Served,
+        running: RunningService,
         endpoints: list[Bound[Any, Any]],
         tokens: dict[str, str],
         every: tuple[str, ...] = (),
@@ -146,17 +148,17 @@ class Serving(Connection):
             senders = (contracts.SENDER,) if contract.sender else ()
             subject = self._subject(contract_name, given, every + senders)
             if contract.fanout:  # every instance hears it: a queue group of its own
-                queue_group = f"{served.name}-{served.service.id}"
+                queue_group = f"{running.name}-{running.service.id}"
             else:
-                queue_group = contract.queue_group or served.name
-            await served.service.add_endpoint(
+                queue_group = contract.queue_group or running.name
+            await running.service.add_endpoint(
                 name=_endpoint_name(contract_name, {**tokens, **dict.fromkeys(every, "all")}),
                 subject=subject,
-                handler=self._endpoint(bound, served),
+                handler=self._endpoint(bound, running),
                 queue_group=queue_group,
                 metadata={"contract": contract_name, "version": str(contract.version)},
             )
-            added.append(natsinternals.newest_endpoint(served.service))
+            added.append(natsinternals.newest_endpoint(running.service))
         # nats-py may write its PING ahead of queued SUBs: two round trips make sure every
         # endpoint is subscribed at the server before the service counts as started.
         await self.nc.flush()
@@ -164,14 +166,14 @@ class Serving(Connection):
         return added
 
     def _endpoint(
-        self, bound: Bound[Any, Any], served: Served
+        self, bound: Bound[Any, Any], running: RunningService
     ) -> Callable[[Request], Awaitable[None]]:
         """nats-py hands a subscription's messages over one at a time: each request is
         handled in its own task, so a long one (a download, a preheat) does not hold up the
         next; past MAX_HANDLING at once, the subscription waits (its queue is bounded).
         Handlers that never wait (``inline``) run in turn in the subscription's task."""
         gate = asyncio.Semaphore(MAX_HANDLING)
-        failures = served.metrics.contract_failures
+        failures = running.metrics.contract_failures
         contract, handler, request_type = (
             bound.subject.contract,
             bound.handler,
@@ -218,7 +220,7 @@ class Serving(Connection):
                 log.error("reply on %s not sent: %s", contract.name, exc)
                 await _respond_error(request, SwarmflyError("internal", "reply could not be sent"))
 
-        return serve if served.inline else dispatch
+        return serve if running.inline else dispatch
 
     async def answer_auth_callout(
         self, answer: Callable[[bytes], Awaitable[bytes | None]], *, queue: str
