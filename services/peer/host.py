@@ -166,17 +166,18 @@ class Resolved:
 
 @dataclass(frozen=True)
 class Download:
-    """One ask for a task: the run it joined, which may be shared with other asks."""
+    """One download asked of this host: the task's conductor it joined (one per task, shared
+    by every download of the task at once) and its ``running``; ``result`` waits for it."""
 
     task_id: str
     conductor: Conductor
     running: asyncio.Task[Conductor]
     started: float
     rate: int = 0
-    """Bytes/s this ask lets the run take while it waits (0: the host's limit only)."""
+    """Bytes/s this download lets the conductor take while it waits (0: the host's limit)."""
 
     async def result(self) -> DownloadResult:
-        """Wait for the run (cancelling this wait leaves it going for the others)."""
+        """Wait for the conductor (cancelling this wait leaves it going for the others)."""
         with self.conductor.asking(self.rate):
             conductor = await asyncio.shield(self.running)
         stored = conductor.stored

@@ -217,15 +217,15 @@ class PeerService:
         output: Output | None = None
         try:
             async with asyncio.timeout(seconds):
-                run = await self.node.begin(
+                download = await self.node.begin(
                     source,
                     strategy=req.strategy or self.default_strategy,
                     download_id=download_id,
                     rate=req.download_rate or 0,
                 )
                 if into is not None:
-                    output = run.conductor.digest.attach(into)
-                result = await run.result()
+                    output = download.conductor.digest.attach(into)
+                result = await download.result()
                 stored = self.node.store.open(result.task_id)
                 assert stored.content is not None
                 if output is not None:
@@ -243,7 +243,7 @@ class PeerService:
             raise SwarmflyError("timeout", f"download did not finish in {seconds:g}s") from None
         finally:
             if output is not None:
-                await run.conductor.digest.detach(output)
+                await download.conductor.digest.detach(output)
             self.node.forget(download_id)
         return result.reply(Path(req.output))
 

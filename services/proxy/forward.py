@@ -76,16 +76,16 @@ class ForwardProxy:
             if key.lower() not in SOURCE_SKIP:  # repeated ones folded, as RFC 9110 allows
                 headers[key] = f"{headers[key]}, {value}" if key in headers else value
         try:
-            run = await self.node.begin(
+            download = await self.node.begin(
                 SourceRequest(url=request.raw_path, headers=headers), strategy="sequential"
             )
-            length, _ = await stream.content_of(run)
+            length, _ = await stream.content_of(download)
         except SwarmflyError as exc:
             host = urlsplit(request.raw_path).hostname
             log.info("proxy: passing %s through: %s", host, exc.code)
             return None
         self.metrics.count("http_swarm")
-        etag = run.conductor.stat.etag
+        etag = download.conductor.stat.etag
         return await stream.respond(
-            request, run, length, {"ETag": etag} if etag else {}, self.metrics
+            request, download, length, {"ETag": etag} if etag else {}, self.metrics
         )

@@ -89,12 +89,12 @@ class Mirror:
             self.metrics.count("blob")
             source = SourceRequest(url=url, headers=auth, digest=target.digest)
             try:
-                run = await self.node.begin(source, strategy="sequential", stat=stat)
-                length, _ = await stream.content_of(run)
+                download = await self.node.begin(source, strategy="sequential", stat=stat)
+                length, _ = await stream.content_of(download)
             except SwarmflyError as exc:
                 raise from_swarm_error(exc) from None
             headers = {"Docker-Content-Digest": target.digest, **API_VERSION}
-            response = await stream.respond(request, run, length, headers, self.metrics)
+            response = await stream.respond(request, download, length, headers, self.metrics)
             telemetry.set_attributes(current, **{"http.response.status_code": response.status})
             return response
 

@@ -25,12 +25,12 @@ POLL = 0.5
 """Seconds between looks at a download's state while no piece arrives."""
 
 
-async def content_of(run: Download) -> tuple[int, int]:
-    """(content length, piece length) once the run has learned them."""
-    stored = run.conductor.stored
+async def content_of(download: Download) -> tuple[int, int]:
+    """(content length, piece length) once the download has learned them."""
+    stored = download.conductor.stored
     while stored.content is None:
-        if run.running.done():
-            run.running.result()  # raises the download's error
+        if download.running.done():
+            download.running.result()  # raises the download's error
             if stored.content is None:
                 raise SwarmflyError("internal", "download ended without content")
         await stored.wait_change(stored.version, POLL)
@@ -39,7 +39,7 @@ async def content_of(run: Download) -> tuple[int, int]:
 
 async def respond(
     request: web.Request,
-    run: Download,
+    download: Download,
     length: int,
     headers: dict[str, str],
     metrics: ProxyMetrics,
@@ -62,13 +62,13 @@ async def respond(
     if span.size == 0:
         return response
     try:
-        await send(request, response, run, span)
+        await send(request, response, download, span)
         await response.write_eof()
     except ConnectionError:
-        log.debug("proxy: client went away during %s", run.task_id[:12])
+        log.debug("proxy: client went away during %s", download.task_id[:12])
     except SwarmflyError as exc:
         # Headers are gone: cutting the connection is how the client learns of it.
-        log.warning("proxy: %s failed mid-stream: %s", run.task_id[:12], exc)
+        log.warning("proxy: %s failed mid-stream: %s", download.task_id[:12], exc)
         metrics.count("failed")
         if request.transport is not None:
             request.transport.abort()
@@ -76,10 +76,10 @@ async def respond(
 
 
 async def send(
-    request: web.Request, response: web.StreamResponse, run: Download, span: Span
+    request: web.Request, response: web.StreamResponse, download: Download, span: Span
 ) -> None:
     """Write ``span`` of the task to a prepared response as its pieces are verified."""
-    stored = run.conductor.stored
+    stored = download.conductor.stored
     assert stored.content is not None
     length = stored.content.piece_length
     last = (span.end - 1) // length
@@ -88,14 +88,14 @@ async def send(
         while offset < span.end:
             number = offset // length
             if number == last:
-                await asyncio.shield(run.running)
-                if any(span.start // length <= n < last for n in run.conductor.repaired):
+                await asyncio.shield(download.running)
+                if any(span.start // length <= n < last for n in download.conductor.repaired):
                     # Sent before the whole file's check found them false: the client has
                     # them; a short body makes it ask again, and the cache is right by then.
                     raise SwarmflyError("integrity", "pieces already sent were read again")
             while number not in stored.done:
-                if run.running.done():
-                    run.running.result()
+                if download.running.done():
+                    download.running.result()
                     if number not in stored.done:
                         raise SwarmflyError("integrity", "the download was reset")
                 await stored.wait_change(stored.version, POLL)
