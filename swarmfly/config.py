@@ -159,6 +159,9 @@ class HostConfig:
 
 @dataclass
 class PeerConfig(HostConfig):
+    upload: bool = True
+    """Serve pieces to other peers; false: a leech (Dragonfly's disableShared), which
+    downloads, uploads nothing and is never offered as a parent."""
     download_rate: int = 0
     concurrency: int = 16
     per_parent: int = 4
@@ -616,7 +619,10 @@ def settings_of(cls: type[T], values: Mapping[str, Any], where: str) -> T:
 
 
 def _guess(word: str, choices: Iterable[str], cutoff: float = 0.65) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+    """A close setting, as a hint: of the three closest, one of as many words first."""
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=cutoff)
+    words = word.count("_")
+    close.sort(key=lambda name: name.count("_") != words)  # stable: closeness otherwise
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -88,6 +88,8 @@ class HostSettings:
     """Registries the operator configured: their blobs are one task per digest everywhere."""
     partitions: int = DEFAULT_PARTITIONS
     """Until a heartbeat reply says how many the schedulers use."""
+    uploads: bool = True
+    """False: a leech, with no upload slots (so never a parent) and no pieces served."""
 
     @classmethod
     def of(cls, config: Config, kind: Literal["peer", "storage"], state_dir: Path) -> HostSettings:
@@ -126,6 +128,7 @@ class HostSettings:
             capabilities=config.http.capabilities,
             registries=tuple(config.proxy.registries),
             partitions=config.scheduler.partitions,
+            uploads=kind == "storage" or peer.upload,
         )
 
 
@@ -224,7 +227,7 @@ class PeerHost:
             self.store,
             metrics=self.metrics,
             rate=settings.section.upload_rate,
-            slots=settings.section.upload_slots,
+            slots=settings.section.upload_slots if settings.uploads else 0,
             # Grants ration a seed's uplink when it is capped: one round trip per piece,
             # which an uncapped seed need not pay (its children take what it lists).
             superseed=settings.host_type == "seed" and settings.section.upload_rate > 0,

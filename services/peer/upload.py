@@ -92,6 +92,8 @@ class UploadServer:
         # Under a rate cap, few uploads at full speed beat many crawling ones: pieces finish
         # and spread sooner, and children turned away (503) ask another parent.
         self.slots = min(slots, max(1, -(-rate // PACED_SLOT_RATE))) if rate > 0 else slots
+        self.leech = slots == 0
+        """No slots: a leech, which serves no piece (only its health and metrics)."""
         self.uploads = 0
         self.admission: Admission[asyncio.Future[bool]] = Admission(self.slots)
         """Who uploads next: the neediest waiting child (True: its turn; False: displaced)."""
@@ -160,6 +162,8 @@ class UploadServer:
         return grant
 
     def _task(self, request: web.Request) -> StoredTask:
+        if self.leech:
+            raise web.HTTPForbidden(text="this host does not upload")
         task_id = request.match_info["task_id"]
         if not TASK_ID.fullmatch(task_id):
             raise web.HTTPBadRequest(text="invalid task id")
