@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError, connect_error_in_words
+from swarmfly.httpheaders import http_url
 
 Status = Literal["ok", "warn", "fail", "skip"]
 EXIT_PROBLEMS = 7
@@ -308,8 +309,7 @@ async def cluster_checks(
 
 
 def _configured(config: Config) -> str:
-    host = "127.0.0.1" if config.proxy.listen in ("0.0.0.0", "", "::") else config.proxy.listen
-    return f"http://{host}:{config.proxy.port or 65001}"
+    return http_url(config.proxy.listen, config.proxy.port or 65001)
 
 
 async def _upload_check(

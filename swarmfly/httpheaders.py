@@ -76,3 +76,12 @@ def content_length(header: str | None) -> int | None:
     ``isdigit()`` to Python, and ``int`` refuses it)."""
     text = header.strip(" \t") if header else ""
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 19 else None
+
+
+def http_url(host: str, port: int) -> str:
+    """``http://host:port`` for a name, an IPv4 or an IPv6 address (bracketed, RFC 3986); a
+    wildcard listen address is shown as its loopback, where this host reaches it."""
+    shown = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}"

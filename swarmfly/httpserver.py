@@ -24,6 +24,7 @@ from typing import BinaryIO, cast
 
 from aiohttp import web
 
+from swarmfly.httpheaders import http_url
 from swarmfly.ratelimit import TokenBucket
 
 CHUNK = 128 * 1024
@@ -247,9 +248,7 @@ async def serve_http(
     http = runner.server
     assert http is not None
     server, _ = await listen(stack, lambda _: http(), host, port, limits)
-    bound = server.sockets[0].getsockname()[1]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    return f"http://{shown}:{bound}"
+    return http_url(host, server.sockets[0].getsockname()[1])
 
 
 def healthz(ok: bool = True, **details: int) -> web.Response:

@@ -27,7 +27,7 @@ from swarmfly.config import Config, NatsConfig, nats_client_options
 from swarmfly.contracts import messages
 from swarmfly.credentials import Identity
 from swarmfly.errors import SwarmflyError
-from swarmfly.httpheaders import Unsatisfiable, byte_range, parse_range
+from swarmfly.httpheaders import Unsatisfiable, byte_range, http_url, parse_range
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
@@ -227,7 +227,7 @@ class Origin:
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
-        self.url = f"http://{host}:{runner.addresses[-1][1]}"
+        self.url = http_url(host, runner.addresses[-1][1])
         try:
             yield self
         finally:

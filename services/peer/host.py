@@ -202,11 +202,14 @@ def route_ip(servers: list[str]) -> str:
         if not parts.hostname:
             continue
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.connect((parts.hostname, parts.port or 4222))
+            family, _, _, _, address = socket.getaddrinfo(
+                parts.hostname, parts.port or 4222, type=socket.SOCK_DGRAM
+            )[0]
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect(address)  # UDP: no packet leaves, the kernel picks the route
                 ip: str = sock.getsockname()[0]
                 return ip
-        except OSError:
+        except (OSError, IndexError):
             continue
     return "127.0.0.1"
 

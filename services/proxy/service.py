@@ -28,6 +28,7 @@ from aiohttp import web
 from swarmfly import __version__
 from swarmfly.aiohttpinternals import ParserErrors, too_large
 from swarmfly.config import ProxyConfig
+from swarmfly.httpheaders import http_url
 from swarmfly.httpserver import Limits, default_limits, healthz, listen
 from swarmfly.metrics import ProxyMetrics
 from swarmfly.services.peer.host import PeerHost
@@ -108,9 +109,7 @@ class ProxyService:
             server, _ = await listen(stack, choose, self.config.listen, 0, self.limits)
         self._server = server
         stack.push_async_callback(self._close, server)
-        port = server.sockets[0].getsockname()[1]
-        shown = "127.0.0.1" if self.config.listen in ("0.0.0.0", "") else self.config.listen
-        self.url = f"http://{shown}:{port}"
+        self.url = http_url(self.config.listen, server.sockets[0].getsockname()[1])
         log.info("proxy on %s for %s", self.url, ", ".join(self.upstreams.bases) or "nothing")
         if self.node.bus is not None:
             await self.node.bus.add_service(

@@ -25,6 +25,7 @@ from typing import Literal
 from swarmfly.content import TaskContent, piece_count
 from swarmfly.errors import SwarmflyError
 from swarmfly.frozen import quick_init
+from swarmfly.httpheaders import http_url
 from swarmfly.placement import rendezvous
 from swarmfly.plugintypes import Candidate, Evaluation, Evaluator
 from swarmfly.services.scheduler.pieceset import PieceSet
@@ -84,8 +85,7 @@ class Host:
 
     @property
     def address(self) -> str:
-        ip = f"[{self.ip}]" if ":" in self.ip and not self.ip.startswith("[") else self.ip
-        return f"http://{ip}:{self.port}"
+        return http_url(self.ip, self.port)
 
 
 @dataclass(slots=True)
