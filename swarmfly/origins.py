@@ -38,8 +38,9 @@ Resolve = Callable[[str, int | None], Awaitable[list[str]]]
 """``resolve(host, port) -> addresses``, as ``getaddrinfo`` answers."""
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "oci": 443, "oci+http": 80}
-UNCHECKED_SCHEMES = frozenset({"s3"})
-"""Schemes whose URL names no host to connect to."""
+UNCHECKED_SCHEMES = frozenset({"s3", "hf"})
+"""Schemes whose URL names no host to connect to (an S3 bucket, a Hugging Face repo): their
+sources check the endpoints they do connect to, and every redirect, themselves."""
 _LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 
 

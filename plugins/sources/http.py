@@ -35,7 +35,7 @@ MAX_REDIRECTS = 10
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
+def origin_of(url: str) -> tuple[str, str, int | None]:
     """(scheme, host, port) with the scheme's default port filled in: ``https://h`` and
     ``https://h:443`` are one origin."""
     try:
@@ -68,7 +68,7 @@ def _with_bearer(headers: Mapping[str, str], token: str) -> dict[str, str]:
     return out
 
 
-class _GuardedResolver(aiohttp.ThreadedResolver):
+class GuardedResolver(aiohttp.ThreadedResolver):
     """aiohttp's resolver that refuses denied addresses: a name may resolve otherwise when
     the connection is made than when its URL was checked (DNS rebinding)."""
 
@@ -108,7 +108,7 @@ class HttpSource:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = (
-                aiohttp.TCPConnector(resolver=_GuardedResolver(self.guard)) if self.guard else None
+                aiohttp.TCPConnector(resolver=GuardedResolver(self.guard)) if self.guard else None
             )
             self._session = aiohttp.ClientSession(
                 timeout=self.timeout,
@@ -127,7 +127,7 @@ class HttpSource:
     ) -> aiohttp.ClientResponse:
         """One request with retries; redirects followed by hand so that only
         ``CROSS_ORIGIN_HEADERS`` reach another origin; a Bearer challenge answered with a token."""
-        _origin(url)  # a URL that cannot be requested is the caller's error, not the origin's
+        origin_of(url)  # a URL that cannot be requested is the caller's error, not the origin's
         attempt = 0
         while True:
             try:
@@ -166,7 +166,7 @@ class HttpSource:
         # challenge from where a redirect led is that origin's answer, not ours to act on.
         challenge = (
             parse_challenge(response.headers.get("WWW-Authenticate", ""))
-            if response.status == 401 and _origin(str(response.url)) == _origin(url)
+            if response.status == 401 and origin_of(str(response.url)) == origin_of(url)
             else None
         )
         if challenge is None:
@@ -181,7 +181,7 @@ class HttpSource:
     async def _follow(
         self, method: str, url: str, headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
-        origin = _origin(url)
+        origin = origin_of(url)
         headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
         for _ in range(MAX_REDIRECTS):
             if self.guard is not None:  # the URL given and every redirect, before connecting
@@ -196,9 +196,9 @@ class HttpSource:
             if not location:
                 raise SwarmflyError("source_error", "redirect without Location")
             url = str(response.url.join(URL(location)))
-            if _origin(url) != origin:  # once dropped, never sent again (curl does the same)
+            if origin_of(url) != origin:  # once dropped, never sent again (curl does the same)
                 headers = {k: v for k, v in headers.items() if k.lower() in CROSS_ORIGIN_HEADERS}
-                origin = _origin(url)
+                origin = origin_of(url)
         raise SwarmflyError("source_error", "too many redirects")
 
     @staticmethod

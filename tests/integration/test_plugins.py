@@ -287,7 +287,7 @@ async def test_disabled_plugins_are_not_loaded(tmp_path: Path, origin: Origin) -
         "get", url, "-O", str(tmp_path / "f"), "--state-dir", str(tmp_path / "s"), env=env
     )
     assert code == 2, "a usage error"
-    assert "no source for scheme 'http'; installed: oci, oci+http, s3" in err
+    assert "no source for scheme 'http'; installed: hf, oci, oci+http, s3" in err
     assert not (tmp_path / "f").exists()
 
 
