@@ -818,11 +818,13 @@ class Scheduler:
 
     def _seed_schedule(self, task: Task, seed: Peer, now: float) -> Schedule:
         """A seed reads the origin; the peers that already hold pieces it lacks are listed,
-        so a seed taking over from a lost one reads only what the swarm does not have."""
+        so a seed taking over from a lost one reads only what the swarm does not have. A
+        live source counts too: a storage that holds the task whole while a new home is
+        asked to seed it (a preheat after the fleet grew) is copied, not the origin read."""
         holders = [
             p
             for p in task.peers.values()
-            if not p.is_source and p.pieces - seed.pieces and self._eligible(task, seed, p, now)
+            if p.id != seed.id and p.pieces - seed.pieces and self._eligible(task, seed, p, now)
         ]
         holders.sort(key=lambda p: len(p.pieces - seed.pieces), reverse=True)
         chosen: list[Peer] = []

@@ -976,6 +976,20 @@ def test_a_seed_taking_over_is_told_who_holds_what_the_swarm_has() -> None:
     assert effects == []
 
 
+def test_a_new_home_asked_to_seed_copies_the_live_storage_that_holds_the_task() -> None:
+    """The fleet grew and a preheat asks the task's new home to seed it: the storage that
+    holds it whole is listed, so the new home copies it instead of reading the origin."""
+    s = fleet()
+    old = rendezvous(T, STORAGES)[0]
+    seed_on(s, old, 0.0, range(4))
+    s.heartbeat(host("storage-new", kind="seed"), uploads=0, now=1.0)
+    schedule, _ = s.register(
+        task_id=T, peer_id="new", host=host("storage-new", kind="seed"), now=1.1, seed=True
+    )
+    assert schedule.action == "back_to_source"
+    assert ids(schedule) == {f"seed-{old}"}
+
+
 def test_dropping_a_partitions_tasks_keeps_the_hosts() -> None:
     s = fleet()
     join(s, "a", "h1", task=T)
