@@ -10,18 +10,18 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 import orjson
 
 from swarmfly import __version__
-from swarmfly.config import MIN_RATE, Config, load, parse_size
+from swarmfly.config import LOG_LEVELS, MIN_RATE, Config, load, parse_size
 from swarmfly.errors import SwarmflyError, in_words
 from swarmfly.ids import DIGEST
 
 if TYPE_CHECKING:
     from swarmfly.get import GetRequest
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 CONNECT_TIMEOUT = 10.0
 """Seconds a one-shot command waits for NATS by default: a service waits for as long as it
 takes, but a command someone waits on gives up and says why."""
@@ -63,6 +63,20 @@ def _seconds(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
     return value
+
+
+def _url(text: str) -> str:
+    """A URL with a scheme: without one there is no source to ask, and the user meant a
+    whole URL (which scheme has a source is the plugins' to say)."""
+    try:
+        scheme = urlsplit(text).scheme
+    except ValueError:  # the source lookup says it cannot be parsed
+        return text
+    if not scheme:
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r} has no scheme: give the whole URL, such as http://host/path/file"
+        )
+    return text
 
 
 def _digest(text: str) -> str:
@@ -149,6 +163,14 @@ def _doctor_flags(parser: argparse.ArgumentParser) -> None:
             help=f"{what} (default {getattr(defaults, name)})",
         )
     parser.add_argument(
+        "--crio-dir",
+        type=Path,
+        default=defaults.crio_dir,
+        metavar="PATH",
+        help=f"CRI-O's own configuration: CRI-O is installed where it exists or crio is on PATH"
+        f" (default {defaults.crio_dir})",
+    )
+    parser.add_argument(
         "--mirror", help="the mirror URL runtimes should use (default: this host's proxy)"
     )
     parser.add_argument("--probe", metavar="URL", help="a small file to pull through the swarm")
@@ -185,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     get = sub.add_parser("get", help="download a URL through the swarm")
     _common(get)
-    get.add_argument("url")
+    get.add_argument("url", type=_url)
     get.add_argument("-O", "--output", required=True, help="output path")
     get.add_argument(
         "-H", "--header", action="append", default=[], help="'Name: value' for the origin"
@@ -221,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     image.add_argument("--auth-file", help="Docker config.json or containers auth.json")
     image.add_argument("--plain-http", action="store_true", help="the registry speaks http")
-    url.add_argument("url")
+    url.add_argument("url", type=_url)
     url.add_argument("--header", action="append", default=[], help="'Name: value' request header")
     url.add_argument("--digest", type=_digest, help="expected sha256:HEX of the content")
 
@@ -297,11 +319,14 @@ def _unreadable(folder: Path) -> SwarmflyError:
 
 
 def use_recorded_cluster(config: Config) -> None:
-    """Where no NATS is configured, the cluster `swarmfly up` recorded in the state dir, with
-    the CLI's own credentials from there; a user who may not read them is told so at once
-    (the server would only refuse an anonymous connection)."""
+    """The cluster `swarmfly up` recorded in the state dir, with the CLI's own credentials
+    from there, where no NATS is configured or the one configured is that cluster's (the URL
+    its banner prints); never where credentials are given. A user who may not read them is
+    told so at once (the server would only refuse an anonymous connection)."""
     n = config.nats
-    if n.servers or n.user or n.token or n.creds or n.nkeys_seed:
+    if n.user or n.token or n.token_file or n.creds or n.nkeys_seed:
+        return
+    if n.servers and not _names_recorded(n.servers, config.state_dir):
         return
     from swarmfly.credentials import Unreadable, client_access
 
@@ -310,8 +335,35 @@ def use_recorded_cluster(config: Config) -> None:
     except Unreadable as exc:
         raise _unreadable(Path(str(exc))) from None
     if access is not None:
-        n.servers, n.nkeys_seed = access.servers, access.nkeys_seed
+        n.servers, n.nkeys_seed = n.servers or access.servers, access.nkeys_seed
         n.inbox_prefix = n.inbox_prefix or access.inbox_prefix
+
+
+def _server(url: str) -> tuple[str, int] | None:
+    """Host and port of a NATS URL, as nats-py reads it (no scheme: nats://, no port: 4222);
+    None for a URL with credentials of its own, or none that parses."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        port = parts.port or 4222
+    except ValueError:
+        return None
+    if parts.username is not None or not parts.hostname:
+        return None
+    host = parts.hostname.lower()
+    return ("127.0.0.1" if host == "localhost" else host), port
+
+
+def _names_recorded(servers: list[str], state_dir: Path) -> bool:
+    """Whether every one of ``servers`` is a server of the cluster recorded in ``state_dir``
+    (none recorded, or a record this user may not read: no)."""
+    from swarmfly.credentials import CLUSTER_FILE
+
+    try:
+        recorded = orjson.loads((state_dir / CLUSTER_FILE).read_bytes())["nats"]
+        ours = {_server(str(url)) for url in recorded} - {None}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(_server(url) in ours for url in servers)
 
 
 def _run(coro: Coroutine[Any, Any, Any], *, fast_loop: bool = False) -> Any:
@@ -565,7 +617,9 @@ def _doctor(args: argparse.Namespace, config: Config) -> int:
     exits with ``EXIT_PROBLEMS``, apart from the errors' statuses."""
     from swarmfly.doctor import EXIT_PROBLEMS, Paths, diagnose
 
-    paths = Paths(args.containerd_config, args.crio_config, args.docker_config, args.k3s_config)
+    paths = Paths(
+        args.containerd_config, args.crio_config, args.docker_config, args.k3s_config, args.crio_dir
+    )
     report = _run(
         diagnose(
             config,
@@ -638,18 +692,10 @@ def _fail(exc: SwarmflyError, *, as_json: bool, result: Mapping[str, Any] | None
 
 
 def _log_level(args: argparse.Namespace, config: Config) -> str:
-    """The flag's, else the configuration's; a get's in-process peer would say at INFO what
-    a service does, so a get is at WARNING unless its flag says otherwise."""
-    if args.command == "get":
-        return str(args.log_level or "WARNING")
-    level = config.log_level.upper()
-    if level not in LOG_LEVELS:
-        raise SwarmflyError(
-            "bad_request",
-            f"log level {config.log_level!r} (SWARMFLY_LOG_LEVEL or log_level in the"
-            f" configuration file) is not one of {', '.join(LOG_LEVELS)}",
-        )
-    return level
+    """The flag's, the variable's or the file's (config checked it, naming where it came
+    from); unset, a get's is WARNING: its in-process peer would say at INFO what a service
+    does."""
+    return config.log_level or ("WARNING" if args.command == "get" else "INFO")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,9 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+"""The URL schemes nats-py connects with; a URL without one is ``nats://``."""
 
 
 def parse_size(value: str | int | float) -> int:
@@ -257,7 +260,9 @@ class Tracing:
 @dataclass
 class Config:
     state_dir: Path = field(default_factory=lambda: Path(platformdirs.user_state_dir("swarmfly")))
-    log_level: str = "INFO"
+    log_level: str | None = None
+    """One of ``LOG_LEVELS``; None: the command's own, INFO for a service, WARNING for a
+    get (whose in-process peer would say at INFO what a service does)."""
     tracing: Tracing | None = None
     """Set when the standard OTEL_* variables ask for an exporter (OTLP); None: off."""
     disable_plugins: list[str] = field(default_factory=list)
@@ -579,9 +584,43 @@ def _apply(
             _apply(current, value, source, key)
         elif value is not None:
             try:
-                setattr(target, key, _coerce(known[key].type, value, key, source.text))
+                coerced = _coerce(known[key].type, value, key, source.text)
+                check = _VALUES.get((section, key))
+                setattr(target, key, coerced if check is None else check(coerced))
             except ValueError as exc:
                 raise ValueError(f"{source.name(section, key)}: {exc}") from None
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(
+            f"expected {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}, got {value!r}"
+        )
+    return level
+
+
+def _nats_servers(urls: list[str]) -> list[str]:
+    """The URLs with their schemes checked: nats-py would take ``foo://bar`` for a host named
+    ``foo`` and retry it until the deadline. The scheme alone is named: a URL may hold a
+    password."""
+    checked = []
+    for url in urls:
+        scheme, sep, rest = url.partition("://")
+        if sep and scheme.lower() not in NATS_SCHEMES:
+            raise ValueError(
+                f"unknown scheme {scheme + sep!r}; a NATS URL starts with"
+                f" {', '.join(s + '://' for s in NATS_SCHEMES[:-1])} or {NATS_SCHEMES[-1]}://"
+            )
+        checked.append(f"{scheme.lower()}://{rest}" if sep else url)
+    return checked
+
+
+_VALUES: dict[tuple[str | None, str], Callable[[Any], Any]] = {
+    (None, "log_level"): _log_level,
+    ("nats", "servers"): _nats_servers,
+}
+"""Settings whose values are checked beyond their type, by section (None: the top level)."""
 
 
 def _plugin_tables(value: Any, source: _Source) -> dict[str, dict[str, Any]]:
@@ -618,12 +657,16 @@ def settings_of(cls: type[T], values: Mapping[str, Any], where: str) -> T:
         raise ValueError(f"{where}: {exc}") from None
 
 
-def _guess(word: str, choices: Iterable[str], cutoff: float = 0.65) -> str:
-    """A close setting, as a hint: of the three closest, one of as many words first."""
-    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=cutoff)
+def _guess(word: str, choices: Iterable[str], cutoff: float = 0.65, prefix: str = "") -> str:
+    """A close setting, as a hint: of the three closest, one of as many words first.
+    ``prefix``, common to the word and every choice, is left out of the comparison: beside
+    ``SWARMFLY_`` any two names look alike."""
+    word = word.removeprefix(prefix)
+    bare = [c.removeprefix(prefix) for c in choices]
+    close = difflib.get_close_matches(word, bare, n=3, cutoff=cutoff)
     words = word.count("_")
     close.sort(key=lambda name: name.count("_") != words)  # stable: closeness otherwise
-    return f" (did you mean {close[0]}?)" if close else ""
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def _check_together(config: Config) -> None:
@@ -652,7 +695,8 @@ def _from_env(env: Mapping[str, str], warn: Callable[[str], None]) -> dict[str, 
         if not name.startswith("SWARMFLY_") or name in OTHER_VARIABLES:
             continue
         if name not in names:
-            warn(f"{name} is not a swarmfly setting{_guess(name, names, 0.8)}: ignored")
+            hint = _guess(name, names, 0.75, prefix="SWARMFLY_")
+            warn(f"{name} is not a swarmfly setting{hint}: ignored")
             continue
         key = name.removeprefix("SWARMFLY_").lower()
         section, _, rest = key.partition("_")

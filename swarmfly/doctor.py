@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import time
 import tomllib
 from collections.abc import Mapping
@@ -47,6 +48,9 @@ class Paths:
     crio: Path = Path("/etc/containers/registries.conf")
     docker: Path = Path("/etc/docker/daemon.json")
     k3s: Path = Path("/etc/rancher/k3s/registries.yaml")
+    crio_dir: Path = Path("/etc/crio")
+    """CRI-O's own configuration (crio.conf, crio.conf.d): registries.conf alone is no sign
+    of CRI-O, since podman, skopeo and buildah read it too."""
 
 
 @dataclass(frozen=True)
@@ -124,9 +128,25 @@ def check_containerd(path: Path, mirror: str) -> Check:
     )
 
 
-def check_crio(path: Path, mirror: str) -> Check:
+def crio_installed(crio_dir: Path, env: Mapping[str, str]) -> bool:
+    """CRI-O's configuration directory, or its binary on ``PATH``."""
+    return crio_dir.is_dir() or shutil.which("crio", path=env.get("PATH", "")) is not None
+
+
+def check_crio(
+    path: Path, mirror: str, installed: bool = True, crio_dir: Path = Paths.crio_dir
+) -> Check:
+    """``installed``: CRI-O is here (``crio_installed`` looked at ``crio_dir``); else
+    registries.conf is another tool's, and no runtime of this host reads it."""
     if not path.is_file():
         return Check("cri-o", "skip", f"{path} absent")
+    if not installed:
+        return Check(
+            "cri-o",
+            "skip",
+            f"CRI-O is not installed (no {crio_dir}, no crio on PATH): {path} is for podman,"
+            " skopeo or buildah",
+        )
     try:
         document = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -209,7 +229,7 @@ def check_proxy_env(env: Mapping[str, str], mirror: str) -> Check:
 def runtime_checks(paths: Paths, mirror: str, env: Mapping[str, str]) -> list[Check]:
     checks = [
         check_containerd(paths.containerd, mirror),
-        check_crio(paths.crio, mirror),
+        check_crio(paths.crio, mirror, crio_installed(paths.crio_dir, env), paths.crio_dir),
         check_docker(paths.docker, mirror),
         check_k3s(paths.k3s, mirror),
     ]

@@ -24,7 +24,6 @@ from swarmfly.testing import Origin, shipped_nats
 FAST_ENV = {
     "SWARMFLY_SCHEDULER_HEARTBEAT_INTERVAL": "0.5",
     "SWARMFLY_SCHEDULER_HOST_TTL": "3",
-    "SWARMFLY_LOG_LEVEL": "INFO",
     "SWARMFLY_PEER_OUTPUT_ROOTS": tempfile.gettempdir(),
 }
 """Short heartbeats so that lost hosts are noticed within a test's patience."""

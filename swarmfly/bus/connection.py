@@ -179,8 +179,16 @@ def _refusal(exc: Exception, servers: list[str], options: dict[str, Any]) -> Swa
             )
             if options.get(key)
         ),
-        "the URL's credentials" if any("@" in s for s in servers) else "no credentials",
+        "the URL's credentials" if any("@" in s for s in servers) else None,
     )
+    if method is None:  # most often the NATS of `swarmfly up`, which admits its own only
+        return SwarmflyError(
+            "unavailable",
+            f"NATS ({where}) requires credentials and none were given ({exc}): `swarmfly up`"
+            " keeps its cluster's under <state dir>/credentials, and get, status, preheat and"
+            " doctor use them when run with the same --state-dir; otherwise set [nats] creds,"
+            " nkeys_seed, token_file or user",
+        )
     return SwarmflyError(
         "unavailable", f"NATS ({where}) refused {method}: {exc}; check the [nats] settings"
     )

@@ -9,6 +9,9 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +55,9 @@ async def test_get_verifies_the_whole_file_digest(origin: Origin, tmp_path: Path
     out = tmp_path / "f.bin"
     wrong = "sha256:" + "0" * 64
     code, stdout, stderr = await swarmfly(
-        "get", url, "-O", str(out), "--digest", wrong, "--state-dir", str(tmp_path / "s")
-    )
+        "get", url, "-O", str(out), "--digest", wrong, "--state-dir", str(tmp_path / "s"),
+        "--log-level", "WARNING",
+    )  # fmt: skip
     assert code == 4, "a digest mismatch"
     assert stdout == ""
     assert stderr.strip().count("\n") == 0, "one line"
@@ -97,6 +101,21 @@ async def test_get_unknown_scheme_names_the_known_ones(tmp_path: Path) -> None:
     )
     assert code == 2, "a usage error"
     assert "gopher" in stderr and "http" in stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "prog"),
+    [(["get", "not-a-url", "-O", "q"], "get"), (["preheat", "url", "not-a-url"], "preheat url")],
+)
+async def test_a_url_without_a_scheme_is_refused_with_an_example(
+    tmp_path: Path, command: list[str], prog: str
+) -> None:
+    code, out, err = await swarmfly(*command, "--state-dir", str(tmp_path))
+    assert (code, out) == (2, "")
+    assert err == (
+        "swarmfly: argument url: 'not-a-url' has no scheme: give the whole URL, such as"
+        f" http://host/path/file (see swarmfly {prog} --help)\n"
+    )
 
 
 async def test_headers_reach_the_origin_and_are_never_stored(
@@ -178,27 +197,71 @@ def _quickstart_banner() -> list[str]:
     return _banner_shape(["swarmfly is up", *block.split("\n")], DOC_STATE)
 
 
-async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> None:
-    state = tmp_path / "state"
+@dataclass
+class Up:
+    """A running `swarmfly up`: its banner after the first line, and its stderr so far."""
+
+    lines: list[str]
+    log: list[str]
+    """Every line of stderr, read as it comes: a full pipe would block the process."""
+
+    @property
+    def nats_url(self) -> str:
+        return self.lines[0].split()[1]
+
+
+@asynccontextmanager
+async def swarmfly_up(state: Path, *args: str) -> AsyncIterator[Up]:
+    """`swarmfly up --state-dir STATE ARGS` until its banner is printed; stopped with Ctrl-C
+    (SIGINT) after, which must end it cleanly."""
     up = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "swarmfly", "up", "--state-dir", str(state),
+        sys.executable, "-m", "swarmfly", "up", "--state-dir", str(state), *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **FAST_ENV},
     )  # fmt: skip
     assert up.stdout is not None and up.stderr is not None
+    log: list[str] = []
+
+    async def read_log(stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            log.append(line.decode(errors="replace").rstrip("\n"))
+
+    reading = asyncio.create_task(read_log(up.stderr))
     try:
         banner = (await asyncio.wait_for(up.stdout.readline(), 30)).decode()
-        assert banner.strip() == "swarmfly is up"
+        assert banner.strip() == "swarmfly is up", log
         lines: list[str] = []
         while not lines or lines[-1] != "stop with Ctrl-C":
             line = await asyncio.wait_for(up.stdout.readline(), 10)
             assert line, f"the banner ended early: {lines}"
             lines.append(line.decode().rstrip("\n"))
+        yield Up(lines, log)
+    finally:
+        if up.returncode is None:
+            up.send_signal(signal.SIGINT)
+        await asyncio.wait_for(asyncio.gather(reading, up.wait()), 20)
+    assert up.returncode == 0, "\n".join(log)
+
+
+ALARMING = re.compile(r" (WARNING|ERROR|CRITICAL) |^Traceback ")
+"""A log line of a level someone should look at (the format is time, level, logger)."""
+
+
+async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    # Any free proxy port: with 65001 taken (another peer on this machine) the proxy warns
+    # that the runtimes' mirror address is not its own.
+    async with swarmfly_up(state, "--proxy-port", "0") as up:
+        lines = up.lines
         assert _banner_shape(["swarmfly is up", *lines], str(state)) == _quickstart_banner()
-        nats_url = lines[0].split()[1]
+        nats_url = up.nats_url
         assert nats_url.startswith("nats://127.0.0.1:")
         assert "metrics" in lines[1]
+        # A healthy start says nothing alarming, for a few heartbeats after the banner too.
+        await asyncio.sleep(2)
+        assert [line for line in up.log if ALARMING.search(line)] == [], "\n".join(up.log)
+        assert up.log, "nothing was logged at INFO: the check above would prove nothing"
         # The proxy, on loopback only, and the containerd snippet for its own address.
         proxy_url = next(line.split()[1] for line in lines if line.startswith("  proxy "))
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", proxy_url), lines
@@ -251,11 +314,31 @@ async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> Non
         assert code == 0, stderr
         assert orjson.loads(stdout)["via"] == "peer"
         assert (tmp_path / "up.bin").read_bytes() == data
-    finally:
-        up.send_signal(signal.SIGINT)
-        _, errors = await asyncio.wait_for(up.communicate(), 20)
-    assert up.returncode == 0, errors.decode()
     assert not (state / "cluster.json").exists()
+
+
+async def test_the_nats_url_up_prints_works_with_its_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    async with swarmfly_up(state) as up:
+        port = up.nats_url.rsplit(":", 1)[1]
+        for given in (up.nats_url, f"127.0.0.1:{port}", f"nats://localhost:{port}"):
+            code, out, err = await swarmfly("status", "--nats", given, "--state-dir", str(state))
+            assert (code, err) == (0, ""), given
+            assert "SERVICES" in out and "scheduler" in out
+
+        # Elsewhere the server admits no one without credentials, and says where they are.
+        refusal = (
+            f"swarmfly: NATS ({up.nats_url}) requires credentials and none were given"
+            " (nats: 'Authorization Violation'): `swarmfly up` keeps its cluster's under"
+            " <state dir>/credentials, and get, status, preheat and doctor use them when run"
+            " with the same --state-dir; otherwise set [nats] creds, nkeys_seed, token_file or"
+            " user\n"
+        )
+        other = ("--nats", up.nats_url, "--state-dir", str(tmp_path / "other"))
+        code, out, err = await swarmfly("status", *other)
+        assert (code, out, err) == (6, "", refusal)
+        code, out, err = await swarmfly("peer", *other)  # the quickstart's old extra peer
+        assert (code, out) == (6, "") and err.endswith(refusal), err
 
 
 def local_ask(path: Path, body: bytes) -> list[dict[str, Any]]:

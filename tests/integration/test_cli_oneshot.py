@@ -16,11 +16,13 @@ import orjson
 import pytest
 
 from swarmfly.natsserver import NatsServer
-from swarmfly.testing import Origin, in_process_cluster
+from swarmfly.testing import Origin, in_process_cluster, swarmfly_get
 from tests.conftest import swarmfly
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1024 * 1024
+AT_WARNING = {"SWARMFLY_LOG_LEVEL": "WARNING"}
+"""A get's own level (FAST_ENV sets the services' INFO, which a get now takes too)."""
 
 
 def closed_port() -> int:
@@ -66,7 +68,7 @@ async def test_get_reads_the_origin_when_nats_is_unreachable_saying_so_once(
     nats_url = f"nats://127.0.0.1:{closed_port()}"
     code, out, err = await swarmfly(
         "get", url, "-O", str(tmp_path / "f.bin"), "--nats", nats_url, "--connect-timeout", "1",
-        "--state-dir", str(tmp_path / "s"),
+        "--state-dir", str(tmp_path / "s"), env=AT_WARNING,
     )  # fmt: skip
     assert (code, out) == (0, "")
     assert err.count("\n") == 1, "one warning, not one per attempt"
@@ -79,7 +81,9 @@ async def test_get_errors_name_their_object_with_distinct_exit_statuses(
 ) -> None:
     state = ("--state-dir", str(tmp_path / "s"))
     missing = f"{origin.url}/missing.bin"
-    code, out, err = await swarmfly("get", missing, "-O", str(tmp_path / "m"), "--json", *state)
+    code, out, err = await swarmfly(
+        "get", missing, "-O", str(tmp_path / "m"), "--json", *state, env=AT_WARNING
+    )
     assert code == 3
     assert one_line(err) == f"swarmfly: {missing}: origin answered 404 Not Found"
     answer: dict[str, Any] = orjson.loads(out)
@@ -91,7 +95,7 @@ async def test_get_errors_name_their_object_with_distinct_exit_statuses(
     (tmp_path / "file").write_bytes(b"")
     blocked = tmp_path / "file" / "out.bin"
     served = origin.bytes_served
-    code, _, err = await swarmfly("get", url, "-O", str(blocked), *state)
+    code, _, err = await swarmfly("get", url, "-O", str(blocked), *state, env=AT_WARNING)
     assert code == 2
     assert one_line(err) == f"swarmfly: cannot write {blocked}: {blocked.parent} is not a directory"
     assert origin.bytes_served == served
@@ -125,6 +129,29 @@ async def test_log_level_is_checked_and_does_what_it_says(origin: Origin, tmp_pa
     code, _, err = await swarmfly(*get, "--log-level", "debug")
     assert code == 0, err
     assert " DEBUG " in err, "the flag was taken"
+
+
+async def test_a_get_takes_the_log_level_of_the_variable_and_the_file_too(
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = origin.add("f.bin", os.urandom(MiB))
+    state = tmp_path / "s"
+    get = ("get", url, "-O", str(tmp_path / "f.bin"), "--state-dir", str(state))
+    code, _, err = await swarmfly(*get, env={"SWARMFLY_LOG_LEVEL": "debug"})
+    assert code == 0, err
+    assert " DEBUG " in err, "the variable was taken"
+    code, _, err = await swarmfly(*get, "--log-level", "ERROR", env={"SWARMFLY_LOG_LEVEL": "debug"})
+    assert (code, err) == (0, ""), "the flag wins"
+    state.mkdir(exist_ok=True)
+    (state / "swarmfly.toml").write_text('log_level = "DEBUG"\n')
+    monkeypatch.delenv("SWARMFLY_LOG_LEVEL", raising=False)
+    done = await asyncio.to_thread(swarmfly_get, url, tmp_path / "g.bin", state)
+    assert done.returncode == 0, done.stderr
+    assert " DEBUG " in done.stderr, "the file was taken"
+    # Set nowhere, a get is at WARNING: its in-process peer says nothing of itself.
+    (state / "swarmfly.toml").unlink()
+    done = await asyncio.to_thread(swarmfly_get, url, tmp_path / "h.bin", state)
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 async def test_healthy_preheat_and_status_say_nothing_alarming(
@@ -171,12 +198,13 @@ def read_all(fd: int) -> bytes:
 
 
 async def on_a_terminal(*args: str) -> tuple[int, str, str]:
-    """The command with its stderr on a pty, as someone at a terminal runs it."""
+    """The command with its stderr on a pty, as someone at a terminal runs it (a get at its
+    own level)."""
     leader, follower = os.openpty()
     try:
         reading = asyncio.create_task(asyncio.to_thread(read_all, leader))
         try:
-            code, out, _ = await swarmfly(*args, stderr=follower)
+            code, out, _ = await swarmfly(*args, stderr=follower, env=AT_WARNING)
         finally:
             os.close(follower)
         terminal = (await asyncio.wait_for(reading, 10)).decode()

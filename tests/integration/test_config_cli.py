@@ -67,7 +67,7 @@ async def test_a_misspelt_section_is_warned_about_once_and_the_get_goes_on(
     url = origin.add("f.bin", data)
     code, out, err = await swarmfly(
         "get", url, "-O", str(tmp_path / "f.bin"), "--state-dir", str(tmp_path / "s"),
-        env={"SWARMFLY_PEERS_CONCURRENCY": "4"},
+        env={"SWARMFLY_PEERS_CONCURRENCY": "4", "SWARMFLY_LOG_LEVEL": "WARNING"},
     )  # fmt: skip
     assert (code, out) == (0, "")
     assert err.count("\n") == 1, err
@@ -76,3 +76,61 @@ async def test_a_misspelt_section_is_warned_about_once_and_the_get_goes_on(
         " (did you mean SWARMFLY_PEER_CONCURRENCY?): ignored"
     )
     assert (tmp_path / "f.bin").read_bytes() == data
+
+
+async def test_a_variable_like_no_setting_is_offered_none(tmp_path: Path) -> None:
+    """Beside ``SWARMFLY_`` every name looks like every other: a guess must be close in
+    what follows it, or it sends the user to a setting they never meant."""
+    code, _, err = await swarmfly(
+        "plugins", "--state-dir", str(tmp_path), env={"SWARMFLY_PEERS_X": "1"}
+    )
+    assert code == 0, err
+    assert err.rstrip().endswith(
+        "WARNING swarmfly.config: SWARMFLY_PEERS_X is not a swarmfly setting: ignored"
+    )
+    assert err.count("\n") == 1, err
+
+
+async def test_a_nats_url_of_another_scheme_is_a_usage_error(tmp_path: Path) -> None:
+    started = time.monotonic()
+    code, out, err = await swarmfly("status", "--nats", "foo://bar", "--state-dir", str(tmp_path))
+    assert time.monotonic() - started < 10, "refused, not tried until the deadline"
+    assert (code, out) == (2, "")
+    assert err == (
+        "swarmfly: --nats: unknown scheme 'foo://'; a NATS URL starts with nats://, tls://,"
+        " ws:// or wss://\n"
+    )
+    code, _, err = await swarmfly(
+        "status", "--state-dir", str(tmp_path), env={"SWARMFLY_NATS_SERVERS": "http://a:4222"}
+    )
+    assert code == 2
+    assert err.startswith("swarmfly: SWARMFLY_NATS_SERVERS: unknown scheme 'http://'; ")
+
+
+LEVELS = "expected DEBUG, INFO, WARNING, ERROR or CRITICAL"
+COMMANDS = {
+    "get": ["get", "http://127.0.0.1:9/f", "-O", "out"],
+    "preheat": ["preheat", "url", "http://127.0.0.1:9/f"],
+    "status": ["status"],
+    "doctor": ["doctor"],
+    "plugins": ["plugins"],
+    "peer": ["peer"],
+    "up": ["up"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
+async def test_every_command_refuses_a_log_level_naming_where_it_was_given(
+    tmp_path: Path, command: list[str]
+) -> None:
+    state = ("--state-dir", str(tmp_path))
+    code, out, err = await swarmfly(*command, *state, env={"SWARMFLY_LOG_LEVEL": "LOUD"})
+    assert (code, out) == (2, "")
+    assert err == f"swarmfly: SWARMFLY_LOG_LEVEL: {LEVELS}, got 'LOUD'\n"
+    config = tmp_path / "cfg" / "a.toml"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text('log_level = "loud"\n')
+    code, out, err = await swarmfly(*command, *state, env={"SWARMFLY_CONFIG": str(config)})
+    assert (code, out) == (2, "")
+    assert err == f"swarmfly: {config}: log_level: {LEVELS}, got 'loud'\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cluster.json").exists()

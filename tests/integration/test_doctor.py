@@ -24,14 +24,15 @@ MiB = 1024 * 1024
 PROXY_VARIABLES = {"HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"}
 
 
-async def doctor(*args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+async def doctor(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``swarmfly doctor ARGS`` without proxy variables; ``env`` on top."""
+    base = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "swarmfly", "doctor", *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**env, **FAST_ENV},
+        env={**base, **FAST_ENV, **(env or {})},
     )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), 90)
     assert process.returncode is not None
@@ -120,6 +121,42 @@ async def test_a_healthy_host(
     assert any(
         line.startswith("ok    probe") and "all from this host's cache" in line for line in lines
     ), out
+
+
+async def test_a_registries_conf_without_cri_o_is_no_runtime(
+    services: list[ServiceProcess], nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """skopeo's and podman's package installs /etc/containers/registries.conf: on a host
+    without CRI-O that file is no runtime's, and the host is not failed for it."""
+    etc, bin_dir = tmp_path / "etc", tmp_path / "bin"
+    (etc / "containers").mkdir(parents=True)
+    bin_dir.mkdir()
+    conf = etc / "containers" / "registries.conf"
+    conf.write_text('unqualified-search-registries = ["docker.io"]\n')
+    flags = [
+        "--containerd-config", str(etc / "absent" / "config.toml"),
+        "--crio-config", str(conf), "--crio-dir", str(etc / "crio"),
+        "--docker-config", str(etc / "absent" / "daemon.json"),
+        "--k3s-config", str(etc / "absent" / "registries.yaml"),
+        "--nats", nats.url, "--prefix", prefix, "--state-dir", str(tmp_path / "peer"),
+    ]  # fmt: skip
+    path = {"PATH": str(bin_dir)}
+    code, out, err = await doctor(*flags, env=path)
+    assert (code, err) == (0, ""), out
+    lines = out.splitlines()
+    assert (
+        f"skip  cri-o       CRI-O is not installed (no {etc / 'crio'}, no crio on PATH): {conf}"
+        " is for podman, skopeo or buildah"
+    ) in lines
+    assert "skip  runtimes    no container runtime configuration here (files only)" in lines
+    assert lines[-1] == "verdict: healthy (4 checks ok)"
+
+    crio = bin_dir / "crio"  # with CRI-O here the file is its own, and lacks the mirror
+    crio.write_text("#!/bin/sh\n")
+    crio.chmod(0o755)
+    code, out, _ = await doctor(*flags, env=path)
+    assert code == EXIT_PROBLEMS
+    assert "fail  runtimes    no runtime here pulls through the mirror (cri-o)" in out.splitlines()
 
 
 async def test_a_containerd_without_config_path_is_a_problem(

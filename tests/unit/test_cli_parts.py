@@ -11,7 +11,8 @@ from typing import get_args
 import orjson
 import pytest
 
-from swarmfly.cli import build_parser, main, progress_line
+from swarmfly.cli import build_parser, main, progress_line, use_recorded_cluster
+from swarmfly.config import Config, NatsConfig
 from swarmfly.errors import EXIT_STATUS, ErrorCode, SwarmflyError, in_words
 from tests.conftest import modules_loaded
 
@@ -31,6 +32,8 @@ HEX = "0123456789abcdef" * 4
         (["preheat", "url", "http://x/f", "--digest", "md5:00"], "sha256:<64 hex digits>"),
         (["get", "http://x/f"], "-O/--output"),
         (["get", "http://x/f", "-O", "f", "--download-rate", "100"], "at least 128KiB"),
+        (["get", "x/f", "-O", "f"], "'x/f' has no scheme: give the whole URL, such as http://"),
+        (["preheat", "url", "f"], "'f' has no scheme"),
     ],
 )
 def test_a_flag_that_cannot_work_is_a_usage_error_in_one_line(
@@ -66,7 +69,7 @@ def test_an_upper_case_digest_is_the_same_digest() -> None:
 
 
 def test_one_shot_commands_have_a_connect_deadline() -> None:
-    for argv in (["get", "u", "-O", "o"], ["preheat", "url", "u"], ["status"]):
+    for argv in (["get", "http://u", "-O", "o"], ["preheat", "url", "http://u"], ["status"]):
         assert build_parser().parse_args(argv).connect_timeout == 10.0
     args = build_parser().parse_args(["preheat", "image", "r/x:y", "--connect-timeout", "2.5"])
     assert args.connect_timeout == 2.5
@@ -126,3 +129,32 @@ def test_a_service_process_loads_only_the_services_it_runs() -> None:
               "swarmfly.services.scheduler.service", "swarmfly.services.proxy.service",
               "swarmfly.services.storage.service", "swarmfly.services.peer.service")  # fmt: skip
     assert modules_loaded("from swarmfly import launch", others) == []
+
+
+@pytest.mark.parametrize(
+    ("nats", "recorded"),
+    [
+        (NatsConfig(), True),
+        (NatsConfig(servers=["nats://127.0.0.1:4567"]), True),
+        (NatsConfig(servers=["127.0.0.1:4567"]), True),
+        (NatsConfig(servers=["NATS://LOCALHOST:4567/"]), True),
+        (NatsConfig(servers=["nats://127.0.0.1:4568"]), False),
+        (NatsConfig(servers=["nats://127.0.0.1:4567", "nats://other:4567"]), False),
+        (NatsConfig(servers=["nats://u:p@127.0.0.1:4567"]), False),
+        (NatsConfig(servers=["nats://127.0.0.1:4567"], token_file="/run/token"), False),
+        (NatsConfig(user="someone"), False),
+    ],
+)
+def test_the_cluster_up_recorded_is_used_where_its_servers_are_named(
+    tmp_path: Path, nats: NatsConfig, recorded: bool
+) -> None:
+    """Its credentials go with its servers, given or not, and never over credentials given."""
+    seed = tmp_path / "credentials" / "client.nk"
+    seed.parent.mkdir()
+    seed.write_text("SU…\n")
+    record = {"nats": ["nats://127.0.0.1:4567"], "client": {"nkeys_seed": str(seed)}}
+    (tmp_path / "cluster.json").write_bytes(orjson.dumps(record))
+    config = Config(state_dir=tmp_path, nats=nats)
+    use_recorded_cluster(config)
+    assert (config.nats.nkeys_seed == str(seed)) is recorded
+    assert config.nats.servers == (nats.servers or (record["nats"] if recorded else []))

@@ -54,7 +54,7 @@ idc = "dc-file"
 def test_defaults_without_any_file(tmp_path: Path) -> None:
     config = load(env={"SWARMFLY_STATE_DIR": str(tmp_path)})
     assert config.state_dir == tmp_path
-    assert config.log_level == "INFO"
+    assert config.log_level is None, "each command's own: INFO, a get's WARNING"
     assert config.nats == NatsConfig()
     assert config.scheduler == SchedulerConfig()
     assert config.peer == PeerConfig()
@@ -185,13 +185,18 @@ def test_unknown_variables_are_warned_about_one_line_each(tmp_path: Path) -> Non
         "SWARMFLY_COLOUR": "blue",
         "SWARMFLY_TRACING": "true",
         "SWARMFLY_REQUIRE_E2E": "1",
+        "SWARMFLY_PEERS_X": "1",
+        "SWARMFLY_LOGLEVEL": "DEBUG",
     }
     warnings: list[str] = []
     config = load(env=env, warn=warnings.append)
     assert warnings == [
         "SWARMFLY_COLOUR is not a swarmfly setting: ignored",
+        "SWARMFLY_LOGLEVEL is not a swarmfly setting (did you mean SWARMFLY_LOG_LEVEL?): ignored",
         "SWARMFLY_PEERS_CONCURRENCY is not a swarmfly setting"
         " (did you mean SWARMFLY_PEER_CONCURRENCY?): ignored",
+        # Beside the common SWARMFLY_, PEERS_X is like no setting (SWARMFLY_PEER_IDC was said)
+        "SWARMFLY_PEERS_X is not a swarmfly setting: ignored",
         "SWARMFLY_PEER_UPLOAD_SPEED is not a swarmfly setting"
         " (did you mean SWARMFLY_PEER_UPLOAD_RATE?): ignored",
         "SWARMFLY_TRACING is not a swarmfly setting: ignored",

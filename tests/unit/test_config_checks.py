@@ -51,6 +51,15 @@ def from_file(tmp_path: Path, text: str) -> Config:
         ("state_dir = 1\n", r"swarmfly\.toml: state_dir: expected a path, got 1"),
         ("tracing = true\n", r"swarmfly\.toml: tracing: not a setting; the standard OTEL_\*"),
         ("[peer]\nconcurency = 4\n", r"concurency: unknown setting \(did you mean concurrency\?\)"),
+        (
+            'log_level = "loud"\n',
+            r"swarmfly\.toml: log_level: expected DEBUG, INFO, WARNING, ERROR",
+        ),
+        ("log_level = 10\n", r"swarmfly\.toml: log_level: expected a string, got 10"),
+        (
+            '[nats]\nservers = ["nats://a:4222", "foo://b"]\n',
+            r"\[nats\] servers: unknown scheme 'foo://'; a NATS URL starts with nats://, tls://",
+        ),
         ("[peer]\ncache_low = 0.95\n", r"\[peer\] cache_low \(0\.95\) is above cache_high"),
     ],
 )
@@ -72,6 +81,16 @@ def test_a_wrong_value_in_the_file_names_the_file_and_the_key(
         ("SWARMFLY_SCHEDULER_HOST_TTL", "soon", "expected a number, got 'soon'"),
         ("SWARMFLY_PEER_DOWNLOAD_RATE", "fast", "not a size: 'fast'"),
         ("SWARMFLY_PROXY_ENABLED", "2", "expected true or false, got '2'"),
+        (
+            "SWARMFLY_LOG_LEVEL",
+            "LOUD",
+            "expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'LOUD'",
+        ),
+        (
+            "SWARMFLY_NATS_SERVERS",
+            "nats://a:4222,https://user:s3cret@b",
+            "unknown scheme 'https://'; a NATS URL starts with nats://, tls://, ws:// or wss://",
+        ),
     ],
 )
 def test_a_wrong_value_in_the_environment_names_the_variable(
@@ -87,6 +106,8 @@ def test_a_wrong_value_in_the_environment_names_the_variable(
         ({"peer": {"upload_port": 70000}}, "--upload-port: must be a port from 0 to 65535"),
         ({"proxy": {"port": -1}}, "--proxy-port: must be a port from 0 to 65535, got -1"),
         ({"nats": {"servers": "nats://x"}}, None),
+        ({"nats": {"servers": ["foo://bar"]}}, "--nats: unknown scheme 'foo://'"),
+        ({"log_level": "loud"}, "--log-level: expected DEBUG, INFO"),
     ],
 )
 def test_a_wrong_value_in_a_flag_names_the_flag(
@@ -150,3 +171,12 @@ def test_every_setting_is_documented_and_nothing_else() -> None:
         expected[name] = {f.name for f in dataclasses.fields(getattr(config, name))}
     assert documented() == expected
     assert "[plugins.<name>]" in DOCS.read_text(), "plugin settings are documented"
+
+
+def test_log_levels_and_nats_urls_are_taken_as_nats_py_and_logging_read_them(
+    tmp_path: Path,
+) -> None:
+    env = {"SWARMFLY_LOG_LEVEL": "debug", "SWARMFLY_NATS_SERVERS": "TLS://a:4222,b:4222,ws://c"}
+    config = load({"state_dir": tmp_path}, env=env)
+    assert config.log_level == "DEBUG"
+    assert config.nats.servers == ["tls://a:4222", "b:4222", "ws://c"]

@@ -15,6 +15,7 @@ from swarmfly.doctor import (
     check_docker,
     check_k3s,
     check_proxy_env,
+    crio_installed,
     host_port,
     runtime_checks,
 )
@@ -73,6 +74,41 @@ def test_crio_registries_conf(tmp_path: Path) -> None:
     assert check_crio(path, MIRROR).message.endswith("the mirror serves docker.io")
     path.write_text('unqualified-search-registries = ["docker.io"]\n')
     assert check_crio(path, MIRROR).status == "warn"
+
+
+SKOPEO_CONF = 'unqualified-search-registries = ["registry.fedoraproject.org", "docker.io"]\n'
+"""The registries.conf Debian's containers-common installs with skopeo or podman."""
+
+
+def test_registries_conf_is_cri_o_only_where_cri_o_is(tmp_path: Path) -> None:
+    conf = tmp_path / "registries.conf"
+    conf.write_text(SKOPEO_CONF)
+    crio_dir, bin_dir = tmp_path / "crio", tmp_path / "bin"
+    bin_dir.mkdir()
+    absent = tmp_path / "absent"
+    paths = Paths(absent / "c.toml", conf, absent / "d.json", absent / "r.yaml", crio_dir)
+    path = {"PATH": str(bin_dir)}
+    assert not crio_installed(crio_dir, path)
+    checks = {c.name: c for c in runtime_checks(paths, MIRROR, path)}
+    assert (checks["cri-o"].status, checks["cri-o"].message) == (
+        "skip",
+        f"CRI-O is not installed (no {crio_dir}, no crio on PATH): {conf} is for podman,"
+        " skopeo or buildah",
+    )
+    assert checks["runtimes"].status == "skip", "no runtime here, so none to fail"
+
+    crio = bin_dir / "crio"  # CRI-O's binary, and nothing else of it
+    crio.write_text("#!/bin/sh\n")
+    crio.chmod(0o755)
+    assert crio_installed(crio_dir, path)
+    checks = {c.name: c for c in runtime_checks(paths, MIRROR, path)}
+    assert checks["cri-o"].status == "warn"
+    assert checks["runtimes"].message == "no runtime here pulls through the mirror (cri-o)"
+
+    crio.unlink()
+    (crio_dir / "crio.conf.d").mkdir(parents=True)  # its configuration, and no binary on PATH
+    assert crio_installed(crio_dir, path)
+    assert check_crio(conf, MIRROR, crio_installed(crio_dir, {})).status == "warn"
 
 
 def test_docker_daemon_json_and_its_proxy(tmp_path: Path) -> None:
