@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -138,6 +139,8 @@ class Origin:
     requests: int = 0
     probes: int = 0
     """One-byte ranged GETs (``bytes=0-0``): the access check every download makes."""
+    content_served: Counter[str] = field(default_factory=Counter)
+    """Bytes served of each file, probes left out: what a test bounds per file."""
     url: str = ""
     _bucket: TokenBucket | None = None
     _etags: dict[str, tuple[bytes, str]] = field(default_factory=dict)
@@ -160,6 +163,7 @@ class Origin:
         if self.fail_status is not None:
             return web.Response(status=self.fail_status, text="broken on purpose")
         start, end, status = 0, len(data), 200
+        probe = False
         etag = self._etag(name, data)
         headers = {"Content-Type": "application/octet-stream"}
         if self.etags:
@@ -170,7 +174,8 @@ class Origin:
         if self.ranges:
             headers["Accept-Ranges"] = "bytes"
             header = request.headers.get("Range")
-            if parse_range(header) == (0, 0):
+            probe = parse_range(header) == (0, 0)
+            if probe:
                 self.probes += 1
             try:
                 span = byte_range(header, len(data))
@@ -195,6 +200,8 @@ class Origin:
                 await bucket.take(len(chunk))
             await response.write(chunk)
             self.bytes_served += len(chunk)
+            if not probe:
+                self.content_served[name] += len(chunk)
             offset += len(chunk)
             if self.truncate_after is not None and offset - start >= self.truncate_after:
                 if request.transport is not None:
