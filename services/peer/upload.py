@@ -279,10 +279,15 @@ class UploadServer:
         assert task.content is not None
         have = _have(request.query.get("have"), task.content.piece_count)
         number = start // task.content.piece_length
+        whole = {"Content-Range": f"bytes */{task.content.content_length}"}  # RFC 9110 15.5.17
         if last // task.content.piece_length != number:  # what children ask: one piece
-            raise web.HTTPRequestRangeNotSatisfiable(text="a range must lie within one piece")
+            raise web.HTTPRequestRangeNotSatisfiable(
+                text="a range must lie within one piece", headers=whole
+            )
         if not task.covers(start, last + 1):
-            raise web.HTTPRequestRangeNotSatisfiable(text="range not within verified pieces")
+            raise web.HTTPRequestRangeNotSatisfiable(
+                text="range not within verified pieces", headers=whole
+            )
         grant: capability.Grant | None = request[CHILD]
         child = grant.peer_id if grant is not None else None
         share = self.admission.share(child, have, task.content.piece_count)

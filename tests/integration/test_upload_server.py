@@ -236,10 +236,11 @@ async def test_a_range_outside_verified_pieces_is_416(
 ) -> None:
     data = content_of(3 * PIECE + PIECE // 2, b"holes")
     task = upload.put(data, {0, 1, 3})
-    status, body, _ = await upload.get(
+    status, body, headers = await upload.get(
         f"/v1/tasks/{task.id}/data", {"Range": f"bytes={first}-{last}"}
     )
     assert status == 416
+    assert headers["Content-Range"] == f"bytes */{len(data)}", "the length, as RFC 9110 asks"
     assert data[:64] not in body
 
 
