@@ -59,6 +59,8 @@ class Source:
     headers: dict[str, str] | None = None
     digest: str | None = None
     piece_length: int | None = None
+    tag: str | None = None
+    application: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Source:
@@ -67,6 +69,8 @@ class Source:
             headers=data.get("headers"),
             digest=data.get("digest"),
             piece_length=data.get("piece_length"),
+            tag=data.get("tag"),
+            application=data.get("application"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +81,10 @@ class Source:
             data["digest"] = self.digest
         if self.piece_length is not None:
             data["piece_length"] = self.piece_length
+        if self.tag is not None:
+            data["tag"] = self.tag
+        if self.application is not None:
+            data["application"] = self.application
         return data
 
 

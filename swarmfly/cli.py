@@ -79,6 +79,13 @@ def _url(text: str) -> str:
     return text
 
 
+def _task_word(text: str) -> str:
+    """A --tag or --application: printable ASCII, at most 256 characters (the contract's)."""
+    if len(text) > 256 or not all(" " <= c <= "~" for c in text):
+        raise argparse.ArgumentTypeError("printable ASCII, at most 256 characters")
+    return text
+
+
 def _digest(text: str) -> str:
     """``sha256:HEX`` in lower case, as the contracts take it: upper-case hex is the same
     digest."""
@@ -216,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds (default 3600)")
     get.add_argument("--strategy", help="rarest-first, sequential or random")
     get.add_argument("--piece-length", type=_size, help="piece length (default from size)")
+    get.add_argument(
+        "--tag",
+        type=_task_word,
+        default="",
+        help="without --digest, the same URL under another tag is another task (dfget's)",
+    )
+    get.add_argument(
+        "--application", type=_task_word, default="", help="a task-id input, as --tag is"
+    )
     get.add_argument("--upload-rate", type=_size, help="upload limit of the in-process peer")
     get.add_argument(
         "--download-rate", type=_rate, help="bytes/s for this download, kept by the peer serving it"
@@ -470,6 +486,8 @@ def _get(args: argparse.Namespace, config: Config) -> int:
         timeout=args.timeout,
         strategy=args.strategy,
         piece_length=args.piece_length,
+        tag=args.tag,
+        application=args.application,
         hard_link=args.force_hard_link,
         download_rate=args.download_rate or 0,
     )

@@ -84,16 +84,32 @@ class SourceRequest:
     headers: dict[str, str] = field(default_factory=dict, repr=False)
     digest: str | None = None
     piece_length: int | None = None
+    tag: str = ""
+    """dfget's ``--tag``: without a digest, the same URL under another tag is another task."""
+    application: str = ""
+    """dfget's ``--application``: a task-id input, as ``tag`` is."""
 
     @classmethod
     def of(cls, source: messages.Source) -> SourceRequest:
-        return cls(source.url, dict(source.headers or {}), source.digest, source.piece_length)
+        return cls(
+            source.url,
+            dict(source.headers or {}),
+            source.digest,
+            source.piece_length,
+            source.tag or "",
+            source.application or "",
+        )
 
     def message(self) -> messages.Source:
         from swarmfly.contracts import messages
 
         return messages.Source(
-            self.url, self.headers or None, self.digest or None, self.piece_length or None
+            self.url,
+            self.headers or None,
+            self.digest or None,
+            self.piece_length or None,
+            self.tag or None,
+            self.application or None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,4 +120,8 @@ class SourceRequest:
             out["digest"] = self.digest
         if self.piece_length:
             out["piece_length"] = self.piece_length
+        if self.tag:
+            out["tag"] = self.tag
+        if self.application:
+            out["application"] = self.application
         return out

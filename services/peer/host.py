@@ -413,6 +413,8 @@ class PeerHost:
         task_id = make_task_id(
             source.url,
             digest=source.digest,
+            tag=source.tag,
+            application=source.application,
             piece_length=source.piece_length,
             etag=stat.etag,
             shared=self._shared(source, stat),

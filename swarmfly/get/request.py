@@ -33,6 +33,8 @@ class GetRequest:
     timeout: float = 3600.0
     strategy: str | None = None
     piece_length: int | None = None
+    tag: str = ""
+    application: str = ""
     hard_link: bool = False
     """Hard-link the output to the (then read-only) cache file instead of copying it."""
     umask: int = field(default_factory=current_umask)
@@ -54,7 +56,9 @@ class GetRequest:
         return replace(self, output=output)
 
     def source(self) -> SourceRequest:
-        return SourceRequest(self.url, self.headers, self.digest, self.piece_length)
+        return SourceRequest(
+            self.url, self.headers, self.digest, self.piece_length, self.tag, self.application
+        )
 
     def body(self, output: Path) -> dict[str, Any]:
         """The ``peer.{host_id}.download`` request."""
