@@ -396,6 +396,11 @@ async def probe_check(config: Config, url: str | None, within: float, timeout: f
         return Check(
             "probe", "warn", f"no peer service answered; pulled in this process: {line}", details
         )
+    if origin == 0 and p2p == 0:  # this host had it: nothing about the swarm was tried
+        return Check(
+            "probe", "warn", f"{line}; probe a URL this host has not cached to try the swarm",
+            details,
+        )  # fmt: skip
     return Check("probe", "ok", line, details)
 
 
