@@ -11,7 +11,7 @@ import platform
 import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from swarmfly import apitoken, contracts, httpserver, lifecycle, telemetry
 from swarmfly.bus import Bus
@@ -81,10 +81,7 @@ async def start_storage(
 ) -> StorageService:
     from swarmfly.services.storage.service import StorageService
 
-    _bound(stack, config)
-    node = _node(
-        stack, config, bus, HostSettings.of(config, "storage", state_dir), servers, plugins
-    )
+    node = _host(stack, config, bus, "storage", state_dir, servers, plugins)
     service = StorageService(node, bus, copies=config.storage.copies)
     await service.start(stack)
     return service
@@ -100,9 +97,7 @@ async def start_peer(
 ) -> PeerService:
     from swarmfly.services.peer.service import PeerService
 
-    _bound(stack, config)
-    settings = HostSettings.of(config, "peer", state_dir)
-    node = _node(stack, config, bus, settings, servers, plugins)
+    node = _host(stack, config, bus, "peer", state_dir, servers, plugins)
     service = PeerService(
         node,
         bus,
@@ -125,16 +120,19 @@ async def start_proxy(stack: AsyncExitStack, config: Config, node: PeerHost) -> 
     return proxy
 
 
-def _node(
+def _host(
     stack: AsyncExitStack,
     config: Config,
     bus: Bus,
-    settings: HostSettings,
+    kind: Literal["peer", "storage"],
+    state_dir: Path,
     servers: list[str],
     plugins: Plugins | None,
 ) -> PeerHost:
-    """A peer or storage node on its state dir, with the process's plugins (or its own)."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    """A peer or storage host on its state dir, with the process's plugins (or its own)."""
+    _bound(stack, config)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    settings = HostSettings.of(config, kind, state_dir)
     return PeerHost(settings, bus, servers, plugins or _owned_plugins(stack, config))
 
 

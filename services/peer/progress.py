@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swarmfly.contracts import messages
-from swarmfly.services.peer.conductor import Conductor
+
+if TYPE_CHECKING:
+    from swarmfly.services.peer.conductor import Conductor
 
 UNKNOWN = messages.ProgressReply("unknown", 0, None)
 """A download this peer does not run (not yet, or no longer)."""
