@@ -815,6 +815,7 @@ class SchedulerState:
     partitions: list[int]
     partition_count: int
     members: list[str]
+    generation: int | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SchedulerState:
@@ -824,16 +825,20 @@ class SchedulerState:
             partitions=data["partitions"],
             partition_count=data["partition_count"],
             members=data["members"],
+            generation=data.get("generation"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "id": self.id,
             "run": self.run,
             "partitions": self.partitions,
             "partition_count": self.partition_count,
             "members": self.members,
         }
+        if self.generation is not None:
+            data["generation"] = self.generation
+        return data
 
 
 @quick_init

@@ -3,7 +3,8 @@
     from swarmfly.plugins import SourceRegistry, SourceStat, SwarmflyError, hookimpl
 
 holds the hook marker, every type a hook passes or a plugin implements, the error a plugin
-raises, and ``check_source``, the conformance check for source backends (docs/plugins.md).
+raises, and ``check_source`` and ``check_listing``, the conformance checks for source backends
+(docs/plugins.md).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from swarmfly.plugintypes import (
     Evaluation,
     Evaluator,
     EvaluatorRegistry,
+    Lister,
     OriginGuard,
     PieceView,
     Source,
+    SourceEntry,
     SourceRegistry,
     SourceStat,
     Strategy,
@@ -27,21 +30,24 @@ from swarmfly.plugintypes import (
 )
 
 if TYPE_CHECKING:
-    from swarmfly.testing import check_source
+    from swarmfly.testing import check_listing, check_source
 
 __all__ = [
     "Candidate",
     "Evaluation",
     "Evaluator",
     "EvaluatorRegistry",
+    "Lister",
     "OriginGuard",
     "PieceView",
     "Source",
+    "SourceEntry",
     "SourceRegistry",
     "SourceStat",
     "Strategy",
     "StrategyRegistry",
     "SwarmflyError",
+    "check_listing",
     "check_source",
     "hookimpl",
 ]
@@ -50,8 +56,8 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """``check_source`` on first use: the test kit is for a plugin's tests, and services that
     load the built-ins should not hold it."""
-    if name == "check_source":
-        from swarmfly.testing import check_source
+    if name in ("check_source", "check_listing"):
+        from swarmfly import testing
 
-        return check_source
+        return getattr(testing, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

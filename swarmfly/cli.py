@@ -111,6 +111,51 @@ def _one_shot(parser: argparse.ArgumentParser, *, progress: bool = True) -> None
         )
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
+    return value
+
+
+def _recursive_flags(get: argparse.ArgumentParser) -> None:
+    from swarmfly.get.layout import DEFAULT_JOBS, DEFAULT_MAX_FILES, MAX_JOBS
+    from swarmfly.listing import MAX_ENTRIES
+
+    get.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help="every file below an s3://BUCKET/PREFIX/ or hf://OWNER/REPO[@REV][/FOLDER],"
+        " written under -O DIR with the layout kept",
+    )
+    get.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="with -r: only paths (below the URL) matching GLOB; * crosses /; repeatable",
+    )
+    get.add_argument(
+        "--max-files",
+        type=_count,
+        default=DEFAULT_MAX_FILES,
+        metavar="N",
+        help=f"with -r: refuse a listing of more than N files (default {DEFAULT_MAX_FILES},"
+        f" at most {MAX_ENTRIES}) rather than download part of it",
+    )
+    get.add_argument(
+        "--jobs",
+        type=_count,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help=f"with -r: files downloaded at once (default {DEFAULT_JOBS}, at most {MAX_JOBS})",
+    )
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML configuration file")
     parser.add_argument("--state-dir", help="where caches and state live (SWARMFLY_STATE_DIR)")
@@ -186,6 +231,33 @@ def _doctor_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _partition_count(text: str) -> int:
+    from swarmfly.placement import MAX_PARTITIONS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_PARTITIONS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to {MAX_PARTITIONS}")
+    return value
+
+
+def _scheduler_commands(scheduler: argparse.ArgumentParser) -> None:
+    """`swarmfly scheduler partitions N`, a change to every scheduler at once; `swarmfly
+    scheduler` alone runs one."""
+    commands = scheduler.add_subparsers(dest="scheduler_command", metavar="{partitions}")
+    partitions = commands.add_parser(
+        "partitions",
+        help="change the task partition count of the running schedulers, online",
+        argument_default=argparse.SUPPRESS,  # the flags given before `partitions` stand
+    )
+    _common(partitions)
+    partitions.add_argument("count", type=_partition_count, help="the new count (1 to 4096)")
+    _one_shot(partitions, progress=False)
+    partitions.set_defaults(json=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="swarmfly", description="Peer-to-peer file and image distribution")
     parser.add_argument("--version", action="version", version=f"swarmfly {__version__}")
@@ -206,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "scheduler":
             service.add_argument("--http-port", type=int, help="metrics/health port")
             service.add_argument("--listen", help="HTTP listen address")
+            _scheduler_commands(service)
         else:
             _node_flags(service)
         if name == "peer":
@@ -241,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="hard-link the output to the cache file (made read-only) instead of copying it",
     )
+    _recursive_flags(get)
     _one_shot(get)
 
     preheat = sub.add_parser("preheat", help="seed an image or a URL into storage")
@@ -491,6 +565,10 @@ def _get(args: argparse.Namespace, config: Config) -> int:
         hard_link=args.force_hard_link,
         download_rate=args.download_rate or 0,
     )
+    if args.recursive:
+        return _get_recursive(args, config, request)
+    if args.include:
+        raise SwarmflyError("bad_request", "--include needs -r/--recursive")
     bar = _progress(args)
     try:
         summary = _download(args, config, request, bar)
@@ -525,6 +603,48 @@ def _download(
         if exc.code in ORIGIN_CODES:
             raise _about(exc, redact_url(args.url)) from None
         raise
+
+
+def _get_recursive(args: argparse.Namespace, config: Config, request: GetRequest) -> int:
+    """Every file below the URL, one bar for all of them and one summary; a failed file's
+    error comes with what was written (in the --json document too)."""
+    from swarmfly.get.layout import MAX_JOBS
+    from swarmfly.get.recursive import PartlyDone, RecursiveGet, get_tree
+    from swarmfly.listing import MAX_ENTRIES
+
+    if args.digest:
+        raise SwarmflyError("bad_request", "--digest names one file: it cannot go with -r")
+    if args.max_files > MAX_ENTRIES or args.jobs > MAX_JOBS:
+        raise SwarmflyError(
+            "bad_request", f"--max-files takes at most {MAX_ENTRIES}, --jobs at most {MAX_JOBS}"
+        )
+    job = RecursiveGet(request, tuple(args.include), args.max_files, args.jobs)
+    bar = _progress(args)
+    try:
+        summary = _run(get_tree(config, job, bar, within=args.connect_timeout))
+    except PartlyDone as exc:
+        if bar is not None:
+            bar.close()
+        return _fail(exc, as_json=args.json, result=exc.summary)
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
+    if bar is not None:
+        bar.close(summary["content_length"], _saved_all(summary))
+    if args.json:
+        _print_json({"ok": True, **summary})
+    return 0
+
+
+def _saved_all(summary: Mapping[str, Any]) -> str:
+    """What a recursive get did, in one line for the terminal."""
+    size, seconds = summary["content_length"], summary["seconds"]
+    return (
+        f"{summary['output']}: {summary['written']} files, {size / 2**20:.1f} MiB in"
+        f" {seconds:.1f}s ({summary['bytes_origin'] / 2**20:.1f} MiB from the origin,"
+        f" {summary['bytes_p2p'] / 2**20:.1f} MiB from peers)"
+    )
 
 
 def _saved(summary: Mapping[str, Any]) -> str:
@@ -613,6 +733,33 @@ def _preheat(args: argparse.Namespace, config: Config) -> int:
         return _fail(error, as_json=args.json, result=result)
     if args.json:
         _print_json({"ok": True, **result})
+    return 0
+
+
+def _scheduler_partitions(args: argparse.Namespace, config: Config) -> int:
+    """Write the count to the schedulers' lease bucket: each follows it at its next tick,
+    handing its leases over (docs/deploy.md, "The partition count")."""
+    from swarmfly.cluster import connect
+    from swarmfly.services.scheduler.ownership import change_partitions
+
+    use_recorded_cluster(config)
+
+    async def change() -> tuple[int | None, int, int]:
+        bus = await connect(config, "swarmfly-scheduler-partitions", within=args.connect_timeout)
+        try:
+            before, now = await change_partitions(bus, args.count)
+        finally:
+            await bus.close()
+        return (before.partitions if before else None), now.partitions, now.generation
+
+    before, count, generation = _run(change())
+    if args.json:
+        _print_json({"ok": True, "before": before, "partitions": count, "generation": generation})
+    elif before == count:
+        print(f"the schedulers use {count} partitions already (generation {generation})")
+    else:
+        was = f"from {before} " if before is not None else ""
+        print(f"partitions {was}to {count} (generation {generation}): the schedulers follow")
     return 0
 
 
@@ -772,6 +919,8 @@ def _command(args: argparse.Namespace) -> int:
         return _status(args, config)
     if args.command == "doctor":
         return _doctor(args, config)
+    if args.command == "scheduler" and args.scheduler_command == "partitions":
+        return _scheduler_partitions(args, config)
     from swarmfly import launch
 
     if args.command == "up":

@@ -111,9 +111,9 @@ class SchedulerConfig:
     """Stable across restarts (default: hostname + state dir): a restarted scheduler takes
     back its own partition leases at once instead of waiting for them to expire."""
     partitions: int = 16
-    """Task partitions, each held by one scheduler through a lease in JetStream KV. Every
-    scheduler of a cluster must use the same count (the bucket keeps it); peers learn it
-    from heartbeat replies."""
+    """Task partitions, each held by one scheduler through a lease in JetStream KV. Only
+    where the bucket keeps no count yet: its count wins, and `swarmfly scheduler partitions
+    N` changes it online; peers learn it from heartbeat replies."""
     lease: float = 6.0
     """Seconds a partition's lease lasts unrenewed: a dead scheduler's partitions move
     within about this long."""

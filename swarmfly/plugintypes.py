@@ -62,6 +62,35 @@ class Source(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SourceEntry:
+    """One file a ``Lister`` found under a prefix or folder. The origin named it: callers
+    treat ``path`` as untrusted (``swarmfly get -r`` refuses one that would leave its
+    output directory)."""
+
+    path: str
+    """Where the file lies below the listed URL, ``/``-separated, as the origin names it."""
+    url: str
+    """The file's own URL, for this source's ``stat`` and ``fetch``: what a get downloads."""
+    size: int | None = None
+    digest: str | None = None
+    """``sha256:HEX`` when the listing states it (a Hugging Face LFS file)."""
+
+
+@runtime_checkable
+class Lister(Protocol):
+    """An optional capability of a ``Source``: the files under a prefix (``s3://b/p/``) or a
+    repository folder, for ``swarmfly get --recursive``. A source that has an ``entries``
+    method offers it; callers check with ``isinstance(source, Lister)``."""
+
+    def entries(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[SourceEntry]:
+        """Yield every file below ``url``, each once, page by page as the origin answers;
+        the caller stops reading when it has enough (close connections in a ``finally``).
+        Bound what one origin can make you do (pages, bytes per page); errors as ``stat``'s,
+        ``not_found`` for a prefix or folder that holds nothing or does not exist."""
+        ...
+
+
 class OriginGuard(Protocol):
     """Where this process may connect for an origin (``[origins]``, ``swarmfly.origins``).
 

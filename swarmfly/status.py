@@ -104,12 +104,18 @@ def _schedulers(status: dict[str, Any]) -> str:
     rows = [
         [s["id"], s["run"], ranges(s["partitions"]), ",".join(s["members"])] for s in schedulers
     ]
-    count = max((s["partition_count"] for s in schedulers), default=0)
-    unheld = set(range(count)) - {p for s in schedulers for p in s["partitions"]}
+    # The newest generation's count; schedulers still in an older one hold nothing of it.
+    layouts = sorted({(s.get("generation") or 0, s["partition_count"]) for s in schedulers})
+    generation, count = layouts[-1] if layouts else (0, 0)
+    current = [s for s in schedulers if (s.get("generation") or 0) == generation]
+    unheld = set(range(count)) - {p for s in current for p in s["partitions"]}
     title = "SCHEDULERS"
     if count:
-        title += (
-            f" ({count} partitions{f'; held by none: {ranges(list(unheld))}' if unheld else ''})"
+        changing = "; changing from " + ", ".join(f"{c} (generation {g})" for g, c in layouts[:-1])
+        title += (  # generation 0: the count was never changed, nothing worth saying
+            f" ({count} partitions{f', generation {generation}' if generation else ''}"
+            f"{changing if len(layouts) > 1 else ''}"
+            f"{f'; held by none: {ranges(list(unheld))}' if unheld else ''})"
         )
     return _table(title, ["SCHEDULER", "RUN", "PARTITIONS", "MEMBERS"], rows)
 

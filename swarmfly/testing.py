@@ -32,7 +32,7 @@ from swarmfly.httpheaders import Unsatisfiable, byte_range, http_url, parse_rang
 from swarmfly.natsserver import NatsServer
 from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
-from swarmfly.plugintypes import Source
+from swarmfly.plugintypes import Lister, Source, SourceEntry
 from swarmfly.ratelimit import TokenBucket
 from swarmfly.services.peer.service import PeerService
 from swarmfly.services.proxy.service import ProxyService
@@ -396,7 +396,8 @@ async def check_source(
 
     It checks ``stat`` (size, a boolean range flag), whole and ranged ``fetch`` (exactly the
     bytes asked, including the first and last byte), a clear ``SwarmflyError`` for a missing
-    object, and that abandoning a fetch half-way releases what it held.
+    object, and that abandoning a fetch half-way releases what it held. A source that also
+    lists (``Lister``) is checked at that with ``check_listing``.
     """
     headers = dict(headers or {})
     assert source.schemes and all(s == s.lower() for s in source.schemes), "schemes lower case"
@@ -427,6 +428,53 @@ async def check_source(
             break
         await stream.aclose()
     assert await read() == content, "a fetch after abandoned ones returned wrong bytes"
+
+
+async def check_listing(
+    source: Source,
+    url: str,
+    files: Mapping[str, bytes],
+    *,
+    missing_url: str,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """The conformance check for a source that lists (``Lister``, for ``get --recursive``):
+    ``url`` lists exactly ``files`` (path below it -> content). Raises AssertionError naming
+    the first rule broken.
+
+    It checks that each file is listed once, by a relative ``/``-separated path; that each
+    entry's URL stats and fetches that file's bytes (and its size and digest, when listed,
+    are the file's); that a listing of nothing raises ``SwarmflyError``; and that a listing
+    abandoned after its first entry releases what it held.
+    """
+    headers = dict(headers or {})
+    assert isinstance(source, Lister), "a listing source has entries(url, headers)"
+    listed = [entry async for entry in source.entries(url, headers)]
+    paths = [entry.path for entry in listed]
+    assert sorted(paths) == sorted(files), f"listed {sorted(paths)[:5]}…, not the files"
+    for entry in listed:
+        content = files[entry.path]
+        assert not entry.path.startswith("/") and ".." not in entry.path.split("/"), entry.path
+        assert entry.size in (None, len(content)), f"{entry.path}: listed size {entry.size}"
+        if entry.digest is not None:
+            sha = hashlib.sha256(content).hexdigest()
+            assert entry.digest == f"sha256:{sha}", f"{entry.path}: wrong digest"
+        assert (await source.stat(entry.url, headers)).size == len(content), entry.url
+        got = b"".join([chunk async for chunk in source.fetch(entry.url, headers)])
+        assert got == content, f"{entry.url} fetched other bytes than {entry.path}'s"
+    try:
+        async for _entry in source.entries(missing_url, headers):
+            raise AssertionError("a listing of nothing yielded an entry")
+    except SwarmflyError as exc:
+        assert exc.code in ("not_found", "source_error"), f"empty listing gave {exc.code}"
+    else:
+        raise AssertionError("a listing of nothing must raise SwarmflyError")
+    for _ in range(3):  # abandoned listings must not leak connections
+        stream = cast(AsyncGenerator[SourceEntry, None], source.entries(url, headers))
+        async for _entry in stream:
+            break
+        await stream.aclose()
+    assert len([e async for e in source.entries(url, headers)]) == len(files), "relisting"
 
 
 TEST_SENDER = contracts.Sender("normal", "test-host")

@@ -29,7 +29,7 @@ from yarl import URL
 
 from swarmfly.errors import SwarmflyError, connect_error_in_words
 from swarmfly.httpheaders import HOP_BY_HOP
-from swarmfly.plugins import OriginGuard, SourceRegistry, SourceStat, hookimpl
+from swarmfly.plugins import OriginGuard, SourceEntry, SourceRegistry, SourceStat, hookimpl
 from swarmfly.plugins.sources.http import GuardedResolver, HttpSource, origin_of
 
 REVISION_TTL = 60.0
@@ -37,6 +37,10 @@ REVISION_TTL = 60.0
 download's stat and fetches, short enough that a new commit is seen soon."""
 MAX_REDIRECTS = 5
 RETRIES = 2
+MAX_PAGES = 1000
+"""Tree pages a listing reads at most (the Hub sends 1000 entries a page)."""
+MAX_PAGE_BYTES = 16 * 1024 * 1024
+"""Bytes of one tree page at most: a page is JSON held in memory whole."""
 MAX_COMMITS = 1024
 """Revisions kept resolved at most; expired ones are dropped beyond that."""
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -69,17 +73,21 @@ class HfFile:
     path: str
 
     @classmethod
-    def from_url(cls, url: str) -> HfFile:
+    def from_url(cls, url: str, *, folder: bool = False) -> HfFile:
+        """``folder``: the URL may name a whole repository or a folder in one (a listing's);
+        its ``path`` is then ``""`` for the repository's top."""
         parts = urlsplit(url)
         if parts.scheme.lower() != "hf":
             raise SwarmflyError("bad_request", "not an hf:// URL")
         if parts.query or parts.fragment:
             raise SwarmflyError("bad_request", "an hf:// URL has no ?query or #fragment")
         segments = [parts.netloc, *parts.path.split("/")[1:]]
+        if folder and len(segments) > 2 and segments[-1] == "":  # a trailing slash
+            segments.pop()
         kind = "models"
         if segments[0] == "datasets":
             kind, segments = "datasets", segments[1:]
-        if len(segments) < 3 or not all(segments):
+        if len(segments) < (2 if folder else 3) or not all(segments):
             raise SwarmflyError(
                 "bad_request", "an hf:// URL is hf://[datasets/]OWNER/REPO[@REV]/PATH"
             )
@@ -91,7 +99,7 @@ class HfFile:
         if not (_SEGMENT.fullmatch(owner) and _SEGMENT.fullmatch(name)) or not revision:
             raise SwarmflyError("bad_request", "an hf:// URL names OWNER/REPO[@REV]")
         path = unquote("/".join(segments[2:]))
-        if any(part in ("", ".", "..") for part in path.split("/")):
+        if (path or not folder) and any(part in ("", ".", "..") for part in path.split("/")):
             raise SwarmflyError("bad_request", "an hf:// path has no empty, . or .. parts")
         return cls(kind, f"{owner}/{name}", revision, path)
 
@@ -102,6 +110,15 @@ class HfFile:
 
     def revision_url(self, endpoint: str) -> str:
         return f"{endpoint}/api/{self.kind}/{self.repo}/revision/{quote(self.revision, safe='')}"
+
+    def tree_url(self, endpoint: str, commit: str) -> str:
+        folder = f"/{quote(self.path)}" if self.path else ""
+        return f"{endpoint}/api/{self.kind}/{self.repo}/tree/{commit}{folder}?recursive=true"
+
+    def url_at(self, commit: str, path: str) -> str:
+        """The ``hf://`` URL of ``path`` in this repository at ``commit``."""
+        kind = "" if self.kind == "models" else f"{self.kind}/"
+        return f"hf://{kind}{self.repo}@{commit}/{quote(path)}"
 
     def resolve_url(self, endpoint: str, commit: str) -> str:
         prefix = "" if self.kind == "models" else f"/{self.kind}"
@@ -299,6 +316,91 @@ class HfSource:
         async with aclosing(cast(AsyncGenerator[bytes, None], chunks)) as stream:
             async for chunk in stream:
                 yield chunk
+
+    async def entries(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[SourceEntry]:
+        """Every file of the repository (or of a folder in it) at the commit its revision
+        names now, from the Hub's tree API page by page (``Link: rel="next"``, on the Hub's
+        origin only: the token goes with it). Each entry's URL names that commit, so every
+        file of one listing comes from one commit."""
+        folder = HfFile.from_url(url, folder=True)
+        request = self._credentials(headers)
+        commit = await self.commit(folder, request)
+        page_url: str | None = folder.tree_url(self.endpoint, commit)
+        top = f"{folder.path}/" if folder.path else ""
+        found = False
+        for _ in range(MAX_PAGES):
+            if page_url is None:
+                break
+            response = await self._hub("GET", page_url, {**request, "Accept": "application/json"})
+            try:
+                if response.status != 200:
+                    self._fail(response, folder, request)
+                page = await _json_of(response, folder)
+                page_url = _next_page(response, self.endpoint, folder)
+            finally:
+                response.release()
+            for item in page:
+                entry = _entry_of(item, folder, commit, top)
+                if entry is not None:
+                    found = True
+                    yield entry
+        else:
+            if page_url is not None:
+                raise SwarmflyError(
+                    "source_error", f"the Hub listed more than {MAX_PAGES} pages of {folder.shown}"
+                )
+        if not found:
+            where = f"{folder.path!r}" if folder.path else "it"
+            raise SwarmflyError(
+                "not_found", f"{folder.shown}@{folder.revision}: {where} holds no file"
+            )
+
+
+async def _json_of(response: aiohttp.ClientResponse, folder: HfFile) -> list[object]:
+    """A tree page: a JSON list, at most ``MAX_PAGE_BYTES``."""
+    body = bytearray()
+    try:
+        async for chunk in response.content.iter_chunked(256 * 1024):
+            body += chunk
+            if len(body) > MAX_PAGE_BYTES:
+                raise SwarmflyError(
+                    "source_error", f"a tree page of {folder.shown} exceeds {MAX_PAGE_BYTES} bytes"
+                )
+        page = orjson.loads(body)
+    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+        page = None
+    if not isinstance(page, list):
+        raise SwarmflyError("source_error", f"the Hub sent no file list for {folder.shown}")
+    return page
+
+
+def _next_page(response: aiohttp.ClientResponse, endpoint: str, folder: HfFile) -> str | None:
+    link = response.links.get("next")
+    if link is None:
+        return None
+    target = str(response.url.join(URL(str(link.get("url", "")))))
+    if origin_of(target) != origin_of(endpoint):  # the token must not follow it elsewhere
+        raise SwarmflyError("source_error", f"the Hub's next page of {folder.shown} is elsewhere")
+    return target
+
+
+def _entry_of(item: object, folder: HfFile, commit: str, top: str) -> SourceEntry | None:
+    """One file of a tree page (directories are left out: their files are listed too)."""
+    if not isinstance(item, dict) or item.get("type") != "file":
+        return None
+    path = item.get("path")
+    if not isinstance(path, str) or not path.startswith(top) or len(path) == len(top):
+        raise SwarmflyError("source_error", f"the Hub listed a file outside {folder.shown}/{top}")
+    size = item.get("size")
+    lfs = item.get("lfs")
+    oid = lfs.get("oid") if isinstance(lfs, dict) else None
+    digest = f"sha256:{oid}" if isinstance(oid, str) and _SHA256.fullmatch(oid) else None
+    return SourceEntry(
+        path[len(top) :],
+        folder.url_at(commit, path),
+        size=size if isinstance(size, int) and size >= 0 else None,
+        digest=digest,
+    )
 
 
 def _read_token(token_file: str) -> str | None:

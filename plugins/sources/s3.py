@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -25,11 +25,14 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from swarmfly.errors import SwarmflyError, connect_error_in_words, in_words
-from swarmfly.plugins import SourceRegistry, SourceStat, hookimpl
+from swarmfly.plugins import SourceEntry, SourceRegistry, SourceStat, hookimpl
 
 CHUNK = 256 * 1024
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchVersion", "NotFound", "404"})
 _ERROR_CODE = re.compile(r"[A-Za-z0-9.]{1,64}")
+MAX_PAGES = 10_000
+"""Listing pages read at most (1000 keys each): a server that keeps answering "there is
+more" with empty pages must not keep a listing going for ever."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,18 @@ class S3Object:
         if self.version_id is not None:
             params["VersionId"] = self.version_id
         return params
+
+
+def prefix_of(url: str) -> tuple[str, str]:
+    """The bucket and key prefix an ``s3://BUCKET[/PREFIX]`` listing names; the prefix is a
+    folder: ``s3://b/logs`` lists ``logs/…``, not ``logs-old/…``."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "s3" or not parts.netloc:
+        raise SwarmflyError("bad_request", "an S3 prefix is s3://BUCKET/PREFIX/")
+    if parts.query or parts.fragment:
+        raise SwarmflyError("bad_request", "an S3 prefix has no ?query or #fragment")
+    prefix = unquote(parts.path[1:])
+    return parts.netloc, prefix if not prefix or prefix.endswith("/") else f"{prefix}/"
 
 
 def _fail(exc: Exception, endpoint: str | None = None) -> NoReturn:
@@ -183,6 +198,39 @@ class S3Source:
         finally:
             if body is not None:
                 body.close()  # a body not read to the end holds its pooled connection
+
+    async def entries(self, url: str, headers: Mapping[str, str]) -> AsyncGenerator[SourceEntry]:
+        """Every object below the prefix (``ListObjectsV2``, page by page); keys ending in
+        ``/`` are folder markers, not files."""
+        bucket, prefix = prefix_of(url)
+        client = await self._s3()
+        params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+        found = False
+        try:
+            for _ in range(MAX_PAGES):
+                page = await client.list_objects_v2(**params)
+                for item in page.get("Contents", ()):
+                    key = item.get("Key")
+                    if not isinstance(key, str) or not key.startswith(prefix):
+                        raise SwarmflyError("source_error", "s3 listed a key outside the prefix")
+                    if key.endswith("/"):
+                        continue
+                    found = True
+                    yield SourceEntry(
+                        key[len(prefix) :],
+                        f"s3://{bucket}/{quote(key, safe='/')}",
+                        size=int(item["Size"]) if isinstance(item.get("Size"), int) else None,
+                    )
+                token = page.get("NextContinuationToken")
+                if not page.get("IsTruncated") or not isinstance(token, str):
+                    break
+                params["ContinuationToken"] = token
+            else:
+                raise SwarmflyError("source_error", f"s3 listed more than {MAX_PAGES} pages")
+        except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
+            _fail(exc, client.meta.endpoint_url)
+        if not found:
+            raise SwarmflyError("not_found", f"s3://{bucket}/{prefix} holds no object")
 
 
 @hookimpl

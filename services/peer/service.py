@@ -34,6 +34,7 @@ from swarmfly.localproto import (
 from swarmfly.services.peer.delivery import deliver
 from swarmfly.services.peer.filedigest import Output
 from swarmfly.services.peer.host import PeerHost
+from swarmfly.services.peer.listing import listing_request, serve_listing
 from swarmfly.services.peer.localsocket import LocalRequest, LocalServer, Send
 from swarmfly.services.peer.outputs import OutputRoots
 from swarmfly.services.peer.progress import follow, moved
@@ -121,10 +122,21 @@ class PeerService:
             return None
         if self.socket is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        server = LocalServer(path, self.local_download, self.socket_group)
+        server = LocalServer(path, self.local_request, self.socket_group)
         await server.start()
         stack.push_async_callback(server.stop)
         return path
+
+    async def local_request(self, request: LocalRequest, send: Send) -> None:
+        """A line on the local socket: a ``list`` request (`get --recursive`), listed with
+        this peer's source credentials, or a download."""
+        listing = listing_request(request.body)
+        if listing is None:
+            await self.local_download(request, send)
+        elif request.fd is not None:
+            raise SwarmflyError("bad_request", "a list request takes no descriptor")
+        else:
+            await serve_listing(self.node.plugins, listing, send)
 
     async def local_download(self, request: LocalRequest, send: Send) -> None:
         """``peer.{host_id}.download`` over the local socket: progress lines, then the

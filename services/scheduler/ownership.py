@@ -1,7 +1,9 @@
 """The scheduler's partition leases in JetStream KV: the IO around the pure ``LeaseBook``.
 
 One bucket per subject prefix (``<prefix>_scheduler``, history 1): ``config`` holds the
-partition count, ``partition.<n>`` a lease, ``member.<scheduler id>`` a scheduler's presence.
+partition count and its generation (the bucket's wins over ``scheduler.partitions`` once
+set; ``change_partitions`` writes a new one), ``partition.<n>`` a lease (``partition.<g>.<n>``
+in generation g), ``member.<scheduler id>`` a scheduler's presence.
 A watcher keeps the book's view current; every ``renew / 4`` seconds the book is asked what
 to write, and each write names the revision it replaces. A partition is served (its subjects
 subscribed) only between a successful take and the moment the book gives it up.
@@ -22,7 +24,6 @@ from contextlib import AsyncExitStack
 
 import nats.errors
 import nats.js.errors
-import orjson
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from swarmfly.bus import Bus
@@ -32,12 +33,13 @@ from swarmfly.services.scheduler.leases import (
     CONFIG_KEY,
     Action,
     Holder,
+    Layout,
     LeaseBook,
     Lost,
     Release,
     Renew,
     Take,
-    partition_key,
+    key_generation,
 )
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,55 @@ KvErrors = (nats.errors.Error, TimeoutError)
 
 def bucket_name(prefix: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", prefix) + "_scheduler"
+
+
+CHANGE_TRIES = 5
+"""Times ``change_partitions`` reads and writes again when another change came in between."""
+
+
+async def change_partitions(bus: Bus, partitions: int) -> tuple[Layout | None, Layout]:
+    """Make ``partitions`` the cluster's count: the next generation of the bucket's layout,
+    which every scheduler follows at its next tick. The layout before (None: the bucket had
+    none; schedulers that start later use it) and the one now. Each write names the revision
+    it replaces, so of two changes at once both land, one after the other, each its own
+    generation; the last one's count stands."""
+    if not 1 <= partitions <= MAX_PARTITIONS:
+        raise SwarmflyError(
+            "bad_request",
+            f"the partition count must be within 1..{MAX_PARTITIONS}, not {partitions}",
+        )
+    bucket = bucket_name(bus.prefix)
+    kv = await bus.key_value(bucket, timeout=2.0, replicas=BUCKET_REPLICAS)
+    try:
+        for _ in range(CHANGE_TRIES):
+            try:
+                entry = await kv.get(CONFIG_KEY)
+            except nats.js.errors.KeyNotFoundError:
+                wanted = Layout(0, partitions)
+                try:
+                    await kv.create(CONFIG_KEY, wanted.to_bytes())
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
+                return None, wanted
+            current = Layout.from_bytes(entry.value or b"")
+            if current is not None and current.partitions == partitions:
+                return current, current
+            if current is not None:
+                generation = current.generation
+            else:  # unreadable: past every generation the bucket's keys name
+                keys = await kv.keys()
+                generation = max((key_generation(k) or 0 for k in keys), default=0)
+            wanted = Layout(generation + 1, partitions)
+            try:
+                await kv.update(CONFIG_KEY, wanted.to_bytes(), last=entry.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            return current, wanted
+    except KvErrors as exc:
+        raise SwarmflyError("unavailable", f"lease bucket {bucket}: {in_words(exc)}") from None
+    raise SwarmflyError(
+        "conflict", f"lease bucket {bucket}: the partition count kept changing; try again"
+    )
 
 
 class Ownership:
@@ -74,7 +125,8 @@ class Ownership:
         if not 1 <= partitions <= MAX_PARTITIONS:
             raise ValueError(f"scheduler.partitions must be within 1..{MAX_PARTITIONS}")
         self.bus = bus
-        self.partitions = partitions
+        self.configured = partitions
+        """``scheduler.partitions``: used only where the bucket holds no count yet."""
         self.instance = secrets.token_hex(4)
         self.clock = clock
         self.book = LeaseBook(
@@ -96,6 +148,15 @@ class Ownership:
         self._twin = False
         self.draining = False
         """Handed over (``hand_over``): it takes no lease again."""
+
+    @property
+    def partitions(self) -> int:
+        """The count tasks are partitioned by now (the bucket's)."""
+        return self.book.partitions
+
+    @property
+    def generation(self) -> int:
+        return self.book.generation
 
     def members(self) -> list[str]:
         """The schedulers alive in the lease bucket as far as this one can tell."""
@@ -121,7 +182,7 @@ class Ownership:
             self._owners = [f"{self.instance}.0"] * self.partitions
             return
         try:
-            await self._agree_on_partitions(self.kv)
+            await self._agree_on_layout(self.kv)
             watcher = await self.kv.watchall()
         except KvErrors as exc:
             raise SwarmflyError(
@@ -129,6 +190,18 @@ class Ownership:
             ) from None
         stack.push_async_callback(watcher.stop)
         await self._catch_up(watcher)
+        if self.partitions != self.configured:
+            log.warning(
+                "the cluster's schedulers use %d partitions (generation %d, lease bucket %s):"
+                " scheduler.partitions = %d does not apply; `swarmfly scheduler partitions %d`"
+                " changes the count for all of them",
+                self.partitions,
+                self.generation,
+                self.bucket,
+                self.configured,
+                self.configured,
+            )
+        self._owners = [""] * self.partitions
         reader = asyncio.create_task(self._read(watcher))
         stack.callback(reader.cancel)
         log.info(
@@ -152,24 +225,20 @@ class Ownership:
             entry = await self.kv.get(key)
             return entry.value or b""
 
-    async def _agree_on_partitions(self, kv: KeyValue) -> None:
-        mine = orjson.dumps({"partitions": self.partitions})
+    async def _agree_on_layout(self, kv: KeyValue) -> None:
+        """The first scheduler writes its configured count; the others read the bucket's
+        (the watcher's initial values bring it to the book)."""
         try:
-            await kv.create(CONFIG_KEY, mine)
+            await kv.create(CONFIG_KEY, Layout(0, self.configured).to_bytes())
             return
         except nats.js.errors.KeyWrongLastSequenceError:
             pass
         entry = await kv.get(CONFIG_KEY)
-        try:
-            theirs = int(orjson.loads(entry.value or b"{}")["partitions"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            theirs = -1
-        if theirs != self.partitions:
+        if Layout.from_bytes(entry.value or b"") is None:
             raise SwarmflyError(
                 "conflict",
-                f"the cluster's schedulers use {theirs} partitions (KV bucket {self.bucket}),"
-                f" this one is configured with {self.partitions}: set scheduler.partitions to"
-                f" {theirs}, or stop every scheduler and delete the bucket to change it",
+                f"lease bucket {self.bucket}: its partition count is unreadable"
+                f" ({(entry.value or b'')[:80]!r}); `swarmfly scheduler partitions N` sets one",
             )
 
     async def _catch_up(self, watcher: KeyValue.KeyWatcher) -> None:
@@ -221,10 +290,18 @@ class Ownership:
         async with self._lock:
             if self.draining:
                 return
-            before = set(self.held)
+            before, layout = set(self.held), self.book.layout
             if self.book.member_due(self.clock()):
                 await self._write_member()
             await self._apply(self.book.plan(self.clock()))
+            if self.book.layout != layout:
+                log.info(
+                    "partitions: %d -> %d (generation %d): the old count's leases given up",
+                    layout.partitions,
+                    self.partitions,
+                    self.generation,
+                )
+                before = set()  # numbers of the old count: nothing to compare
             await self._forget(self.book.forgettable(self.clock()))
             self._owners = self.book.owners(self.clock())
             if gained := sorted(self.held - before):
@@ -262,7 +339,7 @@ class Ownership:
 
     async def _write(self, action: Take | Renew) -> None:
         assert self.kv is not None
-        key = partition_key(action.partition)
+        key = action.key
         sent = self.clock()
         try:
             revision = await self.kv.update(key, action.holder.to_bytes(), last=action.last)
@@ -302,7 +379,7 @@ class Ownership:
         """Delete a lease this scheduler no longer serves, so its home need not wait."""
         assert self.kv is not None
         try:
-            await self.kv.delete(partition_key(action.partition), last=action.last)
+            await self.kv.delete(action.key, last=action.last)
         except KvErrors as exc:  # it expires instead
             log.info("partition %d: release failed: %s", action.partition, type(exc).__name__)
 

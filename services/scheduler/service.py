@@ -149,7 +149,6 @@ class SchedulerService:
         self._sources: dict[str, messages.Source] = {}
         """task id -> source (with headers) kept in memory only, to hand to a seed."""
         self._background: set[asyncio.Task[None]] = set()
-        self.partitions = sc.partitions
         self.ownership = Ownership(
             bus,
             scheduler_id=sc.id or "scheduler-" + default_host_id(str(config.state_dir))[:54],
@@ -170,6 +169,8 @@ class SchedulerService:
         home is chosen (``homes_known``), or another instance would read such a task again."""
         self._held: frozenset[int] = frozenset()
         """The partitions held as of the last change."""
+        self._generation: int | None = None
+        """The partition layout's generation as of the last change (None: none yet)."""
         self._fleet: set[str] | None = None
         """The storage instances up at this scheduler's start ($SRV discovery), None until
         they answered."""
@@ -222,6 +223,11 @@ class SchedulerService:
         sc = self.config.scheduler
         self.http_url = await serve_http(stack, app, sc.listen, sc.http_port)
 
+    @property
+    def partitions(self) -> int:
+        """The count tasks are partitioned by: the lease bucket's, which may change online."""
+        return self.ownership.partitions
+
     async def drain(self) -> None:
         """Hand every partition on now: the schedulers that stay take them at once."""
         await self.ownership.hand_over()
@@ -249,11 +255,12 @@ class SchedulerService:
         )
         self._forget_sources()
         # Partitions taken from another scheduler (a lone one's are its own: at its start,
-        # the storage fleet's look settles it).
-        if held - self._held and len(self.ownership.members()) > 1:
+        # the storage fleet's look settles it), or of a new count (every task moved).
+        moved = self._generation not in (None, self.ownership.generation)
+        if moved or (held - self._held and len(self.ownership.members()) > 1):
             self._moved_until = self.clock() + 2 * self.config.scheduler.heartbeat_interval
             self.core.homes_known = False
-        self._held = held
+        self._held, self._generation = held, self.ownership.generation
 
     def _check_partition(self, task_id: str) -> None:
         """A request can arrive after its partition moved (or from a peer that counts
@@ -490,6 +497,7 @@ class SchedulerService:
             "run": self.ownership.instance,
             "partitions": sorted(self.ownership.held),
             "partition_count": self.partitions,
+            "generation": self.ownership.generation,
             "members": members,
         }
         budget = STATE_BUDGET - 200 - 6 * self.partitions - 70 * len(members)

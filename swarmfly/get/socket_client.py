@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from swarmfly.errors import SwarmflyError
 from swarmfly.get.request import GetRequest, PeerGone, Progress, cannot_write, summary
 from swarmfly.localproto import MAX_LINE, PEER_FILE, SILENCE, answer, line
 
@@ -43,10 +44,7 @@ def get(
     answers on this host's socket (the caller goes through NATS, or runs a peer of its own).
     PeerGone when it stops answering mid-download. ``socket_file``: ``[peer] socket``, for a
     peer whose socket lies outside this caller's state dir (another user's peer)."""
-    path = socket_file
-    if not path:
-        record = peer_record(state_dir)
-        path = record.get("socket") if record is not None else None
+    path = _socket_of(state_dir, socket_file)
     if not path:
         return None
     output = request.output
@@ -62,6 +60,54 @@ def get(
         else:
             reply = _into_file(conn, request, output, progress, started + request.timeout)
     return summary(request, reply, "peer", started)
+
+
+def _socket_of(state_dir: Path, socket_file: str | None) -> str | None:
+    if socket_file:
+        return socket_file
+    record = peer_record(state_dir)
+    path = record.get("socket") if record is not None else None
+    return path if isinstance(path, str) else None
+
+
+def entries(
+    state_dir: Path,
+    url: str,
+    headers: dict[str, str],
+    limit: int,
+    socket_file: str | None = None,
+) -> list[dict[str, Any]] | None:
+    """The files below ``url`` as this host's peer lists them, with its source's
+    credentials (`get --recursive`): ``{"entry": …}`` lines, then ``{"listed": …}``. None
+    when no peer answers here; PeerGone when it stops answering; the peer's error raised."""
+    path = _socket_of(state_dir, socket_file)
+    if not path:
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(SILENCE)
+        try:
+            conn.connect(path)
+        except OSError:
+            return None
+        try:
+            conn.sendall(line({"list": {"url": url, "headers": headers, "limit": limit}}))
+            lines = conn.makefile("rb")
+        except OSError:
+            raise PeerGone() from None
+        found: list[dict[str, Any]] = []
+        with lines:
+            try:
+                while len(found) <= limit:
+                    data = json.loads(lines.readline(MAX_LINE) or b"null")
+                    if "entry" in data:
+                        found.append(data["entry"])
+                    elif "listed" in data:
+                        return found
+                    else:
+                        raise SwarmflyError.from_dict(data)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+    raise PeerGone()
 
 
 def _into_file(

@@ -12,14 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmfly.services.scheduler.leases import (
+    CONFIG_KEY,
     FORGET_AFTER,
     MEMBER_PREFIX,
     Holder,
+    Layout,
     LeaseBook,
     Lost,
     Release,
     Renew,
     Take,
+    key_generation,
     partition_key,
 )
 
@@ -100,9 +103,9 @@ class Scheduler:
             self.book.forgot(key)
         for action in actions:
             if isinstance(action, Release):
-                self.bucket.delete(now, partition_key(action.partition), action.last)
+                self.bucket.delete(now, action.key, action.last)
             elif isinstance(action, Take | Renew):
-                key = partition_key(action.partition)
+                key = action.key
                 revision = self.bucket.update(now, key, action.holder.to_bytes(), action.last)
                 if revision is None:
                     if isinstance(action, Renew):
@@ -376,3 +379,210 @@ def test_a_forgotten_scheduler_that_comes_back_counts_again() -> None:
         pass
     assert members_in(bucket) == {"member.a", "member.b"}
     assert group[1].held == homes(["a", "b"])["b"]
+
+
+# -- the partition count, changed online -------------------------------------------------
+
+
+def change(bucket: Bucket, now: float, partitions: int) -> Layout:
+    """What `swarmfly scheduler partitions` writes: the next generation of the layout."""
+    entry = bucket.keys.get(CONFIG_KEY)
+    current = Layout.from_bytes(entry[1] or b"") if entry else None
+    layout = Layout(current.generation + 1 if current else 0, partitions)
+    bucket.put(now, CONFIG_KEY, layout.to_bytes())
+    return layout
+
+
+def served(group: list[Scheduler], tasks: range) -> dict[int, int]:
+    """Task -> how many schedulers serve it, each by the count it partitions by now."""
+    return {t: sum(t % s.book.partitions in s.held for s in group if s.alive) for t in tasks}
+
+
+def test_the_layout_reads_what_earlier_versions_wrote_and_refuses_bad_counts() -> None:
+    assert Layout.from_bytes(b'{"partitions": 16}') == Layout(0, 16)
+    assert Layout.from_bytes(Layout(3, 7).to_bytes()) == Layout(3, 7)
+    for bad in (b'{"partitions": 0}', b'{"partitions": 4097}', b"[]", b"x", b'{"generation": 1}'):
+        assert Layout.from_bytes(bad) is None, bad
+    assert key_generation("partition.5") == 0 and key_generation("partition.2.5") == 2
+    assert key_generation("member.a") is None and key_generation("partition.x") is None
+
+
+def test_the_buckets_count_wins_over_the_configured_one() -> None:
+    bucket = Bucket()
+    bucket.put(0.0, CONFIG_KEY, Layout(2, 4).to_bytes())
+    a = scheduler(bucket, "a")  # configured with 16
+    a.tick(0.0)
+    assert (a.book.partitions, a.book.generation) == (4, 2)
+    assert a.held == set(range(4))
+    assert set(bucket.keys) == {CONFIG_KEY, "member.a", *(f"partition.2.{p}" for p in range(4))}
+
+
+def test_a_lone_scheduler_follows_a_new_count_at_its_next_tick() -> None:
+    bucket = Bucket()
+    change(bucket, 0.0, P)
+    a = scheduler(bucket, "a")
+    a.tick(0.0)
+    change(bucket, 0.2, 32)
+    actions = a.tick(0.5)
+    released = {x.key for x in actions if isinstance(x, Release)}
+    assert released == {partition_key(p) for p in range(P)}, "every lease of the old count"
+    assert {x.key for x in actions if isinstance(x, Take)} == {
+        partition_key(p, 1) for p in range(32)
+    }
+    assert a.held == set(range(32)) and len(a.book.owners(0.5)) == 32
+    assert all(bucket.keys[partition_key(p)][1] is None for p in range(P)), "deleted"
+    assert Holder.from_bytes(bucket.keys["member.a"][1] or b"") is not None
+
+
+def test_takes_of_a_new_count_wait_for_every_member_to_switch() -> None:
+    """b sees the change a second late: a gives its leases up at once but takes none of
+    the new count while b may still serve the old one; then both take their homes."""
+    bucket = Bucket()
+    change(bucket, 0.0, P)
+    a, b = scheduler(bucket, "a"), scheduler(bucket, "b", lag=1.0)
+    for _ in run([a, b], 0.0, 6.0):
+        pass
+    assert a.held | b.held == set(range(P)) and a.held and b.held
+    change(bucket, 6.0, 5)
+    for now in run([a, b], 6.0, 7.0):
+        if a.book.generation == 1 and b.book.generation == 0:
+            assert a.held == set(), now
+    for _ in run([a, b], 7.0, 10.0):
+        pass
+    expected = homes(["a", "b"])
+    assert a.held == {p for p in expected["a"] if p < 5}
+    assert b.held == {p for p in expected["b"] if p < 5}
+    assert a.held | b.held == set(range(5))
+
+
+def test_an_older_or_unreadable_layout_is_ignored() -> None:
+    bucket = Bucket()
+    change(bucket, 0.0, 8)
+    change(bucket, 0.0, 12)
+    a = scheduler(bucket, "a")
+    a.tick(0.0)
+    assert a.book.layout == Layout(1, 12)
+    for value in (Layout(0, 3).to_bytes(), b"garbage", None):
+        if value is None:
+            bucket.delete(1.0, CONFIG_KEY, bucket.keys[CONFIG_KEY][0])
+        else:
+            bucket.put(1.0, CONFIG_KEY, value)
+        a.tick(1.5)
+        assert a.book.layout == Layout(1, 12) and a.held == set(range(12))
+
+
+def test_two_changes_in_a_row_end_on_the_last() -> None:
+    bucket = Bucket()
+    change(bucket, 0.0, P)
+    group = [scheduler(bucket, n) for n in ("a", "b")]
+    for _ in run(group, 0.0, 3.0):
+        pass
+    change(bucket, 3.0, 24)
+    group[0].tick(3.0)  # a switches to 24 before the next change lands
+    change(bucket, 3.0, 7)
+    for _ in run(group, 3.0, 8.0):
+        pass
+    assert all(s.book.layout == Layout(2, 7) for s in group)
+    assert set().union(*(s.held for s in group)) == set(range(7))
+
+
+def test_leases_of_a_dead_scheduler_of_the_old_count_hold_takes_back_until_they_expire() -> None:
+    bucket = Bucket()
+    change(bucket, 0.0, P)
+    group = [scheduler(bucket, n) for n in ("a", "b")]
+    for _ in run(group, 0.0, 3.0):
+        pass
+    group[1].alive = False  # b dies: its leases of generation 0 stay until they expire
+    change(bucket, 3.0, 8)
+    settled_at = None
+    for now in run(group, 3.0, 3.0 + 3 * LEASE):
+        if settled_at is None and group[0].held == set(range(8)):
+            settled_at = now
+        if now < 3.0 + LEASE - 1.0:
+            assert group[0].held == set(), now
+    assert settled_at is not None and settled_at - 3.0 <= LEASE + 2.0
+
+
+def test_an_earlier_counts_keys_are_purged_once_long_gone() -> None:
+    bucket = Bucket()
+    change(bucket, 0.0, P)
+    group = [scheduler(bucket, n) for n in ("a", "b")]
+    for _ in run(group, 0.0, 1.0):
+        pass
+    change(bucket, 1.0, 4)
+    for _ in run(group, 1.0, 3.0 + FORGET_AFTER * LEASE):
+        pass
+    assert {k for k in bucket.keys if k.startswith("partition.")} == {
+        partition_key(p, 1) for p in range(4)
+    }
+    assert sorted(bucket.purged) == sorted(partition_key(p) for p in range(P)), "each once"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lags=st.lists(st.sampled_from([0.0, 0.1, 0.3, 0.9]), min_size=3, max_size=3),
+    offsets=st.lists(st.sampled_from([0.0, 0.1, 0.2, 0.3, 0.4]), min_size=3, max_size=3),
+    counts=st.lists(
+        st.tuples(st.floats(1.0, 30.0), st.sampled_from([1, 3, 5, 8, 16, 24, 32])),
+        min_size=1,
+        max_size=4,
+    ),
+    crash=st.one_of(st.none(), st.tuples(st.integers(0, 2), st.floats(1.0, 30.0))),
+    seed=st.integers(0, 2**16),
+)
+def test_no_task_is_ever_served_twice_while_the_count_changes(
+    lags: list[float],
+    offsets: list[float],
+    counts: list[tuple[float, int]],
+    crash: tuple[int, float] | None,
+    seed: int,
+) -> None:
+    """Three schedulers with watch lag and unaligned ticks; the count changes up and down,
+    sometimes twice before all have followed, and one may crash: at every moment each task
+    is served by one scheduler at most, by whichever count each partitions by, and in the
+    end by exactly one."""
+    rng = random.Random(seed)
+    bucket = Bucket()
+    change(bucket, 0.0, P)
+    group = [scheduler(bucket, n, lag=lags[i]) for i, n in enumerate(["a", "b", "c"])]
+    changes = sorted(counts)
+    tasks = range(96)  # every residue of the counts used (their least common multiple)
+    now, end = 0.0, 50.0
+    next_tick = list(offsets)
+    while now < end:
+        while changes and changes[0][0] <= now:
+            change(bucket, now, changes.pop(0)[1])
+        if crash is not None and crash[1] <= now:
+            group[crash[0]].alive = False
+        for i, s in enumerate(group):
+            if s.alive and now >= next_tick[i]:
+                s.tick(now)
+                next_tick[i] = now + TICK + rng.choice([0.0, 0.05, 0.1])
+        assert max(served(group, tasks).values()) <= 1, now
+        now = round(now + 0.05, 6)
+    assert set(served(group, tasks).values()) == {1}, "every task has a holder in the end"
+
+
+def test_a_scheduler_that_has_not_seen_the_change_yet_holds_the_others_takes_back() -> None:
+    """a holds the one partition of count 1 and stops just before the count becomes 3; c
+    sees a's release a moment before the change, and as partition 0's home takes it in the
+    old count. b, quick to switch, must not take any of the new count meanwhile: c's member
+    key does not say it switched."""
+    bucket = Bucket()
+    bucket.put(0.0, CONFIG_KEY, Layout(0, 1).to_bytes())
+    a, b, c = scheduler(bucket, "a"), scheduler(bucket, "b"), scheduler(bucket, "c", lag=0.9)
+    for _ in run([a, b, c], 0.0, 5.0):
+        pass
+    assert a.held == {0}, "partition 0's home of the three"
+    for release in a.book.release_all():
+        bucket.delete(5.0, release.key, release.last)
+    bucket.delete(5.0, a.book.member_key, bucket.keys[a.book.member_key][0])
+    a.alive = False
+    change(bucket, 5.05, 3)  # partition 2 is b's home
+    b.tick(5.1)
+    c.tick(5.9)
+    assert c.held == {0} and c.book.partitions == 1, "taken in the old count"
+    assert b.book.partitions == 3 and b.held == set()
+    for now in run([b, c], 6.0, 10.0):
+        assert max(served([b, c], range(3)).values()) <= 1, now
+    assert set(served([b, c], range(3)).values()) == {1}
