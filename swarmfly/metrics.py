@@ -150,7 +150,7 @@ class ProxyMetrics(Metrics):
 
 def download_failure(exc: BaseException) -> str:
     """The ``reason`` label of a failed download."""
-    from swarmfly.services.peer.conductor import LocalDiskError  # the peer's, loaded with it
+    from swarmfly.services.peer.transfer import LocalDiskError  # the peer's, loaded with it
 
     if isinstance(exc, LocalDiskError):
         return "disk"

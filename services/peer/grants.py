@@ -99,6 +99,8 @@ class Poll:
     """The pieces it lacks, when it said (only then can it be lent one)."""
     child: str | None = None
     """The peer id its capability names (or it gave): whose liveness a lent piece follows."""
+    borrows: bool = True
+    """It may be lent pieces (a child that does not read the origin says not)."""
     answer: Granted | Lent | None = None
 
 
@@ -182,6 +184,7 @@ class GrantDesk:
                 (lending := task.lending) is not None
                 and poll.wanted is not None
                 and poll.child is not None
+                and poll.borrows
             ):
                 number = lending.lend(task.done, task.served, poll.wanted, now, poll.child)
                 if number is not None:

@@ -17,6 +17,7 @@ import os
 import socket
 import time
 import zlib
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from swarmfly.bus import Bus
+from swarmfly.cache import is_reference
 from swarmfly.config import Config, HostConfig
 from swarmfly.content import SourceRequest
 from swarmfly.contracts import SENDER, Sender, messages
@@ -40,8 +42,9 @@ from swarmfly.placement import DEFAULT_PARTITIONS, partition_of
 from swarmfly.pluginhost import Plugins
 from swarmfly.plugintypes import Source, SourceStat
 from swarmfly.ratelimit import TokenBucket
-from swarmfly.services.peer.conductor import Conductor, LocalDiskError
+from swarmfly.services.peer.conductor import Conductor
 from swarmfly.services.peer.gc import CachedTask, DiskUsage, GcPolicy, plan
+from swarmfly.services.peer.imports import CACHE_ORIGIN, cached_stat
 from swarmfly.services.peer.links import DownloadSettings, HostBudget, HttpPieces, Links
 from swarmfly.services.peer.reports import REPORT_BATCH
 from swarmfly.services.peer.store import (
@@ -49,6 +52,7 @@ from swarmfly.services.peer.store import (
     TaskStore,
     private_dir,
 )
+from swarmfly.services.peer.transfer import LocalDiskError
 from swarmfly.services.peer.upload import UploadServer
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,9 @@ LEAVE_PATIENCE = 2.0
 HAND_OVER_SECONDS = 10.0
 """Seconds at most a storage host that leaves mid-seed serves on, for children to copy the
 pieces it read from the origin (the seed taking over reads again what nobody holds)."""
+HAND_BACK_SECONDS = 6.0
+"""Seconds at most a leaving peer spends handing lent pieces back to their seeds (within
+``lifecycle.DRAIN_SECONDS`` with the leave's own waits)."""
 HAND_OVER_IDLE = 2.5
 """Seconds without a child taking one of those pieces after which it stops waiting: they do
 not want them from it (a child asks its seed at least every 2 s)."""
@@ -178,10 +185,12 @@ class Download:
     started: float
     rate: int = 0
     """Bytes/s this download lets the conductor take while it waits (0: the host's limit)."""
+    back_to_source: bool = True
+    """This host may read the origin for it (dfget's ``--disable-back-to-source``: not)."""
 
     async def result(self) -> DownloadResult:
         """Wait for the conductor (cancelling this wait leaves it going for the others)."""
-        with self.conductor.asking(self.rate):
+        with self.conductor.asking(self.rate, back_to_source=self.back_to_source):
             conductor = await asyncio.shield(self.running)
         stored = conductor.stored
         assert stored.content is not None
@@ -237,6 +246,7 @@ class PeerHost:
             capabilities=settings.capabilities,
             healthy=lambda: self.bus is None or self.bus.nc.is_connected,
         )
+        self.upload.take_back = self._take_back
         self.download_bucket = TokenBucket(settings.download_rate)
         self.links = Links(
             scheduler=self if bus is not None else None,
@@ -350,6 +360,8 @@ class PeerHost:
         return make_peer_id(self.settings.host_id, task_id)
 
     def source_for(self, url: str) -> Source:
+        if is_reference(url):  # imported content: no origin but the hosts that hold it
+            return CACHE_ORIGIN
         return self.plugins.source_for(url)
 
     # -- downloads -------------------------------------------------------------------------
@@ -364,6 +376,7 @@ class PeerHost:
         download_id: str | None = None,
         stat: SourceStat | None = None,
         rate: int = 0,
+        back_to_source: bool = True,
     ) -> Download:
         """Join the task's run, or start one; concurrent asks for one task share a run.
 
@@ -392,16 +405,19 @@ class PeerHost:
                 seed=seed,
                 stat=stat,
             )
+            conductor.back_to_source = back_to_source  # before its first phase: no ask yet
             running = asyncio.create_task(self._run(conductor))
             entry = self._downloads[task_id] = (conductor, running)
             running.add_done_callback(lambda _: self._downloads.pop(task_id, None))
         if download_id:
             self._progress[download_id] = entry[0]
-        return Download(task_id, entry[0], entry[1], started, rate)
+        return Download(task_id, entry[0], entry[1], started, rate, back_to_source)
 
     async def resolve(self, source: SourceRequest, stat: SourceStat | None = None) -> Resolved:
         """The task a request is for: what the origin says of it (``stat``, asked with the
         request's own credentials unless the caller just did), and the id that follows."""
+        if stat is None and is_reference(source.url):
+            stat = await cached_stat(self, source.url)
         if stat is None:
             try:
                 stat = await self.source_for(source.url).stat(source.url, source.headers)
@@ -418,6 +434,7 @@ class PeerHost:
             piece_length=source.piece_length,
             etag=stat.etag,
             shared=self._shared(source, stat),
+            filtered=source.filtered_query_params,
         )
         return Resolved(task_id, source, stat)
 
@@ -462,9 +479,10 @@ class PeerHost:
         task_id: str | None = None,
         download_id: str | None = None,
         rate: int = 0,
+        back_to_source: bool = True,
     ) -> DownloadResult:
         """Bring a task into the store, verified; ``rate``: bytes/s it may take (0: the
-        host's limit only)."""
+        host's limit only); ``back_to_source``: this host may read the origin for it."""
         run = await self.begin(
             source,
             strategy=strategy,
@@ -472,6 +490,7 @@ class PeerHost:
             task_id=task_id,
             download_id=download_id,
             rate=rate,
+            back_to_source=back_to_source,
         )
         return await run.result()
 
@@ -570,6 +589,16 @@ class PeerHost:
         self.metrics.cache_bytes.set(
             sum(t.content.content_length for t in tasks if t.content) + sum(orphans.values())
         )
+
+    async def _take_back(
+        self, task: StoredTask, number: int, child: str, chunks: AsyncIterator[bytes]
+    ) -> bool:
+        """A lent piece handed back by its child, into this seed's running download."""
+        entry = self._downloads.get(task.id)
+        if entry is None or not entry[0].seed:
+            return False
+        async with asyncio.timeout(self.settings.download.piece_timeout):
+            return await entry[0].pieces.take_back(number, child, chunks)
 
     def progress(self, download_id: str) -> Conductor | None:
         return self._progress.get(download_id)
@@ -759,7 +788,8 @@ class PeerHost:
         """Evict what the cache policy says; tell the scheduler these pieces are gone."""
         cached = [
             CachedTask(t.id, t.content.content_length if t.content else 0, t.last_access,
-                       t.active > 0 or t.id in self._downloads or t.id in self._verifying)
+                       t.active > 0 or t.id in self._downloads or t.id in self._verifying,
+                       expires=t.expires_at)
             for t in self.store.tasks.values()
         ] + [
             CachedTask(task_id, size, 0.0, active=False, orphan=True)
@@ -776,6 +806,17 @@ class PeerHost:
             await self._report_gone(announced)
         self._count_cache()
         return evicted
+
+    async def remove(self, task_id: str) -> bool:
+        """Drop a task from the cache now and tell the schedulers (``swarmfly cache rm``);
+        False when it was not here."""
+        if self.store.get(task_id) is None:
+            return False
+        freed = self.store.evict(task_id)
+        log.info("removed task %s (%d bytes)", task_id[:12], freed)
+        self._count_cache()
+        await self._report_gone([task_id])
+        return True
 
     def _disk_usage(self) -> DiskUsage | None:
         """The state dir's filesystem now, for the disk watermarks."""
@@ -827,23 +868,38 @@ class PeerHost:
         if self._beat is not None:
             self._beat.cancel()
         running = []
+        borrowers = [c for c, _ in self._downloads.values() if c.borrowed or c.lent_reads]
         for conductor, task in self._downloads.values():
             conductor.silence()
             task.cancel()
             running.append(task)
         if running:
             await asyncio.wait(running, timeout=LEAVE_PATIENCE)
-        if self.bus is None or not self.bus.nc.is_connected:
+        if self.bus is not None and self.bus.nc.is_connected:
+            try:
+                await self.bus.request(
+                    messages.LEAVE,
+                    messages.LeaveRequest(self.settings.host_id),
+                    timeout=2.0,
+                    sender=self.sender,
+                )
+            except SwarmflyError as exc:
+                log.debug("leave: %s", exc)
+        await self._hand_back(borrowers)
+
+    async def _hand_back(self, borrowers: list[Conductor]) -> None:
+        """After the leave (children are sent elsewhere at once), the lent pieces read here
+        go back to their seeds, which would read them from the origin again: a while at
+        most, the upload server serving on meanwhile."""
+        if not borrowers:
             return
-        try:
-            await self.bus.request(
-                messages.LEAVE,
-                messages.LeaveRequest(self.settings.host_id),
-                timeout=2.0,
-                sender=self.sender,
-            )
-        except SwarmflyError as exc:
-            log.debug("leave: %s", exc)
+        jobs = [asyncio.create_task(c.hand_back(HAND_BACK_SECONDS)) for c in borrowers]
+        done, late = await asyncio.wait(jobs, timeout=HAND_BACK_SECONDS)
+        for job in late:
+            job.cancel()
+        taken = sum(job.result() for job in done if not job.cancelled() and not job.exception())
+        lent = sum(len(c.borrowed) for c in borrowers)
+        log.info("leaving: %d of %d lent pieces read here went back to their seeds", taken, lent)
 
     async def _hand_over(self, seeding: list[Conductor]) -> None:
         """A seed leaving mid-read: no new origin reads, those in flight finish, and it

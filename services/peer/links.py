@@ -88,6 +88,19 @@ class PieceClient(Protocol):
         ``SwarmflyError`` (``unavailable``, ``timeout``)."""
         ...
 
+    async def hand_back(
+        self,
+        address: str,
+        task_id: str,
+        number: int,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: float,
+    ) -> Offers:
+        """Give the seed that lent it a piece read from the origin here (``PUT
+        /lent/{n}``); raises ``SwarmflyError`` as ``offers`` does."""
+        ...
+
 
 @dataclass(frozen=True)
 class DownloadSettings:
@@ -186,3 +199,32 @@ class HttpPieces:
             raise SwarmflyError("timeout", f"{address} stalled") from None
         except aiohttp.ClientError as exc:
             raise SwarmflyError("unavailable", connect_error_in_words(exc, address)) from None
+
+    async def hand_back(
+        self,
+        address: str,
+        task_id: str,
+        number: int,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: float,
+    ) -> Offers:
+        try:
+            async with self.session().put(
+                f"{address}/v1/tasks/{task_id}/lent/{number}",
+                data=body,
+                headers=dict(headers),
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+            ) as response:
+                if response.status != 200:
+                    return Offers(response.status)
+                return Offers(200, await response.json())
+        except TimeoutError:
+            raise SwarmflyError("timeout", f"{address} did not answer in {timeout:g}s") from None
+        except aiohttp.ContentTypeError:
+            raise SwarmflyError("bad_request", f"{address} sent no JSON") from None
+        except aiohttp.ClientError as exc:
+            raise SwarmflyError("unavailable", connect_error_in_words(exc, address)) from None
+        except ValueError:
+            raise SwarmflyError("bad_request", f"{address} sent malformed JSON") from None

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import nullcontext
 from typing import Any
 
@@ -54,6 +54,10 @@ CHILD: web.RequestKey[capability.Grant | None] = web.RequestKey("child")
 SEND_WINDOW = 4.0
 """A child must read at least MIN_SEND_RATE bytes/s, over every SEND_WINDOW seconds, or it
 is cut off."""
+_CHUNK = 256 * 1024
+TakeBack = Callable[[StoredTask, int, str, AsyncIterator[bytes]], Awaitable[bool]]
+"""A seed's download taking a piece it lent back from its child (``PieceIO.take_back``):
+the task, the piece, the child, the body. False when it had the piece already."""
 
 
 class UploadServer:
@@ -104,6 +108,9 @@ class UploadServer:
         self.app = web.Application(client_max_size=1024)
         self.app.router.add_get("/v1/tasks/{task_id}/pieces", self.pieces, allow_head=False)
         self.app.router.add_get("/v1/tasks/{task_id}/data", self.data, allow_head=False)
+        self.app.router.add_put("/v1/tasks/{task_id}/lent/{number}", self.lent)
+        self.take_back: TakeBack | None = None
+        """Where a lent piece handed back goes (the host's running seed download)."""
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics.handler)
 
@@ -197,6 +204,35 @@ class UploadServer:
             }
         )
 
+    async def lent(self, request: web.Request) -> web.Response:
+        """A child that leaves hands back a piece this seed lent it and lacks: only the
+        child it was lent to (by its capability), only the whole piece, verified as it is
+        written. ``taken``: false when this host has it already or lends the task no more."""
+        task = self._task(request)
+        assert task.content is not None
+        text = request.match_info["number"]
+        if not (text.isascii() and text.isdigit() and len(text) <= 9) or (
+            int(text) >= task.content.piece_count
+        ):
+            raise web.HTTPBadRequest(text="not a piece of the task")
+        number = int(text)
+        grant: capability.Grant | None = request[CHILD]
+        child = grant.peer_id if grant is not None else request.query.get("peer")
+        lending = task.lending
+        if lending is None or number in task.done or self.take_back is None:
+            return web.json_response({"taken": False})
+        if child is None or lending.lent_to.get(number) != child:
+            raise web.HTTPForbidden(text="the piece was not lent to this child")
+        if request.content_length != task.content.piece(number)[1]:
+            raise web.HTTPBadRequest(text="the body must be the whole piece")
+        try:
+            taken = await self.take_back(task, number, child, request.content.iter_chunked(_CHUNK))
+        except SwarmflyError as exc:
+            if exc.code == "integrity":
+                raise web.HTTPUnprocessableEntity(text="the piece does not match") from None
+            raise web.HTTPServiceUnavailable(text="the piece was not taken") from None
+        return web.json_response({"taken": taken})
+
     # -- grants (a seed) -----------------------------------------------------------------
 
     async def _grant_poll(
@@ -217,13 +253,16 @@ class UploadServer:
         child = request.query.get("peer")
         if child is not None and not NODE_ID.match(child):
             raise web.HTTPBadRequest(text="peer must be a peer id")
+        borrow = request.query.get("borrow", "1")
+        if borrow not in ("0", "1"):
+            raise web.HTTPBadRequest(text="borrow must be 0 or 1")
         grant: capability.Grant | None = request[CHILD]
         if grant is not None:
             child = grant.peer_id  # who the capability says, whatever the query says
         lending = task.lending
         if lending is not None and "lent" in request.query:
             lending.said(_numbers(request.query["lent"]))
-        poll = grants.Poll(task, wanted, child)
+        poll = grants.Poll(task, wanted, child, borrows=borrow == "1")
         answered = self._answers[poll] = asyncio.get_running_loop().create_future()
         in_range = 0 <= declined < task.content.piece_count
         self.desk.ask(poll, time.monotonic(), declined if in_range else None)

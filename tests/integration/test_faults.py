@@ -4,6 +4,7 @@ or a parent that leaves slows a download but does not fail it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import signal
@@ -190,7 +191,7 @@ HANDOVER_LIMIT = 1.5
 leave reaches the scheduler at once, and each child asks for parents at least every
 RESCHEDULE_INTERVAL (1 s); losing it to heartbeats would take SWARMFLY_SCHEDULER_HOST_TTL."""
 _PIECE_LINE = re.compile(
-    r"^(\S+ \S+) DEBUG swarmfly\.services\.peer\.conductor: piece \d+ from (\S+) in ([\d.]+)s$"
+    r"^(\S+ \S+) DEBUG swarmfly\.services\.peer\.transfer: piece \d+ from (\S+) in ([\d.]+)s$"
 )
 
 
@@ -219,9 +220,9 @@ async def test_a_peer_leaving_on_sigterm_hands_its_children_over_at_once(
     nats: NatsServer, prefix: str, tmp_path: Path
 ) -> None:
     data = os.urandom(24 * MiB)
-    # Paced so that the transfer is still going when the parent leaves. The seed lends no
-    # pieces: lent pieces only the leaving peer held are read again from the origin, which
-    # the bound below would have to allow for (test_swarm's killed parent covers lending).
+    # Paced so that the transfer is still going when the parent leaves. The seed lends
+    # pieces: those the leaving peer read it hands back to the seed before it goes, so the
+    # origin is read once (a killed parent's are read again: test_swarm covers that).
     async with Origin(rate=8 * MiB).serve() as origin:
         url = origin.add("f.bin", data)
 
@@ -232,9 +233,7 @@ async def test_a_peer_leaving_on_sigterm_hands_its_children_over_at_once(
 
         services = {
             "scheduler": start("scheduler", "scheduler"),
-            "storage": start(
-                "storage", "storage", "--upload-rate", "4MiB", SWARMFLY_STORAGE_LEND_PIECES="0"
-            ),
+            "storage": start("storage", "storage", "--upload-rate", "4MiB"),
         }
         for i in range(3):  # DEBUG: each piece a child gets is logged with its parent
             services[f"peer{i}"] = start(
@@ -250,7 +249,9 @@ async def test_a_peer_leaving_on_sigterm_hands_its_children_over_at_once(
             return {p["host_id"]: p for t in tasks for p in t["peers"]}
 
         try:
-            args = ("--nats", nats.url, "--prefix", prefix)
+            # With a digest: only then does the seed lend.
+            digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+            args = ("--nats", nats.url, "--prefix", prefix, "--digest", digest)
 
             def download(i: int) -> asyncio.Task[tuple[int, dict[str, Any] | None, str]]:
                 out, state = tmp_path / f"out{i}", tmp_path / f"peer{i}"
@@ -303,6 +304,10 @@ async def test_a_peer_leaving_on_sigterm_hands_its_children_over_at_once(
         finally:
             for service in services.values():
                 service.stop()
+        # Every lent piece it read went back to the seed before it left (in-flight reads
+        # finished first): the origin bound above holds with lending on.
+        for taken, lent in re.findall(r"leaving: (\d+) of (\d+) lent pieces", victim.log()):
+            assert taken == lent, f"{taken} of {lent} lent pieces went back"
         used = {c.host_id: fetches_from(c.log(), leaver) for c in children}
         assert any(s < signalled for spans in used.values() for s, _ in spans), (
             "no child got a piece from the leaving peer before it left"

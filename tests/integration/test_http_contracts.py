@@ -35,6 +35,7 @@ from swarmfly.get import GetRequest, socket_client
 from swarmfly.ids import NODE_ID
 from swarmfly.natsserver import NatsServer
 from swarmfly.services.peer.lending import MAX_SAID, Lending
+from swarmfly.services.peer.store import StoredTask
 from swarmfly.testing import InProcessCluster, Origin, capability, in_process_cluster
 from tests.integration.test_upload_server import PIECE, Upload, content_of, finish, serve
 
@@ -265,6 +266,8 @@ ERRORS = {
                                  "decline must be a piece number", superseed=True),
     "peer not an id": Case("/v1/tasks/{task}/pieces?peer=a.b", 400,
                            "peer must be a peer id", superseed=True),
+    "borrow not 0 or 1": Case("/v1/tasks/{task}/pieces?borrow=yes", 400,
+                              "borrow must be 0 or 1", superseed=True),
     "no Range": Case("/v1/tasks/{task}/data", 400, "a Range of verified pieces is required"),
     **{f"Range {r}": Case("/v1/tasks/{task}/data", 400, "a Range of verified pieces is required",
                           {"Range": r})
@@ -580,3 +583,65 @@ async def test_the_local_socket_refuses_as_documented(running: Running) -> None:
                 assert error["error"].get("path") == error_path, (name, error)
     assert running.origin.requests == requests_before
     assert not (running.root / "refused.bin").exists()
+
+
+# -- a lent piece handed back --------------------------------------------------------------
+
+
+async def hand_back(
+    upload: Upload, task: StoredTask, number: str, body: bytes, peer: str = "child-1"
+) -> tuple[int, Any]:
+    """PUT a lent piece as a leaving child would, the answer checked against the contract."""
+    target = f"/v1/tasks/{task.id}/lent/{number}"
+    headers = upload.token(task.id, peer)
+    conforming("PUT", target, headers)
+    async with upload.session.put(upload.url + target, data=body, headers=headers) as response:
+        status, raw, answer_headers = response.status, await response.read(), response.headers
+    return status, answered("PUT", target, status, raw, answer_headers)
+
+
+async def test_a_lent_piece_handed_back_as_documented(tmp_path: Path) -> None:
+    async with serve(tmp_path, rate=8 * MiB, superseed=True) as seed:
+        data = content_of(8 * PIECE, b"handed back")
+        task = seed.put(data, {0, 1})
+        piece = {n: data[n * PIECE : (n + 1) * PIECE] for n in range(8)}
+        # Not lending the task (yet): nothing is taken, whoever asks.
+        assert await hand_back(seed, task, "7", piece[7]) == (200, {"taken": False})
+
+        async def take_back(
+            into: StoredTask, number: int, child: str, chunks: AsyncIterator[bytes]
+        ) -> bool:
+            """As the seed's download takes it: written as it comes, checked, marked."""
+            writer = into.writer(number)
+            assert writer is not None
+            try:
+                async for chunk in chunks:
+                    writer.write([chunk])
+                digest = writer.finish(into.digests[number])
+            finally:
+                writer.close()
+            into.mark_done(number, digest)
+            return True
+
+        seed.server.take_back = take_back
+        task.lending = Lending(8, etag='"v1"')
+        task.lending.lent_to.update({7: "child-1", 6: "child-2", 5: "child-1"})
+        task.lending.pending.update({7: 1e18, 6: 1e18, 5: 1e18})
+
+        assert await hand_back(seed, task, "7", piece[7]) == (200, {"taken": True})
+        assert 7 in task.done and task.read(7 * PIECE, PIECE) == piece[7]
+        assert await hand_back(seed, task, "7", piece[7]) == (200, {"taken": False})  # held
+
+        refused = await hand_back(seed, task, "6", piece[6])
+        assert refused == (403, "the piece was not lent to this child")
+        for bad in ("x", "8", "1" * 10, "-1"):
+            assert (await hand_back(seed, task, bad, piece[5]))[0] == 400, bad
+        assert await hand_back(seed, task, "8", piece[5]) == (400, "not a piece of the task")
+        short = await hand_back(seed, task, "5", piece[5][:-1])
+        assert short == (400, "the body must be the whole piece")
+        # A forged body: the digest the scheduler knows of the piece refutes it; nothing kept.
+        task.digests[5] = hashlib.sha256(piece[5]).hexdigest()
+        forged = await hand_back(seed, task, "5", bytes(len(piece[5])))
+        assert forged == (422, "the piece does not match")
+        assert 5 not in task.done
+        assert await hand_back(seed, task, "5", piece[5]) == (200, {"taken": True})

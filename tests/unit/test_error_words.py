@@ -106,7 +106,7 @@ def test_a_local_disk_error_says_the_cause_and_the_file() -> None:
     import errno
     import os
 
-    from swarmfly.services.peer.conductor import LocalDiskError
+    from swarmfly.services.peer.transfer import LocalDiskError
 
     full = LocalDiskError.of(
         OSError(errno.ENOSPC, "No space left on device", "/var/lib/swarmfly/t/data")

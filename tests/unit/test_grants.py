@@ -121,3 +121,19 @@ def test_once_full_a_named_child_that_said_what_it_wants_is_lent_a_piece() -> No
     assert lending.lent_to == {7: "d"} and lending.polled_at == 0.0
     desk.withdraw(named, now=1.5)
     assert lending.seen["d"] == 1.5  # it waited at the desk until then: alive
+
+
+def test_a_child_that_does_not_read_the_origin_is_never_lent_a_piece() -> None:
+    """dfget's --disable-back-to-source: the child says ``borrow=0``; it waits its turn."""
+    lending = Lending(8, etag='"v1"', limit=2, window=0)
+    task = Task("t", done={0}, lending=lending)
+    desk = GrantDesk(capacity=1)
+    granted, offline, named = (
+        Poll(task, {0, 5, 6, 7}, "a"),
+        Poll(task, {5, 6, 7}, "b", borrows=False),
+        Poll(task, {5, 6, 7}, "d"),
+    )
+    for poll in (granted, offline, named):
+        desk.ask(poll, now=0.0)
+    assert desk.dispatch(load=0, now=0.0) == [granted, named]
+    assert offline.answer is None and "b" not in lending.lent_to.values()
