@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from swarmfly.contracts.wire import ABSENT, Absent, Subject
+from swarmfly.contracts.wire import ABSENT, Absent, NoReply, Subject
 from swarmfly.frozen import quick_init
 
 
@@ -61,6 +61,8 @@ class Source:
     piece_length: int | None = None
     tag: str | None = None
     application: str | None = None
+    filtered_query_params: list[str] | None = None
+    priority: int | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Source:
@@ -71,6 +73,8 @@ class Source:
             piece_length=data.get("piece_length"),
             tag=data.get("tag"),
             application=data.get("application"),
+            filtered_query_params=data.get("filtered_query_params"),
+            priority=data.get("priority"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +89,50 @@ class Source:
             data["tag"] = self.tag
         if self.application is not None:
             data["application"] = self.application
+        if self.filtered_query_params is not None:
+            data["filtered_query_params"] = self.filtered_query_params
+        if self.priority is not None:
+            data["priority"] = self.priority
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class CachedReply:
+    """common.json ``cached_reply``: what a storage instance holds of an imported task
+    (swarmfly cache).
+    """
+
+    task_id: str
+    host_id: str
+    held: bool
+    digest: str | None = None
+    content_length: int | None = None
+    expires_at: float | None = None
+    removed: bool | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CachedReply:
+        return cls(
+            task_id=data["task_id"],
+            host_id=data["host_id"],
+            held=data["held"],
+            digest=data.get("digest"),
+            content_length=data.get("content_length"),
+            expires_at=data.get("expires_at"),
+            removed=data.get("removed"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"task_id": self.task_id, "host_id": self.host_id, "held": self.held}
+        if self.digest is not None:
+            data["digest"] = self.digest
+        if self.content_length is not None:
+            data["content_length"] = self.content_length
+        if self.expires_at is not None:
+            data["expires_at"] = self.expires_at
+        if self.removed is not None:
+            data["removed"] = self.removed
         return data
 
 
@@ -325,16 +373,75 @@ class PreheatRequest:
 
     source: Source
     timeout_s: float | None = None
+    scope: Literal["seed", "all-seeds"] | None = None
+    progress: PreheatProgressTo | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreheatRequest:
-        return cls(source=Source.from_dict(data["source"]), timeout_s=data.get("timeout_s"))
+        progress = data.get("progress")
+        return cls(
+            source=Source.from_dict(data["source"]),
+            timeout_s=data.get("timeout_s"),
+            scope=data.get("scope"),
+            progress=None if progress is None else PreheatProgressTo.from_dict(progress),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"source": self.source.to_dict()}
         if self.timeout_s is not None:
             data["timeout_s"] = self.timeout_s
+        if self.scope is not None:
+            data["scope"] = self.scope
+        if self.progress is not None:
+            data["progress"] = self.progress.to_dict()
         return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class PreheatProgressTo:
+    """common.json ``preheat_progress_to``: where the hosts doing a preheat report how far
+    they got: preheat.{job}.progress, each event naming this item.
+    """
+
+    job: str
+    item: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreheatProgressTo:
+        return cls(job=data["job"], item=data["item"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job": self.job, "item": self.item}
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class PreheatFailure:
+    """common.json ``preheat_failure``: a host that was to hold a preheated task and does
+    not, and why.
+    """
+
+    host_id: str
+    code: Literal[
+        "bad_request",
+        "not_found",
+        "forbidden",
+        "conflict",
+        "unavailable",
+        "timeout",
+        "source_error",
+        "integrity",
+        "internal",
+    ]
+    message: str
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreheatFailure:
+        return cls(host_id=data["host_id"], code=data["code"], message=data["message"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host_id": self.host_id, "code": self.code, "message": self.message}
 
 
 @quick_init
@@ -352,9 +459,11 @@ class PreheatReply:
     seconds: float
     digest: str | None = None
     replicas: list[str] | None = None
+    failed: list[PreheatFailure] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreheatReply:
+        failed = data.get("failed")
         return cls(
             task_id=data["task_id"],
             host_id=data["host_id"],
@@ -364,6 +473,7 @@ class PreheatReply:
             seconds=data["seconds"],
             digest=data.get("digest"),
             replicas=data.get("replicas"),
+            failed=None if failed is None else [PreheatFailure.from_dict(v) for v in failed],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -379,6 +489,8 @@ class PreheatReply:
             data["digest"] = self.digest
         if self.replicas is not None:
             data["replicas"] = self.replicas
+        if self.failed is not None:
+            data["failed"] = [v.to_dict() for v in self.failed]
         return data
 
 
@@ -397,6 +509,8 @@ class DownloadRequest:
     umask: int | None = None
     download_rate: int | None = None
     hard_link: bool | None = None
+    back_to_source: bool | None = None
+    overwrite: bool | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DownloadRequest:
@@ -409,6 +523,8 @@ class DownloadRequest:
             umask=data.get("umask"),
             download_rate=data.get("download_rate"),
             hard_link=data.get("hard_link"),
+            back_to_source=data.get("back_to_source"),
+            overwrite=data.get("overwrite"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -427,6 +543,10 @@ class DownloadRequest:
             data["download_rate"] = self.download_rate
         if self.hard_link is not None:
             data["hard_link"] = self.hard_link
+        if self.back_to_source is not None:
+            data["back_to_source"] = self.back_to_source
+        if self.overwrite is not None:
+            data["overwrite"] = self.overwrite
         return data
 
 
@@ -468,6 +588,36 @@ class DownloadReply:
         }
         if self.digest is not None:
             data["digest"] = self.digest
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class PeerPreheatRequest:
+    """``peer.{host_id}.preheat`` request: bring a URL into this peer's cache now, through
+    the swarm, before anyone on this host asks (what `swarmfly preheat --scope all-peers`
+    sends).
+    """
+
+    source: Source
+    timeout_s: float | None = None
+    progress: PreheatProgressTo | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PeerPreheatRequest:
+        progress = data.get("progress")
+        return cls(
+            source=Source.from_dict(data["source"]),
+            timeout_s=data.get("timeout_s"),
+            progress=None if progress is None else PreheatProgressTo.from_dict(progress),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"source": self.source.to_dict()}
+        if self.timeout_s is not None:
+            data["timeout_s"] = self.timeout_s
+        if self.progress is not None:
+            data["progress"] = self.progress.to_dict()
         return data
 
 
@@ -522,6 +672,47 @@ class ProgressReply:
         data: dict[str, Any] = {"state": self.state, "completed_bytes": self.completed_bytes}
         if self.content_length is not ABSENT:
             data["content_length"] = self.content_length
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class PreheatProgressRequest:
+    """``preheat.{job}.progress`` request: how far one host has got with one item of a
+    preheat job: published by the storage instance or peer doing it, heard by the CLI that
+    started the job.
+    """
+
+    item: int
+    state: Literal["running", "done", "failed"]
+    completed_bytes: int
+    task_id: str | None = None
+    content_length: int | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreheatProgressRequest:
+        return cls(
+            item=data["item"],
+            state=data["state"],
+            completed_bytes=data["completed_bytes"],
+            task_id=data.get("task_id"),
+            content_length=data.get("content_length"),
+            error=data.get("error"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "item": self.item,
+            "state": self.state,
+            "completed_bytes": self.completed_bytes,
+        }
+        if self.task_id is not None:
+            data["task_id"] = self.task_id
+        if self.content_length is not None:
+            data["content_length"] = self.content_length
+        if self.error is not None:
+            data["error"] = self.error
         return data
 
 
@@ -1099,6 +1290,27 @@ class TaskReply:
 
 @quick_init
 @dataclass(frozen=True, slots=True)
+class CachedRequest:
+    """``storage.{host_id}.cached`` request: a peer asks a storage instance whether it holds
+    an imported task, or has it removed (swarmfly cache stat, cache rm).
+    """
+
+    task_id: str
+    remove: bool | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CachedRequest:
+        return cls(task_id=data["task_id"], remove=data.get("remove"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"task_id": self.task_id}
+        if self.remove is not None:
+            data["remove"] = self.remove
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
 class FillRequest:
     """``storage.{host_id}.fill`` request: a preheat forwarded to a storage instance that is
     to hold the task: its home, which reads the origin, or a replica, which takes it from
@@ -1108,13 +1320,18 @@ class FillRequest:
     source: Source
     timeout_s: float | None = None
     replica: bool | None = None
+    task_id: str | None = None
+    progress: PreheatProgressTo | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FillRequest:
+        progress = data.get("progress")
         return cls(
             source=Source.from_dict(data["source"]),
             timeout_s=data.get("timeout_s"),
             replica=data.get("replica"),
+            task_id=data.get("task_id"),
+            progress=None if progress is None else PreheatProgressTo.from_dict(progress),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -1123,6 +1340,48 @@ class FillRequest:
             data["timeout_s"] = self.timeout_s
         if self.replica is not None:
             data["replica"] = self.replica
+        if self.task_id is not None:
+            data["task_id"] = self.task_id
+        if self.progress is not None:
+            data["progress"] = self.progress.to_dict()
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class ImportRequest:
+    """``storage.{host_id}.import`` request: a peer asks a storage instance to take a file
+    imported on its host (swarmfly cache import) and keep it for a while.
+    """
+
+    task_id: str
+    digest: str
+    content_length: int
+    piece_length: int
+    ttl_s: float
+    timeout_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImportRequest:
+        return cls(
+            task_id=data["task_id"],
+            digest=data["digest"],
+            content_length=data["content_length"],
+            piece_length=data["piece_length"],
+            ttl_s=data["ttl_s"],
+            timeout_s=data.get("timeout_s"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "task_id": self.task_id,
+            "digest": self.digest,
+            "content_length": self.content_length,
+            "piece_length": self.piece_length,
+            "ttl_s": self.ttl_s,
+        }
+        if self.timeout_s is not None:
+            data["timeout_s"] = self.timeout_s
         return data
 
 
@@ -1167,7 +1426,9 @@ class SeedReply:
 
 
 DOWNLOAD: Final = Subject("peer.{host_id}.download", DownloadRequest, DownloadReply)
+PEER_PREHEAT: Final = Subject("peer.{host_id}.preheat", PeerPreheatRequest, PreheatReply)
 PROGRESS: Final = Subject("peer.{host_id}.progress", ProgressRequest, ProgressReply)
+PREHEAT_PROGRESS: Final = Subject("preheat.{job}.progress", PreheatProgressRequest, NoReply)
 BEAT: Final = Subject("scheduler.{scheduler}.beat", HeartbeatRequest, HeartbeatReply)
 HEARTBEAT: Final = Subject("scheduler.heartbeat", HeartbeatRequest, HeartbeatReply)
 LEAVE: Final = Subject("scheduler.leave", LeaveRequest, Ok)
@@ -1177,12 +1438,16 @@ RESCHEDULE: Final = Subject("scheduler.{partition}.reschedule", RescheduleReques
 RESULT: Final = Subject("scheduler.{partition}.result", ResultRequest, Ok)
 STATE: Final = Subject("scheduler.state", StateRequest, StateReply)
 TASK: Final = Subject("scheduler.{partition}.task", TaskRequest, TaskReply)
+CACHED: Final = Subject("storage.{host_id}.cached", CachedRequest, CachedReply)
 FILL: Final = Subject("storage.{host_id}.fill", FillRequest, PreheatReply)
+IMPORT: Final = Subject("storage.{host_id}.import", ImportRequest, CachedReply)
 PREHEAT: Final = Subject("storage.preheat", PreheatRequest, PreheatReply)
 SEED: Final = Subject("storage.{host_id}.seed", SeedRequest, SeedReply)
 SUBJECTS: Final[Mapping[str, Subject[Any, Any]]] = {
     DOWNLOAD.name: DOWNLOAD,
+    PEER_PREHEAT.name: PEER_PREHEAT,
     PROGRESS.name: PROGRESS,
+    PREHEAT_PROGRESS.name: PREHEAT_PROGRESS,
     BEAT.name: BEAT,
     HEARTBEAT.name: HEARTBEAT,
     LEAVE.name: LEAVE,
@@ -1192,7 +1457,9 @@ SUBJECTS: Final[Mapping[str, Subject[Any, Any]]] = {
     RESULT.name: RESULT,
     STATE.name: STATE,
     TASK.name: TASK,
+    CACHED.name: CACHED,
     FILL.name: FILL,
+    IMPORT.name: IMPORT,
     PREHEAT.name: PREHEAT,
     SEED.name: SEED,
 }

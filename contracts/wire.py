@@ -35,6 +35,18 @@ class Message(Protocol):
     def from_dict(cls, data: Mapping[str, Any]) -> Self: ...
 
 
+class NoReply:
+    """The reply type of an event (a contract without a reply): published, never answered,
+    so nothing ever makes one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise TypeError("an event has no reply")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        raise TypeError("an event has no reply")
+
+
 Req = TypeVar("Req", bound=Message)
 Rep = TypeVar("Rep", bound=Message)
 

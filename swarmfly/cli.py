@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -86,6 +87,29 @@ def _task_word(text: str) -> str:
     return text
 
 
+def _query_name(text: str) -> str:
+    """A --filtered-query-param: a query parameter's name, printable ASCII with no space,
+    at most 256 characters (the contract's)."""
+    if not 0 < len(text) <= 256 or not all("!" <= c <= "~" for c in text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r}: a query parameter name, printable ASCII without spaces, at most 256"
+            " characters"
+        )
+    return text
+
+
+MAX_FILTERED = 64
+"""--filtered-query-param names one get may give (the contract's)."""
+
+
+def _priority(text: str) -> int:
+    """dfget's --priority: 0-6 or Dragonfly's LEVEL0-LEVEL6."""
+    word = text.strip().upper().removeprefix("LEVEL")
+    if len(word) != 1 or word not in "0123456":
+        raise argparse.ArgumentTypeError(f"expected 0-6 or LEVEL0-LEVEL6, got {text[:80]!r}")
+    return int(word)
+
+
 def _digest(text: str) -> str:
     """``sha256:HEX`` in lower case, as the contracts take it: upper-case hex is the same
     digest."""
@@ -119,6 +143,37 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
     return value
+
+
+def _percentage(text: str) -> int:
+    value = _count(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to 100")
+    return value
+
+
+def _preheat_flags(what: argparse.ArgumentParser) -> None:
+    """Where a preheat lands (``swarmfly.preheat.Scope``, docs/deploy.md "Preheat")."""
+    what.add_argument(
+        "--scope",
+        choices=("seed", "all-seeds", "all-peers"),
+        default="seed",
+        help="seed: the task's home storage (and [storage] copies); all-seeds: every storage"
+        " instance; all-peers: every live peer, or --count/--percentage of them (default seed)",
+    )
+    some = what.add_mutually_exclusive_group()
+    some.add_argument(
+        "--count", type=_count, help="with --scope all-peers: this many peers (rendezvous order)"
+    )
+    some.add_argument(
+        "--percentage", type=_percentage, help="with --scope all-peers: this share of them, 1-100"
+    )
+    what.add_argument(
+        "--concurrency",
+        type=_count,
+        default=4,
+        help="requests in flight at once: blobs, or blob and peer pairs (1-64, default 4)",
+    )
 
 
 def _recursive_flags(get: argparse.ArgumentParser) -> None:
@@ -258,6 +313,51 @@ def _scheduler_commands(scheduler: argparse.ArgumentParser) -> None:
     partitions.set_defaults(json=False)
 
 
+def _ttl(text: str) -> float:
+    from swarmfly.cache import parse_ttl
+
+    try:
+        return parse_ttl(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cache_commands(sub: Any) -> None:
+    """`swarmfly cache`: dfcache's import, export, stat and rm (docs/cache.md)."""
+    from swarmfly.cache import DEFAULT_TTL, MAX_REPLICAS
+
+    cache = sub.add_parser("cache", help="put a local file into the swarm, get it back, drop it")
+    what = cache.add_subparsers(dest="cache_command", required=True)
+    imp = what.add_parser(
+        "import", help="this host becomes the origin of a file: storage keeps it for the TTL"
+    )
+    imp.add_argument("path", help="a regular file this user can read")
+    imp.add_argument(
+        "--ttl",
+        type=_ttl,
+        default=DEFAULT_TTL,
+        help="how long storage keeps it: 90s, 30m, 1h, 7d (default 1d)",
+    )
+    imp.add_argument(
+        "--replicas",
+        type=_count,
+        default=1,
+        help=f"storage instances that keep it (1 to the fleet's size, at most {MAX_REPLICAS})",
+    )
+    imp.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds (default 3600)")
+    export = what.add_parser("export", help="download an imported file through the swarm")
+    export.add_argument("id", help="sha256:<hex>, swarmfly:sha256:<hex> or the task id")
+    export.add_argument("-O", "--output", required=True, help="output path")
+    export.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds (default 3600)")
+    stat = what.add_parser("stat", help="which storage instances hold an import, until when")
+    rm = what.add_parser("rm", help="remove an import from storage and this host's peer")
+    for command in (stat, rm):
+        command.add_argument("id", help="sha256:<hex>, swarmfly:sha256:<hex> or the task id")
+    for command in (imp, export, stat, rm):
+        _common(command)
+        _one_shot(command, progress=command is export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="swarmfly", description="Peer-to-peer file and image distribution")
     parser.add_argument("--version", action="version", version=f"swarmfly {__version__}")
@@ -305,6 +405,37 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument(
         "--application", type=_task_word, default="", help="a task-id input, as --tag is"
     )
+    get.add_argument(
+        "--filtered-query-param",
+        action="append",
+        type=_query_name,
+        metavar="NAME",
+        help="drop query parameter NAME (any case) from the URL before the task id is"
+        " computed, so re-signed URLs share a task; repeatable, at most"
+        f" {MAX_FILTERED}; replaces the default (the parameters of S3, GCS and Azure presigned"
+        " URLs); the origin is still read with the whole URL (dfget's)",
+    )
+    get.add_argument(
+        "--priority",
+        type=_priority,
+        default=0,
+        metavar="LEVEL",
+        help="0-6 or LEVEL0-LEVEL6 (dfget's), for a task no host has yet: 0 and 6 (default)"
+        " a storage seed reads the origin; 3, 4, 5 this host reads it itself, no seed (with"
+        " --digest only, else as 0); 2 refused; 1 always refused",
+    )
+    get.add_argument(
+        "--disable-back-to-source",
+        action="store_true",
+        help="fail (exit 3) rather than read the origin's bytes on this host when no peer or"
+        " seed can serve the file (dfget's); the origin is still asked who may read it",
+    )
+    get.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (with -r: existing files); without it get refuses"
+        " before any byte moves (dfget's)",
+    )
     get.add_argument("--upload-rate", type=_size, help="upload limit of the in-process peer")
     get.add_argument(
         "--download-rate", type=_rate, help="bytes/s for this download, kept by the peer serving it"
@@ -324,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     for what in (image, url):
         _common(what)
         what.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds (default 3600)")
+        _preheat_flags(what)
         _one_shot(what)
     image.add_argument("ref", help="registry.example.com/name:tag or name@sha256:…")
     image.add_argument("--platform", help="os/arch[/variant] (default: this host's)")
@@ -336,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     url.add_argument("url", type=_url)
     url.add_argument("--header", action="append", default=[], help="'Name: value' request header")
     url.add_argument("--digest", type=_digest, help="expected sha256:HEX of the content")
+
+    _cache_commands(sub)
 
     status = sub.add_parser("status", help="services, hosts and tasks of the cluster")
     _common(status)
@@ -396,7 +530,7 @@ def config_from(args: argparse.Namespace, warn: Callable[[str], None] | None = N
     return load(flags, config_file=get(args, "config", None), warn=warn)
 
 
-CLUSTER_COMMANDS = ("get", "status", "preheat", "doctor")
+CLUSTER_COMMANDS = ("get", "status", "preheat", "doctor", "cache")
 """The commands that use the cluster `swarmfly up` recorded, as its client."""
 
 
@@ -564,6 +698,10 @@ def _get(args: argparse.Namespace, config: Config) -> int:
         application=args.application,
         hard_link=args.force_hard_link,
         download_rate=args.download_rate or 0,
+        overwrite=args.overwrite,
+        back_to_source=not args.disable_back_to_source,
+        filtered_query_params=_filtered(args.filtered_query_param),
+        priority=args.priority,
     )
     if args.recursive:
         return _get_recursive(args, config, request)
@@ -581,6 +719,19 @@ def _get(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         _print_json({"ok": True, **summary})
     return 0
+
+
+def _filtered(names: list[str] | None) -> tuple[str, ...] | None:
+    """The --filtered-query-param names, once each (without case), bounded."""
+    if not names:
+        return None
+    unique = tuple(dict.fromkeys(name.lower() for name in names))
+    if len(unique) > MAX_FILTERED:
+        raise SwarmflyError(
+            "bad_request",
+            f"--filtered-query-param: at most {MAX_FILTERED} names, got {len(unique)}",
+        )
+    return unique
 
 
 def _download(
@@ -660,9 +811,10 @@ def _saved(summary: Mapping[str, Any]) -> str:
 
 def _preheat(args: argparse.Namespace, config: Config) -> int:
     from swarmfly import preheat
+    from swarmfly.contracts import messages
     from swarmfly.get.request import parse_header
-    from swarmfly.ids import redact_url
 
+    scope = preheat.Scope(args.scope, args.count, args.percentage, args.concurrency)
     blobs: list[preheat.Blob]
     if args.what == "url":
         headers = dict(parse_header(h) for h in args.header)
@@ -678,31 +830,49 @@ def _preheat(args: argparse.Namespace, config: Config) -> int:
         except SwarmflyError as exc:
             raise _about(exc, args.ref) from None
     bar = _progress(args)
-    failed: list[SwarmflyError] = []
-    """Each failed blob's error, naming the blob."""
+    started: set[tuple[int, str]] = set()
+    """(blob, host) pairs whose start a line said."""
+    hosts = args.scope != "seed"
+    """Name the host on each line: several hold each blob."""
+
+    def say(line: str) -> None:
+        sys.stderr.write(("\r\x1b[K" if bar else "") + line + "\n")
+        sys.stderr.flush()
+
+    def on_event(blob: preheat.Blob, host: str, event: messages.PreheatProgressRequest) -> None:
+        """A host's own report, where several work: a line as it starts and once verified
+        (a failure's line comes with its reply, which says why)."""
+        if args.json or not hosts or event.state == "failed":
+            return
+        if event.state == "done":
+            say(f"{host}: {blob.name} verified, {event.completed_bytes / 2**20:.1f} MiB")
+        elif (event.item, host) not in started:
+            started.add((event.item, host))
+            say(f"{host}: {blob.name} started")
 
     def on_blob(
-        blob: preheat.Blob, outcome: dict[str, Any] | SwarmflyError, summary: preheat.Summary
+        blob: preheat.Blob,
+        host: str,
+        outcome: dict[str, Any] | SwarmflyError,
+        summary: preheat.Summary,
     ) -> None:
-        name = blob.digest[:19] if blob.digest else redact_url(blob.url)
-        if isinstance(outcome, SwarmflyError):
-            failed.append(_about(outcome, name))
         if args.json:
+            return
+        if hosts:  # the hosts said how it went; failures, with why
+            if isinstance(outcome, SwarmflyError):
+                say(f"{host}: {blob.name} failed: {outcome.message}")
+            for f in () if isinstance(outcome, SwarmflyError) else outcome.get("failed", ()):
+                say(f"{f['host_id']}: {blob.name} failed: {f['message']}")
             return
         count = f"[{len(summary.replies) + len(summary.errors)}/{summary.total}]"
         if isinstance(outcome, SwarmflyError):
-            line = f"{count} {name} failed: {outcome.message}"
-        else:
-            size = outcome["content_length"] / 2**20
-            origin = outcome["bytes_origin"] / 2**20
-            where = (
-                "already cached"
-                if outcome["bytes_origin"] == 0 and outcome["bytes_p2p"] == 0
-                else f"{origin:.1f} MiB from the origin"
-            )
-            line = f"{count} {name} {size:8.1f} MiB in {outcome['seconds']:.1f}s ({where})"
-        sys.stderr.write(("\r\x1b[K" if bar else "") + line + "\n")
-        sys.stderr.flush()
+            say(f"{count} {blob.name} failed: {outcome.message}")
+            return
+        size = outcome["content_length"] / 2**20
+        origin = outcome["bytes_origin"] / 2**20
+        cached = outcome["bytes_origin"] == 0 and outcome["bytes_p2p"] == 0
+        source = "already cached" if cached else f"{origin:.1f} MiB from the origin"
+        say(f"{count} {blob.name} {size:8.1f} MiB in {outcome['seconds']:.1f}s ({source})")
 
     try:
         summary = _run(
@@ -711,9 +881,11 @@ def _preheat(args: argparse.Namespace, config: Config) -> int:
                 blobs,
                 headers,
                 timeout=args.timeout,
+                scope=scope,
                 within=args.connect_timeout,
                 on_blob=on_blob,
                 on_bytes=bar,
+                on_event=on_event,
             )
         )
     except BaseException:
@@ -721,19 +893,106 @@ def _preheat(args: argparse.Namespace, config: Config) -> int:
             bar.close()
         raise
     result = summary.to_dict()
+    failures = result["failures"]
+    """In blob then host order: the exit status is the first's, whichever ended first."""
     if bar is not None:
-        bar.close(None if failed else result["bytes"])
+        bar.close(None if failures else result["bytes"])
     noun = "file" if args.what == "url" else "blob"
     if not args.json:
+        asked = args.count or 0
+        if asked > len(summary.hosts):
+            say(f"--count {asked}: there are {len(summary.hosts)} live peer(s) only")
         print(summary.line(noun), flush=True)
-    if failed:
-        first = failed[0]
-        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        error = SwarmflyError(first.code, f"{first.message}{more}", path=first.path)
+        for f in failures if hosts else ():
+            print(f"  {f['host_id']}: {f['blob']}: {f['message']}", flush=True)
+    if failures:
+        first = failures[0]
+        where = f"{first['host_id']}: {first['blob']}" if hosts else first["blob"]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        error = _about(SwarmflyError(first["code"], first["message"]), where)
+        error = SwarmflyError(error.code, f"{error.message}{more}")
         return _fail(error, as_json=args.json, result=result)
     if args.json:
         _print_json({"ok": True, **result})
     return 0
+
+
+def _cache(args: argparse.Namespace, config: Config) -> int:
+    """One `swarmfly cache` command through this host's peer (export: a get of the
+    reference); what it did on a line, or the --json document."""
+    from swarmfly import cache
+    from swarmfly.get import GetRequest
+    from swarmfly.get.socket_client import peer_socket
+
+    socket_file = peer_socket(config.state_dir, config.peer.socket)
+    if args.cache_command == "import":
+        if args.replicas > cache.MAX_REPLICAS:
+            raise SwarmflyError("bad_request", f"--replicas takes at most {cache.MAX_REPLICAS}")
+        path = Path(args.path)
+        fd = cache.open_import(path)
+        try:
+            body = {"op": "import", "ttl_s": args.ttl, "replicas": args.replicas}
+            answer = cache.ask(
+                socket_file, {**body, "timeout_s": args.timeout}, fd, args.timeout + 10
+            )
+        finally:
+            os.close(fd)
+        line = (
+            f"{path}: {answer['content_length']} bytes imported as {answer['reference']}"
+            f" (task {answer['task_id']}), kept by {', '.join(answer['replicas'])}"
+            f" until {_when(answer['expires_at'])}"
+        )
+    elif args.cache_command in ("stat", "rm"):
+        op = "stat" if args.cache_command == "stat" else "rm"
+        answer = cache.ask(socket_file, {"op": op, **cache.parse_id(args.id)}, None, 60.0)
+        if op == "stat":
+            held = ", ".join(
+                f"{s['host_id']} (until {_when(s['expires_at'])})" for s in answer["storages"]
+            )
+            line = f"{answer['reference']}: {answer['content_length']} bytes, held by {held}"
+        else:
+            where = [*answer["removed"], *(["this host's peer"] if answer["peer"] else [])]
+            line = f"task {answer['task_id']}: removed from {', '.join(where)}"
+            if answer["refused"]:
+                print(
+                    f"swarmfly: {', '.join(answer['refused'])} keep it: this host did not"
+                    " import it there (only its importer removes it)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    else:
+        named = cache.parse_id(args.id)
+        digest = named.get("digest")
+        if digest is None:  # a task id: its digest from the storage instances holding it
+            found = cache.ask(socket_file, {"op": "stat", **named}, None, 60.0)
+            digest = found["digest"]
+        request = GetRequest(
+            url=cache.reference(digest),
+            output=Path(args.output),
+            headers={},
+            digest=digest,
+            timeout=args.timeout,
+        )
+        args.url = request.url  # what the get's errors name
+        bar = _progress(args)
+        try:
+            answer = _download(args, config, request, bar)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        if bar is not None:
+            bar.close(answer["content_length"], _saved(answer))
+        line = ""
+    if args.json:
+        _print_json({"ok": True, **answer})
+    elif line:
+        print(line, flush=True)
+    return 0
+
+
+def _when(unix: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix or 0))
 
 
 def _scheduler_partitions(args: argparse.Namespace, config: Config) -> int:
@@ -860,7 +1119,7 @@ def _log_level(args: argparse.Namespace, config: Config) -> str:
     """The flag's, the variable's or the file's (config checked it, naming where it came
     from); unset, a get's is WARNING: its in-process peer would say at INFO what a service
     does."""
-    return config.log_level or ("WARNING" if args.command == "get" else "INFO")
+    return config.log_level or ("WARNING" if args.command in ("get", "cache") else "INFO")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -915,6 +1174,8 @@ def _command(args: argparse.Namespace) -> int:
         return _plugins(args, config)
     if args.command == "preheat":
         return _preheat(args, config)
+    if args.command == "cache":
+        return _cache(args, config)
     if args.command == "status":
         return _status(args, config)
     if args.command == "doctor":

@@ -205,6 +205,12 @@ class StorageConfig(HostConfig):
     when the home goes, and it holds the task already: no origin read."""
     cache_ttl: float = 7 * 24 * 3600.0
     """The cluster's cache keeps tasks longer than a peer does."""
+    handover_timeout: float = 30.0
+    """Seconds a stopping (SIGTERM) instance spends at most handing its complete tasks over
+    to their homes among the instances that stay, which take them from it through the swarm
+    (0: none; its cached tasks are read from the origin again when next asked for)."""
+    handover_concurrency: int = 4
+    """Tasks a stopping instance hands over at once."""
 
 
 @dataclass
@@ -447,6 +453,7 @@ _AT_LEAST_ONE = {
     "partitions",
     "origin_concurrency",
     "copies",
+    "handover_concurrency",
     "max_connections",
     "max_per_address",
 }

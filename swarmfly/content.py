@@ -88,6 +88,12 @@ class SourceRequest:
     """dfget's ``--tag``: without a digest, the same URL under another tag is another task."""
     application: str = ""
     """dfget's ``--application``: a task-id input, as ``tag`` is."""
+    filtered_query_params: tuple[str, ...] | None = None
+    """dfget's ``--filtered-query-param``: the query names dropped before the task id is
+    computed, instead of the default (``swarmfly.ids.normalize_url``)."""
+    priority: int = 0
+    """dfget's ``--priority``, Dragonfly's LEVEL0-6: what the scheduler may do for a task
+    with no source yet (common.json ``source.priority``)."""
 
     @classmethod
     def of(cls, source: messages.Source) -> SourceRequest:
@@ -98,6 +104,8 @@ class SourceRequest:
             source.piece_length,
             source.tag or "",
             source.application or "",
+            tuple(source.filtered_query_params) if source.filtered_query_params else None,
+            source.priority or 0,
         )
 
     def message(self) -> messages.Source:
@@ -110,6 +118,8 @@ class SourceRequest:
             self.piece_length or None,
             self.tag or None,
             self.application or None,
+            list(self.filtered_query_params) if self.filtered_query_params else None,
+            self.priority or None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,4 +134,8 @@ class SourceRequest:
             out["tag"] = self.tag
         if self.application:
             out["application"] = self.application
+        if self.filtered_query_params:
+            out["filtered_query_params"] = list(self.filtered_query_params)
+        if self.priority:
+            out["priority"] = self.priority
         return out

@@ -135,6 +135,12 @@ def host_publish(p: str, host_type: str, host_id: str) -> list[str]:
     ]
 
 
+def preheat_progress(p: str, sender: str = ">") -> str:
+    """Where the hosts doing a preheat report to the CLI: a host only under its own type and
+    host id (``sender``), and only the client listens."""
+    return f"{p}.preheat.*.progress.{sender}"
+
+
 def permissions(
     role: str, prefix: str, host_id: str = ANY, inbox: str | None = None
 ) -> dict[str, Any]:
@@ -168,20 +174,33 @@ def permissions(
         subscribe = [f"{p}.scheduler.>", inbox, "$SRV.>", "$SYS.REQ.USER.AUTH"]
     elif role == "storage":
         # a preheat goes on to the task's home, found by discovering the storage fleet
-        publish = [*host_publish(p, "seed", host_id), f"{p}.storage.*.fill", "$SRV.INFO.storage"]
+        publish = [
+            *host_publish(p, "seed", host_id),
+            f"{p}.storage.*.fill",
+            "$SRV.INFO.storage",
+            preheat_progress(p, f"seed.{host_id}"),
+        ]
         subscribe = [f"{p}.storage.{host_id}.>", f"{p}.storage.preheat", inbox, "$SRV.>"]
     elif role == "peer":
-        publish = host_publish(p, "normal", host_id)
+        publish = [
+            *host_publish(p, "normal", host_id),
+            preheat_progress(p, f"normal.{host_id}"),
+            # swarmfly cache: the storage fleet takes (and answers for) what this host imported
+            *(f"{p}.storage.*.{verb}.normal.{host_id}" for verb in ("import", "cached")),
+            "$SRV.INFO.storage",
+        ]
         subscribe = [f"{p}.peer.{host_id}.>", inbox, "$SRV.>"]
     elif role == "client":
         publish = [
             f"{p}.peer.{host_id}.download",
             f"{p}.peer.{host_id}.progress",
+            f"{p}.peer.{host_id}.preheat",  # the operator's: no service may ask a peer so
             f"{p}.storage.preheat",
             f"{p}.scheduler.state",
             "$SRV.>",
         ]
-        return {"publish": {"allow": publish}, "subscribe": {"allow": [inbox]}}
+        subscribe = [inbox, preheat_progress(p)]
+        return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
     else:
         raise ValueError(f"unknown role {role!r}")
     return {

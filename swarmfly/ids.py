@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -90,15 +91,29 @@ def _volatile(names: frozenset[str], path: str) -> frozenset[str]:
     return frozenset(dropped)
 
 
-def normalize_url(url: str) -> str:
+def normalize_url(url: str, filtered: Collection[str] | None = None) -> str:
     """The URL as a task key: scheme and host lower-cased, fragment gone, query sorted, and
     without the parameters a signing format adds (``SIGNED_URLS``), so a re-signed URL is
-    the same task while two objects a plain server tells apart by ``?sig=`` are not."""
+    the same task while two objects a plain server tells apart by ``?sig=`` are not.
+
+    ``filtered`` (dfget's ``--filtered-query-param``) replaces that default: exactly these
+    names are dropped (without case), wherever they appear."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    dropped = _volatile(frozenset(k.lower() for k, _ in query), parts.path)
+    if filtered is None:
+        dropped = _volatile(frozenset(k.lower() for k, _ in query), parts.path)
+    else:
+        dropped = frozenset(name.lower() for name in filtered)
     kept = sorted((k, v) for k, v in query if k.lower() not in dropped)
     return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, urlencode(kept), ""))
+
+
+def _filter_key(filtered: Collection[str] | None) -> list[str]:
+    """A filter of one's own as a task-id input: ``?key=a`` with ``key`` filtered is not the
+    task of the plain URL another requester asked for, only of those naming the same list."""
+    if filtered is None:
+        return []
+    return ["filtered:" + "&".join(sorted({name.lower() for name in filtered}))]
 
 
 def task_id(
@@ -110,6 +125,7 @@ def task_id(
     piece_length: int | None = None,
     etag: str | None = None,
     shared: bool = False,
+    filtered: Collection[str] | None = None,
 ) -> str:
     """Keyed by the content digest when known, else by the normalised URL, the options and
     the origin's ETag (so content that changed at the origin is a new task, swarm-wide).
@@ -117,12 +133,14 @@ def task_id(
     A digest alone is the key only where its content may be ``shared`` across URLs: a
     registry the operator configured stated it for this requester's repository. Elsewhere
     the URL joins it, so naming a digest under a URL of one's own (or with ``--digest``)
-    reaches no other origin's task."""
+    reaches no other origin's task. ``filtered``: the query names dropped from the URL
+    instead of the default (``normalize_url``), itself a key input when given."""
+    url_key = normalize_url(url, filtered)
     if digest and not shared:
-        key = "\x00".join([digest, normalize_url(url)])
+        key = "\x00".join([digest, url_key, *_filter_key(filtered)])
     else:
         key = digest or "\x00".join(
-            [normalize_url(url), tag, application, str(piece_length or ""), etag or ""]
+            [url_key, tag, application, str(piece_length or ""), etag or "", *_filter_key(filtered)]
         )
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -144,9 +162,12 @@ def origin(url: str) -> tuple[str, str, int] | None:
     return scheme, parts.hostname.lower(), port
 
 
-def keys_task(task: str, url: str, digest: str) -> bool:
+def keys_task(task: str, url: str, digest: str, filtered: Collection[str] | None = None) -> bool:
     """Is ``task`` the id of ``digest``'s content at ``url`` (or anywhere)?"""
-    return task in (task_id(url, digest=digest), task_id(url, digest=digest, shared=True))
+    return task in (
+        task_id(url, digest=digest, filtered=filtered),
+        task_id(url, digest=digest, shared=True),
+    )
 
 
 def new_id(prefix: str) -> str:

@@ -82,7 +82,13 @@ async def start_storage(
     from swarmfly.services.storage.service import StorageService
 
     node = _host(stack, config, bus, "storage", state_dir, servers, plugins)
-    service = StorageService(node, bus, copies=config.storage.copies)
+    service = StorageService(
+        node,
+        bus,
+        copies=config.storage.copies,
+        hand_over_seconds=config.storage.handover_timeout,
+        hand_over_concurrency=config.storage.handover_concurrency,
+    )
     await service.start(stack)
     return service
 

@@ -9,7 +9,8 @@ one for its own (start, stop, kill):
     Stop taking new work and hand over what is in flight, while the service still answers
     what it has: a host leaves the swarm (its children get other parents at once, a seed's
     origin reads go to the swarm first), a scheduler hands its partitions on, the proxy stops
-    accepting connections. Once each; bounded by ``DRAIN_SECONDS`` here.
+    accepting connections. Once each; bounded by ``DRAIN_SECONDS`` here, and by as much again
+    as a service's ``hand_over_seconds`` (the storage's hand-over of its cached tasks).
 stop
     The stack closes, last opened first: ports, subscriptions, connections; what still runs
     is cancelled.
@@ -44,11 +45,14 @@ class Service(Protocol):
 
 
 async def drain(services: Sequence[Service], seconds: float = DRAIN_SECONDS) -> None:
-    """Drain ``services`` in reverse order of start, each within ``seconds``."""
+    """Drain ``services`` in reverse order of start, each within ``seconds`` plus its own
+    ``hand_over_seconds`` where it has one (an attribute, not part of every service's
+    lifecycle: only the storage hands work over for longer)."""
     for service in reversed(services):
+        bound = seconds + float(getattr(service, "hand_over_seconds", 0.0))
         try:
-            await asyncio.wait_for(service.drain(), seconds)
+            await asyncio.wait_for(service.drain(), bound)
         except TimeoutError:
-            log.warning("%s did not drain in %gs: stopping it", service.name, seconds)
+            log.warning("%s did not drain in %gs: stopping it", service.name, bound)
         except Exception:  # a failed drain must not keep the others from theirs
             log.exception("%s failed to drain", service.name)

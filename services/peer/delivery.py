@@ -10,6 +10,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from swarmfly.placefile import place_file
 from swarmfly.services.peer.store import FILE_MODE, StoredTask, copy_range
 
 FICLONE = getattr(fcntl, "FICLONE", 0x40049409)
@@ -24,6 +25,7 @@ def deliver(
     hard_link: bool = False,
     take: bool = False,
     directory: int | None = None,
+    overwrite: bool = True,
 ) -> None:
     """Put the verified file at ``output`` atomically (the path never holds a partial
     file), as a file of its own, mode ``0o666 & ~umask`` (the requester's): a reflink where
@@ -33,7 +35,8 @@ def deliver(
     inode instead, made read-only first. ``take`` moves the file out of a store that is about
     to be discarded (the CLI's own peer), copying only across filesystems. ``directory`` is an
     open directory to put ``output.name`` in, instead of ``output``'s parent: a peer writing
-    under an output root opened it without following a link out of the root.
+    under an output root opened it without following a link out of the root. Without
+    ``overwrite`` an existing output is left as it is and refused (``place_file``).
     """
     if directory is None:
         output = output.absolute()
@@ -57,7 +60,7 @@ def deliver(
                 copy_into(stored.data_path, fd)
             finally:
                 os.close(fd)
-        os.replace(tmp, output.name, src_dir_fd=folder, dst_dir_fd=folder)
+        place_file(tmp, output.name, overwrite=overwrite, folder=folder, shown=str(output))
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=folder)

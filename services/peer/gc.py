@@ -4,7 +4,8 @@ Orphans (task dirs a restart could not load) go first; then expired tasks (unuse
 than the TTL); then, while the cache is above its quota's high watermark, the least recently
 used until it is below the low one; then the same by the disk: while the state dir's
 filesystem is fuller than its high watermark (whatever filled it), until it is below its low
-one. A task that is being downloaded or uploaded is never chosen.
+one. A task that is being downloaded or uploaded is never chosen; one with an expiry of its
+own (an import's TTL) is kept until it and evicted once it passed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ class CachedTask:
     active: bool
     orphan: bool = False
     """Left by an interrupted run and never loaded: nothing can use it."""
+    expires: float | None = None
+    """Kept until then whatever the TTL, quota or disk say, and evicted once it passed (an
+    import's TTL); None: the policy's rules alone."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,11 @@ def plan(
     evict = [t.id for t in tasks if t.orphan and not t.active]
     freed = sum(t.size for t in tasks if t.orphan and not t.active)
     cached = sum(t.size for t in tasks if not t.orphan)
-    idle = sorted((t for t in tasks if not (t.active or t.orphan)), key=lambda t: t.last_access)
+    pinned = [t for t in tasks if t.expires is not None and not (t.active or t.orphan)]
+    idle = sorted(
+        (t for t in tasks if not (t.active or t.orphan or t.expires is not None)),
+        key=lambda t: t.last_access,
+    )
     chosen: set[str] = set()
 
     def take(task: CachedTask) -> None:
@@ -61,6 +69,9 @@ def plan(
         freed += task.size
         cached -= task.size
 
+    for task in pinned:
+        if task.expires is not None and task.expires <= now:
+            take(task)
     for task in idle:
         if policy.ttl > 0 and now - task.last_access > policy.ttl:
             take(task)

@@ -31,20 +31,24 @@ from swarmfly.localproto import (
     reply_line,
     socket_path,
 )
+from swarmfly.placefile import exists_at, refused_output
 from swarmfly.services.peer.delivery import deliver
 from swarmfly.services.peer.filedigest import Output
 from swarmfly.services.peer.host import PeerHost
+from swarmfly.services.peer.imports import Imports, cache_request
 from swarmfly.services.peer.listing import listing_request, serve_listing
 from swarmfly.services.peer.localsocket import LocalRequest, LocalServer, Send
 from swarmfly.services.peer.outputs import OutputRoots
+from swarmfly.services.peer.preheat import PeerPreheat
 from swarmfly.services.peer.progress import follow, moved
 from swarmfly.services.peer.store import StoredTask
 
 log = logging.getLogger(__name__)
 
 
-def checked_output(text: str) -> Path:
-    """An output path this host can create, checked before any byte is fetched."""
+def checked_output(text: str, *, overwrite: bool = False) -> Path:
+    """An output path this host can create, checked before any byte is fetched: one that
+    exists only with ``overwrite``."""
     if "\x00" in text:
         raise SwarmflyError("bad_request", "output contains a NUL byte", path="data.output")
     output = Path(text)
@@ -54,6 +58,8 @@ def checked_output(text: str) -> Path:
         )
     if output.is_dir():
         raise SwarmflyError("bad_request", "output is a directory", path="data.output")
+    if not overwrite and exists_at(text):
+        raise refused_output(output)
     for parent in output.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -86,6 +92,10 @@ class PeerService:
         self.socket_group = socket_group
         self.umask = current_umask()
         """For outputs a request gives no umask for."""
+        self.imports = Imports(node, bus)
+        """`swarmfly cache` on this host: files its users import, stat and remove."""
+        self.preheat = PeerPreheat(node, bus, strategy=default_strategy)
+        """``peer.{host_id}.preheat``: into the cache, no output."""
 
     async def start(self, stack: AsyncExitStack) -> None:
         await self.node.start(stack)
@@ -97,6 +107,7 @@ class PeerService:
             [
                 Endpoint(messages.DOWNLOAD, self.on_download),
                 Endpoint(messages.PROGRESS, self.on_progress),
+                Endpoint(messages.PEER_PREHEAT, self.preheat.on_preheat),
             ],
             metrics=self.node.metrics,
             metadata={"host_id": host_id, "upload": self.node.upload_url},
@@ -130,6 +141,10 @@ class PeerService:
     async def local_request(self, request: LocalRequest, send: Send) -> None:
         """A line on the local socket: a ``list`` request (`get --recursive`), listed with
         this peer's source credentials, or a download."""
+        cache = cache_request(request.body)
+        if cache is not None:  # swarmfly cache: import, stat, rm
+            await self.imports.serve(cache, request.fd, send)
+            return
         listing = listing_request(request.body)
         if listing is None:
             await self.local_download(request, send)
@@ -152,10 +167,13 @@ class PeerService:
                 " sends its descriptor); a path only for the peer's own user",
                 path="data.output",
             )
+        else:
+            checked_output(payload.output, overwrite=bool(payload.overwrite))
         fd = request.fd
 
         def place(stored: StoredTask) -> None:
-            self._deliver_at(stored, checked_output(payload.output), payload)
+            output = checked_output(payload.output, overwrite=bool(payload.overwrite))
+            self._deliver_at(stored, output, payload)
 
         download = asyncio.create_task(self._download(payload, place, into=fd))
         try:
@@ -185,7 +203,11 @@ class PeerService:
         placement = self.outputs.place(req.output)
         folder = self.outputs.open_parent(placement, create=False)
         if folder is not None:
-            os.close(folder)
+            try:
+                if not req.overwrite and exists_at(placement.parts[-1], folder):
+                    raise refused_output(req.output)
+            finally:
+                os.close(folder)
 
         def place(stored: StoredTask) -> None:
             folder = self.outputs.open_parent(placement, create=True)
@@ -210,6 +232,7 @@ class PeerService:
             umask=(self.umask if req.umask is None else req.umask) & 0o777,
             hard_link=bool(req.hard_link),
             directory=directory,
+            overwrite=bool(req.overwrite),
         )
 
     async def _download(
@@ -234,6 +257,7 @@ class PeerService:
                     strategy=req.strategy or self.default_strategy,
                     download_id=download_id,
                     rate=req.download_rate or 0,
+                    back_to_source=req.back_to_source is not False,
                 )
                 if into is not None:
                     output = download.conductor.digest.attach(into)

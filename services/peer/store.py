@@ -122,6 +122,11 @@ class StoredTask:
     evicted."""
     served: dict[int, int] = field(default_factory=dict)
     """Uploads per piece, finished or under way."""
+    expires_at: float | None = None
+    """Unix time until which GC keeps the task and after which it drops it (an import's
+    TTL, ``swarmfly cache``); None: the cache's own rules."""
+    importers: list[str] = field(default_factory=list)
+    """Hosts that imported the task here (``swarmfly cache``): they alone may remove it."""
     lending: Lending | None = None
     """Set while this host seeds the task from the origin and lends pieces of it (by the
     seed's download, ``lent``); the upload server lends through it."""
@@ -284,6 +289,14 @@ class StoredTask:
         self.last_access = time.time()
         self._wake()
 
+    def keep_until(self, expires_at: float, importer: str) -> None:
+        """An import's TTL: kept until ``expires_at`` at least (two imports: the later), and
+        ``importer`` may remove it."""
+        self.expires_at = max(expires_at, self.expires_at or 0.0)
+        if importer not in self.importers:
+            self.importers = [*self.importers, importer][-64:]
+        self._edits += 1
+
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:
         """While in it, the task is not evicted (a download, an upload, a save, a read)."""
@@ -438,6 +451,8 @@ class StoredTask:
             "digests": list(self.digests),
             "done": sorted(self.done | self.unverified),
             "last_access": self.last_access,
+            "expires_at": self.expires_at,
+            "importers": list(self.importers),
         }
 
     def checkpoint(self) -> Callable[[], None] | None:
@@ -615,6 +630,9 @@ class TaskStore:
             task.unverified = {int(n) for n in meta["done"] if 0 <= int(n) < count}
             task.unverified = {n for n in task.unverified if digests[n]}
             task.last_access = float(meta.get("last_access", time.time()))
+            expires = meta.get("expires_at")
+            task.expires_at = None if expires is None else float(expires)
+            task.importers = [str(h) for h in meta.get("importers") or ()][:64]
             if task.data_path.stat().st_size != task.content.content_length:
                 raise ValueError("the data file is not the content's length")
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -69,6 +69,15 @@ BLOCK_SECONDS = 30.0
 """How long a parent a child reported failed or slow stays out of that child's parents."""
 SEED_PARENTS = 8
 """Holders offered to a seed that takes over a task: enough to cover what the swarm has."""
+REFUSED = 1
+NO_ORIGIN = 2
+OWN_ORIGIN = frozenset({3, 4, 5})
+"""Dragonfly's priority levels (dfget --priority, common.json ``source.priority``) where they
+differ from the default, as its scheduler reads them for a task with no source yet: LEVEL1
+is refused; LEVEL2 may not read the origin (refused unless the swarm has a source); LEVEL3-5
+read it themselves, no seed asked (the service passes those only for a task keyed by its
+whole file's digest). LEVEL0 and LEVEL6 ask a storage seed, as every request did before
+priorities (Dragonfly's weak, strong and super seeds are one kind here)."""
 
 
 @dataclass(slots=True)
@@ -401,8 +410,13 @@ class Scheduler:
         pieces: Iterable[int] = (),
         content: TaskContent | None = None,
         seed: bool = False,
+        priority: int = 0,
     ) -> tuple[Schedule, list[TriggerSeed]]:
-        """A peer joins a task (or rejoins with what it holds); answer where to download."""
+        """A peer joins a task (or rejoins with what it holds); answer where to download.
+        ``priority`` (``OWN_ORIGIN``) counts at registration only: a child told to wait
+        asks again as any other does."""
+        if priority == REFUSED and not seed:
+            raise SwarmflyError("forbidden", "priority LEVEL1: this download is refused")
         self._upsert_host(host, now)
         peer = self.peers.get(peer_id)
         if peer is not None and (peer.task_id != task_id or peer.host_id != host.id):
@@ -437,6 +451,10 @@ class Scheduler:
             task.content is None and content is not None and len(held) >= content.piece_count
         ):
             return Schedule("parents", content=task.content), []
+        if (priority == NO_ORIGIN or priority in OWN_ORIGIN) and not self._served(task, now):
+            # Nothing serves the task yet: no seed asked for this child, which reads the
+            # origin itself (LEVEL3-5) or, LEVEL2, is refused rather than sent there.
+            return self._schedule(task, peer, now, may_read_origin=priority != NO_ORIGIN), []
         effects = self._seed_effects(task, now)
         return self._schedule(task, peer, now), effects
 
@@ -769,6 +787,12 @@ class Scheduler:
     def _has_source(self, task: Task, now: float) -> bool:
         return any(self._alive(p) for p in task.sources.values())
 
+    def _served(self, task: Task, now: float) -> bool:
+        """Has the task a source, or one asked for (Dragonfly's "not the first download")?"""
+        return self._has_source(task, now) or (
+            task.seed_requested_at is not None and not task.seed_failed
+        )
+
     def _next_seed_host(self, task: Task) -> str | None:
         """The task's home among the live storage hosts that have not failed it: rendezvous
         hashing, so each task has one home and a lost instance moves only its own tasks;
@@ -845,7 +869,11 @@ class Scheduler:
             for p in peers
         )
 
-    def _schedule(self, task: Task, child: Peer, now: float) -> Schedule:
+    def _schedule(
+        self, task: Task, child: Peer, now: float, *, may_read_origin: bool = True
+    ) -> Schedule:
+        """Parents, a wait, or the origin; with ``may_read_origin`` False (LEVEL2) a child
+        the origin would be the only way for is taken out again and refused."""
         parents = self._choose_parents(task, child, now)
         fed = any(self._alive(p) and p.id not in task.bad_parents for p in task.sources.values())
         if not fed and not any(p.pieces - child.pieces for p in parents):
@@ -867,6 +895,13 @@ class Scheduler:
         if usable_source or seed_pending or task.suspects:
             waiting = WAIT_MS * -(-len(task.peers) // WAITERS_PER_WAIT)
             return Schedule("wait", content=task.content, retry_after_ms=min(MAX_WAIT_MS, waiting))
+        if not may_read_origin:
+            self._remove_peer(child)
+            raise SwarmflyError(
+                "conflict",
+                "priority LEVEL2: no peer has this task yet and this download may not read the"
+                " origin",
+            )
         child.back_to_source = True
         task.sources[child.id] = child
         return Schedule("back_to_source", content=task.content)

@@ -41,6 +41,7 @@ from swarmfly.metrics import SchedulerMetrics
 from swarmfly.placement import partition_of
 from swarmfly.plugintypes import Evaluator
 from swarmfly.services.scheduler.core import (
+    OWN_ORIGIN,
     HostSpec,
     Lending,
     Peer,
@@ -276,9 +277,6 @@ class SchedulerService:
         started = time.perf_counter()
         _speaks_for(sender, req.task_id, req.peer_id, req.host)
         self._check_partition(req.task_id)
-        known = self._sources.get(req.task_id)
-        if known is None or known.url == PLACEHOLDER_URL or _names_digest(req, known):
-            self._sources[req.task_id] = req.source
         schedule, effects = self.core.register(
             task_id=req.task_id,
             peer_id=req.peer_id,
@@ -287,7 +285,13 @@ class SchedulerService:
             pieces=req.pieces or (),
             content=content(req.task),
             seed=bool(req.seed),
+            priority=_priority(req),
         )
+        # Kept once the core took the peer (a refused priority leaves nothing behind), and
+        # before the effects run: a seed asked for gets this source.
+        known = self._sources.get(req.task_id)
+        if known is None or known.url == PLACEHOLDER_URL or _names_digest(req, known):
+            self._sources[req.task_id] = req.source
         self._run(effects)
         self.metrics.registrations.inc()
         if schedule.action == "back_to_source" and not req.seed:
@@ -683,13 +687,30 @@ def _speaks_for(
         raise SwarmflyError("forbidden", f"peer {peer} is not host {sender.host_id}'s peer")
 
 
+def _priority(req: messages.RegisterRequest) -> int:
+    """The request's priority as the core may take it. LEVEL3-5 make this peer the task's
+    origin reader, whose piece digests its children trust (DESIGN §9): only where the task is
+    keyed by the whole file's digest the request names, so every child proves every byte;
+    elsewhere they count as the default (a storage seed reads it), as lending does."""
+    priority = req.source.priority or 0
+    if priority in OWN_ORIGIN:
+        digest = req.source.digest
+        proven = digest is not None and keys_task(
+            req.task_id, req.source.url, digest, req.source.filtered_query_params
+        )
+        return priority if proven else 0
+    return priority
+
+
 def _names_digest(req: messages.RegisterRequest, known: messages.Source) -> bool:
     """The request names the digest its task is keyed by, and the source the seed would get
     does not: the seed then knows the whole file's digest (and lends, since it proves).
     Checked against the task id, so nobody hands the seed a wrong one."""
     digest = req.source.digest
     return (
-        not known.digest and digest is not None and keys_task(req.task_id, req.source.url, digest)
+        not known.digest
+        and digest is not None
+        and keys_task(req.task_id, req.source.url, digest, req.source.filtered_query_params)
     )
 
 

@@ -20,6 +20,7 @@ import nats.errors
 
 from swarmfly import __version__
 from swarmfly.bus import Bus
+from swarmfly.cache import is_reference
 from swarmfly.content import SourceRequest
 from swarmfly.contracts import messages
 from swarmfly.contracts.wire import Endpoint
@@ -27,6 +28,9 @@ from swarmfly.errors import SwarmflyError
 from swarmfly.placement import rendezvous
 from swarmfly.plugintypes import SourceStat
 from swarmfly.services.peer.host import PeerHost
+from swarmfly.services.peer.preheat import reported
+from swarmfly.services.storage import handover
+from swarmfly.services.storage.imports import StorageImports
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +38,38 @@ FLEET_SECONDS = 5.0
 """How long one look at the live storage instances ($SRV discovery) serves preheats."""
 PREHEAT_SECONDS = 3600.0
 """A preheat's time limit unless the request sets one."""
+MAX_REPLICAS = 64
+"""Replicas a preheat of scope all-seeds fills at most (the reply's bound)."""
 
 
 class StorageService:
     name = "storage"
 
-    def __init__(self, node: PeerHost, bus: Bus, *, copies: int = 1) -> None:
+    def __init__(
+        self,
+        node: PeerHost,
+        bus: Bus,
+        *,
+        copies: int = 1,
+        hand_over_seconds: float = 0.0,
+        hand_over_concurrency: int = 4,
+    ) -> None:
         self.node = node
         self.bus = bus
         self.copies = copies
         """Instances that hold each preheated task ([storage] copies)."""
+        self.hand_over_seconds = hand_over_seconds
+        """What the drain may take for the hand-over of the cached tasks ([storage]
+        handover_timeout), beyond any service's drain bound (``swarmfly.lifecycle``)."""
+        self.hand_over_concurrency = hand_over_concurrency
+        self._stopping = False
+        """Draining: hand-overs from other stopping instances go to the next in line."""
         self._seeding: set[asyncio.Task[None]] = set()
         self._fleet: tuple[float, set[str]] = (-FLEET_SECONDS, set())
         """When the live storage instances were last looked at ($SRV discovery), and who."""
         self._looking = asyncio.Lock()
+        self.imports = StorageImports(node)
+        """Files peers import (`swarmfly cache`): taken from them, kept until their TTL."""
 
     async def start(self, stack: AsyncExitStack) -> None:
         await self.node.start(stack)
@@ -59,6 +81,8 @@ class StorageService:
                 Endpoint(messages.SEED, self.on_seed),
                 Endpoint(messages.PREHEAT, self.on_preheat),
                 Endpoint(messages.FILL, self.on_fill),
+                Endpoint(messages.IMPORT, self.imports.on_import),
+                Endpoint(messages.CACHED, self.imports.on_cached),
             ],
             metrics=self.node.metrics,
             metadata={"host_id": self.node.settings.host_id, "upload": self.node.upload_url},
@@ -67,8 +91,23 @@ class StorageService:
         stack.callback(self._cancel)
 
     async def drain(self) -> None:
-        """Leave the swarm, handing over what a seed read first (``PeerHost.leave``)."""
-        await self.node.leave()
+        """Hand the cached tasks over to their next homes while this instance still serves
+        them (``handover``), then leave the swarm, handing over what a seed read first
+        (``PeerHost.leave``)."""
+        self._stopping = True
+        try:
+            if self.hand_over_seconds > 0:
+                self._fleet = (-FLEET_SECONDS, set())  # who is live now, not a while ago
+                await handover.hand_over(
+                    self.node,
+                    self.bus,
+                    self.fleet,
+                    copies=self.copies,
+                    seconds=self.hand_over_seconds,
+                    concurrency=self.hand_over_concurrency,
+                )
+        finally:  # whatever became of the hand-over, the schedulers hear this host leave
+            await self.node.leave()
 
     def _cancel(self) -> None:
         for task in self._seeding:
@@ -76,6 +115,8 @@ class StorageService:
 
     async def on_seed(self, req: messages.SeedRequest) -> messages.SeedReply:
         source = SourceRequest.of(req.source)
+        if is_reference(source.url):  # imported content has no origin to seed from
+            return messages.SeedReply(accepted=False, host_id=self.node.settings.host_id)
         self.node.source_for(source.url)
         await self.node.plugins.origins.check(source.url)  # refused in the reply, not later
         if self.node.copying(req.task_id):  # a replica mid-copy: its seed must be elsewhere
@@ -91,13 +132,15 @@ class StorageService:
 
     async def on_preheat(self, req: messages.PreheatRequest) -> messages.PreheatReply:
         """Any instance takes a preheat; the task's home does the work, so the copy is where
-        the scheduler sends the swarm, and then the replicas take it from the swarm. The home
-        not answering (it just went), this one reads the origin rather than fail."""
+        the scheduler sends the swarm, and then the replicas take it from the swarm (scope
+        all-seeds: every other live instance is one). The home not answering (it just went),
+        this one reads the origin rather than fail. Each instance doing it reports its
+        progress on the request's ``preheat.{job}.progress`` (``reported``)."""
         source = SourceRequest.of(req.source)
         await self.node.plugins.origins.check(source.url)
         resolved = await self.node.resolve(source)
         order = rendezvous(resolved.task_id, await self.fleet())
-        fill = messages.FillRequest(req.source, req.timeout_s)
+        fill = messages.FillRequest(req.source, req.timeout_s, progress=req.progress)
         try:
             reply = await self._fill_on(order[0], fill, resolved.stat)
         except SwarmflyError as exc:
@@ -109,7 +152,8 @@ class StorageService:
                 order[0],
             )
             reply = await self._fill(fill, resolved.stat)
-        copies = [h for h in order[: self.copies] if h != reply.host_id][: self.copies - 1]
+        wanted = MAX_REPLICAS + 1 if req.scope == "all-seeds" else self.copies
+        copies = [h for h in order[:wanted] if h != reply.host_id][: wanted - 1]
         if not copies:
             return reply
         replica = replace(fill, replica=True)
@@ -117,6 +161,7 @@ class StorageService:
             *(self._fill_on(host, replica) for host in copies), return_exceptions=True
         )
         held: list[str] = []
+        failed: list[messages.PreheatFailure] = []
         for host, outcome in zip(copies, outcomes, strict=True):
             if isinstance(outcome, messages.PreheatReply):
                 held.append(host)
@@ -124,9 +169,19 @@ class StorageService:
                 log.warning(
                     "preheat of task %s: replica %s: %s", resolved.task_id[:12], host, outcome
                 )
+                error = outcome if isinstance(outcome, SwarmflyError) else None
+                failed.append(
+                    messages.PreheatFailure(
+                        host,
+                        error.code if error else "internal",
+                        (error.message if error else "the replica failed (its log says why)")[
+                            :4096
+                        ],
+                    )
+                )
             else:
                 raise outcome
-        return replace(reply, replicas=held)
+        return replace(reply, replicas=held, failed=failed or None)
 
     async def _fill_on(
         self, host: str, req: messages.FillRequest, stat: SourceStat | None = None
@@ -138,6 +193,10 @@ class StorageService:
 
     async def on_fill(self, req: messages.FillRequest) -> messages.PreheatReply:
         await self.node.plugins.origins.check(req.source.url)
+        if req.task_id is not None:  # a hand-over from an instance that is leaving
+            if self._stopping:
+                raise SwarmflyError("unavailable", "this storage instance is stopping too")
+            return await handover.take(self.node, req, req.timeout_s or PREHEAT_SECONDS)
         return await self._fill(req)
 
     async def _fill(
@@ -147,11 +206,15 @@ class StorageService:
         from the origin as the task's seed, or as a replica from the swarm. ``stat``: what
         the origin said to this request just now (its access check)."""
         seconds = req.timeout_s or PREHEAT_SECONDS
+        source = SourceRequest.of(req.source)
         try:
             async with asyncio.timeout(seconds):
-                source = SourceRequest.of(req.source)
-                run = await self.node.begin(source, seed=not req.replica, stat=stat)
-                result = await run.result()
+                result = await reported(
+                    self.bus,
+                    self.node.sender,
+                    req.progress,
+                    lambda: self.node.begin(source, seed=not req.replica, stat=stat),
+                )
         except TimeoutError:
             raise SwarmflyError("timeout", f"preheat did not finish in {seconds:g}s") from None
         return messages.PreheatReply.from_dict(

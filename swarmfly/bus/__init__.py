@@ -4,14 +4,15 @@ validators; errors travel as the one error shape with the NATS micro error heade
 
 One module per job: ``connection`` (connecting, refusals, token renewal, tasks, subjects),
 ``sending`` (request and fanout replies), ``serving`` (services, endpoints, decoding),
-``discovery`` (``$SRV``), ``keyvalue`` (JetStream buckets); the private parts of nats-py they
-rely on are all in ``natsinternals``.
+``discovery`` (``$SRV``), ``keyvalue`` (JetStream buckets), ``events`` (published, never
+answered); the private parts of nats-py they rely on are all in ``natsinternals``.
 """
 
 from __future__ import annotations
 
 from swarmfly.bus.connection import Connection
 from swarmfly.bus.discovery import Discovery
+from swarmfly.bus.events import Events
 from swarmfly.bus.keyvalue import KeyValues
 from swarmfly.bus.sending import Sending
 from swarmfly.bus.serving import (
@@ -32,5 +33,5 @@ __all__ = [
 ]
 
 
-class Bus(Sending, Serving, Discovery, KeyValues):
+class Bus(Sending, Serving, Discovery, KeyValues, Events):
     """A NATS connection bound to a subject prefix, speaking only through contracts."""

@@ -96,6 +96,7 @@ async def get(
             strategy=request.strategy or config.peer.strategy,
             download_id=download_id,
             rate=request.download_rate,
+            back_to_source=request.back_to_source,
         )
     )
     try:
@@ -118,6 +119,7 @@ async def get(
             umask=request.umask,
             hard_link=request.hard_link,
             take=True,
+            overwrite=request.overwrite,
         )
     except OSError as exc:
         raise cannot_write(output, exc) from None

@@ -25,6 +25,7 @@ from swarmfly.get.layout import DEFAULT_JOBS, DEFAULT_MAX_FILES, MAX_JOBS, Plann
 from swarmfly.get.request import GetRequest, PeerGone, Progress
 from swarmfly.ids import redact_url
 from swarmfly.listing import MAX_ENTRIES, entries, entry_from_dict
+from swarmfly.placefile import exists_at
 from swarmfly.plugintypes import SourceEntry
 
 if TYPE_CHECKING:
@@ -98,6 +99,19 @@ def _inside(directory: Path, planned: list[Planned]) -> None:
             )
 
 
+def _none_there(directory: Path, planned: list[Planned]) -> None:
+    """Without --overwrite, a listing any of whose files exists already is refused whole,
+    before any byte moves, as one file's get refuses its output."""
+    there = [item for item in planned if exists_at(str(directory / item.path))]
+    if there:
+        more = f" and {len(there) - 1} more" if len(there) > 1 else ""
+        raise SwarmflyError(
+            "bad_request",
+            f"{shown(there[0].entry.path)}{more} exist under {directory}: pass --overwrite to"
+            " replace them (refusing the listing)",
+        )
+
+
 class _Tally:
     """One progress display for many files: bytes done of all, out of the listed sizes
     (None while one is not known). Called from the sockets' threads."""
@@ -130,6 +144,8 @@ async def get_tree(
     found, listed_by = await listing(config, job.request.url, job.request.headers)
     planned = plan(found, job.include, job.max_files)
     _inside(directory, planned)
+    if not job.request.overwrite:
+        _none_there(directory, planned)
     tally = _Tally(progress, planned)
     gate = asyncio.Semaphore(max(1, min(job.jobs, MAX_JOBS)))
     written: dict[int, dict[str, Any]] = {}

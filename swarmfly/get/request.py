@@ -13,6 +13,7 @@ from swarmfly.content import SourceRequest
 from swarmfly.errors import SwarmflyError, in_words
 from swarmfly.ids import check_digest, new_id, redact_url
 from swarmfly.localproto import current_umask
+from swarmfly.placefile import exists_at, refused_output
 
 Progress = Callable[[int, int | None], None]
 
@@ -41,10 +42,17 @@ class GetRequest:
     """The requester's: the peer creates the output with mode ``0o666 & ~umask``."""
     download_rate: int = 0
     """Bytes/s the serving peer may take for this download (0: its own limit only)."""
+    overwrite: bool = False
+    """Replace an existing output (dfget's --overwrite); without it one is refused."""
+    back_to_source: bool = True
+    """The serving peer may read the origin (dfget's --disable-back-to-source: not)."""
+    filtered_query_params: tuple[str, ...] | None = None
+    priority: int = 0
 
     def checked(self) -> GetRequest:
         """This request with its output made absolute, or a ``bad_request`` before any byte
-        moves: a digest that is none, an output that is a directory."""
+        moves: a digest that is none, an output that is a directory, or one that exists
+        without ``overwrite`` (the peer refuses it again where it puts the file in place)."""
         if self.digest:
             try:
                 check_digest(self.digest)
@@ -53,11 +61,20 @@ class GetRequest:
         output = self.output.absolute()
         if output.is_dir():
             raise SwarmflyError("bad_request", f"{output} is a directory")
+        if not self.overwrite and exists_at(str(output)):
+            raise refused_output(output)
         return replace(self, output=output)
 
     def source(self) -> SourceRequest:
         return SourceRequest(
-            self.url, self.headers, self.digest, self.piece_length, self.tag, self.application
+            self.url,
+            self.headers,
+            self.digest,
+            self.piece_length,
+            self.tag,
+            self.application,
+            self.filtered_query_params,
+            self.priority,
         )
 
     def body(self, output: Path) -> dict[str, Any]:
@@ -75,6 +92,10 @@ class GetRequest:
             body["hard_link"] = True
         if self.download_rate:
             body["download_rate"] = self.download_rate
+        if self.overwrite:
+            body["overwrite"] = True
+        if not self.back_to_source:
+            body["back_to_source"] = False
         return body
 
 

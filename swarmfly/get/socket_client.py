@@ -22,6 +22,7 @@ from typing import Any
 from swarmfly.errors import SwarmflyError
 from swarmfly.get.request import GetRequest, PeerGone, Progress, cannot_write, summary
 from swarmfly.localproto import MAX_LINE, PEER_FILE, SILENCE, answer, line
+from swarmfly.placefile import place_file
 
 
 def peer_record(state_dir: Path) -> dict[str, Any] | None:
@@ -60,6 +61,12 @@ def get(
         else:
             reply = _into_file(conn, request, output, progress, started + request.timeout)
     return summary(request, reply, "peer", started)
+
+
+def peer_socket(state_dir: Path, socket_file: str | None = None) -> str | None:
+    """The socket of this host's peer service (``[peer] socket``, else its record's); None
+    when none runs."""
+    return _socket_of(state_dir, socket_file)
 
 
 def _socket_of(state_dir: Path, socket_file: str | None) -> str | None:
@@ -118,7 +125,8 @@ def _into_file(
     deadline: float,
 ) -> dict[str, Any]:
     """Open a file next to ``output`` as this (the calling) user, let the peer fill it
-    through its descriptor, and rename it into place once the peer says it is verified."""
+    through its descriptor, and move it into place once the peer says it is verified (over
+    an existing file only with ``overwrite``)."""
     tmp = output.parent / f".{output.name}.swarmfly-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +139,7 @@ def _into_file(
             reply = _ask(conn, request.body(output), fd, progress, deadline)
         finally:
             os.close(fd)
-        os.replace(tmp, output)
+        place_file(str(tmp), str(output), overwrite=request.overwrite)
         return reply
     finally:
         tmp.unlink(missing_ok=True)

@@ -512,4 +512,8 @@ def test_nats_requires_the_shipped_authorization(services: dict[str, dict[str, A
         "swarmfly.v1.scheduler.*.beat.normal.peer-1",
         "swarmfly.v1.scheduler.leave.normal.peer-1",
         "swarmfly.v1.scheduler.*.task",
+        "swarmfly.v1.preheat.*.progress.normal.peer-1",  # its own preheat reports only
+        "swarmfly.v1.storage.*.import.normal.peer-1",  # swarmfly cache, as itself
+        "swarmfly.v1.storage.*.cached.normal.peer-1",
+        "$SRV.INFO.storage",
     ]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from swarmfly import preheat
 from swarmfly.natsserver import NatsServer
 from swarmfly.testing import in_process_cluster
 from tests.e2e.conftest import (
@@ -130,3 +131,42 @@ async def test_preheat_of_an_index_seeds_only_the_platforms_blobs(
     for name, size in arm64.items():
         assert size <= sum(served[name]) <= size + 1, "once each (and the seed's 1-byte probe)"
     assert not set(served) & set(amd64)
+
+
+async def test_preheat_of_an_image_into_every_peer_reads_each_blob_once(
+    nats: NatsServer, prefix: str, tmp_path: Path, htpasswd_registry: Registry
+) -> None:
+    """``--scope all-peers``: the peer downloads each blob through the swarm (storage seeds
+    it from the registry), with the caller's credentials; the registry serves each once."""
+    platforms = build_index_layout(tmp_path / "layout")
+    pushed = skopeo(
+        "copy", "--all", "--dest-tls-verify=false", "--dest-creds", f"{ALICE}:{ALICE_PASSWORD}",
+        f"oci:{tmp_path / 'layout'}:{TAG}", f"docker://{htpasswd_registry.host}/{NAME}:{TAG}",
+    )  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    right = docker_config(tmp_path / "config.json", htpasswd_registry, ALICE_PASSWORD)
+    command = [
+        sys.executable, "-m", "swarmfly", "preheat", "image", "--plain-http",
+        "--platform", "linux/arm64", "--nats", nats.url, "--prefix", prefix,
+        "--state-dir", str(tmp_path / "cli"), f"{htpasswd_registry.host}/{NAME}:{TAG}",
+        "--auth-file", str(right), "--scope", "all-peers", "--concurrency", "2",
+    ]  # fmt: skip
+    async with in_process_cluster(nats.url, prefix, tmp_path):
+        done = await run([*command, "--json"])
+        assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    arm64 = platforms["arm64"].blobs
+    assert (summary["scope"], len(summary["hosts"]), summary["failures"]) == ("all-peers", 1, [])
+    assert (summary["tasks"], summary["failed"], summary["bytes"]) == (
+        len(arm64),
+        0,
+        sum(arm64.values()),
+    )
+    for digest in arm64:  # in the peer's cache
+        url = f"http://{htpasswd_registry.host}/v2/{NAME}/blobs/{digest}"
+        task = preheat.Blob(url, digest).task_id
+        assert task and (tmp_path / "peer" / "tasks" / task[:2] / task).is_dir(), digest
+    served = blob_gets(htpasswd_registry)
+    assert set(served) == set(arm64)
+    for name, size in arm64.items():
+        assert size <= sum(served[name]) <= size + 2, "once each, and the 1-byte access checks"

@@ -39,7 +39,11 @@ ERROR_HEADER = "Nats-Service-Error"
 ROOT = Path(__file__).resolve().parents[2]
 ERROR_SCHEMA = json.loads((ROOT / "contracts" / "error.json").read_text(encoding="utf-8"))
 CONTRACTS = contracts.registry()
-SUBJECTS = sorted(n for n, c in CONTRACTS.items() if c.service in ("scheduler", "storage", "peer"))
+SUBJECTS = sorted(
+    n
+    for n, c in CONTRACTS.items()
+    if c.service in ("scheduler", "storage", "peer") and c.reply is not None  # not an event
+)
 
 BAD_IDS = {
     "task_id": "../../etc/passwd",
@@ -268,7 +272,8 @@ def reply_of(name: str, msg: Msg) -> dict[str, Any]:
 
 
 def test_every_served_subject_is_covered() -> None:
-    assert len(SUBJECTS) == len(CONTRACTS) - sum(c.service == "proxy" for c in CONTRACTS.values())
+    unserved = sum(c.service == "proxy" or c.reply is None for c in CONTRACTS.values())
+    assert len(SUBJECTS) == len(CONTRACTS) - unserved
     expected = {"scheduler.{partition}.register", "storage.{host_id}.seed"}
     assert expected | {"peer.{host_id}.download"} <= set(SUBJECTS)
 
@@ -407,6 +412,28 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], contracts.
         return {"source": {"url": env.url}, "timeout_s": 30}, SEED, 35
     if name == "peer.{host_id}.progress":
         return {"download_id": "dl-unknown"}, TEST_SENDER, 5
+    if name == "storage.{host_id}.cached":
+        return {"task_id": task_id}, HOST, 5
+    if name == "storage.{host_id}.import":  # a file the peer holds, as its importer
+        source = env.tmp / f"import-{uuid.uuid4().hex}.bin"
+        source.write_bytes(os.urandom(20000))
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            stored = await env.peer.imports.hold(fd, 20000, 60.0)
+        finally:
+            os.close(fd)
+        assert stored.content is not None and stored.content.digest
+        request = {
+            "task_id": stored.id,
+            "digest": stored.content.digest,
+            "content_length": 20000,
+            "piece_length": stored.content.piece_length,
+            "ttl_s": 60,
+        }
+        return request, contracts.Sender("normal", env.peer.node.settings.host_id), 30
+    if name == "peer.{host_id}.preheat":
+        source = {"url": env.url, "digest": f"sha256:{hashlib.sha256(FILE_DATA).hexdigest()}"}
+        return {"source": source, "timeout_s": 30}, TEST_SENDER, 35
     if name == "peer.{host_id}.download":
         output = env.tmp / "outputs" / f"{uuid.uuid4().hex}.bin"
         source = {"url": env.url, "digest": f"sha256:{hashlib.sha256(FILE_DATA).hexdigest()}"}
@@ -445,7 +472,7 @@ async def test_service_keeps_serving_after_bad_input(env: Env, name: str) -> Non
         assert reply["digest"] == f"sha256:{hashlib.sha256(FILE_DATA).hexdigest()}"
     elif name == "storage.{host_id}.seed":
         assert reply["accepted"] is True
-    elif name == "storage.preheat":
+    elif name in ("storage.preheat", "peer.{host_id}.preheat"):
         assert reply["content_length"] == len(FILE_DATA)
     elif name == "scheduler.heartbeat":
         assert reply["ok"] is True
@@ -453,12 +480,24 @@ async def test_service_keeps_serving_after_bad_input(env: Env, name: str) -> Non
         assert reply == {"task": None, "offset": 0, "digests": []}
     elif name == "peer.{host_id}.progress":
         assert reply["state"] == "unknown"
+    elif name == "storage.{host_id}.import":
+        assert reply["held"] is True and reply["digest"] == request["digest"]
+    elif name == "storage.{host_id}.cached":
+        assert reply["held"] is False
 
 
 # -- and a host speaks only for itself -------------------------------------------------------
 
 
-SENDER_SUBJECTS = [n for n in SUBJECTS if CONTRACTS[n].sender]
+SENDER_SUBJECTS = [
+    n
+    for n in SUBJECTS
+    if CONTRACTS[n].sender
+    and {"host", "host_id", "peer_id"} & set(CONTRACTS[n].request["properties"])
+]
+"""Where the body names a host or peer too. A body that names none (swarmfly cache's
+``storage.{host_id}.import``, ``.cached``) is its sender's alone, and nats-server lets a host
+publish only under its own (test_nats_permissions)."""
 
 
 def impostures(

@@ -140,7 +140,8 @@ async def test_a_get_takes_the_log_level_of_the_variable_and_the_file_too(
     code, _, err = await swarmfly(*get, env={"SWARMFLY_LOG_LEVEL": "debug"})
     assert code == 0, err
     assert " DEBUG " in err, "the variable was taken"
-    code, _, err = await swarmfly(*get, "--log-level", "ERROR", env={"SWARMFLY_LOG_LEVEL": "debug"})
+    again = (*get, "--overwrite", "--log-level", "ERROR")
+    code, _, err = await swarmfly(*again, env={"SWARMFLY_LOG_LEVEL": "debug"})
     assert (code, err) == (0, ""), "the flag wins"
     state.mkdir(exist_ok=True)
     (state / "swarmfly.toml").write_text('log_level = "DEBUG"\n')

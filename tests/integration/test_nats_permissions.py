@@ -155,6 +155,11 @@ async def test_a_peer_reads_no_registration_seed_request_or_other_inbox(
         assert await peer.refused("subscription", subject), subject
     await peer.nc.publish(f"{p}.storage.{SEED}.fill", b"{}")  # only storage passes preheats on
     assert await peer.refused("publish", f"{p}.storage.{SEED}.fill")
+    # swarmfly cache: an import or a removal only as itself, a normal host.
+    for other in ("normal.other-host", f"seed.{PEER}"):
+        for verb in ("import", "cached"):
+            await peer.nc.publish(f"{p}.storage.{SEED}.{verb}.{other}", b"{}")
+            assert await peer.refused("publish", f"{p}.storage.{SEED}.{verb}.{other}")
     # What a peer could have read there: a registration with origin credentials, a seed
     # request, a reply to the scheduler.
     secret = b'{"headers": {"Authorization": "Bearer peer-must-not-see"}}'

@@ -105,7 +105,7 @@ async def test_an_output_edited_in_place_never_changes_the_cache(
             assert code == 0, err
             assert summary is not None and summary["bytes_origin"] == 0, "from the cache"
             assert again.read_bytes() == data
-            code, _, err = await get(url, out, state)
+            code, _, err = await get(url, out, state, "--overwrite")
             assert code == 0, err
             assert out.read_bytes() == data, "the edited output is replaced by the origin's"
             assert await served(bus, peer, task_id, len(data)) == data

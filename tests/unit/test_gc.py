@@ -100,3 +100,16 @@ def test_after_eviction_the_disk_is_under_its_low_watermark_or_only_busy_tasks_r
         assert after <= policy.disk_low * total or not idle_left
     else:
         assert not evicted
+
+
+def test_an_import_is_kept_until_its_own_expiry_then_evicted() -> None:
+    """An imported task's TTL (``swarmfly cache import --ttl``) is its own: neither the
+    cache's TTL, nor the quota, nor the disk evict it before it, and it goes once past."""
+    imported = CachedTask("imported", 80 * MiB, 0.0, active=False, expires=200.0)
+    others = [task("old", 10, 1), task("new", 10, 90)]
+    full = DiskUsage(total=100 * MiB, used=99 * MiB)
+    policy = GcPolicy(quota=100 * MiB, ttl=60)
+    assert plan([imported, *others], policy, now=100, disk=full) == ["old", "new"]
+    assert plan([imported, *others], GcPolicy(), now=200) == ["imported"]
+    busy = CachedTask("imported", 80 * MiB, 0.0, active=True, expires=200.0)
+    assert plan([busy], GcPolicy(), now=300) == [], "in use: evicted at a later pass"

@@ -305,3 +305,33 @@ def test_task_id_pattern_rejects_non_ids(value: str) -> None:
 @pytest.mark.parametrize("value", ["", "a.b", "a b", "a/b", "*", ">", "x" * 65])
 def test_node_id_pattern_rejects_non_tokens(value: str) -> None:
     assert not NODE_ID.match(value)
+
+
+# -- --filtered-query-param ----------------------------------------------------------------
+
+
+def test_a_filter_of_ones_own_drops_exactly_its_names_in_any_case() -> None:
+    base = "https://cdn.example.com/f.bin"
+    filtered = ("token", "Expires")
+    one = task_id(f"{base}?Token=a&expires=1&v=2", filtered=filtered)
+    assert task_id(f"{base}?v=2&TOKEN=b&Expires=9", filtered=filtered) == one
+    assert task_id(f"{base}?token=a&expires=1&v=3", filtered=filtered) != one, "v is kept"
+
+
+def test_a_filter_replaces_the_default_one() -> None:
+    signed = "https://b.s3.amazonaws.com/k?X-Amz-Signature=aa&X-Amz-Credential=c&X-Amz-Date=1"
+    resigned = "https://b.s3.amazonaws.com/k?X-Amz-Signature=bb&X-Amz-Credential=c&X-Amz-Date=2"
+    assert task_id(signed) == task_id(resigned)
+    assert task_id(signed, filtered=["other"]) != task_id(resigned, filtered=["other"])
+    sigv4 = ["X-Amz-Signature", "X-Amz-Date"]
+    assert task_id(signed, filtered=sigv4) == task_id(resigned, filtered=sigv4)
+
+
+def test_a_filter_joins_the_task_id_so_it_reaches_no_plain_urls_task() -> None:
+    plain = "https://cdn.example.com/f.bin"
+    assert task_id(f"{plain}?key=a", filtered=["key"]) != task_id(plain)
+    assert task_id(f"{plain}?key=a", filtered=["key"]) == task_id(plain, filtered=["KEY"])
+    digest = "sha256:" + HEX
+    assert task_id(f"{plain}?key=a", digest=digest, filtered=["key"]) != task_id(
+        plain, digest=digest
+    )

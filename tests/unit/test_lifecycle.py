@@ -44,6 +44,20 @@ async def test_drains_run_last_started_first_each_within_its_bound() -> None:
     assert log == [("drained proxy", 0.0), ("drained storage", 6.0), ("drained scheduler", 6.0)]
 
 
+class HandingOver(Recorded):
+    hand_over_seconds = 30.0
+
+
+@virtual_time
+async def test_a_service_that_hands_over_has_its_own_longer_bound() -> None:
+    """The storage's drain hands its cached tasks over ([storage] handover_timeout) on top
+    of the bound every drain has."""
+    log: list[tuple[str, float]] = []
+    services = [HandingOver("storage", log, hang=20.0), HandingOver("slow", log, hang=60.0)]
+    await lifecycle.drain(services, seconds=5.0)
+    assert log == [("drained storage", 55.0)], "slow cut at 35 s, storage done at 20 s more"
+
+
 @pytest.mark.parametrize("service", [SchedulerService, StorageService, PeerService, ProxyService])
 def test_every_service_has_the_lifecycle(service: type) -> None:
     assert isinstance(service.name, str)

@@ -135,10 +135,10 @@ def test_the_local_socket_document_is_a_valid_schema_with_compiled_messages() ->
     compile_schema(document)
     socket = contracts.local_socket()
     assert sorted(socket.messages) == [
-        "entry", "error", "list", "listed", "progress", "reply", "request"
+        "cache", "cached", "entry", "error", "list", "listed", "progress", "reply", "request"
     ]  # fmt: skip
     clients = [m.name for m in socket.messages.values() if m.sender == "client"]
-    assert clients == ["request", "list"]
+    assert clients == ["request", "list", "cache"]
     for message in socket.messages.values():
         Draft202012Validator.check_schema(message.schema)
         assert (message.key is None) == (message.sender == "client")
@@ -149,7 +149,7 @@ def test_the_local_socket_examples_validate() -> None:
     whole = compile_schema(resolved(RAW_LOCAL, LOCAL_SOCKET))
     for example in RAW_LOCAL["examples"]:
         line = example["line"]
-        asks = "list" if "list" in line else "request"  # a client's line: one of its two
+        asks = next((k for k in ("list", "cache") if k in line), "request")  # a client's line
         message = socket.messages[asks] if example["from"] == "client" else socket.of(line)
         message.validate(line)
         whole(line)
@@ -268,7 +268,7 @@ def documented(where: str) -> set[str]:
 def test_every_query_parameter_the_upload_server_reads_is_documented() -> None:
     tree = ast.parse(UPLOAD_SOURCE.read_text(encoding="utf-8"))
     read = reads_of(tree, "query")
-    assert {"since", "wait", "wants", "decline", "peer", "lent"} <= read, "the scan finds them"
+    assert {"since", "wait", "wants", "decline", "peer", "lent", "borrow"} <= read, "the scan finds"
     assert read == documented("query")
 
 
@@ -281,6 +281,7 @@ def test_every_request_header_the_upload_server_reads_is_documented() -> None:
     assert {o.operation_id for o in contracts.peer_api().values() if o.secured} == {
         "pieces",
         "data",
+        "lent",
     }
 
 
