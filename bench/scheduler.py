@@ -707,7 +707,7 @@ def generator_main(spec: str) -> int:
 
 
 def _run_fast(coro: Any) -> Any:
-    """On uvloop when it is installed, as the scheduler runs (``swarmfly.cli._run``)."""
+    """On uvloop when it is installed, as the scheduler runs (``swarmfly.cli.startup._run``)."""
     try:
         import uvloop
     except ImportError:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Coroutine, Iterable
+from typing import Any
 
 from swarmfly import telemetry
 from swarmfly.content import SourceRequest, TaskContent, piece_count, piece_length_for
@@ -128,20 +129,23 @@ class BackToSource:
         queue: asyncio.Queue[int] = asyncio.Queue()
         for number in numbers:
             queue.put_nowait(number)
-        workers = [
-            asyncio.create_task(self._worker(queue, report=report))
-            for _ in range(min(self.settings.origin_concurrency, len(numbers)))
-        ]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for worker in workers:
-                worker.cancel()
-        await self._parked_if_draining()
+        readers = min(self.settings.origin_concurrency, len(numbers))
+        await self._all(self._worker(queue, report=report) for _ in range(readers))
 
     async def _worker(self, queue: asyncio.Queue[int], *, report: bool = True) -> None:
         while not queue.empty() and not self.draining:
             await self.piece(queue.get_nowait(), self.headers(), report=report)
+
+    async def _all(self, workers: Iterable[Coroutine[Any, Any, None]]) -> None:
+        """Readers at once, all of them cancelled if one fails; a draining seed then waits
+        to be cancelled (``drain``)."""
+        tasks = [asyncio.create_task(worker) for worker in workers]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        await self._parked_if_draining()
 
     async def _parked_if_draining(self) -> None:
         """A draining seed whose reads are done waits to be cancelled (``drain``)."""
@@ -234,13 +238,7 @@ class BackToSource:
                 self.ledger.lent_out = set(lending.pending)
 
     async def _lend_and_collect(self, lending: Lending, readers: int) -> None:
-        workers = [asyncio.create_task(self._claiming_worker(lending)) for _ in range(readers)]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for worker in workers:
-                worker.cancel()
-        await self._parked_if_draining()
+        await self._all(self._claiming_worker(lending) for _ in range(readers))
         lending.open = False
         # The lent pieces come back once children stop asking: until then the swarm's
         # uplinks are theirs (a while at most). A lent piece its child did not deliver in

@@ -157,25 +157,14 @@ class HttpPieces:
         headers: Mapping[str, str],
         timeout: float,
     ) -> Offers:
-        try:
-            async with self.session().get(
-                f"{address}/v1/tasks/{task_id}/pieces",
-                params=dict(params),
-                headers=dict(headers),
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False,
-            ) as response:
-                if response.status != 200:
-                    return Offers(response.status)
-                return Offers(200, await response.json())
-        except TimeoutError:
-            raise SwarmflyError("timeout", f"{address} did not answer in {timeout:g}s") from None
-        except aiohttp.ContentTypeError:
-            raise SwarmflyError("bad_request", f"{address} sent no JSON") from None
-        except aiohttp.ClientError as exc:
-            raise SwarmflyError("unavailable", connect_error_in_words(exc, address)) from None
-        except ValueError:
-            raise SwarmflyError("bad_request", f"{address} sent malformed JSON") from None
+        request = self.session().get(
+            f"{address}/v1/tasks/{task_id}/pieces",
+            params=dict(params),
+            headers=dict(headers),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,
+        )
+        return await _json_answer(request, address, timeout)
 
     @contextlib.asynccontextmanager
     async def piece(
@@ -209,22 +198,32 @@ class HttpPieces:
         headers: Mapping[str, str],
         timeout: float,
     ) -> Offers:
-        try:
-            async with self.session().put(
-                f"{address}/v1/tasks/{task_id}/lent/{number}",
-                data=body,
-                headers=dict(headers),
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False,
-            ) as response:
-                if response.status != 200:
-                    return Offers(response.status)
-                return Offers(200, await response.json())
-        except TimeoutError:
-            raise SwarmflyError("timeout", f"{address} did not answer in {timeout:g}s") from None
-        except aiohttp.ContentTypeError:
-            raise SwarmflyError("bad_request", f"{address} sent no JSON") from None
-        except aiohttp.ClientError as exc:
-            raise SwarmflyError("unavailable", connect_error_in_words(exc, address)) from None
-        except ValueError:
-            raise SwarmflyError("bad_request", f"{address} sent malformed JSON") from None
+        request = self.session().put(
+            f"{address}/v1/tasks/{task_id}/lent/{number}",
+            data=body,
+            headers=dict(headers),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,
+        )
+        return await _json_answer(request, address, timeout)
+
+
+async def _json_answer(
+    request: contextlib.AbstractAsyncContextManager[aiohttp.ClientResponse],
+    address: str,
+    timeout: float,
+) -> Offers:
+    """A parent's answer: its status, and its JSON body when 200; its failures in words."""
+    try:
+        async with request as response:
+            if response.status != 200:
+                return Offers(response.status)
+            return Offers(200, await response.json())
+    except TimeoutError:
+        raise SwarmflyError("timeout", f"{address} did not answer in {timeout:g}s") from None
+    except aiohttp.ContentTypeError:
+        raise SwarmflyError("bad_request", f"{address} sent no JSON") from None
+    except aiohttp.ClientError as exc:
+        raise SwarmflyError("unavailable", connect_error_in_words(exc, address)) from None
+    except ValueError:
+        raise SwarmflyError("bad_request", f"{address} sent malformed JSON") from None
