@@ -1,6 +1,10 @@
 """One typed configuration, built once: defaults <- TOML file <- SWARMFLY_* environment <- flags.
 
 No other module reads the environment; the object is passed down.
+
+About 800 lines, on purpose: every section's keys, their types and ranges, and the one
+loader that checks them and names where a bad value came from (file, variable, flag) are
+read together, and docs/configuration.md is held to this one module by a test.
 """
 
 from __future__ import annotations

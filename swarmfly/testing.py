@@ -1,5 +1,9 @@
 """Test helpers for swarmfly and for people who build on it: a real nats-server on a free
-port, a counting HTTP origin, and a frozen clock for driving the pure cores."""
+port, a counting HTTP origin, and a frozen clock for driving the pure cores.
+
+About 600 lines: one public module for plugin authors and the suite alike (one import, as
+pytest's ``pytester``), with the conformance kit beside the parts it runs on.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,10 @@ the P2P core's decisions; how is its collaborators': ``control`` (the task's sch
 ``transfer`` (a piece paced, written, verified, accounted for) and ``backtosource`` (the
 origin, a seed's lending and take-over). It reaches the rest of the host only through
 ``links``.
+
+About 700 lines: the phases, the parents' long polls and the P2P loop share the download's
+state (its parents, the swarm core, the pieces lent to it) and act on one another's news;
+what moves bytes or talks to the scheduler is already in the modules above.
 """
 
 from __future__ import annotations

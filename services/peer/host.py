@@ -3,9 +3,9 @@
 The peer service and the storage (seed) service are both a ``PeerHost``; storage differs
 only in host type and in fetching the tasks the scheduler hands it.
 
-About 800 lines: what the host does for all its downloads at once (joining runs, heartbeats,
-eviction, leaving with hand-over) shares its store, its runs and its control-plane link;
-one download is ``conductor``'s, delivery ``delivery``'s.
+About 900 lines: what the host does for all its downloads at once (joining runs, heartbeats,
+eviction, leaving with hand-over and hand-back) shares its store, its runs and its
+control-plane link; one download is ``conductor``'s, delivery ``delivery``'s.
 """
 
 from __future__ import annotations
