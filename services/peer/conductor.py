@@ -357,14 +357,18 @@ class Conductor:
             bad_parents=[messages.BadParent.from_dict(b) for b in self.swarm.bad[-256:]],
         )
         try:
-            reply = await self.control.request(messages.RESCHEDULE, body)
-        except SwarmflyError as exc:
-            if exc.code == "not_found":
+            try:
+                reply = await self.control.request(messages.RESCHEDULE, body)
+            except SwarmflyError as exc:
+                if exc.code != "not_found":
+                    raise
+                # A scheduler that does not know us (a restart, a partition moved): join
+                # again, which a scheduler still starting may not answer either.
                 reply = await self.control.request(messages.REGISTER, self.control.register_body())
-            elif exc.code not in ("unavailable", "timeout"):
+        except SwarmflyError as exc:
+            if exc.code not in ("unavailable", "timeout"):
                 raise
-            else:
-                return self._without_scheduler(exc)
+            return self._without_scheduler(exc)
         self.swarm.scheduler_back()
         return reply
 
