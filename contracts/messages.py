@@ -677,6 +677,71 @@ class ProgressReply:
 
 @quick_init
 @dataclass(frozen=True, slots=True)
+class ReachRequest:
+    """``peer.{host_id}.reach`` request: can this peer reach another host's upload server? It
+    GETs the target's /healthz at the address the schedulers list for it and says what it
+    saw (what `swarmfly doctor` asks other hosts).
+    """
+
+    target: str
+    timeout_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReachRequest:
+        return cls(target=data["target"], timeout_s=data.get("timeout_s"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"target": self.target}
+        if self.timeout_s is not None:
+            data["timeout_s"] = self.timeout_s
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class ReachReply:
+    """``peer.{host_id}.reach`` reply: can this peer reach another host's upload server? It
+    GETs the target's /healthz at the address the schedulers list for it and says what it
+    saw (what `swarmfly doctor` asks other hosts).
+    """
+
+    host_id: str
+    target: str
+    address: str
+    ok: bool
+    seconds: float
+    status: int | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReachReply:
+        return cls(
+            host_id=data["host_id"],
+            target=data["target"],
+            address=data["address"],
+            ok=data["ok"],
+            seconds=data["seconds"],
+            status=data.get("status"),
+            error=data.get("error"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "host_id": self.host_id,
+            "target": self.target,
+            "address": self.address,
+            "ok": self.ok,
+            "seconds": self.seconds,
+        }
+        if self.status is not None:
+            data["status"] = self.status
+        if self.error is not None:
+            data["error"] = self.error
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
 class PreheatProgressRequest:
     """``preheat.{job}.progress`` request: how far one host has got with one item of a
     preheat job: published by the storage instance or peer doing it, heard by the CLI that
@@ -713,6 +778,59 @@ class PreheatProgressRequest:
             data["content_length"] = self.content_length
         if self.error is not None:
             data["error"] = self.error
+        return data
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class AddressRequest:
+    """``scheduler.address`` request: where a live host's upload server is, as the schedulers
+    give it to other hosts: what a peer asked by `swarmfly doctor` looks up before it
+    probes another host.
+    """
+
+    host_id: str
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AddressRequest:
+        return cls(host_id=data["host_id"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host_id": self.host_id}
+
+
+@quick_init
+@dataclass(frozen=True, slots=True)
+class AddressReply:
+    """``scheduler.address`` reply: where a live host's upload server is, as the schedulers
+    give it to other hosts: what a peer asked by `swarmfly doctor` looks up before it
+    probes another host.
+    """
+
+    host_id: str
+    known: bool
+    address: str | None = None
+    type: Literal["normal", "seed"] | None = None
+    seen_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AddressReply:
+        return cls(
+            host_id=data["host_id"],
+            known=data["known"],
+            address=data.get("address"),
+            type=data.get("type"),
+            seen_s=data.get("seen_s"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"host_id": self.host_id, "known": self.known}
+        if self.address is not None:
+            data["address"] = self.address
+        if self.type is not None:
+            data["type"] = self.type
+        if self.seen_s is not None:
+            data["seen_s"] = self.seen_s
         return data
 
 
@@ -1428,7 +1546,9 @@ class SeedReply:
 DOWNLOAD: Final = Subject("peer.{host_id}.download", DownloadRequest, DownloadReply)
 PEER_PREHEAT: Final = Subject("peer.{host_id}.preheat", PeerPreheatRequest, PreheatReply)
 PROGRESS: Final = Subject("peer.{host_id}.progress", ProgressRequest, ProgressReply)
+REACH: Final = Subject("peer.{host_id}.reach", ReachRequest, ReachReply)
 PREHEAT_PROGRESS: Final = Subject("preheat.{job}.progress", PreheatProgressRequest, NoReply)
+ADDRESS: Final = Subject("scheduler.address", AddressRequest, AddressReply)
 BEAT: Final = Subject("scheduler.{scheduler}.beat", HeartbeatRequest, HeartbeatReply)
 HEARTBEAT: Final = Subject("scheduler.heartbeat", HeartbeatRequest, HeartbeatReply)
 LEAVE: Final = Subject("scheduler.leave", LeaveRequest, Ok)
@@ -1447,7 +1567,9 @@ SUBJECTS: Final[Mapping[str, Subject[Any, Any]]] = {
     DOWNLOAD.name: DOWNLOAD,
     PEER_PREHEAT.name: PEER_PREHEAT,
     PROGRESS.name: PROGRESS,
+    REACH.name: REACH,
     PREHEAT_PROGRESS.name: PREHEAT_PROGRESS,
+    ADDRESS.name: ADDRESS,
     BEAT.name: BEAT,
     HEARTBEAT.name: HEARTBEAT,
     LEAVE.name: LEAVE,

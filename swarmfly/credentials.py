@@ -188,6 +188,7 @@ def permissions(
             # swarmfly cache: the storage fleet takes (and answers for) what this host imported
             *(f"{p}.storage.*.{verb}.normal.{host_id}" for verb in ("import", "cached")),
             "$SRV.INFO.storage",
+            f"{p}.scheduler.address",  # where a host it is asked to probe (reach) is
         ]
         subscribe = [f"{p}.peer.{host_id}.>", inbox, "$SRV.>"]
     elif role == "client":
@@ -195,6 +196,7 @@ def permissions(
             f"{p}.peer.{host_id}.download",
             f"{p}.peer.{host_id}.progress",
             f"{p}.peer.{host_id}.preheat",  # the operator's: no service may ask a peer so
+            f"{p}.peer.{host_id}.reach",  # swarmfly doctor: no service makes a peer probe
             f"{p}.storage.preheat",
             f"{p}.scheduler.state",
             "$SRV.>",

@@ -4,9 +4,10 @@ Spegel's and Kraken's users ask most.
 It checks, in the order a pull depends on them: the container runtimes' configuration
 (whatever is installed) points at this host's mirror, the mirror answers, NATS and the
 schedulers answer, this peer's upload server answers at the address other hosts are given,
-and a probe pulled through the swarm arrives, with its bytes from the origin against those
-from peers. Each check is ok, warn, fail or skip; any fail is the verdict ``problems`` and
-exit status ``EXIT_PROBLEMS``.
+other peers reach it there (asked to probe it: ``peer.{host_id}.reach``), and a probe pulled
+through the swarm arrives, with its bytes from the origin against those from peers. Each
+check is ok, warn, fail or skip; any fail is the verdict ``problems`` and exit status
+``EXIT_PROBLEMS``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ EXIT_PROBLEMS = 7
 """Exit status when a check failed: apart from every error code's (README, "Exit codes")."""
 HTTP_TIMEOUT = 5.0
 """Seconds an HTTP check waits: each answers at once when it works."""
+REACH_ASKED = 3
+"""Other peers asked to probe this host's upload server: enough to tell one host's firewall
+from this host's, few enough that a doctor run is no load."""
+REACH_TIMEOUT = 3.0
+"""Seconds each of them may take for its probe (``peer.{host_id}.reach``)."""
+REACH_WAIT = 8.0
+"""Seconds the doctor waits for their answers: the probe, their scheduler look-up, NATS."""
 CRI_REGISTRY = {
     2: ("io.containerd.grpc.v1.cri", "registry"),
     3: ("io.containerd.cri.v1.images", "registry"),
@@ -303,7 +311,7 @@ async def cluster_checks(
         else Check("mirror", "ok", f"{mirror} answers", {"url": mirror}),
     )
     if status is None:
-        checks += [Check(n, "skip", "needs NATS") for n in ("scheduler", "upload")]
+        checks += [Check(n, "skip", "needs NATS") for n in ("scheduler", "upload", "reach")]
         return checks, mirror, host_id
     names = sorted({str(s["name"]) for s in services})
     checks.append(
@@ -321,10 +329,12 @@ async def cluster_checks(
         )
     )
     if problem:
-        checks.append(Check("upload", "skip", "needs a scheduler"))
+        checks += [Check(n, "skip", "needs a scheduler") for n in ("upload", "reach")]
     else:
         listed_all = status.get("host_count", len(hosts)) <= len(hosts)
-        checks.append(await _upload_check(config, host_id, hosts, listed_all))
+        upload = await _upload_check(config, host_id, hosts, listed_all)
+        checks.append(upload)
+        checks.append(await reach_check(config, host_id, hosts, services, within))
     return checks, mirror, host_id
 
 
@@ -335,9 +345,9 @@ def _configured(config: Config) -> str:
 async def _upload_check(
     config: Config, host_id: str | None, hosts: dict[str, dict[str, Any]], known: bool
 ) -> Check:
-    """The upload server answers at the address the schedulers give other hosts (asked from
-    here: a firewall between hosts is beyond what one host can see). ``known``: the
-    schedulers listed every host, so one missing is one they do not hear from."""
+    """The upload server answers at the address the schedulers give other hosts, asked from
+    here (``reach_check`` asks other hosts). ``known``: the schedulers listed every host, so
+    one missing is one they do not hear from."""
     if host_id is None:
         return Check(
             "upload", "skip", f"no peer service runs with the state dir {config.state_dir}"
@@ -364,6 +374,95 @@ async def _upload_check(
         else "the address other hosts use"
     )
     return Check("upload", "ok", f"{host['address']} answers ({reach})")
+
+
+def reach_candidates(
+    host_id: str, hosts: dict[str, dict[str, Any]], services: list[dict[str, Any]]
+) -> list[str]:
+    """Other live peers that can be asked to probe this host: a peer service answers for
+    them and the schedulers hear them; the most recently heard first, ``REACH_ASKED``."""
+    running = {
+        str(s["metadata"].get("host_id"))
+        for s in services
+        if s["name"] == "peer" and s["metadata"].get("host_id") not in (None, host_id)
+    }
+    live = sorted(running & set(hosts), key=lambda h: (float(hosts[h].get("seen_s", 0)), h))
+    return live[:REACH_ASKED]
+
+
+async def reach_check(
+    config: Config,
+    host_id: str | None,
+    hosts: dict[str, dict[str, Any]],
+    services: list[dict[str, Any]],
+    within: float,
+) -> Check:
+    """Other peers reach this host's upload server: up to ``REACH_ASKED`` of them are asked
+    (``peer.{host_id}.reach``) to GET its ``/healthz`` at the address the schedulers list,
+    which each looks up itself. ok when one reached it; fail when those that probed could
+    not (named, with what each saw); skip without another live peer to ask."""
+    if host_id is None or host_id not in hosts:
+        return Check("reach", "skip", "needs this host's peer listed by the schedulers")
+    asked = reach_candidates(host_id, hosts, services)
+    if not asked:
+        return Check(
+            "reach",
+            "skip",
+            "no other live peer to ask: whether other hosts reach this upload server is"
+            " checked once another peer runs",
+        )
+    import asyncio  # here: the CLI builds its parser from this module on every command
+
+    from swarmfly.cluster import connect
+    from swarmfly.contracts import messages
+
+    try:
+        bus = await connect(config, "swarmfly-doctor", within=within)
+    except SwarmflyError as exc:
+        return Check("reach", "fail", exc.message)
+    request = messages.ReachRequest(host_id, timeout_s=REACH_TIMEOUT)
+    try:
+        answers = await asyncio.gather(
+            *(
+                bus.request(messages.REACH, request, timeout=REACH_WAIT, host_id=other)
+                for other in asked
+            ),
+            return_exceptions=True,
+        )
+    finally:
+        await bus.close()
+    return reach_verdict(hosts[host_id]["address"], asked, answers)
+
+
+def reach_verdict(address: str, asked: list[str], answers: list[Any]) -> Check:
+    """The ``reach`` check of what each asked peer answered: a ``ReachReply``, or the
+    SwarmflyError of one that could not probe at all (then it tells nothing of reach)."""
+    reached, failed, unasked = [], [], []
+    seen: list[dict[str, Any]] = []
+    for other, answer in zip(asked, answers, strict=True):
+        if isinstance(answer, Exception):  # SwarmflyError, or NATS lost in the meantime
+            why = answer.message if isinstance(answer, SwarmflyError) else repr(answer)
+            unasked.append(f"{other} could not probe ({why})")
+            seen.append({"host_id": other, "ok": None, "error": why})
+        elif isinstance(answer, BaseException):
+            raise answer
+        elif answer.ok:
+            reached.append(other)
+            seen.append({"host_id": other, "ok": True, "seconds": answer.seconds})
+        else:
+            failed.append(f"{other}: {answer.error}")
+            seen.append({"host_id": other, "ok": False, "error": answer.error})
+    details = {"address": address, "asked": seen}
+    if reached:
+        line = f"{address} is reached from {', '.join(reached)}"
+        if failed:
+            line += f"; not from {'; '.join(failed)}"
+        return Check("reach", "ok", line, details)
+    if failed:
+        line = f"other hosts cannot reach this upload server at {address}: {'; '.join(failed)}"
+        return Check("reach", "fail", line + "".join(f"; {u}" for u in unasked), details)
+    line = f"no other peer could probe {address}: {'; '.join(unasked)}"
+    return Check("reach", "warn", line, details)
 
 
 async def probe_check(config: Config, url: str | None, within: float, timeout: float) -> Check:

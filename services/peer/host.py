@@ -730,7 +730,7 @@ class PeerHost:
         soft, rebuilt from hosts. Hence every reply counts, not just the first.
         """
         beat = messages.HeartbeatRequest(self.host(), self.upload.load, len(self.store.tasks))
-        schedulers = {token.split(".")[0] for token in self._owners if token}
+        schedulers = self.schedulers
         wait = max(0.2, min(2.0, self._interval / 2))
         try:
             replies = await self._send_beat(beat, wait, 1 if first else len(schedulers) or None)
@@ -778,6 +778,12 @@ class PeerHost:
         interval = self._interval if interval_ms is None else interval_ms / 1000
         self._interval = interval
         return interval
+
+    @property
+    def schedulers(self) -> set[str]:
+        """The runs of the schedulers holding partitions, as the last heartbeats said: how
+        many answers a fanout to them waits for."""
+        return {token.split(".")[0] for token in self._owners if token}
 
     def schedulers_answer(self) -> bool:
         """Some scheduler answered a recent heartbeat: a task subject nobody answers then

@@ -41,6 +41,7 @@ from swarmfly.services.peer.localsocket import LocalRequest, LocalServer, Send
 from swarmfly.services.peer.outputs import OutputRoots
 from swarmfly.services.peer.preheat import PeerPreheat
 from swarmfly.services.peer.progress import follow, moved
+from swarmfly.services.peer.reach import Reach
 from swarmfly.services.peer.store import StoredTask
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class PeerService:
         """`swarmfly cache` on this host: files its users import, stat and remove."""
         self.preheat = PeerPreheat(node, bus, strategy=default_strategy)
         """``peer.{host_id}.preheat``: into the cache, no output."""
+        self.reach = Reach(node, bus)
+        """``peer.{host_id}.reach``: `swarmfly doctor` on another host asks if its upload
+        server is reachable from here."""
 
     async def start(self, stack: AsyncExitStack) -> None:
         await self.node.start(stack)
@@ -108,6 +112,7 @@ class PeerService:
                 Endpoint(messages.DOWNLOAD, self.on_download),
                 Endpoint(messages.PROGRESS, self.on_progress),
                 Endpoint(messages.PEER_PREHEAT, self.preheat.on_preheat),
+                Endpoint(messages.REACH, self.reach.on_reach),
             ],
             metrics=self.node.metrics,
             metadata={"host_id": host_id, "upload": self.node.upload_url},

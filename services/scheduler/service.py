@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nats.errors
 import orjson
@@ -204,6 +204,7 @@ class SchedulerService:
                 Endpoint(messages.HEARTBEAT, self.on_heartbeat),
                 Endpoint(messages.BEAT, self.on_heartbeat),
                 Endpoint(messages.STATE, self.on_state),
+                Endpoint(messages.ADDRESS, self.on_address),
             ],
             metrics=self.metrics,
             inline=True,  # every handler computes and answers: no I/O to wait on
@@ -614,6 +615,16 @@ class SchedulerService:
                 peer_limit=PEER_LIMIT if req.peer_limit is None else req.peer_limit,
             )
         )
+
+    async def on_address(self, req: messages.AddressRequest) -> messages.AddressReply:
+        """One live host's upload address, nothing of its tasks: what a peer probes for
+        `swarmfly doctor` (``peer.{host_id}.reach``), taken from here rather than its asker."""
+        host = self.core.hosts.get(req.host_id)
+        if host is None:
+            return messages.AddressReply(req.host_id, known=False)
+        seen = round(max(0.0, self.clock() - host.last_seen), 3)
+        kind: Literal["normal", "seed"] = "seed" if host.type == "seed" else "normal"
+        return messages.AddressReply(req.host_id, True, host.address, kind, seen)
 
     async def _state(self, request: web.Request) -> web.Response:
         return web.json_response(await self._view(bitmaps=request.query.get("bitmaps") == "1"))

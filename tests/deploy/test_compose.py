@@ -516,4 +516,5 @@ def test_nats_requires_the_shipped_authorization(services: dict[str, dict[str, A
         "swarmfly.v1.storage.*.import.normal.peer-1",  # swarmfly cache, as itself
         "swarmfly.v1.storage.*.cached.normal.peer-1",
         "$SRV.INFO.storage",
+        "swarmfly.v1.scheduler.address",  # where a host it probes for doctor is
     ]

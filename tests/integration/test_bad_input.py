@@ -50,6 +50,7 @@ BAD_IDS = {
     "peer_id": "peer a1",
     "host_id": "host.a",
     "download_id": "../dl-1",
+    "target": "http://169.254.169.254/",  # peer.{host_id}.reach: a host id, never an address
 }
 """An invalid value per id field; a host object's ``id`` gets a dotted one too."""
 
@@ -434,6 +435,10 @@ async def valid_request(env: Env, name: str) -> tuple[dict[str, Any], contracts.
     if name == "peer.{host_id}.preheat":
         source = {"url": env.url, "digest": f"sha256:{hashlib.sha256(FILE_DATA).hexdigest()}"}
         return {"source": source, "timeout_s": 30}, TEST_SENDER, 35
+    if name == "peer.{host_id}.reach":  # the peer probes its own listed upload address
+        return {"target": env.peer.node.settings.host_id, "timeout_s": 3}, TEST_SENDER, 10
+    if name == "scheduler.address":
+        return {"host_id": env.peer.node.settings.host_id}, TEST_SENDER, 5
     if name == "peer.{host_id}.download":
         output = env.tmp / "outputs" / f"{uuid.uuid4().hex}.bin"
         source = {"url": env.url, "digest": f"sha256:{hashlib.sha256(FILE_DATA).hexdigest()}"}
@@ -484,6 +489,10 @@ async def test_service_keeps_serving_after_bad_input(env: Env, name: str) -> Non
         assert reply["held"] is True and reply["digest"] == request["digest"]
     elif name == "storage.{host_id}.cached":
         assert reply["held"] is False
+    elif name == "peer.{host_id}.reach":
+        assert reply["ok"] is True and reply["address"] == env.peer.node.upload_url, reply
+    elif name == "scheduler.address":
+        assert reply["known"] is True and reply["address"] == env.peer.node.upload_url, reply
 
 
 # -- and a host speaks only for itself -------------------------------------------------------

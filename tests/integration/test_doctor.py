@@ -1,6 +1,8 @@
 """`swarmfly doctor` on a host of a real cluster (scheduler, storage and a peer with its
 mirror, each its own process): healthy with a containerd that uses the mirror, a problem
-with one whose ``config_path`` is not set, and what it says when NATS is gone."""
+with one whose ``config_path`` is not set, and what it says when NATS is gone; whether other
+peers reach this host's upload server (they probe it, ``peer.{host_id}.reach``), and that a
+peer probes nothing but a listed host's upload address."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from typing import Any
 
 import orjson
 import pytest
+from nats import connect as nats_connect
 
+from swarmfly.cluster import local_peer
 from swarmfly.doctor import EXIT_PROBLEMS
 from swarmfly.natsserver import NatsServer
 from swarmfly.testing import Origin, ServiceProcess, spawn_service
@@ -100,8 +104,13 @@ async def test_a_healthy_host(
         "nats": "ok",
         "scheduler": "ok",
         "upload": "ok",
+        "reach": "skip",
         "probe": "ok",
     }
+    assert checks["reach"]["message"] == (
+        "no other live peer to ask: whether other hosts reach this upload server is checked"
+        " once another peer runs"
+    ), "storage runs no peer service: nobody else to ask"
     assert checks["containerd"]["message"].endswith("the mirror serves every registry")
     assert checks["upload"]["message"].endswith("answers (loopback: only this machine reaches it)")
     assert checks["mirror"]["details"]["url"] == mirror, "found through discovery"
@@ -203,7 +212,7 @@ async def test_without_nats_the_cluster_checks_fail_in_time(tmp_path: Path) -> N
         "details": {},
     }
     assert checks["mirror"]["message"] == "cannot connect to 127.0.0.1:9: Connection refused"
-    assert [checks[n]["status"] for n in ("scheduler", "upload", "probe")] == ["skip"] * 3
+    assert [checks[n]["status"] for n in ("scheduler", "upload", "reach", "probe")] == ["skip"] * 4
 
 
 async def test_without_a_scheduler_the_upload_check_waits_for_one(
@@ -224,10 +233,137 @@ async def test_without_a_scheduler_the_upload_check_waits_for_one(
     assert (
         checks["scheduler"]["message"] == f"no scheduler runs under the subject prefix {prefix!r}"
     )
-    assert checks["upload"] == {
-        "name": "upload",
-        "status": "skip",
-        "message": "needs a scheduler",
-        "details": {},
-    }
+    for name in ("upload", "reach"):
+        assert checks[name] == {
+            "name": name,
+            "status": "skip",
+            "message": "needs a scheduler",
+            "details": {},
+        }
     assert [checks[n]["status"] for n in ("containerd", "mirror", "nats")] == ["ok"] * 3
+
+
+def peer(nats: NatsServer, prefix: str, folder: Path, *extra: str) -> ServiceProcess:
+    return spawn_service(
+        "peer", nats.url, folder, "--prefix", prefix, "--proxy-port", "0", *extra, env=FAST_ENV
+    )
+
+
+def host_id(folder: Path) -> str:
+    found = local_peer(folder)
+    assert found is not None, f"no peer runs on {folder}"
+    return found
+
+
+async def test_another_peer_reaches_the_upload_server(
+    services: list[ServiceProcess], nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    other = peer(nats, prefix, tmp_path / "peer-b")
+    try:
+        flags = runtime_files(tmp_path / "etc", services[2].proxy_url, config_path=True)
+        cli = ("--nats", nats.url, "--prefix", prefix, "--state-dir", str(tmp_path / "peer"))
+        code, out, err = await doctor(*cli, *flags, "--json")
+        asked = host_id(tmp_path / "peer-b")
+    finally:
+        assert other.stop() == 0, other.log()
+    assert (code, err) == (0, ""), out
+    checks = by_name(orjson.loads(out))
+    reach = checks["reach"]
+    address = reach["details"]["address"]
+    assert checks["upload"]["message"].startswith(f"{address} answers"), "the one address"
+    assert reach["status"] == "ok", reach
+    assert reach["message"] == f"{address} is reached from {asked}"
+    [seen] = reach["details"]["asked"]
+    assert (seen["host_id"], seen["ok"]) == (asked, True)
+    assert 0 <= seen["seconds"] < 3
+
+
+async def test_an_address_other_hosts_cannot_reach_fails_naming_them(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """This peer listens on 127.0.0.1 but advertises 127.0.0.3, where nothing listens: the
+    other peer, asked to probe it, cannot connect, and the doctor says who and why."""
+    started = [spawn_service("scheduler", nats.url, tmp_path / "scheduler", "--prefix", prefix,
+                             env=FAST_ENV)]  # fmt: skip
+    try:
+        started.append(
+            peer(nats, prefix, tmp_path / "peer", "--listen", "127.0.0.1",
+                 "--advertise-ip", "127.0.0.3")
+        )  # fmt: skip
+        started.append(peer(nats, prefix, tmp_path / "peer-b"))
+        flags = runtime_files(tmp_path / "etc", started[1].proxy_url, config_path=True)
+        cli = ("--nats", nats.url, "--prefix", prefix, "--state-dir", str(tmp_path / "peer"))
+        code, out, err = await doctor(*cli, *flags, "--json")
+        _, text, _ = await doctor(*cli, *flags)  # as a person reads it
+        asked = host_id(tmp_path / "peer-b")
+    finally:
+        for service in reversed(started):
+            assert service.stop() == 0, service.log()
+    assert (code, err) == (EXIT_PROBLEMS, ""), out
+    report = orjson.loads(out)
+    reach = by_name(report)["reach"]
+    address = reach["details"]["address"]
+    assert address.startswith("http://127.0.0.3:"), address
+    where = address.removeprefix("http://")
+    why = f"cannot connect to {where}: Connection refused"
+    assert reach["status"] == "fail"
+    assert reach["message"] == (
+        f"other hosts cannot reach this upload server at {address}: {asked}: {why}"
+    )
+    assert reach["details"]["asked"] == [{"host_id": asked, "ok": False, "error": why}]
+    assert report["verdict"].startswith("problems: upload, reach failed"), report["verdict"]
+    assert f"fail  reach       {reach['message']}" in text.splitlines(), text
+
+
+async def test_a_peer_probes_only_a_listed_hosts_upload_address(
+    services: list[ServiceProcess], nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """Asked over NATS, a peer is no HTTP prober: the request names a host id, never an
+    address, and the address probed is the one the schedulers list for that live host (one
+    in a denied range, such as cloud metadata, refused). A trap server sees no connection."""
+    hits = 0
+
+    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal hits
+        hits += 1
+        writer.close()
+
+    trap = await asyncio.start_server(count, "127.0.0.1", 0)
+    port = trap.sockets[0].getsockname()[1]
+    metadata = peer(nats, prefix, tmp_path / "peer-m", "--advertise-ip", "169.254.169.254")
+    nc = await nats_connect(servers=[nats.url], connect_timeout=3, max_reconnect_attempts=0)
+    try:
+        subject = f"{prefix}.v1.peer.{host_id(tmp_path / 'peer')}.reach"
+        trap_url = f"http://127.0.0.1:{port}/"
+
+        async def error(body: dict[str, Any]) -> dict[str, Any]:
+            msg = await nc.request(subject, orjson.dumps(body), timeout=10)
+            assert msg.headers and msg.headers.get("Nats-Service-Error-Code"), msg.data
+            found: dict[str, Any] = orjson.loads(msg.data)["error"]
+            return found
+
+        unlisted = await error({"target": "no-such-host"})
+        assert (unlisted["code"], unlisted["message"]) == (
+            "not_found",
+            "no scheduler lists a live host 'no-such-host': this peer probes only the upload"
+            " address of a host the schedulers list",
+        )
+        for body in (
+            {"target": "no-such-host", "url": trap_url},
+            {"target": "no-such-host", "address": trap_url},
+            {"target": f"127.0.0.1:{port}"},
+            {"target": trap_url},
+            {"target": host_id(tmp_path / "peer"), "timeout_s": 600},
+        ):
+            assert (await error(body))["code"] == "bad_request", body
+        denied = await error({"target": host_id(tmp_path / "peer-m")})
+        assert denied["code"] == "forbidden", denied
+        assert denied["message"].startswith("http://169.254.169.254:"), denied
+        assert denied["message"].endswith(
+            "is not an allowed origin ([origins] deny: cloud metadata)"
+        ), denied
+    finally:
+        await nc.close()
+        trap.close()
+        assert metadata.stop() == 0, metadata.log()
+    assert hits == 0, "nothing was fetched from the address a request named"

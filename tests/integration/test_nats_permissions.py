@@ -233,6 +233,36 @@ async def test_the_client_may_not_publish_to_schedulers_nor_read_anything(
     assert heard == [], "the scheduler heard nothing from the client"
 
 
+async def test_only_the_client_makes_a_peer_probe(
+    roles: tuple[Secured, dict[str, Connection]], prefix: str
+) -> None:
+    """``peer.<host>.reach`` (swarmfly doctor) makes a peer send an HTTP request: no service
+    may ask it. The peer looks up where the target is itself (``scheduler.address``)."""
+    _, by_role = roles
+    p = f"{prefix}.v1"
+    for role in ("peer", "storage", "scheduler"):
+        await by_role[role].nc.publish(f"{p}.peer.{PEER}.reach", b"{}")
+        assert await by_role[role].refused("publish", f"{p}.peer.{PEER}.reach"), role
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b'{"ok": true}')
+
+    peer, scheduler = by_role["peer"], by_role["scheduler"]
+    asked = await peer.nc.subscribe(f"{p}.peer.{PEER}.reach", cb=answer)
+    await peer.nc.flush()
+    reply = await request_answered(by_role["client"].nc, f"{p}.peer.{PEER}.reach")
+    assert reply.data == b'{"ok": true}'
+    await asked.unsubscribe()
+    looked_up = await scheduler.nc.subscribe(f"{p}.scheduler.address", cb=answer)
+    await scheduler.nc.flush()
+    reply = await request_answered(peer.nc, f"{p}.scheduler.address")
+    assert reply.data == b'{"ok": true}'
+    await looked_up.unsubscribe()
+    storage = by_role["storage"]  # it probes nothing, so it looks no host up
+    await storage.nc.publish(f"{p}.scheduler.address", b"{}")
+    assert await storage.refused("publish", f"{p}.scheduler.address")
+
+
 async def test_a_download_with_every_service_on_its_own_credentials(
     tmp_path: Path, prefix: str, origin: Origin
 ) -> None:
