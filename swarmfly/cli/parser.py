@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from swarmfly import __version__
@@ -21,6 +22,8 @@ CONNECT_TIMEOUT = 10.0
 """Seconds a one-shot command waits for NATS by default: a service waits for as long as it
 takes, but a command someone waits on gives up and says why."""
 
+T = TypeVar("T")
+
 
 class UsageError(Exception):
     """A command line argparse refused, reported as every other error is."""
@@ -34,11 +37,16 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _size(text: str) -> int:
+def _in_words(parse: Callable[[str], T], text: str) -> T:
+    """``parse(text)``, its ValueError the flag's error (its message says what is wrong)."""
     try:
-        return parse_size(text)
+        return parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _size(text: str) -> int:
+    return _in_words(parse_size, text)
 
 
 def _rate(text: str) -> int:
@@ -129,21 +137,24 @@ def _one_shot(parser: argparse.ArgumentParser, *, progress: bool = True) -> None
         )
 
 
-def _count(text: str) -> int:
+def _whole(text: str, most: int | None = None) -> int:
+    """A whole number from 1 (to ``most``), or the flag's error in words."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
+    if value < 1 or (most is not None and value > most):
+        bound = "1 or more" if most is None else f"1 to {most}"
+        raise argparse.ArgumentTypeError(f"{text!r}: give {bound}")
     return value
+
+
+def _count(text: str) -> int:
+    return _whole(text)
 
 
 def _percentage(text: str) -> int:
-    value = _count(text)
-    if value > 100:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to 100")
-    return value
+    return _whole(text, 100)
 
 
 def _preheat_flags(what: argparse.ArgumentParser) -> None:
@@ -283,13 +294,7 @@ def _doctor_flags(parser: argparse.ArgumentParser) -> None:
 def _partition_count(text: str) -> int:
     from swarmfly.placement import MAX_PARTITIONS
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= MAX_PARTITIONS:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to {MAX_PARTITIONS}")
-    return value
+    return _whole(text, MAX_PARTITIONS)
 
 
 def _scheduler_commands(scheduler: argparse.ArgumentParser) -> None:
@@ -310,10 +315,7 @@ def _scheduler_commands(scheduler: argparse.ArgumentParser) -> None:
 def _ttl(text: str) -> float:
     from swarmfly.cache import parse_ttl
 
-    try:
-        return parse_ttl(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return _in_words(parse_ttl, text)
 
 
 def _cache_commands(sub: Any) -> None:
