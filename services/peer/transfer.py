@@ -251,9 +251,12 @@ class PieceIO:
             self.got(number, digest, parent.peer_id, started)
         return number
 
-    def got(self, number: int, digest: str, parent_id: str, started: float) -> bool:
+    def got(
+        self, number: int, digest: str, parent_id: str, started: float, *, report: bool = True
+    ) -> bool:
         """A piece from another peer is verified in the store (``digest``): mark it,
-        account for it, report it. False when another copy got there first."""
+        account for it, report it (unless not ``report``). False when another copy got
+        there first."""
         if number in self.stored.done:
             return False
         assert self.stored.content is not None
@@ -265,9 +268,10 @@ class PieceIO:
         cost = self.clock() - started
         self.metrics.piece_seconds.labels("p2p").observe(cost)
         log.debug("piece %d from %s in %.3fs", number, parent_id, cost)
-        self.control.report(
-            messages.PieceReport(number, parent_id=parent_id, cost_ms=int(cost * 1000))
-        )
+        if report:
+            self.control.report(
+                messages.PieceReport(number, parent_id=parent_id, cost_ms=int(cost * 1000))
+            )
         return True
 
     # -- a lent piece handed back ----------------------------------------------------------
@@ -302,13 +306,10 @@ class PieceIO:
         paced = self.paced(chunks, size, SwarmflyError("bad_request", "more than the piece"))
         expected = self.stored.digests[number]
         digest = await self.receive(number, paced, expected)
-        if digest is None or number in self.stored.done:
+        if digest is None or number in self.stored.done:  # the seed's own read came first
             return False
-        if expected is not None:
-            return self.got(number, digest, child, started)
-        # Its child left before it reported the piece: the scheduler knows no digest, and
-        # this seed's word on bytes it did not read waits for the whole file's.
-        self.mark_done(number, digest)
-        self.ledger.came_from[number] = child
-        self.unvouched.add(number)
-        return True
+        # Without a digest known, its child left before it reported the piece: this seed's
+        # word on bytes it did not read waits for the whole file's.
+        if expected is None:
+            self.unvouched.add(number)
+        return self.got(number, digest, child, started, report=expected is not None)
