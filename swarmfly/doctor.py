@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from swarmfly.config import Config
 from swarmfly.errors import SwarmflyError, connect_error_in_words
 from swarmfly.httpheaders import http_url
+from swarmfly.nodeinit import REGISTRY_TABLES, dotted
 
 Status = Literal["ok", "warn", "fail", "skip"]
 EXIT_PROBLEMS = 7
@@ -40,11 +41,6 @@ REACH_TIMEOUT = 3.0
 """Seconds each of them may take for its probe (``peer.{host_id}.reach``)."""
 REACH_WAIT = 8.0
 """Seconds the doctor waits for their answers: the probe, their scheduler look-up, NATS."""
-CRI_REGISTRY = {
-    2: ("io.containerd.grpc.v1.cri", "registry"),
-    3: ("io.containerd.cri.v1.images", "registry"),
-}
-"""Where containerd's config.toml keeps ``config_path``, by config version (1.x: 2; 2.x: 3)."""
 DEFAULT_CERTS = "/etc/containerd/certs.d"
 
 
@@ -100,10 +96,13 @@ def check_containerd(path: Path, mirror: str) -> Check:
         document = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         return Check("containerd", "fail", f"cannot read {path}: {exc}")
-    version = document.get("version", 2)
-    plugin, table = CRI_REGISTRY.get(version, CRI_REGISTRY[2])
-    registry = document.get("plugins", {}).get(plugin, {}).get(table, {})
-    where = f'[plugins."{plugin}".{table}]'
+    # The CRI registry table of the file's version, as node init finds it (no version: 1).
+    version = document.get("version", 1)
+    keys = REGISTRY_TABLES.get(version if isinstance(version, int) else 2, REGISTRY_TABLES[2])
+    registry: Any = document
+    for key in keys:
+        registry = registry.get(key, {}) if isinstance(registry, Mapping) else {}
+    where = f"[{dotted(keys)}]"
     config_path = registry.get("config_path") if isinstance(registry, Mapping) else None
     if not config_path:
         return Check(
@@ -111,6 +110,14 @@ def check_containerd(path: Path, mirror: str) -> Check:
             "fail",
             f"{path}: config_path is not set in {where}, so containerd reads no hosts.toml"
             f' and pulls bypass the mirror; set config_path = "{DEFAULT_CERTS}"',
+        )
+    if registry.get("mirrors"):
+        return Check(
+            "containerd",
+            "fail",
+            f"{path}: [{dotted(keys)}.mirrors] is set beside config_path, which containerd's CRI"
+            " plugin refuses: it does not load, and no pod starts; move the mirrors to"
+            f" hosts.toml files under {str(config_path).split(':')[0]}",
         )
     found: list[str] = []
     for folder in str(config_path).split(":"):

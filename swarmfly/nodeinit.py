@@ -89,7 +89,7 @@ def plan(text: str | None, certs_dir: str) -> Plan:
             Verdict.UNEDITABLE,
             f"config.toml has version = {version!r}, not 1, 2 or 3: left as it is",
         )
-    name = _dotted(table)
+    name = dotted(table)
     registry = _table(config, table)
     if registry is None:
         return Plan(Verdict.UNEDITABLE, f"[{name}] is not a table: left as it is")
@@ -137,7 +137,8 @@ def _table(config: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | No
     return node if isinstance(node, dict) else None
 
 
-def _dotted(path: tuple[str, ...]) -> str:
+def dotted(path: tuple[str, ...]) -> str:
+    """A table's key as config.toml spells it: ``plugins."io.containerd.grpc.v1.cri".registry``."""
     return ".".join(key if _BARE_KEY.fullmatch(key) else json.dumps(key) for key in path)
 
 
@@ -167,7 +168,7 @@ def _with_config_path(text: str, table: tuple[str, ...], value: str) -> str | No
         return None
     if not headers:
         end = "" if not text or text.endswith("\n") else "\n"
-        return f"{text}{end}\n[{_dotted(table)}]\n  {entry}\n"
+        return f"{text}{end}\n[{dotted(table)}]\n  {entry}\n"
     (start,) = headers
     stop = next(
         (i for i in range(start + 1, len(lines)) if _ANY_HEADER.match(lines[i])), len(lines)

@@ -293,12 +293,11 @@ async def run_registry(
     pytest.fail(f"docker-registry did not start; its log:\n{registry.log()[-4000:]}")
 
 
-@pytest.fixture
-async def htpasswd_registry(tmp_path: Path) -> AsyncIterator[Registry]:
+@asynccontextmanager
+async def run_htpasswd_registry(root: Path) -> AsyncIterator[Registry]:
     """A registry that takes alice's Basic credentials (bcrypt htpasswd) and nobody else's."""
     tool = require_tool("htpasswd")
-    root = tmp_path / "registry"
-    root.mkdir()
+    root.mkdir(parents=True)
     made = await asyncio.create_subprocess_exec(
         tool, "-Bbn", ALICE, ALICE_PASSWORD,
         stdout=asyncio.subprocess.PIPE,
@@ -310,6 +309,12 @@ async def htpasswd_registry(tmp_path: Path) -> AsyncIterator[Registry]:
     htpasswd.write_bytes(line)
     auth = {"htpasswd": {"realm": "swarmfly-test-realm", "path": str(htpasswd)}}
     async with run_registry(root, auth) as registry:
+        yield registry
+
+
+@pytest.fixture
+async def htpasswd_registry(tmp_path: Path) -> AsyncIterator[Registry]:
+    async with run_htpasswd_registry(tmp_path / "registry") as registry:
         yield registry
 
 

@@ -64,13 +64,13 @@ class Layout:
     manifest_digest: str
 
 
-def build_layout(path: Path) -> Layout:
-    """An image of three gzipped tar layers of random bytes (stored, not compressed: random
-    data does not shrink, and level 0 keeps building it fast)."""
+def build_layout(path: Path, sizes: tuple[int, ...] = LAYER_SIZES) -> Layout:
+    """An image of gzipped tar layers of random bytes, ``sizes`` long (stored, not
+    compressed: random data does not shrink, and level 0 keeps building it fast)."""
     blobs: dict[str, bytes] = {}
     layers: list[bytes] = []
     diff_ids: list[str] = []
-    for number, size in enumerate(LAYER_SIZES):
+    for number, size in enumerate(sizes):
         tar_bytes = io.BytesIO()
         with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
             info = tarfile.TarInfo(f"data/layer{number}.bin")

@@ -23,10 +23,19 @@ from swarmfly.doctor import (
 MIRROR = "http://127.0.0.1:65001"
 
 
-def containerd(tmp_path: Path, registry: str, version: int = 2) -> Path:
-    plugin = "io.containerd.grpc.v1.cri" if version == 2 else "io.containerd.cri.v1.images"
+CRI_TABLES = {
+    1: "plugins.cri.registry",
+    2: 'plugins."io.containerd.grpc.v1.cri".registry',
+    3: 'plugins."io.containerd.cri.v1.images".registry',
+}
+
+
+def containerd(tmp_path: Path, registry: str, version: int | None = 2) -> Path:
+    """config.toml with ``registry`` in its CRI registry table; None: no ``version`` line,
+    which containerd reads as version 1."""
     path = tmp_path / "config.toml"
-    path.write_text(f'version = {version}\n[plugins."{plugin}".registry]\n{registry}\n')
+    head = "" if version is None else f"version = {version}\n"
+    path.write_text(f"{head}[{CRI_TABLES[version or 1]}]\n{registry}\n")
     return path
 
 
@@ -38,8 +47,8 @@ def hosts(certs: Path, namespace: str, mirror: str = MIRROR) -> None:
     )
 
 
-@pytest.mark.parametrize("version", [2, 3])
-def test_containerd_with_config_path_and_the_mirror(tmp_path: Path, version: int) -> None:
+@pytest.mark.parametrize("version", [None, 1, 2, 3])
+def test_containerd_with_config_path_and_the_mirror(tmp_path: Path, version: int | None) -> None:
     certs = tmp_path / "certs.d"
     hosts(certs, "docker.io")
     check = check_containerd(containerd(tmp_path, f'config_path = "{certs}"', version), MIRROR)
@@ -55,6 +64,22 @@ def test_containerd_hosts_toml_naming_another_address_is_a_failure(tmp_path: Pat
     check = check_containerd(containerd(tmp_path, f'config_path = "{certs}"'), MIRROR)
     assert check.status == "fail"
     assert check.message.startswith(f"no hosts.toml under {certs} names the mirror {MIRROR}")
+
+
+def test_containerd_mirrors_beside_config_path_is_a_failure(tmp_path: Path) -> None:
+    """containerd's CRI plugin refuses to load with both (tests/e2e/test_containerd.py)."""
+    certs = tmp_path / "certs.d"
+    hosts(certs, "_default")
+    text = (
+        f'config_path = "{certs}"\n[{CRI_TABLES[2]}.mirrors."docker.io"]\nendpoint = ["{MIRROR}"]'
+    )
+    check = check_containerd(containerd(tmp_path, text), MIRROR)
+    assert (check.status, check.message) == (
+        "fail",
+        f"{tmp_path / 'config.toml'}: [{CRI_TABLES[2]}.mirrors] is set beside config_path, which"
+        " containerd's CRI plugin refuses: it does not load, and no pod starts; move the"
+        f" mirrors to hosts.toml files under {certs}",
+    )
 
 
 def test_containerd_without_config_path_and_broken_files(tmp_path: Path) -> None:
