@@ -145,6 +145,12 @@ def _reached(address: Address) -> tuple[Address, ...]:
     return (address, *_LOOPBACK) if address.is_unspecified else (address,)
 
 
+def this_host_only(address: Address) -> bool:
+    """Whether a connection to ``address`` reaches the connecting machine itself, whichever
+    it is: loopback, or unspecified (``0.0.0.0``, ``::``), which is what connecting to it does."""
+    return address.is_loopback or address.is_unspecified
+
+
 @dataclass(frozen=True)
 class Target:
     """What a URL makes a source connect to."""
@@ -216,13 +222,21 @@ class OriginPolicy:
 
     async def check(self, url: str) -> None:
         """Raise ``forbidden`` unless ``url``'s origin may be read; before any connection."""
+        await self.resolve(url)
+
+    async def resolve(self, url: str) -> list[str]:
+        """What ``url``'s host name resolves to, every address allowed (``forbidden``
+        otherwise); none for an IP literal (itself) or a URL naming no host. For a caller that
+        connects to these addresses and no others: a name resolved again at connect time may
+        answer otherwise (DNS rebinding)."""
         target = target_of(url)
         if target is None:
-            return
+            return []
         addresses: list[str] = []
         if parse_address(target.host) is None:
             addresses = await self._resolve(target.host, target.port)
         self._refuse(target, addresses)
+        return addresses
 
     def check_addresses(self, host: str, port: int | None, addresses: Sequence[str]) -> None:
         """Raise ``forbidden`` when a connection about to be made to ``host`` would use a

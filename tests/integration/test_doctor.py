@@ -315,6 +315,42 @@ async def test_an_address_other_hosts_cannot_reach_fails_naming_them(
     assert f"fail  reach       {reach['message']}" in text.splitlines(), text
 
 
+async def test_a_loopback_address_fails_when_another_machine_is_asked(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """This peer advertises 127.0.0.1; the other advertises 192.0.2.8, as a peer on another
+    machine would. That peer does not GET 127.0.0.1 (a port of its own machine): it answers
+    that no other machine reaches a loopback address, and the doctor fails this host for it."""
+    started = [spawn_service("scheduler", nats.url, tmp_path / "scheduler", "--prefix", prefix,
+                             env=FAST_ENV)]  # fmt: skip
+    try:
+        started.append(peer(nats, prefix, tmp_path / "peer", "--advertise-ip", "127.0.0.1"))
+        started.append(peer(nats, prefix, tmp_path / "peer-b", "--advertise-ip", "192.0.2.8"))
+        flags = runtime_files(tmp_path / "etc", started[1].proxy_url, config_path=True)
+        cli = ("--nats", nats.url, "--prefix", prefix, "--state-dir", str(tmp_path / "peer"))
+        code, out, err = await doctor(*cli, *flags, "--json")
+        asked = host_id(tmp_path / "peer-b")
+    finally:
+        for service in reversed(started):
+            assert service.stop() == 0, service.log()
+    assert (code, err) == (EXIT_PROBLEMS, ""), out
+    report = orjson.loads(out)
+    checks = by_name(report)
+    address = checks["reach"]["details"]["address"]
+    assert address.startswith("http://127.0.0.1:"), address
+    why = (
+        f"{address.removeprefix('http://')} is a loopback address, which other machines cannot"
+        f" reach ({asked} advertises 192.0.2.8: not probed)"
+    )
+    assert checks["reach"]["status"] == "fail"
+    assert checks["reach"]["message"] == (
+        f"other hosts cannot reach this upload server at {address}: {asked}: {why}"
+    )
+    assert checks["reach"]["details"]["asked"] == [{"host_id": asked, "ok": False, "error": why}]
+    assert checks["upload"]["status"] == "ok", "this machine reaches it"
+    assert report["verdict"].startswith("problems: reach failed"), report["verdict"]
+
+
 async def test_a_peer_probes_only_a_listed_hosts_upload_address(
     services: list[ServiceProcess], nats: NatsServer, prefix: str, tmp_path: Path
 ) -> None:

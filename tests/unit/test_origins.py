@@ -46,6 +46,14 @@ async def test_a_name_is_judged_by_every_address_it_resolves_to() -> None:
         await policy.check("http://user:secret@evil.example/latest/meta-data/?token=x")
 
 
+async def test_resolve_gives_the_addresses_it_checked() -> None:
+    """For a caller that connects to these and no others (one look-up, nothing to rebind)."""
+    policy = OriginPolicy(resolve=fixed({"example.com": ["93.184.215.14", "2606:2800::1"]}))
+    assert await policy.resolve("https://example.com/x") == ["93.184.215.14", "2606:2800::1"]
+    assert await policy.resolve("http://10.1.2.3:80/x") == [], "an IP literal is itself"
+    assert await policy.resolve("s3://bucket/key") == []
+
+
 async def test_the_system_resolver_path_with_localhost() -> None:
     """No DNS records can be added here: ``localhost`` resolves to loopback everywhere."""
     assert await system_resolve("localhost", 80)
