@@ -42,7 +42,7 @@ def parse_size(value: str | int | float) -> int:
         return int(value)
     match = _SIZE.match(value)
     if not match:
-        raise ValueError(f"not a size: {value!r}")
+        raise ValueError(f"not a size: {value!r} (bytes, or with a unit: 512k, 100MiB, 1.5GB)")
     number, unit, binary = match.groups()
     base = 1024 if binary or unit == "" else 1000
     power = " KMGT".index(unit.upper() or " ")

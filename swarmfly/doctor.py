@@ -541,11 +541,12 @@ class Report:
         failed = [c.name for c in self.checks if c.status == "fail"]
         warned = [c.name for c in self.checks if c.status == "warn"]
         passed = sum(c.status == "ok" for c in self.checks)
+        ok = f"{passed} check{'' if passed == 1 else 's'} ok"
         if failed:
-            return f"problems: {', '.join(failed)} failed ({passed} checks ok)"
+            return f"problems: {', '.join(failed)} failed ({ok})"
         if warned:
-            return f"healthy, with warnings: {', '.join(warned)} ({passed} checks ok)"
-        return f"healthy ({passed} checks ok)"
+            return f"healthy, with warnings: {', '.join(warned)} ({ok})"
+        return f"healthy ({ok})"
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "verdict": self.verdict, "checks": [asdict(c) for c in self.checks]}

@@ -9,7 +9,7 @@ import ctypes
 import logging
 import platform
 import signal
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -23,6 +23,7 @@ from swarmfly.credentials import (
     write_cluster_record,
     write_server_config,
 )
+from swarmfly.errors import SwarmflyError
 from swarmfly.httpserver import Limits
 from swarmfly.natsserver import NatsServer
 from swarmfly.origins import OriginPolicy
@@ -37,6 +38,9 @@ if TYPE_CHECKING:  # each process imports only the services it runs (below, wher
     from swarmfly.services.storage.service import StorageService
 
 log = logging.getLogger(__name__)
+
+SERVER_CHECK = 0.5
+"""Seconds between `swarmfly up`'s looks at whether its nats-server still runs."""
 
 
 def http_limits(config: Config) -> Limits:
@@ -137,7 +141,9 @@ def _host(
 ) -> PeerHost:
     """A peer or storage host on its state dir, with the process's plugins (or its own)."""
     _bound(stack, config)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    # Private from the start: the store would tighten a new one, saying so in the log of
+    # every fresh start.
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     settings = HostSettings.of(config, kind, state_dir)
     return PeerHost(settings, bus, servers, plugins or _owned_plugins(stack, config))
 
@@ -183,6 +189,18 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
+async def _until_stopped(stop: asyncio.Event, server: NatsServer) -> int | None:
+    """Wait for a signal, or for the embedded nats-server to exit: without it every service
+    only retries its connection (a warning each time, forever) and every get times out, so
+    `up` ends saying why instead. Its exit status when it did, None on a signal."""
+    while not stop.is_set():
+        if server.process is not None and (status := server.process.poll()) is not None:
+            return status
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SERVER_CHECK)
+    return None
+
+
 async def run_service(kind: str, config: Config) -> None:
     """`swarmfly scheduler|storage|peer`: one service against an existing NATS."""
     _open_files()
@@ -200,7 +218,7 @@ async def run_service(kind: str, config: Config) -> None:
             config.nats.inbox_prefix = config.nats.inbox_prefix.replace("{host_id}", host_id)
         bus = await connect(config, f"swarmfly-{kind}", servers)
         stack.push_async_callback(bus.close)
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as start_host's
         services: list[lifecycle.Service] = []
         if kind == "scheduler":
             scheduler = await start_scheduler(stack, config, bus)
@@ -313,5 +331,11 @@ async def run_up(config: Config, nats_port: int = 0) -> None:
             ),
             flush=True,
         )
-        await stop.wait()
+        exited = await _until_stopped(stop, server)
         await lifecycle.drain([scheduler, storage, peer, *([proxy] if proxy else [])])
+    if exited is not None:
+        raise SwarmflyError(
+            "unavailable",
+            f"the embedded nats-server exited (status {exited}), so no service could reach"
+            " another: swarmfly up stopped; run it again",
+        )

@@ -133,8 +133,17 @@ class Connection:
     async def close(self) -> None:
         for task in list(self._handling):
             task.cancel()
-        if not self.nc.is_closed:
+        if self.nc.is_closed:
+            return
+        try:
             await self.nc.drain()
+        except nats.errors.ConnectionReconnectingError:
+            # The server is gone (a stopped NATS): nothing can be drained, and closing may
+            # find the socket reset; either way the connection is over.
+            try:
+                await self.nc.close()
+            except OSError as exc:
+                log.debug("nats: closed a lost connection: %s", in_words(exc))
 
 
 def messaging(subject: str, operation: str) -> dict[str, str]:

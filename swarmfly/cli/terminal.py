@@ -94,24 +94,37 @@ ORIGIN_CODES = ("not_found", "source_error", "integrity", "timeout")
 """Error codes about a download's content: the message gets the URL it is about."""
 
 
+def _cached(summary: Mapping[str, Any]) -> bool:
+    """Whether this host already held it all: nothing came from the origin or from peers
+    (said as such: "0.0 MiB from the origin, 0.0 MiB from peers" leaves the user asking
+    where the bytes came from)."""
+    return bool(summary["content_length"]) and not summary["bytes_origin"] + summary["bytes_p2p"]
+
+
+def _sources(summary: Mapping[str, Any]) -> str:
+    if _cached(summary):
+        return "all from this host's cache"
+    return (
+        f"{summary['bytes_origin'] / 2**20:.1f} MiB from the origin,"
+        f" {summary['bytes_p2p'] / 2**20:.1f} MiB from peers"
+    )
+
+
 def _saved_all(summary: Mapping[str, Any]) -> str:
     """What a recursive get did, in one line for the terminal."""
     size, seconds = summary["content_length"], summary["seconds"]
     return (
         f"{summary['output']}: {summary['written']} files, {size / 2**20:.1f} MiB in"
-        f" {seconds:.1f}s ({summary['bytes_origin'] / 2**20:.1f} MiB from the origin,"
-        f" {summary['bytes_p2p'] / 2**20:.1f} MiB from peers)"
+        f" {seconds:.1f}s ({_sources(summary)})"
     )
 
 
 def _saved(summary: Mapping[str, Any]) -> str:
-    """What a get did, in one line for the terminal."""
+    """What a get did, in one line for the terminal (no rate for a copy already here)."""
     size, seconds = summary["content_length"], summary["seconds"]
+    rate = "" if _cached(summary) else f"{size / 2**20 / max(seconds, 1e-6):.1f} MiB/s; "
     return (
-        f"{summary['output']}: {size / 2**20:.1f} MiB in {seconds:.1f}s"
-        f" ({size / 2**20 / max(seconds, 1e-6):.1f} MiB/s;"
-        f" {summary['bytes_origin'] / 2**20:.1f} MiB from the origin,"
-        f" {summary['bytes_p2p'] / 2**20:.1f} MiB from peers)"
+        f"{summary['output']}: {size / 2**20:.1f} MiB in {seconds:.1f}s ({rate}{_sources(summary)})"
     )
 
 

@@ -24,6 +24,7 @@ from swarmfly.config import Config, NatsConfig
 from swarmfly.natsserver import NatsServer
 from swarmfly.testing import Origin, in_process_cluster, spawn_service
 from tests.conftest import FAST_ENV, swarmfly
+from tests.integration.test_cli_oneshot import on_a_terminal
 
 MiB = 1024 * 1024
 
@@ -204,6 +205,7 @@ class Up:
     lines: list[str]
     log: list[str]
     """Every line of stderr, read as it comes: a full pipe would block the process."""
+    pid: int
 
     @property
     def nats_url(self) -> str:
@@ -211,9 +213,10 @@ class Up:
 
 
 @asynccontextmanager
-async def swarmfly_up(state: Path, *args: str) -> AsyncIterator[Up]:
+async def swarmfly_up(state: Path, *args: str, status: int = 0) -> AsyncIterator[Up]:
     """`swarmfly up --state-dir STATE ARGS` until its banner is printed; stopped with Ctrl-C
-    (SIGINT) after, which must end it cleanly."""
+    (SIGINT) after, which must end it cleanly (exit ``status``: 0, unless the test made it
+    stop otherwise)."""
     up = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "swarmfly", "up", "--state-dir", str(state), *args,
         stdout=asyncio.subprocess.PIPE,
@@ -236,12 +239,12 @@ async def swarmfly_up(state: Path, *args: str) -> AsyncIterator[Up]:
             line = await asyncio.wait_for(up.stdout.readline(), 10)
             assert line, f"the banner ended early: {lines}"
             lines.append(line.decode().rstrip("\n"))
-        yield Up(lines, log)
+        yield Up(lines, log, up.pid)
     finally:
         if up.returncode is None:
             up.send_signal(signal.SIGINT)
         await asyncio.wait_for(asyncio.gather(reading, up.wait()), 20)
-    assert up.returncode == 0, "\n".join(log)
+    assert up.returncode == status, "\n".join(log)
 
 
 ALARMING = re.compile(r" (WARNING|ERROR|CRITICAL) |^Traceback ")
@@ -262,6 +265,7 @@ async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> Non
         await asyncio.sleep(2)
         assert [line for line in up.log if ALARMING.search(line)] == [], "\n".join(up.log)
         assert up.log, "nothing was logged at INFO: the check above would prove nothing"
+        assert not [line for line in up.log if "tightening" in line], "a new dir made open"
         # The proxy, on loopback only, and the containerd snippet for its own address.
         proxy_url = next(line.split()[1] for line in lines if line.startswith("  proxy "))
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", proxy_url), lines
@@ -314,7 +318,53 @@ async def test_swarmfly_up_runs_the_stack(origin: Origin, tmp_path: Path) -> Non
         assert code == 0, stderr
         assert orjson.loads(stdout)["via"] == "peer"
         assert (tmp_path / "up.bin").read_bytes() == data
+        # Again, at a terminal: this host's own copy, said so (not "0.0 MiB from the origin,
+        # 0.0 MiB from peers", which leaves the user asking where the bytes came from).
+        again = tmp_path / "again.bin"
+        code, stdout, terminal = await on_a_terminal(
+            "get", url, "-O", str(again), "--state-dir", str(state)
+        )
+        assert (code, stdout) == (0, ""), terminal
+        last = terminal.replace("\r\n", "\n").rstrip("\n").split("\n")[-1]
+        assert re.fullmatch(rf"{again}: 3\.0 MiB in \d+\.\ds \(all from this host's cache\)", last)
+        assert again.read_bytes() == data
     assert not (state / "cluster.json").exists()
+
+
+def nats_server_of(pid: int) -> int:
+    """The process id of the nats-server that process ``pid`` started."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    found = [
+        int(c) for c in children if Path(f"/proc/{c}/comm").read_text().strip() == "nats-server"
+    ]
+    assert len(found) == 1, children
+    return found[0]
+
+
+async def test_up_whose_nats_server_dies_stops_saying_why(tmp_path: Path) -> None:
+    """Without its NATS, `up`'s services could only retry (a warning each, forever) and every
+    get would time out: it stops instead, exit 6, one line saying why, no traceback."""
+    async with swarmfly_up(tmp_path / "state", "--proxy-port", "0", status=6) as up:
+        os.kill(nats_server_of(up.pid), signal.SIGKILL)
+        for _ in range(100):  # 10 s at most: `up` looks every 0.5 s, its shutdown is quick
+            if not Path(f"/proc/{up.pid}").exists() or _zombie(up.pid):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("up still runs 10 s after its nats-server died")
+    assert not [line for line in up.log if "Traceback" in line], "\n".join(up.log)
+    assert up.log[-1] == (
+        "swarmfly: the embedded nats-server exited (status -9), so no service could reach"
+        " another: swarmfly up stopped; run it again"
+    ), "\n".join(up.log)
+
+
+def _zombie(pid: int) -> bool:
+    """Exited, not yet reaped (asyncio's child watcher reaps it when it gets to it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 async def test_the_nats_url_up_prints_works_with_its_state_dir(tmp_path: Path) -> None:

@@ -79,7 +79,11 @@ def test_a_wrong_value_in_the_file_names_the_file_and_the_key(
         ("SWARMFLY_PEER_CONCURRENCY", "-3", "must be at least 1, got -3"),
         ("SWARMFLY_SCHEDULER_ACYCLIC", "maybe", "expected true or false, got 'maybe'"),
         ("SWARMFLY_SCHEDULER_HOST_TTL", "soon", "expected a number, got 'soon'"),
-        ("SWARMFLY_PEER_DOWNLOAD_RATE", "fast", "not a size: 'fast'"),
+        (
+            "SWARMFLY_PEER_DOWNLOAD_RATE",
+            "100 MB/s",
+            "not a size: '100 MB/s' (bytes, or with a unit: 512k, 100MiB, 1.5GB)",
+        ),
         ("SWARMFLY_PROXY_ENABLED", "2", "expected true or false, got '2'"),
         (
             "SWARMFLY_LOG_LEVEL",

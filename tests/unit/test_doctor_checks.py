@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from swarmfly.doctor import (
+    Check,
     Paths,
+    Report,
     check_containerd,
     check_crio,
     check_docker,
@@ -192,3 +194,12 @@ def test_no_runtime_using_the_mirror_is_the_verdict(tmp_path: Path) -> None:
 )
 def test_host_port(url: str, expected: tuple[str, int] | None) -> None:
     assert host_port(url) == expected
+
+
+def test_the_verdict_counts_in_words() -> None:
+    """One check ok is "1 check ok", as the broken-host transcript (NATS down) shows it."""
+    mirror = Check("mirror", "ok", "answers")
+    nats = Check("nats", "fail", "cannot reach NATS")
+    assert Report([mirror, nats]).verdict == "problems: nats failed (1 check ok)"
+    assert Report([mirror, mirror]).verdict == "healthy (2 checks ok)"
+    assert Report([nats]).verdict == "problems: nats failed (0 checks ok)"
