@@ -12,7 +12,9 @@ Each run measures, in alternating order:
 Every run uses a fresh URL (``?run=N``), so neither the storage nor the peer has the task
 cached. ratio = swarmfly / (a) and ratio_fast = swarmfly / (b) per run; the summary holds the
 medians. For (c) it also reads each service's CPU time (/proc/PID/stat) and peak RSS (VmHWM,
-reset before each get) and the get's own CPU time. See bench/README.md.
+reset before each get) and the get's own CPU time, over the get and until the services are
+idle again (``settle_s``: a storage that lent the file to the peer takes its copy from it
+after the get), so no measurement runs beside the last one's work. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_env_flag(
         parser, "extra environment for the services and the get, e.g. SWARMFLY_PEER_CONCURRENCY=8"
     )
+    parser.add_argument(
+        "--get-arg", action="append", default=[], metavar="ARG",
+        help="one more argument for swarmfly get (repeatable), e.g. --get-arg=--priority=3",
+    )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (and logs)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument(
@@ -152,19 +158,42 @@ def measure_curl(
     }
 
 
+SETTLE_IDLE = 0.05
+"""CPU-seconds per half second below which the services count as idle again."""
+SETTLE_LIMIT = 60.0
+
+
+def settle(services: dict[str, int]) -> float:
+    """Wait until the services are idle (twice in a row), at most ``SETTLE_LIMIT`` s: what
+    they still do for this download (the storage's copy) is counted with it. Returns the
+    seconds waited."""
+    started = time.monotonic()
+    last = sum(cpu_seconds(pid) for pid in services.values())
+    quiet = 0
+    while quiet < 2 and time.monotonic() - started < SETTLE_LIMIT:
+        time.sleep(0.5)
+        now = sum(cpu_seconds(pid) for pid in services.values())
+        quiet = quiet + 1 if now - last < SETTLE_IDLE else 0
+        last = now
+    return round(time.monotonic() - started - 1.0, 1)
+
+
 def measure_swarmfly(
-    cluster: Cluster, url: str, output: Path, digest: str, timeout: float, env: dict[str, str],
-    profile: Path | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    cluster: Cluster, url: str, output: Path, digest: str, args: argparse.Namespace
+) -> dict[str, Any]:
     services = {s.kind: s.process.pid for s in cluster.services}
     # VmHWM back to the current RSS, so the peak read afterwards is this download's
     per_run = all([reset_peak_rss(pid) for pid in services.values()])
     before = {kind: cpu_seconds(pid) for kind, pid in services.items()}
     command = cluster.get_command(
-        url, output, 0, "--digest", f"sha256:{digest}", "--timeout", str(timeout)
-    )
-    with profiled(profile, services):
-        got = timed(command, timeout + 10, env)
+        url, output, 0, "--digest", f"sha256:{digest}", "--timeout", str(args.timeout),
+        *args.get_arg,
+    )  # fmt: skip
+    with profiled(args.profile, services):
+        got = timed(command, args.timeout + 10, args.env)
+        # The storage may take its copy after the get (from the peer it lent the file to):
+        # that work is this download's, and must not run beside the next measurement.
+        settle_s = settle(services)
     after = {kind: cpu_seconds(pid) for kind, pid in services.items()}
     rss = {kind: peak_rss_mib(pid) for kind, pid in services.items()}
     if not got["ok"]:
@@ -186,6 +215,7 @@ def measure_swarmfly(
             **{kind: round(after[kind] - before[kind], 2) for kind in services},
         },
         "rss_mib": {kind: rounded(rss[kind], 1) for kind in services},
+        "settle_s": settle_s,
         "rss_per_run": per_run,
     }
 
@@ -211,7 +241,7 @@ def one_run(
             hasher = [openssl, "dgst", "-sha256"]
             r = measure_curl(curl, url, output, args.timeout, hasher, openssl_hex)
         else:
-            r = measure_swarmfly(cluster, url, output, digest, args.timeout, args.env, args.profile)
+            r = measure_swarmfly(cluster, url, output, digest, args)
             if r["ok"]:  # checked here too, not only by the get's --digest
                 r["digest"] = sha256_file(output)
         results[which] = r
@@ -321,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         # per_run: VmHWM was reset before each get; else the peak since the process started
         "rss_scope": "per_run" if rss_per_run else "since_start",
         "env": args.env,
+        "get_args": args.get_arg,
         "runs": runs,
     }
     if args.keep:

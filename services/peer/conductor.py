@@ -33,6 +33,7 @@ from swarmfly.services.peer.backtosource import BackToSource
 from swarmfly.services.peer.control import ControlLink, SwarmContradicts
 from swarmfly.services.peer.filedigest import PrefixDigest
 from swarmfly.services.peer.ledger import DigestLedger
+from swarmfly.services.peer.lending import LOAN_WAIT, PER_CHILD
 from swarmfly.services.peer.links import Links, OriginReader
 from swarmfly.services.peer.phases import (
     TRANSITIONS,
@@ -132,6 +133,9 @@ class Conductor:
         self.lent_reads: set[asyncio.Task[int]] = set()
         """Lent pieces being read from the origin: they outlive the download's cancel when
         its host leaves (``silence``), finish, and go back to their seed with the rest."""
+        self.loans_failed = False
+        """A lent read failed here: the seed reads the rest itself (this host may not reach
+        the origin)."""
         self._leaving = False
         self._delivered: list[int] = []
         """Lent pieces we read, to tell the seed."""
@@ -297,7 +301,13 @@ class Conductor:
         match step:
             case Announce():
                 self.stored.touch()
-                await self.control.announce_cached()
+                try:
+                    await self.control.announce_cached()
+                except SwarmflyError as exc:
+                    if exc.code not in ("unavailable", "timeout"):
+                        raise
+                    # The copy here is verified: it is delivered; the swarm hears of it later.
+                    log.info("task %s: not announced: %s", self.task_id[:12], exc.message)
                 return phases.on("announced")
             case Register(seed=True):
                 holders = await self.control.register_quietly()
@@ -421,13 +431,16 @@ class Conductor:
         declined: int | None = None
         while not parent.complete:
             wait = SEED_POLL_WAIT if parent.type == "seed" else POLL_WAIT
+            if parent.type == "seed":
+                await self._room_for_a_loan()
             params = {"since": str(parent.version), "wait": str(wait)}
             book = self.swarm.book
             if parent.type == "seed" and book is not None:
                 params["wants"] = bitmap.encode(book.wanted(), book.piece_count)
                 params["peer"] = self.peer_id  # what it lends us follows our liveness
-                if not self.back_to_source:
-                    params["borrow"] = "0"  # no loans: this host does not read the origin
+                if not self.back_to_source or self.loans_failed:
+                    # No loans: this host does not read the origin, or could not.
+                    params["borrow"] = "0"
                 if declined is not None:
                     params["decline"] = str(declined)
                 if self._delivered:
@@ -602,6 +615,7 @@ class Conductor:
         if parent_id == ORIGIN:  # the seed reads it when we do not deliver
             self.metrics.piece_failures.labels("origin").inc()
             log.info("lent piece %d from the origin: %s", number, exc)
+            self.loans_failed = True
             reason = "origin"
         elif isinstance(exc, ParentBusy):
             log.debug("parent %s busy", parent_id)
@@ -617,6 +631,22 @@ class Conductor:
             self.metrics.piece_failures.labels("failed").inc()
         self.swarm.failed(number, parent_id, reason, now)
         self._wake.set()
+
+    async def _room_for_a_loan(self) -> None:
+        """Ask a seed again once a lent read is done, while as many as it lends one child
+        are under way: the ask then says which came back, and the seed lends the next
+        (a seed lends a sole child the whole file, a few pieces at a time). Never longer
+        than ``LOAN_WAIT``: the seed keeps lending only to a child that keeps asking."""
+        deadline = self.clock() + LOAN_WAIT
+        while (
+            len(self.lent_reads) + len(self._lent) >= PER_CHILD
+            and (left := deadline - self.clock()) > 0
+        ):
+            reads = set(self.lent_reads)
+            if not reads:
+                await asyncio.sleep(min(left, 0.01))  # its reads are about to start
+                continue
+            await asyncio.wait(reads, timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
     def _start_lent(self, fetches: dict[asyncio.Task[int], tuple[int, str]]) -> None:
         if self.swarm.book is None:
@@ -678,17 +708,19 @@ class Conductor:
             raise SwarmflyError("internal", "download ended before every piece was verified")
         if not content.digest:
             return self.phases.on("matches")
-        if await self.digest.finish() == self._wanted():
+        if (found := await self.digest.finish()) == self._wanted():
             self.file_digest = content.digest
             self._vouch_taken_back()
             return self.phases.on("matches")
         await self.control.refresh_task(None)  # the seed may since have read what we took on trust
         if self.ledger.suspects():
             return self.phases.on("suspects")
-        return self._mismatch()
+        return self._mismatch(found)
 
-    def _mismatch(self) -> Step:
-        message = f"the origin's content does not match its digest {self._wanted()}"
+    def _mismatch(self, found: str) -> Step:
+        """What the user sees: both digests, so a digest pasted wrong is told from a file
+        that changed."""
+        message = f"the origin's content does not match its digest {self._wanted()} (it is {found})"
         return self.phases.on("mismatch", message=message)
 
     async def _repair(self) -> Step:
@@ -717,8 +749,8 @@ class Conductor:
             with contextlib.suppress(SwarmflyError):
                 await self._reschedule_or_register()
         await self.digest.rewind()  # the outputs, too, take the pieces read again
-        if await self.digest.finish() != self._wanted():
-            return self._mismatch()
+        if (found := await self.digest.finish()) != self._wanted():
+            return self._mismatch(found)
         assert self.stored.content is not None
         self.file_digest = self.stored.content.digest
         self._vouch_taken_back()

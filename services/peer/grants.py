@@ -148,7 +148,7 @@ class GrantDesk:
             self.taken(poll.task.id, declined)
         lending = poll.task.lending
         if lending is not None:
-            lending.asked(poll.child, now)
+            lending.asked(poll.child, now, poll.borrows)
         self._waiting[poll] = None
 
     def withdraw(self, poll: Poll, now: float) -> None:
@@ -156,7 +156,7 @@ class GrantDesk:
         self._waiting.pop(poll, None)
         lending = poll.task.lending
         if lending is not None:
-            lending.ended(poll.child, now)
+            lending.ended(poll.child, now, poll.borrows)
 
     def taken(self, task_id: str, number: int) -> None:
         """A child asked for a piece's bytes: a grant of it holds its place already."""
@@ -172,16 +172,20 @@ class GrantDesk:
         reserved = self.reserved(load, now)  # once: each grant below adds one
         for poll in list(self._waiting):
             task = poll.task
+            lending = task.lending
             if reserved < self.capacity:
                 book = self._books.setdefault(task.id, GrantBook(self.lease))
                 number = book.grant(task.done, task.served, now, poll.wanted)
                 if number is not None:
                     reserved += 1
                     poll.answer = Granted(number)
-            # The uplink is full: lend. (Only to a child that said what it wants, so it can
-            # take one, and who it is: only the child named may vouch for the piece.)
-            elif (
-                (lending := task.lending) is not None
+            # The uplink is full, or nothing is here for the task's sole child: lend. (Only
+            # to a child that said what it wants, so it can take one, and who it is: only the
+            # child named may vouch for the piece.)
+            if (
+                poll.answer is None
+                and lending is not None
+                and (reserved >= self.capacity or lending.sole(now) == poll.child)
                 and poll.wanted is not None
                 and poll.child is not None
                 and poll.borrows

@@ -8,6 +8,12 @@ deliver it in time. A lent child's digest is only its word: the seed lends only 
 whole file's digest will prove every byte, and the scheduler holds such a digest provisional
 until a trusted reader confirms it (DESIGN §9).
 
+A child that is the only one asking (``sole``) is lent whatever it wants, from the first
+piece up, and the seed holds its own reading back while it asks: the seed's read would only
+put a hop, and a second pass over every byte on its host, between the origin and the one
+reader of the file. The seed takes those pieces from the child once it is done (the child
+still reads each piece once, and the seed gathers it from the swarm as any lent piece).
+
 Pure, like ``grants``: the seed's download (the conductor) and its upload server feed one
 ``Lending`` the clock and what they see, through its methods; neither writes its fields.
 """
@@ -39,6 +45,17 @@ LEND_POLL = 0.25
 """Seconds between a lending seed's looks for the pieces it lent."""
 MAX_SAID = 64
 """Lent pieces a child may say it delivered in one poll."""
+PER_CHILD = 4
+"""Lent pieces one child (that named itself) reads at once: a child that dies or leaves
+takes few unread pieces with it, each read again."""
+LOAN_WAIT = 0.5
+"""Seconds at most a child with ``PER_CHILD`` lent reads under way waits for one before it
+asks the seed again: less than ``ASKING_SECONDS``, so it is still one that asks."""
+
+
+def _key(child: str | None, borrows: bool) -> str:
+    """Whom a poll counts for: its child, or ``""`` for all that may not be lent to."""
+    return child if child is not None and borrows else ""
 
 
 @dataclass
@@ -49,9 +66,8 @@ class Lending:
     etag: str | None = None
     limit: int = 8
     """Lent pieces being read at once."""
-    per_child: int = 4
-    """Of those, at most this many by one child (that named itself): a child that dies or
-    leaves takes few unread pieces with it, each read again."""
+    per_child: int = PER_CHILD
+    """Of those, at most this many by one child."""
     window: int = 4
     """Lend only while the seed's reading runs this far ahead of its uplink (``ahead``):
     when the origin is the slower side, a lent piece would only share its bandwidth."""
@@ -75,13 +91,15 @@ class Lending:
     lent_to: dict[int, str] = field(default_factory=dict)
     """Lent piece -> the child it went to, when the child named itself."""
     seen: dict[str, float] = field(default_factory=dict)
-    """Child -> when it last asked (or its ask ended)."""
+    """Child -> when it last asked (or its ask ended); ``""``: any that may not be lent to."""
     lost: set[int] = field(default_factory=set)
     """Delivered pieces the swarm no longer holds (``unheld``)."""
     _next: int = 0
     """Every piece below is done, being read by the seed, or lent."""
     _top: int = -1
     """Every piece above is done, being read by the seed, or lent."""
+    _open: dict[str, int] = field(default_factory=dict)
+    """Child -> its polls waiting here now (``""``: children that may not be lent to)."""
 
     def __post_init__(self) -> None:
         self._top = self.piece_count - 1
@@ -102,14 +120,34 @@ class Lending:
 
     # -- what the upload server sees -----------------------------------------------------
 
-    def asked(self, child: str | None, now: float) -> None:
-        """A child's poll arrived (or, ``ended``, left): the child is alive."""
+    def sole(self, now: float) -> str | None:
+        """The one named child that asked within ``ASKING_SECONDS``, when it is the only
+        one and may be lent to (one that may not, unnamed or not borrowing, shares the
+        seed's uplink all the same, and needs the seed to read)."""
+        asking = set(self._open)
+        asking.update(c for c, at in self.seen.items() if now - at < ASKING_SECONDS)
+        if len(asking) != 1 or "" in asking:
+            return None
+        return asking.pop()
+
+    def asked(self, child: str | None, now: float, borrows: bool = True) -> None:
+        """A child's poll arrived (or, ``ended``, left): the child is alive. ``borrows``:
+        it may be lent pieces (it reads the origin)."""
         self.polled_at = now
+        key = _key(child, borrows)
+        self._open[key] = self._open.get(key, 0) + 1
+        self.seen[key] = now
         if child is not None:
             self.seen[child] = now
 
-    def ended(self, child: str | None, now: float) -> None:
+    def ended(self, child: str | None, now: float, borrows: bool = True) -> None:
         """A child's poll ended: it waited here all along."""
+        key = _key(child, borrows)
+        if self._open.get(key, 0) > 1:
+            self._open[key] -= 1
+        else:
+            self._open.pop(key, None)
+        self.seen[key] = now
         if child is not None:
             self.seen[child] = now
 
@@ -174,7 +212,10 @@ class Lending:
         now: float,
         child: str | None = None,
     ) -> int | None:
-        """A piece for a waiting child to read from the origin, or None."""
+        """A piece for a waiting child to read from the origin, or None. A ``sole`` child
+        is lent one from the first piece up whatever the seed's uplink does (it reads the
+        file in order, so its whole-file hash keeps up); others from the last one down, only
+        while the seed's reading runs ahead of its uplink."""
         if not self.open:
             return None
         elsewhere = self.reading_elsewhere(now)
@@ -184,11 +225,15 @@ class Lending:
             sum(self.lent_to.get(n) == child for n in elsewhere) >= self.per_child
         ):
             return None
-        if self.ahead(done, served) < self.window:
+        alone = child is not None and self.sole(now) == child
+        if not alone and self.ahead(done, served) < self.window:
             return None
+        while self._next <= self._top and self._taken(self._next, done):
+            self._next += 1
         while self._top >= self._next and self._taken(self._top, done):
             self._top -= 1
-        for number in range(self._top, self._next - 1, -1):
+        order = range(self._next, self._top + 1) if alone else range(self._top, self._next - 1, -1)
+        for number in order:
             if number in wanted and not self._taken(number, done):
                 self.pending[number] = now + self.lease
                 if child is not None:
@@ -229,12 +274,24 @@ class Lending:
     ) -> bool:
         """Should a reader that came for its next piece at ``since`` wait? While children ask
         and the seed's reading runs ahead of its uplink, the origin's capacity is better
-        lent; but a while at most: never stall on children that want none of it."""
+        lent; but a while at most: never stall on children that want none of it. While a
+        ``sole`` child asks, the whole origin is its to read (a second child, or its silence,
+        ends the wait)."""
+        if not self.open:
+            return False
+        if self.sole(now) is not None:
+            return not self._overdue(done, now)
         return (
-            self.open
-            and now - since < HOLD_BACK
+            now - since < HOLD_BACK
             and now - self.polled_at < ASKING_SECONDS
             and self.ahead(done, served) >= self.window
+        )
+
+    def _overdue(self, done: Collection[int], now: float) -> bool:
+        """A lent piece is past its time (or its child went away) and nobody reads it."""
+        held_off = self.held_off(now)
+        return any(
+            n not in done and n not in self.reading and n not in held_off for n in self.pending
         )
 
     def collecting(self, since: float, now: float) -> bool:

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -193,7 +194,24 @@ class UploadServer:
         assert task.content is not None
         if self.superseed:
             return await self._grant_poll(request, task, wait)
-        if wait and not task.complete:  # a complete task has no news
+        answer: dict[str, Any] = {}
+        lending = task.lending
+        ask = _SeedAsk.of(request, task) if lending is not None else None
+        if lending is not None and ask is not None and ask.child is not None:
+            # A seed with no uplink limit lends only to a sole child: its own reads wait.
+            now = time.monotonic()
+            lending.asked(ask.child, now, ask.borrows)
+            try:
+                number = None
+                if ask.borrows and ask.wanted is not None and lending.sole(now) == ask.child:
+                    number = lending.lend(task.done, task.served, ask.wanted, now, ask.child)
+                if number is not None:
+                    answer = _lent_answer(number, lending.etag)
+                elif wait and not task.complete:
+                    await task.wait_change(since, wait)
+            finally:
+                lending.ended(ask.child, time.monotonic(), ask.borrows)
+        elif wait and not task.complete:  # a complete task has no news
             await task.wait_change(since, wait)
         return web.json_response(
             {
@@ -201,6 +219,7 @@ class UploadServer:
                 "piece_count": task.content.piece_count,
                 "complete": task.complete,
                 "pieces": sorted(task.done),
+                **answer,
             }
         )
 
@@ -242,27 +261,12 @@ class UploadServer:
         to read from the origin itself (``lending``); none after ``wait``. Never
         ``complete``: a child keeps asking while it lacks pieces."""
         assert task.content is not None
-        wants = request.query.get("wants")
+        ask = _SeedAsk.of(request, task)
         try:
-            wanted = None if wants is None else bitmap.decode(wants, task.content.piece_count)
             declined = int(request.query.get("decline", "-1"))
-        except SwarmflyError as exc:
-            raise web.HTTPBadRequest(text=exc.message) from None
         except ValueError:
             raise web.HTTPBadRequest(text="decline must be a piece number") from None
-        child = request.query.get("peer")
-        if child is not None and not NODE_ID.match(child):
-            raise web.HTTPBadRequest(text="peer must be a peer id")
-        borrow = request.query.get("borrow", "1")
-        if borrow not in ("0", "1"):
-            raise web.HTTPBadRequest(text="borrow must be 0 or 1")
-        grant: capability.Grant | None = request[CHILD]
-        if grant is not None:
-            child = grant.peer_id  # who the capability says, whatever the query says
-        lending = task.lending
-        if lending is not None and "lent" in request.query:
-            lending.said(_numbers(request.query["lent"]))
-        poll = grants.Poll(task, wanted, child, borrows=borrow == "1")
+        poll = grants.Poll(task, ask.wanted, ask.child, borrows=ask.borrows)
         answered = self._answers[poll] = asyncio.get_running_loop().create_future()
         in_range = 0 <= declined < task.content.piece_count
         self.desk.ask(poll, time.monotonic(), declined if in_range else None)
@@ -281,9 +285,7 @@ class UploadServer:
             "pieces": [poll.answer.number] if isinstance(poll.answer, grants.Granted) else [],
         }
         if isinstance(poll.answer, grants.Lent):
-            answer["origin"] = [poll.answer.number]
-            if poll.answer.etag:
-                answer["etag"] = poll.answer.etag
+            answer.update(_lent_answer(poll.answer.number, poll.answer.etag))
         return web.json_response(answer)
 
     def _dispatch(self) -> None:
@@ -467,6 +469,42 @@ def _have(text: str | None, piece_count: int) -> int | None:
     if not (text.isascii() and text.isdigit() and len(text) <= 9) or int(text) > piece_count:
         raise web.HTTPBadRequest(text="have must be a count of the task's pieces")
     return int(text)
+
+
+@dataclass(frozen=True)
+class _SeedAsk:
+    """What a child's poll of a seed says of it, checked (untrusted input); what it says it
+    read of the pieces lent to it is told to the task's lending as it is read."""
+
+    wanted: set[int] | None
+    child: str | None
+    borrows: bool
+
+    @classmethod
+    def of(cls, request: web.Request, task: StoredTask) -> _SeedAsk:
+        assert task.content is not None
+        wants = request.query.get("wants")
+        try:
+            wanted = None if wants is None else bitmap.decode(wants, task.content.piece_count)
+        except SwarmflyError as exc:
+            raise web.HTTPBadRequest(text=exc.message) from None
+        child = request.query.get("peer")
+        if child is not None and not NODE_ID.match(child):
+            raise web.HTTPBadRequest(text="peer must be a peer id")
+        borrow = request.query.get("borrow", "1")
+        if borrow not in ("0", "1"):
+            raise web.HTTPBadRequest(text="borrow must be 0 or 1")
+        grant: capability.Grant | None = request[CHILD]
+        if grant is not None:
+            child = grant.peer_id  # who the capability says, whatever the query says
+        if task.lending is not None and "lent" in request.query:
+            task.lending.said(_numbers(request.query["lent"]))
+        return cls(wanted, child, borrow == "1")
+
+
+def _lent_answer(number: int, etag: str | None) -> dict[str, Any]:
+    """A poll's answer lending ``number``: read it from the origin, pinned to ``etag``."""
+    return {"origin": [number], **({"etag": etag} if etag else {})}
 
 
 def _numbers(text: str) -> list[int]:

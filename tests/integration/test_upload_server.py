@@ -878,8 +878,35 @@ async def test_a_seed_lends_to_the_child_its_capability_names(tmp_path: Path) ->
             for _ in range(3)
         ))  # fmt: skip
         lent = [json.loads(body)["origin"] for _, body, _ in answers if b"origin" in body]
-        assert lent == [[7]]
-        assert task.lending.lent_to == {7: "child-a"}
+        assert lent == [[2]]  # the task's sole child: from the first piece it lacks up
+        assert task.lending.lent_to == {2: "child-a"}
+
+
+async def test_a_seed_with_no_uplink_limit_lends_only_to_a_sole_child(tmp_path: Path) -> None:
+    """Its uplink is never full, so it lends to the one child asking only: the whole file in
+    order, a few at a time, freed as the child says what came back; a second child, or one
+    that does not borrow, gets pieces served as ever (and no loan)."""
+    async with serve(tmp_path) as seed:
+        task = seed.put(content_of(8 * PIECE, b"sole"), {0, 1})
+        task.lending = Lending(8, limit=8, per_child=2, window=4)
+        every = bitmap.encode(set(range(8)), 8)
+
+        async def ask(child: str, extra: str = "") -> Any:
+            query = f"?since=-1&wait=0.3&wants={every}&peer={child}{extra}"
+            status, body, _ = await seed.get(
+                f"/v1/tasks/{task.id}/pieces{query}", seed.token(task.id, child)
+            )
+            assert status == 200, body
+            return json.loads(body)
+
+        answers = [await ask("child-a") for _ in range(3)]
+        assert [a.get("origin") for a in answers] == [[2], [3], None]  # two at once at most
+        assert answers[2]["pieces"] == [0, 1]  # after its wait, what the seed holds
+        assert (await ask("child-a", "&lent=2")).get("origin") == [4]  # 2 came back
+        # A child that reads no origin beside it: the seed reads for both, lends none.
+        assert "origin" not in await ask("child-b", "&borrow=0")
+        assert "origin" not in await ask("child-a", "&lent=3")
+        assert task.lending.lent_to == {2: "child-a", 3: "child-a", 4: "child-a"}
 
 
 async def test_head_is_refused_and_neither_sends_bytes_nor_takes_a_grant(tmp_path: Path) -> None:

@@ -73,8 +73,16 @@ def test_what_a_child_that_went_away_was_lent_is_read_without_waiting_out_its_ti
     assert lending.claim(set(), now) is None
 
 
+def both_asked(lending: Lending, now: float, *children: str) -> None:
+    """Each child's poll came and went at ``now``."""
+    for child in children:
+        lending.asked(child, now)
+        lending.ended(child, now)
+
+
 def test_one_child_is_lent_a_few_pieces_at_once() -> None:
     lending = Lending(20, limit=8, per_child=2, window=0)
+    both_asked(lending, 0.0, "a", "b")
     wanted = set(range(20))
     assert [lending.lend(set(), {}, wanted, 0.0, child="a") for _ in range(3)] == [19, 18, None]
     assert lending.lend(set(), {}, wanted, 0.0, child="b") == 17
@@ -115,6 +123,7 @@ def test_a_lent_piece_gets_more_time_when_the_origin_is_slow() -> None:
 
 def test_what_children_say_they_delivered_counts_only_for_pieces_lent() -> None:
     lending = Lending(8, window=0)
+    both_asked(lending, 0.0, "a", "b")
     assert lending.lend(set(), {}, set(range(8)), now=0.0, child="a") == 7
     assert lending.lend(set(), {}, set(range(8)), now=0.0, child="a") == 6
     assert lending.said([7, 3, 99]) == {7}
@@ -129,7 +138,7 @@ def test_the_seed_holds_back_only_while_children_ask_and_only_a_while() -> None:
     lending = Lending(10, window=2)
     done, served = {0, 1, 2}, {0: 1}
     assert not lending.hold_back(0.0, 0.0, done, served)  # nobody asked
-    lending.asked("a", now=0.0)
+    both_asked(lending, 0.0, "a", "b")
     assert lending.hold_back(0.0, 0.5, done, served)  # two read and unsent, a child asks
     assert not lending.hold_back(0.0, HOLD_BACK, done, served)  # not longer than that
     assert not lending.hold_back(0.0, 0.5, done, {0: 1, 1: 1})  # the uplink keeps up
@@ -147,3 +156,53 @@ def test_once_closed_the_seed_collects_while_children_ask_and_a_while_at_most() 
     for second in range(1, int(COLLECT_PATIENCE) + 2):
         lending.asked("a", now=float(second))
     assert not lending.collecting(0.0, COLLECT_PATIENCE + 1)
+
+
+def test_a_sole_child_is_lent_the_file_from_the_first_piece_up_and_the_seed_holds_back() -> None:
+    lending = Lending(10, limit=8, per_child=3, window=4, lease=5.0)
+    everything = set(range(10))
+    lending.asked("a", now=0.0)  # its poll waits at the seed
+    assert lending.sole(0.0) == "a"
+    # The seed's uplink keeps up (nothing read and unsent), and still: in order, to its cap.
+    assert [lending.lend(set(), {}, everything, 0.0, child="a") for _ in range(4)] == [
+        0, 1, 2, None,
+    ]  # fmt: skip
+    assert lending.hold_back(0.0, 4.0, set(), {})  # past HOLD_BACK: no limit while it is alone
+    assert lending.claim(set(), now=0.0) == 3  # a reader that was not held reads past them
+    assert lending.said([0]) == {0}
+    assert lending.lend({0}, {}, everything - {0}, 0.1, child="a") == 4
+    lending.ended("a", now=0.2)
+    assert lending.sole(1.0) == "a" and lending.sole(1.3) is None  # it stopped asking
+    assert not lending.hold_back(1.3, 1.3, {0}, {})
+
+
+def test_a_second_child_ends_the_sole_childs_loans_in_order() -> None:
+    lending = Lending(10, window=4, lease=5.0)
+    lending.asked("a", now=0.0)
+    assert lending.lend(set(), {}, set(range(10)), 0.0, child="a") == 0
+    lending.asked("b", now=0.1)
+    assert lending.sole(0.1) is None
+    assert lending.lend(set(), {}, set(range(10)), 0.1, child="a") is None  # the window again
+    assert not lending.hold_back(0.1, 0.1, set(), {})
+    assert lending.lend({1, 2, 3, 4}, {}, set(range(10)), 0.1, child="b") == 9  # from the top
+
+
+def test_a_child_that_may_not_be_lent_to_keeps_the_seed_reading() -> None:
+    for child, borrows in (("a", False), (None, True)):
+        lending = Lending(10, window=4)
+        lending.asked(child, now=0.0, borrows=borrows)
+        assert lending.sole(0.0) is None
+        assert not lending.hold_back(0.0, 0.0, set(), {})
+        # Beside a child that may borrow, too: the other needs the seed's reads.
+        lending.asked("b", now=0.0)
+        assert lending.sole(0.0) is None
+        assert lending.lend(set(), {}, set(range(10)), 0.0, child="b") is None
+
+
+def test_a_sole_childs_late_piece_is_read_by_the_seed_at_once() -> None:
+    lending = Lending(4, window=4, lease=2.0, grace=0.0)
+    lending.asked("a", now=0.0)
+    assert lending.lend(set(), {}, {0, 1, 2, 3}, 0.0, child="a") == 0
+    assert lending.hold_back(0.0, 1.0, set(), {})
+    assert not lending.hold_back(0.0, 2.5, set(), {})  # piece 0 is past its time
+    assert lending.claim(set(), now=2.5) == 0
