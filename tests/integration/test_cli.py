@@ -52,7 +52,8 @@ async def test_get_without_control_plane_reads_the_origin(origin: Origin, tmp_pa
 
 
 async def test_get_verifies_the_whole_file_digest(origin: Origin, tmp_path: Path) -> None:
-    url = origin.add("f.bin", os.urandom(MiB))
+    data = os.urandom(MiB)
+    url = origin.add("f.bin", data)
     out = tmp_path / "f.bin"
     wrong = "sha256:" + "0" * 64
     code, stdout, stderr = await swarmfly(
@@ -62,7 +63,9 @@ async def test_get_verifies_the_whole_file_digest(origin: Origin, tmp_path: Path
     assert code == 4, "a digest mismatch"
     assert stdout == ""
     assert stderr.strip().count("\n") == 0, "one line"
+    actual = hashlib.sha256(data).hexdigest()
     assert f"{url}: the origin's content does not match its digest {wrong}" in stderr
+    assert stderr.rstrip().endswith(f"(it is sha256:{actual})"), "what it is, to compare"
     assert not out.exists()
     assert leftovers(tmp_path) == ["s"]
 

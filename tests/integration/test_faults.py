@@ -102,6 +102,34 @@ async def test_a_scheduler_restart_does_not_fail_a_download(
                 service.stop()
 
 
+async def test_a_cached_file_is_delivered_while_no_scheduler_answers(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """The copy here is verified: with the scheduler gone, the get delivers it (the swarm
+    hears of it later) instead of failing on the announcement."""
+    data = os.urandom(2 * MiB)
+    async with Origin().serve() as origin:
+        url = origin.add("f.bin", data)
+        common = ("--state-dir", str(tmp_path / "peer"), "--nats", nats.url, "--prefix", prefix)
+        scheduler = spawn_service(
+            "scheduler", nats.url, tmp_path / "scheduler", "--prefix", prefix, env=FAST_ENV
+        )
+        peer = spawn_service("peer", nats.url, tmp_path / "peer", "--prefix", prefix, env=FAST_ENV)
+        try:
+            code, _, err = await get(url, tmp_path / "first", *common)
+            assert code == 0, err
+            scheduler.stop()
+            served = origin.content_served["f.bin"]  # probes (the access check) left out
+            code, summary, err = await get(url, tmp_path / "again", *common)
+            assert code == 0, err
+            assert (tmp_path / "again").read_bytes() == data
+            assert summary is not None and summary["bytes_origin"] + summary["bytes_p2p"] == 0
+            assert origin.content_served["f.bin"] == served, "not read again"
+        finally:
+            peer.stop()
+            scheduler.stop()
+
+
 def small_filesystem(path: Path, size: str) -> bool:
     path.mkdir(parents=True)
     done = subprocess.run(
