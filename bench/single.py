@@ -12,9 +12,10 @@ Each run measures, in alternating order:
 Every run uses a fresh URL (``?run=N``), so neither the storage nor the peer has the task
 cached. ratio = swarmfly / (a) and ratio_fast = swarmfly / (b) per run; the summary holds the
 medians. For (c) it also reads each service's CPU time (/proc/PID/stat) and peak RSS (VmHWM,
-reset before each get) and the get's own CPU time, over the get and until the services are
-idle again (``settle_s``: a storage that lent the file to the peer takes its copy from it
-after the get), so no measurement runs beside the last one's work. See bench/README.md.
+reset before each get) and the get's own CPU time, over the get and until the storage has
+seeded the task and the services are idle (``settle_s``: a storage that lent the file to the
+peer takes its copy from it after the get), so no measurement runs beside the last one's
+work. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -163,19 +164,33 @@ SETTLE_IDLE = 0.05
 SETTLE_LIMIT = 60.0
 
 
-def settle(services: dict[str, int]) -> float:
-    """Wait until the services are idle (twice in a row), at most ``SETTLE_LIMIT`` s: what
-    they still do for this download (the storage's copy) is counted with it. Returns the
-    seconds waited."""
+def settle(cluster: Cluster, services: dict[str, int], task_id: str | None) -> float:
+    """Wait until the storage has seeded the task (its log says so) and the services are
+    idle, at most ``SETTLE_LIMIT`` s: what they still do for this download (the storage's
+    copy, taken from the peer it lent the file to) is counted with it. Returns the seconds
+    waited."""
     started = time.monotonic()
+    seeded = f"seeded task {task_id[:12]}" if task_id else ""
     last = sum(cpu_seconds(pid) for pid in services.values())
     quiet = 0
-    while quiet < 2 and time.monotonic() - started < SETTLE_LIMIT:
+    while time.monotonic() - started < SETTLE_LIMIT:
+        if quiet >= 2 and seeded in cluster.storage.log():
+            break
         time.sleep(0.5)
         now = sum(cpu_seconds(pid) for pid in services.values())
         quiet = quiet + 1 if now - last < SETTLE_IDLE else 0
         last = now
-    return round(time.monotonic() - started - 1.0, 1)
+    return round(time.monotonic() - started, 1)
+
+
+def _task_id(stdout: str) -> str | None:
+    """The task id a get's JSON summary names, if it printed one."""
+    try:
+        summary = json.loads(stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    task_id = summary.get("task_id") if isinstance(summary, dict) else None
+    return task_id if isinstance(task_id, str) else None
 
 
 def measure_swarmfly(
@@ -193,7 +208,7 @@ def measure_swarmfly(
         got = timed(command, args.timeout + 10, args.env)
         # The storage may take its copy after the get (from the peer it lent the file to):
         # that work is this download's, and must not run beside the next measurement.
-        settle_s = settle(services)
+        settle_s = settle(cluster, services, _task_id(got["stdout"]))
     after = {kind: cpu_seconds(pid) for kind, pid in services.items()}
     rss = {kind: peak_rss_mib(pid) for kind, pid in services.items()}
     if not got["ok"]:

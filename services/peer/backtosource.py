@@ -325,7 +325,11 @@ class BackToSource:
             "task %s: %d pieces from %d holders, %d from the origin",
             self.task_id[:12], len(gathering.queue), len(held), len(gathering.origin),
         )  # fmt: skip
-        workers = min(self.settings.concurrency, len(gathering.queue))
+        # As many pieces from one holder at once as a download takes from one parent: more
+        # only queue at its uplink, each holding its buffers here meanwhile.
+        workers = min(
+            self.settings.concurrency, self.settings.per_parent * len(by_id), len(gathering.queue)
+        )
         await asyncio.gather(
             self.ranges(gathering.origin) if gathering.origin else asyncio.sleep(0),
             *(self._from_holders(gathering, by_id) for _ in range(workers)),

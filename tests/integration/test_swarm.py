@@ -111,6 +111,41 @@ async def test_five_peers_share_a_64mib_file(cluster: Cluster, tmp_path: Path) -
         assert from_peers >= 0.3 * received, (from_peers, from_seed, results)
 
 
+async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_after(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The task's only child, with the file's digest, is lent the whole file by its seed (an
+    uplink with no limit): it reads the origin itself; the storage then takes its copy from
+    it, proves it, and serves the next host: the origin is read once in all."""
+    data = os.urandom(24 * MiB)
+    digest = f"sha256:{sha256(data)}"
+    # Paced, so the seed is still at its first pieces when its child first asks.
+    async with Origin(rate=16 * MiB).serve() as origin:
+        url = origin.add("sole.bin", data)
+        cluster.start(peers=2)
+        first = await get(url, tmp_path / "a.bin", cluster.peer_dir(0), "--digest", digest,
+                          *cluster.get_args())  # fmt: skip
+        assert first["exit"] == 0, first
+        assert first["bytes_origin"] >= len(data) // 2, first  # lent: read here
+        # The storage takes what it lent back from the first host, then the second host's
+        # get comes from the swarm with the first one gone: from the storage alone.
+        for _ in range(100):
+            state = await cluster.state()
+            seeds = [p for t in state["tasks"] for p in t["peers"] if p["source"]]
+            if seeds and all(p["state"] == "succeeded" for p in seeds):
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(f"the storage did not take its copy: {state}")
+        cluster.peers[0].stop()
+        second = await get(url, tmp_path / "b.bin", cluster.peer_dir(1), "--digest", digest,
+                           *cluster.get_args())  # fmt: skip
+        assert second["exit"] == 0, second
+        assert second["bytes_p2p"] == len(data) and second["bytes_origin"] == 0, second
+        assert (tmp_path / "b.bin").read_bytes() == data
+        assert origin.content_served["sole.bin"] == len(data), "the origin was read once"
+
+
 async def test_parent_killed_mid_transfer(cluster: Cluster, tmp_path: Path) -> None:
     data = os.urandom(48 * MiB)
     async with Origin().serve() as origin:
