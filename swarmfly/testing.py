@@ -134,6 +134,9 @@ class Origin:
     """Headers a request must carry (as an authenticated origin would), else 401."""
     fail_status: int | None = None
     """Answer every content request with this status (a broken origin)."""
+    fail_ranges: Counter[int] = field(default_factory=Counter)
+    """Range start -> how many more times a request of it is answered 503 (an origin that
+    fails one reader: a source retries 3 times)."""
     truncate_after: int | None = None
     """Hang up after sending this many bytes of a response (a truncated body)."""
     etags: bool = True
@@ -188,6 +191,9 @@ class Origin:
                     headers={"Content-Range": f"bytes */{len(data)}"}
                 ) from None
             if span is not None:
+                if self.fail_ranges[span.start] > 0:
+                    self.fail_ranges[span.start] -= 1
+                    return web.Response(status=503, text="failed on purpose")
                 start, end = span.start, span.end
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"

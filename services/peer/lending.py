@@ -132,13 +132,19 @@ class Lending:
 
     def asked(self, child: str | None, now: float, borrows: bool = True) -> None:
         """A child's poll arrived (or, ``ended``, left): the child is alive. ``borrows``:
-        it may be lent pieces (it reads the origin)."""
+        it may be lent pieces (it reads the origin). A child that was lent pieces and says
+        it borrows no more (a read of the origin failed there) gives back what it has not
+        delivered: the seed reads those now, not once their time is up."""
         self.polled_at = now
         key = _key(child, borrows)
         self._open[key] = self._open.get(key, 0) + 1
         self.seen[key] = now
         if child is not None:
             self.seen[child] = now
+            if not borrows:
+                for number, to in self.lent_to.items():
+                    if to == child and number not in self.delivered:
+                        self.pending[number] = min(self.pending[number], now)
 
     def ended(self, child: str | None, now: float, borrows: bool = True) -> None:
         """A child's poll ended: it waited here all along."""

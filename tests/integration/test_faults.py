@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,41 @@ async def test_a_cached_file_is_delivered_while_no_scheduler_answers(
         finally:
             peer.stop()
             scheduler.stop()
+
+
+async def test_a_child_whose_lent_read_fails_gives_its_loans_back_at_once(
+    nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    """The seed lends its sole child the file; one of the child's reads of the origin fails.
+    The child borrows no more, the seed reads what it had lent and the rest itself, at once
+    (not once the loans' time is up), and the download is whole."""
+    data = os.urandom(12 * MiB)
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    # Paced, so the seed is at its first pieces when the child asks; piece 6 (1 MiB pieces)
+    # fails for the first reader, as often as it tries: the child, lent it (the seed reads
+    # from piece 0 up).
+    failing = Counter({6 * MiB: 4})
+    async with Origin(rate=12 * MiB, fail_ranges=failing).serve() as origin:
+        url = origin.add("f.bin", data)
+        common = ("--state-dir", str(tmp_path / "peer"), "--nats", nats.url, "--prefix", prefix)
+        services = [
+            spawn_service(kind, nats.url, tmp_path / kind, "--prefix", prefix, env=FAST_ENV)
+            for kind in ("scheduler", "storage", "peer")
+        ]
+        try:
+            started = time.monotonic()
+            code, summary, err = await get(url, tmp_path / "out", *common, "--digest", digest)
+            took = time.monotonic() - started
+            assert code == 0, err
+            assert (tmp_path / "out").read_bytes() == data
+            assert summary is not None and summary["bytes_origin"] > 0, "it was lent pieces"
+            assert not +origin.fail_ranges, "the child's reads failed"
+            assert took < 10, "the loans came back at once, not after their 15 s"
+            assert "lent piece 6 from the origin" in services[2].log()
+            assert origin.content_served["f.bin"] <= len(data) + 4 * MiB, "about once"
+        finally:
+            for service in services:
+                service.stop()
 
 
 def small_filesystem(path: Path, size: str) -> bool:

@@ -206,3 +206,16 @@ def test_a_sole_childs_late_piece_is_read_by_the_seed_at_once() -> None:
     assert lending.hold_back(0.0, 1.0, set(), {})
     assert not lending.hold_back(0.0, 2.5, set(), {})  # piece 0 is past its time
     assert lending.claim(set(), now=2.5) == 0
+
+
+def test_a_child_that_borrows_no_more_gives_back_what_it_did_not_deliver() -> None:
+    lending = Lending(8, window=4, lease=30.0, grace=0.0)
+    lending.asked("a", now=0.0)
+    assert [lending.lend(set(), {}, set(range(8)), 0.0, child="a") for _ in range(3)] == [
+        0, 1, 2,
+    ]  # fmt: skip
+    lending.said([0])
+    lending.asked("a", now=1.0, borrows=False)  # its read of piece 1 failed
+    assert lending.sole(1.0) is None and not lending.hold_back(1.0, 1.0, set(), {})
+    assert [lending.claim(set(), now=1.0) for _ in range(3)] == [1, 2, 3]  # not in 30 s
+    assert lending.lend(set(), {}, set(range(8)), 1.0, child="a") is None
