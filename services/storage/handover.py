@@ -112,7 +112,10 @@ async def hand_over(
     by_id = {t.id: t for t in held}
     queue = plan(by_id, node.settings.host_id, await fleet(), copies)
     if not queue:  # its disk keeps them for when it comes back
-        log.info("leaving: no other storage instance is live; %d tasks kept here only", len(held))
+        log.info(
+            "leaving: no other storage instance is live; %d task%s kept here only",
+            len(held), "" if len(held) == 1 else "s",
+        )  # fmt: skip
         return outcome
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
