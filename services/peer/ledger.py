@@ -26,6 +26,10 @@ class DigestLedger:
     lent child's word, and the seed has since read them."""
     lent_out: set[int] = field(default_factory=set)
     """A lending seed: every piece it lent (their digests are the lent children's word)."""
+    unvouched: set[int] = field(default_factory=set)
+    """A seed: pieces it took from holders with no digest known (a lent child that left
+    before it reported one, or a scheduler that knew the lent child's word lost it with its
+    partition). The whole file's digest proves them; this seed reports them then."""
     came_from: dict[int, str] = field(default_factory=dict)
     """Piece -> the parent that served it: whom a piece that proves false accuses."""
     came_at: float = -math.inf
@@ -79,4 +83,4 @@ class DigestLedger:
 
     def suspects(self) -> list[int]:
         """What to read again when the whole file fails its digest."""
-        return sorted(self.refuted.keys() | self.provisional | self.lent_out)
+        return sorted(self.refuted.keys() | self.provisional | self.lent_out | self.unvouched)

@@ -47,14 +47,18 @@ class Gathering:
         held: Mapping[str, Collection[int]],
         digests: Sequence[str | None],
         hold_off: Collection[int] = (),
+        *,
+        proven: bool = False,
     ) -> Gathering:
         """``held``: holder -> what it says it has. A piece comes from holders only when its
-        digest is known (the bytes are checked against it); ``hold_off``: pieces children are
-        reading from the origin now, taken from holders only."""
+        digest is known (the bytes are checked against it), or, ``proven``, when the whole
+        file's digest will check them (a lent child's word the scheduler lost, say);
+        ``hold_off``: pieces children are reading from the origin now, taken from holders
+        only."""
         gathering = cls(load=dict.fromkeys(held, 0))
         for number in missing:
             where = [holder for holder, pieces in held.items() if number in pieces]
-            if where and digests[number]:
+            if where and (digests[number] or proven):
                 gathering.queue.append((number, where))
             elif number not in hold_off:
                 gathering.origin.append(number)

@@ -96,9 +96,6 @@ class PieceIO:
         self._asks: list[int] = []
         """The rates of the asks waiting for this download (0: none of their own)."""
         self.bytes_p2p = 0
-        self.unvouched: set[int] = set()
-        """Lent pieces taken back with no digest known to check them against: reported
-        once the whole file proves them (``Conductor._verify_whole``)."""
 
     # -- pace ----------------------------------------------------------------------------
 
@@ -311,5 +308,5 @@ class PieceIO:
         # Without a digest known, its child left before it reported the piece: this seed's
         # word on bytes it did not read waits for the whole file's.
         if expected is None:
-            self.unvouched.add(number)
+            self.ledger.unvouched.add(number)
         return self.got(number, digest, child, started, report=expected is not None)

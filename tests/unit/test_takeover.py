@@ -20,6 +20,15 @@ def test_holders_give_what_they_have_with_a_known_digest_the_origin_the_rest() -
     assert Gathering.found(held) == {0, 1, 2, 3}
 
 
+def test_with_the_whole_files_digest_a_held_piece_of_no_known_digest_comes_from_holders() -> None:
+    """The scheduler that knew a lent child's digest of piece 2 lost it (its partition
+    moved): the whole file's digest still proves whatever the holder sends."""
+    digests = [DIGEST, None, None]
+    gathering = Gathering.plan([0, 1, 2], {"a": {0, 2}}, digests, proven=True)
+    assert list(gathering.queue) == [(0, ["a"]), (2, ["a"])]
+    assert gathering.origin == [1]  # nobody has it
+
+
 def test_the_least_loaded_holder_is_asked_first_and_a_failing_one_is_dropped() -> None:
     gathering = Gathering.plan([0, 1], {"a": {0, 1}, "b": {0, 1}}, [DIGEST, DIGEST])
     gathering.asking("a")
