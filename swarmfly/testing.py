@@ -146,6 +146,8 @@ class Origin:
     requests: int = 0
     probes: int = 0
     """One-byte ranged GETs (``bytes=0-0``): the access check every download makes."""
+    ranges_asked: Counter[tuple[str, int]] = field(default_factory=Counter)
+    """(file, range start) -> how many requests asked for it (probes left out)."""
     content_served: Counter[str] = field(default_factory=Counter)
     """Bytes served of each file, probes left out: what a test bounds per file."""
     url: str = ""
@@ -196,6 +198,8 @@ class Origin:
                     return web.Response(status=503, text="failed on purpose")
                 start, end = span.start, span.end
                 status = 206
+                if not probe:
+                    self.ranges_asked[(name, start)] += 1
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = end - start
@@ -208,7 +212,10 @@ class Origin:
             chunk = data[offset : min(end, offset + 64 * 1024)]
             if bucket is not None:
                 await bucket.take(len(chunk))
-            await response.write(chunk)
+            try:
+                await response.write(chunk)
+            except ConnectionResetError:  # the reader hung up (an endgame's copy it cancelled)
+                return response
             self.bytes_served += len(chunk)
             if not probe:
                 self.content_served[name] += len(chunk)

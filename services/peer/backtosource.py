@@ -227,8 +227,9 @@ class BackToSource:
         down, and the lent pieces come back from the swarm."""
         concurrency = self.settings.origin_concurrency
         fresh = Lending.for_origin(
-            content.piece_count, content.piece_length, concurrency, self.stat.etag
-        )
+            content.piece_count, content.piece_length, concurrency, self.stat.etag,
+            sole=self.settings.lend_sole,
+        )  # fmt: skip
         with self.stored.lent(fresh) as lending:
             watcher = asyncio.create_task(self._watch_lent(lending))
             try:
@@ -320,16 +321,14 @@ class BackToSource:
         answers = await asyncio.gather(*(self._holdings(p) for p in by_id.values()))
         held = dict(zip(by_id, answers, strict=True))
         missing = [n for n in range(content.piece_count) if n not in self.stored.done]
-        gathering = Gathering.plan(missing, held, self.stored.digests, hold_off)
+        gathering = Gathering.plan(
+            missing, held, self.stored.digests, hold_off, proven=bool(content.digest)
+        )
         log.info(
             "task %s: %d pieces from %d holders, %d from the origin",
             self.task_id[:12], len(gathering.queue), len(held), len(gathering.origin),
         )  # fmt: skip
-        # As many pieces from one holder at once as a download takes from one parent: more
-        # only queue at its uplink, each holding its buffers here meanwhile.
-        workers = min(
-            self.settings.concurrency, self.settings.per_parent * len(by_id), len(gathering.queue)
-        )
+        workers = min(self.settings.concurrency, len(gathering.queue))
         await asyncio.gather(
             self.ranges(gathering.origin) if gathering.origin else asyncio.sleep(0),
             *(self._from_holders(gathering, by_id) for _ in range(workers)),
@@ -366,8 +365,11 @@ class BackToSource:
             while attempts < ATTEMPTS and holder in holders:
                 attempts += 1
                 gathering.asking(holder)
+                unknown = self.stored.digests[number] is None
                 try:
                     await self.pieces.fetch(number, holders[holder])
+                    if unknown:  # only the whole file's digest proves it (``plan``)
+                        self.ledger.unvouched.add(number)
                     return True
                 except ParentBusy:
                     await asyncio.sleep(BUSY_BACKOFF)

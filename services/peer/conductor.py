@@ -194,8 +194,11 @@ class Conductor:
 
     @property
     def origin_reads(self) -> int:
-        """Pieces being read from the origin now."""
-        return self.origin.reads
+        """Pieces being read from the origin now: by this host, or, lent, by its children
+        (within their time), which a seed that leaves waits for as for its own."""
+        lending = self.stored.lending
+        lent = lending.reading_elsewhere(self.clock()) if lending is not None else ()
+        return self.origin.reads + len(lent)
 
     @contextlib.contextmanager
     def asking(self, rate: int, *, back_to_source: bool = True) -> Iterator[None]:
@@ -232,9 +235,12 @@ class Conductor:
         self._leaving = True
 
     def drain(self) -> None:
-        """Read no further piece from the origin; the reads in flight finish. A leaving seed
-        hands what it read to the swarm instead of dropping it half-read."""
+        """Read no further piece from the origin, nor lend one; the reads in flight finish
+        (its children's of what it lent too). A leaving seed hands what it read to the swarm
+        instead of dropping it half-read: the seed taking over takes those from holders."""
         self.origin.draining = True
+        if self.stored.lending is not None:
+            self.stored.lending.open = False
 
     # -- the whole download ----------------------------------------------------------------
 
@@ -757,11 +763,11 @@ class Conductor:
         return self.phases.on("matches")
 
     def _vouch_taken_back(self) -> None:
-        """The whole file matched its digest: the pieces its lent children handed back with
-        no digest known for them (they left before they reported one) are proved now, and
-        this seed, their trusted reader, reports them."""
-        for number in sorted(self.pieces.unvouched):
+        """The whole file matched its digest: the pieces it took from holders, or its lent
+        children handed back, with no digest known for them are proved now, and this seed,
+        their trusted reader, reports them."""
+        for number in sorted(self.ledger.unvouched):
             digest = self.stored.digests[number]
             if number in self.stored.done and digest is not None:
                 self.control.report(messages.PieceReport(number, digest=digest))
-        self.pieces.unvouched.clear()
+        self.ledger.unvouched.clear()

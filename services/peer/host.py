@@ -120,6 +120,7 @@ class HostSettings:
                 piece_timeout=peer.piece_timeout,
                 origin_concurrency=storage.origin_concurrency,
                 lend_pieces=kind == "storage" and storage.lend_pieces,
+                lend_sole=kind == "storage" and storage.lend_sole,
                 piece_spans=kind == "peer" and peer.piece_spans,
             ),
             heartbeat_interval=config.scheduler.heartbeat_interval,

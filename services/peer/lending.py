@@ -45,6 +45,9 @@ LEND_POLL = 0.25
 """Seconds between a lending seed's looks for the pieces it lent."""
 MAX_SAID = 64
 """Lent pieces a child may say it delivered in one poll."""
+LONE_SECONDS = 0.25
+"""A child is ``sole`` once no other asked beside it for this long: children that start
+together (a deployment's pods) ask within this of one another, and share the seed as ever."""
 PER_CHILD = 4
 """Lent pieces one child (that named itself) reads at once: a child that dies or leaves
 takes few unread pieces with it, each read again."""
@@ -74,6 +77,9 @@ class Lending:
     lease: float = LEND_SECONDS
     """Raised by the seed to a few times what a piece takes it to read (``read``): on a slow
     origin a child reading a lent piece must not be taken for a child that failed."""
+    lends_sole: bool = True
+    """Lend a sole child the whole file (``sole``); a seed sets it from ``[storage]
+    lend_sole``."""
     open: bool = True
     """Still lending: closed once the seed has read everything it did not lend."""
     reading: set[int] = field(default_factory=set)
@@ -98,6 +104,8 @@ class Lending:
     """Every piece below is done, being read by the seed, or lent."""
     _top: int = -1
     """Every piece above is done, being read by the seed, or lent."""
+    _crowded_at: float = float("-inf")
+    """When another child last asked beside the one asking (or the first one did)."""
     _open: dict[str, int] = field(default_factory=dict)
     """Child -> its polls waiting here now (``""``: children that may not be lent to)."""
 
@@ -106,13 +114,21 @@ class Lending:
 
     @classmethod
     def for_origin(
-        cls, piece_count: int, piece_length: int, concurrency: int, etag: str | None = None
+        cls,
+        piece_count: int,
+        piece_length: int,
+        concurrency: int,
+        etag: str | None = None,
+        *,
+        sole: bool = False,
     ) -> Lending:
         """The lending of a seed reading with ``concurrency`` ranges at once: as many lent
-        pieces again, lent while it reads that far ahead of its uplink."""
+        pieces again, lent while it reads that far ahead of its uplink (and to a sole child,
+        with ``sole``: ``[storage] lend_sole``)."""
         return cls(
             piece_count,
             etag=etag,
+            lends_sole=sole,
             limit=2 * concurrency,
             window=concurrency,
             lease=max(LEND_SECONDS, piece_length / LEND_RATE),
@@ -124,23 +140,34 @@ class Lending:
         """The one named child that asked within ``ASKING_SECONDS``, when it is the only
         one and may be lent to (one that may not, unnamed or not borrowing, shares the
         seed's uplink all the same, and needs the seed to read)."""
-        asking = set(self._open)
-        asking.update(c for c, at in self.seen.items() if now - at < ASKING_SECONDS)
-        if len(asking) != 1 or "" in asking:
+        if not self.lends_sole:
+            return None
+        asking = self._asking(now)
+        if len(asking) != 1 or "" in asking or now - self._crowded_at < LONE_SECONDS:
             return None
         return asking.pop()
+
+    def _asking(self, now: float) -> set[str]:
+        asking = set(self._open)
+        asking.update(c for c, at in self.seen.items() if now - at < ASKING_SECONDS)
+        return asking
 
     def asked(self, child: str | None, now: float, borrows: bool = True) -> None:
         """A child's poll arrived (or, ``ended``, left): the child is alive. ``borrows``:
         it may be lent pieces (it reads the origin). A child that was lent pieces and says
         it borrows no more (a read of the origin failed there) gives back what it has not
         delivered: the seed reads those now, not once their time is up."""
+        if self.polled_at == float("-inf"):
+            self._crowded_at = now  # the first: others may be a moment behind it
         self.polled_at = now
         key = _key(child, borrows)
         self._open[key] = self._open.get(key, 0) + 1
         self.seen[key] = now
         if child is not None:
             self.seen[child] = now
+        asking = self._asking(now)
+        if len(asking) > 1 or "" in asking:
+            self._crowded_at = now
             if not borrows:
                 for number, to in self.lent_to.items():
                     if to == child and number not in self.delivered:

@@ -111,6 +111,7 @@ class DownloadSettings:
     piece_timeout: float
     origin_concurrency: int
     lend_pieces: bool = False
+    lend_sole: bool = False
     piece_spans: bool = False
 
 

@@ -32,7 +32,7 @@ from swarmfly.metrics import PeerMetrics
 from swarmfly.ratelimit import MIN_SEND_RATE, TokenBucket
 from swarmfly.services.peer import grants
 from swarmfly.services.peer.admission import Admission
-from swarmfly.services.peer.lending import MAX_SAID
+from swarmfly.services.peer.lending import LONE_SECONDS, MAX_SAID
 from swarmfly.services.peer.store import StoredTask, TaskStore
 
 log = logging.getLogger(__name__)
@@ -197,18 +197,25 @@ class UploadServer:
         answer: dict[str, Any] = {}
         lending = task.lending
         ask = _SeedAsk.of(request, task) if lending is not None else None
-        if lending is not None and ask is not None and ask.child is not None:
+        if lending is not None and lending.lends_sole and ask is not None and ask.child is not None:
             # A seed with no uplink limit lends only to a sole child: its own reads wait.
             now = time.monotonic()
             lending.asked(ask.child, now, ask.borrows)
             try:
-                number = None
-                if ask.borrows and ask.wanted is not None and lending.sole(now) == ask.child:
-                    number = lending.lend(task.done, task.served, ask.wanted, now, ask.child)
-                if number is not None:
-                    answer = _lent_answer(number, lending.etag)
-                elif wait and not task.complete:
-                    await task.wait_change(since, wait)
+                # News ends the wait; so does becoming the sole child meanwhile (the seed's
+                # reads then wait for this child's, which must not wait for news).
+                deadline = now + wait
+                while True:
+                    number = None
+                    if ask.borrows and ask.wanted is not None and lending.sole(now) == ask.child:
+                        number = lending.lend(task.done, task.served, ask.wanted, now, ask.child)
+                    if number is not None:
+                        answer = _lent_answer(number, lending.etag)
+                        break
+                    if now >= deadline or task.complete or task.version != since:
+                        break
+                    await task.wait_change(since, min(deadline - now, LOAN_RECHECK))
+                    now = time.monotonic()
             finally:
                 lending.ended(ask.child, time.monotonic(), ask.borrows)
         elif wait and not task.complete:  # a complete task has no news
@@ -500,6 +507,10 @@ class _SeedAsk:
         if task.lending is not None and "lent" in request.query:
             task.lending.said(_numbers(request.query["lent"]))
         return cls(wanted, child, borrow == "1")
+
+
+LOAN_RECHECK = LONE_SECONDS / 5
+"""Seconds between a waiting child's looks at whether it is the sole one now."""
 
 
 def _lent_answer(number: int, etag: str | None) -> dict[str, Any]:

@@ -146,8 +146,9 @@ async def test_a_child_whose_lent_read_fails_gives_its_loans_back_at_once(
     async with Origin(rate=12 * MiB, fail_ranges=failing).serve() as origin:
         url = origin.add("f.bin", data)
         common = ("--state-dir", str(tmp_path / "peer"), "--nats", nats.url, "--prefix", prefix)
+        sole = {**FAST_ENV, "SWARMFLY_STORAGE_LEND_SOLE": "true"}
         services = [
-            spawn_service(kind, nats.url, tmp_path / kind, "--prefix", prefix, env=FAST_ENV)
+            spawn_service(kind, nats.url, tmp_path / kind, "--prefix", prefix, env=sole)
             for kind in ("scheduler", "storage", "peer")
         ]
         try:

@@ -65,11 +65,14 @@ class Cluster:
         self.stack.callback(service.stop)
         return service
 
-    def start(self, peers: int, seed_rate: str | None = None) -> None:
+    def start(
+        self, peers: int, seed_rate: str | None = None, storage_env: dict[str, str] | None = None
+    ) -> None:
         self.scheduler = self.spawn("scheduler", "scheduler")
         self.storage = self.spawn(
-            "storage", "storage", *(["--upload-rate", seed_rate] if seed_rate else [])
-        )
+            "storage", "storage", *(["--upload-rate", seed_rate] if seed_rate else []),
+            env=storage_env,
+        )  # fmt: skip
         for i in range(peers):
             self.peers.append(self.spawn("peer", f"peer{i}"))
 
@@ -115,14 +118,14 @@ async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_afte
     cluster: Cluster, tmp_path: Path
 ) -> None:
     """The task's only child, with the file's digest, is lent the whole file by its seed (an
-    uplink with no limit): it reads the origin itself; the storage then takes its copy from
-    it, proves it, and serves the next host: the origin is read once in all."""
+    uplink with no limit, ``lend_sole`` on): it reads the origin itself; the storage then
+    takes its copy from it, proves it, and serves the next host: the origin is read once."""
     data = os.urandom(24 * MiB)
     digest = f"sha256:{sha256(data)}"
     # Paced, so the seed is still at its first pieces when its child first asks.
     async with Origin(rate=16 * MiB).serve() as origin:
         url = origin.add("sole.bin", data)
-        cluster.start(peers=2)
+        cluster.start(peers=2, storage_env={"SWARMFLY_STORAGE_LEND_SOLE": "true"})
         first = await get(url, tmp_path / "a.bin", cluster.peer_dir(0), "--digest", digest,
                           *cluster.get_args())  # fmt: skip
         assert first["exit"] == 0, first

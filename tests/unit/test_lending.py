@@ -10,6 +10,7 @@ from swarmfly.services.peer.lending import (
     LEASE_FACTOR,
     LEND_RATE,
     LEND_SECONDS,
+    LONE_SECONDS,
     Lending,
 )
 
@@ -158,64 +159,83 @@ def test_once_closed_the_seed_collects_while_children_ask_and_a_while_at_most() 
     assert not lending.collecting(0.0, COLLECT_PATIENCE + 1)
 
 
+def alone(lending: Lending, child: str = "a") -> float:
+    """``child`` asks, and still asks ``LONE_SECONDS`` later, nobody beside it: when it is."""
+    lending.asked(child, now=0.0)
+    assert lending.sole(0.0) is None  # others may be a moment behind the first
+    return LONE_SECONDS
+
+
 def test_a_sole_child_is_lent_the_file_from_the_first_piece_up_and_the_seed_holds_back() -> None:
     lending = Lending(10, limit=8, per_child=3, window=4, lease=5.0)
     everything = set(range(10))
-    lending.asked("a", now=0.0)  # its poll waits at the seed
-    assert lending.sole(0.0) == "a"
+    t = alone(lending)  # its poll waits at the seed
+    assert lending.sole(t) == "a"
     # The seed's uplink keeps up (nothing read and unsent), and still: in order, to its cap.
-    assert [lending.lend(set(), {}, everything, 0.0, child="a") for _ in range(4)] == [
+    assert [lending.lend(set(), {}, everything, t, child="a") for _ in range(4)] == [
         0, 1, 2, None,
     ]  # fmt: skip
-    assert lending.hold_back(0.0, 4.0, set(), {})  # past HOLD_BACK: no limit while it is alone
-    assert lending.claim(set(), now=0.0) == 3  # a reader that was not held reads past them
+    assert lending.hold_back(t, t + 4, set(), {})  # past HOLD_BACK: no limit while it is alone
+    assert lending.claim(set(), now=t) == 3  # a reader that was not held reads past them
     assert lending.said([0]) == {0}
-    assert lending.lend({0}, {}, everything - {0}, 0.1, child="a") == 4
-    lending.ended("a", now=0.2)
-    assert lending.sole(1.0) == "a" and lending.sole(1.3) is None  # it stopped asking
-    assert not lending.hold_back(1.3, 1.3, {0}, {})
+    assert lending.lend({0}, {}, everything - {0}, t, child="a") == 4
+    lending.ended("a", now=t)
+    assert lending.sole(t + 0.9) == "a" and lending.sole(t + 1.1) is None  # it stopped asking
+    assert not lending.hold_back(t + 1.1, t + 1.1, {0}, {})
+
+
+def test_children_that_start_together_are_never_sole() -> None:
+    lending = Lending(10, window=4)
+    lending.asked("a", now=0.0)
+    lending.asked("b", now=0.1)
+    lending.ended("b", now=0.2)
+    for now in (0.1, LONE_SECONDS, 1.1):  # b asked within the last second
+        assert lending.sole(now) is None
+        assert lending.lend(set(), {}, set(range(10)), now, child="a") is None
+    assert lending.sole(1.3) == "a"  # b is done: a is alone now
 
 
 def test_a_second_child_ends_the_sole_childs_loans_in_order() -> None:
     lending = Lending(10, window=4, lease=5.0)
-    lending.asked("a", now=0.0)
-    assert lending.lend(set(), {}, set(range(10)), 0.0, child="a") == 0
-    lending.asked("b", now=0.1)
-    assert lending.sole(0.1) is None
-    assert lending.lend(set(), {}, set(range(10)), 0.1, child="a") is None  # the window again
-    assert not lending.hold_back(0.1, 0.1, set(), {})
-    assert lending.lend({1, 2, 3, 4}, {}, set(range(10)), 0.1, child="b") == 9  # from the top
+    t = alone(lending)
+    assert lending.lend(set(), {}, set(range(10)), t, child="a") == 0
+    lending.asked("b", now=t + 0.1)
+    assert lending.sole(t + 0.1) is None
+    assert lending.lend(set(), {}, set(range(10)), t + 0.1, child="a") is None  # the window
+    assert not lending.hold_back(t + 0.1, t + 0.1, set(), {})
+    assert lending.lend({1, 2, 3, 4}, {}, set(range(10)), t + 0.1, child="b") == 9  # the top
 
 
 def test_a_child_that_may_not_be_lent_to_keeps_the_seed_reading() -> None:
     for child, borrows in (("a", False), (None, True)):
         lending = Lending(10, window=4)
         lending.asked(child, now=0.0, borrows=borrows)
-        assert lending.sole(0.0) is None
-        assert not lending.hold_back(0.0, 0.0, set(), {})
+        t = LONE_SECONDS
+        assert lending.sole(t) is None
+        assert not lending.hold_back(t, t, set(), {})
         # Beside a child that may borrow, too: the other needs the seed's reads.
-        lending.asked("b", now=0.0)
-        assert lending.sole(0.0) is None
-        assert lending.lend(set(), {}, set(range(10)), 0.0, child="b") is None
+        lending.asked("b", now=t)
+        assert lending.sole(2 * t) is None
+        assert lending.lend(set(), {}, set(range(10)), 2 * t, child="b") is None
 
 
 def test_a_sole_childs_late_piece_is_read_by_the_seed_at_once() -> None:
     lending = Lending(4, window=4, lease=2.0, grace=0.0)
-    lending.asked("a", now=0.0)
-    assert lending.lend(set(), {}, {0, 1, 2, 3}, 0.0, child="a") == 0
-    assert lending.hold_back(0.0, 1.0, set(), {})
-    assert not lending.hold_back(0.0, 2.5, set(), {})  # piece 0 is past its time
-    assert lending.claim(set(), now=2.5) == 0
+    t = alone(lending)
+    assert lending.lend(set(), {}, {0, 1, 2, 3}, t, child="a") == 0
+    assert lending.hold_back(t, t + 1.0, set(), {})
+    assert not lending.hold_back(t, t + 2.5, set(), {})  # piece 0 is past its time
+    assert lending.claim(set(), now=t + 2.5) == 0
 
 
 def test_a_child_that_borrows_no_more_gives_back_what_it_did_not_deliver() -> None:
     lending = Lending(8, window=4, lease=30.0, grace=0.0)
-    lending.asked("a", now=0.0)
-    assert [lending.lend(set(), {}, set(range(8)), 0.0, child="a") for _ in range(3)] == [
+    t = alone(lending)
+    assert [lending.lend(set(), {}, set(range(8)), t, child="a") for _ in range(3)] == [
         0, 1, 2,
     ]  # fmt: skip
     lending.said([0])
-    lending.asked("a", now=1.0, borrows=False)  # its read of piece 1 failed
-    assert lending.sole(1.0) is None and not lending.hold_back(1.0, 1.0, set(), {})
-    assert [lending.claim(set(), now=1.0) for _ in range(3)] == [1, 2, 3]  # not in 30 s
-    assert lending.lend(set(), {}, set(range(8)), 1.0, child="a") is None
+    lending.asked("a", now=t + 1.0, borrows=False)  # its read of piece 1 failed
+    assert lending.sole(t + 1.0) is None and not lending.hold_back(t + 1.0, t + 1.0, set(), {})
+    assert [lending.claim(set(), now=t + 1.0) for _ in range(3)] == [1, 2, 3]  # not in 30 s
+    assert lending.lend(set(), {}, set(range(8)), t + 1.0, child="a") is None
