@@ -245,7 +245,8 @@ async def _answers(url: str) -> bool:
         return False
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
+async def stop_process(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM, and SIGKILL after ``STOP_TIMEOUT``: a daemon a test started, its PID only."""
     if process.returncode is not None:
         return
     process.terminate()
@@ -287,7 +288,7 @@ async def run_registry(
                     return
                 await asyncio.sleep(0.1)
         finally:
-            await _stop(process)
+            await stop_process(process)
         if "address already in use" not in registry.log():
             break
     pytest.fail(f"docker-registry did not start; its log:\n{registry.log()[-4000:]}")

@@ -32,7 +32,14 @@ from swarmfly.doctor import EXIT_PROBLEMS
 from swarmfly.natsserver import NatsServer
 from swarmfly.testing import ServiceProcess, metric_value, spawn_service
 from tests.conftest import FAST_ENV, require_tool
-from tests.e2e.conftest import ALICE, ALICE_PASSWORD, Registry, free_port, run_htpasswd_registry
+from tests.e2e.conftest import (
+    ALICE,
+    ALICE_PASSWORD,
+    Registry,
+    free_port,
+    run_htpasswd_registry,
+    stop_process,
+)
 from tests.e2e.test_mirror import Layout, build_layout, skopeo
 from tests.integration.test_doctor import by_name, doctor
 
@@ -42,7 +49,6 @@ TAG = "v1"
 SIZES = (3 * MiB + 5, MiB + 3)
 """Two layers: more than one piece and less, enough to see who read them."""
 START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 CTR_TIMEOUT = 60.0
 CHART_SCRIPT = Path(__file__).parents[2] / "helm/swarmfly/templates/containerd-configmap.yaml"
 CRI = 'plugins."io.containerd.grpc.v1.cri"'
@@ -193,13 +199,7 @@ async def run_containerd(folder: Path, config: Path) -> AsyncIterator[Containerd
             pytest.fail(f"containerd did not start; its log:\n{daemon.log()[-4000:]}")
         yield daemon
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-            except TimeoutError:
-                process.kill()
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+        await stop_process(process)
 
 
 # -- the swarm and the registry, once for the module ------------------------------------------
