@@ -152,8 +152,11 @@ class BackToSource:
         if self.draining:
             await asyncio.Event().wait()
 
-    async def piece(self, number: int, headers: dict[str, str], *, report: bool = True) -> int:
-        """One piece read from the origin by range, written, reported with its digest."""
+    async def piece(
+        self, number: int, headers: dict[str, str], *, report: bool = True, hashing: bool = True
+    ) -> int:
+        """One piece read from the origin by range, written, reported with its digest (not
+        ``hashing``: written only, and not reported; the whole file's digest proves it)."""
         content = self.stored.content
         assert content is not None
         offset, size = content.piece(number)
@@ -169,11 +172,11 @@ class BackToSource:
         )
         self.reads += 1
         try:
-            digest = await self.pieces.receive(number, chunks, expected)
+            digest = await self.pieces.receive(number, chunks, expected, hashing=hashing)
         finally:
             self.reads -= 1
         if digest is not None:
-            self._done(number, digest, started, report=report and not vouched)
+            self._done(number, digest, started, report=report and not vouched and bool(digest))
         return number
 
     async def _stream(self, content: TaskContent) -> None:
@@ -214,7 +217,7 @@ class BackToSource:
         self.metrics.download_bytes.labels("origin").inc(size)
         cost = self.clock() - started
         self.metrics.piece_seconds.labels("origin").observe(cost)
-        if report or self.seed:
+        if digest and (report or self.seed):
             self.control.report(
                 messages.PieceReport(number, digest=digest, cost_ms=int(cost * 1000))
             )

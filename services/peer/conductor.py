@@ -125,9 +125,9 @@ class Conductor:
         self.parents: dict[str, Parent] = {}
         self.swarm = Swarming(self.settings.concurrency, self.settings.per_parent, now=self.clock())
         """The P2P policy: parents, pieces, when to reschedule (a pure core)."""
-        self._lent: list[tuple[int, str | None, Parent]] = []
-        """Pieces a seed lent us to read from the origin, with the ETag it pinned, and the
-        seed."""
+        self._lent: list[tuple[int, str | None, Parent, bool]] = []
+        """Pieces a seed lent us to read from the origin, with the ETag it pinned, the seed,
+        and whether we are its sole child (then the whole file's digest alone proves them)."""
         self.borrowed: dict[int, Parent] = {}
         """Lent pieces read here, and the seed that lent each: handed back on leaving."""
         self.lent_reads: set[asyncio.Task[int]] = set()
@@ -283,7 +283,8 @@ class Conductor:
                 self.stored.reset()
                 raise SwarmflyError("integrity", step.message)
             await self.control.flush_reports()
-            await self.control.result(True)
+            unreported = any(self.stored.digests[n] is None for n in self.stored.done)
+            await self.control.result(True, unreported=unreported)
         except BaseException as exc:
             if not self.phases.ended:
                 self.phases.on("error", message=str(exc)[:200])
@@ -475,7 +476,8 @@ class Conductor:
                 if not isinstance(pieces, list):
                     raise SwarmflyError("bad_request", "parent sent a malformed piece list")
                 if parent.type == "seed" and "origin" in data:
-                    self._lent.extend((n, etag, parent) for n, etag in _lent_pieces(data))
+                    sole = data.get("sole") is True
+                    self._lent.extend((n, etag, parent, sole) for n, etag in _lent_pieces(data))
                 parent.version = version
                 parent.complete = bool(data.get("complete"))
                 offered = {int(n) for n in pieces}
@@ -523,7 +525,8 @@ class Conductor:
                 self._wake.clear()
                 content = self.stored.content
                 book = swarm.book
-                if content is None or (book is not None and book.needs_digests()):
+                lacking = content is None or (book is not None and book.needs_digests())
+                if lacking:
                     if self.ledger.poll_due(self.clock()):
                         await self.control.refresh_task(book)
                     content = self.stored.content
@@ -579,11 +582,12 @@ class Conductor:
                                 await asyncio.sleep(_retry_after(schedule, 200))
                 if rescheduled:
                     continue
+                timeout = 0.25 if swarm.book is not None else 0.2
+                if lacking:  # a parent has pieces we could fetch once their digests come
+                    timeout = min(timeout, max(0.01, self.ledger.poll_in(self.clock())))
                 waiter = asyncio.create_task(self._wake.wait())
                 done, _ = await asyncio.wait(
-                    [waiter, *fetches],
-                    timeout=0.25 if swarm.book is not None else 0.2,
-                    return_when=asyncio.FIRST_COMPLETED,
+                    [waiter, *fetches], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 waiter.cancel()
                 for task in done:
@@ -659,18 +663,24 @@ class Conductor:
             return
         if not self.back_to_source:  # a seed that lent all the same reads them itself
             self._lent.clear()
-        for number, etag, seed in self._lent:
+        for number, etag, seed, sole in self._lent:
             if self.swarm.lent(number):
-                read = asyncio.create_task(self._lent_piece(number, etag, seed))
+                read = asyncio.create_task(self._lent_piece(number, etag, seed, sole))
                 self.lent_reads.add(read)
                 read.add_done_callback(self.lent_reads.discard)
                 fetches[asyncio.create_task(_shielded(read))] = (number, ORIGIN)
         self._lent.clear()
 
-    async def _lent_piece(self, number: int, etag: str | None, seed: Parent) -> int:
-        """A piece the seed lent us: read from the origin, pinned to the version it saw."""
+    async def _lent_piece(self, number: int, etag: str | None, seed: Parent, sole: bool) -> int:
+        """A piece the seed lent us: read from the origin, pinned to the version it saw. The
+        seed's sole child does not hash it on its own: nobody takes it on our word (the seed
+        takes it back proven by the whole file, as we are), so one pass over its bytes, the
+        whole file's, is all it costs (a report needs a digest: ``control.result`` registers
+        it instead)."""
+        content = self.stored.content
+        hashing = not (sole and content is not None and content.digest)
         with telemetry.span("lent piece", attributes={"swarmfly.piece": number}):
-            await self.origin.piece(number, self.origin.headers(etag))
+            await self.origin.piece(number, self.origin.headers(etag), hashing=hashing)
         self._delivered.append(number)
         self.borrowed[number] = seed
         return number

@@ -128,11 +128,17 @@ class ControlLink:
         """What shows a parent this peer was scheduled for the task."""
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
-    async def result(self, success: bool, message: str = "") -> None:
+    async def result(self, success: bool, message: str = "", *, unreported: bool = False) -> None:
+        """How the download ended. ``unreported``: it holds pieces of no digest known (read
+        ``UNHASHED``), which no piece report carries: registering them does, so that the
+        seed takes them from here."""
         if self.scheduler is None or self.silent:
             return
         body = messages.ResultRequest(self.task_id, self.peer_id, success, message or None)
         try:
+            if success and unreported:
+                await self.scheduler.announce(self.stored, peer_id=self.peer_id, seed=self.seed)
+                return
             try:
                 await self.request(messages.RESULT, body)
             except SwarmflyError as exc:

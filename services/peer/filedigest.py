@@ -123,13 +123,23 @@ class PrefixDigest:
             hash_to = end if self.hashing and self._hashed < end else None
             if hash_to is None and not behind:
                 return
-            await asyncio.to_thread(self._pass, end, hash_to, behind)
+            # The hash and the copies side by side (each its own thread): the pass goes at
+            # the pace of the slower one, not of both in a row, and keeps up with the pieces.
+            passes = [asyncio.to_thread(self._copy, end, behind)] if behind else []
+            if hash_to is not None:
+                passes.append(asyncio.to_thread(self._hash, hash_to))
+            # Both end before the next pass starts, however either ends: one hasher, fed in
+            # order, by one thread at a time.
+            for outcome in await asyncio.gather(*passes, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
 
-    def _pass(self, end: int, hash_to: int | None, outputs: list[Output]) -> None:
-        if hash_to is not None:
-            stop = min(hash_to, self._hashed + PASS_BYTES)
-            self.stored.hash_into(self._hasher, self._hashed, stop - self._hashed)
-            self._hashed = stop
+    def _hash(self, hash_to: int) -> None:
+        stop = min(hash_to, self._hashed + PASS_BYTES)
+        self.stored.hash_into(self._hasher, self._hashed, stop - self._hashed)
+        self._hashed = stop
+
+    def _copy(self, end: int, outputs: list[Output]) -> None:
         for output in outputs:
             output.follow(self.stored, min(end, output.copied + PASS_BYTES))
 

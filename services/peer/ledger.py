@@ -77,6 +77,10 @@ class DigestLedger:
         """No digests came for ``DIGEST_POLL``: ask for them rather than wait for a push."""
         return now - self.came_at > DIGEST_POLL
 
+    def poll_in(self, now: float) -> float:
+        """Seconds until ``poll_due``: a download lacking digests looks again then."""
+        return self.came_at + DIGEST_POLL - now
+
     def vouched(self, number: int) -> bool:
         """Only a lent child's word: no test of bytes read from the origin ourselves."""
         return number in self.provisional

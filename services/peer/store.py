@@ -42,6 +42,10 @@ LINKED_MODE = 0o444
 VERIFY_BYTES = 64 * 1024 * 1024
 """Bytes re-hashed per batch after a restart: pieces become usable as they pass."""
 BLOCK = 4 * 1024 * 1024
+UNHASHED = ""
+"""A held piece's digest when it was written without hashing: a sole child's lent read,
+which the whole file's digest proves (one pass over its bytes, not two). The store keeps
+None for it: nothing this host reports or checks a piece by."""
 USE_PATIENCE = 30.0
 """Seconds ``close`` waits for piece reads and writes still running in worker threads."""
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV}
@@ -269,19 +273,22 @@ class StoredTask:
                 f"short write of piece {number} in {self.root}: {written} of {size} bytes",
             )
 
-    def writer(self, number: int) -> PieceWriter | None:
+    def writer(self, number: int, *, hashing: bool = True) -> PieceWriter | None:
         """The piece's one writer, or None while another one writes it (an endgame race):
         its bytes go to the data file as they arrive, hashed on the way, and nothing marks
-        the piece done before ``PieceWriter.finish`` has proved them."""
+        the piece done before ``PieceWriter.finish`` has proved them. Without ``hashing``
+        the piece is only written: the whole file's digest is its proof (``UNHASHED``)."""
         if number in self.writing or number in self.done:
             return None
         self.writing.add(number)
-        return PieceWriter(self, number)
+        return PieceWriter(self, number, hashing=hashing)
 
     def mark_done(self, number: int, digest: str) -> None:
+        """The piece is held; its ``digest`` (``UNHASHED``: none known, the whole file's
+        digest is to prove it)."""
         if number in self.done:
             return
-        self.digests[number] = digest
+        self.digests[number] = digest or None
         self.done.add(number)
         self.unverified.discard(number)
         self.version += 1
@@ -533,6 +540,8 @@ class PieceWriter:
     task: StoredTask
     number: int
     received: int = 0
+    hashing: bool = True
+    """False: written only (``UNHASHED``), for a reader whose whole-file hash proves it."""
     _hasher: Any = field(default_factory=hashlib.sha256, repr=False)
 
     def write(self, chunks: list[bytes]) -> None:
@@ -542,18 +551,24 @@ class PieceWriter:
         if self.received + size > self.task.content.piece(self.number)[1]:
             raise SwarmflyError("integrity", f"piece {self.number}: more bytes than the piece")
         self.task._pwrite(self.number, chunks, self.received)
-        for chunk in chunks:
-            self._hasher.update(chunk)
+        if self.hashing:
+            for chunk in chunks:
+                self._hasher.update(chunk)
         self.received += size
 
     def finish(self, expected: str | None) -> str:
-        """The piece's sha256 hex, once all of it came and it matches ``expected``."""
+        """The piece's sha256 hex, once all of it came and it matches ``expected``
+        (``UNHASHED`` for a writer not hashing, which has nothing to match)."""
         assert self.task.content is not None
         size = self.task.content.piece(self.number)[1]
         if self.received != size:
             raise SwarmflyError(
                 "integrity", f"piece {self.number}: got {self.received} of {size} bytes"
             )
+        if not self.hashing:
+            if expected is not None:
+                raise SwarmflyError("internal", f"piece {self.number}: a digest to check unhashed")
+            return UNHASHED
         actual: str = self._hasher.hexdigest()
         if expected is not None and actual != expected:
             raise SwarmflyError("integrity", f"piece {self.number}: sha256 mismatch")

@@ -142,11 +142,17 @@ class PieceIO:
     # -- the store -----------------------------------------------------------------------
 
     async def receive(
-        self, number: int, chunks: AsyncIterator[bytes], expected: str | None
+        self,
+        number: int,
+        chunks: AsyncIterator[bytes],
+        expected: str | None,
+        *,
+        hashing: bool = True,
     ) -> str | None:
         """A piece written as its bytes arrive and verified (its sha256 hex); None when the
-        endgame's other copy of it got there first."""
-        writer = self.stored.writer(number)
+        endgame's other copy of it got there first. Not ``hashing`` (nor a digest to check
+        it by), it is written only: ``UNHASHED``, for the whole file's digest to prove."""
+        writer = self.stored.writer(number, hashing=hashing or expected is not None)
         aside: list[bytes] = []
         """Bytes not written yet: a batch for the writer, or all of ours while another copy
         is being written."""

@@ -210,7 +210,9 @@ class UploadServer:
                     if ask.borrows and ask.wanted is not None and lending.sole(now) == ask.child:
                         number = lending.lend(task.done, task.served, ask.wanted, now, ask.child)
                     if number is not None:
-                        answer = _lent_answer(number, lending.etag)
+                        # Nobody else asks: no one takes the piece on the child's word, and
+                        # it needs no digest of its own (``sole``).
+                        answer = {**_lent_answer(number, lending.etag), "sole": True}
                         break
                     if now >= deadline or task.complete or task.version != since:
                         break

@@ -14,7 +14,7 @@ import pytest
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import redact_url
-from swarmfly.services.peer.store import StoredTask, TaskStore
+from swarmfly.services.peer.store import UNHASHED, StoredTask, TaskStore
 from tests.virtualtime import now, virtual_time
 
 ID = hashlib.sha256(b"task").hexdigest()
@@ -117,6 +117,34 @@ def test_a_piece_that_does_not_prove_itself_is_never_done(
         writer.finish(sha(b"0123"))
     writer.close()
     assert 0 not in task.done and task.writer(0) is not None  # free for the next copy
+
+
+def test_a_piece_written_unhashed_is_held_with_no_digest_and_its_size_still_checked(
+    store: TaskStore, task: StoredTask
+) -> None:
+    """A sole child's lent read: the whole file's digest proves it, so it is written only.
+    It is held, with no digest to report or check it by; a restart does not take it back
+    (no digest to re-hash it against): it is read again."""
+    writer = task.writer(1, hashing=False)
+    assert writer is not None
+    writer.write([b"45", b"67"])
+    assert writer.finish(None) == UNHASHED
+    writer.close()
+    task.mark_done(1, UNHASHED)
+    assert 1 in task.done and task.digests[1] is None
+    assert task.read(4, 4) == b"4567"
+    short = task.writer(0, hashing=False)
+    assert short is not None
+    short.write([b"01"])
+    with pytest.raises(SwarmflyError, match="piece 0: got 2 of 4"):
+        short.finish(None)
+    short.close()
+    assert 0 not in task.done
+    fill(task, [2])
+    task.save()
+    store.close()
+    again = TaskStore(store.root).load()
+    assert [t.unverified for t in again] == [{2}]
 
 
 def test_a_done_piece_gets_no_writer(task: StoredTask) -> None:
