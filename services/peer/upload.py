@@ -206,13 +206,20 @@ class UploadServer:
                 # reads then wait for this child's, which must not wait for news).
                 deadline = now + wait
                 while True:
-                    number = None
+                    lent: list[int] = []
                     if ask.borrows and ask.wanted is not None and lending.sole(now) == ask.child:
-                        number = lending.lend(task.done, task.served, ask.wanted, now, ask.child)
-                    if number is not None:
-                        # Nobody else asks: no one takes the piece on the child's word, and
-                        # it needs no digest of its own (``sole``).
-                        answer = {**_lent_answer(number, lending.etag), "sole": True}
+                        # As many as it may read at once, in one answer: a child asking
+                        # for each in turn would leave the origin idle between them.
+                        while (
+                            number := lending.lend(
+                                task.done, task.served, ask.wanted, now, ask.child
+                            )
+                        ) is not None:
+                            lent.append(number)
+                    if lent:
+                        # Nobody else asks: no one takes the pieces on the child's word, and
+                        # they need no digest of their own (``sole``).
+                        answer = {**_lent_answer(lent, lending.etag), "sole": True}
                         break
                     if now >= deadline or task.complete or task.version != since:
                         break
@@ -294,7 +301,7 @@ class UploadServer:
             "pieces": [poll.answer.number] if isinstance(poll.answer, grants.Granted) else [],
         }
         if isinstance(poll.answer, grants.Lent):
-            answer.update(_lent_answer(poll.answer.number, poll.answer.etag))
+            answer.update(_lent_answer([poll.answer.number], poll.answer.etag))
         return web.json_response(answer)
 
     def _dispatch(self) -> None:
@@ -515,9 +522,9 @@ LOAN_RECHECK = LONE_SECONDS / 5
 """Seconds between a waiting child's looks at whether it is the sole one now."""
 
 
-def _lent_answer(number: int, etag: str | None) -> dict[str, Any]:
-    """A poll's answer lending ``number``: read it from the origin, pinned to ``etag``."""
-    return {"origin": [number], **({"etag": etag} if etag else {})}
+def _lent_answer(numbers: list[int], etag: str | None) -> dict[str, Any]:
+    """A poll's answer lending ``numbers``: read them from the origin, pinned to ``etag``."""
+    return {"origin": numbers, **({"etag": etag} if etag else {})}
 
 
 def _numbers(text: str) -> list[int]:
