@@ -331,7 +331,11 @@ class BackToSource:
             "task %s: %d pieces from %d holders, %d from the origin",
             self.task_id[:12], len(gathering.queue), len(held), len(gathering.origin),
         )  # fmt: skip
-        workers = min(self.settings.concurrency, len(gathering.queue))
+        # As many at once as a download takes from a parent: more from one holder would only
+        # hold more pieces in memory here, and load its uplink, for no more speed.
+        workers = min(
+            self.settings.concurrency, self.settings.per_parent * len(held), len(gathering.queue)
+        )
         await asyncio.gather(
             self.ranges(gathering.origin) if gathering.origin else asyncio.sleep(0),
             *(self._from_holders(gathering, by_id) for _ in range(workers)),
