@@ -130,6 +130,10 @@ class Conductor:
         and whether we are its sole child (then the whole file's digest alone proves them)."""
         self.borrowed: dict[int, Parent] = {}
         """Lent pieces read here, and the seed that lent each: handed back on leaving."""
+        self.unhashed: set[int] = set()
+        """Lent pieces read here as the seed's sole child: held with no digest (``UNHASHED``)
+        until the seed says others ask beside us (``_vouch_unhashed``)."""
+        self._vouching: asyncio.Task[None] | None = None
         self.lent_reads: set[asyncio.Task[int]] = set()
         """Lent pieces being read from the origin: they outlive the download's cancel when
         its host leaves (``silence``), finish, and go back to their seed with the rest."""
@@ -295,6 +299,8 @@ class Conductor:
             if reporter is not None:
                 reporter.cancel()
             self.digest.cancel()
+            if self._vouching is not None:
+                self._vouching.cancel()
             for parent in self.parents.values():
                 if parent.watcher is not None:
                     parent.watcher.cancel()
@@ -475,6 +481,8 @@ class Conductor:
                 version, pieces = int(data["version"]), data["pieces"]
                 if not isinstance(pieces, list):
                     raise SwarmflyError("bad_request", "parent sent a malformed piece list")
+                if data.get("sole") is False and self.unhashed and self._vouching is None:
+                    self._vouching = asyncio.create_task(self._vouch_unhashed())
                 if parent.type == "seed" and "origin" in data:
                     sole = data.get("sole") is True
                     self._lent.extend((n, etag, parent, sole) for n, etag in _lent_pieces(data))
@@ -681,9 +689,30 @@ class Conductor:
         hashing = not (sole and content is not None and content.digest)
         with telemetry.span("lent piece", attributes={"swarmfly.piece": number}):
             await self.origin.piece(number, self.origin.headers(etag), hashing=hashing)
+        if not hashing:
+            self.unhashed.add(number)
+            if self._vouching is not None:  # the seed said others ask: this one, too
+                self._vouching = asyncio.create_task(self._vouch_unhashed(self._vouching))
         self._delivered.append(number)
         self.borrowed[number] = seed
         return number
+
+    async def _vouch_unhashed(self, before: asyncio.Task[None] | None = None) -> None:
+        """Other children ask our seed now, and could take from us what it lent us as its
+        sole child, but not without a digest: those pieces are hashed after all and
+        reported, the lent child's word like any (DESIGN §9), one after the other."""
+        if before is not None:
+            await asyncio.wait({before})  # however it ended; a cancel of ours still ends us
+        else:
+            log.info(
+                "task %s: other children ask our seed now; hashing the %d pieces read as its"
+                " sole child, for them", self.task_id[:12], len(self.unhashed),
+            )  # fmt: skip
+        for number in sorted(self.unhashed):
+            digest = await asyncio.to_thread(self.stored.hash_held, number)
+            self.unhashed.discard(number)
+            if digest is not None:
+                self.control.report(messages.PieceReport(number, digest=digest))
 
     async def hand_back(self, timeout: float) -> int:
         """This host is leaving: the lent pieces it read go back to their seed, which lacks

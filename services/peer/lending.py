@@ -100,6 +100,9 @@ class Lending:
     """Child -> when it last asked (or its ask ended); ``""``: any that may not be lent to."""
     lost: set[int] = field(default_factory=set)
     """Delivered pieces the swarm no longer holds (``unheld``)."""
+    whole: set[int] = field(default_factory=set)
+    """Pieces lent to a ``sole`` child: it holds them with no digest its others could check
+    them by, until the seed says others ask (then it hashes them)."""
     _next: int = 0
     """Every piece below is done, being read by the seed, or lent."""
     _top: int = -1
@@ -272,6 +275,8 @@ class Lending:
                 if child is not None:
                     self.lent_to[number] = child
                     self.seen.setdefault(child, now)
+                if alone:
+                    self.whole.add(number)
                 return number
         return None
 
@@ -329,8 +334,14 @@ class Lending:
 
     def collecting(self, since: float, now: float) -> bool:
         """Closed at ``since``: children still ask, and the swarm's uplinks are theirs a
-        while longer before the seed takes the lent pieces back for its cache."""
-        return now - self.polled_at < ASKING_SECONDS and now - since <= COLLECT_PATIENCE
+        while longer before the seed takes the lent pieces back for its cache. Not when it
+        lent a sole child pieces (``whole``): the others may wait for them, and would only
+        have them sooner from the seed."""
+        return (
+            not self.whole
+            and now - self.polled_at < ASKING_SECONDS
+            and now - since <= COLLECT_PATIENCE
+        )
 
     def waiting(self, done: Collection[int], now: float) -> bool:
         """Some lent piece the seed lacks is still to come from a child or from holders."""

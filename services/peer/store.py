@@ -373,6 +373,20 @@ class StoredTask:
         except OSError:
             return False
 
+    def hash_held(self, number: int) -> str | None:
+        """Hash a piece held ``UNHASHED`` after all (a worker thread), and keep its digest:
+        its sha256 hex, or None when it is not held so (or the file is shorter)."""
+        if self.content is None or number not in self.done or self.digests[number] is not None:
+            return None
+        offset, size = self.content.piece(number)
+        hasher = hashlib.sha256()
+        if not self.hash_into(hasher, offset, size):
+            return None
+        digest: str = hasher.hexdigest()
+        self.digests[number] = digest
+        self._edits += 1
+        return digest
+
     def check_pieces(self, numbers: list[int]) -> set[int]:
         """The pieces of ``numbers`` whose bytes match their digests (a worker thread)."""
         assert self.content is not None

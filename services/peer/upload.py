@@ -222,6 +222,9 @@ class UploadServer:
                         answer = {**_lent_answer(lent, lending.etag), "sole": True}
                         break
                     if now >= deadline or task.complete or task.version != since:
+                        # Others ask beside it: what it was lent as the sole child, unhashed,
+                        # it hashes and reports after all, for them to take from it.
+                        answer = {"sole": False} if lending.sole(now) != ask.child else {}
                         break
                     await task.wait_change(since, min(deadline - now, LOAN_RECHECK))
                     now = time.monotonic()

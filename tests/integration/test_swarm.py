@@ -149,6 +149,34 @@ async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_afte
         assert origin.content_served["sole.bin"] == len(data), "the origin was read once"
 
 
+async def test_a_child_arriving_after_a_sole_one_takes_its_pieces_from_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A second child asks while the first, lent the file as the seed's sole child, is still
+    reading: the first hashes what it read unhashed and reports it, so the second takes it
+    from the first (no stall until the storage has it); the origin is read once, and both
+    files are right."""
+    data = os.urandom(32 * MiB)
+    digest = f"sha256:{sha256(data)}"
+    async with Origin(rate=12 * MiB).serve() as origin:
+        url = origin.add("staggered.bin", data)
+        cluster.start(peers=2, storage_env={"SWARMFLY_STORAGE_LEND_SOLE": "true"})
+        args = ("--digest", digest, *cluster.get_args())
+        first = asyncio.create_task(get(url, tmp_path / "a.bin", cluster.peer_dir(0), *args))
+        for _ in range(200):  # the first host is reading lent pieces from the origin
+            if origin.content_served.get("staggered.bin", 0) >= 8 * MiB:
+                break
+            await asyncio.sleep(0.05)
+        second = await get(url, tmp_path / "b.bin", cluster.peer_dir(1), *args)
+        results = [await first, second]
+        for result, name in zip(results, ("a.bin", "b.bin"), strict=True):
+            assert result["exit"] == 0, result
+            assert (tmp_path / name).read_bytes() == data
+        assert second["bytes_p2p"] == len(data), second  # none of it from the origin
+        assert "hashing the" in cluster.peers[0].log(), "the first host vouched for its pieces"
+        assert origin.content_served["staggered.bin"] == len(data), "the origin was read once"
+
+
 async def test_parent_killed_mid_transfer(cluster: Cluster, tmp_path: Path) -> None:
     data = os.urandom(48 * MiB)
     async with Origin().serve() as origin:
