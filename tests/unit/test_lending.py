@@ -182,6 +182,10 @@ def test_a_sole_child_is_lent_the_file_from_the_first_piece_up_and_the_seed_hold
     lending.ended("a", now=t)
     assert lending.sole(t + 0.9) == "a" and lending.sole(t + 1.1) is None  # it stopped asking
     assert not lending.hold_back(t + 1.1, t + 1.1, {0}, {})
+    # It holds them with no digest: the seed takes them back at once, with no collecting wait
+    # for children that could not take them from it anyway.
+    assert lending.whole == {0, 1, 2, 4}
+    assert not lending.collecting(t, t + 0.5)
 
 
 def test_children_that_start_together_are_never_sole() -> None:
