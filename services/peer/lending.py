@@ -12,7 +12,9 @@ A child that is the only one asking (``sole``) is lent whatever it wants, from t
 piece up, and the seed holds its own reading back while it asks: the seed's read would only
 put a hop, and a second pass over every byte on its host, between the origin and the one
 reader of the file. The seed takes those pieces from the child once it is done (the child
-still reads each piece once, and the seed gathers it from the swarm as any lent piece).
+still reads each piece once, and the seed gathers it from the swarm as any lent piece). Its
+loans take the seed's place at the origin, never more reads of the task at once than the
+seed makes alone: beside the seed's, they would halve every read's share of a busy origin.
 
 Pure, like ``grants``: the seed's download (the conductor) and its upload server feed one
 ``Lending`` the clock and what they see, through its methods; neither writes its fields.
@@ -264,6 +266,8 @@ class Lending:
         alone = child is not None and self.sole(now) == child
         if not alone and self.ahead(done, served) < self.window:
             return None
+        if alone and self._at_origin(now) >= self.window:
+            return None
         while self._next <= self._top and self._taken(self._next, done):
             self._next += 1
         while self._top >= self._next and self._taken(self._top, done):
@@ -319,11 +323,22 @@ class Lending:
             return False
         if self.sole(now) is not None:
             return not self._overdue(done, now)
+        if self._at_origin(now) >= self.window:
+            return True  # a former sole child's loans still read in the seed's place
         return (
             now - since < HOLD_BACK
             and now - self.polled_at < ASKING_SECONDS
             and self.ahead(done, served) >= self.window
         )
+
+    def _at_origin(self, now: float) -> int:
+        """Reads of the task at the origin that a sole child's loans count in: the seed's,
+        and those loans being read. A sole child reads in the seed's place: the origin sees
+        no more reads of the task at once than the seed alone makes (twice as many would
+        halve each one's share of a busy origin, and a seed that leaves would cut them)."""
+        asking = self._asking(now)
+        lent = self.whole & self.reading_elsewhere(now)
+        return len(self.reading) + sum(self.lent_to.get(n) in asking for n in lent)
 
     def _overdue(self, done: Collection[int], now: float) -> bool:
         """A lent piece is past its time (or its child went away) and nobody reads it."""

@@ -715,15 +715,20 @@ class Scheduler:
             peer.pieces -= [n for n in peer.pieces if n >= limit]
 
     def _lend(self, task: Task, lending: Lending) -> None:
+        """The seed's word that it lent a piece. It stands for a child not registered here
+        yet: after a partition moved, the seed tells its loans to the new holder once,
+        often before the child it lent them to has come back, whose digests of them would
+        otherwise never count (the pieces unknown to the swarm, read again by a seed that
+        takes over)."""
         child = task.peers.get(lending.peer_id)
-        if child is None or child.is_source or lending.number in task.digests:
+        if (child is not None and child.is_source) or lending.number in task.digests:
             return
         if task.content is None or not task.content.digest:
             return  # nothing could prove a lent reader's digest: its word is not taken
-        if task.content is not None and lending.number >= task.content.piece_count:
+        if lending.number >= task.content.piece_count:
             return
-        task.lent[lending.number] = child.id
-        self._confirm_claim(task, lending.number, child.id)
+        task.lent[lending.number] = lending.peer_id
+        self._confirm_claim(task, lending.number, lending.peer_id)
 
     def _confirm_claim(self, task: Task, number: int, peer_id: str) -> bool:
         """A lent child's digest of its lent piece stands, provisionally, once both its report

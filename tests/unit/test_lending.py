@@ -243,3 +243,33 @@ def test_a_child_that_borrows_no_more_gives_back_what_it_did_not_deliver() -> No
     assert lending.sole(t + 1.0) is None and not lending.hold_back(t + 1.0, t + 1.0, set(), {})
     assert [lending.claim(set(), now=t + 1.0) for _ in range(3)] == [1, 2, 3]  # not in 30 s
     assert lending.lend(set(), {}, set(range(8)), t + 1.0, child="a") is None
+
+
+def test_a_sole_child_reads_in_the_seeds_place_not_beside_it() -> None:
+    """The seed's reads and a sole child's loans are as many at once as the seed alone would
+    read (``window``): twice as many would halve each one's share of a busy origin, and a
+    seed that leaves while they are under way would cut its own."""
+    lending = Lending(12, per_child=4, window=4, lease=30.0)
+    assert [lending.claim(set(), now=0.0) for _ in range(2)] == [0, 1]  # before anyone asked
+    t = alone(lending)
+    assert [lending.lend(set(), {}, set(range(12)), t, child="a") for _ in range(3)] == [
+        2, 3, None,
+    ]  # fmt: skip
+    lending.read(0, 1.0)
+    assert lending.lend({0}, {}, set(range(1, 12)), t, child="a") == 4
+    # A second child: the seed reads again, once the first child's loans leave it room.
+    lending.asked("a", now=t + 0.1)
+    lending.asked("b", now=t + 0.1)
+    assert lending.sole(t + 0.1) is None
+    assert lending.hold_back(t + 0.1, t + 0.1, {0}, {})
+    lending.ended("b", now=t + 0.5)
+    for _ in range(2):  # its polls, the one that made it sole too
+        lending.ended("a", now=t + 0.5)
+    lending.said([2])
+    sent = {0: 1, 2: 1}  # the seed's uplink keeps up
+    assert not lending.hold_back(t + 0.5, t + 0.5, {0, 2}, sent)
+    assert lending.claim({0, 2}, now=t + 0.5) == 5
+    assert lending.hold_back(t + 0.5, t + 0.5, {0, 2}, sent)
+    # A child that stops asking holds the seed back no more (what it was lent is read
+    # once it is gone or its time is up).
+    assert not lending.hold_back(t + 0.5, t + 1.6, {0, 2}, sent)

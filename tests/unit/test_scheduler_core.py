@@ -1209,6 +1209,32 @@ def test_a_lent_childs_report_may_arrive_before_its_seeds_word() -> None:
     assert 3 in s.peers["a"].pieces
 
 
+def test_a_loan_told_before_its_child_came_back_stands_for_when_it_does() -> None:
+    """A partition moved: its new holder hears the seed again first, which tells it its
+    loans once, and the child a moment later. The child's digest of its lent piece still
+    counts, so a seed taking the task over copies the piece from it rather than reading it
+    from the origin again."""
+    s = new_core()
+    s.register(
+        task_id=T, peer_id="seed", host=host("st", kind="seed"), now=0.0, content=WHOLE,
+        seed=True, pieces=range(2),
+    )  # fmt: skip
+    s.report_pieces(
+        task_id=T, peer_id="seed", pieces=[PieceReport(n, digest(n)) for n in range(2)], now=0.0
+    )
+    lend(s, 3, "a", now=0.1)  # "a" has not registered here yet
+    s.register(task_id=T, peer_id="a", host=host("h1"), now=0.2, pieces=range(2))
+    s.report_pieces(task_id=T, peer_id="a", pieces=[PieceReport(3, digest(3))], now=0.3)
+    assert s.provisional(T) == [3]
+    assert s.peers["a"].pieces == {0, 1, 3}
+    s.leave("st", None)  # the seed left
+    schedule, _ = s.register(
+        task_id=T, peer_id="next", host=host("st2", kind="seed"), now=0.5, content=WHOLE,
+        seed=True,
+    )  # fmt: skip
+    assert (schedule.action, ids(schedule)) == ("back_to_source", {"a"})
+
+
 def test_only_the_seed_says_what_it_lent() -> None:
     s = new_core()
     seat_seed(s, WHOLE, range(1))
