@@ -206,10 +206,11 @@ class StorageConfig(HostConfig):
     lend_sole: bool = False
     """Lend a task's sole child (the only one asking, with the file's digest known) the whole
     file, in order, and take the copy from it afterwards: one get reads the origin directly,
-    and its host alone hashes every byte during it (bench/single.py: ratio_fast 2.5 -> 1.46).
-    Off by default: when the scheduler holding the task's partition changes meanwhile, the
-    lent child's digests are lost with it, and a second child reads those pieces from the
-    origin again (tests/integration/test_scale_out.py)."""
+    and hashes every byte once (bench/single.py: ratio_fast 2.6 -> 1.39). Off by default: the
+    child registers what it read only once it is done (it has no digest of each piece to
+    report), so when the task's partition moves and its seed leaves meanwhile, the next seed
+    reads those pieces from the origin again (tests/integration/test_scale_out.py, with the
+    children started apart)."""
     copies: int = 1
     """Storage instances that hold each preheated task: its home, and as replicas the next
     in rendezvous order, which take it from the swarm. The scheduler asks the first replica
