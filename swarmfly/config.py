@@ -203,14 +203,14 @@ class StorageConfig(HostConfig):
     lend_pieces: bool = True
     """While its uplink is full, let waiting peers read pieces of a new task from the origin
     themselves (each piece is still read once), and take them from the swarm afterwards."""
-    lend_sole: bool = False
-    """Lend a task's sole child (the only one asking, with the file's digest known) the whole
-    file, in order, and take the copy from it afterwards: one get reads the origin directly,
-    and hashes every byte once (bench/single.py: ratio_fast 2.6 -> 1.39). Off by default: the
-    child registers what it read only once it is done (it has no digest of each piece to
-    report), so when the task's partition moves and its seed leaves meanwhile, the next seed
-    reads those pieces from the origin again (tests/integration/test_scale_out.py, with the
-    children started apart)."""
+    lend_sole: bool = True
+    """Lend a task's sole child (the only one asking for a quarter second, with the file's
+    digest known) the whole file, in order, and take the copy from it afterwards: one get
+    reads the origin directly and hashes every byte once (bench/single.py: ratio_fast 2.6 ->
+    1.39). Its cost: the child registers what it read only once it is done (it has no digest
+    of each piece to report), so when the task's partition moves and its seed leaves
+    meanwhile, the next seed may read some of those pieces from the origin again. Off: the
+    seed reads every piece and serves it."""
     copies: int = 1
     """Storage instances that hold each preheated task: its home, and as replicas the next
     in rendezvous order, which take it from the swarm. The scheduler asks the first replica
