@@ -204,7 +204,7 @@ class StorageConfig(HostConfig):
     """While its uplink is full, let waiting peers read pieces of a new task from the origin
     themselves (each piece is still read once), and take them from the swarm afterwards."""
     lend_sole: bool = True
-    """Lend a task's sole child (the only one asking for a quarter second, with the file's
+    """Lend a task's sole child (the only one asking for a tenth of a second, with the file's
     digest known) the whole file, in order, and take the copy from it afterwards: one get
     reads the origin directly and hashes every byte once (bench/single.py: ratio_fast 2.6 ->
     1.39). Its cost: the child registers what it read only once it is done (it has no digest

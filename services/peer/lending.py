@@ -47,9 +47,10 @@ LEND_POLL = 0.25
 """Seconds between a lending seed's looks for the pieces it lent."""
 MAX_SAID = 64
 """Lent pieces a child may say it delivered in one poll."""
-LONE_SECONDS = 0.25
-"""A child is ``sole`` once no other asked beside it for this long: children that start
-together (a deployment's pods) ask within this of one another, and share the seed as ever."""
+LONE_SECONDS = 0.1
+"""A child is ``sole`` once no other asked beside it for this long: children a schedule
+starts together ask within this of one another, and share the seed as ever. One that comes
+later finds the sole child hashing what it read, for it to take (``"sole": false``)."""
 PER_CHILD = 4
 """Lent pieces one child (that named itself) reads at once: a child that dies or leaves
 takes few unread pieces with it, each read again."""
