@@ -120,7 +120,9 @@ class HostSettings:
                 piece_timeout=peer.piece_timeout,
                 origin_concurrency=storage.origin_concurrency,
                 lend_pieces=kind == "storage" and storage.lend_pieces,
-                lend_sole=kind == "storage" and storage.lend_sole,
+                # A capped seed grants its uplink piece by piece (``superseed``) and never
+                # lends a sole child the file: its reads must not wait for one.
+                lend_sole=kind == "storage" and storage.lend_sole and storage.upload_rate == 0,
                 piece_spans=kind == "peer" and peer.piece_spans,
             ),
             heartbeat_interval=config.scheduler.heartbeat_interval,
