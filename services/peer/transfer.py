@@ -251,7 +251,9 @@ class PieceIO:
             )
             digest = await self.receive(number, chunks, expected)
         if digest is not None:
-            self.got(number, digest, parent.peer_id, started)
+            # A piece of no known digest (a storage gathering a sole child's) is not said to
+            # be held until the whole file proves it: the scheduler refuses such a report.
+            self.got(number, digest, parent.peer_id, started, report=expected is not None)
         return number
 
     def got(

@@ -147,6 +147,8 @@ async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_afte
         assert second["bytes_p2p"] == len(data) and second["bytes_origin"] == 0, second
         assert (tmp_path / "b.bin").read_bytes() == data
         assert origin.content_served["sole.bin"] == len(data), "the origin was read once"
+        # Pieces taken with no digest known are said to be held once proven, never before.
+        assert "piece report refused" not in cluster.storage.log()
 
 
 async def test_a_child_arriving_after_a_sole_one_takes_its_pieces_from_it(
