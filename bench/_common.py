@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import hashlib
 import json
@@ -456,6 +457,20 @@ def start_peers(
     return started
 
 
+def byte_compiled() -> None:
+    """Write swarmfly's byte-code where it is stale, as ``pip install`` does: with
+    ``PYTHONDONTWRITEBYTECODE`` set (this machine) an editable install would otherwise compile
+    every module from source in every ``swarmfly get``, a start-up no installed copy pays."""
+    import swarmfly
+    import swarmfly.contracts
+    import swarmfly.plugins
+    import swarmfly.services
+
+    for package in (swarmfly, swarmfly.services, swarmfly.plugins, swarmfly.contracts):
+        for folder in package.__path__:
+            compileall.compile_dir(folder, quiet=1)
+
+
 def start_cluster(
     reaper: Reaper,
     nats: NatsServer,
@@ -469,6 +484,7 @@ def start_cluster(
     env: dict[str, str] | None = None,
 ) -> Cluster:
     """Scheduler, storage and ``peers`` peers against ``nats``; peers start in parallel."""
+    byte_compiled()
     common = ["--prefix", prefix]
 
     def spawn(kind: str, folder: Path, *args: str) -> ServiceProcess:

@@ -570,9 +570,12 @@ class PieceWriter:
                 self._hasher.update(chunk)
         self.received += size
 
-    def finish(self, expected: str | None) -> str:
-        """The piece's sha256 hex, once all of it came and it matches ``expected``
-        (``UNHASHED`` for a writer not hashing, which has nothing to match)."""
+    def finish(self, expected: str | None, last: list[bytes] | None = None) -> str:
+        """The piece's sha256 hex, once all of it came (its ``last`` chunks written first,
+        in the same thread hop) and it matches ``expected`` (``UNHASHED`` for a writer not
+        hashing, which has nothing to match)."""
+        if last:
+            self.write(last)
         assert self.task.content is not None
         size = self.task.content.piece(self.number)[1]
         if self.received != size:

@@ -14,6 +14,7 @@ import pytest
 from swarmfly.content import TaskContent
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import redact_url
+from swarmfly.services.peer import transfer
 from swarmfly.services.peer.store import UNHASHED, StoredTask, TaskStore
 from tests.virtualtime import now, virtual_time
 
@@ -94,12 +95,20 @@ def test_a_piece_is_written_chunk_by_chunk_and_proved_at_the_end(task: StoredTas
     writer = task.writer(1)
     assert writer is not None
     assert task.writer(1) is None  # one writer per piece: an endgame copy keeps its own aside
-    writer.write([b"45", b"6"])
-    writer.write([b"7"])
-    assert writer.finish(sha(b"4567")) == sha(b"4567")
+    writer.write([b"45"])
+    assert writer.finish(sha(b"4567"), [b"6", b"7"]) == sha(b"4567")  # the last ones with it
     writer.close()
     assert task.data_path.read_bytes()[4:8] == b"4567"
     assert 1 not in task.done  # the caller marks it, once proved
+
+
+@pytest.mark.parametrize("writing", [1, 2, 4, 5, 16, 17, 64])
+def test_the_pieces_being_written_hold_a_bounded_batch_each(writing: int) -> None:
+    """Fewer pieces under way gather more per thread hop; together no more than the budget,
+    or the least batch each once that exceeds it."""
+    batch = transfer.write_batch(writing)
+    assert transfer.WRITE_BATCH <= batch <= transfer.WRITE_BATCH_MOST
+    assert writing * batch <= max(transfer.WRITE_BUFFERS, writing * transfer.WRITE_BATCH)
 
 
 @pytest.mark.parametrize(
