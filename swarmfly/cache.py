@@ -23,7 +23,7 @@ from typing import Any
 
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import DIGEST, TASK_ID, task_id
-from swarmfly.localproto import MAX_LINE, line
+from swarmfly.localproto import MAX_LINE, line, send
 
 SCHEME = "swarmfly"
 """The reference's scheme: ``swarmfly:sha256:<hex>`` names no host, so no origin is asked."""
@@ -130,8 +130,7 @@ def ask(
         try:
             conn.connect(socket_file)
             request = line({"cache": body})
-            sent = socket.send_fds(conn, [request], [fd]) if fd is not None else conn.send(request)
-            conn.sendall(request[sent:])
+            send(conn, request, fd)
             with conn.makefile("rb") as lines:
                 text = lines.readline(MAX_LINE)
         except TimeoutError:

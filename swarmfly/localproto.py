@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,18 @@ def line(message: dict[str, Any]) -> bytes:
     """One line of the protocol: a request, or ``{"progress": …}``, ``{"reply": …}`` or an
     error's dict."""
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def send(conn: socket.socket, request: bytes, fd: int | None = None) -> None:
+    """Send a request line, with ``fd`` (``SCM_RIGHTS``). The peer may refuse the request
+    and hang up before the write is done: its answer, still to be read, says why, so a
+    broken pipe here is not the caller's error."""
+    try:
+        sent = socket.send_fds(conn, [request], [fd]) if fd is not None else 0
+        if sent < len(request):
+            conn.sendall(request[sent:])
+    except (BrokenPipeError, ConnectionResetError):
+        pass
 
 
 def progress_line(state: dict[str, Any]) -> bytes:

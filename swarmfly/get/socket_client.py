@@ -21,7 +21,7 @@ from typing import Any
 
 from swarmfly.errors import SwarmflyError
 from swarmfly.get.request import GetRequest, PeerGone, Progress, cannot_write, summary
-from swarmfly.localproto import MAX_LINE, PEER_FILE, SILENCE, answer, line
+from swarmfly.localproto import MAX_LINE, PEER_FILE, SILENCE, answer, line, send
 from swarmfly.placefile import place_file
 
 
@@ -97,7 +97,7 @@ def entries(
         except OSError:
             return None
         try:
-            conn.sendall(line({"list": {"url": url, "headers": headers, "limit": limit}}))
+            send(conn, line({"list": {"url": url, "headers": headers, "limit": limit}}))
             lines = conn.makefile("rb")
         except OSError:
             raise PeerGone() from None
@@ -154,8 +154,7 @@ def _ask(
 ) -> dict[str, Any]:
     request = line(body)
     try:
-        sent = socket.send_fds(conn, [request], [fd]) if fd is not None else conn.send(request)
-        conn.sendall(request[sent:])
+        send(conn, request, fd)
         lines = conn.makefile("rb")
     except OSError:
         raise PeerGone() from None

@@ -3,11 +3,18 @@ which no URL's task can be (DESIGN §9: a digest alone reaches no origin's conte
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from swarmfly.cache import cache_task_id, digest_of, parse_id, parse_ttl, reference
+from swarmfly.cache import ask, cache_task_id, digest_of, parse_id, parse_ttl, reference
 from swarmfly.errors import SwarmflyError
 from swarmfly.ids import task_id
+from swarmfly.localproto import line
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -62,3 +69,44 @@ def test_the_cache_commands_parse_as_documented() -> None:
     assert (args.id, args.output, args.no_progress) == (DIGEST, "out", True)
     for what in ("stat", "rm"):
         assert build_parser().parse_args(["cache", what, DIGEST, "--json"]).json is True
+
+
+def test_a_peer_that_refuses_before_reading_the_request_is_heard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer may answer (an empty file, say) and hang up before the request is all sent:
+    the user reads the peer's reason, not the broken pipe of the write."""
+    path = str(tmp_path / "peer.sock")
+    answered = threading.Event()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+
+        def refuse() -> None:
+            conn, _ = server.accept()
+            refusal = SwarmflyError("bad_request", "empty.bin is empty: nothing to import")
+            conn.sendall(line(refusal.to_dict()))
+            conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+            answered.set()
+
+        thread = threading.Thread(target=refuse)
+        thread.start()
+        real_send_fds = socket.send_fds
+
+        def send_fds_late(*args: Any, **kwargs: Any) -> int:
+            assert answered.wait(5)
+            return real_send_fds(*args, **kwargs)
+
+        monkeypatch.setattr(socket, "send_fds", send_fds_late)
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            with pytest.raises(SwarmflyError) as raised:
+                ask(path, {"op": "import"}, fd, 5.0)
+        finally:
+            os.close(fd)
+            thread.join()
+    assert (raised.value.code, raised.value.message) == (
+        "bad_request",
+        "empty.bin is empty: nothing to import",
+    )
