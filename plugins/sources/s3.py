@@ -20,9 +20,6 @@ from typing import Any, NoReturn
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import aiohttp
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from swarmfly.errors import SwarmflyError, connect_error_in_words, in_words
 from swarmfly.plugins import SourceEntry, SourceRegistry, SourceStat, hookimpl
@@ -80,10 +77,21 @@ def prefix_of(url: str) -> tuple[str, str]:
     return parts.netloc, prefix if not prefix or prefix.endswith("/") else f"{prefix}/"
 
 
+def _failures() -> tuple[type[Exception], ...]:
+    """What a call of the S3 client raises when S3 fails or cannot be reached. botocore is
+    imported here, not with the plugin: every service loads the plugins, few read S3, and
+    botocore costs each one about 10 MiB and a fifth of a second at start."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError)
+
+
 def _fail(exc: Exception, endpoint: str | None = None) -> NoReturn:
     """Turn a botocore failure into a SwarmflyError naming only S3's code or, when S3 could
     not be reached, the endpoint's host and port (no request detail, no chained exception
     that a traceback would print)."""
+    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -134,13 +142,16 @@ class S3Source:
         instance-metadata service that start-up must not wait for."""
         async with self._lock:
             if self._client is None:
+                from aiobotocore.config import AioConfig
+                from aiobotocore.session import get_session
+
                 stack = AsyncExitStack()
                 config = AioConfig(max_pool_connections=self.max_pool_connections)
                 try:
                     self._client = await stack.enter_async_context(
                         get_session().create_client("s3", config=config)
                     )
-                except (BotoCoreError, ClientError) as exc:
+                except _failures() as exc:
                     _fail(exc)
                 self._stack = stack
             return self._client
@@ -156,7 +167,7 @@ class S3Source:
         client = await self._s3()
         try:
             head = await client.head_object(**target.params(), ChecksumMode="ENABLED")
-        except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
+        except _failures() as exc:
             _fail(exc, client.meta.endpoint_url)
         return SourceStat(
             size=int(head["ContentLength"]),
@@ -193,7 +204,7 @@ class S3Source:
                 yield chunk
             if received != expected:
                 raise SwarmflyError("source_error", f"s3 sent {received} of {expected} bytes")
-        except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
+        except _failures() as exc:
             _fail(exc, client.meta.endpoint_url)
         finally:
             if body is not None:
@@ -227,7 +238,7 @@ class S3Source:
                 params["ContinuationToken"] = token
             else:
                 raise SwarmflyError("source_error", f"s3 listed more than {MAX_PAGES} pages")
-        except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
+        except _failures() as exc:
             _fail(exc, client.meta.endpoint_url)
         if not found:
             raise SwarmflyError("not_found", f"s3://{bucket}/{prefix} holds no object")
