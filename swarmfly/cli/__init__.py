@@ -39,7 +39,7 @@ __all__ = ["build_parser", "config_from", "main", "progress_line", "use_recorded
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv[0] if argv else None).parse_args(argv)
     except UsageError as exc:
         return _fail(SwarmflyError("bad_request", str(exc)), as_json="--json" in argv)
     as_json = bool(getattr(args, "json", False))

@@ -24,6 +24,11 @@ takes, but a command someone waits on gives up and says why."""
 
 T = TypeVar("T")
 
+COMMANDS = (
+    "up", "scheduler", "storage", "peer", "get", "preheat", "cache", "status", "doctor",
+    "plugins", "contracts",
+)  # fmt: skip
+
 
 class UsageError(Exception):
     """A command line argparse refused, reported as every other error is."""
@@ -354,21 +359,33 @@ def _cache_commands(sub: Any) -> None:
         _one_shot(command, progress=command is export)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command`` (the first word of one), only that command's
+    part of it, when it is one: a `swarmfly get` builds its own flags, not the other 18
+    commands' (two thirds of the parser's start-up, paid by every get on a host)."""
     parser = Parser(prog="swarmfly", description="Peer-to-peer file and image distribution")
     parser.add_argument("--version", action="version", version=f"swarmfly {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    only = command if command in COMMANDS else None
 
-    up = sub.add_parser("up", help="embedded NATS + scheduler, storage and peer on this machine")
-    _common(up)
-    up.add_argument("--nats-port", type=int, default=0, help="embedded NATS port (0: free)")
-    _proxy_flags(up)
+    def wanted(name: str) -> bool:
+        return only is None or name == only
+
+    if wanted("up"):
+        up = sub.add_parser(
+            "up", help="embedded NATS + scheduler, storage and peer on this machine"
+        )
+        _common(up)
+        up.add_argument("--nats-port", type=int, default=0, help="embedded NATS port (0: free)")
+        _proxy_flags(up)
 
     for name, text in (
         ("scheduler", "run the scheduler against an existing NATS"),
         ("storage", "run a storage (seed/cache) instance against an existing NATS"),
         ("peer", "run a peer against an existing NATS"),
     ):
+        if not wanted(name):
+            continue
         service = sub.add_parser(name, help=text)
         _common(service)
         if name == "scheduler":
@@ -381,109 +398,122 @@ def build_parser() -> argparse.ArgumentParser:
             service.add_argument("--download-rate", type=_size, help="download limit, bytes/s")
             _proxy_flags(service)
 
-    get = sub.add_parser("get", help="download a URL through the swarm")
-    _common(get)
-    get.add_argument("url", type=_url)
-    get.add_argument("-O", "--output", required=True, help="output path")
-    get.add_argument(
-        "-H", "--header", action="append", default=[], help="'Name: value' for the origin"
-    )
-    get.add_argument("--digest", type=_digest, help="expected sha256:HEX of the whole file")
-    get.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds (default 3600)")
-    get.add_argument("--strategy", help="rarest-first, sequential or random")
-    get.add_argument("--piece-length", type=_size, help="piece length (default from size)")
-    get.add_argument(
-        "--tag",
-        type=_task_word,
-        default="",
-        help="without --digest, the same URL under another tag is another task (dfget's)",
-    )
-    get.add_argument(
-        "--application", type=_task_word, default="", help="a task-id input, as --tag is"
-    )
-    get.add_argument(
-        "--filtered-query-param",
-        action="append",
-        type=_query_name,
-        metavar="NAME",
-        help="drop query parameter NAME (any case) from the URL before the task id is"
-        " computed, so re-signed URLs share a task; repeatable, at most"
-        f" {MAX_FILTERED}; replaces the default (the parameters of S3, GCS and Azure presigned"
-        " URLs); the origin is still read with the whole URL (dfget's)",
-    )
-    get.add_argument(
-        "--priority",
-        type=_priority,
-        default=0,
-        metavar="LEVEL",
-        help="0-6 or LEVEL0-LEVEL6 (dfget's), for a task no host has yet: 0 and 6 (default)"
-        " a storage seed reads the origin; 3, 4, 5 this host reads it itself, no seed (with"
-        " --digest only, else as 0); 2 refused; 1 always refused",
-    )
-    get.add_argument(
-        "--disable-back-to-source",
-        action="store_true",
-        help="fail (exit 3) rather than read the origin's bytes on this host when no peer or"
-        " seed can serve the file (dfget's); the origin is still asked who may read it",
-    )
-    get.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing output (with -r: existing files); without it get refuses"
-        " before any byte moves (dfget's)",
-    )
-    get.add_argument("--upload-rate", type=_size, help="upload limit of the in-process peer")
-    get.add_argument(
-        "--download-rate", type=_rate, help="bytes/s for this download, kept by the peer serving it"
-    )
-    get.add_argument(
-        "--force-hard-link",
-        action="store_true",
-        help="hard-link the output to the cache file (made read-only) instead of copying it",
-    )
-    _recursive_flags(get)
-    _one_shot(get)
+    if wanted("get"):
+        get = sub.add_parser("get", help="download a URL through the swarm")
+        _common(get)
+        get.add_argument("url", type=_url)
+        get.add_argument("-O", "--output", required=True, help="output path")
+        get.add_argument(
+            "-H", "--header", action="append", default=[], help="'Name: value' for the origin"
+        )
+        get.add_argument("--digest", type=_digest, help="expected sha256:HEX of the whole file")
+        get.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds (default 3600)")
+        get.add_argument("--strategy", help="rarest-first, sequential or random")
+        get.add_argument("--piece-length", type=_size, help="piece length (default from size)")
+        get.add_argument(
+            "--tag",
+            type=_task_word,
+            default="",
+            help="without --digest, the same URL under another tag is another task (dfget's)",
+        )
+        get.add_argument(
+            "--application", type=_task_word, default="", help="a task-id input, as --tag is"
+        )
+        get.add_argument(
+            "--filtered-query-param",
+            action="append",
+            type=_query_name,
+            metavar="NAME",
+            help="drop query parameter NAME (any case) from the URL before the task id is"
+            " computed, so re-signed URLs share a task; repeatable, at most"
+            f" {MAX_FILTERED}; replaces the default (the parameters of S3, GCS and Azure presigned"
+            " URLs); the origin is still read with the whole URL (dfget's)",
+        )
+        get.add_argument(
+            "--priority",
+            type=_priority,
+            default=0,
+            metavar="LEVEL",
+            help="0-6 or LEVEL0-LEVEL6 (dfget's), for a task no host has yet: 0 and 6 (default)"
+            " a storage seed reads the origin; 3, 4, 5 this host reads it itself, no seed (with"
+            " --digest only, else as 0); 2 refused; 1 always refused",
+        )
+        get.add_argument(
+            "--disable-back-to-source",
+            action="store_true",
+            help="fail (exit 3) rather than read the origin's bytes on this host when no peer or"
+            " seed can serve the file (dfget's); the origin is still asked who may read it",
+        )
+        get.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace an existing output (with -r: existing files); without it get refuses"
+            " before any byte moves (dfget's)",
+        )
+        get.add_argument("--upload-rate", type=_size, help="upload limit of the in-process peer")
+        get.add_argument(
+            "--download-rate",
+            type=_rate,
+            help="bytes/s for this download, kept by the peer serving it",
+        )
+        get.add_argument(
+            "--force-hard-link",
+            action="store_true",
+            help="hard-link the output to the cache file (made read-only) instead of copying it",
+        )
+        _recursive_flags(get)
+        _one_shot(get)
 
-    preheat = sub.add_parser("preheat", help="seed an image or a URL into storage")
-    preheat_sub = preheat.add_subparsers(dest="what", required=True)
-    image = preheat_sub.add_parser("image", help="every blob of an image, for one platform")
-    url = preheat_sub.add_parser("url", help="one URL")
-    for what in (image, url):
-        _common(what)
-        what.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds (default 3600)")
-        _preheat_flags(what)
-        _one_shot(what)
-    image.add_argument("ref", help="registry.example.com/name:tag or name@sha256:…")
-    image.add_argument("--platform", help="os/arch[/variant] (default: this host's)")
-    image.add_argument("--username", help="registry user (the password comes from stdin)")
-    image.add_argument(
-        "--password-stdin", action="store_true", help="read the registry password from stdin"
-    )
-    image.add_argument("--auth-file", help="Docker config.json or containers auth.json")
-    image.add_argument("--plain-http", action="store_true", help="the registry speaks http")
-    url.add_argument("url", type=_url)
-    url.add_argument("--header", action="append", default=[], help="'Name: value' request header")
-    url.add_argument("--digest", type=_digest, help="expected sha256:HEX of the content")
+    if wanted("preheat"):
+        preheat = sub.add_parser("preheat", help="seed an image or a URL into storage")
+        preheat_sub = preheat.add_subparsers(dest="what", required=True)
+        image = preheat_sub.add_parser("image", help="every blob of an image, for one platform")
+        url = preheat_sub.add_parser("url", help="one URL")
+        for what in (image, url):
+            _common(what)
+            what.add_argument(
+                "--timeout", type=_seconds, default=3600.0, help="seconds (default 3600)"
+            )
+            _preheat_flags(what)
+            _one_shot(what)
+        image.add_argument("ref", help="registry.example.com/name:tag or name@sha256:…")
+        image.add_argument("--platform", help="os/arch[/variant] (default: this host's)")
+        image.add_argument("--username", help="registry user (the password comes from stdin)")
+        image.add_argument(
+            "--password-stdin", action="store_true", help="read the registry password from stdin"
+        )
+        image.add_argument("--auth-file", help="Docker config.json or containers auth.json")
+        image.add_argument("--plain-http", action="store_true", help="the registry speaks http")
+        url.add_argument("url", type=_url)
+        url.add_argument(
+            "--header", action="append", default=[], help="'Name: value' request header"
+        )
+        url.add_argument("--digest", type=_digest, help="expected sha256:HEX of the content")
 
-    _cache_commands(sub)
+    if wanted("cache"):
+        _cache_commands(sub)
 
-    status = sub.add_parser("status", help="services, hosts and tasks of the cluster")
-    _common(status)
-    _one_shot(status, progress=False)
+    if wanted("status"):
+        status = sub.add_parser("status", help="services, hosts and tasks of the cluster")
+        _common(status)
+        _one_shot(status, progress=False)
 
-    doctor = sub.add_parser(
-        "doctor", help="is it working on this host? runtimes, mirror, cluster, a probe pull"
-    )
-    _common(doctor)
-    _one_shot(doctor, progress=False)
-    _doctor_flags(doctor)
+    if wanted("doctor"):
+        doctor = sub.add_parser(
+            "doctor", help="is it working on this host? runtimes, mirror, cluster, a probe pull"
+        )
+        _common(doctor)
+        _one_shot(doctor, progress=False)
+        _doctor_flags(doctor)
 
-    plugins = sub.add_parser("plugins", help="list the loaded plugins")
-    _common(plugins)
-    plugins.add_argument("--json", action="store_true", help="print JSON")
+    if wanted("plugins"):
+        plugins = sub.add_parser("plugins", help="list the loaded plugins")
+        _common(plugins)
+        plugins.add_argument("--json", action="store_true", help="print JSON")
 
-    contracts = sub.add_parser("contracts", help="the NATS contracts")
-    contracts_sub = contracts.add_subparsers(dest="contracts_command", required=True)
-    asyncapi = contracts_sub.add_parser("asyncapi", help="print the AsyncAPI 3 document")
-    asyncapi.add_argument("--prefix", default="swarmfly")
+    if wanted("contracts"):
+        contracts = sub.add_parser("contracts", help="the NATS contracts")
+        contracts_sub = contracts.add_subparsers(dest="contracts_command", required=True)
+        asyncapi = contracts_sub.add_parser("asyncapi", help="print the AsyncAPI 3 document")
+        asyncapi.add_argument("--prefix", default="swarmfly")
     return parser

@@ -7,8 +7,6 @@ from a wheel without ``swarmfly.bus``."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -55,18 +53,3 @@ def test_every_data_file_beside_the_modules_is_installed() -> None:
         if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
     }
     assert sorted(str(p.relative_to(ROOT)) for p in beside - installed) == []
-
-
-def test_loading_the_plugins_leaves_the_s3_client_unimported() -> None:
-    """Every service loads every source plugin at start; botocore is ~8 MiB of each one's
-    memory and a fifth of a second of its start, for the few that ever read S3."""
-    code = (
-        "import sys\n"
-        "from swarmfly.pluginhost import Plugins\n"
-        "Plugins.load()\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('botocore', 'aiobotocore')))"
-    )
-    found = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert found.stdout.strip() == "[]", found.stderr
