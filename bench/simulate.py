@@ -417,6 +417,7 @@ class SimPeer:
         if self.finished is not None or self.phases.phase != "swarming":
             return
         book = self.swarm.book
+        self.swarm.take_offers()
         if book is not None and book.needs_digests():
             if self.sim.now >= self.digests_at + DIGEST_POLL:
                 self.refresh_digests()

@@ -533,6 +533,7 @@ class Conductor:
                 self._wake.clear()
                 content = self.stored.content
                 book = swarm.book
+                swarm.take_offers()
                 lacking = content is None or (book is not None and book.needs_digests())
                 if lacking:
                     if self.ledger.poll_due(self.clock()):

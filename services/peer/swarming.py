@@ -167,6 +167,19 @@ class Swarming:
     def offered(self, parent_id: str, pieces: set[int]) -> None:
         self._offers[parent_id] = pieces
 
+    def take_offers(self) -> None:
+        """The offers that came since the last tick, into the book (``tick`` takes them
+        too). Asked before whether digests are lacking: a parent's new pieces may be ones
+        whose digests we do not have, and the poll for them is then due now, not at the
+        next tick (a seed's first pieces waited a quarter of a second for one)."""
+        book = self.book
+        if book is None:
+            return
+        for parent_id, pieces in self._offers.items():
+            if parent_id in self.parents:
+                book.update_parent(parent_id, pieces)
+        self._offers.clear()
+
     def lost(self, parent_id: str) -> None:
         """The parent stopped answering what it holds."""
         self._lost.append(parent_id)
@@ -246,10 +259,7 @@ class Swarming:
         self._drops.clear()
         book = self.book
         if book is not None:
-            for parent_id, pieces in self._offers.items():
-                if parent_id in self.parents:
-                    book.update_parent(parent_id, pieces)
-            self._offers.clear()
+            self.take_offers()
             room = self.concurrency - sum(self.fetching.values())
             free = {
                 p: slots

@@ -265,3 +265,20 @@ def test_lowering_concurrency_mid_download_starts_no_more_than_it_allows() -> No
     assert len([d for d in core.tick(0.0) if isinstance(d, Fetch)]) == 1
     core.concurrency = 3
     assert len([d for d in core.tick(0.0) if isinstance(d, Fetch)]) == 2, "the rest of 3"
+
+
+def test_an_offer_of_pieces_with_no_digest_yet_is_seen_before_the_tick() -> None:
+    """The adapter asks whether digests are lacking before it ticks: a parent's new pieces
+    whose digests we lack make the poll for them due at once (the seed's first grants
+    waited for the next periodic tick, a quarter of a second, for theirs)."""
+    core = swarm(4)
+    assert core.book is not None
+    core.book.digests[2] = None
+    core.scheduled({"seed": "seed"}, 0.0, exact=True)
+    core.offered("seed", {2})
+    assert not core.book.needs_digests(), "not in the book until taken"
+    core.take_offers()
+    assert core.book.needs_digests()
+    assert fetches(core.tick(0.1)) == [], "no fetch of a piece we cannot verify"
+    core.book.digests[2] = DIGEST
+    assert fetches(core.tick(0.2)) == [(2, "seed")]
