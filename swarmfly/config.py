@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import logging
 import math
 import os
 import re
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
-
-import platformdirs
 
 if TYPE_CHECKING:
     import ssl
@@ -275,9 +271,18 @@ class Tracing:
     """``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` (or ``OTEL_EXPORTER_OTLP_PROTOCOL``)."""
 
 
+def _default_state_dir() -> Path:
+    """This user's state dir (platformdirs'). Imported only when no state dir is given, as
+    are the TOML parser and difflib when needed: every `swarmfly get` loads this module, and
+    the three cost it a tenth of its start-up."""
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("swarmfly"))
+
+
 @dataclass
 class Config:
-    state_dir: Path = field(default_factory=lambda: Path(platformdirs.user_state_dir("swarmfly")))
+    state_dir: Path = field(default_factory=_default_state_dir)
     log_level: str | None = None
     """One of ``LOG_LEVELS``; None: the command's own, INFO for a service, WARNING for a
     get (whose in-process peer would say at INFO what a service does)."""
@@ -442,8 +447,9 @@ def setting_names() -> set[str]:
     """Every ``SWARMFLY_*`` variable the configuration reads (deployment files are checked
     against it)."""
     names = set()
+    defaults = Config(state_dir=Path())  # one, of any state dir: only its sections are read
     for section in fields(Config):
-        default = getattr(Config(), section.name)
+        default = getattr(defaults, section.name)
         if dataclasses.is_dataclass(default):
             names |= {f"SWARMFLY_{section.name}_{f.name}".upper() for f in fields(default)}
         elif section.name not in DERIVED | FILE_ONLY:
@@ -682,6 +688,8 @@ def _guess(word: str, choices: Iterable[str], cutoff: float = 0.65, prefix: str 
     ``SWARMFLY_`` any two names look alike."""
     word = word.removeprefix(prefix)
     bare = [c.removeprefix(prefix) for c in choices]
+    import difflib
+
     close = difflib.get_close_matches(word, bare, n=3, cutoff=cutoff)
     words = word.count("_")
     close.sort(key=lambda name: name.count("_") != words)  # stable: closeness otherwise
@@ -738,12 +746,10 @@ def load(
     ``SWARMFLY_*`` variable that is no setting goes to ``warn`` (default: the log), one line
     each."""
     env = os.environ if env is None else env
-    config = Config()
     env_values = _from_env(env, warn or _log_warning)
     flag_values = dict(flags or {})
     state_dir = flag_values.get("state_dir") or env_values.get("state_dir")
-    if state_dir:
-        config.state_dir = Path(state_dir).expanduser()
+    config = Config(state_dir=Path(state_dir).expanduser()) if state_dir else Config()
     path = config_file or env.get("SWARMFLY_CONFIG")
     candidate = Path(path) if path else config.state_dir / "swarmfly.toml"
     if path or candidate.is_file():
@@ -783,6 +789,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     """The TOML file's tables; ValueError naming the file when it is missing or not TOML.
     PermissionError goes on as it is: the CLI tells a user behind a 0700 state dir what to
     do about it."""
+    import tomllib
+
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)

@@ -115,11 +115,14 @@ def test_a_get_through_the_local_peer_loads_no_more_than_it_needs() -> None:
     """16 gets start at once on a host (bench/swarm.py); each one's start-up is CPU the swarm
     waits for. Up to its first byte on the peer's socket, a get loads neither the event loop
     and the network clients of the services nor the typed wire messages."""
-    setup = "from swarmfly import cli, get\n" + (
-        "cli.build_parser().parse_args(['get', 'http://x/f', '-O', 'f'])"
+    setup = "from swarmfly import cli, config, get\n" + (
+        "cli.build_parser('get').parse_args(['get', 'http://x/f', '-O', 'f'])\n"
+        "config.load({'state_dir': '/nonexistent'})"
     )
     heavy = ("asyncio", "aiohttp", "nats", "ssl", "opentelemetry", "jsonschema_rs",
-             "swarmfly.contracts.messages", "swarmfly.launch", "swarmfly.bus")  # fmt: skip
+             "swarmfly.contracts.messages", "swarmfly.launch", "swarmfly.bus",
+             # what a state dir given and no configuration file need not load
+             "platformdirs", "tomllib", "difflib")  # fmt: skip
     assert modules_loaded(setup, heavy) == []
 
 
