@@ -361,8 +361,8 @@ def _cache_commands(sub: Any) -> None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with ``command`` (the first word of one), only that command's
-    part of it, when it is one: a `swarmfly get` builds its own flags, not the other 18
-    commands' (two thirds of the parser's start-up, paid by every get on a host)."""
+    part of it, when it is one: a `swarmfly get` builds its own flags, not the other ten
+    commands' (half the parser's start-up, paid by every get on a host)."""
     parser = Parser(prog="swarmfly", description="Peer-to-peer file and image distribution")
     parser.add_argument("--version", action="version", version=f"swarmfly {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
