@@ -363,3 +363,65 @@ async def test_a_cached_copy_that_disagrees_with_the_origin_now_is_not_delivered
         assert second["task_id"] == first["task_id"]
         assert (tmp_path / "b.bin").read_bytes() == new
         assert (tmp_path / "a.bin").read_bytes() == old
+
+
+class FalseLender(Forger):
+    """A member that answers its children as a lending seed would: every piece lent to read
+    from the origin, as to a seed's sole child (whose pieces the whole file alone proves)."""
+
+    polled = 0
+
+    async def pieces(self, request: web.Request) -> web.Response:
+        self.polled += 1
+        return web.json_response(
+            {
+                "version": 1,
+                "piece_count": self.count,
+                "complete": False,
+                "pieces": [],
+                "origin": list(range(self.count)),
+                "sole": True,
+            }
+        )
+
+
+async def test_a_member_that_lends_as_a_seed_would_is_not_heeded(
+    cluster: Cluster, bus: Bus, tmp_path: Path
+) -> None:
+    """Only the parent the scheduler names the task's seed lends: a member that answers as a
+    lending seed ("origin" pieces, "sole") is an ordinary parent to its children, which read
+    nothing from the origin on its word (it would have the origin read once per child) and
+    hash every piece they take."""
+    data = os.urandom(3 * MiB)
+    digest = f"sha256:{sha256(data)}"
+    from swarmfly.testing import Origin
+
+    async with Origin().serve() as origin:
+        url = origin.add("f.bin", data)
+        task = task_id(url, digest=digest)
+        app = web.Application()
+        holder: list[FalseLender] = []
+        app.router.add_get("/v1/tasks/{task_id}/pieces", lambda r: holder[0].pieces(r))
+        app.router.add_get("/v1/tasks/{task_id}/data", lambda r: holder[0].data(r))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            evil = FalseLender(bus, task, flip(data), runner.addresses[-1][1])
+            holder.append(evil)
+            # A storage that lends its sole child nothing: any origin read of the child's is
+            # the false lender's doing.
+            cluster.start(peers=1, storage_env={"SWARMFLY_STORAGE_LEND_SOLE": "false"})
+            await evil.claim(url)
+            out = tmp_path / "out.bin"
+            result = await get(
+                url, out, cluster.peer_dir(0), *cluster.get_args(), "--digest", digest
+            )
+        finally:
+            await runner.cleanup()
+        assert result["exit"] == 0, result
+        assert out.read_bytes() == data
+        assert evil.polled > 0, "the child never asked the false lender: the attack did not run"
+        assert result["bytes_origin"] == 0, "the child read the origin on a member's word"
+        read = origin.bytes_served - origin.probes  # less each host's one-byte access check
+        assert read <= len(data), "the origin was read more than once"
