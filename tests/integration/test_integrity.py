@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 import pytest
@@ -136,17 +137,21 @@ class Forger:
         )
 
 
+F = TypeVar("F", bound=Forger)
+
+
 @asynccontextmanager
-async def forger(bus: Bus, task: str, forged: bytes) -> AsyncIterator[Forger]:
+async def forger(bus: Bus, task: str, forged: bytes, kind: type[F]) -> AsyncIterator[F]:
+    """A member of ``kind`` (a ``Forger``) behind its own upload server."""
     app = web.Application()
-    holder: list[Forger] = []
+    holder: list[F] = []
     app.router.add_get("/v1/tasks/{task_id}/pieces", lambda r: holder[0].pieces(r))
     app.router.add_get("/v1/tasks/{task_id}/data", lambda r: holder[0].data(r))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    holder.append(Forger(bus, task, forged, runner.addresses[-1][1]))
+    holder.append(kind(bus, task, forged, runner.addresses[-1][1]))
     try:
         yield holder[0]
     finally:
@@ -192,7 +197,7 @@ async def test_a_member_that_claims_a_task_first_cannot_feed_it(
         etag = origin._etag("f.bin", data)
         task = task_id(url, etag=etag)
         cluster.start(peers=1)
-        async with forger(bus, task, flip(os.urandom(forged_size))[:forged_size]) as evil:
+        async with forger(bus, task, flip(os.urandom(forged_size))[:forged_size], Forger) as evil:
             await evil.claim(url)
             out = tmp_path / "out.bin"
             result = await get(url, out, cluster.peer_dir(0), *cluster.get_args())
@@ -217,7 +222,7 @@ async def test_a_known_digest_is_enforced_whatever_the_swarm_says(
         url = origin.add("f.bin", data)
         task = task_id(url, digest=digest)
         cluster.start(peers=1)
-        async with forger(bus, task, flip(data)) as evil:
+        async with forger(bus, task, flip(data), Forger) as evil:
             await evil.claim(url)
             out = tmp_path / "out.bin"
             result = await get(
@@ -255,7 +260,7 @@ async def test_a_lent_child_that_lies_is_caught_and_nobody_keeps_its_bytes(
         url = origin.add("f.bin", data)
         task = task_id(url, digest=digest)
         cluster.start(peers=1, seed_rate="2MiB")
-        async with forger(bus, task, flip(data)) as evil:
+        async with forger(bus, task, flip(data), Forger) as evil:
             # An ordinary child: registers without any claim of its own.
             await evil.heartbeat()
             honest = asyncio.create_task(
@@ -399,26 +404,15 @@ async def test_a_member_that_lends_as_a_seed_would_is_not_heeded(
     async with Origin().serve() as origin:
         url = origin.add("f.bin", data)
         task = task_id(url, digest=digest)
-        app = web.Application()
-        holder: list[FalseLender] = []
-        app.router.add_get("/v1/tasks/{task_id}/pieces", lambda r: holder[0].pieces(r))
-        app.router.add_get("/v1/tasks/{task_id}/data", lambda r: holder[0].data(r))
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            evil = FalseLender(bus, task, flip(data), runner.addresses[-1][1])
-            holder.append(evil)
-            # A storage that lends its sole child nothing: any origin read of the child's is
-            # the false lender's doing.
-            cluster.start(peers=1, storage_env={"SWARMFLY_STORAGE_LEND_SOLE": "false"})
+        # A storage that lends its sole child nothing: any origin read of the child's is the
+        # false lender's doing.
+        cluster.start(peers=1, storage_env={"SWARMFLY_STORAGE_LEND_SOLE": "false"})
+        async with forger(bus, task, flip(data), FalseLender) as evil:
             await evil.claim(url)
             out = tmp_path / "out.bin"
             result = await get(
                 url, out, cluster.peer_dir(0), *cluster.get_args(), "--digest", digest
             )
-        finally:
-            await runner.cleanup()
         assert result["exit"] == 0, result
         assert out.read_bytes() == data
         assert evil.polled > 0, "the child never asked the false lender: the attack did not run"
