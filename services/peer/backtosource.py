@@ -367,6 +367,8 @@ class BackToSource:
         self, number: int, where: list[str], gathering: Gathering, holders: dict[str, Parent]
     ) -> bool:
         """One piece from the least loaded holder that delivers it."""
+        content = self.stored.content
+        assert content is not None
         attempts = 0
         for holder in where:
             while attempts < ATTEMPTS and holder in holders:
@@ -374,8 +376,11 @@ class BackToSource:
                 gathering.asking(holder)
                 unknown = self.stored.digests[number] is None
                 try:
-                    await self.pieces.fetch(number, holders[holder])
-                    if unknown:  # only the whole file's digest proves it (``plan``)
+                    # Only the whole file's digest proves a piece of none known (``plan``):
+                    # hashing it on its own too waits until a child wants it.
+                    proven = unknown and bool(content.digest)
+                    await self.pieces.fetch(number, holders[holder], hashing=not proven)
+                    if unknown:
                         self.ledger.unvouched.add(number)
                     return True
                 except ParentBusy:

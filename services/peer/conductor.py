@@ -805,9 +805,11 @@ class Conductor:
     def _vouch_taken_back(self) -> None:
         """The whole file matched its digest: the pieces it took from holders, or its lent
         children handed back, with no digest known for them are proved now, and this seed,
-        their trusted reader, reports them."""
+        their trusted reader, reports them. Those it did not hash on their own (taken from
+        a sole child) are hashed when a child first wants them (``StoredTask.unhashed``)."""
         for number in sorted(self.ledger.unvouched):
             digest = self.stored.digests[number]
             if number in self.stored.done and digest is not None:
                 self.control.report(messages.PieceReport(number, digest=digest))
         self.ledger.unvouched.clear()
+        self.stored.unhashed = {n for n in self.stored.done if self.stored.digests[n] is None}

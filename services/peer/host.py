@@ -48,6 +48,7 @@ from swarmfly.services.peer.imports import CACHE_ORIGIN, cached_stat
 from swarmfly.services.peer.links import DownloadSettings, HostBudget, HttpPieces, Links
 from swarmfly.services.peer.reports import REPORT_BATCH
 from swarmfly.services.peer.store import (
+    VERIFY_BYTES,
     StoredTask,
     TaskStore,
     private_dir,
@@ -250,6 +251,8 @@ class PeerHost:
             healthy=lambda: self.bus is None or self.bus.nc.is_connected,
         )
         self.upload.take_back = self._take_back
+        if settings.host_type == "seed":  # only a seed's word sets a piece's digest
+            self.upload.wanted_unhashed = self._hash_wanted
         self.download_bucket = TokenBucket(settings.download_rate)
         self.links = Links(
             scheduler=self if bus is not None else None,
@@ -277,6 +280,8 @@ class PeerHost:
         """This host left the swarm: nothing of it registers again (``leave``)."""
         self._verifying: dict[str, asyncio.Task[None]] = {}
         """Re-verification of a restarted host's pieces, by task."""
+        self._hashing: dict[str, asyncio.Task[None]] = {}
+        """Pieces held ``unhashed`` being hashed for the children that want them, by task."""
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
@@ -602,6 +607,42 @@ class PeerHost:
             return False
         async with asyncio.timeout(self.settings.download.piece_timeout):
             return await entry[0].pieces.take_back(number, child, chunks)
+
+    def _hash_wanted(self, stored: StoredTask) -> None:
+        """A child wants a task this seed holds ``unhashed`` (the whole file proved it, no
+        piece on its own): its pieces are hashed, one job per task."""
+        if stored.id not in self._hashing and self.bus is not None:
+            job = self._hashing[stored.id] = asyncio.create_task(self._hash_unhashed(stored))
+            job.add_done_callback(lambda _: self._hashing.pop(stored.id, None))
+
+    async def _hash_unhashed(self, stored: StoredTask) -> None:
+        """Hash the pieces in order and report them a batch at a time, so that the child
+        starts on the first while the rest are hashed."""
+        assert stored.content is not None
+        log.info(
+            "task %s: a child wants it; hashing the %d pieces only the whole file proved",
+            stored.id[:12], len(stored.unhashed),
+        )  # fmt: skip
+        per_batch = max(1, VERIFY_BYTES // stored.content.piece_length)
+        peer_id, task = self.peer_id(stored.id), stored.content.message()
+        refused = False
+        with stored.in_use():
+            while stored.unhashed:
+                reports = []
+                for number in sorted(stored.unhashed)[:per_batch]:
+                    digest = await asyncio.to_thread(stored.hash_held, number)
+                    stored.unhashed.discard(number)
+                    if digest is not None:
+                        reports.append(messages.PieceReport(number, digest))
+                if reports and not refused:
+                    try:
+                        body = messages.PiecesRequest(stored.id, peer_id, reports, task=task)
+                        await self.request(messages.PIECES, body)
+                    except SwarmflyError as exc:
+                        log.info("task %s: hashed pieces not reported: %s", stored.id[:12], exc)
+                        refused = True
+        if refused:  # the scheduler lost our registration, say: all of it again
+            await self._announce_safely(stored)
 
     def progress(self, download_id: str) -> Conductor | None:
         return self._progress.get(download_id)

@@ -28,7 +28,7 @@ import orjson
 
 from swarmfly.content import TaskContent, piece_count
 from swarmfly.errors import SwarmflyError
-from swarmfly.ids import TASK_ID, redact_url
+from swarmfly.ids import TASK_ID, check_digest, redact_url
 from swarmfly.services.peer.lending import Lending
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,12 @@ class StoredTask:
     unverified: set[int] = field(default_factory=set)
     """Pieces the metadata listed as done before a restart, not re-hashed yet: never served,
     delivered or counted until they pass (a byte may have changed while nobody watched)."""
+    unproven: set[int] = field(default_factory=set)
+    """Of ``unverified``: pieces that were held ``UNHASHED``, which only the whole file's
+    digest proves again (``check_pieces``, one pass over the whole file)."""
+    unhashed: set[int] = field(default_factory=set)
+    """Done pieces the whole file's digest proved with no digest of their own: hashed only
+    once a child wants them (``hash_held``), since nobody else checks a piece by one."""
     last_access: float = field(default_factory=time.time)
     version: int = 0
     active: int = 0
@@ -359,11 +365,12 @@ class StoredTask:
 
     def verify_batch(self) -> list[int]:
         """The next unverified pieces to re-hash. All at once when the data file is also an
-        output (hard-linked): its user may have changed it, and then none of it is used."""
+        output (hard-linked): its user may have changed it, and then none of it is used; or
+        when only the whole file's digest proves some (``unproven``)."""
         if self.content is None:
             return []
         pending = sorted(self.unverified)
-        if self.shared():
+        if self.shared() or self.unproven:
             return pending
         return pending[: max(1, VERIFY_BYTES // self.content.piece_length)]
 
@@ -390,6 +397,8 @@ class StoredTask:
     def check_pieces(self, numbers: list[int]) -> set[int]:
         """The pieces of ``numbers`` whose bytes match their digests (a worker thread)."""
         assert self.content is not None
+        if self.unproven:
+            return self._check_whole(numbers)
         good: set[int] = set()
         for number in numbers:
             expected = self.digests[number] if number < len(self.digests) else None
@@ -405,6 +414,33 @@ class StoredTask:
             if whole and hasher.hexdigest() == expected:
                 good.add(number)
         return good
+
+    def _check_whole(self, numbers: list[int]) -> set[int]:
+        """``check_pieces`` with ``unproven`` pieces: one pass hashes each piece and the
+        whole file. The whole matching its digest proves every piece (the unproven ones
+        keep their digests now); otherwise only those whose own digest matches pass."""
+        assert self.content is not None
+        whole = hashlib.sha256()
+        found: list[str] = []
+        for number in range(self.content.piece_count):
+            offset, size = self.content.piece(number)
+            piece = hashlib.sha256()
+            try:
+                if not self.hash_into(_Both(piece, whole), offset, size):
+                    return set()
+            except OSError as exc:
+                log.warning("task %s piece %d unreadable: %s", self.id[:12], number, exc)
+                return set()
+            found.append(piece.hexdigest())
+        try:
+            proven = whole.hexdigest() == check_digest(self.content.digest or "")
+        except ValueError:
+            proven = False
+        if proven:
+            for number in self.unproven:
+                self.digests[number] = found[number]
+            return set(numbers)
+        return {n for n in numbers if self.digests[n] == found[n]}
 
     def hash_into(self, hasher: Any, offset: int, size: int) -> bool:
         """Feed bytes [offset, offset + size) of the data file to ``hasher`` (a worker
@@ -432,6 +468,7 @@ class StoredTask:
         private one, so that rewriting pieces never touches the output linked to it."""
         bad = [n for n in numbers if n not in good]
         self.unverified.difference_update(numbers)
+        self.unproven.difference_update(numbers)
         if bad:
             log.warning(
                 "task %s: %d pieces failed re-verification and are dropped", self.id[:12], len(bad)
@@ -453,6 +490,8 @@ class StoredTask:
             self.data_path.unlink(missing_ok=True)
         self.done.clear()
         self.unverified.clear()
+        self.unproven.clear()
+        self.unhashed.clear()
         self.digests = [None] * self.content.piece_count
         fd = os.open(self.data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
@@ -540,6 +579,8 @@ class StoredTask:
         """Forget every piece: the whole file failed its digest."""
         self.done.clear()
         self.unverified.clear()
+        self.unproven.clear()
+        self.unhashed.clear()
         self.digests = [None] * (self.content.piece_count if self.content else 0)
         self.version += 1
         self._edits += 1
@@ -659,8 +700,11 @@ class TaskStore:
             if len(digests) != count:
                 raise ValueError("digests do not match the piece count")
             task.digests = digests
-            task.unverified = {int(n) for n in meta["done"] if 0 <= int(n) < count}
-            task.unverified = {n for n in task.unverified if digests[n]}
+            listed = {int(n) for n in meta["done"] if 0 <= int(n) < count}
+            task.unverified = {n for n in listed if digests[n]}
+            if len(listed) == count and task.content.digest:  # held whole: the digest proves it
+                task.unproven = listed - task.unverified
+                task.unverified = listed
             task.last_access = float(meta.get("last_access", time.time()))
             expires = meta.get("expires_at")
             task.expires_at = None if expires is None else float(expires)
@@ -691,3 +735,15 @@ class TaskStore:
     def close(self) -> None:
         for task in self.tasks.values():
             task.close()
+
+
+@dataclass
+class _Both:
+    """A hasher that feeds two: a piece's and the whole file's, in one pass."""
+
+    first: Any
+    second: Any
+
+    def update(self, data: Any) -> None:
+        self.first.update(data)
+        self.second.update(data)

@@ -211,8 +211,10 @@ class PieceIO:
 
     # -- from a parent -------------------------------------------------------------------
 
-    async def fetch(self, number: int, parent: Parent) -> int:
-        """One piece from a parent's upload server, verified, marked and reported."""
+    async def fetch(self, number: int, parent: Parent, *, hashing: bool = True) -> int:
+        """One piece from a parent's upload server, verified, marked and reported. Not
+        ``hashing`` (a piece of no digest known, which only the whole file's proves), it is
+        written only: ``UNHASHED``, hashed when a child first wants it (``StoredTask.unhashed``)."""
         content = self.stored.content
         assert content is not None
         offset, size = content.piece(number)
@@ -222,7 +224,7 @@ class PieceIO:
         if not self.settings.piece_spans:
             # Aggregated under the download's "p2p" span: no traceparent, so the parent
             # opens no span either (a 1,000-piece download is not 2,000 spans).
-            return await self._transfer(number, parent, headers, size, expected, started)
+            return await self._transfer(number, parent, headers, size, expected, started, hashing)
         attributes = {
             "http.request.method": "GET",
             **telemetry.url_attributes(f"{parent.address}/v1/tasks/{self.task_id}/data"),
@@ -231,7 +233,9 @@ class PieceIO:
         with telemetry.span("GET piece", kind=SpanKind.CLIENT, attributes=attributes) as current:
             telemetry.inject(headers)
             try:
-                got = await self._transfer(number, parent, headers, size, expected, started)
+                got = await self._transfer(
+                    number, parent, headers, size, expected, started, hashing
+                )
             except ParentBusy:
                 telemetry.set_attributes(current, **{"http.response.status_code": 503})
                 raise
@@ -246,6 +250,7 @@ class PieceIO:
         size: int,
         expected: str | None,
         started: float,
+        hashing: bool = True,
     ) -> int:
         # What we hold orders our request at a busy parent: the neediest child first.
         params = {"have": str(len(self.stored.done))}
@@ -260,7 +265,7 @@ class PieceIO:
             chunks = self.paced(
                 body, size, SwarmflyError("integrity", "parent sent more than the piece")
             )
-            digest = await self.receive(number, chunks, expected)
+            digest = await self.receive(number, chunks, expected, hashing=hashing)
         if digest is not None:
             # A piece of no known digest (a storage gathering a sole child's) is not said to
             # be held until the whole file proves it: the scheduler refuses such a report.

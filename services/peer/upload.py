@@ -112,6 +112,9 @@ class UploadServer:
         self.app.router.add_put("/v1/tasks/{task_id}/lent/{number}", self.lent)
         self.take_back: TakeBack | None = None
         """Where a lent piece handed back goes (the host's running seed download)."""
+        self.wanted_unhashed: Callable[[StoredTask], None] | None = None
+        """Told when a child's download asks for a task whose pieces this host holds
+        ``unhashed`` (a seed's: it hashes and reports them, for the child to check)."""
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics.handler)
 
@@ -192,6 +195,8 @@ class UploadServer:
         except ValueError:
             raise web.HTTPBadRequest(text="since and wait must be numbers") from None
         assert task.content is not None
+        if task.unhashed and "wants" in request.query and self.wanted_unhashed is not None:
+            self.wanted_unhashed(task)  # a download's poll (a holder's copy asks no "wants")
         if self.superseed:
             return await self._grant_poll(request, task, wait)
         answer: dict[str, Any] = {}

@@ -114,18 +114,22 @@ async def test_five_peers_share_a_64mib_file(cluster: Cluster, tmp_path: Path) -
         assert from_peers >= 0.3 * received, (from_peers, from_seed, results)
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
 async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_after(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, restart: bool
 ) -> None:
     """The task's only child, with the file's digest, is lent the whole file by its seed (an
     uplink with no limit, ``lend_sole`` on): it reads the origin itself; the storage then
-    takes its copy from it, proves it, and serves the next host: the origin is read once."""
+    takes its copy from it, proves it by the whole file's digest alone, and serves the next
+    host, hashing each piece only then: the origin is read once. Restarted in between, the
+    storage proves its copy again by the whole file before it serves any of it."""
     data = os.urandom(24 * MiB)
     digest = f"sha256:{sha256(data)}"
+    sole = {"SWARMFLY_STORAGE_LEND_SOLE": "true"}
     # Paced, so the seed is still at its first pieces when its child first asks.
     async with Origin(rate=16 * MiB).serve() as origin:
         url = origin.add("sole.bin", data)
-        cluster.start(peers=2, storage_env={"SWARMFLY_STORAGE_LEND_SOLE": "true"})
+        cluster.start(peers=2, storage_env=sole)
         first = await get(url, tmp_path / "a.bin", cluster.peer_dir(0), "--digest", digest,
                           *cluster.get_args())  # fmt: skip
         assert first["exit"] == 0, first
@@ -141,14 +145,25 @@ async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_afte
         else:
             raise AssertionError(f"the storage did not take its copy: {state}")
         cluster.peers[0].stop()
+        hashed_for_a_child = "a child wants it; hashing the"
+        assert hashed_for_a_child not in cluster.storage.log(), "nobody wanted the pieces yet"
+        if restart:
+            assert cluster.storage.stop() == 0
+            cluster.storage = cluster.spawn("storage", "storage", env=sole)
         second = await get(url, tmp_path / "b.bin", cluster.peer_dir(1), "--digest", digest,
                            *cluster.get_args())  # fmt: skip
         assert second["exit"] == 0, second
         assert second["bytes_p2p"] == len(data) and second["bytes_origin"] == 0, second
         assert (tmp_path / "b.bin").read_bytes() == data
         assert origin.content_served["sole.bin"] == len(data), "the origin was read once"
+        storage_log = cluster.storage.log()
         # Pieces taken with no digest known are said to be held once proven, never before.
-        assert "piece report refused" not in cluster.storage.log()
+        assert "piece report refused" not in storage_log
+        if restart:  # the load's whole-file pass gave every piece its digest
+            assert "failed re-verification" not in storage_log
+            assert hashed_for_a_child not in storage_log
+        else:
+            assert hashed_for_a_child in storage_log
 
 
 async def test_a_child_arriving_after_a_sole_one_takes_its_pieces_from_it(

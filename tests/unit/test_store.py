@@ -326,6 +326,70 @@ def test_data_is_synced_before_metadata_says_complete(
     assert calls[1:] == ["sync data", "rename meta.json"]
 
 
+WHOLE = TaskContent(content_length=10, piece_length=4, piece_count=3, digest=f"sha256:{sha(DATA)}")
+
+
+def unhashed(task: StoredTask, number: int) -> None:
+    """A piece written as a seed takes one of no digest known: written only (``UNHASHED``)."""
+    writer = task.writer(number, hashing=False)
+    assert writer is not None
+    assert writer.finish(None, [piece(number)]) == UNHASHED
+    writer.close()
+    task.mark_done(number, UNHASHED)
+
+
+def held_unhashed(store: TaskStore, numbers: list[int]) -> StoredTask:
+    """A seed's complete copy, the pieces of ``numbers`` taken with no digest of their own
+    (the whole file's proved them), saved as a restart finds it."""
+    task = store.open(ID, "https://origin.example/file")
+    task.set_content(WHOLE)
+    for number in range(3):
+        if number in numbers:
+            unhashed(task, number)
+        else:
+            fill(task, [number])
+    task.save()
+    return task
+
+
+def test_a_restart_proves_pieces_held_unhashed_by_the_whole_file_and_keeps_their_digests(
+    store: TaskStore,
+) -> None:
+    """Pieces held with no digest of their own come back only through the whole file's
+    digest: one pass, which leaves each with its digest (a seed reports them then)."""
+    task = held_unhashed(store, [0, 2])
+    assert task.digests == [None, sha(piece(1)), None]
+    again = restart(store).get(ID)
+    assert again is not None and again.complete
+    assert again.digests == [sha(piece(n)) for n in range(3)]
+    assert not again.unverified and not again.unproven
+
+
+def test_a_restart_drops_pieces_held_unhashed_when_the_whole_file_no_longer_matches(
+    store: TaskStore,
+) -> None:
+    """A byte changed while the host was down: the whole file fails, so the pieces only it
+    proved are dropped (read again); a piece with its own digest that still matches stays."""
+    task = held_unhashed(store, [0, 2])
+    with open(task.data_path, "r+b") as data:
+        data.seek(9)
+        data.write(b"X")  # in piece 2, an unhashed one
+    again = restart(store).get(ID)
+    assert again is not None
+    assert again.done == {1} and again.digests == [None, sha(piece(1)), None]
+
+
+def test_a_partial_task_held_unhashed_loses_those_pieces_at_a_restart(store: TaskStore) -> None:
+    """Without the whole file nothing proves an unhashed piece: it is read again."""
+    task = store.open(ID, "https://origin.example/file")
+    task.set_content(WHOLE)
+    unhashed(task, 0)
+    fill(task, [1])
+    task.save()
+    again = restart(store).get(ID)
+    assert again is not None and again.done == {1}
+
+
 def test_load_brings_back_complete_and_partial_tasks_unverified(
     store: TaskStore, task: StoredTask
 ) -> None:
