@@ -417,11 +417,11 @@ class StoredTask:
 
     def _check_whole(self, numbers: list[int]) -> set[int]:
         """``check_pieces`` with ``unproven`` pieces: one pass hashes each piece and the
-        whole file. The whole matching its digest proves every piece (the unproven ones
-        keep their digests now); otherwise only those whose own digest matches pass."""
+        whole file. The whole matching its digest proves every piece, which keeps the
+        digest found for it; otherwise only those whose own digest matches pass."""
         assert self.content is not None
         whole = hashlib.sha256()
-        found: list[str] = []
+        found: list[str | None] = []
         for number in range(self.content.piece_count):
             offset, size = self.content.piece(number)
             piece = hashlib.sha256()
@@ -437,8 +437,8 @@ class StoredTask:
         except ValueError:
             proven = False
         if proven:
-            for number in self.unproven:
-                self.digests[number] = found[number]
+            self.digests = found
+            self._edits += 1
             return set(numbers)
         return {n for n in numbers if self.digests[n] == found[n]}
 
