@@ -928,3 +928,25 @@ async def test_head_is_refused_and_neither_sends_bytes_nor_takes_a_grant(tmp_pat
                 assert response.status == 405, path
         assert task.served == {} and seed.server.desk.books == 0
         assert (await poll(seed, task, 0.5))["pieces"] == [0]
+
+
+async def test_a_download_asking_for_pieces_held_unhashed_is_told_to_the_host(
+    upload: Upload,
+) -> None:
+    """A task whose pieces the whole file proved with none hashed on its own: a child's
+    download asking for it (its poll says what it ``wants``) sets the host hashing them; a
+    holder's look at what is held (a seed taking its copy asks no ``wants``) does not."""
+    data = content_of(3 * PIECE, b"unhashed")
+    task = upload.put(data, {0, 1, 2})
+    task.unhashed = {1, 2}
+    told: list[str] = []
+    upload.server.wanted_unhashed = lambda stored: told.append(stored.id)
+    status, body, _ = await upload.get(f"/v1/tasks/{task.id}/pieces?since=-1&wait=0")
+    assert status == 200 and json.loads(body)["pieces"] == [0, 1, 2]
+    assert told == []
+    wants = bitmap.encode({0, 1, 2}, 3)
+    status, _, _ = await upload.get(f"/v1/tasks/{task.id}/pieces?since=-1&wait=0&wants={wants}")
+    assert status == 200 and told == [task.id]
+    task.unhashed.clear()  # all hashed: nothing more to tell
+    await upload.get(f"/v1/tasks/{task.id}/pieces?since=-1&wait=0&wants={wants}")
+    assert told == [task.id]
