@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -164,6 +165,40 @@ async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_afte
             assert hashed_for_a_child not in storage_log
         else:
             assert hashed_for_a_child in storage_log
+
+
+async def test_a_storage_lost_before_anyone_asked_is_replaced_from_the_first_host(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The storage took its copy from its sole child without hashing each piece, and is
+    killed before any child asked: no digest of a piece is known anywhere. A new storage
+    takes the task over from the first host, proves it by the whole file's digest, and the
+    next host gets it from the swarm: the origin is still read once."""
+    data = os.urandom(16 * MiB)
+    digest = f"sha256:{sha256(data)}"
+    sole = {"SWARMFLY_STORAGE_LEND_SOLE": "true"}
+    async with Origin(rate=16 * MiB).serve() as origin:
+        url = origin.add("lost.bin", data)
+        cluster.start(peers=2, storage_env=sole)
+        args = ("--digest", digest, *cluster.get_args())
+        first = await get(url, tmp_path / "a.bin", cluster.peer_dir(0), *args)
+        assert first["exit"] == 0, first
+        for _ in range(100):
+            state = await cluster.state()
+            seeds = [p for t in state["tasks"] for p in t["peers"] if p["source"]]
+            if seeds and all(p["state"] == "succeeded" for p in seeds):
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(f"the storage did not take its copy: {state}")
+        cluster.storage.kill()
+        cluster.storage = cluster.spawn("storage", "storage-2", env=sole)
+        second = await get(url, tmp_path / "b.bin", cluster.peer_dir(1), *args)
+        assert second["exit"] == 0, second
+        assert (tmp_path / "b.bin").read_bytes() == data
+        assert second["bytes_origin"] == 0, second
+        assert origin.content_served["lost.bin"] == len(data), "the origin was read once"
+        assert re.search(r"\d+ pieces from 1 holders, 0 from the origin", cluster.storage.log())
 
 
 async def test_a_child_arriving_after_a_sole_one_takes_its_pieces_from_it(
