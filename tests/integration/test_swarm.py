@@ -86,6 +86,17 @@ class Cluster:
     async def metric(self, service: ServiceProcess, name: str) -> float:
         return await metric_value(service.url, name)
 
+    async def seeded(self) -> None:
+        """Wait until every source of every task succeeded: the storage holds its copy (taken
+        after the get from the sole child it lent the file to)."""
+        for _ in range(100):
+            state = await self.state()
+            seeds = [p for t in state["tasks"] for p in t["peers"] if p["source"]]
+            if seeds and all(p["state"] == "succeeded" for p in seeds):
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"the storage did not take its copy: {state}")
+
     async def state(self) -> dict[str, Any]:
         url, auth = f"{self.scheduler.url}/api/state", self.scheduler.api_auth()
         async with aiohttp.ClientSession() as session, session.get(url, headers=auth) as response:
@@ -137,14 +148,7 @@ async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_afte
         assert first["bytes_origin"] >= len(data) // 2, first  # lent: read here
         # The storage takes what it lent back from the first host, then the second host's
         # get comes from the swarm with the first one gone: from the storage alone.
-        for _ in range(100):
-            state = await cluster.state()
-            seeds = [p for t in state["tasks"] for p in t["peers"] if p["source"]]
-            if seeds and all(p["state"] == "succeeded" for p in seeds):
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise AssertionError(f"the storage did not take its copy: {state}")
+        await cluster.seeded()
         cluster.peers[0].stop()
         hashed_for_a_child = "a child wants it; hashing the"
         assert hashed_for_a_child not in cluster.storage.log(), "nobody wanted the pieces yet"
@@ -183,14 +187,7 @@ async def test_a_storage_lost_before_anyone_asked_is_replaced_from_the_first_hos
         args = ("--digest", digest, *cluster.get_args())
         first = await get(url, tmp_path / "a.bin", cluster.peer_dir(0), *args)
         assert first["exit"] == 0, first
-        for _ in range(100):
-            state = await cluster.state()
-            seeds = [p for t in state["tasks"] for p in t["peers"] if p["source"]]
-            if seeds and all(p["state"] == "succeeded" for p in seeds):
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise AssertionError(f"the storage did not take its copy: {state}")
+        await cluster.seeded()
         cluster.storage.kill()
         cluster.storage = cluster.spawn("storage", "storage-2", env=sole)
         second = await get(url, tmp_path / "b.bin", cluster.peer_dir(1), *args)
