@@ -266,6 +266,9 @@ class Conductor:
 
     async def _run(self) -> None:
         reporter = asyncio.create_task(self.control.report_loop()) if self.scheduler else None
+        if not self.stored.complete:
+            # What a previous run held, resumed (a complete task is announced instead).
+            self.control.report_held()
         try:
             step = self.phases.on(
                 first_event(
@@ -388,6 +391,7 @@ class Conductor:
                 # A scheduler that does not know us (a restart, a partition moved): join
                 # again, which a scheduler still starting may not answer either.
                 reply = await self.control.request(messages.REGISTER, self.control.register_body())
+                self.control.report_held()
         except SwarmflyError as exc:
             if exc.code not in ("unavailable", "timeout"):
                 raise

@@ -230,6 +230,16 @@ class ControlLink:
         """A scheduler that did not know this download has just heard of it."""
         self.reports.rejoined()
 
+    def report_held(self) -> None:
+        """Every held piece of a known digest into the next reports: a register names the
+        pieces only, and a scheduler that forgot the task (every peer of it left, or it
+        restarted) knows none of their digests. Without them, children offered those pieces
+        would wait on digests that never come."""
+        digests = self.stored.digests
+        for number in sorted(self.stored.done):
+            if digests[number] is not None:
+                self.reports.piece(messages.PieceReport(number, digests[number]))
+
     async def report_loop(self) -> None:
         while True:
             await asyncio.sleep(REPORT_INTERVAL)

@@ -126,15 +126,19 @@ async def test_five_peers_share_a_64mib_file(cluster: Cluster, tmp_path: Path) -
         assert from_peers >= 0.3 * received, (from_peers, from_seed, results)
 
 
-@pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
+@pytest.mark.parametrize(
+    "restart", ["", "clean", "tampered"], ids=["running", "restarted", "tampered"]
+)
 async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_after(
-    cluster: Cluster, tmp_path: Path, restart: bool
+    cluster: Cluster, tmp_path: Path, restart: str
 ) -> None:
     """The task's only child, with the file's digest, is lent the whole file by its seed (an
     uplink with no limit, ``lend_sole`` on): it reads the origin itself; the storage then
     takes its copy from it, proves it by the whole file's digest alone, and serves the next
     host, hashing each piece only then: the origin is read once. Restarted in between, the
-    storage proves its copy again by the whole file before it serves any of it."""
+    storage proves its copy again by the whole file before it serves any of it; a byte of it
+    changed while it was down, the whole file fails, and what only it proved is read again:
+    the next host still gets the origin's bytes."""
     data = os.urandom(24 * MiB)
     digest = f"sha256:{sha256(data)}"
     sole = {"SWARMFLY_STORAGE_LEND_SOLE": "true"}
@@ -154,14 +158,30 @@ async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_afte
         assert hashed_for_a_child not in cluster.storage.log(), "nobody wanted the pieces yet"
         if restart:
             assert cluster.storage.stop() == 0
+            if restart == "tampered":  # bit rot, or a user, while the storage is down
+                held = next((cluster.root / "storage").rglob(f"{first['task_id']}/data"))
+                with open(held, "r+b") as handle:
+                    handle.seek(5 * MiB + 3)
+                    byte = handle.read(1)
+                    handle.seek(5 * MiB + 3)
+                    handle.write(bytes([byte[0] ^ 0xFF]))
             cluster.storage = cluster.spawn("storage", "storage", env=sole)
         second = await get(url, tmp_path / "b.bin", cluster.peer_dir(1), "--digest", digest,
                            *cluster.get_args())  # fmt: skip
         assert second["exit"] == 0, second
-        assert second["bytes_p2p"] == len(data) and second["bytes_origin"] == 0, second
         assert (tmp_path / "b.bin").read_bytes() == data
-        assert origin.content_served["sole.bin"] == len(data), "the origin was read once"
         storage_log = cluster.storage.log()
+        if restart == "tampered":
+            # Only what failed is read again; what still matched its own digest, the
+            # scheduler hears of again from the restarted storage, and serves the next host.
+            dropped = re.search(r"(\d+) pieces failed re-verification and are dropped", storage_log)
+            assert dropped, storage_log
+            again = int(dropped[1]) * MiB
+            assert origin.content_served["sole.bin"] == len(data) + again
+            assert second["bytes_p2p"] >= len(data) - again, second
+            return
+        assert second["bytes_p2p"] == len(data) and second["bytes_origin"] == 0, second
+        assert origin.content_served["sole.bin"] == len(data), "the origin was read once"
         # Pieces taken with no digest known are said to be held once proven, never before.
         assert "piece report refused" not in storage_log
         if restart:  # the load's whole-file pass gave every piece its digest

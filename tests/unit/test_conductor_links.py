@@ -44,10 +44,14 @@ class RestartedScheduler:
 
     starting: int = 1
     asked: list[str] = field(default_factory=list)
+    reported: list[tuple[int, str | None]] = field(default_factory=list)
+    """Each piece report heard, in order."""
 
     async def request(self, subject: Subject[Req, Rep], message: Req) -> Rep:
         name = subject.name.rsplit(".", 1)[-1]
         self.asked.append(name)
+        if isinstance(message, messages.PiecesRequest):
+            self.reported.extend((p.number, p.digest) for p in message.pieces)
         if name == "register" and self.asked.count("register") == 1:
             return messages.Schedule("parents", [])  # type: ignore[return-value]
         if name == "reschedule" and "not_found" not in self.asked:
@@ -179,3 +183,25 @@ async def test_without_back_to_source_the_same_download_fails_and_reads_nothing(
     assert raised.value.code == "not_found"
     assert "--disable-back-to-source" in raised.value.message
     assert origin.served == 0 and not download.stored.done
+
+
+@pytest.mark.timeout(60)
+async def test_a_resumed_download_tells_a_scheduler_that_forgot_it_what_it_held(
+    tmp_path: Path,
+) -> None:
+    """A register names the pieces held only; a scheduler that forgot the task since (every
+    peer of it left, or it restarted) hears their digests too, or the children it sends to
+    this host would wait on digests that never come."""
+    scheduler, origin = RestartedScheduler(starting=0), MemoryOrigin()
+    download = conductor(tmp_path, scheduler, origin)
+    stored = download.stored
+    stored.set_content(download.origin.stat_content(len(DATA)))
+    held = {n: stored.write_piece(n, DATA[n * MiB : (n + 1) * MiB], None) for n in (0, 2)}
+    for number, digest in held.items():
+        stored.mark_done(number, digest)
+    async with asyncio.timeout(45):
+        await download.run()
+    assert stored.complete and origin.served == len(DATA) - 2 * MiB
+    # Told at first, and again to the scheduler that forgot the download.
+    assert scheduler.reported[:2] == sorted(held.items())
+    assert scheduler.reported.count((2, held[2])) == 2
