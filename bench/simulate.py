@@ -53,7 +53,7 @@ from swarmfly import config as swarmfly_config
 from swarmfly.content import TaskContent, piece_count, piece_length_for
 from swarmfly.pluginhost import Plugins
 from swarmfly.services.peer.admission import Admission
-from swarmfly.services.peer.conductor import SEED_POLL_WAIT
+from swarmfly.services.peer.conductor import OFFER_GAP, SEED_POLL_WAIT
 from swarmfly.services.peer.grants import GRANT_SECONDS, GrantDesk, Granted, Lent, Poll
 from swarmfly.services.peer.ledger import DIGEST_POLL
 from swarmfly.services.peer.lending import LEND_POLL, MAX_SAID, Lending
@@ -241,9 +241,13 @@ class SimPeer:
         """Our poll waiting at each seed's desk."""
         self.digests_at = -INF
         self.delivered: list[int] = []
+        """Lent pieces read, to tell the seed with the next poll."""
         self.fetches: dict[int, list[Fetching]] = {}
         """Requests under way by piece (two or more only in the endgame)."""
-        """Lent pieces read, to tell the seed with the next poll."""
+        self.answered_at: dict[str, float] = {}
+        """When each peer parent last answered our long-poll (``OFFER_GAP``)."""
+        self.gapped: set[str] = set()
+        """Peer parents whose news waits out ``OFFER_GAP``."""
 
     def start(self) -> None:
         self.phases.on("missing")
@@ -320,6 +324,13 @@ class SimPeer:
         if parent.peer_id not in self.swarm.parents or self.finished is not None:
             return
         if parent.desk is None:
+            due = self.answered_at.get(parent.peer_id, -INF) + OFFER_GAP
+            if self.sim.now < due:  # the conductor asks again only then
+                if parent.peer_id not in self.gapped:
+                    self.gapped.add(parent.peer_id)
+                    self.sim.at(due, self._gap_over, parent)
+                return
+            self.answered_at[parent.peer_id] = self.sim.now
             self.swarm.offered(parent.peer_id, set(parent.held))
             self.wake()
         elif self.swarm.book is not None:
@@ -332,6 +343,10 @@ class SimPeer:
             parent.polls[poll] = self
             self.sim.at(self.sim.now + SEED_POLL_WAIT, self.repoll, parent, poll)
             self.sim.dispatch(parent)
+
+    def _gap_over(self, parent: Node) -> None:
+        self.gapped.discard(parent.peer_id)
+        self.offer(parent)
 
     def repoll(self, parent: Node, poll: Poll) -> None:
         """A seed's poll that got no answer in time: asked again with what we want now."""
