@@ -281,7 +281,12 @@ async def send_span(
     (``SlowReader``): a reader that barely reads must not hold an upload slot for ever.
     """
     paced = bucket is not None and not bucket.unlimited
-    step = CHUNK if paced else max(CHUNK, int(min_rate * window)) if min_rate > 0 else size
+    # As few sends as the deadline allows (each a bucket wait and a sendfile call, which cost
+    # more than the bytes of a CHUNK); paced, no more than a burst at once.
+    step = max(CHUNK, int(min_rate * window)) if min_rate > 0 else size
+    if paced:
+        assert bucket is not None
+        step = max(CHUNK, min(step, int(bucket.burst)))
     offset, end = start, start + size
     native = request.transport is not None
     with open(path, "rb") as handle:
