@@ -242,10 +242,13 @@ def one_run(
                 if actual != digest:
                     row.update(ok=False, error=f"sha256 mismatch: {actual}")
         seed_metrics = cluster.metrics(cluster.storage)
+        refused = by_reason(seed_metrics, "swarmfly_peer_upload_refused")
         for row, service in zip(peers, cluster.peers, strict=True):
             values = cluster.metrics(service)
             row["uploaded"] = int(service_upload(values))
-            row["piece_failures"] = piece_failures(values)
+            row["piece_failures"] = by_reason(values, "swarmfly_peer_piece_failures")
+            for reason, count in by_reason(values, "swarmfly_peer_upload_refused").items():
+                refused[reason] = refused.get(reason, 0) + count
         state = safe_state(cluster)
         order = [p["host_id"] for p in state if not p["host_id"].startswith("seed-")]
         for row, folder in zip(peers, cluster.peer_dirs, strict=True):
@@ -279,6 +282,7 @@ def one_run(
             reason: sum(r.get("piece_failures", {}).get(reason, 0) for r in peers)
             for reason in ("slow", "failed", "corrupt")
         },
+        "upload_refused": refused,
         "peer_upload_bytes": sum(r.get("uploaded", 0) for r in peers),
         "bytes_origin_by_peers": sum(r.get("bytes_origin", 0) for r in ok),
         "bytes_p2p": sum(r.get("bytes_p2p", 0) for r in ok),
@@ -302,8 +306,8 @@ def service_upload(values: dict[str, float]) -> float:
     return values.get("swarmfly_peer_upload_bytes", 0.0)
 
 
-def piece_failures(values: dict[str, float]) -> dict[str, int]:
-    prefix = 'swarmfly_peer_piece_failures{reason="'
+def by_reason(values: dict[str, float], metric: str) -> dict[str, int]:
+    prefix = metric + '{reason="'
     return {k[len(prefix) : -2]: int(v) for k, v in values.items() if k.startswith(prefix)}
 
 
