@@ -26,6 +26,8 @@ from tests.conftest import FAST_ENV
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.slow
+LEND_SOLE = {"SWARMFLY_STORAGE_LEND_SOLE": "true"}
+"""The storage lends a sole child the whole file (the default, said outright)."""
 
 
 def sha256(data: bytes) -> str:
@@ -141,11 +143,10 @@ async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_afte
     the next host still gets the origin's bytes."""
     data = os.urandom(24 * MiB)
     digest = f"sha256:{sha256(data)}"
-    sole = {"SWARMFLY_STORAGE_LEND_SOLE": "true"}
     # Paced, so the seed is still at its first pieces when its child first asks.
     async with Origin(rate=16 * MiB).serve() as origin:
         url = origin.add("sole.bin", data)
-        cluster.start(peers=2, storage_env=sole)
+        cluster.start(peers=2, storage_env=LEND_SOLE)
         first = await get(url, tmp_path / "a.bin", cluster.peer_dir(0), "--digest", digest,
                           *cluster.get_args())  # fmt: skip
         assert first["exit"] == 0, first
@@ -165,7 +166,7 @@ async def test_a_sole_child_reads_the_origin_and_the_storage_takes_its_copy_afte
                     byte = handle.read(1)
                     handle.seek(5 * MiB + 3)
                     handle.write(bytes([byte[0] ^ 0xFF]))
-            cluster.storage = cluster.spawn("storage", "storage", env=sole)
+            cluster.storage = cluster.spawn("storage", "storage", env=LEND_SOLE)
         second = await get(url, tmp_path / "b.bin", cluster.peer_dir(1), "--digest", digest,
                            *cluster.get_args())  # fmt: skip
         assert second["exit"] == 0, second
@@ -200,16 +201,15 @@ async def test_a_storage_lost_before_anyone_asked_is_replaced_from_the_first_hos
     next host gets it from the swarm: the origin is still read once."""
     data = os.urandom(16 * MiB)
     digest = f"sha256:{sha256(data)}"
-    sole = {"SWARMFLY_STORAGE_LEND_SOLE": "true"}
     async with Origin(rate=16 * MiB).serve() as origin:
         url = origin.add("lost.bin", data)
-        cluster.start(peers=2, storage_env=sole)
+        cluster.start(peers=2, storage_env=LEND_SOLE)
         args = ("--digest", digest, *cluster.get_args())
         first = await get(url, tmp_path / "a.bin", cluster.peer_dir(0), *args)
         assert first["exit"] == 0, first
         await cluster.seeded()
         cluster.storage.kill()
-        cluster.storage = cluster.spawn("storage", "storage-2", env=sole)
+        cluster.storage = cluster.spawn("storage", "storage-2", env=LEND_SOLE)
         second = await get(url, tmp_path / "b.bin", cluster.peer_dir(1), *args)
         assert second["exit"] == 0, second
         assert (tmp_path / "b.bin").read_bytes() == data
@@ -229,7 +229,7 @@ async def test_a_child_arriving_after_a_sole_one_takes_its_pieces_from_it(
     digest = f"sha256:{sha256(data)}"
     async with Origin(rate=12 * MiB).serve() as origin:
         url = origin.add("staggered.bin", data)
-        cluster.start(peers=2, storage_env={"SWARMFLY_STORAGE_LEND_SOLE": "true"})
+        cluster.start(peers=2, storage_env=LEND_SOLE)
         args = ("--digest", digest, *cluster.get_args())
         first = asyncio.create_task(get(url, tmp_path / "a.bin", cluster.peer_dir(0), *args))
         for _ in range(200):  # the first host is reading lent pieces from the origin
